@@ -1,0 +1,329 @@
+"""The one typed configuration of a preftune run.
+
+`TrainConfig` is a dataclass: every key a user can write in YAML or on the command line is
+a field here, with its default and its help text. Key names follow LLaMA-Factory
+(`pref_beta`, `cutoff_len`, `per_device_train_batch_size`, ...) so its DPO YAML runs
+unchanged; the names of the seed notes (`beta`, `max_length`, `eval_every`, ...) are
+accepted as aliases (`ALIASES`). Unknown keys are an error that names the closest key.
+
+    cfg = load_config("examples/dpo.yaml", ["--pref_beta", "0.2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from preftune.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A field with a default and its help text (shown by `preftune train --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+LOSSES = ("sigmoid", "hinge", "ipo")  # kept in sync with preftune.losses.LOSSES (checked by a test)
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------
+    model_name_or_path: str | None = _f(None, "Hugging Face model id or local folder of the policy (usually an SFT checkpoint). Unset: the embedded demo.")
+    ref_model: str | None = _f(None, "Reference model id or folder. Unset (or 'same_as_policy'): a frozen copy of the starting policy.")
+    trust_remote_code: bool = _f(False, "Allow model code from the model's repository (off unless you trust it).")
+    torch_dtype: str = _f("auto", "dtype the weights are loaded in: auto, float32, bfloat16, float16.")
+    attn_implementation: str | None = _f(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
+    finetuning_type: str = _f("full", "full (LoRA and freeze come with the models issue and are refused for now).")
+    stage: str = _f("dpo", "LLaMA-Factory stage; only 'dpo' is trained by preftune train.")
+    do_train: bool = _f(True, "LLaMA-Factory flag; must be true for preftune train.")
+    # Accepted so LLaMA-Factory LoRA configs parse; using them needs finetuning_type: lora.
+    lora_rank: int = _f(8, "LoRA rank (used once LoRA lands; finetuning_type: lora is refused for now).")
+    lora_alpha: int | None = _f(None, "LoRA alpha (default 2 x lora_rank).")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target: str = _f("all", "LoRA target modules: all, or a comma list.")
+
+    # --- preference objective -----------------------------------------------------------
+    pref_beta: float = _f(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
+    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo.")
+    pref_ftx: float = _f(0.0, "Weight of an NLL term on chosen (comes with the losses issue; must be 0 for now).")
+
+    # --- data ---------------------------------------------------------------------------
+    dataset: str | None = _f(None, "Comma list of dataset names from <dataset_dir>/dataset_info.json, or paths to JSON/JSONL files.")
+    dataset_dir: str = _f("data", "Folder holding dataset_info.json and the files it names.")
+    eval_dataset: str | None = _f(None, "Validation data, same forms as `dataset`. Overrides val_size.")
+    val_size: float = _f(0.0, "Held-out share (0..1) or count (>= 1) of the training pairs used for validation.")
+    max_samples: int | None = _f(None, "Use at most this many pairs from each dataset (first ones, before the split).")
+    template: str | None = _f(None, "LLaMA-Factory chat template name. The tokenizer's own chat template is used when it has one.")
+    cutoff_len: int = _f(1024, "Maximum tokens of prompt + completion; longer pairs lose the start of their prompt first.")
+    drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with an empty completion or chosen == rejected instead of failing.")
+    preprocessing_num_workers: int | None = _f(None, "Accepted for LLaMA-Factory configs; tokenization runs in-process.")
+    overwrite_cache: bool = _f(False, "Accepted for LLaMA-Factory configs (no tokenization cache yet).")
+
+    # --- optimisation -------------------------------------------------------------------
+    per_device_train_batch_size: int = _f(4, "Preference pairs per micro-batch (each pair is two sequences).")
+    per_device_eval_batch_size: int | None = _f(None, "Pairs per evaluation batch (default: the train batch size).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    num_train_epochs: float = _f(3.0, "Epochs over the training pairs (fractions allowed).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).")
+    learning_rate: float = _f(5e-6, "Peak AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    optimizer: str = _f("adamw", "Optimizer; only adamw.")
+    lr_scheduler_type: str = _f("linear", "linear, cosine or constant, after warmup.")
+    warmup_ratio: float = _f(0.0, "Share of optimizer steps used for linear warmup.")
+    warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio when > 0).")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    bf16: bool = _f(False, "bfloat16 mixed precision.")
+    fp16: bool = _f(False, "float16 mixed precision (GPU only).")
+    disable_dropout: bool = _f(True, "Turn dropout off in the policy, as TRL does (log-ratios are then deterministic).")
+    dropout: float | None = _f(None, "Set every dropout probability in the policy to this value (implies disable_dropout: false).")
+    seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
+    logps_chunk_size: int = _f(1024, "Completion tokens projected through the LM head at once (bounds logits memory).")
+
+    # --- evaluation, logging, saving ----------------------------------------------------
+    output_dir: str = _f("output", "Where the model, checkpoints and dpo_metrics/ are written.")
+    overwrite_output_dir: bool = _f(False, "Accepted for LLaMA-Factory configs; outputs are always overwritten.")
+    logging_steps: int = _f(10, "Log training metrics every N optimizer steps.")
+    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (default: once per epoch, and at the end).")
+    eval_strategy: str = _f("steps", "LLaMA-Factory/transformers key: steps or no.")
+    early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a lower eval loss; the best model is kept.")
+    save_steps: int | None = _f(None, "Write a checkpoint every N optimizer steps.")
+    save_total_limit: int | None = _f(2, "Keep at most this many step checkpoints.")
+    save_only_model: bool = _f(False, "Checkpoints hold the model only (no optimizer state).")
+    plot_loss: bool = _f(True, "Write dpo_metrics/training_curves.png.")
+    report_to: str = _f("none", "Accepted for LLaMA-Factory configs; preftune writes its own reports.")
+    resume_from_checkpoint: str | None = _f(None, "Resume (comes with the models issue; must be unset for now).")
+    dataloader_num_workers: int = _f(0, "Accepted for LLaMA-Factory configs; batches are built in-process.")
+    ddp_timeout: int | None = _f(None, "Accepted for LLaMA-Factory configs.")
+    progress_bar: bool = _f(True, "Show a tqdm progress bar.")
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size or self.per_device_train_batch_size
+
+    @property
+    def mixed_precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Seed 003's names (and a few common spellings) -> the canonical field. Documented in README.
+ALIASES: dict[str, str] = {
+    "beta": "pref_beta",
+    "loss_type": "pref_loss",
+    "model_name": "model_name_or_path",
+    "model": "model_name_or_path",
+    "max_length": "cutoff_len",
+    "train_data_path": "dataset",
+    "val_data_path": "eval_dataset",
+    "batch_size": "per_device_train_batch_size",
+    "num_epochs": "num_train_epochs",
+    "eval_every": "eval_steps",
+    "save_every": "save_steps",
+    "log_every": "logging_steps",
+}
+
+# Keys whose values are translated, not just renamed.
+_SPECIAL = ("mixed_precision",)
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Parse `value` (from YAML, or a command-line string) into the field's type."""
+    hint = _TYPES[key]
+    optional = get_origin(hint) is Union or "None" in str(hint)
+    base = next((a for a in get_args(hint) if a is not type(None)), hint) if get_args(hint) else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' cannot be null; expected {base.__name__}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, list):  # YAML list for a comma-list key
+                return ",".join(str(v) for v in value)
+            if isinstance(value, (dict, bool)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"config key '{key}' got {value!r}; expected {base.__name__}")
+
+
+def _closest(key: str) -> str:
+    names = list(_FIELDS) + list(ALIASES) + list(_SPECIAL)
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else " Run 'preftune train --help' for the list of keys."
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a validated TrainConfig from a flat dict of user keys (aliases allowed)."""
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "mixed_precision":  # seed 003: 'fp16' | 'bf16' | 'no'
+            mp = str(value).lower()
+            if mp not in ("no", "fp16", "bf16", "fp32", "none"):
+                raise ConfigError(f"{source}: mixed_precision must be one of no, fp16, bf16; got {value!r}")
+            values["bf16"], values["fp16"] = mp == "bf16", mp == "fp16"
+            continue
+        if key == "ref_model" and value == "same_as_policy":
+            values["ref_model"] = None
+            continue
+        name = ALIASES.get(key, key)
+        if name not in _FIELDS:
+            raise ConfigError(f"{source}: unknown key '{key}'.{_closest(key)}")
+        if name in values and name != key:
+            raise ConfigError(f"{source}: '{key}' and '{name}' both set the same option; keep one")
+        values[name] = _coerce(name, value)
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """One clear line for every value preftune cannot train with."""
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    if cfg.stage != "dpo":
+        bad(f"stage: '{cfg.stage}' is not trained by preftune train; set stage: dpo")
+    if not cfg.do_train:
+        bad("do_train: false has nothing to do in preftune train; set do_train: true")
+    if cfg.finetuning_type in ("lora", "freeze"):
+        bad(f"finetuning_type: {cfg.finetuning_type} is not yet supported (it comes with LoRA/freeze support); "
+            "use finetuning_type: full")
+    if cfg.finetuning_type != "full":
+        bad(f"finetuning_type: unknown value '{cfg.finetuning_type}'; use full")
+    if not (cfg.pref_beta > 0 and math.isfinite(cfg.pref_beta)):
+        bad(f"pref_beta (beta) must be a positive number; got {cfg.pref_beta}")
+    if cfg.pref_loss not in LOSSES:
+        match = difflib.get_close_matches(cfg.pref_loss, LOSSES, n=1)
+        hint = f" Did you mean '{match[0]}'?" if match else ""
+        bad(f"pref_loss: unknown loss '{cfg.pref_loss}'; choose one of {', '.join(LOSSES)}.{hint}")
+    if cfg.pref_ftx != 0:
+        bad("pref_ftx: the NLL term is not yet supported (it comes with the losses issue); set pref_ftx: 0")
+    if cfg.resume_from_checkpoint not in (None, "", "false", "False"):
+        bad("resume_from_checkpoint is not yet supported (it comes with the models issue); remove it")
+    if cfg.optimizer.lower() != "adamw":
+        bad(f"optimizer: '{cfg.optimizer}' is not supported; use adamw")
+    if cfg.lr_scheduler_type not in ("linear", "cosine", "constant", "constant_with_warmup"):
+        bad(f"lr_scheduler_type: '{cfg.lr_scheduler_type}' is not supported; use linear, cosine or constant")
+    if cfg.torch_dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+        bad(f"torch_dtype: '{cfg.torch_dtype}' is not supported; use auto, float32, bfloat16 or float16")
+    if cfg.bf16 and cfg.fp16:
+        bad("bf16 and fp16 are both true; choose one")
+    if cfg.eval_strategy not in ("steps", "no", "epoch"):
+        bad(f"eval_strategy: '{cfg.eval_strategy}' is not supported; use steps, epoch or no")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "logging_steps",
+                 "logps_chunk_size"):
+        if getattr(cfg, name) < 1:
+            bad(f"{name} must be at least 1; got {getattr(cfg, name)}")
+    for name in ("per_device_eval_batch_size", "eval_steps", "save_steps", "early_stopping_patience",
+                 "save_total_limit", "max_samples"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            bad(f"{name} must be at least 1 (or unset); got {value}")
+    if cfg.cutoff_len < 2:
+        bad("cutoff_len must leave room for a prompt and a completion token (at least 2)")
+    if cfg.learning_rate <= 0:
+        bad(f"learning_rate must be positive; got {cfg.learning_rate}")
+    if cfg.num_train_epochs <= 0 and cfg.max_steps <= 0:
+        bad("num_train_epochs must be positive (or set max_steps)")
+    if cfg.val_size < 0:
+        bad(f"val_size must be >= 0; got {cfg.val_size}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        bad(f"warmup_ratio must be in [0, 1); got {cfg.warmup_ratio}")
+    if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
+        bad("weight_decay and max_grad_norm must be >= 0")
+    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
+        bad(f"dropout must be in [0, 1); got {cfg.dropout}")
+    if cfg.early_stopping_patience and cfg.eval_strategy == "no":
+        bad("early_stopping_patience needs evaluation; remove eval_strategy: no")
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--key value` / `--key=value` pairs from the command line; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got '{arg}'")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"command line: --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML (or JSON) config file, apply `--key value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            text = p.read_text(encoding="utf-8")
+            loaded = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+        raw.update(loaded)
+        source = str(path)
+    if overrides:
+        over = parse_overrides(overrides)
+        # an override replaces the value whatever spelling (alias or canonical) the file used
+        for key in over:
+            name = ALIASES.get(key, key)
+            for k in list(raw):
+                if ALIASES.get(k, k) == name or (name in ("bf16", "fp16") and k == "mixed_precision"):
+                    del raw[k]
+        raw.update(over)
+    return from_dict(raw, source)
+
+
+def help_text() -> str:
+    lines = []
+    for name, f in _FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{name} (default: {default!r})\n      {f.metadata['help']}")
+    lines.append("  Aliases: " + ", ".join(f"{a} -> {c}" for a, c in ALIASES.items())
+                 + ", mixed_precision (no|fp16|bf16) -> bf16/fp16")
+    return "\n".join(lines)

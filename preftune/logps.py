@@ -1,0 +1,84 @@
+"""Sequence log-probs of completions: the one function every loss and metric is built on.
+
+Batch convention (made once, in `batching.collate`): a batch of B pairs is one tensor of 2B
+rows, the B prompt+chosen sequences first and the B prompt+rejected after, right-padded, so
+chosen and rejected share one forward pass; `logps[:B]` are chosen, `logps[B:]` rejected.
+
+Memory: the LM head is applied only at completion positions, `chunk_size` tokens at a time,
+and each chunk's (chunk, vocab) fp32 logits are recomputed in backward instead of stored, so
+the full-vocabulary logits of the batch never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = lm_head(hidden).float()  # (N, V); fp32 for a stable logsumexp under bf16/fp16
+    if softcap is not None:  # Gemma-2 style final logit soft-capping
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _lm_head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   softcap: float | None) -> torch.Tensor:
+    """log p(target) for each row of hidden: (N, H), (N,) -> (N,)."""
+    logits = _logits(lm_head, hidden, softcap)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _completion_hidden(model, input_ids, attention_mask, completion_mask):
+    """Backbone hidden states at the positions that predict a completion token."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # position t predicts token t+1: shift the mask and the targets left by one
+    score = completion_mask[:, 1:].bool()  # (2B, T-1)
+    return hidden[:, :-1][score], input_ids[:, 1:][score], score  # (N, H), (N,), (2B, T-1)
+
+
+def _softcap(model) -> float | None:
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+
+def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
+
+    input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
+    """
+    hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask)
+    lm_head, softcap = model.get_output_embeddings(), _softcap(model)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = []
+    for i in range(0, hidden.size(0), chunk_size):
+        h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
+        if recompute:
+            pieces.append(checkpoint(_lm_head_logps, lm_head, h, t, softcap, use_reentrant=False))
+        else:
+            pieces.append(_lm_head_logps(lm_head, h, t, softcap))
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
+    rows = score.nonzero()[:, 0]  # the sequence each scored token belongs to
+    logps = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, token_logps)  # (2B,)
+    return logps, score.sum(dim=1)
+
+
+@torch.no_grad()
+def token_kl(policy, reference, input_ids, attention_mask, completion_mask, chunk_size: int = 1024):
+    """Exact per-token KL(pi_theta || pi_ref) summed over the vocabulary, at completion positions.
+
+    Returns (sum of per-token KL, number of tokens). This is the KL of the next-token
+    distributions along the dataset's chosen and rejected completions (teacher-forced), not
+    the sequence-level KL under samples from the policy: a cheap, exact proxy for drift.
+    """
+    h_pol, _, _ = _completion_hidden(policy, input_ids, attention_mask, completion_mask)
+    h_ref, _, _ = _completion_hidden(reference, input_ids, attention_mask, completion_mask)
+    head_pol, head_ref = policy.get_output_embeddings(), reference.get_output_embeddings()
+    total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+    for i in range(0, h_pol.size(0), chunk_size):
+        lp = F.log_softmax(_logits(head_pol, h_pol[i:i + chunk_size], _softcap(policy)), dim=-1)
+        lq = F.log_softmax(_logits(head_ref, h_ref[i:i + chunk_size], _softcap(reference)), dim=-1)
+        total += (lp.exp() * (lp - lq)).sum()
+    return total, h_pol.size(0)

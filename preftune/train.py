@@ -1,0 +1,227 @@
+"""The DPO training loop: one explicit loop on `accelerate`, top to bottom.
+
+    preftune train config.yaml          # or: from preftune.train import train; train(cfg)
+
+`train()` prepares data, models and optimizer, then runs `for step in range(...)`, with
+evaluation, logging, early stopping and checkpoints as `if step % N == 0` blocks calling the
+functions below it. Multi-process runs are the same loop: accelerate wraps the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from preftune import checkpoints
+from preftune.batching import collate, epoch_batches
+from preftune.config import TrainConfig
+from preftune.data import load_pairs
+from preftune.errors import ConfigError
+from preftune.logps import get_batch_logps, token_kl
+from preftune.losses import LOSSES
+from preftune.models import load_policy_and_reference, load_tokenizer
+from preftune.report import MetricsLog
+from preftune.tokenization import TokenizeReport, tokenize_pairs
+
+log = logging.getLogger("preftune")
+
+
+class PolicyLogps(torch.nn.Module):
+    """The policy seen through `get_batch_logps`, so that a distributed wrapper (DDP) around this
+    module sees the whole forward, LM head included, and synchronises every gradient."""
+
+    def __init__(self, model, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask):
+        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size)
+
+
+def preference_step(policy, reference, batch, loss_fn, beta, chunk_size):
+    """Per-pair losses and the statistics logged for them, for one collated batch of B pairs."""
+    policy_logps, lengths = policy(**batch)  # (2B,), (2B,)
+    with torch.no_grad():
+        reference_logps, _ = get_batch_logps(reference, chunk_size=chunk_size, **batch)
+    B = policy_logps.size(0) // 2
+    policy_chosen_logps, policy_rejected_logps = policy_logps[:B], policy_logps[B:]
+    reference_chosen_logps, reference_rejected_logps = reference_logps[:B], reference_logps[B:]
+    losses, chosen_rewards, rejected_rewards = loss_fn(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        beta, lengths[:B], lengths[B:])
+    # A tie (policy == reference on this pair, as at step 0) counts as half right: the implicit
+    # reward model is then guessing, and chance for a pair is 50% (TRL counts it as wrong).
+    accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    stats = {
+        "loss": losses.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": accuracies,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": policy_chosen_logps.detach(),  # summed over completion tokens
+        "logps/rejected": policy_rejected_logps.detach(),
+    }
+    return losses, stats
+
+
+@torch.no_grad()
+def evaluate(policy, reference, pairs, cfg, pad_id, accelerator) -> dict[str, float]:
+    """Mean of every statistic over the validation pairs, plus the per-token KL to the reference."""
+    wrapper = accelerator.unwrap_model(policy)  # no gradients here, so no distributed wrapper needed
+    wrapper.eval()
+    sums: dict[str, float] = {}
+    kl_sum, kl_tokens = 0.0, 0
+    for idx in epoch_batches(len(pairs), cfg.eval_batch_size, cfg.seed, 0, shuffle=False):
+        batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
+        with accelerator.autocast():
+            _, stats = preference_step(wrapper, reference, batch, LOSSES[cfg.pref_loss], cfg.pref_beta,
+                                       cfg.logps_chunk_size)
+            kl, n = token_kl(wrapper.model, reference, chunk_size=cfg.logps_chunk_size, **batch)
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value.float().sum().item()
+        kl_sum, kl_tokens = kl_sum + kl.item(), kl_tokens + n
+    wrapper.train()
+    out = {f"eval_{k}": v / len(pairs) for k, v in sums.items()}
+    out["eval_kl"] = kl_sum / max(kl_tokens, 1)
+    return out
+
+
+def _param_groups(model, weight_decay):
+    # no decay on biases and norm weights (1-D tensors), as in most LM recipes
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(cfg: TrainConfig) -> dict:
+    start_time = time.time()
+    set_seed(cfg.seed)
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    except ValueError as e:  # e.g. fp16 on a machine without a GPU
+        raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
+
+    # --- data ----------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    train_pairs, val_pairs, data_report = load_pairs(cfg)
+    tok_report = TokenizeReport()
+    train_tok = tokenize_pairs(tokenizer, train_pairs, cfg.cutoff_len, cfg.template, tok_report)
+    val_tok = tokenize_pairs(tokenizer, val_pairs, cfg.cutoff_len, cfg.template, tok_report)
+    log.info("data: %d train pairs, %d validation pairs, %d truncated to cutoff_len=%d, %d skipped",
+             len(train_tok), len(val_tok), tok_report.truncated, cfg.cutoff_len,
+             data_report.skipped_empty + data_report.skipped_identical)
+
+    # --- models and optimizer ------------------------------------------------------------
+    model, reference = load_policy_and_reference(cfg)
+    model.train()
+    policy = PolicyLogps(model, cfg.logps_chunk_size)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    micro_per_epoch = math.ceil(len(train_tok) / cfg.per_device_train_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    loss_fn = LOSSES[cfg.pref_loss]
+    pad_id = tokenizer.pad_token_id
+    eval_every = cfg.eval_steps or steps_per_epoch
+    do_eval = bool(val_tok) and cfg.eval_strategy != "no"
+
+    def micro_batches():  # endless stream of (epoch position, batch); epochs reshuffle by seed
+        epoch = 0
+        while True:
+            for i, idx in enumerate(epoch_batches(len(train_tok), cfg.per_device_train_batch_size, cfg.seed, epoch)):
+                yield epoch + (i + 1) / micro_per_epoch, [train_tok[j] for j in idx]
+            epoch += 1
+
+    metrics = MetricsLog(cfg)
+    metrics.data = {**vars(data_report), "truncated": tok_report.truncated,
+                    "boundary_merges": tok_report.boundary_merges}
+    if do_eval:  # the baseline: where the reference itself stands
+        metrics.log({"step": 0, "epoch": 0.0, **evaluate(policy, reference, val_tok, cfg, pad_id, accelerator)})
+    best_loss, evals_without_gain, stopped_early = math.inf, 0, False
+    running: dict[str, list[torch.Tensor]] = {}
+    tokens, window_start = 0, time.time()
+    stream = micro_batches()
+    bar = tqdm(total=total_steps, desc="dpo", disable=not cfg.progress_bar or not accelerator.is_main_process)
+
+    # --- the loop ------------------------------------------------------------------------
+    for step in range(1, total_steps + 1):
+        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+        epoch = micro[-1][0]
+        step_pairs = sum(len(pairs) for _, pairs in micro)
+        for k, (_, pairs) in enumerate(micro):
+            batch = {key: v.to(accelerator.device) for key, v in collate(pairs, pad_id).items()}
+            # gradients are synchronised across processes only on the step's last micro-batch
+            sync = accelerator.no_sync(policy) if k < len(micro) - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                losses, stats = preference_step(policy, reference, batch, loss_fn, cfg.pref_beta,
+                                                cfg.logps_chunk_size)
+                accelerator.backward(losses.sum() / step_pairs)  # mean over the step's pairs
+            for key, value in stats.items():
+                running.setdefault(key, []).append(value)
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            row = {"step": step, "epoch": round(epoch, 4)}
+            row.update({k: torch.cat(v).float().mean().item() for k, v in running.items()})
+            with accelerator.autocast():
+                kl, n = token_kl(accelerator.unwrap_model(policy).model, reference,
+                                 chunk_size=cfg.logps_chunk_size, **batch)
+            row["kl"] = kl.item() / max(n, 1)
+            row["grad_norm"] = float(grad_norm)
+            row["learning_rate"] = scheduler.get_last_lr()[0]
+            row["tokens_per_second"] = tokens / max(time.time() - window_start, 1e-9)
+            metrics.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            running, tokens, window_start = {}, 0, time.time()
+
+        if do_eval and (step % eval_every == 0 or step == total_steps):
+            row = {"step": step, "epoch": round(epoch, 4),
+                   **evaluate(policy, reference, val_tok, cfg, pad_id, accelerator)}
+            metrics.log(row)
+            window_start = time.time()  # evaluation time is not training throughput
+            if row["eval_loss"] < best_loss:
+                best_loss, evals_without_gain = row["eval_loss"], 0
+                if cfg.early_stopping_patience:
+                    checkpoints.save_model(accelerator.unwrap_model(policy).model, tokenizer,
+                                           checkpoints.best_dir(cfg), step)
+            else:
+                evals_without_gain += 1
+                if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
+                    log.info("early stopping at step %d: eval loss has not improved for %d evaluations",
+                             step, evals_without_gain)
+                    stopped_early = True
+                    break
+
+        if cfg.save_steps and step % cfg.save_steps == 0:
+            checkpoints.save_checkpoint(accelerator, policy, tokenizer, cfg, step, metrics)
+    bar.close()
+
+    # --- outputs -------------------------------------------------------------------------
+    final = accelerator.unwrap_model(policy).model
+    best_step = None
+    if cfg.early_stopping_patience and checkpoints.best_dir(cfg).exists():
+        best_step = checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
+    if accelerator.is_main_process:
+        checkpoints.save_final(final, tokenizer, cfg)
+        summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,
+                                 best_step=best_step, elapsed=time.time() - start_time)
+    accelerator.wait_for_everyone()
+    return summary

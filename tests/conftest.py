@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny local models and tokenizers, no network."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from preftune.demo import build_model, build_tokenizer, make_pairs  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_pairs():
+    return make_pairs(64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(demo_pairs):
+    """Byte-level BPE, ChatML template, no BOS (Qwen2-like)."""
+    return build_tokenizer([p[k] for p in demo_pairs for k in ("prompt", "chosen", "rejected")], vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved random-init Qwen2 model + tokenizer folder (what a user's local checkpoint looks like)."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    build_model(len(tiny_tokenizer), seed=0, hidden=32, layers=2).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -41,12 +41,13 @@ def cmd_train(args: list[str]) -> int:
     overrides = args[1:] if config_path else args
     from preftune.train import train  # heavy imports after argument checks
 
-    if config_path is None:
+    over = parse_overrides(overrides)
+    if config_path is None and not {"model_name_or_path", "model_name", "model"} & set(over):
         from preftune.demo import demo_config
 
         logging.getLogger("preftune").info("no config given: running the embedded demo (tiny local model, "
                                            "built-in preference pairs)")
-        cfg = demo_config(parse_overrides(overrides))
+        cfg = demo_config(over)
     else:
         cfg = load_config(config_path, overrides)
     summary = train(cfg)

@@ -187,6 +187,7 @@ def _closest(key: str) -> str:
 def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
     """Build a validated TrainConfig from a flat dict of user keys (aliases allowed)."""
     values: dict[str, Any] = {}
+    set_by: dict[str, str] = {}
     for key, value in raw.items():
         if key == "mixed_precision":  # seed 003: 'fp16' | 'bf16' | 'no'
             mp = str(value).lower()
@@ -200,8 +201,9 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
         name = ALIASES.get(key, key)
         if name not in _FIELDS:
             raise ConfigError(f"{source}: unknown key '{key}'.{_closest(key)}")
-        if name in values and name != key:
-            raise ConfigError(f"{source}: '{key}' and '{name}' both set the same option; keep one")
+        if name in set_by:
+            raise ConfigError(f"{source}: '{set_by[name]}' and '{key}' both set {name}; keep one")
+        set_by[name] = key
         values[name] = _coerce(name, value)
     cfg = TrainConfig(**values)
     validate(cfg)

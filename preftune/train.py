@@ -16,6 +16,7 @@ import time
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -104,11 +105,6 @@ def _param_groups(model, weight_decay):
 def train(cfg: TrainConfig) -> dict:
     start_time = time.time()
     set_seed(cfg.seed)
-    try:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    except ValueError as e:  # e.g. fp16 on a machine without a GPU
-        raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
-
     # --- data ----------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     train_pairs, val_pairs, data_report = load_pairs(cfg)
@@ -120,6 +116,14 @@ def train(cfg: TrainConfig) -> dict:
              data_report.skipped_empty + data_report.skipped_identical)
 
     # --- models and optimizer ------------------------------------------------------------
+    # accelerate keeps its state per process; a second train() in one process (a sweep, the
+    # tests) may ask for another precision, so the mixed-precision part is reset, not the
+    # distributed one
+    AcceleratorState._reset_state(reset_partial_state=False)
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
+        raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
     model, reference = load_policy_and_reference(cfg)
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)

@@ -1,0 +1,91 @@
+"""The command line: a seed-000 LLaMA-Factory config runs unchanged; bad input is one line, exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from preftune.cli import main
+from preftune.demo import make_pairs
+
+
+@pytest.fixture
+def lf_project(tmp_path, tiny_model_dir):
+    """A LLaMA-Factory layout: data/dataset_info.json + alpaca ranking data + the seed-000 YAML."""
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [{"instruction": p["prompt"], "input": "", "chosen": p["chosen"], "rejected": p["rejected"]}
+               for p in make_pairs(48, 0)]
+    (data / "prefs.json").write_text(json.dumps(records, ensure_ascii=False))
+    (data / "dataset_info.json").write_text(json.dumps({"my_dpo_data": {"file_name": "prefs.json", "ranking": True}}))
+    config = tmp_path / "dpo.yaml"
+    config.write_text(f"""\
+model_name_or_path: {tiny_model_dir}
+stage: dpo
+do_train: true
+finetuning_type: full
+pref_beta: 0.1
+pref_loss: sigmoid
+lora_rank: 64
+lora_target: all
+dataset: my_dpo_data
+dataset_dir: {data}
+template: qwen
+cutoff_len: 2048
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 2
+num_train_epochs: 2.0
+learning_rate: 5.0e-6
+bf16: true
+output_dir: {tmp_path / 'saves'}
+""")
+    return config
+
+
+def test_llama_factory_config_runs_unchanged(lf_project, tmp_path, capsys):
+    assert main(["train", str(lf_project), "--max_steps", "2", "--val_size", "8", "--progress_bar", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out preference accuracy" in out and str(tmp_path / "saves") in out
+    summary = json.loads((tmp_path / "saves" / "dpo_metrics" / "summary.json").read_text())
+    assert summary["config"]["bf16"] and summary["config"]["gradient_accumulation_steps"] == 2
+    assert summary["data"] == {**summary["data"], "train": 40, "eval": 8}
+    assert (tmp_path / "saves" / "config.json").exists() and (tmp_path / "saves" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--model_name_or_path", "/nonexistent/model"], "model_name_or_path: '/nonexistent/model' does not exist"),
+    (["--dataset", "missing_set"], "dataset 'missing_set': not a name in .*dataset_info.json \\(registered there: my_dpo_data\\)"),
+    (["--pref_beta", "-1"], "pref_beta \\(beta\\) must be a positive number"),
+    (["--pref_loss", "dpo"], "unknown loss 'dpo'"),
+    (["--finetuning_type", "lora"], "finetuning_type: lora is not yet supported"),
+    (["--pref_bta", "0.1"], "unknown key 'pref_bta'. Did you mean 'pref_beta'"),
+])
+def test_bad_input_is_one_line_and_exit_2(lf_project, capsys, override, message):
+    assert main(["train", str(lf_project), *override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("preftune: error: ")
+    assert __import__("re").search(message, err[0]), err[0]
+
+
+def test_malformed_data_line_through_the_cli(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(bad)]) == 2
+    assert f"{bad}:2: malformed JSON line" in capsys.readouterr().err
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "preftune", "train", "--model_name_or_path", "/no/such/model",
+                             "--dataset", "x.jsonl"], capture_output=True, text=True, cwd=tmp_path,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "does not exist" in result.stderr
+
+
+def test_help_lists_every_key(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("pref_beta", "cutoff_len", "early_stopping_patience", "logps_chunk_size", "beta -> pref_beta"):
+        assert key in out

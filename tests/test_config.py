@@ -1,0 +1,117 @@
+"""Config: LLaMA-Factory keys, seed-003 aliases, overrides, and one clear line per bad value."""
+
+import pytest
+import yaml
+
+from preftune.config import TrainConfig, from_dict, load_config
+from preftune.errors import ConfigError
+
+SEED_000_YAML = """\
+### DPO 训练配置
+model_name_or_path: Qwen/Qwen2.5-7B
+stage: dpo                              # 关键：设为 dpo
+do_train: true
+finetuning_type: lora
+
+### DPO 特有参数
+pref_beta: 0.1
+pref_loss: sigmoid
+
+### LoRA
+lora_rank: 64
+lora_target: all
+
+### 数据
+dataset: my_dpo_data
+template: qwen
+cutoff_len: 2048
+
+### 训练
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 16
+num_train_epochs: 2.0
+learning_rate: 5.0e-6
+bf16: true
+output_dir: saves/qwen2.5-7b/lora/dpo
+"""
+
+SEED_003_CONFIG = {
+    "train_data_path": "train.jsonl", "val_data_path": "val.jsonl", "batch_size": 32,
+    "model_name": "meta-llama/Llama-2-7b", "ref_model": "same_as_policy", "beta": 0.1, "max_length": 512,
+    "optimizer": "adamw", "learning_rate": 1e-5, "weight_decay": 0.01, "warmup_steps": 100, "num_epochs": 3,
+    "max_grad_norm": 1.0, "eval_every": 100, "dropout": 0.1, "early_stopping_patience": 3,
+    "mixed_precision": "fp16", "log_every": 10, "save_every": 500,
+}
+
+
+def test_seed_000_yaml_parses_and_lora_is_refused_clearly(tmp_path):
+    path = tmp_path / "dpo.yaml"
+    path.write_text(SEED_000_YAML, encoding="utf-8")
+    with pytest.raises(ConfigError, match="finetuning_type: lora is not yet supported"):
+        load_config(str(path))
+    cfg = load_config(str(path), ["--finetuning_type", "full"])
+    assert (cfg.pref_beta, cfg.pref_loss, cfg.cutoff_len, cfg.gradient_accumulation_steps) == (0.1, "sigmoid", 2048, 16)
+    assert cfg.bf16 and cfg.mixed_precision == "bf16" and cfg.learning_rate == 5e-6 and cfg.lora_rank == 64
+
+
+def test_seed_003_names_are_aliases():
+    cfg = from_dict(SEED_003_CONFIG)
+    assert cfg.dataset == "train.jsonl" and cfg.eval_dataset == "val.jsonl"
+    assert cfg.per_device_train_batch_size == 32 and cfg.model_name_or_path == "meta-llama/Llama-2-7b"
+    assert cfg.ref_model is None and cfg.pref_beta == 0.1 and cfg.cutoff_len == 512
+    assert cfg.num_train_epochs == 3 and cfg.eval_steps == 100 and cfg.logging_steps == 10 and cfg.save_steps == 500
+    assert cfg.fp16 and not cfg.bf16 and cfg.dropout == 0.1 and cfg.early_stopping_patience == 3
+
+
+@pytest.mark.parametrize("key,suggestion", [("pref_betta", "pref_beta"), ("learnig_rate", "learning_rate"),
+                                            ("cutof_len", "cutoff_len"), ("bta", "beta")])
+def test_unknown_key_suggests_closest(key, suggestion):
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'. Did you mean '{suggestion}'"):
+        from_dict({key: 1})
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"pref_beta": -0.1}, "pref_beta \\(beta\\) must be a positive number"),
+    ({"beta": 0}, "must be a positive number"),
+    ({"pref_loss": "sigmod"}, "unknown loss 'sigmod'.*Did you mean 'sigmoid'"),
+    ({"pref_loss": "kto_pair"}, "unknown loss 'kto_pair'"),
+    ({"stage": "sft"}, "stage: 'sft'"),
+    ({"finetuning_type": "freeze"}, "not yet supported"),
+    ({"learning_rate": "fast"}, "learning_rate' got 'fast'; expected float"),
+    ({"per_device_train_batch_size": 0}, "at least 1"),
+    ({"per_device_train_batch_size": 2.5}, "expected int"),
+    ({"bf16": "maybe"}, "expected bool"),
+    ({"mixed_precision": "int8"}, "mixed_precision must be one of"),
+    ({"bf16": True, "fp16": True}, "choose one"),
+    ({"beta": 0.1, "pref_beta": 0.2}, "both set pref_beta; keep one"),
+    ({"pref_ftx": 0.5}, "not yet supported"),
+    ({"resume_from_checkpoint": "out/checkpoint-5"}, "not yet supported"),
+])
+def test_invalid_values_give_one_clear_line(raw, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        from_dict(raw)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_replace_file_values_whatever_the_spelling(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"beta": 0.1, "mixed_precision": "bf16", "max_length": 256}))
+    cfg = load_config(str(path), ["--pref_beta", "0.3", "--bf16=false", "--cutoff_len", "64"])
+    assert (cfg.pref_beta, cfg.bf16, cfg.cutoff_len) == (0.3, False, 64)
+    with pytest.raises(ConfigError, match="needs a value"):
+        load_config(str(path), ["--pref_beta"])
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pref_beta: [0.1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_defaults_are_sane():
+    cfg = TrainConfig()
+    assert cfg.pref_beta == 0.1 and cfg.pref_loss == "sigmoid" and cfg.output_dir == "output"
+    assert cfg.disable_dropout and cfg.eval_batch_size == cfg.per_device_train_batch_size

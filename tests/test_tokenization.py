@@ -1,0 +1,99 @@
+"""The prompt/completion boundary, BOS/EOS, chat templates and truncation."""
+
+import copy
+
+import pytest
+from tokenizers import processors
+from transformers import PreTrainedTokenizerFast
+
+from preftune.data import PreferencePair
+from preftune.errors import ConfigError
+from preftune.tokenization import TokenizeReport, tokenize_pair, tokenize_pairs
+
+PAIR = PreferencePair(prompt="How should I learn chess?", chosen=" Start with the basics of chess.",
+                      rejected=" Whatever.", where="t.jsonl:1")
+
+
+@pytest.fixture
+def plain(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    return tok
+
+
+@pytest.fixture
+def with_bos(plain):
+    """Llama-like: the tokenizer itself prepends <s>."""
+    backend = copy.deepcopy(plain.backend_tokenizer)
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+
+
+def test_plain_text_boundary_and_single_eos(plain):
+    t = tokenize_pair(plain, PAIR, 512, use_template=False, report=TokenizeReport())
+    eos = plain.eos_token_id
+    assert plain.decode(t.chosen_ids[:t.chosen_start]) == PAIR.prompt
+    assert plain.decode(t.chosen_ids[t.chosen_start:-1]) == PAIR.chosen
+    assert t.chosen_ids[-1] == eos and t.chosen_ids.count(eos) == 1
+    assert plain.decode(t.rejected_ids[t.rejected_start:-1]) == PAIR.rejected and t.rejected_ids[-1] == eos
+    # joint tokenization: the sequence is exactly the tokenizer's encoding of the whole text, plus EOS
+    assert t.chosen_ids[:-1] == plain(PAIR.prompt + PAIR.chosen)["input_ids"]
+
+
+def test_exactly_one_bos(with_bos):
+    t = tokenize_pair(with_bos, PAIR, 512, use_template=False, report=TokenizeReport())
+    assert t.chosen_ids[0] == with_bos.bos_token_id and t.chosen_ids.count(with_bos.bos_token_id) == 1
+    assert with_bos.decode(t.chosen_ids[1:t.chosen_start]) == PAIR.prompt
+    # a template that writes BOS itself must not produce a second one
+    with_bos.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                              "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    t = tokenize_pair(with_bos, PAIR, 512, use_template=True, report=TokenizeReport())
+    assert t.chosen_ids.count(with_bos.bos_token_id) == 1 and t.chosen_ids[0] == with_bos.bos_token_id
+
+
+def test_chat_template_prompt_is_user_turn_and_completion_ends_with_end_of_turn(tiny_tokenizer):
+    pair = PreferencePair(prompt=PAIR.prompt, chosen="Start with the basics.", rejected="Whatever.",
+                          system="You are kind.")
+    t = tokenize_pair(tiny_tokenizer, pair, 512, use_template=True, report=TokenizeReport())
+    prompt = tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start])
+    assert prompt == ("<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\n"
+                      "How should I learn chess?<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny_tokenizer.decode(t.chosen_ids[t.chosen_start:]) == "Start with the basics.<|im_end|>\n"
+    assert t.chosen_ids.count(tiny_tokenizer.eos_token_id) == 3  # one per turn, one after the completion
+
+
+def test_merge_across_boundary_is_counted_and_scored_as_completion(plain):
+    # "chess" + "?" style merges: prompt ends mid-word, the completion continues it
+    pair = PreferencePair(prompt="How should I learn ch", chosen="ess today.", rejected="ess never.", where="x")
+    report = TokenizeReport()
+    t = tokenize_pairs(plain, [pair], 512, None, report)[0]
+    assert report.boundary_merges == 1
+    completion = plain.decode(t.chosen_ids[t.chosen_start:-1])
+    assert completion.endswith("ess today.") and plain.decode(t.chosen_ids) == "How should I learn chess today.<|im_end|>"
+
+
+def test_truncation_keeps_completion_and_prompt_end(plain):
+    long_prompt = PreferencePair(prompt="word " * 200 + "final question?", chosen=" Short answer.",
+                                 rejected=" No.", where="x")
+    report = TokenizeReport()
+    t = tokenize_pair(plain, long_prompt, 32, use_template=False, report=report)
+    assert len(t.chosen_ids) <= 32 and len(t.rejected_ids) <= 32 and t.truncated and report.truncated == 1
+    assert plain.decode(t.chosen_ids[t.chosen_start:-1]) == " Short answer."  # completion whole
+    assert plain.decode(t.chosen_ids[:t.chosen_start]).endswith("final question?")  # prompt keeps its end
+    assert t.chosen_start == t.rejected_start
+
+    long_answer = PreferencePair(prompt="Q?", chosen=" yes" * 100, rejected=" no", where="x")
+    t = tokenize_pair(plain, long_answer, 16, use_template=False, report=report)
+    assert len(t.chosen_ids) == 16 and plain.decode(t.chosen_ids[:t.chosen_start]) == "Q?"  # prompt whole
+    assert report.truncated == 2
+
+
+def test_unknown_template_for_a_tokenizer_without_one(plain):
+    with pytest.raises(ConfigError, match="template: 'llama9' is not available"):
+        tokenize_pairs(plain, [PAIR], 64, "llama9")
+    chatml = copy.deepcopy(plain)
+    t = tokenize_pairs(chatml, [PAIR], 128, "qwen")[0]
+    assert chatml.decode(t.chosen_ids[:t.chosen_start]).endswith("<|im_start|>assistant\n")

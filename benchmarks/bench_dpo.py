@@ -192,7 +192,7 @@ def measure(clock: StepClock, counter: TokenCounter, args) -> dict:
     return {"steps": steps, "timed_steps": steps - w, "seconds": seconds,
             "pairs_per_s": (steps - w) * args.batch_size / seconds, "tokens_per_s": real / seconds,
             "padded_tokens_per_s": padded / seconds, "tokens": real, "padded_tokens": padded,
-            "step_s_min": min(per_step), "step_s_max": max(per_step)}
+            "step_seconds": [round(x, 3) for x in per_step]}
 
 
 def memory(import_rss: float) -> dict:

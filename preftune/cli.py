@@ -15,8 +15,9 @@ from preftune.errors import PreftuneError
 
 USAGE = """usage: preftune train [CONFIG.yaml] [--key value ...]
 
-Train a causal LM on preference pairs with DPO. Without CONFIG, runs the embedded demo
-(a tiny local model and a built-in pair set). Any config key can be given as --key value.
+Train a causal LM on preference pairs with DPO. Without CONFIG and without --model_name_or_path,
+runs the embedded demo (a tiny local model and a built-in pair set, made locally).
+Any config key can be given as --key value, overriding the file.
 
 Config keys:
 """

@@ -89,3 +89,16 @@ def test_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("pref_beta", "cutoff_len", "early_stopping_patience", "logps_chunk_size", "beta -> pref_beta"):
         assert key in out
+
+
+def test_readme_documents_every_config_key_and_alias():
+    import dataclasses
+    from pathlib import Path
+
+    from preftune.config import ALIASES, TrainConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for f in dataclasses.fields(TrainConfig):
+        assert f"| `{f.name}` |" in readme, f.name
+    for alias in ALIASES:
+        assert f"`{alias}`" in readme, alias

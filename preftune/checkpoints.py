@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
+import yaml
 from safetensors.torch import load_file
 
 
@@ -69,6 +70,8 @@ def save_final(model, tokenizer, cfg) -> None:
     tmp = _fresh_tmp(out / "final")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
+    (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()

@@ -15,7 +15,7 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bflo
 
 def _check_reachable(name: str, what: str) -> None:
     """A path-looking name that does not exist is a typo, not a hub id: say so before transformers does."""
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix != ""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are 'name' or 'org/name'
     if looks_local and not Path(name).expanduser().exists():
         raise ModelError(f"{what}: '{name}' does not exist (a local folder was expected)")
 

@@ -139,7 +139,7 @@ def train(cfg: TrainConfig) -> dict:
     reference = accelerator.prepare_model(reference, evaluation_mode=True)
     loss_fn = LOSSES[cfg.pref_loss]
     pad_id = tokenizer.pad_token_id
-    eval_every = cfg.eval_steps or steps_per_epoch
+    eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
     do_eval = bool(val_tok) and cfg.eval_strategy != "no"
 
     def micro_batches():  # endless stream of (epoch position, batch); epochs reshuffle by seed
@@ -223,6 +223,7 @@ def train(cfg: TrainConfig) -> dict:
     best_step = None
     if cfg.early_stopping_patience and checkpoints.best_dir(cfg).exists():
         best_step = checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
+    summary: dict = {}
     if accelerator.is_main_process:
         checkpoints.save_final(final, tokenizer, cfg)
         summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,

@@ -102,3 +102,20 @@ def test_readme_documents_every_config_key_and_alias():
         assert f"| `{f.name}` |" in readme, f.name
     for alias in ALIASES:
         assert f"`{alias}`" in readme, alias
+
+
+def test_hub_id_is_tried_on_the_hub_and_fails_clearly_offline(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert main(["train", "--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct", "--dataset", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load 'Qwen/Qwen2.5-0.5B-Instruct'" in err[0]
+
+
+def test_saved_config_repeats_the_run(lf_project, tmp_path):
+    assert main(["train", str(lf_project), "--max_steps", "1", "--progress_bar", "false"]) == 0
+    saved = tmp_path / "saves" / "preftune_config.yaml"
+    from preftune.config import load_config
+
+    cfg = load_config(str(saved))
+    assert cfg.max_steps == 1 and cfg.dataset == "my_dpo_data" and cfg.gradient_accumulation_steps == 2

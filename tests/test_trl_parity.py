@@ -1,25 +1,36 @@
 """Parity with TRL 1.16's DPOTrainer: same tiny model, reference and batch -> same numbers.
 
-What is checked:
+What is checked (float32, CPU, B=4 demo pairs, a reference with other weights than the policy):
 
-* test_dpo_metrics_match_trl[sigmoid|hinge|ipo]: TRL tokenizes and collates B=4 pairs; that very
+* test_dpo_metrics_match_trl[sigmoid|hinge|ipo]: TRL tokenizes and collates the pairs; that very
   batch (input_ids, attention_mask, completion_mask) goes through TRL's `compute_loss` and through
-  preftune's `preference_step`, so only the math is compared: the loss and every `rewards/*` and
-  `logps/*` statistic, for the batch (TRL logs batch means) and for each pair on its own
-  (a one-pair batch through both), within atol 1e-5.
+  preftune's `preference_step`, for the whole batch (TRL logs means over the pairs) and for each
+  pair as a one-pair batch (means over 4 pairs could hide per-pair errors that cancel). In two
+  parts:
+  1. log-probs: preftune's `get_batch_logps` (called by `preference_step` for the policy and the
+     reference) against TRL's per-sequence log-probs (`compute_ref_log_probs`, the fused LM head
+     code `_compute_loss` runs; the test checks it reproduces TRL's logged `logps/*` bit for bit).
+  2. loss and statistics: `preference_step` run on TRL's log-probs (its `get_batch_logps` is
+     wrapped to return TRL's values, with preftune's own completion lengths, which IPO uses), so
+     the loss, `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`,
+     `logps/chosen` and `logps/rejected` are compared within atol 1e-5 with no float noise from
+     part 1 in them.
 * test_tokenization_matches_trl[plain|chat]: preftune's `tokenize_pairs` gives the same prompt,
-  chosen and rejected token ids as TRL's dataset preparation for all demo pairs, and preftune's
-  `collate` gives TRL's collated batch, for plain-text pairs and for conversational pairs rendered
-  with the tokenizer's ChatML template.
+  chosen and rejected token ids as TRL's dataset preparation for all 64 demo pairs, and
+  preftune's `collate` gives TRL's collated batch, for plain-text pairs and for conversational
+  pairs rendered with the tokenizer's ChatML template.
+
+Why two parts: summed completion log-probs are about -200 to -300 here, where one float32 ulp is
+1.5e-5 to 3e-5. preftune and TRL compute the same per-token log-probs with different kernels and
+sum them in a different order (index_add over scored tokens vs a sum over a padded row), so the
+sums differ by a few ulps (up to 9.2e-5 over the 64 demo pairs, a relative 3e-7). That alone
+breaks an absolute 1e-5 on log-probs, and it reaches the rewards times beta (1.4e-5 at beta=0.1,
+1.4e-4 at beta=1) and the losses. So log-probs are held to atol 1e-5 + rtol 1e-6 (float32
+rounding), and everything computed from them to atol 1e-5 on identical log-probs.
 
 Deliberate difference: preftune counts a reward tie as 0.5 in `rewards/accuracies`, TRL as 0.
-The reference here has other weights than the policy (another seed), so there are no ties, and
-the test asserts that no margin is small enough for float noise to make one.
-
-Tolerance: atol 1e-5, plus rtol 1e-6 for the summed log-probs (about -200 to -300 in float32,
-where one ulp is 1.5e-5 to 3e-5): the two implementations sum the same per-token log-probs in a
-different order (index_add vs sum over a padded row), which moves single sums by 1-4 ulps
-(observed up to 6.1e-5 on a -301 sum). All other quantities are O(1) and held to atol 1e-5.
+The reference has other weights (another seed), so there are no ties, and the test asserts that
+no margin is small enough for float noise to make or break one.
 """
 
 import copy
@@ -30,9 +41,11 @@ import torch
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
 
+import preftune.train  # noqa: E402
 from preftune.batching import collate  # noqa: E402
 from preftune.data import PreferencePair  # noqa: E402
 from preftune.demo import build_model  # noqa: E402
+from preftune.logps import get_batch_logps  # noqa: E402
 from preftune.losses import LOSSES  # noqa: E402
 from preftune.tokenization import tokenize_pairs  # noqa: E402
 from preftune.train import PolicyLogps, preference_step  # noqa: E402
@@ -40,19 +53,13 @@ from preftune.train import PolicyLogps, preference_step  # noqa: E402
 B = 4
 # Per loss, a beta that keeps the numbers O(1) and exercises the loss's shape: for hinge, beta=1
 # puts one of these pairs past the margin (loss clipped to 0) and the others inside it; for IPO,
-# 1/(2*beta)=1 keeps the squared loss near 1 (with beta=0.1 it would be ~25, where float32
-# rounding alone is 2e-6).
+# 1/(2*beta)=1 keeps the squared loss near 1 (at beta=0.1 it is ~25).
 BETAS = {"sigmoid": 0.1, "hinge": 1.0, "ipo": 0.5}
 STAT_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"]
 BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
 CHUNK_SIZE = 16  # preftune's LM-head chunk: small, so a batch spans several chunks
-
-
-def _close(actual: float, expected: float, key: str, where: str):
-    rtol = 1e-6 if key.startswith("logps/") else 0.0
-    assert abs(actual - expected) <= 1e-5 + rtol * abs(expected), \
-        f"{where} {key}: preftune {actual!r} vs TRL {expected!r} (diff {actual - expected:.3g})"
+ATOL, LOGPS_RTOL = 1e-5, 1e-6
 
 
 def _as_trl_dataset(pairs: list[dict], conversational: bool):
@@ -78,26 +85,63 @@ def _trl_trainer(tmp_path, policy, reference, tokenizer, pairs, loss_type="sigmo
                              train_dataset=_as_trl_dataset(pairs, conversational),
                              processing_class=copy.deepcopy(tokenizer))
     assert trainer.model is not policy and trainer.ref_model is not reference
+    assert trainer.model.dtype == trainer.ref_model.dtype == torch.float32
     return trainer
 
 
-def _trl_step(trainer, batch) -> dict[str, float]:
-    """TRL's loss and logged statistics (batch means) for one collated batch."""
+def _trl_step(trainer, batch):
+    """TRL's loss and logged statistics (batch means) for one collated batch, and TRL's
+    per-sequence log-probs (2B,) of the policy and the reference on it."""
     trainer.model.train()  # `_compute_loss` logs under _metrics["train"] in train mode
     trainer._metrics["train"].clear()
     loss = trainer.compute_loss(trainer.model, dict(batch))
-    out = {k: v[-1] for k, v in trainer._metrics["train"].items() if k in STAT_KEYS}
-    out["loss"] = loss.item()
-    assert set(out) == set(STAT_KEYS), sorted(out)
-    return out
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k in STAT_KEYS}
+    metrics["loss"] = loss.item()
+    assert set(metrics) == set(STAT_KEYS), sorted(metrics)
+    policy_logps = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    reference_logps = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, batch))
+    # the same numbers `_compute_loss` used: its logged means are reproduced exactly
+    n = len(policy_logps) // 2
+    assert policy_logps[:n].mean().item() == metrics["logps/chosen"]
+    assert policy_logps[n:].mean().item() == metrics["logps/rejected"]
+    beta = trainer.beta
+    assert (beta * (policy_logps[:n] - reference_logps[:n])).mean().item() == metrics["rewards/chosen"]
+    return metrics, policy_logps.detach(), reference_logps.detach()
 
 
-def _preftune_step(policy, reference, batch, loss_type, beta):
+def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_logps):
+    """preftune's `preference_step` on the batch, its log-probs replaced by TRL's (`trl_logps`:
+    model -> (2B,)); returns the stats and preftune's own log-probs {model: (2B,)}."""
+    own = {}
+
+    def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024):
+        logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)
+        own[model] = logps.detach()
+        return trl_logps[model].to(logps.dtype), lengths
+
+    monkeypatch.setattr(preftune.train, "get_batch_logps", get_batch_logps_as_trl)
     batch = {k: batch[k] for k in BATCH_KEYS}
-    policy.train()  # the training path: grad enabled, LM head chunks recomputed in backward
-    _, stats = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, batch, LOSSES[loss_type], beta,
-                               CHUNK_SIZE)
-    return stats
+    policy.train()  # the training path: grad enabled, LM-head chunks recomputed in backward
+    try:
+        _, stats = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, batch, LOSSES[loss_type], beta,
+                                   CHUNK_SIZE)
+    finally:
+        monkeypatch.undo()
+    assert set(own) == {policy, reference}, "preference_step did not score both models through get_batch_logps"
+    return stats, own
+
+
+def _check(loss_type, where, stats, metrics, own, trl_logps):
+    """stats (preftune, per pair) vs metrics (TRL, means); own vs TRL per-sequence log-probs."""
+    for model, logps in own.items():
+        expected = trl_logps[model]
+        diff = (logps - expected).abs()
+        assert (diff <= ATOL + LOGPS_RTOL * expected.abs()).all(), \
+            f"{loss_type} {where} log-probs: preftune {logps.tolist()} vs TRL {expected.tolist()}"
+    for key in STAT_KEYS:
+        actual, expected = stats[key].float().mean().item(), metrics[key]
+        assert abs(actual - expected) <= ATOL, \
+            f"{loss_type} {where} {key}: preftune {actual!r} vs TRL {expected!r} (diff {actual - expected:.3g})"
 
 
 @pytest.fixture(scope="module")
@@ -112,41 +156,47 @@ def models(tiny_model_dir, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
-def test_dpo_metrics_match_trl(loss_type, models, tiny_tokenizer, demo_pairs, tmp_path):
+def test_dpo_metrics_match_trl(loss_type, models, tiny_tokenizer, demo_pairs, tmp_path, monkeypatch):
     policy, reference = models
     beta = BETAS[loss_type]
-    pairs = demo_pairs[:B]
-    trainer = _trl_trainer(tmp_path, policy, reference, tiny_tokenizer, pairs, loss_type, beta)
+    trainer = _trl_trainer(tmp_path, policy, reference, tiny_tokenizer, demo_pairs[:B], loss_type, beta)
     rows = [trainer.train_dataset[i] for i in range(B)]
     batch = trainer.data_collator(rows)
     assert batch["input_ids"].shape[0] == 2 * B
     assert batch["attention_mask"].sum() > batch["completion_mask"].sum() > 0
     assert (batch["attention_mask"] == 0).any(), "no padding in the batch: the test would not cover it"
 
-    # the whole batch: TRL logs means over the B pairs
-    expected = _trl_step(trainer, batch)
-    stats = _preftune_step(policy, reference, batch, loss_type, beta)
+    # the whole batch
+    metrics, trl_pol, trl_ref = _trl_step(trainer, batch)
+    trl_logps = {policy: trl_pol, reference: trl_ref}
+    stats, own = _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_logps)
     for key in STAT_KEYS:
         assert stats[key].shape == (B,), key
-        _close(stats[key].float().mean().item(), expected[key], key, f"{loss_type} batch mean")
+    _check(loss_type, "batch", stats, metrics, own, trl_logps)
 
     # the test can fail: real, distinct, tie-free numbers
     margins = stats["rewards/margins"]
-    assert (margins.abs() > 1e-4).all(), f"a near-tie makes accuracy parity fragile: {margins.tolist()}"
+    assert (margins.abs() > 1e-3 * beta).all(), f"a near-tie makes accuracy parity fragile: {margins.tolist()}"
     assert (stats["rewards/chosen"] != 0).all() and (stats["rewards/rejected"] != 0).all()
     assert 0 < stats["rewards/accuracies"].mean() < 1, "both right and wrong pairs, so accuracy is tested"
     assert (stats["logps/chosen"] < -1).all() and (stats["logps/rejected"] < -1).all()
+    assert (stats["logps/chosen"] != stats["logps/rejected"]).all()
     assert stats["loss"].abs().sum() > 1e-3
     if loss_type == "hinge":  # both branches of max(0, 1 - beta*h)
         assert (stats["loss"] == 0).any() and (stats["loss"] > 0).any(), stats["loss"].tolist()
+    if loss_type == "ipo":  # length-normalised: with summed log-ratios the loss would be far off
+        lengths = batch["completion_mask"][:, 1:].sum(dim=1).float()
+        h_sum = (trl_pol - trl_ref)[:B] - (trl_pol - trl_ref)[B:]
+        assert (stats["loss"] - (h_sum - 1 / (2 * beta)) ** 2).abs().max() > 1e-2
+        assert not torch.equal(lengths[:B], lengths[B:])
 
-    # each pair on its own (means over 4 pairs could hide a per-pair error that cancels)
+    # each pair on its own
     for i in range(B):
         one = trainer.data_collator([rows[i]])
-        expected = _trl_step(trainer, one)
-        stats = _preftune_step(policy, reference, one, loss_type, beta)
-        for key in STAT_KEYS:
-            _close(stats[key].item(), expected[key], key, f"{loss_type} pair {i}")
+        metrics, trl_pol, trl_ref = _trl_step(trainer, one)
+        trl_logps = {policy: trl_pol, reference: trl_ref}
+        stats, own = _preftune_step(monkeypatch, policy, reference, one, loss_type, beta, trl_logps)
+        _check(loss_type, f"pair {i}", stats, metrics, own, trl_logps)
 
 
 @pytest.mark.parametrize("mode", ["plain", "chat"])

@@ -185,13 +185,13 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.logging_steps == 0 or step == total_steps:
             row = {"step": step, "epoch": round(epoch, 4)}
             row.update({k: torch.cat(v).float().mean().item() for k, v in running.items()})
+            row["tokens_per_second"] = tokens / max(time.time() - window_start, 1e-9)  # before the KL pass
             with accelerator.autocast():
                 kl, n = token_kl(accelerator.unwrap_model(policy).model, reference,
                                  chunk_size=cfg.logps_chunk_size, **batch)
             row["kl"] = kl.item() / max(n, 1)
             row["grad_norm"] = float(grad_norm)
             row["learning_rate"] = scheduler.get_last_lr()[0]
-            row["tokens_per_second"] = tokens / max(time.time() - window_start, 1e-9)
             metrics.log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
             running, tokens, window_start = {}, 0, time.time()

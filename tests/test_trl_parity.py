@@ -25,7 +25,7 @@ Why two parts: summed completion log-probs are about -200 to -300 here, where on
 sum them in a different order (index_add over scored tokens vs a sum over a padded row), so the
 sums differ by a few ulps (up to 9.2e-5 over the 64 demo pairs, a relative 3e-7). That alone
 breaks an absolute 1e-5 on log-probs, and it reaches the rewards times beta (1.4e-5 at beta=0.1,
-1.4e-4 at beta=1) and the losses. So log-probs are held to atol 1e-5 + rtol 1e-6 (float32
+1.4e-4 at beta=1, on the margins) and the losses. So log-probs are held to atol 1e-5 + rtol 1e-6 (float32
 rounding), and everything computed from them to atol 1e-5 on identical log-probs.
 
 Deliberate difference: preftune counts a reward tie as 0.5 in `rewards/accuracies`, TRL as 0.
@@ -38,8 +38,8 @@ import copy
 import pytest
 import torch
 
-datasets = pytest.importorskip("datasets")
-trl = pytest.importorskip("trl")
+import datasets  # noqa: E402  (test dependencies: a missing TRL must fail the suite, not skip it)
+import trl  # noqa: E402
 
 import preftune.train  # noqa: E402
 from preftune.batching import collate  # noqa: E402
@@ -51,10 +51,11 @@ from preftune.tokenization import tokenize_pairs  # noqa: E402
 from preftune.train import PolicyLogps, preference_step  # noqa: E402
 
 B = 4
-# Per loss, a beta that keeps the numbers O(1) and exercises the loss's shape: for hinge, beta=1
-# puts one of these pairs past the margin (loss clipped to 0) and the others inside it; for IPO,
-# 1/(2*beta)=1 keeps the squared loss near 1 (at beta=0.1 it is ~25).
-BETAS = {"sigmoid": 0.1, "hinge": 1.0, "ipo": 0.5}
+# Per loss, a beta that keeps the numbers O(1) and exercises the loss's shape: for hinge, beta=2
+# puts one of these pairs past the margin (loss clipped to 0) and the others inside it (and is
+# not 1, where a missing beta would go unnoticed); for IPO, 1/(2*beta)=1 keeps the squared loss
+# near 1 (at beta=0.1 it is ~25).
+BETAS = {"sigmoid": 0.1, "hinge": 2.0, "ipo": 0.5}
 STAT_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"]
 BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -79,7 +80,7 @@ def _trl_trainer(tmp_path, policy, reference, tokenizer, pairs, loss_type="sigmo
     args = trl.DPOConfig(
         output_dir=str(tmp_path / f"trl_{loss_type}"), beta=beta, loss_type=loss_type,
         per_device_train_batch_size=B, report_to="none", max_length=None, bf16=False, fp16=False,
-        use_cpu=True, gradient_checkpointing=False, save_strategy="no", logging_strategy="no",
+        use_cpu=True, activation_checkpointing=False, save_strategy="no", logging_strategy="no",
         dataloader_num_workers=0, seed=0)
     trainer = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
                              train_dataset=_as_trl_dataset(pairs, conversational),
@@ -144,6 +145,16 @@ def _check(loss_type, where, stats, metrics, own, trl_logps):
             f"{loss_type} {where} {key}: preftune {actual!r} vs TRL {expected!r} (diff {actual - expected:.3g})"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast, and it keeps the file from slowing
+    down tenfold (OpenMP spin-waits) when other processes share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models(tiny_model_dir, tiny_tokenizer):
     """(policy, reference): the saved tiny Qwen2 and another random init, both float32."""
@@ -173,6 +184,15 @@ def test_dpo_metrics_match_trl(loss_type, models, tiny_tokenizer, demo_pairs, tm
     for key in STAT_KEYS:
         assert stats[key].shape == (B,), key
     _check(loss_type, "batch", stats, metrics, own, trl_logps)
+    # per pair within the batch, against TRL's per-sequence log-probs and its reward definition
+    # (beta * log-ratio, accuracy = chosen reward > rejected reward): the pairs stay in order
+    expected = {"logps/chosen": trl_pol[:B], "logps/rejected": trl_pol[B:],
+                "rewards/chosen": beta * (trl_pol[:B] - trl_ref[:B]),
+                "rewards/rejected": beta * (trl_pol[B:] - trl_ref[B:])}
+    expected["rewards/margins"] = expected["rewards/chosen"] - expected["rewards/rejected"]
+    expected["rewards/accuracies"] = (expected["rewards/chosen"] > expected["rewards/rejected"]).float()
+    for key, value in expected.items():
+        torch.testing.assert_close(stats[key].float(), value, atol=ATOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
 
     # the test can fail: real, distinct, tie-free numbers
     margins = stats["rewards/margins"]
@@ -207,12 +227,10 @@ def test_tokenization_matches_trl(mode, models, tiny_tokenizer, demo_pairs, tmp_
     and tokenizes prompt and prompt+completion, preftune tokenizes prompt+completion once and
     appends the EOS id. chat: conversational pairs, both render the ChatML template (the
     completion then ends with '<|im_end|>' and the template's trailing '\\n').
-    For these pairs the two agree on every id and on every prompt/completion boundary (no token
-    merges across the boundary: the prompts end in '?' or '.' and the completions start with a
-    letter). Where a token did merge across the boundary, they would split it differently:
-    TRL ends the prompt where the tokenized prompt and prompt+completion diverge (the same
-    point for chosen and rejected, the min of the two), preftune counts the merged token as
-    completion and keeps a separate boundary for chosen and rejected.
+    For all 64 demo pairs the two agree on every id and every prompt/completion boundary in both
+    modes: the prompts end in '?' and the completions start with a letter (plain), or the
+    boundary is the template's '<|im_start|>assistant\\n' (chat), so no token spans it. Where
+    one does, they can differ: see test_tokenization_boundary_cases.
     """
     tokenizer = copy.deepcopy(tiny_tokenizer)
     if mode == "plain":
@@ -225,6 +243,7 @@ def test_tokenization_matches_trl(mode, models, tiny_tokenizer, demo_pairs, tmp_
     assert len(ours) == len(trl_rows) == len(demo_pairs)
     for i, (t, row) in enumerate(zip(ours, trl_rows)):
         assert not t.truncated
+        assert t.chosen_start == t.rejected_start == len(row["prompt_ids"]), f"pair {i}: boundary"
         assert t.chosen_ids[:t.chosen_start] == row["prompt_ids"], f"pair {i}: prompt (chosen row)"
         assert t.rejected_ids[:t.rejected_start] == row["prompt_ids"], f"pair {i}: prompt (rejected row)"
         assert t.chosen_ids[t.chosen_start:] == row["chosen_ids"], f"pair {i}: chosen"
@@ -240,3 +259,35 @@ def test_tokenization_matches_trl(mode, models, tiny_tokenizer, demo_pairs, tmp_
     trl_batch = trainer.data_collator(trl_rows[:B])
     for key in BATCH_KEYS:
         assert torch.equal(ours_batch[key], trl_batch[key]), key
+
+
+def test_tokenization_boundary_cases(models, tiny_tokenizer, tmp_path):
+    """Plain-text pairs whose boundary falls inside a token. Both keep the same ids and both count a
+    token that spans the boundary as completion; they differ in one case only:
+
+    TRL gives chosen and rejected one prompt (the shorter of the two common prefixes), preftune
+    gives each its own boundary. With a prompt ending in a space, 'chess? ' + 'Sure!' merges the
+    space into ' S' (completion in both), but 'chess? ' + 'Meh.' keeps ' ' as its own token,
+    which preftune leaves in the rejected prompt and TRL scores as the rejected completion's
+    first token. So the rejected completion is one token shorter in preftune, and its log-prob
+    lacks log p(' ' | prompt); DPO on such pairs differs slightly from TRL (not a bug: the ' ' is
+    prompt text; TRL makes the two prompts identical instead).
+    """
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    cases = [  # (pair, rejected starts later in preftune than in TRL)
+        ({"prompt": "How should I learn chess", "chosen": "? Sure! Start.", "rejected": "Meh."}, 0),
+        ({"prompt": "How should I learn chess?", "chosen": "?! Sure", "rejected": "?! Meh."}, 0),
+        ({"prompt": "How should I learn ch", "chosen": "ess fast", "rejected": "ess slow"}, 0),
+        ({"prompt": "How should I learn chess? ", "chosen": "Sure!", "rejected": "Meh."}, 1),
+    ]
+    policy, reference = models
+    trainer = _trl_trainer(tmp_path, policy, reference, tokenizer, [c for c, _ in cases], conversational=False)
+    ours = tokenize_pairs(tokenizer, [PreferencePair(**c) for c, _ in cases], cutoff_len=100_000, template=None)
+    for i, (t, row, (_, shift)) in enumerate(zip(ours, trainer.train_dataset, cases)):
+        prompt_len = len(row["prompt_ids"])
+        assert t.chosen_ids == row["prompt_ids"] + row["chosen_ids"], f"case {i}: chosen ids"
+        assert t.rejected_ids == row["prompt_ids"] + row["rejected_ids"], f"case {i}: rejected ids"
+        assert t.chosen_start == prompt_len, f"case {i}: chosen boundary"
+        assert t.rejected_start == prompt_len + shift, f"case {i}: rejected boundary"
+    assert tokenizer.decode(ours[3].rejected_ids[ours[3].rejected_start - 1]) == " "

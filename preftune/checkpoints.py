@@ -49,8 +49,8 @@ def save_model(model, tokenizer, dest: Path, step: int) -> None:
     _replace_dir(tmp, dest)
 
 
-def load_best_into(model, cfg) -> int:
-    """Load the best model's weights into `model` (same architecture); returns its step."""
+def load_best_into(model, cfg) -> None:
+    """Load the best model's weights into `model` (same architecture)."""
     folder = best_dir(cfg)
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
@@ -61,7 +61,6 @@ def load_best_into(model, cfg) -> int:
     if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
         raise RuntimeError(f"best model in {folder} does not match the policy: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    return json.loads((folder / "preftune_step.json").read_text())["step"]
 
 
 def save_final(model, tokenizer, cfg) -> None:

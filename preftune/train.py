@@ -154,14 +154,15 @@ def train(cfg: TrainConfig) -> dict:
                     "boundary_merges": tok_report.boundary_merges}
     if do_eval:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluate(policy, reference, val_tok, cfg, pad_id, accelerator)})
-    best_loss, evals_without_gain, stopped_early = math.inf, 0, False
+    best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False
     running: dict[str, list[torch.Tensor]] = {}
-    tokens, window_start = 0, time.time()
+    tokens, train_seconds = 0, 0.0  # throughput counts training time only, not logging or evaluation
     stream = micro_batches()
     bar = tqdm(total=total_steps, desc="dpo", disable=not cfg.progress_bar or not accelerator.is_main_process)
 
     # --- the loop ------------------------------------------------------------------------
     for step in range(1, total_steps + 1):
+        step_start = time.time()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         epoch = micro[-1][0]
         step_pairs = sum(len(pairs) for _, pairs in micro)
@@ -180,12 +181,13 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.time() - step_start
         bar.update(1)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
             row = {"step": step, "epoch": round(epoch, 4)}
             row.update({k: torch.cat(v).float().mean().item() for k, v in running.items()})
-            row["tokens_per_second"] = tokens / max(time.time() - window_start, 1e-9)  # before the KL pass
+            row["tokens_per_second"] = tokens / max(train_seconds, 1e-9)
             with accelerator.autocast():
                 kl, n = token_kl(accelerator.unwrap_model(policy).model, reference,
                                  chunk_size=cfg.logps_chunk_size, **batch)
@@ -194,16 +196,16 @@ def train(cfg: TrainConfig) -> dict:
             row["learning_rate"] = scheduler.get_last_lr()[0]
             metrics.log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-            running, tokens, window_start = {}, 0, time.time()
+            running, tokens, train_seconds = {}, 0, 0.0
 
         if do_eval and (step % eval_every == 0 or step == total_steps):
             row = {"step": step, "epoch": round(epoch, 4),
                    **evaluate(policy, reference, val_tok, cfg, pad_id, accelerator)}
             metrics.log(row)
-            window_start = time.time()  # evaluation time is not training throughput
             if row["eval_loss"] < best_loss:
                 best_loss, evals_without_gain = row["eval_loss"], 0
                 if cfg.early_stopping_patience:
+                    best_step = step
                     checkpoints.save_model(accelerator.unwrap_model(policy).model, tokenizer,
                                            checkpoints.best_dir(cfg), step)
             else:
@@ -220,9 +222,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- outputs -------------------------------------------------------------------------
     final = accelerator.unwrap_model(policy).model
-    best_step = None
-    if cfg.early_stopping_patience and checkpoints.best_dir(cfg).exists():
-        best_step = checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
+    if best_step is not None and best_step != step:
+        checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
     summary: dict = {}
     if accelerator.is_main_process:
         checkpoints.save_final(final, tokenizer, cfg)

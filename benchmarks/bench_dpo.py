@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=None, help="pairs in the data set (default: steps x batch size)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (linear decay, no warmup, both)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (sigmoid loss, both)")
+    p.add_argument("--logging-steps", type=int, default=None,
+                   help="logging interval of both trainers (default: --steps, i.e. one log row at the end)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights (both); default fp32")
     p.add_argument("--trl-optim", default="adamw_torch",
                    help="TRL `optim`; adamw_torch is torch.optim.AdamW with default settings, as in preftune "
@@ -71,7 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for the model weights and the data")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     p.add_argument("--child", choices=["preftune", "trl"], help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup_steps < 1 or args.steps <= args.warmup_steps:
+        p.error("need 1 <= --warmup-steps < --steps (the timing starts at the end of a warm-up step)")
+    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,9 +132,9 @@ def make_assets(args) -> dict:
     lengths = []
     for p in pairs:
         for key in ("chosen", "rejected"):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]},
-                                                 {"role": "assistant", "content": p[key]}], tokenize=False)
-            lengths.append(len(tokenizer(ids, add_special_tokens=False)["input_ids"]))
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]},
+                                                  {"role": "assistant", "content": p[key]}], tokenize=False)
+            lengths.append(count(text))
 
     model = demo.build_model(args.vocab, args.seed, hidden=args.hidden, layers=args.layers)
     model.config.max_position_embeddings = max(model.config.max_position_embeddings, 2 * max(lengths))
@@ -212,19 +217,18 @@ class TokenCounter:
 
 
 def measure(clock: StepClock, counter: TokenCounter, args) -> dict:
+    import torch
+
     steps = len(clock.stamps)
     w = args.warmup_steps
     if steps <= w:
         raise RuntimeError(f"only {steps} optimizer steps ran; need more than --warmup-steps {w}")
     if len(counter.batches) < steps:
         raise RuntimeError(f"{len(counter.batches)} batches collated for {steps} steps")
-    seconds = clock.stamps[-1] - clock.stamps[w - 1] if w > 0 else None
-    if seconds is None:
-        raise RuntimeError("--warmup-steps must be at least 1 (the first step has no start stamp)")
+    seconds = clock.stamps[-1] - clock.stamps[w - 1]  # end of the last warm-up step -> end of the last step
     timed = counter.batches[w:steps]  # batch k (0-based) is trained in step k+1
     real, padded = sum(r for r, _ in timed), sum(p for _, p in timed)
     per_step = [b - a for a, b in zip(clock.stamps[w - 1:-1], clock.stamps[w:])]
-    import torch
     cpu_util = (clock.cpu[-1] - clock.cpu[w - 1]) / (seconds * torch.get_num_threads())
     own = clock.cpu[-1] - clock.cpu[w - 1]
     others = max(0.0, (clock.machine[-1] - clock.machine[w - 1] - own) / seconds)
@@ -258,7 +262,7 @@ def child_preftune(args, assets) -> dict:
         "pref_beta": args.beta, "pref_loss": "sigmoid", "learning_rate": args.lr,
         "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
         "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
-        "max_steps": args.steps, "logging_steps": args.steps,  # one log row, after the last timed step
+        "max_steps": args.steps, "logging_steps": args.logging_steps or args.steps,
         "cutoff_len": assets["max_length"] + 8,  # no truncation
         "torch_dtype": "float32", "bf16": args.bf16, "disable_dropout": True,
         "progress_bar": False, "eval_strategy": "no", "plot_loss": False, "seed": 42,
@@ -269,7 +273,12 @@ def child_preftune(args, assets) -> dict:
     summary = pt.train(cfg)
     mem = memory(import_rss)  # before anything below allocates more
     result = {**measure(clock, counter, args), **mem}
-    result["loss_mean"] = summary["final"].get("loss")
+    # mean train loss over all steps (each log row is the mean over its logging window), as TRL's training_loss
+    history = json.loads((Path(cfg.output_dir) / "dpo_metrics" / "log_history.json").read_text())
+    rows, prev, total = [r for r in history if "loss" in r], 0, 0.0
+    for r in rows:
+        total, prev = total + r["loss"] * (r["step"] - prev), r["step"]
+    result["loss_mean"] = total / prev if prev else None
     result["self_reported_tokens_per_s"] = summary["timings"]["mean_tokens_per_second"]
     result["truncated"] = summary["data"].get("truncated")
     # the sequences preftune built, to check that both frameworks train on the same tokens
@@ -306,7 +315,7 @@ def child_trl(args, assets) -> dict:
         beta=args.beta, loss_type=["sigmoid"], learning_rate=args.lr, lr_scheduler_type="linear",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim=args.trl_optim,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_steps=args.steps,
-        logging_steps=args.steps, save_strategy="no", eval_strategy="no", max_length=None,
+        logging_steps=args.logging_steps or args.steps, save_strategy="no", eval_strategy="no", max_length=None,
         precompute_ref_log_probs=False, dataloader_num_workers=0, disable_tqdm=True, seed=42,
     )
     assert not config.gradient_checkpointing and not config.activation_checkpointing
@@ -337,8 +346,9 @@ def child_trl(args, assets) -> dict:
 def run_child(framework, args, assets) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
     for key in ("steps", "warmup_steps", "batch_size", "hidden", "layers", "vocab", "seq_len", "lr", "beta",
-                "trl_optim", "work", "seed", "threads"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+                "trl_optim", "work", "seed", "threads", "logging_steps"):
+        if getattr(args, key) is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.bf16:
         cmd.append("--bf16")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -362,24 +372,24 @@ def run_child(framework, args, assets) -> dict:
 
 def report(results: dict, assets: dict, args) -> str:
     rows = [
-        ("pairs/s", "pairs_per_s", "{:.2f}", True),
-        ("tokens/s (non-padding)", "tokens_per_s", "{:.0f}", True),
-        ("padded tokens/s", "padded_tokens_per_s", "{:.0f}", True),
-        ("peak RSS, whole child (MiB)", "peak_rss_mib", "{:.0f}", False),
-        ("peak RSS up to the last optimizer step (MiB)", "peak_rss_to_last_step_mib", "{:.0f}", False),
-        ("RSS after imports (MiB)", "import_rss_mib", "{:.0f}", False),
-        ("peak RSS - imports (MiB)", "peak_rss_over_imports_mib", "{:.0f}", False),
-        ("CUDA max allocated (MiB)", "cuda_peak_mib", "{:.0f}", False),
-        ("CPU utilisation (1.0 = all threads busy)", "cpu_util", "{:.2f}", None),
-        ("other processes' CPU during timing (cores)", "other_processes_cores", "{:.2f}", None),
-        ("timed steps / seconds", None, None, None),
-        ("mean train loss", "loss_mean", "{:.4f}", None),
+        ("pairs/s", "pairs_per_s", "{:.2f}"),
+        ("tokens/s (non-padding)", "tokens_per_s", "{:.0f}"),
+        ("padded tokens/s", "padded_tokens_per_s", "{:.0f}"),
+        ("peak RSS, whole child (MiB)", "peak_rss_mib", "{:.0f}"),
+        ("peak RSS up to the last optimizer step (MiB)", "peak_rss_to_last_step_mib", "{:.0f}"),
+        ("RSS after imports (MiB)", "import_rss_mib", "{:.0f}"),
+        ("peak RSS - imports (MiB)", "peak_rss_over_imports_mib", "{:.0f}"),
+        ("CUDA max allocated (MiB)", "cuda_peak_mib", "{:.0f}"),
+        ("CPU utilisation (1.0 = all threads busy)", "cpu_util", "{:.2f}"),
+        ("other processes' CPU during timing (cores)", "other_processes_cores", "{:.2f}"),
+        ("timed steps / seconds", None, None),
+        ("mean train loss", "loss_mean", "{:.4f}"),
     ]
     names = [n for n in ("preftune", "trl") if n in results]
     lines = ["| metric | " + " | ".join("TRL" if n == "trl" else n for n in names)
              + (" | preftune / TRL |" if len(names) == 2 else " |"),
              "|---|" + "---:|" * len(names) + ("---:|" if len(names) == 2 else "")]
-    for label, key, fmt, _ in rows:
+    for label, key, fmt in rows:
         if key is None:
             cells = [f"{results[n]['timed_steps']} / {results[n]['seconds']:.1f}" for n in names]
             lines.append(f"| {label} | " + " | ".join(cells) + (" | |" if len(names) == 2 else " |"))

@@ -17,7 +17,15 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = lm_head(hidden).float()  # (N, V); fp32 for a stable logsumexp under bf16/fp16
+    low_precision = lm_head.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+    if hidden.device.type == "cpu" and low_precision:
+        # CPUs without native bf16 matmul run the bf16 LM-head backward 100x slower than fp32
+        # (measured in benchmarks/); the head is one matmul, so do it in fp32 there
+        with torch.autocast("cpu", enabled=False):
+            logits = F.linear(hidden.float(), lm_head.weight.float(),
+                              None if lm_head.bias is None else lm_head.bias.float())
+    else:
+        logits = lm_head(hidden).float()  # (N, V); fp32 for a stable logsumexp under bf16/fp16
     if softcap is not None:  # Gemma-2 style final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -44,10 +52,12 @@ def _softcap(model) -> float | None:
 
 
 def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk_size: int = 1024, return_hidden: bool = False):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
+    With return_hidden, also the detached hidden states at the scored positions, (N, H), which
+    `completion_kl` turns into the KL to the reference without another forward pass.
     """
     hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask)
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
@@ -62,23 +72,29 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
     rows = score.nonzero()[:, 0]  # the sequence each scored token belongs to
     logps = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, token_logps)  # (2B,)
+    if return_hidden:
+        return logps, score.sum(dim=1), hidden.detach()
     return logps, score.sum(dim=1)
 
 
 @torch.no_grad()
-def token_kl(policy, reference, input_ids, attention_mask, completion_mask, chunk_size: int = 1024):
-    """Exact per-token KL(pi_theta || pi_ref) summed over the vocabulary, at completion positions.
+def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidden: torch.Tensor,
+                  chunk_size: int = 1024, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """Exact per-token KL(pi_theta || pi_ref), summed over the vocabulary, at completion positions.
 
+    policy_hidden, reference_hidden: (N, H) from `get_batch_logps(..., return_hidden=True)`.
     Returns (sum of per-token KL, number of tokens). This is the KL of the next-token
     distributions along the dataset's chosen and rejected completions (teacher-forced), not
-    the sequence-level KL under samples from the policy: a cheap, exact proxy for drift.
+    the sequence-level KL under samples from the policy: a cheap, exact measure of drift.
+    `max_tokens` scores an evenly spaced subset (training logs), None scores all (evaluation).
     """
-    h_pol, _, _ = _completion_hidden(policy, input_ids, attention_mask, completion_mask)
-    h_ref, _, _ = _completion_hidden(reference, input_ids, attention_mask, completion_mask)
+    if max_tokens is not None and policy_hidden.size(0) > max_tokens:
+        keep = torch.linspace(0, policy_hidden.size(0) - 1, max_tokens, device=policy_hidden.device).long()
+        policy_hidden, reference_hidden = policy_hidden[keep], reference_hidden[keep]
     head_pol, head_ref = policy.get_output_embeddings(), reference.get_output_embeddings()
-    total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
-    for i in range(0, h_pol.size(0), chunk_size):
-        lp = F.log_softmax(_logits(head_pol, h_pol[i:i + chunk_size], _softcap(policy)), dim=-1)
-        lq = F.log_softmax(_logits(head_ref, h_ref[i:i + chunk_size], _softcap(reference)), dim=-1)
+    total = torch.zeros((), dtype=torch.float32, device=policy_hidden.device)
+    for i in range(0, policy_hidden.size(0), chunk_size):
+        lp = F.log_softmax(_logits(head_pol, policy_hidden[i:i + chunk_size], _softcap(policy)), dim=-1)
+        lq = F.log_softmax(_logits(head_ref, reference_hidden[i:i + chunk_size], _softcap(reference)), dim=-1)
         total += (lp.exp() * (lp - lq)).sum()
-    return total, h_pol.size(0)
+    return total, policy_hidden.size(0)

@@ -23,8 +23,8 @@ METRIC_NOTES = {
     "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; a tie counts 0.5",
     "rewards/margins": "rewards/chosen - rewards/rejected",
     "kl": "mean over completion tokens of the exact KL(pi_theta(.|context) || pi_ref(.|context)) over the "
-          "vocabulary, teacher-forced on the dataset's chosen and rejected completions (train: last micro-batch "
-          "of the logging step; eval: the whole validation set)",
+          "vocabulary, teacher-forced on the dataset's chosen and rejected completions (train: up to 512 tokens of "
+          "the logging step's last micro-batch; eval: every token of the validation set)",
     "eval_train_gap": "eval_loss - train loss of the latest logging step; eval_train_gap_pct relative to it",
     "tokens_per_second": "non-padding tokens of chosen+rejected sequences trained on per second of wall time",
 }

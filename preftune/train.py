@@ -26,13 +26,15 @@ from preftune.batching import collate, epoch_batches
 from preftune.config import TrainConfig
 from preftune.data import load_pairs
 from preftune.errors import ConfigError
-from preftune.logps import get_batch_logps, token_kl
+from preftune.logps import completion_kl, get_batch_logps
 from preftune.losses import LOSSES
 from preftune.models import load_policy_and_reference, load_tokenizer
 from preftune.report import MetricsLog
 from preftune.tokenization import TokenizeReport, tokenize_pairs
 
 log = logging.getLogger("preftune")
+
+KL_TRAIN_TOKENS = 512  # training rows estimate the KL on this many completion tokens of the last micro-batch
 
 
 class PolicyLogps(torch.nn.Module):
@@ -43,15 +45,22 @@ class PolicyLogps(torch.nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size)
+    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False):
+        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
+                               return_hidden=return_hidden)
 
 
-def preference_step(policy, reference, batch, loss_fn, beta, chunk_size):
-    """Per-pair losses and the statistics logged for them, for one collated batch of B pairs."""
-    policy_logps, lengths = policy(**batch)  # (2B,), (2B,)
+def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=False, kl_max_tokens=None):
+    """Per-pair losses and the statistics logged for them, for one collated batch of B pairs.
+
+    With kl=True also returns (sum of per-token KL to the reference, token count), computed from
+    the hidden states both forward passes already produced; otherwise None.
+    """
+    policy_out = policy(**batch, return_hidden=kl)
+    policy_logps, lengths = policy_out[:2]  # (2B,), (2B,)
     with torch.no_grad():
-        reference_logps, _ = get_batch_logps(reference, chunk_size=chunk_size, **batch)
+        reference_out = get_batch_logps(reference, chunk_size=chunk_size, return_hidden=kl, **batch)
+    reference_logps = reference_out[0]
     B = policy_logps.size(0) // 2
     policy_chosen_logps, policy_rejected_logps = policy_logps[:B], policy_logps[B:]
     reference_chosen_logps, reference_rejected_logps = reference_logps[:B], reference_logps[B:]
@@ -70,7 +79,15 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size):
         "logps/chosen": policy_chosen_logps.detach(),  # summed over completion tokens
         "logps/rejected": policy_rejected_logps.detach(),
     }
-    return losses, stats
+    kl_stats = None
+    if kl:
+        kl_stats = completion_kl(_unwrap(policy).model, reference, policy_out[2], reference_out[2], chunk_size,
+                                 kl_max_tokens)
+    return losses, stats, kl_stats
+
+
+def _unwrap(module):
+    return getattr(module, "module", module)  # DistributedDataParallel keeps the wrapped module here
 
 
 @torch.no_grad()
@@ -83,9 +100,8 @@ def evaluate(policy, reference, pairs, cfg, pad_id, accelerator) -> dict[str, fl
     for idx in epoch_batches(len(pairs), cfg.eval_batch_size, cfg.seed, 0, shuffle=False):
         batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
         with accelerator.autocast():
-            _, stats = preference_step(wrapper, reference, batch, LOSSES[cfg.pref_loss], cfg.pref_beta,
-                                       cfg.logps_chunk_size)
-            kl, n = token_kl(wrapper.model, reference, chunk_size=cfg.logps_chunk_size, **batch)
+            _, stats, (kl, n) = preference_step(wrapper, reference, batch, LOSSES[cfg.pref_loss], cfg.pref_beta,
+                                                cfg.logps_chunk_size, kl=True)
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value.float().sum().item()
         kl_sum, kl_tokens = kl_sum + kl.item(), kl_tokens + n
@@ -166,17 +182,21 @@ def train(cfg: TrainConfig) -> dict:
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         epoch = micro[-1][0]
         step_pairs = sum(len(pairs) for _, pairs in micro)
+        log_now = step % cfg.logging_steps == 0 or step == total_steps
         for k, (_, pairs) in enumerate(micro):
-            batch = {key: v.to(accelerator.device) for key, v in collate(pairs, pad_id).items()}
+            batch = collate(pairs, pad_id)
+            tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+            last = k == len(micro) - 1
             # gradients are synchronised across processes only on the step's last micro-batch
-            sync = accelerator.no_sync(policy) if k < len(micro) - 1 else contextlib.nullcontext()
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync, accelerator.autocast():
-                losses, stats = preference_step(policy, reference, batch, loss_fn, cfg.pref_beta,
-                                                cfg.logps_chunk_size)
+                losses, stats, kl = preference_step(policy, reference, batch, loss_fn, cfg.pref_beta,
+                                                    cfg.logps_chunk_size, kl=log_now and last,
+                                                    kl_max_tokens=KL_TRAIN_TOKENS)
                 accelerator.backward(losses.sum() / step_pairs)  # mean over the step's pairs
             for key, value in stats.items():
                 running.setdefault(key, []).append(value)
-            tokens += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
         optimizer.step()
         scheduler.step()
@@ -184,14 +204,11 @@ def train(cfg: TrainConfig) -> dict:
         train_seconds += time.time() - step_start
         bar.update(1)
 
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if log_now:
             row = {"step": step, "epoch": round(epoch, 4)}
             row.update({k: torch.cat(v).float().mean().item() for k, v in running.items()})
             row["tokens_per_second"] = tokens / max(train_seconds, 1e-9)
-            with accelerator.autocast():
-                kl, n = token_kl(accelerator.unwrap_model(policy).model, reference,
-                                 chunk_size=cfg.logps_chunk_size, **batch)
-            row["kl"] = kl.item() / max(n, 1)
+            row["kl"] = kl[0].item() / max(kl[1], 1)
             row["grad_norm"] = float(grad_norm)
             row["learning_rate"] = scheduler.get_last_lr()[0]
             metrics.log(row)

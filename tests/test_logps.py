@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from preftune.batching import collate
 from preftune.data import PreferencePair
 from preftune.demo import build_model
-from preftune.logps import get_batch_logps, token_kl
+from preftune.logps import completion_kl, get_batch_logps
 from preftune.tokenization import tokenize_pairs
 
 
@@ -45,13 +45,16 @@ def test_chosen_and_rejected_rows_are_independent_of_padding(tiny_tokenizer, dem
     torch.testing.assert_close(together[[0, 3]], alone, rtol=0, atol=1e-5)
 
 
-def test_token_kl_is_zero_for_identical_models_and_positive_otherwise(tiny_tokenizer, demo_pairs):
+def test_completion_kl_is_zero_for_identical_models_and_exact_otherwise(tiny_tokenizer, demo_pairs):
     batch = make_batch(tiny_tokenizer, demo_pairs)
     a = build_model(len(tiny_tokenizer), seed=1, hidden=32, layers=2)
     b = build_model(len(tiny_tokenizer), seed=2, hidden=32, layers=2)
-    kl, n = token_kl(a, a, chunk_size=7, **batch)
+    with torch.no_grad():
+        _, _, h_a = get_batch_logps(a, return_hidden=True, **batch)
+        _, _, h_b = get_batch_logps(b, return_hidden=True, **batch)
+    kl, n = completion_kl(a, a, h_a, h_a, chunk_size=7)
     assert abs(kl.item()) < 1e-5 and n == int(batch["completion_mask"][:, 1:].sum())
-    kl_ab, _ = token_kl(a, b, **batch)
+    kl_ab, _ = completion_kl(a, b, h_a, h_b)
     # exact KL from the full distributions, per token
     with torch.no_grad():
         lp = F.log_softmax(a(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1], -1)
@@ -59,3 +62,16 @@ def test_token_kl_is_zero_for_identical_models_and_positive_otherwise(tiny_token
     per_token = (lp.exp() * (lp - lq)).sum(-1)
     torch.testing.assert_close(kl_ab, (per_token * batch["completion_mask"][:, 1:]).sum(), rtol=1e-5, atol=1e-5)
     assert kl_ab.item() > 0
+    subset, m = completion_kl(a, b, h_a, h_b, max_tokens=10)
+    assert m == 10 and 0 < subset.item() < kl_ab.item()
+
+
+def test_bf16_autocast_on_cpu_scores_the_head_in_fp32(tiny_tokenizer, demo_pairs):
+    batch = make_batch(tiny_tokenizer, demo_pairs)
+    model = build_model(len(tiny_tokenizer), seed=1, hidden=32, layers=2)
+    with torch.no_grad():
+        exact, _ = get_batch_logps(model, **batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed, _ = get_batch_logps(model, **batch)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=2e-2, atol=0.5)  # only the bf16 backbone differs

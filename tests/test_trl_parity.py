@@ -115,7 +115,9 @@ def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_l
     model -> (2B,)); returns the stats and preftune's own log-probs {model: (2B,)}."""
     own = {}
 
-    def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024):
+    def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024,
+                               return_hidden=False):
+        assert not return_hidden  # the KL metric is not asked for here
         logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)
         own[model] = logps.detach()
         return trl_logps[model].to(logps.dtype), lengths
@@ -124,7 +126,7 @@ def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_l
     batch = {k: batch[k] for k in BATCH_KEYS}
     policy.train()  # the training path: grad enabled, LM-head chunks recomputed in backward
     try:
-        _, stats = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, batch, LOSSES[loss_type], beta,
+        _, stats, _ = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, batch, LOSSES[loss_type], beta,
                                    CHUNK_SIZE)
     finally:
         monkeypatch.undo()

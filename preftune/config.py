@@ -31,7 +31,25 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-LOSSES = ("sigmoid", "hinge", "ipo")  # kept in sync with preftune.losses.LOSSES (checked by a test)
+# pref_loss name -> the config keys it takes beyond pref_beta, bound to the loss function's
+# keyword-only parameters of the same names (`TrainConfig.loss_kwargs`). Kept in sync with
+# preftune.losses.LOSSES and the functions' signatures (checked by a test).
+LOSSES: dict[str, tuple[str, ...]] = {
+    "sigmoid": ("label_smoothing",),  # label_smoothing > 0: conservative DPO (cDPO)
+    "hinge": (),
+    "ipo": (),
+    "robust": ("label_smoothing",),
+    "exo_pair": ("label_smoothing",),
+    "nca_pair": (),
+    "bco_pair": (),
+    "sppo_hard": (),
+    "aot": ("label_smoothing",),
+    "aot_unpaired": ("label_smoothing",),
+    "apo_zero": (),
+    "apo_down": (),
+    "discopop": ("discopop_tau",),
+    "sigmoid_norm": (),
+}
 
 
 @dataclass
@@ -53,7 +71,9 @@ class TrainConfig:
 
     # --- preference objective -----------------------------------------------------------
     pref_beta: float = _f(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
-    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo.")
+    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm (docs/losses.md).")
+    label_smoothing: float = _f(0.0, "Share eps in [0, 0.5) of preference labels assumed flipped: cDPO for sigmoid, robust DPO for robust, the label smoothing of exo_pair (needs eps > 0; paper: 1e-3), aot and aot_unpaired. Other losses refuse eps > 0.")
+    discopop_tau: float = _f(0.05, "Temperature tau of the discopop loss's log-ratio modulation (paper and TRL default 0.05).")
     pref_ftx: float = _f(0.0, "Weight of an NLL term on chosen (comes with the losses issue; must be 0 for now).")
 
     # --- data ---------------------------------------------------------------------------
@@ -116,6 +136,11 @@ class TrainConfig:
     def mixed_precision(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The chosen loss's hyperparameters beyond beta, as keyword arguments for its function."""
+        values = {"label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau}
+        return {key: values[key] for key in LOSSES[self.pref_loss]}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -134,6 +159,7 @@ ALIASES: dict[str, str] = {
     "eval_every": "eval_steps",
     "save_every": "save_steps",
     "log_every": "logging_steps",
+    "dpo_label_smoothing": "label_smoothing",  # LLaMA-Factory's spelling
 }
 
 # Keys whose values are translated, not just renamed.
@@ -230,6 +256,16 @@ def validate(cfg: TrainConfig) -> None:
         match = difflib.get_close_matches(cfg.pref_loss, LOSSES, n=1)
         hint = f" Did you mean '{match[0]}'?" if match else ""
         bad(f"pref_loss: unknown loss '{cfg.pref_loss}'; choose one of {', '.join(LOSSES)}.{hint}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        bad(f"label_smoothing must be in [0, 0.5) (a share of flipped labels; robust divides by 1 - 2 * label_smoothing); "
+            f"got {cfg.label_smoothing}")
+    if cfg.label_smoothing > 0 and "label_smoothing" not in LOSSES[cfg.pref_loss]:
+        users = ", ".join(name for name, keys in LOSSES.items() if "label_smoothing" in keys)
+        bad(f"label_smoothing: pref_loss {cfg.pref_loss} does not use it; set it to 0 or choose one of {users}")
+    if cfg.pref_loss == "exo_pair" and cfg.label_smoothing == 0:
+        bad("label_smoothing: exo_pair needs label_smoothing > 0 (its loss has log(label_smoothing)); the paper uses 1e-3")
+    if not (cfg.discopop_tau > 0 and math.isfinite(cfg.discopop_tau)):
+        bad(f"discopop_tau must be a positive number; got {cfg.discopop_tau}")
     if cfg.pref_ftx != 0:
         bad("pref_ftx: the NLL term is not yet supported (it comes with the losses issue); set pref_ftx: 0")
     if cfg.resume_from_checkpoint not in (None, "", "false", "False"):

@@ -9,6 +9,14 @@ Every loss takes the same tensors, each of shape (B,) for B preference pairs:
 and returns `(losses, chosen_rewards, rejected_rewards)`, all (B,), unreduced. The rewards are
 DPO's implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)), detached, used for the
 `rewards/*` metrics whatever the loss. `LOSSES` maps the config's `pref_loss` to the function.
+
+Hyperparameters beyond beta are keyword-only parameters named as their config keys
+(`label_smoothing`, `discopop_tau`); a loss declares only those it uses. The training loop binds
+them once from the config (`TrainConfig.loss_kwargs()`, with `functools.partial`), and the config
+refuses a value that the chosen loss would ignore. Notation in the docstrings:
+
+    r_w = log pi(y_w|x) - log pi_ref(y_w|x),  r_l likewise for y_l  (summed log-ratios)
+    h = r_w - r_l                                                    (DPO's margin)
 """
 
 from __future__ import annotations
@@ -17,21 +25,39 @@ import torch
 import torch.nn.functional as F
 
 
+def _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+    return policy_chosen_logps - reference_chosen_logps, policy_rejected_logps - reference_rejected_logps
+
+
 def _rewards(beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return chosen_rewards, rejected_rewards
 
 
+def _smoothed_logistic(logits, label_smoothing):
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z): the logistic loss when a share eps of the
+    labels is flipped. logsigmoid is stable for large |z|; log(sigmoid()) is not."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
 def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                 beta, chosen_lengths, rejected_lengths):
+                 beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0):
     """DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, Eq. 7). Summed log-probs.
 
-        h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
         loss = -log sigmoid(beta * h)
+
+    With label_smoothing = eps > 0, conservative DPO (cDPO, Mitchell 2023,
+    https://ericmitchell.ai/cdpo.pdf), for labels flipped with probability eps:
+
+        loss = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
+
+    Deliberate difference from TRL 1.16, whose `sigmoid` ignores label_smoothing: we apply it, as
+    TRL did before and as LLaMA-Factory's `dpo_label_smoothing` ("cDPO") expects.
     """
-    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
-    losses = -F.logsigmoid(beta * h)  # logsigmoid is stable for large |h|; log(sigmoid()) is not
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    losses = _smoothed_logistic(beta * (chosen_logratios - rejected_logratios), label_smoothing)
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
 
@@ -40,7 +66,7 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
                beta, chosen_lengths, rejected_lengths):
     """Hinge loss on the DPO margin (SLiC, Zhao et al. 2023, https://arxiv.org/abs/2305.10425). Summed log-probs.
 
-        loss = max(0, 1 - beta * h)   with h as in `sigmoid_loss`; 1/beta is the margin in log-ratio units.
+        loss = max(0, 1 - beta * h)   1/beta is the margin in log-ratio units.
     """
     h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
     losses = torch.relu(1 - beta * h)
@@ -53,7 +79,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     """IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036, Eq. 17; beta is the paper's tau).
     Length-averaged log-probs.
 
-        h_avg = (log pi(y_w|x) - log pi_ref(y_w|x)) / |y_w| - (log pi(y_l|x) - log pi_ref(y_l|x)) / |y_l|
+        h_avg = r_w / |y_w| - r_l / |y_l|
         loss = (h_avg - 1 / (2 * beta))^2
 
     Why averaged: with summed log-probs the squared loss grows with completion length, so one
@@ -67,8 +93,206 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_chosen_logps, reference_rejected_logps))
 
 
+def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0):
+    """Robust DPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409). Summed log-probs.
+    label_smoothing = eps in [0, 0.5) is the probability that a preference label is flipped:
+
+        loss = [-(1 - eps) log sigmoid(beta * h) + eps log sigmoid(-beta * h)] / (1 - 2 eps)
+
+    An unbiased estimate of the clean-label DPO loss under flips (eps = 0 gives DPO); unlike cDPO
+    it is not bounded below, so a large margin on a pair is not "forgiven".
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    logits = beta * (chosen_logratios - rejected_logratios)
+    losses = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) \
+        / (1 - 2 * label_smoothing)
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths, *, label_smoothing):
+    """EXO for pairs (Ji et al. 2024, https://arxiv.org/abs/2402.00856, Eq. 16 with K = 2). Summed log-probs.
+    The reverse KL from the policy's preference distribution q = (sigmoid(beta h), sigmoid(-beta h))
+    to the smoothed labels p = (1 - eps, eps), eps = label_smoothing > 0 (the paper suggests 1e-3):
+
+        loss = sigmoid(beta h) [log sigmoid(beta h) - log(1 - eps)] + sigmoid(-beta h) [log sigmoid(-beta h) - log eps]
+
+    eps = 0 would put log 0 in the loss, so it has no default and the config requires eps > 0.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    logits = beta * (chosen_logratios - rejected_logratios)
+    eps = torch.tensor(label_smoothing, dtype=logits.dtype, device=logits.device)
+    losses = (torch.sigmoid(logits) * (F.logsigmoid(logits) - torch.log1p(-eps))
+              + torch.sigmoid(-logits) * (F.logsigmoid(-logits) - torch.log(eps)))
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def nca_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths):
+    """NCA for pairs (Chen et al. 2024, https://arxiv.org/abs/2402.05369, with K = 2). Summed log-probs.
+    Each response's own reward beta * r is scored, not only the margin, so the loss pushes the
+    chosen likelihood up in absolute terms (DPO only widens the gap):
+
+        loss = -log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l)
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
+    losses = -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths):
+    """BCO on pairs (Jung et al. 2024, https://arxiv.org/abs/2404.04656, without the reward
+    shift delta, as in TRL 1.16). Summed log-probs. Chosen is classified as good, rejected as bad:
+
+        loss = -log sigmoid(beta r_w) - log sigmoid(-beta r_l)
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    losses = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def sppo_hard_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                   beta, chosen_lengths, rejected_lengths):
+    """SPPO, hard-label version (Wu et al. 2024, https://arxiv.org/abs/2405.00675, Eq. 4.7 of
+    Algorithm 1 with P = 1 for chosen and 0 for rejected). Summed log-probs. Each log-ratio is
+    regressed to its own target, +-1/(2 beta) (the paper's eta = 1/beta):
+
+        loss = (r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def aot_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0):
+    """AOT, paired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882). Summed log-probs.
+    Distributional: the policy's log-likelihood gaps g = log pi(y_w|x) - log pi(y_l|x) of the batch
+    should dominate the reference's g_ref, which in one dimension means sorted against sorted:
+
+        d_(i) = sort(g)_(i) - sort(g_ref)_(i)
+        loss_(i) = -(1 - eps) log sigmoid(beta d_(i)) - eps log sigmoid(-beta d_(i))
+
+    The losses are in sorted order, not pair order, and depend on the whole micro-batch (B = 1 is
+    DPO). The rewards are per pair as for every loss.
+    """
+    logratios_sorted, _ = torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0)
+    ref_logratios_sorted, _ = torch.sort(reference_chosen_logps - reference_rejected_logps, dim=0)
+    losses = _smoothed_logistic(beta * (logratios_sorted - ref_logratios_sorted), label_smoothing)
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def aot_unpaired_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                      beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0):
+    """AOT, unpaired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882). Summed log-probs.
+    The batch's chosen log-ratios r_w should dominate its rejected log-ratios r_l as distributions,
+    sorted against sorted (pairing is not used):
+
+        d_(i) = sort(r_w)_(i) - sort(r_l)_(i)
+        loss_(i) = -(1 - eps) log sigmoid(beta d_(i)) - eps log sigmoid(-beta d_(i))
+
+    Losses in sorted order and batch-dependent, as for `aot_loss`.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    chosen_sorted, _ = torch.sort(chosen_logratios, dim=0)
+    rejected_sorted, _ = torch.sort(rejected_logratios, dim=0)
+    losses = _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), label_smoothing)
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def apo_zero_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths):
+    """APO-zero (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, Eq. 7). Summed log-probs.
+    For chosen answers better than the model's own: chosen likelihood up, rejected down.
+
+        loss = (1 - sigmoid(beta r_w)) + sigmoid(beta r_l)
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    losses = 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def apo_down_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths):
+    """APO-down (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, Eq. 8). Summed log-probs.
+    For chosen answers worse than the model's own: both likelihoods down, rejected more.
+
+        loss = sigmoid(beta r_w) + (1 - sigmoid(beta (r_w - r_l)))
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    losses = torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def discopop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths, *, discopop_tau=0.05):
+    """DiscoPOP, the log-ratio modulated loss (Lu et al. 2024, https://arxiv.org/abs/2406.08414, Eq. 5).
+    Summed log-probs. A blend of the logistic (DPO) and exponential losses, mixed by the margin:
+
+        z = beta * h,  w = sigmoid(z / tau)
+        loss = (1 - w) * (-log sigmoid(z)) + w * exp(-z)
+
+    tau = discopop_tau (the paper's and TRL's default 0.05).
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    logits = beta * (chosen_logratios - rejected_logratios)
+    weight = torch.sigmoid(logits / discopop_tau)
+    losses = -F.logsigmoid(logits) * (1 - weight) + torch.exp(-logits) * weight
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                      beta, chosen_lengths, rejected_lengths):
+    """Length-normalized DPO (Tulu 3, Lambert et al. 2024, https://arxiv.org/abs/2411.15124;
+    as in SimPO's length normalization, but with the reference). Length-averaged log-probs:
+
+        loss = -log sigmoid(beta * (r_w / |y_w| - r_l / |y_l|))
+
+    beta is per token here, so useful values are larger than for `sigmoid` (Tulu 3 uses 5).
+    The reported rewards stay summed, as in TRL.
+    """
+    chosen_logratios = (policy_chosen_logps - reference_chosen_logps) / chosen_lengths.clamp(min=1)
+    rejected_logratios = (policy_rejected_logps - reference_rejected_logps) / rejected_lengths.clamp(min=1)
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
 LOSSES = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,
     "ipo": ipo_loss,
+    "robust": robust_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss,
+    "aot_unpaired": aot_unpaired_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
+    "sigmoid_norm": sigmoid_norm_loss,
 }

@@ -10,6 +10,7 @@ functions below it. Multi-process runs are the same loop: accelerate wraps the p
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -53,6 +54,9 @@ class PolicyLogps(torch.nn.Module):
 def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=False, kl_max_tokens=None):
     """Per-pair losses and the statistics logged for them, for one collated batch of B pairs.
 
+    `loss_fn` is a function of `preftune.losses` with its hyperparameters beyond beta already
+    bound (`configured_loss(cfg)`; a bare `LOSSES[name]` uses the functions' defaults).
+
     With kl=True also returns (sum of per-token KL to the reference, token count), computed from
     the hidden states both forward passes already produced; otherwise None.
     """
@@ -86,6 +90,12 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
     return losses, stats, kl_stats
 
 
+def configured_loss(cfg: TrainConfig):
+    """The loss function `cfg.pref_loss` names, its hyperparameters beyond beta (label_smoothing,
+    discopop_tau, as the loss takes them) bound from the config."""
+    return functools.partial(LOSSES[cfg.pref_loss], **cfg.loss_kwargs())
+
+
 def _unwrap(module):
     return getattr(module, "module", module)  # DistributedDataParallel keeps the wrapped module here
 
@@ -97,10 +107,11 @@ def evaluate(policy, reference, pairs, cfg, pad_id, accelerator) -> dict[str, fl
     wrapper.eval()
     sums: dict[str, float] = {}
     kl_sum, kl_tokens = 0.0, 0
+    loss_fn = configured_loss(cfg)
     for idx in epoch_batches(len(pairs), cfg.eval_batch_size, cfg.seed, 0, shuffle=False):
         batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
         with accelerator.autocast():
-            _, stats, (kl, n) = preference_step(wrapper, reference, batch, LOSSES[cfg.pref_loss], cfg.pref_beta,
+            _, stats, (kl, n) = preference_step(wrapper, reference, batch, loss_fn, cfg.pref_beta,
                                                 cfg.logps_chunk_size, kl=True)
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value.float().sum().item()
@@ -153,7 +164,7 @@ def train(cfg: TrainConfig) -> dict:
                               num_training_steps=total_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     reference = accelerator.prepare_model(reference, evaluation_mode=True)
-    loss_fn = LOSSES[cfg.pref_loss]
+    loss_fn = configured_loss(cfg)
     pad_id = tokenizer.pad_token_id
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
     do_eval = bool(val_tok) and cfg.eval_strategy != "no"

@@ -85,6 +85,14 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ({"bf16": True, "fp16": True}, "choose one"),
     ({"beta": 0.1, "pref_beta": 0.2}, "both set pref_beta; keep one"),
     ({"pref_ftx": 0.5}, "not yet supported"),
+    ({"label_smoothing": 0.5}, "label_smoothing must be in \\[0, 0.5\\)"),
+    ({"label_smoothing": -0.1}, "label_smoothing must be in \\[0, 0.5\\)"),
+    ({"pref_loss": "robust", "label_smoothing": 0.5}, "robust divides by 1 - 2 \\* label_smoothing"),
+    ({"pref_loss": "hinge", "label_smoothing": 0.1}, "pref_loss hinge does not use it"),
+    ({"pref_loss": "ipo", "dpo_label_smoothing": 0.1}, "pref_loss ipo does not use it"),
+    ({"pref_loss": "discopop", "label_smoothing": 0.1}, "pref_loss discopop does not use it"),
+    ({"pref_loss": "exo_pair"}, "exo_pair needs label_smoothing > 0"),
+    ({"pref_loss": "discopop", "discopop_tau": 0}, "discopop_tau must be a positive number"),
     ({"resume_from_checkpoint": "out/checkpoint-5"}, "not yet supported"),
 ])
 def test_invalid_values_give_one_clear_line(raw, message):
@@ -115,3 +123,16 @@ def test_defaults_are_sane():
     cfg = TrainConfig()
     assert cfg.pref_beta == 0.1 and cfg.pref_loss == "sigmoid" and cfg.output_dir == "output"
     assert cfg.disable_dropout and cfg.eval_batch_size == cfg.per_device_train_batch_size
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"])
+def test_label_smoothing_is_accepted_by_the_losses_that_use_it(loss):
+    assert from_dict({"pref_loss": loss, "label_smoothing": 0.1}).label_smoothing == 0.1
+    assert from_dict({"pref_loss": loss, "dpo_label_smoothing": 0.1}).label_smoothing == 0.1  # LLaMA-Factory
+
+
+def test_every_loss_loads_with_default_hyperparameters():
+    from preftune.config import LOSSES
+    for loss in set(LOSSES) - {"exo_pair"}:  # exo_pair needs label_smoothing > 0 (tested above)
+        cfg = from_dict({"pref_loss": loss})
+        assert cfg.label_smoothing == 0.0 and cfg.discopop_tau == 0.05

@@ -1,11 +1,13 @@
 """Each loss against values computed by hand."""
 
+import inspect
 import math
 
 import pytest
 import torch
 
 from preftune import config, losses
+from preftune.train import configured_loss
 
 # Two pairs. Pair 0: the policy moved toward chosen (log-ratio +1) and away from rejected (-1).
 # Pair 1: the other way round. Completion lengths 2 (chosen) and 4 (rejected).
@@ -17,9 +19,9 @@ CHOSEN_LENGTHS = torch.tensor([2, 2])
 REJECTED_LENGTHS = torch.tensor([4, 4])
 
 
-def run(name, beta):
+def run(name, beta, **hyperparameters):
     return losses.LOSSES[name](POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, beta,
-                               CHOSEN_LENGTHS, REJECTED_LENGTHS)
+                               CHOSEN_LENGTHS, REJECTED_LENGTHS, **hyperparameters)
 
 
 def test_sigmoid_by_hand():
@@ -69,16 +71,165 @@ def test_ipo_minimum_at_target():
     assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)))
 
 
+# A value for every hyperparameter beyond beta, passed to the losses that take it.
+HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05}
+
+
 def test_gradients_push_chosen_up_and_rejected_down():
-    for name in losses.LOSSES:
+    # apo_down is built to lower the chosen likelihood too (for chosen answers worse than the
+    # model's own): d loss / d r_w = beta * (sigmoid'(beta r_w) - sigmoid'(beta h)) > 0 here.
+    excluded = {"apo_down"}
+    for name in losses.LOSSES.keys() - excluded:
         policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
         policy_rejected = POLICY_REJECTED.clone().requires_grad_()
+        hyperparameters = {key: HYPERPARAMETERS[key] for key in config.LOSSES[name]}
         loss, _, _ = losses.LOSSES[name](policy_chosen, policy_rejected, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
-                                         CHOSEN_LENGTHS, REJECTED_LENGTHS)
+                                         CHOSEN_LENGTHS, REJECTED_LENGTHS, **hyperparameters)
         loss.sum().backward()
         assert (policy_chosen.grad < 0).all(), name  # descending the loss raises log pi(chosen)
         assert (policy_rejected.grad > 0).all(), name
 
 
+def test_apo_down_lowers_both_likelihoods_rejected_more():
+    """Why apo_down is excluded above: its gradient lowers log pi(chosen) too, and log pi(rejected)."""
+    policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
+    policy_rejected = POLICY_REJECTED.clone().requires_grad_()
+    loss, _, _ = losses.apo_down_loss(policy_chosen, policy_rejected, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
+                                      CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    loss.sum().backward()
+    assert (policy_chosen.grad > 0).all() and (policy_rejected.grad > 0).all()
+
+
 def test_config_knows_exactly_the_implemented_losses():
     assert set(config.LOSSES) == set(losses.LOSSES)
+
+
+def test_config_binds_exactly_the_keyword_parameters_each_loss_takes():
+    """config.LOSSES[name] lists the config keys bound to the loss's keyword-only parameters."""
+    for name, fn in losses.LOSSES.items():
+        keyword_only = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        assert tuple(keyword_only) == config.LOSSES[name], name
+        assert set(keyword_only) <= set(HYPERPARAMETERS) and set(keyword_only) <= set(config.TrainConfig().to_dict())
+
+
+def test_configured_loss_binds_the_config_values():
+    cfg = config.from_dict({"pref_loss": "sigmoid", "label_smoothing": 0.1})
+    assert cfg.loss_kwargs() == {"label_smoothing": 0.1}
+    loss, _, _ = configured_loss(cfg)(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
+                                      CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([0.6181388693, 0.7781388693], abs=1e-7)  # cDPO, see below
+    cfg = config.from_dict({"pref_loss": "discopop", "discopop_tau": 0.5})
+    assert cfg.loss_kwargs() == {"discopop_tau": 0.5}
+    assert config.from_dict({"pref_loss": "hinge"}).loss_kwargs() == {}
+
+
+def test_sigmoid_with_label_smoothing_is_cdpo():
+    """cDPO, eps = 0.1, beta = 0.1, z = beta * h = (0.2, -0.2). Since log sigmoid(-z) = log sigmoid(z) - z,
+    -(1 - eps) log sigmoid(z) - eps log sigmoid(-z) = -log sigmoid(z) + eps * z:
+    loss_0 = 0.5981388693 + 0.1 * 0.2 = 0.6181388693
+    loss_1 = 0.7981388693 - 0.1 * 0.2 = 0.7781388693
+    TRL 1.16's sigmoid ignores label_smoothing (it would give the eps = 0 values); we apply it on
+    purpose (tests/test_loss_parity.py pins that difference). Rewards do not change."""
+    loss, chosen_rewards, rejected_rewards = run("sigmoid", 0.1, label_smoothing=0.1)
+    assert loss.tolist() == pytest.approx([0.6181388693, 0.7781388693], abs=1e-7)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    assert rejected_rewards.tolist() == pytest.approx([-0.1, 0.1])
+    assert run("sigmoid", 0.1, label_smoothing=0.0)[0].tolist() == pytest.approx([0.5981388693, 0.7981388693])
+
+
+def test_robust_by_hand():
+    """eps = 0.1, beta = 0.1, z = (0.2, -0.2). With log sigmoid(-z) = log sigmoid(z) - z:
+    [-(1 - eps) log sigmoid(z) + eps log sigmoid(-z)] / (1 - 2 eps) = -log sigmoid(z) - eps * z / (1 - 2 eps)
+    loss_0 = 0.5981388693 - 0.1 * 0.2 / 0.8 = 0.5731388693
+    loss_1 = 0.7981388693 + 0.025 = 0.8231388693.  eps = 0 is DPO."""
+    loss, chosen_rewards, _ = run("robust", 0.1, label_smoothing=0.1)
+    assert loss.tolist() == pytest.approx([0.5731388693, 0.8231388693], abs=1e-7)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    assert run("robust", 0.1)[0].tolist() == pytest.approx(run("sigmoid", 0.1)[0].tolist())
+
+
+def test_exo_pair_by_hand():
+    """beta = ln(3) / 2, so beta * h = +-ln 3 and q = (sigmoid(ln 3), sigmoid(-ln 3)) = (3/4, 1/4) for pair 0,
+    (1/4, 3/4) for pair 1. eps = 1/4: p = (3/4, 1/4).
+    loss_0 = KL(q || p) = 0 (q = p).
+    loss_1 = 1/4 ln((1/4) / (3/4)) + 3/4 ln((3/4) / (1/4)) = (3/4 - 1/4) ln 3 = ln(3) / 2 = 0.5493061443."""
+    loss, _, _ = run("exo_pair", math.log(3) / 2, label_smoothing=0.25)
+    assert loss.tolist() == pytest.approx([0.0, 0.5493061443], abs=1e-6)
+
+
+def test_nca_pair_by_hand():
+    """beta = 0.1: beta r_w = (0.1, -0.1), beta r_l = (-0.1, 0.1). With softplus(x) = log(1 + e^x) = -log sigmoid(-x),
+    softplus(-0.1) = 0.6443966601, softplus(0.1) = 0.7443966601:
+    loss_0 = softplus(-0.1) + 0.5 softplus(0.1) + 0.5 softplus(-0.1) = 0.9665949901 + 0.3721983300 = 1.3387933201
+    loss_1 = softplus(0.1) + 0.5 softplus(-0.1) + 0.5 softplus(0.1) = 1.1165949901 + 0.3221983300 = 1.4387933201"""
+    loss, _, _ = run("nca_pair", 0.1)
+    assert loss.tolist() == pytest.approx([1.3387933201, 1.4387933201], abs=1e-6)  # float32
+
+
+def test_bco_pair_by_hand():
+    """beta = 0.1: loss = softplus(-beta r_w) + softplus(beta r_l)
+    loss_0 = 2 softplus(-0.1) = 1.2887933201;  loss_1 = 2 softplus(0.1) = 1.4887933201"""
+    loss, _, _ = run("bco_pair", 0.1)
+    assert loss.tolist() == pytest.approx([1.2887933201, 1.4887933201], abs=1e-6)  # float32
+
+
+def test_sppo_hard_by_hand():
+    """beta = 0.5: targets +-1/(2 beta) = +-1.
+    pair 0: (1 - 1)^2 + (-1 + 1)^2 = 0;  pair 1: (-1 - 1)^2 + (1 + 1)^2 = 8"""
+    loss, _, _ = run("sppo_hard", 0.5)
+    assert loss.tolist() == pytest.approx([0.0, 8.0])
+
+
+def test_aot_by_hand():
+    """Policy gaps log pi(y_w) - log pi(y_l) = (2, -2), reference gaps (0, 0).
+    Sorted: (-2, 2) - (0, 0) = (-2, 2); beta = 0.1, z = (-0.2, 0.2):
+    losses (sorted order) = (softplus(0.2), softplus(-0.2)) = (0.7981388693, 0.5981388693).
+    With eps = 0.1: -log sigmoid(z) + eps z = (0.7981388693 - 0.02, 0.5981388693 + 0.02).
+    Rewards stay per pair: chosen (0.1, -0.1)."""
+    loss, chosen_rewards, _ = run("aot", 0.1)
+    assert loss.tolist() == pytest.approx([0.7981388693, 0.5981388693], abs=1e-7)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    loss, _, _ = run("aot", 0.1, label_smoothing=0.1)
+    assert loss.tolist() == pytest.approx([0.7781388693, 0.6181388693], abs=1e-7)
+
+
+def test_aot_unpaired_by_hand():
+    """r_w = (1, -1) sorted (-1, 1); r_l = (-1, 1) sorted (-1, 1): the batch's chosen and rejected
+    log-ratios have the same distribution, so d = (0, 0) and each loss is -log sigmoid(0) = ln 2 = 0.6931471806
+    (paired DPO would give 0.598 and 0.798)."""
+    loss, _, _ = run("aot_unpaired", 0.1)
+    assert loss.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
+
+
+def test_apo_zero_by_hand():
+    """beta = 0.1, sigmoid(0.1) = 0.5249791875:
+    loss_0 = 1 - sigmoid(0.1) + sigmoid(-0.1) = 2 * 0.4750208125 = 0.9500416250
+    loss_1 = 1 - sigmoid(-0.1) + sigmoid(0.1) = 2 * 0.5249791875 = 1.0499583750"""
+    loss, _, _ = run("apo_zero", 0.1)
+    assert loss.tolist() == pytest.approx([0.9500416250, 1.0499583750], abs=1e-7)
+
+
+def test_apo_down_by_hand():
+    """beta = 0.1, sigmoid(0.1) = 0.5249791875, sigmoid(0.2) = 0.5498339973:
+    loss_0 = sigmoid(0.1) + 1 - sigmoid(0.2) = 0.9751451902
+    loss_1 = sigmoid(-0.1) + 1 - sigmoid(-0.2) = 0.4750208125 + 1 - 0.4501660027 = 1.0248548098"""
+    loss, _, _ = run("apo_down", 0.1)
+    assert loss.tolist() == pytest.approx([0.9751451902, 1.0248548098], abs=1e-7)
+
+
+def test_discopop_by_hand():
+    """beta = 0.1, tau = 0.05, z = (0.2, -0.2), w = sigmoid(z / tau) = sigmoid(+-4) = (0.9820137900, 0.0179862100).
+    loss_0 = (1 - w) softplus(-0.2) + w e^-0.2 = 0.01798621 * 0.5981388694 + 0.98201379 * 0.8187307531 = 0.8147631411
+    loss_1 = (1 - w) softplus(0.2) + w e^0.2 = 0.98201379 * 0.7981388694 + 0.01798621 * 1.2214027582 = 0.8057517826"""
+    loss, _, _ = run("discopop", 0.1, discopop_tau=0.05)
+    assert loss.tolist() == pytest.approx([0.8147631411, 0.8057517826], abs=1e-7)
+    assert run("discopop", 0.1)[0].tolist() == loss.tolist()  # 0.05 is the default
+
+
+def test_sigmoid_norm_by_hand():
+    """Length-averaged margins as for IPO: +0.75 and -0.75; beta = 1:
+    loss_0 = softplus(-0.75) = 0.3868710061;  loss_1 = softplus(0.75) = 1.1368710061.
+    Rewards stay summed: chosen (1, -1)."""
+    loss, chosen_rewards, _ = run("sigmoid_norm", 1.0)
+    assert loss.tolist() == pytest.approx([0.3868710061, 1.1368710061], abs=1e-7)
+    assert chosen_rewards.tolist() == pytest.approx([1.0, -1.0])

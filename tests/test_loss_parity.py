@@ -1,0 +1,195 @@
+"""Every preference loss against TRL 1.16's own code, per pair, on random log-prob tensors.
+
+TRL's losses are inline in `DPOTrainer._compute_loss`, so the test runs that very method (unbound,
+on a stand-in for the trainer that carries the attributes `DPOTrainer.__init__` sets from a real
+`trl.DPOConfig`) with stub policy and reference models. A stub's forward, called by TRL as
+`model(**inputs, labels=labels, fused_lm_head=True)`, returns per-token `log_probs` (2B, T-1),
+chosen rows first, spread over each row's completion tokens so that TRL's per-sequence sums are
+the random log-probs, plus zero `entropy`, `mean_logits` and `is_top1` for TRL's metrics.
+
+What is compared, float64, atol 1e-6:
+* the per-pair losses: TRL only returns `per_sequence_loss.mean()`, so the test records the
+  tensor that `.mean()` is called on (the first `Tensor.mean` in `_compute_loss`, checked by
+  its shape and by its mean being the returned loss); for aot/aot_unpaired that is the sorted
+  order, as in preftune;
+* the rewards: the per-pair `chosen_rewards`/`rejected_rewards` TRL passes to
+  `accelerator.gather` for its `rewards/*` metrics;
+* preftune's side goes through `config.from_dict` and `train.configured_loss`, the path a run takes.
+
+Deliberate difference, pinned here: TRL 1.16's `sigmoid` ignores `label_smoothing`; preftune's
+applies it as cDPO, whose formula TRL still computes as `aot` on a one-pair batch (sorting one
+pair changes nothing), so cDPO is checked against that.
+"""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import trl
+
+from preftune import config
+from preftune.losses import LOSSES
+from preftune.train import configured_loss
+
+# trl.DPOConfig itself sets the deprecated alias; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+
+B, T = 8, 12  # pairs, padded sequence length
+ATOL = 1e-6
+
+# (loss, beta, hyperparameters) per case: betas that keep the numbers O(1) for these log-ratios
+# (a few units), hyperparameters at non-trivial values (and defaults) so a dropped one shows.
+CASES = [
+    ("sigmoid", 0.1, {}),
+    ("sigmoid", 1.0, {}),
+    ("hinge", 0.5, {}),
+    ("ipo", 0.5, {}),
+    ("robust", 0.1, {}),
+    ("robust", 0.1, {"label_smoothing": 0.2}),
+    ("exo_pair", 0.1, {"label_smoothing": 1e-3}),
+    ("exo_pair", 0.5, {"label_smoothing": 0.2}),
+    ("nca_pair", 0.1, {}),
+    ("bco_pair", 0.1, {}),
+    ("sppo_hard", 0.5, {}),
+    ("aot", 0.1, {}),
+    ("aot", 0.1, {"label_smoothing": 0.2}),
+    ("aot_unpaired", 0.1, {}),
+    ("aot_unpaired", 0.5, {"label_smoothing": 0.2}),
+    ("apo_zero", 0.1, {}),
+    ("apo_down", 0.1, {}),
+    ("discopop", 0.1, {}),
+    ("discopop", 0.5, {"discopop_tau": 0.2}),
+    ("sigmoid_norm", 1.0, {}),
+]
+
+
+class LogProbsStub(torch.nn.Module):
+    """Stands in for a model wrapped with TRL's fused LM head: returns fixed per-token log-probs."""
+    is_gradient_checkpointing = False
+
+    def __init__(self, per_token_logps):
+        super().__init__()  # training mode, as TRL's policy in a training step
+        self.per_token_logps = per_token_logps  # (2B, T-1)
+
+    def forward(self, input_ids, attention_mask, labels, fused_lm_head, use_cache):
+        assert fused_lm_head and not use_cache and labels.shape == input_ids.shape
+        shape = self.per_token_logps.shape
+        return SimpleNamespace(log_probs=self.per_token_logps, entropy=torch.zeros(shape, dtype=torch.float64),
+                               mean_logits=torch.zeros(shape, dtype=torch.float64),
+                               is_top1=torch.zeros(shape, dtype=torch.bool), aux_loss=None)
+
+
+class RecordFirstMean(TorchFunctionMode):
+    """Records the tensor of the first `Tensor.mean` call: in `_compute_loss` that is
+    `per_sequence_loss.mean()` (the stubs and the loss branches call no other mean before it)."""
+    def __init__(self):
+        super().__init__()
+        self.tensor = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.mean and self.tensor is None:
+            self.tensor = args[0].detach().clone()
+        return func(*args, **(kwargs or {}))
+
+
+def random_batch(seed):
+    """Sequence log-probs (2B,) for policy and reference, completion lengths (2B,), and a collated
+    batch whose completion_mask has those lengths; chosen rows first, as in TRL and preftune."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 8, (2 * B,), generator=g)
+    prompt_lengths = torch.randint(1, 4, (2 * B,), generator=g)  # >= 1: shifting drops only prompt
+    completion_mask = torch.zeros(2 * B, T, dtype=torch.long)
+    attention_mask = torch.zeros(2 * B, T, dtype=torch.long)
+    for row, (p, n) in enumerate(zip(prompt_lengths.tolist(), lengths.tolist())):
+        completion_mask[row, p:p + n] = 1
+        attention_mask[row, :p + n] = 1
+    policy_logps = -lengths * (0.5 + 3 * torch.rand(2 * B, generator=g, dtype=torch.float64))
+    reference_logps = policy_logps + 3 * torch.randn(2 * B, generator=g, dtype=torch.float64)
+    batch = {"input_ids": torch.randint(0, 100, (2 * B, T), generator=g), "attention_mask": attention_mask,
+             "completion_mask": completion_mask}
+    return policy_logps, reference_logps, lengths, batch
+
+
+def per_token(logps, completion_mask):
+    """(2B, T-1) per-token log-probs: each sequence's log-prob spread evenly over its completion
+    tokens (position t scores token t+1), zero elsewhere, so the row sums are `logps`."""
+    shifted = completion_mask[:, 1:].to(torch.float64)
+    return shifted * (logps / shifted.sum(dim=1)).unsqueeze(1)
+
+
+def trl_losses(loss_type, beta, label_smoothing, discopop_tau, policy_logps, reference_logps, batch, tmp_path):
+    """TRL's per-pair losses, chosen and rejected rewards, and returned (mean) loss for the batch."""
+    args = trl.DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                         discopop_tau=discopop_tau, use_cpu=True, report_to="none")
+    gathered = []
+
+    def gather(tensor):
+        gathered.append(tensor)
+        return tensor
+
+    # The attributes `DPOTrainer.__init__` sets from the config, as it sets them (dpo_trainer.py ~800-975).
+    policy = LogProbsStub(per_token(policy_logps, batch["completion_mask"]))
+    trainer = SimpleNamespace(
+        model=policy, ref_model=LogProbsStub(per_token(reference_logps, batch["completion_mask"])), args=args,
+        beta=args.beta, precompute_ref_logps=args.precompute_ref_log_probs, loss_types=args.loss_type,
+        loss_weights=args.loss_weights or [1.0] * len(args.loss_type), ld_alpha=args.ld_alpha,
+        f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+        label_smoothing=args.label_smoothing, use_weighting=args.use_weighting, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=gather, gather_for_metrics=lambda t: t))
+    with RecordFirstMean() as recorder:
+        loss = trl.DPOTrainer._compute_loss(trainer, policy, dict(batch), return_outputs=False)
+    assert recorder.tensor.shape == (len(policy_logps) // 2,)
+    assert recorder.tensor.mean().item() == pytest.approx(loss.item(), abs=1e-12)  # it is per_sequence_loss
+    chosen_rewards, rejected_rewards = gathered[:2]  # the first two gathers: rewards/chosen, rewards/rejected
+    return recorder.tensor, chosen_rewards, rejected_rewards
+
+
+
+def preftune_losses(loss_type, beta, hyperparameters, policy_logps, reference_logps, lengths):
+    cfg = config.from_dict({"pref_loss": loss_type, "pref_beta": beta, **hyperparameters})
+    n = len(policy_logps) // 2
+    return configured_loss(cfg)(policy_logps[:n], policy_logps[n:], reference_logps[:n], reference_logps[n:],
+                                cfg.pref_beta, lengths[:n], lengths[n:])
+
+
+def assert_close(actual, expected, what):
+    diff = (actual - expected).abs().max().item()
+    assert diff <= ATOL, f"{what}: preftune {actual.tolist()} vs TRL {expected.tolist()} (max diff {diff:.3g})"
+
+
+def test_every_trl_loss_is_covered():
+    assert {case[0] for case in CASES} == set(LOSSES)
+
+
+@pytest.mark.parametrize("loss_type,beta,hyperparameters", CASES,
+                         ids=[f"{c[0]}-beta{c[1]}-" + "-".join(f"{k}{v}" for k, v in c[2].items()) for c in CASES])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_losses_and_rewards_match_trl(loss_type, beta, hyperparameters, seed, tmp_path):
+    policy_logps, reference_logps, lengths, batch = random_batch(seed)
+    expected = trl_losses(loss_type, beta, hyperparameters.get("label_smoothing", 0.0),
+                          hyperparameters.get("discopop_tau", 0.05), policy_logps, reference_logps, batch, tmp_path)
+    actual = preftune_losses(loss_type, beta, hyperparameters, policy_logps, reference_logps, lengths)
+    for name, a, e in zip(("losses", "chosen rewards", "rejected rewards"), actual, expected):
+        assert_close(a, e, f"{loss_type} {name}")
+    assert actual[0].abs().max() > 1e-3  # not trivially zero
+
+
+def test_sigmoid_label_smoothing_is_cdpo_where_trl_ignores_it(tmp_path):
+    """Pins the deliberate difference: TRL 1.16's sigmoid with label_smoothing = 0.2 is plain DPO;
+    preftune's is cDPO, which equals TRL's aot on each pair alone (a one-pair sort is the identity)."""
+    policy_logps, reference_logps, lengths, batch = random_batch(2)
+    trl_sigmoid, _, _ = trl_losses("sigmoid", 0.1, 0.2, 0.05, policy_logps, reference_logps, batch, tmp_path)
+    plain = preftune_losses("sigmoid", 0.1, {}, policy_logps, reference_logps, lengths)[0]
+    assert_close(plain, trl_sigmoid, "sigmoid ignores label_smoothing in TRL")
+    cdpo = preftune_losses("sigmoid", 0.1, {"label_smoothing": 0.2}, policy_logps, reference_logps, lengths)[0]
+    assert (cdpo - plain).abs().max() > 1e-2  # preftune does apply it
+    for i in range(B):
+        one = [i, B + i]  # pair i alone: its chosen and rejected rows
+        one_batch = {k: v[one] for k, v in batch.items()}
+        trl_aot, _, _ = trl_losses("aot", 0.1, 0.2, 0.05, policy_logps[one], reference_logps[one], one_batch,
+                                   tmp_path)
+        assert_close(cdpo[i:i + 1], trl_aot, f"cDPO pair {i}")

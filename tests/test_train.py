@@ -109,3 +109,21 @@ def test_checkpoints_are_rotated_and_loadable(tmp_path, tiny_model_dir):
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-6")
     assert json.loads((out / "checkpoint-6" / "preftune_step.json").read_text()) == {"step": 6}
     assert (out / "checkpoint-6" / "state").is_dir()
+
+
+def test_loop_and_evaluation_bind_the_loss_hyperparameters(tmp_path, tiny_model_dir, monkeypatch):
+    """label_smoothing from the config reaches the loss in training and in evaluation steps."""
+    from preftune import losses
+
+    seen = []
+
+    def recording_exo_pair(*args, **kwargs):
+        seen.append(kwargs)
+        return losses.exo_pair_loss(*args, **kwargs)
+
+    monkeypatch.setitem(train_mod.LOSSES, "exo_pair", recording_exo_pair)
+    cfg = tiny_config(tmp_path, tiny_model_dir, pref_loss="exo_pair", dpo_label_smoothing=1e-3, max_steps=2,
+                      eval_steps=2, logging_steps=1)
+    summary = train_mod.train(cfg)
+    assert len(seen) >= 3 and all(kwargs == {"label_smoothing": 1e-3} for kwargs in seen)  # 2 train + eval batches
+    assert summary["config"]["label_smoothing"] == 1e-3

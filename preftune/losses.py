@@ -100,8 +100,8 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_log
 
         loss = [-(1 - eps) log sigmoid(beta * h) + eps log sigmoid(-beta * h)] / (1 - 2 eps)
 
-    An unbiased estimate of the clean-label DPO loss under flips (eps = 0 gives DPO); unlike cDPO
-    it is not bounded below, so a large margin on a pair is not "forgiven".
+    An unbiased estimate of the clean-label DPO loss under flips (eps = 0 gives DPO). Unlike cDPO,
+    whose minimum is at a finite margin (sigmoid(z) = 1 - eps), it keeps falling as the margin grows.
     """
     chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
                                                       reference_chosen_logps, reference_rejected_logps)

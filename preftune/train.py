@@ -55,7 +55,8 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
     """Per-pair losses and the statistics logged for them, for one collated batch of B pairs.
 
     `loss_fn` is a function of `preftune.losses` with its hyperparameters beyond beta already
-    bound (`configured_loss(cfg)`; a bare `LOSSES[name]` uses the functions' defaults).
+    bound (`configured_loss(cfg)`; a bare `LOSSES[name]` uses the functions' defaults, and
+    exo_pair has no default label_smoothing).
 
     With kl=True also returns (sum of per-token KL to the reference, token count), computed from
     the hidden states both forward passes already produced; otherwise None.

@@ -1,7 +1,8 @@
 """Turning a preference pair into token ids with an exact prompt/completion boundary.
 
 With a chat template (the tokenizer's own, or a built-in named by `template`), the prompt is
-a user turn (after an optional system turn) and the completion is the assistant turn; the
+the conversation (`pair.messages`, or the single user turn `pair.prompt`) after an optional
+system turn, and the completion is the final assistant turn; the
 template supplies BOS and the end-of-turn token. Without one, the text is prompt + completion,
 the tokenizer adds BOS as it normally does, and EOS is appended to the completion.
 
@@ -59,13 +60,16 @@ def setup_chat_template(tokenizer, template: str | None) -> bool:
 def _encode(tokenizer, pair: PreferencePair, completion: str, use_template: bool) -> tuple[list[int], int, bool]:
     """(ids, completion_start, merged_across_boundary) for one prompt + completion."""
     if use_template:
-        messages = ([{"role": "system", "content": pair.system}] if pair.system else []) + \
-                   [{"role": "user", "content": pair.prompt}]
+        turns = pair.messages if pair.messages is not None else [{"role": "user", "content": pair.prompt}]
+        messages = ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
                                                   tokenize=False)
         add_special = False  # the template writes BOS itself; adding it again would double it
     else:
+        if pair.messages is not None:
+            raise ConfigError(f"{pair.where}: a multi-turn conversation needs a chat template, and the tokenizer has "
+                              "none; set template (e.g. chatml, llama3) or use a tokenizer with a chat template")
         prompt_text = (pair.system + "\n\n" if pair.system else "") + pair.prompt
         full_text = prompt_text + completion
         add_special = True

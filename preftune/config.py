@@ -64,7 +64,7 @@ class TrainConfig:
     columns: dict[str, str] | None = _f(None, "Field names of your data for the standard ones, e.g. {prompt: question, chosen: good, rejected: bad} (files and hub datasets; dataset_info.json entries have their own).")
     shuffle: bool = _f(False, "Shuffle the training pairs (seeded by seed) after reading, before the validation split.")
     max_samples: int | None = _f(None, "Use at most this many pairs from each dataset (first ones, before the split).")
-    template: str | None = _f(None, "LLaMA-Factory chat template name. The tokenizer's own chat template is used when it has one.")
+    template: str | None = _f(None, "Chat template for a tokenizer without one: chatml, qwen, llama3, mistral, gemma, default (LLaMA-Factory names). The tokenizer's own template is used when it has one.")
     cutoff_len: int = _f(1024, "Maximum tokens of prompt + completion; longer pairs lose the start of their prompt first.")
     drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with an empty completion or chosen == rejected instead of failing.")
     preprocessing_num_workers: int | None = _f(None, "Accepted for LLaMA-Factory configs; tokenization runs in-process.")

@@ -22,10 +22,34 @@ from preftune.errors import ConfigError, DataError
 
 log = logging.getLogger("preftune")
 
-# Built-in chat templates for tokenizers that ship none (LLaMA-Factory `template` names).
+# Built-in chat templates for tokenizers that ship none (LLaMA-Factory `template` names; the
+# formats follow LLaMA-Factory's src/llamafactory/data/template.py). Each writes BOS itself where
+# the family has one (the text is then tokenized without special tokens, so BOS appears once), and
+# ends every assistant turn with the family's end-of-turn token.
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen": CHATML}
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+          "+ m['content'] + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Mistral and Gemma have no system turn: as in LLaMA-Factory, the system text opens the first user turn.
+MISTRAL = ("{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+           "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+           "{% elif m['role'] == 'user' %}{{ '[INST] ' + ns.system + m['content'] + '[/INST]' }}{% set ns.system = '' %}"
+           "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+GEMMA = ("{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+         "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+         "{% elif m['role'] == 'user' %}{{ '<start_of_turn>user\n' + ns.system + m['content'] + '<end_of_turn>\n' }}"
+         "{% set ns.system = '' %}"
+         "{% else %}{{ '<start_of_turn>model\n' + m['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+# LLaMA-Factory's `default`. It writes no BOS; here a tokenizer's BOS (when it has one) opens the
+# text, since a model pretrained with BOS expects it.
+DEFAULT = ("{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}"
+           "{% if m['role'] == 'system' %}{{ 'System: ' + m['content'] + eos_token + '\n' }}"
+           "{% elif m['role'] == 'user' %}{{ 'Human: ' + m['content'] + eos_token + '\nAssistant:' }}"
+           "{% else %}{{ m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}")
+BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen": CHATML, "llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA,
+                     "default": DEFAULT}
 
 
 @dataclass

@@ -13,7 +13,8 @@ Each record's shape is recognised from its fields (the first record decides for 
   full conversation  chosen/rejected = whole conversations, no prompt (UltraFeedback-binarized):
                   the prompt is the shared leading messages, the completion the final assistant one
   implicit prompt chosen/rejected = full texts, no prompt (Anthropic hh-rlhf): the prompt is the
-                  shared prefix through the last "\n\nAssistant:"
+                  shared prefix through the last "\n\nAssistant:" (verbatim text; split into
+                  turns for a chat template)
   alpaca          instruction, input, chosen, rejected, optional system/history (LLaMA-Factory)
   sharegpt        conversations + chosen/rejected message objects (LLaMA-Factory)
   unpaired        prompt, completion, label (bool): KTO-style, read into `UnpairedExample`
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ class PreferencePair:
     system: str | None = None
     where: str = ""  # "file:line" for messages
     messages: list[dict[str, str]] | None = None
+    # True for implicit-prompt text (hh-rlhf): prompt/chosen/rejected are the data's own text, used
+    # verbatim without a chat template; `messages` is their parse into turns, used with one
+    from_text: bool = False
 
 
 @dataclass
@@ -151,7 +156,7 @@ def _read_parquet(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path} record {i}", rec) for i, rec in enumerate(rows)]
 
 
-def _read_hf(name: str, split: str) -> list[tuple[str, Any]]:
+def _read_hf(name: str, split: str, subset: str | None = None) -> list[tuple[str, Any]]:
     """A folder from `save_to_disk`, another folder `datasets` reads, or a hub dataset id."""
     import datasets
 
@@ -163,7 +168,7 @@ def _read_hf(name: str, split: str) -> list[tuple[str, Any]]:
                     raise DataError(f"{name}: no split '{split}' (splits: {', '.join(ds)}); write {name}:SPLIT")
                 ds = ds[split]
         else:
-            ds = datasets.load_dataset(name, split=split)
+            ds = datasets.load_dataset(name, subset, split=split)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types (offline, missing split, bad files)
@@ -286,7 +291,21 @@ def _without_prompt(rec: dict, where: str) -> PreferencePair:
                         "the prompt from; add a prompt field (or map one with `columns`)")
     cut += len(HH_MARKER)
     return PreferencePair(prompt=chosen[:cut], chosen=chosen[cut:], rejected=rejected[cut:],
-                          system=_text(rec, "system", where, required=False), where=where)
+                          system=_text(rec, "system", where, required=False), where=where,
+                          messages=_hh_turns(chosen[:cut]), from_text=True)
+
+
+def _hh_turns(prompt: str) -> list[dict[str, str]] | None:
+    """'\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:' -> user a, assistant b, user c.
+    None when the text does not alternate Human/Assistant turns (a chat template then gets the
+    whole text as one user turn)."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # ['', 'Human', ' a', ..., 'Assistant', '']
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
+        return None
+    roles, contents = parts[1:-2:2], parts[2:-2:2]
+    if roles != [("Human", "Assistant")[i % 2] for i in range(len(roles))] or roles[-1] != "Human":
+        return None
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(roles, contents)]
 
 
 def _unpaired(rec: dict, where: str) -> UnpairedExample:
@@ -471,7 +490,7 @@ def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None,
                 raise DataError(f"{where}: '{key}' sources are not yet supported; use file_name or hf_hub_url")
         fmt = _entry_format(entry, where)
         if "hf_hub_url" in entry:
-            records = _read_hf(entry["hf_hub_url"], entry.get("split", "train"))
+            records = _read_hf(entry["hf_hub_url"], entry.get("split", "train"), entry.get("subset"))
         elif "file_name" in entry:
             path = dataset_dir / entry["file_name"]
             if path.is_dir():

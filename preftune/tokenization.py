@@ -87,11 +87,13 @@ def _encode(tokenizer, pair: PreferencePair, completion: str, use_template: bool
         turns = pair.messages if pair.messages is not None else [{"role": "user", "content": pair.prompt}]
         messages = ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+        # implicit-prompt text keeps the space after 'Assistant:' in the completion; a turn has none
+        content = completion.strip() if pair.from_text else completion
+        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": content}],
                                                   tokenize=False)
         add_special = False  # the template writes BOS itself; adding it again would double it
     else:
-        if pair.messages is not None:
+        if pair.messages is not None and not pair.from_text:
             raise ConfigError(f"{pair.where}: a multi-turn conversation needs a chat template, and the tokenizer has "
                               "none; set template (e.g. chatml, llama3) or use a tokenizer with a chat template")
         prompt_text = (pair.system + "\n\n" if pair.system else "") + pair.prompt

@@ -66,6 +66,9 @@ def test_implicit_prompt_hh_rlhf(tmp_path):
     assert multi.prompt == "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: times 3?\n\nAssistant:"
     assert (multi.chosen, multi.rejected) == (" 12", " 7")
     assert (shared.chosen, shared.rejected) == (" It is A.", " It is B.")
+    # the turns, for a chat template
+    assert one.messages == [user("Hi")] and one.from_text
+    assert multi.messages == [user("2+2?"), assistant("4"), user("times 3?")]
     bad = write_jsonl(tmp_path / "nomarker.jsonl", [{"chosen": "yes", "rejected": "no"}])
     with pytest.raises(DataError, match=r"nomarker.jsonl:1: no 'prompt' field.*'\\n\\nAssistant:'.*columns"):
         read_dataset(bad, "data")
@@ -220,3 +223,15 @@ def test_multi_turn_without_a_chat_template_is_refused(tiny_tokenizer):
                           messages=[user("a"), assistant("b"), user("c")])
     with pytest.raises(ConfigError, match=r"f.jsonl:3: a multi-turn conversation needs a chat template"):
         tokenize_pairs(tok, [pair], 64, None)
+
+
+def test_dataset_info_hf_hub_url_with_split(tmp_path):
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    write_jsonl(tmp_path / "hub" / "data" / "test.jsonl",
+                [{"instruction": "Q", "input": "", "chosen": "good", "rejected": "bad"}])
+    write_jsonl(tmp_path / "hub" / "data" / "train.jsonl",
+                [{"instruction": "T", "input": "", "chosen": "good", "rejected": "bad"}])
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "hub": {"hf_hub_url": str(tmp_path / "hub"), "split": "test", "ranking": True}}))
+    (pair,) = read_dataset("hub", str(tmp_path))
+    assert (pair.prompt, pair.chosen, pair.where) == ("Q", "good", f"{tmp_path / 'hub'}[test] record 0")

@@ -113,3 +113,16 @@ def test_multi_turn_conversation_renders_history_and_system_through_the_template
     full = tiny_tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}] + history
                                               + [{"role": "assistant", "content": "12"}], tokenize=False)
     assert t.chosen_ids == tiny_tokenizer(full, add_special_tokens=False)["input_ids"]
+
+
+def test_implicit_prompt_text_is_verbatim_without_a_template_and_turns_with_one(plain, tiny_tokenizer):
+    hh = PreferencePair(prompt="\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: times 3?\n\nAssistant:", chosen=" 12",
+                        rejected=" 7", where="hh.jsonl:1", from_text=True,
+                        messages=[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                                  {"role": "user", "content": "times 3?"}])
+    t = tokenize_pair(plain, hh, 512, use_template=False, report=TokenizeReport())
+    assert plain.decode(t.chosen_ids[:-1]) == hh.prompt + hh.chosen  # the data's own text, then EOS
+    t = tokenize_pair(tiny_tokenizer, hh, 512, use_template=True, report=TokenizeReport())
+    assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]).endswith(
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny_tokenizer.decode(t.chosen_ids[t.chosen_start:]) == "12<|im_end|>\n"

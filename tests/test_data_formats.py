@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from preftune.cli import main
 from preftune.config import from_dict
 from preftune.data import PreferencePair, UnpairedExample, load_pairs, read_dataset, read_examples
 from preftune.errors import DataError
@@ -235,3 +236,37 @@ def test_dataset_info_hf_hub_url_with_split(tmp_path):
         "hub": {"hf_hub_url": str(tmp_path / "hub"), "split": "test", "ranking": True}}))
     (pair,) = read_dataset("hub", str(tmp_path))
     assert (pair.prompt, pair.chosen, pair.where) == ("Q", "good", f"{tmp_path / 'hub'}[test] record 0")
+
+
+def test_train_refuses_unpaired_data_in_one_line(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "kto.jsonl").write_text(json.dumps({"prompt": "x", "completion": "y", "label": True}) + "\n")
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(tmp_path / "kto.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unpaired (KTO-style" in err[0] and "not yet supported by preftune train" in err[0]
+
+
+def test_train_runs_on_multi_turn_sharegpt_parquet_with_columns_and_shuffle(tmp_path, tiny_model_dir, capsys):
+    """The new formats reach the loop: a sharegpt dataset_info entry plus a Parquet file of
+    conversational pairs with odd field names, shuffled, trained for two steps."""
+    import pandas as pd
+
+    from preftune.demo import make_pairs
+
+    demo = make_pairs(24, 0)
+    sg = [{"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi, ask away."},
+                             {"from": "human", "value": p["prompt"]}],
+           "chosen": {"from": "gpt", "value": p["chosen"]}, "rejected": {"from": "gpt", "value": p["rejected"]}}
+          for p in demo[:12]]
+    (tmp_path / "sg.json").write_text(json.dumps(sg))
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"sg": {"file_name": "sg.json", "formatting": "sharegpt", "ranking": True}}))
+    pd.DataFrame([{"q": p["prompt"], "good": p["chosen"], "bad": p["rejected"]} for p in demo[12:]]).to_parquet(
+        tmp_path / "p.parquet")
+    args = ["train", "--model_name_or_path", str(tiny_model_dir), "--dataset", f"sg,{tmp_path / 'p.parquet'}",
+            "--dataset_dir", str(tmp_path), "--columns", "{prompt: q, chosen: good, rejected: bad}",
+            "--shuffle", "true", "--max_steps", "2", "--val_size", "4", "--progress_bar", "false",
+            "--output_dir", str(tmp_path / "out")]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "dpo_metrics" / "summary.json").read_text())
+    assert summary["data"]["train"] == 20 and summary["data"]["eval"] == 4
+    assert summary["config"]["columns"] == {"prompt": "q", "chosen": "good", "rejected": "bad"}

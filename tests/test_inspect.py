@@ -53,10 +53,3 @@ def test_inspect_command_text_json_and_plot(tmp_path, tiny_model_dir, capsys):
     assert stats["truncated"] == 2 and png.stat().st_size > 1000
     assert main(["inspect", str(tmp_path / "missing.jsonl")]) == 2
     assert "preftune: error: dataset" in capsys.readouterr().err
-
-
-def test_train_refuses_unpaired_data_in_one_line(tmp_path, tiny_model_dir, capsys):
-    (tmp_path / "kto.jsonl").write_text(json.dumps({"prompt": "x", "completion": "y", "label": True}) + "\n")
-    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(tmp_path / "kto.jsonl")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unpaired (KTO-style" in err[0] and "not yet supported by preftune train" in err[0]

@@ -173,10 +173,16 @@ def main(args: list[str]) -> int:
     parser.add_argument("--cutoff_len", type=int, default=1024, help="count pairs longer than this (tokens)")
     parser.add_argument("--template", help="built-in chat template for a tokenizer without one")
     parser.add_argument("--dataset_dir", default="data", help="folder holding dataset_info.json")
+    parser.add_argument("--columns", help="field names of your data, e.g. '{prompt: question, chosen: good}'")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
     parser.add_argument("--plot", metavar="PNG", help="write a histogram of the lengths")
     opts = parser.parse_args(args)
-    stats = inspect_data(opts.data, opts.dataset_dir, opts.model, opts.cutoff_len, opts.template)
+    columns = None
+    if opts.columns:  # the same parsing and checks as the `columns` config key
+        from preftune.config import from_dict
+
+        columns = from_dict({"columns": opts.columns}).columns
+    stats = inspect_data(opts.data, opts.dataset_dir, opts.model, opts.cutoff_len, opts.template, columns)
     if opts.plot:
         plot_lengths(stats, opts.plot)
     raw = stats.pop("_lengths_raw")

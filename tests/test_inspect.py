@@ -51,5 +51,9 @@ def test_inspect_command_text_json_and_plot(tmp_path, tiny_model_dir, capsys):
                  "--plot", str(png)]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["truncated"] == 2 and png.stat().st_size > 1000
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"q": "Q", "good": "yes!", "bad": "no"}) + "\n")
+    assert main(["inspect", str(tmp_path / "odd.jsonl"), "--columns", "{prompt: q, chosen: good, rejected: bad}",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["length_bias"]["chosen_longer"] == 1.0
     assert main(["inspect", str(tmp_path / "missing.jsonl")]) == 2
     assert "preftune: error: dataset" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     preftune train                       # the embedded demo: tiny model, built-in pairs, CPU, minutes
     preftune train CONFIG.yaml           # LLaMA-Factory style or preftune YAML
     preftune train CONFIG.yaml --pref_beta 0.2 --output_dir out   # any key overridden
+    preftune inspect DATA [--model M] [--cutoff_len N] [--json] [--plot PNG]   # look at the data first
 """
 
 from __future__ import annotations
@@ -63,13 +64,20 @@ def cmd_train(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_inspect(args: list[str]) -> int:
+    from preftune.inspection import main as inspect_main
+
+    return inspect_main(args)
+
+
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: preftune {train} ...\n\n  train   align a model with DPO (preftune train --help)")
+        print("usage: preftune {train,inspect} ...\n\n  train     align a model with DPO (preftune train --help)\n"
+              "  inspect   statistics and rendered examples of a dataset (preftune inspect --help)")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

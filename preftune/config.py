@@ -77,12 +77,14 @@ class TrainConfig:
     pref_ftx: float = _f(0.0, "Weight of an NLL term on chosen (comes with the losses issue; must be 0 for now).")
 
     # --- data ---------------------------------------------------------------------------
-    dataset: str | None = _f(None, "Comma list of dataset names from <dataset_dir>/dataset_info.json, or paths to JSON/JSONL files.")
+    dataset: str | None = _f(None, "Comma list of dataset names from <dataset_dir>/dataset_info.json, files (JSON, JSONL, CSV, Parquet), save_to_disk folders, or hub ids; folders and hub ids take an optional :split.")
     dataset_dir: str = _f("data", "Folder holding dataset_info.json and the files it names.")
     eval_dataset: str | None = _f(None, "Validation data, same forms as `dataset`. Overrides val_size.")
     val_size: float = _f(0.0, "Held-out share (0..1) or count (>= 1) of the training pairs used for validation.")
+    columns: dict[str, str] | None = _f(None, "Field names of your data for the standard ones, e.g. {prompt: question, chosen: good, rejected: bad} (files and hub datasets; dataset_info.json entries have their own).")
+    shuffle: bool = _f(False, "Shuffle the training pairs (seeded by seed) after reading, before the validation split.")
     max_samples: int | None = _f(None, "Use at most this many pairs from each dataset (first ones, before the split).")
-    template: str | None = _f(None, "LLaMA-Factory chat template name. The tokenizer's own chat template is used when it has one.")
+    template: str | None = _f(None, "Chat template for a tokenizer without one: chatml, qwen, llama3, mistral, gemma, default (LLaMA-Factory names). The tokenizer's own template is used when it has one.")
     cutoff_len: int = _f(1024, "Maximum tokens of prompt + completion; longer pairs lose the start of their prompt first.")
     drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with an empty completion or chosen == rejected instead of failing.")
     preprocessing_num_workers: int | None = _f(None, "Accepted for LLaMA-Factory configs; tokenization runs in-process.")
@@ -179,6 +181,12 @@ def _coerce(key: str, value: Any) -> Any:
             return None
         raise ConfigError(f"config key '{key}' cannot be null; expected {base.__name__}")
     try:
+        if get_origin(base) is dict:  # a mapping of names, from YAML or a --key '{a: b}' override
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                return value
+            raise ValueError
         if base is bool:
             if isinstance(value, bool):
                 return value
@@ -201,7 +209,8 @@ def _coerce(key: str, value: Any) -> Any:
             return str(value)
     except (TypeError, ValueError):
         pass
-    raise ConfigError(f"config key '{key}' got {value!r}; expected {base.__name__}")
+    raise ConfigError(f"config key '{key}' got {value!r}; expected {getattr(base, '__name__', str(base))}"
+                      + (" of name: name, e.g. {prompt: question}" if get_origin(base) is dict else ""))
 
 
 def _closest(key: str) -> str:
@@ -303,6 +312,11 @@ def validate(cfg: TrainConfig) -> None:
         bad("weight_decay and max_grad_norm must be >= 0")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         bad(f"dropout must be in [0, 1); got {cfg.dropout}")
+    if cfg.columns:
+        known = ("prompt", "chosen", "rejected", "system", "completion", "label")
+        for key in cfg.columns:
+            if key not in known:
+                bad(f"columns: '{key}' is not a standard field; map your field names to {', '.join(known)}")
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":
         bad("early_stopping_patience needs evaluation; remove eval_strategy: no")
 

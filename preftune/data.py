@@ -1,16 +1,32 @@
-"""Reading preference pairs: files, LLaMA-Factory `dataset_info.json`, validation, the split.
+"""Reading preference data: every format users bring, normalized to `PreferencePair`.
 
-A dataset entry (in `dataset` / `eval_dataset`, comma-separated) is either a name registered
-in `<dataset_dir>/dataset_info.json` or a path to a JSON / JSONL file. Records are either
-standard (`prompt`, `chosen`, `rejected`, optional `system`) or LLaMA-Factory alpaca ranking
-(`instruction`, `input`, `chosen`, `rejected`, optional `system`, with a `columns` map).
-Every problem names the file, the line (JSONL) or record index (JSON array), and the field.
+A dataset entry (in `dataset` / `eval_dataset`, comma-separated) is one of
+  * a name registered in `<dataset_dir>/dataset_info.json` (LLaMA-Factory: alpaca or sharegpt
+    ranking data, `columns` and `tags` maps, `file_name` or `hf_hub_url`);
+  * a file: JSON array, JSON Lines, CSV, Parquet;
+  * a folder written by `datasets.Dataset.save_to_disk`, or any folder `datasets.load_dataset`
+    reads, optionally with `:split` (default `train`);
+  * a Hugging Face dataset id, optionally with `:split`, read through `datasets`.
+Each record's shape is recognised from its fields (the first record decides for a file):
+  standard        prompt (text), chosen, rejected, optional system
+  conversational  prompt = [{role, content}, ...], chosen/rejected = [one assistant message] (TRL)
+  full conversation  chosen/rejected = whole conversations, no prompt (UltraFeedback-binarized):
+                  the prompt is the shared leading messages, the completion the final assistant one
+  implicit prompt chosen/rejected = full texts, no prompt (Anthropic hh-rlhf): the prompt is the
+                  shared prefix through the last "\n\nAssistant:" (verbatim text; split into
+                  turns for a chat template)
+  alpaca          instruction, input, chosen, rejected, optional system/history (LLaMA-Factory)
+  sharegpt        conversations + chosen/rejected message objects (LLaMA-Factory)
+  unpaired        prompt, completion, label (bool): KTO-style, read into `UnpairedExample`
+Every problem names the file, the line (JSONL), row (CSV) or record index, the field, what was
+expected and the fix. Nothing is dropped silently: skips are counted in `DataReport`.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +36,29 @@ from preftune.errors import DataError
 
 @dataclass
 class PreferencePair:
+    """One normalized pair. `messages` holds the prompt as a conversation (user/assistant turns,
+    no system) when the data has more than a single user turn; otherwise it is None and the
+    prompt is the user turn `prompt`. The completions are the final assistant turn's text."""
     prompt: str
     chosen: str
     rejected: str
     system: str | None = None
     where: str = ""  # "file:line" for messages
+    messages: list[dict[str, str]] | None = None
+    # True for implicit-prompt text (hh-rlhf): prompt/chosen/rejected are the data's own text, used
+    # verbatim without a chat template; `messages` is their parse into turns, used with one
+    from_text: bool = False
+
+
+@dataclass
+class UnpairedExample:
+    """One KTO-style example: a completion labelled desirable (True) or undesirable (False)."""
+    prompt: str
+    completion: str
+    label: bool
+    system: str | None = None
+    where: str = ""
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -38,87 +72,407 @@ class DataReport:
     sources: dict[str, int] = field(default_factory=dict)
 
 
-STANDARD_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"}
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
-                  "system": "system"}
+                  "system": "system", "history": None}
+# LLaMA-Factory's defaults (src/llamafactory/data/parser.py DatasetAttr)
+SHAREGPT_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": None}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+HH_MARKER = "\n\nAssistant:"
 
 
-def _read_records(path: Path) -> list[tuple[str, dict]]:
-    """[(where, record)] from a JSON array or JSON Lines file."""
+# --- reading records: [(where, record)] -------------------------------------------------------
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{path}: UTF-16 text (byte-order mark {raw[:2]!r}); re-save the file as UTF-8")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: a BOM is not part of the data
+        return raw.decode("utf-8-sig")  # utf-8-sig: a UTF-8 BOM is not part of the data
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
-    lines_mode = path.suffix == ".jsonl"
-    if not lines_mode:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                        "re-save the file as UTF-8") from None
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    """A JSON array (or one object) or JSON Lines; records are checked to be objects later."""
+    text = _decode(path)
+    if path.suffix == ".jsonl" and text.lstrip().startswith("["):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None
+        if isinstance(doc, list) and doc and all(isinstance(r, dict) for r in doc):
+            raise DataError(f"{path}: a JSON array, but a .jsonl file holds one JSON object per line; "
+                            "rename it to .json or write one record per line")
+    if path.suffix != ".jsonl":
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
-            if e.msg == "Extra data":  # several JSON values: it is JSON Lines with a .json name
-                lines_mode = True
-            else:
+            if e.msg != "Extra data":  # several JSON values: it is JSON Lines with a .json name
                 raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
         else:
             if isinstance(doc, dict):
                 doc = [doc]
             if not isinstance(doc, list):
                 raise DataError(f"{path}: expected a JSON array of records, got {type(doc).__name__}")
-            out = []
-            for i, rec in enumerate(doc):
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}: record {i} is {type(rec).__name__}, expected an object with "
-                                    "prompt/chosen/rejected")
-                out.append((f"{path} record {i}", rec))
-            return out
+            return [(f"{path} record {i}", rec) for i, rec in enumerate(doc)]
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
+            if lineno == len(lines) and not text.endswith("\n"):
+                raise DataError(f"{path}:{lineno}: the last line is cut off ({e.msg}, column {e.colno}); the file "
+                                "looks truncated: re-export it, or delete that line") from None
             raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno}); "
                             "each line must be one JSON object") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         out.append((f"{path}:{lineno}", rec))
     return out
 
 
-def _field(rec: dict, name: str, where: str, required: bool) -> str | None:
+def _read_csv(path: Path) -> list[tuple[str, Any]]:
+    import pandas as pd  # every cell read as text: a numeric-looking answer stays a string
+
+    _decode(path)  # the encoding check with its clear message
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (ValueError, pd.errors.ParserError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+    return [(f"{path} row {i + 1}", rec) for i, rec in enumerate(frame.to_dict("records"))]
+
+
+def _read_parquet(path: Path) -> list[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    return [(f"{path} record {i}", rec) for i, rec in enumerate(rows)]
+
+
+def _read_hf(name: str, split: str, subset: str | None = None) -> list[tuple[str, Any]]:
+    """A folder from `save_to_disk`, another folder `datasets` reads, or a hub dataset id."""
+    import datasets
+
+    try:
+        if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{name}: no split '{split}' (splits: {', '.join(ds)}); write {name}:SPLIT")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, subset, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (offline, missing split, bad files)
+        raise DataError(f"dataset '{name}' (split '{split}'): datasets could not load it: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return [(f"{name}[{split}] record {i}", rec) for i, rec in enumerate(ds)]
+
+
+def _read_records(path: Path) -> list[tuple[str, Any]]:
+    if path.suffix == ".csv":
+        return _read_csv(path)
+    if path.suffix in (".parquet", ".pq"):
+        return _read_parquet(path)
+    return _read_json(path)
+
+
+# --- fields and messages -----------------------------------------------------------------------
+
+def _text(rec: dict, name: str, where: str, required: bool = True) -> str | None:
     if name not in rec or rec[name] is None:
         if required:
-            raise DataError(f"{where}: missing field '{name}' (expected a string); "
+            null = " is null" if name in rec else ""
+            raise DataError(f"{where}: missing field '{name}'{null} (expected a string); "
                             f"fields present: {', '.join(sorted(rec)) or 'none'}")
         return None
     value = rec[name]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}' is {type(value).__name__}, expected a string")
+        raise DataError(f"{where}: field '{name}' is {type(value).__name__}, expected a string"
+                        + ("; quote it in the data" if isinstance(value, (int, float)) else ""))
     return value
 
 
-def _to_pairs(records: list[tuple[str, dict]], columns: dict[str, str] | None) -> list[PreferencePair]:
-    if columns is None:  # a plain file: standard, or alpaca if it has 'instruction' and no 'prompt'
-        first = records[0][1] if records else {}
-        columns = ALPACA_COLUMNS if ("instruction" in first and "prompt" not in first) else STANDARD_COLUMNS
-    pairs = []
+def _messages(value: Any, where: str, name: str, role: str = "role", content: str = "content") -> list[dict]:
+    """A list of {role, content} messages, checked; returned with the keys 'role' and 'content'."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{name}' is {type(value).__name__}, expected a list of "
+                        f"{{\"{role}\": ..., \"{content}\": ...}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{name}' message {i} is {type(m).__name__}, expected an object "
+                            f"with '{role}' and '{content}'")
+        for key in (role, content):
+            if not isinstance(m.get(key), str):
+                got = "missing" if m.get(key) is None else f"{type(m[key]).__name__}"
+                raise DataError(f"{where}: field '{name}' message {i}: '{key}' is {got}, expected a string "
+                                f"(each message needs '{role}' and '{content}'; keys present: "
+                                f"{', '.join(sorted(m)) or 'none'})")
+        out.append({"role": m[role], "content": m[content]})
+    return out
+
+
+def _completion(value: Any, where: str, name: str) -> str:
+    """A completion: a string, or a list holding one assistant message."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise DataError(f"{where}: missing field '{name}' (expected a string or a list with one assistant message)")
+    msgs = _messages(value, where, name)
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        raise DataError(f"{where}: field '{name}' must be one assistant message, got roles "
+                        f"{[m['role'] for m in msgs]}; multi-message completions are not yet supported")
+    return msgs[0]["content"]
+
+
+def _split_system(msgs: list[dict], system: str | None) -> tuple[list[dict], str | None]:
+    if msgs and msgs[0]["role"] == "system":
+        return msgs[1:], msgs[0]["content"]
+    return msgs, system
+
+
+def _pair(prompt_msgs: list[dict], system, chosen: str, rejected: str, where: str) -> PreferencePair:
+    """A pair from a prompt conversation; a single user turn is kept as plain `prompt` text."""
+    if not prompt_msgs:
+        raise DataError(f"{where}: the prompt has no messages; it needs at least one user turn")
+    single = len(prompt_msgs) == 1 and prompt_msgs[0]["role"] == "user"
+    return PreferencePair(prompt=prompt_msgs[-1]["content"], chosen=chosen, rejected=rejected, system=system,
+                          where=where, messages=None if single else prompt_msgs)
+
+
+# --- record shapes -> normalized examples ------------------------------------------------------
+
+def _standard(rec: dict, where: str) -> PreferencePair:
+    system = _text(rec, "system", where, required=False)
+    prompt = rec.get("prompt")
+    if isinstance(prompt, list):  # conversational (TRL)
+        msgs, system = _split_system(_messages(prompt, where, "prompt"), system)
+        return _pair(msgs, system, _completion(rec.get("chosen"), where, "chosen"),
+                     _completion(rec.get("rejected"), where, "rejected"), where)
+    if prompt is not None and not isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt' is {type(prompt).__name__}, expected a string or a list of "
+                        "{\"role\": ..., \"content\": ...} messages")
+    return PreferencePair(prompt=_text(rec, "prompt", where), chosen=_text(rec, "chosen", where),
+                          rejected=_text(rec, "rejected", where), system=system, where=where)
+
+
+def _without_prompt(rec: dict, where: str) -> PreferencePair:
+    """No prompt field: whole conversations (UltraFeedback) or full texts (hh-rlhf)."""
+    chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        c = _messages(chosen, where, "chosen")
+        r = _messages(rejected, where, "rejected")
+        shared = 0
+        while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
+            shared += 1
+        if c[shared:][0]["role"] != "assistant" or r[shared:][0]["role"] != "assistant" \
+                or len(c) - shared != 1 or len(r) - shared != 1:
+            raise DataError(f"{where}: chosen and rejected must be the same conversation up to one final assistant "
+                            f"message each; after {shared} shared messages they differ in roles "
+                            f"{[m['role'] for m in c[shared:]]} / {[m['role'] for m in r[shared:]]}")
+        msgs, system = _split_system(c[:shared], _text(rec, "system", where, required=False))
+        return _pair(msgs, system, c[-1]["content"], r[-1]["content"], where)
+    chosen, rejected = _text(rec, "chosen", where), _text(rec, "rejected", where)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(HH_MARKER, 0, n)  # the marker must lie inside the shared prefix
+    if cut < 0:
+        raise DataError(f"{where}: no 'prompt' field, and chosen/rejected share no {HH_MARKER!r} marker to take "
+                        "the prompt from; add a prompt field (or map one with `columns`)")
+    cut += len(HH_MARKER)
+    return PreferencePair(prompt=chosen[:cut], chosen=chosen[cut:], rejected=rejected[cut:],
+                          system=_text(rec, "system", where, required=False), where=where,
+                          messages=_hh_turns(chosen[:cut]), from_text=True)
+
+
+def _hh_turns(prompt: str) -> list[dict[str, str]] | None:
+    """'\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:' -> user a, assistant b, user c.
+    None when the text does not alternate Human/Assistant turns (a chat template then gets the
+    whole text as one user turn)."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # ['', 'Human', ' a', ..., 'Assistant', '']
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
+        return None
+    roles, contents = parts[1:-2:2], parts[2:-2:2]
+    if roles != [("Human", "Assistant")[i % 2] for i in range(len(roles))] or roles[-1] != "Human":
+        return None
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(roles, contents)]
+
+
+def _unpaired(rec: dict, where: str) -> UnpairedExample:
+    label = rec.get("label")
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: field 'label' is {type(label).__name__ if label is not None else 'missing'}, "
+                        "expected true (desirable) or false (undesirable)")
+    system = _text(rec, "system", where, required=False)
+    msgs = None
+    prompt = rec.get("prompt")
+    if isinstance(prompt, list):
+        msgs, system = _split_system(_messages(prompt, where, "prompt"), system)
+        prompt = msgs[-1]["content"] if msgs else ""
+        msgs = None if len(msgs) == 1 and msgs[0]["role"] == "user" else msgs
+    else:
+        prompt = _text(rec, "prompt", where)
+    return UnpairedExample(prompt=prompt, completion=_completion(rec.get("completion"), where, "completion"),
+                           label=label, system=system, where=where, messages=msgs)
+
+
+def _alpaca(rec: dict, where: str, columns: dict) -> PreferencePair:
+    prompt = _text(rec, columns["prompt"], where)
+    query = _text(rec, columns["query"], where, required=False) if columns.get("query") else None
+    if query:  # LLaMA-Factory joins instruction and input with a newline
+        prompt = f"{prompt}\n{query}" if prompt else query
+    msgs = []
+    history = rec.get(columns["history"]) if columns.get("history") else None
+    if history:
+        if not isinstance(history, list) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+            raise DataError(f"{where}: field '{columns['history']}' must be a list of [user, assistant] string pairs")
+        for q, a in history:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    msgs.append({"role": "user", "content": prompt})
+    system = _text(rec, columns["system"], where, required=False) if columns.get("system") else None
+    return _pair(msgs, system, _text(rec, columns["chosen"], where), _text(rec, columns["rejected"], where), where)
+
+
+def _sharegpt(rec: dict, where: str, columns: dict, tags: dict) -> PreferencePair:
+    name = columns["messages"]
+    if name not in rec or rec[name] is None:
+        raise DataError(f"{where}: missing field '{name}' (expected a list of messages); "
+                        f"fields present: {', '.join(sorted(rec)) or 'none'}")
+    role, content = tags["role_tag"], tags["content_tag"]
+    raw = _messages(rec[name], where, name, role, content)
+    system = _text(rec, columns["system"], where, required=False) if columns.get("system") else None
+    if raw and raw[0]["role"] == tags["system_tag"]:
+        system, raw = raw[0]["content"], raw[1:]
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
+    msgs = []
+    for i, m in enumerate(raw):
+        expected = tags["user_tag"] if i % 2 == 0 else tags["assistant_tag"]
+        if m["role"] in (tags["observation_tag"], tags["function_tag"]):
+            raise DataError(f"{where}: '{name}' message {i} has role '{m['role']}': tool turns are not yet supported")
+        if m["role"] != expected:
+            raise DataError(f"{where}: '{name}' message {i} has {role} '{m['role']}', expected '{expected}' "
+                            f"(turns alternate {tags['user_tag']}/{tags['assistant_tag']}, starting with "
+                            f"{tags['user_tag']}; set `tags` in dataset_info.json if your names differ)")
+        msgs.append({"role": roles[m["role"]], "content": m["content"]})
+    if not msgs or msgs[-1]["role"] != "user":
+        raise DataError(f"{where}: '{name}' ends on {'an assistant' if msgs else 'no'} turn; for ranking data the "
+                        f"conversation ends on the {tags['user_tag']} turn and '{columns['chosen']}'/"
+                        f"'{columns['rejected']}' hold the competing {tags['assistant_tag']} answers")
+    answers = []
+    for key in ("chosen", "rejected"):
+        col = columns[key]
+        value = rec.get(col)
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: field '{col}' is {type(value).__name__ if value is not None else 'missing'}, "
+                            f"expected a message object {{\"{role}\": \"{tags['assistant_tag']}\", \"{content}\": ...}}")
+        (m,) = _messages([value], where, col, role, content)
+        if m["role"] != tags["assistant_tag"]:
+            raise DataError(f"{where}: field '{col}' has {role} '{m['role']}', expected '{tags['assistant_tag']}'")
+        answers.append(m["content"])
+    return _pair(msgs, system, answers[0], answers[1], where)
+
+
+def _shape(rec: dict) -> str:
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "prompt" not in rec:
+        return "alpaca"
+    if "label" in rec and "completion" in rec:
+        return "unpaired"
+    if "prompt" not in rec and "chosen" in rec and "rejected" in rec:
+        return "no_prompt"
+    return "standard"
+
+
+def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None,
+                 columns: dict[str, str] | None = None) -> list[PreferencePair | UnpairedExample]:
+    """Records -> examples. `fmt` comes from a dataset_info.json entry; `columns` (the config key)
+    renames fields of plain files to the standard names first."""
+    out: list[PreferencePair | UnpairedExample] = []
+    shape = None
     for where, rec in records:
-        prompt = _field(rec, columns["prompt"], where, required=True)
-        query = _field(rec, columns["query"], where, required=False) if "query" in columns else None
-        if query:  # LLaMA-Factory joins instruction and input with a newline
-            prompt = f"{prompt}\n{query}"
-        pairs.append(PreferencePair(
-            prompt=prompt,
-            chosen=_field(rec, columns["chosen"], where, required=True),
-            rejected=_field(rec, columns["rejected"], where, required=True),
-            system=_field(rec, columns["system"], where, required=False) if "system" in columns else None,
-            where=where,
-        ))
-    return pairs
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if columns:
+            missing = [user for user in columns.values() if user not in rec]
+            if missing:
+                raise DataError(f"{where}: missing field '{missing[0]}' (named in `columns`); "
+                                f"fields present: {', '.join(sorted(rec)) or 'none'}")
+            rec = {**{k: v for k, v in rec.items() if k not in columns.values()},
+                   **{canon: rec[user] for canon, user in columns.items()}}
+        if fmt is not None:
+            if fmt["formatting"] == "sharegpt":
+                out.append(_sharegpt(rec, where, fmt["columns"], fmt["tags"]))
+            else:
+                out.append(_alpaca(rec, where, fmt["columns"]))
+            continue
+        shape = shape or _shape(rec)  # the first record decides, so a bad record gets a field error
+        if shape == "sharegpt":
+            out.append(_sharegpt(rec, where, SHAREGPT_COLUMNS, SHAREGPT_TAGS))
+        elif shape == "alpaca":
+            out.append(_alpaca(rec, where, ALPACA_COLUMNS))
+        elif shape == "unpaired":
+            out.append(_unpaired(rec, where))
+        elif shape == "no_prompt":
+            out.append(_without_prompt(rec, where))
+        else:
+            out.append(_standard(rec, where))
+    return out
 
 
-def _resolve(name: str, dataset_dir: Path) -> tuple[Path, dict[str, str] | None]:
-    """A dataset entry -> (file, column map or None for auto)."""
+# --- dataset entries ---------------------------------------------------------------------------
+
+def _entry_format(entry: dict, where: str) -> dict:
+    """The column and tag maps of a LLaMA-Factory dataset_info.json ranking entry."""
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise DataError(f"{where}: formatting '{formatting}' is not supported; use alpaca or sharegpt")
+    if not entry.get("ranking", False):
+        raise DataError(f"{where}: not a preference dataset; DPO needs \"ranking\": true with chosen/rejected")
+    defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+    given = entry.get("columns", {}) or {}
+    unknown = set(given) - set(defaults) - {"response", "tools", "images", "videos", "audios", "kto_tag"}
+    if unknown:
+        raise DataError(f"{where}: columns {sorted(unknown)} are not known for {formatting} ranking data "
+                        f"(known: {', '.join(defaults)})")
+    for key in ("tools", "images", "videos", "audios", "kto_tag"):
+        if given.get(key):
+            raise DataError(f"{where}: column '{key}' is not yet supported; remove it from columns")
+    tags = {**SHAREGPT_TAGS, **{k: v for k, v in (entry.get("tags") or {}).items()}}
+    unknown_tags = set(tags) - set(SHAREGPT_TAGS)
+    if unknown_tags:
+        raise DataError(f"{where}: tags {sorted(unknown_tags)} are not known (known: {', '.join(SHAREGPT_TAGS)})")
+    columns = {**defaults, **{k: v for k, v in given.items() if k in defaults}}
+    return {"formatting": formatting, "columns": columns, "tags": tags}
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """'owner/data:test' -> ('owner/data', 'test'); no suffix -> split 'train'."""
+    base, sep, split = name.rpartition(":")
+    if sep and base and split.replace("_", "").replace("-", "").isalnum() and not Path(name).exists():
+        return base, split
+    return name, "train"
+
+
+def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None,
+                max_samples: int | None) -> list[PreferencePair | UnpairedExample]:
+    def convert(records, fmt=None):
+        if not records:
+            raise DataError(f"dataset '{name}': no records")
+        return _to_examples(records[:max_samples] if max_samples is not None else records, fmt,
+                            None if fmt else columns)
+
     info_path = dataset_dir / "dataset_info.json"
     info: dict[str, Any] = {}
     if info_path.is_file():
@@ -130,46 +484,57 @@ def _resolve(name: str, dataset_dir: Path) -> tuple[Path, dict[str, str] | None]
         entry = info[name]
         where = f"{info_path} entry '{name}'"
         if not isinstance(entry, dict):
-            raise DataError(f"{where}: expected an object with file_name")
-        for key in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"):
+            raise DataError(f"{where}: expected an object with file_name or hf_hub_url")
+        for key in ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"):
             if key in entry:
-                raise DataError(f"{where}: '{key}' sources are not yet supported; download the data and use file_name")
-        if entry.get("formatting", "alpaca") != "alpaca":
-            raise DataError(f"{where}: formatting '{entry['formatting']}' is not yet supported; use alpaca")
-        if not entry.get("ranking", False):
-            raise DataError(f"{where}: not a preference dataset; DPO needs \"ranking\": true with chosen/rejected")
-        if "file_name" not in entry:
-            raise DataError(f"{where}: missing 'file_name'")
-        columns = dict(ALPACA_COLUMNS)
-        unknown = set(entry.get("columns", {})) - set(ALPACA_COLUMNS) - {"history", "response"}
-        if unknown:
-            raise DataError(f"{where}: columns {sorted(unknown)} are not yet supported for alpaca ranking data")
-        if entry.get("columns", {}).get("history"):
-            raise DataError(f"{where}: multi-turn 'history' is not yet supported")
-        columns.update({k: v for k, v in entry.get("columns", {}).items() if k in ALPACA_COLUMNS})
-        path = dataset_dir / entry["file_name"]
-        if not path.is_file():
-            raise DataError(f"{where}: file '{path}' not found")
-        return path, columns
+                raise DataError(f"{where}: '{key}' sources are not yet supported; use file_name or hf_hub_url")
+        fmt = _entry_format(entry, where)
+        if "hf_hub_url" in entry:
+            records = _read_hf(entry["hf_hub_url"], entry.get("split", "train"), entry.get("subset"))
+        elif "file_name" in entry:
+            path = dataset_dir / entry["file_name"]
+            if path.is_dir():
+                records = _read_hf(str(path), entry.get("split", "train"))
+            elif path.is_file():
+                records = _read_records(path)
+            else:
+                raise DataError(f"{where}: file '{path}' not found")
+        else:
+            raise DataError(f"{where}: missing 'file_name' (or 'hf_hub_url')")
+        return convert(records, fmt)
     for candidate in (Path(name), dataset_dir / name):
         if candidate.is_file():
-            return candidate, None
+            return convert(_read_records(candidate))
+        if candidate.is_dir():
+            return convert(_read_hf(str(candidate), "train"))
+    base, split = _split_name(name)
+    if Path(base).is_dir():
+        return convert(_read_hf(base, split))
+    if "/" in base and not Path(base).suffix and not base.startswith((".", "/")):
+        return convert(_read_hf(base, split))  # a hub id
     known = f" (registered there: {', '.join(sorted(info))})" if info else f" (no {info_path} found)"
-    raise DataError(f"dataset '{name}': not a name in {info_path}{known} and not a file path")
+    raise DataError(f"dataset '{name}': not a name in {info_path}{known}, not a file or folder, "
+                    "and not a hub id (owner/name)")
 
 
-def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None) -> list[PreferencePair]:
-    """All pairs of a comma list of dataset entries, in order."""
-    pairs: list[PreferencePair] = []
+def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
+                  columns: dict[str, str] | None = None) -> list[PreferencePair | UnpairedExample]:
+    """All examples (pairs and unpaired) of a comma list of dataset entries, in order."""
+    out: list[PreferencePair | UnpairedExample] = []
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        path, columns = _resolve(name, Path(dataset_dir))
-        records = _read_records(path)
-        if not records:
-            raise DataError(f"{path}: no records")
-        if max_samples is not None:
-            records = records[:max_samples]
-        pairs.extend(_to_pairs(records, columns))
-    return pairs
+        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples))
+    return out
+
+
+def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
+                 columns: dict[str, str] | None = None) -> list[PreferencePair]:
+    """All preference pairs of a comma list of dataset entries; unpaired data is refused."""
+    examples = read_examples(spec, dataset_dir, max_samples, columns)
+    unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
+    if unpaired:
+        raise DataError(f"{unpaired[0].where}: unpaired (KTO-style prompt/completion/label) data is not yet "
+                        f"supported by preftune train ({len(unpaired)} such records); DPO needs chosen/rejected pairs")
+    return examples  # type: ignore[return-value]
 
 
 def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport) -> list[PreferencePair]:
@@ -195,14 +560,16 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     report = DataReport()
     if not cfg.dataset:
         raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
-    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples)
+    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
     report.read = len(train)
     for p in train:
-        src = p.where.rsplit(":", 1)[0].split(" record ")[0]
+        src = p.where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
         report.sources[src] = report.sources.get(src, 0) + 1
     train = check_pairs(train, cfg.drop_invalid_pairs, report)
+    if cfg.shuffle:  # before the split, so val_size draws from every source
+        random.Random(cfg.seed).shuffle(train)
     if cfg.eval_dataset:
-        val = read_dataset(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples)
+        val = read_dataset(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
         report.read += len(val)
         val = check_pairs(val, cfg.drop_invalid_pairs, report)
     elif cfg.val_size > 0:

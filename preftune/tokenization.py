@@ -1,7 +1,8 @@
 """Turning a preference pair into token ids with an exact prompt/completion boundary.
 
 With a chat template (the tokenizer's own, or a built-in named by `template`), the prompt is
-a user turn (after an optional system turn) and the completion is the assistant turn; the
+the conversation (`pair.messages`, or the single user turn `pair.prompt`) after an optional
+system turn, and the completion is the final assistant turn; the
 template supplies BOS and the end-of-turn token. Without one, the text is prompt + completion,
 the tokenizer adds BOS as it normally does, and EOS is appended to the completion.
 
@@ -21,10 +22,34 @@ from preftune.errors import ConfigError, DataError
 
 log = logging.getLogger("preftune")
 
-# Built-in chat templates for tokenizers that ship none (LLaMA-Factory `template` names).
+# Built-in chat templates for tokenizers that ship none (LLaMA-Factory `template` names; the
+# formats follow LLaMA-Factory's src/llamafactory/data/template.py). Each writes BOS itself where
+# the family has one (the text is then tokenized without special tokens, so BOS appears once), and
+# ends every assistant turn with the family's end-of-turn token.
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen": CHATML}
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+          "+ m['content'] + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Mistral and Gemma have no system turn: as in LLaMA-Factory, the system text opens the first user turn.
+MISTRAL = ("{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+           "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+           "{% elif m['role'] == 'user' %}{{ '[INST] ' + ns.system + m['content'] + '[/INST]' }}{% set ns.system = '' %}"
+           "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+GEMMA = ("{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+         "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+         "{% elif m['role'] == 'user' %}{{ '<start_of_turn>user\n' + ns.system + m['content'] + '<end_of_turn>\n' }}"
+         "{% set ns.system = '' %}"
+         "{% else %}{{ '<start_of_turn>model\n' + m['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+# LLaMA-Factory's `default`. It writes no BOS; here a tokenizer's BOS (when it has one) opens the
+# text, since a model pretrained with BOS expects it.
+DEFAULT = ("{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}"
+           "{% if m['role'] == 'system' %}{{ 'System: ' + m['content'] + eos_token + '\n' }}"
+           "{% elif m['role'] == 'user' %}{{ 'Human: ' + m['content'] + eos_token + '\nAssistant:' }}"
+           "{% else %}{{ m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}")
+BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen": CHATML, "llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA,
+                     "default": DEFAULT}
 
 
 @dataclass
@@ -59,13 +84,18 @@ def setup_chat_template(tokenizer, template: str | None) -> bool:
 def _encode(tokenizer, pair: PreferencePair, completion: str, use_template: bool) -> tuple[list[int], int, bool]:
     """(ids, completion_start, merged_across_boundary) for one prompt + completion."""
     if use_template:
-        messages = ([{"role": "system", "content": pair.system}] if pair.system else []) + \
-                   [{"role": "user", "content": pair.prompt}]
+        turns = pair.messages if pair.messages is not None else [{"role": "user", "content": pair.prompt}]
+        messages = ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+        # implicit-prompt text keeps the space after 'Assistant:' in the completion; a turn has none
+        content = completion.strip() if pair.from_text else completion
+        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": content}],
                                                   tokenize=False)
         add_special = False  # the template writes BOS itself; adding it again would double it
     else:
+        if pair.messages is not None and not pair.from_text:
+            raise ConfigError(f"{pair.where}: a multi-turn conversation needs a chat template, and the tokenizer has "
+                              "none; set template (e.g. chatml, llama3) or use a tokenizer with a chat template")
         prompt_text = (pair.system + "\n\n" if pair.system else "") + pair.prompt
         full_text = prompt_text + completion
         add_special = True

@@ -97,3 +97,32 @@ def test_unknown_template_for_a_tokenizer_without_one(plain):
     chatml = copy.deepcopy(plain)
     t = tokenize_pairs(chatml, [PAIR], 128, "qwen")[0]
     assert chatml.decode(t.chosen_ids[:t.chosen_start]).endswith("<|im_start|>assistant\n")
+
+
+def test_multi_turn_conversation_renders_history_and_system_through_the_template(tiny_tokenizer):
+    history = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+               {"role": "user", "content": "times 3?"}]
+    pair = PreferencePair(prompt="times 3?", chosen="12", rejected="7", system="Be brief.", messages=history)
+    t = tokenize_pair(tiny_tokenizer, pair, 512, use_template=True, report=TokenizeReport())
+    assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny_tokenizer.decode(t.chosen_ids[t.chosen_start:]) == "12<|im_end|>\n"
+    assert tiny_tokenizer.decode(t.rejected_ids[t.rejected_start:]) == "7<|im_end|>\n"
+    # the joint sequence is exactly the template's rendering of the whole conversation
+    full = tiny_tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}] + history
+                                              + [{"role": "assistant", "content": "12"}], tokenize=False)
+    assert t.chosen_ids == tiny_tokenizer(full, add_special_tokens=False)["input_ids"]
+
+
+def test_implicit_prompt_text_is_verbatim_without_a_template_and_turns_with_one(plain, tiny_tokenizer):
+    hh = PreferencePair(prompt="\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: times 3?\n\nAssistant:", chosen=" 12",
+                        rejected=" 7", where="hh.jsonl:1", from_text=True,
+                        messages=[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                                  {"role": "user", "content": "times 3?"}])
+    t = tokenize_pair(plain, hh, 512, use_template=False, report=TokenizeReport())
+    assert plain.decode(t.chosen_ids[:-1]) == hh.prompt + hh.chosen  # the data's own text, then EOS
+    t = tokenize_pair(tiny_tokenizer, hh, 512, use_template=True, report=TokenizeReport())
+    assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]).endswith(
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny_tokenizer.decode(t.chosen_ids[t.chosen_start:]) == "12<|im_end|>\n"

@@ -1,0 +1,191 @@
+"""`preftune inspect`: what a dataset holds before a run spends time on it.
+
+    preftune inspect pairs.jsonl                                  # character lengths
+    preftune inspect pairs.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --cutoff_len 2048 --plot lengths.png
+    preftune inspect my_dpo_data --dataset_dir data --json        # a dataset_info.json name
+
+Counts per source, length percentiles of prompt/chosen/rejected (tokens with --model, else
+characters), pairs the cutoff would truncate, duplicates, chosen == rejected, empty fields, the
+length bias (how often chosen is longer than rejected: a DPO model learns that bias too), and a
+few examples rendered exactly as training sees them, with the completion boundary marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from preftune.data import PreferencePair, UnpairedExample, read_examples
+from preftune.errors import DataError
+from preftune.tokenization import TokenizeReport, setup_chat_template, tokenize_pair
+
+BOUNDARY = "⟦completion⟧"  # marks where the scored completion starts in the rendered examples
+PERCENTILES = (50, 90, 95, 99)
+
+
+def _percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    s = sorted(values)
+    out = {"min": s[0], "mean": round(sum(s) / len(s), 1)}
+    for p in PERCENTILES:  # nearest-rank percentile
+        out[f"p{p}"] = s[min(len(s) - 1, max(0, -(-p * len(s) // 100) - 1))]
+    out["max"] = s[-1]
+    return out
+
+
+def _source(where: str) -> str:
+    return where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
+
+
+def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None, cutoff_len: int = 1024,
+                 template: str | None = None, columns: dict | None = None, n_examples: int = 3) -> dict:
+    """The statistics as a dict (what --json prints)."""
+    examples = read_examples(spec, dataset_dir, columns=columns)
+    pairs = [e for e in examples if isinstance(e, PreferencePair)]
+    sources = Counter(_source(e.where) for e in examples)
+    stats: dict = {"records": len(examples), "pairs": len(pairs),
+                   "unpaired": sum(isinstance(e, UnpairedExample) for e in examples),
+                   "sources": dict(sources), "unit": "tokens" if model else "characters"}
+    if model:
+        from preftune.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+        use_template = setup_chat_template(tokenizer, template)
+        report = TokenizeReport()
+        # untruncated lengths: the cutoff is applied by hand below, to count what it would do
+        toks, kept, unusable = [], [], []
+        for p in pairs:
+            try:
+                toks.append(tokenize_pair(tokenizer, p, 10**9, use_template, report))
+                kept.append(p)
+            except DataError as e:  # e.g. an empty completion: the run would stop on it
+                unusable.append(str(e))
+        stats["untokenizable"] = {"count": len(unusable), "first": unusable[:3]}
+        pairs = kept
+        prompt = [min(t.chosen_start, t.rejected_start) for t in toks]
+        chosen = [len(t.chosen_ids) - t.chosen_start for t in toks]
+        rejected = [len(t.rejected_ids) - t.rejected_start for t in toks]
+        # what the run's truncation does at the cutoff (the same function, not a copy of its rule)
+        cut = [tokenize_pair(tokenizer, p, cutoff_len, use_template, TokenizeReport()) for p in pairs]
+        truncated = sum(t.truncated for t in cut)
+        completion_cut = sum(len(a.chosen_ids) - a.chosen_start < c or len(a.rejected_ids) - a.rejected_start < r
+                             for a, c, r in zip(cut, chosen, rejected))
+        stats["cutoff_len"] = cutoff_len
+        stats["truncated"] = truncated
+        stats["truncated_completion"] = completion_cut
+        stats["dropped"] = 0  # preftune truncates long pairs, it never drops them
+        stats["boundary_merges"] = report.boundary_merges
+        stats["chat_template"] = use_template
+        rendered = []
+        for p, t in zip(pairs[:n_examples], toks):
+            rendered.append({"where": p.where,
+                             "chosen": tokenizer.decode(t.chosen_ids[:t.chosen_start]) + BOUNDARY
+                             + tokenizer.decode(t.chosen_ids[t.chosen_start:]),
+                             "rejected_completion": tokenizer.decode(t.rejected_ids[t.rejected_start:])})
+    else:
+        def prompt_chars(p: PreferencePair) -> int:
+            turns = p.messages or [{"content": p.prompt}]
+            return len(p.system or "") + sum(len(m["content"]) for m in turns)
+
+        prompt = [prompt_chars(p) for p in pairs]
+        chosen = [len(p.chosen) for p in pairs]
+        rejected = [len(p.rejected) for p in pairs]
+        rendered = []
+        for p in pairs[:n_examples]:
+            turns = ([{"role": "system", "content": p.system}] if p.system else []) + \
+                    (p.messages or [{"role": "user", "content": p.prompt}])
+            text = "".join(f"[{m['role']}] {m['content']}\n" for m in turns)
+            rendered.append({"where": p.where, "chosen": f"{text}[assistant] {BOUNDARY}{p.chosen}",
+                             "rejected_completion": p.rejected})
+    stats["lengths"] = {"prompt": _percentiles(prompt), "chosen": _percentiles(chosen),
+                        "rejected": _percentiles(rejected)}
+    keys = [(p.system, json.dumps(p.messages), p.prompt, p.chosen, p.rejected) for p in pairs]
+    stats["duplicates"] = len(keys) - len(set(keys))
+    stats["chosen_equals_rejected"] = sum(p.chosen == p.rejected for p in pairs)
+    stats["empty"] = {"prompt": sum(not p.prompt.strip() for p in pairs),
+                      "chosen": sum(not p.chosen.strip() for p in pairs),
+                      "rejected": sum(not p.rejected.strip() for p in pairs)}
+    n = max(len(pairs), 1)
+    stats["length_bias"] = {"chosen_longer": round(sum(c > r for c, r in zip(chosen, rejected)) / n, 4),
+                            "equal": round(sum(c == r for c, r in zip(chosen, rejected)) / n, 4),
+                            "rejected_longer": round(sum(c < r for c, r in zip(chosen, rejected)) / n, 4)}
+    stats["examples"] = rendered
+    stats["_lengths_raw"] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return stats
+
+
+def format_report(stats: dict) -> str:
+    unit = stats["unit"]
+    lines = [f"{stats['records']} records: {stats['pairs']} preference pairs, {stats['unpaired']} unpaired"]
+    lines += [f"  {n:6d}  {src}" for src, n in stats["sources"].items()]
+    lines.append(f"lengths in {unit}" + ("" if unit == "tokens" else " (give --model for tokens)") + ":")
+    cols = ["min", "mean"] + [f"p{p}" for p in PERCENTILES] + ["max"]
+    lines.append("  " + f"{'':9s}" + "".join(f"{c:>9s}" for c in cols))
+    for part, pct in stats["lengths"].items():
+        if pct:
+            lines.append("  " + f"{part:9s}" + "".join(f"{pct[c]:>9}" for c in cols))
+    if "truncated" in stats:
+        lines.append(f"cutoff_len {stats['cutoff_len']}: {stats['truncated']} pairs truncated "
+                     f"({stats['truncated_completion']} of them lose the end of a completion), "
+                     f"{stats['dropped']} dropped; {stats['boundary_merges']} with a token spanning the boundary")
+        if stats["untokenizable"]["count"]:
+            lines.append(f"{stats['untokenizable']['count']} pairs cannot be tokenized (a run stops on them): "
+                         + "; ".join(stats["untokenizable"]["first"]))
+    e = stats["empty"]
+    lines.append(f"duplicates: {stats['duplicates']}   chosen == rejected: {stats['chosen_equals_rejected']}   "
+                 f"empty prompt/chosen/rejected: {e['prompt']}/{e['chosen']}/{e['rejected']}")
+    b = stats["length_bias"]
+    lines.append(f"length bias: chosen longer in {b['chosen_longer']:.1%}, equal {b['equal']:.1%}, "
+                 f"rejected longer {b['rejected_longer']:.1%}")
+    for ex in stats["examples"]:
+        lines.append(f"--- {ex['where']} (completion starts at {BOUNDARY})")
+        lines.append(ex["chosen"])
+        lines.append(f"--- rejected completion: {ex['rejected_completion']}")
+    return "\n".join(lines)
+
+
+def plot_lengths(stats: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for part, values in stats["_lengths_raw"].items():
+        if values:
+            ax.hist(values, bins=40, alpha=0.5, label=part)
+    if "cutoff_len" in stats:
+        ax.axvline(stats["cutoff_len"], color="k", linestyle="--", label="cutoff_len")
+    ax.set_xlabel(stats["unit"])
+    ax.set_ylabel("pairs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="preftune inspect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", help="dataset entries, as the `dataset` config key takes them")
+    parser.add_argument("--model", help="tokenizer (model id or folder) for token lengths and rendering")
+    parser.add_argument("--cutoff_len", type=int, default=1024, help="count pairs longer than this (tokens)")
+    parser.add_argument("--template", help="built-in chat template for a tokenizer without one")
+    parser.add_argument("--dataset_dir", default="data", help="folder holding dataset_info.json")
+    parser.add_argument("--columns", help="field names of your data, e.g. '{prompt: question, chosen: good}'")
+    parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="write a histogram of the lengths")
+    opts = parser.parse_args(args)
+    columns = None
+    if opts.columns:  # the same parsing and checks as the `columns` config key
+        from preftune.config import from_dict
+
+        columns = from_dict({"columns": opts.columns}).columns
+    stats = inspect_data(opts.data, opts.dataset_dir, opts.model, opts.cutoff_len, opts.template, columns)
+    if opts.plot:
+        plot_lengths(stats, opts.plot)
+    raw = stats.pop("_lengths_raw")
+    print(json.dumps(stats, indent=2, ensure_ascii=False) if opts.json else format_report(stats))
+    stats["_lengths_raw"] = raw
+    return 0

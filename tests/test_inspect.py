@@ -1,0 +1,59 @@
+"""`preftune inspect`: counts, lengths, cutoff, duplicates, bias and rendered examples."""
+
+import json
+
+from preftune.cli import main
+from preftune.inspection import BOUNDARY, inspect_data
+
+CONV = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                   {"role": "assistant", "content": "4"}, {"role": "user", "content": "times 3?"}],
+        "chosen": [{"role": "assistant", "content": "twelve"}], "rejected": [{"role": "assistant", "content": "7"}]}
+PAIR = {"prompt": "How should I learn chess?", "chosen": "Start with the basics.", "rejected": "Whatever, really."}
+
+
+def write(tmp_path):
+    records = [PAIR, CONV, PAIR, {"prompt": "Q", "chosen": "same", "rejected": "same"},
+               {"prompt": "Q2", "chosen": "long " * 60, "rejected": "short"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "e.jsonl").write_text(json.dumps({"prompt": "x", "completion": "y", "label": True}) + "\n")
+    return f"{tmp_path / 'd.jsonl'},{tmp_path / 'e.jsonl'}"
+
+
+def test_statistics_in_characters_without_a_model(tmp_path):
+    stats = inspect_data(write(tmp_path))
+    assert (stats["records"], stats["pairs"], stats["unpaired"], stats["unit"]) == (6, 5, 1, "characters")
+    assert list(stats["sources"].values()) == [5, 1]
+    assert stats["duplicates"] == 1 and stats["chosen_equals_rejected"] == 1
+    assert stats["empty"] == {"prompt": 0, "chosen": 0, "rejected": 0}
+    # chosen longer in pairs 1, 2 (twelve > 7), 3 and 5; equal in 4
+    assert stats["length_bias"] == {"chosen_longer": 0.8, "equal": 0.2, "rejected_longer": 0.0}
+    assert stats["lengths"]["chosen"]["max"] == 300 and stats["lengths"]["prompt"]["min"] == 1
+    assert f"[user] times 3?\n[assistant] {BOUNDARY}twelve" in stats["examples"][1]["chosen"]
+
+
+def test_token_lengths_cutoff_and_rendered_examples_with_a_model(tmp_path, tiny_model_dir):
+    stats = inspect_data(write(tmp_path), model=str(tiny_model_dir), cutoff_len=60)
+    assert stats["unit"] == "tokens" and stats["chat_template"] is True
+    assert stats["truncated"] == 2 and stats["truncated_completion"] == 1 and stats["dropped"] == 0
+    ex = stats["examples"][1]["chosen"]
+    assert ex.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n")
+    assert ex.endswith(f"<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n{BOUNDARY}twelve<|im_end|>\n")
+    assert stats["lengths"]["rejected"]["min"] >= 2  # completion + end-of-turn tokens
+
+
+def test_inspect_command_text_json_and_plot(tmp_path, tiny_model_dir, capsys):
+    data = write(tmp_path)
+    assert main(["inspect", data]) == 0
+    out = capsys.readouterr().out
+    assert "6 records: 5 preference pairs, 1 unpaired" in out and "chosen longer in 80.0%" in out
+    png = tmp_path / "len.png"
+    assert main(["inspect", data, "--model", str(tiny_model_dir), "--cutoff_len", "60", "--json",
+                 "--plot", str(png)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["truncated"] == 2 and png.stat().st_size > 1000
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"q": "Q", "good": "yes!", "bad": "no"}) + "\n")
+    assert main(["inspect", str(tmp_path / "odd.jsonl"), "--columns", "{prompt: q, chosen: good, rejected: bad}",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["length_bias"]["chosen_longer"] == 1.0
+    assert main(["inspect", str(tmp_path / "missing.jsonl")]) == 2
+    assert "preftune: error: dataset" in capsys.readouterr().err

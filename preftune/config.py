@@ -34,6 +34,8 @@ def _f(default: Any, help: str) -> Any:
 # pref_loss name -> the config keys it takes beyond pref_beta, bound to the loss function's
 # keyword-only parameters of the same names (`TrainConfig.loss_kwargs`). Kept in sync with
 # preftune.losses.LOSSES and the functions' signatures (checked by a test).
+REFERENCE_FREE = frozenset({"simpo", "orpo"})  # as preftune.losses.REFERENCE_FREE (checked by a test)
+
 LOSSES: dict[str, tuple[str, ...]] = {
     "sigmoid": ("label_smoothing",),  # label_smoothing > 0: conservative DPO (cDPO)
     "hinge": (),
@@ -49,6 +51,8 @@ LOSSES: dict[str, tuple[str, ...]] = {
     "apo_down": (),
     "discopop": ("discopop_tau",),
     "sigmoid_norm": (),
+    "simpo": ("simpo_gamma",),  # reference-free
+    "orpo": (),  # reference-free
 }
 
 
@@ -71,9 +75,10 @@ class TrainConfig:
 
     # --- preference objective -----------------------------------------------------------
     pref_beta: float = _f(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
-    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm (docs/losses.md).")
+    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm; reference-free: simpo, orpo (docs/losses.md).")
     label_smoothing: float = _f(0.0, "Share eps in [0, 0.5) of preference labels assumed flipped: cDPO for sigmoid, robust DPO for robust, the label smoothing of exo_pair (needs eps > 0; paper: 1e-3), aot and aot_unpaired. Other losses refuse eps > 0.")
     discopop_tau: float = _f(0.05, "Temperature tau of the discopop loss's log-ratio modulation (paper and TRL default 0.05).")
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (>= 0, in reward units, after beta; LLaMA-Factory default 0.5).")
     pref_ftx: float = _f(0.0, "Weight of an NLL term on chosen (comes with the losses issue; must be 0 for now).")
 
     # --- data ---------------------------------------------------------------------------
@@ -138,7 +143,8 @@ class TrainConfig:
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The chosen loss's hyperparameters beyond beta, as keyword arguments for its function."""
-        values = {"label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau}
+        values = {"label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau,
+                  "simpo_gamma": self.simpo_gamma}
         return {key: values[key] for key in LOSSES[self.pref_loss]}
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,6 +272,10 @@ def validate(cfg: TrainConfig) -> None:
         bad("label_smoothing: exo_pair needs label_smoothing > 0 (its loss has log(label_smoothing)); the paper uses 1e-3")
     if not (cfg.discopop_tau > 0 and math.isfinite(cfg.discopop_tau)):
         bad(f"discopop_tau must be a positive number; got {cfg.discopop_tau}")
+    if not (cfg.simpo_gamma >= 0 and math.isfinite(cfg.simpo_gamma)):
+        bad(f"simpo_gamma must be a number >= 0 (SimPO's target reward margin); got {cfg.simpo_gamma}")
+    if cfg.ref_model and cfg.pref_loss in REFERENCE_FREE:
+        bad(f"ref_model: pref_loss {cfg.pref_loss} is reference-free and loads no reference model; remove ref_model")
     if cfg.pref_ftx != 0:
         bad("pref_ftx: the NLL term is not yet supported (it comes with the losses issue); set pref_ftx: 0")
     if cfg.resume_from_checkpoint not in (None, "", "false", "False"):

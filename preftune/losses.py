@@ -6,12 +6,18 @@ Every loss takes the same tensors, each of shape (B,) for B preference pairs:
     reference_chosen_logps, reference_rejected_logps  log pi_ref(y|x), summed likewise
     chosen_lengths, rejected_lengths                  completion token counts (for length-averaged losses)
 
-and returns `(losses, chosen_rewards, rejected_rewards)`, all (B,), unreduced. The rewards are
-DPO's implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)), detached, used for the
-`rewards/*` metrics whatever the loss. `LOSSES` maps the config's `pref_loss` to the function.
+and returns `(losses, chosen_rewards, rejected_rewards)`, all (B,), unreduced. For every loss
+with a reference the rewards are DPO's implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)),
+detached, used for the `rewards/*` metrics whatever the loss. `LOSSES` maps the config's `pref_loss` to the function.
+
+Reference-free losses (`REFERENCE_FREE`: `simpo`, `orpo`) take the same positional arguments, so
+every loss is called one way, but ignore the two reference tensors: the training loop passes None
+for them and never loads a reference model. Their rewards are beta * the policy's length-averaged
+log-prob, beta * log pi_theta(y|x) / |y| (as LLaMA-Factory and TRL's CPO/ORPO trainers log them),
+since there is no reference to form a log-ratio with.
 
 Hyperparameters beyond beta are keyword-only parameters named as their config keys
-(`label_smoothing`, `discopop_tau`); a loss declares only those it uses. The training loop binds
+(`label_smoothing`, `discopop_tau`, `simpo_gamma`); a loss declares only those it uses. The training loop binds
 them once from the config (`TrainConfig.loss_kwargs()`, with `functools.partial`), and the config
 refuses a value that the chosen loss would ignore. Notation in the docstrings:
 
@@ -280,6 +286,47 @@ def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, reference_chos
                               reference_chosen_logps, reference_rejected_logps))
 
 
+def _average_logps(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths):
+    return policy_chosen_logps / chosen_lengths.clamp(min=1), policy_rejected_logps / rejected_lengths.clamp(min=1)
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+               beta, chosen_lengths, rejected_lengths, *, simpo_gamma=0.5):
+    """SimPO (Meng et al. 2024, https://arxiv.org/abs/2405.14734, Eq. 6). Reference-free (the reference
+    tensors are ignored; pass None). Length-averaged log-probs, the reward is beta * log pi(y|x) / |y|:
+
+        loss = -log sigmoid(beta * (log pi(y_w)/|y_w| - log pi(y_l)/|y_l|) - gamma)
+
+    gamma = simpo_gamma is the target reward margin in reward units (after beta), as in the paper and
+    LLaMA-Factory (which writes it as beta * (diff - gamma / beta); its default 0.5 is ours) and as
+    TRL's CPOTrainer with loss_type simpo. The paper's beta is larger
+    than DPO's (2 to 10) because it scales a per-token average.
+    """
+    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+                                              chosen_lengths, rejected_lengths)
+    losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg) - simpo_gamma)
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+              beta, chosen_lengths, rejected_lengths):
+    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691, Eqs. 6-7). Reference-free (the
+    reference tensors are ignored; pass None). Length-averaged log-probs a = log pi(y|x) / |y|, as in
+    LLaMA-Factory and TRL's ORPOTrainer; beta is the paper's lambda (paper and TRL: 0.1):
+
+        log odds(y) = a - log(1 - e^a)
+        loss = -a_w + beta * (-log sigmoid(log odds(y_w) - log odds(y_l)))
+
+    The first term is the NLL of chosen per token (the SFT part), so ORPO needs no separate SFT stage.
+    log(1 - e^a) is computed as log(-expm1(a)), exact also for a near 0.
+    """
+    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+                                              chosen_lengths, rejected_lengths)
+    log_odds = (chosen_avg - rejected_avg) - (torch.log(-torch.expm1(chosen_avg)) - torch.log(-torch.expm1(rejected_avg)))
+    losses = -chosen_avg - beta * F.logsigmoid(log_odds)
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
 LOSSES = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,
@@ -295,4 +342,9 @@ LOSSES = {
     "apo_down": apo_down_loss,
     "discopop": discopop_loss,
     "sigmoid_norm": sigmoid_norm_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
 }
+
+# Losses that use no reference model: the loop loads none and computes no KL to it.
+REFERENCE_FREE = frozenset({"simpo", "orpo"})

@@ -72,7 +72,7 @@ def test_ipo_minimum_at_target():
 
 
 # A value for every hyperparameter beyond beta, passed to the losses that take it.
-HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05}
+HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05, "simpo_gamma": 0.5}
 
 
 def test_gradients_push_chosen_up_and_rejected_down():
@@ -233,3 +233,41 @@ def test_sigmoid_norm_by_hand():
     loss, chosen_rewards, _ = run("sigmoid_norm", 1.0)
     assert loss.tolist() == pytest.approx([0.3868710061, 1.1368710061], abs=1e-7)
     assert chosen_rewards.tolist() == pytest.approx([1.0, -1.0])
+
+
+def test_simpo_by_hand():
+    """Reference-free; length-averaged log-probs. Chosen -2 over 2 tokens (average -1), rejected -6 over 3
+    tokens (average -2). beta = 2, gamma = 0.5: beta * (-1 - (-2)) - gamma = 1.5;
+    loss = -log sigmoid(1.5) = log(1 + e^-1.5) = 0.2014132779. gamma = 0: log(1 + e^-2) = 0.1269280110.
+    Rewards beta * average log-prob: chosen -2, rejected -4. The reference tensors are not used (None)."""
+    chosen, rejected, lengths = torch.tensor([-2.0]), torch.tensor([-6.0]), (torch.tensor([2]), torch.tensor([3]))
+    loss, chosen_rewards, rejected_rewards = losses.simpo_loss(chosen, rejected, None, None, 2.0, *lengths,
+                                                               simpo_gamma=0.5)
+    assert loss.item() == pytest.approx(0.2014132779, abs=1e-7)
+    assert (chosen_rewards.item(), rejected_rewards.item()) == (-2.0, -4.0)
+    loss, _, _ = losses.simpo_loss(chosen, rejected, None, None, 2.0, *lengths, simpo_gamma=0.0)
+    assert loss.item() == pytest.approx(0.1269280110, abs=1e-7)
+
+
+def test_orpo_by_hand():
+    """Reference-free; length-averaged log-probs a. Chosen: a_w = ln(1/2) (2 tokens), odds = (1/2)/(1/2) = 1,
+    log odds 0. Rejected: a_l = ln(1/5) (3 tokens), odds = (1/5)/(4/5) = 1/4, log odds -ln 4.
+    Odds-ratio term: -log sigmoid(0 - (-ln 4)) = -log(4/5) = ln(5/4) = 0.2231435513.
+    beta = 0.1: loss = -a_w + 0.1 * ln(5/4) = 0.6931471806 + 0.0223143551 = 0.7154615357.
+    Rewards beta * a: chosen 0.1 ln(1/2) = -0.0693147181, rejected 0.1 ln(1/5) = -0.1609437912."""
+    chosen, rejected = torch.tensor([2 * math.log(0.5)]), torch.tensor([3 * math.log(0.2)])
+    loss, chosen_rewards, rejected_rewards = losses.orpo_loss(chosen, rejected, None, None, 0.1,
+                                                              torch.tensor([2]), torch.tensor([3]))
+    assert loss.item() == pytest.approx(0.7154615357, abs=1e-6)
+    assert chosen_rewards.item() == pytest.approx(-0.0693147181) and rejected_rewards.item() == pytest.approx(-0.1609437912)
+
+
+def test_reference_free_losses_ignore_the_reference():
+    for name in losses.REFERENCE_FREE:
+        with_reference = run(name, 0.5)
+        without = losses.LOSSES[name](POLICY_CHOSEN, POLICY_REJECTED, None, None, 0.5, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+        assert all(torch.equal(a, b) for a, b in zip(with_reference, without)), name
+
+
+def test_config_knows_the_reference_free_losses():
+    assert config.REFERENCE_FREE == losses.REFERENCE_FREE

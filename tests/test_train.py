@@ -127,3 +127,28 @@ def test_loop_and_evaluation_bind_the_loss_hyperparameters(tmp_path, tiny_model_
     summary = train_mod.train(cfg)
     assert len(seen) >= 3 and all(kwargs == {"label_smoothing": 1e-3} for kwargs in seen)  # 2 train + eval batches
     assert summary["config"]["label_smoothing"] == 1e-3
+
+
+@pytest.mark.parametrize("loss,beta", [("simpo", 2.0), ("orpo", 0.1)])
+def test_reference_free_loss_loads_no_reference_and_learns(tmp_path, tiny_model_dir, monkeypatch, loss, beta):
+    """simpo and orpo: one model loaded (the policy), no reference forward, no KL column, and held-out
+    accuracy (beta * average log-prob of chosen > of rejected) rises from its step-0 value."""
+    from preftune import models
+
+    loaded = []
+    real_load_model = models.load_model
+
+    def counting_load_model(name, cfg, what="model_name_or_path"):
+        loaded.append(what)
+        return real_load_model(name, cfg, what)
+
+    monkeypatch.setattr(models, "load_model", counting_load_model)
+    cfg = tiny_config(tmp_path, tiny_model_dir, pref_loss=loss, pref_beta=beta, max_steps=12, eval_steps=12,
+                      logging_steps=4, per_device_train_batch_size=8)
+    summary = train_mod.train(cfg)
+    assert loaded == ["model_name_or_path"]
+    assert summary["final"]["eval_rewards/accuracies"] > summary["baseline"]["eval_rewards/accuracies"] + 0.1
+    assert summary["final"]["eval_loss"] < summary["baseline"]["eval_loss"]
+    rows = json.loads((Path(cfg.output_dir) / "dpo_metrics" / "log_history.json").read_text())
+    assert not any("kl" in row or "eval_kl" in row for row in rows)  # absent, not 0
+    assert all("loss" in row or "eval_loss" in row for row in rows)

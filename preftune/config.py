@@ -79,7 +79,7 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "Share eps in [0, 0.5) of preference labels assumed flipped: cDPO for sigmoid, robust DPO for robust, the label smoothing of exo_pair (needs eps > 0; paper: 1e-3), aot and aot_unpaired. Other losses refuse eps > 0.")
     discopop_tau: float = _f(0.05, "Temperature tau of the discopop loss's log-ratio modulation (paper and TRL default 0.05).")
     simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (>= 0, in reward units, after beta; LLaMA-Factory default 0.5).")
-    pref_ftx: float = _f(0.0, "Weight of an NLL term on chosen (comes with the losses issue; must be 0 for now).")
+    pref_ftx: float = _f(0.0, "Weight of the SFT term added to any loss: pref_ftx * (NLL of the chosen completion per token, per pair), as LLaMA-Factory.")
 
     # --- data ---------------------------------------------------------------------------
     dataset: str | None = _f(None, "Comma list of dataset names from <dataset_dir>/dataset_info.json, or paths to JSON/JSONL files.")
@@ -227,6 +227,9 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
                 raise ConfigError(f"{source}: mixed_precision must be one of no, fp16, bf16; got {value!r}")
             values["bf16"], values["fp16"] = mp == "bf16", mp == "fp16"
             continue
+        if key == "rpo_alpha":  # older TRL: not the same normalisation, so not an alias
+            raise ConfigError(f"{source}: rpo_alpha (older TRL) averages the NLL over all chosen tokens of the batch; "
+                              "preftune's pref_ftx (LLaMA-Factory) averages it per pair. Use pref_ftx")
         if key == "ref_model" and value == "same_as_policy":
             values["ref_model"] = None
             continue
@@ -276,8 +279,8 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"simpo_gamma must be a number >= 0 (SimPO's target reward margin); got {cfg.simpo_gamma}")
     if cfg.ref_model and cfg.pref_loss in REFERENCE_FREE:
         bad(f"ref_model: pref_loss {cfg.pref_loss} is reference-free and loads no reference model; remove ref_model")
-    if cfg.pref_ftx != 0:
-        bad("pref_ftx: the NLL term is not yet supported (it comes with the losses issue); set pref_ftx: 0")
+    if not (cfg.pref_ftx >= 0 and math.isfinite(cfg.pref_ftx)):
+        bad(f"pref_ftx must be a number >= 0 (the weight of the chosen NLL term); got {cfg.pref_ftx}")
     if cfg.resume_from_checkpoint not in (None, "", "false", "False"):
         bad("resume_from_checkpoint is not yet supported (it comes with the models issue); remove it")
     if cfg.optimizer.lower() != "adamw":

@@ -16,6 +16,10 @@ for them and never loads a reference model. Their rewards are beta * the policy'
 log-prob, beta * log pi_theta(y|x) / |y| (as LLaMA-Factory and TRL's CPO/ORPO trainers log them),
 since there is no reference to form a log-ratio with.
 
+`chosen_nll` is the per-token NLL of each chosen completion, -log pi_theta(y_w|x) / |y_w|: the SFT
+term that `pref_ftx` adds to any loss (`train.configured_loss`), normalised per pair as LLaMA-Factory
+does, and the `nll_loss` metric.
+
 Hyperparameters beyond beta are keyword-only parameters named as their config keys
 (`label_smoothing`, `discopop_tau`, `simpo_gamma`); a loss declares only those it uses. The training loop binds
 them once from the config (`TrainConfig.loss_kwargs()`, with `functools.partial`), and the config
@@ -284,6 +288,11 @@ def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, reference_chos
     losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
+
+
+def chosen_nll(policy_chosen_logps, chosen_lengths):
+    """-log pi(y_w|x) / |y_w|, (B,): the chosen completion's NLL per token, for each pair."""
+    return -policy_chosen_logps / chosen_lengths.clamp(min=1)
 
 
 def _average_logps(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths):

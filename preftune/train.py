@@ -28,7 +28,7 @@ from preftune.config import TrainConfig
 from preftune.data import load_pairs
 from preftune.errors import ConfigError
 from preftune.logps import completion_kl, get_batch_logps
-from preftune.losses import LOSSES, REFERENCE_FREE
+from preftune.losses import LOSSES, REFERENCE_FREE, chosen_nll
 from preftune.models import load_policy_and_reference, load_tokenizer
 from preftune.report import MetricsLog
 from preftune.tokenization import TokenizeReport, tokenize_pairs
@@ -88,6 +88,7 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
         "rewards/margins": chosen_rewards - rejected_rewards,
         "logps/chosen": policy_chosen_logps.detach(),  # summed over completion tokens
         "logps/rejected": policy_rejected_logps.detach(),
+        "nll_loss": chosen_nll(policy_chosen_logps.detach(), lengths[:B]),  # per chosen token, TRL's CPO/ORPO name
     }
     kl_stats = None
     if kl:
@@ -98,8 +99,20 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
 
 def configured_loss(cfg: TrainConfig):
     """The loss function `cfg.pref_loss` names, its hyperparameters beyond beta (label_smoothing,
-    discopop_tau, as the loss takes them) bound from the config."""
-    return functools.partial(LOSSES[cfg.pref_loss], **cfg.loss_kwargs())
+    discopop_tau, simpo_gamma, as the loss takes them) bound from the config, plus
+    pref_ftx * chosen_nll (LLaMA-Factory's SFT term) when pref_ftx > 0. Same signature as the losses."""
+    loss_fn = functools.partial(LOSSES[cfg.pref_loss], **cfg.loss_kwargs())
+    if cfg.pref_ftx == 0:
+        return loss_fn
+
+    def loss_with_nll(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                      beta, chosen_lengths, rejected_lengths):
+        losses, chosen_rewards, rejected_rewards = loss_fn(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            beta, chosen_lengths, rejected_lengths)
+        return losses + cfg.pref_ftx * chosen_nll(policy_chosen_logps, chosen_lengths), chosen_rewards, rejected_rewards
+
+    return loss_with_nll
 
 
 def _unwrap(module):

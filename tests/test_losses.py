@@ -271,3 +271,19 @@ def test_reference_free_losses_ignore_the_reference():
 
 def test_config_knows_the_reference_free_losses():
     assert config.REFERENCE_FREE == losses.REFERENCE_FREE
+
+
+def test_pref_ftx_adds_the_chosen_nll_per_token():
+    """pref_ftx = 0.5 on sigmoid, beta = 0.1. Chosen NLL per token: 10 / 2 = 5 (pair 0), 12 / 2 = 6 (pair 1).
+    loss_0 = 0.5981388693 + 0.5 * 5 = 3.0981388693;  loss_1 = 0.7981388693 + 0.5 * 6 = 3.7981388693.
+    Rewards unchanged. On orpo (already holding one chosen NLL) it adds a second, as in LLaMA-Factory."""
+    cfg = config.from_dict({"pref_loss": "sigmoid", "pref_ftx": 0.5})
+    loss, chosen_rewards, _ = configured_loss(cfg)(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN,
+                                                   REFERENCE_REJECTED, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([3.0981388693, 3.7981388693], abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    assert losses.chosen_nll(POLICY_CHOSEN, CHOSEN_LENGTHS).tolist() == [5.0, 6.0]
+    orpo = configured_loss(config.from_dict({"pref_loss": "orpo", "pref_ftx": 1.0}))
+    plain = configured_loss(config.from_dict({"pref_loss": "orpo"}))
+    args = (POLICY_CHOSEN, POLICY_REJECTED, None, None, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert (orpo(*args)[0] - plain(*args)[0]).tolist() == pytest.approx([5.0, 6.0])

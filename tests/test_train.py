@@ -17,7 +17,7 @@ from preftune.logps import get_batch_logps
 from preftune.tokenization import tokenize_pairs
 
 REQUIRED = ["step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected", "kl", "grad_norm", "learning_rate", "tokens_per_second",
+            "logps/chosen", "logps/rejected", "nll_loss", "kl", "grad_norm", "learning_rate", "tokens_per_second",
             "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl", "eval_train_gap"]
 
 
@@ -152,3 +152,21 @@ def test_reference_free_loss_loads_no_reference_and_learns(tmp_path, tiny_model_
     rows = json.loads((Path(cfg.output_dir) / "dpo_metrics" / "log_history.json").read_text())
     assert not any("kl" in row or "eval_kl" in row for row in rows)  # absent, not 0
     assert all("loss" in row or "eval_loss" in row for row in rows)
+
+
+def test_preference_step_adds_pref_ftx_and_logs_the_chosen_nll(tiny_model_dir):
+    """On the tiny model: loss(pref_ftx = 0.5) - loss(pref_ftx = 0) = 0.5 * nll_loss per pair, and
+    nll_loss = -log pi(chosen) / (chosen completion tokens), from the same forward pass."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [PreferencePair(**p) for p in make_pairs(4, 1)]
+    batch = collate(tokenize_pairs(tokenizer, pairs, 128, None), tokenizer.pad_token_id)
+    policy = train_mod.PolicyLogps(model, 1024)
+    with torch.no_grad():
+        plain, stats, _ = train_mod.preference_step(policy, model, batch, train_mod.configured_loss(from_dict({})),
+                                                    0.1, 1024)
+        with_nll, _, _ = train_mod.preference_step(
+            policy, model, batch, train_mod.configured_loss(from_dict({"pref_ftx": 0.5})), 0.1, 1024)
+        logps, lengths = get_batch_logps(model, **batch)
+    assert torch.allclose(stats["nll_loss"], -logps[:4] / lengths[:4])
+    assert torch.allclose(with_nll - plain, 0.5 * stats["nll_loss"])

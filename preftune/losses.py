@@ -10,7 +10,7 @@ and returns `(losses, chosen_rewards, rejected_rewards)`, all (B,), unreduced. F
 with a reference the rewards are DPO's implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)),
 detached, used for the `rewards/*` metrics whatever the loss. `LOSSES` maps the config's `pref_loss` to the function.
 
-Reference-free losses (`REFERENCE_FREE`: `simpo`, `orpo`) take the same positional arguments, so
+Reference-free losses (`REFERENCE_FREE`: `simpo`, `orpo`, `sft`) take the same positional arguments, so
 every loss is called one way, but ignore the two reference tensors: the training loop passes None
 for them and never loads a reference model. Their rewards are beta * the policy's length-averaged
 log-prob, beta * log pi_theta(y|x) / |y| (as LLaMA-Factory and TRL's CPO/ORPO trainers log them),
@@ -22,7 +22,7 @@ does, and the `nll_loss` metric.
 
 Hyperparameters beyond beta are keyword-only parameters named as their config keys
 (`label_smoothing`, `discopop_tau`, `simpo_gamma`); a loss declares only those it uses. The training loop binds
-them once from the config (`TrainConfig.loss_kwargs()`, with `functools.partial`), and the config
+them once from the config (`TrainConfig.loss_kwargs(name)`, with `functools.partial`), and the config
 refuses a value that the chosen loss would ignore. Notation in the docstrings:
 
     r_w = log pi(y_w|x) - log pi_ref(y_w|x),  r_l likewise for y_l  (summed log-ratios)
@@ -336,6 +336,24 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
+def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta, chosen_lengths, rejected_lengths):
+    """SFT on chosen as a loss of its own, TRL's `sft` loss_type (for combinations such as
+    `[sigmoid, bco_pair, sft]`). Reference-free (reference tensors ignored). The NLL is averaged over
+    all chosen tokens of the micro-batch, as TRL does, and given to every pair, so that the mean over
+    pairs is that token average:
+
+        loss_i = -sum_j log pi(y_w,j|x_j) / sum_j |y_w,j|    (the same for every pair i)
+
+    Long completions weigh more than in `pref_ftx`, whose NLL is per token within each pair
+    (LLaMA-Factory). Rewards beta * log pi(y|x) / |y|, as for the other reference-free losses.
+    """
+    nll = -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+                                              chosen_lengths, rejected_lengths)
+    return nll.expand_as(policy_chosen_logps), beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
 LOSSES = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,
@@ -353,7 +371,8 @@ LOSSES = {
     "sigmoid_norm": sigmoid_norm_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
+    "sft": sft_loss,
 }
 
 # Losses that use no reference model: the loop loads none and computes no KL to it.
-REFERENCE_FREE = frozenset({"simpo", "orpo"})
+REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})

@@ -98,21 +98,38 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
 
 
 def configured_loss(cfg: TrainConfig):
-    """The loss function `cfg.pref_loss` names, its hyperparameters beyond beta (label_smoothing,
-    discopop_tau, simpo_gamma, as the loss takes them) bound from the config, plus
-    pref_ftx * chosen_nll (LLaMA-Factory's SFT term) when pref_ftx > 0. Same signature as the losses."""
-    loss_fn = functools.partial(LOSSES[cfg.pref_loss], **cfg.loss_kwargs())
-    if cfg.pref_ftx == 0:
-        return loss_fn
+    """The objective `cfg` names, with the signature of a single loss: the loss function(s) of
+    `pref_loss`, each with its hyperparameters beyond beta (label_smoothing, discopop_tau, simpo_gamma)
+    bound from the config; several are summed with `loss_weights` (default 1.0 each), per pair, so
+    the mean over pairs is sum_k w_k * mean(loss_k) as in TRL; plus pref_ftx * chosen_nll
+    (LLaMA-Factory's SFT term) when pref_ftx > 0.
 
-    def loss_with_nll(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                      beta, chosen_lengths, rejected_lengths):
-        losses, chosen_rewards, rejected_rewards = loss_fn(
-            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-            beta, chosen_lengths, rejected_lengths)
-        return losses + cfg.pref_ftx * chosen_nll(policy_chosen_logps, chosen_lengths), chosen_rewards, rejected_rewards
+    Rewards come from the first loss in the list that uses the reference (DPO's implicit rewards),
+    else from the first loss. With aot/aot_unpaired in a sum, per-pair values mix sorted and pair
+    order; only their mean (the training loss) is meaningful then.
+    """
+    names = cfg.pref_losses
+    weights = cfg.loss_weights or [1.0] * len(names)
+    loss_fns = [functools.partial(LOSSES[name], **cfg.loss_kwargs(name)) for name in names]
+    if len(loss_fns) == 1 and weights[0] == 1.0 and cfg.pref_ftx == 0:
+        return loss_fns[0]
+    rewards_from = next((k for k, name in enumerate(names) if name not in REFERENCE_FREE), 0)
 
-    return loss_with_nll
+    def objective(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths):
+        total = 0.0
+        for k, (loss_fn, weight) in enumerate(zip(loss_fns, weights)):
+            losses, chosen_rewards, rejected_rewards = loss_fn(
+                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                beta, chosen_lengths, rejected_lengths)
+            total = total + weight * losses
+            if k == rewards_from:
+                rewards = chosen_rewards, rejected_rewards
+        if cfg.pref_ftx:
+            total = total + cfg.pref_ftx * chosen_nll(policy_chosen_logps, chosen_lengths)
+        return total, *rewards
+
+    return objective
 
 
 def _unwrap(module):
@@ -173,7 +190,7 @@ def train(cfg: TrainConfig) -> dict:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
-    model, reference = load_policy_and_reference(cfg, with_reference=cfg.pref_loss not in REFERENCE_FREE)
+    model, reference = load_policy_and_reference(cfg, with_reference=cfg.uses_reference)
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,

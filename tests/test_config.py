@@ -74,7 +74,8 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ({"pref_beta": -0.1}, "pref_beta \\(beta\\) must be a positive number"),
     ({"beta": 0}, "must be a positive number"),
     ({"pref_loss": "sigmod"}, "unknown loss 'sigmod'.*Did you mean 'sigmoid'"),
-    ({"pref_loss": "kto_pair"}, "unknown loss 'kto_pair'"),
+    ({"pref_loss": "kto_pair"}, "kto_pair is not supported: LLaMA-Factory hands it to TRL's dpo_loss"),
+    ({"pref_bco_weight": 0.5}, "pref_bco_weight: LLaMA-Factory's BCO term .* is not yet supported"),
     ({"stage": "sft"}, "stage: 'sft'"),
     ({"finetuning_type": "freeze"}, "not yet supported"),
     ({"learning_rate": "fast"}, "learning_rate' got 'fast'; expected float"),
@@ -98,6 +99,12 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ({"pref_loss": "simpo", "simpo_gamma": -0.5}, "simpo_gamma must be a number >= 0"),
     ({"pref_loss": "simpo", "label_smoothing": 0.1}, "pref_loss simpo does not use it"),
     ({"pref_loss": "orpo", "ref_model": "other/model"}, "orpo is reference-free and loads no reference model"),
+    ({"pref_loss": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights: 1 weights for 2 losses in pref_loss"),
+    ({"pref_loss": ["sigmoid", "sigmod"]}, "unknown loss 'sigmod'.*Did you mean 'sigmoid'"),
+    ({"pref_loss": "sigmoid,sigmoid"}, "names a loss twice"),
+    ({"pref_loss": "sigmoid", "loss_weights": [-1.0]}, "loss_weights must be numbers >= 0"),
+    ({"loss_weights": "a,b"}, "loss_weights' got 'a,b'"),
+    ({"pref_loss": "simpo,sft", "label_smoothing": 0.1}, "pref_loss simpo,sft does not use it"),
 ])
 def test_invalid_values_give_one_clear_line(raw, message):
     with pytest.raises(ConfigError, match=message) as err:

@@ -120,10 +120,12 @@ def per_token(logps, completion_mask):
     return shifted * (logps / shifted.sum(dim=1)).unsqueeze(1)
 
 
-def trl_losses(loss_type, beta, label_smoothing, discopop_tau, policy_logps, reference_logps, batch, tmp_path):
-    """TRL's per-pair losses, chosen and rejected rewards, and returned (mean) loss for the batch."""
+def trl_losses(loss_type, beta, label_smoothing, discopop_tau, policy_logps, reference_logps, batch, tmp_path,
+               loss_weights=None):
+    """TRL's per-pair losses, chosen and rejected rewards for the batch. For a list of loss types
+    (a combination), TRL's returned loss (sum_k w_k * mean of loss_k) in place of the per-pair losses."""
     args = trl.DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                         discopop_tau=discopop_tau, use_cpu=True, report_to="none")
+                         discopop_tau=discopop_tau, use_cpu=True, report_to="none", loss_weights=loss_weights)
     gathered = []
 
     def gather(tensor):
@@ -142,6 +144,9 @@ def trl_losses(loss_type, beta, label_smoothing, discopop_tau, policy_logps, ref
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=gather, gather_for_metrics=lambda t: t))
     with RecordFirstMean() as recorder:
         loss = trl.DPOTrainer._compute_loss(trainer, policy, dict(batch), return_outputs=False)
+    chosen_rewards, rejected_rewards = gathered[:2]  # the first two gathers: rewards/chosen, rewards/rejected
+    if isinstance(loss_type, list):
+        return loss, chosen_rewards, rejected_rewards
     assert recorder.tensor.shape == (len(policy_logps) // 2,)
     assert recorder.tensor.mean().item() == pytest.approx(loss.item(), abs=1e-12)  # it is per_sequence_loss
     chosen_rewards, rejected_rewards = gathered[:2]  # the first two gathers: rewards/chosen, rewards/rejected
@@ -232,3 +237,26 @@ def test_orpo_matches_trl_orpo(beta, seed):
     assert_close(actual[0], -average[:B] - trl_ratio, "orpo losses")
     assert_close(actual[1], trl_chosen_rewards, "orpo chosen rewards")
     assert_close(actual[2], trl_rejected_rewards, "orpo rejected rewards")
+
+
+@pytest.mark.parametrize("loss_types,loss_weights,hyperparameters", [
+    (["sigmoid", "bco_pair", "sft"], [1.0, 0.5, 0.2], {}),
+    (["sigmoid", "sft"], None, {}),
+    (["ipo", "sft"], [1.0, 2.0], {}),
+    (["robust", "aot", "sft"], [0.5, 0.5, 1.0], {"label_smoothing": 0.2}),
+])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_combined_losses_match_trl(loss_types, loss_weights, hyperparameters, seed, tmp_path):
+    """A list pref_loss with loss_weights against TRL's loss_type list with loss_weights: the training
+    loss (TRL: sum_k w_k * mean(loss_k); preftune: the mean over pairs of sum_k w_k * loss_k) and the
+    rewards (DPO's, from the first loss that uses the reference). TRL's sft averages over the batch's
+    chosen tokens; so does preftune's."""
+    policy_logps, reference_logps, lengths, batch = random_batch(seed)
+    expected_loss, *expected_rewards = trl_losses(
+        loss_types, 0.5, hyperparameters.get("label_smoothing", 0.0), 0.05, policy_logps, reference_logps, batch,
+        tmp_path, loss_weights=loss_weights)
+    raw = {"loss_type": loss_types, **hyperparameters, **({"loss_weights": loss_weights} if loss_weights else {})}
+    actual = preftune_losses(raw.pop("loss_type"), 0.5, raw, policy_logps, reference_logps, lengths)
+    assert actual[0].mean().item() == pytest.approx(expected_loss.item(), abs=ATOL)
+    assert_close(actual[1], expected_rewards[0], "chosen rewards")
+    assert_close(actual[2], expected_rewards[1], "rejected rewards")

@@ -78,7 +78,8 @@ HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05, "simpo_gamma": 
 def test_gradients_push_chosen_up_and_rejected_down():
     # apo_down is built to lower the chosen likelihood too (for chosen answers worse than the
     # model's own): d loss / d r_w = beta * (sigmoid'(beta r_w) - sigmoid'(beta h)) > 0 here.
-    excluded = {"apo_down"}
+    # sft does not touch rejected (its gradient there is 0).
+    excluded = {"apo_down", "sft"}
     for name in losses.LOSSES.keys() - excluded:
         policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
         policy_rejected = POLICY_REJECTED.clone().requires_grad_()
@@ -114,13 +115,13 @@ def test_config_binds_exactly_the_keyword_parameters_each_loss_takes():
 
 def test_configured_loss_binds_the_config_values():
     cfg = config.from_dict({"pref_loss": "sigmoid", "label_smoothing": 0.1})
-    assert cfg.loss_kwargs() == {"label_smoothing": 0.1}
+    assert cfg.loss_kwargs("sigmoid") == {"label_smoothing": 0.1}
     loss, _, _ = configured_loss(cfg)(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
                                       CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss.tolist() == pytest.approx([0.6181388693, 0.7781388693], abs=1e-7)  # cDPO, see below
     cfg = config.from_dict({"pref_loss": "discopop", "discopop_tau": 0.5})
-    assert cfg.loss_kwargs() == {"discopop_tau": 0.5}
-    assert config.from_dict({"pref_loss": "hinge"}).loss_kwargs() == {}
+    assert cfg.loss_kwargs("discopop") == {"discopop_tau": 0.5}
+    assert config.from_dict({"pref_loss": "hinge"}).loss_kwargs("hinge") == {}
 
 
 def test_sigmoid_with_label_smoothing_is_cdpo():
@@ -287,3 +288,27 @@ def test_pref_ftx_adds_the_chosen_nll_per_token():
     plain = configured_loss(config.from_dict({"pref_loss": "orpo"}))
     args = (POLICY_CHOSEN, POLICY_REJECTED, None, None, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert (orpo(*args)[0] - plain(*args)[0]).tolist() == pytest.approx([5.0, 6.0])
+
+
+def test_sft_by_hand():
+    """TRL's sft: the chosen NLL averaged over all chosen tokens of the batch, the same for every pair:
+    (10 + 12) / (2 + 2) = 5.5 (pref_ftx's per-pair average would give 5 and 6). Rewards beta * average
+    log-prob: beta = 0.1, chosen (-0.5, -0.6)."""
+    loss, chosen_rewards, _ = losses.sft_loss(POLICY_CHOSEN, POLICY_REJECTED, None, None, 0.1, CHOSEN_LENGTHS,
+                                              REJECTED_LENGTHS)
+    assert loss.tolist() == [5.5, 5.5]
+    assert chosen_rewards.tolist() == pytest.approx([-0.5, -0.6])
+
+
+def test_combined_losses_by_hand():
+    """pref_loss [sigmoid, sft], loss_weights [1, 0.5], beta = 0.1: sigmoid (0.5981388693, 0.7981388693)
+    + 0.5 * sft (5.5, 5.5) = (3.3481388693, 3.5481388693). Rewards are DPO's (sigmoid uses the reference;
+    sft does not): chosen (0.1, -0.1). With pref_ftx = 1 also + (5, 6)."""
+    args = (POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    cfg = config.from_dict({"pref_loss": ["sigmoid", "sft"], "loss_weights": [1, 0.5]})
+    loss, chosen_rewards, _ = configured_loss(cfg)(*args)
+    assert loss.tolist() == pytest.approx([3.3481388693, 3.5481388693], abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    cfg = config.from_dict({"pref_loss": "sigmoid,sft", "loss_weights": "1,0.5", "pref_ftx": 1.0})
+    assert configured_loss(cfg)(*args)[0].tolist() == pytest.approx([8.3481388693, 9.5481388693], abs=1e-6)
+    assert cfg.uses_reference and not config.from_dict({"pref_loss": "simpo,sft"}).uses_reference

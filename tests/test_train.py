@@ -129,7 +129,7 @@ def test_loop_and_evaluation_bind_the_loss_hyperparameters(tmp_path, tiny_model_
     assert summary["config"]["label_smoothing"] == 1e-3
 
 
-@pytest.mark.parametrize("loss,beta", [("simpo", 2.0), ("orpo", 0.1)])
+@pytest.mark.parametrize("loss,beta", [("simpo", 2.0), ("orpo", 0.1), ("simpo,sft", 2.0)])
 def test_reference_free_loss_loads_no_reference_and_learns(tmp_path, tiny_model_dir, monkeypatch, loss, beta):
     """simpo and orpo: one model loaded (the policy), no reference forward, no KL column, and held-out
     accuracy (beta * average log-prob of chosen > of rejected) rises from its step-0 value."""

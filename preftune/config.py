@@ -51,6 +51,7 @@ LOSSES: dict[str, tuple[str, ...]] = {
     "apo_down": (),
     "discopop": ("discopop_tau",),
     "sigmoid_norm": (),
+    "kto_pair": (),  # LLaMA-Factory's (TRL 0.8-0.9's) paired KTO
     "simpo": ("simpo_gamma",),  # reference-free
     "orpo": (),  # reference-free
     "sft": (),  # reference-free; TRL's sft loss_type, for combinations
@@ -76,7 +77,7 @@ class TrainConfig:
 
     # --- preference objective -----------------------------------------------------------
     pref_beta: float = _f(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
-    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm; reference-free: simpo, orpo, sft. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")
+    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, kto_pair; reference-free: simpo, orpo, sft. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")
     loss_weights: list[float] | None = _f(None, "Weights of the losses in pref_loss, same length (default: all 1.0); the loss is sum_k w_k * mean over pairs of loss_k, as TRL.")
     label_smoothing: float = _f(0.0, "Share eps in [0, 0.5) of preference labels assumed flipped: cDPO for sigmoid, robust DPO for robust, the label smoothing of exo_pair (needs eps > 0; paper: 1e-3), aot and aot_unpaired. Other losses refuse eps > 0.")
     discopop_tau: float = _f(0.05, "Temperature tau of the discopop loss's log-ratio modulation (paper and TRL default 0.05).")
@@ -280,9 +281,6 @@ def validate(cfg: TrainConfig) -> None:
     if not (cfg.pref_beta > 0 and math.isfinite(cfg.pref_beta)):
         bad(f"pref_beta (beta) must be a positive number; got {cfg.pref_beta}")
     names = cfg.pref_losses
-    if "kto_pair" in names:
-        bad("pref_loss: kto_pair is not supported: LLaMA-Factory hands it to TRL's dpo_loss, and TRL (1.16) no longer "
-            "has it; KTO comes with the unpaired losses")
     for name in names:
         if name not in LOSSES:
             match = difflib.get_close_matches(name, LOSSES, n=1)

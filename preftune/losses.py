@@ -295,6 +295,28 @@ def chosen_nll(policy_chosen_logps, chosen_lengths):
     return -policy_chosen_logps / chosen_lengths.clamp(min=1)
 
 
+def kto_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths):
+    """KTO on pairs, as LLaMA-Factory's `kto_pair` computes it (TRL 0.8-0.9's DPOTrainer, which it calls;
+    HALOs/KTO, Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306, Eq. 7 with both weights 1).
+    Summed log-probs. The KL reference point of each side is estimated on the other side of the
+    micro-batch, z_w = max(0, mean_batch r_w) and z_l = max(0, mean_batch r_l):
+
+        loss = 1/2 [(1 - sigmoid(beta (r_w - z_l))) + (1 - sigmoid(beta (z_w - r_l)))]
+
+    TRL returned the 2B chosen and rejected terms side by side; the mean over pairs of this half-sum is
+    the same number. As there, gradients flow through z_w and z_l (the KTO paper detaches its
+    reference point), and a pair's loss depends on the micro-batch.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    chosen_kl, rejected_kl = chosen_logratios.mean().clamp(min=0), rejected_logratios.mean().clamp(min=0)
+    losses = 0.5 * ((1 - torch.sigmoid(beta * (chosen_logratios - rejected_kl)))
+                    + (1 - torch.sigmoid(beta * (chosen_kl - rejected_logratios))))
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
 def _average_logps(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths):
     return policy_chosen_logps / chosen_lengths.clamp(min=1), policy_rejected_logps / rejected_lengths.clamp(min=1)
 
@@ -369,6 +391,7 @@ LOSSES = {
     "apo_down": apo_down_loss,
     "discopop": discopop_loss,
     "sigmoid_norm": sigmoid_norm_loss,
+    "kto_pair": kto_pair_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
     "sft": sft_loss,

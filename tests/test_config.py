@@ -74,7 +74,6 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ({"pref_beta": -0.1}, "pref_beta \\(beta\\) must be a positive number"),
     ({"beta": 0}, "must be a positive number"),
     ({"pref_loss": "sigmod"}, "unknown loss 'sigmod'.*Did you mean 'sigmoid'"),
-    ({"pref_loss": "kto_pair"}, "kto_pair is not supported: LLaMA-Factory hands it to TRL's dpo_loss"),
     ({"pref_bco_weight": 0.5}, "pref_bco_weight: LLaMA-Factory's BCO term .* is not yet supported"),
     ({"stage": "sft"}, "stage: 'sft'"),
     ({"finetuning_type": "freeze"}, "not yet supported"),

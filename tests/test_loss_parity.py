@@ -168,7 +168,9 @@ def assert_close(actual, expected, what):
 
 
 def test_every_trl_loss_is_covered():
-    assert {case[0] for case in CASES} == set(LOSSES) - REFERENCE_FREE  # those: TRL's CPO/ORPO trainers, below
+    # simpo, orpo: TRL's CPO/ORPO trainers, below; sft: in combinations, below; kto_pair: gone from TRL
+    # (LLaMA-Factory's, from TRL 0.8-0.9), checked by hand in test_losses.py
+    assert {case[0] for case in CASES} == set(LOSSES) - REFERENCE_FREE - {"kto_pair"}
 
 
 @pytest.mark.parametrize("loss_type,beta,hyperparameters", CASES,

@@ -312,3 +312,19 @@ def test_combined_losses_by_hand():
     cfg = config.from_dict({"pref_loss": "sigmoid,sft", "loss_weights": "1,0.5", "pref_ftx": 1.0})
     assert configured_loss(cfg)(*args)[0].tolist() == pytest.approx([8.3481388693, 9.5481388693], abs=1e-6)
     assert cfg.uses_reference and not config.from_dict({"pref_loss": "simpo,sft"}).uses_reference
+
+
+def test_kto_pair_by_hand():
+    """LLaMA-Factory's kto_pair. r_w = (2, 0), r_l = (0, 2): z_w = max(0, mean r_w) = 1, z_l = 1; beta = 1.
+    pair 0: 1/2 [(1 - sigmoid(2 - 1)) + (1 - sigmoid(1 - 0))] = 1 - sigmoid(1) = 0.2689414214
+    pair 1: 1/2 [(1 - sigmoid(0 - 1)) + (1 - sigmoid(1 - 2))] = sigmoid(1) = 0.7310585786
+    With r_w = (-2, 0) the mean -1 is clamped: z_w = 0, so pair 0's rejected term is 1 - sigmoid(0 - 0) = 0.5
+    and its chosen term 1 - sigmoid(-2 - 1) = 0.9525741268: loss 0.7262870634. Rewards DPO's: chosen (-2, 0)."""
+    zero = torch.zeros(2)
+    loss, _, _ = losses.kto_pair_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0]), zero, zero, 1.0,
+                                      CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([0.2689414214, 0.7310585786], abs=1e-7)
+    loss, chosen_rewards, _ = losses.kto_pair_loss(torch.tensor([-2.0, 0.0]), torch.tensor([0.0, 2.0]), zero, zero,
+                                                   1.0, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss[0].item() == pytest.approx(0.7262870634, abs=1e-7)
+    assert chosen_rewards.tolist() == [-2.0, 0.0]

@@ -23,7 +23,8 @@ does, and the `nll_loss` metric.
 Hyperparameters beyond beta are keyword-only parameters named as their config keys
 (`label_smoothing`, `discopop_tau`, `simpo_gamma`); a loss declares only those it uses. The training loop binds
 them once from the config (`TrainConfig.loss_kwargs(name)`, with `functools.partial`), and the config
-refuses a value that the chosen loss would ignore. Notation in the docstrings:
+refuses a value that the chosen loss would ignore. A list `pref_loss` is a weighted sum of these
+functions, formed in `train.configured_loss`, not here. Notation in the docstrings:
 
     r_w = log pi(y_w|x) - log pi_ref(y_w|x),  r_l likewise for y_l  (summed log-ratios)
     h = r_w - r_l                                                    (DPO's margin)

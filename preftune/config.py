@@ -82,7 +82,7 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "Share eps in [0, 0.5) of preference labels assumed flipped: cDPO for sigmoid, robust DPO for robust, the label smoothing of exo_pair (needs eps > 0; paper: 1e-3), aot and aot_unpaired. Other losses refuse eps > 0.")
     discopop_tau: float = _f(0.05, "Temperature tau of the discopop loss's log-ratio modulation (paper and TRL default 0.05).")
     simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (>= 0, in reward units, after beta; LLaMA-Factory default 0.5).")
-    pref_bco_weight: float = _f(0.0, "LLaMA-Factory's BCO term weight (needs its running reward baseline; must be 0 for now: use pref_loss [sigmoid, bco_pair] with loss_weights).")
+    pref_bco_weight: float = _f(0.0, "Weight w of LLaMA-Factory's BCO term (with its running reward shift): loss becomes (loss + w * bco) / (1 + w). Needs a loss with the reference.")
     pref_ftx: float = _f(0.0, "Weight of the SFT term added to any loss: pref_ftx * (NLL of the chosen completion per token, per pair), as LLaMA-Factory.")
 
     # --- data ---------------------------------------------------------------------------
@@ -308,9 +308,11 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"simpo_gamma must be a number >= 0 (SimPO's target reward margin); got {cfg.simpo_gamma}")
     if cfg.ref_model and not cfg.uses_reference:
         bad(f"ref_model: pref_loss {cfg.pref_loss} is reference-free and loads no reference model; remove ref_model")
-    if cfg.pref_bco_weight != 0:
-        bad("pref_bco_weight: LLaMA-Factory's BCO term (with a running-mean reward shift) is not yet supported; "
-            "set it to 0, or use pref_loss [sigmoid, bco_pair] with loss_weights (BCO without the shift)")
+    if not (cfg.pref_bco_weight >= 0 and math.isfinite(cfg.pref_bco_weight)):
+        bad(f"pref_bco_weight must be a number >= 0; got {cfg.pref_bco_weight}")
+    if cfg.pref_bco_weight > 0 and not cfg.uses_reference:
+        bad(f"pref_bco_weight: BCO needs the reference and pref_loss {cfg.pref_loss} is reference-free "
+            "(LLaMA-Factory ignores it there); set it to 0")
     if not (cfg.pref_ftx >= 0 and math.isfinite(cfg.pref_ftx)):
         bad(f"pref_ftx must be a number >= 0 (the weight of the chosen NLL term); got {cfg.pref_ftx}")
     if cfg.resume_from_checkpoint not in (None, "", "false", "False"):

@@ -318,6 +318,20 @@ def kto_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
                               reference_chosen_logps, reference_rejected_logps))
 
 
+def bco_shifted_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                     beta, reward_shift):
+    """BCO with its reward shift delta (Jung et al. 2024, https://arxiv.org/abs/2404.04656), the term
+    LLaMA-Factory's `pref_bco_weight` mixes into a loss (`train.configured_loss` keeps delta, a running
+    mean of the batch-mean rewards). Summed log-probs:
+
+        loss = -log sigmoid(beta r_w - delta) - log sigmoid(-(beta r_l - delta))
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    return (-F.logsigmoid(beta * chosen_logratios - reward_shift)
+            - F.logsigmoid(-(beta * rejected_logratios - reward_shift)))
+
+
 def _average_logps(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths):
     return policy_chosen_logps / chosen_lengths.clamp(min=1), policy_rejected_logps / rejected_lengths.clamp(min=1)
 

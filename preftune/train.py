@@ -28,7 +28,7 @@ from preftune.config import TrainConfig
 from preftune.data import load_pairs
 from preftune.errors import ConfigError
 from preftune.logps import completion_kl, get_batch_logps
-from preftune.losses import LOSSES, REFERENCE_FREE, chosen_nll
+from preftune.losses import LOSSES, REFERENCE_FREE, bco_shifted_loss, chosen_nll
 from preftune.models import load_policy_and_reference, load_tokenizer
 from preftune.report import MetricsLog
 from preftune.tokenization import TokenizeReport, tokenize_pairs
@@ -104,6 +104,12 @@ def configured_loss(cfg: TrainConfig):
     the mean over pairs is sum_k w_k * mean(loss_k) as in TRL; plus pref_ftx * chosen_nll
     (LLaMA-Factory's SFT term) when pref_ftx > 0.
 
+    pref_bco_weight = w > 0 mixes in BCO with its reward shift as LLaMA-Factory does:
+    (loss + w * bco) / (1 + w), before pref_ftx. The shift delta is the running mean, over the calls
+    of this objective, of each micro-batch's mean reward beta * (r_w, r_l), this call's included; a
+    training run keeps one, each evaluation pass starts its own (LLaMA-Factory shares one between
+    training and evaluation), and with several processes each keeps its own (LLaMA-Factory gathers).
+
     Rewards come from the first loss in the list that uses the reference (DPO's implicit rewards),
     else from the first loss. With aot/aot_unpaired in a sum, per-pair values mix sorted and pair
     order; only their mean (the training loss) is meaningful then.
@@ -111,9 +117,10 @@ def configured_loss(cfg: TrainConfig):
     names = cfg.pref_losses
     weights = cfg.loss_weights or [1.0] * len(names)
     loss_fns = [functools.partial(LOSSES[name], **cfg.loss_kwargs(name)) for name in names]
-    if len(loss_fns) == 1 and weights[0] == 1.0 and cfg.pref_ftx == 0:
+    if len(loss_fns) == 1 and weights[0] == 1.0 and cfg.pref_ftx == 0 and cfg.pref_bco_weight == 0:
         return loss_fns[0]
     rewards_from = next((k for k, name in enumerate(names) if name not in REFERENCE_FREE), 0)
+    bco_shift = {"mean": 0.0, "count": 0}  # the running mean delta of pref_bco_weight
 
     def objective(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                   beta, chosen_lengths, rejected_lengths):
@@ -125,6 +132,14 @@ def configured_loss(cfg: TrainConfig):
             total = total + weight * losses
             if k == rewards_from:
                 rewards = chosen_rewards, rejected_rewards
+        if cfg.pref_bco_weight:
+            batch_reward = beta * torch.cat((policy_chosen_logps - reference_chosen_logps,
+                                             policy_rejected_logps - reference_rejected_logps)).mean().item()
+            bco_shift["count"] += 1
+            bco_shift["mean"] += (batch_reward - bco_shift["mean"]) / bco_shift["count"]
+            bco = bco_shifted_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, beta, bco_shift["mean"])
+            total = (total + cfg.pref_bco_weight * bco) / (1 + cfg.pref_bco_weight)
         if cfg.pref_ftx:
             total = total + cfg.pref_ftx * chosen_nll(policy_chosen_logps, chosen_lengths)
         return total, *rewards

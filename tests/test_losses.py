@@ -328,3 +328,22 @@ def test_kto_pair_by_hand():
                                                    1.0, CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss[0].item() == pytest.approx(0.7262870634, abs=1e-7)
     assert chosen_rewards.tolist() == [-2.0, 0.0]
+
+
+def test_pref_bco_weight_mixes_in_bco_with_a_running_reward_shift():
+    """LLaMA-Factory's pref_bco_weight w = 0.5 on sigmoid, beta = 0.1: loss = (sigmoid + w * bco) / (1 + w),
+    bco = -log sigmoid(beta r_w - delta) - log sigmoid(-(beta r_l - delta)), delta the running mean of
+    the calls' batch-mean rewards.
+    Call 1 (the fixture): rewards (0.1, -0.1, -0.1, 0.1), mean 0, delta 0: bco = bco_pair = (1.2887933201, 1.4887933201);
+      loss = ((0.5981388693 + 0.6443966601) / 1.5, (0.7981388693 + 0.7443966601) / 1.5) = (0.8283570196, 1.0283570196).
+    Call 2: r_w = (2, 0), r_l = (0, 0): rewards mean 0.05, delta = (0 + 0.05) / 2 = 0.025;
+      pair 0: sigmoid softplus(-0.2) = 0.5981388694, bco softplus(-0.175) + softplus(-0.025) = 1.2901957342 -> 0.8288244910
+      pair 1: sigmoid ln 2 = 0.6931471806, bco softplus(0.025) + softplus(-0.025) = 1.3864506071 -> 0.9242483227"""
+    objective = configured_loss(config.from_dict({"pref_loss": "sigmoid", "pref_bco_weight": 0.5}))
+    loss, chosen_rewards, _ = objective(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
+                                        CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([0.8283570196, 1.0283570196], abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    zero = torch.zeros(2)
+    loss, _, _ = objective(torch.tensor([2.0, 0.0]), zero, zero, zero, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([0.8288244910, 0.9242483227], abs=1e-6)

@@ -34,6 +34,8 @@ def _f(default: Any, help: str) -> Any:
 # pref_loss name -> the config keys it takes beyond pref_beta, bound to the loss function's
 # keyword-only parameters of the same names (`TrainConfig.loss_kwargs`). Kept in sync with
 # preftune.losses.LOSSES and the functions' signatures (checked by a test).
+REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})  # as preftune.losses.REFERENCE_FREE (checked by a test)
+
 LOSSES: dict[str, tuple[str, ...]] = {
     "sigmoid": ("label_smoothing",),  # label_smoothing > 0: conservative DPO (cDPO)
     "hinge": (),
@@ -49,6 +51,10 @@ LOSSES: dict[str, tuple[str, ...]] = {
     "apo_down": (),
     "discopop": ("discopop_tau",),
     "sigmoid_norm": (),
+    "kto_pair": (),  # LLaMA-Factory's (TRL 0.8-0.9's) paired KTO
+    "simpo": ("simpo_gamma",),  # reference-free
+    "orpo": (),  # reference-free
+    "sft": (),  # reference-free; TRL's sft loss_type, for combinations
 }
 
 
@@ -71,10 +77,13 @@ class TrainConfig:
 
     # --- preference objective -----------------------------------------------------------
     pref_beta: float = _f(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
-    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm (docs/losses.md).")
+    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, kto_pair; reference-free: simpo, orpo, sft. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")
+    loss_weights: list[float] | None = _f(None, "Weights of the losses in pref_loss, same length (default: all 1.0); the loss is sum_k w_k * mean over pairs of loss_k, as TRL.")
     label_smoothing: float = _f(0.0, "Share eps in [0, 0.5) of preference labels assumed flipped: cDPO for sigmoid, robust DPO for robust, the label smoothing of exo_pair (needs eps > 0; paper: 1e-3), aot and aot_unpaired. Other losses refuse eps > 0.")
     discopop_tau: float = _f(0.05, "Temperature tau of the discopop loss's log-ratio modulation (paper and TRL default 0.05).")
-    pref_ftx: float = _f(0.0, "Weight of an NLL term on chosen (comes with the losses issue; must be 0 for now).")
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (>= 0, in reward units, after beta; LLaMA-Factory default 0.5).")
+    pref_bco_weight: float = _f(0.0, "Weight w of LLaMA-Factory's BCO term (with its running reward shift): loss becomes (loss + w * bco) / (1 + w). Needs a loss with the reference.")
+    pref_ftx: float = _f(0.0, "Weight of the SFT term added to any loss: pref_ftx * (NLL of the chosen completion per token, per pair), as LLaMA-Factory.")
 
     # --- data ---------------------------------------------------------------------------
     dataset: str | None = _f(None, "Comma list of dataset names from <dataset_dir>/dataset_info.json, files (JSON, JSONL, CSV, Parquet), save_to_disk folders, or hub ids; folders and hub ids take an optional :split.")
@@ -138,10 +147,21 @@ class TrainConfig:
     def mixed_precision(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
-    def loss_kwargs(self) -> dict[str, Any]:
-        """The chosen loss's hyperparameters beyond beta, as keyword arguments for its function."""
-        values = {"label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau}
-        return {key: values[key] for key in LOSSES[self.pref_loss]}
+    @property
+    def pref_losses(self) -> list[str]:
+        """pref_loss as a list of loss names (it is stored as written: one name or a comma list)."""
+        return [name.strip() for name in self.pref_loss.split(",")]
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether any loss in pref_loss needs the reference model (else none is loaded)."""
+        return any(name not in REFERENCE_FREE for name in self.pref_losses)
+
+    def loss_kwargs(self, name: str) -> dict[str, Any]:
+        """Loss `name`'s hyperparameters beyond beta, as keyword arguments for its function."""
+        values = {"label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau,
+                  "simpo_gamma": self.simpo_gamma}
+        return {key: values[key] for key in LOSSES[name]}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +221,11 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if get_origin(base) is list:  # a YAML list, or a comma list from the command line
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or any(isinstance(v, bool) for v in items):
+                raise ValueError
+            return [float(v) for v in items]
         if base is str:
             if isinstance(value, list):  # YAML list for a comma-list key
                 return ",".join(str(v) for v in value)
@@ -230,6 +255,9 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
                 raise ConfigError(f"{source}: mixed_precision must be one of no, fp16, bf16; got {value!r}")
             values["bf16"], values["fp16"] = mp == "bf16", mp == "fp16"
             continue
+        if key == "rpo_alpha":  # older TRL: not the same normalisation, so not an alias
+            raise ConfigError(f"{source}: rpo_alpha (older TRL) averages the NLL over all chosen tokens of the batch; "
+                              "preftune's pref_ftx (LLaMA-Factory) averages it per pair. Use pref_ftx")
         if key == "ref_model" and value == "same_as_policy":
             values["ref_model"] = None
             continue
@@ -261,22 +289,41 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"finetuning_type: unknown value '{cfg.finetuning_type}'; use full")
     if not (cfg.pref_beta > 0 and math.isfinite(cfg.pref_beta)):
         bad(f"pref_beta (beta) must be a positive number; got {cfg.pref_beta}")
-    if cfg.pref_loss not in LOSSES:
-        match = difflib.get_close_matches(cfg.pref_loss, LOSSES, n=1)
-        hint = f" Did you mean '{match[0]}'?" if match else ""
-        bad(f"pref_loss: unknown loss '{cfg.pref_loss}'; choose one of {', '.join(LOSSES)}.{hint}")
+    names = cfg.pref_losses
+    for name in names:
+        if name not in LOSSES:
+            match = difflib.get_close_matches(name, LOSSES, n=1)
+            hint = f" Did you mean '{match[0]}'?" if match else ""
+            bad(f"pref_loss: unknown loss '{name}'; choose one of {', '.join(LOSSES)}.{hint}")
+    if len(set(names)) < len(names):
+        bad(f"pref_loss: '{cfg.pref_loss}' names a loss twice; weight it with loss_weights instead")
+    if cfg.loss_weights is not None:
+        if len(cfg.loss_weights) != len(names):
+            bad(f"loss_weights: {len(cfg.loss_weights)} weights for {len(names)} losses in pref_loss ({cfg.pref_loss}); "
+                "give one per loss")
+        if not all(math.isfinite(w) and w >= 0 for w in cfg.loss_weights):
+            bad(f"loss_weights must be numbers >= 0; got {cfg.loss_weights}")
     if not 0 <= cfg.label_smoothing < 0.5:
         bad(f"label_smoothing must be in [0, 0.5) (a share of flipped labels; robust divides by 1 - 2 * label_smoothing); "
             f"got {cfg.label_smoothing}")
-    if cfg.label_smoothing > 0 and "label_smoothing" not in LOSSES[cfg.pref_loss]:
+    if cfg.label_smoothing > 0 and not any("label_smoothing" in LOSSES[name] for name in names):
         users = ", ".join(name for name, keys in LOSSES.items() if "label_smoothing" in keys)
         bad(f"label_smoothing: pref_loss {cfg.pref_loss} does not use it; set it to 0 or choose one of {users}")
-    if cfg.pref_loss == "exo_pair" and cfg.label_smoothing == 0:
+    if "exo_pair" in names and cfg.label_smoothing == 0:
         bad("label_smoothing: exo_pair needs label_smoothing > 0 (its loss has log(label_smoothing)); the paper uses 1e-3")
     if not (cfg.discopop_tau > 0 and math.isfinite(cfg.discopop_tau)):
         bad(f"discopop_tau must be a positive number; got {cfg.discopop_tau}")
-    if cfg.pref_ftx != 0:
-        bad("pref_ftx: the NLL term is not yet supported (it comes with the losses issue); set pref_ftx: 0")
+    if not (cfg.simpo_gamma >= 0 and math.isfinite(cfg.simpo_gamma)):
+        bad(f"simpo_gamma must be a number >= 0 (SimPO's target reward margin); got {cfg.simpo_gamma}")
+    if cfg.ref_model and not cfg.uses_reference:
+        bad(f"ref_model: pref_loss {cfg.pref_loss} is reference-free and loads no reference model; remove ref_model")
+    if not (cfg.pref_bco_weight >= 0 and math.isfinite(cfg.pref_bco_weight)):
+        bad(f"pref_bco_weight must be a number >= 0; got {cfg.pref_bco_weight}")
+    if cfg.pref_bco_weight > 0 and not cfg.uses_reference:
+        bad(f"pref_bco_weight: BCO needs the reference and pref_loss {cfg.pref_loss} is reference-free "
+            "(LLaMA-Factory ignores it there); set it to 0")
+    if not (cfg.pref_ftx >= 0 and math.isfinite(cfg.pref_ftx)):
+        bad(f"pref_ftx must be a number >= 0 (the weight of the chosen NLL term); got {cfg.pref_ftx}")
     if cfg.resume_from_checkpoint not in (None, "", "false", "False"):
         bad("resume_from_checkpoint is not yet supported (it comes with the models issue); remove it")
     if cfg.optimizer.lower() != "adamw":

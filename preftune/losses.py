@@ -6,14 +6,25 @@ Every loss takes the same tensors, each of shape (B,) for B preference pairs:
     reference_chosen_logps, reference_rejected_logps  log pi_ref(y|x), summed likewise
     chosen_lengths, rejected_lengths                  completion token counts (for length-averaged losses)
 
-and returns `(losses, chosen_rewards, rejected_rewards)`, all (B,), unreduced. The rewards are
-DPO's implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)), detached, used for the
-`rewards/*` metrics whatever the loss. `LOSSES` maps the config's `pref_loss` to the function.
+and returns `(losses, chosen_rewards, rejected_rewards)`, all (B,), unreduced. For every loss
+with a reference the rewards are DPO's implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)),
+detached, used for the `rewards/*` metrics whatever the loss. `LOSSES` maps the config's `pref_loss` to the function.
+
+Reference-free losses (`REFERENCE_FREE`: `simpo`, `orpo`, `sft`) take the same positional arguments, so
+every loss is called one way, but ignore the two reference tensors: the training loop passes None
+for them and never loads a reference model. Their rewards are beta * the policy's length-averaged
+log-prob, beta * log pi_theta(y|x) / |y| (as LLaMA-Factory and TRL's CPO/ORPO trainers log them),
+since there is no reference to form a log-ratio with.
+
+`chosen_nll` is the per-token NLL of each chosen completion, -log pi_theta(y_w|x) / |y_w|: the SFT
+term that `pref_ftx` adds to any loss (`train.configured_loss`), normalised per pair as LLaMA-Factory
+does, and the `nll_loss` metric.
 
 Hyperparameters beyond beta are keyword-only parameters named as their config keys
-(`label_smoothing`, `discopop_tau`); a loss declares only those it uses. The training loop binds
-them once from the config (`TrainConfig.loss_kwargs()`, with `functools.partial`), and the config
-refuses a value that the chosen loss would ignore. Notation in the docstrings:
+(`label_smoothing`, `discopop_tau`, `simpo_gamma`); a loss declares only those it uses. The training loop binds
+them once from the config (`TrainConfig.loss_kwargs(name)`, with `functools.partial`), and the config
+refuses a value that the chosen loss would ignore. A list `pref_loss` is a weighted sum of these
+functions, formed in `train.configured_loss`, not here. Notation in the docstrings:
 
     r_w = log pi(y_w|x) - log pi_ref(y_w|x),  r_l likewise for y_l  (summed log-ratios)
     h = r_w - r_l                                                    (DPO's margin)
@@ -280,6 +291,106 @@ def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, reference_chos
                               reference_chosen_logps, reference_rejected_logps))
 
 
+def chosen_nll(policy_chosen_logps, chosen_lengths):
+    """-log pi(y_w|x) / |y_w|, (B,): the chosen completion's NLL per token, for each pair."""
+    return -policy_chosen_logps / chosen_lengths.clamp(min=1)
+
+
+def kto_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths):
+    """KTO on pairs, as LLaMA-Factory's `kto_pair` computes it (TRL 0.8-0.9's DPOTrainer, which it calls;
+    HALOs/KTO, Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306, Eq. 7 with both weights 1).
+    Summed log-probs. The KL reference point of each side is estimated on the other side of the
+    micro-batch, z_w = max(0, mean_batch r_w) and z_l = max(0, mean_batch r_l):
+
+        loss = 1/2 [(1 - sigmoid(beta (r_w - z_l))) + (1 - sigmoid(beta (z_w - r_l)))]
+
+    TRL returned the 2B chosen and rejected terms side by side; the mean over pairs of this half-sum is
+    the same number. As there, gradients flow through z_w and z_l (the KTO paper detaches its
+    reference point), and a pair's loss depends on the micro-batch.
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    chosen_kl, rejected_kl = chosen_logratios.mean().clamp(min=0), rejected_logratios.mean().clamp(min=0)
+    losses = 0.5 * ((1 - torch.sigmoid(beta * (chosen_logratios - rejected_kl)))
+                    + (1 - torch.sigmoid(beta * (chosen_kl - rejected_logratios))))
+    return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                              reference_chosen_logps, reference_rejected_logps))
+
+
+def bco_shifted_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                     beta, reward_shift):
+    """BCO with its reward shift delta (Jung et al. 2024, https://arxiv.org/abs/2404.04656), the term
+    LLaMA-Factory's `pref_bco_weight` mixes into a loss (`train.configured_loss` keeps delta, a running
+    mean of the batch-mean rewards). Summed log-probs:
+
+        loss = -log sigmoid(beta r_w - delta) - log sigmoid(-(beta r_l - delta))
+    """
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    return (-F.logsigmoid(beta * chosen_logratios - reward_shift)
+            - F.logsigmoid(-(beta * rejected_logratios - reward_shift)))
+
+
+def _average_logps(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths):
+    return policy_chosen_logps / chosen_lengths.clamp(min=1), policy_rejected_logps / rejected_lengths.clamp(min=1)
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+               beta, chosen_lengths, rejected_lengths, *, simpo_gamma=0.5):
+    """SimPO (Meng et al. 2024, https://arxiv.org/abs/2405.14734, Eq. 6). Reference-free (the reference
+    tensors are ignored; pass None). Length-averaged log-probs, the reward is beta * log pi(y|x) / |y|:
+
+        loss = -log sigmoid(beta * (log pi(y_w)/|y_w| - log pi(y_l)/|y_l|) - gamma)
+
+    gamma = simpo_gamma is the target reward margin in reward units (after beta), as in the paper and
+    LLaMA-Factory (which writes it as beta * (diff - gamma / beta); its default 0.5 is ours) and as
+    TRL's CPOTrainer with loss_type simpo. The paper's beta is larger
+    than DPO's (2 to 10) because it scales a per-token average.
+    """
+    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+                                              chosen_lengths, rejected_lengths)
+    losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg) - simpo_gamma)
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+              beta, chosen_lengths, rejected_lengths):
+    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691, Eqs. 6-7). Reference-free (the
+    reference tensors are ignored; pass None). Length-averaged log-probs a = log pi(y|x) / |y|, as in
+    LLaMA-Factory and TRL's ORPOTrainer; beta is the paper's lambda (paper and TRL: 0.1):
+
+        log odds(y) = a - log(1 - e^a)
+        loss = -a_w + beta * (-log sigmoid(log odds(y_w) - log odds(y_l)))
+
+    The first term is the NLL of chosen per token (the SFT part), so ORPO needs no separate SFT stage.
+    log(1 - e^a) is computed as log(-expm1(a)), exact also for a near 0.
+    """
+    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+                                              chosen_lengths, rejected_lengths)
+    log_odds = (chosen_avg - rejected_avg) - (torch.log(-torch.expm1(chosen_avg)) - torch.log(-torch.expm1(rejected_avg)))
+    losses = -chosen_avg - beta * F.logsigmoid(log_odds)
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta, chosen_lengths, rejected_lengths):
+    """SFT on chosen as a loss of its own, TRL's `sft` loss_type (for combinations such as
+    `[sigmoid, bco_pair, sft]`). Reference-free (reference tensors ignored). The NLL is averaged over
+    all chosen tokens of the micro-batch, as TRL does, and given to every pair, so that the mean over
+    pairs is that token average:
+
+        loss_i = -sum_j log pi(y_w,j|x_j) / sum_j |y_w,j|    (the same for every pair i)
+
+    Long completions weigh more than in `pref_ftx`, whose NLL is per token within each pair
+    (LLaMA-Factory). Rewards beta * log pi(y|x) / |y|, as for the other reference-free losses.
+    """
+    nll = -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+                                              chosen_lengths, rejected_lengths)
+    return nll.expand_as(policy_chosen_logps), beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
 LOSSES = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,
@@ -295,4 +406,11 @@ LOSSES = {
     "apo_down": apo_down_loss,
     "discopop": discopop_loss,
     "sigmoid_norm": sigmoid_norm_loss,
+    "kto_pair": kto_pair_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
+    "sft": sft_loss,
 }
+
+# Losses that use no reference model: the loop loads none and computes no KL to it.
+REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})

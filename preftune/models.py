@@ -58,12 +58,16 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             module.attention_dropout = p
 
 
-def load_policy_and_reference(cfg):
+def load_policy_and_reference(cfg, with_reference: bool = True):
+    """The policy, and the frozen reference, or None when `with_reference` is false (a
+    reference-free loss: no second model in memory)."""
     policy = load_model(cfg.model_name_or_path, cfg)
     if cfg.dropout is not None:
         set_dropout(policy, cfg.dropout)
     elif cfg.disable_dropout:
         set_dropout(policy, 0.0)
+    if not with_reference:
+        return policy, None
     reference = load_model(cfg.ref_model or cfg.model_name_or_path, cfg,
                            "ref_model" if cfg.ref_model else "model_name_or_path (reference copy)")
     reference.requires_grad_(False)

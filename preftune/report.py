@@ -19,10 +19,11 @@ log = logging.getLogger("preftune")
 
 METRIC_NOTES = {
     "logps/chosen, logps/rejected": "log pi_theta(y|x) summed over completion tokens (not averaged)",
-    "rewards/chosen, rewards/rejected": "beta * (log pi_theta(y|x) - log pi_ref(y|x)), summed log-probs",
+    "rewards/chosen, rewards/rejected": "beta * (log pi_theta(y|x) - log pi_ref(y|x)), summed log-probs; "
+                                          "reference-free losses (simpo, orpo): beta * log pi_theta(y|x) / |y|",
     "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; a tie counts 0.5",
     "rewards/margins": "rewards/chosen - rewards/rejected",
-    "kl": "mean over completion tokens of the exact KL(pi_theta(.|context) || pi_ref(.|context)) over the "
+    "kl": "absent for reference-free losses (simpo, orpo); otherwise the mean over completion tokens of the exact KL(pi_theta(.|context) || pi_ref(.|context)) over the "
           "vocabulary, teacher-forced on the dataset's chosen and rejected completions (train: up to 512 tokens of "
           "the logging step's last micro-batch; eval: every token of the validation set)",
     "eval_train_gap": "eval_loss - train loss of the latest logging step; eval_train_gap_pct relative to it",

@@ -28,7 +28,7 @@ from preftune.config import TrainConfig
 from preftune.data import load_pairs
 from preftune.errors import ConfigError
 from preftune.logps import completion_kl, get_batch_logps
-from preftune.losses import LOSSES
+from preftune.losses import LOSSES, REFERENCE_FREE, bco_shifted_loss, chosen_nll
 from preftune.models import load_policy_and_reference, load_tokenizer
 from preftune.report import MetricsLog
 from preftune.tokenization import TokenizeReport, tokenize_pairs
@@ -58,17 +58,22 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
     bound (`configured_loss(cfg)`; a bare `LOSSES[name]` uses the functions' defaults, and
     exo_pair has no default label_smoothing).
 
-    With kl=True also returns (sum of per-token KL to the reference, token count), computed from
-    the hidden states both forward passes already produced; otherwise None.
+    `reference` is None for a reference-free loss (simpo, orpo): no reference forward, the loss
+    gets None for the reference log-probs, and there is no KL to compute.
+
+    With kl=True (and a reference) also returns (sum of per-token KL to the reference, token
+    count), computed from the hidden states both forward passes already produced; otherwise None.
     """
+    kl = kl and reference is not None
     policy_out = policy(**batch, return_hidden=kl)
     policy_logps, lengths = policy_out[:2]  # (2B,), (2B,)
-    with torch.no_grad():
-        reference_out = get_batch_logps(reference, chunk_size=chunk_size, return_hidden=kl, **batch)
-    reference_logps = reference_out[0]
     B = policy_logps.size(0) // 2
     policy_chosen_logps, policy_rejected_logps = policy_logps[:B], policy_logps[B:]
-    reference_chosen_logps, reference_rejected_logps = reference_logps[:B], reference_logps[B:]
+    reference_chosen_logps = reference_rejected_logps = None
+    if reference is not None:
+        with torch.no_grad():
+            reference_out = get_batch_logps(reference, chunk_size=chunk_size, return_hidden=kl, **batch)
+        reference_chosen_logps, reference_rejected_logps = reference_out[0][:B], reference_out[0][B:]
     losses, chosen_rewards, rejected_rewards = loss_fn(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         beta, lengths[:B], lengths[B:])
@@ -83,6 +88,7 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
         "rewards/margins": chosen_rewards - rejected_rewards,
         "logps/chosen": policy_chosen_logps.detach(),  # summed over completion tokens
         "logps/rejected": policy_rejected_logps.detach(),
+        "nll_loss": chosen_nll(policy_chosen_logps.detach(), lengths[:B]),  # per chosen token, TRL's CPO/ORPO name
     }
     kl_stats = None
     if kl:
@@ -92,9 +98,53 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
 
 
 def configured_loss(cfg: TrainConfig):
-    """The loss function `cfg.pref_loss` names, its hyperparameters beyond beta (label_smoothing,
-    discopop_tau, as the loss takes them) bound from the config."""
-    return functools.partial(LOSSES[cfg.pref_loss], **cfg.loss_kwargs())
+    """The objective `cfg` names, with the signature of a single loss: the loss function(s) of
+    `pref_loss`, each with its hyperparameters beyond beta (label_smoothing, discopop_tau, simpo_gamma)
+    bound from the config; several are summed with `loss_weights` (default 1.0 each), per pair, so
+    the mean over pairs is sum_k w_k * mean(loss_k) as in TRL; plus pref_ftx * chosen_nll
+    (LLaMA-Factory's SFT term) when pref_ftx > 0.
+
+    pref_bco_weight = w > 0 mixes in BCO with its reward shift as LLaMA-Factory does:
+    (loss + w * bco) / (1 + w), before pref_ftx. The shift delta is the running mean, over the calls
+    of this objective, of each micro-batch's mean reward beta * (r_w, r_l), this call's included; a
+    training run keeps one, each evaluation pass starts its own (LLaMA-Factory shares one between
+    training and evaluation), and with several processes each keeps its own (LLaMA-Factory gathers).
+
+    Rewards come from the first loss in the list that uses the reference (DPO's implicit rewards),
+    else from the first loss. With aot/aot_unpaired in a sum, per-pair values mix sorted and pair
+    order; only their mean (the training loss) is meaningful then.
+    """
+    names = cfg.pref_losses
+    weights = cfg.loss_weights or [1.0] * len(names)
+    loss_fns = [functools.partial(LOSSES[name], **cfg.loss_kwargs(name)) for name in names]
+    if len(loss_fns) == 1 and weights[0] == 1.0 and cfg.pref_ftx == 0 and cfg.pref_bco_weight == 0:
+        return loss_fns[0]
+    rewards_from = next((k for k, name in enumerate(names) if name not in REFERENCE_FREE), 0)
+    bco_shift = {"mean": 0.0, "count": 0}  # the running mean delta of pref_bco_weight
+
+    def objective(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta, chosen_lengths, rejected_lengths):
+        total = 0.0
+        for k, (loss_fn, weight) in enumerate(zip(loss_fns, weights)):
+            losses, chosen_rewards, rejected_rewards = loss_fn(
+                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                beta, chosen_lengths, rejected_lengths)
+            total = total + weight * losses
+            if k == rewards_from:
+                rewards = chosen_rewards, rejected_rewards
+        if cfg.pref_bco_weight:
+            batch_reward = beta * torch.cat((policy_chosen_logps - reference_chosen_logps,
+                                             policy_rejected_logps - reference_rejected_logps)).mean().item()
+            bco_shift["count"] += 1
+            bco_shift["mean"] += (batch_reward - bco_shift["mean"]) / bco_shift["count"]
+            bco = bco_shifted_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, beta, bco_shift["mean"])
+            total = (total + cfg.pref_bco_weight * bco) / (1 + cfg.pref_bco_weight)
+        if cfg.pref_ftx:
+            total = total + cfg.pref_ftx * chosen_nll(policy_chosen_logps, chosen_lengths)
+        return total, *rewards
+
+    return objective
 
 
 def _unwrap(module):
@@ -103,7 +153,8 @@ def _unwrap(module):
 
 @torch.no_grad()
 def evaluate(policy, reference, pairs, cfg, pad_id, accelerator) -> dict[str, float]:
-    """Mean of every statistic over the validation pairs, plus the per-token KL to the reference."""
+    """Mean of every statistic over the validation pairs, plus the per-token KL to the reference
+    (absent, not 0, without a reference)."""
     wrapper = accelerator.unwrap_model(policy)  # no gradients here, so no distributed wrapper needed
     wrapper.eval()
     sums: dict[str, float] = {}
@@ -112,14 +163,16 @@ def evaluate(policy, reference, pairs, cfg, pad_id, accelerator) -> dict[str, fl
     for idx in epoch_batches(len(pairs), cfg.eval_batch_size, cfg.seed, 0, shuffle=False):
         batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
         with accelerator.autocast():
-            _, stats, (kl, n) = preference_step(wrapper, reference, batch, loss_fn, cfg.pref_beta,
-                                                cfg.logps_chunk_size, kl=True)
+            _, stats, kl = preference_step(wrapper, reference, batch, loss_fn, cfg.pref_beta,
+                                           cfg.logps_chunk_size, kl=True)
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value.float().sum().item()
-        kl_sum, kl_tokens = kl_sum + kl.item(), kl_tokens + n
+        if kl is not None:
+            kl_sum, kl_tokens = kl_sum + kl[0].item(), kl_tokens + kl[1]
     wrapper.train()
     out = {f"eval_{k}": v / len(pairs) for k, v in sums.items()}
-    out["eval_kl"] = kl_sum / max(kl_tokens, 1)
+    if reference is not None:
+        out["eval_kl"] = kl_sum / max(kl_tokens, 1)
     return out
 
 
@@ -152,7 +205,7 @@ def train(cfg: TrainConfig) -> dict:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
-    model, reference = load_policy_and_reference(cfg)
+    model, reference = load_policy_and_reference(cfg, with_reference=cfg.uses_reference)
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
@@ -164,7 +217,8 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    if reference is not None:
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
     loss_fn = configured_loss(cfg)
     pad_id = tokenizer.pad_token_id
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
@@ -220,7 +274,8 @@ def train(cfg: TrainConfig) -> dict:
             row = {"step": step, "epoch": round(epoch, 4)}
             row.update({k: torch.cat(v).float().mean().item() for k, v in running.items()})
             row["tokens_per_second"] = tokens / max(train_seconds, 1e-9)
-            row["kl"] = kl[0].item() / max(kl[1], 1)
+            if kl is not None:  # no reference, no KL: the column is absent, not 0
+                row["kl"] = kl[0].item() / max(kl[1], 1)
             row["grad_norm"] = float(grad_norm)
             row["learning_rate"] = scheduler.get_last_lr()[0]
             metrics.log(row)

@@ -72,13 +72,14 @@ def test_ipo_minimum_at_target():
 
 
 # A value for every hyperparameter beyond beta, passed to the losses that take it.
-HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05}
+HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05, "simpo_gamma": 0.5}
 
 
 def test_gradients_push_chosen_up_and_rejected_down():
     # apo_down is built to lower the chosen likelihood too (for chosen answers worse than the
     # model's own): d loss / d r_w = beta * (sigmoid'(beta r_w) - sigmoid'(beta h)) > 0 here.
-    excluded = {"apo_down"}
+    # sft does not touch rejected (its gradient there is 0).
+    excluded = {"apo_down", "sft"}
     for name in losses.LOSSES.keys() - excluded:
         policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
         policy_rejected = POLICY_REJECTED.clone().requires_grad_()
@@ -114,13 +115,13 @@ def test_config_binds_exactly_the_keyword_parameters_each_loss_takes():
 
 def test_configured_loss_binds_the_config_values():
     cfg = config.from_dict({"pref_loss": "sigmoid", "label_smoothing": 0.1})
-    assert cfg.loss_kwargs() == {"label_smoothing": 0.1}
+    assert cfg.loss_kwargs("sigmoid") == {"label_smoothing": 0.1}
     loss, _, _ = configured_loss(cfg)(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
                                       CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss.tolist() == pytest.approx([0.6181388693, 0.7781388693], abs=1e-7)  # cDPO, see below
     cfg = config.from_dict({"pref_loss": "discopop", "discopop_tau": 0.5})
-    assert cfg.loss_kwargs() == {"discopop_tau": 0.5}
-    assert config.from_dict({"pref_loss": "hinge"}).loss_kwargs() == {}
+    assert cfg.loss_kwargs("discopop") == {"discopop_tau": 0.5}
+    assert config.from_dict({"pref_loss": "hinge"}).loss_kwargs("hinge") == {}
 
 
 def test_sigmoid_with_label_smoothing_is_cdpo():
@@ -233,3 +234,116 @@ def test_sigmoid_norm_by_hand():
     loss, chosen_rewards, _ = run("sigmoid_norm", 1.0)
     assert loss.tolist() == pytest.approx([0.3868710061, 1.1368710061], abs=1e-7)
     assert chosen_rewards.tolist() == pytest.approx([1.0, -1.0])
+
+
+def test_simpo_by_hand():
+    """Reference-free; length-averaged log-probs. Chosen -2 over 2 tokens (average -1), rejected -6 over 3
+    tokens (average -2). beta = 2, gamma = 0.5: beta * (-1 - (-2)) - gamma = 1.5;
+    loss = -log sigmoid(1.5) = log(1 + e^-1.5) = 0.2014132779. gamma = 0: log(1 + e^-2) = 0.1269280110.
+    Rewards beta * average log-prob: chosen -2, rejected -4. The reference tensors are not used (None)."""
+    chosen, rejected, lengths = torch.tensor([-2.0]), torch.tensor([-6.0]), (torch.tensor([2]), torch.tensor([3]))
+    loss, chosen_rewards, rejected_rewards = losses.simpo_loss(chosen, rejected, None, None, 2.0, *lengths,
+                                                               simpo_gamma=0.5)
+    assert loss.item() == pytest.approx(0.2014132779, abs=1e-7)
+    assert (chosen_rewards.item(), rejected_rewards.item()) == (-2.0, -4.0)
+    loss, _, _ = losses.simpo_loss(chosen, rejected, None, None, 2.0, *lengths, simpo_gamma=0.0)
+    assert loss.item() == pytest.approx(0.1269280110, abs=1e-7)
+
+
+def test_orpo_by_hand():
+    """Reference-free; length-averaged log-probs a. Chosen: a_w = ln(1/2) (2 tokens), odds = (1/2)/(1/2) = 1,
+    log odds 0. Rejected: a_l = ln(1/5) (3 tokens), odds = (1/5)/(4/5) = 1/4, log odds -ln 4.
+    Odds-ratio term: -log sigmoid(0 - (-ln 4)) = -log(4/5) = ln(5/4) = 0.2231435513.
+    beta = 0.1: loss = -a_w + 0.1 * ln(5/4) = 0.6931471806 + 0.0223143551 = 0.7154615357.
+    Rewards beta * a: chosen 0.1 ln(1/2) = -0.0693147181, rejected 0.1 ln(1/5) = -0.1609437912."""
+    chosen, rejected = torch.tensor([2 * math.log(0.5)]), torch.tensor([3 * math.log(0.2)])
+    loss, chosen_rewards, rejected_rewards = losses.orpo_loss(chosen, rejected, None, None, 0.1,
+                                                              torch.tensor([2]), torch.tensor([3]))
+    assert loss.item() == pytest.approx(0.7154615357, abs=1e-6)
+    assert chosen_rewards.item() == pytest.approx(-0.0693147181) and rejected_rewards.item() == pytest.approx(-0.1609437912)
+
+
+def test_reference_free_losses_ignore_the_reference():
+    for name in losses.REFERENCE_FREE:
+        with_reference = run(name, 0.5)
+        without = losses.LOSSES[name](POLICY_CHOSEN, POLICY_REJECTED, None, None, 0.5, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+        assert all(torch.equal(a, b) for a, b in zip(with_reference, without)), name
+
+
+def test_config_knows_the_reference_free_losses():
+    assert config.REFERENCE_FREE == losses.REFERENCE_FREE
+
+
+def test_pref_ftx_adds_the_chosen_nll_per_token():
+    """pref_ftx = 0.5 on sigmoid, beta = 0.1. Chosen NLL per token: 10 / 2 = 5 (pair 0), 12 / 2 = 6 (pair 1).
+    loss_0 = 0.5981388693 + 0.5 * 5 = 3.0981388693;  loss_1 = 0.7981388693 + 0.5 * 6 = 3.7981388693.
+    Rewards unchanged. On orpo (already holding one chosen NLL) it adds a second, as in LLaMA-Factory."""
+    cfg = config.from_dict({"pref_loss": "sigmoid", "pref_ftx": 0.5})
+    loss, chosen_rewards, _ = configured_loss(cfg)(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN,
+                                                   REFERENCE_REJECTED, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([3.0981388693, 3.7981388693], abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    assert losses.chosen_nll(POLICY_CHOSEN, CHOSEN_LENGTHS).tolist() == [5.0, 6.0]
+    orpo = configured_loss(config.from_dict({"pref_loss": "orpo", "pref_ftx": 1.0}))
+    plain = configured_loss(config.from_dict({"pref_loss": "orpo"}))
+    args = (POLICY_CHOSEN, POLICY_REJECTED, None, None, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert (orpo(*args)[0] - plain(*args)[0]).tolist() == pytest.approx([5.0, 6.0])
+
+
+def test_sft_by_hand():
+    """TRL's sft: the chosen NLL averaged over all chosen tokens of the batch, the same for every pair:
+    (10 + 12) / (2 + 2) = 5.5 (pref_ftx's per-pair average would give 5 and 6). Rewards beta * average
+    log-prob: beta = 0.1, chosen (-0.5, -0.6)."""
+    loss, chosen_rewards, _ = losses.sft_loss(POLICY_CHOSEN, POLICY_REJECTED, None, None, 0.1, CHOSEN_LENGTHS,
+                                              REJECTED_LENGTHS)
+    assert loss.tolist() == [5.5, 5.5]
+    assert chosen_rewards.tolist() == pytest.approx([-0.5, -0.6])
+
+
+def test_combined_losses_by_hand():
+    """pref_loss [sigmoid, sft], loss_weights [1, 0.5], beta = 0.1: sigmoid (0.5981388693, 0.7981388693)
+    + 0.5 * sft (5.5, 5.5) = (3.3481388693, 3.5481388693). Rewards are DPO's (sigmoid uses the reference;
+    sft does not): chosen (0.1, -0.1). With pref_ftx = 1 also + (5, 6)."""
+    args = (POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    cfg = config.from_dict({"pref_loss": ["sigmoid", "sft"], "loss_weights": [1, 0.5]})
+    loss, chosen_rewards, _ = configured_loss(cfg)(*args)
+    assert loss.tolist() == pytest.approx([3.3481388693, 3.5481388693], abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    cfg = config.from_dict({"pref_loss": "sigmoid,sft", "loss_weights": "1,0.5", "pref_ftx": 1.0})
+    assert configured_loss(cfg)(*args)[0].tolist() == pytest.approx([8.3481388693, 9.5481388693], abs=1e-6)
+    assert cfg.uses_reference and not config.from_dict({"pref_loss": "simpo,sft"}).uses_reference
+
+
+def test_kto_pair_by_hand():
+    """LLaMA-Factory's kto_pair. r_w = (2, 0), r_l = (0, 2): z_w = max(0, mean r_w) = 1, z_l = 1; beta = 1.
+    pair 0: 1/2 [(1 - sigmoid(2 - 1)) + (1 - sigmoid(1 - 0))] = 1 - sigmoid(1) = 0.2689414214
+    pair 1: 1/2 [(1 - sigmoid(0 - 1)) + (1 - sigmoid(1 - 2))] = sigmoid(1) = 0.7310585786
+    With r_w = (-2, 0) the mean -1 is clamped: z_w = 0, so pair 0's rejected term is 1 - sigmoid(0 - 0) = 0.5
+    and its chosen term 1 - sigmoid(-2 - 1) = 0.9525741268: loss 0.7262870634. Rewards DPO's: chosen (-2, 0)."""
+    zero = torch.zeros(2)
+    loss, _, _ = losses.kto_pair_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0]), zero, zero, 1.0,
+                                      CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([0.2689414214, 0.7310585786], abs=1e-7)
+    loss, chosen_rewards, _ = losses.kto_pair_loss(torch.tensor([-2.0, 0.0]), torch.tensor([0.0, 2.0]), zero, zero,
+                                                   1.0, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss[0].item() == pytest.approx(0.7262870634, abs=1e-7)
+    assert chosen_rewards.tolist() == [-2.0, 0.0]
+
+
+def test_pref_bco_weight_mixes_in_bco_with_a_running_reward_shift():
+    """LLaMA-Factory's pref_bco_weight w = 0.5 on sigmoid, beta = 0.1: loss = (sigmoid + w * bco) / (1 + w),
+    bco = -log sigmoid(beta r_w - delta) - log sigmoid(-(beta r_l - delta)), delta the running mean of
+    the calls' batch-mean rewards.
+    Call 1 (the fixture): rewards (0.1, -0.1, -0.1, 0.1), mean 0, delta 0: bco = bco_pair = (1.2887933201, 1.4887933201);
+      loss = ((0.5981388693 + 0.6443966601) / 1.5, (0.7981388693 + 0.7443966601) / 1.5) = (0.8283570196, 1.0283570196).
+    Call 2: r_w = (2, 0), r_l = (0, 0): rewards mean 0.05, delta = (0 + 0.05) / 2 = 0.025;
+      pair 0: sigmoid softplus(-0.2) = 0.5981388694, bco softplus(-0.175) + softplus(-0.025) = 1.2901957342 -> 0.8288244910
+      pair 1: sigmoid ln 2 = 0.6931471806, bco softplus(0.025) + softplus(-0.025) = 1.3864506071 -> 0.9242483227"""
+    objective = configured_loss(config.from_dict({"pref_loss": "sigmoid", "pref_bco_weight": 0.5}))
+    loss, chosen_rewards, _ = objective(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
+                                        CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([0.8283570196, 1.0283570196], abs=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    zero = torch.zeros(2)
+    loss, _, _ = objective(torch.tensor([2.0, 0.0]), zero, zero, zero, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
+    assert loss.tolist() == pytest.approx([0.8288244910, 0.9242483227], abs=1e-6)

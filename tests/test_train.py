@@ -17,7 +17,7 @@ from preftune.logps import get_batch_logps
 from preftune.tokenization import tokenize_pairs
 
 REQUIRED = ["step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected", "kl", "grad_norm", "learning_rate", "tokens_per_second",
+            "logps/chosen", "logps/rejected", "nll_loss", "kl", "grad_norm", "learning_rate", "tokens_per_second",
             "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl", "eval_train_gap"]
 
 
@@ -127,3 +127,46 @@ def test_loop_and_evaluation_bind_the_loss_hyperparameters(tmp_path, tiny_model_
     summary = train_mod.train(cfg)
     assert len(seen) >= 3 and all(kwargs == {"label_smoothing": 1e-3} for kwargs in seen)  # 2 train + eval batches
     assert summary["config"]["label_smoothing"] == 1e-3
+
+
+@pytest.mark.parametrize("loss,beta", [("simpo", 2.0), ("orpo", 0.1), ("simpo,sft", 2.0)])
+def test_reference_free_loss_loads_no_reference_and_learns(tmp_path, tiny_model_dir, monkeypatch, loss, beta):
+    """simpo and orpo: one model loaded (the policy), no reference forward, no KL column, and held-out
+    accuracy (beta * average log-prob of chosen > of rejected) rises from its step-0 value."""
+    from preftune import models
+
+    loaded = []
+    real_load_model = models.load_model
+
+    def counting_load_model(name, cfg, what="model_name_or_path"):
+        loaded.append(what)
+        return real_load_model(name, cfg, what)
+
+    monkeypatch.setattr(models, "load_model", counting_load_model)
+    cfg = tiny_config(tmp_path, tiny_model_dir, pref_loss=loss, pref_beta=beta, max_steps=12, eval_steps=12,
+                      logging_steps=4, per_device_train_batch_size=8)
+    summary = train_mod.train(cfg)
+    assert loaded == ["model_name_or_path"]
+    assert summary["final"]["eval_rewards/accuracies"] > summary["baseline"]["eval_rewards/accuracies"] + 0.1
+    assert summary["final"]["eval_loss"] < summary["baseline"]["eval_loss"]
+    rows = json.loads((Path(cfg.output_dir) / "dpo_metrics" / "log_history.json").read_text())
+    assert not any("kl" in row or "eval_kl" in row for row in rows)  # absent, not 0
+    assert all("loss" in row or "eval_loss" in row for row in rows)
+
+
+def test_preference_step_adds_pref_ftx_and_logs_the_chosen_nll(tiny_model_dir):
+    """On the tiny model: loss(pref_ftx = 0.5) - loss(pref_ftx = 0) = 0.5 * nll_loss per pair, and
+    nll_loss = -log pi(chosen) / (chosen completion tokens), from the same forward pass."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [PreferencePair(**p) for p in make_pairs(4, 1)]
+    batch = collate(tokenize_pairs(tokenizer, pairs, 128, None), tokenizer.pad_token_id)
+    policy = train_mod.PolicyLogps(model, 1024)
+    with torch.no_grad():
+        plain, stats, _ = train_mod.preference_step(policy, model, batch, train_mod.configured_loss(from_dict({})),
+                                                    0.1, 1024)
+        with_nll, _, _ = train_mod.preference_step(
+            policy, model, batch, train_mod.configured_loss(from_dict({"pref_ftx": 0.5})), 0.1, 1024)
+        logps, lengths = get_batch_logps(model, **batch)
+    assert torch.allclose(stats["nll_loss"], -logps[:4] / lengths[:4])
+    assert torch.allclose(with_nll - plain, 0.5 * stats["nll_loss"])

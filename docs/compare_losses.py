@@ -15,6 +15,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from preftune.config import LOSSES
 from preftune.demo import demo_config
 from preftune.train import train
@@ -54,6 +56,7 @@ def main():
     parser.add_argument("--epochs", type=float, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: measure(name, args.epochs, Path(tmp)) for name in LOSSES}
     text = DOC.read_text(encoding="utf-8")

@@ -40,10 +40,15 @@ def _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
     return policy_chosen_logps - reference_chosen_logps, policy_rejected_logps - reference_rejected_logps
 
 
+def _per_token(chosen, rejected, chosen_lengths, rejected_lengths):
+    """Per-sequence sums (log-probs or log-ratios) -> per-token averages, (B,) each."""
+    return chosen / chosen_lengths.clamp(min=1), rejected / rejected_lengths.clamp(min=1)
+
+
 def _rewards(beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return chosen_rewards, rejected_rewards
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
 def _smoothed_logistic(logits, label_smoothing):
@@ -97,8 +102,9 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     beta would mean different things for short and long pairs. TRL and the IPO authors use the
     per-token average, and so do we. The reported rewards stay summed (beta * log-ratio), as in TRL.
     """
-    chosen_logratios = (policy_chosen_logps - reference_chosen_logps) / chosen_lengths.clamp(min=1)
-    rejected_logratios = (policy_rejected_logps - reference_rejected_logps) / rejected_lengths.clamp(min=1)
+    chosen_logratios, rejected_logratios = _per_token(
+        *_logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps),
+        chosen_lengths, rejected_lengths)
     losses = (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
@@ -284,8 +290,9 @@ def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, reference_chos
     beta is per token here, so useful values are larger than for `sigmoid` (Tulu 3 uses 5).
     The reported rewards stay summed, as in TRL.
     """
-    chosen_logratios = (policy_chosen_logps - reference_chosen_logps) / chosen_lengths.clamp(min=1)
-    rejected_logratios = (policy_rejected_logps - reference_rejected_logps) / rejected_lengths.clamp(min=1)
+    chosen_logratios, rejected_logratios = _per_token(
+        *_logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps),
+        chosen_lengths, rejected_lengths)
     losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
@@ -332,10 +339,6 @@ def bco_shifted_loss(policy_chosen_logps, policy_rejected_logps, reference_chose
             - F.logsigmoid(-(beta * rejected_logratios - reward_shift)))
 
 
-def _average_logps(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths):
-    return policy_chosen_logps / chosen_lengths.clamp(min=1), policy_rejected_logps / rejected_lengths.clamp(min=1)
-
-
 def simpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                beta, chosen_lengths, rejected_lengths, *, simpo_gamma=0.5):
     """SimPO (Meng et al. 2024, https://arxiv.org/abs/2405.14734, Eq. 6). Reference-free (the reference
@@ -348,7 +351,7 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
     TRL's CPOTrainer with loss_type simpo. The paper's beta is larger
     than DPO's (2 to 10) because it scales a per-token average.
     """
-    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+    chosen_avg, rejected_avg = _per_token(policy_chosen_logps, policy_rejected_logps,
                                               chosen_lengths, rejected_lengths)
     losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg) - simpo_gamma)
     return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
@@ -366,7 +369,7 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     The first term is the NLL of chosen per token (the SFT part), so ORPO needs no separate SFT stage.
     log(1 - e^a) is computed as log(-expm1(a)), exact also for a near 0.
     """
-    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+    chosen_avg, rejected_avg = _per_token(policy_chosen_logps, policy_rejected_logps,
                                               chosen_lengths, rejected_lengths)
     log_odds = (chosen_avg - rejected_avg) - (torch.log(-torch.expm1(chosen_avg)) - torch.log(-torch.expm1(rejected_avg)))
     losses = -chosen_avg - beta * F.logsigmoid(log_odds)
@@ -386,7 +389,7 @@ def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     (LLaMA-Factory). Rewards beta * log pi(y|x) / |y|, as for the other reference-free losses.
     """
     nll = -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
-    chosen_avg, rejected_avg = _average_logps(policy_chosen_logps, policy_rejected_logps,
+    chosen_avg, rejected_avg = _per_token(policy_chosen_logps, policy_rejected_logps,
                                               chosen_lengths, rejected_lengths)
     return nll.expand_as(policy_chosen_logps), beta * chosen_avg.detach(), beta * rejected_avg.detach()
 

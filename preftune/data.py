@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -537,6 +538,11 @@ def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
     return examples  # type: ignore[return-value]
 
 
+def source_of(where: str) -> str:
+    """The file or dataset an example's `where` ("file:line", "file record i", "file row i") names."""
+    return where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
+
+
 def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport) -> list[PreferencePair]:
     """Empty completions and chosen == rejected teach DPO nothing: fail, or skip them with a count."""
     empty = [p for p in pairs if not p.chosen.strip() or not p.rejected.strip()]
@@ -562,9 +568,7 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
         raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
     train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
     report.read = len(train)
-    for p in train:
-        src = p.where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
-        report.sources[src] = report.sources.get(src, 0) + 1
+    report.sources = dict(Counter(source_of(p.where) for p in train))
     train = check_pairs(train, cfg.drop_invalid_pairs, report)
     if cfg.shuffle:  # before the split, so val_size draws from every source
         random.Random(cfg.seed).shuffle(train)

@@ -16,7 +16,7 @@ import argparse
 import json
 from collections import Counter
 
-from preftune.data import PreferencePair, UnpairedExample, read_examples
+from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
 from preftune.errors import DataError
 from preftune.tokenization import TokenizeReport, setup_chat_template, tokenize_pair
 
@@ -35,16 +35,12 @@ def _percentiles(values: list[int]) -> dict[str, float]:
     return out
 
 
-def _source(where: str) -> str:
-    return where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
-
-
 def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None, cutoff_len: int = 1024,
                  template: str | None = None, columns: dict | None = None, n_examples: int = 3) -> dict:
     """The statistics as a dict (what --json prints)."""
     examples = read_examples(spec, dataset_dir, columns=columns)
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
-    sources = Counter(_source(e.where) for e in examples)
+    sources = Counter(source_of(e.where) for e in examples)
     stats: dict = {"records": len(examples), "pairs": len(pairs),
                    "unpaired": sum(isinstance(e, UnpairedExample) for e in examples),
                    "sources": dict(sources), "unit": "tokens" if model else "characters"}

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from preftune.config import TrainConfig, from_dict
+from preftune.tokenization import CHATML
 
 TOPICS = ["python", "chess", "guitar", "cooking", "running", "painting", "algebra", "spanish", "writing", "swimming",
           "drawing", "piano", "statistics", "gardening", "photography", "baking", "physics", "yoga", "history",
@@ -37,8 +38,6 @@ BAD_BODY = ["Just copy someone else at {t} and hope it works.", "Don't bother wi
             "Give up on {t} when it gets hard.", "Just guess at {t} and never practice."]
 BAD_CLOSE = ["Not my problem.", "Figure it out yourself.", "That is all.", "Stop asking.", "Good luck, I guess."]
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _good(rng, t):

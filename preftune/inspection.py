@@ -18,7 +18,7 @@ from collections import Counter
 
 from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
 from preftune.errors import DataError
-from preftune.tokenization import TokenizeReport, setup_chat_template, tokenize_pair
+from preftune.tokenization import TokenizeReport, prompt_messages, setup_chat_template, tokenize_pair
 
 BOUNDARY = "⟦completion⟧"  # marks where the scored completion starts in the rendered examples
 PERCENTILES = (50, 90, 95, 99)
@@ -90,9 +90,7 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
         rejected = [len(p.rejected) for p in pairs]
         rendered = []
         for p in pairs[:n_examples]:
-            turns = ([{"role": "system", "content": p.system}] if p.system else []) + \
-                    (p.messages or [{"role": "user", "content": p.prompt}])
-            text = "".join(f"[{m['role']}] {m['content']}\n" for m in turns)
+            text = "".join(f"[{m['role']}] {m['content']}\n" for m in prompt_messages(p))
             rendered.append({"where": p.where, "chosen": f"{text}[assistant] {BOUNDARY}{p.chosen}",
                              "rejected_completion": p.rejected})
     stats["lengths"] = {"prompt": _percentiles(prompt), "chosen": _percentiles(chosen),

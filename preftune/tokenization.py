@@ -81,11 +81,16 @@ def setup_chat_template(tokenizer, template: str | None) -> bool:
     return True
 
 
+def prompt_messages(pair: PreferencePair) -> list[dict[str, str]]:
+    """The prompt as chat messages: the optional system turn, then the conversation (or the single user turn)."""
+    turns = pair.messages if pair.messages is not None else [{"role": "user", "content": pair.prompt}]
+    return ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
+
+
 def _encode(tokenizer, pair: PreferencePair, completion: str, use_template: bool) -> tuple[list[int], int, bool]:
     """(ids, completion_start, merged_across_boundary) for one prompt + completion."""
     if use_template:
-        turns = pair.messages if pair.messages is not None else [{"role": "user", "content": pair.prompt}]
-        messages = ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
+        messages = prompt_messages(pair)
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # implicit-prompt text keeps the space after 'Assistant:' in the completion; a turn has none
         content = completion.strip() if pair.from_text else completion

@@ -8,13 +8,21 @@ one, never a half-written folder. Weights are safetensors; nothing here unpickle
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+from preftune.errors import ConfigError, ModelError
+
+log = logging.getLogger("preftune")
 
 
 def best_dir(cfg) -> Path:
@@ -49,18 +57,30 @@ def save_model(model, tokenizer, dest: Path, step: int) -> None:
     _replace_dir(tmp, dest)
 
 
-def load_best_into(model, cfg) -> None:
-    """Load the best model's weights into `model` (same architecture)."""
-    folder = best_dir(cfg)
+def load_weights_into(model, folder: Path) -> None:
+    """Load the safetensors weights `save_pretrained` wrote in `folder` into `model` (same architecture);
+    for a peft model, the adapter it saved."""
+    if (folder / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise ModelError(f"adapter in {folder} does not match the policy: unexpected {result.unexpected_keys[:3]}")
+        return
     state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in sorted(folder.glob("model*.safetensors")):  # not running.safetensors of a checkpoint
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (lm_head = embeddings) are stored once, so they may be reported missing
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
-        raise RuntimeError(f"best model in {folder} does not match the policy: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise ModelError(f"weights in {folder} do not match the policy: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+
+
+def load_best_into(model, cfg) -> None:
+    """Load the best model's weights into `model` (same architecture)."""
+    load_weights_into(model, best_dir(cfg))
 
 
 def save_final(model, tokenizer, cfg) -> None:
@@ -76,20 +96,147 @@ def save_final(model, tokenizer, cfg) -> None:
     tmp.rmdir()
 
 
-def save_checkpoint(accelerator, policy, tokenizer, cfg, step: int, metrics) -> None:
-    """checkpoint-<step>/: loadable model + tokenizer, optimizer/RNG state, metrics so far."""
+def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step: int, loop_state: dict,
+                    running: dict) -> None:
+    """checkpoint-<step>/: everything an exact resume needs, in formats read back without unpickling.
+
+        model.safetensors, config, tokenizer  the policy, loadable by transformers (a peft model: its adapter)
+        optimizer.pt              AdamW state: torch.save, read back with torch.load(weights_only=True)
+        scheduler.json            the LR scheduler's state_dict (plain numbers)
+        rng_state_<process>.json  python, numpy, torch (and CUDA) generator states of each process
+        running.safetensors       per-pair statistics accumulated since the last logging step
+        trainer_state.json        step, data position, counters, early-stopping and loss state, metrics so far
+
+    accelerate's save_state is not used: it pickles the RNG states (random_states_*.pkl) and would
+    store the weights a second time. With save_only_model only the model, tokenizer and metrics are
+    written (no resume from such a checkpoint).
+    """
     out = Path(cfg.output_dir)
     dest = out / f"checkpoint-{step}"
-    tmp = _fresh_tmp(dest)
-    accelerator.unwrap_model(policy).model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if accelerator.is_main_process:
+        _fresh_tmp(dest)
+    accelerator.wait_for_everyone()
     if not cfg.save_only_model:
-        accelerator.save_state(str(tmp / "state"), safe_serialization=True)
-    (tmp / "log_history.json").write_text(json.dumps(metrics.history, indent=1))
-    (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
+        _write_json(tmp / f"rng_state_{accelerator.process_index}.json", _rng_state())
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(policy).model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not cfg.save_only_model:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            if running:  # (N,) per statistic: the values of the micro-batches since the last logging step
+                save_file({k: torch.cat(v).cpu().contiguous() for k, v in running.items()}, tmp / "running.safetensors")
+            _write_json(tmp / "trainer_state.json", {**loop_state, "step": step, "running_keys": list(running)})
+        (tmp / "log_history.json").write_text(json.dumps(loop_state["log_history"], indent=1))
+        (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
     _replace_dir(tmp, dest)
     if cfg.save_total_limit:
-        found = sorted((int(m.group(1)), p) for p in out.glob("checkpoint-*")
-                       if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+        found = _checkpoints(out)
         for _, p in found[:-cfg.save_total_limit]:
             shutil.rmtree(p)
+
+
+# Files a checkpoint needs for an exact resume (besides the weights).
+RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.json", "rng_state_0.json")
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """checkpoint-N folders by step. A `.checkpoint-N.tmp` left by a run killed mid-write does not match."""
+    return sorted((int(m.group(1)), p) for p in out.glob("checkpoint-*")
+                  if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+
+
+def _missing(folder: Path) -> list[str]:
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+    missing = [] if any((folder / w).is_file() for w in weights) else ["model weights (model.safetensors)"]
+    return missing + [name for name in RESUME_FILES if not (folder / name).is_file()]
+
+
+def resume_dir(cfg) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names: a folder, or "true" for the latest complete
+    checkpoint-N in output_dir. None when unset."""
+    value = cfg.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "true":
+        out = Path(cfg.output_dir)
+        found = _checkpoints(out)
+        complete = [p for _, p in found if not _missing(p)]
+        if not complete:
+            if found:
+                raise ConfigError(f"resume_from_checkpoint: true, but no checkpoint in {out} is complete "
+                                  f"({found[-1][1].name} lacks {', '.join(_missing(found[-1][1]))}); "
+                                  "checkpoints written with save_only_model: true cannot be resumed")
+            raise ConfigError(f"resume_from_checkpoint: true, but {out} holds no checkpoint-N folder; "
+                              "set save_steps to write checkpoints, or remove resume_from_checkpoint")
+        if complete[-1] != found[-1][1]:
+            log.warning("resume: skipping %s (incomplete), resuming from %s", found[-1][1].name, complete[-1].name)
+        return complete[-1]
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"resume_from_checkpoint: '{value}' is not a folder; give a checkpoint-N folder, "
+                          "or true for the latest in output_dir")
+    missing = _missing(folder)
+    if missing:
+        raise ConfigError(f"resume_from_checkpoint: '{value}' is not a complete preftune checkpoint: it lacks "
+                          f"{', '.join(missing)} (save_only_model: true checkpoints cannot be resumed)")
+    return folder
+
+
+def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG states from `folder`; return
+    trainer_state.json's loop state, with `running` as {statistic: [tensor on the device]}."""
+    load_weights_into(accelerator.unwrap_model(policy).model, folder)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+    rng_file = folder / f"rng_state_{accelerator.process_index}.json"
+    if not rng_file.is_file():
+        raise ConfigError(f"resume_from_checkpoint: {folder} has no {rng_file.name}: it was written by fewer "
+                          "processes; resume with the same number of processes")
+    _set_rng_state(json.loads(rng_file.read_text()))
+    state = json.loads((folder / "trainer_state.json").read_text())
+    saved = load_file(folder / "running.safetensors") if (folder / "running.safetensors").exists() else {}
+    state["running"] = {k: [saved[k].to(accelerator.device)] for k in state["running_keys"]}
+    return state
+
+
+def check_best_model(cfg, best_step: int | None, step: int) -> None:
+    """A resumed run keeps the best model of early stopping in output_dir/best_model; it must be the
+    one saved at best_step, or a later one that the resumed run will overwrite when it gets there."""
+    if best_step is None:
+        return
+    marker = best_dir(cfg) / "preftune_step.json"
+    saved = json.loads(marker.read_text())["step"] if marker.is_file() else None
+    if saved is None or (saved != best_step and saved <= step):
+        raise ConfigError(f"resume_from_checkpoint: the checkpoint's best model (step {best_step}) is not in "
+                          f"{best_dir(cfg)}; resume with the run's own output_dir")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def _rng_state() -> dict:
+    """This process's generator states as plain numbers (accelerate pickles them)."""
+    version, mt, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": [version, list(mt), gauss_next],
+             "numpy": [name, keys.tolist(), pos, has_gauss, cached_gaussian],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, mt, gauss_next = state["python"]
+    random.setstate((version, tuple(mt), gauss_next))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

@@ -134,7 +134,7 @@ class TrainConfig:
     save_only_model: bool = _f(False, "Checkpoints hold the model only (no optimizer state).")
     plot_loss: bool = _f(True, "Write dpo_metrics/training_curves.png.")
     report_to: str = _f("none", "Accepted for LLaMA-Factory configs; preftune writes its own reports.")
-    resume_from_checkpoint: str | None = _f(None, "Resume (comes with the models issue; must be unset for now).")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint-N folder to continue from, or true for the latest complete one in output_dir; the resumed run reaches the same metrics and weights as an uninterrupted one.")
     dataloader_num_workers: int = _f(0, "Accepted for LLaMA-Factory configs; batches are built in-process.")
     ddp_timeout: int | None = _f(None, "Accepted for LLaMA-Factory configs.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")
@@ -258,6 +258,10 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
         if key == "rpo_alpha":  # older TRL: not the same normalisation, so not an alias
             raise ConfigError(f"{source}: rpo_alpha (older TRL) averages the NLL over all chosen tokens of the batch; "
                               "preftune's pref_ftx (LLaMA-Factory) averages it per pair. Use pref_ftx")
+        if key == "resume_from_checkpoint" and (isinstance(value, bool) or str(value).lower() in ("true", "false")):
+            # true: the latest checkpoint in output_dir (resolved by checkpoints.resume_dir)
+            values[key] = "true" if str(value).lower() == "true" else None
+            continue
         if key == "ref_model" and value == "same_as_policy":
             values["ref_model"] = None
             continue
@@ -324,8 +328,6 @@ def validate(cfg: TrainConfig) -> None:
             "(LLaMA-Factory ignores it there); set it to 0")
     if not (cfg.pref_ftx >= 0 and math.isfinite(cfg.pref_ftx)):
         bad(f"pref_ftx must be a number >= 0 (the weight of the chosen NLL term); got {cfg.pref_ftx}")
-    if cfg.resume_from_checkpoint not in (None, "", "false", "False"):
-        bad("resume_from_checkpoint is not yet supported (it comes with the models issue); remove it")
     if cfg.optimizer.lower() != "adamw":
         bad(f"optimizer: '{cfg.optimizer}' is not supported; use adamw")
     if cfg.lr_scheduler_type not in ("linear", "cosine", "constant", "constant_with_warmup"):

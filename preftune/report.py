@@ -43,6 +43,7 @@ class MetricsLog:
         self.history: list[dict] = []
         self.data: dict = {}
         self.dir = Path(cfg.output_dir) / "dpo_metrics"
+        self.resumed_from: dict | None = None  # {checkpoint, step} when the run continued a checkpoint
 
     def log(self, row: dict) -> None:
         last_train = next((r for r in reversed(self.history) if "loss" in r), None)
@@ -86,6 +87,7 @@ class MetricsLog:
             "kept_model": {"step": best_step if best_step is not None else steps_done,
                            "why": "best eval_loss (early stopping)" if best_step is not None else "last step"},
             "stopped_early": stopped_early,
+            "resumed_from": self.resumed_from,
             "steps": {"planned": total_steps, "done": steps_done},
             "timings": {"elapsed_seconds": round(elapsed, 2),
                         "mean_tokens_per_second": _mean([r["tokens_per_second"] for r in train_rows])},

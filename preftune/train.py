@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
 
 import torch
@@ -36,6 +37,8 @@ from preftune.tokenization import TokenizeReport, tokenize_pairs
 log = logging.getLogger("preftune")
 
 KL_TRAIN_TOKENS = 512  # training rows estimate the KL on this many completion tokens of the last micro-batch
+# Test-only: seconds to sleep after each optimizer step, so tests/test_resume.py can kill a run mid-epoch.
+_TEST_STEP_SLEEP = float(os.environ.get("PREFTUNE_TEST_STEP_SLEEP", 0))
 
 
 class PolicyLogps(torch.nn.Module):
@@ -144,6 +147,7 @@ def configured_loss(cfg: TrainConfig):
             total = total + cfg.pref_ftx * chosen_nll(policy_chosen_logps, chosen_lengths)
         return total, *rewards
 
+    objective.state = bco_shift  # saved in checkpoints, so a resumed run continues the running shift
     return objective
 
 
@@ -224,26 +228,41 @@ def train(cfg: TrainConfig) -> dict:
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
     do_eval = bool(val_tok) and cfg.eval_strategy != "no"
 
-    def micro_batches():  # endless stream of (epoch position, batch); epochs reshuffle by seed
-        epoch = 0
+    def micro_batches(epoch=0, start=0):  # endless stream of (epoch position, batch); epochs reshuffle by seed
         while True:
             for i, idx in enumerate(epoch_batches(len(train_tok), cfg.per_device_train_batch_size, cfg.seed, epoch)):
-                yield epoch + (i + 1) / micro_per_epoch, [train_tok[j] for j in idx]
-            epoch += 1
+                if i >= start:
+                    yield epoch + (i + 1) / micro_per_epoch, [train_tok[j] for j in idx]
+            epoch, start = epoch + 1, 0
 
     metrics = MetricsLog(cfg)
     metrics.data = {**vars(data_report), "truncated": tok_report.truncated,
                     "boundary_merges": tok_report.boundary_merges}
-    if do_eval:  # the baseline: where the reference itself stands
+    resume_from = checkpoints.resume_dir(cfg)
+    if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluate(policy, reference, val_tok, cfg, pad_id, accelerator)})
     best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False
     running: dict[str, list[torch.Tensor]] = {}
     tokens, train_seconds = 0, 0.0  # throughput counts training time only, not logging or evaluation
-    stream = micro_batches()
-    bar = tqdm(total=total_steps, desc="dpo", disable=not cfg.progress_bar or not accelerator.is_main_process)
+    step = 0
+    if resume_from is not None:  # the same state as the uninterrupted run had after `step`
+        state = checkpoints.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler)
+        step, running, tokens, train_seconds = state["step"], state["running"], state["tokens"], state["train_seconds"]
+        best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
+        best_step, evals_without_gain = state["best_step"], state["evals_without_gain"]
+        checkpoints.check_best_model(cfg, best_step, step)
+        metrics.history = state["log_history"]
+        metrics.resumed_from = {"checkpoint": str(resume_from), "step": step}
+        if hasattr(loss_fn, "state"):
+            loss_fn.state.update(state["loss_state"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    # the data position: order depends only on (seed, epoch), so micro-batches consumed say where we are
+    stream = micro_batches(*divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch))
+    bar = tqdm(total=total_steps, initial=step, desc="dpo",
+               disable=not cfg.progress_bar or not accelerator.is_main_process)
 
     # --- the loop ------------------------------------------------------------------------
-    for step in range(1, total_steps + 1):
+    for step in range(step + 1, total_steps + 1):
         step_start = time.time()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         epoch = micro[-1][0]
@@ -301,7 +320,15 @@ def train(cfg: TrainConfig) -> dict:
                     break
 
         if cfg.save_steps and step % cfg.save_steps == 0:
-            checkpoints.save_checkpoint(accelerator, policy, tokenizer, cfg, step, metrics)
+            epoch_index, micro_index = divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch)
+            loop_state = {"epoch": epoch_index, "micro_batch": micro_index, "tokens": tokens,
+                          "train_seconds": train_seconds, "best_loss": None if best_loss == math.inf else best_loss,
+                          "best_step": best_step, "evals_without_gain": evals_without_gain,
+                          "loss_state": getattr(loss_fn, "state", None), "log_history": metrics.history}
+            checkpoints.save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state,
+                                        running)
+        if _TEST_STEP_SLEEP:
+            time.sleep(_TEST_STEP_SLEEP)
     bar.close()
 
     # --- outputs -------------------------------------------------------------------------

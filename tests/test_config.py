@@ -95,7 +95,6 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ({"pref_loss": "discopop", "label_smoothing": 0.1}, "pref_loss discopop does not use it"),
     ({"pref_loss": "exo_pair"}, "exo_pair needs label_smoothing > 0"),
     ({"pref_loss": "discopop", "discopop_tau": 0}, "discopop_tau must be a positive number"),
-    ({"resume_from_checkpoint": "out/checkpoint-5"}, "not yet supported"),
     ({"pref_loss": "simpo", "simpo_gamma": -0.5}, "simpo_gamma must be a number >= 0"),
     ({"pref_loss": "simpo", "label_smoothing": 0.1}, "pref_loss simpo does not use it"),
     ({"pref_loss": "orpo", "ref_model": "other/model"}, "orpo is reference-free and loads no reference model"),

@@ -125,9 +125,12 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
         if not cfg.save_only_model:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            if accelerator.scaler is not None:  # fp16: the loss scale and its growth counter
+                _write_json(tmp / "scaler.json", accelerator.scaler.state_dict())
             if running:  # (N,) per statistic: the values of the micro-batches since the last logging step
                 save_file({k: torch.cat(v).cpu().contiguous() for k, v in running.items()}, tmp / "running.safetensors")
-            _write_json(tmp / "trainer_state.json", {**loop_state, "step": step, "running_keys": list(running)})
+            _write_json(tmp / "trainer_state.json", {**loop_state, "step": step, "running_keys": list(running),
+                                                     "config": cfg.to_dict()})
         (tmp / "log_history.json").write_text(json.dumps(loop_state["log_history"], indent=1))
         (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
@@ -187,18 +190,44 @@ def resume_dir(cfg) -> Path | None:
     return folder
 
 
-def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler) -> dict:
+# Keys that decide which pairs make up each micro-batch: changed, the saved data position would
+# point into a different stream, so a resume with other values is refused.
+# (dataset paths only warn: the same data may have moved.)
+DATA_ORDER_KEYS = ("val_size", "shuffle", "max_samples", "seed", "per_device_train_batch_size",
+                   "gradient_accumulation_steps")
+
+
+def _check_same_run(saved: dict, cfg, folder: Path) -> None:
+    now = cfg.to_dict()
+    changed = [k for k in saved if k in now and saved[k] != now[k]
+               and k not in ("resume_from_checkpoint", "output_dir")]
+    order = [k for k in changed if k in DATA_ORDER_KEYS]
+    if order:
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written with other {', '.join(order)} "
+                          f"({', '.join(f'{k}={saved[k]!r}' for k in order)}); resume with the run's own values")
+    if changed:
+        log.warning("resume: config differs from the checkpoint's run in %s; the run is no longer the one that "
+                    "was interrupted", ", ".join(changed))
+
+
+def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG states from `folder`; return
     trainer_state.json's loop state, with `running` as {statistic: [tensor on the device]}."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    _check_same_run(state["config"], cfg, folder)
     load_weights_into(accelerator.unwrap_model(policy).model, folder)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+    if accelerator.scaler is not None:
+        if not (folder / "scaler.json").is_file():
+            raise ConfigError(f"resume_from_checkpoint: {folder} has no scaler.json (it was not an fp16 run); "
+                              "resume with the precision it was written with")
+        accelerator.scaler.load_state_dict(json.loads((folder / "scaler.json").read_text()))
     rng_file = folder / f"rng_state_{accelerator.process_index}.json"
     if not rng_file.is_file():
         raise ConfigError(f"resume_from_checkpoint: {folder} has no {rng_file.name}: it was written by fewer "
                           "processes; resume with the same number of processes")
     _set_rng_state(json.loads(rng_file.read_text()))
-    state = json.loads((folder / "trainer_state.json").read_text())
     saved = load_file(folder / "running.safetensors") if (folder / "running.safetensors").exists() else {}
     state["running"] = {k: [saved[k].to(accelerator.device)] for k in state["running_keys"]}
     return state

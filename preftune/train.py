@@ -246,7 +246,7 @@ def train(cfg: TrainConfig) -> dict:
     tokens, train_seconds = 0, 0.0  # throughput counts training time only, not logging or evaluation
     step = 0
     if resume_from is not None:  # the same state as the uninterrupted run had after `step`
-        state = checkpoints.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler)
+        state = checkpoints.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler, cfg)
         step, running, tokens, train_seconds = state["step"], state["running"], state["tokens"], state["train_seconds"]
         best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
         best_step, evals_without_gain = state["best_step"], state["evals_without_gain"]

@@ -188,3 +188,35 @@ def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
                    capture_output=True)
     summary = assert_same_run(out, tmp_path / "uninterrupted")
     assert summary["resumed_from"]["step"] in (3, 6, 9)  # the latest checkpoint (3 unless the kill came late)
+
+
+def test_resume_refuses_a_different_data_order(tmp_path, tiny_model_dir, uninterrupted):
+    raw = resume_raw(uninterrupted.parent, tiny_model_dir, resume_from_checkpoint=str(uninterrupted / "checkpoint-9"),
+                     output_dir=str(tmp_path / "out"), per_device_train_batch_size=4)
+    message = "written with other per_device_train_batch_size \\(per_device_train_batch_size=8\\)"
+    with pytest.raises(ConfigError, match=message):
+        train_mod.train(from_dict(raw))
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's save
+def test_adapter_checkpoint_loads_back_into_a_peft_model(tmp_path, tiny_model_dir):
+    """A peft policy's save_pretrained writes only the adapter; resuming loads it into the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def lora_model():
+        torch.manual_seed(0)
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                              LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    trained = lora_model()
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.add_(1.0)
+    trained.save_pretrained(tmp_path, safe_serialization=True)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / "model.safetensors").exists()
+    fresh = lora_model()
+    checkpoints.load_weights_into(fresh, tmp_path)
+    expected = dict(trained.named_parameters())
+    assert all(torch.equal(p, expected[name]) for name, p in fresh.named_parameters())

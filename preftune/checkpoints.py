@@ -140,7 +140,10 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
     if cfg.save_total_limit:
         found = _checkpoints(out)
         for _, p in found[:-cfg.save_total_limit]:
-            shutil.rmtree(p)
+            # renamed first: a kill during the removal must not leave a half-deleted checkpoint-N
+            os.replace(p, p.with_name(f".{p.name}.deleting"))
+        for doomed in out.glob(".checkpoint-*.deleting"):  # this call's, and any a kill left behind
+            shutil.rmtree(doomed)
 
 
 # Files a checkpoint needs for an exact resume (besides the weights).

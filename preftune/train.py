@@ -190,6 +190,7 @@ def _param_groups(model, weight_decay):
 def train(cfg: TrainConfig) -> dict:
     start_time = time.time()
     set_seed(cfg.seed)
+    resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path fails at once
     # --- data ----------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     train_pairs, val_pairs, data_report = load_pairs(cfg)
@@ -238,7 +239,6 @@ def train(cfg: TrainConfig) -> dict:
     metrics = MetricsLog(cfg)
     metrics.data = {**vars(data_report), "truncated": tok_report.truncated,
                     "boundary_merges": tok_report.boundary_merges}
-    resume_from = checkpoints.resume_dir(cfg)
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluate(policy, reference, val_tok, cfg, pad_id, accelerator)})
     best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False

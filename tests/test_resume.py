@@ -154,6 +154,19 @@ def test_resume_errors_name_what_is_missing(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="no checkpoint in .* is complete \\(checkpoint-4 lacks trainer_state"):
         checkpoints.resume_dir(from_dict({**raw, "resume_from_checkpoint": "true"}))
     assert from_dict({**raw, "resume_from_checkpoint": False}).resume_from_checkpoint is None
+    cfg = from_dict(raw)
+    checkpoints.check_best_model(cfg, None, 6)  # no early-stopping best yet: nothing to check
+    with pytest.raises(ConfigError, match="best model \\(step 4\\) is not in"):
+        checkpoints.check_best_model(cfg, 4, 6)
+    best = Path(cfg.output_dir) / "best_model"
+    best.mkdir()
+    for saved, ok in ((4, True), (8, True), (2, False)):  # 8: a later best the resumed run will rewrite
+        (best / "preftune_step.json").write_text(json.dumps({"step": saved}))
+        if ok:
+            checkpoints.check_best_model(cfg, 4, 6)
+        else:
+            with pytest.raises(ConfigError):
+                checkpoints.check_best_model(cfg, 4, 6)
     assert MetricsLog(from_dict(raw)).resumed_from is None
 
 

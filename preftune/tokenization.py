@@ -10,6 +10,10 @@ The boundary is found by tokenizing the whole sequence once and locating the fir
 that ends past the prompt's last character (offset mapping), so tokens that merge across the
 boundary are not split or duplicated; such a merged token counts as completion, and the
 pairs where it happens are counted. Log-probs and losses cover completion tokens only.
+
+Truncation (`truncate_pair`) splits `cutoff_len` between prompt and completion by LLaMA-Factory's
+rule (`infer_seqlen`); completions keep their start, a cut prompt keeps its start or its end
+(`truncation_mode`). `tokenize_pairs` runs serially or in a process pool; cache.py stores its output.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ DEFAULT = ("{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}"
            "{% if m['role'] == 'system' %}{{ 'System: ' + m['content'] + eos_token + '\n' }}"
            "{% elif m['role'] == 'user' %}{{ 'Human: ' + m['content'] + eos_token + '\nAssistant:' }}"
            "{% else %}{{ m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}")
+TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of a prompt that is cut is kept
+MIN_PAIRS_PER_WORKER = 256  # below this a process pool costs more than it saves (starting one takes seconds)
 BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen": CHATML, "llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA,
                      "default": DEFAULT}
 
@@ -64,7 +70,8 @@ class TokenizedPair:
 
 @dataclass
 class TokenizeReport:
-    truncated: int = 0
+    truncated: int = 0  # pairs cut to fit cutoff_len / max_prompt_length
+    dropped: int = 0  # pairs with no completion token left after the cut (left out of the run)
     boundary_merges: int = 0
 
 
@@ -123,53 +130,135 @@ def _encode(tokenizer, pair: PreferencePair, completion: str, use_template: bool
     return ids, start, merged
 
 
-def _truncate(ids: list[int], start: int, keep_prompt: int, keep_completion: int, bos_id) -> tuple[list[int], int]:
-    prompt, completion = ids[:start], ids[start:]
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """(prompt, completion) token budgets within `cutoff_len`: LLaMA-Factory's rule
+    (src/llamafactory/data/processor/processor_utils.py `infer_seqlen`), so its YAML truncates alike.
+
+    A completion shorter than half the budget stays whole and the prompt gets the rest; else a
+    prompt shorter than half stays whole and the completion gets the rest; else both are cut in
+    proportion to their lengths. For a pair, `target_len` is the longer completion's length.
+    """
+    if 2 * target_len < cutoff_len:
+        max_target = cutoff_len
+    elif 2 * source_len < cutoff_len:
+        max_target = cutoff_len - source_len
+    else:
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    target = min(max_target, target_len)
+    return min(max(cutoff_len - target, 0), source_len), target
+
+
+def _cut(ids: list[int], start: int, keep_prompt: int, keep_completion: int, truncation_mode: str,
+         bos_id) -> tuple[list[int], int]:
+    """One sequence cut to its budgets: the completion keeps its start; the prompt keeps its start
+    (keep_start) or its end (keep_end, with BOS kept in front so there is still exactly one)."""
+    prompt, completion = ids[:start], ids[start:start + keep_completion]
     if len(prompt) > keep_prompt:
-        # the prompt keeps its end (the words right before the answer) and its BOS
-        if prompt and prompt[0] == bos_id and keep_prompt >= 2:
+        if truncation_mode == "keep_start":
+            prompt = prompt[:keep_prompt]
+        elif prompt[0] == bos_id and keep_prompt >= 2:
             prompt = prompt[:1] + prompt[len(prompt) - keep_prompt + 1:]
         else:
             prompt = prompt[len(prompt) - keep_prompt:]
-    return prompt + completion[:keep_completion], len(prompt)
+    return prompt + completion, len(prompt)
 
 
-def tokenize_pair(tokenizer, pair: PreferencePair, cutoff_len: int, use_template: bool,
-                  report: TokenizeReport) -> TokenizedPair:
+def truncate_pair(t: TokenizedPair, cutoff_len: int, truncation_mode: str = "keep_start",
+                  max_prompt_length: int | None = None, bos_id=None) -> TokenizedPair | None:
+    """`t` cut to `cutoff_len` tokens per sequence (and its prompt to `max_prompt_length` first);
+    None when nothing of a completion would be left (the pair is dropped and counted)."""
+    prompt_len = max(t.chosen_start, t.rejected_start)  # they differ only by a token merged across the boundary
+    completion_len = max(len(t.chosen_ids) - t.chosen_start, len(t.rejected_ids) - t.rejected_start)
+    budget = prompt_len if max_prompt_length is None else min(prompt_len, max_prompt_length)
+    keep_prompt, keep_completion = infer_seqlen(budget, completion_len, cutoff_len)
+    if keep_prompt >= prompt_len and keep_completion >= completion_len:
+        return t
+    if keep_prompt < 1 or keep_completion < 1:
+        return None
+    chosen_ids, chosen_start = _cut(t.chosen_ids, t.chosen_start, keep_prompt, keep_completion, truncation_mode,
+                                    bos_id)
+    rejected_ids, rejected_start = _cut(t.rejected_ids, t.rejected_start, keep_prompt, keep_completion,
+                                        truncation_mode, bos_id)
+    return TokenizedPair(chosen_ids, chosen_start, rejected_ids, rejected_start, truncated=True)
+
+
+def encode_pair(tokenizer, pair: PreferencePair, use_template: bool, report: TokenizeReport) -> TokenizedPair:
+    """The untruncated token ids of a pair, with its completion boundaries."""
     chosen_ids, chosen_start, m1 = _encode(tokenizer, pair, pair.chosen, use_template)
     rejected_ids, rejected_start, m2 = _encode(tokenizer, pair, pair.rejected, use_template)
     if m1 or m2:
         report.boundary_merges += 1
-    prompt_len = min(chosen_start, rejected_start)
-    if prompt_len == 0:
+    if min(chosen_start, rejected_start) == 0:
         raise DataError(f"{pair.where}: the prompt is empty and the tokenizer adds no BOS, so the first completion "
                         "token has no context to be scored from; give every pair a prompt")
     if chosen_start >= len(chosen_ids) or rejected_start >= len(rejected_ids):
         raise DataError(f"{pair.where}: a completion produced no tokens after the prompt")
-    completion_len = max(len(chosen_ids) - chosen_start, len(rejected_ids) - rejected_start)
-    truncated = prompt_len + completion_len > cutoff_len
-    if truncated:
-        # Keep the completion whole when the prompt can give way; otherwise the prompt keeps at
-        # least half the budget (its end) and the completions keep their start.
-        keep_prompt = max(cutoff_len - completion_len, min(prompt_len, cutoff_len // 2))
-        keep_completion = cutoff_len - keep_prompt
-        chosen_ids, chosen_start = _truncate(chosen_ids, chosen_start, keep_prompt, keep_completion,
-                                             tokenizer.bos_token_id)
-        rejected_ids, rejected_start = _truncate(rejected_ids, rejected_start, keep_prompt, keep_completion,
-                                                 tokenizer.bos_token_id)
+    return TokenizedPair(chosen_ids, chosen_start, rejected_ids, rejected_start)
+
+
+def tokenize_pair(tokenizer, pair: PreferencePair, cutoff_len: int, use_template: bool,
+                  report: TokenizeReport, truncation_mode: str = "keep_start",
+                  max_prompt_length: int | None = None) -> TokenizedPair | None:
+    """One pair, encoded and truncated; None (counted in `report.dropped`) when it cannot fit."""
+    t = truncate_pair(encode_pair(tokenizer, pair, use_template, report), cutoff_len, truncation_mode,
+                      max_prompt_length, tokenizer.bos_token_id)
+    if t is None:
+        report.dropped += 1
+    elif t.truncated:
         report.truncated += 1
-    return TokenizedPair(chosen_ids, chosen_start, rejected_ids, rejected_start, truncated)
+    return t
+
+
+def _tokenize_chunk(tokenizer, pairs: list[PreferencePair], settings: dict) -> tuple[list, TokenizeReport]:
+    """(tokenized pairs, None for a dropped one; their counts) for a run of pairs."""
+    report = TokenizeReport()
+    return [tokenize_pair(tokenizer, p, report=report, **settings) for p in pairs], report
+
+
+_worker_tokenizer = None  # a pool worker's copy of the tokenizer, sent once when the worker starts
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _worker_chunk(args: tuple[list[PreferencePair], dict]) -> tuple[list, TokenizeReport]:
+    return _tokenize_chunk(_worker_tokenizer, *args)
 
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cutoff_len: int, template: str | None,
-                   report: TokenizeReport | None = None) -> list[TokenizedPair]:
+                   report: TokenizeReport | None = None, truncation_mode: str = "keep_start",
+                   max_prompt_length: int | None = None, num_workers: int | None = None) -> list[TokenizedPair]:
+    """Every pair tokenized and truncated, in order; dropped pairs are left out and counted in `report`.
+    With num_workers > 1 the pairs are split into chunks tokenized by a pool of processes."""
     if not tokenizer.is_fast:
         raise ConfigError("preftune needs a fast tokenizer (offset mapping finds the prompt boundary); "
                           "the model's tokenizer.json is missing")
     report = report if report is not None else TokenizeReport()
     use_template = setup_chat_template(tokenizer, template)
-    out = [tokenize_pair(tokenizer, p, cutoff_len, use_template, report) for p in pairs]
-    if report.boundary_merges:
+    settings = {"cutoff_len": cutoff_len, "use_template": use_template, "truncation_mode": truncation_mode,
+                "max_prompt_length": max_prompt_length}
+    workers = min(num_workers or 1, len(pairs) // MIN_PAIRS_PER_WORKER)
+    if workers > 1:
+        import multiprocessing
+
+        # spawn, not fork: the parent holds torch and tokenizers threads, which a fork can deadlock
+        size = -(-len(pairs) // (workers * 4))  # a few chunks per worker evens out long and short pairs
+        chunks = [(pairs[i:i + size], settings) for i in range(0, len(pairs), size)]
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
+            results = pool.map(_worker_chunk, chunks)
+    else:
+        results = [_tokenize_chunk(tokenizer, pairs, settings)]
+    out = []
+    merges = 0
+    for chunk, part in results:
+        out.extend(t for t in chunk if t is not None)
+        report.truncated += part.truncated
+        report.dropped += part.dropped
+        merges += part.boundary_merges
+    report.boundary_merges += merges
+    if merges:
         log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
-                    "completion", report.boundary_merges, len(pairs))
+                    "completion", merges, len(pairs))
     return out

@@ -30,8 +30,33 @@ log = logging.getLogger("preftune")
 # formats follow LLaMA-Factory's src/llamafactory/data/template.py). Each writes BOS itself where
 # the family has one (the text is then tokenized without special tokens, so BOS appears once), and
 # ends every assistant turn with the family's end-of-turn token.
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# ChatML as Qwen2.5 writes it: plain turns are `<|im_start|>role\ncontent<|im_end|>\n`; with tools,
+# their definitions follow the system text inside <tools></tools>, an assistant's tool calls are
+# <tool_call> JSON objects, and consecutive tool results share one user turn of <tool_response>s
+# (the same format as LLaMA-Factory's `qwen` template).
+CHATML = (
+    "{% set ns = namespace(first=0) %}"
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+    "{% set ns.first = 1 %}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n' }}{% endif %}"
+    "{% for message in messages[ns.first:] %}"
+    "{% if message['role'] == 'tool' %}"
+    "{% if loop.first or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% elif message.get('tool_calls') %}{{ '<|im_start|>' + message['role'] }}"
+    "{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] %}{% set call = call.get('function', call) %}"
+    "{{ '\n<tool_call>\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' + (call['arguments'] | tojson) "
+    "+ '}\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
           "+ m['content'] + '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
@@ -94,21 +119,42 @@ def prompt_messages(pair: PreferencePair) -> list[dict[str, str]]:
     return ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
 
 
-def _encode(tokenizer, pair: PreferencePair, completion: str, use_template: bool) -> tuple[list[int], int, bool]:
+def _prompt_text(tokenizer, pair: PreferencePair, use_template: bool) -> str:
+    """The prompt as text: rendered once per pair, shared by its chosen and rejected sequences."""
+    if use_template:
+        return tokenizer.apply_chat_template(prompt_messages(pair), tokenize=False, add_generation_prompt=True,
+                                             tools=pair.tools)
+    if (pair.messages is not None and not pair.from_text) or pair.tools \
+            or pair.chosen_messages is not None or pair.rejected_messages is not None:
+        raise ConfigError(f"{pair.where}: a multi-turn conversation needs a chat template (as do tool calls and "
+                          "completions of several messages), and the tokenizer has none; set template (e.g. chatml, "
+                          "llama3) or use a tokenizer with a chat template")
+    return (pair.system + "\n\n" if pair.system else "") + pair.prompt
+
+
+def _tool_texts(messages: list[dict], tools: list | None) -> list[str]:
+    """What a template must write for tool turns: tool results, called and defined function names."""
+    out = [m["content"] for m in messages if m["role"] == "tool" and m["content"]]
+    for m in messages:
+        out += [call.get("function", call)["name"] for call in m.get("tool_calls") or []]
+    return out + [tool.get("function", tool).get("name", "") for tool in tools or [] if isinstance(tool, dict)]
+
+
+def _encode(tokenizer, pair: PreferencePair, prompt_text: str, completion: str,
+            completion_messages: list[dict] | None, use_template: bool) -> tuple[list[int], int, bool]:
     """(ids, completion_start, merged_across_boundary) for one prompt + completion."""
     if use_template:
-        messages = prompt_messages(pair)
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # implicit-prompt text keeps the space after 'Assistant:' in the completion; a turn has none
         content = completion.strip() if pair.from_text else completion
-        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": content}],
-                                                  tokenize=False)
+        messages = prompt_messages(pair) + (completion_messages or [{"role": "assistant", "content": content}])
+        full_text = tokenizer.apply_chat_template(messages, tokenize=False, tools=pair.tools)
+        missing = [t for t in _tool_texts(messages, pair.tools) if t not in full_text]
+        if missing:  # a template without tool support would drop them silently
+            raise ConfigError(f"{pair.where}: the chat template does not write the tool calls, results or "
+                              f"definitions of this pair (e.g. {missing[0][:40]!r}); use a template that renders "
+                              "tools (the model's own, or template: qwen for a tokenizer without one)")
         add_special = False  # the template writes BOS itself; adding it again would double it
     else:
-        if pair.messages is not None and not pair.from_text:
-            raise ConfigError(f"{pair.where}: a multi-turn conversation needs a chat template, and the tokenizer has "
-                              "none; set template (e.g. chatml, llama3) or use a tokenizer with a chat template")
-        prompt_text = (pair.system + "\n\n" if pair.system else "") + pair.prompt
         full_text = prompt_text + completion
         add_special = True
     enc = tokenizer(full_text, add_special_tokens=add_special, return_offsets_mapping=True)
@@ -184,8 +230,11 @@ def truncate_pair(t: TokenizedPair, cutoff_len: int, truncation_mode: str = "kee
 
 def encode_pair(tokenizer, pair: PreferencePair, use_template: bool, report: TokenizeReport) -> TokenizedPair:
     """The untruncated token ids of a pair, with its completion boundaries."""
-    chosen_ids, chosen_start, m1 = _encode(tokenizer, pair, pair.chosen, use_template)
-    rejected_ids, rejected_start, m2 = _encode(tokenizer, pair, pair.rejected, use_template)
+    prompt_text = _prompt_text(tokenizer, pair, use_template)
+    chosen_ids, chosen_start, m1 = _encode(tokenizer, pair, prompt_text, pair.chosen, pair.chosen_messages,
+                                           use_template)
+    rejected_ids, rejected_start, m2 = _encode(tokenizer, pair, prompt_text, pair.rejected, pair.rejected_messages,
+                                               use_template)
     if m1 or m2:
         report.boundary_merges += 1
     if min(chosen_start, rejected_start) == 0:

@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -53,10 +54,14 @@ def main() -> None:
     try:
         serial, seconds, cpu = timed(lambda: tokenize_pairs(copy.deepcopy(tokenizer), pairs, opts.cutoff_len, None))
         results["serial"] = {"seconds": seconds, "pairs_per_s": opts.pairs / seconds, "cpu_s": cpu}
-        parallel, seconds, _ = timed(lambda: tokenize_pairs(copy.deepcopy(tokenizer), pairs, opts.cutoff_len, None,
-                                                            num_workers=opts.workers))
+        children_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        parallel, seconds, cpu = timed(lambda: tokenize_pairs(copy.deepcopy(tokenizer), pairs, opts.cutoff_len, None,
+                                                              num_workers=opts.workers))
         assert parallel == serial, "parallel output differs from serial"
-        results[f"{opts.workers}_workers"] = {"seconds": seconds, "pairs_per_s": opts.pairs / seconds}
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        workers_cpu = after.ru_utime + after.ru_stime - children_cpu.ru_utime - children_cpu.ru_stime
+        results[f"{opts.workers}_workers"] = {"seconds": seconds, "pairs_per_s": opts.pairs / seconds,
+                                              "cpu_s_parent": cpu, "cpu_s_workers": workers_cpu}
         _, seconds, _ = timed(lambda: cache_key(tokenizer, pairs, cfg))
         results["cache_key_only"] = {"seconds": seconds}
         cold, seconds, _ = timed(lambda: tokenize_cached(copy.deepcopy(tokenizer), pairs, cfg, TokenizeReport()))
@@ -71,7 +76,9 @@ def main() -> None:
     results["loadavg_after"] = os.getloadavg()
     for name in ("serial", f"{opts.workers}_workers", "cold_cache", "warm_cache"):
         r = results[name]
-        print(f"{name:12s} {r['seconds']:7.2f} s  {r['pairs_per_s']:9.0f} pairs/s")
+        cpu = r.get("cpu_s", r.get("cpu_s_workers"))
+        print(f"{name:12s} {r['seconds']:7.2f} s  {r['pairs_per_s']:9.0f} pairs/s"
+              + (f"  ({cpu:.1f} CPU s)" if cpu is not None else ""))
     print(json.dumps(results, indent=1))
 
 

@@ -292,10 +292,12 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cutoff_len: int, temp
     if workers > 1:
         import multiprocessing
 
-        # spawn, not fork: the parent holds torch and tokenizers threads, which a fork can deadlock
+        # fork where there is one (as datasets.map(num_proc) does): a worker starts in milliseconds and
+        # only runs tokenizers' code; spawn re-imports transformers in each worker (seconds)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         size = -(-len(pairs) // (workers * 4))  # a few chunks per worker evens out long and short pairs
         chunks = [(pairs[i:i + size], settings) for i in range(0, len(pairs), size)]
-        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
+        with multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer,)) as pool:
             results = pool.map(_worker_chunk, chunks)
     else:
         results = [_tokenize_chunk(tokenizer, pairs, settings)]

@@ -138,3 +138,15 @@ def test_a_run_reports_truncated_and_dropped_and_reuses_the_cache(tmp_path, tiny
     with caplog.at_level(logging.INFO, logger="preftune"):
         train(cfg)
     assert "loaded 10 tokenized pairs" in caplog.text
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("truncation_mode", "keep_middle", "truncation_mode: 'keep_middle' is not supported; use keep_start or keep_end"),
+    ("max_prompt_length", 0, "max_prompt_length must be at least 1"),
+    ("preprocessing_num_workers", 0, "preprocessing_num_workers must be at least 1"),
+])
+def test_bad_truncation_and_worker_settings_are_one_line_errors(key, value, message):
+    from preftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict({key: value})

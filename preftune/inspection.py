@@ -124,9 +124,10 @@ def format_report(stats: dict) -> str:
         if pct:
             lines.append("  " + f"{part:9s}" + "".join(f"{pct[c]:>9}" for c in cols))
     if "truncated" in stats:
-        lines.append(f"cutoff_len {stats['cutoff_len']} ({stats['truncation_mode']}): {stats['truncated']} pairs truncated "
-                     f"({stats['truncated_completion']} of them lose the end of a completion), "
-                     f"{stats['dropped']} dropped (no completion token fits); {stats['boundary_merges']} with a token spanning the boundary")
+        lines.append(f"cutoff_len {stats['cutoff_len']} ({stats['truncation_mode']}): {stats['truncated']} pairs "
+                     f"truncated ({stats['truncated_completion']} of them lose the end of a completion), "
+                     f"{stats['dropped']} dropped (no completion token fits); {stats['boundary_merges']} with a "
+                     "token spanning the boundary")
         if stats["untokenizable"]["count"]:
             lines.append(f"{stats['untokenizable']['count']} pairs cannot be tokenized (a run stops on them): "
                          + "; ".join(stats["untokenizable"]["first"]))
@@ -170,7 +171,8 @@ def main(args: list[str]) -> int:
     parser.add_argument("--cutoff_len", type=int, default=1024, help="count pairs longer than this (tokens)")
     parser.add_argument("--truncation_mode", default="keep_start", choices=("keep_start", "keep_end"),
                         help="which end of a cut prompt is kept, as the config key")
-    parser.add_argument("--max_prompt_length", type=int, help="cut prompts to this many tokens first, as the config key")
+    parser.add_argument("--max_prompt_length", type=int,
+                        help="cut prompts to this many tokens first, as the config key")
     parser.add_argument("--template", help="built-in chat template for a tokenizer without one")
     parser.add_argument("--dataset_dir", default="data", help="folder holding dataset_info.json")
     parser.add_argument("--columns", help="field names of your data, e.g. '{prompt: question, chosen: good}'")

@@ -84,7 +84,8 @@ def test_a_changed_setting_misses_the_cache(tmp_path, tiny_tokenizer, pairs, cou
                           TokenizeReport())
     assert len(counted) == 2
     # keep_end's result, not keep_start's: the prompt still ends with the generation prompt
-    assert tiny_tokenizer.decode(out[-1].chosen_ids[:out[-1].chosen_start]).endswith("end?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = tiny_tokenizer.decode(out[-1].chosen_ids[:out[-1].chosen_start])
+    assert prompt.endswith("end?<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("damage", ["cut", "flip", "garbage"])

@@ -157,8 +157,10 @@ def _encode(tokenizer, pair: PreferencePair, prompt_text: str, completion: str,
     else:
         full_text = prompt_text + completion
         add_special = True
-    enc = tokenizer(full_text, add_special_tokens=add_special, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    # the Rust tokenizer directly: the same ids and offsets as tokenizer(..., return_offsets_mapping=True)
+    # (checked in tests), without the Python wrapper that was a third of the time per pair
+    enc = tokenizer.backend_tokenizer.encode(full_text, add_special_tokens=add_special)
+    ids, offsets = enc.ids, enc.offsets
     # Some templates render the prompt alone differently from the prompt inside the conversation;
     # the boundary is then the end of what both renderings share.
     boundary = len(prompt_text)

@@ -101,7 +101,15 @@ class TokenizeReport:
 
 
 def setup_chat_template(tokenizer, template: str | None) -> bool:
-    """Decide whether to use a chat template; returns True when one is used."""
+    """Prepare the tokenizer for `encode_pair`: decide whether to use a chat template (returns True
+    when one is used), and turn off truncation and padding that a tokenizer.json may switch on in
+    the Rust tokenizer (encoding calls it directly; transformers turns them off on every call too),
+    so no sequence is cut without being counted."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
     if tokenizer.chat_template:
         return True  # the tokenizer's own template is the one the model was trained with
     if template is None or template in ("empty", "plain", "none"):

@@ -190,3 +190,14 @@ def test_implicit_prompt_text_is_verbatim_without_a_template_and_turns_with_one(
     assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]).endswith(
         "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n")
     assert tiny_tokenizer.decode(t.chosen_ids[t.chosen_start:]) == "12<|im_end|>\n"
+
+
+def test_truncation_or_padding_switched_on_in_tokenizer_json_does_not_cut_silently(plain):
+    tok = copy.deepcopy(plain)
+    tok.backend_tokenizer.enable_truncation(max_length=4)
+    tok.backend_tokenizer.enable_padding(length=300, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    report = TokenizeReport()
+    (t,) = tokenize_pairs(tok, [LONG_PROMPT], 10_000, None, report)
+    (expected,) = tokenize_pairs(copy.deepcopy(plain), [LONG_PROMPT], 10_000, None)
+    assert t == expected and not t.truncated and report.truncated == 0
+    assert tok.pad_token_id not in t.chosen_ids and len(t.chosen_ids) > 4

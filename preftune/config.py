@@ -94,10 +94,14 @@ class TrainConfig:
     shuffle: bool = _f(False, "Shuffle the training pairs (seeded by seed) after reading, before the validation split.")
     max_samples: int | None = _f(None, "Use at most this many pairs from each dataset (first ones, before the split).")
     template: str | None = _f(None, "Chat template for a tokenizer without one: chatml, qwen, llama3, mistral, gemma, default (LLaMA-Factory names). The tokenizer's own template is used when it has one.")
-    cutoff_len: int = _f(1024, "Maximum tokens of prompt + completion; longer pairs lose the start of their prompt first.")
+    cutoff_len: int = _f(1024, "Maximum tokens of prompt + completion, split between them as LLaMA-Factory does (a completion under half stays whole, else a prompt under half stays whole, else both shrink in proportion); completions keep their start.")
     drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with an empty completion or chosen == rejected instead of failing.")
-    preprocessing_num_workers: int | None = _f(None, "Accepted for LLaMA-Factory configs; tokenization runs in-process.")
-    overwrite_cache: bool = _f(False, "Accepted for LLaMA-Factory configs (no tokenization cache yet).")
+    preprocessing_num_workers: int | None = _f(None, "Processes that tokenize the pairs (unset or 1: in-process; sets under 512 pairs always are).")
+    overwrite_cache: bool = _f(False, "Re-tokenize and rewrite the tokenization cache instead of loading it.")
+    # --- truncation and the tokenization cache (preference data issue) ---
+    truncation_mode: str = _f("keep_start", "Which end of a prompt that is cut is kept: keep_start (as LLaMA-Factory and TRL 1.16) or keep_end (the words before the answer, BOS kept).")
+    max_prompt_length: int | None = _f(None, "Cut prompts to at most this many tokens (per truncation_mode) before cutoff_len is applied.")
+    tokenized_cache_dir: str | None = _f(None, "Folder of the tokenization cache (default: $XDG_CACHE_HOME or ~/.cache, then preftune/tokenized); files are named by a hash of data, tokenizer and settings.")
 
     # --- optimisation -------------------------------------------------------------------
     per_device_train_batch_size: int = _f(4, "Preference pairs per micro-batch (each pair is two sequences).")
@@ -366,6 +370,12 @@ def validate(cfg: TrainConfig) -> None:
         for key in cfg.columns:
             if key not in known:
                 bad(f"columns: '{key}' is not a standard field; map your field names to {', '.join(known)}")
+    if cfg.truncation_mode not in ("keep_start", "keep_end"):
+        bad(f"truncation_mode: '{cfg.truncation_mode}' is not supported; use keep_start or keep_end")
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length < 1:
+        bad(f"max_prompt_length must be at least 1 (or unset); got {cfg.max_prompt_length}")
+    if cfg.preprocessing_num_workers is not None and cfg.preprocessing_num_workers < 1:
+        bad(f"preprocessing_num_workers must be at least 1 (or unset); got {cfg.preprocessing_num_workers}")
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":
         bad("early_stopping_patience needs evaluation; remove eval_strategy: no")
 

@@ -16,7 +16,10 @@ Each record's shape is recognised from its fields (the first record decides for 
                   shared prefix through the last "\n\nAssistant:" (verbatim text; split into
                   turns for a chat template)
   alpaca          instruction, input, chosen, rejected, optional system/history (LLaMA-Factory)
-  sharegpt        conversations + chosen/rejected message objects (LLaMA-Factory)
+  sharegpt        conversations + chosen/rejected message objects (LLaMA-Factory); function_call and
+                  observation turns become assistant tool calls and tool results, `tools` column
+Conversational prompts may hold `tool` messages and assistant `tool_calls`; a completion may be
+several messages (tool call, tool result, answer), kept whole in `chosen_messages`/`rejected_messages`.
   unpaired        prompt, completion, label (bool): KTO-style, read into `UnpairedExample`
 Every problem names the file, the line (JSONL), row (CSV) or record index, the field, what was
 expected and the fix. Nothing is dropped silently: skips are counted in `DataReport`.
@@ -49,6 +52,11 @@ class PreferencePair:
     # True for implicit-prompt text (hh-rlhf): prompt/chosen/rejected are the data's own text, used
     # verbatim without a chat template; `messages` is their parse into turns, used with one
     from_text: bool = False
+    # A completion of several messages or with tool calls (assistant call, tool result, assistant
+    # answer): the whole completion as messages; `chosen`/`rejected` then hold their text for checks
+    chosen_messages: list[dict] | None = None
+    rejected_messages: list[dict] | None = None
+    tools: list[dict] | None = None  # tool (function) definitions, passed to the chat template
 
 
 @dataclass
@@ -74,9 +82,10 @@ class DataReport:
 
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
-                  "system": "system", "history": None}
+                  "system": "system", "history": None, "tools": None}
 # LLaMA-Factory's defaults (src/llamafactory/data/parser.py DatasetAttr)
-SHAREGPT_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": None}
+SHAREGPT_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": None,
+                    "tools": None}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 HH_MARKER = "\n\nAssistant:"
@@ -202,8 +211,12 @@ def _text(rec: dict, name: str, where: str, required: bool = True) -> str | None
     return value
 
 
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # kept on a message for the chat template
+
+
 def _messages(value: Any, where: str, name: str, role: str = "role", content: str = "content") -> list[dict]:
-    """A list of {role, content} messages, checked; returned with the keys 'role' and 'content'."""
+    """A list of {role, content} messages, checked; returned with the keys 'role' and 'content' (and
+    `tool_calls`, `name`, `tool_call_id` where present: an assistant's tool call may have no content)."""
     if not isinstance(value, list):
         raise DataError(f"{where}: field '{name}' is {type(value).__name__}, expected a list of "
                         f"{{\"{role}\": ..., \"{content}\": ...}} messages")
@@ -212,27 +225,60 @@ def _messages(value: Any, where: str, name: str, role: str = "role", content: st
         if not isinstance(m, dict):
             raise DataError(f"{where}: field '{name}' message {i} is {type(m).__name__}, expected an object "
                             f"with '{role}' and '{content}'")
-        for key in (role, content):
+        calls = m.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("function", c).get("name"), str) for c in calls)):
+            raise DataError(f"{where}: field '{name}' message {i}: 'tool_calls' must be a list of "
+                            "{\"type\": \"function\", \"function\": {\"name\": ..., \"arguments\": ...}} objects")
+        for key in (role, content) if not calls else (role,):
             if not isinstance(m.get(key), str):
                 got = "missing" if m.get(key) is None else f"{type(m[key]).__name__}"
                 raise DataError(f"{where}: field '{name}' message {i}: '{key}' is {got}, expected a string "
                                 f"(each message needs '{role}' and '{content}'; keys present: "
                                 f"{', '.join(sorted(m)) or 'none'})")
-        out.append({"role": m[role], "content": m[content]})
+        out.append({"role": m[role], "content": m.get(content) or "",
+                    **{k: m[k] for k in TOOL_KEYS if m.get(k) is not None}})
     return out
 
 
-def _completion(value: Any, where: str, name: str) -> str:
-    """A completion: a string, or a list holding one assistant message."""
+def _messages_text(msgs: list[dict]) -> str:
+    """A completion of several messages as one text (for the empty / chosen == rejected checks and lengths)."""
+    return "\n".join(m["content"] or json.dumps(m.get("tool_calls"), ensure_ascii=False) for m in msgs)
+
+
+def _tools(value: Any, where: str, name: str) -> list[dict] | None:
+    """Tool definitions: a list of JSON schemas, or that list as a JSON string (LLaMA-Factory)."""
+    if value is None or value == "" or value == []:
+        return None
     if isinstance(value, str):
-        return value
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field '{name}' is not valid JSON ({e.msg}); expected a list of tool "
+                            "definitions") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise DataError(f"{where}: field '{name}' must be a list of tool definitions (JSON objects)")
+    # bare function definitions (LLaMA-Factory) in the {"type": "function", "function": ...} form templates expect
+    return [t if "function" in t else {"type": "function", "function": t} for t in value]
+
+
+def _completion(value: Any, where: str, name: str) -> tuple[str, list[dict] | None]:
+    """A completion: a string, or a list of messages (text, None for a single plain assistant
+    message; else text and the messages, which must start and end with the assistant)."""
+    if isinstance(value, str):
+        return value, None
     if value is None:
-        raise DataError(f"{where}: missing field '{name}' (expected a string or a list with one assistant message)")
+        raise DataError(f"{where}: missing field '{name}' (expected a string or a list of assistant messages)")
     msgs = _messages(value, where, name)
-    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
-        raise DataError(f"{where}: field '{name}' must be one assistant message, got roles "
-                        f"{[m['role'] for m in msgs]}; multi-message completions are not yet supported")
-    return msgs[0]["content"]
+    if not msgs or msgs[0]["role"] != "assistant" or msgs[-1]["role"] != "assistant" \
+            or msgs[-1].get("tool_calls"):
+        raise DataError(f"{where}: field '{name}' must be assistant messages (tool calls and tool results in "
+                        f"between) ending on an assistant answer, got roles {[m['role'] for m in msgs] or 'none'}")
+    if len(msgs) == 1 and not msgs[0].get("tool_calls"):
+        return msgs[0]["content"], None
+    return _messages_text(msgs), msgs
 
 
 def _split_system(msgs: list[dict], system: str | None) -> tuple[list[dict], str | None]:
@@ -241,13 +287,21 @@ def _split_system(msgs: list[dict], system: str | None) -> tuple[list[dict], str
     return msgs, system
 
 
-def _pair(prompt_msgs: list[dict], system, chosen: str, rejected: str, where: str) -> PreferencePair:
-    """A pair from a prompt conversation; a single user turn is kept as plain `prompt` text."""
+def _pair(prompt_msgs: list[dict], system, chosen: str | tuple, rejected: str | tuple, where: str,
+          tools: list[dict] | None = None) -> PreferencePair:
+    """A pair from a prompt conversation; a single user turn is kept as plain `prompt` text. A
+    completion is a text or (text, messages) from `_completion`."""
     if not prompt_msgs:
         raise DataError(f"{where}: the prompt has no messages; it needs at least one user turn")
-    single = len(prompt_msgs) == 1 and prompt_msgs[0]["role"] == "user"
+    if prompt_msgs[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the prompt ends on an assistant message; it must end on the user (or tool) turn "
+                        "that the chosen/rejected answers reply to")
+    (chosen, chosen_msgs), (rejected, rejected_msgs) = [c if isinstance(c, tuple) else (c, None)
+                                                        for c in (chosen, rejected)]
+    single = len(prompt_msgs) == 1 and prompt_msgs[0]["role"] == "user" and set(prompt_msgs[0]) == {"role", "content"}
     return PreferencePair(prompt=prompt_msgs[-1]["content"], chosen=chosen, rejected=rejected, system=system,
-                          where=where, messages=None if single else prompt_msgs)
+                          where=where, messages=None if single else prompt_msgs, chosen_messages=chosen_msgs,
+                          rejected_messages=rejected_msgs, tools=tools)
 
 
 # --- record shapes -> normalized examples ------------------------------------------------------
@@ -255,13 +309,22 @@ def _pair(prompt_msgs: list[dict], system, chosen: str, rejected: str, where: st
 def _standard(rec: dict, where: str) -> PreferencePair:
     system = _text(rec, "system", where, required=False)
     prompt = rec.get("prompt")
+    tools = _tools(rec.get("tools"), where, "tools")
     if isinstance(prompt, list):  # conversational (TRL)
         msgs, system = _split_system(_messages(prompt, where, "prompt"), system)
         return _pair(msgs, system, _completion(rec.get("chosen"), where, "chosen"),
-                     _completion(rec.get("rejected"), where, "rejected"), where)
+                     _completion(rec.get("rejected"), where, "rejected"), where, tools)
     if prompt is not None and not isinstance(prompt, str):
         raise DataError(f"{where}: field 'prompt' is {type(prompt).__name__}, expected a string or a list of "
                         "{\"role\": ..., \"content\": ...} messages")
+    if tools:  # tool definitions need the prompt as a conversation, so that a template writes them
+        return _pair([{"role": "user", "content": _text(rec, "prompt", where)}], system,
+                     _completion(rec.get("chosen"), where, "chosen"), _completion(rec.get("rejected"), where,
+                                                                                  "rejected"), where, tools)
+    chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return _pair([{"role": "user", "content": _text(rec, "prompt", where)}], system,
+                     _completion(chosen, where, "chosen"), _completion(rejected, where, "rejected"), where)
     return PreferencePair(prompt=_text(rec, "prompt", where), chosen=_text(rec, "chosen", where),
                           rejected=_text(rec, "rejected", where), system=system, where=where)
 
@@ -275,13 +338,16 @@ def _without_prompt(rec: dict, where: str) -> PreferencePair:
         shared = 0
         while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
             shared += 1
-        if c[shared:][0]["role"] != "assistant" or r[shared:][0]["role"] != "assistant" \
-                or len(c) - shared != 1 or len(r) - shared != 1:
-            raise DataError(f"{where}: chosen and rejected must be the same conversation up to one final assistant "
-                            f"message each; after {shared} shared messages they differ in roles "
-                            f"{[m['role'] for m in c[shared:]]} / {[m['role'] for m in r[shared:]]}")
+        while shared and c[shared - 1]["role"] == "assistant":  # a shared tool call belongs to both completions
+            shared -= 1
         msgs, system = _split_system(c[:shared], _text(rec, "system", where, required=False))
-        return _pair(msgs, system, c[-1]["content"], r[-1]["content"], where)
+        try:
+            completions = _completion(c[shared:], where, "chosen"), _completion(r[shared:], where, "rejected")
+        except DataError:
+            raise DataError(f"{where}: chosen and rejected must be the same conversation up to their final assistant "
+                            f"messages; after {shared} shared messages they differ in roles "
+                            f"{[m['role'] for m in c[shared:]]} / {[m['role'] for m in r[shared:]]}") from None
+        return _pair(msgs, system, *completions, where, _tools(rec.get("tools"), where, "tools"))
     chosen, rejected = _text(rec, "chosen", where), _text(rec, "rejected", where)
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -323,7 +389,7 @@ def _unpaired(rec: dict, where: str) -> UnpairedExample:
         msgs = None if len(msgs) == 1 and msgs[0]["role"] == "user" else msgs
     else:
         prompt = _text(rec, "prompt", where)
-    return UnpairedExample(prompt=prompt, completion=_completion(rec.get("completion"), where, "completion"),
+    return UnpairedExample(prompt=prompt, completion=_completion(rec.get("completion"), where, "completion")[0],
                            label=label, system=system, where=where, messages=msgs)
 
 
@@ -342,7 +408,9 @@ def _alpaca(rec: dict, where: str, columns: dict) -> PreferencePair:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     msgs.append({"role": "user", "content": prompt})
     system = _text(rec, columns["system"], where, required=False) if columns.get("system") else None
-    return _pair(msgs, system, _text(rec, columns["chosen"], where), _text(rec, columns["rejected"], where), where)
+    tools = _tools(rec.get(columns["tools"]), where, columns["tools"]) if columns.get("tools") else None
+    return _pair(msgs, system, _text(rec, columns["chosen"], where), _text(rec, columns["rejected"], where), where,
+                 tools)
 
 
 def _sharegpt(rec: dict, where: str, columns: dict, tags: dict) -> PreferencePair:
@@ -355,18 +423,18 @@ def _sharegpt(rec: dict, where: str, columns: dict, tags: dict) -> PreferencePai
     system = _text(rec, columns["system"], where, required=False) if columns.get("system") else None
     if raw and raw[0]["role"] == tags["system_tag"]:
         system, raw = raw[0]["content"], raw[1:]
-    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
+    # as LLaMA-Factory: even turns are the user's (or a tool's result, observation), odd turns the
+    # assistant's (or its function call)
+    turn_tags = ((tags["user_tag"], tags["observation_tag"]), (tags["assistant_tag"], tags["function_tag"]))
     msgs = []
     for i, m in enumerate(raw):
-        expected = tags["user_tag"] if i % 2 == 0 else tags["assistant_tag"]
-        if m["role"] in (tags["observation_tag"], tags["function_tag"]):
-            raise DataError(f"{where}: '{name}' message {i} has role '{m['role']}': tool turns are not yet supported")
-        if m["role"] != expected:
-            raise DataError(f"{where}: '{name}' message {i} has {role} '{m['role']}', expected '{expected}' "
-                            f"(turns alternate {tags['user_tag']}/{tags['assistant_tag']}, starting with "
-                            f"{tags['user_tag']}; set `tags` in dataset_info.json if your names differ)")
-        msgs.append({"role": roles[m["role"]], "content": m["content"]})
-    if not msgs or msgs[-1]["role"] != "user":
+        if m["role"] not in turn_tags[i % 2]:
+            raise DataError(f"{where}: '{name}' message {i} has {role} '{m['role']}', expected "
+                            f"{' or '.join(repr(t) for t in turn_tags[i % 2])} (turns alternate "
+                            f"{tags['user_tag']}/{tags['assistant_tag']}, starting with {tags['user_tag']}; set `tags` "
+                            "in dataset_info.json if your names differ)")
+        msgs.append(_sharegpt_message(m, tags, where, f"'{name}' message {i}"))
+    if not msgs or msgs[-1]["role"] == "assistant":
         raise DataError(f"{where}: '{name}' ends on {'an assistant' if msgs else 'no'} turn; for ranking data the "
                         f"conversation ends on the {tags['user_tag']} turn and '{columns['chosen']}'/"
                         f"'{columns['rejected']}' hold the competing {tags['assistant_tag']} answers")
@@ -378,10 +446,33 @@ def _sharegpt(rec: dict, where: str, columns: dict, tags: dict) -> PreferencePai
             raise DataError(f"{where}: field '{col}' is {type(value).__name__ if value is not None else 'missing'}, "
                             f"expected a message object {{\"{role}\": \"{tags['assistant_tag']}\", \"{content}\": ...}}")
         (m,) = _messages([value], where, col, role, content)
-        if m["role"] != tags["assistant_tag"]:
-            raise DataError(f"{where}: field '{col}' has {role} '{m['role']}', expected '{tags['assistant_tag']}'")
-        answers.append(m["content"])
-    return _pair(msgs, system, answers[0], answers[1], where)
+        if m["role"] not in turn_tags[1]:
+            raise DataError(f"{where}: field '{col}' has {role} '{m['role']}', expected '{tags['assistant_tag']}' "
+                            f"or '{tags['function_tag']}'")
+        m = _sharegpt_message(m, tags, where, f"field '{col}'")
+        answers.append((_messages_text([m]), [m]) if m.get("tool_calls") else m["content"])
+    tools = _tools(rec.get(columns["tools"]), where, columns["tools"]) if columns.get("tools") else None
+    return _pair(msgs, system, answers[0], answers[1], where, tools)
+
+
+def _sharegpt_message(m: dict, tags: dict, where: str, what: str) -> dict:
+    """A sharegpt message as a chat message: an observation is a `tool` result, a function call an
+    assistant message with `tool_calls` (its value is the call as JSON: {"name", "arguments"} or a list)."""
+    if m["role"] == tags["observation_tag"]:
+        return {"role": "tool", "content": m["content"]}
+    if m["role"] != tags["function_tag"]:
+        return {"role": "user" if m["role"] == tags["user_tag"] else "assistant", "content": m["content"]}
+    try:
+        calls = json.loads(m["content"])
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: {what} ({tags['function_tag']}) is not valid JSON ({e.msg}); expected "
+                        "{\"name\": ..., \"arguments\": {...}} or a list of them") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise DataError(f"{where}: {what} ({tags['function_tag']}) must be {{\"name\": ..., \"arguments\": "
+                        "{...}} or a list of them")
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]}
 
 
 def _shape(rec: dict) -> str:
@@ -443,11 +534,11 @@ def _entry_format(entry: dict, where: str) -> dict:
         raise DataError(f"{where}: not a preference dataset; DPO needs \"ranking\": true with chosen/rejected")
     defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
     given = entry.get("columns", {}) or {}
-    unknown = set(given) - set(defaults) - {"response", "tools", "images", "videos", "audios", "kto_tag"}
+    unknown = set(given) - set(defaults) - {"response", "images", "videos", "audios", "kto_tag"}
     if unknown:
         raise DataError(f"{where}: columns {sorted(unknown)} are not known for {formatting} ranking data "
                         f"(known: {', '.join(defaults)})")
-    for key in ("tools", "images", "videos", "audios", "kto_tag"):
+    for key in ("images", "videos", "audios", "kto_tag"):
         if given.get(key):
             raise DataError(f"{where}: column '{key}' is not yet supported; remove it from columns")
     tags = {**SHAREGPT_TAGS, **{k: v for k, v in (entry.get("tags") or {}).items()}}

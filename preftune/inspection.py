@@ -18,7 +18,8 @@ from collections import Counter
 
 from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
 from preftune.errors import DataError
-from preftune.tokenization import TokenizeReport, prompt_messages, setup_chat_template, tokenize_pair
+from preftune.tokenization import (TokenizeReport, encode_pair, prompt_messages, setup_chat_template,
+                                   truncate_pair)
 
 BOUNDARY = "⟦completion⟧"  # marks where the scored completion starts in the rendered examples
 PERCENTILES = (50, 90, 95, 99)
@@ -36,7 +37,8 @@ def _percentiles(values: list[int]) -> dict[str, float]:
 
 
 def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None, cutoff_len: int = 1024,
-                 template: str | None = None, columns: dict | None = None, n_examples: int = 3) -> dict:
+                 template: str | None = None, columns: dict | None = None, n_examples: int = 3,
+                 truncation_mode: str = "keep_start", max_prompt_length: int | None = None) -> dict:
     """The statistics as a dict (what --json prints)."""
     examples = read_examples(spec, dataset_dir, columns=columns)
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
@@ -50,11 +52,10 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
         tokenizer = load_tokenizer(model)
         use_template = setup_chat_template(tokenizer, template)
         report = TokenizeReport()
-        # untruncated lengths: the cutoff is applied by hand below, to count what it would do
         toks, kept, unusable = [], [], []
         for p in pairs:
             try:
-                toks.append(tokenize_pair(tokenizer, p, 10**9, use_template, report))
+                toks.append(encode_pair(tokenizer, p, use_template, report))  # untruncated lengths
                 kept.append(p)
             except DataError as e:  # e.g. an empty completion: the run would stop on it
                 unusable.append(str(e))
@@ -64,14 +65,16 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
         chosen = [len(t.chosen_ids) - t.chosen_start for t in toks]
         rejected = [len(t.rejected_ids) - t.rejected_start for t in toks]
         # what the run's truncation does at the cutoff (the same function, not a copy of its rule)
-        cut = [tokenize_pair(tokenizer, p, cutoff_len, use_template, TokenizeReport()) for p in pairs]
-        truncated = sum(t.truncated for t in cut)
-        completion_cut = sum(len(a.chosen_ids) - a.chosen_start < c or len(a.rejected_ids) - a.rejected_start < r
-                             for a, c, r in zip(cut, chosen, rejected))
+        cut = [truncate_pair(t, cutoff_len, truncation_mode, max_prompt_length, tokenizer.bos_token_id)
+               for t in toks]
         stats["cutoff_len"] = cutoff_len
-        stats["truncated"] = truncated
-        stats["truncated_completion"] = completion_cut
-        stats["dropped"] = 0  # preftune truncates long pairs, it never drops them
+        stats["truncation_mode"] = truncation_mode
+        stats["max_prompt_length"] = max_prompt_length
+        stats["truncated"] = sum(a is not None and a.truncated for a in cut)
+        stats["truncated_completion"] = sum(
+            a is not None and (len(a.chosen_ids) - a.chosen_start < c or len(a.rejected_ids) - a.rejected_start < r)
+            for a, c, r in zip(cut, chosen, rejected))
+        stats["dropped"] = sum(a is None for a in cut)  # no completion token would fit: the run leaves them out
         stats["boundary_merges"] = report.boundary_merges
         stats["chat_template"] = use_template
         rendered = []
@@ -121,9 +124,10 @@ def format_report(stats: dict) -> str:
         if pct:
             lines.append("  " + f"{part:9s}" + "".join(f"{pct[c]:>9}" for c in cols))
     if "truncated" in stats:
-        lines.append(f"cutoff_len {stats['cutoff_len']}: {stats['truncated']} pairs truncated "
-                     f"({stats['truncated_completion']} of them lose the end of a completion), "
-                     f"{stats['dropped']} dropped; {stats['boundary_merges']} with a token spanning the boundary")
+        lines.append(f"cutoff_len {stats['cutoff_len']} ({stats['truncation_mode']}): {stats['truncated']} pairs "
+                     f"truncated ({stats['truncated_completion']} of them lose the end of a completion), "
+                     f"{stats['dropped']} dropped (no completion token fits); {stats['boundary_merges']} with a "
+                     "token spanning the boundary")
         if stats["untokenizable"]["count"]:
             lines.append(f"{stats['untokenizable']['count']} pairs cannot be tokenized (a run stops on them): "
                          + "; ".join(stats["untokenizable"]["first"]))
@@ -165,6 +169,10 @@ def main(args: list[str]) -> int:
     parser.add_argument("data", help="dataset entries, as the `dataset` config key takes them")
     parser.add_argument("--model", help="tokenizer (model id or folder) for token lengths and rendering")
     parser.add_argument("--cutoff_len", type=int, default=1024, help="count pairs longer than this (tokens)")
+    parser.add_argument("--truncation_mode", default="keep_start", choices=("keep_start", "keep_end"),
+                        help="which end of a cut prompt is kept, as the config key")
+    parser.add_argument("--max_prompt_length", type=int,
+                        help="cut prompts to this many tokens first, as the config key")
     parser.add_argument("--template", help="built-in chat template for a tokenizer without one")
     parser.add_argument("--dataset_dir", default="data", help="folder holding dataset_info.json")
     parser.add_argument("--columns", help="field names of your data, e.g. '{prompt: question, chosen: good}'")
@@ -176,7 +184,8 @@ def main(args: list[str]) -> int:
         from preftune.config import from_dict
 
         columns = from_dict({"columns": opts.columns}).columns
-    stats = inspect_data(opts.data, opts.dataset_dir, opts.model, opts.cutoff_len, opts.template, columns)
+    stats = inspect_data(opts.data, opts.dataset_dir, opts.model, opts.cutoff_len, opts.template, columns,
+                         truncation_mode=opts.truncation_mode, max_prompt_length=opts.max_prompt_length)
     if opts.plot:
         plot_lengths(stats, opts.plot)
     raw = stats.pop("_lengths_raw")

@@ -27,12 +27,13 @@ from preftune import checkpoints
 from preftune.batching import collate, epoch_batches
 from preftune.config import TrainConfig
 from preftune.data import load_pairs
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, DataError
 from preftune.logps import completion_kl, get_batch_logps
 from preftune.losses import LOSSES, REFERENCE_FREE, bco_shifted_loss, chosen_nll
 from preftune.models import load_policy_and_reference, load_tokenizer
 from preftune.report import MetricsLog
-from preftune.tokenization import TokenizeReport, tokenize_pairs
+from preftune.cache import tokenize_cached
+from preftune.tokenization import TokenizeReport
 
 log = logging.getLogger("preftune")
 
@@ -195,11 +196,13 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     train_pairs, val_pairs, data_report = load_pairs(cfg)
     tok_report = TokenizeReport()
-    train_tok = tokenize_pairs(tokenizer, train_pairs, cfg.cutoff_len, cfg.template, tok_report)
-    val_tok = tokenize_pairs(tokenizer, val_pairs, cfg.cutoff_len, cfg.template, tok_report)
-    log.info("data: %d train pairs, %d validation pairs, %d truncated to cutoff_len=%d, %d skipped",
-             len(train_tok), len(val_tok), tok_report.truncated, cfg.cutoff_len,
-             data_report.skipped_empty + data_report.skipped_identical)
+    train_tok = tokenize_cached(tokenizer, train_pairs, cfg, tok_report)
+    val_tok = tokenize_cached(tokenizer, val_pairs, cfg, tok_report)
+    log.info("data: %d train pairs, %d validation pairs, %d truncated to cutoff_len=%d, %d dropped (no completion "
+             "token fits), %d skipped", len(train_tok), len(val_tok), tok_report.truncated, cfg.cutoff_len,
+             tok_report.dropped, data_report.skipped_empty + data_report.skipped_identical)
+    if not train_tok:
+        raise DataError(f"every training pair was dropped: none fits cutoff_len={cfg.cutoff_len}; raise it")
 
     # --- models and optimizer ------------------------------------------------------------
     # accelerate keeps its state per process; a second train() in one process (a sweep, the
@@ -237,7 +240,7 @@ def train(cfg: TrainConfig) -> dict:
             epoch, start = epoch + 1, 0
 
     metrics = MetricsLog(cfg)
-    metrics.data = {**vars(data_report), "truncated": tok_report.truncated,
+    metrics.data = {**vars(data_report), "truncated": tok_report.truncated, "dropped": tok_report.dropped,
                     "boundary_merges": tok_report.boundary_merges}
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluate(policy, reference, val_tok, cfg, pad_id, accelerator)})

@@ -57,3 +57,14 @@ def test_inspect_command_text_json_and_plot(tmp_path, tiny_model_dir, capsys):
     assert json.loads(capsys.readouterr().out)["length_bias"]["chosen_longer"] == 1.0
     assert main(["inspect", str(tmp_path / "missing.jsonl")]) == 2
     assert "preftune: error: dataset" in capsys.readouterr().err
+
+
+def test_inspect_cutoff_uses_the_runs_truncation_rule_and_counts_drops(tmp_path, tiny_model_dir, capsys):
+    data = write(tmp_path)
+    # cutoff 2: the long pair's completion gets int(2 * c / (p + c)) = 0 tokens, so the run would drop it
+    stats = inspect_data(data, model=str(tiny_model_dir), cutoff_len=2)
+    assert stats["dropped"] >= 1 and stats["truncated"] + stats["dropped"] == stats["pairs"]
+    assert main(["inspect", data, "--model", str(tiny_model_dir), "--cutoff_len", "12", "--truncation_mode",
+                 "keep_end", "--max_prompt_length", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "cutoff_len 12 (keep_end):" in out and "dropped (no completion token fits)" in out

@@ -70,3 +70,22 @@ def test_builtin_template_bos_once_and_one_end_of_turn(tiny_tokenizer, name):
             assert tail in ("", "\n")  # only the template's newline may follow the end-of-turn token
     assert tok.decode(multi.chosen_ids[multi.chosen_start:]).strip() in (
         "12<|eot_id|>", "12</s>", "12<end_of_turn>", "12<|im_end|>")
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_truncated_prompt_keeps_one_bos_and_the_whole_completion_ends_its_turn(tiny_tokenizer, name, mode):
+    tok = family_tokenizer(tiny_tokenizer, name)
+    bos, _, end, _, _ = FAMILIES[name]
+    long = PreferencePair(prompt="first " + "word " * 150 + "last question?", chosen="Start small.", rejected="No.",
+                          system="Be brief.", where="long")
+    (t,) = tokenize_pairs(tok, [long], 48, name, truncation_mode=mode)
+    end_id = tok.convert_tokens_to_ids(end)
+    assert t.truncated
+    for ids, start in ((t.chosen_ids, t.chosen_start), (t.rejected_ids, t.rejected_start)):
+        assert len(ids) <= 48
+        if bos:  # keep_start keeps it with the prompt's start; keep_end puts it back in front
+            assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        assert ids[start:].count(end_id) == 1  # the short completion is whole, ended by its end-of-turn
+    prompt = tok.decode(t.chosen_ids[:t.chosen_start])
+    assert ("last question?" in prompt) == (mode == "keep_end") and ("first" in prompt) == (mode == "keep_start")

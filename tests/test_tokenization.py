@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from preftune.data import PreferencePair
 from preftune.errors import ConfigError
-from preftune.tokenization import TokenizeReport, tokenize_pair, tokenize_pairs
+from preftune.tokenization import TokenizeReport, infer_seqlen, tokenize_pair, tokenize_pairs
 
 PAIR = PreferencePair(prompt="How should I learn chess?", chosen=" Start with the basics of chess.",
                       rejected=" Whatever.", where="t.jsonl:1")
@@ -75,20 +75,84 @@ def test_merge_across_boundary_is_counted_and_scored_as_completion(plain):
     assert completion.endswith("ess today.") and plain.decode(t.chosen_ids) == "How should I learn chess today.<|im_end|>"
 
 
-def test_truncation_keeps_completion_and_prompt_end(plain):
-    long_prompt = PreferencePair(prompt="word " * 200 + "final question?", chosen=" Short answer.",
-                                 rejected=" No.", where="x")
-    report = TokenizeReport()
-    t = tokenize_pair(plain, long_prompt, 32, use_template=False, report=report)
-    assert len(t.chosen_ids) <= 32 and len(t.rejected_ids) <= 32 and t.truncated and report.truncated == 1
-    assert plain.decode(t.chosen_ids[t.chosen_start:-1]) == " Short answer."  # completion whole
-    assert plain.decode(t.chosen_ids[:t.chosen_start]).endswith("final question?")  # prompt keeps its end
-    assert t.chosen_start == t.rejected_start
+@pytest.mark.parametrize("source, target, cutoff, expected", [
+    (100, 10, 64, (54, 10)),   # completion under half the budget: whole; the prompt gets the rest
+    (10, 100, 64, (10, 54)),   # prompt under half: whole; the completion gets the rest
+    (100, 300, 64, (16, 48)),  # both long: in proportion, int(64 * 300 / 400) = 48 for the completion
+    (1000, 1, 2, (2, 0)),      # int(2 * 1 / 1001) = 0 completion tokens: the pair cannot be used
+    (5, 5, 64, (5, 5)),        # fits: untouched
+])
+def test_infer_seqlen_is_llama_factorys_split(source, target, cutoff, expected):
+    assert infer_seqlen(source, target, cutoff) == expected
 
+
+LONG_PROMPT = PreferencePair(prompt="first words " + "word " * 200 + "final question?", chosen=" Short answer.",
+                             rejected=" No.", where="x")
+
+
+def test_truncation_keep_start_keeps_the_prompt_start_and_the_whole_short_completion(with_bos):
+    report = TokenizeReport()
+    t = tokenize_pair(with_bos, LONG_PROMPT, 32, use_template=False, report=report)
+    bos, eos = with_bos.bos_token_id, with_bos.eos_token_id
+    assert len(t.chosen_ids) <= 32 and len(t.rejected_ids) <= 32 and t.truncated and report.truncated == 1
+    assert with_bos.decode(t.chosen_ids[t.chosen_start:-1]) == " Short answer."  # completion whole
+    assert t.chosen_ids[-1] == eos and t.rejected_ids[-1] == eos and t.chosen_ids.count(eos) == 1
+    assert t.chosen_ids[0] == bos and t.chosen_ids.count(bos) == 1  # exactly one BOS
+    assert with_bos.decode(t.chosen_ids[1:t.chosen_start]).startswith("first words word")  # LLaMA-Factory keeps it
+    assert t.chosen_ids[:t.chosen_start] == t.rejected_ids[:t.rejected_start]
+    # LLaMA-Factory's budgets: completion 5 < 16 stays whole, the prompt gets 32 - 5 (its EOS included)
+    assert t.chosen_start == 32 - (len(t.chosen_ids) - t.chosen_start)
+
+
+def test_truncation_keep_end_keeps_bos_and_the_prompt_end(with_bos):
+    t = tokenize_pair(with_bos, LONG_PROMPT, 32, use_template=False, report=TokenizeReport(),
+                      truncation_mode="keep_end")
+    bos, eos = with_bos.bos_token_id, with_bos.eos_token_id
+    assert len(t.chosen_ids) == 32 and t.chosen_ids[0] == bos and t.chosen_ids.count(bos) == 1
+    assert with_bos.decode(t.chosen_ids[1:t.chosen_start]).endswith("final question?")
+    assert with_bos.decode(t.chosen_ids[t.chosen_start:-1]) == " Short answer." and t.chosen_ids[-1] == eos
+
+
+def test_truncation_keep_end_through_a_chat_template_keeps_the_generation_prompt(tiny_tokenizer):
+    pair = PreferencePair(prompt="word " * 200 + "final question?", chosen="Short.", rejected="No.", system="Be kind.")
+    t = tokenize_pair(tiny_tokenizer, pair, 40, use_template=True, report=TokenizeReport(),
+                      truncation_mode="keep_end")
+    assert len(t.chosen_ids) <= 40
+    assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]).endswith(
+        "final question?<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny_tokenizer.decode(t.chosen_ids[t.chosen_start:]) == "Short.<|im_end|>\n"
+
+
+def test_long_completion_keeps_its_start_and_the_prompt_stays_whole(plain):
     long_answer = PreferencePair(prompt="Q?", chosen=" yes" * 100, rejected=" no", where="x")
+    report = TokenizeReport()
     t = tokenize_pair(plain, long_answer, 16, use_template=False, report=report)
     assert len(t.chosen_ids) == 16 and plain.decode(t.chosen_ids[:t.chosen_start]) == "Q?"  # prompt whole
-    assert report.truncated == 2
+    assert plain.decode(t.chosen_ids[t.chosen_start:]).startswith(" yes yes")
+    assert plain.eos_token_id not in t.chosen_ids  # a cut completion does not end: no EOS is invented
+    assert t.rejected_ids[-1] == plain.eos_token_id  # the short one is untouched
+    assert report.truncated == 1
+
+
+def test_max_prompt_length_cuts_the_prompt_first(plain):
+    for mode, check in (("keep_start", str.startswith), ("keep_end", str.endswith)):
+        t = tokenize_pair(plain, LONG_PROMPT, 10_000, use_template=False, report=TokenizeReport(),
+                          truncation_mode=mode, max_prompt_length=8)
+        assert t.truncated and t.chosen_start == t.rejected_start == 8
+        prompt = plain.decode(t.chosen_ids[:8])
+        assert check(LONG_PROMPT.prompt, prompt)
+        assert plain.decode(t.chosen_ids[8:-1]) == " Short answer."
+
+
+def test_a_pair_that_cannot_fit_is_dropped_and_counted(plain):
+    report = TokenizeReport()
+    pairs = [LONG_PROMPT, PreferencePair(prompt="Q", chosen="A", rejected="B", where="y")]
+    # cutoff 2: the long prompt leaves int(2 * c / (p + c)) = 0 completion tokens: dropped. "Q" | "A" EOS: the
+    # completion (2 tokens) is not under half of 2, the prompt (1 token) is: the completion gets 2 - 1 = 1 token
+    toks = tokenize_pairs(plain, pairs, 2, None, report)
+    assert report.dropped == 1 and len(toks) == 1 and report.truncated == 1
+    assert len(toks[0].chosen_ids) == 2 and toks[0].chosen_start == 1
+    assert tokenize_pair(plain, LONG_PROMPT, 2, use_template=False, report=TokenizeReport()) is None
 
 
 def test_unknown_template_for_a_tokenizer_without_one(plain):
@@ -126,3 +190,14 @@ def test_implicit_prompt_text_is_verbatim_without_a_template_and_turns_with_one(
     assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]).endswith(
         "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n")
     assert tiny_tokenizer.decode(t.chosen_ids[t.chosen_start:]) == "12<|im_end|>\n"
+
+
+def test_truncation_or_padding_switched_on_in_tokenizer_json_does_not_cut_silently(plain):
+    tok = copy.deepcopy(plain)
+    tok.backend_tokenizer.enable_truncation(max_length=4)
+    tok.backend_tokenizer.enable_padding(length=300, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    report = TokenizeReport()
+    (t,) = tokenize_pairs(tok, [LONG_PROMPT], 10_000, None, report)
+    (expected,) = tokenize_pairs(copy.deepcopy(plain), [LONG_PROMPT], 10_000, None)
+    assert t == expected and not t.truncated and report.truncated == 0
+    assert tok.pad_token_id not in t.chosen_ids and len(t.chosen_ids) > 4

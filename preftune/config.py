@@ -75,6 +75,10 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_target: str = _f("all", "LoRA target modules: all, or a comma list.")
 
+    # --- precomputed reference log-probs (preftune/reference.py) ------------------------
+    precompute_ref_log_probs: bool = _f(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No kl/eval_kl columns then.")
+    ref_logps_cache_dir: str | None = _f(None, "Folder of the precomputed reference log-probs, reused by later runs with the same reference, data and precision (default: $XDG_CACHE_HOME/preftune/ref_logps, else ~/.cache/preftune/ref_logps).")
+
     # --- preference objective -----------------------------------------------------------
     pref_beta: float = _f(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
     pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, kto_pair; reference-free: simpo, orpo, sft. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")
@@ -327,6 +331,9 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"ref_model: pref_loss {cfg.pref_loss} is reference-free and loads no reference model; remove ref_model")
     if not (cfg.pref_bco_weight >= 0 and math.isfinite(cfg.pref_bco_weight)):
         bad(f"pref_bco_weight must be a number >= 0; got {cfg.pref_bco_weight}")
+    if cfg.precompute_ref_log_probs and not cfg.uses_reference:
+        bad(f"precompute_ref_log_probs: pref_loss {cfg.pref_loss} is reference-free and has no reference to "
+            "precompute; remove precompute_ref_log_probs")
     if cfg.pref_bco_weight > 0 and not cfg.uses_reference:
         bad(f"pref_bco_weight: BCO needs the reference and pref_loss {cfg.pref_loss} is reference-free "
             "(LLaMA-Factory ignores it there); set it to 0")

@@ -68,8 +68,13 @@ def load_policy_and_reference(cfg, with_reference: bool = True):
         set_dropout(policy, 0.0)
     if not with_reference:
         return policy, None
+    return policy, load_reference(cfg)
+
+
+def load_reference(cfg):
+    """The frozen reference: `ref_model`, else a second copy of the starting policy."""
     reference = load_model(cfg.ref_model or cfg.model_name_or_path, cfg,
                            "ref_model" if cfg.ref_model else "model_name_or_path (reference copy)")
     reference.requires_grad_(False)
     reference.eval()
-    return policy, reference
+    return reference

@@ -23,7 +23,7 @@ METRIC_NOTES = {
                                           "reference-free losses (simpo, orpo): beta * log pi_theta(y|x) / |y|",
     "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; a tie counts 0.5",
     "rewards/margins": "rewards/chosen - rewards/rejected",
-    "kl": "absent for reference-free losses (simpo, orpo); otherwise the mean over completion tokens of the exact KL(pi_theta(.|context) || pi_ref(.|context)) over the "
+    "kl": "absent for reference-free losses (simpo, orpo) and with precompute_ref_log_probs; otherwise the mean over completion tokens of the exact KL(pi_theta(.|context) || pi_ref(.|context)) over the "
           "vocabulary, teacher-forced on the dataset's chosen and rejected completions (train: up to 512 tokens of "
           "the logging step's last micro-batch; eval: every token of the validation set)",
     "eval_train_gap": "eval_loss - train loss of the latest logging step; eval_train_gap_pct relative to it",

@@ -31,6 +31,7 @@ from preftune.errors import ConfigError, DataError
 from preftune.logps import completion_kl, get_batch_logps
 from preftune.losses import LOSSES, REFERENCE_FREE, bco_shifted_loss, chosen_nll
 from preftune.models import load_policy_and_reference, load_tokenizer
+from preftune.reference import precompute_reference_logps, reference_logps_of
 from preftune.report import MetricsLog
 from preftune.cache import tokenize_cached
 from preftune.tokenization import TokenizeReport
@@ -55,7 +56,8 @@ class PolicyLogps(torch.nn.Module):
                                return_hidden=return_hidden)
 
 
-def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=False, kl_max_tokens=None):
+def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=False, kl_max_tokens=None,
+                    reference_logps=None):
     """Per-pair losses and the statistics logged for them, for one collated batch of B pairs.
 
     `loss_fn` is a function of `preftune.losses` with its hyperparameters beyond beta already
@@ -64,6 +66,10 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
 
     `reference` is None for a reference-free loss (simpo, orpo): no reference forward, the loss
     gets None for the reference log-probs, and there is no KL to compute.
+
+    `reference_logps` (2B,), log pi_ref of the batch's [chosen; rejected] rows precomputed by
+    `preftune.reference` (precompute_ref_log_probs), replaces the reference forward; `reference`
+    is then None, so there is no KL either.
 
     With kl=True (and a reference) also returns (sum of per-token KL to the reference, token
     count), computed from the hidden states both forward passes already produced; otherwise None.
@@ -74,7 +80,10 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
     B = policy_logps.size(0) // 2
     policy_chosen_logps, policy_rejected_logps = policy_logps[:B], policy_logps[B:]
     reference_chosen_logps = reference_rejected_logps = None
-    if reference is not None:
+    if reference_logps is not None:
+        reference_logps = reference_logps.to(policy_logps.device)
+        reference_chosen_logps, reference_rejected_logps = reference_logps[:B], reference_logps[B:]
+    elif reference is not None:
         with torch.no_grad():
             reference_out = get_batch_logps(reference, chunk_size=chunk_size, return_hidden=kl, **batch)
         reference_chosen_logps, reference_rejected_logps = reference_out[0][:B], reference_out[0][B:]
@@ -166,10 +175,12 @@ def evaluate(policy, reference, pairs, cfg, pad_id, accelerator) -> dict[str, fl
     kl_sum, kl_tokens = 0.0, 0
     loss_fn = configured_loss(cfg)
     for idx in epoch_batches(len(pairs), cfg.eval_batch_size, cfg.seed, 0, shuffle=False):
-        batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
+        batch_pairs = [pairs[i] for i in idx]
+        batch = {k: v.to(accelerator.device) for k, v in collate(batch_pairs, pad_id).items()}
         with accelerator.autocast():
             _, stats, kl = preference_step(wrapper, reference, batch, loss_fn, cfg.pref_beta,
-                                           cfg.logps_chunk_size, kl=True)
+                                           cfg.logps_chunk_size, kl=True,
+                                           reference_logps=reference_logps_of(batch_pairs))
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value.float().sum().item()
         if kl is not None:
@@ -213,7 +224,11 @@ def train(cfg: TrainConfig) -> dict:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
-    model, reference = load_policy_and_reference(cfg, with_reference=cfg.uses_reference)
+    if cfg.precompute_ref_log_probs:  # the reference runs (or its cache is read) and is freed before the policy loads
+        precompute_reference_logps(cfg, {"train": train_tok, "validation": val_tok}, tokenizer.pad_token_id,
+                                   accelerator)
+    model, reference = load_policy_and_reference(
+        cfg, with_reference=cfg.uses_reference and not cfg.precompute_ref_log_probs)
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
@@ -281,7 +296,8 @@ def train(cfg: TrainConfig) -> dict:
             with sync, accelerator.autocast():
                 losses, stats, kl = preference_step(policy, reference, batch, loss_fn, cfg.pref_beta,
                                                     cfg.logps_chunk_size, kl=log_now and last,
-                                                    kl_max_tokens=KL_TRAIN_TOKENS)
+                                                    kl_max_tokens=KL_TRAIN_TOKENS,
+                                                    reference_logps=reference_logps_of(pairs))
                 accelerator.backward(losses.sum() / step_pairs)  # mean over the step's pairs
             for key, value in stats.items():
                 running.setdefault(key, []).append(value)

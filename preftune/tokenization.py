@@ -63,6 +63,14 @@ class TokenizedPair:
 
 
 @dataclass
+class TokenizedExample:
+    """One unpaired (KTO) example: token ids of prompt+completion, completion from `start`, its label."""
+    ids: list[int]
+    start: int
+    label: bool
+
+
+@dataclass
 class TokenizeReport:
     truncated: int = 0
     boundary_merges: int = 0
@@ -172,4 +180,21 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cutoff_len: int, temp
     if report.boundary_merges:
         log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
                     "completion", report.boundary_merges, len(pairs))
+    return out
+
+
+def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str | None,
+                      report: TokenizeReport | None = None) -> list[TokenizedExample]:
+    """Unpaired examples for kto: an `UnpairedExample` gives one, a `PreferencePair` two (chosen
+    desirable, rejected undesirable), tokenized and truncated exactly as pairs are."""
+    as_pairs = [e if isinstance(e, PreferencePair) else
+                PreferencePair(prompt=e.prompt, chosen=e.completion, rejected=e.completion, system=e.system,
+                               where=e.where, messages=e.messages) for e in examples]
+    out = []
+    for example, tokenized in zip(examples, tokenize_pairs(tokenizer, as_pairs, cutoff_len, template, report)):
+        if isinstance(example, PreferencePair):
+            out += [TokenizedExample(tokenized.chosen_ids, tokenized.chosen_start, True),
+                    TokenizedExample(tokenized.rejected_ids, tokenized.rejected_start, False)]
+        else:
+            out.append(TokenizedExample(tokenized.chosen_ids, tokenized.chosen_start, example.label))
     return out

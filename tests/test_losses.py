@@ -72,7 +72,8 @@ def test_ipo_minimum_at_target():
 
 
 # A value for every hyperparameter beyond beta, passed to the losses that take it.
-HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05, "simpo_gamma": 0.5}
+HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05, "simpo_gamma": 0.5, "f_divergence_type": "reverse_kl",
+                   "f_alpha_divergence_coef": 0.5, "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.0}
 
 
 def test_gradients_push_chosen_up_and_rejected_down():
@@ -102,12 +103,12 @@ def test_apo_down_lowers_both_likelihoods_rejected_more():
 
 
 def test_config_knows_exactly_the_implemented_losses():
-    assert set(config.LOSSES) == set(losses.LOSSES)
+    assert set(config.LOSSES) == set(losses.LOSSES) | set(losses.UNPAIRED_LOSSES)
 
 
 def test_config_binds_exactly_the_keyword_parameters_each_loss_takes():
     """config.LOSSES[name] lists the config keys bound to the loss's keyword-only parameters."""
-    for name, fn in losses.LOSSES.items():
+    for name, fn in {**losses.LOSSES, **losses.UNPAIRED_LOSSES}.items():
         keyword_only = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
         assert tuple(keyword_only) == config.LOSSES[name], name
         assert set(keyword_only) <= set(HYPERPARAMETERS) and set(keyword_only) <= set(config.TrainConfig().to_dict())
@@ -115,7 +116,8 @@ def test_config_binds_exactly_the_keyword_parameters_each_loss_takes():
 
 def test_configured_loss_binds_the_config_values():
     cfg = config.from_dict({"pref_loss": "sigmoid", "label_smoothing": 0.1})
-    assert cfg.loss_kwargs("sigmoid") == {"label_smoothing": 0.1}
+    assert cfg.loss_kwargs("sigmoid") == {"label_smoothing": 0.1, "f_divergence_type": "reverse_kl",
+                                          "f_alpha_divergence_coef": 0.5}
     loss, _, _ = configured_loss(cfg)(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
                                       CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss.tolist() == pytest.approx([0.6181388693, 0.7781388693], abs=1e-7)  # cDPO, see below

@@ -116,8 +116,8 @@ def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_l
     own = {}
 
     def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024,
-                               return_hidden=False):
-        assert not return_hidden  # the KL metric is not asked for here
+                               return_hidden=False, ld_alpha=None, wpo=False):
+        assert not return_hidden and ld_alpha is None and not wpo  # no KL metric, LD-DPO or WPO here
         logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)
         own[model] = logps.detach()
         return trl_logps[model].to(logps.dtype), lengths

@@ -103,22 +103,30 @@ def main():
     if unknown:
         raise SystemExit(f"--only: unknown rows {unknown}; choose from {list(LOSSES) + list(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {name: measure(name, args.epochs, Path(tmp)) for name in names}
+        if args.only:  # each row into the table as soon as it is measured
+            for name in names:
+                write_block({name: measure(name, args.epochs, Path(tmp))}, args.epochs, replace_rows=True)
+        else:
+            write_block({name: measure(name, args.epochs, Path(tmp)) for name in names}, args.epochs)
+
+
+def write_block(results: dict, epochs: float, replace_rows: bool = False) -> None:
+    """The whole measured block, or (replace_rows) the existing table with these rows replaced or added."""
     text = DOC.read_text(encoding="utf-8")
-    if args.only:  # keep the table, replace or append the measured rows
+    if replace_rows:
         old = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip("\n").splitlines()
         kept = [line for line in old if not any(line.startswith(row(n, r).split(" | ")[0] + " |")
                                                 for n, r in results.items())]
         block = "\n".join(kept + [row(name, r) for name, r in results.items()])
     else:
-        block = table(results, args.epochs)
+        block = table(results, epochs)
     block = f"{BEGIN}\n{block}\n{END}"
     if BEGIN in text:
         text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
         text = text.rstrip() + "\n\n## Measured on the demo task\n\n" + block + "\n"
     DOC.write_text(text, encoding="utf-8")
-    print(block)
+    print(block, flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _f(default: Any, help: str) -> Any:
 
 # pref_loss name -> the config keys it takes beyond pref_beta, bound to the loss function's
 # keyword-only parameters of the same names (`TrainConfig.loss_kwargs`). Kept in sync with
-# preftune.losses.LOSSES and the functions' signatures (checked by a test).
+# preftune.losses.LOSSES and UNPAIRED_LOSSES and the functions' signatures (checked by a test).
 REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})  # as preftune.losses.REFERENCE_FREE (checked by a test)
 
 LOSSES: dict[str, tuple[str, ...]] = {

@@ -9,6 +9,7 @@ Every loss takes the same tensors, each of shape (B,) for B preference pairs:
 and returns `(losses, chosen_rewards, rejected_rewards)`, all (B,), unreduced. For every loss
 with a reference the rewards are DPO's implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)),
 detached, used for the `rewards/*` metrics whatever the loss. `LOSSES` maps the config's `pref_loss` to the function.
+KTO on unpaired examples (`kto_loss`, in `UNPAIRED_LOSSES`) takes per-example tensors instead; see its docstring.
 
 Reference-free losses (`REFERENCE_FREE`: `simpo`, `orpo`, `sft`) take the same positional arguments, so
 every loss is called one way, but ignore the two reference tensors: the training loop passes None

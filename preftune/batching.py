@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from preftune.tokenization import TokenizedPair
+from preftune.tokenization import TokenizedExample, TokenizedPair
 
 
 def collate(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -16,7 +16,12 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Te
     `logps.get_batch_logps`). T is the longest sequence in this batch, not cutoff_len.
     """
     seqs = [(p.chosen_ids, p.chosen_start) for p in pairs] + [(p.rejected_ids, p.rejected_start) for p in pairs]
-    width = max(len(ids) for ids, _ in seqs)
+    return _pad(seqs, pad_token_id)
+
+
+def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """(ids, completion start) rows -> input_ids, attention_mask, completion_mask, right-padded to width."""
+    width = width or max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -25,6 +30,21 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Te
         attention_mask[row, :len(ids)] = 1
         completion_mask[row, start:len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B unpaired (KTO) examples -> input_ids, attention_mask, completion_mask (B, T), labels (B,) bool,
+    and kl_input_ids, kl_attention_mask, kl_completion_mask (B, T): the mismatched pairs of KTO's KL
+    baseline, example i's prompt with example i-1's completion (TRL's rotation by one within the
+    batch, so the KL completions are the batch's own), cut to T tokens so they cost no more than the batch.
+    """
+    width = max(len(e.ids) for e in examples)
+    out = _pad([(e.ids, e.start) for e in examples], pad_token_id, width)
+    mismatched = [((e.ids[:e.start] + examples[i - 1].ids[examples[i - 1].start:])[:width], e.start)
+                  for i, e in enumerate(examples)]
+    out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, width).items()})
+    out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return out
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:

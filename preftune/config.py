@@ -33,11 +33,11 @@ def _f(default: Any, help: str) -> Any:
 
 # pref_loss name -> the config keys it takes beyond pref_beta, bound to the loss function's
 # keyword-only parameters of the same names (`TrainConfig.loss_kwargs`). Kept in sync with
-# preftune.losses.LOSSES and the functions' signatures (checked by a test).
+# preftune.losses.LOSSES and UNPAIRED_LOSSES and the functions' signatures (checked by a test).
 REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})  # as preftune.losses.REFERENCE_FREE (checked by a test)
 
 LOSSES: dict[str, tuple[str, ...]] = {
-    "sigmoid": ("label_smoothing",),  # label_smoothing > 0: conservative DPO (cDPO)
+    "sigmoid": ("label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"),  # eps > 0: cDPO
     "hinge": (),
     "ipo": (),
     "robust": ("label_smoothing",),
@@ -55,7 +55,9 @@ LOSSES: dict[str, tuple[str, ...]] = {
     "simpo": ("simpo_gamma",),  # reference-free
     "orpo": (),  # reference-free
     "sft": (),  # reference-free; TRL's sft loss_type, for combinations
+    "kto": ("kto_chosen_weight", "kto_rejected_weight"),  # unpaired (preftune.losses.UNPAIRED_LOSSES)
 }
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 @dataclass
@@ -76,18 +78,25 @@ class TrainConfig:
     lora_target: str = _f("all", "LoRA target modules: all, or a comma list.")
 
     # --- precomputed reference log-probs (preftune/reference.py) ------------------------
-    precompute_ref_log_probs: bool = _f(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No kl/eval_kl columns then.")
+    precompute_ref_log_probs: bool = _f(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No kl/eval_kl columns then; not with pref_loss: kto.")
     ref_logps_cache_dir: str | None = _f(None, "Folder of the precomputed reference log-probs, reused by later runs with the same reference, data and precision (default: $XDG_CACHE_HOME/preftune/ref_logps, else ~/.cache/preftune/ref_logps).")
 
     # --- preference objective -----------------------------------------------------------
     pref_beta: float = _f(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
-    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, kto_pair; reference-free: simpo, orpo, sft. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")
+    pref_loss: str = _f("sigmoid", "Preference loss: sigmoid (DPO), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, kto_pair; kto (unpaired data; pairs are split); reference-free: simpo, orpo, sft. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")
     loss_weights: list[float] | None = _f(None, "Weights of the losses in pref_loss, same length (default: all 1.0); the loss is sum_k w_k * mean over pairs of loss_k, as TRL.")
     label_smoothing: float = _f(0.0, "Share eps in [0, 0.5) of preference labels assumed flipped: cDPO for sigmoid, robust DPO for robust, the label smoothing of exo_pair (needs eps > 0; paper: 1e-3), aot and aot_unpaired. Other losses refuse eps > 0.")
     discopop_tau: float = _f(0.05, "Temperature tau of the discopop loss's log-ratio modulation (paper and TRL default 0.05).")
     simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (>= 0, in reward units, after beta; LLaMA-Factory default 0.5).")
     pref_bco_weight: float = _f(0.0, "Weight w of LLaMA-Factory's BCO term (with its running reward shift): loss becomes (loss + w * bco) / (1 + w). Needs a loss with the reference.")
     pref_ftx: float = _f(0.0, "Weight of the SFT term added to any loss: pref_ftx * (NLL of the chosen completion per token, per pair), as LLaMA-Factory.")
+    # KTO, f-DPO, LD-DPO and WPO (docs/losses.md)
+    kto_chosen_weight: float = _f(1.0, "KTO's weight of desirable examples (lambda_D; TRL's desirable_weight). pref_loss: kto only.")
+    kto_rejected_weight: float = _f(1.0, "KTO's weight of undesirable examples (lambda_U; TRL's undesirable_weight). pref_loss: kto only.")
+    f_divergence_type: str = _f("reverse_kl", "f-DPO's divergence to the reference: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence (TRL). pref_loss: sigmoid only.")
+    f_alpha_divergence_coef: float = _f(0.5, "alpha of f_divergence_type: alpha_divergence (TRL default 0.5; 1 is reverse_kl).")
+    ld_alpha: float | None = _f(None, "LD-DPO's alpha in [0, 1]: each pair's tokens beyond the shorter completion's length count alpha times in the log-probs. Unset: off. Paired losses with the reference only.")
+    use_weighting: bool = _f(False, "WPO: weight each pair's loss by the policy's own per-token probability of both completions (TRL's use_weighting). Not with aot, aot_unpaired, kto.")
 
     # --- data ---------------------------------------------------------------------------
     dataset: str | None = _f(None, "Comma list of dataset names from <dataset_dir>/dataset_info.json, files (JSON, JSONL, CSV, Parquet), save_to_disk folders, or hub ids; folders and hub ids take an optional :split.")
@@ -161,6 +170,11 @@ class TrainConfig:
         return [name.strip() for name in self.pref_loss.split(",")]
 
     @property
+    def is_kto(self) -> bool:
+        """pref_loss: kto, trained on unpaired examples (pairs are split into one of each label)."""
+        return self.pref_losses == ["kto"]
+
+    @property
     def uses_reference(self) -> bool:
         """Whether any loss in pref_loss needs the reference model (else none is loaded)."""
         return any(name not in REFERENCE_FREE for name in self.pref_losses)
@@ -168,7 +182,9 @@ class TrainConfig:
     def loss_kwargs(self, name: str) -> dict[str, Any]:
         """Loss `name`'s hyperparameters beyond beta, as keyword arguments for its function."""
         values = {"label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau,
-                  "simpo_gamma": self.simpo_gamma}
+                  "simpo_gamma": self.simpo_gamma, "f_divergence_type": self.f_divergence_type,
+                  "f_alpha_divergence_coef": self.f_alpha_divergence_coef,
+                  "kto_chosen_weight": self.kto_chosen_weight, "kto_rejected_weight": self.kto_rejected_weight}
         return {key: values[key] for key in LOSSES[name]}
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +206,8 @@ ALIASES: dict[str, str] = {
     "save_every": "save_steps",
     "log_every": "logging_steps",
     "dpo_label_smoothing": "label_smoothing",  # LLaMA-Factory's spelling
+    "desirable_weight": "kto_chosen_weight",  # TRL's KTOConfig spelling
+    "undesirable_weight": "kto_rejected_weight",
 }
 
 # Keys whose values are translated, not just renamed.
@@ -339,6 +357,7 @@ def validate(cfg: TrainConfig) -> None:
             "(LLaMA-Factory ignores it there); set it to 0")
     if not (cfg.pref_ftx >= 0 and math.isfinite(cfg.pref_ftx)):
         bad(f"pref_ftx must be a number >= 0 (the weight of the chosen NLL term); got {cfg.pref_ftx}")
+    validate_loss_options(cfg)
     if cfg.optimizer.lower() != "adamw":
         bad(f"optimizer: '{cfg.optimizer}' is not supported; use adamw")
     if cfg.lr_scheduler_type not in ("linear", "cosine", "constant", "constant_with_warmup"):
@@ -385,6 +404,54 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"preprocessing_num_workers must be at least 1 (or unset); got {cfg.preprocessing_num_workers}")
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":
         bad("early_stopping_patience needs evaluation; remove eval_strategy: no")
+
+
+def validate_loss_options(cfg: TrainConfig) -> None:
+    """KTO, f-DPO, LD-DPO and WPO: the losses each applies to, one line per misuse."""
+    names = cfg.pref_losses
+    if "kto" in names and len(names) > 1:
+        bad = [n for n in names if n != "kto"]
+        raise ConfigError(f"pref_loss: kto trains on unpaired examples and cannot be combined with the paired "
+                          f"loss(es) {', '.join(bad)}; use pref_loss: kto alone")
+    for key, value in (("kto_chosen_weight", cfg.kto_chosen_weight), ("kto_rejected_weight", cfg.kto_rejected_weight)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{key} must be a number >= 0; got {value}")
+        if value != 1.0 and not cfg.is_kto:
+            raise ConfigError(f"{key}: only pref_loss: kto weighs desirable/undesirable examples; "
+                              f"pref_loss is {cfg.pref_loss}; remove {key}")
+    if cfg.is_kto:
+        if cfg.pref_ftx or cfg.pref_bco_weight:
+            key = "pref_ftx" if cfg.pref_ftx else "pref_bco_weight"
+            raise ConfigError(f"{key}: not supported with pref_loss: kto (its terms need chosen/rejected pairs); set it to 0")
+        if cfg.precompute_ref_log_probs:
+            raise ConfigError("precompute_ref_log_probs: not supported with pref_loss: kto (its KL baseline scores "
+                              "mismatched prompt/completion rows formed per batch); remove precompute_ref_log_probs")
+        if cfg.per_device_train_batch_size < 2 or cfg.eval_batch_size < 2:
+            raise ConfigError("per_device_train_batch_size: kto needs at least 2 examples per micro-batch (and per "
+                              "eval batch): its KL baseline pairs each prompt with another example's completion")
+    if cfg.f_divergence_type not in F_DIVERGENCES:
+        raise ConfigError(f"f_divergence_type: unknown '{cfg.f_divergence_type}'; choose one of {', '.join(F_DIVERGENCES)}")
+    if cfg.f_divergence_type != "reverse_kl" and set(names) - {"sft"} != {"sigmoid"}:
+        raise ConfigError(f"f_divergence_type: {cfg.f_divergence_type} applies to the sigmoid (DPO) loss only "
+                          f"(f-DPO); pref_loss is {cfg.pref_loss}; use pref_loss: sigmoid or f_divergence_type: reverse_kl")
+    if not math.isfinite(cfg.f_alpha_divergence_coef):
+        raise ConfigError(f"f_alpha_divergence_coef must be a finite number; got {cfg.f_alpha_divergence_coef}")
+    if cfg.f_alpha_divergence_coef != 0.5 and cfg.f_divergence_type != "alpha_divergence":
+        raise ConfigError(f"f_alpha_divergence_coef: used only with f_divergence_type: alpha_divergence "
+                          f"(it is {cfg.f_divergence_type}); set that or remove f_alpha_divergence_coef")
+    if cfg.ld_alpha is not None:
+        if not 0 <= cfg.ld_alpha <= 1:
+            raise ConfigError(f"ld_alpha must be in [0, 1] (the weight of the tokens beyond the shorter "
+                              f"completion); got {cfg.ld_alpha}")
+        unfit = [n for n in names if n in REFERENCE_FREE or n == "kto"]
+        if unfit:
+            raise ConfigError(f"ld_alpha: LD-DPO weights the log-ratios of a pair's completions and does not apply "
+                              f"to {', '.join(unfit)} (reference-free or unpaired); remove ld_alpha")
+    if cfg.use_weighting:
+        unfit = [n for n in names if n in ("aot", "aot_unpaired", "kto")]
+        if unfit:
+            raise ConfigError(f"use_weighting: WPO's per-pair weights do not apply to {', '.join(unfit)} "
+                              "(aot sorts the pairs, as TRL refuses; kto is unpaired); set use_weighting: false")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

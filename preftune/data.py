@@ -619,13 +619,14 @@ def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
 
 
 def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
-                 columns: dict[str, str] | None = None) -> list[PreferencePair]:
-    """All preference pairs of a comma list of dataset entries; unpaired data is refused."""
+                 columns: dict[str, str] | None = None, allow_unpaired: bool = False) -> list[PreferencePair]:
+    """All preference pairs of a comma list of dataset entries; unpaired data is refused unless
+    allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in order."""
     examples = read_examples(spec, dataset_dir, max_samples, columns)
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
-    if unpaired:
-        raise DataError(f"{unpaired[0].where}: unpaired (KTO-style prompt/completion/label) data is not yet "
-                        f"supported by preftune train ({len(unpaired)} such records); DPO needs chosen/rejected pairs")
+    if unpaired and not allow_unpaired:
+        raise DataError(f"{unpaired[0].where}: unpaired (KTO-style prompt/completion/label) data needs pref_loss: kto "
+                        f"({len(unpaired)} such records); the other losses need chosen/rejected pairs")
     return examples  # type: ignore[return-value]
 
 
@@ -636,8 +637,9 @@ def source_of(where: str) -> str:
 
 def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport) -> list[PreferencePair]:
     """Empty completions and chosen == rejected teach DPO nothing: fail, or skip them with a count."""
-    empty = [p for p in pairs if not p.chosen.strip() or not p.rejected.strip()]
-    identical = [p for p in pairs if p.chosen == p.rejected and p.chosen.strip()]
+    empty = [p for p in pairs if (not p.completion.strip() if isinstance(p, UnpairedExample)
+                                  else not p.chosen.strip() or not p.rejected.strip())]
+    identical = [p for p in pairs if isinstance(p, PreferencePair) and p.chosen == p.rejected and p.chosen.strip()]
     if (empty or identical) and not drop_invalid:
         parts = []
         if empty:
@@ -657,14 +659,15 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     report = DataReport()
     if not cfg.dataset:
         raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
-    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
+    unpaired = getattr(cfg, "is_kto", False)  # kto reads unpaired examples too
+    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired)
     report.read = len(train)
     report.sources = dict(Counter(source_of(p.where) for p in train))
     train = check_pairs(train, cfg.drop_invalid_pairs, report)
     if cfg.shuffle:  # before the split, so val_size draws from every source
         random.Random(cfg.seed).shuffle(train)
     if cfg.eval_dataset:
-        val = read_dataset(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
+        val = read_dataset(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired)
         report.read += len(val)
         val = check_pairs(val, cfg.drop_invalid_pairs, report)
     elif cfg.val_size > 0:

@@ -32,10 +32,15 @@ def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | Non
 
 
 def _lm_head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   softcap: float | None) -> torch.Tensor:
-    """log p(target) for each row of hidden: (N, H), (N,) -> (N,)."""
+                   softcap: float | None, wpo: bool = False):
+    """log p(target) for each row of hidden: (N, H), (N,) -> (N,). With wpo, also log sum_v p_v^2,
+    (N,), the log-prob of the token the policy itself would most likely agree on (WPO's normaliser)."""
     logits = _logits(lm_head, hidden, softcap)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    log_z = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    if not wpo:
+        return logps
+    return logps, (torch.logsumexp(2 * logits, dim=-1) - 2 * log_z).detach()
 
 
 def _completion_hidden(model, input_ids, attention_mask, completion_mask):
@@ -51,13 +56,37 @@ def _softcap(model) -> float | None:
     return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
 
+def ld_token_weights(score: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's per-token weights (Liu et al. 2024, https://arxiv.org/abs/2409.06411, Eq. 9), (2B, T-1):
+    1 on the first l_p = min(|y_w|, |y_l|) completion tokens of both rows of a pair (the length they
+    share), ld_alpha on the longer completion's tokens beyond them, as TRL 1.16's `ld_alpha`.
+    score: (2B, T-1) bool, the scored positions ([chosen; rejected] rows)."""
+    position = score.cumsum(dim=1)  # 1-based index of each completion token within its row
+    lengths = score.sum(dim=1)
+    B = score.size(0) // 2
+    shared = torch.minimum(lengths[:B], lengths[B:]).repeat(2)  # (2B,)
+    ones = torch.ones_like(position, dtype=torch.float32)
+    return torch.where(position <= shared.unsqueeze(1), ones, ld_alpha * ones)
+
+
 def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                    chunk_size: int = 1024, return_hidden: bool = False):
+                    chunk_size: int = 1024, return_hidden: bool = False, ld_alpha: float | None = None,
+                    wpo: bool = False):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
     With return_hidden, also the detached hidden states at the scored positions, (N, H), which
     `completion_kl` turns into the KL to the reference without another forward pass.
+    With ld_alpha (LD-DPO), each pair's tokens beyond the shorter completion's length count ld_alpha
+    times in the sum (`ld_token_weights`); the lengths stay the full ones.
+    With wpo, last also WPO's per-sequence weights (2B,), detached (Zhou et al. 2024,
+    https://arxiv.org/abs/2406.11827, Eq. 2, as TRL 1.16's `use_weighting`): the policy's own
+    probability of the completion, per token, relative to its next-token distribution,
+
+        w(y|x) = exp( (1/|y|) sum_t [log p(y_t) - log sum_v p(v)^2] )
+
+    computed from the same chunked LM head (log sum p^2 = logsumexp(2 logits) - 2 logsumexp(logits)).
+    Returns (logps, lengths[, hidden][, wpo_weights]).
     """
     hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask)
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
@@ -66,15 +95,26 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     for i in range(0, hidden.size(0), chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
         if recompute:
-            pieces.append(checkpoint(_lm_head_logps, lm_head, h, t, softcap, use_reentrant=False))
+            pieces.append(checkpoint(_lm_head_logps, lm_head, h, t, softcap, wpo, use_reentrant=False))
         else:
-            pieces.append(_lm_head_logps(lm_head, h, t, softcap))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
+            pieces.append(_lm_head_logps(lm_head, h, t, softcap, wpo))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    if wpo:
+        log_sum_sq = torch.cat([p[1] for p in pieces]) if pieces else empty  # (N,)
+        pieces = [p[0] for p in pieces]
+    token_logps = torch.cat(pieces) if pieces else empty  # (N,)
     rows = score.nonzero()[:, 0]  # the sequence each scored token belongs to
-    logps = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, token_logps)  # (2B,)
+    lengths = score.sum(dim=1)
+    weighted = token_logps if ld_alpha is None else token_logps * ld_token_weights(score, ld_alpha)[score]
+    logps = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, weighted)  # (2B,)
+    out = (logps, lengths)
     if return_hidden:
-        return logps, score.sum(dim=1), hidden.detach()
-    return logps, score.sum(dim=1)
+        out += (hidden.detach(),)
+    if wpo:
+        aligned = token_logps.detach() - log_sum_sq  # (N,)
+        mean_aligned = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, aligned) / lengths.clamp(min=1)
+        out += (torch.exp(mean_aligned),)
+    return out
 
 
 @torch.no_grad()

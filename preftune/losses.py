@@ -9,6 +9,7 @@ Every loss takes the same tensors, each of shape (B,) for B preference pairs:
 and returns `(losses, chosen_rewards, rejected_rewards)`, all (B,), unreduced. For every loss
 with a reference the rewards are DPO's implicit rewards beta * (log pi_theta(y|x) - log pi_ref(y|x)),
 detached, used for the `rewards/*` metrics whatever the loss. `LOSSES` maps the config's `pref_loss` to the function.
+KTO on unpaired examples (`kto_loss`, in `UNPAIRED_LOSSES`) takes per-example tensors instead; see its docstring.
 
 Reference-free losses (`REFERENCE_FREE`: `simpo`, `orpo`, `sft`) take the same positional arguments, so
 every loss is called one way, but ignore the two reference tensors: the training loop passes None
@@ -31,6 +32,8 @@ functions, formed in `train.configured_loss`, not here. Notation in the docstrin
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +60,25 @@ def _smoothed_logistic(logits, label_smoothing):
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
+def _f_divergence_scores(logratios, f_divergence_type, f_alpha_divergence_coef):
+    """f'(t) at t = pi/pi_ref = exp(logratio), the score f-DPO puts where DPO has the log-ratio
+    (Wang et al. 2023, "Beyond Reverse KL", https://arxiv.org/abs/2309.16240, Table 1 and Thm. 1)."""
+    if f_divergence_type == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":  # f'(t) = log(2t / (1 + t)) = log 2 + log sigmoid(log t)
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence" and abs(f_alpha_divergence_coef - 1) >= 1e-6:
+        # f'(t) = (t^(alpha-1) - 1) / (alpha - 1); the exponent clamped so that exp() stays finite in
+        # the input's dtype (at 11 for float16, else 80), as TRL
+        t = (f_alpha_divergence_coef - 1) * logratios
+        clamp = 11.0 if t.dtype == torch.float16 else 80.0
+        return (torch.exp(t.float().clamp(max=clamp)) - 1).to(t.dtype) / (f_alpha_divergence_coef - 1)
+    return logratios  # reverse_kl, and alpha_divergence's limit alpha -> 1: f'(t) = log t (+1, which cancels)
+
+
 def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                 beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0):
+                 beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0, f_divergence_type="reverse_kl",
+                 f_alpha_divergence_coef=0.5):
     """DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, Eq. 7). Summed log-probs.
 
         loss = -log sigmoid(beta * h)
@@ -70,10 +90,23 @@ def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_lo
 
     Deliberate difference from TRL 1.16, whose `sigmoid` ignores label_smoothing: we apply it, as
     TRL did before and as LLaMA-Factory's `dpo_label_smoothing` ("cDPO") expects.
+
+    f-DPO (Wang et al. 2023, https://arxiv.org/abs/2309.16240): DPO's reverse KL regulariser
+    replaced by the f-divergence `f_divergence_type` puts f'(pi/pi_ref) where h has the log-ratios,
+    h_f = f'(exp r_w) - f'(exp r_l), in the same loss (with cDPO's eps too):
+
+        reverse_kl         f'(t) = log t                      (DPO)
+        forward_kl         f'(t) = 1 - 1/t
+        js_divergence      f'(t) = log(2t / (1 + t))
+        alpha_divergence   f'(t) = (t^(alpha-1) - 1) / (alpha - 1), alpha = f_alpha_divergence_coef
+
+    as TRL 1.16's DPOTrainer. The rewards stay DPO's beta * r.
     """
     chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
                                                       reference_chosen_logps, reference_rejected_logps)
-    losses = _smoothed_logistic(beta * (chosen_logratios - rejected_logratios), label_smoothing)
+    chosen_scores = _f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rejected_scores = _f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    losses = _smoothed_logistic(beta * (chosen_scores - rejected_scores), label_smoothing)
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
 
@@ -394,6 +427,29 @@ def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return nll.expand_as(policy_chosen_logps), beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
+def kto_loss(policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, labels, beta, *,
+             kto_chosen_weight=1.0, kto_rejected_weight=1.0):
+    """KTO (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306, Eq. 7), as TRL 1.16's KTOTrainer.
+    Summed log-probs. Unpaired: B examples (x, y), each desirable (label True) or undesirable, with
+    r = log pi(y|x) - log pi_ref(y|x). The reference point z_ref = KL(pi || pi_ref) is estimated on
+    the micro-batch's mismatched pairs (x_i, y'_i) (each prompt with another example's completion),
+    clamped at 0 and detached, as in the paper (a baseline, not something to optimise):
+
+        z_ref = max(0, mean_i [log pi(y'_i|x_i) - log pi_ref(y'_i|x_i)])
+        loss = w_D (1 - sigmoid(beta (r - z_ref)))   for a desirable y,   w_D = kto_chosen_weight
+        loss = w_U (1 - sigmoid(beta (z_ref - r)))   for an undesirable y, w_U = kto_rejected_weight
+
+    policy_logps, reference_logps, labels: (B,); policy_kl_logps, reference_kl_logps: (B,) for the
+    mismatched pairs. Returns (losses, rewards, z_ref): (B,), (B,) in example order, rewards beta * r
+    detached, and the scalar z_ref. In `UNPAIRED_LOSSES`, not `LOSSES`: its inputs are unpaired.
+    """
+    z_ref = (policy_kl_logps - reference_kl_logps).mean().detach().clamp(min=0)
+    logratios = policy_logps - reference_logps
+    losses = torch.where(labels, kto_chosen_weight * (1 - torch.sigmoid(beta * (logratios - z_ref))),
+                         kto_rejected_weight * (1 - torch.sigmoid(beta * (z_ref - logratios))))
+    return losses, beta * logratios.detach(), z_ref
+
+
 LOSSES = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,
@@ -414,6 +470,9 @@ LOSSES = {
     "orpo": orpo_loss,
     "sft": sft_loss,
 }
+
+# Losses of unpaired examples (prompt, completion, label), with their own signature.
+UNPAIRED_LOSSES = {"kto": kto_loss}
 
 # Losses that use no reference model: the loop loads none and computes no KL to it.
 REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})

@@ -89,6 +89,7 @@ def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
         "torch_dtype": str(DTYPES[cfg.torch_dtype]),  # bf16 and bfloat16 are one key
         "mixed_precision": cfg.mixed_precision,
         "attn_implementation": cfg.attn_implementation,
+        "ld_alpha": cfg.ld_alpha,  # LD-DPO weights the reference's tokens too
         "device": device_type,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -128,7 +129,8 @@ def compute_reference_logps(reference, pairs: list[TokenizedPair], cfg, pad_id: 
     for idx in tqdm(batches, desc="reference log-probs", disable=not cfg.progress_bar or not accelerator.is_main_process):
         batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
         with accelerator.autocast():
-            logps = get_batch_logps(reference, chunk_size=cfg.logps_chunk_size, **batch)[0].float().cpu()  # (2B,)
+            logps = get_batch_logps(reference, chunk_size=cfg.logps_chunk_size, ld_alpha=cfg.ld_alpha,
+                                    **batch)[0].float().cpu()  # (2B,)
         out[idx, 0], out[idx, 1] = logps[:len(idx)], logps[len(idx):]
     return out
 

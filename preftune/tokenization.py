@@ -97,6 +97,14 @@ class TokenizedPair:
 
 
 @dataclass
+class TokenizedExample:
+    """One unpaired (KTO) example: token ids of prompt+completion, completion from `start`, its label."""
+    ids: list[int]
+    start: int
+    label: bool
+
+
+@dataclass
 class TokenizeReport:
     truncated: int = 0  # pairs cut to fit cutoff_len / max_prompt_length
     dropped: int = 0  # pairs with no completion token left after the cut (left out of the run)
@@ -325,4 +333,35 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cutoff_len: int, temp
     if merges:
         log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
                     "completion", merges, len(pairs))
+    return out
+
+
+def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str | None,
+                      report: TokenizeReport | None = None, truncation_mode: str = "keep_start",
+                      max_prompt_length: int | None = None) -> list[TokenizedExample]:
+    """Unpaired examples for kto: an `UnpairedExample` gives one, a `PreferencePair` two (chosen
+    desirable, rejected undesirable), tokenized and truncated exactly as pairs are; an example that
+    cannot fit is left out and counted in `report.dropped`, as a pair is."""
+    if not tokenizer.is_fast:
+        raise ConfigError("preftune needs a fast tokenizer (offset mapping finds the prompt boundary); "
+                          "the model's tokenizer.json is missing")
+    report = report if report is not None else TokenizeReport()
+    as_pairs = [e if isinstance(e, PreferencePair) else
+                PreferencePair(prompt=e.prompt, chosen=e.completion, rejected=e.completion, system=e.system,
+                               where=e.where, messages=e.messages) for e in examples]
+    settings = {"cutoff_len": cutoff_len, "use_template": setup_chat_template(tokenizer, template),
+                "truncation_mode": truncation_mode, "max_prompt_length": max_prompt_length}
+    tokenized, part = _tokenize_chunk(tokenizer, as_pairs, settings)  # None where one was dropped, so zip aligns
+    report.truncated += part.truncated
+    report.dropped += part.dropped
+    report.boundary_merges += part.boundary_merges
+    out = []
+    for example, t in zip(examples, tokenized):
+        if t is None:
+            continue
+        if isinstance(example, PreferencePair):
+            out += [TokenizedExample(t.chosen_ids, t.chosen_start, True),
+                    TokenizedExample(t.rejected_ids, t.rejected_start, False)]
+        else:
+            out.append(TokenizedExample(t.chosen_ids, t.chosen_start, example.label))
     return out

@@ -24,17 +24,17 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from preftune import checkpoints
-from preftune.batching import collate, epoch_batches
+from preftune.batching import collate, collate_unpaired, epoch_batches
 from preftune.config import TrainConfig
 from preftune.data import load_pairs
 from preftune.errors import ConfigError, DataError
 from preftune.logps import completion_kl, get_batch_logps
-from preftune.losses import LOSSES, REFERENCE_FREE, bco_shifted_loss, chosen_nll
+from preftune.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, bco_shifted_loss, chosen_nll
 from preftune.models import load_policy_and_reference, load_tokenizer
 from preftune.reference import precompute_reference_logps, reference_logps_of
 from preftune.report import MetricsLog
 from preftune.cache import tokenize_cached
-from preftune.tokenization import TokenizeReport
+from preftune.tokenization import TokenizeReport, tokenize_examples
 
 log = logging.getLogger("preftune")
 
@@ -51,13 +51,13 @@ class PolicyLogps(torch.nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False):
+    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False):
         return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
-                               return_hidden=return_hidden)
+                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo)
 
 
 def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=False, kl_max_tokens=None,
-                    reference_logps=None):
+                    ld_alpha=None, use_weighting=False, reference_logps=None):
     """Per-pair losses and the statistics logged for them, for one collated batch of B pairs.
 
     `loss_fn` is a function of `preftune.losses` with its hyperparameters beyond beta already
@@ -73,9 +73,14 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
 
     With kl=True (and a reference) also returns (sum of per-token KL to the reference, token
     count), computed from the hidden states both forward passes already produced; otherwise None.
+
+    ld_alpha (LD-DPO) down-weights, in policy and reference log-probs alike, each pair's tokens beyond
+    its shorter completion; use_weighting (WPO) multiplies each pair's loss by the policy's detached
+    weights w(y_w|x) * w(y_l|x) (`get_batch_logps`), the whole objective of `loss_fn` included, as TRL
+    weighs every loss of its list.
     """
     kl = kl and reference is not None
-    policy_out = policy(**batch, return_hidden=kl)
+    policy_out = policy(**batch, return_hidden=kl, ld_alpha=ld_alpha, wpo=use_weighting)
     policy_logps, lengths = policy_out[:2]  # (2B,), (2B,)
     B = policy_logps.size(0) // 2
     policy_chosen_logps, policy_rejected_logps = policy_logps[:B], policy_logps[B:]
@@ -85,11 +90,14 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
         reference_chosen_logps, reference_rejected_logps = reference_logps[:B], reference_logps[B:]
     elif reference is not None:
         with torch.no_grad():
-            reference_out = get_batch_logps(reference, chunk_size=chunk_size, return_hidden=kl, **batch)
+            reference_out = get_batch_logps(reference, chunk_size=chunk_size, return_hidden=kl, ld_alpha=ld_alpha,
+                                            **batch)
         reference_chosen_logps, reference_rejected_logps = reference_out[0][:B], reference_out[0][B:]
     losses, chosen_rewards, rejected_rewards = loss_fn(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         beta, lengths[:B], lengths[B:])
+    if use_weighting:
+        losses = losses * policy_out[-1][:B] * policy_out[-1][B:]  # WPO, Eq. 2: the pair's weight
     # A tie (policy == reference on this pair, as at step 0) counts as half right: the implicit
     # reward model is then guessing, and chance for a pair is 50% (TRL counts it as wrong).
     accuracies = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
@@ -110,6 +118,53 @@ def preference_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=Fals
     return losses, stats, kl_stats
 
 
+def kto_step(policy, reference, batch, loss_fn, beta, chunk_size, kl=False, kl_max_tokens=None):
+    """Per-example KTO losses and statistics for one batch of `collate_unpaired` (B examples and B
+    mismatched KL rows), as `preference_step` for pairs: `loss_fn` is `losses.kto_loss` with its
+    weights bound. The KL rows only give KTO's detached baseline z_ref, so the policy scores them
+    without gradients. Statistics per example: rewards/chosen and logps/chosen over the desirable
+    examples, */rejected over the undesirable ones (absent when the batch has none), z_ref (TRL's
+    `kl`); no rewards/accuracies or margins, which need pairs.
+    """
+    keys = ("input_ids", "attention_mask", "completion_mask")
+    examples, mismatched = {k: batch[k] for k in keys}, {k: batch[f"kl_{k}"] for k in keys}
+    labels = batch["labels"]  # (B,) bool, True = desirable
+    kl = kl and reference is not None
+    policy_out = policy(**examples, return_hidden=kl)
+    policy_logps, lengths = policy_out[:2]  # (B,), (B,)
+    with torch.no_grad():
+        policy_kl_logps = policy(**mismatched)[0]
+        reference_out = get_batch_logps(reference, chunk_size=chunk_size, return_hidden=kl, **examples)
+        reference_kl_logps = get_batch_logps(reference, chunk_size=chunk_size, **mismatched)[0]
+    losses, rewards, z_ref = loss_fn(policy_logps, reference_out[0], policy_kl_logps, reference_kl_logps, labels, beta)
+    stats = {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels))}
+    for side, mask in (("chosen", labels), ("rejected", ~labels)):
+        if mask.any():
+            stats[f"rewards/{side}"] = rewards[mask]
+            stats[f"logps/{side}"] = policy_logps.detach()[mask]  # summed over completion tokens
+    if labels.any():
+        stats["nll_loss"] = chosen_nll(policy_logps.detach()[labels], lengths[labels])
+    kl_stats = None
+    if kl:
+        kl_stats = completion_kl(_unwrap(policy).model, reference, policy_out[2], reference_out[2], chunk_size,
+                                 kl_max_tokens)
+    return losses, stats, kl_stats
+
+
+def step_functions(cfg: TrainConfig):
+    """(collate, step) for cfg's data: unpaired examples and `kto_step` for kto, else pairs and
+    `preference_step` (with ld_alpha and use_weighting bound)."""
+    if cfg.is_kto:
+        return collate_unpaired, kto_step
+    return collate, functools.partial(preference_step, ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting)
+
+
+def precomputed(cfg: TrainConfig, items) -> dict:
+    """The step function's `reference_logps` for a batch when precompute_ref_log_probs is on, else
+    nothing (kto takes none: config validation refuses precompute_ref_log_probs with it)."""
+    return {"reference_logps": reference_logps_of(items)} if cfg.precompute_ref_log_probs else {}
+
+
 def configured_loss(cfg: TrainConfig):
     """The objective `cfg` names, with the signature of a single loss: the loss function(s) of
     `pref_loss`, each with its hyperparameters beyond beta (label_smoothing, discopop_tau, simpo_gamma)
@@ -128,6 +183,8 @@ def configured_loss(cfg: TrainConfig):
     order; only their mean (the training loss) is meaningful then.
     """
     names = cfg.pref_losses
+    if cfg.is_kto:  # unpaired: kto_step's signature, alone (the config refuses combinations)
+        return functools.partial(UNPAIRED_LOSSES["kto"], **cfg.loss_kwargs("kto"))
     weights = cfg.loss_weights or [1.0] * len(names)
     loss_fns = [functools.partial(LOSSES[name], **cfg.loss_kwargs(name)) for name in names]
     if len(loss_fns) == 1 and weights[0] == 1.0 and cfg.pref_ftx == 0 and cfg.pref_bco_weight == 0:
@@ -172,21 +229,23 @@ def evaluate(policy, reference, pairs, cfg, pad_id, accelerator) -> dict[str, fl
     wrapper = accelerator.unwrap_model(policy)  # no gradients here, so no distributed wrapper needed
     wrapper.eval()
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # values per statistic: the pairs, or for kto the examples of its side
     kl_sum, kl_tokens = 0.0, 0
     loss_fn = configured_loss(cfg)
+    collate_fn, step_fn = step_functions(cfg)
     for idx in epoch_batches(len(pairs), cfg.eval_batch_size, cfg.seed, 0, shuffle=False):
-        batch_pairs = [pairs[i] for i in idx]
-        batch = {k: v.to(accelerator.device) for k, v in collate(batch_pairs, pad_id).items()}
+        batch_items = [pairs[i] for i in idx]
+        batch = {k: v.to(accelerator.device) for k, v in collate_fn(batch_items, pad_id).items()}
         with accelerator.autocast():
-            _, stats, kl = preference_step(wrapper, reference, batch, loss_fn, cfg.pref_beta,
-                                           cfg.logps_chunk_size, kl=True,
-                                           reference_logps=reference_logps_of(batch_pairs))
+            _, stats, kl = step_fn(wrapper, reference, batch, loss_fn, cfg.pref_beta, cfg.logps_chunk_size, kl=True,
+                                   **precomputed(cfg, batch_items))
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value.float().sum().item()
+            counts[key] = counts.get(key, 0) + value.numel()
         if kl is not None:
             kl_sum, kl_tokens = kl_sum + kl[0].item(), kl_tokens + kl[1]
     wrapper.train()
-    out = {f"eval_{k}": v / len(pairs) for k, v in sums.items()}
+    out = {f"eval_{k}": v / counts[k] for k, v in sums.items()}
     if reference is not None:
         out["eval_kl"] = kl_sum / max(kl_tokens, 1)
     return out
@@ -207,13 +266,19 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     train_pairs, val_pairs, data_report = load_pairs(cfg)
     tok_report = TokenizeReport()
-    train_tok = tokenize_cached(tokenizer, train_pairs, cfg, tok_report)
-    val_tok = tokenize_cached(tokenizer, val_pairs, cfg, tok_report)
-    log.info("data: %d train pairs, %d validation pairs, %d truncated to cutoff_len=%d, %d dropped (no completion "
-             "token fits), %d skipped", len(train_tok), len(val_tok), tok_report.truncated, cfg.cutoff_len,
-             tok_report.dropped, data_report.skipped_empty + data_report.skipped_identical)
+    if cfg.is_kto:  # unpaired examples, pairs split in two; not cached (the cache stores pairs)
+        train_tok, val_tok = (tokenize_examples(tokenizer, part, cfg.cutoff_len, cfg.template, tok_report,
+                                                cfg.truncation_mode, cfg.max_prompt_length)
+                              for part in (train_pairs, val_pairs))
+    else:
+        train_tok = tokenize_cached(tokenizer, train_pairs, cfg, tok_report)
+        val_tok = tokenize_cached(tokenizer, val_pairs, cfg, tok_report)
+    unit = "examples" if cfg.is_kto else "pairs"
+    log.info("data: %d train %s, %d validation %s, %d truncated to cutoff_len=%d, %d dropped (no completion "
+             "token fits), %d skipped", len(train_tok), unit, len(val_tok), unit, tok_report.truncated,
+             cfg.cutoff_len, tok_report.dropped, data_report.skipped_empty + data_report.skipped_identical)
     if not train_tok:
-        raise DataError(f"every training pair was dropped: none fits cutoff_len={cfg.cutoff_len}; raise it")
+        raise DataError(f"every training {unit[:-1]} was dropped: none fits cutoff_len={cfg.cutoff_len}; raise it")
 
     # --- models and optimizer ------------------------------------------------------------
     # accelerate keeps its state per process; a second train() in one process (a sweep, the
@@ -243,6 +308,7 @@ def train(cfg: TrainConfig) -> dict:
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
     loss_fn = configured_loss(cfg)
+    collate_fn, step_fn = step_functions(cfg)
     pad_id = tokenizer.pad_token_id
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
     do_eval = bool(val_tok) and cfg.eval_strategy != "no"
@@ -287,17 +353,16 @@ def train(cfg: TrainConfig) -> dict:
         step_pairs = sum(len(pairs) for _, pairs in micro)
         log_now = step % cfg.logging_steps == 0 or step == total_steps
         for k, (_, pairs) in enumerate(micro):
-            batch = collate(pairs, pad_id)
+            batch = collate_fn(pairs, pad_id)
             tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             last = k == len(micro) - 1
             # gradients are synchronised across processes only on the step's last micro-batch
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync, accelerator.autocast():
-                losses, stats, kl = preference_step(policy, reference, batch, loss_fn, cfg.pref_beta,
-                                                    cfg.logps_chunk_size, kl=log_now and last,
-                                                    kl_max_tokens=KL_TRAIN_TOKENS,
-                                                    reference_logps=reference_logps_of(pairs))
+                losses, stats, kl = step_fn(policy, reference, batch, loss_fn, cfg.pref_beta,
+                                            cfg.logps_chunk_size, kl=log_now and last,
+                                            kl_max_tokens=KL_TRAIN_TOKENS, **precomputed(cfg, pairs))
                 accelerator.backward(losses.sum() / step_pairs)  # mean over the step's pairs
             for key, value in stats.items():
                 running.setdefault(key, []).append(value)
@@ -317,7 +382,7 @@ def train(cfg: TrainConfig) -> dict:
             row["grad_norm"] = float(grad_norm)
             row["learning_rate"] = scheduler.get_last_lr()[0]
             metrics.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', math.nan):.2f}")
             running, tokens, train_seconds = {}, 0, 0.0
 
         if do_eval and (step % eval_every == 0 or step == total_steps):

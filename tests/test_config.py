@@ -146,3 +146,44 @@ def test_every_loss_loads_with_default_hyperparameters():
     for loss in set(LOSSES) - {"exo_pair"}:  # exo_pair needs label_smoothing > 0 (tested above)
         cfg = from_dict({"pref_loss": loss})
         assert cfg.label_smoothing == 0.0 and cfg.discopop_tau == 0.05
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"pref_loss": "sigmoid,kto"}, r"^pref_loss: kto trains on unpaired examples and cannot be combined with the "
+                                   r"paired loss\(es\) sigmoid; use pref_loss: kto alone$"),
+    ({"pref_loss": "sigmoid", "kto_chosen_weight": 2.0}, r"^kto_chosen_weight: only pref_loss: kto weighs"),
+    ({"pref_loss": "ipo", "undesirable_weight": 0.5}, r"^kto_rejected_weight: only pref_loss: kto weighs .* "
+                                                      r"pref_loss is ipo; remove kto_rejected_weight$"),
+    ({"pref_loss": "kto", "kto_chosen_weight": -1}, r"^kto_chosen_weight must be a number >= 0; got -1"),
+    ({"pref_loss": "kto", "pref_ftx": 0.1}, r"^pref_ftx: not supported with pref_loss: kto"),
+    ({"pref_loss": "kto", "pref_bco_weight": 0.1}, r"^pref_bco_weight: not supported with pref_loss: kto"),
+    ({"pref_loss": "kto", "per_device_train_batch_size": 1}, r"^per_device_train_batch_size: kto needs at least 2"),
+    ({"pref_loss": "kto", "label_smoothing": 0.1}, r"^label_smoothing: pref_loss kto does not use it"),
+    ({"f_divergence_type": "kl"}, r"^f_divergence_type: unknown 'kl'; choose one of reverse_kl, forward_kl, "),
+    ({"pref_loss": "hinge", "f_divergence_type": "forward_kl"},
+     r"^f_divergence_type: forward_kl applies to the sigmoid \(DPO\) loss only \(f-DPO\); pref_loss is hinge; "),
+    ({"pref_loss": "sigmoid,ipo", "f_divergence_type": "js_divergence"}, r"^f_divergence_type: js_divergence applies"),
+    ({"f_divergence_type": "forward_kl", "f_alpha_divergence_coef": 0.3},
+     r"^f_alpha_divergence_coef: used only with f_divergence_type: alpha_divergence \(it is forward_kl\)"),
+    ({"ld_alpha": 1.5}, r"^ld_alpha must be in \[0, 1\]"),
+    ({"pref_loss": "simpo", "ld_alpha": 0.5}, r"^ld_alpha: LD-DPO .* does not apply to simpo \(reference-free or "),
+    ({"pref_loss": "kto", "ld_alpha": 0.5}, r"^ld_alpha: LD-DPO .* does not apply to kto "),
+    ({"pref_loss": "aot", "use_weighting": True}, r"^use_weighting: WPO's per-pair weights do not apply to aot "
+                                                  r"\(aot sorts the pairs, as TRL refuses; kto is unpaired\)"),
+    ({"pref_loss": "sigmoid,aot_unpaired", "use_weighting": True}, r"^use_weighting: .* do not apply to aot_unpaired"),
+    ({"pref_loss": "kto", "use_weighting": True}, r"^use_weighting: .* do not apply to kto"),
+])
+def test_invalid_loss_option_combinations_fail_in_one_line(raw, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        from_dict(raw)
+    assert "\n" not in str(e.value)
+
+
+def test_loss_options_that_apply_are_accepted():
+    cfg = from_dict({"pref_loss": "kto", "desirable_weight": 1.33, "undesirable_weight": 0.5})  # TRL's names
+    assert (cfg.kto_chosen_weight, cfg.kto_rejected_weight, cfg.is_kto) == (1.33, 0.5, True)
+    assert from_dict({"pref_loss": "sigmoid,sft", "f_divergence_type": "alpha_divergence",
+                      "f_alpha_divergence_coef": 0.3}).loss_kwargs("sigmoid")["f_alpha_divergence_coef"] == 0.3
+    assert from_dict({"pref_loss": "ipo", "ld_alpha": 0.5, "use_weighting": True}).ld_alpha == 0.5
+    assert from_dict({"pref_loss": "simpo", "use_weighting": True}).use_weighting
+    assert not from_dict({"pref_loss": "kto_pair"}).is_kto

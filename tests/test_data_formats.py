@@ -153,7 +153,7 @@ def test_columns_map_and_shuffle(tmp_path):
     assert order != [p.prompt for p in load_pairs(from_dict({**cfg, "seed": 2}))[0]]
 
 
-def test_unpaired_kto_data_is_read_but_not_trained(tmp_path):
+def test_unpaired_kto_data_is_read_and_needs_kto(tmp_path):
     path = write_jsonl(tmp_path / "kto.jsonl", [
         {"prompt": "Q?", "completion": "good", "label": True},
         {"prompt": [user("Q?")], "completion": [assistant("bad")], "label": False},
@@ -161,8 +161,10 @@ def test_unpaired_kto_data_is_read_but_not_trained(tmp_path):
     a, b = read_examples(path, "data")
     assert isinstance(a, UnpairedExample) and (a.prompt, a.completion, a.label) == ("Q?", "good", True)
     assert (b.prompt, b.completion, b.label) == ("Q?", "bad", False)
-    with pytest.raises(DataError, match=r"kto.jsonl:1: unpaired \(KTO-style.*not yet supported by preftune train"):
+    with pytest.raises(DataError, match=r"kto.jsonl:1: unpaired \(KTO-style.* needs pref_loss: kto \(2 such records\)"):
         load_pairs(from_dict({"dataset": path}))
+    train, _, report = load_pairs(from_dict({"dataset": path, "pref_loss": "kto"}))
+    assert [(e.completion, e.label) for e in train] == [("good", True), ("bad", False)] and report.train == 2
     bad = write_jsonl(tmp_path / "kto_bad.jsonl", [{"prompt": "Q", "completion": "c", "label": "yes"}])
     with pytest.raises(DataError, match=r"kto_bad.jsonl:1: field 'label' is str, expected true .* or false"):
         read_examples(bad, "data")
@@ -243,7 +245,7 @@ def test_train_refuses_unpaired_data_in_one_line(tmp_path, tiny_model_dir, capsy
     (tmp_path / "kto.jsonl").write_text(json.dumps({"prompt": "x", "completion": "y", "label": True}) + "\n")
     assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(tmp_path / "kto.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unpaired (KTO-style" in err[0] and "not yet supported by preftune train" in err[0]
+    assert len(err) == 1 and "unpaired (KTO-style" in err[0] and "needs pref_loss: kto" in err[0]
 
 
 def test_train_runs_on_multi_turn_sharegpt_parquet_with_columns_and_shuffle(tmp_path, tiny_model_dir, capsys):

@@ -75,3 +75,44 @@ def test_bf16_autocast_on_cpu_scores_the_head_in_fp32(tiny_tokenizer, demo_pairs
             mixed, _ = get_batch_logps(model, **batch)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, exact, rtol=2e-2, atol=0.5)  # only the bf16 backbone differs
+
+
+def test_ld_alpha_zero_scores_only_the_shared_length_and_alpha_interpolates(tiny_tokenizer, demo_pairs):
+    """LD-DPO: with ld_alpha = 0 the longer completion of each pair is scored as if cut to the shorter
+    one's length (the causal model cannot see what follows), and the lengths stay the full ones;
+    ld_alpha = a gives shared + a * tail."""
+    batch = make_batch(tiny_tokenizer, demo_pairs)
+    model = build_model(len(tiny_tokenizer), seed=1, hidden=32, layers=2)
+    lengths = batch["completion_mask"][:, 1:].sum(1)
+    B = len(lengths) // 2
+    assert not torch.equal(lengths[:B], lengths[B:])
+    cut = batch["completion_mask"].clone()
+    shared = torch.minimum(lengths[:B], lengths[B:]).repeat(2)
+    for row in range(2 * B):
+        positions = cut[row].nonzero()[:, 0]
+        cut[row, positions[shared[row]:]] = 0
+    with torch.no_grad():
+        full, _ = get_batch_logps(model, **batch)
+        short, _ = get_batch_logps(model, **{**batch, "completion_mask": cut})
+        ld0, ld_lengths = get_batch_logps(model, ld_alpha=0.0, **batch)
+        ld_half, _ = get_batch_logps(model, ld_alpha=0.5, **batch)
+    torch.testing.assert_close(ld0, short, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ld_half, short + 0.5 * (full - short), rtol=0, atol=1e-4)
+    assert torch.equal(ld_lengths, lengths) and (full - short).abs().max() > 1
+
+
+def test_wpo_weights_equal_the_full_logits_formula_and_carry_no_gradient(tiny_tokenizer, demo_pairs):
+    """WPO's per-sequence weight exp(mean_t [log p(y_t) - log sum_v p(v)^2]) from the chunked head equals
+    the one from the full softmax; the log-probs (and their gradients) are unchanged by asking for it."""
+    batch = make_batch(tiny_tokenizer, demo_pairs)
+    model = build_model(len(tiny_tokenizer), seed=1, hidden=32, layers=2)
+    with torch.no_grad():
+        lp = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+    token = lp.gather(2, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    aligned = (token - torch.logsumexp(2 * lp, -1)) * batch["completion_mask"][:, 1:]
+    expected = torch.exp(aligned.sum(1) / batch["completion_mask"][:, 1:].sum(1))
+    logps, _, weights = get_batch_logps(model, chunk_size=5, wpo=True, **batch)
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=0)
+    assert not weights.requires_grad and logps.requires_grad
+    torch.testing.assert_close(logps, get_batch_logps(model, chunk_size=5, **batch)[0], rtol=0, atol=0)
+    assert (weights - 1).abs().max() > 1e-2  # not all 1 (a random model is near-uniform, so near 1)

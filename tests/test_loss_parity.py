@@ -31,7 +31,8 @@ from torch.overrides import TorchFunctionMode
 import trl
 
 from preftune import config
-from preftune.losses import LOSSES, REFERENCE_FREE
+from preftune.logps import ld_token_weights
+from preftune.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES
 from preftune.train import configured_loss
 
 # trl.DPOConfig itself sets the deprecated alias; not ours to fix
@@ -116,16 +117,18 @@ def random_batch(seed):
 def per_token(logps, completion_mask):
     """(2B, T-1) per-token log-probs: each sequence's log-prob spread evenly over its completion
     tokens (position t scores token t+1), zero elsewhere, so the row sums are `logps`."""
-    shifted = completion_mask[:, 1:].to(torch.float64)
+    shifted = completion_mask[:, 1:].to(logps.dtype)
     return shifted * (logps / shifted.sum(dim=1)).unsqueeze(1)
 
 
 def trl_losses(loss_type, beta, label_smoothing, discopop_tau, policy_logps, reference_logps, batch, tmp_path,
-               loss_weights=None):
+               loss_weights=None, **options):
     """TRL's per-pair losses, chosen and rejected rewards for the batch. For a list of loss types
-    (a combination), TRL's returned loss (sum_k w_k * mean of loss_k) in place of the per-pair losses."""
+    (a combination), TRL's returned loss (sum_k w_k * mean of loss_k) in place of the per-pair losses.
+    `options`: more DPOConfig arguments (f_divergence_type, f_alpha_divergence_coef)."""
     args = trl.DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                         discopop_tau=discopop_tau, use_cpu=True, report_to="none", loss_weights=loss_weights)
+                         discopop_tau=discopop_tau, use_cpu=True, report_to="none", loss_weights=loss_weights,
+                         **options)
     gathered = []
 
     def gather(tensor):
@@ -169,8 +172,9 @@ def assert_close(actual, expected, what):
 
 def test_every_trl_loss_is_covered():
     # simpo, orpo: TRL's CPO/ORPO trainers, below; sft: in combinations, below; kto_pair: gone from TRL
-    # (LLaMA-Factory's, from TRL 0.8-0.9), checked by hand in test_losses.py
+    # (LLaMA-Factory's, from TRL 0.8-0.9), checked by hand in test_losses.py; kto: TRL's KTOTrainer, below
     assert {case[0] for case in CASES} == set(LOSSES) - REFERENCE_FREE - {"kto_pair"}
+    assert set(UNPAIRED_LOSSES) == {"kto"}
 
 
 @pytest.mark.parametrize("loss_type,beta,hyperparameters", CASES,
@@ -262,3 +266,131 @@ def test_combined_losses_match_trl(loss_types, loss_weights, hyperparameters, se
     assert actual[0].mean().item() == pytest.approx(expected_loss.item(), abs=ATOL)
     assert_close(actual[1], expected_rewards[0], "chosen rewards")
     assert_close(actual[2], expected_rewards[1], "rejected rewards")
+
+
+@pytest.mark.parametrize("f_divergence_type,coef", [("forward_kl", 0.5), ("js_divergence", 0.5),
+                                                   ("alpha_divergence", 0.5), ("alpha_divergence", 0.2),
+                                                   ("alpha_divergence", 1.0)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_f_divergence_sigmoid_matches_trl(f_divergence_type, coef, seed, tmp_path):
+    """f-DPO: sigmoid with f_divergence_type (and f_alpha_divergence_coef) against TRL 1.16's
+    DPOTrainer with the same options, per pair; alpha = 1 is TRL's fallback to reverse KL."""
+    policy_logps, reference_logps, lengths, batch = random_batch(seed)
+    policy_logps = reference_logps + (policy_logps - reference_logps) / 4  # log-ratios of about +-1: exp() matters
+    if f_divergence_type == "alpha_divergence":  # TRL's clamp knows float16/32 and bfloat16 only
+        policy_logps, reference_logps = policy_logps.float(), reference_logps.float()
+    options = {"f_divergence_type": f_divergence_type, "f_alpha_divergence_coef": coef}
+    expected = trl_losses("sigmoid", 0.5, 0.0, 0.05, policy_logps, reference_logps, batch, tmp_path, **options)
+    actual = preftune_losses("sigmoid", 0.5, options if coef != 0.5 else {"f_divergence_type": f_divergence_type},
+                             policy_logps, reference_logps, lengths)
+    for name, a, e in zip(("losses", "chosen rewards", "rejected rewards"), actual, expected):
+        assert_close(a, e, f"{f_divergence_type} {name}")
+    dpo = preftune_losses("sigmoid", 0.5, {}, policy_logps, reference_logps, lengths)[0]
+    assert ((actual[0] - dpo).abs().max() > 1e-3) == (coef != 1.0)  # an f-divergence other than DPO's
+
+
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.3])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_ld_alpha_matches_trl(ld_alpha, loss_type, tmp_path):
+    """LD-DPO: TRL 1.16 weights the per-token log-probs beyond the shorter completion of each pair by
+    ld_alpha; preftune's `ld_token_weights` (what `get_batch_logps` applies) on the same random
+    per-token log-probs, then the loss, per pair. ipo also shows the lengths stay the full ones."""
+    policy_logps, reference_logps, lengths, batch = random_batch(3)
+    g = torch.Generator().manual_seed(4)
+    score = batch["completion_mask"][:, 1:].bool()
+    policy_tokens = -3 * torch.rand(score.shape, generator=g, dtype=torch.float64) * score  # (2B, T-1)
+    reference_tokens = -3 * torch.rand(score.shape, generator=g, dtype=torch.float64) * score
+    args = trl.DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=0.5, ld_alpha=ld_alpha, use_cpu=True,
+                         report_to="none")
+    gathered = []
+    trainer = SimpleNamespace(
+        model=LogProbsStub(policy_tokens), ref_model=LogProbsStub(reference_tokens), args=args, beta=0.5,
+        precompute_ref_logps=False, loss_types=args.loss_type, loss_weights=[1.0], ld_alpha=ld_alpha,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, label_smoothing=0.0, use_weighting=False,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda t: gathered.append(t) or t,
+                                    gather_for_metrics=lambda t: t))
+    with RecordFirstMean() as recorder:
+        trl.DPOTrainer._compute_loss(trainer, trainer.model, dict(batch), return_outputs=False)
+    weights = ld_token_weights(score, ld_alpha)
+    pol, ref = (policy_tokens * weights).sum(dim=1), (reference_tokens * weights).sum(dim=1)
+    actual = preftune_losses(loss_type, 0.5, {"ld_alpha": ld_alpha}, pol, ref, lengths)
+    assert_close(actual[0], recorder.tensor, f"ld_alpha {loss_type} losses")
+    assert_close(actual[1], gathered[0], "ld_alpha chosen rewards")
+    assert_close(actual[2], gathered[1], "ld_alpha rejected rewards")
+    assert (weights[score] < 1).any() and not torch.equal(lengths[:B], lengths[B:])  # a tail is down-weighted
+
+
+class KTOStandIn(SimpleNamespace):
+    """Carries the attributes `KTOTrainer.__init__` sets, and its two methods the loss uses."""
+    _compute_loss = trl.KTOTrainer._compute_loss
+    _compute_kl_logps = trl.KTOTrainer._compute_kl_logps
+
+
+class KTOStub(LogProbsStub):
+    """Per-token log-probs for the examples' rows, or for the KL rows when given the KL input ids."""
+    def __init__(self, per_token_logps, kl_per_token_logps, kl_input_ids):
+        super().__init__(per_token_logps)
+        self.kl = kl_per_token_logps, kl_input_ids
+
+    def forward(self, input_ids, attention_mask, labels, fused_lm_head, use_cache):
+        out = super().forward(input_ids, attention_mask, labels, fused_lm_head, use_cache)
+        if torch.equal(input_ids, self.kl[1]):
+            out.log_probs = self.kl[0]
+        return out
+
+
+class RecordTensorMethods(TorchFunctionMode):
+    """The tensors `Tensor.nanmean` (KTO's losses) and `Tensor.nansum` (its reward sums) are called on."""
+    def __init__(self):
+        super().__init__()
+        self.calls = defaultdict(list)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.nanmean, torch.Tensor.nansum):
+            self.calls[func.__name__].append(args[0].detach().clone())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("beta,weights", [(0.1, (1.0, 1.0)), (0.5, (1.33, 0.7))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kto_matches_trl(beta, weights, seed, tmp_path):
+    """kto against TRL 1.16's `KTOTrainer._compute_loss` (run on a stand-in with stub models): the
+    per-example losses (TRL concatenates desirable then undesirable ones and takes the nanmean),
+    the rewards, and the KL baseline z_ref TRL logs as `kl`; B examples, about half desirable, the KL
+    rows' log-probs random so that z_ref > 0 (seed 0) or is clamped to 0 (seed 1)."""
+    policy_logps, reference_logps, lengths, batch = random_batch(seed)
+    n = 2 * B  # the 2B rows serve as 2B unpaired examples
+    g = torch.Generator().manual_seed(10 + seed)
+    labels = torch.rand(n, generator=g) < 0.5
+    kl_policy = policy_logps.flip(0)  # the KL rows: another completion under each prompt
+    kl_reference = kl_policy - (-1) ** seed * (1 + torch.rand(n, generator=g, dtype=torch.float64))
+    mask = batch["completion_mask"]
+    kl_batch = {"KL_input_ids": batch["input_ids"].flip(0) + 100, "KL_attention_mask": batch["attention_mask"].flip(0),
+                "KL_completion_mask": mask.flip(0)}
+    args = trl.KTOConfig(output_dir=str(tmp_path), beta=beta, desirable_weight=weights[0],
+                         undesirable_weight=weights[1], use_cpu=True, report_to="none")
+    policy = KTOStub(per_token(policy_logps, mask), per_token(kl_policy, mask.flip(0)), kl_batch["KL_input_ids"])
+    reference = KTOStub(per_token(reference_logps, mask), per_token(kl_reference, mask.flip(0)),
+                        kl_batch["KL_input_ids"])
+    trainer = KTOStandIn(
+        model=policy, ref_model=reference, args=args, beta=beta, loss_type="kto", desirable_weight=weights[0],
+        undesirable_weight=weights[1], calculate_KL=True, precompute_ref_logps=False, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda t: t))
+    with RecordTensorMethods() as recorder:
+        loss = trainer._compute_loss(policy, {**batch, **kl_batch, "label": labels}, return_outputs=False)
+    trl_losses_ = recorder.calls["nanmean"][0]
+    trl_chosen_rewards, trl_rejected_rewards = recorder.calls["nansum"][0], recorder.calls["nansum"][4]
+    assert trl_losses_.nanmean().item() == pytest.approx(loss.item(), abs=1e-12)
+    assert trl_chosen_rewards.shape == (int(labels.sum()),) and trl_rejected_rewards.shape == (int((~labels).sum()),)
+
+    cfg = config.from_dict({"pref_loss": "kto", "pref_beta": beta, "desirable_weight": weights[0],
+                            "undesirable_weight": weights[1]})
+    losses, rewards, z_ref = configured_loss(cfg)(policy_logps, reference_logps, kl_policy, kl_reference, labels, beta)
+    assert_close(torch.cat((losses[labels], losses[~labels])), trl_losses_, "kto losses")
+    assert_close(rewards[labels], trl_chosen_rewards, "kto chosen rewards")
+    assert_close(rewards[~labels], trl_rejected_rewards, "kto rejected rewards")
+    assert z_ref.item() == pytest.approx(trainer._metrics["train"]["kl"][-1], abs=ATOL)
+    assert (z_ref > 0) == (seed == 0)

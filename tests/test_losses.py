@@ -72,7 +72,8 @@ def test_ipo_minimum_at_target():
 
 
 # A value for every hyperparameter beyond beta, passed to the losses that take it.
-HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05, "simpo_gamma": 0.5}
+HYPERPARAMETERS = {"label_smoothing": 0.1, "discopop_tau": 0.05, "simpo_gamma": 0.5, "f_divergence_type": "reverse_kl",
+                   "f_alpha_divergence_coef": 0.5, "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.0}
 
 
 def test_gradients_push_chosen_up_and_rejected_down():
@@ -102,12 +103,12 @@ def test_apo_down_lowers_both_likelihoods_rejected_more():
 
 
 def test_config_knows_exactly_the_implemented_losses():
-    assert set(config.LOSSES) == set(losses.LOSSES)
+    assert set(config.LOSSES) == set(losses.LOSSES) | set(losses.UNPAIRED_LOSSES)
 
 
 def test_config_binds_exactly_the_keyword_parameters_each_loss_takes():
     """config.LOSSES[name] lists the config keys bound to the loss's keyword-only parameters."""
-    for name, fn in losses.LOSSES.items():
+    for name, fn in {**losses.LOSSES, **losses.UNPAIRED_LOSSES}.items():
         keyword_only = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
         assert tuple(keyword_only) == config.LOSSES[name], name
         assert set(keyword_only) <= set(HYPERPARAMETERS) and set(keyword_only) <= set(config.TrainConfig().to_dict())
@@ -115,7 +116,8 @@ def test_config_binds_exactly_the_keyword_parameters_each_loss_takes():
 
 def test_configured_loss_binds_the_config_values():
     cfg = config.from_dict({"pref_loss": "sigmoid", "label_smoothing": 0.1})
-    assert cfg.loss_kwargs("sigmoid") == {"label_smoothing": 0.1}
+    assert cfg.loss_kwargs("sigmoid") == {"label_smoothing": 0.1, "f_divergence_type": "reverse_kl",
+                                          "f_alpha_divergence_coef": 0.5}
     loss, _, _ = configured_loss(cfg)(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
                                       CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss.tolist() == pytest.approx([0.6181388693, 0.7781388693], abs=1e-7)  # cDPO, see below
@@ -347,3 +349,42 @@ def test_pref_bco_weight_mixes_in_bco_with_a_running_reward_shift():
     zero = torch.zeros(2)
     loss, _, _ = objective(torch.tensor([2.0, 0.0]), zero, zero, zero, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss.tolist() == pytest.approx([0.8288244910, 0.9242483227], abs=1e-6)
+
+
+@pytest.mark.parametrize("f_divergence_type,coef,expected", [
+    ("reverse_kl", 0.5, [0.1269280110, 2.1269280110]),
+    ("forward_kl", 0.5, [0.0910564132, 2.4414588005]),
+    ("js_divergence", 0.5, [0.3132616875, 1.3132616875]),
+    ("alpha_divergence", 0.5, [0.1172353857, 2.2016166077]),
+    ("alpha_divergence", 1.0, [0.1269280110, 2.1269280110]),
+])
+def test_f_divergence_sigmoid_by_hand(f_divergence_type, coef, expected):
+    """f-DPO, beta = 1; pair 0 has r_w = 1, r_l = -1, pair 1 the reverse; loss = softplus(-h_f).
+    reverse_kl: h = 2, softplus(-2) = 0.1269280110 (DPO), softplus(2) = 2 + 0.1269280110.
+    forward_kl, f'(t) = 1 - 1/t: h = (1 - e^-1) - (1 - e) = 2 sinh 1 = 2.3504023873, softplus(-h) = 0.0910564132.
+    js_divergence, f'(t) = log 2 + log sigmoid(log t): h = log sigmoid(1) - log sigmoid(-1) = 1, softplus(-1) = 0.3132616875.
+    alpha_divergence, alpha = 0.5, f'(t) = (t^-0.5 - 1)/(-0.5): h = 2(1 - e^-0.5) - 2(1 - e^0.5) = 2.0843812220,
+    softplus(-h) = 0.1172353857; alpha = 1 is the log t limit, DPO. Pair 1: softplus(h) = h + softplus(-h)."""
+    loss, chosen_rewards, _ = run("sigmoid", 1.0, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=coef)
+    assert loss.tolist() == pytest.approx(expected, abs=1e-6)
+    assert chosen_rewards.tolist() == [1.0, -1.0]  # DPO's rewards whatever the divergence
+
+
+def test_kto_by_hand_and_its_baseline_is_detached():
+    """beta = 0.5, w_D = 2, w_U = 1. r = (-2 - -3, -4 - -3) = (1, -1), labels (desirable, undesirable).
+    KL rows: log-ratios (1, 0), z_ref = max(0, 0.5) = 0.5.
+    desirable: 2 (1 - sigmoid(0.5 (1 - 0.5))) = 2 (1 - sigmoid(0.25)) = 2 * 0.4378234991 = 0.8756469982
+    undesirable: 1 - sigmoid(0.5 (0.5 - -1)) = 1 - sigmoid(0.75) = 0.3208213008
+    rewards beta r = (0.5, -0.5). With KL log-ratios (-1, 0) the mean is negative: z_ref = 0."""
+    policy = torch.tensor([-2.0, -4.0], requires_grad=True)
+    policy_kl = torch.tensor([-5.0, -6.0], requires_grad=True)
+    labels = torch.tensor([True, False])
+    loss, rewards, z_ref = losses.kto_loss(policy, torch.tensor([-3.0, -3.0]), policy_kl, torch.tensor([-6.0, -6.0]),
+                                           labels, 0.5, kto_chosen_weight=2.0, kto_rejected_weight=1.0)
+    assert loss.tolist() == pytest.approx([0.8756469982, 0.3208213008], abs=1e-7)
+    assert rewards.tolist() == [0.5, -0.5] and z_ref.item() == 0.5
+    loss.sum().backward()
+    assert policy_kl.grad is None  # z_ref is a baseline: no gradient through the KL rows
+    assert policy.grad[0] < 0 < policy.grad[1]  # desirable up, undesirable down
+    _, _, z_ref = losses.kto_loss(policy, torch.tensor([-3.0, -3.0]), policy_kl, torch.tensor([-4.0, -6.0]), labels, 0.5)
+    assert z_ref.item() == 0.0

@@ -180,3 +180,26 @@ def test_corrupt_or_foreign_cache_file_is_rebuilt(tmp_path, tiny_model_dir, tiny
 def test_precompute_with_a_reference_free_loss_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="precompute_ref_log_probs: pref_loss simpo is reference-free"):
         config(tmp_path, tiny_model_dir, pref_loss="simpo", precompute_ref_log_probs=True)
+
+
+def test_precompute_with_kto_is_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs: not supported with pref_loss: kto"):
+        config(tmp_path, tiny_model_dir, pref_loss="kto", precompute_ref_log_probs=True)
+
+
+def test_precomputed_ld_alpha_matches_the_live_reference(tmp_path, tiny_model_dir):
+    """LD-DPO weights the reference's tokens too, so the precompute pass must apply ld_alpha (and key on it)."""
+    over = {"ld_alpha": 0.3, "max_steps": 2, "eval_steps": 2}
+    train_mod.train(config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "live"), **over))
+    train_mod.train(config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "pre"), precompute_ref_log_probs=True,
+                           **over))
+    rows_live = json.loads((tmp_path / "live/dpo_metrics/log_history.json").read_text())
+    rows_pre = json.loads((tmp_path / "pre/dpo_metrics/log_history.json").read_text())
+    for row_live, row_pre in zip(rows_live, rows_pre):
+        for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/margins"):
+            if key in row_live:
+                assert row_pre[key] == pytest.approx(row_live[key], rel=1e-4, abs=1e-5), (row_live["step"], key)
+    pairs = tokenize_pairs(models.load_tokenizer(str(tiny_model_dir)), [PreferencePair("a", "b", "c")], 32, None)
+    cfg = config(tmp_path, tiny_model_dir)
+    assert reference_mod.cache_key(cfg, pairs, "cpu") != reference_mod.cache_key(
+        config(tmp_path, tiny_model_dir, ld_alpha=0.3), pairs, "cpu")

@@ -74,14 +74,14 @@ def _as_trl_dataset(pairs: list[dict], conversational: bool):
 
 
 def _trl_trainer(tmp_path, policy, reference, tokenizer, pairs, loss_type="sigmoid", beta=0.1,
-                 conversational=True):
+                 conversational=True, **options):
     """A DPOTrainer on private copies of the models and tokenizer: TRL patches the models'
     forward (fused LM head) and sets pad ids on them, which must not reach preftune's models."""
     args = trl.DPOConfig(
         output_dir=str(tmp_path / f"trl_{loss_type}"), beta=beta, loss_type=loss_type,
         per_device_train_batch_size=B, report_to="none", max_length=None, bf16=False, fp16=False,
         use_cpu=True, activation_checkpointing=False, save_strategy="no", logging_strategy="no",
-        dataloader_num_workers=0, seed=0)
+        dataloader_num_workers=0, seed=0, **options)
     trainer = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
                              train_dataset=_as_trl_dataset(pairs, conversational),
                              processing_class=copy.deepcopy(tokenizer))
@@ -116,8 +116,8 @@ def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_l
     own = {}
 
     def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024,
-                               return_hidden=False):
-        assert not return_hidden  # the KL metric is not asked for here
+                               return_hidden=False, ld_alpha=None, wpo=False):
+        assert not return_hidden and ld_alpha is None and not wpo  # no KL metric, LD-DPO or WPO here
         logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)
         own[model] = logps.detach()
         return trl_logps[model].to(logps.dtype), lengths
@@ -219,6 +219,32 @@ def test_dpo_metrics_match_trl(loss_type, models, tiny_tokenizer, demo_pairs, tm
         trl_logps = {policy: trl_pol, reference: trl_ref}
         stats, own = _preftune_step(monkeypatch, policy, reference, one, loss_type, beta, trl_logps)
         _check(loss_type, f"pair {i}", stats, metrics, own, trl_logps)
+
+
+@pytest.mark.parametrize("options", [{"ld_alpha": 0.3}, {"use_weighting": True},
+                                     {"ld_alpha": 0.5, "use_weighting": True}])
+def test_ld_alpha_and_wpo_steps_match_trl(options, models, tiny_tokenizer, demo_pairs, tmp_path):
+    """LD-DPO and WPO through the models: TRL 1.16's DPOTrainer with ld_alpha / use_weighting (its fused
+    LM head's per-token log-probs and log sum p^2) against `preference_step` with the same options
+    (preftune's chunked LM head). The training loss and the logged logps/chosen, logps/rejected (LD-DPO
+    weights them) and rewards/chosen, within the float noise of summed log-probs (module docstring)."""
+    policy, reference = models
+    trainer = _trl_trainer(tmp_path, policy, reference, tiny_tokenizer, demo_pairs[:B], "sigmoid", 0.1, **options)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(B)])
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    policy.train()
+    losses, stats, _ = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, {k: batch[k] for k in BATCH_KEYS},
+                                       LOSSES["sigmoid"], 0.1, CHUNK_SIZE, ld_alpha=options.get("ld_alpha"),
+                                       use_weighting=options.get("use_weighting", False))
+    assert losses.mean().item() == pytest.approx(trl_loss, abs=ATOL)
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen"):
+        assert stats[key].mean().item() == pytest.approx(metrics[key], abs=ATOL, rel=LOGPS_RTOL), key
+    plain, _, _ = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, {k: batch[k] for k in BATCH_KEYS},
+                                  LOSSES["sigmoid"], 0.1, CHUNK_SIZE)
+    assert (losses - plain).abs().max() > 1e-3, "the option changed nothing: the test would not see it dropped"
 
 
 @pytest.mark.parametrize("mode", ["plain", "chat"])

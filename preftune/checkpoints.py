@@ -14,7 +14,10 @@ import shutil
 from pathlib import Path
 
 import yaml
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
+
+from preftune.adapters import TRAINED_ADAPTER
 
 
 def best_dir(cfg) -> Path:
@@ -41,9 +44,25 @@ def _fresh_tmp(dest: Path) -> Path:
     return tmp
 
 
+def _save_weights(model, folder: Path, merge: bool = False) -> None:
+    """A transformers model's weights (+ config, generation config), or a peft model's trained
+    adapter (adapter_config.json + adapter_model.safetensors; the frozen `reference` adapter is
+    not part of the result). merge=True writes a peft model as merged full weights instead; that
+    merges in place, so the peft model is spent afterwards."""
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    if merge:
+        model.merge_and_unload(adapter_names=[TRAINED_ADAPTER]).save_pretrained(folder, safe_serialization=True)
+        return
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
 def save_model(model, tokenizer, dest: Path, step: int) -> None:
     tmp = _fresh_tmp(dest)
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_weights(model, tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
     _replace_dir(tmp, dest)
@@ -52,6 +71,12 @@ def save_model(model, tokenizer, dest: Path, step: int) -> None:
 def load_best_into(model, cfg) -> None:
     """Load the best model's weights into `model` (same architecture)."""
     folder = best_dir(cfg)
+    if isinstance(model, PeftModel):  # the best adapter, written by save_model
+        result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"), TRAINED_ADAPTER)
+        if result.unexpected_keys:
+            raise RuntimeError(f"best adapter in {folder} does not match the policy: unexpected "
+                               f"{result.unexpected_keys[:3]}")
+        return
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
@@ -64,10 +89,12 @@ def load_best_into(model, cfg) -> None:
 
 
 def save_final(model, tokenizer, cfg) -> None:
-    """The final model and tokenizer into output_dir itself, file by file atomically."""
+    """The final model and tokenizer into output_dir itself, file by file atomically. A LoRA
+    policy is written as its adapter (save_adapter_only) or merged into full weights, which
+    merges it in place: call this last."""
     out = Path(cfg.output_dir)
     tmp = _fresh_tmp(out / "final")
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_weights(model, tmp, merge=not cfg.save_adapter_only)
     tokenizer.save_pretrained(tmp)
     # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
     (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -25,9 +25,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import ModulesToSaveWrapper
 
+from preftune.checkpoints import TRAINED_ADAPTER  # peft's name for the adapter it creates or loads first
 from preftune.errors import ConfigError, ModelError
 
-TRAINED_ADAPTER = "default"  # peft's name for the adapter it creates or loads first
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a starting adapter (the SFT model)
 
 

@@ -17,7 +17,7 @@ import yaml
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from preftune.adapters import TRAINED_ADAPTER
+TRAINED_ADAPTER = "default"  # peft's name for the adapter it creates or loads first
 
 
 def best_dir(cfg) -> Path:

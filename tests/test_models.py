@@ -30,7 +30,7 @@ def cfg_for(model_dir, **over):
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    pairs = [PreferencePair(**p) for p in make_pairs(6, 3)]
+    pairs = [PreferencePair(**p) for p in make_pairs(4, 3)]
     return collate(tokenize_pairs(tokenizer, pairs, 128, None), tokenizer.pad_token_id)
 
 
@@ -271,6 +271,7 @@ def run(tmp_path, model_dir, **over):
     return cfg, train_mod.train(cfg)
 
 
+@pytest.mark.slow
 def test_lora_training_learns_and_saves_a_loadable_adapter(tmp_path, tiny_model_dir, sft_adapter):
     """Started from base + SFT adapter: step 0 is a tie everywhere (the reference is the SFT model,
     not the base), then the trained adapter pulls held-out accuracy up; the output is an adapter."""

@@ -290,3 +290,10 @@ def test_freeze_training_changes_only_the_trainable_layer(tmp_path, tiny_model_d
     before, after = base_model(tiny_model_dir).state_dict(), base_model(cfg.output_dir).state_dict()
     for key in before:
         assert torch.equal(before[key], after[key]) != key.startswith("model.layers.1."), key
+
+
+def test_lora_example_config_parses():
+    from preftune.config import load_config
+
+    cfg = load_config(str(Path(__file__).parent.parent / "examples" / "lora.yaml"))
+    assert cfg.finetuning_type == "lora" and cfg.lora_rank == 16 and cfg.save_adapter_only and cfg.gradient_checkpointing

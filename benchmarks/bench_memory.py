@@ -10,7 +10,8 @@ trains each strategy in its own child process (this file with `--child NAME`), s
 that strategy's alone. A child prints one `BENCH_RESULT {json}` line with its peak resident set
 size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which covers model loading, the precompute
 pass and training) and its RSS right after the imports. A strategy the config refuses with a
-ConfigError (LoRA before it lands) is reported as skipped.
+ConfigError is reported as skipped. The LoRA precompute row reads the cache the full-model
+precompute rows wrote (the same reference and data), so it measures training alone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ STRATEGIES = {
     "precompute_ref_log_probs, first run": {"precompute_ref_log_probs": True, "ref_logps_cache_dir": "{work}/cache"},
     "precompute_ref_log_probs, cache hit": {"precompute_ref_log_probs": True, "ref_logps_cache_dir": "{work}/cache"},
     "no reference (pref_loss: simpo)": {"pref_loss": "simpo"},
-    "LoRA, adapter-disabled policy as reference": {"finetuning_type": "lora"},
+    "freeze (last 2 layers), separate reference copy": {"finetuning_type": "freeze", "freeze_trainable_layers": 2},
+    "LoRA r=16, adapter-disabled policy as reference": {"finetuning_type": "lora", "lora_rank": 16},
+    "LoRA r=16, ref_model: another folder": {"finetuning_type": "lora", "lora_rank": 16,
+                                             "ref_model": "{work}/other_ref"},
+    "LoRA r=16, precompute_ref_log_probs (cache hit)": {"finetuning_type": "lora", "lora_rank": 16,
+                                                        "precompute_ref_log_probs": True,
+                                                        "ref_logps_cache_dir": "{work}/cache"},
 }
 
 

@@ -18,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from preftune.errors import ConfigError, ModelError
 
 log = logging.getLogger("preftune")
+
+TRAINED_ADAPTER = "default"  # peft's name for the adapter it creates or loads first
 
 
 def best_dir(cfg) -> Path:
@@ -49,9 +52,25 @@ def _fresh_tmp(dest: Path) -> Path:
     return tmp
 
 
+def _save_weights(model, folder: Path, merge: bool = False) -> None:
+    """A transformers model's weights (+ config, generation config), or a peft model's trained
+    adapter (adapter_config.json + adapter_model.safetensors; the frozen `reference` adapter is
+    not part of the result). merge=True writes a peft model as merged full weights instead; that
+    merges in place, so the peft model is spent afterwards."""
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    if merge:
+        model.merge_and_unload(adapter_names=[TRAINED_ADAPTER]).save_pretrained(folder, safe_serialization=True)
+        return
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
 def save_model(model, tokenizer, dest: Path, step: int) -> None:
     tmp = _fresh_tmp(dest)
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_weights(model, tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
     _replace_dir(tmp, dest)
@@ -59,11 +78,13 @@ def save_model(model, tokenizer, dest: Path, step: int) -> None:
 
 def load_weights_into(model, folder: Path) -> None:
     """Load the safetensors weights `save_pretrained` wrote in `folder` into `model` (same architecture);
-    for a peft model, the adapter it saved."""
-    if (folder / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    for a peft model, the trained adapter it saved (`_save_weights`)."""
+    if isinstance(model, PeftModel):
+        adapter = folder / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise ModelError(f"{folder} holds no adapter_model.safetensors, but the policy is a LoRA model; resume "
+                             "a LoRA run from its own checkpoints")
+        result = set_peft_model_state_dict(model, load_file(adapter), TRAINED_ADAPTER)
         if result.unexpected_keys:
             raise ModelError(f"adapter in {folder} does not match the policy: unexpected {result.unexpected_keys[:3]}")
         return
@@ -84,10 +105,12 @@ def load_best_into(model, cfg) -> None:
 
 
 def save_final(model, tokenizer, cfg) -> None:
-    """The final model and tokenizer into output_dir itself, file by file atomically."""
+    """The final model and tokenizer into output_dir itself, file by file atomically. A LoRA
+    policy is written as its adapter (save_adapter_only) or merged into full weights, which
+    merges it in place: call this last."""
     out = Path(cfg.output_dir)
     tmp = _fresh_tmp(out / "final")
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_weights(model, tmp, merge=not cfg.save_adapter_only)
     tokenizer.save_pretrained(tmp)
     # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
     (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
@@ -120,7 +143,7 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
     if not cfg.save_only_model:
         _write_json(tmp / f"rng_state_{accelerator.process_index}.json", _rng_state())
     if accelerator.is_main_process:
-        accelerator.unwrap_model(policy).model.save_pretrained(tmp, safe_serialization=True)
+        _save_weights(accelerator.unwrap_model(policy).model, tmp)  # a LoRA policy: its trained adapter only
         tokenizer.save_pretrained(tmp)
         if not cfg.save_only_model:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -68,14 +68,26 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model's repository (off unless you trust it).")
     torch_dtype: str = _f("auto", "dtype the weights are loaded in: auto, float32, bfloat16, float16.")
     attn_implementation: str | None = _f(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
-    finetuning_type: str = _f("full", "full (LoRA and freeze come with the models issue and are refused for now).")
+    finetuning_type: str = _f("full", "full (every weight), freeze (only some layers, freeze_* keys) or lora (peft adapters, lora_* keys).")
     stage: str = _f("dpo", "LLaMA-Factory stage; only 'dpo' is trained by preftune train.")
     do_train: bool = _f(True, "LLaMA-Factory flag; must be true for preftune train.")
-    # Accepted so LLaMA-Factory LoRA configs parse; using them needs finetuning_type: lora.
-    lora_rank: int = _f(8, "LoRA rank (used once LoRA lands; finetuning_type: lora is refused for now).")
-    lora_alpha: int | None = _f(None, "LoRA alpha (default 2 x lora_rank).")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
-    lora_target: str = _f("all", "LoRA target modules: all, or a comma list.")
+    # LoRA, freeze, QLoRA and adapters (LLaMA-Factory names and semantics; preftune/adapters.py)
+    lora_rank: int = _f(8, "LoRA rank r (finetuning_type: lora).")
+    lora_alpha: int | None = _f(None, "LoRA alpha (default 2 x lora_rank); the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch's input.")
+    lora_target: str = _f("all", "Modules that get LoRA adapters: all (every linear layer but the LM head), or a comma list of module names, e.g. q_proj,v_proj.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    additional_target: str | None = _f(None, "Comma list of modules trained fully and saved with the adapter (peft modules_to_save), e.g. embed_tokens,lm_head.")
+    adapter_name_or_path: str | None = _f(None, "Comma list of LoRA adapters the policy starts from: all but the last are merged into the base, the last one continues training (and a frozen copy of it is the reference).")
+    freeze_trainable_layers: int = _f(2, "finetuning_type: freeze: train the last N layers (N > 0) or the first -N layers (N < 0); the rest is frozen.")
+    freeze_trainable_modules: str = _f("all", "finetuning_type: freeze: comma list of module names inside a layer to train (e.g. mlp,self_attn), or all.")
+    freeze_extra_modules: str | None = _f(None, "finetuning_type: freeze: comma list of modules outside the layers to train too, e.g. embed_tokens,norm.")
+    quantization_bit: int | None = _f(None, "Load the policy's base weights in 4 or 8 bits through bitsandbytes (QLoRA: needs finetuning_type: lora and a CUDA GPU).")
+    ref_model_quantization_bit: int | None = _f(None, "Load a separately loaded reference (ref_model, or the frozen copy of full/freeze) in 4 or 8 bits (CUDA GPU).")
+    ref_model_adapters: str | None = _f(None, "Comma list of LoRA adapters merged into ref_model.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward instead of storing them (less memory, about a third more compute).")
+    save_adapter_only: bool = _f(False, "finetuning_type: lora: write only the adapter (adapter_config.json, adapter_model.safetensors) instead of merged full weights.")
 
     # --- precomputed reference log-probs (preftune/reference.py) ------------------------
     precompute_ref_log_probs: bool = _f(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No kl/eval_kl columns then; not with pref_loss: kto.")
@@ -312,11 +324,9 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"stage: '{cfg.stage}' is not trained by preftune train; set stage: dpo")
     if not cfg.do_train:
         bad("do_train: false has nothing to do in preftune train; set do_train: true")
-    if cfg.finetuning_type in ("lora", "freeze"):
-        bad(f"finetuning_type: {cfg.finetuning_type} is not yet supported (it comes with LoRA/freeze support); "
-            "use finetuning_type: full")
-    if cfg.finetuning_type != "full":
-        bad(f"finetuning_type: unknown value '{cfg.finetuning_type}'; use full")
+    if cfg.finetuning_type not in ("full", "freeze", "lora"):
+        bad(f"finetuning_type: unknown value '{cfg.finetuning_type}'; use full, freeze or lora")
+    _validate_adapters(cfg)
     if not (cfg.pref_beta > 0 and math.isfinite(cfg.pref_beta)):
         bad(f"pref_beta (beta) must be a positive number; got {cfg.pref_beta}")
     names = cfg.pref_losses
@@ -452,6 +462,41 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if unfit:
             raise ConfigError(f"use_weighting: WPO's per-pair weights do not apply to {', '.join(unfit)} "
                               "(aot sorts the pairs, as TRL refuses; kto is unpaired); set use_weighting: false")
+
+
+def _validate_adapters(cfg: TrainConfig) -> None:
+    """The fine-tuning type keys (LoRA, freeze, quantization, adapters) and the reference they imply."""
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    lora = cfg.finetuning_type == "lora"
+    if cfg.lora_rank < 1:
+        bad(f"lora_rank must be at least 1; got {cfg.lora_rank}")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        bad(f"lora_alpha must be positive (or unset for 2 x lora_rank); got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad(f"lora_dropout must be in [0, 1); got {cfg.lora_dropout}")
+    if "lm_head" in [m.strip() for m in cfg.lora_target.split(",")]:
+        # preftune applies the LM head itself, chunked (logps.py), reading its weight directly
+        bad("lora_target: lm_head cannot get a LoRA adapter; train it fully with additional_target: lm_head")
+    for key in ("use_dora", "use_rslora", "additional_target", "adapter_name_or_path", "save_adapter_only",
+                "quantization_bit"):
+        if getattr(cfg, key) and not lora:
+            bad(f"{key} needs finetuning_type: lora (it is {cfg.finetuning_type})")
+    if cfg.freeze_trainable_layers == 0:
+        bad("freeze_trainable_layers: 0 trains nothing; use N > 0 for the last N layers, N < 0 for the first -N")
+    for key in ("quantization_bit", "ref_model_quantization_bit"):
+        if getattr(cfg, key) not in (None, 4, 8):
+            bad(f"{key} must be 4 or 8 (or unset); got {getattr(cfg, key)}")
+    if cfg.ref_model_adapters and not cfg.ref_model:
+        bad("ref_model_adapters needs ref_model (the checkpoint they are merged into)")
+    separate_reference = cfg.uses_reference and (cfg.ref_model or not lora or cfg.precompute_ref_log_probs)
+    if cfg.ref_model_quantization_bit and not separate_reference:
+        bad("ref_model_quantization_bit: no separate reference is loaded (LoRA uses the policy with its adapter "
+            "off, a reference-free loss none); set ref_model or remove it")
+    if cfg.save_adapter_only and cfg.adapter_name_or_path and "," in cfg.adapter_name_or_path:
+        bad("save_adapter_only: the adapter would apply to the base with the first adapters of adapter_name_or_path "
+            "merged in, which no folder holds; save merged weights (save_adapter_only: false)")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Loading the policy, the frozen reference and the tokenizer through `transformers`."""
+"""Loading the policy, the reference and the tokenizer through `transformers` (and `peft`).
+
+Weights are read by `from_pretrained`: safetensors, or for old `.bin` checkpoints
+`torch.load(weights_only=True)`, never a full unpickle. `trust_remote_code` is passed as the
+config says (default False) to every load: tokenizer, policy, reference.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from preftune.adapters import (REFERENCE_ADAPTER, AdapterReference, apply_freeze, apply_lora, quantization_config,
+                               split_names, with_adapters)
 from preftune.errors import ModelError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -39,10 +46,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, cfg, what: str = "model_name_or_path"):
+    """The policy (what = model_name_or_path) or a separately loaded reference (any other `what`),
+    quantized as quantization_bit / ref_model_quantization_bit say."""
     _check_reachable(name, what)
+    quantization_key = "quantization_bit" if what == "model_name_or_path" else "ref_model_quantization_bit"
+    quantization_bit = getattr(cfg, quantization_key)
     kwargs = {"dtype": DTYPES[cfg.torch_dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantization_bit:
+        kwargs["quantization_config"] = quantization_config(quantization_bit, quantization_key, kwargs["dtype"])
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantizes as it places on the GPU
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
@@ -59,22 +73,55 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
 
 
 def load_policy_and_reference(cfg, with_reference: bool = True):
-    """The policy, and the frozen reference, or None when `with_reference` is false (a
-    reference-free loss: no second model in memory)."""
+    """The policy (a peft model for finetuning_type: lora, with frozen layers for freeze) and
+    the reference: None when `with_reference` is false (a reference-free loss), the policy with
+    its adapter off for LoRA (`adapters.AdapterReference`, no second copy), else a frozen
+    separately loaded model: `ref_model` (+ `ref_model_adapters` merged in) or a copy of the
+    starting policy."""
     policy = load_model(cfg.model_name_or_path, cfg)
     if cfg.dropout is not None:
         set_dropout(policy, cfg.dropout)
     elif cfg.disable_dropout:
         set_dropout(policy, 0.0)
+    if cfg.gradient_checkpointing:
+        # transformers 5 renamed it (the old name warns); the first argument is the checkpoint kwargs in both
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        policy.config.use_cache = False
+    adapter_reference = with_reference and cfg.finetuning_type == "lora" and not cfg.ref_model
+    if cfg.finetuning_type == "lora":
+        if cfg.gradient_checkpointing:
+            # the embeddings are frozen under LoRA: without this, checkpointed blocks would see
+            # inputs that need no gradient and pass none back to the adapters
+            policy.enable_input_require_grads()
+        policy = apply_lora(policy, cfg, reference_adapter=adapter_reference and bool(cfg.adapter_name_or_path))
+    elif cfg.finetuning_type == "freeze":
+        apply_freeze(policy, cfg)
     if not with_reference:
         return policy, None
+    if adapter_reference:
+        return policy, AdapterReference(policy, REFERENCE_ADAPTER if cfg.adapter_name_or_path else None)
     return policy, load_reference(cfg)
 
 
+def reference_adapters(cfg) -> str | None:
+    """The comma list of adapters a separately loaded reference has merged in."""
+    if cfg.ref_model:
+        return cfg.ref_model_adapters
+    return cfg.adapter_name_or_path if cfg.finetuning_type == "lora" else None
+
+
 def load_reference(cfg):
-    """The frozen reference: `ref_model`, else a second copy of the starting policy."""
+    """The frozen reference as a model of its own: `ref_model` (+ `ref_model_adapters` merged in),
+    else a copy of the starting policy. A LoRA run that starts from adapter_name_or_path starts
+    from base + those adapters, so its copy has them merged in (precompute_ref_log_probs loads it
+    so; a live LoRA reference is the adapter-off policy instead)."""
     reference = load_model(cfg.ref_model or cfg.model_name_or_path, cfg,
                            "ref_model" if cfg.ref_model else "model_name_or_path (reference copy)")
+    adapters = reference_adapters(cfg)
+    if adapters:
+        reference = with_adapters(reference, split_names(adapters),
+                                  "ref_model_adapters" if cfg.ref_model else "adapter_name_or_path")
     reference.requires_grad_(False)
     reference.eval()
     return reference

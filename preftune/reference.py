@@ -14,7 +14,9 @@ Each split is cached in `<ref_logps_cache_dir>/<key>.safetensors`, the key a has
 that changes the numbers:
   - the reference weights. A local folder: name, size and modification time of each file in it
     (cheap, the weights are not read; re-saved or edited weights change size or mtime; a copied
-    folder misses once). A hub id: its commit hash (files at a commit never change).
+    folder misses once). A hub id: its commit hash (files at a commit never change). The same
+    for each adapter merged into it (`ref_model_adapters`, or a LoRA run's adapter_name_or_path),
+    and its quantization.
   - the tokenized pairs: every token id and completion start, so data, template, cutoff_len and
     tokenizer changes are all in it.
   - torch_dtype, mixed precision, attn_implementation, the device type, the torch and
@@ -43,7 +45,8 @@ from tqdm.auto import tqdm
 from preftune.batching import collate, epoch_batches
 from preftune.errors import ModelError
 from preftune.logps import get_batch_logps
-from preftune.models import DTYPES, load_reference
+from preftune.adapters import split_names
+from preftune.models import DTYPES, load_reference, reference_adapters
 from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")
@@ -85,6 +88,9 @@ def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
     parts = {
         "format": CACHE_FORMAT,
         "reference": model_fingerprint(cfg.ref_model or cfg.model_name_or_path),
+        # the adapters merged into it (models.load_reference), in order
+        "adapters": [model_fingerprint(a) for a in split_names(reference_adapters(cfg))],
+        "quantization_bit": cfg.ref_model_quantization_bit,
         "data": data_fingerprint(pairs),
         "torch_dtype": str(DTYPES[cfg.torch_dtype]),  # bf16 and bfloat16 are one key
         "mixed_precision": cfg.mixed_precision,

@@ -305,7 +305,7 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    if reference is not None:
+    if isinstance(reference, torch.nn.Module):  # not a LoRA policy's AdapterReference: that is the policy itself
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
     loss_fn = configured_loss(cfg)
     collate_fn, step_fn = step_functions(cfg)

@@ -58,7 +58,7 @@ def test_llama_factory_config_runs_unchanged(lf_project, tmp_path, capsys):
     (["--dataset", "missing_set"], "dataset 'missing_set': not a name in .*dataset_info.json \\(registered there: my_dpo_data\\)"),
     (["--pref_beta", "-1"], "pref_beta \\(beta\\) must be a positive number"),
     (["--pref_loss", "dpo"], "unknown loss 'dpo'"),
-    (["--finetuning_type", "lora"], "finetuning_type: lora is not yet supported"),
+    (["--finetuning_type", "qlora"], "finetuning_type: unknown value 'qlora'; use full, freeze or lora"),
     (["--pref_bta", "0.1"], "unknown key 'pref_bta'. Did you mean 'pref_beta'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(lf_project, capsys, override, message):

@@ -44,12 +44,11 @@ SEED_003_CONFIG = {
 }
 
 
-def test_seed_000_yaml_parses_and_lora_is_refused_clearly(tmp_path):
+def test_seed_000_yaml_parses_with_lora(tmp_path):
     path = tmp_path / "dpo.yaml"
     path.write_text(SEED_000_YAML, encoding="utf-8")
-    with pytest.raises(ConfigError, match="finetuning_type: lora is not yet supported"):
-        load_config(str(path))
-    cfg = load_config(str(path), ["--finetuning_type", "full"])
+    cfg = load_config(str(path))
+    assert cfg.finetuning_type == "lora" and cfg.lora_target == "all" and cfg.lora_alpha is None
     assert (cfg.pref_beta, cfg.pref_loss, cfg.cutoff_len, cfg.gradient_accumulation_steps) == (0.1, "sigmoid", 2048, 16)
     assert cfg.bf16 and cfg.mixed_precision == "bf16" and cfg.learning_rate == 5e-6 and cfg.lora_rank == 64
 
@@ -77,7 +76,7 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ({"pref_bco_weight": -0.5}, "pref_bco_weight must be a number >= 0"),
     ({"pref_loss": "simpo", "pref_bco_weight": 0.5}, "pref_bco_weight: BCO needs the reference and pref_loss simpo"),
     ({"stage": "sft"}, "stage: 'sft'"),
-    ({"finetuning_type": "freeze"}, "not yet supported"),
+    ({"finetuning_type": "lora", "lora_rank": 0}, "lora_rank must be at least 1"),
     ({"learning_rate": "fast"}, "learning_rate' got 'fast'; expected float"),
     ({"per_device_train_batch_size": 0}, "at least 1"),
     ({"per_device_train_batch_size": 2.5}, "expected int"),

@@ -29,6 +29,10 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[preftune] %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers imports torchao (the int8 export's library) whenever it is installed; on CPU its
+    # optional CUDA kernels fail to load with warnings that are noise in every command
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the training log

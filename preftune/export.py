@@ -39,13 +39,6 @@ INT8_INSTALL = ("--dtype int8 needs torchao (PyTorch's quantization library), wh
                 "pip install 'preftune[export]' (or: pip install torchao==0.18.0)")
 
 
-def _quiet_torchao() -> None:
-    # transformers imports torchao whenever it is installed; on CPU its optional CUDA kernels fail
-    # to load with warnings that are noise here
-    for noisy in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
 def _torchao_config():
     """transformers' TorchAoConfig for int8 weight-only, per-row scales; a clear line without torchao."""
     try:
@@ -201,7 +194,6 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
     from preftune.checkpoints import _fresh_tmp, _replace_dir
     from preftune.tokenization import tokenize_pairs
 
-    _quiet_torchao()
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
     quant = _torchao_config() if dtype == "int8" else None  # fail on a missing library before any work

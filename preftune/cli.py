@@ -4,6 +4,7 @@
     preftune train CONFIG.yaml           # LLaMA-Factory style or preftune YAML
     preftune train CONFIG.yaml --pref_beta 0.2 --output_dir out   # any key overridden
     preftune inspect DATA [--model M] [--cutoff_len N] [--json] [--plot PNG]   # look at the data first
+    preftune export MODEL --dtype bf16|fp16|int8 [--out DIR] [--data HELDOUT]  # for deployment
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[preftune] %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers imports torchao (the int8 export's library) whenever it is installed; on CPU its
+    # optional CUDA kernels fail to load with warnings that are noise in every command
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the training log
@@ -70,14 +75,21 @@ def cmd_inspect(args: list[str]) -> int:
     return inspect_main(args)
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect}
+def cmd_export(args: list[str]) -> int:
+    from preftune.export import main as export_main
+
+    return export_main(args)
+
+
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: preftune {train,inspect} ...\n\n  train     align a model with DPO (preftune train --help)\n"
-              "  inspect   statistics and rendered examples of a dataset (preftune inspect --help)")
+        print("usage: preftune {train,inspect,export} ...\n\n  train     align a model with DPO (preftune train --help)\n"
+              "  inspect   statistics and rendered examples of a dataset (preftune inspect --help)\n"
+              "  export    the model in bf16/fp16/int8 for deployment (preftune export --help)")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

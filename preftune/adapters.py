@@ -59,11 +59,19 @@ def with_adapters(model, paths: list[str], key: str):
     return model
 
 
-def quantization_config(bits: int, key: str, torch_dtype):
-    """transformers' BitsAndBytesConfig for `bits`, or one clear line where it cannot run."""
+def quantized_device_map(bits: int, key: str) -> dict:
+    """Where a bitsandbytes-quantized model is placed (bitsandbytes quantizes as it places): the
+    current CUDA GPU, or one clear line without one. bitsandbytes >= 0.46 also runs on CPU, and the
+    tests run QLoRA there by replacing this function; training a quantized model on CPU is far too
+    slow to offer users."""
     if not torch.cuda.is_available():
         raise ModelError(f"{key}: {bits}: bitsandbytes quantization needs a CUDA GPU and this machine has none; "
                          f"remove {key} (or train on a GPU)")
+    return {"": torch.cuda.current_device()}
+
+
+def quantization_config(bits: int, key: str, torch_dtype):
+    """transformers' BitsAndBytesConfig for `bits`, or one clear line where it cannot run."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"{key}: {bits}: needs the bitsandbytes package; pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
@@ -71,7 +79,7 @@ def quantization_config(bits: int, key: str, torch_dtype):
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else (
-        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16)
     # NF4 with double quantization: the QLoRA paper's setting, and LLaMA-Factory's default
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute)

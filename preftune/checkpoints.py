@@ -106,11 +106,11 @@ def load_best_into(model, cfg) -> None:
 
 def save_final(model, tokenizer, cfg) -> None:
     """The final model and tokenizer into output_dir itself, file by file atomically. A LoRA
-    policy is written as its adapter (save_adapter_only) or merged into full weights, which
+    policy is written as its adapter (cfg.final_adapter_only) or merged into full weights, which
     merges it in place: call this last."""
     out = Path(cfg.output_dir)
     tmp = _fresh_tmp(out / "final")
-    _save_weights(model, tmp, merge=not cfg.save_adapter_only)
+    _save_weights(model, tmp, merge=not cfg.final_adapter_only)
     tokenizer.save_pretrained(tmp)
     # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
     (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

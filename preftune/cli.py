@@ -30,8 +30,10 @@ def _setup_logging() -> None:
     for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # transformers imports torchao (the int8 export's library) whenever it is installed; on CPU its
-    # optional CUDA kernels fail to load with warnings that are noise in every command
-    for noisy in ("torchao", "torch.utils._pytree"):
+    # optional CUDA kernels fail to load with warnings that are noise in every command; likewise
+    # bitsandbytes' CPU backend (imported by peft whenever bitsandbytes is installed) about a kernel
+    # package it would fetch from the hub
+    for noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 

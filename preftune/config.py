@@ -87,7 +87,7 @@ class TrainConfig:
     ref_model_quantization_bit: int | None = _f(None, "Load a separately loaded reference (ref_model, or the frozen copy of full/freeze) in 4 or 8 bits (CUDA GPU).")
     ref_model_adapters: str | None = _f(None, "Comma list of LoRA adapters merged into ref_model.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward instead of storing them (less memory, about a third more compute).")
-    save_adapter_only: bool = _f(False, "finetuning_type: lora: write only the adapter (adapter_config.json, adapter_model.safetensors) instead of merged full weights.")
+    save_adapter_only: bool | None = _f(None, "finetuning_type: lora: true writes only the adapter (adapter_config.json, adapter_model.safetensors), false merged full weights; unset: merged for LoRA, the adapter for QLoRA (quantization_bit).")
 
     # --- precomputed reference log-probs (preftune/reference.py) ------------------------
     precompute_ref_log_probs: bool = _f(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No kl/eval_kl columns then; not with pref_loss: kto.")
@@ -185,6 +185,12 @@ class TrainConfig:
     def is_kto(self) -> bool:
         """pref_loss: kto, trained on unpaired examples (pairs are split into one of each label)."""
         return self.pref_losses == ["kto"]
+
+    @property
+    def final_adapter_only(self) -> bool:
+        """Whether the final output of a LoRA run is its adapter (save_adapter_only; unset: only for
+        QLoRA, whose 4/8-bit base cannot take a merge without losing precision)."""
+        return self.save_adapter_only if self.save_adapter_only is not None else bool(self.quantization_bit)
 
     @property
     def uses_reference(self) -> bool:
@@ -494,6 +500,9 @@ def _validate_adapters(cfg: TrainConfig) -> None:
     if cfg.ref_model_quantization_bit and not separate_reference:
         bad("ref_model_quantization_bit: no separate reference is loaded (LoRA uses the policy with its adapter "
             "off, a reference-free loss none); set ref_model or remove it")
+    if cfg.quantization_bit and cfg.save_adapter_only is False:
+        bad("save_adapter_only: false with quantization_bit: merging into 4/8-bit weights loses precision; keep the "
+            "adapter (unset save_adapter_only) and merge it into the unquantized base with peft's merge_and_unload")
     if cfg.save_adapter_only and cfg.adapter_name_or_path and "," in cfg.adapter_name_or_path:
         bad("save_adapter_only: the adapter would apply to the base with the first adapters of adapter_name_or_path "
             "merged in, which no folder holds; save merged weights (save_adapter_only: false)")

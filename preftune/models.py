@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune.adapters import (REFERENCE_ADAPTER, AdapterReference, apply_freeze, apply_lora, quantization_config,
-                               split_names, with_adapters)
+from preftune import adapters
+from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, apply_freeze, apply_lora, split_names, with_adapters
 from preftune.errors import ModelError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -55,8 +55,9 @@ def load_model(name: str, cfg, what: str = "model_name_or_path"):
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quantization_bit:
-        kwargs["quantization_config"] = quantization_config(quantization_bit, quantization_key, kwargs["dtype"])
-        kwargs["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantizes as it places on the GPU
+        kwargs["device_map"] = adapters.quantized_device_map(quantization_bit, quantization_key)
+        kwargs["quantization_config"] = adapters.quantization_config(quantization_bit, quantization_key,
+                                                                     kwargs["dtype"])
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:

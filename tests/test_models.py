@@ -11,7 +11,7 @@ import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune import checkpoints, models
+from preftune import adapters, checkpoints, models
 from preftune import train as train_mod
 from preftune.adapters import REFERENCE_ADAPTER, AdapterReference
 from preftune.batching import collate
@@ -310,7 +310,11 @@ def test_lora_run_from_an_sft_adapter_resumes_exactly(tmp_path, tiny_model_dir, 
     run stopped after one resumes to the same metrics and adapter as the uninterrupted run."""
     over = dict(finetuning_type="lora", adapter_name_or_path=str(sft_adapter), save_adapter_only=True,
                 learning_rate=1e-2, max_steps=4, eval_steps=2, save_steps=2, lora_dropout=0.1)
-    run(tmp_path / "whole", tiny_model_dir, **over)
+    assert_adapter_run_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch, **over)
+
+
+def assert_adapter_run_resumes_exactly(tmp_path, model_dir, monkeypatch, **over):
+    run(tmp_path / "whole", model_dir, **over)
 
     class Killed(Exception):
         pass
@@ -323,12 +327,12 @@ def test_lora_run_from_an_sft_adapter_resumes_exactly(tmp_path, tiny_model_dir, 
 
     monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        run(tmp_path / "cut", tiny_model_dir, **over)
-    monkeypatch.undo()
+        run(tmp_path / "cut", model_dir, **over)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     checkpoint = tmp_path / "cut" / "out" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     assert not (checkpoint / REFERENCE_ADAPTER).exists()  # the frozen SFT copy is not the run's state
-    run(tmp_path / "cut", tiny_model_dir, resume_from_checkpoint=True, **over)
+    run(tmp_path / "cut", model_dir, resume_from_checkpoint=True, **over)
     assert history_without_timing(tmp_path / "cut" / "out") == history_without_timing(tmp_path / "whole" / "out")
     from safetensors.torch import load_file
 
@@ -352,3 +356,60 @@ def test_precompute_with_lora_from_an_sft_adapter_matches_the_live_reference(tmp
         for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/margins", "eval_rewards/chosen"):
             if key in row_live:
                 assert row_pre[key] == pytest.approx(row_live[key], rel=1e-3, abs=1e-4), (row_live["step"], key)
+
+
+@pytest.fixture(scope="module")
+def qlora_model_dir(tiny_tokenizer, tmp_path_factory):
+    """The tiny model at hidden size 64: bitsandbytes' CPU 4-bit kernel quantizes in blocks of 64
+    input features, so a layer needs at least that many."""
+    folder = tmp_path_factory.mktemp("qlora_model")
+    build_model(len(tiny_tokenizer), seed=0, hidden=64, layers=2).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_an_adapter_on_a_quantized_base(tmp_path, qlora_model_dir, monkeypatch, bits):
+    """QLoRA end to end through bitsandbytes' CPU backend (the CUDA-only placement swapped for the
+    CPU): the base's linear layers are bitsandbytes 4/8-bit layers, only the adapter trains, the
+    reference is the quantized base with the adapter off (step 0 is a tie), held-out accuracy rises,
+    and the output is the adapter (merging into quantized weights would lose precision), which
+    loads onto the unquantized base."""
+    bnb = pytest.importorskip("bitsandbytes")  # a test dependency (pyproject's test extra)
+    monkeypatch.setattr(adapters, "quantized_device_map", lambda bits, key: {"": "cpu"})
+    # bitsandbytes' CPU backend repacks 4-bit weights for AVX512-BF16 inference at the first eval
+    # forward and then cannot train on them; a CPU-only path that CUDA does not have
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+    over = dict(finetuning_type="lora", quantization_bit=bits, learning_rate=1e-2, max_steps=12, eval_steps=12)
+    policy, reference = models.load_policy_and_reference(cfg_for(qlora_model_dir, **over))
+    layer = policy.base_model.model.model.layers[0].mlp.up_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
+    assert isinstance(reference, AdapterReference)
+    assert all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
+
+    cfg, summary = run(tmp_path, qlora_model_dir, **over)
+    assert cfg.final_adapter_only
+    assert summary["baseline"]["eval_rewards/accuracies"] == 0.5
+    assert summary["baseline"]["eval_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["final"]["eval_rewards/accuracies"] > 0.6
+    out = Path(cfg.output_dir)
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert isinstance(AutoPeftModelForCausalLM.from_pretrained(out), PeftModel)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_qlora_run_resumes_exactly(tmp_path, qlora_model_dir, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(adapters, "quantized_device_map", lambda bits, key: {"": "cpu"})
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)  # as above
+    assert_adapter_run_resumes_exactly(tmp_path, qlora_model_dir, monkeypatch, finetuning_type="lora",
+                                       quantization_bit=4, learning_rate=1e-2, max_steps=4, eval_steps=2,
+                                       save_steps=2, lora_dropout=0.1)
+
+
+def test_qlora_refuses_a_merged_output():
+    with pytest.raises(ConfigError, match="save_adapter_only: false with quantization_bit"):
+        from_dict({"finetuning_type": "lora", "quantization_bit": 4, "save_adapter_only": False})
+    assert from_dict({"finetuning_type": "lora"}).final_adapter_only is False
+    assert from_dict({"finetuning_type": "lora", "quantization_bit": 4}).final_adapter_only is True

@@ -408,6 +408,24 @@ def test_qlora_run_resumes_exactly(tmp_path, qlora_model_dir, monkeypatch):
                                        save_steps=2, lora_dropout=0.1)
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_quantized_reference_is_the_frozen_copy_in_8_bits(qlora_model_dir, tiny_tokenizer, monkeypatch):
+    """ref_model_quantization_bit: the separately loaded reference of a full run is an 8-bit copy,
+    frozen, whose log-probs stay close to the full-precision policy's at the start."""
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(adapters, "quantized_device_map", lambda bits, key: {"": "cpu"})
+    policy, reference = models.load_policy_and_reference(cfg_for(qlora_model_dir, ref_model_quantization_bit=8))
+    assert isinstance(reference.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+    assert not isinstance(policy.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+    assert not any(p.requires_grad for p in reference.parameters())
+    pairs = [PreferencePair(**p) for p in make_pairs(4, 3)]
+    batch = collate(tokenize_pairs(tiny_tokenizer, pairs, 128, None), tiny_tokenizer.pad_token_id)
+    policy_logps, reference_logps = logps_of(policy, batch), logps_of(reference, batch)
+    assert not torch.equal(policy_logps, reference_logps)  # quantized, so not bit-identical
+    # sequence log-probs of about -300: 8-bit weights move them by hundredths
+    assert (reference_logps - policy_logps).abs().max() < 0.1
+
+
 def test_qlora_refuses_a_merged_output():
     with pytest.raises(ConfigError, match="save_adapter_only: false with quantization_bit"):
         from_dict({"finetuning_type": "lora", "quantization_bit": 4, "save_adapter_only": False})

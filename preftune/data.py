@@ -27,10 +27,12 @@ expected and the fix. Nothing is dropped silently: skips are counted in `DataRep
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
-from collections import Counter
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,14 +148,32 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, Any]]:
-    import pandas as pd  # every cell read as text: a numeric-looking answer stays a string
-
-    _decode(path)  # the encoding check with its clear message
+    """Rows as header -> text (never numbers: a numeric-looking answer stays a string). Read with
+    the csv module, not pandas, because pandas turns a row with one field too many into an index
+    column and silently shifts every field; here any row whose field count differs from the
+    header's is an error (an unquoted comma inside a field is the usual cause)."""
+    text = _decode(path)  # the encoding check with its clear message
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (ValueError, pd.errors.ParserError) as e:
-        raise DataError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
-    return [(f"{path} row {i + 1}", rec) for i, rec in enumerate(frame.to_dict("records"))]
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty CSV file; the first line must name the columns")
+        duplicated = sorted({h for h in header if header.count(h) > 1})
+        if duplicated:
+            raise DataError(f"{path}:1: column {duplicated[0]!r} appears twice in the header; rename one")
+        out = []
+        start = reader.line_num + 1  # the line a row starts on (a quoted field may span lines)
+        for fields in reader:
+            if fields:  # a blank line
+                if len(fields) != len(header):
+                    raise DataError(f"{path}:{start}: row {len(out) + 1} has {len(fields)} fields but the header "
+                                    f"has {len(header)} ({', '.join(header)}); quote fields that contain commas "
+                                    '(e.g. "Fine, thanks")')
+                out.append((f"{path} row {len(out) + 1}", dict(zip(header, fields))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not a readable CSV file ({e})") from None
+    return out
 
 
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
@@ -317,6 +337,8 @@ def _standard(rec: dict, where: str) -> PreferencePair:
     if prompt is not None and not isinstance(prompt, str):
         raise DataError(f"{where}: field 'prompt' is {type(prompt).__name__}, expected a string or a list of "
                         "{\"role\": ..., \"content\": ...} messages")
+    if isinstance(prompt, str) and _whole_conversation(rec.get("chosen")) and _whole_conversation(rec.get("rejected")):
+        return _ultrafeedback(rec, where)
     if tools:  # tool definitions need the prompt as a conversation, so that a template writes them
         return _pair([{"role": "user", "content": _text(rec, "prompt", where)}], system,
                      _completion(rec.get("chosen"), where, "chosen"), _completion(rec.get("rejected"), where,
@@ -327,6 +349,26 @@ def _standard(rec: dict, where: str) -> PreferencePair:
                      _completion(chosen, where, "chosen"), _completion(rejected, where, "rejected"), where)
     return PreferencePair(prompt=_text(rec, "prompt", where), chosen=_text(rec, "chosen", where),
                           rejected=_text(rec, "rejected", where), system=system, where=where)
+
+
+def _whole_conversation(value: Any) -> bool:
+    """A list of messages that starts before the answer (a user or system turn): the whole
+    conversation rather than just the assistant's completion."""
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+            and value[0].get("role") in ("user", "system"))
+
+
+def _ultrafeedback(rec: dict, where: str) -> PreferencePair:
+    """HuggingFaceH4/ultrafeedback_binarized: a `prompt` string plus chosen/rejected as whole
+    conversations. The conversations are the data; the prompt must be their last user turn
+    (it is a copy of it), so a disagreement is an error rather than one of them silently lost."""
+    pair = _without_prompt({k: v for k, v in rec.items() if k != "prompt"}, where)
+    user_turns = [m["content"] for m in (pair.messages or []) if m["role"] == "user"] or [pair.prompt]
+    if rec["prompt"].strip() != user_turns[-1].strip():
+        raise DataError(f"{where}: field 'prompt' differs from the last user turn of the chosen/rejected "
+                        f"conversations ({rec['prompt'][:40]!r} vs {user_turns[-1][:40]!r}); with whole "
+                        "conversations drop the prompt field, or give chosen/rejected as the answers only")
+    return pair
 
 
 def _without_prompt(rec: dict, where: str) -> PreferencePair:
@@ -509,7 +551,12 @@ def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None,
             else:
                 out.append(_alpaca(rec, where, fmt["columns"]))
             continue
-        shape = shape or _shape(rec)  # the first record decides, so a bad record gets a field error
+        if shape is None:  # the first record decides, so a bad record gets a field error
+            shape, first = _shape(rec), where
+        elif shape == "no_prompt" and "prompt" in rec:
+            # the file is read as whole conversations / full texts: this prompt would be ignored
+            raise DataError(f"{where}: has a 'prompt' field, but the first record ({first}) has none, so the "
+                            "prompt is taken from chosen/rejected; give every record a prompt, or none")
         if shape == "sharegpt":
             out.append(_sharegpt(rec, where, SHAREGPT_COLUMNS, SHAREGPT_TAGS))
         elif shape == "alpaca":

@@ -18,7 +18,7 @@ from collections import Counter
 
 from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
 from preftune.errors import DataError
-from preftune.tokenization import (TokenizeReport, encode_pair, prompt_messages, setup_chat_template,
+from preftune.tokenization import (TokenizeReport, as_pair, encode_pair, prompt_messages, setup_chat_template,
                                    truncate_pair)
 
 BOUNDARY = "⟦completion⟧"  # marks where the scored completion starts in the rendered examples
@@ -42,6 +42,7 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
     """The statistics as a dict (what --json prints)."""
     examples = read_examples(spec, dataset_dir, columns=columns)
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
+    unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
     sources = Counter(source_of(e.where) for e in examples)
     stats: dict = {"records": len(examples), "pairs": len(pairs),
                    "unpaired": sum(isinstance(e, UnpairedExample) for e in examples),
@@ -59,7 +60,6 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
                 kept.append(p)
             except DataError as e:  # e.g. an empty completion: the run would stop on it
                 unusable.append(str(e))
-        stats["untokenizable"] = {"count": len(unusable), "first": unusable[:3]}
         pairs = kept
         prompt = [min(t.chosen_start, t.rejected_start) for t in toks]
         chosen = [len(t.chosen_ids) - t.chosen_start for t in toks]
@@ -75,6 +75,20 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
             a is not None and (len(a.chosen_ids) - a.chosen_start < c or len(a.rejected_ids) - a.rejected_start < r)
             for a, c, r in zip(cut, chosen, rejected))
         stats["dropped"] = sum(a is None for a in cut)  # no completion token would fit: the run leaves them out
+        # unpaired (kto) examples go through the same code as a pair with one completion twice
+        unpaired_toks = []
+        for e in unpaired:
+            try:
+                unpaired_toks.append(encode_pair(tokenizer, as_pair(e), use_template, report))
+            except DataError as err:
+                unusable.append(str(err))
+        stats["untokenizable"] = {"count": len(unusable), "first": unusable[:3]}
+        unpaired_cut = [truncate_pair(t, cutoff_len, truncation_mode, max_prompt_length, tokenizer.bos_token_id)
+                        for t in unpaired_toks]
+        stats["unpaired_truncated"] = sum(a is not None and a.truncated for a in unpaired_cut)
+        stats["unpaired_dropped"] = sum(a is None for a in unpaired_cut)
+        unpaired_prompt = [t.chosen_start for t in unpaired_toks]
+        unpaired_completion = [len(t.chosen_ids) - t.chosen_start for t in unpaired_toks]
         stats["boundary_merges"] = report.boundary_merges
         stats["chat_template"] = use_template
         rendered = []
@@ -91,6 +105,8 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
         prompt = [prompt_chars(p) for p in pairs]
         chosen = [len(p.chosen) for p in pairs]
         rejected = [len(p.rejected) for p in pairs]
+        unpaired_prompt = [prompt_chars(e) for e in unpaired]
+        unpaired_completion = [len(e.completion) for e in unpaired]
         rendered = []
         for p in pairs[:n_examples]:
             text = "".join(f"[{m['role']}] {m['content']}\n" for m in prompt_messages(p))
@@ -98,6 +114,9 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
                              "rejected_completion": p.rejected})
     stats["lengths"] = {"prompt": _percentiles(prompt), "chosen": _percentiles(chosen),
                         "rejected": _percentiles(rejected)}
+    if unpaired:
+        stats["lengths"].update({"unpaired prompt": _percentiles(unpaired_prompt),
+                                 "unpaired completion": _percentiles(unpaired_completion)})
     keys = [(p.system, json.dumps(p.messages), p.prompt, p.chosen, p.rejected) for p in pairs]
     stats["duplicates"] = len(keys) - len(set(keys))
     stats["chosen_equals_rejected"] = sum(p.chosen == p.rejected for p in pairs)
@@ -109,7 +128,8 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
                             "equal": round(sum(c == r for c, r in zip(chosen, rejected)) / n, 4),
                             "rejected_longer": round(sum(c < r for c, r in zip(chosen, rejected)) / n, 4)}
     stats["examples"] = rendered
-    stats["_lengths_raw"] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    stats["_lengths_raw"] = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                             "unpaired completion": unpaired_completion}
     return stats
 
 
@@ -119,15 +139,19 @@ def format_report(stats: dict) -> str:
     lines += [f"  {n:6d}  {src}" for src, n in stats["sources"].items()]
     lines.append(f"lengths in {unit}" + ("" if unit == "tokens" else " (give --model for tokens)") + ":")
     cols = ["min", "mean"] + [f"p{p}" for p in PERCENTILES] + ["max"]
-    lines.append("  " + f"{'':9s}" + "".join(f"{c:>9s}" for c in cols))
+    width = max(9, *(len(part) + 1 for part in stats["lengths"]))
+    lines.append("  " + " " * width + "".join(f"{c:>9s}" for c in cols))
     for part, pct in stats["lengths"].items():
         if pct:
-            lines.append("  " + f"{part:9s}" + "".join(f"{pct[c]:>9}" for c in cols))
+            lines.append("  " + f"{part:{width}s}" + "".join(f"{pct[c]:>9}" for c in cols))
     if "truncated" in stats:
         lines.append(f"cutoff_len {stats['cutoff_len']} ({stats['truncation_mode']}): {stats['truncated']} pairs "
                      f"truncated ({stats['truncated_completion']} of them lose the end of a completion), "
                      f"{stats['dropped']} dropped (no completion token fits); {stats['boundary_merges']} with a "
                      "token spanning the boundary")
+        if stats["unpaired"]:
+            lines.append(f"  unpaired examples: {stats['unpaired_truncated']} truncated, {stats['unpaired_dropped']} "
+                         "dropped")
         if stats["untokenizable"]["count"]:
             lines.append(f"{stats['untokenizable']['count']} pairs cannot be tokenized (a run stops on them): "
                          + "; ".join(stats["untokenizable"]["first"]))

@@ -336,6 +336,15 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cutoff_len: int, temp
     return out
 
 
+def as_pair(example) -> PreferencePair:
+    """An unpaired example as a pair whose two completions are its one completion, so that it is
+    tokenized and truncated by exactly the pair code (a pair is returned as it is)."""
+    if isinstance(example, PreferencePair):
+        return example
+    return PreferencePair(prompt=example.prompt, chosen=example.completion, rejected=example.completion,
+                          system=example.system, where=example.where, messages=example.messages)
+
+
 def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str | None,
                       report: TokenizeReport | None = None, truncation_mode: str = "keep_start",
                       max_prompt_length: int | None = None) -> list[TokenizedExample]:
@@ -346,9 +355,7 @@ def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str 
         raise ConfigError("preftune needs a fast tokenizer (offset mapping finds the prompt boundary); "
                           "the model's tokenizer.json is missing")
     report = report if report is not None else TokenizeReport()
-    as_pairs = [e if isinstance(e, PreferencePair) else
-                PreferencePair(prompt=e.prompt, chosen=e.completion, rejected=e.completion, system=e.system,
-                               where=e.where, messages=e.messages) for e in examples]
+    as_pairs = [as_pair(e) for e in examples]
     settings = {"cutoff_len": cutoff_len, "use_template": setup_chat_template(tokenizer, template),
                 "truncation_mode": truncation_mode, "max_prompt_length": max_prompt_length}
     tokenized, part = _tokenize_chunk(tokenizer, as_pairs, settings)  # None where one was dropped, so zip aligns

@@ -54,6 +54,33 @@ def test_full_conversations_ultrafeedback_shape(tmp_path):
         read_dataset(bad, "data")
 
 
+def test_ultrafeedback_binarized_with_its_prompt_copy(tmp_path):
+    """The real HuggingFaceH4/ultrafeedback_binarized rows carry `prompt` as well as the whole
+    conversations; the prompt must agree with the conversations' last user turn."""
+    path = write_jsonl(tmp_path / "ufb.jsonl", [
+        {"prompt": "Name a color.", "prompt_id": "x", "chosen": [user("Name a color."), assistant("Blue.")],
+         "rejected": [user("Name a color."), assistant("Seven.")], "score_chosen": 8.0, "score_rejected": 2.0},
+        {"prompt": "c", "chosen": [SYSTEM, user("a"), assistant("b"), user("c"), assistant("good")],
+         "rejected": [SYSTEM, user("a"), assistant("b"), user("c"), assistant("bad")]},
+    ])
+    one, two = read_dataset(path, "data")
+    assert (one.prompt, one.chosen, one.rejected, one.messages) == ("Name a color.", "Blue.", "Seven.", None)
+    assert two.system == "Be brief." and two.messages == [user("a"), assistant("b"), user("c")]
+    bad = write_jsonl(tmp_path / "ufb_bad.jsonl", [{"prompt": "Other question", "chosen": [user("a"), assistant("b")],
+                                                    "rejected": [user("a"), assistant("c")]}])
+    with pytest.raises(DataError, match=r"ufb_bad.jsonl:1: field 'prompt' differs from the last user turn"):
+        read_dataset(bad, "data")
+
+
+def test_a_prompt_in_a_file_read_as_whole_conversations_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "mix.jsonl", [
+        {"chosen": [user("q"), assistant("a")], "rejected": [user("q"), assistant("b")]},
+        {"prompt": "ignored?", "chosen": [user("q2"), assistant("a")], "rejected": [user("q2"), assistant("b")]},
+    ])
+    with pytest.raises(DataError, match=r"mix.jsonl:2: has a 'prompt' field, but the first record \(.*mix.jsonl:1\)"):
+        read_dataset(path, "data")
+
+
 def test_implicit_prompt_hh_rlhf(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [
         {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."},
@@ -108,6 +135,21 @@ def test_llama_factory_sharegpt_and_alpaca_history(tmp_path):
     assert alp.messages == [user("first"), assistant("one"), user("and now?")] and alp.chosen == "good"
     # a sharegpt file read directly (LLaMA-Factory's default tags)
     assert read_dataset(str(tmp_path / "sg.json"), "data")[1].messages == two.messages
+
+
+def test_csv_rows_are_read_field_by_field(tmp_path):
+    """Quoted commas and line breaks stay inside their field; a row with an unquoted comma (one field
+    too many) is an error naming its line, never a silent shift of the columns."""
+    (tmp_path / "ok.csv").write_text('prompt,chosen,rejected\n"two\nlines",a,b\n\nQ,"Fine, thanks",z\n')
+    first, second = read_dataset(str(tmp_path / "ok.csv"), "data")
+    assert (first.prompt, first.chosen, second.prompt, second.chosen) == ("two\nlines", "a", "Q", "Fine, thanks")
+    assert second.where.endswith("ok.csv row 2")
+    (tmp_path / "comma.csv").write_text("prompt,chosen,rejected\nHi,Hello,Bye\nHow are you?,Fine, thanks,Go away\n")
+    with pytest.raises(DataError, match=r"comma.csv:3: row 2 has 4 fields but the header has 3 .*quote fields"):
+        read_dataset(str(tmp_path / "comma.csv"), "data")
+    (tmp_path / "dup.csv").write_text("prompt,chosen,chosen\nHi,a,b\n")
+    with pytest.raises(DataError, match=r"dup.csv:1: column 'chosen' appears twice"):
+        read_dataset(str(tmp_path / "dup.csv"), "data")
 
 
 def test_csv_parquet_saved_folder_and_hf_dataset(tmp_path):

@@ -68,3 +68,24 @@ def test_inspect_cutoff_uses_the_runs_truncation_rule_and_counts_drops(tmp_path,
                  "keep_end", "--max_prompt_length", "4"]) == 0
     out = capsys.readouterr().out
     assert "cutoff_len 12 (keep_end):" in out and "dropped (no completion token fits)" in out
+
+
+def test_unpaired_examples_are_measured_and_cut_as_a_run_cuts_them(tmp_path, tiny_model_dir):
+    """kto data: the unpaired examples get lengths and truncation counts, the same counts the
+    run's tokenization reports."""
+    from transformers import AutoTokenizer
+
+    from preftune.data import read_examples
+    from preftune.tokenization import TokenizeReport, tokenize_examples
+
+    rows = [{"prompt": f"Question {i}?", "completion": "word " * (5 + 10 * i), "label": i % 2 == 0} for i in range(6)]
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = inspect_data(str(tmp_path / "kto.jsonl"), model=str(tiny_model_dir), cutoff_len=30)
+    report = TokenizeReport()
+    tokenize_examples(AutoTokenizer.from_pretrained(tiny_model_dir), read_examples(str(tmp_path / "kto.jsonl"), "."),
+                      30, None, report)
+    assert stats["unpaired"] == 6 and stats["unpaired_truncated"] == report.truncated > 0
+    assert stats["unpaired_dropped"] == report.dropped
+    assert stats["lengths"]["unpaired completion"]["max"] > 30 > stats["lengths"]["unpaired completion"]["min"]
+    stats = inspect_data(str(tmp_path / "kto.jsonl"))
+    assert stats["lengths"]["unpaired completion"]["max"] == len("word " * 55)

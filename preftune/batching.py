@@ -35,12 +35,24 @@ def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None
 def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B unpaired (KTO) examples -> input_ids, attention_mask, completion_mask (B, T), labels (B,) bool,
     and kl_input_ids, kl_attention_mask, kl_completion_mask (B, T): the mismatched pairs of KTO's KL
-    baseline, example i's prompt with example i-1's completion (TRL's rotation by one within the
-    batch, so the KL completions are the batch's own), cut to T tokens so they cost no more than the batch.
+    baseline, example i's prompt with the completion of the nearest earlier example (cyclically) whose
+    prompt differs: TRL's rotation by one within the batch when neighbours differ, as they do in
+    shuffled data. Skipping same-prompt neighbours matters for pairs split in two, whose halves sit
+    side by side in evaluation order: the rotation would score a prompt's own other answer, which is
+    not a mismatched pair. Only a batch with a single prompt (a trailing batch of one) falls back to
+    the rotation. KL rows are cut to T tokens so they cost no more than the batch.
     """
     width = max(len(e.ids) for e in examples)
     out = _pad([(e.ids, e.start) for e in examples], pad_token_id, width)
-    mismatched = [((e.ids[:e.start] + examples[i - 1].ids[examples[i - 1].start:])[:width], e.start)
+    prompts = [e.ids[:e.start] for e in examples]
+
+    def partner(i: int) -> TokenizedExample:
+        for back in range(1, len(examples)):
+            if prompts[i - back] != prompts[i]:
+                return examples[i - back]
+        return examples[i - 1]
+
+    mismatched = [((prompts[i] + partner(i).ids[partner(i).start:])[:width], e.start)
                   for i, e in enumerate(examples)]
     out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, width).items()})
     out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)

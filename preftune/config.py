@@ -436,6 +436,9 @@ def validate_loss_options(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: only pref_loss: kto weighs desirable/undesirable examples; "
                               f"pref_loss is {cfg.pref_loss}; remove {key}")
     if cfg.is_kto:
+        if cfg.loss_weights is not None:
+            raise ConfigError("loss_weights: weighs several losses, and kto runs alone; remove it (kto_chosen_weight / "
+                              "kto_rejected_weight weigh its two kinds of example)")
         if cfg.pref_ftx or cfg.pref_bco_weight:
             key = "pref_ftx" if cfg.pref_ftx else "pref_bco_weight"
             raise ConfigError(f"{key}: not supported with pref_loss: kto (its terms need chosen/rejected pairs); set it to 0")

@@ -155,6 +155,7 @@ def test_every_loss_loads_with_default_hyperparameters():
                                                       r"pref_loss is ipo; remove kto_rejected_weight$"),
     ({"pref_loss": "kto", "kto_chosen_weight": -1}, r"^kto_chosen_weight must be a number >= 0; got -1"),
     ({"pref_loss": "kto", "pref_ftx": 0.1}, r"^pref_ftx: not supported with pref_loss: kto"),
+    ({"pref_loss": "kto", "loss_weights": [3.0]}, r"^loss_weights: weighs several losses, and kto runs alone"),
     ({"pref_loss": "kto", "pref_bco_weight": 0.1}, r"^pref_bco_weight: not supported with pref_loss: kto"),
     ({"pref_loss": "kto", "per_device_train_batch_size": 1}, r"^per_device_train_batch_size: kto needs at least 2"),
     ({"pref_loss": "kto", "label_smoothing": 0.1}, r"^label_smoothing: pref_loss kto does not use it"),

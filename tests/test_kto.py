@@ -26,6 +26,19 @@ def test_collate_unpaired_pairs_each_prompt_with_the_previous_completion():
     assert batch["kl_attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
 
 
+def test_kl_rows_skip_a_neighbour_with_the_same_prompt():
+    """A pair split in two puts one prompt's two answers side by side (evaluation keeps that order):
+    the KL row takes the nearest earlier example with another prompt, never the prompt's own answer.
+    A batch of one prompt can only fall back to the rotation."""
+    same_a, same_b = TokenizedExample([1, 2, 10], 2, True), TokenizedExample([1, 2, 20], 2, False)
+    other_a, other_b = TokenizedExample([3, 4, 30], 2, True), TokenizedExample([3, 4, 40], 2, False)
+    batch = collate_unpaired([same_a, same_b, other_a, other_b], pad_token_id=0)
+    # x1 <- y4 (previous, cyclic), x1' <- y4 (skips y1 of its own prompt), x3 <- y2, x3' <- y2
+    assert batch["kl_input_ids"].tolist() == [[1, 2, 40], [1, 2, 40], [3, 4, 20], [3, 4, 20]]
+    alone = collate_unpaired([same_a], pad_token_id=0)
+    assert alone["kl_input_ids"].tolist() == [[1, 2, 10]]
+
+
 def test_pairs_are_split_into_a_desirable_and_an_undesirable_example(tiny_tokenizer):
     pair = PreferencePair(prompt="What is 2+2?", chosen="4", rejected="5")
     one = UnpairedExample(prompt="Name a colour.", completion="Blue", label=False)
@@ -59,8 +72,10 @@ def test_kto_trains_on_unpaired_and_paired_data(tmp_path, tiny_model_dir):
     assert baseline["eval_loss"] == pytest.approx((1.5 + 1) / 4, abs=1e-6)
     assert baseline["eval_z_ref"] == 0 and baseline["eval_rewards/chosen"] == 0
     assert final["eval_loss"] < baseline["eval_loss"] - 0.05
-    # each side on its side of the reference point beta * z_ref (z_ref is a log-ratio, as TRL's `kl`)
-    assert final["eval_rewards/chosen"] > cfg.pref_beta * final["eval_z_ref"] > final["eval_rewards/rejected"]
+    # desirable answers rise above the reference point beta * z_ref (z_ref is a log-ratio, as TRL's
+    # `kl`), and clearly above the undesirable ones (which sit near it on this task)
+    assert final["eval_rewards/chosen"] > cfg.pref_beta * final["eval_z_ref"] > 0
+    assert final["eval_rewards/chosen"] - final["eval_rewards/rejected"] > 0.3
     assert final["eval_kl"] > 0 and "rewards/accuracies" not in final
 
 

@@ -104,6 +104,36 @@ def load_best_into(model, cfg) -> None:
     load_weights_into(model, best_dir(cfg))
 
 
+def check_output_dir(cfg, resuming: bool) -> None:
+    """A fresh run must not meet another run's checkpoint-N folders in output_dir: save_total_limit
+    would rotate by step number across both runs (deleting the new run's own checkpoints) and
+    `resume_from_checkpoint: true` would pick the other run's latest. Refused with the ways out;
+    `overwrite_output_dir: true` (LLaMA-Factory's key) deletes them, and the earlier best_model/."""
+    out = Path(cfg.output_dir)
+    found = _checkpoints(out) if out.is_dir() else []
+    if resuming or not found:
+        return
+    if not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir: {out} holds {', '.join(p.name for _, p in found[-3:])} from an earlier run; "
+                          "resume it (resume_from_checkpoint: true), choose another output_dir, or set "
+                          "overwrite_output_dir: true to delete them")
+    for path in [p for _, p in found] + [best_dir(cfg)]:
+        doomed = path.with_name(f".{path.name}.deleting")
+        try:  # renamed first, as in the rotation; another process may have got there first
+            os.replace(path, doomed)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+    log.info("overwrite_output_dir: deleted %d checkpoint(s) of an earlier run in %s", len(found), out)
+
+
+# The files a saved model's weights can be in: a new final save removes those it did not write,
+# so that an adapter left by an earlier run is not applied on top of new merged weights (or
+# stale merged weights read instead of a new adapter).
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
 def save_final(model, tokenizer, cfg) -> None:
     """The final model and tokenizer into output_dir itself, file by file atomically. A LoRA
     policy is written as its adapter (cfg.final_adapter_only) or merged into full weights, which
@@ -114,9 +144,15 @@ def save_final(model, tokenizer, cfg) -> None:
     tokenizer.save_pretrained(tmp)
     # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
     (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    written = {f.name for f in tmp.iterdir()}
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
+    for pattern in WEIGHT_FILES:
+        for stale in out.glob(pattern):
+            if stale.name not in written and stale.is_file():
+                stale.unlink()
+                log.info("removed %s of an earlier run's output from %s", stale.name, out)
 
 
 def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step: int, loop_state: dict,

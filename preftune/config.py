@@ -153,7 +153,7 @@ class TrainConfig:
 
     # --- evaluation, logging, saving ----------------------------------------------------
     output_dir: str = _f("output", "Where the model, checkpoints and dpo_metrics/ are written.")
-    overwrite_output_dir: bool = _f(False, "Accepted for LLaMA-Factory configs; outputs are always overwritten.")
+    overwrite_output_dir: bool = _f(False, "A fresh run into an output_dir that holds checkpoint-N folders of an earlier run is refused unless this is true, which deletes them (and best_model/) first. Other outputs are always overwritten.")
     logging_steps: int = _f(10, "Log training metrics every N optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (default: once per epoch, and at the end).")
     eval_strategy: str = _f("steps", "LLaMA-Factory/transformers key: steps or no.")

@@ -262,6 +262,7 @@ def train(cfg: TrainConfig) -> dict:
     start_time = time.time()
     set_seed(cfg.seed)
     resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path fails at once
+    checkpoints.check_output_dir(cfg, resuming=resume_from is not None)
     # --- data ----------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     train_pairs, val_pairs, data_report = load_pairs(cfg)

@@ -431,3 +431,23 @@ def test_qlora_refuses_a_merged_output():
         from_dict({"finetuning_type": "lora", "quantization_bit": 4, "save_adapter_only": False})
     assert from_dict({"finetuning_type": "lora"}).final_adapter_only is False
     assert from_dict({"finetuning_type": "lora", "quantization_bit": 4}).final_adapter_only is True
+
+
+def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints_or_weights(tmp_path, tiny_model_dir):
+    """An earlier run's checkpoint-N folders would be rotated together with the new run's (by step
+    number) and picked by resume: true, so a fresh run refuses them unless overwrite_output_dir; and
+    an earlier adapter-only output must not stay beside new merged weights (transformers would load
+    the adapter on top of them)."""
+    over = dict(finetuning_type="lora", learning_rate=1e-2, max_steps=4, eval_strategy="no", save_steps=2)
+    cfg, _ = run(tmp_path, tiny_model_dir, save_adapter_only=True, **over)
+    out = Path(cfg.output_dir)
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-4").is_dir()
+    with pytest.raises(ConfigError, match=r"^output_dir: .* holds checkpoint-2, checkpoint-4 from an earlier run; "
+                                          r"resume it .*overwrite_output_dir: true"):
+        run(tmp_path, tiny_model_dir, **{**over, "max_steps": 2})
+    run(tmp_path, tiny_model_dir, overwrite_output_dir=True, **{**over, "max_steps": 2})
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # checkpoint-4 was the old run's
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not isinstance(merged, PeftModel) and not getattr(merged, "_hf_peft_config_loaded", False)

@@ -234,9 +234,14 @@ def _text(rec: dict, name: str, where: str, required: bool = True) -> str | None
 TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # kept on a message for the chat template
 
 
-def _messages(value: Any, where: str, name: str, role: str = "role", content: str = "content") -> list[dict]:
-    """A list of {role, content} messages, checked; returned with the keys 'role' and 'content' (and
-    `tool_calls`, `name`, `tool_call_id` where present: an assistant's tool call may have no content)."""
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
+
+
+def _messages(value: Any, where: str, name: str, role: str = "role", content: str = "content",
+              roles: tuple[str, ...] | None = ROLES) -> list[dict]:
+    """A list of {role, content} messages, checked (roles among `roles`; sharegpt checks its own tags);
+    returned with the keys 'role' and 'content' (and `tool_calls`, `name`, `tool_call_id` where present:
+    an assistant's tool call may have no content)."""
     if not isinstance(value, list):
         raise DataError(f"{where}: field '{name}' is {type(value).__name__}, expected a list of "
                         f"{{\"{role}\": ..., \"{content}\": ...}} messages")
@@ -256,6 +261,8 @@ def _messages(value: Any, where: str, name: str, role: str = "role", content: st
                 raise DataError(f"{where}: field '{name}' message {i}: '{key}' is {got}, expected a string "
                                 f"(each message needs '{role}' and '{content}'; keys present: "
                                 f"{', '.join(sorted(m)) or 'none'})")
+        if roles is not None and m[role] not in roles:
+            raise DataError(f"{where}: field '{name}' message {i}: role '{m[role]}' is not one of {', '.join(roles)}")
         out.append({"role": m[role], "content": m.get(content) or "",
                     **{k: m[k] for k in TOOL_KEYS if m.get(k) is not None}})
     return out
@@ -461,7 +468,7 @@ def _sharegpt(rec: dict, where: str, columns: dict, tags: dict) -> PreferencePai
         raise DataError(f"{where}: missing field '{name}' (expected a list of messages); "
                         f"fields present: {', '.join(sorted(rec)) or 'none'}")
     role, content = tags["role_tag"], tags["content_tag"]
-    raw = _messages(rec[name], where, name, role, content)
+    raw = _messages(rec[name], where, name, role, content, roles=None)
     system = _text(rec, columns["system"], where, required=False) if columns.get("system") else None
     if raw and raw[0]["role"] == tags["system_tag"]:
         system, raw = raw[0]["content"], raw[1:]
@@ -487,7 +494,7 @@ def _sharegpt(rec: dict, where: str, columns: dict, tags: dict) -> PreferencePai
         if not isinstance(value, dict):
             raise DataError(f"{where}: field '{col}' is {type(value).__name__ if value is not None else 'missing'}, "
                             f"expected a message object {{\"{role}\": \"{tags['assistant_tag']}\", \"{content}\": ...}}")
-        (m,) = _messages([value], where, col, role, content)
+        (m,) = _messages([value], where, col, role, content, roles=None)
         if m["role"] not in turn_tags[1]:
             raise DataError(f"{where}: field '{col}' has {role} '{m['role']}', expected '{tags['assistant_tag']}' "
                             f"or '{tags['function_tag']}'")

@@ -228,6 +228,9 @@ def test_unpaired_kto_data_is_read_and_needs_kto(tmp_path):
                                  "rejected": [assistant("b")]}).encode() + b"\n",
      r"norole.jsonl:1: field 'prompt' message 0: 'role' is missing, expected a string \(each message needs 'role' "
      r"and 'content'; keys present: content\)"),
+    ("badrole.jsonl", json.dumps({"prompt": [{"role": "usr", "content": "Hi"}], "chosen": [assistant("a")],
+                                  "rejected": [assistant("b")]}).encode() + b"\n",
+     r"badrole.jsonl:1: field 'prompt' message 0: role 'usr' is not one of system, user, assistant, tool"),
     ("badprompt.jsonl", b'{"prompt": 7, "chosen": "a", "rejected": "b"}\n',
      r"badprompt.jsonl:1: field 'prompt' is int, expected a string or a list of"),
     ("twomsgs.jsonl", json.dumps({"prompt": [user("Hi")], "chosen": [assistant("a"), user("b")],

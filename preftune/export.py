@@ -9,19 +9,22 @@ bf16/fp16 cast every floating-point weight; int8 quantizes the weights of the li
 `TorchAoConfig`: one symmetric absmax scale per output row, computation in the model's own dtype
 (docs/export.md sets this next to seed 003's per-tensor formula). Either way the folder holds
 safetensors weights, the tokenizer and the generation config, and loads with plain
-`AutoModelForCausalLM.from_pretrained(out)` (+ torchao for int8).
+`AutoModelForCausalLM.from_pretrained(out)` (+ torchao for int8). MODEL may be a LoRA adapter
+folder (a save_adapter_only or QLoRA run's output): it is merged into its base in float32 first.
 
 The export is written to a temporary folder beside OUT, loaded back from there and checked
 (dtypes, a forward pass), measured, and only then renamed into place, so OUT is either absent
 (or the previous export) or complete. What it measures goes to OUT/export_report.json: weight
 bytes before and after, and on held-out pairs (`--data`, else the held-out split of the run
 that wrote MODEL, read from its preftune_config.yaml) the log-prob drift between the original
-and the exported model and the preference accuracy of each.
+and the exported model and the preference accuracy of each, against the reference the run
+trained against (`models.load_reference`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -55,21 +58,25 @@ def weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
 
 
-def _check_model_dir(model: str) -> Path:
+def _is_adapter(folder: Path) -> bool:
+    """A peft LoRA adapter folder (a save_adapter_only or QLoRA run's output_dir), not a full model."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def _check_model_dir(model: str, what: str = "MODEL") -> Path:
     src = Path(model).expanduser()
     if not src.is_dir():
-        raise ModelError(f"MODEL '{model}' is not a folder; pass the output_dir of a run (or any folder "
+        raise ModelError(f"{what} '{model}' is not a folder; pass the output_dir of a run (or any folder "
                          "saved with save_pretrained)")
-    if not (src / "config.json").is_file():
-        hint = (" It holds a LoRA adapter: export the merged model" if (src / "adapter_config.json").is_file()
-                else "")
-        raise ModelError(f"MODEL '{model}' has no config.json, so it is not a saved transformers model.{hint}")
+    if not (src / "config.json").is_file() and not _is_adapter(src):
+        raise ModelError(f"{what} '{model}' has no config.json (nor adapter_config.json), so it is not a saved "
+                         "transformers model or LoRA adapter")
     if not weight_bytes(src):
-        raise ModelError(f"MODEL '{model}' has no weight files (*.safetensors)")
+        raise ModelError(f"{what} '{model}' has no weight files (*.safetensors)")
     return src
 
 
-def _load(folder: Path, dtype: str | torch.dtype = "auto", quantization_config=None):
+def _load(folder: Path | str, dtype: str | torch.dtype = "auto", quantization_config=None, what: str = ""):
     from transformers import AutoModelForCausalLM
 
     # quantization_config=None would override the one a quantized folder's config.json holds
@@ -78,8 +85,69 @@ def _load(folder: Path, dtype: str | torch.dtype = "auto", quantization_config=N
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load '{folder}': {first}") from None
+        raise ModelError(f"cannot load {what}'{folder}': {first}") from None
     return model.eval()
+
+
+def run_config(src: Path):
+    """The resolved config of the run that wrote `src` (its preftune_config.yaml), or None."""
+    from preftune.config import load_config
+
+    path = src / "preftune_config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_config(str(path))
+    except ConfigError as e:  # e.g. written by another preftune version: --data still works
+        log.warning("ignoring %s: %s", path, e)
+        return None
+
+
+# --- a LoRA adapter as MODEL: merged into its base first ------------------------------------
+
+def adapter_base(src: Path, run_cfg) -> tuple[str, list[str]]:
+    """The base model a LoRA adapter folder applies to, and the adapters to merge into it first.
+
+    The base is adapter_config.json's base_model_name_or_path (peft writes it), else the run's
+    model_name_or_path. A run started from adapter_name_or_path a,b trained on base + a with b
+    continued, so its output adapter applies to base + a: a is merged first (models/adapters do
+    the same when training)."""
+    from preftune.adapters import split_names
+
+    try:
+        base = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{src / 'adapter_config.json'} cannot be read ({e}); is MODEL a peft adapter?") from None
+    base = base or (run_cfg.model_name_or_path if run_cfg else None)
+    if not base:
+        raise ModelError(f"{src / 'adapter_config.json'} names no base_model_name_or_path; set it to the base model "
+                         "the adapter was trained on")
+    if run_cfg is None:
+        log.warning("%s has no preftune_config.yaml: its adapter is merged into %s alone (a run started from "
+                    "several adapters needs the earlier ones merged too)", src, base)
+        return base, []
+    return base, split_names(run_cfg.adapter_name_or_path)[:-1] if run_cfg.finetuning_type == "lora" else []
+
+
+def merged_adapter(src: Path, base: str, earlier: list[str]):
+    """base (+ the earlier adapters) + the adapter in `src`, merged in float32: the full model the
+    adapter stands for, at full precision whatever the run trained on (QLoRA's 4-bit base included)."""
+    from preftune.adapters import with_adapters
+
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1  # hub ids are 'name' or 'org/name'
+    if looks_local and not Path(base).expanduser().is_dir():
+        raise ModelError(f"MODEL '{src}' is a LoRA adapter on '{base}', which does not exist; put the base model "
+                         f"there or fix base_model_name_or_path in {src / 'adapter_config.json'}")
+    model = _load(base, torch.float32, what=f"the base model of the LoRA adapter in '{src}', ")
+    model = with_adapters(model, earlier, "adapter_name_or_path (preftune_config.yaml)")
+    return with_adapters(model, [str(src)], "MODEL").eval()
+
+
+def load_full(folder: Path, run_cfg=None):
+    """A saved model as it is, or a LoRA adapter folder merged into its base (float32)."""
+    if _is_adapter(folder):
+        return merged_adapter(folder, *adapter_base(folder, run_cfg))
+    return _load(folder)
 
 
 def _quantized_linears(model) -> tuple[int, int]:
@@ -111,38 +179,75 @@ def check_export(model, dtype: str, vocab_id: int) -> dict:
 
 # --- quality on held-out pairs -----------------------------------------------------------
 
-def heldout_pairs(src: Path, data: str | None, dataset_dir: str, max_samples: int | None):
-    """Pairs to measure on, the tokenization settings, and where they came from.
+def _only_pairs(examples: list, where: str) -> tuple[list, int]:
+    """The preference pairs among `examples` and how many unpaired (KTO) examples were left out:
+    the quality check compares chosen with rejected, which an unpaired example does not have."""
+    from preftune.data import PreferencePair
+
+    pairs = [e for e in examples if isinstance(e, PreferencePair)]
+    if examples and not pairs:
+        raise DataError(f"{where} holds unpaired (KTO-style prompt/completion/label) examples only, and the quality "
+                        "check needs chosen/rejected pairs: pass --data PAIRS")
+    return pairs, len(examples) - len(pairs)
+
+
+def heldout_pairs(src: Path, run_cfg, data: str | None, dataset_dir: str, max_samples: int | None):
+    """Pairs to measure on and where they came from; ([], None) when there is nothing.
 
     `--data` wins; else a run's output folder (preftune_config.yaml beside the weights) gives its
-    own held-out split, exactly as training drew it (`load_pairs`), its cutoff_len, template and
-    reference. Returns (pairs, settings dict, source text); pairs is [] when there is nothing.
+    own held-out split, exactly as training drew it (`load_pairs`). Unpaired examples (a kto
+    run's, or --data's) are left out and counted.
     """
-    from preftune.config import load_config
     from preftune.data import DataReport, check_pairs, load_pairs, read_dataset
 
-    run_cfg = None
-    if (src / "preftune_config.yaml").is_file():
-        try:
-            run_cfg = load_config(str(src / "preftune_config.yaml"))
-        except ConfigError as e:  # e.g. written by another preftune version: --data still works
-            log.warning("ignoring %s: %s", src / "preftune_config.yaml", e)
-    settings = {"cutoff_len": run_cfg.cutoff_len if run_cfg else 1024, "template": run_cfg.template if run_cfg else None,
-                "ref": (run_cfg.ref_model or run_cfg.model_name_or_path) if run_cfg else None}
     if data:
         report = DataReport()
         # pairs chosen == rejected or with an empty side say nothing about a preference: counted, not used
-        pairs = check_pairs(read_dataset(data, dataset_dir, max_samples), drop_invalid=True, report=report)
+        examples = check_pairs(read_dataset(data, dataset_dir, max_samples, allow_unpaired=True), drop_invalid=True,
+                               report=report)
+        pairs, unpaired = _only_pairs(examples, f"--data '{data}'")
         skipped = report.skipped_empty + report.skipped_identical
-        return pairs, settings, data + (f" ({skipped} empty or identical pairs skipped)" if skipped else "")
+        notes = [f"{skipped} empty or identical pairs skipped"] if skipped else []
+        notes += [f"{unpaired} unpaired examples skipped"] if unpaired else []
+        return pairs, data + (f" ({'; '.join(notes)})" if notes else "")
     if run_cfg is None:
-        return [], settings, None
+        return [], None
     try:
         _, val, _ = load_pairs(run_cfg)
     except DataError as e:
         raise DataError(f"the held-out pairs of the run in {src} cannot be read ({e}); pass --data") from None
+    pairs, unpaired = _only_pairs(val, f"the held-out split of the run in {src}")
     source = f"{run_cfg.eval_dataset or 'val_size split of ' + str(run_cfg.dataset)} (from {src / 'preftune_config.yaml'})"
-    return val[:max_samples] if max_samples else val, settings, source
+    source += f" ({unpaired} unpaired examples skipped)" if unpaired else ""
+    return pairs[:max_samples] if max_samples else pairs, source
+
+
+def run_reference(run_cfg) -> list[str] | None:
+    """The reference the run trained against, as [base, adapters merged into it...]
+    (`models.load_reference`'s choice: ref_model + ref_model_adapters, else the starting model,
+    which for a LoRA run from adapter_name_or_path is base + those adapters). None without a run
+    or when a part is not a local folder (a hub id: export does not download)."""
+    from preftune.adapters import split_names
+    from preftune.models import reference_adapters
+
+    if run_cfg is None:
+        return None
+    parts = [run_cfg.ref_model or run_cfg.model_name_or_path, *split_names(reference_adapters(run_cfg))]
+    missing = [p for p in parts if not Path(p).expanduser().is_dir()]
+    if missing:
+        log.warning("the run's reference needs %s, not a folder here: accuracy is measured by log-probs alone "
+                    "(pass --ref for the implicit reward)", ", ".join(missing))
+        return None
+    return parts
+
+
+def load_run_reference(run_cfg):
+    """The run's reference built as training's precompute builds it (`models.load_reference`),
+    unquantized and with transformers' default attention: export measures on this machine, which
+    may lack the GPU that a 4/8-bit reference or flash attention needs."""
+    from preftune.models import load_reference
+
+    return load_reference(dataclasses.replace(run_cfg, ref_model_quantization_bit=None, attn_implementation=None))
 
 
 @torch.no_grad()
@@ -160,6 +265,11 @@ def pair_logps(model, tokenized, pad_id: int, batch_size: int) -> tuple[torch.Te
     return torch.cat(logps), torch.cat(lengths)
 
 
+def _accuracy(margin: torch.Tensor) -> float:
+    """Share of pairs with a positive margin, a tie counting 0.5 (as training's rewards/accuracies)."""
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+
+
 def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tensor,
             reference: torch.Tensor | None = None) -> dict:
     """Drift and preference accuracy from (N, 2) [chosen, rejected] summed log-probs.
@@ -167,16 +277,18 @@ def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tenso
     Accuracy is the share of pairs where the model prefers chosen: with a reference, the DPO
     implicit reward (log pi - log pi_ref of chosen above that of rejected, TRL's
     rewards/accuracies); without one, the plain log-prob (log pi(chosen) > log pi(rejected)).
+    A tie counts half, as in training's eval_rewards/accuracies.
     """
     delta = (exported - original).abs()  # (N, 2)
     base, ref = (original, exported) if reference is None else (original - reference, exported - reference)
-    prefers_orig, prefers_exp = base[:, 0] > base[:, 1], ref[:, 0] > ref[:, 1]
+    margin_orig, margin_exp = base[:, 0] - base[:, 1], ref[:, 0] - ref[:, 1]
     return {
         "pairs": int(original.size(0)),
         "accuracy_kind": "logps" if reference is None else "implicit_reward",
-        "accuracy_original": prefers_orig.float().mean().item(),
-        "accuracy_exported": prefers_exp.float().mean().item(),
-        "flipped_pairs": int((prefers_orig != prefers_exp).sum()),
+        "accuracy_original": _accuracy(margin_orig),
+        "accuracy_exported": _accuracy(margin_exp),
+        # reversed, not merely moved off a tie: a model equal to its reference ties on every pair
+        "flipped_pairs": int((margin_orig * margin_exp < 0).sum()),
         "logps_drift_per_sequence": delta.mean().item(),  # mean |delta summed log-prob| over chosen and rejected
         "logps_drift_per_token": (delta / lengths.clamp(min=1)).mean().item(),  # the same, length-averaged
         "logps_drift_max": delta.max().item(),
@@ -185,10 +297,32 @@ def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tenso
 
 # --- the command -----------------------------------------------------------------------------
 
+def _check_out(dest: Path, reads: list[tuple[str, str]], overwrite: bool) -> None:
+    """--out is replaced as a whole, so it must be a folder (or not exist yet) that holds nothing
+    export reads: an --out that is or contains MODEL would delete the model being exported."""
+    for folder in (dest, *dest.parents):  # the nearest existing one decides whether dest can be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"--out '{dest}': '{folder}' is a file, not a folder; choose a folder path")
+            break
+    target = dest.resolve()
+    for what, path in reads:
+        p = Path(path).expanduser()
+        if p.exists() and (p.resolve() == target or target in p.resolve().parents):
+            verb = "is" if p.resolve() == target else "contains"
+            raise ConfigError(f"--out '{dest}' {verb} {what} '{path}', and export replaces --out as a whole; "
+                              "choose a folder outside it")
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise ConfigError(f"--out '{dest}' already exists and is not empty; pass --overwrite or choose another folder")
+
+
 def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | None = None,
            dataset_dir: str = "data", ref: str | None = None, max_samples: int | None = None,
            batch_size: int = 8, overwrite: bool = False) -> dict:
-    """Write the export of `model` to `out` (default: MODEL-<dtype> beside it); returns the report."""
+    """Write the export of `model` to `out` (default: MODEL-<dtype> beside it); returns the report.
+
+    MODEL is a saved model, or a LoRA adapter folder, which is first merged into its base in float32
+    (written to a temporary folder beside OUT): that merged model is the "before" of the report."""
     from transformers import AutoTokenizer
 
     from preftune.checkpoints import _fresh_tmp, _replace_dir
@@ -198,16 +332,28 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
     quant = _torchao_config() if dtype == "int8" else None  # fail on a missing library before any work
     src = _check_model_dir(model)
-    dest = Path(out).expanduser() if out else src.with_name(f"{src.name}-{dtype}")
-    if dest.resolve() == src.resolve():
-        raise ConfigError(f"--out '{dest}' is MODEL itself; choose another folder")
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise ConfigError(f"--out '{dest}' already exists and is not empty; pass --overwrite or choose another folder")
-    tokenizer = AutoTokenizer.from_pretrained(src)  # saved unchanged: nothing below may alter it first
+    run_cfg = run_config(src)
+    merge = adapter_base(src, run_cfg) if _is_adapter(src) else None  # (base, adapters merged into it first)
+    reference = [ref] if ref else run_reference(run_cfg)
+    named = src if src.name else src.resolve()  # MODEL '.' has no name to derive the default from
+    dest = Path(out).expanduser() if out else named.with_name(f"{named.name}-{dtype}")
+    reads = [("MODEL", str(src))] + [("the reference", r) for r in reference or []]
+    if merge:
+        reads += [("the base model of MODEL's adapter", merge[0])] + [("a starting adapter", a) for a in merge[1]]
+    _check_out(dest, reads, overwrite)
+    ref_dir = _check_model_dir(ref, "--ref") if ref else None
+    pairs, source = heldout_pairs(src, run_cfg, data, dataset_dir, max_samples)  # data errors before any work
+    tokenizer_dir = merge[0] if merge and not (src / "tokenizer_config.json").is_file() else src
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # saved unchanged: nothing below may alter it first
 
     tmp = _fresh_tmp(dest)
+    merged = _fresh_tmp(dest.with_name(dest.name + ".merged")) if merge else None
     try:
-        exported = _load(src, DTYPES[dtype] or "auto", quant)
+        if merge:
+            # saved once, so the export and the "before" model are both read from a plain folder
+            merged_adapter(src, *merge).save_pretrained(merged, safe_serialization=True)
+        weights = merged or src
+        exported = _load(weights, DTYPES[dtype] or "auto", quant)
         exported.save_pretrained(tmp, safe_serialization=True)  # + generation_config.json
         tokenizer.save_pretrained(tmp)
         del exported
@@ -216,23 +362,31 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
         report = {"model": str(src), "out": str(dest), "dtype": dtype,
                   "method": ("torchao Int8WeightOnlyConfig(PerRow): int8 linear weights, one absmax scale per "
                              "output row" if dtype == "int8" else f"cast to {dtype}"),
-                  "weight_bytes_before": weight_bytes(src), "weight_bytes_after": weight_bytes(tmp),
+                  "weight_bytes_before": weight_bytes(weights), "weight_bytes_after": weight_bytes(tmp),
                   **check_export(reloaded, dtype, vocab_id)}
         report["size_ratio"] = report["weight_bytes_after"] / report["weight_bytes_before"]
+        if merge:
+            report["merged"] = {"base": merge[0], "adapters": [*merge[1], str(src)], "dtype": "float32"}
 
-        pairs, settings, source = heldout_pairs(src, data, dataset_dir, max_samples)
         if pairs:
-            tokenized = tokenize_pairs(tokenizer, pairs, settings["cutoff_len"], settings["template"])
+            tokenized = tokenize_pairs(tokenizer, pairs, run_cfg.cutoff_len if run_cfg else 1024,
+                                       run_cfg.template if run_cfg else None)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
-            original, lengths = pair_logps(_load(src), tokenized, pad_id, batch_size)
+            original, lengths = pair_logps(_load(weights), tokenized, pad_id, batch_size)
             after, _ = pair_logps(reloaded, tokenized, pad_id, batch_size)
-            ref = ref or (settings["ref"] if settings["ref"] and Path(settings["ref"]).is_dir() else None)
-            reference = pair_logps(_load(_check_model_dir(ref)), tokenized, pad_id, batch_size)[0] if ref else None
-            report["heldout"] = {"data": source, "reference": ref, **quality(original, after, lengths, reference)}
+            reference_logps = None
+            if reference:
+                ref_model = load_full(ref_dir, run_config(ref_dir)) if ref_dir else load_run_reference(run_cfg)
+                reference_logps = pair_logps(ref_model, tokenized, pad_id, batch_size)[0]
+            report["heldout"] = {"data": source, "reference": " + ".join(reference) if reference else None,
+                                 **quality(original, after, lengths, reference_logps)}
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
         raise
+    finally:
+        if merged is not None:
+            shutil.rmtree(merged, ignore_errors=True)  # only a step on the way
     _replace_dir(tmp, dest)
     return report
 
@@ -245,6 +399,10 @@ def format_report(r: dict) -> str:
     lines = [f"exported {r['model']} -> {r['out']} ({r['method']})",
              f"  weights   {r['weight_bytes_before']:,} B ({_mib(r['weight_bytes_before'])}) -> "
              f"{r['weight_bytes_after']:,} B ({_mib(r['weight_bytes_after'])}), ratio {r['size_ratio']:.3f}"]
+    if r.get("merged"):
+        m = r["merged"]
+        lines.append(f"  merged    {' + '.join(m['adapters'])} into {m['base']} ({m['dtype']}) first: "
+                     "'before' is that merged model")
     h = r.get("heldout")
     if h:
         kind = "implicit reward vs " + h["reference"] if h["accuracy_kind"] == "implicit_reward" else "log-prob"

@@ -46,7 +46,7 @@ from preftune.batching import collate, epoch_batches
 from preftune.errors import ModelError
 from preftune.logps import get_batch_logps
 from preftune.adapters import split_names
-from preftune.models import DTYPES, load_reference, reference_adapters
+from preftune.models import DTYPES, check_vocabulary, load_reference, reference_adapters
 from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")
@@ -141,9 +141,11 @@ def compute_reference_logps(reference, pairs: list[TokenizedPair], cfg, pad_id: 
     return out
 
 
-def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_id: int, accelerator) -> dict:
+def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_id: int, accelerator,
+                               tokenizer=None) -> dict:
     """Fill every pair's reference log-probs, from the cache or from one pass of the reference,
-    which is loaded only on a miss and freed before returning. Returns {split: cache file}."""
+    which is loaded only on a miss and freed before returning (and checked to cover `tokenizer`'s
+    vocabulary when given). Returns {split: cache file}."""
     cache_dir = Path(cfg.ref_logps_cache_dir or default_cache_dir()).expanduser()
     reference, files = None, {}
     for split, pairs in splits.items():
@@ -157,6 +159,8 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
             if logps is None:
                 if reference is None:
                     reference = load_reference(cfg).to(accelerator.device)
+                    if tokenizer is not None:
+                        check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
                 logps = compute_reference_logps(reference, pairs, cfg, pad_id, accelerator)
                 if accelerator.is_main_process:
                     _write_cache(path, key, logps)

@@ -30,7 +30,7 @@ from preftune.data import load_pairs
 from preftune.errors import ConfigError, DataError
 from preftune.logps import completion_kl, get_batch_logps
 from preftune.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, bco_shifted_loss, chosen_nll
-from preftune.models import load_policy_and_reference, load_tokenizer
+from preftune.models import check_vocabulary, load_policy_and_reference, load_tokenizer
 from preftune.reference import precompute_reference_logps, reference_logps_of
 from preftune.report import MetricsLog
 from preftune.cache import tokenize_cached
@@ -292,9 +292,12 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
     if cfg.precompute_ref_log_probs:  # the reference runs (or its cache is read) and is freed before the policy loads
         precompute_reference_logps(cfg, {"train": train_tok, "validation": val_tok}, tokenizer.pad_token_id,
-                                   accelerator)
+                                   accelerator, tokenizer)
     model, reference = load_policy_and_reference(
         cfg, with_reference=cfg.uses_reference and not cfg.precompute_ref_log_probs)
+    check_vocabulary(model, tokenizer, "model_name_or_path")
+    if isinstance(reference, torch.nn.Module):  # a separately loaded one (an adapter-off policy is checked above)
+        check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,

@@ -317,3 +317,11 @@ def test_adapter_after_several_starting_adapters_has_the_earlier_merged_first(ti
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(expected),
                                atol=0.02, rtol=0.02)
     assert report["heldout"]["accuracy_original"] == 0.5  # equal to its reference, base + sft + second
+
+
+def test_ref_on_another_vocabulary_is_one_clear_error(tiny_model_dir, tiny_tokenizer, heldout, tmp_path):
+    other = tmp_path / "small_vocab"
+    build_model(len(tiny_tokenizer) // 2, seed=3, hidden=32, layers=1).save_pretrained(other)
+    with pytest.raises(ModelError, match=r"^--ref: its vocabulary has \d+ tokens but the policy's tokenizer"):
+        export(str(tiny_model_dir), "bf16", str(tmp_path / "out"), data=str(heldout), ref=str(other))
+    assert not (tmp_path / "out").exists()

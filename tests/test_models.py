@@ -451,3 +451,13 @@ def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints_or_weights(tm
     assert not (out / "adapter_model.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not isinstance(merged, PeftModel) and not getattr(merged, "_hf_peft_config_loaded", False)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_a_reference_on_another_vocabulary_is_refused_by_name(tmp_path, tiny_model_dir, tiny_tokenizer, precompute):
+    other = tmp_path / "small_vocab"
+    build_model(len(tiny_tokenizer) // 2, seed=3, hidden=32, layers=1).save_pretrained(other)
+    with pytest.raises(ModelError, match=r"^ref_model: its vocabulary has \d+ tokens but the policy's tokenizer has "
+                                         r"\d+; a reference must use the policy's tokenizer"):
+        run(tmp_path, tiny_model_dir, ref_model=str(other), precompute_ref_log_probs=precompute, max_steps=1,
+            ref_logps_cache_dir=str(tmp_path / "cache"))

@@ -259,6 +259,10 @@ def encode_pair(tokenizer, pair: PreferencePair, use_template: bool, report: Tok
     if m1 or m2:
         report.boundary_merges += 1
     if min(chosen_start, rejected_start) == 0:
+        if prompt_text.strip():  # a short prompt merged whole into the completion's first token
+            raise DataError(f"{pair.where}: the prompt {prompt_text[:40]!r} tokenizes into one token with the start "
+                            "of a completion, so no prompt token is left to score the completion from; end the "
+                            "prompt with a space or newline (or use a chat template)")
         raise DataError(f"{pair.where}: the prompt is empty and the tokenizer adds no BOS, so the first completion "
                         "token has no context to be scored from; give every pair a prompt")
     if chosen_start >= len(chosen_ids) or rejected_start >= len(rejected_ids):

@@ -32,6 +32,22 @@ def with_bos(plain):
                                    pad_token="<|endoftext|>")
 
 
+def test_a_prompt_with_no_token_of_its_own_is_an_error_that_says_why(plain):
+    """Without a chat template or BOS the first completion token needs a prompt token before it:
+    an empty prompt, or one that merges whole into the completion's first token ('Wh' + 'at' ->
+    'What'), leaves none."""
+    from preftune.errors import DataError
+
+    assert plain.convert_ids_to_tokens(plain("What")["input_ids"]) == ["What"]
+    merged = PreferencePair(prompt="Wh", chosen="at now?", rejected="at?", where="m.jsonl:1")
+    with pytest.raises(DataError, match=r"^m.jsonl:1: the prompt 'Wh' tokenizes into one token with the start of a "
+                                        r"completion.*end the prompt with a space or newline"):
+        tokenize_pair(plain, merged, 512, use_template=False, report=TokenizeReport())
+    empty = PreferencePair(prompt="", chosen="Yes.", rejected="No.", where="e.jsonl:1")
+    with pytest.raises(DataError, match=r"^e.jsonl:1: the prompt is empty and the tokenizer adds no BOS"):
+        tokenize_pair(plain, empty, 512, use_template=False, report=TokenizeReport())
+
+
 def test_plain_text_boundary_and_single_eos(plain):
     t = tokenize_pair(plain, PAIR, 512, use_template=False, report=TokenizeReport())
     eos = plain.eos_token_id

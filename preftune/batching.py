@@ -52,8 +52,10 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int) -> dic
                 return examples[i - back]
         return examples[i - 1]
 
-    mismatched = [((prompts[i] + partner(i).ids[partner(i).start:])[:width], e.start)
-                  for i, e in enumerate(examples)]
+    mismatched = []
+    for i, e in enumerate(examples):
+        other = partner(i)
+        mismatched.append(((prompts[i] + other.ids[other.start:])[:width], e.start))
     out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, width).items()})
     out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return out

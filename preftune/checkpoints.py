@@ -104,6 +104,18 @@ def load_best_into(model, cfg) -> None:
     load_weights_into(model, best_dir(cfg))
 
 
+def _remove_dir(path: Path) -> None:
+    """Delete a folder, renamed to .<name>.deleting first: a kill during the removal must not leave
+    a half-deleted checkpoint-N (the rotation sweeps such leftovers). With several processes only
+    one wins the rename; for the others the folder is already gone."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed)
+
+
 def check_output_dir(cfg, resuming: bool) -> None:
     """A fresh run must not meet another run's checkpoint-N folders in output_dir: save_total_limit
     would rotate by step number across both runs (deleting the new run's own checkpoints) and
@@ -118,12 +130,7 @@ def check_output_dir(cfg, resuming: bool) -> None:
                           "resume it (resume_from_checkpoint: true), choose another output_dir, or set "
                           "overwrite_output_dir: true to delete them")
     for path in [p for _, p in found] + [best_dir(cfg)]:
-        doomed = path.with_name(f".{path.name}.deleting")
-        try:  # renamed first, as in the rotation; another process may have got there first
-            os.replace(path, doomed)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)
+        _remove_dir(path)
     log.info("overwrite_output_dir: deleted %d checkpoint(s) of an earlier run in %s", len(found), out)
 
 
@@ -199,9 +206,8 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
     if cfg.save_total_limit:
         found = _checkpoints(out)
         for _, p in found[:-cfg.save_total_limit]:
-            # renamed first: a kill during the removal must not leave a half-deleted checkpoint-N
-            os.replace(p, p.with_name(f".{p.name}.deleting"))
-        for doomed in out.glob(".checkpoint-*.deleting"):  # this call's, and any a kill left behind
+            _remove_dir(p)
+        for doomed in out.glob(".checkpoint-*.deleting"):  # any a kill left behind
             shutil.rmtree(doomed)
 
 

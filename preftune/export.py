@@ -326,6 +326,7 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
     from transformers import AutoTokenizer
 
     from preftune.checkpoints import _fresh_tmp, _replace_dir
+    from preftune.models import check_vocabulary
     from preftune.tokenization import tokenize_pairs
 
     if dtype not in DTYPES:
@@ -377,8 +378,6 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
             reference_logps = None
             if reference:
                 ref_model = load_full(ref_dir, run_config(ref_dir)) if ref_dir else load_run_reference(run_cfg)
-                from preftune.models import check_vocabulary
-
                 check_vocabulary(ref_model, tokenizer, "--ref" if ref_dir else "the run's reference")
                 reference_logps = pair_logps(ref_model, tokenized, pad_id, batch_size)[0]
             report["heldout"] = {"data": source, "reference": " + ".join(reference) if reference else None,

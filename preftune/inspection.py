@@ -44,8 +44,7 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
     sources = Counter(source_of(e.where) for e in examples)
-    stats: dict = {"records": len(examples), "pairs": len(pairs),
-                   "unpaired": sum(isinstance(e, UnpairedExample) for e in examples),
+    stats: dict = {"records": len(examples), "pairs": len(pairs), "unpaired": len(unpaired),
                    "sources": dict(sources), "unit": "tokens" if model else "characters"}
     if model:
         from preftune.models import load_tokenizer
@@ -53,20 +52,30 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
         tokenizer = load_tokenizer(model)
         use_template = setup_chat_template(tokenizer, template)
         report = TokenizeReport()
-        toks, kept, unusable = [], [], []
-        for p in pairs:
-            try:
-                toks.append(encode_pair(tokenizer, p, use_template, report))  # untruncated lengths
-                kept.append(p)
-            except DataError as e:  # e.g. an empty completion: the run would stop on it
-                unusable.append(str(e))
-        pairs = kept
+        unusable = []
+
+        def encoded(items: list) -> tuple[list, list]:
+            """(the items that tokenize, their untruncated token ids); an unpaired example goes through
+            the pair code as a pair with its one completion twice, as the run tokenizes it."""
+            kept, toks = [], []
+            for item in items:
+                try:
+                    toks.append(encode_pair(tokenizer, as_pair(item), use_template, report))
+                    kept.append(item)
+                except DataError as e:  # e.g. an empty completion: the run would stop on it
+                    unusable.append(str(e))
+            return kept, toks
+
+        def cut_all(toks: list) -> list:
+            """What the run's truncation does at the cutoff (the same function, not a copy of its rule)."""
+            return [truncate_pair(t, cutoff_len, truncation_mode, max_prompt_length, tokenizer.bos_token_id)
+                    for t in toks]
+
+        pairs, toks = encoded(pairs)
         prompt = [min(t.chosen_start, t.rejected_start) for t in toks]
         chosen = [len(t.chosen_ids) - t.chosen_start for t in toks]
         rejected = [len(t.rejected_ids) - t.rejected_start for t in toks]
-        # what the run's truncation does at the cutoff (the same function, not a copy of its rule)
-        cut = [truncate_pair(t, cutoff_len, truncation_mode, max_prompt_length, tokenizer.bos_token_id)
-               for t in toks]
+        cut = cut_all(toks)
         stats["cutoff_len"] = cutoff_len
         stats["truncation_mode"] = truncation_mode
         stats["max_prompt_length"] = max_prompt_length
@@ -75,16 +84,9 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
             a is not None and (len(a.chosen_ids) - a.chosen_start < c or len(a.rejected_ids) - a.rejected_start < r)
             for a, c, r in zip(cut, chosen, rejected))
         stats["dropped"] = sum(a is None for a in cut)  # no completion token would fit: the run leaves them out
-        # unpaired (kto) examples go through the same code as a pair with one completion twice
-        unpaired_toks = []
-        for e in unpaired:
-            try:
-                unpaired_toks.append(encode_pair(tokenizer, as_pair(e), use_template, report))
-            except DataError as err:
-                unusable.append(str(err))
+        _, unpaired_toks = encoded(unpaired)
         stats["untokenizable"] = {"count": len(unusable), "first": unusable[:3]}
-        unpaired_cut = [truncate_pair(t, cutoff_len, truncation_mode, max_prompt_length, tokenizer.bos_token_id)
-                        for t in unpaired_toks]
+        unpaired_cut = cut_all(unpaired_toks)
         stats["unpaired_truncated"] = sum(a is not None and a.truncated for a in unpaired_cut)
         stats["unpaired_dropped"] = sum(a is None for a in unpaired_cut)
         unpaired_prompt = [t.chosen_start for t in unpaired_toks]

@@ -64,14 +64,15 @@ def load_model(name: str, cfg, what: str = "model_name_or_path"):
         raise _load_error(name, what, e) from None
 
 
-def check_vocabulary(model, tokenizer, what: str) -> None:
+def check_vocabulary(model, tokenizer, what: str,
+                     fix: str = "a reference must use the policy's tokenizer (same model family)") -> None:
     """The model must have an embedding row for every token id the tokenizer produces: a reference
     (or export --ref) built on another tokenizer would fail deep in the embedding lookup instead.
     Rows beyond the tokenizer are fine (checkpoints pad their vocabulary, e.g. Qwen2.5 sizes differ)."""
     rows = model.get_input_embeddings().num_embeddings
     if rows < len(tokenizer):
         raise ModelError(f"{what}: its vocabulary has {rows} tokens but the policy's tokenizer has {len(tokenizer)}; "
-                         "a reference must use the policy's tokenizer (same model family)")
+                         f"{fix}")
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:

@@ -295,7 +295,8 @@ def train(cfg: TrainConfig) -> dict:
                                    accelerator, tokenizer)
     model, reference = load_policy_and_reference(
         cfg, with_reference=cfg.uses_reference and not cfg.precompute_ref_log_probs)
-    check_vocabulary(model, tokenizer, "model_name_or_path")
+    check_vocabulary(model, tokenizer, "model_name_or_path",
+                     "the tokenizer has tokens the model has no embedding for; resize the model's embeddings")
     if isinstance(reference, torch.nn.Module):  # a separately loaded one (an adapter-off policy is checked above)
         check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
     model.train()

@@ -368,19 +368,27 @@ def qlora_model_dir(tiny_tokenizer, tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def bnb_on_cpu(monkeypatch):
+    """bitsandbytes (a test dependency, pyproject's test extra) placing quantized models on the CPU
+    backend instead of the CUDA GPU `adapters.quantized_device_map` insists on."""
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(adapters, "quantized_device_map", lambda bits, key: {"": "cpu"})
+    # bitsandbytes' CPU backend repacks 4-bit weights for AVX512-BF16 inference at the first eval
+    # forward and then cannot train on them; a CPU-only path that CUDA does not have
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+    return bnb
+
+
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_trains_an_adapter_on_a_quantized_base(tmp_path, qlora_model_dir, monkeypatch, bits):
+def test_qlora_trains_an_adapter_on_a_quantized_base(tmp_path, qlora_model_dir, bnb_on_cpu, bits):
     """QLoRA end to end through bitsandbytes' CPU backend (the CUDA-only placement swapped for the
     CPU): the base's linear layers are bitsandbytes 4/8-bit layers, only the adapter trains, the
     reference is the quantized base with the adapter off (step 0 is a tie), held-out accuracy rises,
     and the output is the adapter (merging into quantized weights would lose precision), which
     loads onto the unquantized base."""
-    bnb = pytest.importorskip("bitsandbytes")  # a test dependency (pyproject's test extra)
-    monkeypatch.setattr(adapters, "quantized_device_map", lambda bits, key: {"": "cpu"})
-    # bitsandbytes' CPU backend repacks 4-bit weights for AVX512-BF16 inference at the first eval
-    # forward and then cannot train on them; a CPU-only path that CUDA does not have
-    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+    bnb = bnb_on_cpu
     over = dict(finetuning_type="lora", quantization_bit=bits, learning_rate=1e-2, max_steps=12, eval_steps=12)
     policy, reference = models.load_policy_and_reference(cfg_for(qlora_model_dir, **over))
     layer = policy.base_model.model.model.layers[0].mlp.up_proj.base_layer
@@ -399,21 +407,17 @@ def test_qlora_trains_an_adapter_on_a_quantized_base(tmp_path, qlora_model_dir, 
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_qlora_run_resumes_exactly(tmp_path, qlora_model_dir, monkeypatch):
-    bnb = pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(adapters, "quantized_device_map", lambda bits, key: {"": "cpu"})
-    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)  # as above
+def test_qlora_run_resumes_exactly(tmp_path, qlora_model_dir, bnb_on_cpu, monkeypatch):
     assert_adapter_run_resumes_exactly(tmp_path, qlora_model_dir, monkeypatch, finetuning_type="lora",
                                        quantization_bit=4, learning_rate=1e-2, max_steps=4, eval_steps=2,
                                        save_steps=2, lora_dropout=0.1)
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_quantized_reference_is_the_frozen_copy_in_8_bits(qlora_model_dir, tiny_tokenizer, monkeypatch):
+def test_quantized_reference_is_the_frozen_copy_in_8_bits(qlora_model_dir, tiny_tokenizer, bnb_on_cpu):
     """ref_model_quantization_bit: the separately loaded reference of a full run is an 8-bit copy,
     frozen, whose log-probs stay close to the full-precision policy's at the start."""
-    bnb = pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(adapters, "quantized_device_map", lambda bits, key: {"": "cpu"})
+    bnb = bnb_on_cpu
     policy, reference = models.load_policy_and_reference(cfg_for(qlora_model_dir, ref_model_quantization_bit=8))
     assert isinstance(reference.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
     assert not isinstance(policy.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)

@@ -14,7 +14,7 @@ every optimizer step; the measured window runs from the end of the last warm-up 
 the last step, so model loading, tokenization, the warm-up steps and anything after the last
 optimizer step (final logging, saving) are outside it. Tokens are the non-padding tokens
 (attention_mask sum) of the chosen + rejected sequences of every batch trained in that window,
-counted by wrapping each framework's collator (preftune: `preftune.train.collate`; TRL: the
+counted by wrapping each framework's collator (preftune: `preftune.step.PreferenceStep.collate`; TRL: the
 trainer's `data_collator`); batch k of the collator is the batch of optimizer step k
 (gradient_accumulation_steps is 1 and there is no evaluation).
 """
@@ -254,6 +254,7 @@ def child_preftune(args, assets) -> dict:
 
     import preftune.train as pt
     from preftune.config import from_dict
+    from preftune.step import PreferenceStep
 
     import_rss = _rss_mib()
     cfg = from_dict({
@@ -268,8 +269,8 @@ def child_preftune(args, assets) -> dict:
         "progress_bar": False, "eval_strategy": "no", "plot_loss": False, "seed": 42,
     }, "bench")
     clock = StepClock()
-    counter = TokenCounter(pt.collate)
-    pt.collate = counter  # train() looks the name up at call time
+    counter = TokenCounter(PreferenceStep.collate)
+    PreferenceStep.collate = staticmethod(counter)  # train() collates through the step class of its objective
     summary = pt.train(cfg)
     mem = memory(import_rss)  # before anything below allocates more
     result = {**measure(clock, counter, args), **mem}

@@ -1,6 +1,6 @@
 """Regenerate the measured table of docs/losses.md: every loss trained on the embedded demo task.
 
-Each `pref_loss` in preftune.config.LOSSES, and DPO with each option of `VARIANTS` (f-divergences,
+Each `pref_loss` in preftune.config.LOSS_NAMES, and DPO with each option of `VARIANTS` (f-divergences,
 LD-DPO, WPO), trains the demo's tiny model on the demo's built-in pairs with the demo's settings
 (pref_beta 0.1, same seed, data and steps; label_smoothing 0.1 where a loss needs it), and the
 held-out preference accuracy, reward margin and per-token KL to the reference at the end are
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from preftune.config import LOSSES
+from preftune.config import LOSS_NAMES
 from preftune.demo import demo_config
 from preftune.train import train
 
@@ -47,23 +47,26 @@ def pairwise_eval(cfg) -> dict:
 
     from preftune.config import from_dict
     from preftune.data import load_pairs
-    from preftune.models import load_policy_and_reference, load_tokenizer
+    from preftune.evaluate import evaluate
+    from preftune.models import load_tokenizer
+    from preftune.reference import load_models
+    from preftune.step import PolicyLogps, PreferenceStep
     from preftune.tokenization import tokenize_pairs
-    from preftune.train import PolicyLogps, evaluate
 
     raw = {**cfg.to_dict(), "pref_loss": "sigmoid", "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.0,
            "model_name_or_path": cfg.output_dir, "ref_model": cfg.model_name_or_path}
     sigmoid = from_dict(raw, "pairwise evaluation")
     tokenizer = load_tokenizer(sigmoid.model_name_or_path)
     val = tokenize_pairs(tokenizer, load_pairs(sigmoid)[1], sigmoid.cutoff_len, sigmoid.template)
-    policy, reference = load_policy_and_reference(sigmoid)
+    policy, reference = load_models(sigmoid)
     with torch.no_grad():
-        return evaluate(PolicyLogps(policy, sigmoid.logps_chunk_size), reference, val, sigmoid,
-                        tokenizer.pad_token_id, Accelerator(cpu=not torch.cuda.is_available()))
+        return evaluate(PreferenceStep(sigmoid), PolicyLogps(policy, sigmoid.logps_chunk_size), reference, val,
+                        sigmoid.eval_batch_size, tokenizer.pad_token_id,
+                        Accelerator(cpu=not torch.cuda.is_available()))
 
 
 def measure(name: str, epochs: float, workdir: Path) -> dict:
-    over = {"pref_loss": name if name in LOSSES else "sigmoid", **VARIANTS.get(name, {}),
+    over = {"pref_loss": name if name in LOSS_NAMES else "sigmoid", **VARIANTS.get(name, {}),
             "num_train_epochs": epochs, "output_dir": str(workdir / name), "progress_bar": False,
             "plot_loss": False}
     if name in NEEDS_SMOOTHING:
@@ -78,7 +81,7 @@ def measure(name: str, epochs: float, workdir: Path) -> dict:
 
 def row(name: str, r: dict) -> str:
     kl = "n/a" if r["kl"] is None else f"{r['kl']:.3f}"
-    label = f"`{name}`" if name in LOSSES else f"`sigmoid`, `{name}`"
+    label = f"`{name}`" if name in LOSS_NAMES else f"`sigmoid`, `{name}`"
     return f"| {label} | {r['accuracy']:.1%} | {r['margin']:.2f} | {kl} |"
 
 
@@ -98,10 +101,10 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     hf_logging.disable_progress_bar()
-    names = args.only.split(",") if args.only else list(LOSSES) + list(VARIANTS)
-    unknown = [n for n in names if n not in LOSSES and n not in VARIANTS]
+    names = args.only.split(",") if args.only else list(LOSS_NAMES) + list(VARIANTS)
+    unknown = [n for n in names if n not in LOSS_NAMES and n not in VARIANTS]
     if unknown:
-        raise SystemExit(f"--only: unknown rows {unknown}; choose from {list(LOSSES) + list(VARIANTS)}")
+        raise SystemExit(f"--only: unknown rows {unknown}; choose from {list(LOSS_NAMES) + list(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.only:  # each row into the table as soon as it is measured
             for name in names:

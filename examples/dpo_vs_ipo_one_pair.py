@@ -1,4 +1,4 @@
-"""Seed 002, experiment 2: on a single preference pair DPO over-fits, IPO does not.
+"""Experiment 2: on a single preference pair DPO over-fits, IPO does not.
 
 With one pair and no noise, DPO's loss -log sigmoid(beta * h) only reaches 0 as the margin h
 goes to infinity, so training keeps pushing log pi(rejected) down: the rejected completion's
@@ -35,11 +35,11 @@ def run(loss_fn, beta: float, steps: int = 150, lr: float = 1e-2, seed: int = 0)
     policy = build_model(len(tokenizer), seed=seed, hidden=32, layers=2)
     reference = copy.deepcopy(policy).requires_grad_(False)
     with torch.no_grad():
-        reference_logps, lengths = get_batch_logps(reference, **batch)
+        reference_logps, lengths = get_batch_logps(reference, **batch)[:2]
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     rejected_logps, margins_avg = [], []
     for _ in range(steps):
-        policy_logps, _ = get_batch_logps(policy, **batch)
+        policy_logps = get_batch_logps(policy, **batch).logps
         losses, _, _ = loss_fn(policy_logps[:1], policy_logps[1:], reference_logps[:1], reference_logps[1:], beta,
                                lengths[:1], lengths[1:])
         optimizer.zero_grad()

@@ -2,7 +2,7 @@
 reference model a LoRA policy carries inside itself.
 
 Key names and semantics follow LLaMA-Factory (`lora_rank`, `lora_target: all`,
-`freeze_trainable_layers`, `adapter_name_or_path`, ...). `models.load_policy_and_reference`
+`freeze_trainable_layers`, `adapter_name_or_path`, ...). `models.load_policy`
 calls these; the training loop never needs to know which type it trains, because the
 optimizer takes the parameters that require gradients and `get_batch_logps` reads any model
 through its backbone (`get_decoder()`) and LM head (`get_output_embeddings()`).
@@ -25,9 +25,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import ModulesToSaveWrapper
 
-from preftune.checkpoints import TRAINED_ADAPTER  # peft's name for the adapter it creates or loads first
 from preftune.errors import ConfigError, ModelError
 
+TRAINED_ADAPTER = "default"  # peft's name for the adapter it creates or loads first
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a starting adapter (the SFT model)
 
 

@@ -9,14 +9,22 @@ import torch
 from preftune.tokenization import TokenizedExample, TokenizedPair
 
 
-def collate(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> input_ids, attention_mask, completion_mask, each (2B, T), right-padded.
 
     Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected (the convention of
     `logps.get_batch_logps`). T is the longest sequence in this batch, not cutoff_len.
+    With `index` (the pairs' positions in their split), also index (B,): a precomputed
+    reference (`reference.Reference`) looks its log-probs up by it.
     """
     seqs = [(p.chosen_ids, p.chosen_start) for p in pairs] + [(p.rejected_ids, p.rejected_start) for p in pairs]
-    return _pad(seqs, pad_token_id)
+    return _with_index(_pad(seqs, pad_token_id), index)
+
+
+def _with_index(batch: dict[str, torch.Tensor], index: list[int] | None) -> dict[str, torch.Tensor]:
+    if index is not None:
+        batch["index"] = torch.tensor(index, dtype=torch.long)
+    return batch
 
 
 def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
@@ -32,7 +40,8 @@ def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
-def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
+                     index: list[int] | None = None) -> dict[str, torch.Tensor]:
     """B unpaired (KTO) examples -> input_ids, attention_mask, completion_mask (B, T), labels (B,) bool,
     and kl_input_ids, kl_attention_mask, kl_completion_mask (B, T): the mismatched pairs of KTO's KL
     baseline, example i's prompt with the completion of the nearest earlier example (cyclically) whose
@@ -40,7 +49,7 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int) -> dic
     shuffled data. Skipping same-prompt neighbours matters for pairs split in two, whose halves sit
     side by side in evaluation order: the rotation would score a prompt's own other answer, which is
     not a mismatched pair. Only a batch with a single prompt (a trailing batch of one) falls back to
-    the rotation. KL rows are cut to T tokens so they cost no more than the batch.
+    the rotation. KL rows are cut to T tokens so they cost no more than the batch. `index` as for `collate`.
     """
     width = max(len(e.ids) for e in examples)
     out = _pad([(e.ids, e.start) for e in examples], pad_token_id, width)
@@ -58,7 +67,7 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int) -> dic
         mismatched.append(((prompts[i] + other.ids[other.start:])[:width], e.start))
     out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, width).items()})
     out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
-    return out
+    return _with_index(out, index)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:

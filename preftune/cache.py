@@ -156,6 +156,7 @@ def tokenize_cached(tokenizer, pairs: list[PreferencePair], cfg, report: Tokeniz
         _save(path, key, toks, part)
         log.info("tokenization cache: tokenized %d pairs in %.1f s, saved to %s", len(pairs),
                  time.perf_counter() - start, path)
+    totals = vars(report)  # the dataclass's fields, added up in place
     for name, value in vars(part).items():
-        setattr(report, name, getattr(report, name) + value)
+        totals[name] += value
     return toks

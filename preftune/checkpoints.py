@@ -21,35 +21,14 @@ import yaml
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from preftune.adapters import TRAINED_ADAPTER
 from preftune.errors import ConfigError, ModelError
+from preftune.files import fresh_tmp_dir, remove_dir, replace_dir
 
 log = logging.getLogger("preftune")
 
-TRAINED_ADAPTER = "default"  # peft's name for the adapter it creates or loads first
-
-
 def best_dir(cfg) -> Path:
     return Path(cfg.output_dir) / "best_model"
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Swap a finished temporary folder into `dest` (the old one is moved aside, then removed)."""
-    old = dest.with_name(dest.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fresh_tmp(dest: Path) -> Path:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed mid-write: never trusted
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def _save_weights(model, folder: Path, merge: bool = False) -> None:
@@ -69,11 +48,11 @@ def _save_weights(model, folder: Path, merge: bool = False) -> None:
 
 
 def save_model(model, tokenizer, dest: Path, step: int) -> None:
-    tmp = _fresh_tmp(dest)
+    tmp = fresh_tmp_dir(dest)
     _save_weights(model, tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
-    _replace_dir(tmp, dest)
+    replace_dir(tmp, dest)
 
 
 def load_weights_into(model, folder: Path) -> None:
@@ -104,18 +83,6 @@ def load_best_into(model, cfg) -> None:
     load_weights_into(model, best_dir(cfg))
 
 
-def _remove_dir(path: Path) -> None:
-    """Delete a folder, renamed to .<name>.deleting first: a kill during the removal must not leave
-    a half-deleted checkpoint-N (the rotation sweeps such leftovers). With several processes only
-    one wins the rename; for the others the folder is already gone."""
-    doomed = path.with_name(f".{path.name}.deleting")
-    try:
-        os.replace(path, doomed)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed)
-
-
 def check_output_dir(cfg, resuming: bool) -> None:
     """A fresh run must not meet another run's checkpoint-N folders in output_dir: save_total_limit
     would rotate by step number across both runs (deleting the new run's own checkpoints) and
@@ -130,7 +97,7 @@ def check_output_dir(cfg, resuming: bool) -> None:
                           "resume it (resume_from_checkpoint: true), choose another output_dir, or set "
                           "overwrite_output_dir: true to delete them")
     for path in [p for _, p in found] + [best_dir(cfg)]:
-        _remove_dir(path)
+        remove_dir(path)
     log.info("overwrite_output_dir: deleted %d checkpoint(s) of an earlier run in %s", len(found), out)
 
 
@@ -146,7 +113,7 @@ def save_final(model, tokenizer, cfg) -> None:
     policy is written as its adapter (cfg.final_adapter_only) or merged into full weights, which
     merges it in place: call this last."""
     out = Path(cfg.output_dir)
-    tmp = _fresh_tmp(out / "final")
+    tmp = fresh_tmp_dir(out / "final")
     _save_weights(model, tmp, merge=not cfg.final_adapter_only)
     tokenizer.save_pretrained(tmp)
     # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
@@ -181,7 +148,7 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
     dest = out / f"checkpoint-{step}"
     tmp = dest.with_name(f".{dest.name}.tmp")
     if accelerator.is_main_process:
-        _fresh_tmp(dest)
+        fresh_tmp_dir(dest)
     accelerator.wait_for_everyone()
     if not cfg.save_only_model:
         _write_json(tmp / f"rng_state_{accelerator.process_index}.json", _rng_state())
@@ -202,11 +169,11 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    _replace_dir(tmp, dest)
+    replace_dir(tmp, dest)
     if cfg.save_total_limit:
         found = _checkpoints(out)
         for _, p in found[:-cfg.save_total_limit]:
-            _remove_dir(p)
+            remove_dir(p)
         for doomed in out.glob(".checkpoint-*.deleting"):  # any a kill left behind
             shutil.rmtree(doomed)
 

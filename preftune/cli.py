@@ -1,28 +1,25 @@
-"""The `preftune` command.
+"""The `preftune` command: dispatches to one module of `preftune.commands` per subcommand and
+turns every user-facing error into one line and a non-zero exit.
 
-    preftune train                       # the embedded demo: tiny model, built-in pairs, CPU, minutes
-    preftune train CONFIG.yaml           # LLaMA-Factory style or preftune YAML
-    preftune train CONFIG.yaml --pref_beta 0.2 --output_dir out   # any key overridden
-    preftune inspect DATA [--model M] [--cutoff_len N] [--json] [--plot PNG]   # look at the data first
-    preftune export MODEL --dtype bf16|fp16|int8 [--out DIR] [--data HELDOUT]  # for deployment
+    preftune train [CONFIG.yaml] [--key value ...]       # align a model (no arguments: the embedded demo)
+    preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
+    preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 
 from preftune.errors import PreftuneError
 
-USAGE = """usage: preftune train [CONFIG.yaml] [--key value ...]
-
-Train a causal LM on preference pairs with DPO. Without CONFIG and without --model_name_or_path,
-runs the embedded demo (a tiny local model and a built-in pair set, made locally).
-Any config key can be given as --key value, overriding the file.
-
-Config keys:
-"""
+COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
+    "train": "align a model with DPO (preftune train --help)",
+    "inspect": "statistics and rendered examples of a dataset (preftune inspect --help)",
+    "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
+}
 
 
 def _setup_logging() -> None:
@@ -40,58 +37,11 @@ def _setup_logging() -> None:
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the training log
 
 
-def cmd_train(args: list[str]) -> int:
-    from preftune.config import help_text, load_config, parse_overrides
-
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE + help_text())
-        return 0
-    config_path = args[0] if args and not args[0].startswith("--") else None
-    overrides = args[1:] if config_path else args
-    from preftune.train import train  # heavy imports after argument checks
-
-    over = parse_overrides(overrides)
-    if config_path is None and not {"model_name_or_path", "model_name", "model"} & set(over):
-        from preftune.demo import demo_config
-
-        logging.getLogger("preftune").info("no config given: running the embedded demo (tiny local model, "
-                                           "built-in preference pairs)")
-        cfg = demo_config(over)
-    else:
-        cfg = load_config(config_path, overrides)
-    summary = train(cfg)
-    out = summary["outputs"]
-    base, final, best = summary.get("baseline") or {}, summary["final"], summary.get("best") or {}
-    if "eval_rewards/accuracies" in base and "eval_rewards/accuracies" in final:
-        print(f"held-out preference accuracy: {base['eval_rewards/accuracies']:.1%} -> "
-              f"{final['eval_rewards/accuracies']:.1%} (best eval loss {best.get('eval_loss', float('nan')):.4f})")
-    print(f"model and tokenizer: {out['model']}")
-    print(f"metrics and curves:  {out['metrics']} (training_metrics.csv, training_curves.png, summary.json, "
-          "log_history.json)")
-    return 0
-
-
-def cmd_inspect(args: list[str]) -> int:
-    from preftune.inspection import main as inspect_main
-
-    return inspect_main(args)
-
-
-def cmd_export(args: list[str]) -> int:
-    from preftune.export import main as export_main
-
-    return export_main(args)
-
-
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "export": cmd_export}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: preftune {train,inspect,export} ...\n\n  train     align a model with DPO (preftune train --help)\n"
-              "  inspect   statistics and rendered examples of a dataset (preftune inspect --help)\n"
-              "  export    the model in bf16/fp16/int8 for deployment (preftune export --help)")
+        print(f"usage: preftune {{{','.join(COMMANDS)}}} ...\n\n"
+              + "\n".join(f"  {name:9s} {what}" for name, what in COMMANDS.items()))
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -100,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging()
     try:
-        return COMMANDS[command](rest)
+        return importlib.import_module(f"preftune.commands.{command}").main(rest)
     except PreftuneError as e:
         print(f"preftune: error: {e}", file=sys.stderr)
         return 2

@@ -3,8 +3,10 @@
 `TrainConfig` is a dataclass: every key a user can write in YAML or on the command line is
 a field here, with its default and its help text. Key names follow LLaMA-Factory
 (`pref_beta`, `cutoff_len`, `per_device_train_batch_size`, ...) so its DPO YAML runs
-unchanged; the names of the seed notes (`beta`, `max_length`, `eval_every`, ...) are
-accepted as aliases (`ALIASES`). Unknown keys are an error that names the closest key.
+unchanged; common other spellings (`beta`, `max_length`, `eval_every`, TRL's `loss_type`, ...)
+are accepted as aliases (`ALIASES`). Unknown keys are an error that names the closest key.
+Every command reads this one config: `parse_command_line` turns `preftune <command>` arguments
+(a positional, `--config FILE`, `--key value` overrides, the command's own flags) into it.
 
     cfg = load_config("examples/dpo.yaml", ["--pref_beta", "0.2"])
 """
@@ -22,42 +24,21 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from preftune.errors import ConfigError
+from preftune.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, loss_options
 
 
-def _f(default: Any, help: str) -> Any:
-    """A field with a default and its help text (shown by `preftune train --help`)."""
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with a default, its help text (shown by `--help` and docs/config.md) and, for a key
+    with a fixed set of values, those values (checked by `validate`, listed in the help)."""
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-# pref_loss name -> the config keys it takes beyond pref_beta, bound to the loss function's
-# keyword-only parameters of the same names (`TrainConfig.loss_kwargs`). Kept in sync with
-# preftune.losses.LOSSES and UNPAIRED_LOSSES and the functions' signatures (checked by a test).
-REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})  # as preftune.losses.REFERENCE_FREE (checked by a test)
-
-LOSSES: dict[str, tuple[str, ...]] = {
-    "sigmoid": ("label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"),  # eps > 0: cDPO
-    "hinge": (),
-    "ipo": (),
-    "robust": ("label_smoothing",),
-    "exo_pair": ("label_smoothing",),
-    "nca_pair": (),
-    "bco_pair": (),
-    "sppo_hard": (),
-    "aot": ("label_smoothing",),
-    "aot_unpaired": ("label_smoothing",),
-    "apo_zero": (),
-    "apo_down": (),
-    "discopop": ("discopop_tau",),
-    "sigmoid_norm": (),
-    "kto_pair": (),  # LLaMA-Factory's (TRL 0.8-0.9's) paired KTO
-    "simpo": ("simpo_gamma",),  # reference-free
-    "orpo": (),  # reference-free
-    "sft": (),  # reference-free; TRL's sft loss_type, for combinations
-    "kto": ("kto_chosen_weight", "kto_rejected_weight"),  # unpaired (preftune.losses.UNPAIRED_LOSSES)
-}
+LOSS_NAMES = [*LOSSES, *UNPAIRED_LOSSES]  # every pref_loss value
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -66,9 +47,9 @@ class TrainConfig:
     model_name_or_path: str | None = _f(None, "Hugging Face model id or local folder of the policy (usually an SFT checkpoint). Unset: the embedded demo.")
     ref_model: str | None = _f(None, "Reference model id or folder. Unset (or 'same_as_policy'): a frozen copy of the starting policy.")
     trust_remote_code: bool = _f(False, "Allow model code from the model's repository (off unless you trust it).")
-    torch_dtype: str = _f("auto", "dtype the weights are loaded in: auto, float32, bfloat16, float16.")
+    torch_dtype: str = _f("auto", "dtype the weights are loaded in (auto: as the checkpoint stores them).", TORCH_DTYPES)
     attn_implementation: str | None = _f(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
-    finetuning_type: str = _f("full", "full (every weight), freeze (only some layers, freeze_* keys) or lora (peft adapters, lora_* keys).")
+    finetuning_type: str = _f("full", "full (every weight), freeze (only some layers, freeze_* keys) or lora (peft adapters, lora_* keys).", ("full", "freeze", "lora"))
     stage: str = _f("dpo", "LLaMA-Factory stage; only 'dpo' is trained by preftune train.")
     do_train: bool = _f(True, "LLaMA-Factory flag; must be true for preftune train.")
     # LoRA, freeze, QLoRA and adapters (LLaMA-Factory names and semantics; preftune/adapters.py)
@@ -105,7 +86,7 @@ class TrainConfig:
     # KTO, f-DPO, LD-DPO and WPO (docs/losses.md)
     kto_chosen_weight: float = _f(1.0, "KTO's weight of desirable examples (lambda_D; TRL's desirable_weight). pref_loss: kto only.")
     kto_rejected_weight: float = _f(1.0, "KTO's weight of undesirable examples (lambda_U; TRL's undesirable_weight). pref_loss: kto only.")
-    f_divergence_type: str = _f("reverse_kl", "f-DPO's divergence to the reference: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence (TRL). pref_loss: sigmoid only.")
+    f_divergence_type: str = _f("reverse_kl", "f-DPO's divergence to the reference: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence (TRL). pref_loss: sigmoid only.", F_DIVERGENCES)
     f_alpha_divergence_coef: float = _f(0.5, "alpha of f_divergence_type: alpha_divergence (TRL default 0.5; 1 is reverse_kl).")
     ld_alpha: float | None = _f(None, "LD-DPO's alpha in [0, 1]: each pair's tokens beyond the shorter completion's length count alpha times in the log-probs. Unset: off. Paired losses with the reference only.")
     use_weighting: bool = _f(False, "WPO: weight each pair's loss by the policy's own per-token probability of both completions (TRL's use_weighting). Not with aot, aot_unpaired, kto.")
@@ -123,8 +104,8 @@ class TrainConfig:
     drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with an empty completion or chosen == rejected instead of failing.")
     preprocessing_num_workers: int | None = _f(None, "Processes that tokenize the pairs (unset or 1: in-process; sets under 512 pairs always are).")
     overwrite_cache: bool = _f(False, "Re-tokenize and rewrite the tokenization cache instead of loading it.")
-    # --- truncation and the tokenization cache (preference data issue) ---
-    truncation_mode: str = _f("keep_start", "Which end of a prompt that is cut is kept: keep_start (as LLaMA-Factory and TRL 1.16) or keep_end (the words before the answer, BOS kept).")
+    # --- truncation and the tokenization cache ---
+    truncation_mode: str = _f("keep_start", "Which end of a prompt that is cut is kept: keep_start (as LLaMA-Factory and TRL 1.16) or keep_end (the words before the answer, BOS kept).", ("keep_start", "keep_end"))
     max_prompt_length: int | None = _f(None, "Cut prompts to at most this many tokens (per truncation_mode) before cutoff_len is applied.")
     tokenized_cache_dir: str | None = _f(None, "Folder of the tokenization cache (default: $XDG_CACHE_HOME or ~/.cache, then preftune/tokenized); files are named by a hash of data, tokenizer and settings.")
 
@@ -140,7 +121,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     optimizer: str = _f("adamw", "Optimizer; only adamw.")
-    lr_scheduler_type: str = _f("linear", "linear, cosine or constant, after warmup.")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup.", ("linear", "cosine", "constant", "constant_with_warmup"))
     warmup_ratio: float = _f(0.0, "Share of optimizer steps used for linear warmup.")
     warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio when > 0).")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
@@ -156,7 +137,7 @@ class TrainConfig:
     overwrite_output_dir: bool = _f(False, "A fresh run into an output_dir that holds checkpoint-N folders of an earlier run is refused unless this is true, which deletes them (and best_model/) first. Other outputs are always overwritten.")
     logging_steps: int = _f(10, "Log training metrics every N optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (default: once per epoch, and at the end).")
-    eval_strategy: str = _f("steps", "LLaMA-Factory/transformers key: steps or no.")
+    eval_strategy: str = _f("steps", "When to evaluate: steps (every eval_steps), epoch (once per epoch) or no (never); LLaMA-Factory/transformers key.", ("steps", "epoch", "no"))
     early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a lower eval loss; the best model is kept.")
     save_steps: int | None = _f(None, "Write a checkpoint every N optimizer steps.")
     save_total_limit: int | None = _f(2, "Keep at most this many step checkpoints.")
@@ -197,19 +178,22 @@ class TrainConfig:
         """Whether any loss in pref_loss needs the reference model (else none is loaded)."""
         return any(name not in REFERENCE_FREE for name in self.pref_losses)
 
-    def loss_kwargs(self, name: str) -> dict[str, Any]:
-        """Loss `name`'s hyperparameters beyond beta, as keyword arguments for its function."""
-        values = {"label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau,
-                  "simpo_gamma": self.simpo_gamma, "f_divergence_type": self.f_divergence_type,
-                  "f_alpha_divergence_coef": self.f_alpha_divergence_coef,
-                  "kto_chosen_weight": self.kto_chosen_weight, "kto_rejected_weight": self.kto_rejected_weight}
-        return {key: values[key] for key in LOSSES[name]}
+    @property
+    def objective(self) -> str:
+        """What a step optimises (`step.OBJECTIVES`): dpo on preference pairs, kto on unpaired examples."""
+        return "kto" if self.is_kto else "dpo"
+
+    def loss_options(self, name: str) -> dict[str, Any]:
+        """Loss `name`'s hyperparameters beyond beta, as keyword arguments for its function: the
+        config keys named as its keyword-only parameters (`losses.loss_options`)."""
+        values = vars(self)
+        return {key: values[key] for key in loss_options(name)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# Seed 003's names (and a few common spellings) -> the canonical field. Documented in README.
+# Other common spellings (TRL's, short ones) -> the canonical field. Listed in docs/config.md.
 ALIASES: dict[str, str] = {
     "beta": "pref_beta",
     "loss_type": "pref_loss",
@@ -293,7 +277,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
     values: dict[str, Any] = {}
     set_by: dict[str, str] = {}
     for key, value in raw.items():
-        if key == "mixed_precision":  # seed 003: 'fp16' | 'bf16' | 'no'
+        if key == "mixed_precision":  # accelerate's spelling: 'fp16' | 'bf16' | 'no'
             mp = str(value).lower()
             if mp not in ("no", "fp16", "bf16", "fp32", "none"):
                 raise ConfigError(f"{source}: mixed_precision must be one of no, fp16, bf16; got {value!r}")
@@ -330,17 +314,20 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"stage: '{cfg.stage}' is not trained by preftune train; set stage: dpo")
     if not cfg.do_train:
         bad("do_train: false has nothing to do in preftune train; set do_train: true")
-    if cfg.finetuning_type not in ("full", "freeze", "lora"):
-        bad(f"finetuning_type: unknown value '{cfg.finetuning_type}'; use full, freeze or lora")
+    values = vars(cfg)
+    for name, f in _FIELDS.items():  # keys with a fixed set of values
+        choices = f.metadata.get("choices")
+        if choices and values[name] not in choices:
+            bad(f"{name}: unknown value '{values[name]}'; use {', '.join(choices[:-1])} or {choices[-1]}")
     _validate_adapters(cfg)
     if not (cfg.pref_beta > 0 and math.isfinite(cfg.pref_beta)):
         bad(f"pref_beta (beta) must be a positive number; got {cfg.pref_beta}")
     names = cfg.pref_losses
     for name in names:
-        if name not in LOSSES:
-            match = difflib.get_close_matches(name, LOSSES, n=1)
+        if name not in LOSS_NAMES:
+            match = difflib.get_close_matches(name, LOSS_NAMES, n=1)
             hint = f" Did you mean '{match[0]}'?" if match else ""
-            bad(f"pref_loss: unknown loss '{name}'; choose one of {', '.join(LOSSES)}.{hint}")
+            bad(f"pref_loss: unknown loss '{name}'; choose one of {', '.join(LOSS_NAMES)}.{hint}")
     if len(set(names)) < len(names):
         bad(f"pref_loss: '{cfg.pref_loss}' names a loss twice; weight it with loss_weights instead")
     if cfg.loss_weights is not None:
@@ -352,8 +339,8 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.label_smoothing < 0.5:
         bad(f"label_smoothing must be in [0, 0.5) (a share of flipped labels; robust divides by 1 - 2 * label_smoothing); "
             f"got {cfg.label_smoothing}")
-    if cfg.label_smoothing > 0 and not any("label_smoothing" in LOSSES[name] for name in names):
-        users = ", ".join(name for name, keys in LOSSES.items() if "label_smoothing" in keys)
+    if cfg.label_smoothing > 0 and not any("label_smoothing" in loss_options(name) for name in names):
+        users = ", ".join(name for name in LOSS_NAMES if "label_smoothing" in loss_options(name))
         bad(f"label_smoothing: pref_loss {cfg.pref_loss} does not use it; set it to 0 or choose one of {users}")
     if "exo_pair" in names and cfg.label_smoothing == 0:
         bad("label_smoothing: exo_pair needs label_smoothing > 0 (its loss has log(label_smoothing)); the paper uses 1e-3")
@@ -376,21 +363,15 @@ def validate(cfg: TrainConfig) -> None:
     validate_loss_options(cfg)
     if cfg.optimizer.lower() != "adamw":
         bad(f"optimizer: '{cfg.optimizer}' is not supported; use adamw")
-    if cfg.lr_scheduler_type not in ("linear", "cosine", "constant", "constant_with_warmup"):
-        bad(f"lr_scheduler_type: '{cfg.lr_scheduler_type}' is not supported; use linear, cosine or constant")
-    if cfg.torch_dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-        bad(f"torch_dtype: '{cfg.torch_dtype}' is not supported; use auto, float32, bfloat16 or float16")
     if cfg.bf16 and cfg.fp16:
         bad("bf16 and fp16 are both true; choose one")
-    if cfg.eval_strategy not in ("steps", "no", "epoch"):
-        bad(f"eval_strategy: '{cfg.eval_strategy}' is not supported; use steps, epoch or no")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "logging_steps",
                  "logps_chunk_size"):
-        if getattr(cfg, name) < 1:
-            bad(f"{name} must be at least 1; got {getattr(cfg, name)}")
+        if values[name] < 1:
+            bad(f"{name} must be at least 1; got {values[name]}")
     for name in ("per_device_eval_batch_size", "eval_steps", "save_steps", "early_stopping_patience",
                  "save_total_limit", "max_samples"):
-        value = getattr(cfg, name)
+        value = values[name]
         if value is not None and value < 1:
             bad(f"{name} must be at least 1 (or unset); got {value}")
     if cfg.cutoff_len < 2:
@@ -412,8 +393,6 @@ def validate(cfg: TrainConfig) -> None:
         for key in cfg.columns:
             if key not in known:
                 bad(f"columns: '{key}' is not a standard field; map your field names to {', '.join(known)}")
-    if cfg.truncation_mode not in ("keep_start", "keep_end"):
-        bad(f"truncation_mode: '{cfg.truncation_mode}' is not supported; use keep_start or keep_end")
     if cfg.max_prompt_length is not None and cfg.max_prompt_length < 1:
         bad(f"max_prompt_length must be at least 1 (or unset); got {cfg.max_prompt_length}")
     if cfg.preprocessing_num_workers is not None and cfg.preprocessing_num_workers < 1:
@@ -448,8 +427,6 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if cfg.per_device_train_batch_size < 2 or cfg.eval_batch_size < 2:
             raise ConfigError("per_device_train_batch_size: kto needs at least 2 examples per micro-batch (and per "
                               "eval batch): its KL baseline pairs each prompt with another example's completion")
-    if cfg.f_divergence_type not in F_DIVERGENCES:
-        raise ConfigError(f"f_divergence_type: unknown '{cfg.f_divergence_type}'; choose one of {', '.join(F_DIVERGENCES)}")
     if cfg.f_divergence_type != "reverse_kl" and set(names) - {"sft"} != {"sigmoid"}:
         raise ConfigError(f"f_divergence_type: {cfg.f_divergence_type} applies to the sigmoid (DPO) loss only "
                           f"(f-DPO); pref_loss is {cfg.pref_loss}; use pref_loss: sigmoid or f_divergence_type: reverse_kl")
@@ -479,6 +456,7 @@ def _validate_adapters(cfg: TrainConfig) -> None:
         raise ConfigError(msg)
 
     lora = cfg.finetuning_type == "lora"
+    values = vars(cfg)
     if cfg.lora_rank < 1:
         bad(f"lora_rank must be at least 1; got {cfg.lora_rank}")
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
@@ -490,13 +468,13 @@ def _validate_adapters(cfg: TrainConfig) -> None:
         bad("lora_target: lm_head cannot get a LoRA adapter; train it fully with additional_target: lm_head")
     for key in ("use_dora", "use_rslora", "additional_target", "adapter_name_or_path", "save_adapter_only",
                 "quantization_bit"):
-        if getattr(cfg, key) and not lora:
+        if values[key] and not lora:
             bad(f"{key} needs finetuning_type: lora (it is {cfg.finetuning_type})")
     if cfg.freeze_trainable_layers == 0:
         bad("freeze_trainable_layers: 0 trains nothing; use N > 0 for the last N layers, N < 0 for the first -N")
     for key in ("quantization_bit", "ref_model_quantization_bit"):
-        if getattr(cfg, key) not in (None, 4, 8):
-            bad(f"{key} must be 4 or 8 (or unset); got {getattr(cfg, key)}")
+        if values[key] not in (None, 4, 8):
+            bad(f"{key} must be 4 or 8 (or unset); got {values[key]}")
     if cfg.ref_model_adapters and not cfg.ref_model:
         bad("ref_model_adapters needs ref_model (the checkpoint they are merged into)")
     separate_reference = cfg.uses_reference and (cfg.ref_model or not lora or cfg.precompute_ref_log_probs)
@@ -528,6 +506,56 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
         i += 1
     return out
+
+
+def parse_command_line(args: list[str], positional: str | None = None, flags: dict[str, Any] | None = None,
+                       aliases: dict[str, str] | None = None) -> tuple[str | None, list[str], dict[str, Any]]:
+    """`preftune <command>` arguments -> (config file, `--key value` overrides, the command's own flags).
+
+    Every command reads the one config the same way: `[POSITIONAL] [--config FILE] [--key value ...]`,
+    with `load_config(file, overrides)` then applying the file, the overrides and the validation.
+    positional: the config key the command's one positional argument sets (inspect: dataset, export:
+    model_name_or_path), or None when it is the config file (train). flags: the command's own options
+    (not config keys), name -> default; a bool default makes a switch that takes no value. aliases:
+    the command's own names for config keys (export's --data for eval_dataset).
+    """
+    flags, aliases = flags or {}, aliases or {}
+    found = dict(flags)
+    config_path, overrides, positional_value = None, [], None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--"):
+            if positional_value is not None:
+                raise ConfigError(f"command line: unexpected argument '{arg}' (after '{positional_value}'); "
+                                  "options are --key value")
+            positional_value = arg
+            continue
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if isinstance(flags.get(name), bool):
+            if eq:
+                raise ConfigError(f"command line: --{name} is a switch and takes no value")
+            found[name] = True
+            continue
+        if not eq:
+            if i >= len(args) or args[i].startswith("--"):
+                raise ConfigError(f"command line: --{name} needs a value")
+            value, i = args[i], i + 1
+        if name == "config":
+            config_path = value
+        elif name in flags:
+            found[name] = value
+        else:
+            overrides += [f"--{aliases.get(name, name)}", value]
+    if positional is None:
+        if positional_value is not None and config_path is not None:
+            raise ConfigError(f"command line: two config files, '{positional_value}' and --config {config_path}")
+        config_path = config_path or positional_value
+    elif positional_value is not None:
+        overrides = [f"--{positional}", positional_value] + overrides
+    return config_path, overrides, found
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -565,7 +593,9 @@ def help_text() -> str:
     lines = []
     for name, f in _FIELDS.items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{name} (default: {default!r})\n      {f.metadata['help']}")
+        choices = f.metadata.get("choices")
+        lines.append(f"  --{name} (default: {default!r}{'; one of ' + ', '.join(choices) if choices else ''})\n"
+                     f"      {f.metadata['help']}")
     lines.append("  Aliases: " + ", ".join(f"{a} -> {c}" for a, c in ALIASES.items())
                  + ", mixed_precision (no|fp16|bf16) -> bf16/fp16")
     return "\n".join(lines)

@@ -713,7 +713,7 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     report = DataReport()
     if not cfg.dataset:
         raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
-    unpaired = getattr(cfg, "is_kto", False)  # kto reads unpaired examples too
+    unpaired = cfg.is_kto  # kto reads unpaired examples too
     train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired)
     report.read = len(train)
     report.sources = dict(Counter(source_of(p.where) for p in train))

@@ -11,9 +11,19 @@ the full-vocabulary logits of the batch never exist at once.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+class BatchLogps(NamedTuple):
+    """What `get_batch_logps` returns for a batch of R rows (R = 2B for B pairs)."""
+    logps: torch.Tensor  # (R,) summed completion log-probs
+    lengths: torch.Tensor  # (R,) completion token counts
+    hidden: torch.Tensor | None = None  # (N, H) detached hidden states at the N scored positions (return_hidden)
+    wpo_weights: torch.Tensor | None = None  # (R,) WPO's per-sequence weights, detached (wpo)
 
 
 def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -45,7 +55,7 @@ def _lm_head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torc
 
 def _completion_hidden(model, input_ids, attention_mask, completion_mask):
     """Backbone hidden states at the positions that predict a completion token."""
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    backbone = model.get_decoder()  # transformers models and peft models have one; so does AdapterReference
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # position t predicts token t+1: shift the mask and the targets left by one
     score = completion_mask[:, 1:].bool()  # (2B, T-1)
@@ -86,7 +96,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         w(y|x) = exp( (1/|y|) sum_t [log p(y_t) - log sum_v p(v)^2] )
 
     computed from the same chunked LM head (log sum p^2 = logsumexp(2 logits) - 2 logsumexp(logits)).
-    Returns (logps, lengths[, hidden][, wpo_weights]).
+    Returns a `BatchLogps`; hidden and wpo_weights are None unless asked for.
     """
     hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask)
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
@@ -107,14 +117,12 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     lengths = score.sum(dim=1)
     weighted = token_logps if ld_alpha is None else token_logps * ld_token_weights(score, ld_alpha)[score]
     logps = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, weighted)  # (2B,)
-    out = (logps, lengths)
-    if return_hidden:
-        out += (hidden.detach(),)
+    wpo_weights = None
     if wpo:
         aligned = token_logps.detach() - log_sum_sq  # (N,)
         mean_aligned = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, aligned) / lengths.clamp(min=1)
-        out += (torch.exp(mean_aligned),)
-    return out
+        wpo_weights = torch.exp(mean_aligned)
+    return BatchLogps(logps, lengths, hidden.detach() if return_hidden else None, wpo_weights)
 
 
 @torch.no_grad()

@@ -18,14 +18,21 @@ log-prob, beta * log pi_theta(y|x) / |y| (as LLaMA-Factory and TRL's CPO/ORPO tr
 since there is no reference to form a log-ratio with.
 
 `chosen_nll` is the per-token NLL of each chosen completion, -log pi_theta(y_w|x) / |y_w|: the SFT
-term that `pref_ftx` adds to any loss (`train.configured_loss`), normalised per pair as LLaMA-Factory
-does, and the `nll_loss` metric.
+term that `pref_ftx` adds to any loss (`Objective`), normalised per pair as LLaMA-Factory does, and
+the `nll_loss` metric.
 
 Hyperparameters beyond beta are keyword-only parameters named as their config keys
-(`label_smoothing`, `discopop_tau`, `simpo_gamma`); a loss declares only those it uses. The training loop binds
-them once from the config (`TrainConfig.loss_kwargs(name)`, with `functools.partial`), and the config
-refuses a value that the chosen loss would ignore. A list `pref_loss` is a weighted sum of these
-functions, formed in `train.configured_loss`, not here. Notation in the docstrings:
+(`label_smoothing`, `discopop_tau`, `simpo_gamma`); a loss declares only those it uses, and
+`loss_options(name)` reads them from its signature: the config binds exactly those keys and
+refuses a value that the chosen loss would ignore. `Objective` is what a run optimises: one loss
+or a weighted sum of several, plus LLaMA-Factory's pref_ftx and pref_bco_weight terms, with BCO's
+running reward shift as explicit state that checkpoints save and restore.
+
+Adding a loss touches this file (the function and its `LOSSES` entry; `REFERENCE_FREE` if it needs
+no reference), its tests (tests/test_losses.py: a hand-computed value; tests/test_loss_parity.py:
+the TRL case, where TRL has it) and docs/losses.md. Its keyword-only hyperparameters must be
+config keys (a new one is a field of `config.TrainConfig`); nothing else changes. Notation in the
+docstrings:
 
     r_w = log pi(y_w|x) - log pi_ref(y_w|x),  r_l likewise for y_l  (summed log-ratios)
     h = r_w - r_l                                                    (DPO's margin)
@@ -33,6 +40,8 @@ functions, formed in `train.configured_loss`, not here. Notation in the docstrin
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -361,8 +370,8 @@ def kto_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
 def bco_shifted_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                      beta, reward_shift):
     """BCO with its reward shift delta (Jung et al. 2024, https://arxiv.org/abs/2404.04656), the term
-    LLaMA-Factory's `pref_bco_weight` mixes into a loss (`train.configured_loss` keeps delta, a running
-    mean of the batch-mean rewards). Summed log-probs:
+    LLaMA-Factory's `pref_bco_weight` mixes into a loss (`Objective` keeps delta, a running mean of
+    the batch-mean rewards). Summed log-probs:
 
         loss = -log sigmoid(beta r_w - delta) - log sigmoid(-(beta r_l - delta))
     """
@@ -476,3 +485,82 @@ UNPAIRED_LOSSES = {"kto": kto_loss}
 
 # Losses that use no reference model: the loop loads none and computes no KL to it.
 REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})
+
+
+def loss_options(name: str) -> tuple[str, ...]:
+    """The config keys loss `name` takes beyond beta: its function's keyword-only parameters."""
+    fn = LOSSES.get(name) or UNPAIRED_LOSSES[name]
+    return tuple(p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+
+class RunningMean:
+    """A mean over the values seen so far, with its state as plain numbers for checkpoints."""
+
+    def __init__(self):
+        self.mean, self.count = 0.0, 0
+
+    def update(self, value: float) -> float:
+        self.count += 1
+        self.mean += (value - self.mean) / self.count
+        return self.mean
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.count = state["mean"], state["count"]
+
+
+class Objective:
+    """What a paired run optimises, called as a single loss is (same arguments, same three outputs):
+    the losses `names`, each with its keyword options bound (`options[name]`), summed per pair with
+    `weights` (default 1.0 each), so the mean over pairs is sum_k w_k * mean(loss_k) as in TRL; then
+    pref_bco_weight = w > 0 mixes in BCO with its reward shift as LLaMA-Factory does,
+    (loss + w * bco) / (1 + w); then pref_ftx * chosen_nll (LLaMA-Factory's SFT term) is added.
+
+    BCO's shift delta is the running mean, over the calls of this objective, of each micro-batch's
+    mean reward beta * (r_w, r_l), this call's included: a training run keeps one (saved in its
+    checkpoints through `state_dict`), each evaluation pass builds its own objective (LLaMA-Factory
+    shares one between training and evaluation), and with several processes each keeps its own
+    (LLaMA-Factory gathers).
+
+    Rewards come from the first loss in the list that uses the reference (DPO's implicit rewards),
+    else from the first loss. With aot/aot_unpaired in a sum, per-pair values mix sorted and pair
+    order; only their mean (the training loss) is meaningful then.
+    """
+
+    def __init__(self, names: list[str], weights: list[float] | None = None, options: dict[str, dict] | None = None,
+                 pref_ftx: float = 0.0, pref_bco_weight: float = 0.0):
+        options = options or {}
+        self.loss_fns = [functools.partial(LOSSES[name], **options.get(name, {})) for name in names]
+        self.weights = weights or [1.0] * len(names)
+        self.rewards_from = next((k for k, name in enumerate(names) if name not in REFERENCE_FREE), 0)
+        self.pref_ftx, self.pref_bco_weight = pref_ftx, pref_bco_weight
+        self.bco_shift = RunningMean()
+
+    def __call__(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                 beta, chosen_lengths, rejected_lengths):
+        total = None
+        for k, (loss_fn, weight) in enumerate(zip(self.loss_fns, self.weights)):
+            losses, chosen_rewards, rejected_rewards = loss_fn(
+                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                beta, chosen_lengths, rejected_lengths)
+            term = losses if weight == 1.0 else weight * losses
+            total = term if total is None else total + term
+            if k == self.rewards_from:
+                rewards = chosen_rewards, rejected_rewards
+        if self.pref_bco_weight:
+            batch_reward = beta * torch.cat((policy_chosen_logps - reference_chosen_logps,
+                                             policy_rejected_logps - reference_rejected_logps)).mean().item()
+            bco = bco_shifted_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, beta, self.bco_shift.update(batch_reward))
+            total = (total + self.pref_bco_weight * bco) / (1 + self.pref_bco_weight)
+        if self.pref_ftx:
+            total = total + self.pref_ftx * chosen_nll(policy_chosen_logps, chosen_lengths)
+        return total, *rewards
+
+    def state_dict(self) -> dict:
+        return {"bco_shift": self.bco_shift.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bco_shift.load_state_dict(state["bco_shift"])

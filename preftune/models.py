@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune import adapters
-from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, apply_freeze, apply_lora, split_names, with_adapters
+from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
 from preftune.errors import ModelError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -49,8 +49,9 @@ def load_model(name: str, cfg, what: str = "model_name_or_path"):
     """The policy (what = model_name_or_path) or a separately loaded reference (any other `what`),
     quantized as quantization_bit / ref_model_quantization_bit say."""
     _check_reachable(name, what)
-    quantization_key = "quantization_bit" if what == "model_name_or_path" else "ref_model_quantization_bit"
-    quantization_bit = getattr(cfg, quantization_key)
+    policy = what == "model_name_or_path"
+    quantization_key = "quantization_bit" if policy else "ref_model_quantization_bit"
+    quantization_bit = cfg.quantization_bit if policy else cfg.ref_model_quantization_bit
     kwargs = {"dtype": DTYPES[cfg.torch_dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -84,12 +85,11 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             module.attention_dropout = p
 
 
-def load_policy_and_reference(cfg, with_reference: bool = True):
-    """The policy (a peft model for finetuning_type: lora, with frozen layers for freeze) and
-    the reference: None when `with_reference` is false (a reference-free loss), the policy with
-    its adapter off for LoRA (`adapters.AdapterReference`, no second copy), else a frozen
-    separately loaded model: `ref_model` (+ `ref_model_adapters` merged in) or a copy of the
-    starting policy."""
+def load_policy(cfg, reference_adapter: bool = False):
+    """The policy to train: a peft model for finetuning_type: lora, with frozen layers for freeze,
+    dropout set as the config says. `reference_adapter`: a LoRA policy that starts from
+    adapter_name_or_path also loads a frozen copy of its last adapter, for the reference
+    (`adapters.AdapterReference`; `reference.load_models` decides)."""
     policy = load_model(cfg.model_name_or_path, cfg)
     if cfg.dropout is not None:
         set_dropout(policy, cfg.dropout)
@@ -100,20 +100,15 @@ def load_policy_and_reference(cfg, with_reference: bool = True):
         enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         policy.config.use_cache = False
-    adapter_reference = with_reference and cfg.finetuning_type == "lora" and not cfg.ref_model
     if cfg.finetuning_type == "lora":
         if cfg.gradient_checkpointing:
             # the embeddings are frozen under LoRA: without this, checkpointed blocks would see
             # inputs that need no gradient and pass none back to the adapters
             policy.enable_input_require_grads()
-        policy = apply_lora(policy, cfg, reference_adapter=adapter_reference and bool(cfg.adapter_name_or_path))
+        policy = apply_lora(policy, cfg, reference_adapter=reference_adapter)
     elif cfg.finetuning_type == "freeze":
         apply_freeze(policy, cfg)
-    if not with_reference:
-        return policy, None
-    if adapter_reference:
-        return policy, AdapterReference(policy, REFERENCE_ADAPTER if cfg.adapter_name_or_path else None)
-    return policy, load_reference(cfg)
+    return policy
 
 
 def reference_adapters(cfg) -> str | None:

@@ -1,17 +1,22 @@
-"""Precomputed reference log-probs (`precompute_ref_log_probs: true`): the reference model runs
-once over the training and validation pairs, before the policy is loaded, and is then freed, so
-training holds one model (plus its optimizer state) instead of two.
+"""The reference model pi_ref, as one object that the step asks for log-probs one way.
 
-    precompute_reference_logps(cfg, {"train": train_tok, "validation": val_tok}, pad_id, accelerator)
+    policy, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
+    reference.on("train").logps(batch)        # BatchLogps of the batch's rows, or None without a reference
 
-Every pair gets log pi_ref(y_w|x) and log pi_ref(y_l|x), summed over completion tokens, in its
-`TokenizedPair.reference_chosen_logps` / `reference_rejected_logps`; `reference_logps_of` turns a
-batch's pairs into the (2B,) tensor that `train.preference_step` uses instead of a reference
-forward. Evaluation reads the validation pairs' values the same way, so it compares the policy
-with the true reference, never with itself.
+`load_models` is the one place that decides, from the config, what the reference is:
+  - none: a reference-free loss (simpo, orpo, sft); `logps` returns None and nothing is loaded;
+  - a frozen separately loaded model: `ref_model` (+ `ref_model_adapters` merged in), or a copy of
+    the starting policy (full and freeze runs; a LoRA run with ref_model);
+  - the LoRA policy itself with its adapter off, or with a frozen copy of its starting adapter
+    (`adapters.AdapterReference`): no second copy of the weights;
+  - precomputed (`precompute_ref_log_probs: true`): the reference runs once over the training and
+    validation pairs before the policy is loaded, and is then freed, so training holds one model
+    (plus its optimizer state) instead of two. Its (N, 2) log-probs per split are looked up by the
+    batch's `index`; `on(split)` says which split a batch comes from. No KL then: the KL needs the
+    reference's whole next-token distribution, which is not kept.
 
-Each split is cached in `<ref_logps_cache_dir>/<key>.safetensors`, the key a hash of everything
-that changes the numbers:
+Precomputed log-probs are cached in `<ref_logps_cache_dir>/<key>.safetensors`, the key a hash of
+everything that changes the numbers:
   - the reference weights. A local folder: name, size and modification time of each file in it
     (cheap, the weights are not read; re-saved or edited weights change size or mtime; a copied
     folder misses once). A hub id: its commit hash (files at a commit never change). The same
@@ -40,13 +45,12 @@ import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from preftune.batching import collate, epoch_batches
+from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
 from preftune.errors import ModelError
-from preftune.logps import get_batch_logps
-from preftune.adapters import split_names
-from preftune.models import DTYPES, check_vocabulary, load_reference, reference_adapters
+from preftune.evaluate import pair_logps
+from preftune.logps import BatchLogps, get_batch_logps
+from preftune.models import DTYPES, check_vocabulary, load_policy, load_reference, reference_adapters
 from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")
@@ -126,49 +130,36 @@ def _write_cache(path: Path, key: str, logps: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def compute_reference_logps(reference, pairs: list[TokenizedPair], cfg, pad_id: int, accelerator) -> torch.Tensor:
-    """One pass of the reference: (N, 2) summed log-probs, column 0 chosen, column 1 rejected;
-    batched as evaluation is, under the run's precision (the same autocast as the live reference)."""
-    out = torch.empty(len(pairs), 2)
-    batches = epoch_batches(len(pairs), cfg.eval_batch_size, cfg.seed, 0, shuffle=False)
-    for idx in tqdm(batches, desc="reference log-probs", disable=not cfg.progress_bar or not accelerator.is_main_process):
-        batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in idx], pad_id).items()}
-        with accelerator.autocast():
-            logps = get_batch_logps(reference, chunk_size=cfg.logps_chunk_size, ld_alpha=cfg.ld_alpha,
-                                    **batch)[0].float().cpu()  # (2B,)
-        out[idx, 0], out[idx, 1] = logps[:len(idx)], logps[len(idx):]
-    return out
-
-
 def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_id: int, accelerator,
-                               tokenizer=None) -> dict:
-    """Fill every pair's reference log-probs, from the cache or from one pass of the reference,
-    which is loaded only on a miss and freed before returning (and checked to cover `tokenizer`'s
-    vocabulary when given). Returns {split: cache file}."""
+                               tokenizer=None) -> dict[str, torch.Tensor]:
+    """Every split's reference log-probs, (N, 2) float32 [chosen, rejected] in the split's order,
+    from the cache or from one pass of the reference (batched as evaluation is, under the run's
+    precision), which is loaded only on a miss and freed before returning (and checked to cover
+    `tokenizer`'s vocabulary when given)."""
     cache_dir = Path(cfg.ref_logps_cache_dir or default_cache_dir()).expanduser()
-    reference, files = None, {}
+    reference, tables = None, {}
     for split, pairs in splits.items():
         if not pairs:
             continue
         # with several processes the main one computes and writes first; the others then read its file
         with accelerator.main_process_first():
             key = cache_key(cfg, pairs, accelerator.device.type)
-            path = files[split] = cache_dir / f"{key}.safetensors"
+            path = cache_dir / f"{key}.safetensors"
             logps = _read_cache(path, key, len(pairs))
             if logps is None:
                 if reference is None:
                     reference = load_reference(cfg).to(accelerator.device)
                     if tokenizer is not None:
                         check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
-                logps = compute_reference_logps(reference, pairs, cfg, pad_id, accelerator)
+                progress = "reference log-probs" if cfg.progress_bar and accelerator.is_main_process else None
+                logps, _ = pair_logps(reference, pairs, pad_id, cfg.eval_batch_size, cfg.logps_chunk_size,
+                                      cfg.ld_alpha, accelerator.device, accelerator.autocast, progress)
                 if accelerator.is_main_process:
                     _write_cache(path, key, logps)
                 log.info("reference log-probs of %d %s pairs computed, cached in %s", len(pairs), split, path)
             else:
                 log.info("reference log-probs of %d %s pairs read from %s", len(pairs), split, path)
-        for pair, (chosen, rejected) in zip(pairs, logps.tolist()):
-            pair.reference_chosen_logps, pair.reference_rejected_logps = chosen, rejected
+        tables[split] = logps
     # the point of precomputing: no reference in memory while training
     del reference
     gc.collect()
@@ -176,13 +167,69 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
         torch.cuda.empty_cache()
     log.info("precompute_ref_log_probs: no kl/eval_kl columns; the KL needs the reference's whole next-token "
              "distribution at every completion token, which is not cached")
-    return files
+    return tables
 
 
-def reference_logps_of(pairs: list[TokenizedPair]) -> torch.Tensor | None:
-    """The precomputed log pi_ref of a batch's B pairs in the [chosen; rejected] order of
-    `batching.collate`, (2B,) float32; None when they were not precomputed."""
-    if pairs[0].reference_chosen_logps is None:
-        return None
-    return torch.tensor([p.reference_chosen_logps for p in pairs] + [p.reference_rejected_logps for p in pairs],
-                        dtype=torch.float32)
+class Reference:
+    """pi_ref for the step: `logps(batch)` gives log pi_ref of the batch's rows, or None without a
+    reference. `model` is what computes them live (a frozen model or an `AdapterReference`; None when
+    precomputed or absent), which is also what the KL to the reference needs."""
+
+    def __init__(self, model=None, tables: dict[str, torch.Tensor] | None = None, chunk_size: int = 1024,
+                 split: str | None = None, description: str = "none (reference-free loss)"):
+        self.model, self.tables, self.chunk_size, self.split = model, tables, chunk_size, split
+        self.description = description
+
+    def on(self, split: str) -> Reference:
+        """This reference for batches of `split` ("train", "validation"): which table a precomputed one reads."""
+        return Reference(self.model, self.tables, self.chunk_size, split, self.description)
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
+              return_hidden: bool = False) -> BatchLogps | None:
+        """log pi_ref of the batch's rows ([chosen; rejected] for pairs): a `BatchLogps` (precomputed:
+        its logps only, (2B,)), or None for a reference-free run."""
+        if self.tables is not None:
+            rows = self.tables[self.split][batch["index"].cpu()]  # (B, 2) [chosen, rejected]
+            return BatchLogps(torch.cat((rows[:, 0], rows[:, 1])).to(batch["input_ids"].device), None)
+        if self.model is None:
+            return None
+        return get_batch_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                               self.chunk_size, return_hidden=return_hidden, ld_alpha=ld_alpha)
+
+
+def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] | None = None):
+    """(the policy, its `Reference`), as the config says (module docstring). With precompute the
+    reference's pass over `splits` runs, and its model is freed, before the policy loads. A given
+    tokenizer is checked against every model's vocabulary; a given accelerator prepares a separately
+    loaded reference for evaluation (sharded as the policy is, never trained)."""
+    chunk_size = cfg.logps_chunk_size
+    if cfg.precompute_ref_log_probs:
+        tables = precompute_reference_logps(cfg, splits or {}, tokenizer.pad_token_id, accelerator, tokenizer)
+        return _checked_policy(cfg, tokenizer), Reference(None, tables, chunk_size,
+                                                          description="precomputed log-probs (no model in memory)")
+    adapter_off = cfg.uses_reference and cfg.finetuning_type == "lora" and not cfg.ref_model
+    starting_adapter = adapter_off and bool(cfg.adapter_name_or_path)
+    policy = _checked_policy(cfg, tokenizer, reference_adapter=starting_adapter)
+    if adapter_off:
+        what = "a frozen copy of its starting adapter" if starting_adapter else "its adapter off"
+        return policy, Reference(AdapterReference(policy, REFERENCE_ADAPTER if starting_adapter else None),
+                                 chunk_size=chunk_size, description=f"the LoRA policy with {what}")
+    if not cfg.uses_reference:
+        return policy, Reference()
+    model = load_reference(cfg)
+    what = "ref_model" if cfg.ref_model else "the reference copy"
+    if tokenizer is not None:
+        check_vocabulary(model, tokenizer, what)
+    if accelerator is not None:
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+    return policy, Reference(model, chunk_size=chunk_size,
+                             description=f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model")
+
+
+def _checked_policy(cfg, tokenizer, reference_adapter: bool = False):
+    policy = load_policy(cfg, reference_adapter)
+    if tokenizer is not None:
+        check_vocabulary(policy, tokenizer, "model_name_or_path",
+                         "the tokenizer has tokens the model has no embedding for; resize the model's embeddings")
+    return policy

@@ -15,6 +15,8 @@ import math
 import os
 from pathlib import Path
 
+from preftune.files import write_atomic
+
 log = logging.getLogger("preftune")
 
 METRIC_NOTES = {
@@ -29,12 +31,6 @@ METRIC_NOTES = {
     "eval_train_gap": "eval_loss - train loss of the latest logging step; eval_train_gap_pct relative to it",
     "tokens_per_second": "non-padding tokens of chosen+rejected sequences trained on per second of wall time",
 }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -75,7 +71,7 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.dir / "training_metrics.csv")
-        _atomic_write(self.dir / "log_history.json", json.dumps(self.history, indent=1))
+        write_atomic(self.dir / "log_history.json", json.dumps(self.history, indent=1))
 
         train_rows = [r for r in self.history if "loss" in r]
         eval_rows = [r for r in self.history if "eval_loss" in r]
@@ -96,7 +92,7 @@ class MetricsLog:
             "metric_notes": METRIC_NOTES,
             "outputs": {"model": str(Path(self.cfg.output_dir)), "metrics": str(self.dir)},
         }
-        _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
+        write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
         if self.cfg.plot_loss:
             plot_curves(self.history, self.dir / "training_curves.png")
         return summary

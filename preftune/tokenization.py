@@ -91,9 +91,6 @@ class TokenizedPair:
     rejected_ids: list[int]
     rejected_start: int
     truncated: bool = False
-    # set by preftune.reference when precompute_ref_log_probs is on: log pi_ref(y|x), summed
-    reference_chosen_logps: float | None = None
-    reference_rejected_logps: float | None = None
 
 
 @dataclass

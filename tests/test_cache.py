@@ -142,7 +142,7 @@ def test_a_run_reports_truncated_and_dropped_and_reuses_the_cache(tmp_path, tiny
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("truncation_mode", "keep_middle", "truncation_mode: 'keep_middle' is not supported; use keep_start or keep_end"),
+    ("truncation_mode", "keep_middle", "truncation_mode: unknown value 'keep_middle'; use keep_start or keep_end"),
     ("max_prompt_length", 0, "max_prompt_length must be at least 1"),
     ("preprocessing_num_workers", 0, "preprocessing_num_workers must be at least 1"),
 ])

@@ -91,19 +91,6 @@ def test_help_lists_every_key(capsys):
         assert key in out
 
 
-def test_readme_documents_every_config_key_and_alias():
-    import dataclasses
-    from pathlib import Path
-
-    from preftune.config import ALIASES, TrainConfig
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for f in dataclasses.fields(TrainConfig):
-        assert f"| `{f.name}` |" in readme, f.name
-    for alias in ALIASES:
-        assert f"`{alias}`" in readme, alias
-
-
 def test_hub_id_is_tried_on_the_hub_and_fails_clearly_offline(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')

@@ -141,8 +141,8 @@ def test_label_smoothing_is_accepted_by_the_losses_that_use_it(loss):
 
 
 def test_every_loss_loads_with_default_hyperparameters():
-    from preftune.config import LOSSES
-    for loss in set(LOSSES) - {"exo_pair"}:  # exo_pair needs label_smoothing > 0 (tested above)
+    from preftune.config import LOSS_NAMES
+    for loss in set(LOSS_NAMES) - {"exo_pair"}:  # exo_pair needs label_smoothing > 0 (tested above)
         cfg = from_dict({"pref_loss": loss})
         assert cfg.label_smoothing == 0.0 and cfg.discopop_tau == 0.05
 
@@ -159,7 +159,7 @@ def test_every_loss_loads_with_default_hyperparameters():
     ({"pref_loss": "kto", "pref_bco_weight": 0.1}, r"^pref_bco_weight: not supported with pref_loss: kto"),
     ({"pref_loss": "kto", "per_device_train_batch_size": 1}, r"^per_device_train_batch_size: kto needs at least 2"),
     ({"pref_loss": "kto", "label_smoothing": 0.1}, r"^label_smoothing: pref_loss kto does not use it"),
-    ({"f_divergence_type": "kl"}, r"^f_divergence_type: unknown 'kl'; choose one of reverse_kl, forward_kl, "),
+    ({"f_divergence_type": "kl"}, r"^f_divergence_type: unknown value 'kl'; use reverse_kl, forward_kl, "),
     ({"pref_loss": "hinge", "f_divergence_type": "forward_kl"},
      r"^f_divergence_type: forward_kl applies to the sigmoid \(DPO\) loss only \(f-DPO\); pref_loss is hinge; "),
     ({"pref_loss": "sigmoid,ipo", "f_divergence_type": "js_divergence"}, r"^f_divergence_type: js_divergence applies"),
@@ -183,7 +183,7 @@ def test_loss_options_that_apply_are_accepted():
     cfg = from_dict({"pref_loss": "kto", "desirable_weight": 1.33, "undesirable_weight": 0.5})  # TRL's names
     assert (cfg.kto_chosen_weight, cfg.kto_rejected_weight, cfg.is_kto) == (1.33, 0.5, True)
     assert from_dict({"pref_loss": "sigmoid,sft", "f_divergence_type": "alpha_divergence",
-                      "f_alpha_divergence_coef": 0.3}).loss_kwargs("sigmoid")["f_alpha_divergence_coef"] == 0.3
+                      "f_alpha_divergence_coef": 0.3}).loss_options("sigmoid")["f_alpha_divergence_coef"] == 0.3
     assert from_dict({"pref_loss": "ipo", "ld_alpha": 0.5, "use_weighting": True}).ld_alpha == 0.5
     assert from_dict({"pref_loss": "simpo", "use_weighting": True}).use_weighting
     assert not from_dict({"pref_loss": "kto_pair"}).is_kto

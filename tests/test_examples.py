@@ -1,4 +1,4 @@
-"""Seed 002's experiments (examples/) as tests of the losses' behaviour."""
+"""The two example experiments (examples/) as tests of the losses' behaviour."""
 
 import importlib.util
 from pathlib import Path

@@ -11,13 +11,20 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune import export as export_mod
 from preftune import train as train_mod
 from preftune.cli import main
+from preftune.commands import export as export_mod
+from preftune.commands.export import quality
 from preftune.config import from_dict
 from preftune.demo import build_model
 from preftune.errors import ConfigError, DataError, ModelError
-from preftune.export import export, quality
+
+
+def export(model, dtype="bf16", out=None, overwrite=False, data=None, ref=None, batch_size=None, **keys):
+    """`preftune export MODEL --data .. --ref .. --batch_size ..` as a library call: MODEL and the
+    keys go through the one typed config, as the command line's do."""
+    keys.update(model_name_or_path=model, eval_dataset=data, ref_model=ref, per_device_eval_batch_size=batch_size)
+    return export_mod.export(from_dict(keys), dtype, out, overwrite)
 
 
 @pytest.fixture(scope="module")

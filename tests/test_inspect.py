@@ -3,7 +3,14 @@
 import json
 
 from preftune.cli import main
-from preftune.inspection import BOUNDARY, inspect_data
+from preftune.commands.inspect import BOUNDARY
+from preftune.commands.inspect import inspect_data as inspect_config
+from preftune.config import from_dict
+
+
+def inspect_data(data, model=None, **keys):
+    """`preftune inspect DATA --model M --key value` as a library call: through the one typed config."""
+    return inspect_config(from_dict({"dataset": data, "model_name_or_path": model, **keys}))
 
 CONV = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                    {"role": "assistant", "content": "4"}, {"role": "user", "content": "times 3?"}],

@@ -30,7 +30,7 @@ def test_chunked_logps_equal_naive_values_and_gradients(tiny_tokenizer, demo_pai
     expected_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    logps, lengths = get_batch_logps(model, chunk_size=5, **batch)  # many chunks, one ragged
+    logps, lengths = get_batch_logps(model, chunk_size=5, **batch)[:2]  # many chunks, one ragged
     torch.testing.assert_close(logps, expected, rtol=1e-6, atol=1e-5)  # fp32 sums of ~250: order-of-summation noise
     assert lengths.tolist() == batch["completion_mask"].sum(1).tolist()
     logps.sum().backward()
@@ -40,8 +40,8 @@ def test_chunked_logps_equal_naive_values_and_gradients(tiny_tokenizer, demo_pai
 
 def test_chosen_and_rejected_rows_are_independent_of_padding(tiny_tokenizer, demo_pairs):
     model = build_model(len(tiny_tokenizer), seed=1, hidden=32, layers=2)
-    together, _ = get_batch_logps(model, **make_batch(tiny_tokenizer, demo_pairs, 3))
-    alone, _ = get_batch_logps(model, **make_batch(tiny_tokenizer, demo_pairs[:1], 1))
+    together, _ = get_batch_logps(model, **make_batch(tiny_tokenizer, demo_pairs, 3))[:2]
+    alone, _ = get_batch_logps(model, **make_batch(tiny_tokenizer, demo_pairs[:1], 1))[:2]
     torch.testing.assert_close(together[[0, 3]], alone, rtol=0, atol=1e-5)
 
 
@@ -50,8 +50,8 @@ def test_completion_kl_is_zero_for_identical_models_and_exact_otherwise(tiny_tok
     a = build_model(len(tiny_tokenizer), seed=1, hidden=32, layers=2)
     b = build_model(len(tiny_tokenizer), seed=2, hidden=32, layers=2)
     with torch.no_grad():
-        _, _, h_a = get_batch_logps(a, return_hidden=True, **batch)
-        _, _, h_b = get_batch_logps(b, return_hidden=True, **batch)
+        h_a = get_batch_logps(a, return_hidden=True, **batch).hidden
+        h_b = get_batch_logps(b, return_hidden=True, **batch).hidden
     kl, n = completion_kl(a, a, h_a, h_a, chunk_size=7)
     assert abs(kl.item()) < 1e-5 and n == int(batch["completion_mask"][:, 1:].sum())
     kl_ab, _ = completion_kl(a, b, h_a, h_b)
@@ -70,9 +70,9 @@ def test_bf16_autocast_on_cpu_scores_the_head_in_fp32(tiny_tokenizer, demo_pairs
     batch = make_batch(tiny_tokenizer, demo_pairs)
     model = build_model(len(tiny_tokenizer), seed=1, hidden=32, layers=2)
     with torch.no_grad():
-        exact, _ = get_batch_logps(model, **batch)
+        exact, _ = get_batch_logps(model, **batch)[:2]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed, _ = get_batch_logps(model, **batch)
+            mixed, _ = get_batch_logps(model, **batch)[:2]
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, exact, rtol=2e-2, atol=0.5)  # only the bf16 backbone differs
 
@@ -92,10 +92,10 @@ def test_ld_alpha_zero_scores_only_the_shared_length_and_alpha_interpolates(tiny
         positions = cut[row].nonzero()[:, 0]
         cut[row, positions[shared[row]:]] = 0
     with torch.no_grad():
-        full, _ = get_batch_logps(model, **batch)
-        short, _ = get_batch_logps(model, **{**batch, "completion_mask": cut})
-        ld0, ld_lengths = get_batch_logps(model, ld_alpha=0.0, **batch)
-        ld_half, _ = get_batch_logps(model, ld_alpha=0.5, **batch)
+        full, _ = get_batch_logps(model, **batch)[:2]
+        short, _ = get_batch_logps(model, **{**batch, "completion_mask": cut})[:2]
+        ld0, ld_lengths = get_batch_logps(model, ld_alpha=0.0, **batch)[:2]
+        ld_half, _ = get_batch_logps(model, ld_alpha=0.5, **batch)[:2]
     torch.testing.assert_close(ld0, short, rtol=0, atol=1e-5)
     torch.testing.assert_close(ld_half, short + 0.5 * (full - short), rtol=0, atol=1e-4)
     assert torch.equal(ld_lengths, lengths) and (full - short).abs().max() > 1
@@ -111,7 +111,8 @@ def test_wpo_weights_equal_the_full_logits_formula_and_carry_no_gradient(tiny_to
     token = lp.gather(2, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
     aligned = (token - torch.logsumexp(2 * lp, -1)) * batch["completion_mask"][:, 1:]
     expected = torch.exp(aligned.sum(1) / batch["completion_mask"][:, 1:].sum(1))
-    logps, _, weights = get_batch_logps(model, chunk_size=5, wpo=True, **batch)
+    out = get_batch_logps(model, chunk_size=5, wpo=True, **batch)
+    logps, weights = out.logps, out.wpo_weights
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=0)
     assert not weights.requires_grad and logps.requires_grad
     torch.testing.assert_close(logps, get_batch_logps(model, chunk_size=5, **batch)[0], rtol=0, atol=0)

@@ -14,7 +14,7 @@ What is compared, float64, atol 1e-6:
   order, as in preftune;
 * the rewards: the per-pair `chosen_rewards`/`rejected_rewards` TRL passes to
   `accelerator.gather` for its `rewards/*` metrics;
-* preftune's side goes through `config.from_dict` and `train.configured_loss`, the path a run takes.
+* preftune's side goes through `config.from_dict` and `step.configured_loss`, the path a run takes.
 
 Deliberate difference, pinned here: TRL 1.16's `sigmoid` ignores `label_smoothing`; preftune's
 applies it as cDPO, whose formula TRL still computes as `aot` on a one-pair batch (sorting one
@@ -33,7 +33,7 @@ import trl
 from preftune import config
 from preftune.logps import ld_token_weights
 from preftune.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES
-from preftune.train import configured_loss
+from preftune.step import configured_loss
 
 # trl.DPOConfig itself sets the deprecated alias; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from preftune import config, losses
-from preftune.train import configured_loss
+from preftune.step import configured_loss
 
 # Two pairs. Pair 0: the policy moved toward chosen (log-ratio +1) and away from rejected (-1).
 # Pair 1: the other way round. Completion lengths 2 (chosen) and 4 (rejected).
@@ -84,7 +84,7 @@ def test_gradients_push_chosen_up_and_rejected_down():
     for name in losses.LOSSES.keys() - excluded:
         policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
         policy_rejected = POLICY_REJECTED.clone().requires_grad_()
-        hyperparameters = {key: HYPERPARAMETERS[key] for key in config.LOSSES[name]}
+        hyperparameters = {key: HYPERPARAMETERS[key] for key in losses.loss_options(name)}
         loss, _, _ = losses.LOSSES[name](policy_chosen, policy_rejected, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
                                          CHOSEN_LENGTHS, REJECTED_LENGTHS, **hyperparameters)
         loss.sum().backward()
@@ -103,27 +103,29 @@ def test_apo_down_lowers_both_likelihoods_rejected_more():
 
 
 def test_config_knows_exactly_the_implemented_losses():
-    assert set(config.LOSSES) == set(losses.LOSSES) | set(losses.UNPAIRED_LOSSES)
+    assert set(config.LOSS_NAMES) == set(losses.LOSSES) | set(losses.UNPAIRED_LOSSES)
 
 
 def test_config_binds_exactly_the_keyword_parameters_each_loss_takes():
-    """config.LOSSES[name] lists the config keys bound to the loss's keyword-only parameters."""
+    """A loss's keyword-only parameters are config keys, and the config binds exactly those, with its values."""
+    cfg = config.TrainConfig()
     for name, fn in {**losses.LOSSES, **losses.UNPAIRED_LOSSES}.items():
         keyword_only = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        assert tuple(keyword_only) == config.LOSSES[name], name
-        assert set(keyword_only) <= set(HYPERPARAMETERS) and set(keyword_only) <= set(config.TrainConfig().to_dict())
+        assert losses.loss_options(name) == tuple(keyword_only), name
+        assert set(keyword_only) <= set(HYPERPARAMETERS) and set(keyword_only) <= set(cfg.to_dict())
+        assert cfg.loss_options(name) == {key: cfg.to_dict()[key] for key in keyword_only}, name
 
 
 def test_configured_loss_binds_the_config_values():
     cfg = config.from_dict({"pref_loss": "sigmoid", "label_smoothing": 0.1})
-    assert cfg.loss_kwargs("sigmoid") == {"label_smoothing": 0.1, "f_divergence_type": "reverse_kl",
+    assert cfg.loss_options("sigmoid") == {"label_smoothing": 0.1, "f_divergence_type": "reverse_kl",
                                           "f_alpha_divergence_coef": 0.5}
     loss, _, _ = configured_loss(cfg)(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1,
                                       CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss.tolist() == pytest.approx([0.6181388693, 0.7781388693], abs=1e-7)  # cDPO, see below
     cfg = config.from_dict({"pref_loss": "discopop", "discopop_tau": 0.5})
-    assert cfg.loss_kwargs("discopop") == {"discopop_tau": 0.5}
-    assert config.from_dict({"pref_loss": "hinge"}).loss_kwargs("hinge") == {}
+    assert cfg.loss_options("discopop") == {"discopop_tau": 0.5}
+    assert config.from_dict({"pref_loss": "hinge"}).loss_options("hinge") == {}
 
 
 def test_sigmoid_with_label_smoothing_is_cdpo():
@@ -273,7 +275,9 @@ def test_reference_free_losses_ignore_the_reference():
 
 
 def test_config_knows_the_reference_free_losses():
-    assert config.REFERENCE_FREE == losses.REFERENCE_FREE
+    for name in losses.LOSSES:
+        assert config.from_dict({"pref_loss": name, "label_smoothing": 0.1 if name == "exo_pair" else 0.0}) \
+            .uses_reference == (name not in losses.REFERENCE_FREE), name
 
 
 def test_pref_ftx_adds_the_chosen_nll_per_token():
@@ -347,8 +351,12 @@ def test_pref_bco_weight_mixes_in_bco_with_a_running_reward_shift():
     assert loss.tolist() == pytest.approx([0.8283570196, 1.0283570196], abs=1e-6)
     assert chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
     zero = torch.zeros(2)
+    resumed = configured_loss(config.from_dict({"pref_loss": "sigmoid", "pref_bco_weight": 0.5}))
+    resumed.load_state_dict(objective.state_dict())  # as a checkpoint carries it to a resumed run
     loss, _, _ = objective(torch.tensor([2.0, 0.0]), zero, zero, zero, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss.tolist() == pytest.approx([0.8288244910, 0.9242483227], abs=1e-6)
+    assert resumed(torch.tensor([2.0, 0.0]), zero, zero, zero, 0.1, CHOSEN_LENGTHS, REJECTED_LENGTHS)[0].tolist() \
+        == loss.tolist()  # the running shift continued, not restarted (delta 0.05 would give other numbers)
 
 
 @pytest.mark.parametrize("f_divergence_type,coef,expected", [

@@ -20,8 +20,16 @@ from preftune.data import PreferencePair
 from preftune.demo import build_model, make_pairs
 from preftune.errors import ConfigError, ModelError
 from preftune.logps import completion_kl, get_batch_logps
+from preftune.reference import load_models
 from preftune.tokenization import tokenize_pairs
 
+
+
+def load_policy_and_reference(cfg):
+    """The policy and the reference model that `reference.load_models` builds from cfg (neither an
+    accelerator nor a tokenizer check: the models themselves)."""
+    policy, reference = load_models(cfg)
+    return policy, reference.model
 
 def cfg_for(model_dir, **over):
     return from_dict({"model_name_or_path": str(model_dir), "torch_dtype": "float32", **over})
@@ -63,7 +71,7 @@ def sft_adapter(tiny_model_dir, tmp_path_factory):
 
 
 def test_lora_reference_is_the_policy_with_its_adapter_off(tiny_model_dir, batch):
-    policy, reference = models.load_policy_and_reference(cfg_for(tiny_model_dir, finetuning_type="lora"))
+    policy, reference = load_policy_and_reference(cfg_for(tiny_model_dir, finetuning_type="lora"))
     assert isinstance(policy, PeftModel) and isinstance(reference, AdapterReference) and reference.policy is policy
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -77,9 +85,9 @@ def test_lora_reference_is_the_policy_with_its_adapter_off(tiny_model_dir, batch
     assert policy.training and all(p.requires_grad for n, p in policy.named_parameters() if n in trainable)
     # the KL metric with the adapter-off reference equals the KL to a separately loaded base
     with torch.no_grad():
-        _, _, policy_hidden = get_batch_logps(policy, **batch, return_hidden=True)
-        _, _, reference_hidden = get_batch_logps(reference, **batch, return_hidden=True)
-        _, _, base_hidden = get_batch_logps(base, **batch, return_hidden=True)
+        policy_hidden = get_batch_logps(policy, **batch, return_hidden=True).hidden
+        reference_hidden = get_batch_logps(reference, **batch, return_hidden=True).hidden
+        base_hidden = get_batch_logps(base, **batch, return_hidden=True).hidden
     kl, n = completion_kl(policy, reference, policy_hidden, reference_hidden)
     kl_base, _ = completion_kl(policy, base, policy_hidden, base_hidden)
     assert n > 0 and kl.item() > 1e-3 and kl.item() == pytest.approx(kl_base.item(), rel=1e-4)
@@ -88,7 +96,7 @@ def test_lora_reference_is_the_policy_with_its_adapter_off(tiny_model_dir, batch
 def test_starting_from_an_sft_adapter_the_reference_is_the_sft_model(tiny_model_dir, sft_adapter, batch):
     """The known trap: disabling the adapter of base + SFT adapter gives the bare base."""
     cfg = cfg_for(tiny_model_dir, finetuning_type="lora", adapter_name_or_path=str(sft_adapter))
-    policy, reference = models.load_policy_and_reference(cfg)
+    policy, reference = load_policy_and_reference(cfg)
     sft = PeftModel.from_pretrained(base_model(tiny_model_dir), sft_adapter)
     sft_logps, base_logps = logps_of(sft, batch), logps_of(base_model(tiny_model_dir), batch)
     assert not torch.allclose(sft_logps, base_logps, atol=1e-3)
@@ -106,7 +114,7 @@ def test_adapter_list_merges_all_but_the_last(tiny_model_dir, sft_adapter, tmp_p
     randomize_lora(second, seed=2)
     second.save_pretrained(tmp_path / "second")
     cfg = cfg_for(tiny_model_dir, finetuning_type="lora", adapter_name_or_path=f"{sft_adapter},{tmp_path / 'second'}")
-    policy, reference = models.load_policy_and_reference(cfg)
+    policy, reference = load_policy_and_reference(cfg)
     expected = PeftModel.from_pretrained(
         PeftModel.from_pretrained(base_model(tiny_model_dir), sft_adapter).merge_and_unload(), tmp_path / "second")
     torch.testing.assert_close(logps_of(reference, batch), logps_of(expected, batch))
@@ -117,12 +125,12 @@ def test_ref_model_with_adapters_is_that_checkpoint(tiny_model_dir, tiny_tokeniz
     other = tmp_path / "other"
     build_model(len(tiny_tokenizer), seed=7, hidden=32, layers=2).save_pretrained(other)
     cfg = cfg_for(tiny_model_dir, finetuning_type="lora", ref_model=str(other), ref_model_adapters=str(sft_adapter))
-    policy, reference = models.load_policy_and_reference(cfg)
+    policy, reference = load_policy_and_reference(cfg)
     assert not isinstance(reference, AdapterReference) and not any(p.requires_grad for p in reference.parameters())
     expected = PeftModel.from_pretrained(base_model(other), sft_adapter)
     torch.testing.assert_close(logps_of(reference, batch), logps_of(expected, batch))
     with pytest.raises(ModelError, match="ref_model_adapters: '.*missing' is not an adapter folder"):
-        models.load_policy_and_reference(cfg_for(tiny_model_dir, ref_model=str(other),
+        load_policy_and_reference(cfg_for(tiny_model_dir, ref_model=str(other),
                                                  ref_model_adapters=str(tmp_path / "missing")))
 
 
@@ -135,7 +143,7 @@ def test_freeze_trains_the_chosen_layers_with_a_frozen_copy_as_reference(tiny_mo
                                                                          extra, expected):
     cfg = cfg_for(tiny_model_dir, finetuning_type="freeze", freeze_trainable_layers=layers,
                   freeze_trainable_modules=modules, freeze_extra_modules=extra)
-    policy, reference = models.load_policy_and_reference(cfg)
+    policy, reference = load_policy_and_reference(cfg)
     for name, p in policy.named_parameters():
         assert p.requires_grad == any(name.startswith(prefix) for prefix in expected), name
     assert reference is not policy and not any(p.requires_grad for p in reference.parameters())
@@ -144,7 +152,7 @@ def test_freeze_trains_the_chosen_layers_with_a_frozen_copy_as_reference(tiny_mo
 
 def test_freeze_names_an_unknown_module(tiny_model_dir):
     with pytest.raises(ConfigError, match="freeze_trainable_modules: no module 'attention'.*self_attn"):
-        models.load_policy_and_reference(cfg_for(tiny_model_dir, finetuning_type="freeze",
+        load_policy_and_reference(cfg_for(tiny_model_dir, finetuning_type="freeze",
                                                  freeze_trainable_modules="attention"))
 
 
@@ -166,7 +174,7 @@ def test_config_refuses_inconsistent_keys(over, message):
 
 def test_lora_target_that_matches_nothing_lists_the_linear_modules(tiny_model_dir):
     with pytest.raises(ConfigError, match="lora_target.*Linear modules of this model: .*q_proj"):
-        models.load_policy_and_reference(cfg_for(tiny_model_dir, finetuning_type="lora", lora_target="query"))
+        load_policy_and_reference(cfg_for(tiny_model_dir, finetuning_type="lora", lora_target="query"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -174,13 +182,13 @@ def test_lora_target_that_matches_nothing_lists_the_linear_modules(tiny_model_di
                                       ({"ref_model_quantization_bit": 8}, "ref_model_quantization_bit")])
 def test_quantization_without_cuda_fails_with_one_line(tiny_model_dir, over, key):
     with pytest.raises(ModelError) as err:
-        models.load_policy_and_reference(cfg_for(tiny_model_dir, **over))
+        load_policy_and_reference(cfg_for(tiny_model_dir, **over))
     assert str(err.value).startswith(f"{key}: ") and "CUDA GPU" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_gradient_checkpointing_with_lora_passes_gradients(tiny_model_dir, batch):
     cfg = cfg_for(tiny_model_dir, finetuning_type="lora", gradient_checkpointing=True)
-    policy, _ = models.load_policy_and_reference(cfg, with_reference=False)
+    policy = models.load_policy(cfg)
     assert policy.base_model.model.model.gradient_checkpointing
     randomize_lora(policy)
     policy.train()
@@ -204,7 +212,7 @@ def test_trust_remote_code_reaches_every_load_as_configured(tiny_model_dir, monk
                         recording(models.AutoModelForCausalLM.from_pretrained))
     cfg = cfg_for(tiny_model_dir, ref_model=str(tiny_model_dir), trust_remote_code=trust)
     models.load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    models.load_policy_and_reference(cfg)
+    load_policy_and_reference(cfg)
     assert seen == [trust] * 3  # tokenizer, policy, reference
 
 
@@ -217,7 +225,7 @@ def test_no_weights_are_unpickled():
 
 def lora_policy(tiny_model_dir, **over):
     cfg = cfg_for(tiny_model_dir, finetuning_type="lora", **over)
-    policy, _ = models.load_policy_and_reference(cfg)
+    policy, _ = load_policy_and_reference(cfg)
     randomize_lora(policy)
     return cfg, policy
 
@@ -390,7 +398,7 @@ def test_qlora_trains_an_adapter_on_a_quantized_base(tmp_path, qlora_model_dir, 
     loads onto the unquantized base."""
     bnb = bnb_on_cpu
     over = dict(finetuning_type="lora", quantization_bit=bits, learning_rate=1e-2, max_steps=12, eval_steps=12)
-    policy, reference = models.load_policy_and_reference(cfg_for(qlora_model_dir, **over))
+    policy, reference = load_policy_and_reference(cfg_for(qlora_model_dir, **over))
     layer = policy.base_model.model.model.layers[0].mlp.up_proj.base_layer
     assert isinstance(layer, bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
     assert isinstance(reference, AdapterReference)
@@ -418,7 +426,7 @@ def test_quantized_reference_is_the_frozen_copy_in_8_bits(qlora_model_dir, tiny_
     """ref_model_quantization_bit: the separately loaded reference of a full run is an 8-bit copy,
     frozen, whose log-probs stay close to the full-precision policy's at the start."""
     bnb = bnb_on_cpu
-    policy, reference = models.load_policy_and_reference(cfg_for(qlora_model_dir, ref_model_quantization_bit=8))
+    policy, reference = load_policy_and_reference(cfg_for(qlora_model_dir, ref_model_quantization_bit=8))
     assert isinstance(reference.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
     assert not isinstance(policy.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
     assert not any(p.requires_grad for p in reference.parameters())

@@ -9,8 +9,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from preftune import evaluate as evaluate_mod
 from preftune import models
 from preftune import reference as reference_mod
+from preftune import step as step_mod
 from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.data import PreferencePair
@@ -39,9 +41,10 @@ def config(tmp_path, model_dir, **over):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts reference forwards of the precompute pass and keeps a weak reference to every model loaded."""
+    """Counts reference forwards of the precompute pass (the pair scorer's) and keeps a weak reference to
+    every model loaded."""
     seen = {"forwards": 0, "loaded": []}
-    real_logps, real_load = reference_mod.get_batch_logps, models.load_model
+    real_logps, real_load = evaluate_mod.get_batch_logps, models.load_model
 
     def counting_logps(*args, **kwargs):
         seen["forwards"] += 1
@@ -52,7 +55,7 @@ def counted(monkeypatch):
         seen["loaded"].append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(reference_mod, "get_batch_logps", counting_logps)
+    monkeypatch.setattr(evaluate_mod, "get_batch_logps", counting_logps)
     monkeypatch.setattr(models, "load_model", recording_load)
     return seen
 
@@ -76,15 +79,15 @@ def test_precomputed_training_matches_the_live_reference(tmp_path, tiny_model_di
 
 
 def test_training_holds_no_reference_model(tmp_path, tiny_model_dir, counted, monkeypatch):
-    real_step, calls = train_mod.preference_step, []
+    real_step, calls = step_mod.PreferenceStep.__call__, []
 
-    def checking_step(policy, reference, *args, **kwargs):
+    def checking_step(self, policy, reference, batch, *args, **kwargs):
         gc.collect()
         reference_model = counted["loaded"][0]()  # the precompute pass loads the reference first
-        calls.append((reference, reference_model, kwargs["reference_logps"]))
-        return real_step(policy, reference, *args, **kwargs)
+        calls.append((reference.model, reference_model, reference.logps(batch).logps))
+        return real_step(self, policy, reference, batch, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "preference_step", checking_step)
+    monkeypatch.setattr(step_mod.PreferenceStep, "__call__", checking_step)
     train_mod.train(config(tmp_path, tiny_model_dir, precompute_ref_log_probs=True))
     assert len(counted["loaded"]) == 2 and len(calls) == 4 + 3 * 2  # 4 steps; 3 evaluations of 2 batches
     for reference, reference_model, reference_logps in calls:
@@ -159,12 +162,12 @@ def test_corrupt_or_foreign_cache_file_is_rebuilt(tmp_path, tiny_model_dir, tiny
 
     def run():
         pairs = tokenized(tiny_tokenizer)
-        files = reference_mod.precompute_reference_logps(cfg, {"train": pairs}, tiny_tokenizer.pad_token_id,
-                                                         accelerator)
-        return files["train"], reference_mod.reference_logps_of(pairs)
+        tables = reference_mod.precompute_reference_logps(cfg, {"train": pairs}, tiny_tokenizer.pad_token_id,
+                                                          accelerator)
+        return tmp_path / "cache" / f"{reference_mod.cache_key(cfg, pairs, 'cpu')}.safetensors", tables["train"]
 
     path, expected = run()
-    assert counted["forwards"] == 1 and expected.shape == (16,)  # 8 pairs: one evaluation-size batch
+    assert counted["forwards"] == 1 and expected.shape == (8, 2)  # 8 pairs: one evaluation-size batch
     path.write_bytes(path.read_bytes()[:40])  # a truncated file, as a crash without the atomic rename would leave
     assert torch.equal(run()[1], expected) and counted["forwards"] == 2
     assert "unreadable" in caplog.text

@@ -97,7 +97,7 @@ def test_stopped_after_a_checkpoint_resumes_exactly(tmp_path, tiny_model_dir, un
     out = tmp_path / "out"
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert (state["epoch"], state["micro_batch"], state["running_keys"][0]) == (1, 4, "loss")
-    assert state["loss_state"]["count"] == 12  # the BCO shift has seen 12 micro-batches
+    assert state["loss_state"]["bco_shift"]["count"] == 12  # the BCO shift has seen 12 micro-batches
     assert not (out / "dpo_metrics").exists()
 
     summary = train_mod.train(from_dict(resume_raw(tmp_path, tiny_model_dir, resume_from_checkpoint=True)))
@@ -170,6 +170,24 @@ def test_resume_errors_name_what_is_missing(tmp_path, tiny_model_dir):
     assert MetricsLog(from_dict(raw)).resumed_from is None
 
 
+# `python -m preftune`, with a pause after every optimizer step (the numbers are untouched)
+SLOW_STEPS = """
+import sys, time
+import torch
+from preftune.cli import main
+
+step = torch.optim.AdamW.step
+
+def slow_step(self, *args, **kwargs):
+    out = step(self, *args, **kwargs)
+    time.sleep(0.5)
+    return out
+
+torch.optim.AdamW.step = slow_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     """A real kill: `python -m preftune train cfg.yaml` is SIGKILLed after checkpoint-3 is in place and
@@ -186,8 +204,10 @@ def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     subprocess.run(command + [config("uninterrupted")], env=env, check=True, capture_output=True)
 
     out = tmp_path / "killed"
-    slow = {**env, "PREFTUNE_TEST_STEP_SLEEP": "0.5"}  # ~5 s of steps: the kill lands well before the end
-    proc = subprocess.Popen(command + [config("killed")], env=slow, stdout=subprocess.DEVNULL,
+    # the same command, each optimizer step followed by 0.5 s of sleep (~5 s of steps): the kill lands
+    # well before the end
+    slowed = [sys.executable, "-c", SLOW_STEPS, "train"]
+    proc = subprocess.Popen(slowed + [config("killed")], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoint-3").is_dir() and proc.poll() is None and time.time() < deadline:

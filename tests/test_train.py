@@ -14,6 +14,8 @@ from preftune.config import from_dict
 from preftune.data import PreferencePair
 from preftune.demo import make_pairs
 from preftune.logps import get_batch_logps
+from preftune.reference import Reference
+from preftune.step import PolicyLogps, PreferenceStep
 from preftune.tokenization import tokenize_pairs
 
 REQUIRED = ["step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -77,7 +79,7 @@ def test_saved_model_reloads_with_the_same_logps(trained):
     pairs = [PreferencePair(**p) for p in make_pairs(64, 1)]
     batch = collate(tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, None), tokenizer.pad_token_id)
     with torch.no_grad():
-        logps, _ = get_batch_logps(model, **batch)
+        logps, _ = get_batch_logps(model, **batch)[:2]
     assert logps[:64].mean().item() == pytest.approx(summary["final"]["eval_logps/chosen"], abs=1e-4)
     assert logps[64:].mean().item() == pytest.approx(summary["final"]["eval_logps/rejected"], abs=1e-4)
 
@@ -114,15 +116,18 @@ def test_checkpoints_are_rotated_and_loadable(tmp_path, tiny_model_dir):
 
 def test_loop_and_evaluation_bind_the_loss_hyperparameters(tmp_path, tiny_model_dir, monkeypatch):
     """label_smoothing from the config reaches the loss in training and in evaluation steps."""
+    import functools
+
     from preftune import losses
 
     seen = []
 
+    @functools.wraps(losses.exo_pair_loss)  # the same signature: the config binds the same keys
     def recording_exo_pair(*args, **kwargs):
         seen.append(kwargs)
         return losses.exo_pair_loss(*args, **kwargs)
 
-    monkeypatch.setitem(train_mod.LOSSES, "exo_pair", recording_exo_pair)
+    monkeypatch.setitem(losses.LOSSES, "exo_pair", recording_exo_pair)
     cfg = tiny_config(tmp_path, tiny_model_dir, pref_loss="exo_pair", dpo_label_smoothing=1e-3, max_steps=2,
                       eval_steps=2, logging_steps=1)
     summary = train_mod.train(cfg)
@@ -155,19 +160,17 @@ def test_reference_free_loss_loads_no_reference_and_learns(tmp_path, tiny_model_
     assert all("loss" in row or "eval_loss" in row for row in rows)
 
 
-def test_preference_step_adds_pref_ftx_and_logs_the_chosen_nll(tiny_model_dir):
+def test_dpo_step_adds_pref_ftx_and_logs_the_chosen_nll(tiny_model_dir):
     """On the tiny model: loss(pref_ftx = 0.5) - loss(pref_ftx = 0) = 0.5 * nll_loss per pair, and
     nll_loss = -log pi(chosen) / (chosen completion tokens), from the same forward pass."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = [PreferencePair(**p) for p in make_pairs(4, 1)]
     batch = collate(tokenize_pairs(tokenizer, pairs, 128, None), tokenizer.pad_token_id)
-    policy = train_mod.PolicyLogps(model, 1024)
+    policy, reference = PolicyLogps(model, 1024), Reference(model)
     with torch.no_grad():
-        plain, stats, _ = train_mod.preference_step(policy, model, batch, train_mod.configured_loss(from_dict({})),
-                                                    0.1, 1024)
-        with_nll, _, _ = train_mod.preference_step(
-            policy, model, batch, train_mod.configured_loss(from_dict({"pref_ftx": 0.5})), 0.1, 1024)
-        logps, lengths = get_batch_logps(model, **batch)
+        plain, stats, _ = PreferenceStep(from_dict({}))(policy, reference, batch)
+        with_nll, _, _ = PreferenceStep(from_dict({"pref_ftx": 0.5}))(policy, reference, batch)
+        logps, lengths = get_batch_logps(model, **batch)[:2]
     assert torch.allclose(stats["nll_loss"], -logps[:4] / lengths[:4])
     assert torch.allclose(with_nll - plain, 0.5 * stats["nll_loss"])

@@ -4,13 +4,13 @@ What is checked (float32, CPU, B=4 demo pairs, a reference with other weights th
 
 * test_dpo_metrics_match_trl[sigmoid|hinge|ipo]: TRL tokenizes and collates the pairs; that very
   batch (input_ids, attention_mask, completion_mask) goes through TRL's `compute_loss` and through
-  preftune's `preference_step`, for the whole batch (TRL logs means over the pairs) and for each
+  preftune's dpo step (`step.PreferenceStep`), for the whole batch (TRL logs means over the pairs) and for each
   pair as a one-pair batch (means over 4 pairs could hide per-pair errors that cancel). In two
   parts:
-  1. log-probs: preftune's `get_batch_logps` (called by `preference_step` for the policy and the
+  1. log-probs: preftune's `get_batch_logps` (called by the step for the policy and the
      reference) against TRL's per-sequence log-probs (`compute_ref_log_probs`, the fused LM head
      code `_compute_loss` runs; the test checks it reproduces TRL's logged `logps/*` bit for bit).
-  2. loss and statistics: `preference_step` run on TRL's log-probs (its `get_batch_logps` is
+  2. loss and statistics: the step run on TRL's log-probs (its `get_batch_logps` is
      wrapped to return TRL's values, with preftune's own completion lengths, which IPO uses), so
      the loss, `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`,
      `logps/chosen` and `logps/rejected` are compared within atol 1e-5 with no float noise from
@@ -41,14 +41,16 @@ import torch
 import datasets  # noqa: E402  (test dependencies: a missing TRL must fail the suite, not skip it)
 import trl  # noqa: E402
 
-import preftune.train  # noqa: E402
+import preftune.reference  # noqa: E402
+import preftune.step  # noqa: E402
 from preftune.batching import collate  # noqa: E402
+from preftune.config import from_dict  # noqa: E402
 from preftune.data import PreferencePair  # noqa: E402
 from preftune.demo import build_model  # noqa: E402
-from preftune.logps import get_batch_logps  # noqa: E402
-from preftune.losses import LOSSES  # noqa: E402
+from preftune.logps import BatchLogps, get_batch_logps  # noqa: E402
+from preftune.reference import Reference  # noqa: E402
+from preftune.step import PolicyLogps, PreferenceStep  # noqa: E402
 from preftune.tokenization import tokenize_pairs  # noqa: E402
-from preftune.train import PolicyLogps, preference_step  # noqa: E402
 
 B = 4
 # Per loss, a beta that keeps the numbers O(1) and exercises the loss's shape: for hinge, beta=2
@@ -110,27 +112,35 @@ def _trl_step(trainer, batch):
     return metrics, policy_logps.detach(), reference_logps.detach()
 
 
+def preference_step(policy, reference, batch, loss_type, beta, **options):
+    """preftune's dpo step (`step.PreferenceStep`) as a run builds it from its config, on the two
+    models (reference as a live `reference.Reference`)."""
+    cfg = from_dict({"pref_loss": loss_type, "pref_beta": beta, "logps_chunk_size": CHUNK_SIZE, **options})
+    return PreferenceStep(cfg)(PolicyLogps(policy, CHUNK_SIZE), Reference(reference, chunk_size=CHUNK_SIZE),
+                               {k: batch[k] for k in BATCH_KEYS})
+
+
 def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_logps):
-    """preftune's `preference_step` on the batch, its log-probs replaced by TRL's (`trl_logps`:
+    """preftune's dpo step on the batch, its log-probs replaced by TRL's (`trl_logps`:
     model -> (2B,)); returns the stats and preftune's own log-probs {model: (2B,)}."""
     own = {}
 
     def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024,
                                return_hidden=False, ld_alpha=None, wpo=False):
         assert not return_hidden and ld_alpha is None and not wpo  # no KL metric, LD-DPO or WPO here
-        logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)
+        logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)[:2]
         own[model] = logps.detach()
-        return trl_logps[model].to(logps.dtype), lengths
+        return BatchLogps(trl_logps[model].to(logps.dtype), lengths)
 
-    monkeypatch.setattr(preftune.train, "get_batch_logps", get_batch_logps_as_trl)
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    # the policy is scored in step.py (PolicyLogps), the reference in reference.py (Reference.logps)
+    monkeypatch.setattr(preftune.step, "get_batch_logps", get_batch_logps_as_trl)
+    monkeypatch.setattr(preftune.reference, "get_batch_logps", get_batch_logps_as_trl)
     policy.train()  # the training path: grad enabled, LM-head chunks recomputed in backward
     try:
-        _, stats, _ = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, batch, LOSSES[loss_type], beta,
-                                   CHUNK_SIZE)
+        _, stats, _ = preference_step(policy, reference, batch, loss_type, beta)
     finally:
         monkeypatch.undo()
-    assert set(own) == {policy, reference}, "preference_step did not score both models through get_batch_logps"
+    assert set(own) == {policy, reference}, "the step did not score both models through get_batch_logps"
     return stats, own
 
 
@@ -225,7 +235,7 @@ def test_dpo_metrics_match_trl(loss_type, models, tiny_tokenizer, demo_pairs, tm
                                      {"ld_alpha": 0.5, "use_weighting": True}])
 def test_ld_alpha_and_wpo_steps_match_trl(options, models, tiny_tokenizer, demo_pairs, tmp_path):
     """LD-DPO and WPO through the models: TRL 1.16's DPOTrainer with ld_alpha / use_weighting (its fused
-    LM head's per-token log-probs and log sum p^2) against `preference_step` with the same options
+    LM head's per-token log-probs and log sum p^2) against the dpo step with the same options
     (preftune's chunked LM head). The training loss and the logged logps/chosen, logps/rejected (LD-DPO
     weights them) and rewards/chosen, within the float noise of summed log-probs (module docstring)."""
     policy, reference = models
@@ -236,14 +246,11 @@ def test_ld_alpha_and_wpo_steps_match_trl(options, models, tiny_tokenizer, demo_
     trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     policy.train()
-    losses, stats, _ = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, {k: batch[k] for k in BATCH_KEYS},
-                                       LOSSES["sigmoid"], 0.1, CHUNK_SIZE, ld_alpha=options.get("ld_alpha"),
-                                       use_weighting=options.get("use_weighting", False))
+    losses, stats, _ = preference_step(policy, reference, batch, "sigmoid", 0.1, **options)
     assert losses.mean().item() == pytest.approx(trl_loss, abs=ATOL)
     for key in ("logps/chosen", "logps/rejected", "rewards/chosen"):
         assert stats[key].mean().item() == pytest.approx(metrics[key], abs=ATOL, rel=LOGPS_RTOL), key
-    plain, _, _ = preference_step(PolicyLogps(policy, CHUNK_SIZE), reference, {k: batch[k] for k in BATCH_KEYS},
-                                  LOSSES["sigmoid"], 0.1, CHUNK_SIZE)
+    plain, _, _ = preference_step(policy, reference, batch, "sigmoid", 0.1)
     assert (losses - plain).abs().max() > 1e-3, "the option changed nothing: the test would not see it dropped"
 
 

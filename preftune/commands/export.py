@@ -7,7 +7,7 @@
 bf16/fp16 cast every floating-point weight; int8 quantizes the weights of the linear layers
 (not the embeddings or the LM head) with torchao's `Int8WeightOnlyConfig` through transformers'
 `TorchAoConfig`: one symmetric absmax scale per output row, computation in the model's own dtype
-(docs/export.md sets this next to seed 003's per-tensor formula). Either way the folder holds
+(docs/export.md sets this next to the classic per-tensor absmax formula). Either way the folder holds
 safetensors weights, the tokenizer and the generation config, and loads with plain
 `AutoModelForCausalLM.from_pretrained(out)` (+ torchao for int8). MODEL may be a LoRA adapter
 folder (a save_adapter_only or QLoRA run's output): it is merged into its base in float32 first.
@@ -23,7 +23,6 @@ trained against (`models.load_reference`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -33,7 +32,10 @@ from pathlib import Path
 
 import torch
 
+from preftune.config import TrainConfig, help_text, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
+from preftune.evaluate import accuracy, pair_logps
+from preftune.files import fresh_tmp_dir, replace_dir
 
 log = logging.getLogger("preftune")
 
@@ -91,8 +93,6 @@ def _load(folder: Path | str, dtype: str | torch.dtype = "auto", quantization_co
 
 def run_config(src: Path):
     """The resolved config of the run that wrote `src` (its preftune_config.yaml), or None."""
-    from preftune.config import load_config
-
     path = src / "preftune_config.yaml"
     if not path.is_file():
         return None
@@ -250,26 +250,6 @@ def load_run_reference(run_cfg):
     return load_reference(dataclasses.replace(run_cfg, ref_model_quantization_bit=None, attn_implementation=None))
 
 
-@torch.no_grad()
-def pair_logps(model, tokenized, pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs (N, 2) [chosen, rejected] and completion lengths (N, 2)."""
-    from preftune.batching import collate
-    from preftune.logps import get_batch_logps
-
-    logps, lengths = [], []
-    for i in range(0, len(tokenized), batch_size):
-        batch = collate(tokenized[i:i + batch_size], pad_id)
-        lp, n = get_batch_logps(model, **batch)  # (2B,), chosen rows first
-        logps.append(lp.float().view(2, -1).T)
-        lengths.append(n.view(2, -1).T)
-    return torch.cat(logps), torch.cat(lengths)
-
-
-def _accuracy(margin: torch.Tensor) -> float:
-    """Share of pairs with a positive margin, a tie counting 0.5 (as training's rewards/accuracies)."""
-    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
-
-
 def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tensor,
             reference: torch.Tensor | None = None) -> dict:
     """Drift and preference accuracy from (N, 2) [chosen, rejected] summed log-probs.
@@ -285,8 +265,8 @@ def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tenso
     return {
         "pairs": int(original.size(0)),
         "accuracy_kind": "logps" if reference is None else "implicit_reward",
-        "accuracy_original": _accuracy(margin_orig),
-        "accuracy_exported": _accuracy(margin_exp),
+        "accuracy_original": accuracy(base[:, 0], base[:, 1]).mean().item(),
+        "accuracy_exported": accuracy(ref[:, 0], ref[:, 1]).mean().item(),
         # reversed, not merely moved off a tie: a model equal to its reference ties on every pair
         "flipped_pairs": int((margin_orig * margin_exp < 0).sum()),
         "logps_drift_per_sequence": delta.mean().item(),  # mean |delta summed log-prob| over chosen and rejected
@@ -316,18 +296,22 @@ def _check_out(dest: Path, reads: list[tuple[str, str]], overwrite: bool) -> Non
         raise ConfigError(f"--out '{dest}' already exists and is not empty; pass --overwrite or choose another folder")
 
 
-def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | None = None,
-           dataset_dir: str = "data", ref: str | None = None, max_samples: int | None = None,
-           batch_size: int = 8, overwrite: bool = False) -> dict:
-    """Write the export of `model` to `out` (default: MODEL-<dtype> beside it); returns the report.
+def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwrite: bool = False) -> dict:
+    """Write the export of cfg.model_name_or_path (MODEL) to `out` (default: MODEL-<dtype> beside it);
+    returns the report. Held-out pairs: cfg.eval_dataset (--data) if set, read from cfg.dataset_dir,
+    at most cfg.max_samples, scored cfg.eval_batch_size at a time; the reference: cfg.ref_model (--ref)
+    if set, else the run's. cutoff_len and template are the run's, else cfg's.
 
     MODEL is a saved model, or a LoRA adapter folder, which is first merged into its base in float32
     (written to a temporary folder beside OUT): that merged model is the "before" of the report."""
     from transformers import AutoTokenizer
 
-    from preftune.checkpoints import _fresh_tmp, _replace_dir
     from preftune.models import check_vocabulary
     from preftune.tokenization import tokenize_pairs
+
+    if not cfg.model_name_or_path:
+        raise ConfigError("preftune export: no MODEL given; pass the output_dir of a run (or any saved model folder)")
+    model, data, ref, batch_size = cfg.model_name_or_path, cfg.eval_dataset, cfg.ref_model, cfg.eval_batch_size
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
@@ -343,12 +327,12 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
         reads += [("the base model of MODEL's adapter", merge[0])] + [("a starting adapter", a) for a in merge[1]]
     _check_out(dest, reads, overwrite)
     ref_dir = _check_model_dir(ref, "--ref") if ref else None
-    pairs, source = heldout_pairs(src, run_cfg, data, dataset_dir, max_samples)  # data errors before any work
+    pairs, source = heldout_pairs(src, run_cfg, data, cfg.dataset_dir, cfg.max_samples)  # data errors before any work
     tokenizer_dir = merge[0] if merge and not (src / "tokenizer_config.json").is_file() else src
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # saved unchanged: nothing below may alter it first
 
-    tmp = _fresh_tmp(dest)
-    merged = _fresh_tmp(dest.with_name(dest.name + ".merged")) if merge else None
+    tmp = fresh_tmp_dir(dest)
+    merged = fresh_tmp_dir(dest.with_name(dest.name + ".merged")) if merge else None
     try:
         if merge:
             # saved once, so the export and the "before" model are both read from a plain folder
@@ -370,8 +354,7 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
             report["merged"] = {"base": merge[0], "adapters": [*merge[1], str(src)], "dtype": "float32"}
 
         if pairs:
-            tokenized = tokenize_pairs(tokenizer, pairs, run_cfg.cutoff_len if run_cfg else 1024,
-                                       run_cfg.template if run_cfg else None)
+            tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len, (run_cfg or cfg).template)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
             original, lengths = pair_logps(_load(weights), tokenized, pad_id, batch_size)
             after, _ = pair_logps(reloaded, tokenized, pad_id, batch_size)
@@ -379,7 +362,7 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
             if reference:
                 ref_model = load_full(ref_dir, run_config(ref_dir)) if ref_dir else load_run_reference(run_cfg)
                 check_vocabulary(ref_model, tokenizer, "--ref" if ref_dir else "the run's reference")
-                reference_logps = pair_logps(ref_model, tokenized, pad_id, batch_size)[0]
+                reference_logps = pair_logps(ref_model, tokenized, pad_id, batch_size)[0]  # (N, 2)
             report["heldout"] = {"data": source, "reference": " + ".join(reference) if reference else None,
                                  **quality(original, after, lengths, reference_logps)}
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -389,7 +372,7 @@ def export(model: str, dtype: str = "bf16", out: str | None = None, data: str | 
     finally:
         if merged is not None:
             shutil.rmtree(merged, ignore_errors=True)  # only a step on the way
-    _replace_dir(tmp, dest)
+    replace_dir(tmp, dest)
     return report
 
 
@@ -419,20 +402,32 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+USAGE = """usage: preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--overwrite] [--data PAIRS]
+                       [--ref MODEL] [--config FILE] [--key value ...]
+
+Write MODEL (a run's output_dir, any saved model folder, or a LoRA adapter folder) in bf16, fp16 or
+int8 (weight-only) for deployment, and measure it on held-out pairs.
+
+  --dtype D     bf16 (default), fp16 or int8
+  --out DIR     output folder (default: MODEL-<dtype> beside MODEL)
+  --overwrite   replace an existing --out folder
+  --data PAIRS  held-out pairs, as the dataset key takes them (the eval_dataset key; default: the
+                held-out split of the run that wrote MODEL)
+  --ref MODEL   reference for the implicit-reward accuracy (the ref_model key; default: the run's)
+  --batch_size  pairs per forward pass when measuring (the per_device_eval_batch_size key)
+  max_samples and dataset_dir apply to --data as to a run's dataset.
+
+Config keys:
+"""
+
+
 def main(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="preftune export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a saved model folder (a run's output_dir)")
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="bf16, fp16 or int8 (weight-only)")
-    parser.add_argument("--out", help="output folder (default: MODEL-<dtype> beside MODEL)")
-    parser.add_argument("--data", help="held-out pairs, as the `dataset` config key takes them (default: the "
-                                       "held-out split of the run that wrote MODEL)")
-    parser.add_argument("--dataset_dir", default="data", help="folder holding dataset_info.json")
-    parser.add_argument("--ref", help="reference model for the DPO implicit-reward accuracy (default: the run's)")
-    parser.add_argument("--max_samples", type=int, help="measure on at most this many pairs")
-    parser.add_argument("--batch_size", type=int, default=8, help="pairs per forward pass when measuring")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    opts = parser.parse_args(args)
-    report = export(opts.model, opts.dtype, opts.out, opts.data, opts.dataset_dir, opts.ref, opts.max_samples,
-                    opts.batch_size, opts.overwrite)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE + help_text())
+        return 0
+    config_path, overrides, flags = parse_command_line(
+        args, positional="model_name_or_path", flags={"dtype": "bf16", "out": None, "overwrite": False},
+        aliases={"data": "eval_dataset", "ref": "ref_model", "batch_size": "per_device_eval_batch_size"})
+    report = export(load_config(config_path, overrides), flags["dtype"], flags["out"], flags["overwrite"])
     print(format_report(report))
     return 0

@@ -3,6 +3,7 @@
     preftune inspect pairs.jsonl                                  # character lengths
     preftune inspect pairs.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --cutoff_len 2048 --plot lengths.png
     preftune inspect my_dpo_data --dataset_dir data --json        # a dataset_info.json name
+    preftune inspect --config run.yaml                            # the data, tokenizer and cutoff of a run
 
 Counts per source, length percentiles of prompt/chosen/rejected (tokens with --model, else
 characters), pairs the cutoff would truncate, duplicates, chosen == rejected, empty fields, the
@@ -12,12 +13,12 @@ few examples rendered exactly as training sees them, with the completion boundar
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 
+from preftune.config import TrainConfig, help_text, load_config, parse_command_line
 from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
-from preftune.errors import DataError
+from preftune.errors import ConfigError, DataError
 from preftune.tokenization import (TokenizeReport, as_pair, encode_pair, prompt_messages, setup_chat_template,
                                    truncate_pair)
 
@@ -36,11 +37,13 @@ def _percentiles(values: list[int]) -> dict[str, float]:
     return out
 
 
-def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None, cutoff_len: int = 1024,
-                 template: str | None = None, columns: dict | None = None, n_examples: int = 3,
-                 truncation_mode: str = "keep_start", max_prompt_length: int | None = None) -> dict:
-    """The statistics as a dict (what --json prints)."""
-    examples = read_examples(spec, dataset_dir, columns=columns)
+def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
+    """The statistics of cfg.dataset as a dict (what --json prints): lengths in tokens of cfg's
+    model_name_or_path when it is set (rendered and cut with cfg's template, cutoff_len,
+    truncation_mode and max_prompt_length, as a run does), else in characters."""
+    model, cutoff_len, truncation_mode, max_prompt_length = (cfg.model_name_or_path, cfg.cutoff_len,
+                                                             cfg.truncation_mode, cfg.max_prompt_length)
+    examples = read_examples(cfg.dataset, cfg.dataset_dir, columns=cfg.columns)
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
     sources = Counter(source_of(e.where) for e in examples)
@@ -49,8 +52,8 @@ def inspect_data(spec: str, dataset_dir: str = "data", model: str | None = None,
     if model:
         from preftune.models import load_tokenizer
 
-        tokenizer = load_tokenizer(model)
-        use_template = setup_chat_template(tokenizer, template)
+        tokenizer = load_tokenizer(model, cfg.trust_remote_code)
+        use_template = setup_chat_template(tokenizer, cfg.template)
         report = TokenizeReport()
         unusable = []
 
@@ -190,31 +193,32 @@ def plot_lengths(stats: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="preftune inspect", description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", help="dataset entries, as the `dataset` config key takes them")
-    parser.add_argument("--model", help="tokenizer (model id or folder) for token lengths and rendering")
-    parser.add_argument("--cutoff_len", type=int, default=1024, help="count pairs longer than this (tokens)")
-    parser.add_argument("--truncation_mode", default="keep_start", choices=("keep_start", "keep_end"),
-                        help="which end of a cut prompt is kept, as the config key")
-    parser.add_argument("--max_prompt_length", type=int,
-                        help="cut prompts to this many tokens first, as the config key")
-    parser.add_argument("--template", help="built-in chat template for a tokenizer without one")
-    parser.add_argument("--dataset_dir", default="data", help="folder holding dataset_info.json")
-    parser.add_argument("--columns", help="field names of your data, e.g. '{prompt: question, chosen: good}'")
-    parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    parser.add_argument("--plot", metavar="PNG", help="write a histogram of the lengths")
-    opts = parser.parse_args(args)
-    columns = None
-    if opts.columns:  # the same parsing and checks as the `columns` config key
-        from preftune.config import from_dict
+USAGE = """usage: preftune inspect DATA [--model M] [--json] [--plot PNG] [--config FILE] [--key value ...]
 
-        columns = from_dict({"columns": opts.columns}).columns
-    stats = inspect_data(opts.data, opts.dataset_dir, opts.model, opts.cutoff_len, opts.template, columns,
-                         truncation_mode=opts.truncation_mode, max_prompt_length=opts.max_prompt_length)
-    if opts.plot:
-        plot_lengths(stats, opts.plot)
+Statistics and rendered examples of DATA (what the `dataset` key takes: files, dataset_info.json
+names, folders, hub ids). With --model (model_name_or_path), lengths are in tokens and examples
+are rendered and cut as a run with the same keys (template, cutoff_len, truncation_mode,
+max_prompt_length, columns, dataset_dir) would; --config FILE takes them from a run's config.
+
+  --json        print the statistics as JSON
+  --plot PNG    write a histogram of the lengths
+
+Config keys:
+"""
+
+
+def main(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE + help_text())
+        return 0
+    config_path, overrides, flags = parse_command_line(args, positional="dataset", flags={"json": False, "plot": None})
+    cfg = load_config(config_path, overrides)
+    if not cfg.dataset:
+        raise ConfigError("preftune inspect: no data given; pass DATA (a file, dataset_info.json name, folder or hub id)")
+    stats = inspect_data(cfg)
+    if flags["plot"]:
+        plot_lengths(stats, flags["plot"])
     raw = stats.pop("_lengths_raw")
-    print(json.dumps(stats, indent=2, ensure_ascii=False) if opts.json else format_report(stats))
+    print(json.dumps(stats, indent=2, ensure_ascii=False) if flags["json"] else format_report(stats))
     stats["_lengths_raw"] = raw
     return 0

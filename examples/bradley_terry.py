@@ -1,4 +1,4 @@
-"""Seed 002, experiment 1: the Bradley-Terry model behind DPO recovers players' strengths.
+"""Experiment 1: the Bradley-Terry model behind DPO recovers players' strengths.
 
 Players have hidden strengths s_i; player i beats j with probability sigmoid(s_i - s_j). From
 the match outcomes alone, maximising the likelihood, i.e. minimising -log sigmoid(s_w - s_l)

@@ -27,6 +27,7 @@ from preftune.files import fresh_tmp_dir, remove_dir, replace_dir
 
 log = logging.getLogger("preftune")
 
+
 def best_dir(cfg) -> Path:
     return Path(cfg.output_dir) / "best_model"
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from preftune import train as train_mod
 from preftune.batching import collate_unpaired

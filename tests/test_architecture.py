@@ -1,0 +1,84 @@
+"""The package's shape, checked from its source: imports point one way, no module reaches into
+another's private names, the loop stays a loop, and every objective offers the same interface."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "preftune"
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
+
+# Building blocks that everything else is built on: they import nothing of preftune's.
+LOW_LEVEL = {"errors", "files", "losses", "logps"}
+# Layers, lowest first: a module may import modules of its own layer or below, never above.
+LAYERS = [
+    {"errors", "files", "losses", "logps"},
+    {"config", "data", "adapters"},
+    {"tokenization", "models", "checkpoints", "report"},
+    {"cache", "batching", "demo"},
+    {"evaluate"},
+    {"reference", "step"},
+    {"train"},
+    {"commands.train", "commands.inspect", "commands.export", "commands", "cli", "__init__"},
+]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    return ".".join(rel.parts) if rel.name != "__init__" or len(rel.parts) == 1 else ".".join(rel.parts[:-1])
+
+
+def preftune_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported preftune module, names taken from it) for every import in `path`, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "preftune":
+            module = node.module.removeprefix("preftune").lstrip(".")
+            if not module:  # from preftune import checkpoints
+                found += [(alias.name, []) for alias in node.names]
+            else:
+                found.append((module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name.removeprefix("preftune."), []) for a in node.names if a.name.startswith("preftune.")]
+    return found
+
+
+def layer(name: str) -> int:
+    return next(i for i, members in enumerate(LAYERS) if name in members)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
+def test_imports_point_down_the_layers(path):
+    name = module_name(path)
+    for imported, _ in preftune_imports(path):
+        assert layer(imported) <= layer(name), f"{name} (layer {layer(name)}) imports {imported} (layer {layer(imported)})"
+        if name in LOW_LEVEL:
+            pytest.fail(f"{name} is a building block and imports {imported}")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
+def test_no_module_takes_another_modules_private_names(path):
+    for imported, names in preftune_imports(path):
+        private = [n for n in names if n.startswith("_")]
+        assert not private, f"{module_name(path)} imports {private} from {imported}"
+
+
+def test_every_module_is_in_a_layer():
+    assert {module_name(p) for p in MODULES} <= set().union(*LAYERS)
+
+
+def test_the_training_loop_stays_a_loop():
+    """train.py holds set-up and the loop: no scoring of pairs or mixing of losses of its own."""
+    source = (PACKAGE / "train.py").read_text()
+    assert len(source.splitlines()) < 250
+    for name in ("get_batch_logps", "completion_kl", "LOSSES", "Objective", "chosen_nll", "is_kto", "kto"):
+        assert name not in source, name
+
+
+def test_objectives_share_one_interface():
+    from preftune.step import OBJECTIVES
+
+    for name, objective in OBJECTIVES.items():
+        for member in ("tokenize", "collate", "unit", "__call__", "state_dict", "load_state_dict"):
+            assert member in vars(objective), (name, member)

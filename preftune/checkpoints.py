@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from preftune.adapters import TRAINED_ADAPTER
@@ -69,7 +70,7 @@ def load_weights_into(model, folder: Path) -> None:
             raise ModelError(f"adapter in {folder} does not match the policy: unexpected {result.unexpected_keys[:3]}")
         return
     state = {}
-    for shard in sorted(folder.glob("model*.safetensors")):  # not running.safetensors of a checkpoint
+    for shard in sorted(folder.glob("model*.safetensors")):  # not running_<process>.safetensors of a checkpoint
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (lm_head = embeddings) are stored once, so they may be reported missing
@@ -138,8 +139,9 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
         optimizer.pt              AdamW state: torch.save, read back with torch.load(weights_only=True)
         scheduler.json            the LR scheduler's state_dict (plain numbers)
         rng_state_<process>.json  python, numpy, torch (and CUDA) generator states of each process
-        running.safetensors       per-pair statistics accumulated since the last logging step
-        trainer_state.json        step, data position, counters, early-stopping and loss state, metrics so far
+        running_<process>.safetensors  each process's per-item statistics since the last logging step
+        trainer_state.json        step, data position, counters, early-stopping and loss state, metrics so
+                                  far, the number of processes
 
     accelerate's save_state is not used: it pickles the RNG states (random_states_*.pkl) and would
     store the weights a second time. With save_only_model only the model, tokenizer and metrics are
@@ -153,6 +155,9 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
     accelerator.wait_for_everyone()
     if not cfg.save_only_model:
         _write_json(tmp / f"rng_state_{accelerator.process_index}.json", _rng_state())
+        if running:  # (N,) per statistic: this process's values of the micro-batches since the last logging step
+            save_file({k: torch.cat(v).cpu().contiguous() for k, v in running.items()},
+                      tmp / f"running_{accelerator.process_index}.safetensors", metadata={"order": json.dumps(list(running))})
     if accelerator.is_main_process:
         _save_weights(accelerator.unwrap_model(policy).model, tmp)  # a LoRA policy: its trained adapter only
         tokenizer.save_pretrained(tmp)
@@ -161,10 +166,8 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
             if accelerator.scaler is not None:  # fp16: the loss scale and its growth counter
                 _write_json(tmp / "scaler.json", accelerator.scaler.state_dict())
-            if running:  # (N,) per statistic: the values of the micro-batches since the last logging step
-                save_file({k: torch.cat(v).cpu().contiguous() for k, v in running.items()}, tmp / "running.safetensors")
             _write_json(tmp / "trainer_state.json", {**loop_state, "step": step, "running_keys": list(running),
-                                                     "config": cfg.to_dict()})
+                                                     "world_size": accelerator.num_processes, "config": cfg.to_dict()})
         (tmp / "log_history.json").write_text(json.dumps(loop_state["log_history"], indent=1))
         (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
@@ -259,13 +262,16 @@ def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg
             raise ConfigError(f"resume_from_checkpoint: {folder} has no scaler.json (it was not an fp16 run); "
                               "resume with the precision it was written with")
         accelerator.scaler.load_state_dict(json.loads((folder / "scaler.json").read_text()))
-    rng_file = folder / f"rng_state_{accelerator.process_index}.json"
-    if not rng_file.is_file():
-        raise ConfigError(f"resume_from_checkpoint: {folder} has no {rng_file.name}: it was written by fewer "
-                          "processes; resume with the same number of processes")
-    _set_rng_state(json.loads(rng_file.read_text()))
-    saved = load_file(folder / "running.safetensors") if (folder / "running.safetensors").exists() else {}
-    state["running"] = {k: [saved[k].to(accelerator.device)] for k in state["running_keys"]}
+    if state.get("world_size", 1) != accelerator.num_processes:
+        # each process's share of every batch, and its random state, depend on the number of processes
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written by {state.get('world_size', 1)} process(es) "
+                          f"and this run has {accelerator.num_processes}; resume with the same number of processes")
+    _set_rng_state(json.loads((folder / f"rng_state_{accelerator.process_index}.json").read_text()))
+    running_file = folder / f"running_{accelerator.process_index}.safetensors"
+    state["running"] = {}
+    if running_file.is_file():
+        with safe_open(str(running_file), framework="pt") as f:
+            state["running"] = {k: [f.get_tensor(k).to(accelerator.device)] for k in json.loads(f.metadata()["order"])}
     return state
 
 

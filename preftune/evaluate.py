@@ -5,7 +5,9 @@
     accuracy(chosen_rewards, rejected_rewards)                                     # ties count half
 
 Training's evaluation, `preftune export`'s quality check and the reference precompute all score
-through these, in the same batch order (the items in order, `batch_size` at a time).
+through these, in the same batch order (the items in order, `batch_size` at a time). With several
+processes, `evaluate` gives each process every N-th batch and pools the sums (`pooled`), so each
+item is counted once whatever the count, and every process returns the same numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import math
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from preftune.batching import collate, epoch_batches
@@ -28,11 +31,26 @@ def accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> to
     return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
 
 
-def ordered_batches(items: list, batch_size: int, collate_fn, pad_id: int, device=None):
-    """(positions, collated batch) over `items` in order, `batch_size` at a time, on `device`."""
-    for idx in epoch_batches(len(items), batch_size, 0, 0, shuffle=False):
+def ordered_batches(items: list, batch_size: int, collate_fn, pad_id: int, device=None, shard=(0, 1)):
+    """(positions, collated batch) over `items` in order, `batch_size` at a time, on `device`;
+    shard = (k, n): only batches k, k + n, k + 2n, ... (process k of n)."""
+    for idx in epoch_batches(len(items), batch_size, 0, 0, shuffle=False)[shard[0]::shard[1]]:
         batch = collate_fn([items[i] for i in idx], pad_id, idx)
         yield idx, batch if device is None else {k: v.to(device) for k, v in batch.items()}
+
+
+def pooled(sums: dict[str, float], counts: dict[str, int], accelerator) -> tuple[dict[str, float], dict[str, int]]:
+    """Every process's per-statistic sums and counts, added up key by key (a statistic that only some
+    processes have, such as kto's rewards/rejected, counts where it is). One process: as given."""
+    if accelerator.num_processes == 1:
+        return sums, counts
+    total_sums: dict[str, float] = {}
+    total_counts: dict[str, int] = {}
+    for part_sums, part_counts in gather_object([(sums, counts)]):  # in process order: every process adds alike
+        for key, value in part_sums.items():
+            total_sums[key] = total_sums.get(key, 0.0) + value
+            total_counts[key] = total_counts.get(key, 0) + part_counts[key]
+    return total_sums, total_counts
 
 
 @torch.no_grad()
@@ -58,22 +76,21 @@ def evaluate(step, policy, reference, items: list, batch_size: int, pad_id: int,
     """Mean of every statistic of `step` (a `step.OBJECTIVES` entry) over `items`, named eval_<statistic>,
     plus eval_kl, the per-token KL to the reference (absent, not 0, where the step computes none: no
     reference model). A statistic's mean is over the values it has: the pairs, or for kto the
-    examples of its side."""
+    examples of its side. Sharded over the processes, batch by batch, and pooled."""
     model = accelerator.unwrap_model(policy)  # no gradients here, so no distributed wrapper needed
     model.eval()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    kl_sum, kl_tokens, with_kl = 0.0, 0, False
-    for _, batch in ordered_batches(items, batch_size, step.collate, pad_id, accelerator.device):
+    shard = (accelerator.process_index, accelerator.num_processes)
+    for _, batch in ordered_batches(items, batch_size, step.collate, pad_id, accelerator.device, shard):
         with accelerator.autocast():
             out = step(model, reference, batch, kl=True)
-        for key, value in out.stats.items():
-            sums[key] = sums.get(key, 0.0) + value.float().sum().item()
-            counts[key] = counts.get(key, 0) + value.numel()
-        if out.kl is not None:
-            kl_sum, kl_tokens, with_kl = kl_sum + out.kl[0].item(), kl_tokens + out.kl[1], True
+        values = {key: (value.float().sum().item(), value.numel()) for key, value in out.stats.items()}
+        if out.kl is not None:  # summed per token: eval_kl is the mean over all scored tokens
+            values["kl"] = out.kl[0].item(), out.kl[1]
+        for key, (value, n) in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + n
     model.train()
-    metrics = {f"eval_{k}": v / counts[k] for k, v in sums.items()}
-    if with_kl:
-        metrics["eval_kl"] = kl_sum / max(kl_tokens, 1)
-    return metrics
+    sums, counts = pooled(sums, counts, accelerator)
+    return {f"eval_{k}": v / max(counts[k], 1) for k, v in sums.items()}

@@ -5,8 +5,13 @@
 `train()` prepares data, models and optimizer, then runs the loop, with evaluation, logging,
 early stopping and checkpoints as `if` blocks calling other modules: what a step computes is
 `step.py`'s (one of `OBJECTIVES`), what the reference is `reference.py`'s, how a dataset is scored
-`evaluate.py`'s, how a checkpoint is written `checkpoints.py`'s. Multi-process runs are the same
-loop: accelerate wraps the policy.
+`evaluate.py`'s, how a checkpoint is written `checkpoints.py`'s.
+
+Multi-process runs (`accelerate launch`, `torchrun`) are the same loop: accelerate wraps the policy
+(DDP), every process walks the same seeded order of global micro-batches of per-device batch x
+processes items and trains on its own share of each, and logged metrics are pooled over all
+processes. A step therefore sees the same pairs as a one-process run whose per-device batch is the
+global one. Only the main process writes files.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 
 import torch
@@ -28,7 +34,7 @@ from preftune.batching import epoch_batches
 from preftune.config import TrainConfig
 from preftune.data import load_pairs
 from preftune.errors import ConfigError, DataError
-from preftune.evaluate import evaluate
+from preftune.evaluate import evaluate, pooled
 from preftune.models import load_tokenizer
 from preftune.reference import load_models
 from preftune.report import MetricsLog
@@ -44,8 +50,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # accelerate keeps its state per process; a second train() in one process (a sweep, the tests)
     # may ask for another precision, so the mixed-precision part is reset, not the distributed one
     AcceleratorState._reset_state(reset_partial_state=False)
+    # accelerate starts a CPU process group (gloo) only when asked for the CPU: without a GPU, a
+    # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return Accelerator(mixed_precision=cfg.mixed_precision)
+        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
 
@@ -80,13 +89,20 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- models and optimizer ------------------------------------------------------------
     accelerator = make_accelerator(cfg)
+    if not accelerator.is_main_process:
+        log.setLevel(logging.WARNING)  # one log: the main process's
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
+    log.info("processes: %d (%s); global batch %d %s per step = %d per device x %d accumulation x %d processes",
+             world, accelerator.distributed_type.value, global_batch * cfg.gradient_accumulation_steps, unit,
+             cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world)
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
     log.info("reference: %s", reference.description)
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    micro_per_epoch = math.ceil(len(train_items) / cfg.per_device_train_batch_size)
+    micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
@@ -101,9 +117,9 @@ def train(cfg: TrainConfig) -> dict:
     def evaluation() -> dict:  # a fresh step: an evaluation pass keeps no loss state of training's
         return evaluate(objective(cfg), policy, val_reference, val_items, cfg.eval_batch_size, pad_id, accelerator)
 
-    def micro_batches(epoch=0, start=0):  # endless stream of (epoch position, batch); epochs reshuffle by seed
+    def micro_batches(epoch=0, start=0):  # endless stream of (epoch position, global batch); epochs reshuffle by seed
         while True:
-            for i, idx in enumerate(epoch_batches(len(train_items), cfg.per_device_train_batch_size, cfg.seed, epoch)):
+            for i, idx in enumerate(epoch_batches(len(train_items), global_batch, cfg.seed, epoch)):
                 if i >= start:
                     yield epoch + (i + 1) / micro_per_epoch, idx
             epoch, start = epoch + 1, 0
@@ -137,20 +153,27 @@ def train(cfg: TrainConfig) -> dict:
         step_start = time.time()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         epoch = micro[-1][0]
-        step_items = sum(len(idx) for _, idx in micro)
+        step_items = sum(len(idx) for _, idx in micro)  # over all processes
         log_now = step % cfg.logging_steps == 0 or step == total_steps
         for k, (_, idx) in enumerate(micro):
-            batch = objective.collate([train_items[j] for j in idx], pad_id, idx)
-            tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+            mine = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]  # this process's share
+            # DDP averages the processes' gradients, hence x world: the step's loss is the mean over its items
+            scale = world
+            if not mine:  # fewer items than processes (an epoch's last batch): a share that counts for nothing
+                mine, scale = idx[:1], 0  # keeps this process in the gradient synchronisation
+            batch = objective.collate([train_items[j] for j in mine], pad_id, mine)
+            tokens += int(batch["attention_mask"].sum()) if scale else 0  # on the CPU copy: no device sync
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             last = k == len(micro) - 1
             # gradients are synchronised across processes only on the step's last micro-batch
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync, accelerator.autocast():
-                out = step_fn(policy, train_reference, batch, kl=log_now and last, kl_max_tokens=KL_TRAIN_TOKENS)
-                accelerator.backward(out.losses.sum() / step_items)  # mean over the step's pairs (examples)
-            for key, value in out.stats.items():
-                running.setdefault(key, []).append(value)
+                out = step_fn(policy, train_reference, batch, kl=log_now and last and scale > 0,
+                              kl_max_tokens=KL_TRAIN_TOKENS)
+                accelerator.backward(out.losses.sum() * scale / step_items)
+            if scale:
+                for key, value in out.stats.items():
+                    running.setdefault(key, []).append(value)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
         optimizer.step()
         scheduler.step()
@@ -158,12 +181,15 @@ def train(cfg: TrainConfig) -> dict:
         train_seconds += time.time() - step_start
         bar.update(1)
 
-        if log_now:
-            row = {"step": step, "epoch": round(epoch, 4)}
-            row.update({k: torch.cat(v).float().mean().item() for k, v in running.items()})
-            row["tokens_per_second"] = tokens / max(train_seconds, 1e-9)
+        if log_now:  # means over every process's items since the last row
+            sums = {k: torch.cat(v).float().sum().item() for k, v in running.items()}
+            counts = {k: sum(t.numel() for t in v) for k, v in running.items()}
             if out.kl is not None:  # no reference model, no KL: the column is absent, not 0
-                row["kl"] = out.kl[0].item() / max(out.kl[1], 1)
+                sums["kl"], counts["kl"] = out.kl[0].item(), out.kl[1]
+            sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, accelerator)
+            row = {"step": step, "epoch": round(epoch, 4)}
+            row.update({k: sums[k] / max(counts[k], 1) for k in sums if k != "tokens"})
+            row["tokens_per_second"] = sums["tokens"] / max(train_seconds, 1e-9)
             row["grad_norm"] = float(grad_norm)
             row["learning_rate"] = scheduler.get_last_lr()[0]
             metrics.log(row)
@@ -177,8 +203,10 @@ def train(cfg: TrainConfig) -> dict:
                 best_loss, evals_without_gain = row["eval_loss"], 0
                 if cfg.early_stopping_patience:
                     best_step = step
-                    checkpoints.save_model(accelerator.unwrap_model(policy).model, tokenizer,
-                                           checkpoints.best_dir(cfg), step)
+                    if accelerator.is_main_process:
+                        checkpoints.save_model(accelerator.unwrap_model(policy).model, tokenizer,
+                                               checkpoints.best_dir(cfg), step)
+                    accelerator.wait_for_everyone()
             else:
                 evals_without_gain += 1
                 if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:

@@ -38,6 +38,8 @@ def main(args: list[str]) -> int:
     else:
         cfg = load_config(config_path, overrides)
     summary = train(cfg)
+    if not summary:  # a process other than the main one of a multi-process run: the main one reports
+        return 0
     out = summary["outputs"]
     base, final, best = summary.get("baseline") or {}, summary["final"], summary.get("best") or {}
     if "eval_rewards/accuracies" in base and "eval_rewards/accuracies" in final:

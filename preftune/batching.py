@@ -1,4 +1,5 @@
-"""Batches of tokenized pairs: shuffling by seed and the [chosen; rejected] collation."""
+"""Batches of tokenized pairs: shuffling by seed and the [chosen; rejected] collation, padded or
+packed (padding-free)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ def _with_index(batch: dict[str, torch.Tensor], index: list[int] | None) -> dict
     if index is not None:
         batch["index"] = torch.tensor(index, dtype=torch.long)
     return batch
+
+
+def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """B pairs -> the same 2B sequences as `collate`, in the same order, back to back in one row:
+    input_ids, position_ids (0, 1, ... within each sequence), completion_mask, each (1, N) for N
+    tokens in all, and sequence_lengths (2B,). No padding: no compute is spent on pad tokens, and
+    attention stays within each sequence through its position ids (`logps` module docstring).
+    pad_token_id is not needed; the argument keeps one signature for every collate function."""
+    seqs = [(p.chosen_ids, p.chosen_start) for p in pairs] + [(p.rejected_ids, p.rejected_start) for p in pairs]
+    batch = {
+        "input_ids": torch.tensor([[t for ids, _ in seqs for t in ids]]),
+        "position_ids": torch.tensor([[i for ids, _ in seqs for i in range(len(ids))]]),
+        "completion_mask": torch.tensor([[int(i >= start) for ids, start in seqs for i in range(len(ids))]]),
+        "sequence_lengths": torch.tensor([len(ids) for ids, _ in seqs]),
+    }
+    return _with_index(batch, index)
 
 
 def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
@@ -70,9 +87,21 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
     return _with_index(out, index)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
-    """Index batches for one epoch; the order depends only on (seed, epoch), so a run is reproducible."""
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                  lengths: list[int] | None = None) -> list[list[int]]:
+    """Index batches for one epoch; the order depends only on (seed, epoch), so a run is reproducible.
+
+    With `lengths` (group_by_length), the shuffled order is cut into mega-batches of
+    GROUP_MEGABATCH batches, each sorted longest first, so that a batch holds items of similar length
+    (less padding) while batches still come in random order, as transformers' LengthGroupedSampler."""
     order = list(range(n))
+    rng = random.Random(seed * 1_000_003 + epoch)
     if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        rng.shuffle(order)
+    if lengths is not None:
+        size = GROUP_MEGABATCH * batch_size
+        order = [i for k in range(0, n, size) for i in sorted(order[k:k + size], key=lambda i: -lengths[i])]
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+GROUP_MEGABATCH = 50  # batches per length-sorted group (transformers' LengthGroupedSampler uses 50 too)

@@ -131,6 +131,8 @@ class TrainConfig:
     dropout: float | None = _f(None, "Set every dropout probability in the policy to this value (implies disable_dropout: false).")
     seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
     logps_chunk_size: int = _f(1024, "Completion tokens projected through the LM head at once (bounds logits memory).")
+    padding_free: bool = _f(False, "Put a micro-batch's sequences back to back in one row (position ids restart at each) instead of padding them to the longest: no compute spent on pad tokens, the same log-probs. It pays with attn_implementation flash_attention_2 (varlen kernels) or flex_attention; with sdpa or eager it is correct but attention spans the whole row. Not with pref_loss: kto.")
+    group_by_length: bool = _f(False, "Batch pairs of similar length together (each group of 50 batches of the seeded order sorted by length, as transformers' group_by_length): less padding, the same pairs per epoch.")
 
     # --- evaluation, logging, saving ----------------------------------------------------
     output_dir: str = _f("output", "Where the model, checkpoints and dpo_metrics/ are written.")
@@ -415,6 +417,9 @@ def validate_loss_options(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: only pref_loss: kto weighs desirable/undesirable examples; "
                               f"pref_loss is {cfg.pref_loss}; remove {key}")
     if cfg.is_kto:
+        if cfg.padding_free:
+            raise ConfigError("padding_free: not supported with pref_loss: kto (its KL rows are built per padded batch); "
+                              "set padding_free: false")
         if cfg.loss_weights is not None:
             raise ConfigError("loss_weights: weighs several losses, and kto runs alone; remove it (kto_chosen_weight / "
                               "kto_rejected_weight weigh its two kinds of example)")

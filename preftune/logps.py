@@ -3,6 +3,10 @@
 Batch convention (made once, in `batching.collate`): a batch of B pairs is one tensor of 2B
 rows, the B prompt+chosen sequences first and the B prompt+rejected after, right-padded, so
 chosen and rejected share one forward pass; `logps[:B]` are chosen, `logps[B:]` rejected.
+Padding-free (`batching.collate_packed`): the same 2B sequences in the same order back to back in
+one row, `position_ids` restarting at 0 for each and `sequence_lengths` (2B,) saying where each
+ends; attention stays within a sequence (transformers builds the mask from the position ids, or
+flash-attn runs varlen), and the outputs are the same (2B,) tensors.
 
 Memory: the LM head is applied only at completion positions, `chunk_size` tokens at a time,
 and each chunk's (chunk, vocab) fp32 logits are recomputed in backward instead of stored, so
@@ -24,6 +28,14 @@ class BatchLogps(NamedTuple):
     lengths: torch.Tensor  # (R,) completion token counts
     hidden: torch.Tensor | None = None  # (N, H) detached hidden states at the N scored positions (return_hidden)
     wpo_weights: torch.Tensor | None = None  # (R,) WPO's per-sequence weights, detached (wpo)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row."""
+    if "position_ids" not in batch:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    return {"input_ids": batch["input_ids"], "attention_mask": None, "completion_mask": batch["completion_mask"],
+            "position_ids": batch["position_ids"], "sequence_lengths": batch["sequence_lengths"]}
 
 
 def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -53,38 +65,54 @@ def _lm_head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torc
     return logps, (torch.logsumexp(2 * logits, dim=-1) - 2 * log_z).detach()
 
 
-def _completion_hidden(model, input_ids, attention_mask, completion_mask):
+def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None):
     """Backbone hidden states at the positions that predict a completion token."""
     backbone = model.get_decoder()  # transformers models and peft models have one; so does AdapterReference
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    # position t predicts token t+1: shift the mask and the targets left by one
-    score = completion_mask[:, 1:].bool()  # (2B, T-1)
-    return hidden[:, :-1][score], input_ids[:, 1:][score], score  # (N, H), (N,), (2B, T-1)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    # position t predicts token t+1: shift the mask and the targets left by one. Packed, the last token
+    # of a sequence "predicts" the next sequence's first token, a prompt token, never scored
+    score = completion_mask[:, 1:].bool()  # (R, T-1): 2B padded rows, or one packed row
+    return hidden[:, :-1][score], input_ids[:, 1:][score], score  # (N, H), (N,), (R, T-1)
+
+
+def _scored_sequences(score: torch.Tensor, sequence_lengths: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The sequence each scored token belongs to, (N,), in order, and the number of sequences."""
+    if sequence_lengths is None:  # padded: a sequence per row
+        return score.nonzero()[:, 0], score.size(0)
+    # packed: token t+1 (predicted at t) belongs to sequence `owner[t + 1]`; output_size avoids a device sync
+    owner = torch.repeat_interleave(torch.arange(sequence_lengths.size(0), device=score.device), sequence_lengths,
+                                    output_size=score.size(1) + 1)
+    return owner[1:][score[0]], sequence_lengths.size(0)
 
 
 def _softcap(model) -> float | None:
     return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
 
-def ld_token_weights(score: torch.Tensor, ld_alpha: float) -> torch.Tensor:
-    """LD-DPO's per-token weights (Liu et al. 2024, https://arxiv.org/abs/2409.06411, Eq. 9), (2B, T-1):
-    1 on the first l_p = min(|y_w|, |y_l|) completion tokens of both rows of a pair (the length they
-    share), ld_alpha on the longer completion's tokens beyond them, as TRL 1.16's `ld_alpha`.
-    score: (2B, T-1) bool, the scored positions ([chosen; rejected] rows)."""
-    position = score.cumsum(dim=1)  # 1-based index of each completion token within its row
-    lengths = score.sum(dim=1)
-    B = score.size(0) // 2
+def ld_token_weights(rows: torch.Tensor, lengths: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's per-token weights (Liu et al. 2024, https://arxiv.org/abs/2409.06411, Eq. 9), (N,):
+    1 on the first l_p = min(|y_w|, |y_l|) completion tokens of both sequences of a pair (the length
+    they share), ld_alpha on the longer completion's tokens beyond them, as TRL 1.16's `ld_alpha`.
+    rows: (N,) the sequence of each scored token, grouped in sequence order ([chosen; rejected]);
+    lengths: (2B,) completion tokens per sequence."""
+    first = torch.cumsum(lengths, 0) - lengths  # (2B,) where each sequence's tokens start among the N
+    position = torch.arange(rows.size(0), device=rows.device) - first[rows] + 1  # 1-based within its sequence
+    B = lengths.size(0) // 2
     shared = torch.minimum(lengths[:B], lengths[B:]).repeat(2)  # (2B,)
-    ones = torch.ones_like(position, dtype=torch.float32)
-    return torch.where(position <= shared.unsqueeze(1), ones, ld_alpha * ones)
+    ones = torch.ones(rows.size(0), dtype=torch.float32, device=rows.device)
+    return torch.where(position <= shared[rows], ones, ld_alpha * ones)
 
 
-def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
                     chunk_size: int = 1024, return_hidden: bool = False, ld_alpha: float | None = None,
-                    wpo: bool = False):
+                    wpo: bool = False, position_ids: torch.Tensor | None = None,
+                    sequence_lengths: torch.Tensor | None = None):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
+    Packed (padding-free): input_ids, position_ids, completion_mask (1, N_tokens), attention_mask
+    None, sequence_lengths (2B,) (module docstring).
     With return_hidden, also the detached hidden states at the scored positions, (N, H), which
     `completion_kl` turns into the KL to the reference without another forward pass.
     With ld_alpha (LD-DPO), each pair's tokens beyond the shorter completion's length count ld_alpha
@@ -98,7 +126,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     computed from the same chunked LM head (log sum p^2 = logsumexp(2 logits) - 2 logsumexp(logits)).
     Returns a `BatchLogps`; hidden and wpo_weights are None unless asked for.
     """
-    hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask)
+    hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids)
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     pieces = []
@@ -113,14 +141,14 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         log_sum_sq = torch.cat([p[1] for p in pieces]) if pieces else empty  # (N,)
         pieces = [p[0] for p in pieces]
     token_logps = torch.cat(pieces) if pieces else empty  # (N,)
-    rows = score.nonzero()[:, 0]  # the sequence each scored token belongs to
-    lengths = score.sum(dim=1)
-    weighted = token_logps if ld_alpha is None else token_logps * ld_token_weights(score, ld_alpha)[score]
-    logps = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, weighted)  # (2B,)
+    rows, n = _scored_sequences(score, sequence_lengths)  # the sequence each scored token belongs to, (N,)
+    lengths = score.sum(dim=1) if sequence_lengths is None else torch.bincount(rows, minlength=n)  # (2B,)
+    weighted = token_logps if ld_alpha is None else token_logps * ld_token_weights(rows, lengths, ld_alpha)
+    logps = token_logps.new_zeros(n).index_add(0, rows, weighted)  # (2B,)
     wpo_weights = None
     if wpo:
         aligned = token_logps.detach() - log_sum_sq  # (N,)
-        mean_aligned = token_logps.new_zeros(input_ids.size(0)).index_add(0, rows, aligned) / lengths.clamp(min=1)
+        mean_aligned = token_logps.new_zeros(n).index_add(0, rows, aligned) / lengths.clamp(min=1)
         wpo_weights = torch.exp(mean_aligned)
     return BatchLogps(logps, lengths, hidden.detach() if return_hidden else None, wpo_weights)
 

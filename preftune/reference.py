@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
 from preftune.errors import ModelError
 from preftune.evaluate import pair_logps
-from preftune.logps import BatchLogps, get_batch_logps
+from preftune.logps import BatchLogps, get_batch_logps, model_inputs
 from preftune.models import DTYPES, check_vocabulary, load_policy, load_reference, reference_adapters
 from preftune.tokenization import TokenizedPair
 
@@ -194,8 +194,8 @@ class Reference:
             return BatchLogps(torch.cat((rows[:, 0], rows[:, 1])).to(batch["input_ids"].device), None)
         if self.model is None:
             return None
-        return get_batch_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                               self.chunk_size, return_hidden=return_hidden, ld_alpha=ld_alpha)
+        return get_batch_logps(self.model, **model_inputs(batch), chunk_size=self.chunk_size, return_hidden=return_hidden,
+                               ld_alpha=ld_alpha)
 
 
 def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] | None = None):

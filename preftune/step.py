@@ -20,14 +20,14 @@ from typing import NamedTuple
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from preftune.batching import collate, collate_unpaired
+from preftune.batching import collate, collate_packed, collate_unpaired
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
-from preftune.logps import completion_kl, get_batch_logps
+from preftune.logps import completion_kl, get_batch_logps, model_inputs
 from preftune.losses import UNPAIRED_LOSSES, Objective, chosen_nll
 from preftune.tokenization import tokenize_examples
 
-ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a batch
+ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
 
 
 class PolicyLogps(torch.nn.Module):
@@ -38,9 +38,11 @@ class PolicyLogps(torch.nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False):
+    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
+                position_ids=None, sequence_lengths=None):
         return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
-                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo)
+                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
+                               sequence_lengths=sequence_lengths)
 
 
 class StepOutput(NamedTuple):
@@ -85,15 +87,21 @@ class PreferenceStep:
     def __init__(self, cfg):
         self.loss = configured_loss(cfg)
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
+        if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
+            self.collate = collate_packed
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
+    @staticmethod
+    def length(pair) -> int:
+        """Tokens of a pair in a batch (group_by_length sorts by it)."""
+        return len(pair.chosen_ids) + len(pair.rejected_ids)
+
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
         kl = kl and reference.model is not None
-        rows = {k: batch[k] for k in ROWS}
-        policy_out = policy(**rows, return_hidden=kl, ld_alpha=self.ld_alpha, wpo=self.use_weighting)
+        policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha, wpo=self.use_weighting)
         B = policy_out.logps.size(0) // 2
         policy_chosen_logps, policy_rejected_logps = policy_out.logps[:B], policy_out.logps[B:]  # (B,) each
         chosen_lengths, rejected_lengths = policy_out.lengths[:B], policy_out.lengths[B:]
@@ -144,6 +152,10 @@ class UnpairedStep:
     def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
         return tokenize_examples(tokenizer, examples, cfg.cutoff_len, cfg.template, report, cfg.truncation_mode,
                                  cfg.max_prompt_length)
+
+    @staticmethod
+    def length(example) -> int:
+        return len(example.ids)
 
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
         examples, mismatched = {k: batch[k] for k in ROWS}, {k: batch[f"kl_{k}"] for k in ROWS}

@@ -98,6 +98,10 @@ def train(cfg: TrainConfig) -> dict:
              cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world)
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
     log.info("reference: %s", reference.description)
+    if cfg.padding_free and cfg.attn_implementation not in ("flash_attention_2", "flex_attention"):
+        log.warning("padding_free with %s attention: the same numbers, but attention runs over the whole packed row "
+                    "(a mask keeps the sequences apart); flash_attention_2 or flex_attention make it pay",
+                    cfg.attn_implementation or "the default (sdpa)")
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
@@ -117,9 +121,11 @@ def train(cfg: TrainConfig) -> dict:
     def evaluation() -> dict:  # a fresh step: an evaluation pass keeps no loss state of training's
         return evaluate(objective(cfg), policy, val_reference, val_items, cfg.eval_batch_size, pad_id, accelerator)
 
+    lengths = [objective.length(item) for item in train_items] if cfg.group_by_length else None  # in tokens
+
     def micro_batches(epoch=0, start=0):  # endless stream of (epoch position, global batch); epochs reshuffle by seed
         while True:
-            for i, idx in enumerate(epoch_batches(len(train_items), global_batch, cfg.seed, epoch)):
+            for i, idx in enumerate(epoch_batches(len(train_items), global_batch, cfg.seed, epoch, lengths=lengths)):
                 if i >= start:
                     yield epoch + (i + 1) / micro_per_epoch, idx
             epoch, start = epoch + 1, 0
@@ -161,8 +167,8 @@ def train(cfg: TrainConfig) -> dict:
             scale = world
             if not mine:  # fewer items than processes (an epoch's last batch): a share that counts for nothing
                 mine, scale = idx[:1], 0  # keeps this process in the gradient synchronisation
-            batch = objective.collate([train_items[j] for j in mine], pad_id, mine)
-            tokens += int(batch["attention_mask"].sum()) if scale else 0  # on the CPU copy: no device sync
+            tokens += sum(objective.length(train_items[j]) for j in mine) if scale else 0
+            batch = step_fn.collate([train_items[j] for j in mine], pad_id, mine)
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             last = k == len(micro) - 1
             # gradients are synchronised across processes only on the step's last micro-batch

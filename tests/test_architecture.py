@@ -80,5 +80,5 @@ def test_objectives_share_one_interface():
     from preftune.step import OBJECTIVES
 
     for name, objective in OBJECTIVES.items():
-        for member in ("tokenize", "collate", "unit", "__call__", "state_dict", "load_state_dict"):
+        for member in ("tokenize", "collate", "length", "unit", "__call__", "state_dict", "load_state_dict"):
             assert member in vars(objective), (name, member)

@@ -313,7 +313,8 @@ def test_ld_alpha_matches_trl(ld_alpha, loss_type, tmp_path):
                                     gather_for_metrics=lambda t: t))
     with RecordFirstMean() as recorder:
         trl.DPOTrainer._compute_loss(trainer, trainer.model, dict(batch), return_outputs=False)
-    weights = ld_token_weights(score, ld_alpha)
+    weights = torch.zeros(score.shape)  # (2B, T-1): the weights at the scored positions, 0 elsewhere
+    weights[score] = ld_token_weights(score.nonzero()[:, 0], score.sum(dim=1), ld_alpha)
     pol, ref = (policy_tokens * weights).sum(dim=1), (reference_tokens * weights).sum(dim=1)
     actual = preftune_losses(loss_type, 0.5, {"ld_alpha": ld_alpha}, pol, ref, lengths)
     assert_close(actual[0], recorder.tensor, f"ld_alpha {loss_type} losses")

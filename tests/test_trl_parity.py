@@ -126,8 +126,9 @@ def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_l
     own = {}
 
     def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024,
-                               return_hidden=False, ld_alpha=None, wpo=False):
+                               return_hidden=False, ld_alpha=None, wpo=False, position_ids=None, sequence_lengths=None):
         assert not return_hidden and ld_alpha is None and not wpo  # no KL metric, LD-DPO or WPO here
+        assert position_ids is None and sequence_lengths is None  # padded rows, as TRL's
         logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)[:2]
         own[model] = logps.detach()
         return BatchLogps(trl_logps[model].to(logps.dtype), lengths)

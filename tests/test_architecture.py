@@ -82,3 +82,12 @@ def test_objectives_share_one_interface():
     for name, objective in OBJECTIVES.items():
         for member in ("tokenize", "collate", "length", "unit", "__call__", "state_dict", "load_state_dict"):
             assert member in vars(objective), (name, member)
+
+
+def test_every_subpackage_is_packaged():
+    """pip install . (not editable) ships only the packages pyproject.toml lists."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found == listed

@@ -1,0 +1,107 @@
+"""Batches of tokenized pairs: shuffling by seed and the [chosen; rejected] collation, padded or
+packed (padding-free)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from preftune.tokenization import TokenizedExample, TokenizedPair
+
+
+def collate(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """B pairs -> input_ids, attention_mask, completion_mask, each (2B, T), right-padded.
+
+    Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected (the convention of
+    `logps.get_batch_logps`). T is the longest sequence in this batch, not cutoff_len.
+    With `index` (the pairs' positions in their split), also index (B,): a precomputed
+    reference (`reference.Reference`) looks its log-probs up by it.
+    """
+    seqs = [(p.chosen_ids, p.chosen_start) for p in pairs] + [(p.rejected_ids, p.rejected_start) for p in pairs]
+    return _with_index(_pad(seqs, pad_token_id), index)
+
+
+def _with_index(batch: dict[str, torch.Tensor], index: list[int] | None) -> dict[str, torch.Tensor]:
+    if index is not None:
+        batch["index"] = torch.tensor(index, dtype=torch.long)
+    return batch
+
+
+def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """B pairs -> the same 2B sequences as `collate`, in the same order, back to back in one row:
+    input_ids, position_ids (0, 1, ... within each sequence), completion_mask, each (1, N) for N
+    tokens in all, and sequence_lengths (2B,). No padding: no compute is spent on pad tokens, and
+    attention stays within each sequence through its position ids (`logps` module docstring).
+    pad_token_id is not needed; the argument keeps one signature for every collate function."""
+    seqs = [(p.chosen_ids, p.chosen_start) for p in pairs] + [(p.rejected_ids, p.rejected_start) for p in pairs]
+    batch = {
+        "input_ids": torch.tensor([[t for ids, _ in seqs for t in ids]]),
+        "position_ids": torch.tensor([[i for ids, _ in seqs for i in range(len(ids))]]),
+        "completion_mask": torch.tensor([[int(i >= start) for ids, start in seqs for i in range(len(ids))]]),
+        "sequence_lengths": torch.tensor([len(ids) for ids, _ in seqs]),
+    }
+    return _with_index(batch, index)
+
+
+def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """(ids, completion start) rows -> input_ids, attention_mask, completion_mask, right-padded to width."""
+    width = width or max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(seqs):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        completion_mask[row, start:len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
+                     index: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """B unpaired (KTO) examples -> input_ids, attention_mask, completion_mask (B, T), labels (B,) bool,
+    and kl_input_ids, kl_attention_mask, kl_completion_mask (B, T): the mismatched pairs of KTO's KL
+    baseline, example i's prompt with the completion of the nearest earlier example (cyclically) whose
+    prompt differs: TRL's rotation by one within the batch when neighbours differ, as they do in
+    shuffled data. Skipping same-prompt neighbours matters for pairs split in two, whose halves sit
+    side by side in evaluation order: the rotation would score a prompt's own other answer, which is
+    not a mismatched pair. Only a batch with a single prompt (a trailing batch of one) falls back to
+    the rotation. KL rows are cut to T tokens so they cost no more than the batch. `index` as for `collate`.
+    """
+    width = max(len(e.ids) for e in examples)
+    out = _pad([(e.ids, e.start) for e in examples], pad_token_id, width)
+    prompts = [e.ids[:e.start] for e in examples]
+
+    def partner(i: int) -> TokenizedExample:
+        for back in range(1, len(examples)):
+            if prompts[i - back] != prompts[i]:
+                return examples[i - back]
+        return examples[i - 1]
+
+    mismatched = []
+    for i, e in enumerate(examples):
+        other = partner(i)
+        mismatched.append(((prompts[i] + other.ids[other.start:])[:width], e.start))
+    out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, width).items()})
+    out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return _with_index(out, index)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                  lengths: list[int] | None = None) -> list[list[int]]:
+    """Index batches for one epoch; the order depends only on (seed, epoch), so a run is reproducible.
+
+    With `lengths` (group_by_length), the shuffled order is cut into mega-batches of
+    GROUP_MEGABATCH batches, each sorted longest first, so that a batch holds items of similar length
+    (less padding) while batches still come in random order, as transformers' LengthGroupedSampler."""
+    order = list(range(n))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    if lengths is not None:
+        size = GROUP_MEGABATCH * batch_size
+        order = [i for k in range(0, n, size) for i in sorted(order[k:k + size], key=lambda i: -lengths[i])]
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+GROUP_MEGABATCH = 50  # batches per length-sorted group (transformers' LengthGroupedSampler uses 50 too)

@@ -1,0 +1,313 @@
+"""Writing models and checkpoints atomically.
+
+Everything is first written to a temporary folder beside its destination and then renamed
+into place, so a run killed at any moment leaves either the previous version or the new
+one, never a half-written folder. Weights are safetensors; nothing here unpickles a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from preftune.adapters import TRAINED_ADAPTER
+from preftune.errors import ConfigError, ModelError
+from preftune.files import fresh_tmp_dir, remove_dir, replace_dir
+
+log = logging.getLogger("preftune")
+
+
+def best_dir(cfg) -> Path:
+    return Path(cfg.output_dir) / "best_model"
+
+
+def _save_weights(model, folder: Path, merge: bool = False) -> None:
+    """A transformers model's weights (+ config, generation config), or a peft model's trained
+    adapter (adapter_config.json + adapter_model.safetensors; the frozen `reference` adapter is
+    not part of the result). merge=True writes a peft model as merged full weights instead; that
+    merges in place, so the peft model is spent afterwards."""
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    if merge:
+        model.merge_and_unload(adapter_names=[TRAINED_ADAPTER]).save_pretrained(folder, safe_serialization=True)
+        return
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def save_model(model, tokenizer, dest: Path, step: int) -> None:
+    tmp = fresh_tmp_dir(dest)
+    _save_weights(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
+    replace_dir(tmp, dest)
+
+
+def load_weights_into(model, folder: Path) -> None:
+    """Load the safetensors weights `save_pretrained` wrote in `folder` into `model` (same architecture);
+    for a peft model, the trained adapter it saved (`_save_weights`)."""
+    if isinstance(model, PeftModel):
+        adapter = folder / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise ModelError(f"{folder} holds no adapter_model.safetensors, but the policy is a LoRA model; resume "
+                             "a LoRA run from its own checkpoints")
+        result = set_peft_model_state_dict(model, load_file(adapter), TRAINED_ADAPTER)
+        if result.unexpected_keys:
+            raise ModelError(f"adapter in {folder} does not match the policy: unexpected {result.unexpected_keys[:3]}")
+        return
+    state = {}
+    for shard in sorted(folder.glob("model*.safetensors")):  # not running_<process>.safetensors of a checkpoint
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied weights (lm_head = embeddings) are stored once, so they may be reported missing
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
+        raise ModelError(f"weights in {folder} do not match the policy: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+
+
+def load_best_into(model, cfg) -> None:
+    """Load the best model's weights into `model` (same architecture)."""
+    load_weights_into(model, best_dir(cfg))
+
+
+def check_output_dir(cfg, resuming: bool) -> None:
+    """A fresh run must not meet another run's checkpoint-N folders in output_dir: save_total_limit
+    would rotate by step number across both runs (deleting the new run's own checkpoints) and
+    `resume_from_checkpoint: true` would pick the other run's latest. Refused with the ways out;
+    `overwrite_output_dir: true` (LLaMA-Factory's key) deletes them, and the earlier best_model/."""
+    out = Path(cfg.output_dir)
+    found = _checkpoints(out) if out.is_dir() else []
+    if resuming or not found:
+        return
+    if not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir: {out} holds {', '.join(p.name for _, p in found[-3:])} from an earlier run; "
+                          "resume it (resume_from_checkpoint: true), choose another output_dir, or set "
+                          "overwrite_output_dir: true to delete them")
+    for path in [p for _, p in found] + [best_dir(cfg)]:
+        remove_dir(path)
+    log.info("overwrite_output_dir: deleted %d checkpoint(s) of an earlier run in %s", len(found), out)
+
+
+# The files a saved model's weights can be in: a new final save removes those it did not write,
+# so that an adapter left by an earlier run is not applied on top of new merged weights (or
+# stale merged weights read instead of a new adapter).
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def save_final(model, tokenizer, cfg) -> None:
+    """The final model and tokenizer into output_dir itself, file by file atomically. A LoRA
+    policy is written as its adapter (cfg.final_adapter_only) or merged into full weights, which
+    merges it in place: call this last."""
+    out = Path(cfg.output_dir)
+    tmp = fresh_tmp_dir(out / "final")
+    _save_weights(model, tmp, merge=not cfg.final_adapter_only)
+    tokenizer.save_pretrained(tmp)
+    # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
+    (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    written = {f.name for f in tmp.iterdir()}
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    for pattern in WEIGHT_FILES:
+        for stale in out.glob(pattern):
+            if stale.name not in written and stale.is_file():
+                stale.unlink()
+                log.info("removed %s of an earlier run's output from %s", stale.name, out)
+
+
+def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step: int, loop_state: dict,
+                    running: dict) -> None:
+    """checkpoint-<step>/: everything an exact resume needs, in formats read back without unpickling.
+
+        model.safetensors, config, tokenizer  the policy, loadable by transformers (a peft model: its adapter)
+        optimizer.pt              AdamW state: torch.save, read back with torch.load(weights_only=True)
+        scheduler.json            the LR scheduler's state_dict (plain numbers)
+        rng_state_<process>.json  python, numpy, torch (and CUDA) generator states of each process
+        running_<process>.safetensors  each process's per-item statistics since the last logging step
+        trainer_state.json        step, data position, counters, early-stopping and loss state, metrics so
+                                  far, the number of processes
+
+    accelerate's save_state is not used: it pickles the RNG states (random_states_*.pkl) and would
+    store the weights a second time. With save_only_model only the model, tokenizer and metrics are
+    written (no resume from such a checkpoint).
+    """
+    out = Path(cfg.output_dir)
+    dest = out / f"checkpoint-{step}"
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if accelerator.is_main_process:
+        fresh_tmp_dir(dest)
+    accelerator.wait_for_everyone()
+    if not cfg.save_only_model:
+        _write_json(tmp / f"rng_state_{accelerator.process_index}.json", _rng_state())
+        if running:  # (N,) per statistic: this process's values of the micro-batches since the last logging step
+            save_file({k: torch.cat(v).cpu().contiguous() for k, v in running.items()},
+                      tmp / f"running_{accelerator.process_index}.safetensors", metadata={"order": json.dumps(list(running))})
+    if accelerator.is_main_process:
+        _save_weights(accelerator.unwrap_model(policy).model, tmp)  # a LoRA policy: its trained adapter only
+        tokenizer.save_pretrained(tmp)
+        if not cfg.save_only_model:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            if accelerator.scaler is not None:  # fp16: the loss scale and its growth counter
+                _write_json(tmp / "scaler.json", accelerator.scaler.state_dict())
+            _write_json(tmp / "trainer_state.json", {**loop_state, "step": step, "running_keys": list(running),
+                                                     "world_size": accelerator.num_processes, "config": cfg.to_dict()})
+        (tmp / "log_history.json").write_text(json.dumps(loop_state["log_history"], indent=1))
+        (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    replace_dir(tmp, dest)
+    if cfg.save_total_limit:
+        found = _checkpoints(out)
+        for _, p in found[:-cfg.save_total_limit]:
+            remove_dir(p)
+        for doomed in out.glob(".checkpoint-*.deleting"):  # any a kill left behind
+            shutil.rmtree(doomed)
+
+
+# Files a checkpoint needs for an exact resume (besides the weights).
+RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.json", "rng_state_0.json")
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """checkpoint-N folders by step. A `.checkpoint-N.tmp` left by a run killed mid-write does not match."""
+    return sorted((int(m.group(1)), p) for p in out.glob("checkpoint-*")
+                  if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+
+
+def _missing(folder: Path) -> list[str]:
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+    missing = [] if any((folder / w).is_file() for w in weights) else ["model weights (model.safetensors)"]
+    return missing + [name for name in RESUME_FILES if not (folder / name).is_file()]
+
+
+def resume_dir(cfg) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names: a folder, or "true" for the latest complete
+    checkpoint-N in output_dir. None when unset."""
+    value = cfg.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "true":
+        out = Path(cfg.output_dir)
+        found = _checkpoints(out)
+        complete = [p for _, p in found if not _missing(p)]
+        if not complete:
+            if found:
+                raise ConfigError(f"resume_from_checkpoint: true, but no checkpoint in {out} is complete "
+                                  f"({found[-1][1].name} lacks {', '.join(_missing(found[-1][1]))}); "
+                                  "checkpoints written with save_only_model: true cannot be resumed")
+            raise ConfigError(f"resume_from_checkpoint: true, but {out} holds no checkpoint-N folder; "
+                              "set save_steps to write checkpoints, or remove resume_from_checkpoint")
+        if complete[-1] != found[-1][1]:
+            log.warning("resume: skipping %s (incomplete), resuming from %s", found[-1][1].name, complete[-1].name)
+        return complete[-1]
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"resume_from_checkpoint: '{value}' is not a folder; give a checkpoint-N folder, "
+                          "or true for the latest in output_dir")
+    missing = _missing(folder)
+    if missing:
+        raise ConfigError(f"resume_from_checkpoint: '{value}' is not a complete preftune checkpoint: it lacks "
+                          f"{', '.join(missing)} (save_only_model: true checkpoints cannot be resumed)")
+    return folder
+
+
+# Keys that decide which pairs make up each micro-batch: changed, the saved data position would
+# point into a different stream, so a resume with other values is refused.
+# (dataset paths only warn: the same data may have moved.)
+DATA_ORDER_KEYS = ("val_size", "shuffle", "max_samples", "seed", "per_device_train_batch_size",
+                   "gradient_accumulation_steps")
+
+
+def _check_same_run(saved: dict, cfg, folder: Path) -> None:
+    now = cfg.to_dict()
+    changed = [k for k in saved if k in now and saved[k] != now[k]
+               and k not in ("resume_from_checkpoint", "output_dir")]
+    order = [k for k in changed if k in DATA_ORDER_KEYS]
+    if order:
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written with other {', '.join(order)} "
+                          f"({', '.join(f'{k}={saved[k]!r}' for k in order)}); resume with the run's own values")
+    if changed:
+        log.warning("resume: config differs from the checkpoint's run in %s; the run is no longer the one that "
+                    "was interrupted", ", ".join(changed))
+
+
+def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG states from `folder`; return
+    trainer_state.json's loop state, with `running` as {statistic: [tensor on the device]}."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    _check_same_run(state["config"], cfg, folder)
+    load_weights_into(accelerator.unwrap_model(policy).model, folder)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+    if accelerator.scaler is not None:
+        if not (folder / "scaler.json").is_file():
+            raise ConfigError(f"resume_from_checkpoint: {folder} has no scaler.json (it was not an fp16 run); "
+                              "resume with the precision it was written with")
+        accelerator.scaler.load_state_dict(json.loads((folder / "scaler.json").read_text()))
+    if state.get("world_size", 1) != accelerator.num_processes:
+        # each process's share of every batch, and its random state, depend on the number of processes
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written by {state.get('world_size', 1)} process(es) "
+                          f"and this run has {accelerator.num_processes}; resume with the same number of processes")
+    _set_rng_state(json.loads((folder / f"rng_state_{accelerator.process_index}.json").read_text()))
+    running_file = folder / f"running_{accelerator.process_index}.safetensors"
+    state["running"] = {}
+    if running_file.is_file():
+        with safe_open(str(running_file), framework="pt") as f:
+            state["running"] = {k: [f.get_tensor(k).to(accelerator.device)] for k in json.loads(f.metadata()["order"])}
+    return state
+
+
+def check_best_model(cfg, best_step: int | None, step: int) -> None:
+    """A resumed run keeps the best model of early stopping in output_dir/best_model; it must be the
+    one saved at best_step, or a later one that the resumed run will overwrite when it gets there."""
+    if best_step is None:
+        return
+    marker = best_dir(cfg) / "preftune_step.json"
+    saved = json.loads(marker.read_text())["step"] if marker.is_file() else None
+    if saved is None or (saved != best_step and saved <= step):
+        raise ConfigError(f"resume_from_checkpoint: the checkpoint's best model (step {best_step}) is not in "
+                          f"{best_dir(cfg)}; resume with the run's own output_dir")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def _rng_state() -> dict:
+    """This process's generator states as plain numbers (accelerate pickles them)."""
+    version, mt, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": [version, list(mt), gauss_next],
+             "numpy": [name, keys.tolist(), pos, has_gauss, cached_gaussian],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, mt, gauss_next = state["python"]
+    random.setstate((version, tuple(mt), gauss_next))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

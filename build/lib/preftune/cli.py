@@ -1,0 +1,63 @@
+"""The `preftune` command: dispatches to one module of `preftune.commands` per subcommand and
+turns every user-facing error into one line and a non-zero exit.
+
+    preftune train [CONFIG.yaml] [--key value ...]       # align a model (no arguments: the embedded demo)
+    preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
+    preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from preftune.errors import PreftuneError
+
+COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
+    "train": "align a model with DPO (preftune train --help)",
+    "inspect": "statistics and rendered examples of a dataset (preftune inspect --help)",
+    "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
+}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[preftune] %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers imports torchao (the int8 export's library) whenever it is installed; on CPU its
+    # optional CUDA kernels fail to load with warnings that are noise in every command; likewise
+    # bitsandbytes' CPU backend (imported by peft whenever bitsandbytes is installed) about a kernel
+    # package it would fetch from the hub
+    for noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the training log
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: preftune {{{','.join(COMMANDS)}}} ...\n\n"
+              + "\n".join(f"  {name:9s} {what}" for name, what in COMMANDS.items()))
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"preftune: error: unknown command '{command}'; available: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _setup_logging()
+    try:
+        return importlib.import_module(f"preftune.commands.{command}").main(rest)
+    except PreftuneError as e:
+        print(f"preftune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("preftune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

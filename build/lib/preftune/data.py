@@ -1,0 +1,740 @@
+"""Reading preference data: every format users bring, normalized to `PreferencePair`.
+
+A dataset entry (in `dataset` / `eval_dataset`, comma-separated) is one of
+  * a name registered in `<dataset_dir>/dataset_info.json` (LLaMA-Factory: alpaca or sharegpt
+    ranking data, `columns` and `tags` maps, `file_name` or `hf_hub_url`);
+  * a file: JSON array, JSON Lines, CSV, Parquet;
+  * a folder written by `datasets.Dataset.save_to_disk`, or any folder `datasets.load_dataset`
+    reads, optionally with `:split` (default `train`);
+  * a Hugging Face dataset id, optionally with `:split`, read through `datasets`.
+Each record's shape is recognised from its fields (the first record decides for a file):
+  standard        prompt (text), chosen, rejected, optional system
+  conversational  prompt = [{role, content}, ...], chosen/rejected = [one assistant message] (TRL)
+  full conversation  chosen/rejected = whole conversations, no prompt (UltraFeedback-binarized):
+                  the prompt is the shared leading messages, the completion the final assistant one
+  implicit prompt chosen/rejected = full texts, no prompt (Anthropic hh-rlhf): the prompt is the
+                  shared prefix through the last "\n\nAssistant:" (verbatim text; split into
+                  turns for a chat template)
+  alpaca          instruction, input, chosen, rejected, optional system/history (LLaMA-Factory)
+  sharegpt        conversations + chosen/rejected message objects (LLaMA-Factory); function_call and
+                  observation turns become assistant tool calls and tool results, `tools` column
+Conversational prompts may hold `tool` messages and assistant `tool_calls`; a completion may be
+several messages (tool call, tool result, answer), kept whole in `chosen_messages`/`rejected_messages`.
+  unpaired        prompt, completion, label (bool): KTO-style, read into `UnpairedExample`
+Every problem names the file, the line (JSONL), row (CSV) or record index, the field, what was
+expected and the fix. Nothing is dropped silently: skips are counted in `DataReport`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import DataError
+
+
+@dataclass
+class PreferencePair:
+    """One normalized pair. `messages` holds the prompt as a conversation (user/assistant turns,
+    no system) when the data has more than a single user turn; otherwise it is None and the
+    prompt is the user turn `prompt`. The completions are the final assistant turn's text."""
+    prompt: str
+    chosen: str
+    rejected: str
+    system: str | None = None
+    where: str = ""  # "file:line" for messages
+    messages: list[dict[str, str]] | None = None
+    # True for implicit-prompt text (hh-rlhf): prompt/chosen/rejected are the data's own text, used
+    # verbatim without a chat template; `messages` is their parse into turns, used with one
+    from_text: bool = False
+    # A completion of several messages or with tool calls (assistant call, tool result, assistant
+    # answer): the whole completion as messages; `chosen`/`rejected` then hold their text for checks
+    chosen_messages: list[dict] | None = None
+    rejected_messages: list[dict] | None = None
+    tools: list[dict] | None = None  # tool (function) definitions, passed to the chat template
+
+
+@dataclass
+class UnpairedExample:
+    """One KTO-style example: a completion labelled desirable (True) or undesirable (False)."""
+    prompt: str
+    completion: str
+    label: bool
+    system: str | None = None
+    where: str = ""
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass
+class DataReport:
+    """Counts for summary.json and the log: nothing is dropped without being counted here."""
+    read: int = 0
+    skipped_empty: int = 0
+    skipped_identical: int = 0
+    train: int = 0
+    eval: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
+                  "system": "system", "history": None, "tools": None}
+# LLaMA-Factory's defaults (src/llamafactory/data/parser.py DatasetAttr)
+SHAREGPT_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": None,
+                    "tools": None}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+HH_MARKER = "\n\nAssistant:"
+
+
+# --- reading records: [(where, record)] -------------------------------------------------------
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{path}: UTF-16 text (byte-order mark {raw[:2]!r}); re-save the file as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")  # utf-8-sig: a UTF-8 BOM is not part of the data
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                        "re-save the file as UTF-8") from None
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    """A JSON array (or one object) or JSON Lines; records are checked to be objects later."""
+    text = _decode(path)
+    if path.suffix == ".jsonl" and text.lstrip().startswith("["):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None
+        if isinstance(doc, list) and doc and all(isinstance(r, dict) for r in doc):
+            raise DataError(f"{path}: a JSON array, but a .jsonl file holds one JSON object per line; "
+                            "rename it to .json or write one record per line")
+    if path.suffix != ".jsonl":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # several JSON values: it is JSON Lines with a .json name
+                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+        else:
+            if isinstance(doc, dict):
+                doc = [doc]
+            if not isinstance(doc, list):
+                raise DataError(f"{path}: expected a JSON array of records, got {type(doc).__name__}")
+            return [(f"{path} record {i}", rec) for i, rec in enumerate(doc)]
+    out = []
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines) and not text.endswith("\n"):
+                raise DataError(f"{path}:{lineno}: the last line is cut off ({e.msg}, column {e.colno}); the file "
+                                "looks truncated: re-export it, or delete that line") from None
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno}); "
+                            "each line must be one JSON object") from None
+        out.append((f"{path}:{lineno}", rec))
+    return out
+
+
+def _read_csv(path: Path) -> list[tuple[str, Any]]:
+    """Rows as header -> text (never numbers: a numeric-looking answer stays a string). Read with
+    the csv module, not pandas, because pandas turns a row with one field too many into an index
+    column and silently shifts every field; here any row whose field count differs from the
+    header's is an error (an unquoted comma inside a field is the usual cause)."""
+    text = _decode(path)  # the encoding check with its clear message
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty CSV file; the first line must name the columns")
+        duplicated = sorted({h for h in header if header.count(h) > 1})
+        if duplicated:
+            raise DataError(f"{path}:1: column {duplicated[0]!r} appears twice in the header; rename one")
+        out = []
+        start = reader.line_num + 1  # the line a row starts on (a quoted field may span lines)
+        for fields in reader:
+            if fields:  # a blank line
+                if len(fields) != len(header):
+                    raise DataError(f"{path}:{start}: row {len(out) + 1} has {len(fields)} fields but the header "
+                                    f"has {len(header)} ({', '.join(header)}); quote fields that contain commas "
+                                    '(e.g. "Fine, thanks")')
+                out.append((f"{path} row {len(out) + 1}", dict(zip(header, fields))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not a readable CSV file ({e})") from None
+    return out
+
+
+def _read_parquet(path: Path) -> list[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    return [(f"{path} record {i}", rec) for i, rec in enumerate(rows)]
+
+
+def _read_hf(name: str, split: str, subset: str | None = None) -> list[tuple[str, Any]]:
+    """A folder from `save_to_disk`, another folder `datasets` reads, or a hub dataset id."""
+    import datasets
+
+    try:
+        if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{name}: no split '{split}' (splits: {', '.join(ds)}); write {name}:SPLIT")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, subset, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (offline, missing split, bad files)
+        raise DataError(f"dataset '{name}' (split '{split}'): datasets could not load it: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return [(f"{name}[{split}] record {i}", rec) for i, rec in enumerate(ds)]
+
+
+def _read_records(path: Path) -> list[tuple[str, Any]]:
+    if path.suffix == ".csv":
+        return _read_csv(path)
+    if path.suffix in (".parquet", ".pq"):
+        return _read_parquet(path)
+    return _read_json(path)
+
+
+# --- fields and messages -----------------------------------------------------------------------
+
+def _text(rec: dict, name: str, where: str, required: bool = True) -> str | None:
+    if name not in rec or rec[name] is None:
+        if required:
+            null = " is null" if name in rec else ""
+            raise DataError(f"{where}: missing field '{name}'{null} (expected a string); "
+                            f"fields present: {', '.join(sorted(rec)) or 'none'}")
+        return None
+    value = rec[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' is {type(value).__name__}, expected a string"
+                        + ("; quote it in the data" if isinstance(value, (int, float)) else ""))
+    return value
+
+
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # kept on a message for the chat template
+
+
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
+
+
+def _messages(value: Any, where: str, name: str, role: str = "role", content: str = "content",
+              roles: tuple[str, ...] | None = ROLES) -> list[dict]:
+    """A list of {role, content} messages, checked (roles among `roles`; sharegpt checks its own tags);
+    returned with the keys 'role' and 'content' (and `tool_calls`, `name`, `tool_call_id` where present:
+    an assistant's tool call may have no content)."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{name}' is {type(value).__name__}, expected a list of "
+                        f"{{\"{role}\": ..., \"{content}\": ...}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{name}' message {i} is {type(m).__name__}, expected an object "
+                            f"with '{role}' and '{content}'")
+        calls = m.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("function", c).get("name"), str) for c in calls)):
+            raise DataError(f"{where}: field '{name}' message {i}: 'tool_calls' must be a list of "
+                            "{\"type\": \"function\", \"function\": {\"name\": ..., \"arguments\": ...}} objects")
+        for key in (role, content) if not calls else (role,):
+            if not isinstance(m.get(key), str):
+                got = "missing" if m.get(key) is None else f"{type(m[key]).__name__}"
+                raise DataError(f"{where}: field '{name}' message {i}: '{key}' is {got}, expected a string "
+                                f"(each message needs '{role}' and '{content}'; keys present: "
+                                f"{', '.join(sorted(m)) or 'none'})")
+        if roles is not None and m[role] not in roles:
+            raise DataError(f"{where}: field '{name}' message {i}: role '{m[role]}' is not one of {', '.join(roles)}")
+        out.append({"role": m[role], "content": m.get(content) or "",
+                    **{k: m[k] for k in TOOL_KEYS if m.get(k) is not None}})
+    return out
+
+
+def _messages_text(msgs: list[dict]) -> str:
+    """A completion of several messages as one text (for the empty / chosen == rejected checks and lengths)."""
+    return "\n".join(m["content"] or json.dumps(m.get("tool_calls"), ensure_ascii=False) for m in msgs)
+
+
+def _tools(value: Any, where: str, name: str) -> list[dict] | None:
+    """Tool definitions: a list of JSON schemas, or that list as a JSON string (LLaMA-Factory)."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field '{name}' is not valid JSON ({e.msg}); expected a list of tool "
+                            "definitions") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise DataError(f"{where}: field '{name}' must be a list of tool definitions (JSON objects)")
+    # bare function definitions (LLaMA-Factory) in the {"type": "function", "function": ...} form templates expect
+    return [t if "function" in t else {"type": "function", "function": t} for t in value]
+
+
+def _completion(value: Any, where: str, name: str) -> tuple[str, list[dict] | None]:
+    """A completion: a string, or a list of messages (text, None for a single plain assistant
+    message; else text and the messages, which must start and end with the assistant)."""
+    if isinstance(value, str):
+        return value, None
+    if value is None:
+        raise DataError(f"{where}: missing field '{name}' (expected a string or a list of assistant messages)")
+    msgs = _messages(value, where, name)
+    if not msgs or msgs[0]["role"] != "assistant" or msgs[-1]["role"] != "assistant" \
+            or msgs[-1].get("tool_calls"):
+        raise DataError(f"{where}: field '{name}' must be assistant messages (tool calls and tool results in "
+                        f"between) ending on an assistant answer, got roles {[m['role'] for m in msgs] or 'none'}")
+    if len(msgs) == 1 and not msgs[0].get("tool_calls"):
+        return msgs[0]["content"], None
+    return _messages_text(msgs), msgs
+
+
+def _split_system(msgs: list[dict], system: str | None) -> tuple[list[dict], str | None]:
+    if msgs and msgs[0]["role"] == "system":
+        return msgs[1:], msgs[0]["content"]
+    return msgs, system
+
+
+def _pair(prompt_msgs: list[dict], system, chosen: str | tuple, rejected: str | tuple, where: str,
+          tools: list[dict] | None = None) -> PreferencePair:
+    """A pair from a prompt conversation; a single user turn is kept as plain `prompt` text. A
+    completion is a text or (text, messages) from `_completion`."""
+    if not prompt_msgs:
+        raise DataError(f"{where}: the prompt has no messages; it needs at least one user turn")
+    if prompt_msgs[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the prompt ends on an assistant message; it must end on the user (or tool) turn "
+                        "that the chosen/rejected answers reply to")
+    (chosen, chosen_msgs), (rejected, rejected_msgs) = [c if isinstance(c, tuple) else (c, None)
+                                                        for c in (chosen, rejected)]
+    single = len(prompt_msgs) == 1 and prompt_msgs[0]["role"] == "user" and set(prompt_msgs[0]) == {"role", "content"}
+    return PreferencePair(prompt=prompt_msgs[-1]["content"], chosen=chosen, rejected=rejected, system=system,
+                          where=where, messages=None if single else prompt_msgs, chosen_messages=chosen_msgs,
+                          rejected_messages=rejected_msgs, tools=tools)
+
+
+# --- record shapes -> normalized examples ------------------------------------------------------
+
+def _standard(rec: dict, where: str) -> PreferencePair:
+    system = _text(rec, "system", where, required=False)
+    prompt = rec.get("prompt")
+    tools = _tools(rec.get("tools"), where, "tools")
+    if isinstance(prompt, list):  # conversational (TRL)
+        msgs, system = _split_system(_messages(prompt, where, "prompt"), system)
+        return _pair(msgs, system, _completion(rec.get("chosen"), where, "chosen"),
+                     _completion(rec.get("rejected"), where, "rejected"), where, tools)
+    if prompt is not None and not isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt' is {type(prompt).__name__}, expected a string or a list of "
+                        "{\"role\": ..., \"content\": ...} messages")
+    if isinstance(prompt, str) and _whole_conversation(rec.get("chosen")) and _whole_conversation(rec.get("rejected")):
+        return _ultrafeedback(rec, where)
+    if tools:  # tool definitions need the prompt as a conversation, so that a template writes them
+        return _pair([{"role": "user", "content": _text(rec, "prompt", where)}], system,
+                     _completion(rec.get("chosen"), where, "chosen"), _completion(rec.get("rejected"), where,
+                                                                                  "rejected"), where, tools)
+    chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return _pair([{"role": "user", "content": _text(rec, "prompt", where)}], system,
+                     _completion(chosen, where, "chosen"), _completion(rejected, where, "rejected"), where)
+    return PreferencePair(prompt=_text(rec, "prompt", where), chosen=_text(rec, "chosen", where),
+                          rejected=_text(rec, "rejected", where), system=system, where=where)
+
+
+def _whole_conversation(value: Any) -> bool:
+    """A list of messages that starts before the answer (a user or system turn): the whole
+    conversation rather than just the assistant's completion."""
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+            and value[0].get("role") in ("user", "system"))
+
+
+def _ultrafeedback(rec: dict, where: str) -> PreferencePair:
+    """HuggingFaceH4/ultrafeedback_binarized: a `prompt` string plus chosen/rejected as whole
+    conversations. The conversations are the data; the prompt must be their last user turn
+    (it is a copy of it), so a disagreement is an error rather than one of them silently lost."""
+    pair = _without_prompt({k: v for k, v in rec.items() if k != "prompt"}, where)
+    user_turns = [m["content"] for m in (pair.messages or []) if m["role"] == "user"] or [pair.prompt]
+    if rec["prompt"].strip() != user_turns[-1].strip():
+        raise DataError(f"{where}: field 'prompt' differs from the last user turn of the chosen/rejected "
+                        f"conversations ({rec['prompt'][:40]!r} vs {user_turns[-1][:40]!r}); with whole "
+                        "conversations drop the prompt field, or give chosen/rejected as the answers only")
+    return pair
+
+
+def _without_prompt(rec: dict, where: str) -> PreferencePair:
+    """No prompt field: whole conversations (UltraFeedback) or full texts (hh-rlhf)."""
+    chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        c = _messages(chosen, where, "chosen")
+        r = _messages(rejected, where, "rejected")
+        shared = 0
+        while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
+            shared += 1
+        while shared and c[shared - 1]["role"] == "assistant":  # a shared tool call belongs to both completions
+            shared -= 1
+        msgs, system = _split_system(c[:shared], _text(rec, "system", where, required=False))
+        try:
+            completions = _completion(c[shared:], where, "chosen"), _completion(r[shared:], where, "rejected")
+        except DataError:
+            raise DataError(f"{where}: chosen and rejected must be the same conversation up to their final assistant "
+                            f"messages; after {shared} shared messages they differ in roles "
+                            f"{[m['role'] for m in c[shared:]]} / {[m['role'] for m in r[shared:]]}") from None
+        return _pair(msgs, system, *completions, where, _tools(rec.get("tools"), where, "tools"))
+    chosen, rejected = _text(rec, "chosen", where), _text(rec, "rejected", where)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(HH_MARKER, 0, n)  # the marker must lie inside the shared prefix
+    if cut < 0:
+        raise DataError(f"{where}: no 'prompt' field, and chosen/rejected share no {HH_MARKER!r} marker to take "
+                        "the prompt from; add a prompt field (or map one with `columns`)")
+    cut += len(HH_MARKER)
+    return PreferencePair(prompt=chosen[:cut], chosen=chosen[cut:], rejected=rejected[cut:],
+                          system=_text(rec, "system", where, required=False), where=where,
+                          messages=_hh_turns(chosen[:cut]), from_text=True)
+
+
+def _hh_turns(prompt: str) -> list[dict[str, str]] | None:
+    """'\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:' -> user a, assistant b, user c.
+    None when the text does not alternate Human/Assistant turns (a chat template then gets the
+    whole text as one user turn)."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # ['', 'Human', ' a', ..., 'Assistant', '']
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
+        return None
+    roles, contents = parts[1:-2:2], parts[2:-2:2]
+    if roles != [("Human", "Assistant")[i % 2] for i in range(len(roles))] or roles[-1] != "Human":
+        return None
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(roles, contents)]
+
+
+def _unpaired(rec: dict, where: str) -> UnpairedExample:
+    label = rec.get("label")
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: field 'label' is {type(label).__name__ if label is not None else 'missing'}, "
+                        "expected true (desirable) or false (undesirable)")
+    system = _text(rec, "system", where, required=False)
+    msgs = None
+    prompt = rec.get("prompt")
+    if isinstance(prompt, list):
+        msgs, system = _split_system(_messages(prompt, where, "prompt"), system)
+        prompt = msgs[-1]["content"] if msgs else ""
+        msgs = None if len(msgs) == 1 and msgs[0]["role"] == "user" else msgs
+    else:
+        prompt = _text(rec, "prompt", where)
+    return UnpairedExample(prompt=prompt, completion=_completion(rec.get("completion"), where, "completion")[0],
+                           label=label, system=system, where=where, messages=msgs)
+
+
+def _alpaca(rec: dict, where: str, columns: dict) -> PreferencePair:
+    prompt = _text(rec, columns["prompt"], where)
+    query = _text(rec, columns["query"], where, required=False) if columns.get("query") else None
+    if query:  # LLaMA-Factory joins instruction and input with a newline
+        prompt = f"{prompt}\n{query}" if prompt else query
+    msgs = []
+    history = rec.get(columns["history"]) if columns.get("history") else None
+    if history:
+        if not isinstance(history, list) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+            raise DataError(f"{where}: field '{columns['history']}' must be a list of [user, assistant] string pairs")
+        for q, a in history:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    msgs.append({"role": "user", "content": prompt})
+    system = _text(rec, columns["system"], where, required=False) if columns.get("system") else None
+    tools = _tools(rec.get(columns["tools"]), where, columns["tools"]) if columns.get("tools") else None
+    return _pair(msgs, system, _text(rec, columns["chosen"], where), _text(rec, columns["rejected"], where), where,
+                 tools)
+
+
+def _sharegpt(rec: dict, where: str, columns: dict, tags: dict) -> PreferencePair:
+    name = columns["messages"]
+    if name not in rec or rec[name] is None:
+        raise DataError(f"{where}: missing field '{name}' (expected a list of messages); "
+                        f"fields present: {', '.join(sorted(rec)) or 'none'}")
+    role, content = tags["role_tag"], tags["content_tag"]
+    raw = _messages(rec[name], where, name, role, content, roles=None)
+    system = _text(rec, columns["system"], where, required=False) if columns.get("system") else None
+    if raw and raw[0]["role"] == tags["system_tag"]:
+        system, raw = raw[0]["content"], raw[1:]
+    # as LLaMA-Factory: even turns are the user's (or a tool's result, observation), odd turns the
+    # assistant's (or its function call)
+    turn_tags = ((tags["user_tag"], tags["observation_tag"]), (tags["assistant_tag"], tags["function_tag"]))
+    msgs = []
+    for i, m in enumerate(raw):
+        if m["role"] not in turn_tags[i % 2]:
+            raise DataError(f"{where}: '{name}' message {i} has {role} '{m['role']}', expected "
+                            f"{' or '.join(repr(t) for t in turn_tags[i % 2])} (turns alternate "
+                            f"{tags['user_tag']}/{tags['assistant_tag']}, starting with {tags['user_tag']}; set `tags` "
+                            "in dataset_info.json if your names differ)")
+        msgs.append(_sharegpt_message(m, tags, where, f"'{name}' message {i}"))
+    if not msgs or msgs[-1]["role"] == "assistant":
+        raise DataError(f"{where}: '{name}' ends on {'an assistant' if msgs else 'no'} turn; for ranking data the "
+                        f"conversation ends on the {tags['user_tag']} turn and '{columns['chosen']}'/"
+                        f"'{columns['rejected']}' hold the competing {tags['assistant_tag']} answers")
+    answers = []
+    for key in ("chosen", "rejected"):
+        col = columns[key]
+        value = rec.get(col)
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: field '{col}' is {type(value).__name__ if value is not None else 'missing'}, "
+                            f"expected a message object {{\"{role}\": \"{tags['assistant_tag']}\", \"{content}\": ...}}")
+        (m,) = _messages([value], where, col, role, content, roles=None)
+        if m["role"] not in turn_tags[1]:
+            raise DataError(f"{where}: field '{col}' has {role} '{m['role']}', expected '{tags['assistant_tag']}' "
+                            f"or '{tags['function_tag']}'")
+        m = _sharegpt_message(m, tags, where, f"field '{col}'")
+        answers.append((_messages_text([m]), [m]) if m.get("tool_calls") else m["content"])
+    tools = _tools(rec.get(columns["tools"]), where, columns["tools"]) if columns.get("tools") else None
+    return _pair(msgs, system, answers[0], answers[1], where, tools)
+
+
+def _sharegpt_message(m: dict, tags: dict, where: str, what: str) -> dict:
+    """A sharegpt message as a chat message: an observation is a `tool` result, a function call an
+    assistant message with `tool_calls` (its value is the call as JSON: {"name", "arguments"} or a list)."""
+    if m["role"] == tags["observation_tag"]:
+        return {"role": "tool", "content": m["content"]}
+    if m["role"] != tags["function_tag"]:
+        return {"role": "user" if m["role"] == tags["user_tag"] else "assistant", "content": m["content"]}
+    try:
+        calls = json.loads(m["content"])
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: {what} ({tags['function_tag']}) is not valid JSON ({e.msg}); expected "
+                        "{\"name\": ..., \"arguments\": {...}} or a list of them") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise DataError(f"{where}: {what} ({tags['function_tag']}) must be {{\"name\": ..., \"arguments\": "
+                        "{...}} or a list of them")
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]}
+
+
+def _shape(rec: dict) -> str:
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "prompt" not in rec:
+        return "alpaca"
+    if "label" in rec and "completion" in rec:
+        return "unpaired"
+    if "prompt" not in rec and "chosen" in rec and "rejected" in rec:
+        return "no_prompt"
+    return "standard"
+
+
+def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None,
+                 columns: dict[str, str] | None = None) -> list[PreferencePair | UnpairedExample]:
+    """Records -> examples. `fmt` comes from a dataset_info.json entry; `columns` (the config key)
+    renames fields of plain files to the standard names first."""
+    out: list[PreferencePair | UnpairedExample] = []
+    shape = None
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if columns:
+            missing = [user for user in columns.values() if user not in rec]
+            if missing:
+                raise DataError(f"{where}: missing field '{missing[0]}' (named in `columns`); "
+                                f"fields present: {', '.join(sorted(rec)) or 'none'}")
+            rec = {**{k: v for k, v in rec.items() if k not in columns.values()},
+                   **{canon: rec[user] for canon, user in columns.items()}}
+        if fmt is not None:
+            if fmt["formatting"] == "sharegpt":
+                out.append(_sharegpt(rec, where, fmt["columns"], fmt["tags"]))
+            else:
+                out.append(_alpaca(rec, where, fmt["columns"]))
+            continue
+        if shape is None:  # the first record decides, so a bad record gets a field error
+            shape, first = _shape(rec), where
+        elif shape == "no_prompt" and "prompt" in rec:
+            # the file is read as whole conversations / full texts: this prompt would be ignored
+            raise DataError(f"{where}: has a 'prompt' field, but the first record ({first}) has none, so the "
+                            "prompt is taken from chosen/rejected; give every record a prompt, or none")
+        if shape == "sharegpt":
+            out.append(_sharegpt(rec, where, SHAREGPT_COLUMNS, SHAREGPT_TAGS))
+        elif shape == "alpaca":
+            out.append(_alpaca(rec, where, ALPACA_COLUMNS))
+        elif shape == "unpaired":
+            out.append(_unpaired(rec, where))
+        elif shape == "no_prompt":
+            out.append(_without_prompt(rec, where))
+        else:
+            out.append(_standard(rec, where))
+    return out
+
+
+# --- dataset entries ---------------------------------------------------------------------------
+
+def _entry_format(entry: dict, where: str) -> dict:
+    """The column and tag maps of a LLaMA-Factory dataset_info.json ranking entry."""
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise DataError(f"{where}: formatting '{formatting}' is not supported; use alpaca or sharegpt")
+    if not entry.get("ranking", False):
+        raise DataError(f"{where}: not a preference dataset; DPO needs \"ranking\": true with chosen/rejected")
+    defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+    given = entry.get("columns", {}) or {}
+    unknown = set(given) - set(defaults) - {"response", "images", "videos", "audios", "kto_tag"}
+    if unknown:
+        raise DataError(f"{where}: columns {sorted(unknown)} are not known for {formatting} ranking data "
+                        f"(known: {', '.join(defaults)})")
+    for key in ("images", "videos", "audios", "kto_tag"):
+        if given.get(key):
+            raise DataError(f"{where}: column '{key}' is not yet supported; remove it from columns")
+    tags = {**SHAREGPT_TAGS, **{k: v for k, v in (entry.get("tags") or {}).items()}}
+    unknown_tags = set(tags) - set(SHAREGPT_TAGS)
+    if unknown_tags:
+        raise DataError(f"{where}: tags {sorted(unknown_tags)} are not known (known: {', '.join(SHAREGPT_TAGS)})")
+    columns = {**defaults, **{k: v for k, v in given.items() if k in defaults}}
+    return {"formatting": formatting, "columns": columns, "tags": tags}
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """'owner/data:test' -> ('owner/data', 'test'); no suffix -> split 'train'."""
+    base, sep, split = name.rpartition(":")
+    if sep and base and split.replace("_", "").replace("-", "").isalnum() and not Path(name).exists():
+        return base, split
+    return name, "train"
+
+
+def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None,
+                max_samples: int | None) -> list[PreferencePair | UnpairedExample]:
+    def convert(records, fmt=None):
+        if not records:
+            raise DataError(f"dataset '{name}': no records")
+        return _to_examples(records[:max_samples] if max_samples is not None else records, fmt,
+                            None if fmt else columns)
+
+    info_path = dataset_dir / "dataset_info.json"
+    info: dict[str, Any] = {}
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{info_path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if name in info:
+        entry = info[name]
+        where = f"{info_path} entry '{name}'"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object with file_name or hf_hub_url")
+        for key in ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"):
+            if key in entry:
+                raise DataError(f"{where}: '{key}' sources are not yet supported; use file_name or hf_hub_url")
+        fmt = _entry_format(entry, where)
+        if "hf_hub_url" in entry:
+            records = _read_hf(entry["hf_hub_url"], entry.get("split", "train"), entry.get("subset"))
+        elif "file_name" in entry:
+            path = dataset_dir / entry["file_name"]
+            if path.is_dir():
+                records = _read_hf(str(path), entry.get("split", "train"))
+            elif path.is_file():
+                records = _read_records(path)
+            else:
+                raise DataError(f"{where}: file '{path}' not found")
+        else:
+            raise DataError(f"{where}: missing 'file_name' (or 'hf_hub_url')")
+        return convert(records, fmt)
+    for candidate in (Path(name), dataset_dir / name):
+        if candidate.is_file():
+            return convert(_read_records(candidate))
+        if candidate.is_dir():
+            return convert(_read_hf(str(candidate), "train"))
+    base, split = _split_name(name)
+    if Path(base).is_dir():
+        return convert(_read_hf(base, split))
+    if "/" in base and not Path(base).suffix and not base.startswith((".", "/")):
+        return convert(_read_hf(base, split))  # a hub id
+    known = f" (registered there: {', '.join(sorted(info))})" if info else f" (no {info_path} found)"
+    raise DataError(f"dataset '{name}': not a name in {info_path}{known}, not a file or folder, "
+                    "and not a hub id (owner/name)")
+
+
+def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
+                  columns: dict[str, str] | None = None) -> list[PreferencePair | UnpairedExample]:
+    """All examples (pairs and unpaired) of a comma list of dataset entries, in order."""
+    out: list[PreferencePair | UnpairedExample] = []
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples))
+    return out
+
+
+def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
+                 columns: dict[str, str] | None = None, allow_unpaired: bool = False) -> list[PreferencePair]:
+    """All preference pairs of a comma list of dataset entries; unpaired data is refused unless
+    allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in order."""
+    examples = read_examples(spec, dataset_dir, max_samples, columns)
+    unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
+    if unpaired and not allow_unpaired:
+        raise DataError(f"{unpaired[0].where}: unpaired (KTO-style prompt/completion/label) data needs pref_loss: kto "
+                        f"({len(unpaired)} such records); the other losses need chosen/rejected pairs")
+    return examples  # type: ignore[return-value]
+
+
+def source_of(where: str) -> str:
+    """The file or dataset an example's `where` ("file:line", "file record i", "file row i") names."""
+    return where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
+
+
+def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport) -> list[PreferencePair]:
+    """Empty completions and chosen == rejected teach DPO nothing: fail, or skip them with a count."""
+    empty = [p for p in pairs if (not p.completion.strip() if isinstance(p, UnpairedExample)
+                                  else not p.chosen.strip() or not p.rejected.strip())]
+    identical = [p for p in pairs if isinstance(p, PreferencePair) and p.chosen == p.rejected and p.chosen.strip()]
+    if (empty or identical) and not drop_invalid:
+        parts = []
+        if empty:
+            parts.append(f"{len(empty)} with an empty chosen/rejected (first: {', '.join(p.where for p in empty[:3])})")
+        if identical:
+            parts.append(f"{len(identical)} with chosen == rejected "
+                         f"(first: {', '.join(p.where for p in identical[:3])})")
+        raise DataError(f"{'; '.join(parts)}. Fix the data, or set drop_invalid_pairs: true to skip and count them")
+    report.skipped_empty += len(empty)
+    report.skipped_identical += len(identical)
+    bad = {id(p) for p in empty + identical}
+    return [p for p in pairs if id(p) not in bad]
+
+
+def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataReport]:
+    """Train and validation pairs for a config, plus the counts."""
+    report = DataReport()
+    if not cfg.dataset:
+        raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
+    unpaired = cfg.is_kto  # kto reads unpaired examples too
+    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired)
+    report.read = len(train)
+    report.sources = dict(Counter(source_of(p.where) for p in train))
+    train = check_pairs(train, cfg.drop_invalid_pairs, report)
+    if cfg.shuffle:  # before the split, so val_size draws from every source
+        random.Random(cfg.seed).shuffle(train)
+    if cfg.eval_dataset:
+        val = read_dataset(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired)
+        report.read += len(val)
+        val = check_pairs(val, cfg.drop_invalid_pairs, report)
+    elif cfg.val_size > 0:
+        n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(len(train) * cfg.val_size))
+        if n_val >= len(train):
+            raise DataError(f"val_size {cfg.val_size} leaves no training pairs out of {len(train)}")
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        val = [train[i] for i in sorted(order[:n_val])]
+        train = [train[i] for i in sorted(order[n_val:])]
+    else:
+        val = []
+    if not train:
+        raise DataError("no training pairs left after checks")
+    report.train, report.eval = len(train), len(val)
+    return train, val, report

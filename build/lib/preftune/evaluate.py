@@ -1,0 +1,96 @@
+"""The one pair scorer: everything that runs a model over a list of examples and measures it.
+
+    evaluate(step, policy, reference, val_items, batch_size, pad_id, accelerator)   # eval_* metrics
+    logps, lengths = pair_logps(model, pairs, pad_id, batch_size)                  # (N, 2) each
+    accuracy(chosen_rewards, rejected_rewards)                                     # ties count half
+
+Training's evaluation, `preftune export`'s quality check and the reference precompute all score
+through these, in the same batch order (the items in order, `batch_size` at a time). With several
+processes, `evaluate` gives each process every N-th batch and pools the sums (`pooled`), so each
+item is counted once whatever the count, and every process returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from preftune.batching import collate, epoch_batches
+from preftune.logps import get_batch_logps
+
+
+def accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """(B,) 1 where the implicit reward (or score) prefers chosen, 0 where rejected, 0.5 on a tie.
+
+    A tie (policy == reference on this pair, as at step 0) counts as half right: the implicit reward
+    model is then guessing, and chance for a pair is 50% (TRL counts it as wrong)."""
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
+def ordered_batches(items: list, batch_size: int, collate_fn, pad_id: int, device=None, shard=(0, 1)):
+    """(positions, collated batch) over `items` in order, `batch_size` at a time, on `device`;
+    shard = (k, n): only batches k, k + n, k + 2n, ... (process k of n)."""
+    for idx in epoch_batches(len(items), batch_size, 0, 0, shuffle=False)[shard[0]::shard[1]]:
+        batch = collate_fn([items[i] for i in idx], pad_id, idx)
+        yield idx, batch if device is None else {k: v.to(device) for k, v in batch.items()}
+
+
+def pooled(sums: dict[str, float], counts: dict[str, int], accelerator) -> tuple[dict[str, float], dict[str, int]]:
+    """Every process's per-statistic sums and counts, added up key by key (a statistic that only some
+    processes have, such as kto's rewards/rejected, counts where it is). One process: as given."""
+    if accelerator.num_processes == 1:
+        return sums, counts
+    total_sums: dict[str, float] = {}
+    total_counts: dict[str, int] = {}
+    for part_sums, part_counts in gather_object([(sums, counts)]):  # in process order: every process adds alike
+        for key, value in part_sums.items():
+            total_sums[key] = total_sums.get(key, 0.0) + value
+            total_counts[key] = total_counts.get(key, 0) + part_counts[key]
+    return total_sums, total_counts
+
+
+@torch.no_grad()
+def pair_logps(model, pairs: list, pad_id: int, batch_size: int, chunk_size: int = 1024, ld_alpha: float | None = None,
+               device=None, autocast=contextlib.nullcontext, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (N, 2) float32, column 0 chosen, column 1 rejected, and the
+    completion lengths (N, 2), of N tokenized pairs under `model` (on `device`, inside `autocast()`;
+    a progress bar titled `desc` when given)."""
+    logps = torch.empty(len(pairs), 2)
+    lengths = torch.empty(len(pairs), 2, dtype=torch.long)
+    batches = ordered_batches(pairs, batch_size, collate, pad_id, device)
+    for idx, batch in tqdm(batches, total=math.ceil(len(pairs) / batch_size), desc=desc, disable=desc is None):
+        with autocast():
+            out = get_batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                  chunk_size, ld_alpha=ld_alpha)
+        logps[idx] = out.logps.float().cpu().view(2, len(idx)).T  # rows [chosen; rejected] -> (B, 2)
+        lengths[idx] = out.lengths.cpu().view(2, len(idx)).T
+    return logps, lengths
+
+
+@torch.no_grad()
+def evaluate(step, policy, reference, items: list, batch_size: int, pad_id: int, accelerator) -> dict[str, float]:
+    """Mean of every statistic of `step` (a `step.OBJECTIVES` entry) over `items`, named eval_<statistic>,
+    plus eval_kl, the per-token KL to the reference (absent, not 0, where the step computes none: no
+    reference model). A statistic's mean is over the values it has: the pairs, or for kto the
+    examples of its side. Sharded over the processes, batch by batch, and pooled."""
+    model = accelerator.unwrap_model(policy)  # no gradients here, so no distributed wrapper needed
+    model.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    shard = (accelerator.process_index, accelerator.num_processes)
+    for _, batch in ordered_batches(items, batch_size, step.collate, pad_id, accelerator.device, shard):
+        with accelerator.autocast():
+            out = step(model, reference, batch, kl=True)
+        values = {key: (value.float().sum().item(), value.numel()) for key, value in out.stats.items()}
+        if out.kl is not None:  # summed per token: eval_kl is the mean over all scored tokens
+            values["kl"] = out.kl[0].item(), out.kl[1]
+        for key, (value, n) in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + n
+    model.train()
+    sums, counts = pooled(sums, counts, accelerator)
+    return {f"eval_{k}": v / max(counts[k], 1) for k, v in sums.items()}

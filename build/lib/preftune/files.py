@@ -1,0 +1,49 @@
+"""Atomic writes: a file or folder is written under a temporary name beside its destination and
+renamed into place, so a process killed at any moment leaves the old version or the new one,
+never a half-written one. Used by checkpoints, reports, caches and export."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` replaced by `text` (UTF-8) in one rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def fresh_tmp_dir(dest: Path) -> Path:
+    """An empty temporary folder beside `dest`, to be filled and then `replace_dir`-ed into place."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed mid-write: never trusted
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Swap a finished temporary folder into `dest` (the old one is moved aside, then removed)."""
+    old = dest.with_name(dest.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a folder, renamed to .<name>.deleting first: a kill during the removal must not leave
+    a half-deleted folder under its real name (checkpoint rotation sweeps such leftovers). With
+    several processes only one wins the rename; for the others the folder is already gone."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed)

@@ -1,0 +1,176 @@
+"""Sequence log-probs of completions: the one function every loss and metric is built on.
+
+Batch convention (made once, in `batching.collate`): a batch of B pairs is one tensor of 2B
+rows, the B prompt+chosen sequences first and the B prompt+rejected after, right-padded, so
+chosen and rejected share one forward pass; `logps[:B]` are chosen, `logps[B:]` rejected.
+Padding-free (`batching.collate_packed`): the same 2B sequences in the same order back to back in
+one row, `position_ids` restarting at 0 for each and `sequence_lengths` (2B,) saying where each
+ends; attention stays within a sequence (transformers builds the mask from the position ids, or
+flash-attn runs varlen), and the outputs are the same (2B,) tensors.
+
+Memory: the LM head is applied only at completion positions, `chunk_size` tokens at a time,
+and each chunk's (chunk, vocab) fp32 logits are recomputed in backward instead of stored, so
+the full-vocabulary logits of the batch never exist at once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class BatchLogps(NamedTuple):
+    """What `get_batch_logps` returns for a batch of R rows (R = 2B for B pairs)."""
+    logps: torch.Tensor  # (R,) summed completion log-probs
+    lengths: torch.Tensor  # (R,) completion token counts
+    hidden: torch.Tensor | None = None  # (N, H) detached hidden states at the N scored positions (return_hidden)
+    wpo_weights: torch.Tensor | None = None  # (R,) WPO's per-sequence weights, detached (wpo)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row."""
+    if "position_ids" not in batch:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    return {"input_ids": batch["input_ids"], "attention_mask": None, "completion_mask": batch["completion_mask"],
+            "position_ids": batch["position_ids"], "sequence_lengths": batch["sequence_lengths"]}
+
+
+def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    low_precision = lm_head.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+    if hidden.device.type == "cpu" and low_precision:
+        # CPUs without native bf16 matmul run the bf16 LM-head backward 100x slower than fp32
+        # (measured in benchmarks/); the head is one matmul, so do it in fp32 there
+        with torch.autocast("cpu", enabled=False):
+            logits = F.linear(hidden.float(), lm_head.weight.float(),
+                              None if lm_head.bias is None else lm_head.bias.float())
+    else:
+        logits = lm_head(hidden).float()  # (N, V); fp32 for a stable logsumexp under bf16/fp16
+    if softcap is not None:  # Gemma-2 style final logit soft-capping
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _lm_head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   softcap: float | None, wpo: bool = False):
+    """log p(target) for each row of hidden: (N, H), (N,) -> (N,). With wpo, also log sum_v p_v^2,
+    (N,), the log-prob of the token the policy itself would most likely agree on (WPO's normaliser)."""
+    logits = _logits(lm_head, hidden, softcap)
+    log_z = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    if not wpo:
+        return logps
+    return logps, (torch.logsumexp(2 * logits, dim=-1) - 2 * log_z).detach()
+
+
+def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None):
+    """Backbone hidden states at the positions that predict a completion token."""
+    backbone = model.get_decoder()  # transformers models and peft models have one; so does AdapterReference
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    # position t predicts token t+1: shift the mask and the targets left by one. Packed, the last token
+    # of a sequence "predicts" the next sequence's first token, a prompt token, never scored
+    score = completion_mask[:, 1:].bool()  # (R, T-1): 2B padded rows, or one packed row
+    return hidden[:, :-1][score], input_ids[:, 1:][score], score  # (N, H), (N,), (R, T-1)
+
+
+def _scored_sequences(score: torch.Tensor, sequence_lengths: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The sequence each scored token belongs to, (N,), in order, and the number of sequences."""
+    if sequence_lengths is None:  # padded: a sequence per row
+        return score.nonzero()[:, 0], score.size(0)
+    # packed: token t+1 (predicted at t) belongs to sequence `owner[t + 1]`; output_size avoids a device sync
+    owner = torch.repeat_interleave(torch.arange(sequence_lengths.size(0), device=score.device), sequence_lengths,
+                                    output_size=score.size(1) + 1)
+    return owner[1:][score[0]], sequence_lengths.size(0)
+
+
+def _softcap(model) -> float | None:
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+
+def ld_token_weights(rows: torch.Tensor, lengths: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's per-token weights (Liu et al. 2024, https://arxiv.org/abs/2409.06411, Eq. 9), (N,):
+    1 on the first l_p = min(|y_w|, |y_l|) completion tokens of both sequences of a pair (the length
+    they share), ld_alpha on the longer completion's tokens beyond them, as TRL 1.16's `ld_alpha`.
+    rows: (N,) the sequence of each scored token, grouped in sequence order ([chosen; rejected]);
+    lengths: (2B,) completion tokens per sequence."""
+    first = torch.cumsum(lengths, 0) - lengths  # (2B,) where each sequence's tokens start among the N
+    position = torch.arange(rows.size(0), device=rows.device) - first[rows] + 1  # 1-based within its sequence
+    B = lengths.size(0) // 2
+    shared = torch.minimum(lengths[:B], lengths[B:]).repeat(2)  # (2B,)
+    ones = torch.ones(rows.size(0), dtype=torch.float32, device=rows.device)
+    return torch.where(position <= shared[rows], ones, ld_alpha * ones)
+
+
+def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
+                    chunk_size: int = 1024, return_hidden: bool = False, ld_alpha: float | None = None,
+                    wpo: bool = False, position_ids: torch.Tensor | None = None,
+                    sequence_lengths: torch.Tensor | None = None):
+    """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
+
+    input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
+    Packed (padding-free): input_ids, position_ids, completion_mask (1, N_tokens), attention_mask
+    None, sequence_lengths (2B,) (module docstring).
+    With return_hidden, also the detached hidden states at the scored positions, (N, H), which
+    `completion_kl` turns into the KL to the reference without another forward pass.
+    With ld_alpha (LD-DPO), each pair's tokens beyond the shorter completion's length count ld_alpha
+    times in the sum (`ld_token_weights`); the lengths stay the full ones.
+    With wpo, last also WPO's per-sequence weights (2B,), detached (Zhou et al. 2024,
+    https://arxiv.org/abs/2406.11827, Eq. 2, as TRL 1.16's `use_weighting`): the policy's own
+    probability of the completion, per token, relative to its next-token distribution,
+
+        w(y|x) = exp( (1/|y|) sum_t [log p(y_t) - log sum_v p(v)^2] )
+
+    computed from the same chunked LM head (log sum p^2 = logsumexp(2 logits) - 2 logsumexp(logits)).
+    Returns a `BatchLogps`; hidden and wpo_weights are None unless asked for.
+    """
+    hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids)
+    lm_head, softcap = model.get_output_embeddings(), _softcap(model)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = []
+    for i in range(0, hidden.size(0), chunk_size):
+        h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
+        if recompute:
+            pieces.append(checkpoint(_lm_head_logps, lm_head, h, t, softcap, wpo, use_reentrant=False))
+        else:
+            pieces.append(_lm_head_logps(lm_head, h, t, softcap, wpo))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    if wpo:
+        log_sum_sq = torch.cat([p[1] for p in pieces]) if pieces else empty  # (N,)
+        pieces = [p[0] for p in pieces]
+    token_logps = torch.cat(pieces) if pieces else empty  # (N,)
+    rows, n = _scored_sequences(score, sequence_lengths)  # the sequence each scored token belongs to, (N,)
+    lengths = score.sum(dim=1) if sequence_lengths is None else torch.bincount(rows, minlength=n)  # (2B,)
+    weighted = token_logps if ld_alpha is None else token_logps * ld_token_weights(rows, lengths, ld_alpha)
+    logps = token_logps.new_zeros(n).index_add(0, rows, weighted)  # (2B,)
+    wpo_weights = None
+    if wpo:
+        aligned = token_logps.detach() - log_sum_sq  # (N,)
+        mean_aligned = token_logps.new_zeros(n).index_add(0, rows, aligned) / lengths.clamp(min=1)
+        wpo_weights = torch.exp(mean_aligned)
+    return BatchLogps(logps, lengths, hidden.detach() if return_hidden else None, wpo_weights)
+
+
+@torch.no_grad()
+def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidden: torch.Tensor,
+                  chunk_size: int = 1024, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """Exact per-token KL(pi_theta || pi_ref), summed over the vocabulary, at completion positions.
+
+    policy_hidden, reference_hidden: (N, H) from `get_batch_logps(..., return_hidden=True)`.
+    Returns (sum of per-token KL, number of tokens). This is the KL of the next-token
+    distributions along the dataset's chosen and rejected completions (teacher-forced), not
+    the sequence-level KL under samples from the policy: a cheap, exact measure of drift.
+    `max_tokens` scores an evenly spaced subset (training logs), None scores all (evaluation).
+    """
+    if max_tokens is not None and policy_hidden.size(0) > max_tokens:
+        keep = torch.linspace(0, policy_hidden.size(0) - 1, max_tokens, device=policy_hidden.device).long()
+        policy_hidden, reference_hidden = policy_hidden[keep], reference_hidden[keep]
+    head_pol, head_ref = policy.get_output_embeddings(), reference.get_output_embeddings()
+    total = torch.zeros((), dtype=torch.float32, device=policy_hidden.device)
+    for i in range(0, policy_hidden.size(0), chunk_size):
+        lp = F.log_softmax(_logits(head_pol, policy_hidden[i:i + chunk_size], _softcap(policy)), dim=-1)
+        lq = F.log_softmax(_logits(head_ref, reference_hidden[i:i + chunk_size], _softcap(reference)), dim=-1)
+        total += (lp.exp() * (lp - lq)).sum()
+    return total, policy_hidden.size(0)

@@ -1,0 +1,235 @@
+"""The reference model pi_ref, as one object that the step asks for log-probs one way.
+
+    policy, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
+    reference.on("train").logps(batch)        # BatchLogps of the batch's rows, or None without a reference
+
+`load_models` is the one place that decides, from the config, what the reference is:
+  - none: a reference-free loss (simpo, orpo, sft); `logps` returns None and nothing is loaded;
+  - a frozen separately loaded model: `ref_model` (+ `ref_model_adapters` merged in), or a copy of
+    the starting policy (full and freeze runs; a LoRA run with ref_model);
+  - the LoRA policy itself with its adapter off, or with a frozen copy of its starting adapter
+    (`adapters.AdapterReference`): no second copy of the weights;
+  - precomputed (`precompute_ref_log_probs: true`): the reference runs once over the training and
+    validation pairs before the policy is loaded, and is then freed, so training holds one model
+    (plus its optimizer state) instead of two. Its (N, 2) log-probs per split are looked up by the
+    batch's `index`; `on(split)` says which split a batch comes from. No KL then: the KL needs the
+    reference's whole next-token distribution, which is not kept.
+
+Precomputed log-probs are cached in `<ref_logps_cache_dir>/<key>.safetensors`, the key a hash of
+everything that changes the numbers:
+  - the reference weights. A local folder: name, size and modification time of each file in it
+    (cheap, the weights are not read; re-saved or edited weights change size or mtime; a copied
+    folder misses once). A hub id: its commit hash (files at a commit never change). The same
+    for each adapter merged into it (`ref_model_adapters`, or a LoRA run's adapter_name_or_path),
+    and its quantization.
+  - the tokenized pairs: every token id and completion start, so data, template, cutoff_len and
+    tokenizer changes are all in it.
+  - torch_dtype, mixed precision, attn_implementation, the device type, the torch and
+    transformers versions (kernels differ), and this file's CACHE_FORMAT.
+A file is written to a temporary name and renamed into place, so a killed run leaves no partial
+file under the key. A file that does not load or does not match its key is recomputed and
+replaced, never trusted.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+from array import array
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
+from preftune.errors import ModelError
+from preftune.evaluate import pair_logps
+from preftune.logps import BatchLogps, get_batch_logps, model_inputs
+from preftune.models import DTYPES, check_vocabulary, load_policy, load_reference, reference_adapters
+from preftune.tokenization import TokenizedPair
+
+log = logging.getLogger("preftune")
+
+CACHE_FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "preftune" / "ref_logps"
+
+
+def model_fingerprint(name: str) -> str:
+    """What identifies the weights of model `name` without reading them (see the module docstring)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    from huggingface_hub import snapshot_download
+
+    try:  # online: asks the hub for the current commit; offline: the commit cached locally
+        snapshot = snapshot_download(name, allow_patterns=["config.json"])
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many types; all mean "cannot resolve"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"precompute_ref_log_probs: cannot find the commit of '{name}' to key its cache: {first}. "
+                         "Check the id (and network access or HF_HUB_OFFLINE)") from None
+    return f"hub:{name}@{Path(snapshot).name}"  # the snapshot folder is named by the commit hash
+
+
+def data_fingerprint(pairs: list[TokenizedPair]) -> str:
+    """sha256 of every pair's token ids and completion starts (lengths included, so no two lists collide)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(array("q", [len(p.chosen_ids), p.chosen_start, len(p.rejected_ids), p.rejected_start,
+                             *p.chosen_ids, *p.rejected_ids]).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
+    parts = {
+        "format": CACHE_FORMAT,
+        "reference": model_fingerprint(cfg.ref_model or cfg.model_name_or_path),
+        # the adapters merged into it (models.load_reference), in order
+        "adapters": [model_fingerprint(a) for a in split_names(reference_adapters(cfg))],
+        "quantization_bit": cfg.ref_model_quantization_bit,
+        "data": data_fingerprint(pairs),
+        "torch_dtype": str(DTYPES[cfg.torch_dtype]),  # bf16 and bfloat16 are one key
+        "mixed_precision": cfg.mixed_precision,
+        "attn_implementation": cfg.attn_implementation,
+        "ld_alpha": cfg.ld_alpha,  # LD-DPO weights the reference's tokens too
+        "device": device_type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read_cache(path: Path, key: str, n: int) -> torch.Tensor | None:
+    """The cached (n, 2) log-probs, or None when absent, unreadable or not the ones for `key`."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, logps = f.metadata() or {}, f.get_tensor("logps")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated or garbled
+        log.warning("reference log-probs cache %s is unreadable (%s); recomputing it", path, str(e).splitlines()[0])
+        return None
+    if meta.get("key") != key or logps.shape != (n, 2) or logps.dtype != torch.float32:
+        log.warning("reference log-probs cache %s does not match its key; recomputing it", path)
+        return None
+    return logps
+
+
+def _write_cache(path: Path, key: str, logps: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a file
+    save_file({"logps": logps.contiguous()}, str(tmp), metadata={"key": key, "format": str(CACHE_FORMAT)})
+    os.replace(tmp, path)
+
+
+def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_id: int, accelerator,
+                               tokenizer=None) -> dict[str, torch.Tensor]:
+    """Every split's reference log-probs, (N, 2) float32 [chosen, rejected] in the split's order,
+    from the cache or from one pass of the reference (batched as evaluation is, under the run's
+    precision), which is loaded only on a miss and freed before returning (and checked to cover
+    `tokenizer`'s vocabulary when given)."""
+    cache_dir = Path(cfg.ref_logps_cache_dir or default_cache_dir()).expanduser()
+    reference, tables = None, {}
+    for split, pairs in splits.items():
+        if not pairs:
+            continue
+        # with several processes the main one computes and writes first; the others then read its file
+        with accelerator.main_process_first():
+            key = cache_key(cfg, pairs, accelerator.device.type)
+            path = cache_dir / f"{key}.safetensors"
+            logps = _read_cache(path, key, len(pairs))
+            if logps is None:
+                if reference is None:
+                    reference = load_reference(cfg).to(accelerator.device)
+                    if tokenizer is not None:
+                        check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
+                progress = "reference log-probs" if cfg.progress_bar and accelerator.is_main_process else None
+                logps, _ = pair_logps(reference, pairs, pad_id, cfg.eval_batch_size, cfg.logps_chunk_size,
+                                      cfg.ld_alpha, accelerator.device, accelerator.autocast, progress)
+                if accelerator.is_main_process:
+                    _write_cache(path, key, logps)
+                log.info("reference log-probs of %d %s pairs computed, cached in %s", len(pairs), split, path)
+            else:
+                log.info("reference log-probs of %d %s pairs read from %s", len(pairs), split, path)
+        tables[split] = logps
+    # the point of precomputing: no reference in memory while training
+    del reference
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.info("precompute_ref_log_probs: no kl/eval_kl columns; the KL needs the reference's whole next-token "
+             "distribution at every completion token, which is not cached")
+    return tables
+
+
+class Reference:
+    """pi_ref for the step: `logps(batch)` gives log pi_ref of the batch's rows, or None without a
+    reference. `model` is what computes them live (a frozen model or an `AdapterReference`; None when
+    precomputed or absent), which is also what the KL to the reference needs."""
+
+    def __init__(self, model=None, tables: dict[str, torch.Tensor] | None = None, chunk_size: int = 1024,
+                 split: str | None = None, description: str = "none (reference-free loss)"):
+        self.model, self.tables, self.chunk_size, self.split = model, tables, chunk_size, split
+        self.description = description
+
+    def on(self, split: str) -> Reference:
+        """This reference for batches of `split` ("train", "validation"): which table a precomputed one reads."""
+        return Reference(self.model, self.tables, self.chunk_size, split, self.description)
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
+              return_hidden: bool = False) -> BatchLogps | None:
+        """log pi_ref of the batch's rows ([chosen; rejected] for pairs): a `BatchLogps` (precomputed:
+        its logps only, (2B,)), or None for a reference-free run."""
+        if self.tables is not None:
+            rows = self.tables[self.split][batch["index"].cpu()]  # (B, 2) [chosen, rejected]
+            return BatchLogps(torch.cat((rows[:, 0], rows[:, 1])).to(batch["input_ids"].device), None)
+        if self.model is None:
+            return None
+        return get_batch_logps(self.model, **model_inputs(batch), chunk_size=self.chunk_size, return_hidden=return_hidden,
+                               ld_alpha=ld_alpha)
+
+
+def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] | None = None):
+    """(the policy, its `Reference`), as the config says (module docstring). With precompute the
+    reference's pass over `splits` runs, and its model is freed, before the policy loads. A given
+    tokenizer is checked against every model's vocabulary; a given accelerator prepares a separately
+    loaded reference for evaluation (sharded as the policy is, never trained)."""
+    chunk_size = cfg.logps_chunk_size
+    if cfg.precompute_ref_log_probs:
+        tables = precompute_reference_logps(cfg, splits or {}, tokenizer.pad_token_id, accelerator, tokenizer)
+        return _checked_policy(cfg, tokenizer), Reference(None, tables, chunk_size,
+                                                          description="precomputed log-probs (no model in memory)")
+    adapter_off = cfg.uses_reference and cfg.finetuning_type == "lora" and not cfg.ref_model
+    starting_adapter = adapter_off and bool(cfg.adapter_name_or_path)
+    policy = _checked_policy(cfg, tokenizer, reference_adapter=starting_adapter)
+    if adapter_off:
+        what = "a frozen copy of its starting adapter" if starting_adapter else "its adapter off"
+        return policy, Reference(AdapterReference(policy, REFERENCE_ADAPTER if starting_adapter else None),
+                                 chunk_size=chunk_size, description=f"the LoRA policy with {what}")
+    if not cfg.uses_reference:
+        return policy, Reference()
+    model = load_reference(cfg)
+    what = "ref_model" if cfg.ref_model else "the reference copy"
+    if tokenizer is not None:
+        check_vocabulary(model, tokenizer, what)
+    if accelerator is not None:
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+    return policy, Reference(model, chunk_size=chunk_size,
+                             description=f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model")
+
+
+def _checked_policy(cfg, tokenizer, reference_adapter: bool = False):
+    policy = load_policy(cfg, reference_adapter)
+    if tokenizer is not None:
+        check_vocabulary(policy, tokenizer, "model_name_or_path",
+                         "the tokenizer has tokens the model has no embedding for; resize the model's embeddings")
+    return policy

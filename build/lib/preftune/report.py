@@ -1,0 +1,135 @@
+"""What a run reports: the metric log and the four files in <output_dir>/dpo_metrics/.
+
+    training_metrics.csv  one row per logged step (train and eval columns side by side)
+    log_history.json      every logged entry, as a list of dicts (like transformers' log_history)
+    summary.json          baseline, final and best metrics, config, data counts, timings
+    training_curves.png   loss, accuracy, margins, KL, rewards, learning rate; train vs eval
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from preftune.files import write_atomic
+
+log = logging.getLogger("preftune")
+
+METRIC_NOTES = {
+    "logps/chosen, logps/rejected": "log pi_theta(y|x) summed over completion tokens (not averaged)",
+    "rewards/chosen, rewards/rejected": "beta * (log pi_theta(y|x) - log pi_ref(y|x)), summed log-probs; "
+                                          "reference-free losses (simpo, orpo): beta * log pi_theta(y|x) / |y|",
+    "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; a tie counts 0.5",
+    "rewards/margins": "rewards/chosen - rewards/rejected",
+    "kl": "absent for reference-free losses (simpo, orpo) and with precompute_ref_log_probs; otherwise the mean over completion tokens of the exact KL(pi_theta(.|context) || pi_ref(.|context)) over the "
+          "vocabulary, teacher-forced on the dataset's chosen and rejected completions (train: up to 512 tokens of "
+          "the logging step's last micro-batch; eval: every token of the validation set)",
+    "eval_train_gap": "eval_loss - train loss of the latest logging step; eval_train_gap_pct relative to it",
+    "tokens_per_second": "non-padding tokens of chosen+rejected sequences trained on per second of wall time",
+}
+
+
+class MetricsLog:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.history: list[dict] = []
+        self.data: dict = {}
+        self.dir = Path(cfg.output_dir) / "dpo_metrics"
+        self.resumed_from: dict | None = None  # {checkpoint, step} when the run continued a checkpoint
+
+    def log(self, row: dict) -> None:
+        last_train = next((r for r in reversed(self.history) if "loss" in r), None)
+        if "eval_loss" in row and last_train is not None:
+            gap = row["eval_loss"] - last_train["loss"]
+            row["eval_train_gap"] = gap
+            row["eval_train_gap_pct"] = 100 * gap / last_train["loss"] if last_train["loss"] else math.nan
+        self.history.append(row)
+        shown = {k: v for k, v in row.items() if k in ("step", "epoch", "loss", "rewards/accuracies",
+                                                      "rewards/margins", "kl", "eval_loss",
+                                                      "eval_rewards/accuracies", "eval_kl")}
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+
+    def rows_by_step(self) -> list[dict]:
+        merged: dict[int, dict] = {}
+        for row in self.history:
+            merged.setdefault(row["step"], {}).update(row)
+        return [merged[s] for s in sorted(merged)]
+
+    def finish(self, total_steps, steps_done, stopped_early, best_step, elapsed) -> dict:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rows = self.rows_by_step()
+        columns = ["step", "epoch"]
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        tmp = self.dir / ".training_metrics.csv.tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.dir / "training_metrics.csv")
+        write_atomic(self.dir / "log_history.json", json.dumps(self.history, indent=1))
+
+        train_rows = [r for r in self.history if "loss" in r]
+        eval_rows = [r for r in self.history if "eval_loss" in r]
+        summary = {
+            "baseline": next((r for r in eval_rows if r["step"] == 0), None),
+            "final": {**(train_rows[-1] if train_rows else {}),
+                      **(eval_rows[-1] if eval_rows and eval_rows[-1]["step"] > 0 else {})},
+            "best": min((r for r in eval_rows if r["step"] > 0), key=lambda r: r["eval_loss"], default=None),
+            "kept_model": {"step": best_step if best_step is not None else steps_done,
+                           "why": "best eval_loss (early stopping)" if best_step is not None else "last step"},
+            "stopped_early": stopped_early,
+            "resumed_from": self.resumed_from,
+            "steps": {"planned": total_steps, "done": steps_done},
+            "timings": {"elapsed_seconds": round(elapsed, 2),
+                        "mean_tokens_per_second": _mean([r["tokens_per_second"] for r in train_rows])},
+            "data": self.data,
+            "config": self.cfg.to_dict(),
+            "metric_notes": METRIC_NOTES,
+            "outputs": {"model": str(Path(self.cfg.output_dir)), "metrics": str(self.dir)},
+        }
+        write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
+        if self.cfg.plot_loss:
+            plot_curves(self.history, self.dir / "training_curves.png")
+        return summary
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "loss"), ("rewards/accuracies", "preference accuracy"), ("rewards/margins", "reward margin"),
+              ("kl", "KL to reference (per token)"), ("rewards/chosen", "rewards: chosen / rejected"),
+              ("learning_rate", "learning rate")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (key, title) in zip(axes.flat, panels):
+        series = [(key, "train")]
+        if key == "rewards/chosen":
+            series = [("rewards/chosen", "chosen (train)"), ("rewards/rejected", "rejected (train)"),
+                      ("eval_rewards/chosen", "chosen (eval)"), ("eval_rewards/rejected", "rejected (eval)")]
+        elif key != "learning_rate":
+            series.append((f"eval_{key}", "eval"))
+        for k, label in series:
+            points = [(r["step"], r[k]) for r in history if k in r and r[k] is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,190 @@
+"""One step of an objective: a collated batch in, per-example losses and the TRL-named statistics out.
+
+    step = OBJECTIVES[cfg.objective](cfg)             # dpo: preference pairs; kto: unpaired examples
+    items = step.tokenize(tokenizer, examples, cfg, report)
+    batch = step.collate(items, pad_id, index)
+    out = step(policy, reference, batch, kl=True)     # StepOutput(losses, stats, kl)
+
+The training loop and the evaluator see only this interface: how an objective tokenizes its data,
+collates it, scores it under the policy and the reference and turns that into a loss is its own
+business. A step's loss may keep running state (BCO's reward shift); `state_dict` /
+`load_state_dict` carry it through checkpoints. A new objective (sft) is one more class and one
+more entry of `OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+from preftune.batching import collate, collate_packed, collate_unpaired
+from preftune.cache import tokenize_cached
+from preftune.evaluate import accuracy
+from preftune.logps import completion_kl, get_batch_logps, model_inputs
+from preftune.losses import UNPAIRED_LOSSES, Objective, chosen_nll
+from preftune.tokenization import tokenize_examples
+
+ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
+
+
+class PolicyLogps(torch.nn.Module):
+    """The policy seen through `get_batch_logps`, so that a distributed wrapper (DDP) around this
+    module sees the whole forward, LM head included, and synchronises every gradient."""
+
+    def __init__(self, model, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
+                position_ids=None, sequence_lengths=None):
+        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
+                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
+                               sequence_lengths=sequence_lengths)
+
+
+class StepOutput(NamedTuple):
+    losses: torch.Tensor  # (B,) per pair (dpo) or per example (kto), unreduced
+    stats: dict[str, torch.Tensor]  # TRL metric name -> its per-pair (per-example) values; the loop averages
+    kl: tuple[torch.Tensor, int] | None  # (sum of per-token KL to the reference, token count) when asked and possible
+
+
+def configured_loss(cfg):
+    """The loss of cfg's objective with every hyperparameter beyond beta bound from the config:
+    a `losses.Objective` (pref_loss, loss_weights, pref_ftx, pref_bco_weight) for pairs, `kto_loss`
+    with its weights for kto."""
+    if cfg.is_kto:  # unpaired: its own signature, alone (the config refuses combinations)
+        return functools.partial(UNPAIRED_LOSSES["kto"], **cfg.loss_options("kto"))
+    return Objective(cfg.pref_losses, cfg.loss_weights, {name: cfg.loss_options(name) for name in cfg.pref_losses},
+                     pref_ftx=cfg.pref_ftx, pref_bco_weight=cfg.pref_bco_weight)
+
+
+def _kl(policy, reference, policy_hidden, reference_hidden, max_tokens):
+    """KL to the reference from the hidden states both forward passes already produced."""
+    return completion_kl(extract_model_from_parallel(policy).model, reference.model, policy_hidden, reference_hidden,
+                         reference.chunk_size, max_tokens)
+
+
+class PreferenceStep:
+    """dpo: B preference pairs, collated as 2B rows [chosen; rejected], scored in one policy forward.
+
+    `reference.logps` gives the reference's log-probs (a live forward, or precomputed ones; None for a
+    reference-free loss, which the loss then ignores). With kl=True and a reference model, also the
+    KL to the reference from the hidden states both passes already produced (`kl_max_tokens`: an
+    evenly spaced subset, for training rows).
+
+    ld_alpha (LD-DPO) down-weights, in policy and reference log-probs alike, each pair's tokens beyond
+    its shorter completion; use_weighting (WPO) multiplies each pair's loss by the policy's detached
+    weights w(y_w|x) * w(y_l|x) (`get_batch_logps`), the whole objective included, as TRL weighs
+    every loss of its list.
+    """
+
+    unit = "pairs"
+    collate = staticmethod(collate)
+
+    def __init__(self, cfg):
+        self.loss = configured_loss(cfg)
+        self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
+        if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
+            self.collate = collate_packed
+
+    @staticmethod
+    def tokenize(tokenizer, pairs, cfg, report):
+        return tokenize_cached(tokenizer, pairs, cfg, report)
+
+    @staticmethod
+    def length(pair) -> int:
+        """Tokens of a pair in a batch (group_by_length sorts by it)."""
+        return len(pair.chosen_ids) + len(pair.rejected_ids)
+
+    def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
+        kl = kl and reference.model is not None
+        policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha, wpo=self.use_weighting)
+        B = policy_out.logps.size(0) // 2
+        policy_chosen_logps, policy_rejected_logps = policy_out.logps[:B], policy_out.logps[B:]  # (B,) each
+        chosen_lengths, rejected_lengths = policy_out.lengths[:B], policy_out.lengths[B:]
+        reference_out = reference.logps(batch, ld_alpha=self.ld_alpha, return_hidden=kl)
+        reference_chosen_logps = reference_rejected_logps = None
+        if reference_out is not None:
+            reference_chosen_logps, reference_rejected_logps = reference_out.logps[:B], reference_out.logps[B:]
+        losses, chosen_rewards, rejected_rewards = self.loss(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            self.beta, chosen_lengths, rejected_lengths)
+        if self.use_weighting:
+            losses = losses * policy_out.wpo_weights[:B] * policy_out.wpo_weights[B:]  # WPO, Eq. 2: the pair's weight
+        stats = {
+            "loss": losses.detach(),
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": accuracy(chosen_rewards, rejected_rewards),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": policy_chosen_logps.detach(),  # summed over completion tokens
+            "logps/rejected": policy_rejected_logps.detach(),
+            "nll_loss": chosen_nll(policy_chosen_logps.detach(), chosen_lengths),  # per chosen token, TRL's CPO/ORPO name
+        }
+        kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens) if kl else None
+        return StepOutput(losses, stats, kl_stats)
+
+    def state_dict(self) -> dict:
+        return self.loss.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss.load_state_dict(state)
+
+
+class UnpairedStep:
+    """kto: B unpaired examples of `collate_unpaired` and their B mismatched KL rows (each prompt
+    with another example's completion). The KL rows only give KTO's detached baseline z_ref, so the
+    policy scores them without gradients. Statistics per example: rewards/chosen and logps/chosen
+    over the desirable examples, */rejected over the undesirable ones (absent when the batch has
+    none), z_ref (TRL's `kl`); no rewards/accuracies or margins, which need pairs.
+    """
+
+    unit = "examples"
+    collate = staticmethod(collate_unpaired)
+
+    def __init__(self, cfg):
+        self.loss, self.beta = configured_loss(cfg), cfg.pref_beta
+
+    @staticmethod
+    def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
+        return tokenize_examples(tokenizer, examples, cfg.cutoff_len, cfg.template, report, cfg.truncation_mode,
+                                 cfg.max_prompt_length)
+
+    @staticmethod
+    def length(example) -> int:
+        return len(example.ids)
+
+    def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
+        examples, mismatched = {k: batch[k] for k in ROWS}, {k: batch[f"kl_{k}"] for k in ROWS}
+        labels = batch["labels"]  # (B,) bool, True = desirable
+        kl = kl and reference.model is not None
+        policy_out = policy(**examples, return_hidden=kl)
+        policy_logps, lengths = policy_out.logps, policy_out.lengths  # (B,), (B,)
+        with torch.no_grad():
+            policy_kl_logps = policy(**mismatched).logps
+        reference_out = reference.logps(examples, return_hidden=kl)
+        reference_kl_logps = reference.logps(mismatched).logps
+        losses, rewards, z_ref = self.loss(policy_logps, reference_out.logps, policy_kl_logps, reference_kl_logps,
+                                           labels, self.beta)
+        stats = {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels))}
+        for side, mask in (("chosen", labels), ("rejected", ~labels)):
+            if mask.any():
+                stats[f"rewards/{side}"] = rewards[mask]
+                stats[f"logps/{side}"] = policy_logps.detach()[mask]  # summed over completion tokens
+        if labels.any():
+            stats["nll_loss"] = chosen_nll(policy_logps.detach()[labels], lengths[labels])
+        kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens) if kl else None
+        return StepOutput(losses, stats, kl_stats)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # kto keeps no state across steps
+
+
+# config.objective -> the step class; the loop builds one for training and a fresh one per evaluation
+OBJECTIVES = {"dpo": PreferenceStep, "kto": UnpairedStep}

@@ -1,0 +1,375 @@
+"""Turning a preference pair into token ids with an exact prompt/completion boundary.
+
+With a chat template (the tokenizer's own, or a built-in named by `template`), the prompt is
+the conversation (`pair.messages`, or the single user turn `pair.prompt`) after an optional
+system turn, and the completion is the final assistant turn; the
+template supplies BOS and the end-of-turn token. Without one, the text is prompt + completion,
+the tokenizer adds BOS as it normally does, and EOS is appended to the completion.
+
+The boundary is found by tokenizing the whole sequence once and locating the first token
+that ends past the prompt's last character (offset mapping), so tokens that merge across the
+boundary are not split or duplicated; such a merged token counts as completion, and the
+pairs where it happens are counted. Log-probs and losses cover completion tokens only.
+
+Truncation (`truncate_pair`) splits `cutoff_len` between prompt and completion by LLaMA-Factory's
+rule (`infer_seqlen`); completions keep their start, a cut prompt keeps its start or its end
+(`truncation_mode`). `tokenize_pairs` runs serially or in a process pool; cache.py stores its output.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from preftune.data import PreferencePair
+from preftune.errors import ConfigError, DataError
+
+log = logging.getLogger("preftune")
+
+# Built-in chat templates for tokenizers that ship none (LLaMA-Factory `template` names; the
+# formats follow LLaMA-Factory's src/llamafactory/data/template.py). Each writes BOS itself where
+# the family has one (the text is then tokenized without special tokens, so BOS appears once), and
+# ends every assistant turn with the family's end-of-turn token.
+# ChatML as Qwen2.5 writes it: plain turns are `<|im_start|>role\ncontent<|im_end|>\n`; with tools,
+# their definitions follow the system text inside <tools></tools>, an assistant's tool calls are
+# <tool_call> JSON objects, and consecutive tool results share one user turn of <tool_response>s
+# (the same format as LLaMA-Factory's `qwen` template).
+CHATML = (
+    "{% set ns = namespace(first=0) %}"
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+    "{% set ns.first = 1 %}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n' }}{% endif %}"
+    "{% for message in messages[ns.first:] %}"
+    "{% if message['role'] == 'tool' %}"
+    "{% if loop.first or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% elif message.get('tool_calls') %}{{ '<|im_start|>' + message['role'] }}"
+    "{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] %}{% set call = call.get('function', call) %}"
+    "{{ '\n<tool_call>\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' + (call['arguments'] | tojson) "
+    "+ '}\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+          "+ m['content'] + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Mistral and Gemma have no system turn: as in LLaMA-Factory, the system text opens the first user turn.
+MISTRAL = ("{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+           "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+           "{% elif m['role'] == 'user' %}{{ '[INST] ' + ns.system + m['content'] + '[/INST]' }}{% set ns.system = '' %}"
+           "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+GEMMA = ("{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+         "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+         "{% elif m['role'] == 'user' %}{{ '<start_of_turn>user\n' + ns.system + m['content'] + '<end_of_turn>\n' }}"
+         "{% set ns.system = '' %}"
+         "{% else %}{{ '<start_of_turn>model\n' + m['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+# LLaMA-Factory's `default`. It writes no BOS; here a tokenizer's BOS (when it has one) opens the
+# text, since a model pretrained with BOS expects it.
+DEFAULT = ("{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}"
+           "{% if m['role'] == 'system' %}{{ 'System: ' + m['content'] + eos_token + '\n' }}"
+           "{% elif m['role'] == 'user' %}{{ 'Human: ' + m['content'] + eos_token + '\nAssistant:' }}"
+           "{% else %}{{ m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}")
+TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of a prompt that is cut is kept
+MIN_PAIRS_PER_WORKER = 256  # below this a process pool costs more than it saves (starting one takes seconds)
+BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen": CHATML, "llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA,
+                     "default": DEFAULT}
+
+
+@dataclass
+class TokenizedPair:
+    """Token ids of prompt+chosen and prompt+rejected; completion tokens start at *_start."""
+    chosen_ids: list[int]
+    chosen_start: int
+    rejected_ids: list[int]
+    rejected_start: int
+    truncated: bool = False
+
+
+@dataclass
+class TokenizedExample:
+    """One unpaired (KTO) example: token ids of prompt+completion, completion from `start`, its label."""
+    ids: list[int]
+    start: int
+    label: bool
+
+
+@dataclass
+class TokenizeReport:
+    truncated: int = 0  # pairs cut to fit cutoff_len / max_prompt_length
+    dropped: int = 0  # pairs with no completion token left after the cut (left out of the run)
+    boundary_merges: int = 0
+
+
+def setup_chat_template(tokenizer, template: str | None) -> bool:
+    """Prepare the tokenizer for `encode_pair`: decide whether to use a chat template (returns True
+    when one is used), and turn off truncation and padding that a tokenizer.json may switch on in
+    the Rust tokenizer (encoding calls it directly; transformers turns them off on every call too),
+    so no sequence is cut without being counted."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    if tokenizer.chat_template:
+        return True  # the tokenizer's own template is the one the model was trained with
+    if template is None or template in ("empty", "plain", "none"):
+        return False
+    if template not in BUILTIN_TEMPLATES:
+        raise ConfigError(f"template: '{template}' is not available for a tokenizer without a chat template "
+                          f"(built-ins: {', '.join(BUILTIN_TEMPLATES)}); or unset it for plain text")
+    tokenizer.chat_template = BUILTIN_TEMPLATES[template]
+    return True
+
+
+def prompt_messages(pair: PreferencePair) -> list[dict[str, str]]:
+    """The prompt as chat messages: the optional system turn, then the conversation (or the single user turn)."""
+    turns = pair.messages if pair.messages is not None else [{"role": "user", "content": pair.prompt}]
+    return ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
+
+
+def _prompt_text(tokenizer, pair: PreferencePair, use_template: bool) -> str:
+    """The prompt as text: rendered once per pair, shared by its chosen and rejected sequences."""
+    if use_template:
+        return tokenizer.apply_chat_template(prompt_messages(pair), tokenize=False, add_generation_prompt=True,
+                                             tools=pair.tools)
+    if (pair.messages is not None and not pair.from_text) or pair.tools \
+            or pair.chosen_messages is not None or pair.rejected_messages is not None:
+        raise ConfigError(f"{pair.where}: a multi-turn conversation needs a chat template (as do tool calls and "
+                          "completions of several messages), and the tokenizer has none; set template (e.g. chatml, "
+                          "llama3) or use a tokenizer with a chat template")
+    return (pair.system + "\n\n" if pair.system else "") + pair.prompt
+
+
+def _tool_texts(messages: list[dict], tools: list | None) -> list[str]:
+    """What a template must write for tool turns: tool results, called and defined function names."""
+    out = [m["content"] for m in messages if m["role"] == "tool" and m["content"]]
+    for m in messages:
+        out += [call.get("function", call)["name"] for call in m.get("tool_calls") or []]
+    return out + [tool.get("function", tool).get("name", "") for tool in tools or [] if isinstance(tool, dict)]
+
+
+def _encode(tokenizer, pair: PreferencePair, prompt_text: str, completion: str,
+            completion_messages: list[dict] | None, use_template: bool) -> tuple[list[int], int, bool]:
+    """(ids, completion_start, merged_across_boundary) for one prompt + completion."""
+    if use_template:
+        # implicit-prompt text keeps the space after 'Assistant:' in the completion; a turn has none
+        content = completion.strip() if pair.from_text else completion
+        messages = prompt_messages(pair) + (completion_messages or [{"role": "assistant", "content": content}])
+        full_text = tokenizer.apply_chat_template(messages, tokenize=False, tools=pair.tools)
+        missing = [t for t in _tool_texts(messages, pair.tools) if t not in full_text]
+        if missing:  # a template without tool support would drop them silently
+            raise ConfigError(f"{pair.where}: the chat template does not write the tool calls, results or "
+                              f"definitions of this pair (e.g. {missing[0][:40]!r}); use a template that renders "
+                              "tools (the model's own, or template: qwen for a tokenizer without one)")
+        add_special = False  # the template writes BOS itself; adding it again would double it
+    else:
+        full_text = prompt_text + completion
+        add_special = True
+    # the Rust tokenizer directly: the same ids and offsets as tokenizer(..., return_offsets_mapping=True)
+    # (checked in tests), without the Python wrapper that was a third of the time per pair
+    enc = tokenizer.backend_tokenizer.encode(full_text, add_special_tokens=add_special)
+    ids, offsets = enc.ids, enc.offsets
+    # Some templates render the prompt alone differently from the prompt inside the conversation;
+    # the boundary is then the end of what both renderings share.
+    boundary = len(prompt_text)
+    if not full_text.startswith(prompt_text):
+        boundary = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b), len(prompt_text))
+    start = next((i for i, (s, e) in enumerate(offsets) if e > boundary and e > s), len(ids))
+    merged = start < len(ids) and offsets[start][0] < boundary
+    if not use_template:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no EOS token and no chat template: completions cannot be ended")
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            ids = ids + [tokenizer.eos_token_id]
+    if len(ids) > 1 and tokenizer.bos_token_id is not None and ids[0] == ids[1] == tokenizer.bos_token_id:
+        ids, start = ids[1:], start - 1  # a template that writes BOS, on a tokenizer that also adds it
+    return ids, start, merged
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """(prompt, completion) token budgets within `cutoff_len`: LLaMA-Factory's rule
+    (src/llamafactory/data/processor/processor_utils.py `infer_seqlen`), so its YAML truncates alike.
+
+    A completion shorter than half the budget stays whole and the prompt gets the rest; else a
+    prompt shorter than half stays whole and the completion gets the rest; else both are cut in
+    proportion to their lengths. For a pair, `target_len` is the longer completion's length.
+    """
+    if 2 * target_len < cutoff_len:
+        max_target = cutoff_len
+    elif 2 * source_len < cutoff_len:
+        max_target = cutoff_len - source_len
+    else:
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    target = min(max_target, target_len)
+    return min(max(cutoff_len - target, 0), source_len), target
+
+
+def _cut(ids: list[int], start: int, keep_prompt: int, keep_completion: int, truncation_mode: str,
+         bos_id) -> tuple[list[int], int]:
+    """One sequence cut to its budgets: the completion keeps its start; the prompt keeps its start
+    (keep_start) or its end (keep_end, with BOS kept in front so there is still exactly one)."""
+    prompt, completion = ids[:start], ids[start:start + keep_completion]
+    if len(prompt) > keep_prompt:
+        if truncation_mode == "keep_start":
+            prompt = prompt[:keep_prompt]
+        elif prompt[0] == bos_id and keep_prompt >= 2:
+            prompt = prompt[:1] + prompt[len(prompt) - keep_prompt + 1:]
+        else:
+            prompt = prompt[len(prompt) - keep_prompt:]
+    return prompt + completion, len(prompt)
+
+
+def truncate_pair(t: TokenizedPair, cutoff_len: int, truncation_mode: str = "keep_start",
+                  max_prompt_length: int | None = None, bos_id=None) -> TokenizedPair | None:
+    """`t` cut to `cutoff_len` tokens per sequence (and its prompt to `max_prompt_length` first);
+    None when nothing of a completion would be left (the pair is dropped and counted)."""
+    prompt_len = max(t.chosen_start, t.rejected_start)  # they differ only by a token merged across the boundary
+    completion_len = max(len(t.chosen_ids) - t.chosen_start, len(t.rejected_ids) - t.rejected_start)
+    budget = prompt_len if max_prompt_length is None else min(prompt_len, max_prompt_length)
+    keep_prompt, keep_completion = infer_seqlen(budget, completion_len, cutoff_len)
+    if keep_prompt >= prompt_len and keep_completion >= completion_len:
+        return t
+    if keep_prompt < 1 or keep_completion < 1:
+        return None
+    chosen_ids, chosen_start = _cut(t.chosen_ids, t.chosen_start, keep_prompt, keep_completion, truncation_mode,
+                                    bos_id)
+    rejected_ids, rejected_start = _cut(t.rejected_ids, t.rejected_start, keep_prompt, keep_completion,
+                                        truncation_mode, bos_id)
+    return TokenizedPair(chosen_ids, chosen_start, rejected_ids, rejected_start, truncated=True)
+
+
+def encode_pair(tokenizer, pair: PreferencePair, use_template: bool, report: TokenizeReport) -> TokenizedPair:
+    """The untruncated token ids of a pair, with its completion boundaries."""
+    prompt_text = _prompt_text(tokenizer, pair, use_template)
+    chosen_ids, chosen_start, m1 = _encode(tokenizer, pair, prompt_text, pair.chosen, pair.chosen_messages,
+                                           use_template)
+    rejected_ids, rejected_start, m2 = _encode(tokenizer, pair, prompt_text, pair.rejected, pair.rejected_messages,
+                                               use_template)
+    if m1 or m2:
+        report.boundary_merges += 1
+    if min(chosen_start, rejected_start) == 0:
+        if prompt_text.strip():  # a short prompt merged whole into the completion's first token
+            raise DataError(f"{pair.where}: the prompt {prompt_text[:40]!r} tokenizes into one token with the start "
+                            "of a completion, so no prompt token is left to score the completion from; end the "
+                            "prompt with a space or newline (or use a chat template)")
+        raise DataError(f"{pair.where}: the prompt is empty and the tokenizer adds no BOS, so the first completion "
+                        "token has no context to be scored from; give every pair a prompt")
+    if chosen_start >= len(chosen_ids) or rejected_start >= len(rejected_ids):
+        raise DataError(f"{pair.where}: a completion produced no tokens after the prompt")
+    return TokenizedPair(chosen_ids, chosen_start, rejected_ids, rejected_start)
+
+
+def tokenize_pair(tokenizer, pair: PreferencePair, cutoff_len: int, use_template: bool,
+                  report: TokenizeReport, truncation_mode: str = "keep_start",
+                  max_prompt_length: int | None = None) -> TokenizedPair | None:
+    """One pair, encoded and truncated; None (counted in `report.dropped`) when it cannot fit."""
+    t = truncate_pair(encode_pair(tokenizer, pair, use_template, report), cutoff_len, truncation_mode,
+                      max_prompt_length, tokenizer.bos_token_id)
+    if t is None:
+        report.dropped += 1
+    elif t.truncated:
+        report.truncated += 1
+    return t
+
+
+def _tokenize_chunk(tokenizer, pairs: list[PreferencePair], settings: dict) -> tuple[list, TokenizeReport]:
+    """(tokenized pairs, None for a dropped one; their counts) for a run of pairs."""
+    report = TokenizeReport()
+    return [tokenize_pair(tokenizer, p, report=report, **settings) for p in pairs], report
+
+
+_worker_tokenizer = None  # a pool worker's copy of the tokenizer, sent once when the worker starts
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _worker_chunk(args: tuple[list[PreferencePair], dict]) -> tuple[list, TokenizeReport]:
+    return _tokenize_chunk(_worker_tokenizer, *args)
+
+
+def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cutoff_len: int, template: str | None,
+                   report: TokenizeReport | None = None, truncation_mode: str = "keep_start",
+                   max_prompt_length: int | None = None, num_workers: int | None = None) -> list[TokenizedPair]:
+    """Every pair tokenized and truncated, in order; dropped pairs are left out and counted in `report`.
+    With num_workers > 1 the pairs are split into chunks tokenized by a pool of processes."""
+    if not tokenizer.is_fast:
+        raise ConfigError("preftune needs a fast tokenizer (offset mapping finds the prompt boundary); "
+                          "the model's tokenizer.json is missing")
+    report = report if report is not None else TokenizeReport()
+    use_template = setup_chat_template(tokenizer, template)
+    settings = {"cutoff_len": cutoff_len, "use_template": use_template, "truncation_mode": truncation_mode,
+                "max_prompt_length": max_prompt_length}
+    workers = min(num_workers or 1, len(pairs) // MIN_PAIRS_PER_WORKER)
+    if workers > 1:
+        import multiprocessing
+
+        # fork where there is one (as datasets.map(num_proc) does): a worker starts in milliseconds and
+        # only runs tokenizers' code; spawn re-imports transformers in each worker (seconds)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        size = -(-len(pairs) // (workers * 4))  # a few chunks per worker evens out long and short pairs
+        chunks = [(pairs[i:i + size], settings) for i in range(0, len(pairs), size)]
+        with multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer,)) as pool:
+            results = pool.map(_worker_chunk, chunks)
+    else:
+        results = [_tokenize_chunk(tokenizer, pairs, settings)]
+    out = []
+    merges = 0
+    for chunk, part in results:
+        out.extend(t for t in chunk if t is not None)
+        report.truncated += part.truncated
+        report.dropped += part.dropped
+        merges += part.boundary_merges
+    report.boundary_merges += merges
+    if merges:
+        log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
+                    "completion", merges, len(pairs))
+    return out
+
+
+def as_pair(example) -> PreferencePair:
+    """An unpaired example as a pair whose two completions are its one completion, so that it is
+    tokenized and truncated by exactly the pair code (a pair is returned as it is)."""
+    if isinstance(example, PreferencePair):
+        return example
+    return PreferencePair(prompt=example.prompt, chosen=example.completion, rejected=example.completion,
+                          system=example.system, where=example.where, messages=example.messages)
+
+
+def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str | None,
+                      report: TokenizeReport | None = None, truncation_mode: str = "keep_start",
+                      max_prompt_length: int | None = None) -> list[TokenizedExample]:
+    """Unpaired examples for kto: an `UnpairedExample` gives one, a `PreferencePair` two (chosen
+    desirable, rejected undesirable), tokenized and truncated exactly as pairs are; an example that
+    cannot fit is left out and counted in `report.dropped`, as a pair is."""
+    if not tokenizer.is_fast:
+        raise ConfigError("preftune needs a fast tokenizer (offset mapping finds the prompt boundary); "
+                          "the model's tokenizer.json is missing")
+    report = report if report is not None else TokenizeReport()
+    as_pairs = [as_pair(e) for e in examples]
+    settings = {"cutoff_len": cutoff_len, "use_template": setup_chat_template(tokenizer, template),
+                "truncation_mode": truncation_mode, "max_prompt_length": max_prompt_length}
+    tokenized, part = _tokenize_chunk(tokenizer, as_pairs, settings)  # None where one was dropped, so zip aligns
+    report.truncated += part.truncated
+    report.dropped += part.dropped
+    report.boundary_merges += part.boundary_merges
+    out = []
+    for example, t in zip(examples, tokenized):
+        if t is None:
+            continue
+        if isinstance(example, PreferencePair):
+            out += [TokenizedExample(t.chosen_ids, t.chosen_start, True),
+                    TokenizedExample(t.rejected_ids, t.rejected_start, False)]
+        else:
+            out.append(TokenizedExample(t.chosen_ids, t.chosen_start, example.label))
+    return out

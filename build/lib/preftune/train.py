@@ -1,0 +1,244 @@
+"""The training loop: set-up, then one explicit `for step in range(...)`, top to bottom.
+
+    preftune train config.yaml          # or: from preftune.train import train; train(cfg)
+
+`train()` prepares data, models and optimizer, then runs the loop, with evaluation, logging,
+early stopping and checkpoints as `if` blocks calling other modules: what a step computes is
+`step.py`'s (one of `OBJECTIVES`), what the reference is `reference.py`'s, how a dataset is scored
+`evaluate.py`'s, how a checkpoint is written `checkpoints.py`'s.
+
+Multi-process runs (`accelerate launch`, `torchrun`) are the same loop: accelerate wraps the policy
+(DDP), every process walks the same seeded order of global micro-batches of per-device batch x
+processes items and trains on its own share of each, and logged metrics are pooled over all
+processes. A step therefore sees the same pairs as a one-process run whose per-device batch is the
+global one. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from preftune import checkpoints
+from preftune.batching import epoch_batches
+from preftune.config import TrainConfig
+from preftune.data import load_pairs
+from preftune.errors import ConfigError, DataError
+from preftune.evaluate import evaluate, pooled
+from preftune.models import load_tokenizer
+from preftune.reference import load_models
+from preftune.report import MetricsLog
+from preftune.step import OBJECTIVES, PolicyLogps
+from preftune.tokenization import TokenizeReport
+
+log = logging.getLogger("preftune")
+
+KL_TRAIN_TOKENS = 512  # training rows estimate the KL on this many completion tokens of the last micro-batch
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    # accelerate keeps its state per process; a second train() in one process (a sweep, the tests)
+    # may ask for another precision, so the mixed-precision part is reset, not the distributed one
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # accelerate starts a CPU process group (gloo) only when asked for the CPU: without a GPU, a
+    # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
+    except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
+        raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    # no decay on biases and norm weights (1-D tensors), as in most LM recipes
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(cfg: TrainConfig) -> dict:
+    start_time = time.time()
+    set_seed(cfg.seed)
+    resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path fails at once
+    checkpoints.check_output_dir(cfg, resuming=resume_from is not None)
+    objective = OBJECTIVES[cfg.objective]
+    step_fn = objective(cfg)
+
+    # --- data ----------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    train_examples, val_examples, data_report = load_pairs(cfg)
+    tok_report = TokenizeReport()
+    train_items = objective.tokenize(tokenizer, train_examples, cfg, tok_report)
+    val_items = objective.tokenize(tokenizer, val_examples, cfg, tok_report)
+    unit = objective.unit
+    log.info("data: %d train %s, %d validation %s, %d truncated to cutoff_len=%d, %d dropped (no completion "
+             "token fits), %d skipped", len(train_items), unit, len(val_items), unit, tok_report.truncated,
+             cfg.cutoff_len, tok_report.dropped, data_report.skipped_empty + data_report.skipped_identical)
+    if not train_items:
+        raise DataError(f"every training {unit[:-1]} was dropped: none fits cutoff_len={cfg.cutoff_len}; raise it")
+
+    # --- models and optimizer ------------------------------------------------------------
+    accelerator = make_accelerator(cfg)
+    if not accelerator.is_main_process:
+        log.setLevel(logging.WARNING)  # one log: the main process's
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
+    log.info("processes: %d (%s); global batch %d %s per step = %d per device x %d accumulation x %d processes",
+             world, accelerator.distributed_type.value, global_batch * cfg.gradient_accumulation_steps, unit,
+             cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world)
+    model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
+    log.info("reference: %s", reference.description)
+    if cfg.padding_free and cfg.attn_implementation not in ("flash_attention_2", "flex_attention"):
+        log.warning("padding_free with %s attention: the same numbers, but attention runs over the whole packed row "
+                    "(a mask keeps the sequences apart); flash_attention_2 or flex_attention make it pay",
+                    cfg.attn_implementation or "the default (sdpa)")
+    model.train()
+    policy = PolicyLogps(model, cfg.logps_chunk_size)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    micro_per_epoch = math.ceil(len(train_items) / global_batch)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    pad_id = tokenizer.pad_token_id
+    train_reference, val_reference = reference.on("train"), reference.on("validation")
+    eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
+    do_eval = bool(val_items) and cfg.eval_strategy != "no"
+
+    def evaluation() -> dict:  # a fresh step: an evaluation pass keeps no loss state of training's
+        return evaluate(objective(cfg), policy, val_reference, val_items, cfg.eval_batch_size, pad_id, accelerator)
+
+    lengths = [objective.length(item) for item in train_items] if cfg.group_by_length else None  # in tokens
+
+    def micro_batches(epoch=0, start=0):  # endless stream of (epoch position, global batch); epochs reshuffle by seed
+        while True:
+            for i, idx in enumerate(epoch_batches(len(train_items), global_batch, cfg.seed, epoch, lengths=lengths)):
+                if i >= start:
+                    yield epoch + (i + 1) / micro_per_epoch, idx
+            epoch, start = epoch + 1, 0
+
+    metrics = MetricsLog(cfg)
+    metrics.data = {**vars(data_report), "truncated": tok_report.truncated, "dropped": tok_report.dropped,
+                    "boundary_merges": tok_report.boundary_merges}
+    if do_eval and resume_from is None:  # the baseline: where the reference itself stands
+        metrics.log({"step": 0, "epoch": 0.0, **evaluation()})
+    best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False
+    running: dict[str, list[torch.Tensor]] = {}
+    tokens, train_seconds = 0, 0.0  # throughput counts training time only, not logging or evaluation
+    step = 0
+    if resume_from is not None:  # the same state as the uninterrupted run had after `step`
+        state = checkpoints.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler, cfg)
+        step, running, tokens, train_seconds = state["step"], state["running"], state["tokens"], state["train_seconds"]
+        best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
+        best_step, evals_without_gain = state["best_step"], state["evals_without_gain"]
+        checkpoints.check_best_model(cfg, best_step, step)
+        metrics.history = state["log_history"]
+        metrics.resumed_from = {"checkpoint": str(resume_from), "step": step}
+        step_fn.load_state_dict(state["loss_state"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    # the data position: order depends only on (seed, epoch), so micro-batches consumed say where we are
+    stream = micro_batches(*divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch))
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.objective,
+               disable=not cfg.progress_bar or not accelerator.is_main_process)
+
+    # --- the loop ------------------------------------------------------------------------
+    for step in range(step + 1, total_steps + 1):
+        step_start = time.time()
+        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+        epoch = micro[-1][0]
+        step_items = sum(len(idx) for _, idx in micro)  # over all processes
+        log_now = step % cfg.logging_steps == 0 or step == total_steps
+        for k, (_, idx) in enumerate(micro):
+            mine = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]  # this process's share
+            # DDP averages the processes' gradients, hence x world: the step's loss is the mean over its items
+            scale = world
+            if not mine:  # fewer items than processes (an epoch's last batch): a share that counts for nothing
+                mine, scale = idx[:1], 0  # keeps this process in the gradient synchronisation
+            tokens += sum(objective.length(train_items[j]) for j in mine) if scale else 0
+            batch = step_fn.collate([train_items[j] for j in mine], pad_id, mine)
+            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+            last = k == len(micro) - 1
+            # gradients are synchronised across processes only on the step's last micro-batch
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
+            with sync, accelerator.autocast():
+                out = step_fn(policy, train_reference, batch, kl=log_now and last and scale > 0,
+                              kl_max_tokens=KL_TRAIN_TOKENS)
+                accelerator.backward(out.losses.sum() * scale / step_items)
+            if scale:
+                for key, value in out.stats.items():
+                    running.setdefault(key, []).append(value)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.time() - step_start
+        bar.update(1)
+
+        if log_now:  # means over every process's items since the last row
+            sums = {k: torch.cat(v).float().sum().item() for k, v in running.items()}
+            counts = {k: sum(t.numel() for t in v) for k, v in running.items()}
+            if out.kl is not None:  # no reference model, no KL: the column is absent, not 0
+                sums["kl"], counts["kl"] = out.kl[0].item(), out.kl[1]
+            sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, accelerator)
+            row = {"step": step, "epoch": round(epoch, 4)}
+            row.update({k: sums[k] / max(counts[k], 1) for k in sums if k != "tokens"})
+            row["tokens_per_second"] = sums["tokens"] / max(train_seconds, 1e-9)
+            row["grad_norm"] = float(grad_norm)
+            row["learning_rate"] = scheduler.get_last_lr()[0]
+            metrics.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', math.nan):.2f}")
+            running, tokens, train_seconds = {}, 0, 0.0
+
+        if do_eval and (step % eval_every == 0 or step == total_steps):
+            row = {"step": step, "epoch": round(epoch, 4), **evaluation()}
+            metrics.log(row)
+            if row["eval_loss"] < best_loss:
+                best_loss, evals_without_gain = row["eval_loss"], 0
+                if cfg.early_stopping_patience:
+                    best_step = step
+                    if accelerator.is_main_process:
+                        checkpoints.save_model(accelerator.unwrap_model(policy).model, tokenizer,
+                                               checkpoints.best_dir(cfg), step)
+                    accelerator.wait_for_everyone()
+            else:
+                evals_without_gain += 1
+                if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
+                    log.info("early stopping at step %d: eval loss has not improved for %d evaluations",
+                             step, evals_without_gain)
+                    stopped_early = True
+                    break
+
+        if cfg.save_steps and step % cfg.save_steps == 0:
+            epoch_index, micro_index = divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch)
+            loop_state = {"epoch": epoch_index, "micro_batch": micro_index, "tokens": tokens,
+                          "train_seconds": train_seconds, "best_loss": None if best_loss == math.inf else best_loss,
+                          "best_step": best_step, "evals_without_gain": evals_without_gain,
+                          "loss_state": step_fn.state_dict(), "log_history": metrics.history}
+            checkpoints.save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state,
+                                        running)
+    bar.close()
+
+    # --- outputs -------------------------------------------------------------------------
+    final = accelerator.unwrap_model(policy).model
+    if best_step is not None and best_step != step:
+        checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
+    summary: dict = {}
+    if accelerator.is_main_process:
+        checkpoints.save_final(final, tokenizer, cfg)
+        summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,
+                                 best_step=best_step, elapsed=time.time() - start_time)
+    accelerator.wait_for_everyone()
+    return summary

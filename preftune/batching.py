@@ -28,6 +28,14 @@ def _with_index(batch: dict[str, torch.Tensor], index: list[int] | None) -> dict
     return batch
 
 
+def collate_chosen(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None,
+                   padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """B pairs -> their B prompt+chosen sequences (SFT: the chosen side is the example), padded as
+    `collate` pads (B, T), or packed as `collate_packed` packs (1, N) with padding_free."""
+    seqs = [(p.chosen_ids, p.chosen_start) for p in pairs]
+    return _with_index(_packed(seqs) if padding_free else _pad(seqs, pad_token_id), index)
+
+
 def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> the same 2B sequences as `collate`, in the same order, back to back in one row:
     input_ids, position_ids (0, 1, ... within each sequence), completion_mask, each (1, N) for N
@@ -35,13 +43,18 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, index: list[in
     attention stays within each sequence through its position ids (`logps` module docstring).
     pad_token_id is not needed; the argument keeps one signature for every collate function."""
     seqs = [(p.chosen_ids, p.chosen_start) for p in pairs] + [(p.rejected_ids, p.rejected_start) for p in pairs]
-    batch = {
+    return _with_index(_packed(seqs), index)
+
+
+def _packed(seqs: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    """(ids, completion start) sequences -> one row: input_ids, position_ids, completion_mask (1, N),
+    sequence_lengths (sequences,)."""
+    return {
         "input_ids": torch.tensor([[t for ids, _ in seqs for t in ids]]),
         "position_ids": torch.tensor([[i for ids, _ in seqs for i in range(len(ids))]]),
         "completion_mask": torch.tensor([[int(i >= start) for ids, start in seqs for i in range(len(ids))]]),
         "sequence_lengths": torch.tensor([len(ids) for ids, _ in seqs]),
     }
-    return _with_index(batch, index)
 
 
 def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:

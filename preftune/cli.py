@@ -2,6 +2,7 @@
 turns every user-facing error into one line and a non-zero exit.
 
     preftune train [CONFIG.yaml] [--key value ...]       # align a model (no arguments: the embedded demo)
+    preftune sft [CONFIG.yaml] [--key value ...]         # supervised fine-tuning on completions
     preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
     preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
 """
@@ -17,6 +18,7 @@ from preftune.errors import PreftuneError
 
 COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "train": "align a model with DPO (preftune train --help)",
+    "sft": "supervised fine-tuning on completions, e.g. to make a reference (preftune sft --help)",
     "inspect": "statistics and rendered examples of a dataset (preftune inspect --help)",
     "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
 }

@@ -50,7 +50,7 @@ class TrainConfig:
     torch_dtype: str = _f("auto", "dtype the weights are loaded in (auto: as the checkpoint stores them).", TORCH_DTYPES)
     attn_implementation: str | None = _f(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
     finetuning_type: str = _f("full", "full (every weight), freeze (only some layers, freeze_* keys) or lora (peft adapters, lora_* keys).", ("full", "freeze", "lora"))
-    stage: str = _f("dpo", "LLaMA-Factory stage; only 'dpo' is trained by preftune train.")
+    stage: str = _f("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference).", ("dpo", "sft"))
     do_train: bool = _f(True, "LLaMA-Factory flag; must be true for preftune train.")
     # LoRA, freeze, QLoRA and adapters (LLaMA-Factory names and semantics; preftune/adapters.py)
     lora_rank: int = _f(8, "LoRA rank r (finetuning_type: lora).")
@@ -167,7 +167,7 @@ class TrainConfig:
     @property
     def is_kto(self) -> bool:
         """pref_loss: kto, trained on unpaired examples (pairs are split into one of each label)."""
-        return self.pref_losses == ["kto"]
+        return self.stage == "dpo" and self.pref_losses == ["kto"]
 
     @property
     def final_adapter_only(self) -> bool:
@@ -177,13 +177,14 @@ class TrainConfig:
 
     @property
     def uses_reference(self) -> bool:
-        """Whether any loss in pref_loss needs the reference model (else none is loaded)."""
-        return any(name not in REFERENCE_FREE for name in self.pref_losses)
+        """Whether any loss in pref_loss needs the reference model (else none is loaded; sft has none)."""
+        return self.stage == "dpo" and any(name not in REFERENCE_FREE for name in self.pref_losses)
 
     @property
     def objective(self) -> str:
-        """What a step optimises (`step.OBJECTIVES`): dpo on preference pairs, kto on unpaired examples."""
-        return "kto" if self.is_kto else "dpo"
+        """What a step optimises (`step.OBJECTIVES`): dpo on preference pairs, kto on unpaired examples,
+        sft on completions."""
+        return "sft" if self.stage == "sft" else "kto" if self.is_kto else "dpo"
 
     def loss_options(self, name: str) -> dict[str, Any]:
         """Loss `name`'s hyperparameters beyond beta, as keyword arguments for its function: the
@@ -312,8 +313,6 @@ def validate(cfg: TrainConfig) -> None:
     def bad(msg: str) -> None:
         raise ConfigError(msg)
 
-    if cfg.stage != "dpo":
-        bad(f"stage: '{cfg.stage}' is not trained by preftune train; set stage: dpo")
     if not cfg.do_train:
         bad("do_train: false has nothing to do in preftune train; set do_train: true")
     values = vars(cfg)
@@ -322,6 +321,12 @@ def validate(cfg: TrainConfig) -> None:
         if choices and values[name] not in choices:
             bad(f"{name}: unknown value '{values[name]}'; use {', '.join(choices[:-1])} or {choices[-1]}")
     _validate_adapters(cfg)
+    if cfg.stage == "sft":
+        for key, default in (("pref_loss", "sigmoid"), ("ref_model", None), ("precompute_ref_log_probs", False),
+                             ("loss_weights", None)):
+            if values[key] != default:
+                bad(f"{key}: stage: sft trains on completions alone, with no preference loss or reference; remove "
+                    f"{key} (or use stage: dpo)")
     if not (cfg.pref_beta > 0 and math.isfinite(cfg.pref_beta)):
         bad(f"pref_beta (beta) must be a positive number; got {cfg.pref_beta}")
     names = cfg.pref_losses

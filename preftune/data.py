@@ -524,6 +524,51 @@ def _sharegpt_message(m: dict, tags: dict, where: str, what: str) -> dict:
         {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]}
 
 
+# --- SFT records: (prompt, completion) as a pair whose chosen is the completion --------------------
+# The SFT objective trains on `chosen` only (step.SFTStep); giving an SFT example the pair shape reuses
+# every prompt form, chat template, tool turn and truncation rule of the pairs. `rejected` repeats
+# the completion and is never scored.
+
+def _sft_shape(rec: dict) -> str | None:
+    """The SFT-only shape of a plain record, or None for a preference shape (its chosen is used)."""
+    if "chosen" in rec or "rejected" in rec:
+        return None
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "messages" in rec:
+        return "messages"
+    if "completion" in rec and "label" not in rec:
+        return "completion"
+    return None
+
+
+def _sft_pair(rec: dict, where: str, shape: str, columns: dict | None = None, tags: dict | None = None) -> PreferencePair:
+    if shape == "completion":
+        return _standard({**rec, "chosen": rec["completion"], "rejected": rec["completion"]}, where)
+    if shape == "alpaca":
+        columns = columns or {**ALPACA_COLUMNS, "response": "output", "history": "history"}
+        response = columns.get("response") or "output"
+        return _alpaca(rec, where, {**columns, "chosen": response, "rejected": response})
+    name = columns["messages"] if shape == "sharegpt" and columns else "conversations" if shape == "sharegpt" \
+        else "messages"
+    turns = rec.get(name)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field '{name}' must be a non-empty list of messages ending on the assistant's "
+                        "answer (the completion trained on)")
+    if shape == "messages":  # a chat conversation: its last message is the completion
+        last = turns[-1].get("role") if isinstance(turns[-1], dict) else None
+        if last != "assistant" or len(turns) < 2:
+            raise DataError(f"{where}: field '{name}': SFT trains on the last message, which must be the assistant's "
+                            f"answer after at least one user turn; got {len(turns)} message(s), the last from "
+                            f"{last!r}")
+        return _standard({**{k: v for k, v in rec.items() if k != name}, "prompt": turns[:-1],
+                          "chosen": [turns[-1]], "rejected": [turns[-1]]}, where)
+    columns = {**(columns or SHAREGPT_COLUMNS), "chosen": "chosen", "rejected": "chosen"}
+    return _sharegpt({**rec, name: turns[:-1], "chosen": turns[-1]}, where, columns, tags or SHAREGPT_TAGS)
+
+
 def _shape(rec: dict) -> str:
     if "conversations" in rec:
         return "sharegpt"
@@ -536,10 +581,11 @@ def _shape(rec: dict) -> str:
     return "standard"
 
 
-def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None,
-                 columns: dict[str, str] | None = None) -> list[PreferencePair | UnpairedExample]:
+def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns: dict[str, str] | None = None,
+                 sft: bool = False) -> list[PreferencePair | UnpairedExample]:
     """Records -> examples. `fmt` comes from a dataset_info.json entry; `columns` (the config key)
-    renames fields of plain files to the standard names first."""
+    renames fields of plain files to the standard names first. sft: prompt/completion records of
+    every SFT shape are read too, as pairs whose chosen is the completion."""
     out: list[PreferencePair | UnpairedExample] = []
     shape = None
     for where, rec in records:
@@ -552,11 +598,18 @@ def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None,
                                 f"fields present: {', '.join(sorted(rec)) or 'none'}")
             rec = {**{k: v for k, v in rec.items() if k not in columns.values()},
                    **{canon: rec[user] for canon, user in columns.items()}}
+        if fmt is not None and not fmt["ranking"]:  # an SFT entry of dataset_info.json
+            out.append(_sft_pair(rec, where, fmt["formatting"], fmt["columns"], fmt["tags"]))
+            continue
         if fmt is not None:
             if fmt["formatting"] == "sharegpt":
                 out.append(_sharegpt(rec, where, fmt["columns"], fmt["tags"]))
             else:
                 out.append(_alpaca(rec, where, fmt["columns"]))
+            continue
+        sft_shape = _sft_shape(rec) if sft else None
+        if sft_shape:
+            out.append(_sft_pair(rec, where, sft_shape))
             continue
         if shape is None:  # the first record decides, so a bad record gets a field error
             shape, first = _shape(rec), where
@@ -579,14 +632,18 @@ def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None,
 
 # --- dataset entries ---------------------------------------------------------------------------
 
-def _entry_format(entry: dict, where: str) -> dict:
-    """The column and tag maps of a LLaMA-Factory dataset_info.json ranking entry."""
+def _entry_format(entry: dict, where: str, sft: bool = False) -> dict:
+    """The column and tag maps of a LLaMA-Factory dataset_info.json entry: a ranking entry, or for
+    sft also an SFT entry (alpaca with its response column, sharegpt ending on the assistant)."""
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
         raise DataError(f"{where}: formatting '{formatting}' is not supported; use alpaca or sharegpt")
-    if not entry.get("ranking", False):
+    ranking = bool(entry.get("ranking", False))
+    if not ranking and not sft:
         raise DataError(f"{where}: not a preference dataset; DPO needs \"ranking\": true with chosen/rejected")
     defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+    if not ranking:  # SFT: alpaca's answer is its `response` column (LLaMA-Factory's default: output)
+        defaults = {**defaults, "response": "output", "history": "history"} if formatting == "alpaca" else defaults
     given = entry.get("columns", {}) or {}
     unknown = set(given) - set(defaults) - {"response", "images", "videos", "audios", "kto_tag"}
     if unknown:
@@ -600,7 +657,7 @@ def _entry_format(entry: dict, where: str) -> dict:
     if unknown_tags:
         raise DataError(f"{where}: tags {sorted(unknown_tags)} are not known (known: {', '.join(SHAREGPT_TAGS)})")
     columns = {**defaults, **{k: v for k, v in given.items() if k in defaults}}
-    return {"formatting": formatting, "columns": columns, "tags": tags}
+    return {"formatting": formatting, "columns": columns, "tags": tags, "ranking": ranking}
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -612,12 +669,12 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None,
-                max_samples: int | None) -> list[PreferencePair | UnpairedExample]:
+                max_samples: int | None, sft: bool = False) -> list[PreferencePair | UnpairedExample]:
     def convert(records, fmt=None):
         if not records:
             raise DataError(f"dataset '{name}': no records")
         return _to_examples(records[:max_samples] if max_samples is not None else records, fmt,
-                            None if fmt else columns)
+                            None if fmt else columns, sft)
 
     info_path = dataset_dir / "dataset_info.json"
     info: dict[str, Any] = {}
@@ -634,7 +691,7 @@ def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None,
         for key in ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"):
             if key in entry:
                 raise DataError(f"{where}: '{key}' sources are not yet supported; use file_name or hf_hub_url")
-        fmt = _entry_format(entry, where)
+        fmt = _entry_format(entry, where, sft)
         if "hf_hub_url" in entry:
             records = _read_hf(entry["hf_hub_url"], entry.get("split", "train"), entry.get("subset"))
         elif "file_name" in entry:
@@ -664,20 +721,27 @@ def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None,
 
 
 def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
-                  columns: dict[str, str] | None = None) -> list[PreferencePair | UnpairedExample]:
-    """All examples (pairs and unpaired) of a comma list of dataset entries, in order."""
+                  columns: dict[str, str] | None = None, sft: bool = False) -> list[PreferencePair | UnpairedExample]:
+    """All examples (pairs and unpaired) of a comma list of dataset entries, in order (sft: SFT
+    records too, as pairs whose chosen is the completion)."""
     out: list[PreferencePair | UnpairedExample] = []
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples))
+        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples, sft))
     return out
 
 
 def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
-                 columns: dict[str, str] | None = None, allow_unpaired: bool = False) -> list[PreferencePair]:
+                 columns: dict[str, str] | None = None, allow_unpaired: bool = False,
+                 sft: bool = False) -> list[PreferencePair]:
     """All preference pairs of a comma list of dataset entries; unpaired data is refused unless
-    allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in order."""
-    examples = read_examples(spec, dataset_dir, max_samples, columns)
+    allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in order. sft: SFT
+    records too (prompt/completion, messages, alpaca output, sharegpt), and preference pairs train
+    on their chosen."""
+    examples = read_examples(spec, dataset_dir, max_samples, columns, sft)
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
+    if unpaired and sft:
+        raise DataError(f"{unpaired[0].where}: labelled (KTO-style) examples: SFT trains on every completion it is "
+                        "given; drop the 'label' field (and the undesirable examples) for sft")
     if unpaired and not allow_unpaired:
         raise DataError(f"{unpaired[0].where}: unpaired (KTO-style prompt/completion/label) data needs pref_loss: kto "
                         f"({len(unpaired)} such records); the other losses need chosen/rejected pairs")
@@ -689,11 +753,14 @@ def source_of(where: str) -> str:
     return where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
 
 
-def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport) -> list[PreferencePair]:
-    """Empty completions and chosen == rejected teach DPO nothing: fail, or skip them with a count."""
+def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport,
+                sft: bool = False) -> list[PreferencePair]:
+    """Empty completions and chosen == rejected teach DPO nothing: fail, or skip them with a count.
+    sft: only chosen is trained on, so only an empty chosen counts."""
     empty = [p for p in pairs if (not p.completion.strip() if isinstance(p, UnpairedExample)
-                                  else not p.chosen.strip() or not p.rejected.strip())]
-    identical = [p for p in pairs if isinstance(p, PreferencePair) and p.chosen == p.rejected and p.chosen.strip()]
+                                  else not p.chosen.strip() or (not sft and not p.rejected.strip()))]
+    identical = [] if sft else [p for p in pairs if isinstance(p, PreferencePair) and p.chosen == p.rejected
+                                and p.chosen.strip()]
     if (empty or identical) and not drop_invalid:
         parts = []
         if empty:
@@ -714,16 +781,17 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     if not cfg.dataset:
         raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
     unpaired = cfg.is_kto  # kto reads unpaired examples too
-    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired)
+    sft = cfg.objective == "sft"  # SFT records too; pairs give their chosen
+    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
     report.read = len(train)
     report.sources = dict(Counter(source_of(p.where) for p in train))
-    train = check_pairs(train, cfg.drop_invalid_pairs, report)
+    train = check_pairs(train, cfg.drop_invalid_pairs, report, sft)
     if cfg.shuffle:  # before the split, so val_size draws from every source
         random.Random(cfg.seed).shuffle(train)
     if cfg.eval_dataset:
-        val = read_dataset(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired)
+        val = read_dataset(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
         report.read += len(val)
-        val = check_pairs(val, cfg.drop_invalid_pairs, report)
+        val = check_pairs(val, cfg.drop_invalid_pairs, report, sft)
     elif cfg.val_size > 0:
         n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(len(train) * cfg.val_size))
         if n_val >= len(train):

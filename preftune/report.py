@@ -1,4 +1,5 @@
-"""What a run reports: the metric log and the four files in <output_dir>/dpo_metrics/.
+"""What a run reports: the metric log and the four files in <output_dir>/dpo_metrics/
+(<output_dir>/sft_metrics/ for stage: sft).
 
     training_metrics.csv  one row per logged step (train and eval columns side by side)
     log_history.json      every logged entry, as a list of dicts (like transformers' log_history)
@@ -38,10 +39,14 @@ class MetricsLog:
         self.cfg = cfg
         self.history: list[dict] = []
         self.data: dict = {}
-        self.dir = Path(cfg.output_dir) / "dpo_metrics"
+        self.dir = Path(cfg.output_dir) / ("sft_metrics" if cfg.objective == "sft" else "dpo_metrics")
         self.resumed_from: dict | None = None  # {checkpoint, step} when the run continued a checkpoint
 
     def log(self, row: dict) -> None:
+        if self.cfg.objective == "sft":  # the loss is the NLL per completion token: perplexity = exp(loss)
+            for prefix in ("", "eval_"):
+                if f"{prefix}loss" in row:
+                    row[f"{prefix}perplexity"] = math.exp(min(row[f"{prefix}loss"], 700.0))  # exp(>709) overflows
         last_train = next((r for r in reversed(self.history) if "loss" in r), None)
         if "eval_loss" in row and last_train is not None:
             gap = row["eval_loss"] - last_train["loss"]
@@ -49,8 +54,8 @@ class MetricsLog:
             row["eval_train_gap_pct"] = 100 * gap / last_train["loss"] if last_train["loss"] else math.nan
         self.history.append(row)
         shown = {k: v for k, v in row.items() if k in ("step", "epoch", "loss", "rewards/accuracies",
-                                                      "rewards/margins", "kl", "eval_loss",
-                                                      "eval_rewards/accuracies", "eval_kl")}
+                                                      "rewards/margins", "kl", "perplexity", "eval_loss",
+                                                      "eval_rewards/accuracies", "eval_kl", "eval_perplexity")}
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
     def rows_by_step(self) -> list[dict]:
@@ -109,9 +114,14 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     panels = [("loss", "loss"), ("rewards/accuracies", "preference accuracy"), ("rewards/margins", "reward margin"),
               ("kl", "KL to reference (per token)"), ("rewards/chosen", "rewards: chosen / rejected"),
-              ("learning_rate", "learning rate")]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, (key, title) in zip(axes.flat, panels):
+              ("perplexity", "perplexity"), ("learning_rate", "learning rate")]
+    logged = {k for r in history for k in r}
+    panels = [(key, title) for key, title in panels if key in logged or f"eval_{key}" in logged]  # what this run has
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8)) if len(panels) > 3 else plt.subplots(1, len(panels),
+                                                                                          figsize=(5 * len(panels), 4))
+    for ax in list(getattr(axes, "flat", [axes]))[len(panels):]:
+        ax.set_visible(False)  # a 2 x 3 grid with fewer panels
+    for ax, (key, title) in zip(getattr(axes, "flat", [axes]), panels):
         series = [(key, "train")]
         if key == "rewards/chosen":
             series = [("rewards/chosen", "chosen (train)"), ("rewards/rejected", "rejected (train)"),

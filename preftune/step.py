@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from preftune.batching import collate, collate_packed, collate_unpaired
+from preftune.batching import collate, collate_chosen, collate_packed, collate_unpaired
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
 from preftune.logps import completion_kl, get_batch_logps, model_inputs
@@ -186,5 +186,42 @@ class UnpairedStep:
         pass  # kto keeps no state across steps
 
 
+class SFTStep:
+    """sft: B examples (prompt, completion), each the chosen side of a tokenized pair (data.py reads
+    every SFT shape into that form), scored in one forward; the loss is the negative log-likelihood of
+    the completion tokens, averaged over all completion tokens of the micro-batch as transformers'
+    Trainer does (a long completion weighs more than a short one). Each example's share is returned
+    as its loss, so that the loop's mean over examples is that token average. No reference: no KL.
+    Statistics: loss; the loop's report adds perplexity = exp(loss)."""
+
+    unit = "examples"
+
+    def __init__(self, cfg):
+        self.padding_free = cfg.padding_free
+
+    @staticmethod
+    def tokenize(tokenizer, pairs, cfg, report):
+        return tokenize_cached(tokenizer, pairs, cfg, report)
+
+    def collate(self, pairs, pad_token_id, index=None):
+        return collate_chosen(pairs, pad_token_id, index, self.padding_free)
+
+    @staticmethod
+    def length(pair) -> int:
+        return len(pair.chosen_ids)
+
+    def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
+        out = policy(**model_inputs(batch))
+        B = out.logps.size(0)
+        losses = -out.logps * B / out.lengths.sum().clamp(min=1)  # (B,): mean over examples = mean NLL per token
+        return StepOutput(losses, {"loss": losses.detach()}, None)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # no state across steps
+
+
 # config.objective -> the step class; the loop builds one for training and a fresh one per evaluation
-OBJECTIVES = {"dpo": PreferenceStep, "kto": UnpairedStep}
+OBJECTIVES = {"dpo": PreferenceStep, "kto": UnpairedStep, "sft": SFTStep}

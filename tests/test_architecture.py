@@ -20,7 +20,9 @@ LAYERS = [
     {"evaluate"},
     {"reference", "step"},
     {"train"},
-    {"commands.train", "commands.inspect", "commands.export", "commands", "cli", "__init__"},
+    {"commands.train", "commands.inspect", "commands.export", "commands", "__init__"},
+    {"commands.sft"},
+    {"cli"},
 ]
 
 

@@ -21,15 +21,18 @@ Config keys:
 """
 
 
-def main(args: list[str]) -> int:
+def main(args: list[str], stage: str | None = None) -> int:
+    """`preftune train`; `preftune sft` is this with stage: sft."""
     if any(a in ("-h", "--help") for a in args):
-        print(USAGE + help_text())
+        print((USAGE.replace("preftune train", f"preftune {stage}") if stage else USAGE) + help_text())
         return 0
     config_path, overrides, _ = parse_command_line(args)
+    if stage:  # the command's stage wins over a config file's
+        overrides = ["--stage", stage] + overrides
     over = parse_overrides(overrides)
     from preftune.train import train  # heavy imports after argument checks
 
-    if config_path is None and not {"model_name_or_path", "model_name", "model"} & set(over):
+    if config_path is None and not stage and not {"model_name_or_path", "model_name", "model"} & set(over):
         from preftune.demo import demo_config
 
         logging.getLogger("preftune").info("no config given: running the embedded demo (tiny local model, "
@@ -45,6 +48,8 @@ def main(args: list[str]) -> int:
     if "eval_rewards/accuracies" in base and "eval_rewards/accuracies" in final:
         print(f"held-out preference accuracy: {base['eval_rewards/accuracies']:.1%} -> "
               f"{final['eval_rewards/accuracies']:.1%} (best eval loss {best.get('eval_loss', float('nan')):.4f})")
+    if "eval_perplexity" in base and "eval_perplexity" in final:
+        print(f"held-out perplexity: {base['eval_perplexity']:.3g} -> {final['eval_perplexity']:.3g}")
     print(f"model and tokenizer: {out['model']}")
     print(f"metrics and curves:  {out['metrics']} (training_metrics.csv, training_curves.png, summary.json, "
           "log_history.json)")

@@ -30,7 +30,7 @@ from preftune.data import load_pairs
 from preftune.errors import ConfigError, DataError
 from preftune.evaluate import evaluate
 from preftune.models import load_tokenizer
-from preftune.reference import load_models
+from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
 from preftune.step import OBJECTIVES, PolicyLogps
 from preftune.tokenization import TokenizeReport
@@ -82,6 +82,9 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = make_accelerator(cfg)
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
     log.info("reference: %s", reference.description)
+    precision = describe_precision(model, reference, cfg)
+    log.info("precision: policy trainable weights %(policy_trainable)s, frozen weights %(policy_frozen)s, "
+             "compute %(compute)s; reference %(reference)s", precision)
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
@@ -111,6 +114,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics = MetricsLog(cfg)
     metrics.data = {**vars(data_report), "truncated": tok_report.truncated, "dropped": tok_report.dropped,
                     "boundary_merges": tok_report.boundary_merges}
+    metrics.precision = precision
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluation()})
     best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False

@@ -39,6 +39,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 LOSS_NAMES = [*LOSSES, *UNPAIRED_LOSSES]  # every pref_loss value
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+# LLaMA-Factory's flash_attn values -> transformers' attn_implementation (None: transformers' default)
+FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 
 
 @dataclass
@@ -49,6 +51,7 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model's repository (off unless you trust it).")
     torch_dtype: str = _f("auto", "dtype the weights are loaded in (auto: as the checkpoint stores them; bfloat16 with pure_bf16). Trainable weights are then held in float32 unless pure_bf16.", TORCH_DTYPES)
     attn_implementation: str | None = _f(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
+    flash_attn: str = _f("auto", "LLaMA-Factory's attention key, another way to set attn_implementation: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2: needs the flash-attn package and a CUDA GPU).", tuple(FLASH_ATTN))
     finetuning_type: str = _f("full", "full (every weight), freeze (only some layers, freeze_* keys) or lora (peft adapters, lora_* keys).", ("full", "freeze", "lora"))
     stage: str = _f("dpo", "LLaMA-Factory stage; only 'dpo' is trained by preftune train.")
     do_train: bool = _f(True, "LLaMA-Factory flag; must be true for preftune train.")
@@ -157,6 +160,12 @@ class TrainConfig:
     @property
     def mixed_precision(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
+    @property
+    def attention(self) -> str | None:
+        """transformers' attn_implementation, as attn_implementation or flash_attn set it (`validate`
+        refuses the two disagreeing); None leaves transformers' default."""
+        return self.attn_implementation or FLASH_ATTN[self.flash_attn]
 
     @property
     def pref_losses(self) -> list[str]:
@@ -453,7 +462,7 @@ def validate_loss_options(cfg: TrainConfig) -> None:
 
 
 def _validate_precision(cfg: TrainConfig) -> None:
-    """pure_bf16: bfloat16 weights under bfloat16 autocast, loaded in bfloat16, not QLoRA."""
+    """pure_bf16 and the two spellings of the attention implementation."""
     if cfg.pure_bf16:
         if not cfg.bf16:
             raise ConfigError("pure_bf16: true needs bf16: true (it trains bfloat16 weights under bfloat16 autocast); "
@@ -464,6 +473,10 @@ def _validate_precision(cfg: TrainConfig) -> None:
         if cfg.quantization_bit:
             raise ConfigError("pure_bf16: not with quantization_bit (QLoRA keeps peft's float32 adapter and norms); "
                               "remove pure_bf16")
+    from_flash_attn = FLASH_ATTN[cfg.flash_attn]  # a known value: validate checked the choices first
+    if cfg.attn_implementation and from_flash_attn and cfg.attn_implementation != from_flash_attn:
+        raise ConfigError(f"flash_attn: {cfg.flash_attn} means attn_implementation {from_flash_attn}, but "
+                          f"attn_implementation is {cfg.attn_implementation}; keep one of the two keys")
 
 
 def _validate_adapters(cfg: TrainConfig) -> None:

@@ -11,6 +11,7 @@ and the final save writes each weight back in its loaded dtype (`restore_loaded_
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -34,6 +35,15 @@ def load_dtype(cfg):
     """The dtype every model of the run is loaded in: torch_dtype, where pure_bf16 makes auto bfloat16."""
     dtype = DTYPES[cfg.torch_dtype]
     return torch.bfloat16 if cfg.pure_bf16 and dtype == "auto" else dtype
+
+
+def check_attention(cfg) -> None:
+    """flash_attention_2 needs the flash_attn package: one line naming the key before any model
+    loads, not transformers' ImportError from deep inside from_pretrained."""
+    if cfg.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        key = "flash_attn: fa2" if cfg.flash_attn == "fa2" else "attn_implementation: flash_attention_2"
+        raise ModelError(f"{key} needs the flash_attn package, which is not installed; pip install flash-attn "
+                         "(CUDA), or flash_attn: sdpa")
 
 
 def _check_reachable(name: str, what: str) -> None:
@@ -68,9 +78,10 @@ def load_model(name: str, cfg, what: str = "model_name_or_path"):
     policy = what == "model_name_or_path"
     quantization_key = "quantization_bit" if policy else "ref_model_quantization_bit"
     quantization_bit = cfg.quantization_bit if policy else cfg.ref_model_quantization_bit
+    check_attention(cfg)
     kwargs = {"dtype": load_dtype(cfg), "trust_remote_code": cfg.trust_remote_code}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.attention:
+        kwargs["attn_implementation"] = cfg.attention
     if quantization_bit:
         kwargs["device_map"] = adapters.quantized_device_map(quantization_bit, quantization_key)
         kwargs["quantization_config"] = adapters.quantization_config(quantization_bit, quantization_key,

@@ -24,7 +24,7 @@ everything that changes the numbers:
     and its quantization.
   - the tokenized pairs: every token id and completion start, so data, template, cutoff_len and
     tokenizer changes are all in it.
-  - the dtype the reference loads in, mixed precision, attn_implementation, the device
+  - the dtype the reference loads in, mixed precision, the attention implementation, the device
     type, the torch and transformers versions (kernels differ), and this file's CACHE_FORMAT.
 A file is written to a temporary name and renamed into place, so a killed run leaves no partial
 file under the key. A file that does not load or does not match its key is recomputed and
@@ -99,7 +99,7 @@ def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
         "data": data_fingerprint(pairs),
         "torch_dtype": str(load_dtype(cfg)),  # bf16 and bfloat16 are one key; pure_bf16 loads bfloat16
         "mixed_precision": cfg.mixed_precision,
-        "attn_implementation": cfg.attn_implementation,
+        "attn_implementation": cfg.attention,  # flash_attn: sdpa and attn_implementation: sdpa are one key
         "ld_alpha": cfg.ld_alpha,  # LD-DPO weights the reference's tokens too
         "device": device_type,
         "torch": torch.__version__,

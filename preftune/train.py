@@ -29,7 +29,7 @@ from preftune.config import TrainConfig
 from preftune.data import load_pairs
 from preftune.errors import ConfigError, DataError
 from preftune.evaluate import evaluate
-from preftune.models import load_tokenizer
+from preftune.models import check_attention, load_tokenizer
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
 from preftune.step import OBJECTIVES, PolicyLogps
@@ -62,6 +62,7 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path fails at once
     checkpoints.check_output_dir(cfg, resuming=resume_from is not None)
+    check_attention(cfg)  # a missing flash-attn package fails now, not after tokenizing the data
     objective = OBJECTIVES[cfg.objective]
     step_fn = objective(cfg)
 

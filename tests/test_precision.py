@@ -1,10 +1,11 @@
 """Mixed precision on a bfloat16 checkpoint: the weights being trained are held in float32 (the
 optimizer's small updates are kept), frozen weights and the reference stay bfloat16, the final
 model comes back bfloat16 while checkpoints keep the float32 master weights (exact resume);
-pure_bf16 trains bfloat16 weights on request.
+pure_bf16 trains bfloat16 weights on request. Also flash_attn -> attn_implementation.
 
 The models are tiny (hidden 32, 2 layers) and runs 3 steps long: bf16 autocast is slow on CPUs."""
 
+import importlib.util
 import json
 
 import pytest
@@ -213,8 +214,43 @@ def test_freeze_without_mixed_precision_is_one_line(bf16_model_dir):
     ({"pure_bf16": True, "fp16": True}, "pure_bf16: true needs bf16: true"),
     ({"pure_bf16": True, "bf16": True, "torch_dtype": "float32"}, "torch_dtype: float32 loads them otherwise"),
     ({"pure_bf16": True, "bf16": True, "finetuning_type": "lora", "quantization_bit": 4}, "not with quantization_bit"),
+    ({"flash_attn": "fa3"}, "flash_attn: unknown value 'fa3'; use auto, disabled, sdpa or fa2"),
+    ({"flash_attn": "sdpa", "attn_implementation": "eager"}, "flash_attn: sdpa means attn_implementation sdpa, but"),
 ])
 def test_precision_keys_give_one_clear_line(raw, message):
     with pytest.raises(ConfigError, match=message) as err:
         from_dict(raw)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({}, None), ({"flash_attn": "disabled"}, "eager"), ({"flash_attn": "sdpa"}, "sdpa"),
+    ({"flash_attn": "fa2"}, "flash_attention_2"), ({"attn_implementation": "sdpa"}, "sdpa"),
+    ({"flash_attn": "sdpa", "attn_implementation": "sdpa"}, "sdpa"),
+])
+def test_flash_attn_sets_attn_implementation(raw, expected):
+    assert from_dict(raw).attention == expected
+
+
+def test_flash_attn_reaches_transformers(bf16_model_dir):
+    policy, _ = load_models(from_dict({"model_name_or_path": str(bf16_model_dir), "flash_attn": "disabled",
+                                       "pref_loss": "simpo"}))
+    assert policy.config._attn_implementation == "eager"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+@pytest.mark.parametrize("raw,key", [({"flash_attn": "fa2"}, "flash_attn: fa2"),
+                                     ({"attn_implementation": "flash_attention_2"},
+                                      "attn_implementation: flash_attention_2")])
+def test_flash_attention_2_without_the_package_is_one_line(bf16_model_dir, raw, key):
+    with pytest.raises(ModelError, match=f"{key} needs the flash_attn package.*pip install flash-attn \\(CUDA\\), "
+                                         "or flash_attn: sdpa"):
+        load_models(from_dict({"model_name_or_path": str(bf16_model_dir), **raw}))
+
+
+def test_export_measures_a_flash_attention_run_with_the_default_attention(bf16_model_dir):
+    """A run's config may ask for fa2; export re-reads it on a machine that may lack flash-attn."""
+    from preftune.commands.export import load_run_reference
+
+    reference = load_run_reference(from_dict({"model_name_or_path": str(bf16_model_dir), "flash_attn": "fa2"}))
+    assert reference.config._attn_implementation != "flash_attention_2"

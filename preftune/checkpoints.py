@@ -3,6 +3,10 @@
 Everything is first written to a temporary folder beside its destination and then renamed
 into place, so a run killed at any moment leaves either the previous version or the new
 one, never a half-written folder. Weights are safetensors; nothing here unpickles a model.
+
+Checkpoints (and best_model/) hold the weights as training holds them: float32 master weights
+for the trainable ones, so a resume continues exactly. The final model is written in the dtype
+the weights were loaded in (a bfloat16 checkpoint comes back bfloat16, `models.restore_loaded_dtypes`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from preftune.adapters import TRAINED_ADAPTER
 from preftune.errors import ConfigError, ModelError
 from preftune.files import fresh_tmp_dir, remove_dir, replace_dir
+from preftune.models import restore_loaded_dtypes
 
 log = logging.getLogger("preftune")
 
@@ -111,11 +116,13 @@ WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetens
 
 
 def save_final(model, tokenizer, cfg) -> None:
-    """The final model and tokenizer into output_dir itself, file by file atomically. A LoRA
-    policy is written as its adapter (cfg.final_adapter_only) or merged into full weights, which
-    merges it in place: call this last."""
+    """The final model and tokenizer into output_dir itself, file by file atomically, each weight in
+    the dtype it was loaded in (trainable ones are cast back from their float32 master copy). A LoRA
+    policy is written as its adapter (cfg.final_adapter_only) or merged into full weights. Both the
+    cast and the merge change the model in place: call this last."""
     out = Path(cfg.output_dir)
     tmp = fresh_tmp_dir(out / "final")
+    restore_loaded_dtypes(model)
     _save_weights(model, tmp, merge=not cfg.final_adapter_only)
     tokenizer.save_pretrained(tmp)
     # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run

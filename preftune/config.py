@@ -39,6 +39,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 LOSS_NAMES = [*LOSSES, *UNPAIRED_LOSSES]  # every pref_loss value
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+# LLaMA-Factory's flash_attn values -> transformers' attn_implementation (None: transformers' default)
+FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 
 
 @dataclass
@@ -47,8 +49,9 @@ class TrainConfig:
     model_name_or_path: str | None = _f(None, "Hugging Face model id or local folder of the policy (usually an SFT checkpoint). Unset: the embedded demo.")
     ref_model: str | None = _f(None, "Reference model id or folder. Unset (or 'same_as_policy'): a frozen copy of the starting policy.")
     trust_remote_code: bool = _f(False, "Allow model code from the model's repository (off unless you trust it).")
-    torch_dtype: str = _f("auto", "dtype the weights are loaded in (auto: as the checkpoint stores them).", TORCH_DTYPES)
+    torch_dtype: str = _f("auto", "dtype the weights are loaded in (auto: as the checkpoint stores them; bfloat16 with pure_bf16). Trainable weights are then held in float32 unless pure_bf16.", TORCH_DTYPES)
     attn_implementation: str | None = _f(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
+    flash_attn: str = _f("auto", "LLaMA-Factory's attention key, another way to set attn_implementation: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2: needs the flash-attn package and a CUDA GPU).", tuple(FLASH_ATTN))
     finetuning_type: str = _f("full", "full (every weight), freeze (only some layers, freeze_* keys) or lora (peft adapters, lora_* keys).", ("full", "freeze", "lora"))
     stage: str = _f("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference).", ("dpo", "sft"))
     do_train: bool = _f(True, "LLaMA-Factory flag; must be true for preftune train.")
@@ -125,7 +128,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.0, "Share of optimizer steps used for linear warmup.")
     warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio when > 0).")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
-    bf16: bool = _f(False, "bfloat16 mixed precision.")
+    bf16: bool = _f(False, "bfloat16 mixed precision: trainable weights are held in float32 (so the optimizer's small updates are kept), the forward and backward passes autocast to bfloat16; frozen weights stay as loaded (docs/precision.md).")
+    pure_bf16: bool = _f(False, "Hold the trainable weights, and so the optimizer state, in bfloat16 instead of float32 (needs bf16: true; loads the weights in bfloat16): half the memory of weights + optimizer state, but updates smaller than bfloat16's resolution (about 1/256 of a weight's size) round away, as most do at DPO's usual learning rates. LLaMA-Factory's key.")
     fp16: bool = _f(False, "float16 mixed precision (GPU only).")
     disable_dropout: bool = _f(True, "Turn dropout off in the policy, as TRL does (log-ratios are then deterministic).")
     dropout: float | None = _f(None, "Set every dropout probability in the policy to this value (implies disable_dropout: false).")
@@ -158,6 +162,12 @@ class TrainConfig:
     @property
     def mixed_precision(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
+    @property
+    def attention(self) -> str | None:
+        """transformers' attn_implementation, as attn_implementation or flash_attn set it (`validate`
+        refuses the two disagreeing); None leaves transformers' default."""
+        return self.attn_implementation or FLASH_ATTN[self.flash_attn]
 
     @property
     def pref_losses(self) -> list[str]:
@@ -372,6 +382,7 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"optimizer: '{cfg.optimizer}' is not supported; use adamw")
     if cfg.bf16 and cfg.fp16:
         bad("bf16 and fp16 are both true; choose one")
+    _validate_precision(cfg)
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "logging_steps",
                  "logps_chunk_size"):
         if values[name] < 1:
@@ -458,6 +469,24 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if unfit:
             raise ConfigError(f"use_weighting: WPO's per-pair weights do not apply to {', '.join(unfit)} "
                               "(aot sorts the pairs, as TRL refuses; kto is unpaired); set use_weighting: false")
+
+
+def _validate_precision(cfg: TrainConfig) -> None:
+    """pure_bf16 and the two spellings of the attention implementation."""
+    if cfg.pure_bf16:
+        if not cfg.bf16:
+            raise ConfigError("pure_bf16: true needs bf16: true (it trains bfloat16 weights under bfloat16 autocast); "
+                              "set bf16: true, or remove pure_bf16")
+        if cfg.torch_dtype not in ("auto", "bfloat16", "bf16"):
+            raise ConfigError(f"pure_bf16: true trains the weights in bfloat16, but torch_dtype: {cfg.torch_dtype} "
+                              "loads them otherwise; set torch_dtype: auto (or bfloat16), or remove pure_bf16")
+        if cfg.quantization_bit:
+            raise ConfigError("pure_bf16: not with quantization_bit (QLoRA keeps peft's float32 adapter and norms); "
+                              "remove pure_bf16")
+    from_flash_attn = FLASH_ATTN[cfg.flash_attn]  # a known value: validate checked the choices first
+    if cfg.attn_implementation and from_flash_attn and cfg.attn_implementation != from_flash_attn:
+        raise ConfigError(f"flash_attn: {cfg.flash_attn} means attn_implementation {from_flash_attn}, but "
+                          f"attn_implementation is {cfg.attn_implementation}; keep one of the two keys")
 
 
 def _validate_adapters(cfg: TrainConfig) -> None:

@@ -3,10 +3,15 @@
 Weights are read by `from_pretrained`: safetensors, or for old `.bin` checkpoints
 `torch.load(weights_only=True)`, never a full unpickle. `trust_remote_code` is passed as the
 config says (default False) to every load: tokenizer, policy, reference.
+
+Precision: the policy's trainable weights are held in float32 whatever dtype they load in
+(`hold_trainable_weights`; pure_bf16: bfloat16), frozen weights and the reference stay as loaded,
+and the final save writes each weight back in its loaded dtype (`restore_loaded_dtypes`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -18,6 +23,27 @@ from preftune.errors import ModelError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+# Set on a trainable weight that training holds in float32 although it was loaded in another dtype:
+# that dtype, for the final save (`restore_loaded_dtypes`). On the parameter itself, because the
+# names change when a LoRA policy is merged, and the parameter objects do not.
+LOADED_DTYPE = "preftune_loaded_dtype"
+
+
+def load_dtype(cfg):
+    """The dtype every model of the run is loaded in: torch_dtype, where pure_bf16 makes auto bfloat16."""
+    dtype = DTYPES[cfg.torch_dtype]
+    return torch.bfloat16 if cfg.pure_bf16 and dtype == "auto" else dtype
+
+
+def check_attention(cfg) -> None:
+    """flash_attention_2 needs the flash_attn package: one line naming the key before any model
+    loads, not transformers' ImportError from deep inside from_pretrained."""
+    if cfg.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        key = "flash_attn: fa2" if cfg.flash_attn == "fa2" else "attn_implementation: flash_attention_2"
+        raise ModelError(f"{key} needs the flash_attn package, which is not installed; pip install flash-attn "
+                         "(CUDA), or flash_attn: sdpa")
 
 
 def _check_reachable(name: str, what: str) -> None:
@@ -52,9 +78,10 @@ def load_model(name: str, cfg, what: str = "model_name_or_path"):
     policy = what == "model_name_or_path"
     quantization_key = "quantization_bit" if policy else "ref_model_quantization_bit"
     quantization_bit = cfg.quantization_bit if policy else cfg.ref_model_quantization_bit
-    kwargs = {"dtype": DTYPES[cfg.torch_dtype], "trust_remote_code": cfg.trust_remote_code}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    check_attention(cfg)
+    kwargs = {"dtype": load_dtype(cfg), "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attention:
+        kwargs["attn_implementation"] = cfg.attention
     if quantization_bit:
         kwargs["device_map"] = adapters.quantized_device_map(quantization_bit, quantization_key)
         kwargs["quantization_config"] = adapters.quantization_config(quantization_bit, quantization_key,
@@ -108,7 +135,67 @@ def load_policy(cfg, reference_adapter: bool = False):
         policy = apply_lora(policy, cfg, reference_adapter=reference_adapter)
     elif cfg.finetuning_type == "freeze":
         apply_freeze(policy, cfg)
+    hold_trainable_weights(policy, cfg)
     return policy
+
+
+def hold_trainable_weights(policy, cfg) -> None:
+    """Hold the trainable weights in float32 (bfloat16 with pure_bf16); frozen ones stay as loaded.
+
+    Why: AdamW moves a weight by about learning_rate per step (5e-6 is usual for DPO), while
+    bfloat16 resolves only about 1/256 of a weight's size (1e-4 for a weight of 0.02), so a
+    bfloat16 weight rounds most updates back to its old value: on the demo model, 3 steps at 5e-6
+    changed 8% of bfloat16 weights and all float32 ones. float32 master weights take every update,
+    and bf16/fp16 autocast still runs the matmuls in half precision. Frozen weights keep the loaded
+    dtype: that is the memory freeze and LoRA save. LLaMA-Factory does the same (peft already does
+    it for new LoRA adapters). A quantized (QLoRA) policy keeps what peft's
+    prepare_model_for_kbit_training chose (adapters.apply_lora)."""
+    if getattr(policy, "is_quantized", False):
+        return
+    hold = torch.bfloat16 if cfg.pure_bf16 else torch.float32
+    for param in policy.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != hold:
+            if hold == torch.float32:
+                setattr(param, LOADED_DTYPE, param.dtype)
+            param.data = param.data.to(hold)
+    if cfg.mixed_precision == "no":
+        _check_one_compute_dtype(policy, cfg)
+
+
+def _check_one_compute_dtype(policy, cfg) -> None:
+    """Without autocast a float32 module cannot feed a frozen half-precision one (a freeze run's
+    layers, LoRA's additional_target): refuse that in one line instead of a dtype error mid-step.
+    LoRA adapters themselves are fine: peft casts their input and output."""
+    frozen_half = {str(p.dtype).removeprefix("torch.") for p in policy.parameters()
+                   if not p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)}
+    upcast = [n for n, p in policy.named_parameters() if hasattr(p, LOADED_DTYPE) and "lora_" not in n]
+    if frozen_half and upcast:
+        dtype = sorted(frozen_half)[0]
+        raise ModelError(f"bf16: the weights load as {dtype} (torch_dtype: {cfg.torch_dtype}) and this "
+                         f"{cfg.finetuning_type} run trains some in float32 beside frozen {dtype} ones, which needs "
+                         "mixed precision; set bf16: true (or fp16: true), or torch_dtype: float32")
+
+
+def restore_loaded_dtypes(model) -> None:
+    """Every weight `hold_trainable_weights` upcast, back in the dtype it was loaded in: for the
+    final save, so a bfloat16 checkpoint comes back bfloat16, not doubled in size. Checkpoints keep
+    the float32 master weights (resume is exact). Modifies the model in place."""
+    for param in model.parameters():
+        dtype = getattr(param, LOADED_DTYPE, None)
+        if dtype is not None:
+            param.data = param.data.to(dtype)
+            delattr(param, LOADED_DTYPE)
+
+
+def weight_dtypes(params) -> str | None:
+    """The dtypes of `params` for the precision log line: 'bfloat16', or 'float32 + bfloat16' most
+    elements first; bitsandbytes-quantized weights as 4-bit / 8-bit; None for no parameters."""
+    names = {torch.uint8: "4-bit", torch.int8: "8-bit"}  # bitsandbytes packs 4-bit weights in uint8
+    counts: dict[str, int] = {}
+    for p in params:
+        name = names.get(p.dtype, str(p.dtype).removeprefix("torch."))
+        counts[name] = counts.get(name, 0) + p.numel()
+    return " + ".join(sorted(counts, key=counts.get, reverse=True)) or None
 
 
 def reference_adapters(cfg) -> str | None:

@@ -24,8 +24,8 @@ everything that changes the numbers:
     and its quantization.
   - the tokenized pairs: every token id and completion start, so data, template, cutoff_len and
     tokenizer changes are all in it.
-  - torch_dtype, mixed precision, attn_implementation, the device type, the torch and
-    transformers versions (kernels differ), and this file's CACHE_FORMAT.
+  - the dtype the reference loads in, mixed precision, the attention implementation, the device
+    type, the torch and transformers versions (kernels differ), and this file's CACHE_FORMAT.
 A file is written to a temporary name and renamed into place, so a killed run leaves no partial
 file under the key. A file that does not load or does not match its key is recomputed and
 replaced, never trusted.
@@ -50,7 +50,8 @@ from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
 from preftune.errors import ModelError
 from preftune.evaluate import pair_logps
 from preftune.logps import BatchLogps, get_batch_logps, model_inputs
-from preftune.models import DTYPES, check_vocabulary, load_policy, load_reference, reference_adapters
+from preftune.models import (check_vocabulary, load_dtype, load_policy, load_reference, reference_adapters,
+                             weight_dtypes)
 from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")
@@ -96,9 +97,9 @@ def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
         "adapters": [model_fingerprint(a) for a in split_names(reference_adapters(cfg))],
         "quantization_bit": cfg.ref_model_quantization_bit,
         "data": data_fingerprint(pairs),
-        "torch_dtype": str(DTYPES[cfg.torch_dtype]),  # bf16 and bfloat16 are one key
+        "torch_dtype": str(load_dtype(cfg)),  # bf16 and bfloat16 are one key; pure_bf16 loads bfloat16
         "mixed_precision": cfg.mixed_precision,
-        "attn_implementation": cfg.attn_implementation,
+        "attn_implementation": cfg.attention,  # flash_attn: sdpa and attn_implementation: sdpa are one key
         "ld_alpha": cfg.ld_alpha,  # LD-DPO weights the reference's tokens too
         "device": device_type,
         "torch": torch.__version__,
@@ -196,6 +197,21 @@ class Reference:
             return None
         return get_batch_logps(self.model, **model_inputs(batch), chunk_size=self.chunk_size, return_hidden=return_hidden,
                                ld_alpha=ld_alpha)
+
+
+def describe_precision(policy, reference: Reference, cfg) -> dict[str, str | None]:
+    """Which dtypes the policy's trainable and frozen weights and the reference are held in, and
+    what the passes compute in: for the log line at the start of training and summary.json."""
+    frozen = weight_dtypes(p for p in policy.parameters() if not p.requires_grad) or "none"
+    if isinstance(reference.model, AdapterReference):
+        ref = f"the policy's frozen weights ({frozen})"
+    elif reference.model is not None:
+        ref = weight_dtypes(reference.model.parameters())
+    else:
+        ref = "precomputed log-probs" if reference.tables is not None else "none"
+    compute = f"{cfg.mixed_precision} autocast" if cfg.mixed_precision != "no" else "each weight's own dtype (no autocast)"
+    return {"policy_trainable": weight_dtypes(p for p in policy.parameters() if p.requires_grad),
+            "policy_frozen": frozen, "compute": compute, "reference": ref}
 
 
 def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] | None = None):

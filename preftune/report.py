@@ -3,7 +3,7 @@
 
     training_metrics.csv  one row per logged step (train and eval columns side by side)
     log_history.json      every logged entry, as a list of dicts (like transformers' log_history)
-    summary.json          baseline, final and best metrics, config, data counts, timings
+    summary.json          baseline, final and best metrics, config, data counts, precision, timings
     training_curves.png   loss, accuracy, margins, KL, rewards, learning rate; train vs eval
 """
 
@@ -39,6 +39,7 @@ class MetricsLog:
         self.cfg = cfg
         self.history: list[dict] = []
         self.data: dict = {}
+        self.precision: dict | None = None  # the dtypes of the policy and the reference (reference.describe_precision)
         self.dir = Path(cfg.output_dir) / ("sft_metrics" if cfg.objective == "sft" else "dpo_metrics")
         self.resumed_from: dict | None = None  # {checkpoint, step} when the run continued a checkpoint
 
@@ -93,6 +94,7 @@ class MetricsLog:
             "timings": {"elapsed_seconds": round(elapsed, 2),
                         "mean_tokens_per_second": _mean([r["tokens_per_second"] for r in train_rows])},
             "data": self.data,
+            "precision": self.precision,
             "config": self.cfg.to_dict(),
             "metric_notes": METRIC_NOTES,
             "outputs": {"model": str(Path(self.cfg.output_dir)), "metrics": str(self.dir)},

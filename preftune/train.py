@@ -35,8 +35,8 @@ from preftune.config import TrainConfig
 from preftune.data import load_pairs
 from preftune.errors import ConfigError, DataError
 from preftune.evaluate import evaluate, pooled
-from preftune.models import load_tokenizer
-from preftune.reference import load_models
+from preftune.models import check_attention, load_tokenizer
+from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
 from preftune.step import OBJECTIVES, PolicyLogps
 from preftune.tokenization import TokenizeReport
@@ -71,6 +71,7 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path fails at once
     checkpoints.check_output_dir(cfg, resuming=resume_from is not None)
+    check_attention(cfg)  # a missing flash-attn package fails now, not after tokenizing the data
     objective = OBJECTIVES[cfg.objective]
     step_fn = objective(cfg)
 
@@ -98,10 +99,13 @@ def train(cfg: TrainConfig) -> dict:
              cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world)
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
     log.info("reference: %s", reference.description)
-    if cfg.padding_free and cfg.attn_implementation not in ("flash_attention_2", "flex_attention"):
+    precision = describe_precision(model, reference, cfg)
+    log.info("precision: policy trainable weights %(policy_trainable)s, frozen weights %(policy_frozen)s, "
+             "compute %(compute)s; reference %(reference)s", precision)
+    if cfg.padding_free and cfg.attention not in ("flash_attention_2", "flex_attention"):
         log.warning("padding_free with %s attention: the same numbers, but attention runs over the whole packed row "
                     "(a mask keeps the sequences apart); flash_attention_2 or flex_attention make it pay",
-                    cfg.attn_implementation or "the default (sdpa)")
+                    cfg.attention or "the default (sdpa)")
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
@@ -133,6 +137,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics = MetricsLog(cfg)
     metrics.data = {**vars(data_report), "truncated": tok_report.truncated, "dropped": tok_report.dropped,
                     "boundary_merges": tok_report.boundary_merges}
+    metrics.precision = precision
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluation()})
     best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False

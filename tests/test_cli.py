@@ -1,5 +1,6 @@
 """The command line: a seed-000 LLaMA-Factory config runs unchanged; bad input is one line, exit 2."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -66,6 +67,16 @@ def test_bad_input_is_one_line_and_exit_2(lf_project, capsys, override, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("preftune: error: ")
     assert __import__("re").search(message, err[0]), err[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+@pytest.mark.parametrize("override", [["--attn_implementation", "flash_attention_2"], ["--flash_attn", "fa2"]])
+def test_flash_attention_2_without_the_package_is_one_line(lf_project, capsys, override):
+    assert main(["train", str(lf_project), *override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert f"{override[0][2:]}: {override[1]} needs the flash_attn package" in err[0]
+    assert err[0].endswith("pip install flash-attn (CUDA), or flash_attn: sdpa")
 
 
 def test_malformed_data_line_through_the_cli(tmp_path, tiny_model_dir, capsys):

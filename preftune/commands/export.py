@@ -246,7 +246,8 @@ def load_run_reference(run_cfg):
     may lack the GPU that a 4/8-bit reference or flash attention needs."""
     from preftune.models import load_reference
 
-    return load_reference(dataclasses.replace(run_cfg, ref_model_quantization_bit=None, attn_implementation=None))
+    return load_reference(dataclasses.replace(run_cfg, ref_model_quantization_bit=None, attn_implementation=None,
+                                              flash_attn="auto"))
 
 
 def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tensor,

@@ -138,6 +138,17 @@ class TrainConfig:
     padding_free: bool = _f(False, "Put a micro-batch's sequences back to back in one row (position ids restart at each) instead of padding them to the longest: no compute spent on pad tokens, the same log-probs. It pays with attn_implementation flash_attention_2 (varlen kernels) or flex_attention; with sdpa or eager it is correct but attention spans the whole row. Not with pref_loss: kto.")
     group_by_length: bool = _f(False, "Batch pairs of similar length together (each group of 50 batches of the seeded order sorted by length, as transformers' group_by_length): less padding, the same pairs per epoch.")
 
+    # --- sampling and evaluation (preftune sample, preftune eval) -----------------------
+    num_samples: int = _f(2, "Completions sampled per prompt (sample: at least 2 to form pairs).")
+    max_new_tokens: int = _f(128, "Most tokens generated per completion (it also ends at EOS or the chat template's end of turn).")
+    temperature: float = _f(1.0, "Sampling temperature (> 0); 1.0 samples the model's own distribution.")
+    top_p: float | None = _f(None, "Nucleus sampling: keep the smallest set of tokens with this much probability. Unset: no cut (plain ancestral sampling, so KL estimates are honest).")
+    top_k: int | None = _f(None, "Sample among the k most likely tokens only. Unset: no cut.")
+    reward: str | None = _f(None, "What scores a completion: module:function or path/to/file.py:function (called with the prompts and the completions, returns one float each), or a sequence-classification reward model (hub id or folder). Unset: sample writes candidates for people to label.")
+    pairing: str = _f("best_worst", "How sample forms pairs from a prompt's scored completions: best_worst (the best against the worst), all (every two whose scores differ by at least min_margin), random (two at random). Ties are skipped and counted.", ("best_worst", "all", "random"))
+    min_margin: float = _f(0.0, "Smallest reward difference that makes a pair (ties, equal rewards, never do).")
+    prompts: str | None = _f(None, "eval: prompts to sample from and score with `reward` (same forms as dataset; prompt-only records allowed).")
+
     # --- evaluation, logging, saving ----------------------------------------------------
     output_dir: str = _f("output", "Where the model, checkpoints and dpo_metrics/ are written.")
     overwrite_output_dir: bool = _f(False, "A fresh run into an output_dir that holds checkpoint-N folders of an earlier run is refused unless this is true, which deletes them (and best_model/) first. Other outputs are always overwritten.")
@@ -415,6 +426,16 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"max_prompt_length must be at least 1 (or unset); got {cfg.max_prompt_length}")
     if cfg.preprocessing_num_workers is not None and cfg.preprocessing_num_workers < 1:
         bad(f"preprocessing_num_workers must be at least 1 (or unset); got {cfg.preprocessing_num_workers}")
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
+        bad(f"num_samples and max_new_tokens must be at least 1; got {cfg.num_samples}, {cfg.max_new_tokens}")
+    if not (cfg.temperature > 0 and math.isfinite(cfg.temperature)):
+        bad(f"temperature must be a positive number; got {cfg.temperature}")
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        bad(f"top_p must be in (0, 1] (or unset); got {cfg.top_p}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        bad(f"top_k must be at least 1 (or unset); got {cfg.top_k}")
+    if not (cfg.min_margin >= 0 and math.isfinite(cfg.min_margin)):
+        bad(f"min_margin must be a number >= 0; got {cfg.min_margin}")
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":
         bad("early_stopping_patience needs evaluation; remove eval_strategy: no")
 

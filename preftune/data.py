@@ -28,6 +28,7 @@ expected and the fix. Nothing is dropped silently: skips are counted in `DataRep
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import random
@@ -533,6 +534,8 @@ def _sft_shape(rec: dict) -> str | None:
     """The SFT-only shape of a plain record, or None for a preference shape (its chosen is used)."""
     if "chosen" in rec or "rejected" in rec:
         return None
+    if set(rec) <= {"prompt", "system", "tools", "id"} and "prompt" in rec:
+        return "prompt_only"  # prompts to sample from (preftune sample, eval)
     if "conversations" in rec:
         return "sharegpt"
     if "instruction" in rec and "output" in rec:
@@ -545,6 +548,8 @@ def _sft_shape(rec: dict) -> str | None:
 
 
 def _sft_pair(rec: dict, where: str, shape: str, columns: dict | None = None, tags: dict | None = None) -> PreferencePair:
+    if shape == "prompt_only":  # no completion: empty ones, never trained on (read_prompts checks for sft)
+        return _standard({k: v for k, v in rec.items() if k != "id"} | {"chosen": "", "rejected": ""}, where)
     if shape == "completion":
         return _standard({**rec, "chosen": rec["completion"], "rejected": rec["completion"]}, where)
     if shape == "alpaca":
@@ -746,6 +751,24 @@ def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
         raise DataError(f"{unpaired[0].where}: unpaired (KTO-style prompt/completion/label) data needs pref_loss: kto "
                         f"({len(unpaired)} such records); the other losses need chosen/rejected pairs")
     return examples  # type: ignore[return-value]
+
+
+def read_prompts(spec: str, dataset_dir: str, max_samples: int | None = None,
+                 columns: dict[str, str] | None = None) -> list[PreferencePair]:
+    """The prompts of a comma list of dataset entries, for sampling and evaluation: prompt-only records
+    (`{"prompt": text or messages, "system": ...}`) or the prompt of any record training reads (pairs,
+    SFT records, unpaired examples), as pairs with empty completions."""
+    out = []
+    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True):
+        if isinstance(e, UnpairedExample):
+            e = PreferencePair(prompt=e.prompt, chosen="", rejected="", system=e.system, where=e.where,
+                               messages=e.messages)
+        else:
+            e = dataclasses.replace(e, chosen="", rejected="", chosen_messages=None, rejected_messages=None)
+        if not e.prompt.strip() and not e.messages:
+            raise DataError(f"{e.where}: the prompt has no text to sample a completion for")
+        out.append(e)
+    return out
 
 
 def source_of(where: str) -> str:

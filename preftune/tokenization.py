@@ -135,8 +135,9 @@ def prompt_messages(pair: PreferencePair) -> list[dict[str, str]]:
     return ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
 
 
-def _prompt_text(tokenizer, pair: PreferencePair, use_template: bool) -> str:
-    """The prompt as text: rendered once per pair, shared by its chosen and rejected sequences."""
+def render_prompt(tokenizer, pair: PreferencePair, use_template: bool) -> str:
+    """The prompt as text: rendered once per pair, shared by its chosen and rejected sequences; the one
+    rendering of a prompt that training, sampling and evaluation all use."""
     if use_template:
         return tokenizer.apply_chat_template(prompt_messages(pair), tokenize=False, add_generation_prompt=True,
                                              tools=pair.tools)
@@ -194,6 +195,16 @@ def _encode(tokenizer, pair: PreferencePair, prompt_text: str, completion: str,
     return ids, start, merged
 
 
+def encode_prompt(tokenizer, pair: PreferencePair, use_template: bool) -> list[int]:
+    """The token ids that precede a completion of `pair` in training (`encode_pair`), for generation:
+    the rendered prompt, with BOS as the tokenizer or the template writes it, once."""
+    ids = tokenizer.backend_tokenizer.encode(render_prompt(tokenizer, pair, use_template),
+                                             add_special_tokens=not use_template).ids
+    if len(ids) > 1 and tokenizer.bos_token_id is not None and ids[0] == ids[1] == tokenizer.bos_token_id:
+        ids = ids[1:]  # a template that writes BOS, on a tokenizer that also adds it
+    return ids
+
+
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
     """(prompt, completion) token budgets within `cutoff_len`: LLaMA-Factory's rule
     (src/llamafactory/data/processor/processor_utils.py `infer_seqlen`), so its YAML truncates alike.
@@ -248,7 +259,7 @@ def truncate_pair(t: TokenizedPair, cutoff_len: int, truncation_mode: str = "kee
 
 def encode_pair(tokenizer, pair: PreferencePair, use_template: bool, report: TokenizeReport) -> TokenizedPair:
     """The untruncated token ids of a pair, with its completion boundaries."""
-    prompt_text = _prompt_text(tokenizer, pair, use_template)
+    prompt_text = render_prompt(tokenizer, pair, use_template)
     chosen_ids, chosen_start, m1 = _encode(tokenizer, pair, prompt_text, pair.chosen, pair.chosen_messages,
                                            use_template)
     rejected_ids, rejected_start, m2 = _encode(tokenizer, pair, prompt_text, pair.rejected, pair.rejected_messages,

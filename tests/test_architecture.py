@@ -17,10 +17,10 @@ LAYERS = [
     {"config", "data", "adapters"},
     {"tokenization", "models", "checkpoints", "report"},
     {"cache", "batching", "demo"},
-    {"evaluate"},
+    {"evaluate", "generate", "rewards"},
     {"reference", "step"},
     {"train"},
-    {"commands.train", "commands.inspect", "commands.export", "commands", "__init__"},
+    {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands", "__init__"},
     {"commands.sft"},
     {"cli"},
 ]

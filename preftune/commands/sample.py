@@ -1,0 +1,175 @@
+"""`preftune sample`: completions sampled from a model, scored by a reward, paired into preference data.
+
+    preftune sample --model_name_or_path sft_out --dataset prompts.jsonl --num_samples 4 \\
+        --reward my_rewards.py:score --output_dir sampled
+    preftune sample --model_name_or_path sft_out --dataset prompts.jsonl --output_dir to_label   # no reward
+
+Prompts come from any data file training reads (prompt-only records allowed) and are rendered as
+training renders them. Writes into output_dir:
+
+    samples.jsonl   one line per prompt: {"id", "prompt", "system", "completions": [{"text", "score"}]};
+                    without a reward the scores are null: the candidates that `preftune label` shows people
+    pairs.jsonl     the pairs (`pairing`, `min_margin`) in the format training reads
+    summary.json    counts (ties, pairs below min_margin, identical texts: skipped and counted), rewards, speed
+
+Each prompt's line is appended and flushed the moment it is done, so a killed run loses nothing and,
+run again with the same output_dir, continues with the prompts it had not finished (the same
+completions as an uninterrupted run: sampling is seeded per batch of prompts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from preftune.config import help_text, load_config, parse_command_line
+from preftune.errors import ConfigError, DataError
+from preftune.files import write_atomic
+
+log = logging.getLogger("preftune")
+
+USAGE = """usage: preftune sample [CONFIG.yaml] --model_name_or_path M --dataset PROMPTS --output_dir DIR
+                       [--num_samples N] [--reward module:function | REWARD_MODEL] [--key value ...]
+
+Config keys (sampling: num_samples, max_new_tokens, temperature, top_p, top_k, seed, reward, pairing,
+min_margin; prompts per batch: per_device_eval_batch_size):
+"""
+
+
+def prompt_record(pair) -> dict:
+    """A prompt as the data files write it: text, or the conversation as messages; and its system turn."""
+    return {"prompt": pair.messages if pair.messages is not None else pair.prompt, "system": pair.system}
+
+
+def read_samples(path: Path, prompts: list) -> dict[int, dict]:
+    """The records an earlier run of this output_dir finished, by prompt position. A last line cut by
+    a kill is dropped (and cut from the file); a record of another prompt is refused."""
+    if not path.is_file():
+        return {}
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    if lines[-1]:  # no newline at the end: a line the kill cut short
+        path.write_bytes(raw[:len(raw) - len(lines[-1])])
+        log.warning("%s: dropped an unfinished last line (the run was killed while writing it)", path)
+    done = {}
+    for n, line in enumerate(lines[:-1], 1):
+        try:
+            rec = json.loads(line)
+            pos = int(rec["id"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path}:{n}: not a samples line written by preftune sample; use an empty output_dir") from None
+        if pos >= len(prompts) or prompt_record(prompts[pos])["prompt"] != rec["prompt"]:
+            raise ConfigError(f"{path}:{n}: holds samples of another prompt list (id {rec['id']}); use another "
+                              "output_dir, or delete it to start over")
+        done[pos] = rec
+    return done
+
+
+def make_pairs(records: list[dict], cfg) -> tuple[list[dict], dict[str, int]]:
+    """Preference pairs from scored records, as `pairing` says; what is not paired is counted."""
+    pairs, skipped = [], {"ties": 0, "below_min_margin": 0, "identical_texts": 0}
+
+    def add(rec, a, b):
+        if a["score"] == b["score"]:
+            skipped["ties"] += 1
+        elif abs(a["score"] - b["score"]) < cfg.min_margin:
+            skipped["below_min_margin"] += 1
+        elif a["text"] == b["text"]:
+            skipped["identical_texts"] += 1
+        else:
+            chosen, rejected = (a, b) if a["score"] > b["score"] else (b, a)
+            pairs.append({"prompt": rec["prompt"], "chosen": chosen["text"], "rejected": rejected["text"],
+                          **({"system": rec["system"]} if rec["system"] else {})})
+
+    for rec in records:
+        completions = rec["completions"]
+        if cfg.pairing == "best_worst":
+            ranked = sorted(completions, key=lambda c: c["score"])
+            add(rec, ranked[-1], ranked[0])
+        elif cfg.pairing == "all":
+            for i in range(len(completions)):
+                for j in range(i + 1, len(completions)):
+                    add(rec, completions[i], completions[j])
+        else:  # random, seeded per prompt
+            add(rec, *random.Random(cfg.seed * 1_000_003 + int(rec["id"])).sample(completions, 2))
+    return pairs, skipped
+
+
+def run(cfg) -> dict:
+    from preftune.data import read_prompts
+    from preftune.generate import sample
+    from preftune.models import load_model, load_tokenizer
+    from preftune.rewards import load_reward
+    from preftune.tokenization import encode_prompt, setup_chat_template
+
+    if not cfg.model_name_or_path or not cfg.dataset:
+        raise ConfigError("preftune sample needs model_name_or_path (the model to sample) and dataset (the prompts)")
+    if cfg.num_samples < 2:
+        raise ConfigError(f"num_samples: sample pairs completions of a prompt, so it needs at least 2; got {cfg.num_samples}")
+    reward = load_reward(cfg.reward) if cfg.reward else None  # a bad reward fails before any sampling
+    prompts = read_prompts(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
+    out = Path(cfg.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    samples_path = out / "samples.jsonl"
+    done = read_samples(samples_path, prompts)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    use_template = setup_chat_template(tokenizer, cfg.template)
+    encoded = [encode_prompt(tokenizer, p, use_template) for p in prompts]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(cfg.model_name_or_path, cfg).to(device)
+    log.info("sampling %d completions for each of %d prompts (%d done before)", cfg.num_samples, len(prompts), len(done))
+    start_time, new = time.time(), 0
+    with open(samples_path, "a", encoding="utf-8") as f:
+        for start, batch in sample(model, tokenizer, encoded, cfg, device, skip=set(done)):
+            for i, completions in enumerate(batch):
+                pos = start + i
+                if pos in done:  # the rest of a batch a killed run had begun
+                    continue
+                texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+                scores = reward([prompts[pos].prompt] * len(texts), texts) if reward else [None] * len(texts)
+                rec = {"id": str(pos), **prompt_record(prompts[pos]),
+                       "completions": [{"text": t, "score": s} for t, s in zip(texts, scores)]}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the next prompt starts: a kill loses nothing done
+                done[pos] = rec
+                new += 1
+    seconds = time.time() - start_time
+    records = [done[pos] for pos in sorted(done)]
+    summary = {"prompts": len(prompts), "completions_per_prompt": cfg.num_samples, "sampled_now": new,
+               "seconds": round(seconds, 2), "completions_per_second": new * cfg.num_samples / max(seconds, 1e-9),
+               "outputs": {"samples": str(samples_path)}, "config": cfg.to_dict()}
+    if reward:
+        pairs, skipped = make_pairs(records, cfg)
+        write_atomic(out / "pairs.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        scores = [c["score"] for r in records for c in r["completions"]]
+        summary.update({"pairs": len(pairs), "skipped": skipped, "pairing": cfg.pairing,
+                        "reward": {"name": cfg.reward, "mean": sum(scores) / len(scores), "min": min(scores),
+                                   "max": max(scores)}})
+        summary["outputs"]["pairs"] = str(out / "pairs.jsonl")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE + help_text())
+        return 0
+    config_path, overrides, _ = parse_command_line(args)
+    summary = run(load_config(config_path, overrides))
+    print(f"{summary['prompts']} prompts x {summary['completions_per_prompt']} completions -> "
+          f"{summary['outputs']['samples']} ({summary['completions_per_second']:.1f} completions/s this run)")
+    if "pairs" in summary:
+        s = summary["skipped"]
+        print(f"{summary['pairs']} pairs ({summary['pairing']}) -> {summary['outputs']['pairs']}; skipped: "
+              f"{s['ties']} ties, {s['below_min_margin']} below min_margin, {s['identical_texts']} identical texts")
+    else:
+        print("no reward given: label the candidates with `preftune label` "
+              f"{summary['outputs']['samples']}")
+    return 0

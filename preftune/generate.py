@@ -1,0 +1,68 @@
+"""Sampling completions from a model, for `preftune sample` and `preftune eval`.
+
+    prompts = [encode_prompt(tokenizer, pair, use_template) for pair in pairs]   # as training renders them
+    for start, completions in sample(model, tokenizer, prompts, cfg, device): ...
+
+Prompts are rendered by `tokenization.encode_prompt`, the rendering training uses, so a policy is
+sampled in the format it was trained in. Generation is transformers' `generate`: batched prompts,
+left-padded, with the KV cache; plain ancestral sampling unless top_k / top_p are set (a cut
+distribution would bias the KL estimates of `preftune eval`). Each batch of prompts is seeded by
+(seed, its first prompt's position), so a batch gives the same completions whatever ran before it
+(a resumed `sample` continues exactly where the killed one stopped).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+# end-of-turn tokens of common chat templates: a completion ends at the first of them (or EOS)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """EOS and the end-of-turn tokens the tokenizer knows."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    return ids + [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
+
+
+def generation_config(cfg, tokenizer) -> GenerationConfig:
+    """The sampling settings of cfg, stated in full: nothing is inherited from a model's own
+    generation_config.json (its top_k or repetition penalty would change what is sampled)."""
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p or 1.0, top_k=cfg.top_k or 0,
+                            max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.num_samples,
+                            eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
+    """A generated row up to and including its first stop token (the rest is padding)."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i + 1]
+    return ids
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[int]], cfg, device, skip=frozenset()):
+    """Yields (position of the batch's first prompt, [[completion ids] * num_samples per prompt]) per
+    batch of cfg.eval_batch_size prompts; batches whose prompts are all in `skip` are not generated."""
+    gen = generation_config(cfg, tokenizer)
+    stops = list(gen.eos_token_id)
+    model.eval()
+    for start in range(0, len(prompts), cfg.eval_batch_size):
+        batch = prompts[start:start + cfg.eval_batch_size]
+        if all(start + i in skip for i in range(len(batch))):
+            continue
+        width = max(len(p) for p in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        torch.manual_seed(cfg.seed * 1_000_003 + start)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=gen)  # (len(batch) * num_samples, width + new), prompt-major
+        new = out[:, width:].tolist()
+        n = cfg.num_samples
+        yield start, [[cut_at_stop(new[i * n + k], stops) for k in range(n)] for i in range(len(batch))]

@@ -20,6 +20,7 @@ COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "train": "align a model with DPO (preftune train --help)",
     "sft": "supervised fine-tuning on completions, e.g. to make a reference (preftune sft --help)",
     "sample": "completions from a model, scored by a reward, paired into preference data (preftune sample --help)",
+    "eval": "models against their reference: pairs, or samples scored by a reward (preftune eval --help)",
     "inspect": "statistics and rendered examples of a dataset (preftune inspect --help)",
     "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
 }

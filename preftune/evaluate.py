@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from preftune.batching import collate, epoch_batches
+from preftune.batching import collate, collate_chosen, epoch_batches
 from preftune.logps import get_batch_logps
 
 
@@ -69,6 +69,17 @@ def pair_logps(model, pairs: list, pad_id: int, batch_size: int, chunk_size: int
         logps[idx] = out.logps.float().cpu().view(2, len(idx)).T  # rows [chosen; rejected] -> (B, 2)
         lengths[idx] = out.lengths.cpu().view(2, len(idx)).T
     return logps, lengths
+
+
+@torch.no_grad()
+def completion_logps(model, items: list, pad_id: int, batch_size: int, device=None) -> torch.Tensor:
+    """Summed log-probs (N,) float32 of each item's chosen side (prompt + completion, the completion
+    scored): for sampled completions, whose log pi and log pi_ref give a sequence-level KL estimate."""
+    out = torch.empty(len(items))
+    for idx, batch in ordered_batches(items, batch_size, collate_chosen, pad_id, device):
+        out[idx] = get_batch_logps(model, batch["input_ids"], batch["attention_mask"],
+                                   batch["completion_mask"]).logps.float().cpu()
+    return out
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ LAYERS = [
     {"reference", "step"},
     {"train"},
     {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands", "__init__"},
+    {"commands.eval"},
     {"commands.sft"},
     {"cli"},
 ]

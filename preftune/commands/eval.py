@@ -1,0 +1,240 @@
+"""`preftune eval`: how one or several trained models stand against their reference.
+
+    preftune eval --model_name_or_path out --dataset heldout.jsonl --output_dir eval_out      # on pairs
+    preftune eval --model_name_or_path b0.05,b0.1,b0.5 --prompts prompts.jsonl \\
+        --reward my_rewards.py:score --output_dir sweep                                       # samples + reward
+
+On pairs (`dataset`): the statistics of training's evaluation (preference accuracy with ties as half,
+margins, loss, KL), from the one evaluator training uses, against the reference the run trained with
+(`ref_model`, else the one its output folder's preftune_config.yaml names).
+On prompts (`prompts` + `reward`): `num_samples` completions per prompt from each model and from the
+reference, scored by the reward: mean reward and its standard error, the win rate against the
+reference's completion of the same prompt (ties half), the mean completion length, and the
+sequence-level KL estimate mean[log pi(y|x) - log pi_ref(y|x)] over the model's own samples.
+Writes output_dir/eval.json and eval.csv (a row per model), and with prompts frontier.png: reward
+against KL, the DPO paper's Figure 2, one point per model (the reference at KL 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from preftune.config import help_text, load_config, parse_command_line
+from preftune.errors import ConfigError
+from preftune.files import write_atomic
+
+log = logging.getLogger("preftune")
+
+USAGE = """usage: preftune eval --model_name_or_path M[,M2,...] [--ref_model R] [--dataset PAIRS]
+                     [--prompts PROMPTS --reward module:function|REWARD_MODEL] --output_dir DIR [--key value ...]
+
+Config keys (per_device_eval_batch_size: pairs or prompts per batch; num_samples, max_new_tokens,
+temperature, top_p, top_k and seed for sampling):
+"""
+
+
+def _load(name: str, cfg):
+    """A model folder as it is (a LoRA adapter folder merged into its base) or a hub id; and the run
+    config its folder holds, if any."""
+    from preftune.commands.export import load_full, run_config
+    from preftune.models import load_model
+
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        run_cfg = run_config(folder)
+        return load_full(folder, run_cfg).float().eval(), run_cfg
+    return load_model(name, cfg).eval(), None
+
+
+def _reference(cfg, run_cfg, cache: dict):
+    """(name, model) of the reference: ref_model, else the run's own; None when neither is known.
+    Loaded once for every model that shares it."""
+    from preftune.commands.export import load_run_reference, run_reference
+
+    if cfg.ref_model:
+        name = cfg.ref_model
+        loader = lambda: _load(name, cfg)[0]  # noqa: E731
+    else:
+        parts = run_reference(run_cfg)
+        if parts is None:
+            return None
+        name = " + ".join(parts)
+        loader = lambda: load_run_reference(run_cfg).float().eval()  # noqa: E731
+    if name not in cache:
+        cache[name] = loader()
+    return name, cache[name]
+
+
+def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
+    """Training's evaluation statistics on cfg.dataset's pairs (eval_ prefix dropped)."""
+    from accelerate import Accelerator
+
+    from preftune.data import load_pairs
+    from preftune.evaluate import evaluate
+    from preftune.reference import Reference
+    from preftune.step import PolicyLogps, PreferenceStep
+    from preftune.tokenization import tokenize_pairs
+
+    pairs = load_pairs(cfg.__class__(**{**cfg.to_dict(), "eval_dataset": None, "val_size": 0.0}))[0]
+    items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template)
+    stats = evaluate(PreferenceStep(cfg), PolicyLogps(policy, cfg.logps_chunk_size),
+                     Reference(reference, chunk_size=cfg.logps_chunk_size), items, cfg.eval_batch_size,
+                     tokenizer.pad_token_id, Accelerator(cpu=not torch.cuda.is_available()))
+    return {"pairs": len(items), **{k.removeprefix("eval_"): v for k, v in stats.items()}}
+
+
+def _samples(model, tokenizer, prompts, encoded, cfg, device) -> list[list[list[int]]]:
+    from preftune.generate import sample
+
+    out = []
+    for _, batch in sample(model.to(device), tokenizer, encoded, cfg, device):
+        out += batch
+    return out  # (prompts, num_samples, completion ids)
+
+
+def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict]:
+    """(per-model, reference) sampling statistics on cfg.prompts scored by cfg.reward."""
+    from preftune.data import read_prompts
+    from preftune.evaluate import completion_logps
+    from preftune.rewards import load_reward
+    from preftune.tokenization import TokenizedPair, encode_prompt, setup_chat_template
+
+    reward = load_reward(cfg.reward)
+    prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns)
+    use_template = setup_chat_template(tokenizer, cfg.template)
+    encoded = [encode_prompt(tokenizer, p, use_template) for p in prompts]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def scored(model):
+        samples = _samples(model, tokenizer, prompts, encoded, cfg, device)
+        texts = [[tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in samples]
+        flat_prompts = [p.prompt for p, row in zip(prompts, texts) for _ in row]
+        rewards = reward(flat_prompts, [t for row in texts for t in row])
+        return samples, rewards
+
+    ref_samples, ref_rewards = scored(reference)
+    ref_stats = _reward_stats(ref_rewards, [len(c) for row in ref_samples for c in row])
+    ref_stats["kl"] = 0.0
+    results = {}
+    for name, model in models.items():
+        samples, rewards = scored(model)
+        items = [TokenizedPair(ids + c, len(ids), ids + c, len(ids)) for ids, row in zip(encoded, samples) for c in row]
+        kl = completion_logps(model.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device) \
+            - completion_logps(reference.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device)
+        wins = [1.0 if r > q else 0.5 if r == q else 0.0 for r, q in zip(rewards, ref_rewards)]
+        results[name] = {**_reward_stats(rewards, [len(c) for row in samples for c in row]),
+                         "win_rate_vs_reference": sum(wins) / len(wins), "kl": kl.mean().item(),
+                         "kl_stderr": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0}
+    return results, {"prompts": len(prompts), **ref_stats}
+
+
+def _reward_stats(rewards: list[float], lengths: list[int]) -> dict:
+    n = len(rewards)
+    mean = sum(rewards) / n
+    var = sum((r - mean) ** 2 for r in rewards) / (n - 1) if n > 1 else 0.0
+    return {"samples": n, "reward": mean, "reward_stderr": math.sqrt(var / n), "mean_length": sum(lengths) / n}
+
+
+def plot_frontier(rows: list[dict], reference: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.errorbar([0.0], [reference["reward"]], yerr=[reference["reward_stderr"]], fmt="s", color="k", label="reference")
+    xs = [r["prompts"]["kl"] for r in rows]
+    ys = [r["prompts"]["reward"] for r in rows]
+    ax.errorbar(xs, ys, xerr=[r["prompts"]["kl_stderr"] for r in rows],
+                yerr=[r["prompts"]["reward_stderr"] for r in rows], fmt="o", label="models")
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(Path(r["model"]).name or r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("KL(pi || pi_ref) per sequence, on the model's own samples")
+    ax.set_ylabel("mean reward")
+    ax.set_title("reward vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg) -> dict:
+    from preftune.models import check_vocabulary, load_tokenizer
+
+    names = [n.strip() for n in (cfg.model_name_or_path or "").split(",") if n.strip()]
+    if not names:
+        raise ConfigError("preftune eval needs model_name_or_path (one model, or a comma list of them)")
+    if not cfg.dataset and not cfg.prompts:
+        raise ConfigError("preftune eval needs something to measure on: dataset (pairs) and/or prompts with reward")
+    if cfg.prompts and not cfg.reward:
+        raise ConfigError("prompts: scoring samples needs reward (module:function or a reward model)")
+    out = Path(cfg.output_dir).expanduser()
+    tokenizer = load_tokenizer(names[0], cfg.trust_remote_code)
+    rows, references, models = [], {}, {}
+    for name in names:
+        model, run_cfg = _load(name, cfg)
+        check_vocabulary(model, tokenizer, f"model_name_or_path '{name}'", "every model must use the first one's tokenizer")
+        ref = _reference(cfg, run_cfg, references)
+        if ref is None:
+            raise ConfigError(f"model_name_or_path '{name}': no reference known (its folder has no preftune_config.yaml "
+                              "naming one); set ref_model")
+        row = {"model": name, "reference": ref[0]}
+        if cfg.dataset:
+            row["pairs"] = eval_pairs(model, ref[1], tokenizer, cfg)
+        rows.append(row)
+        models[name] = model
+    reference_stats = None
+    if cfg.prompts:
+        if len({row["reference"] for row in rows}) > 1:
+            raise ConfigError("prompts: the models have different references; evaluate them separately (or set ref_model)")
+        per_model, reference_stats = eval_prompts(models, references[rows[0]["reference"]], tokenizer, cfg)
+        for row in rows:
+            row["prompts"] = per_model[row["model"]]
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"models": rows, "reference": reference_stats, "config": cfg.to_dict()}
+    write_atomic(out / "eval.json", json.dumps(report, indent=1, default=str))
+    flat = [{"model": r["model"], "reference": r["reference"],
+             **{f"{part}/{k}": v for part in ("pairs", "prompts") for k, v in (r.get(part) or {}).items()}}
+            for r in rows]
+    columns = list(dict.fromkeys(k for row in flat for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(flat)
+    write_atomic(out / "eval.csv", buffer.getvalue())
+    if reference_stats:
+        plot_frontier(rows, reference_stats, out / "frontier.png")
+    return report
+
+
+def main(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE + help_text())
+        return 0
+    config_path, overrides, _ = parse_command_line(args)
+    report = run(load_config(config_path, overrides))
+    for row in report["models"]:
+        line = f"{row['model']} (reference: {row['reference']})"
+        if "pairs" in row:
+            p = row["pairs"]
+            line += (f"\n  pairs    {p['pairs']}: accuracy {p['rewards/accuracies']:.1%}, margin "
+                     f"{p['rewards/margins']:.3f}, loss {p['loss']:.4f}" + (f", KL {p['kl']:.4f}" if "kl" in p else ""))
+        if "prompts" in row:
+            s = row["prompts"]
+            line += (f"\n  prompts  reward {s['reward']:.3f} +- {s['reward_stderr']:.3f}, win rate vs reference "
+                     f"{s['win_rate_vs_reference']:.1%}, KL {s['kl']:.3f}, mean length {s['mean_length']:.1f}")
+        print(line)
+    if report["reference"]:
+        r = report["reference"]
+        print(f"reference prompts reward {r['reward']:.3f} +- {r['reward_stderr']:.3f}, mean length {r['mean_length']:.1f}")
+    print(f"written: {Path(report['config']['output_dir']) / 'eval.json'}, eval.csv"
+          + (", frontier.png" if report["reference"] else ""))
+    return 0

@@ -150,6 +150,12 @@ class TrainConfig:
     prompts: str | None = _f(None, "eval: prompts to sample from and score with `reward` (same forms as dataset; prompt-only records allowed).")
 
     # --- evaluation, logging, saving ----------------------------------------------------
+    health_max_train_val_gap: float = _f(0.15, "Health report: flag validation loss above training loss by more than this share.")
+    health_max_kl: float = _f(1.5, "Health report: flag a per-token KL to the reference above this.")
+    health_min_accuracy: float = _f(0.5, "Health report: flag a final held-out preference accuracy below this.")
+    health_max_val_loss_rise: float = _f(0.05, "Health report: flag validation loss risen above its best by more than this share.")
+    health_max_chosen_drop: float = _f(5.0, "Health report: flag chosen log-probs (summed per sequence) fallen by more than this many nats while margins grow (likelihood displacement).")
+    health_max_rejected_drop: float = _f(20.0, "Health report: flag rejected log-probs (summed per sequence) fallen by more than this many nats (collapse toward zero).")
     output_dir: str = _f("output", "Where the model, checkpoints and dpo_metrics/ are written.")
     overwrite_output_dir: bool = _f(False, "A fresh run into an output_dir that holds checkpoint-N folders of an earlier run is refused unless this is true, which deletes them (and best_model/) first. Other outputs are always overwritten.")
     logging_steps: int = _f(10, "Log training metrics every N optimizer steps.")
@@ -200,6 +206,14 @@ class TrainConfig:
     def uses_reference(self) -> bool:
         """Whether any loss in pref_loss needs the reference model (else none is loaded; sft has none)."""
         return self.stage == "dpo" and any(name not in REFERENCE_FREE for name in self.pref_losses)
+
+    @property
+    def health_thresholds(self) -> dict[str, float]:
+        """The health report's thresholds by signal (`health.SIGNALS`)."""
+        return {"train_val_gap": self.health_max_train_val_gap, "kl_to_reference": self.health_max_kl,
+                "heldout_accuracy": self.health_min_accuracy, "val_loss_rising": self.health_max_val_loss_rise,
+                "likelihood_displacement": self.health_max_chosen_drop,
+                "rejected_collapse": self.health_max_rejected_drop}
 
     @property
     def objective(self) -> str:
@@ -436,6 +450,10 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"top_k must be at least 1 (or unset); got {cfg.top_k}")
     if not (cfg.min_margin >= 0 and math.isfinite(cfg.min_margin)):
         bad(f"min_margin must be a number >= 0; got {cfg.min_margin}")
+    for name in ("health_max_train_val_gap", "health_max_kl", "health_min_accuracy", "health_max_val_loss_rise",
+                 "health_max_chosen_drop", "health_max_rejected_drop"):
+        if not (values[name] >= 0 and math.isfinite(values[name])):
+            bad(f"{name} must be a number >= 0; got {values[name]}")
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":
         bad("early_stopping_patience needs evaluation; remove eval_strategy: no")
 

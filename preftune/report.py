@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+from preftune import health
 from preftune.files import write_atomic
 
 log = logging.getLogger("preftune")
@@ -81,6 +82,9 @@ class MetricsLog:
 
         train_rows = [r for r in self.history if "loss" in r]
         eval_rows = [r for r in self.history if "eval_loss" in r]
+        signals = health.check(self.history, self.cfg.health_thresholds)
+        for line in health.format_report(signals):
+            log.info(line)
         summary = {
             "baseline": next((r for r in eval_rows if r["step"] == 0), None),
             "final": {**(train_rows[-1] if train_rows else {}),
@@ -90,6 +94,7 @@ class MetricsLog:
                            "why": "best eval_loss (early stopping)" if best_step is not None else "last step"},
             "stopped_early": stopped_early,
             "resumed_from": self.resumed_from,
+            "health": signals,
             "steps": {"planned": total_steps, "done": steps_done},
             "timings": {"elapsed_seconds": round(elapsed, 2),
                         "mean_tokens_per_second": _mean([r["tokens_per_second"] for r in train_rows])},
@@ -101,7 +106,8 @@ class MetricsLog:
         }
         write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
         if self.cfg.plot_loss:
-            plot_curves(self.history, self.dir / "training_curves.png")
+            plot_curves(self.history, self.dir / "training_curves.png",
+                        {s["name"]: s["step"] for s in signals if s["fired"]})
         return summary
 
 
@@ -109,7 +115,8 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, marks: dict[str, int] | None = None) -> None:
+    """The curves, with a dashed line at the step where each health signal fired (`marks`)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -135,6 +142,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        for k, (name, step) in enumerate((marks or {}).items()):
+            ax.axvline(step, color=f"C{3 + k}", linestyle="--", linewidth=1, label=f"health: {name}")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

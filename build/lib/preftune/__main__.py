@@ -1,5 +1,0 @@
-import sys
-
-from preftune.cli import main
-
-sys.exit(main())

@@ -1,0 +1,110 @@
+"""The health report of a run: the over-fitting and drift signals DPO practitioners watch, each with
+its measured value, its threshold, the step it first appeared at, and what to do about it.
+
+    signals = check(history, thresholds)      # history: the run's logged rows (report.MetricsLog)
+
+Each signal is computed from the logged metrics alone, so it also runs on a finished run's
+log_history.json. A signal that the run's metrics cannot show (no validation set, a reference-free
+loss without KL) is reported as not measured, never as healthy.
+"""
+
+from __future__ import annotations
+
+import math
+
+# name -> (what it watches, the remedy)
+SIGNALS = {
+    "train_val_gap": ("validation loss above the training loss by more than the threshold (relative)",
+                      "over-fitting: raise pref_beta, stop earlier (early_stopping_patience), add weight_decay or "
+                      "dropout, or get more data"),
+    "kl_to_reference": ("per-token KL to the reference above the threshold",
+                        "the policy drifts far from the reference: raise pref_beta, lower the learning rate, or "
+                        "train fewer steps"),
+    "heldout_accuracy": ("held-out preference accuracy below the threshold",
+                         "the preferences do not generalise: check the data (inspect), lower the learning rate, "
+                         "or raise pref_beta"),
+    "val_loss_rising": ("validation loss rose above its best by more than the threshold (relative)",
+                        "past the best point: use early_stopping_patience (the best model is kept)"),
+    "likelihood_displacement": ("chosen log-probs fell by more than the threshold (nats per sequence) while "
+                                "the margins grew",
+                                "both completions are pushed down (likelihood displacement): add the SFT term "
+                                "(pref_ftx), or try a loss that keeps chosen up (nca_pair, apo_zero)"),
+    "rejected_collapse": ("rejected log-probs fell by more than the threshold (nats per sequence)",
+                          "rejected probabilities collapse toward zero, DPO's known over-fitting: try ipo, or "
+                          "raise pref_beta"),
+}
+
+
+def _first(rows: list[dict], key: str, test) -> tuple[float | None, int | None]:
+    """(value, step) of the first row where test(value) holds; (last value, None) if none does."""
+    last = None
+    for r in rows:
+        if key in r and r[key] is not None and math.isfinite(r[key]):
+            last = r[key]
+            if test(r[key]):
+                return r[key], r["step"]
+    return last, None
+
+
+def check(history: list[dict], thresholds: dict[str, float]) -> list[dict]:
+    """Every signal of SIGNALS: {name, watches, value, threshold, fired, step, remedy}; value None
+    when the run's metrics cannot show it."""
+    train = [r for r in history if "loss" in r]
+    evals = [r for r in history if "eval_loss" in r and r["step"] > 0]
+    out = []
+
+    def signal(name, value, step, fired):
+        watches, remedy = SIGNALS[name]
+        out.append({"name": name, "watches": watches, "value": value, "threshold": thresholds[name],
+                    "fired": bool(fired), "step": step if fired else None, "remedy": remedy if fired else None})
+
+    limit = thresholds["train_val_gap"]
+    value, step = _first(evals, "eval_train_gap_pct", lambda v: v > 100 * limit)
+    signal("train_val_gap", None if value is None else value / 100, step, step is not None)
+
+    limit = thresholds["kl_to_reference"]
+    value, step = _first(evals, "eval_kl", lambda v: v > limit)
+    if value is None:
+        value, step = _first(train, "kl", lambda v: v > limit)
+    signal("kl_to_reference", value, step, step is not None)
+
+    value, step = (evals[-1].get("eval_rewards/accuracies"), evals[-1]["step"]) if evals else (None, None)
+    signal("heldout_accuracy", value, step, value is not None and value < thresholds["heldout_accuracy"])
+
+    best, step, fired = math.inf, None, False
+    rise = None
+    for r in evals:
+        best = min(best, r["eval_loss"])
+        rise = (r["eval_loss"] - best) / abs(best) if best else 0.0
+        if rise > thresholds["val_loss_rising"] and not fired:
+            fired, step = True, r["step"]
+    signal("val_loss_rising", rise, step, fired)
+
+    for name, key in (("likelihood_displacement", "logps/chosen"), ("rejected_collapse", "logps/rejected")):
+        rows = [r for r in train if key in r]
+        if len(rows) < 2:
+            signal(name, None, None, False)
+            continue
+        start = rows[0][key]
+        drop, step = None, None
+        for r in rows[1:]:
+            drop = start - r[key]
+            margins_grew = r.get("rewards/margins", 0.0) > rows[0].get("rewards/margins", 0.0)
+            if drop > thresholds[name] and (name == "rejected_collapse" or margins_grew):
+                step = r["step"]
+                break
+        signal(name, drop, step, step is not None)
+    return out
+
+
+def format_report(signals: list[dict]) -> list[str]:
+    """Console lines: one per signal that fired, or one saying none did."""
+    fired = [s for s in signals if s["fired"]]
+    unmeasured = [s["name"] for s in signals if s["value"] is None]
+    lines = [f"health: {s['name']} = {s['value']:.4g} (threshold {s['threshold']:g}) from step {s['step']}: "
+             f"{s['remedy']}" for s in fired]
+    if not fired:
+        lines.append("health: no over-fitting or drift signal fired")
+    if unmeasured:
+        lines.append(f"health: not measured in this run: {', '.join(unmeasured)}")
+    return lines

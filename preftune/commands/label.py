@@ -184,7 +184,7 @@ def serve(store: LabelStore, host: str, port: int, annotator: str | None) -> Non
 
 
 def format_export(counts: dict, labels: str) -> str:
-    return (f"wrote {counts['pairs']} pairs to {counts['out']} from {labels}\n"
+    return (f"wrote {counts['pairs']} pair{'' if counts['pairs'] == 1 else 's'} to {counts['out']} from {labels}\n"
             f"  {counts['total']} comparisons: {counts['preferred']} with a preferred completion (the pairs), "
             f"{counts['ties']} tied, {counts['skips']} skipped, {counts['unlabelled']} unlabelled "
             "(ties, skips and unlabelled comparisons give no pair)")

@@ -439,7 +439,7 @@ def post(url: str, body: dict) -> int:
 
 
 @pytest.fixture
-def browser():
+def browser(tmp_path_factory):
     """Headless Chromium through selenium and the system's chromedriver. Missing ones fail the test
     (never skip it): `make test` installs them when run as root."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -457,6 +457,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900",
                 "--no-first-run", "--disable-extensions"):
         options.add_argument(arg)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")  # nothing left behind
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     d = webdriver.Chrome(service=Service(driver), options=options)
     yield d

@@ -13,8 +13,19 @@ $(VENV)/.base: pyproject.toml constraints.txt
 	$(PIP) -c constraints.txt -e .
 	touch $@
 
+# The browser test of `preftune label` (tests/test_label.py) drives the system's headless Chromium:
+# installed here when missing and we are root (CI on a clean machine); otherwise that test fails
+# and says how to install it.
 $(VENV)/.test: $(VENV)/.base
 	$(PIP) -c constraints.txt -e ".[test]"
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium chromium-driver (apt) for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "note: the browser test needs Chromium: sudo apt-get install chromium chromium-driver"; \
+	  fi; \
+	fi
 	touch $@
 
 demo: $(VENV)/.base

@@ -5,6 +5,7 @@ turns every user-facing error into one line and a non-zero exit.
     preftune sft [CONFIG.yaml] [--key value ...]         # supervised fine-tuning on completions
     preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
     preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
+    preftune label FILE [--port 8765] [--annotator NAME] [--export PAIRS]        # label pairs by hand
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "eval": "models against their reference: pairs, or samples scored by a reward (preftune eval --help)",
     "inspect": "statistics and rendered examples of a dataset (preftune inspect --help)",
     "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
+    "label": "a local page to label preference pairs by hand (preftune label --help)",
 }
 
 

@@ -14,13 +14,14 @@ LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}
 # Layers, lowest first: a module may import modules of its own layer or below, never above.
 LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
-    {"config", "data", "adapters"},
+    {"config", "data", "adapters", "labels"},
     {"tokenization", "models", "checkpoints", "report"},
     {"cache", "batching", "demo"},
     {"evaluate", "generate", "rewards"},
     {"reference", "step"},
     {"train"},
-    {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands", "__init__"},
+    {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands.label", "commands",
+     "__init__"},
     {"commands.eval"},
     {"commands.sft"},
     {"cli"},
@@ -93,4 +94,15 @@ def test_every_subpackage_is_packaged():
 
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found == listed
+
+
+def test_every_data_file_is_packaged():
+    """Files the package reads at run time (label_page.html) ship only when package-data lists them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    data = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
+    listed = {f"{package.replace('.', '/')}/{name}" for package, names in data.items() for name in names}
+    found = {p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
     assert found == listed

@@ -97,7 +97,7 @@ class TrainConfig:
     # --- data ---------------------------------------------------------------------------
     dataset: str | None = _f(None, "Comma list of dataset names from <dataset_dir>/dataset_info.json, files (JSON, JSONL, CSV, Parquet), save_to_disk folders, or hub ids; folders and hub ids take an optional :split.")
     dataset_dir: str = _f("data", "Folder holding dataset_info.json and the files it names.")
-    eval_dataset: str | None = _f(None, "Validation data, same forms as `dataset`. Overrides val_size.")
+    eval_dataset: str | dict[str, str] | None = _f(None, "Validation data, same forms as `dataset`; overrides val_size. A mapping of names to data ({in_domain: a.jsonl, ood: b.jsonl}) evaluates several sets: the first is the validation set (eval_* metrics, early stopping), each other one is logged as eval_<name>_*.")
     val_size: float = _f(0.0, "Held-out share (0..1) or count (>= 1) of the training pairs used for validation.")
     columns: dict[str, str] | None = _f(None, "Field names of your data for the standard ones, e.g. {prompt: question, chosen: good, rejected: bad} (files and hub datasets; dataset_info.json entries have their own).")
     shuffle: bool = _f(False, "Shuffle the training pairs (seeded by seed) after reading, before the validation split.")
@@ -150,6 +150,8 @@ class TrainConfig:
     prompts: str | None = _f(None, "eval: prompts to sample from and score with `reward` (same forms as dataset; prompt-only records allowed).")
 
     # --- evaluation, logging, saving ----------------------------------------------------
+    generate_during_eval: int = _f(0, "At each evaluation, sample one completion for each of the first N validation prompts (temperature, top_p, top_k, max_new_tokens, seed) into <metrics dir>/completions.jsonl, and log their mean length (eval_completion_length). 0: off.")
+    health_max_length_growth: float = _f(1.5, "Health report: flag sampled completions (generate_during_eval) growing longer than this many times their length at step 0 (length exploitation).")
     health_max_train_val_gap: float = _f(0.15, "Health report: flag validation loss above training loss by more than this share.")
     health_max_kl: float = _f(1.5, "Health report: flag a per-token KL to the reference above this.")
     health_min_accuracy: float = _f(0.5, "Health report: flag a final held-out preference accuracy below this.")
@@ -208,12 +210,24 @@ class TrainConfig:
         return self.stage == "dpo" and any(name not in REFERENCE_FREE for name in self.pref_losses)
 
     @property
+    def eval_sets(self) -> dict[str, str]:
+        """eval_dataset by name: one set is "validation"; a mapping keeps its names, the first renamed
+        "validation" (its metrics are eval_*, the others' eval_<name>_*)."""
+        if not self.eval_dataset:
+            return {}
+        if isinstance(self.eval_dataset, str):
+            return {"validation": self.eval_dataset}
+        specs = list(self.eval_dataset.items())
+        return {"validation": specs[0][1], **dict(specs[1:])}
+
+    @property
     def health_thresholds(self) -> dict[str, float]:
         """The health report's thresholds by signal (`health.SIGNALS`)."""
         return {"train_val_gap": self.health_max_train_val_gap, "kl_to_reference": self.health_max_kl,
                 "heldout_accuracy": self.health_min_accuracy, "val_loss_rising": self.health_max_val_loss_rise,
                 "likelihood_displacement": self.health_max_chosen_drop,
-                "rejected_collapse": self.health_max_rejected_drop}
+                "rejected_collapse": self.health_max_rejected_drop,
+                "completion_length_growth": self.health_max_length_growth}
 
     @property
     def objective(self) -> str:
@@ -327,6 +341,13 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
         if key == "resume_from_checkpoint" and (isinstance(value, bool) or str(value).lower() in ("true", "false")):
             # true: the latest checkpoint in output_dir (resolved by checkpoints.resume_dir)
             values[key] = "true" if str(value).lower() == "true" else None
+            continue
+        if key in ("eval_dataset", "val_data_path") and isinstance(value, dict):  # named evaluation sets
+            bad_names = [n for n in value if not (isinstance(n, str) and n.replace("_", "").isalnum())]
+            if bad_names or not value or not all(isinstance(v, str) and v for v in value.values()):
+                raise ConfigError(f"{source}: eval_dataset as a mapping needs names (letters, digits, _) to data, "
+                                  f"e.g. {{in_domain: val.jsonl, ood: other.jsonl}}; got {value!r}")
+            values["eval_dataset"] = dict(value)
             continue
         if key == "ref_model" and value == "same_as_policy":
             values["ref_model"] = None
@@ -450,7 +471,9 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"top_k must be at least 1 (or unset); got {cfg.top_k}")
     if not (cfg.min_margin >= 0 and math.isfinite(cfg.min_margin)):
         bad(f"min_margin must be a number >= 0; got {cfg.min_margin}")
-    for name in ("health_max_train_val_gap", "health_max_kl", "health_min_accuracy", "health_max_val_loss_rise",
+    if cfg.generate_during_eval < 0:
+        bad(f"generate_during_eval must be >= 0 (prompts to sample at each evaluation); got {cfg.generate_during_eval}")
+    for name in ("health_max_length_growth", "health_max_train_val_gap", "health_max_kl", "health_min_accuracy", "health_max_val_loss_rise",
                  "health_max_chosen_drop", "health_max_rejected_drop"):
         if not (values[name] >= 0 and math.isfinite(values[name])):
             bad(f"{name} must be a number >= 0; got {values[name]}")

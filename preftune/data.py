@@ -82,6 +82,7 @@ class DataReport:
     train: int = 0
     eval: int = 0
     sources: dict[str, int] = field(default_factory=dict)
+    eval_sets: dict[str, int] = field(default_factory=dict)  # named evaluation sets beyond the validation set
 
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
@@ -798,6 +799,20 @@ def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataRep
     return [p for p in pairs if id(p) not in bad]
 
 
+def load_eval_sets(cfg, report: DataReport) -> dict[str, list[PreferencePair]]:
+    """The named evaluation sets beyond the validation set (eval_dataset as a mapping), checked as the
+    validation set is, their counts in `report`."""
+    sets = {}
+    for name, spec in list(cfg.eval_sets.items())[1:]:
+        examples = read_dataset(spec, cfg.dataset_dir, cfg.max_samples, cfg.columns, cfg.is_kto, cfg.objective == "sft")
+        report.read += len(examples)
+        sets[name] = check_pairs(examples, cfg.drop_invalid_pairs, report, cfg.objective == "sft")
+        if not sets[name]:
+            raise DataError(f"eval_dataset '{name}' ({spec}): no examples left after checks")
+    report.eval_sets = {name: len(v) for name, v in sets.items()}
+    return sets
+
+
 def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataReport]:
     """Train and validation pairs for a config, plus the counts."""
     report = DataReport()
@@ -812,7 +827,7 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     if cfg.shuffle:  # before the split, so val_size draws from every source
         random.Random(cfg.seed).shuffle(train)
     if cfg.eval_dataset:
-        val = read_dataset(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
+        val = read_dataset(cfg.eval_sets["validation"], cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
         report.read += len(val)
         val = check_pairs(val, cfg.drop_invalid_pairs, report, sft)
     elif cfg.val_size > 0:

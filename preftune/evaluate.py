@@ -83,8 +83,9 @@ def completion_logps(model, items: list, pad_id: int, batch_size: int, device=No
 
 
 @torch.no_grad()
-def evaluate(step, policy, reference, items: list, batch_size: int, pad_id: int, accelerator) -> dict[str, float]:
-    """Mean of every statistic of `step` (a `step.OBJECTIVES` entry) over `items`, named eval_<statistic>,
+def evaluate(step, policy, reference, items: list, batch_size: int, pad_id: int, accelerator,
+             prefix: str = "eval_") -> dict[str, float]:
+    """Mean of every statistic of `step` (a `step.OBJECTIVES` entry) over `items`, named <prefix><statistic>,
     plus eval_kl, the per-token KL to the reference (absent, not 0, where the step computes none: no
     reference model). A statistic's mean is over the values it has: the pairs, or for kto the
     examples of its side. Sharded over the processes, batch by batch, and pooled."""
@@ -104,4 +105,4 @@ def evaluate(step, policy, reference, items: list, batch_size: int, pad_id: int,
             counts[key] = counts.get(key, 0) + n
     model.train()
     sums, counts = pooled(sums, counts, accelerator)
-    return {f"eval_{k}": v / max(counts[k], 1) for k, v in sums.items()}
+    return {f"{prefix}{k}": v / max(counts[k], 1) for k, v in sums.items()}

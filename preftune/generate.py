@@ -13,8 +13,12 @@ distribution would bias the KL estimates of `preftune eval`). Each batch of prom
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import GenerationConfig
+
+from preftune.tokenization import encode_prompt, setup_chat_template
 
 # end-of-turn tokens of common chat templates: a completion ends at the first of them (or EOS)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
@@ -66,3 +70,17 @@ def sample(model, tokenizer, prompts: list[list[int]], cfg, device, skip=frozens
         new = out[:, width:].tolist()
         n = cfg.num_samples
         yield start, [[cut_at_stop(new[i * n + k], stops) for k in range(n)] for i in range(len(batch))]
+
+
+def sample_texts(model, tokenizer, pairs: list, cfg, device) -> list[tuple[str, int]]:
+    """One completion per prompt of `pairs` (cfg's sampling settings and seed), as (text, tokens), for
+    the completions a run logs at each evaluation (generate_during_eval). The global random state and
+    the model's train/eval mode are left as they were, so training goes on exactly as without it."""
+    use_template = setup_chat_template(tokenizer, cfg.template)
+    encoded = [encode_prompt(tokenizer, p, use_template) for p in pairs]
+    was_training, out = model.training, []
+    with torch.random.fork_rng():
+        for _, batch in sample(model, tokenizer, encoded, dataclasses.replace(cfg, num_samples=1), device):
+            out += [(tokenizer.decode(rows[0], skip_special_tokens=True), len(rows[0])) for rows in batch]
+    model.train(was_training)
+    return out

@@ -20,7 +20,7 @@ SIGNALS = {
     "kl_to_reference": ("per-token KL to the reference above the threshold",
                         "the policy drifts far from the reference: raise pref_beta, lower the learning rate, or "
                         "train fewer steps"),
-    "heldout_accuracy": ("held-out preference accuracy below the threshold",
+    "heldout_accuracy": ("the lowest final held-out preference accuracy of the evaluation sets below the threshold",
                          "the preferences do not generalise: check the data (inspect), lower the learning rate, "
                          "or raise pref_beta"),
     "val_loss_rising": ("validation loss rose above its best by more than the threshold (relative)",
@@ -29,6 +29,10 @@ SIGNALS = {
                                 "the margins grew",
                                 "both completions are pushed down (likelihood displacement): add the SFT term "
                                 "(pref_ftx), or try a loss that keeps chosen up (nca_pair, apo_zero)"),
+    "completion_length_growth": ("sampled completions (generate_during_eval) grew longer than the threshold "
+                                 "times their length at step 0",
+                                 "the policy exploits length: raise pref_beta, use a length-normalised loss "
+                                 "(sigmoid_norm, simpo, ipo) or LD-DPO (ld_alpha)"),
     "rejected_collapse": ("rejected log-probs fell by more than the threshold (nats per sequence)",
                           "rejected probabilities collapse toward zero, DPO's known over-fitting: try ipo, or "
                           "raise pref_beta"),
@@ -68,8 +72,15 @@ def check(history: list[dict], thresholds: dict[str, float]) -> list[dict]:
         value, step = _first(train, "kl", lambda v: v > limit)
     signal("kl_to_reference", value, step, step is not None)
 
-    value, step = (evals[-1].get("eval_rewards/accuracies"), evals[-1]["step"]) if evals else (None, None)
-    signal("heldout_accuracy", value, step, value is not None and value < thresholds["heldout_accuracy"])
+    # every evaluation set's final accuracy (eval_rewards/accuracies, eval_<name>_rewards/accuracies): the lowest,
+    # which is where preferences generalise least (an out-of-domain set, when there is one)
+    accuracies = {k: v for k, v in (evals[-1] if evals else {}).items()
+                  if k.startswith("eval_") and k.endswith("rewards/accuracies")}
+    value = min(accuracies.values()) if accuracies else None
+    signal("heldout_accuracy", value, evals[-1]["step"] if evals else None,
+           value is not None and value < thresholds["heldout_accuracy"])
+    if accuracies:
+        out[-1]["metric"] = min(accuracies, key=accuracies.get)
 
     best, step, fired = math.inf, None, False
     rise = None
@@ -79,6 +90,15 @@ def check(history: list[dict], thresholds: dict[str, float]) -> list[dict]:
         if rise > thresholds["val_loss_rising"] and not fired:
             fired, step = True, r["step"]
     signal("val_loss_rising", rise, step, fired)
+
+    lengths = [r for r in history if "eval_completion_length" in r]
+    growth, step = None, None
+    for r in lengths[1:]:
+        growth = r["eval_completion_length"] / max(lengths[0]["eval_completion_length"], 1e-9)
+        if growth > thresholds["completion_length_growth"]:
+            step = r["step"]
+            break
+    signal("completion_length_growth", growth, step, step is not None)
 
     for name, key in (("likelihood_displacement", "logps/chosen"), ("rejected_collapse", "logps/rejected")):
         rows = [r for r in train if key in r]

@@ -12,6 +12,7 @@ and the final save writes each weight back in its loaded dtype (`restore_loaded_
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from preftune import adapters
 from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
 from preftune.errors import ModelError
+
+log = logging.getLogger("preftune")
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -117,6 +120,10 @@ def load_policy(cfg, reference_adapter: bool = False):
     dropout set as the config says. `reference_adapter`: a LoRA policy that starts from
     adapter_name_or_path also loads a frozen copy of its last adapter, for the reference
     (`adapters.AdapterReference`; `reference.load_models` decides)."""
+    if cfg.padding_free and cfg.attention not in ("flash_attention_2", "flex_attention"):
+        log.warning("padding_free with %s attention: the same numbers, but attention runs over the whole packed row "
+                    "(a mask keeps the sequences apart); flash_attention_2 or flex_attention make it pay",
+                    cfg.attention or "the default (sdpa)")
     policy = load_model(cfg.model_name_or_path, cfg)
     if cfg.dropout is not None:
         set_dropout(policy, cfg.dropout)

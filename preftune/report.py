@@ -44,6 +44,28 @@ class MetricsLog:
         self.dir = Path(cfg.output_dir) / ("sft_metrics" if cfg.objective == "sft" else "dpo_metrics")
         self.resumed_from: dict | None = None  # {checkpoint, step} when the run continued a checkpoint
 
+    def describe_setup(self, accelerator, global_batch: int, unit: str, reference: str, precision: dict) -> None:
+        """The log lines that say how the run is set up; the precision also goes to summary.json."""
+        self.precision = precision
+        log.info("processes: %d (%s); global batch %d %s per step = %d per device x %d accumulation x %d processes",
+                 accelerator.num_processes, accelerator.distributed_type.value,
+                 global_batch * self.cfg.gradient_accumulation_steps, unit, self.cfg.per_device_train_batch_size,
+                 self.cfg.gradient_accumulation_steps, accelerator.num_processes)
+        log.info("reference: %s", reference)
+        log.info("precision: policy trainable weights %(policy_trainable)s, frozen weights %(policy_frozen)s, "
+                 "compute %(compute)s; reference %(reference)s", precision)
+
+    def log_completions(self, step: int, pairs: list, completions: list[tuple[str, int]]) -> dict:
+        """Append the completions sampled at an evaluation to completions.jsonl (flushed: a crash keeps them);
+        returns their mean length in tokens as an eval metric."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "completions.jsonl", "a", encoding="utf-8") as f:
+            for pair, (text, tokens) in zip(pairs, completions):
+                prompt = pair.messages if pair.messages is not None else pair.prompt
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": text, "tokens": tokens},
+                                   ensure_ascii=False) + "\n")
+        return {"eval_completion_length": sum(t for _, t in completions) / max(len(completions), 1)}
+
     def log(self, row: dict) -> None:
         if self.cfg.objective == "sft":  # the loss is the NLL per completion token: perplexity = exp(loss)
             for prefix in ("", "eval_"):
@@ -137,6 +159,8 @@ def plot_curves(history: list[dict], path: Path, marks: dict[str, int] | None = 
                       ("eval_rewards/chosen", "chosen (eval)"), ("eval_rewards/rejected", "rejected (eval)")]
         elif key != "learning_rate":
             series.append((f"eval_{key}", "eval"))
+            series += [(k, k[5:-len(key) - 1]) for k in sorted(logged)  # named sets: eval_<name>_<key>
+                       if k.startswith("eval_") and k.endswith(f"_{key}") and k != f"eval_{key}"]
         for k, label in series:
             points = [(r["step"], r[k]) for r in history if k in r and r[k] is not None]
             if points:

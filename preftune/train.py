@@ -7,11 +7,8 @@ early stopping and checkpoints as `if` blocks calling other modules: what a step
 `step.py`'s (one of `OBJECTIVES`), what the reference is `reference.py`'s, how a dataset is scored
 `evaluate.py`'s, how a checkpoint is written `checkpoints.py`'s.
 
-Multi-process runs (`accelerate launch`, `torchrun`) are the same loop: accelerate wraps the policy
-(DDP), every process walks the same seeded order of global micro-batches of per-device batch x
-processes items and trains on its own share of each, and logged metrics are pooled over all
-processes. A step therefore sees the same pairs as a one-process run whose per-device batch is the
-global one. Only the main process writes files.
+Several processes run the same loop (docs/distributed.md): each trains on its share of every global
+micro-batch, metrics are pooled, only the main process writes files.
 """
 
 from __future__ import annotations
@@ -32,9 +29,10 @@ from transformers import get_scheduler
 from preftune import checkpoints
 from preftune.batching import epoch_batches
 from preftune.config import TrainConfig
-from preftune.data import load_pairs
+from preftune.data import load_eval_sets, load_pairs
 from preftune.errors import ConfigError, DataError
 from preftune.evaluate import evaluate, pooled
+from preftune.generate import sample_texts
 from preftune.models import check_attention, load_tokenizer
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
@@ -80,7 +78,10 @@ def train(cfg: TrainConfig) -> dict:
     train_examples, val_examples, data_report = load_pairs(cfg)
     tok_report = TokenizeReport()
     train_items = objective.tokenize(tokenizer, train_examples, cfg, tok_report)
-    val_items = objective.tokenize(tokenizer, val_examples, cfg, tok_report)
+    # the validation set, then any further named eval sets (eval_dataset as a mapping): name -> items
+    eval_items = {name: objective.tokenize(tokenizer, examples, cfg, tok_report)
+                  for name, examples in {"validation": val_examples, **load_eval_sets(cfg, data_report)}.items()}
+    val_items = eval_items["validation"]
     unit = objective.unit
     log.info("data: %d train %s, %d validation %s, %d truncated to cutoff_len=%d, %d dropped (no completion "
              "token fits), %d skipped", len(train_items), unit, len(val_items), unit, tok_report.truncated,
@@ -94,18 +95,10 @@ def train(cfg: TrainConfig) -> dict:
         log.setLevel(logging.WARNING)  # one log: the main process's
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
-    log.info("processes: %d (%s); global batch %d %s per step = %d per device x %d accumulation x %d processes",
-             world, accelerator.distributed_type.value, global_batch * cfg.gradient_accumulation_steps, unit,
-             cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world)
-    model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
-    log.info("reference: %s", reference.description)
-    precision = describe_precision(model, reference, cfg)
-    log.info("precision: policy trainable weights %(policy_trainable)s, frozen weights %(policy_frozen)s, "
-             "compute %(compute)s; reference %(reference)s", precision)
-    if cfg.padding_free and cfg.attention not in ("flash_attention_2", "flex_attention"):
-        log.warning("padding_free with %s attention: the same numbers, but attention runs over the whole packed row "
-                    "(a mask keeps the sequences apart); flash_attention_2 or flex_attention make it pay",
-                    cfg.attention or "the default (sdpa)")
+    model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, **eval_items})
+    metrics = MetricsLog(cfg)
+    metrics.describe_setup(accelerator, global_batch, unit, reference.description,
+                           describe_precision(model, reference, cfg))
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
@@ -118,12 +111,20 @@ def train(cfg: TrainConfig) -> dict:
                               num_training_steps=total_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     pad_id = tokenizer.pad_token_id
-    train_reference, val_reference = reference.on("train"), reference.on("validation")
+    train_reference = reference.on("train")
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
     do_eval = bool(val_items) and cfg.eval_strategy != "no"
 
-    def evaluation() -> dict:  # a fresh step: an evaluation pass keeps no loss state of training's
-        return evaluate(objective(cfg), policy, val_reference, val_items, cfg.eval_batch_size, pad_id, accelerator)
+    def evaluation(step: int) -> dict:  # fresh steps: an evaluation pass keeps no loss state of training's
+        row = {}
+        for name, items in eval_items.items():  # eval_* for the validation set, eval_<name>_* for the others
+            row.update(evaluate(objective(cfg), policy, reference.on(name), items, cfg.eval_batch_size, pad_id,
+                                accelerator, prefix="eval_" if name == "validation" else f"eval_{name}_"))
+        if cfg.generate_during_eval and accelerator.is_main_process:  # what the policy writes now
+            prompts = val_examples[:cfg.generate_during_eval]
+            row.update(metrics.log_completions(step, prompts, sample_texts(model, tokenizer, prompts, cfg,
+                                                                           accelerator.device)))
+        return row
 
     lengths = [objective.length(item) for item in train_items] if cfg.group_by_length else None  # in tokens
 
@@ -134,12 +135,10 @@ def train(cfg: TrainConfig) -> dict:
                     yield epoch + (i + 1) / micro_per_epoch, idx
             epoch, start = epoch + 1, 0
 
-    metrics = MetricsLog(cfg)
     metrics.data = {**vars(data_report), "truncated": tok_report.truncated, "dropped": tok_report.dropped,
                     "boundary_merges": tok_report.boundary_merges}
-    metrics.precision = precision
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
-        metrics.log({"step": 0, "epoch": 0.0, **evaluation()})
+        metrics.log({"step": 0, "epoch": 0.0, **evaluation(0)})
     best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False
     running: dict[str, list[torch.Tensor]] = {}
     tokens, train_seconds = 0, 0.0  # throughput counts training time only, not logging or evaluation
@@ -208,7 +207,7 @@ def train(cfg: TrainConfig) -> dict:
             running, tokens, train_seconds = {}, 0, 0.0
 
         if do_eval and (step % eval_every == 0 or step == total_steps):
-            row = {"step": step, "epoch": round(epoch, 4), **evaluation()}
+            row = {"step": step, "epoch": round(epoch, 4), **evaluation(step)}
             metrics.log(row)
             if row["eval_loss"] < best_loss:
                 best_loss, evals_without_gain = row["eval_loss"], 0

@@ -88,8 +88,8 @@ def test_early_stopping_keeps_the_best_model(tmp_path, tiny_model_dir, monkeypat
     scripted = iter([0.69, 0.5, 0.4, 0.45, 0.47, 0.9, 0.9])  # baseline, then evals at steps 2, 4, 6, 8
     real_evaluate = train_mod.evaluate
 
-    def fake_evaluate(*args):
-        return {**real_evaluate(*args), "eval_loss": next(scripted)}
+    def fake_evaluate(*args, **kwargs):
+        return {**real_evaluate(*args, **kwargs), "eval_loss": next(scripted)}
 
     monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
     cfg = tiny_config(tmp_path, tiny_model_dir, eval_steps=2, logging_steps=1, early_stopping_patience=2,

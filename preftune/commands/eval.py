@@ -72,6 +72,18 @@ def _reference(cfg, run_cfg, cache: dict):
     return name, cache[name]
 
 
+def run_health(folder: Path, cfg) -> list[dict] | None:
+    """The health report of the run that wrote `folder` (from its metric history), with this command's
+    thresholds; None for a model that no preftune run wrote."""
+    from preftune import health
+
+    for metrics in ("dpo_metrics", "sft_metrics"):
+        history = folder / metrics / "log_history.json"
+        if history.is_file():
+            return health.check(json.loads(history.read_text()), cfg.health_thresholds)
+    return None
+
+
 def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
     """Training's evaluation statistics on cfg.dataset's pairs (eval_ prefix dropped)."""
     from accelerate import Accelerator
@@ -189,6 +201,7 @@ def run(cfg) -> dict:
         row = {"model": name, "reference": ref[0]}
         if cfg.dataset:
             row["pairs"] = eval_pairs(model, ref[1], tokenizer, cfg)
+        row["health"] = run_health(Path(name).expanduser(), cfg)
         rows.append(row)
         models[name] = model
     reference_stats = None
@@ -227,6 +240,10 @@ def main(args: list[str]) -> int:
             p = row["pairs"]
             line += (f"\n  pairs    {p['pairs']}: accuracy {p['rewards/accuracies']:.1%}, margin "
                      f"{p['rewards/margins']:.3f}, loss {p['loss']:.4f}" + (f", KL {p['kl']:.4f}" if "kl" in p else ""))
+        for signal in row["health"] or []:
+            if signal["fired"]:
+                line += (f"\n  health   {signal['name']} = {signal['value']:.4g} (threshold {signal['threshold']:g}) "
+                         f"from step {signal['step']} of its run: {signal['remedy']}")
         if "prompts" in row:
             s = row["prompts"]
             line += (f"\n  prompts  reward {s['reward']:.3f} +- {s['reward_stderr']:.3f}, win rate vs reference "

@@ -141,3 +141,32 @@ def test_prompts_from_any_training_file(tmp_path, demo_pairs):
     empty.write_text(json.dumps({"prompt": "  "}) + "\n")
     with pytest.raises(Exception, match="no text to sample a completion for"):
         read_prompts(str(empty), "data")
+
+
+def test_a_reward_model_scores_through_its_chat_template(tmp_path, tiny_tokenizer):
+    """A sequence-classification reward model (a local folder): one score per completion, the same as
+    scoring the chat-rendered text by hand; a folder that is not one is a one-line error."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+
+    from preftune.errors import ModelError
+    from preftune.rewards import load_reward
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    Qwen2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    score = load_reward(str(tmp_path / "rm"))
+    scores = score(["Hi?", "Hi?"], ["Hello there.", "Go away."])
+    assert len(scores) == 2 and scores[0] != scores[1]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    text = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"},
+                                               {"role": "assistant", "content": "Hello there."}], tokenize=False)
+    with torch.no_grad():
+        expected = model(**tiny_tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+    assert scores[0] == pytest.approx(expected, abs=1e-5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="reward: cannot load the reward model"):
+        load_reward(str(tmp_path / "empty"))

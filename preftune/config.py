@@ -690,6 +690,14 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
     return from_dict(raw, source)
 
 
+def command_help(args: list[str], usage: str) -> bool:
+    """For -h/--help among a command's arguments: print its usage and every config key; True when it did."""
+    if not any(a in ("-h", "--help") for a in args):
+        return False
+    print(usage + help_text())
+    return True
+
+
 def help_text() -> str:
     lines = []
     for name, f in _FIELDS.items():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import help_text, load_config, parse_command_line
+from preftune.config import command_help, load_config, parse_command_line
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
 
@@ -229,8 +229,7 @@ def run(cfg) -> dict:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE + help_text())
+    if command_help(args, USAGE):
         return 0
     config_path, overrides, _ = parse_command_line(args)
     report = run(load_config(config_path, overrides))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import TrainConfig, help_text, load_config, parse_command_line
+from preftune.config import TrainConfig, command_help, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.evaluate import accuracy, pair_logps
 from preftune.files import fresh_tmp_dir, replace_dir
@@ -422,8 +422,7 @@ Config keys:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE + help_text())
+    if command_help(args, USAGE):
         return 0
     config_path, overrides, flags = parse_command_line(
         args, positional="model_name_or_path", flags={"dtype": "bf16", "out": None, "overwrite": False},

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from preftune.config import TrainConfig, help_text, load_config, parse_command_line
+from preftune.config import TrainConfig, command_help, load_config, parse_command_line
 from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
 from preftune.errors import ConfigError, DataError
 from preftune.tokenization import (TokenizeReport, as_pair, encode_pair, prompt_messages, setup_chat_template,
@@ -208,8 +208,7 @@ Config keys:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE + help_text())
+    if command_help(args, USAGE):
         return 0
     config_path, overrides, flags = parse_command_line(args, positional="dataset", flags={"json": False, "plot": None})
     cfg = load_config(config_path, overrides)

@@ -106,16 +106,15 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
         with lock:
             return state(store.hand_out(client))
 
-    @app.post("/api/judge")
-    def judge(body: dict = Body(...)):
+    def answer(body: dict, act, reply):
+        """One store call for a client under the lock, its refusals as the page expects them:
+        409 (already judged / nothing to undo) and 404 with the client's next comparison, 400 for a
+        malformed body, 500 when the labels file cannot be written (nothing recorded)."""
         client = body.get("client") if isinstance(body.get("client"), str) else "default"
         with lock:
             try:
-                saved = store.judge(field(body, "comparison", (str,)), field(body, "choice", (str,)),
-                                    field(body, "shown_as_a", (int,)),
-                                    field(body, "annotator", (str,), False) or annotator,
-                                    field(body, "seconds", (int, float), False), client)
-            except AlreadyJudged as e:
+                return reply(act(client), client)
+            except (AlreadyJudged, NotJudged) as e:
                 return refused(409, str(e), client)
             except KeyError as e:
                 return refused(404, e.args[0], client)
@@ -123,24 +122,19 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
                 return JSONResponse(status_code=400, content={"error": str(e)})
             except OSError as e:
                 return unsaved(e)
-            return state(store.hand_out(client), saved=saved)
+
+    @app.post("/api/judge")
+    def judge(body: dict = Body(...)):
+        return answer(body, lambda client: store.judge(
+            field(body, "comparison", (str,)), field(body, "choice", (str,)), field(body, "shown_as_a", (int,)),
+            field(body, "annotator", (str,), False) or annotator, field(body, "seconds", (int, float), False), client),
+            lambda saved, client: state(store.hand_out(client), saved=saved))
 
     @app.post("/api/undo")
     def undo(body: dict = Body(...)):
-        client = body.get("client") if isinstance(body.get("client"), str) else "default"
-        with lock:
-            try:
-                comparison = store.undo(field(body, "comparison", (str,), False),
-                                        field(body, "annotator", (str,), False) or annotator, client)
-            except NotJudged as e:
-                return refused(409, str(e), client)
-            except KeyError as e:
-                return refused(404, e.args[0], client)
-            except ValueError as e:
-                return JSONResponse(status_code=400, content={"error": str(e)})
-            except OSError as e:
-                return unsaved(e)
-            return state(comparison, undone=comparison.id)
+        return answer(body, lambda client: store.undo(field(body, "comparison", (str,), False),
+                                                      field(body, "annotator", (str,), False) or annotator, client),
+                      lambda comparison, client: state(comparison, undone=comparison.id))
 
     return app
 

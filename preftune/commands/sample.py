@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.config import help_text, load_config, parse_command_line
+from preftune.config import command_help, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError
 from preftune.files import write_atomic
 
@@ -158,8 +158,7 @@ def run(cfg) -> dict:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE + help_text())
+    if command_help(args, USAGE):
         return 0
     config_path, overrides, _ = parse_command_line(args)
     summary = run(load_config(config_path, overrides))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from preftune.config import help_text, load_config, parse_command_line, parse_overrides
+from preftune.config import command_help, load_config, parse_command_line, parse_overrides
 
 USAGE = """usage: preftune train [CONFIG.yaml] [--key value ...]
 
@@ -23,8 +23,7 @@ Config keys:
 
 def main(args: list[str], stage: str | None = None) -> int:
     """`preftune train`; `preftune sft` is this with stage: sft."""
-    if any(a in ("-h", "--help") for a in args):
-        print((USAGE.replace("preftune train", f"preftune {stage}") if stage else USAGE) + help_text())
+    if command_help(args, USAGE.replace("preftune train", f"preftune {stage}") if stage else USAGE):
         return 0
     config_path, overrides, _ = parse_command_line(args)
     if stage:  # the command's stage wins over a config file's

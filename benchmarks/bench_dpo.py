@@ -30,6 +30,7 @@ own FLOPs are left out. benchmarks/gpu_check.sh runs this script for the GPU fig
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import random
@@ -579,10 +580,9 @@ def main(argv=None):
         return
     import torch
     import transformers
-    try:
-        import trl
-        trl_version = trl.__version__
-    except ImportError:
+    try:  # the version only: importing trl here would cost every run seconds
+        trl_version = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
         trl_version = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"[bench] model: Qwen2 {assets['arch']} "

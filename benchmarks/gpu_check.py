@@ -96,10 +96,12 @@ class Check:
         its time gets SIGTERM, then SIGKILL `grace` seconds later (launchers need time to stop their workers,
         which run in sessions of their own)."""
         limit = int(min(SMOKE_CAP_S if self.smoke else cap, self.remaining() - RESERVE_S - grace))
-        if limit < (MIN_RUN_S if self.smoke else need):
+        if limit < (min(need, MIN_RUN_S) if self.smoke else need):
             raise Skipped(f"skipped: time budget ({max(0, self.remaining()):.0f} s left of {self.args.budget:.0f})")
         log_path = self.logs / f"{name}.log"
-        print(f"[gpu_check]   {name}: {shlex.join(cmd)} (timeout {limit} s)", flush=True)
+        shown = shlex.join(cmd)
+        print(f"[gpu_check]   {name}: {shown if len(shown) < 400 else shown[:200] + ' ...'} (timeout {limit} s)",
+              flush=True)
         t0 = time.time()
         with open(log_path, "w") as log:
             log.write(f"$ {shlex.join(cmd)}\n")
@@ -351,18 +353,21 @@ for dist in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "
         out[dist + "_version"] = None
 out["flash_attn"] = importlib.util.find_spec("flash_attn") is not None
 out["deepspeed"] = importlib.util.find_spec("deepspeed") is not None
-import torch
-out["cuda"] = torch.cuda.is_available()
-out["device_count"] = torch.cuda.device_count() if out["cuda"] else 0
-out["torch_cuda"] = torch.version.cuda
-if out["cuda"]:
-    p = torch.cuda.get_device_properties(0)
-    out.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=p.total_memory / 2**30)
-    try:
-        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       capture_output=True, text=True, timeout=20).stdout.split()[0]
-    except Exception:
-        out["driver"] = None
+try:
+    import torch
+    out["cuda"] = torch.cuda.is_available()
+    out["device_count"] = torch.cuda.device_count() if out["cuda"] else 0
+    out["torch_cuda"] = torch.version.cuda
+    if out["cuda"]:
+        p = torch.cuda.get_device_properties(0)
+        out.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=p.total_memory / 2**30)
+        try:
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.split()[0]
+        except Exception:
+            out["driver"] = None
+except Exception as e:
+    out["error"] = f"torch: {type(e).__name__}: {e}".splitlines()[0]
 for mod in ("trl", "preftune"):
     try:
         __import__(mod)
@@ -372,7 +377,7 @@ for mod in ("trl", "preftune"):
 print("PROBE " + json.dumps(out))
 '''
         try:
-            text = self.run("probe", [self.python, "-c", code], cap=120)
+            text = self.run("probe", [self.python, "-c", code], cap=120, need=5)
             self.env = json.loads([x for x in text.splitlines() if x.startswith("PROBE ")][-1][6:])
         except (StepFailed, Skipped, IndexError) as e:
             self.env = {"error": str(e)}
@@ -550,6 +555,11 @@ def report(check: Check) -> str:
     if smoke:
         out += ["**SMOKE (CPU, tiny sizes): numbers are meaningless.** This run only checks that every step's "
                 "command runs; the steps that need CUDA print `skipped: no CUDA`.", ""]
+    if env.get("error"):
+        out += [f"**The environment probe failed:** {env['error']}", ""]
+    for mod in ("trl", "preftune"):
+        if isinstance(env.get(mod + "_imports"), str):
+            out += [f"**`import {mod}` failed:** {env[mod + '_imports']}", ""]
     out += [f"- **Machine:** {machine}.",
             f"- **Versions:** Python {env.get('python')}, {versions}; "
             f"preftune at commit {env.get('commit') or 'unknown'}.",

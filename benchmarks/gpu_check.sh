@@ -11,12 +11,17 @@
 # not installed (or, for trl, not at the wheel's version) are installed with
 # `pip install --no-index --no-deps --find-links .whl --target $SITE` and put on PYTHONPATH; preftune is
 # used from this checkout (PYTHONPATH), installed with `pip install --no-deps -e .` where it is not
-# importable otherwise. In smoke mode nothing that imports is reinstalled.
+# importable otherwise. In smoke mode nothing that imports is reinstalled, and preftune is not installed.
+#
+# The body is one function, read whole before it runs: editing this file during a run cannot break it.
 set -u
+
+main() {
 START=$(date +%s)
+PYTHON=${PYTHON:-python3}
+case $PYTHON in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac  # a path stays valid
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/preftune-gpu-check-site}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export GPU_CHECK_COMMAND="bash benchmarks/gpu_check.sh${*:+ $*}"
@@ -53,12 +58,15 @@ EOF
 )
     if [ "${#WANTED[@]}" -gt 0 ]; then
         echo "[gpu_check] installing ${#WANTED[@]} wheel(s) from .whl/ into $SITE: ${WANTED[*]##*/}"
-        if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-                --find-links .whl --target "$SITE" "${WANTED[@]}"; then
-            export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-        else
-            echo "[gpu_check] WARNING: the wheel install failed; the steps that need those packages will fail"
+        PIP=("$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check
+             --upgrade --find-links .whl --target "$SITE")
+        if ! "${PIP[@]}" "${WANTED[@]}"; then  # one bad wheel (another Python's tag, say) must not stop the rest
+            echo "[gpu_check] WARNING: the wheels did not install together; one at a time:"
+            for whl in "${WANTED[@]}"; do
+                "${PIP[@]}" "$whl" || echo "[gpu_check] WARNING: ${whl##*/} did not install; steps needing it will fail"
+            done
         fi
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     else
         echo "[gpu_check] every wheel in .whl/ is installed already"
     fi
@@ -68,11 +76,18 @@ elif [ "$SMOKE" = 0 ]; then
 fi
 
 # --- preftune itself --------------------------------------------------------------------------------
-if ! "$PYTHON" -c 'import preftune' 2>/dev/null; then
+if [ "$SMOKE" = 0 ] && ! (cd / && "$PYTHON" -c 'import preftune' 2>/dev/null); then  # from /: not the checkout
     echo "[gpu_check] installing preftune (pip install --no-deps -e .)"
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-        || echo "[gpu_check] (the editable install failed; preftune runs from PYTHONPATH)"
+    if ! log=$("$PYTHON" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-index \
+            -e . 2>&1); then
+        echo "[gpu_check] (the editable install failed: $(grep -i 'error' <<<"$log" | tail -1); preftune runs from"
+        echo "            the checkout through PYTHONPATH, which is all the steps need)"
+    fi
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 "$PYTHON" benchmarks/gpu_check.py --start "$START" --python "$PYTHON" "${ARGS[@]}"
+}
+
+main "$@"
+exit $?

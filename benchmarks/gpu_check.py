@@ -55,7 +55,7 @@ SIZES = {
     "tiny": {"batch-size": 2, "seq-len": 64, "steps": 3, "warmup-steps": 1, "pairs": 6},  # and every smoke run
 }
 # seconds a run may take at most on the GPU (the budget may leave less); smoke runs get SMOKE_CAP_S
-CAPS = {"assets": 120, "bench": 180, "bench_small": 130, "qlora": 150, "launch": 150}
+CAPS = {"assets": 120, "bench": 180, "bench_small": 130, "qlora": 150, "launch": 150, "sharded": 90}
 SMOKE_CAP_S = 120
 SMOKE_PEAK_TFLOPS = 1.0  # a nominal CPU "peak" so that the smoke run goes through the MFU code too
 
@@ -254,8 +254,9 @@ class Check:
         path.write_text(json.dumps(cfg, indent=1))
         return path
 
-    def launch_outcome(self, name: str, cmd: list[str], env: dict | None = None) -> tuple[str, dict]:
-        text = self.run(name, cmd, CAPS["launch"], env=env, grace=40)  # torchrun gives its workers 30 s
+    def launch_outcome(self, name: str, cmd: list[str], env: dict | None = None, cap: str = "launch"):
+        """Run a launcher command; (its row, what it found)."""
+        text = self.run(name, cmd, CAPS[cap], env=env, grace=40)  # torchrun gives its workers 30 s
         found = re.findall(r"processes: (\d+) \((\w+)\)", text)
         summary_path = self.work / f"out_{name}" / "dpo_metrics" / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -316,7 +317,7 @@ class Check:
         config_path.write_text(json.dumps(config, indent=1))
         cfg = self.train_config(self.assets("tiny"), name, steps=2, batch=2)
         line, data = self.launch_outcome(name, [self.python, "-m", "accelerate.commands.launch", "--config_file",
-                                                str(config_path), "-m", "preftune", "train", str(cfg)])
+                                                str(config_path), "-m", "preftune", "train", str(cfg)], cap="sharded")
         return f"exploratory, {processes} process(es): {line}", data
 
     def step_a3(self):

@@ -18,13 +18,13 @@ set -u
 
 main() {
 START=$(date +%s)
+export GPU_CHECK_COMMAND="${PYTHON:+PYTHON=$PYTHON }bash benchmarks/gpu_check.sh${*:+ $*}"  # for the report
 PYTHON=${PYTHON:-python3}
 case $PYTHON in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac  # a path stays valid
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SITE=${SITE:-/tmp/preftune-gpu-check-site}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export GPU_CHECK_COMMAND="bash benchmarks/gpu_check.sh${*:+ $*}"
 
 ARGS=("$@")
 SMOKE=0

@@ -1,0 +1,40 @@
+"""benchmarks/gpu_check.sh end to end in smoke mode (CPU, tiny sizes): the script a GPU session runs
+must not need debugging there. Every step has a row in the report; on CPU each GPU-only step says
+'skipped: no CUDA' rather than vanishing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = ["a1", "a2", "d", "b", "c", "e1", "e2", "e3", "a3", "c2"]
+GPU_ONLY = ["d", "c", "c2"]
+MUST_PASS = ["a1", "a2", "b", "a3"]  # the measurements that run on CPU too
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_writes_a_row_per_step(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "SITE": str(tmp_path / "site")}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--budget", "280",
+                           "--work", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (out / "gpu_check.md").read_text()
+    assert "SMOKE (CPU, tiny sizes): numbers are meaningless" in text
+    assert text in proc.stdout  # the report is printed too
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in STEPS}
+    assert sorted(rows) == sorted(STEPS), text
+    cuda = json.loads((out / "gpu_check.json").read_text())["env"].get("cuda")
+    if not cuda:
+        for sid in GPU_ONLY:
+            assert rows[sid][1] == "skipped" and rows[sid][2].startswith("skipped: no CUDA"), (sid, rows[sid])
+    for sid in MUST_PASS:
+        assert rows[sid][1] == "ok", (sid, rows[sid], text)
+    assert "tokens/s" in rows["a1"][2] and "MFU" in rows["a1"][2]
+    assert (out / "gpu_check_logs.tar.gz").is_file() and (out / "gpu_check_console.log").is_file()

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from preftune.adapters import TRAINED_ADAPTER
 from preftune.errors import ConfigError, ModelError
 from preftune.files import fresh_tmp_dir, remove_dir, replace_dir
+from preftune.tokenization import stop_ids
 from preftune.models import restore_loaded_dtypes
 
 log = logging.getLogger("preftune")
@@ -121,6 +122,9 @@ def save_final(model, tokenizer, cfg) -> None:
     policy is written as its adapter (cfg.final_adapter_only) or merged into full weights. Both the
     cast and the merge change the model in place: call this last."""
     out = Path(cfg.output_dir)
+    if model.generation_config is not None:  # generation stops where training's completions end
+        model.generation_config.eos_token_id = stop_ids(tokenizer)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = fresh_tmp_dir(out / "final")
     restore_loaded_dtypes(model)
     _save_weights(model, tmp, merge=not cfg.final_adapter_only)

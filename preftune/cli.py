@@ -45,6 +45,11 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-V", "--version"):
+        import preftune
+
+        print(f"preftune {preftune.__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: preftune {{{','.join(COMMANDS)}}} ...\n\n"
               + "\n".join(f"  {name:9s} {what}" for name, what in COMMANDS.items()))
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (preftune inspect ... --json | head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

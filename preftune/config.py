@@ -329,6 +329,10 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
     values: dict[str, Any] = {}
     set_by: dict[str, str] = {}
     for key, value in raw.items():
+        field_ = _FIELDS.get(ALIASES.get(key, key))
+        choices = field_.metadata.get("choices", ()) if field_ else ()
+        if value is False and (key == "mixed_precision" or "no" in choices):
+            value = "no"  # YAML 1.1 reads a bare `no` as false: for a key whose values include "no", it meant "no"
         if key == "mixed_precision":  # accelerate's spelling: 'fp16' | 'bf16' | 'no'
             mp = str(value).lower()
             if mp not in ("no", "fp16", "bf16", "fp32", "none"):

@@ -18,18 +18,7 @@ import dataclasses
 import torch
 from transformers import GenerationConfig
 
-from preftune.tokenization import encode_prompt, setup_chat_template
-
-# end-of-turn tokens of common chat templates: a completion ends at the first of them (or EOS)
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """EOS and the end-of-turn tokens the tokenizer knows."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    return ids + [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
-
+from preftune.tokenization import encode_prompt, setup_chat_template, stop_ids
 
 def generation_config(cfg, tokenizer) -> GenerationConfig:
     """The sampling settings of cfg, stated in full: nothing is inherited from a model's own

@@ -195,6 +195,17 @@ def _encode(tokenizer, pair: PreferencePair, prompt_text: str, completion: str,
     return ids, start, merged
 
 
+# end-of-turn tokens of common chat templates: generation stops at the first of them (or EOS)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """EOS and the end-of-turn tokens the tokenizer knows: where a completion ends."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    return ids + [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
+
+
 def encode_prompt(tokenizer, pair: PreferencePair, use_template: bool) -> list[int]:
     """The token ids that precede a completion of `pair` in training (`encode_pair`), for generation:
     the rendered prompt, with BOS as the tokenizer or the template writes it, once."""

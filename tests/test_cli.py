@@ -2,8 +2,10 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +119,46 @@ def test_saved_config_repeats_the_run(lf_project, tmp_path):
 
     cfg = load_config(str(saved))
     assert cfg.max_steps == 1 and cfg.dataset == "my_dpo_data" and cfg.gradient_accumulation_steps == 2
+
+
+def test_yaml_no_means_no_for_keys_whose_values_include_it(tmp_path):
+    from preftune.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("eval_strategy: no\nmixed_precision: no\n")  # YAML 1.1 reads both as false
+    cfg = load_config(str(path))
+    assert cfg.eval_strategy == "no" and not cfg.bf16 and not cfg.fp16
+
+
+def test_version(capsys):
+    from preftune import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"preftune {__version__}"
+
+
+def test_data_without_a_model_is_an_error_not_the_demo(tmp_path, capsys):
+    assert main(["train", "--dataset", str(tmp_path / "mine.jsonl"), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dataset given but no model_name_or_path" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_output_closed_early_is_no_traceback(tmp_path, demo_pairs):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in demo_pairs))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(f"{sys.executable} -m preftune inspect {data} --json | head -n 1", shell=True, env=env,
+                            capture_output=True, text=True)
+    assert result.stdout.strip() == "{" and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_saved_model_stops_generating_at_the_end_of_its_turn(tmp_path, tiny_model_dir, demo_pairs):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in demo_pairs[:16]))
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data), "--max_steps", "1",
+                 "--output_dir", str(tmp_path / "out"), "--progress_bar", "false", "--plot_loss", "false"]) == 0
+    gen = GenerationConfig.from_pretrained(tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in gen.eos_token_id and gen.pad_token_id == tokenizer.pad_token_id

@@ -9,8 +9,8 @@ from preftune.cli import main
 from preftune.commands import sample as sample_cmd
 from preftune.config import from_dict
 from preftune.data import PreferencePair, read_dataset, read_prompts
-from preftune.generate import cut_at_stop, stop_ids
-from preftune.tokenization import encode_prompt, encode_pair, TokenizeReport, setup_chat_template
+from preftune.generate import cut_at_stop
+from preftune.tokenization import TokenizeReport, encode_pair, encode_prompt, setup_chat_template, stop_ids
 
 REWARD = '''
 def length(prompts, completions):

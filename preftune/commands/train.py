@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 
-from preftune.config import command_help, load_config, parse_command_line, parse_overrides
+from preftune.config import ALIASES, command_help, load_config, parse_command_line, parse_overrides
+from preftune.errors import ConfigError
+
+# keys that name the user's data: with them and no model, `preftune train` is not the demo
+DATA_KEYS = {"dataset", "eval_dataset", "dataset_dir", "columns", "max_samples"}
 
 USAGE = """usage: preftune train [CONFIG.yaml] [--key value ...]
 
@@ -31,7 +35,11 @@ def main(args: list[str], stage: str | None = None) -> int:
     over = parse_overrides(overrides)
     from preftune.train import train  # heavy imports after argument checks
 
-    if config_path is None and not stage and not {"model_name_or_path", "model_name", "model"} & set(over):
+    named = {ALIASES.get(k, k) for k in over}
+    if config_path is None and not stage and not named & {"model_name_or_path", "ref_model"}:
+        if named & DATA_KEYS:  # the user's data, no model: never the demo's model trained on it
+            raise ConfigError(f"{', '.join(sorted(named & DATA_KEYS))} given but no model_name_or_path; set the model "
+                              "to train (the built-in demo runs without data keys: preftune train)")
         from preftune.demo import demo_config
 
         logging.getLogger("preftune").info("no config given: running the embedded demo (tiny local model, "

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from preftune.adapters import TRAINED_ADAPTER
 from preftune.errors import ConfigError, ModelError
-from preftune.files import fresh_tmp_dir, remove_dir, replace_dir
+from preftune.files import fresh_tmp_dir, remove_dir, replace_dir, write_atomic
 from preftune.tokenization import stop_ids
 from preftune.models import restore_loaded_dtypes
 
@@ -116,6 +116,24 @@ WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetens
                 "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
+def add_legacy_rope_keys(folder: Path) -> None:
+    """transformers 5 writes the rotary settings only inside config.json's `rope_parameters`; readers
+    built on transformers 4 (several serving stacks) look for `rope_theta` / `rope_scaling` at the top
+    level and silently fall back to rope_theta 10000 without them (Qwen2.5 uses 1e6: garbage output).
+    Both spellings are written; transformers 5 reads such a file the same (tested)."""
+    path = folder / "config.json"
+    if not path.is_file():  # an adapter folder: its base's config applies
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for part in (config, config.get("text_config")):  # multimodal configs nest the text model's
+        rope = part.get("rope_parameters") if isinstance(part, dict) else None
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            part.setdefault("rope_theta", rope["rope_theta"])
+            if rope.get("rope_type", "default") != "default":
+                part.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_final(model, tokenizer, cfg) -> None:
     """The final model and tokenizer into output_dir itself, file by file atomically, each weight in
     the dtype it was loaded in (trainable ones are cast back from their float32 master copy). A LoRA
@@ -128,6 +146,7 @@ def save_final(model, tokenizer, cfg) -> None:
     tmp = fresh_tmp_dir(out / "final")
     restore_loaded_dtypes(model)
     _save_weights(model, tmp, merge=not cfg.final_adapter_only)
+    add_legacy_rope_keys(tmp)
     tokenizer.save_pretrained(tmp)
     # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
     (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

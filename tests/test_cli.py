@@ -162,3 +162,22 @@ def test_saved_model_stops_generating_at_the_end_of_its_turn(tmp_path, tiny_mode
     gen = GenerationConfig.from_pretrained(tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in gen.eos_token_id and gen.pad_token_id == tokenizer.pad_token_id
+
+
+def test_saved_config_gives_transformers_4_readers_the_same_rotary_settings(tmp_path):
+    """transformers 4 reads rope_theta / rope_scaling at the top level of config.json (and defaults
+    rope_theta to 10000 without it); transformers 5 reads rope_parameters. Both must agree."""
+    from transformers import AutoConfig, Qwen2Config
+
+    from preftune.checkpoints import add_legacy_rope_keys
+
+    for rope in ({"rope_type": "default", "rope_theta": 1e6},
+                 {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 4096}):
+        folder = tmp_path / rope["rope_type"]
+        Qwen2Config(vocab_size=64, rope_parameters=rope).save_pretrained(folder)
+        add_legacy_rope_keys(folder)
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["rope_theta"] == 1e6  # what a transformers-4 reader takes
+        if rope["rope_type"] != "default":
+            assert saved["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
+        assert AutoConfig.from_pretrained(folder).rope_parameters == rope  # transformers 5 reads it unchanged

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from preftune.checkpoints import add_legacy_rope_keys
 from preftune.config import TrainConfig, command_help, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.evaluate import accuracy, pair_logps
@@ -340,6 +341,7 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
         weights = merged or src
         exported = _load(weights, DTYPES[dtype] or "auto", quant)
         exported.save_pretrained(tmp, safe_serialization=True)  # + generation_config.json
+        add_legacy_rope_keys(tmp)  # serving stacks on transformers 4 read the rotary base too
         tokenizer.save_pretrained(tmp)
         del exported
         reloaded = _load(tmp)  # the folder exactly as a user loads it

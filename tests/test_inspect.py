@@ -46,6 +46,12 @@ def test_token_lengths_cutoff_and_rendered_examples_with_a_model(tmp_path, tiny_
     assert ex.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n")
     assert ex.endswith(f"<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n{BOUNDARY}twelve<|im_end|>\n")
     assert stats["lengths"]["rejected"]["min"] >= 2  # completion + end-of-turn tokens
+    # what the plot draws against cutoff_len: whole sequences; those over it are the truncated pairs
+    sequences = stats["_sequence_lengths_raw"]
+    over = [c > 60 or r > 60 for c, r in zip(sequences["prompt + chosen"], sequences["prompt + rejected"])]
+    assert sum(over) == stats["truncated"] == 2
+    assert all(s >= p + c for s, p, c in zip(sequences["prompt + chosen"], stats["_lengths_raw"]["prompt"],
+                                             stats["_lengths_raw"]["chosen"]))
 
 
 def test_inspect_command_text_json_and_plot(tmp_path, tiny_model_dir, capsys):
@@ -58,6 +64,7 @@ def test_inspect_command_text_json_and_plot(tmp_path, tiny_model_dir, capsys):
                  "--plot", str(png)]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["truncated"] == 2 and png.stat().st_size > 1000
+    assert not [k for k in stats if k.endswith("_raw")]  # the plot's raw lengths are not part of the JSON
     (tmp_path / "odd.jsonl").write_text(json.dumps({"q": "Q", "good": "yes!", "bad": "no"}) + "\n")
     assert main(["inspect", str(tmp_path / "odd.jsonl"), "--columns", "{prompt: q, chosen: good, rejected: bad}",
                  "--json"]) == 0

@@ -78,6 +78,9 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
         prompt = [min(t.chosen_start, t.rejected_start) for t in toks]
         chosen = [len(t.chosen_ids) - t.chosen_start for t in toks]
         rejected = [len(t.rejected_ids) - t.rejected_start for t in toks]
+        # what cutoff_len bounds: a whole sequence, prompt + completion (drawn against it by --plot)
+        sequences = {"prompt + chosen": [len(t.chosen_ids) for t in toks],
+                     "prompt + rejected": [len(t.rejected_ids) for t in toks]}
         cut = cut_all(toks)
         stats["cutoff_len"] = cutoff_len
         stats["truncation_mode"] = truncation_mode
@@ -135,6 +138,8 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
     stats["examples"] = rendered
     stats["_lengths_raw"] = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
                              "unpaired completion": unpaired_completion}
+    if model:
+        stats["_sequence_lengths_raw"] = sequences
     return stats
 
 
@@ -179,15 +184,21 @@ def plot_lengths(stats: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for part, values in stats["_lengths_raw"].items():
-        if values:
-            ax.hist(values, bins=40, alpha=0.5, label=part)
-    if "cutoff_len" in stats:
-        ax.axvline(stats["cutoff_len"], color="k", linestyle="--", label="cutoff_len")
-    ax.set_xlabel(stats["unit"])
-    ax.set_ylabel("pairs")
-    ax.legend()
+    # the parts, and (in tokens) the whole sequences against cutoff_len, which bounds prompt + completion
+    panels = [("prompt and completions", stats["_lengths_raw"])]
+    if "_sequence_lengths_raw" in stats:
+        panels.append(("sequences (what cutoff_len bounds)", stats["_sequence_lengths_raw"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for part, values in series.items():
+            if values:
+                ax.hist(values, bins=40, alpha=0.5, label=part)
+        if title.startswith("sequences"):
+            ax.axvline(stats["cutoff_len"], color="k", linestyle="--", label="cutoff_len")
+        ax.set_title(title)
+        ax.set_xlabel(stats["unit"])
+        ax.set_ylabel("pairs")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -217,7 +228,6 @@ def main(args: list[str]) -> int:
     stats = inspect_data(cfg)
     if flags["plot"]:
         plot_lengths(stats, flags["plot"])
-    raw = stats.pop("_lengths_raw")
-    print(json.dumps(stats, indent=2, ensure_ascii=False) if flags["json"] else format_report(stats))
-    stats["_lengths_raw"] = raw
+    shown = {k: v for k, v in stats.items() if not k.endswith("_raw")}  # the raw lengths are for the plot only
+    print(json.dumps(shown, indent=2, ensure_ascii=False) if flags["json"] else format_report(shown))
     return 0

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from preftune.data import PreferencePair
+from preftune.files import cache_root
 from preftune.tokenization import TokenizedPair, TokenizeReport, setup_chat_template, tokenize_pairs
 
 log = logging.getLogger("preftune")
@@ -44,9 +45,8 @@ _ARRAYS = ("chosen_ids", "rejected_ids", "chosen_lengths", "rejected_lengths", "
 
 
 def cache_dir(cfg) -> Path:
-    if cfg.tokenized_cache_dir:
-        return Path(cfg.tokenized_cache_dir)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "preftune" / "tokenized"
+    """The tokenization cache's folder: tokenized_cache_dir, else <cache root>/tokenized."""
+    return Path(cfg.tokenized_cache_dir).expanduser() if cfg.tokenized_cache_dir else cache_root() / "tokenized"
 
 
 def cache_key(tokenizer, pairs: list[PreferencePair], cfg) -> str:

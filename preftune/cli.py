@@ -24,6 +24,7 @@ COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "eval": "models against their reference: pairs, or samples scored by a reward (preftune eval --help)",
     "inspect": "statistics and rendered examples of a dataset (preftune inspect --help)",
     "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
+    "cache": "list or clear the tokenization and reference log-probs caches (preftune cache --help)",
     "label": "a local page to label preference pairs by hand (preftune label --help)",
 }
 

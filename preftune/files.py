@@ -9,6 +9,11 @@ import shutil
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Where preftune's caches live by default: $XDG_CACHE_HOME/preftune, else ~/.cache/preftune."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "preftune"
+
+
 def write_atomic(path: Path, text: str) -> None:
     """`path` replaced by `text` (UTF-8) in one rename."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
 from preftune.errors import ModelError
 from preftune.evaluate import pair_logps
+from preftune.files import cache_root
 from preftune.logps import BatchLogps, get_batch_logps, model_inputs
 from preftune.models import (check_vocabulary, load_dtype, load_policy, load_reference, reference_adapters,
                              weight_dtypes)
@@ -59,8 +60,9 @@ log = logging.getLogger("preftune")
 CACHE_FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "preftune" / "ref_logps"
+def cache_dir(cfg) -> Path:
+    """The reference log-probs cache's folder: ref_logps_cache_dir, else <cache root>/ref_logps."""
+    return Path(cfg.ref_logps_cache_dir).expanduser() if cfg.ref_logps_cache_dir else cache_root() / "ref_logps"
 
 
 def model_fingerprint(name: str) -> str:
@@ -137,7 +139,7 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
     from the cache or from one pass of the reference (batched as evaluation is, under the run's
     precision), which is loaded only on a miss and freed before returning (and checked to cover
     `tokenizer`'s vocabulary when given)."""
-    cache_dir = Path(cfg.ref_logps_cache_dir or default_cache_dir()).expanduser()
+    folder = cache_dir(cfg)
     reference, tables = None, {}
     for split, pairs in splits.items():
         if not pairs:
@@ -145,7 +147,7 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
         # with several processes the main one computes and writes first; the others then read its file
         with accelerator.main_process_first():
             key = cache_key(cfg, pairs, accelerator.device.type)
-            path = cache_dir / f"{key}.safetensors"
+            path = folder / f"{key}.safetensors"
             logps = _read_cache(path, key, len(pairs))
             if logps is None:
                 if reference is None:

@@ -20,7 +20,7 @@ LAYERS = [
     {"evaluate", "generate", "rewards"},
     {"reference", "step"},
     {"train"},
-    {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands.label", "commands",
+    {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands.label", "commands.cache", "commands",
      "__init__"},
     {"commands.eval"},
     {"commands.sft"},

@@ -151,3 +151,29 @@ def test_bad_truncation_and_worker_settings_are_one_line_errors(key, value, mess
 
     with pytest.raises(ConfigError, match=message):
         from_dict({key: value})
+
+
+def test_cache_command_lists_and_clears_only_its_own_files(tmp_path, capsys):
+    import os
+    import time
+
+    from preftune.cli import main
+
+    tok, ref = tmp_path / "tok", tmp_path / "ref"
+    for folder in (tok, ref):
+        folder.mkdir()
+    (tok / "old.safetensors").write_bytes(b"x" * 2048)
+    (tok / "new.safetensors").write_bytes(b"x" * 1024)
+    (ref / "a.safetensors").write_bytes(b"x" * 10)
+    (tok / "notes.txt").write_text("mine")  # not a cache file: never touched
+    old = time.time() - 40 * 86400
+    os.utime(tok / "old.safetensors", (old, old))
+    dirs = ["--tokenized_cache_dir", str(tok), "--ref_logps_cache_dir", str(ref)]
+    assert main(["cache", "list", *dirs]) == 0
+    out = capsys.readouterr().out
+    assert f"tokenized  {tok}: 2 files" in out and f"ref_logps  {ref}: 1 files" in out
+    assert main(["cache", "clear", "--older_than_days", "30", *dirs]) == 0
+    assert sorted(p.name for p in tok.iterdir()) == ["new.safetensors", "notes.txt"] and (ref / "a.safetensors").exists()
+    assert main(["cache", "clear", *dirs]) == 0
+    assert [p.name for p in tok.iterdir()] == ["notes.txt"] and not list(ref.iterdir())
+    assert main(["cache", "purge"]) == 2 and "list or clear" in capsys.readouterr().err

@@ -25,6 +25,7 @@ import yaml
 
 from preftune.errors import ConfigError
 from preftune.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, loss_options
+from preftune.optim import OPTIMIZERS, SCHEDULERS
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -123,8 +124,9 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    optimizer: str = _f("adamw", "Optimizer; only adamw.")
-    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup.", ("linear", "cosine", "constant", "constant_with_warmup"))
+    optim: str = _f("adamw_torch", "Optimizer (transformers' names): adamw_torch, adamw_torch_fused, adafactor, sgd, and bitsandbytes' adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit.", ("adamw", *OPTIMIZERS))
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup (transformers' get_scheduler; every one honours the warmup).", SCHEDULERS)
+    lr_scheduler_kwargs: dict[str, Any] | None = _f(None, "Extra arguments of the schedule, e.g. {num_cycles: 2} for cosine_with_restarts, {min_lr_rate: 0.1} for cosine_with_min_lr.")
     warmup_ratio: float = _f(0.0, "Share of optimizer steps used for linear warmup.")
     warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio when > 0).")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
@@ -262,6 +264,7 @@ ALIASES: dict[str, str] = {
     "dpo_label_smoothing": "label_smoothing",  # LLaMA-Factory's spelling
     "desirable_weight": "kto_chosen_weight",  # TRL's KTOConfig spelling
     "undesirable_weight": "kto_rejected_weight",
+    "optimizer": "optim",  # preftune's earlier name
 }
 
 # Keys whose values are translated, not just renamed.
@@ -284,7 +287,9 @@ def _coerce(key: str, value: Any) -> Any:
         if get_origin(base) is dict:  # a mapping of names, from YAML or a --key '{a: b}' override
             if isinstance(value, str):
                 value = yaml.safe_load(value)
-            if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            value_type = get_args(base)[1] if get_args(base) else str
+            scalar = (str,) if value_type is str else (str, int, float, bool)  # dict[str, Any]: scalar values
+            if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, scalar) for k, v in value.items()):
                 return value
             raise ValueError
         if base is bool:
@@ -428,8 +433,6 @@ def validate(cfg: TrainConfig) -> None:
     if not (cfg.pref_ftx >= 0 and math.isfinite(cfg.pref_ftx)):
         bad(f"pref_ftx must be a number >= 0 (the weight of the chosen NLL term); got {cfg.pref_ftx}")
     validate_loss_options(cfg)
-    if cfg.optimizer.lower() != "adamw":
-        bad(f"optimizer: '{cfg.optimizer}' is not supported; use adamw")
     if cfg.bf16 and cfg.fp16:
         bad("bf16 and fp16 are both true; choose one")
     _validate_precision(cfg)

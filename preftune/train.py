@@ -24,7 +24,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from preftune import checkpoints
 from preftune.batching import epoch_batches
@@ -34,6 +33,7 @@ from preftune.errors import ConfigError, DataError
 from preftune.evaluate import evaluate, pooled
 from preftune.generate import sample_texts
 from preftune.models import check_attention, load_tokenizer
+from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
 from preftune.step import OBJECTIVES, PolicyLogps
@@ -55,13 +55,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    # no decay on biases and norm weights (1-D tensors), as in most LM recipes
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -101,14 +94,11 @@ def train(cfg: TrainConfig) -> dict:
                            describe_precision(model, reference, cfg))
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    optimizer = make_optimizer(model, cfg)
     micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     pad_id = tokenizer.pad_token_id
     train_reference = reference.on("train")

@@ -10,10 +10,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "preftune"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
 
 # Building blocks that everything else is built on: they import nothing of preftune's.
-LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}
+LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}  # optim imports only errors
 # Layers, lowest first: a module may import modules of its own layer or below, never above.
 LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
+    {"optim"},
     {"config", "data", "adapters", "labels"},
     {"tokenization", "models", "checkpoints", "report"},
     {"cache", "batching", "demo"},

@@ -24,6 +24,7 @@ LAYERS = [
      "__init__"},
     {"commands.eval"},
     {"commands.sft"},
+    {"commands.demo"},
     {"cli"},
 ]
 

@@ -1,5 +1,6 @@
-# Two commands on a fresh machine: `make demo` (set up .venv, run the embedded default) and
-# `make test` (set up .venv with test dependencies, run the suite). .ci/run calls `make test`.
+# Two commands on a fresh machine: `make demo` (set up .venv, run `preftune demo`: SFT, sampling, DPO
+# and evaluation of a small model, a few minutes on CPU) and `make test` (set up .venv with test
+# dependencies, run the suite). .ci/run calls `make test`. The quick DPO-only demo: `preftune train`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -29,7 +30,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(VENV)/bin/preftune train
+	$(VENV)/bin/preftune demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q

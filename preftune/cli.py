@@ -1,7 +1,8 @@
 """The `preftune` command: dispatches to one module of `preftune.commands` per subcommand and
 turns every user-facing error into one line and a non-zero exit.
 
-    preftune train [CONFIG.yaml] [--key value ...]       # align a model (no arguments: the embedded demo)
+    preftune train [CONFIG.yaml] [--key value ...]       # align a model (no arguments: the quick embedded demo)
+    preftune demo [--output_dir DIR] [--sweep B1,B2]     # the whole flow, sft -> sample -> dpo -> eval, on CPU
     preftune sft [CONFIG.yaml] [--key value ...]         # supervised fine-tuning on completions
     preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
     preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
@@ -26,6 +27,7 @@ COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
     "cache": "list or clear the tokenization and reference log-probs caches (preftune cache --help)",
     "label": "a local page to label preference pairs by hand (preftune label --help)",
+    "demo": "the whole flow (sft, sample, dpo, eval) on a small model, before and after (preftune demo --help)",
 }
 
 

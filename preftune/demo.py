@@ -1,16 +1,22 @@
-"""The embedded default run: a tiny model and a preference task made locally, no download.
+"""The embedded demos: tiny models and tasks made locally, no download.
 
 `preftune train` with no config calls `demo_config()`: it writes a built-in pair set (advice
 prompts; the chosen answer is constructive, the rejected one dismissive, built from separate
 phrase banks so the preference generalises to held-out pairs), trains a small BPE tokenizer
 with a ChatML chat template on it, saves a randomly initialised Qwen2-architecture model, and
-returns the config that trains on them through exactly the path a user's run takes.
+returns the config that trains on them through exactly the path a user's run takes. Its model
+learns the preference, not language.
+
+`preftune demo` (preftune/commands/demo.py) runs the whole flow on a model that first learns
+language: the movie reviews below (`write_review_data`) to fine-tune it on, and a reward people
+can read, `sentiment` (`reward: preftune.demo:sentiment`).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from preftune.config import TrainConfig, from_dict
@@ -126,3 +132,139 @@ def demo_config(overrides: dict | None = None) -> TrainConfig:
     raw = {**DEMO_SETTINGS, "model_name_or_path": str(model_dir), "dataset": str(train_file),
            "eval_dataset": str(val_file), "output_dir": str(output_dir), **overrides}
     return from_dict(raw, "embedded demo")
+
+
+# --- the review demo (`preftune demo`): a corpus the tiny model learns, and a reward people can read ----------
+# Short movie reviews from templates and word banks. Each review is positive, negative or mixed, in
+# equal shares and independent of the title (which reviews never repeat), so the SFT model writes all three and a reward that
+# likes positive words has something to choose between. Sentiment words come only from POSITIVE and
+# NEGATIVE, so `sentiment` reads them back exactly.
+TITLE_WORDS = (["Silent", "Last", "Golden", "Hidden", "Broken", "Distant", "Crimson", "Frozen", "Midnight", "Lost",
+                "Wild", "Secret", "Burning", "Quiet", "Empty", "Electric", "Paper", "Iron", "Glass", "Velvet",
+                "Northern", "Little", "Second", "Falling", "Hollow", "Painted", "Sleeping", "Restless", "Winding",
+                "Borrowed"],
+               ["River", "Garden", "Kingdom", "Letter", "Island", "Promise", "Harbor", "Mountain", "Machine",
+                "Summer", "Station", "Mirror", "Forest", "Voyage", "Orchard", "Lantern", "Empire", "Circus",
+                "Bridge", "Winter", "Signal", "Daughter", "Engine", "Country", "Desert", "Tower", "Valley", "Market",
+                "Stranger", "Road"])
+ASPECTS = ["acting", "plot", "music", "script", "ending", "pacing", "dialogue", "cast", "soundtrack", "camera work",
+           "story", "humor"]
+POSITIVE_ADJ = ["wonderful", "brilliant", "superb", "charming", "moving", "delightful", "gripping", "beautiful",
+                "clever", "touching"]
+NEGATIVE_ADJ = ["dull", "boring", "awful", "clumsy", "tedious", "weak", "messy", "flat", "lifeless", "predictable"]
+POSITIVE = frozenset(POSITIVE_ADJ + ["loved", "enjoyed", "adored", "recommended", "masterpiece", "joy"])
+NEGATIVE = frozenset(NEGATIVE_ADJ + ["hated", "disliked", "regretted", "avoid", "waste", "mess"])
+POSITIVE_SENTENCES = ["The {aspect} is {pos}.", "It is a {pos} film.", "I loved the {aspect}.",
+                      "I enjoyed every minute of it.", "The {aspect} is {pos} and the {aspect2} is {pos2}.",
+                      "Highly recommended.", "A small masterpiece.", "What a joy to watch."]
+NEGATIVE_SENTENCES = ["The {aspect} is {neg}.", "It is a {neg} film.", "I hated the {aspect}.",
+                      "I regretted every minute of it.", "The {aspect} is {neg} and the {aspect2} is {neg2}.",
+                      "Avoid this one.", "A waste of two hours.", "What a mess."]
+MIXED_SENTENCES = ["The {aspect} is {pos}, but the {aspect2} is {neg}.", "The {aspect} is {neg}, but the {aspect2} is {pos}.",
+                   "I loved the {aspect} and disliked the {aspect2}.", "It is {pos} at first and {neg} at the end."]
+NEUTRAL_SENTENCES = ["I saw it with my sister.", "It runs about two hours.", "It is set in a small town.",
+                     "The {aspect} gets most of the attention.", "I watched it on a rainy Sunday.",
+                     "The film follows a family over one summer."]
+
+
+def movie_titles(seed: int) -> list[str]:
+    """Every title of the word banks ("The Silent River"), in an order shuffled by `seed`."""
+    titles = [f"The {a} {b}" for a in TITLE_WORDS[0] for b in TITLE_WORDS[1]]
+    random.Random(seed).shuffle(titles)
+    return titles
+
+
+def _sentence(rng: random.Random, templates: list[str]) -> str:
+    aspect, aspect2 = rng.sample(ASPECTS, 2)
+    pos, pos2 = rng.sample(POSITIVE_ADJ, 2)
+    neg, neg2 = rng.sample(NEGATIVE_ADJ, 2)
+    return rng.choice(templates).format(aspect=aspect, aspect2=aspect2, pos=pos, pos2=pos2, neg=neg,
+                                        neg2=neg2)
+
+
+def make_review(rng: random.Random) -> tuple[str, str]:
+    """(sentiment, review): 1 to 3 sentences; a positive review has only positive and neutral
+    sentences, a negative one only negative and neutral ones, a mixed one a mixed sentence."""
+    sentiment = rng.choice(["positive", "negative", "mixed"])
+    own = {"positive": POSITIVE_SENTENCES, "negative": NEGATIVE_SENTENCES, "mixed": MIXED_SENTENCES}[sentiment]
+    n = rng.randint(1, 3)
+    sentences = [_sentence(rng, own)]
+    sentences += [_sentence(rng, own if rng.random() < 0.5 else NEUTRAL_SENTENCES) for _ in range(n - 1)]
+    rng.shuffle(sentences)
+    return sentiment, " ".join(sentences)
+
+
+def review_prompt(title: str) -> str:
+    return f"Review of {title}:"
+
+
+def make_reviews(titles: list[str], n: int, seed: int) -> list[dict]:
+    """`n` SFT records {"prompt", "completion", "sentiment"} about `titles` (each title several times)."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        title = titles[i % len(titles)]
+        sentiment, review = make_review(rng)
+        records.append({"prompt": review_prompt(title), "completion": review, "sentiment": sentiment})
+    return records
+
+
+def sentiment_score(text: str) -> float:
+    """(positive words - negative words) / (positive + negative words), in [-1, 1]; 0 without any.
+    A ratio, not a count: saying "brilliant" five times earns no more than saying it once."""
+    words = re.findall(r"[a-z]+", text.lower())
+    pos = sum(w in POSITIVE for w in words)
+    neg = sum(w in NEGATIVE for w in words)
+    return (pos - neg) / (pos + neg) if pos + neg else 0.0
+
+
+def sentiment(prompts: list[str], completions: list[str]) -> list[float]:
+    """The demo's reward, `reward: preftune.demo:sentiment`: the sentiment score of each completion."""
+    return [sentiment_score(c) for c in completions]
+
+
+def write_review_data(folder: Path, seed: int, reviews: int, prompts: int, eval_prompts: int) -> dict[str, Path]:
+    """The review demo's data under `folder`, from `seed` alone; returns the paths by name:
+    reviews.jsonl (`reviews` SFT records), reviews_val.jsonl (held-out reviews: the SFT run's
+    validation set), prompts.jsonl (`prompts` prompts to sample DPO pairs from) and
+    eval_prompts.jsonl (`eval_prompts` prompts to evaluate on). The three title sets are disjoint,
+    so sampling and evaluation ask about films the SFT model never read a review of."""
+    titles = movie_titles(seed)
+    eval_titles, sample_titles = titles[:eval_prompts], titles[eval_prompts:eval_prompts + prompts]
+    sft_titles = titles[eval_prompts + prompts:]
+    n_val = min(200, max(20, reviews // 10))
+    records = {"reviews": make_reviews(sft_titles, reviews, seed),
+               "reviews_val": make_reviews(eval_titles + sample_titles, n_val, seed + 1),
+               "prompts": [{"prompt": review_prompt(t)} for t in sample_titles],
+               "eval_prompts": [{"prompt": review_prompt(t)} for t in eval_titles]}
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in records.items():
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return paths
+
+
+def _grammar() -> re.Pattern:
+    """Every sentence the review templates can make, with any adjective in any adjective's place
+    (sentiment aside: "The plot is superb, but the music is superb." is still a sentence)."""
+    aspect = "(?:" + "|".join(map(re.escape, ASPECTS)) + ")"
+    adjective = "(?:" + "|".join(map(re.escape, POSITIVE_ADJ + NEGATIVE_ADJ)) + ")"
+    alternatives = []
+    for t in POSITIVE_SENTENCES + NEGATIVE_SENTENCES + MIXED_SENTENCES + NEUTRAL_SENTENCES:
+        pattern = re.escape(t)
+        for name, words in (("aspect", aspect), ("aspect2", aspect), ("pos", adjective), ("pos2", adjective),
+                            ("neg", adjective), ("neg2", adjective)):
+            pattern = pattern.replace(re.escape("{" + name + "}"), words)
+        alternatives.append(pattern)
+    return re.compile("|".join(alternatives))
+
+
+GRAMMAR = _grammar()
+
+
+def well_formed(text: str) -> bool:
+    """Whether `text` is one or more sentences of the review templates (a readability check: the
+    words of a sentence may be well chosen and still not make a sentence)."""
+    sentences = re.split(r"(?<=\.)\s+", text.strip())
+    return bool(text.strip()) and all(GRAMMAR.fullmatch(s) for s in sentences)

@@ -25,6 +25,7 @@ LAYERS = [
      "__init__"},
     {"commands.eval"},
     {"commands.sft"},
+    {"commands.demo"},
     {"cli"},
 ]
 

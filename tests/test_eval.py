@@ -64,6 +64,12 @@ def test_eval_on_prompts_sweeps_models_into_a_table_and_frontier(trained, tiny_m
     rows = list(csv.DictReader((out / "eval.csv").open()))
     assert [r["model"] for r in rows] == [str(tiny_model_dir), str(root / "run")]
     assert float(rows[1]["prompts/kl"]) == pytest.approx(trained_row["kl"])
+    # the completions behind the numbers, a line per prompt: the reference's and each model's, scored
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and records[0]["prompt"]
+    assert records[0]["models"][str(tiny_model_dir)] == records[0]["reference"]  # the same seeded samples
+    rewards = [c["reward"] for r in records for c in r["models"][str(root / "run")]]
+    assert sum(rewards) / len(rewards) == pytest.approx(trained_row["reward"])
     assert (out / "frontier.png").stat().st_size > 1000
 
 

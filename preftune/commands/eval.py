@@ -11,8 +11,10 @@ On prompts (`prompts` + `reward`): `num_samples` completions per prompt from eac
 reference, scored by the reward: mean reward and its standard error, the win rate against the
 reference's completion of the same prompt (ties half), the mean completion length, and the
 sequence-level KL estimate mean[log pi(y|x) - log pi_ref(y|x)] over the model's own samples.
-Writes output_dir/eval.json and eval.csv (a row per model), and with prompts frontier.png: reward
-against KL, the DPO paper's Figure 2, one point per model (the reference at KL 0).
+Writes output_dir/eval.json and eval.csv (a row per model), and with prompts samples.jsonl (a line
+per prompt: {"prompt", "reference": [{"text", "reward"}], "models": {model: [...]}}, to read what
+changed) and frontier.png: reward against KL, the DPO paper's Figure 2, one point per model (the
+reference at KL 0).
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ def _samples(model, tokenizer, prompts, encoded, cfg, device) -> list[list[list[
     return out  # (prompts, num_samples, completion ids)
 
 
-def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict]:
-    """(per-model, reference) sampling statistics on cfg.prompts scored by cfg.reward."""
+def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, list[dict]]:
+    """(per-model, reference) sampling statistics on cfg.prompts scored by cfg.reward, and the
+    completions themselves: a record per prompt with the reference's and each model's, scored."""
     from preftune.data import read_prompts
     from preftune.evaluate import completion_logps
     from preftune.rewards import load_reward
@@ -123,12 +126,19 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict]:
     use_template = setup_chat_template(tokenizer, cfg.template)
     encoded = [encode_prompt(tokenizer, p, use_template) for p in prompts]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    records = [{"prompt": p.prompt, "reference": [], "models": {}} for p in prompts]
 
-    def scored(model):
+    def scored(model, name=None):
         samples = _samples(model, tokenizer, prompts, encoded, cfg, device)
         texts = [[tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in samples]
         flat_prompts = [p.prompt for p, row in zip(prompts, texts) for _ in row]
         rewards = reward(flat_prompts, [t for row in texts for t in row])
+        for i, (rec, row) in enumerate(zip(records, texts)):
+            scored_row = [{"text": t, "reward": r} for t, r in zip(row, rewards[i * len(row):(i + 1) * len(row)])]
+            if name is None:
+                rec["reference"] = scored_row
+            else:
+                rec["models"][name] = scored_row
         return samples, rewards
 
     ref_samples, ref_rewards = scored(reference)
@@ -136,7 +146,7 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict]:
     ref_stats["kl"] = 0.0
     results = {}
     for name, model in models.items():
-        samples, rewards = scored(model)
+        samples, rewards = scored(model, name)
         items = [TokenizedPair(ids + c, len(ids), ids + c, len(ids)) for ids, row in zip(encoded, samples) for c in row]
         kl = completion_logps(model.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device) \
             - completion_logps(reference.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device)
@@ -144,7 +154,7 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict]:
         results[name] = {**_reward_stats(rewards, [len(c) for row in samples for c in row]),
                          "win_rate_vs_reference": sum(wins) / len(wins), "kl": kl.mean().item(),
                          "kl_stderr": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0}
-    return results, {"prompts": len(prompts), **ref_stats}
+    return results, {"prompts": len(prompts), **ref_stats}, records
 
 
 def _reward_stats(rewards: list[float], lengths: list[int]) -> dict:
@@ -208,10 +218,12 @@ def run(cfg) -> dict:
     if cfg.prompts:
         if len({row["reference"] for row in rows}) > 1:
             raise ConfigError("prompts: the models have different references; evaluate them separately (or set ref_model)")
-        per_model, reference_stats = eval_prompts(models, references[rows[0]["reference"]], tokenizer, cfg)
+        per_model, reference_stats, records = eval_prompts(models, references[rows[0]["reference"]], tokenizer, cfg)
         for row in rows:
             row["prompts"] = per_model[row["model"]]
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.prompts:
+        write_atomic(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     report = {"models": rows, "reference": reference_stats, "config": cfg.to_dict()}
     write_atomic(out / "eval.json", json.dumps(report, indent=1, default=str))
     flat = [{"model": r["model"], "reference": r["reference"],
@@ -252,5 +264,5 @@ def main(args: list[str]) -> int:
         r = report["reference"]
         print(f"reference prompts reward {r['reward']:.3f} +- {r['reward_stderr']:.3f}, mean length {r['mean_length']:.1f}")
     print(f"written: {Path(report['config']['output_dir']) / 'eval.json'}, eval.csv"
-          + (", frontier.png" if report["reference"] else ""))
+          + (", samples.jsonl, frontier.png" if report["reference"] else ""))
     return 0

@@ -150,6 +150,9 @@ class TrainConfig:
     pairing: str = _f("best_worst", "How sample forms pairs from a prompt's scored completions: best_worst (the best against the worst), all (every two whose scores differ by at least min_margin), random (two at random). Ties are skipped and counted.", ("best_worst", "all", "random"))
     min_margin: float = _f(0.0, "Smallest reward difference that makes a pair (ties, equal rewards, never do).")
     prompts: str | None = _f(None, "eval: prompts to sample from and score with `reward` (same forms as dataset; prompt-only records allowed).")
+    infer_backend: str = _f("auto", "What generates in preftune sample: huggingface (transformers' generate), vllm (the vllm package, a CUDA GPU; much faster on large models), or auto (vllm when it is installed and a CUDA GPU is present, else huggingface).", ("auto", "huggingface", "vllm"))
+    vllm_gpu_util: float = _f(0.7, "infer_backend: vllm: the share of GPU memory vLLM may take for weights and KV cache (LLaMA-Factory's key).")
+    vllm_enforce_eager: bool = _f(False, "infer_backend: vllm: no CUDA graphs (starts faster, generates slower; LLaMA-Factory's key).")
 
     # --- evaluation, logging, saving ----------------------------------------------------
     generate_during_eval: int = _f(0, "At each evaluation, sample one completion for each of the first N validation prompts (temperature, top_p, top_k, max_new_tokens, seed) into <metrics dir>/completions.jsonl, and log their mean length (eval_completion_length). 0: off.")
@@ -476,6 +479,8 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"top_p must be in (0, 1] (or unset); got {cfg.top_p}")
     if cfg.top_k is not None and cfg.top_k < 1:
         bad(f"top_k must be at least 1 (or unset); got {cfg.top_k}")
+    if not (0 < cfg.vllm_gpu_util <= 1):
+        bad(f"vllm_gpu_util must be a share of GPU memory in (0, 1]; got {cfg.vllm_gpu_util}")
     if not (cfg.min_margin >= 0 and math.isfinite(cfg.min_margin)):
         bad(f"min_margin must be a number >= 0; got {cfg.min_margin}")
     if cfg.generate_during_eval < 0:

@@ -177,6 +177,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _f(None, "A checkpoint-N folder to continue from, or true for the latest complete one in output_dir; the resumed run reaches the same metrics and weights as an uninterrupted one.")
     dataloader_num_workers: int = _f(0, "Accepted for LLaMA-Factory configs; batches are built in-process.")
     ddp_timeout: int | None = _f(None, "Accepted for LLaMA-Factory configs.")
+    fsdp: str = _f("", "Shard weights, gradients and optimizer state over the processes with FSDP2 (TrainingArguments' words): full_shard, shard_grad_op (keep gathered weights from forward to backward), offload (parameters on the CPU between uses; GPU only). An accelerate config with distributed_type FSDP and fsdp_version 2 does the same. Full fine-tuning only so far; docs/distributed.md.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")
 
     @property
@@ -481,6 +482,10 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"top_k must be at least 1 (or unset); got {cfg.top_k}")
     if not (0 < cfg.vllm_gpu_util <= 1):
         bad(f"vllm_gpu_util must be a share of GPU memory in (0, 1]; got {cfg.vllm_gpu_util}")
+    unknown = set(cfg.fsdp.replace(",", " ").split()) - {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
+    if unknown:
+        bad(f"fsdp: {', '.join(sorted(unknown))} is not a sharding mode here; use full_shard, shard_grad_op, "
+            "offload (or leave fsdp empty for data parallelism)")
     if not (cfg.min_margin >= 0 and math.isfinite(cfg.min_margin)):
         bad(f"min_margin must be a number >= 0; got {cfg.min_margin}")
     if cfg.generate_during_eval < 0:

@@ -174,3 +174,20 @@ def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidd
         lq = F.log_softmax(_logits(head_ref, reference_hidden[i:i + chunk_size], _softcap(reference)), dim=-1)
         total += (lp.exp() * (lp - lq)).sum()
     return total, policy_hidden.size(0)
+
+
+class PolicyLogps(torch.nn.Module):
+    """A model seen through `get_batch_logps`, so that a distributed wrapper around this module sees
+    the whole forward, LM head included: DDP synchronises every gradient, and FSDP2 (sharding.py),
+    with this module as its root, gathers the embeddings and LM head for the whole pass. The policy
+    is one; a sharded reference another."""
+
+    def __init__(self, model, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
+                position_ids=None, sequence_lengths=None):
+        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
+                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
+                               sequence_lengths=sequence_lengths)

@@ -138,6 +138,7 @@ class TrainConfig:
     seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
     logps_chunk_size: int = _f(1024, "Completion tokens projected through the LM head at once (bounds logits memory).")
     padding_free: bool = _f(False, "Put a micro-batch's sequences back to back in one row (position ids restart at each) instead of padding them to the longest: no compute spent on pad tokens, the same log-probs. It pays with attn_implementation flash_attention_2 (varlen kernels) or flex_attention; with sdpa or eager it is correct but attention spans the whole row. Not with pref_loss: kto.")
+    prefix_sharing: bool = _f(False, "Run each pair's prompt once for both completions: one row [prompt | chosen | rejected] per pair, a mask that keeps each completion to the prompt and itself, the same log-probs. Fewer tokens through the model when prompts are long (with a 4D mask, so attn_implementation sdpa or eager). Pairs only (not kto, not sft); not with padding_free.")
     group_by_length: bool = _f(False, "Batch pairs of similar length together (each group of 50 batches of the seeded order sorted by length, as transformers' group_by_length): less padding, the same pairs per epoch.")
 
     # --- sampling and evaluation (preftune sample, preftune eval) -----------------------
@@ -511,6 +512,16 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if value != 1.0 and not cfg.is_kto:
             raise ConfigError(f"{key}: only pref_loss: kto weighs desirable/undesirable examples; "
                               f"pref_loss is {cfg.pref_loss}; remove {key}")
+    if cfg.prefix_sharing:
+        if cfg.padding_free:
+            raise ConfigError("prefix_sharing and padding_free are two layouts of a batch; choose one (prefix_sharing "
+                              "saves the prompt's second pass, padding_free the padding)")
+        if cfg.is_kto or cfg.stage == "sft":
+            raise ConfigError("prefix_sharing: shares a pair's prompt between chosen and rejected; "
+                              f"{'pref_loss: kto' if cfg.is_kto else 'stage: sft'} has no pairs; set prefix_sharing: false")
+        if cfg.attention in ("flash_attention_2", "flex_attention"):
+            raise ConfigError(f"prefix_sharing: needs a 4D attention mask, which attn_implementation {cfg.attention} "
+                              "does not take; use sdpa (or eager), or padding_free for flash-attn")
     if cfg.is_kto:
         if cfg.padding_free:
             raise ConfigError("padding_free: not supported with pref_loss: kto (its KL rows are built per padded batch); "

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from preftune.batching import collate, collate_chosen, collate_packed, collate_unpaired
+from preftune.batching import collate, collate_chosen, collate_packed, collate_shared, collate_unpaired
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
 from preftune.logps import PolicyLogps, completion_kl, model_inputs  # noqa: F401 (PolicyLogps: imported from here)
@@ -77,6 +77,8 @@ class PreferenceStep:
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
         if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
+        elif cfg.prefix_sharing:  # one row per pair, the prompt run once: the same numbers, fewer tokens
+            self.collate = collate_shared
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):

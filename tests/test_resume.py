@@ -98,7 +98,11 @@ def test_stopped_after_a_checkpoint_resumes_exactly(tmp_path, tiny_model_dir, un
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert (state["epoch"], state["micro_batch"], state["running_keys"][0]) == (1, 4, "loss")
     assert state["loss_state"]["bco_shift"]["count"] == 12  # the BCO shift has seen 12 micro-batches
-    assert not (out / "dpo_metrics").exists()
+    # the metric files are written as the run goes: every row logged before the stop is there, once
+    assert [r["step"] for r in json.loads((out / "dpo_metrics" / "log_history.json").read_text())] == [0, 4, 4]
+    assert [line.split(",")[0] for line in (out / "dpo_metrics" / "training_metrics.csv").read_text().splitlines()] \
+        == ["step", "0", "4"]
+    assert not (out / "model.safetensors").exists()
 
     summary = train_mod.train(from_dict(resume_raw(tmp_path, tiny_model_dir, resume_from_checkpoint=True)))
     assert summary["resumed_from"] == {"checkpoint": str(out / "checkpoint-6"), "step": 6}
@@ -215,7 +219,7 @@ def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert (out / "checkpoint-3").is_dir() and not (out / "dpo_metrics").exists()  # killed before the end
+    assert (out / "checkpoint-3").is_dir() and not (out / "model.safetensors").exists()  # killed before the end
 
     subprocess.run(command + [config("killed", resume_from_checkpoint=True)], env=env, check=True,
                    capture_output=True)

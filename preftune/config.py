@@ -297,7 +297,7 @@ BOUNDS: dict[str, str] = {
     # optimisation
     "per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",
     "gradient_accumulation_steps": "[1, inf)", "num_train_epochs": "[0, inf)", "max_steps": "[-1, inf)",
-    "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+    "learning_rate": "(0, 1e30]", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
     "adam_epsilon": "(0, inf)", "warmup_ratio": "[0, 1)", "warmup_steps": "[0, inf)", "max_grad_norm": "[0, inf)",
     "dropout": "[0, 1)", "seed": "[0, 4294967295]", "logps_chunk_size": "[1, inf)",
     # sampling and evaluation
@@ -312,7 +312,7 @@ BOUNDS: dict[str, str] = {
 }
 # What a bound means where a bare interval would not say it
 BOUND_NOTES = {"max_steps": "-1 or 0: num_train_epochs decides", "val_size": "a share in (0, 1) or a count >= 1",
-               "seed": "numpy's seed range", "max_grad_norm": "0 turns clipping off",
+               "seed": "numpy's seed range", "learning_rate": "fine-tuning uses about 1e-6 to 1e-4", "max_grad_norm": "0 turns clipping off",
                "label_smoothing": "a share of flipped labels; robust divides by 1 - 2 * label_smoothing",
                "ld_alpha": "the weight of the tokens beyond the shorter completion"}
 

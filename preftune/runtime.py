@@ -140,6 +140,15 @@ class NonFiniteGuard:
         return (f"a learning rate too high for this model and data (learning_rate {cfg.learning_rate:g}; lower it "
                 "or set max_grad_norm), or a bad data record in this step's batch")
 
+    def check_weights(self, model, step: int) -> None:
+        """The final model is never written with a NaN or infinite weight (an update can overflow on the
+        last step, when no later loss would show it)."""
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise NonFiniteStep(f"training stopped after step {step}: weight {bad} is not finite (NaN or infinite). "
+                                f"Likely cause: {self.likely_cause(step)}. No final model was saved; "
+                                f"{_last_checkpoint_text(self.cfg)}")
+
     def skip(self, optimizer) -> None:
         """Drop this step's gradients; with fp16 the scaler still takes note (it lowers the scale)."""
         optimizer.zero_grad(set_to_none=True)

@@ -231,6 +231,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     final = accelerator.unwrap_model(policy).model
     if best_step is not None and best_step != step:
         checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
+    guard.check_weights(final, step)  # never a final model with NaN or infinite weights
     summary: dict = {}
     if accelerator.is_main_process:
         checkpoints.save_final(final, tokenizer, cfg)

@@ -34,8 +34,9 @@ def test_non_finite_floats_are_refused_with_key_and_range(name, value):
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"learning_rate": "nan"}, r"^learning_rate must be a positive number; got nan$"),
-    ({"learning_rate": 0}, r"^learning_rate must be a positive number; got 0"),
+    ({"learning_rate": "nan"}, r"^learning_rate must be in \(0, 1e30\] .*; got nan$"),
+    ({"learning_rate": 0}, r"^learning_rate must be in \(0, 1e30\] \(fine-tuning uses about 1e-6 to 1e-4\); got 0"),
+    ({"learning_rate": 1e39}, r"^learning_rate must be in \(0, 1e30\]"),
     ({"warmup_steps": -5}, r"^warmup_steps must be at least 0; got -5$"),
     ({"warmup_ratio": -0.1}, r"^warmup_ratio must be in \[0, 1\); got -0.1$"),
     ({"seed": -1}, r"^seed must be an integer in \[0, 4294967295\] \(numpy's seed range\); got -1$"),
@@ -371,3 +372,18 @@ def test_a_resume_on_other_data_is_refused(checkpointed):
         train_mod.train(resumed(checkpointed, max_steps=6))
     summary = train_mod.train(resumed(checkpointed, max_steps=6, resume_override=True))
     assert summary["resumed_from"]["step"] == 4 and summary["steps"]["done"] == 6
+
+
+def test_a_final_model_with_non_finite_weights_is_never_saved(tmp_path, tiny_model_dir, monkeypatch):
+    """An update that overflows on the last step: no later loss shows it, the final check does."""
+    real_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.fill_(math.inf)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    with pytest.raises(runtime.NonFiniteStep, match=r"^training stopped after step 1: weight .* is not finite"):
+        train_mod.train(small_run(tmp_path, tiny_model_dir, max_steps=1))
+    assert not (tmp_path / "out" / "model.safetensors").exists()

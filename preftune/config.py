@@ -556,6 +556,10 @@ def _validate_inert(cfg: TrainConfig) -> None:
         _warn_once(f"warmup_ratio: {cfg.warmup_ratio} is ignored, warmup_steps: {cfg.warmup_steps} sets the warmup")
     if cfg.save_only_model and not cfg.save_steps:
         _warn_once("save_only_model: no checkpoints are written (save_steps is unset), so it changes nothing")
+    if cfg.generate_during_eval and cfg.eval_strategy == "no":
+        raise ConfigError("generate_during_eval samples at each evaluation, and eval_strategy is no; remove one")
+    if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
+        _warn_once("overwrite_output_dir: ignored when resuming (the checkpoints in output_dir are the run's own)")
 
 
 def validate_loss_options(cfg: TrainConfig) -> None:

@@ -223,7 +223,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
 
         if cfg.save_steps and step % cfg.save_steps == 0:
             checkpoint(step)
-        if stop.requested(accelerator):  # after the step's logging, evaluation and checkpoint
+        if step < total_steps and stop.requested(accelerator):  # after the step's logging, evaluation, checkpoint
             stop.stop(step, checkpoint if cfg.save_steps and step % cfg.save_steps else None, metrics, cfg, accelerator)
     bar.close()
 

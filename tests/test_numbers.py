@@ -107,11 +107,18 @@ def test_inert_options_are_warned_once(caplog):
             from_dict({"eval_steps": 5, "val_size": 0.1, "eval_strategy": "epoch"})
             from_dict({"warmup_steps": 3, "warmup_ratio": 0.1})
             from_dict({"save_only_model": True})
+            from_dict({"overwrite_output_dir": True, "resume_from_checkpoint": True})
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["eval_steps: no validation data (eval_dataset or val_size), so nothing is evaluated",
                         "eval_steps: ignored with eval_strategy: epoch",
                         "warmup_ratio: 0.1 is ignored, warmup_steps: 3 sets the warmup",
-                        "save_only_model: no checkpoints are written (save_steps is unset), so it changes nothing"]
+                        "save_only_model: no checkpoints are written (save_steps is unset), so it changes nothing",
+                        "overwrite_output_dir: ignored when resuming (the checkpoints in output_dir are the run's own)"]
+
+
+def test_sampling_at_evaluations_without_evaluations_is_refused():
+    with pytest.raises(ConfigError, match="^generate_during_eval samples at each evaluation, and eval_strategy is no"):
+        from_dict({"generate_during_eval": 2, "val_size": 0.1, "eval_strategy": "no"})
 
 
 def test_defaults_pass():

@@ -17,12 +17,14 @@ step; `resume_from_checkpoint: true` then continues to the numbers of an uninter
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 import os
 import signal
 import threading
+from array import array
 from pathlib import Path
 
 import torch
@@ -78,7 +80,13 @@ def data_fingerprint(train_items: list, eval_items: dict[str, list]) -> str:
     for name, items in {"train": train_items, **eval_items}.items():
         digest.update(f"{name}:{len(items)}\n".encode())
         for item in items:
-            digest.update(repr(item).encode())
+            values = [getattr(item, f.name) for f in dataclasses.fields(item)] if dataclasses.is_dataclass(item) \
+                else [item]
+            for value in values:
+                try:  # token ids: packed at C speed (repr of every id would take seconds on a large set)
+                    digest.update(array("q", value).tobytes())
+                except TypeError:
+                    digest.update(repr(value).encode())
     return digest.hexdigest()[:16]
 
 

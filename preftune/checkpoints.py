@@ -343,7 +343,8 @@ def check_same_data(state: dict, cfg, folder: Path, fingerprint: str | None) -> 
     log.warning("resume_override: continuing %s on other data%s", folder, what)
 
 
-def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg, fingerprint: str | None = None) -> dict:
+def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg,
+                    fingerprint: str | None = None) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG states from `folder`, once its data
     is known to be this run's (`fingerprint`); return trainer_state.json's loop state, with `running`
     as {statistic: [tensor on the device]}."""

@@ -312,7 +312,8 @@ BOUNDS: dict[str, str] = {
 }
 # What a bound means where a bare interval would not say it
 BOUND_NOTES = {"max_steps": "-1 or 0: num_train_epochs decides", "val_size": "a share in (0, 1) or a count >= 1",
-               "seed": "numpy's seed range", "learning_rate": "fine-tuning uses about 1e-6 to 1e-4", "max_grad_norm": "0 turns clipping off",
+               "seed": "numpy's seed range", "learning_rate": "fine-tuning uses about 1e-6 to 1e-4",
+               "max_grad_norm": "0 turns clipping off",
                "label_smoothing": "a share of flipped labels; robust divides by 1 - 2 * label_smoothing",
                "ld_alpha": "the weight of the tokens beyond the shorter completion"}
 
@@ -333,7 +334,8 @@ def describe_bounds(name: str) -> str:
         if integer:
             words = f"at least {int(low) if low_in else int(low) + 1}"
         else:
-            words = "a positive number" if (low, low_in) == (0, False) else f"a number {'>=' if low_in else '>'} {low:g}"
+            words = "a positive number" if (low, low_in) == (0, False) else \
+                f"a number {'>=' if low_in else '>'} {low:g}"
     else:
         words = f"{'an integer ' if integer else ''}in {BOUNDS[name]}"
     return words + (f" ({BOUND_NOTES[name]})" if name in BOUND_NOTES else "")
@@ -355,6 +357,7 @@ def _check_bounds(values: dict[str, Any]) -> None:
         inside = (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
         if not (math.isfinite(value) and inside):
             raise ConfigError(f"{name} must be {describe_bounds(name)}; got {value}")
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = get_type_hints(TrainConfig)

@@ -117,12 +117,13 @@ class NonFiniteGuard:
         grad_norm = float(grad_norm)
         bad_loss = not bool(losses_finite)
         bad_grad = not math.isfinite(grad_norm) and self.accelerator.scaler is None
-        flag = torch.tensor(float(bad_loss) + 2 * float(bad_grad), device=self.accelerator.device)
+        flags = torch.tensor([float(bad_loss), float(bad_grad)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:  # every process must take the same decision
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        if not flag.item():
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        bad_loss, bad_grad = (bool(f) for f in flags.tolist())
+        if not (bad_loss or bad_grad):
             return False
-        what = "loss" if bad_loss or flag.item() % 2 else "gradient norm"
+        what = "loss" if bad_loss else "gradient norm"
         value = "non-finite" if what == "loss" else grad_norm
         if len(self.skipped) < self.cfg.skip_nonfinite_steps:
             self.skipped.append(step)
@@ -200,7 +201,8 @@ class StopSignals:
         """Whether a signal asked to stop; agreed by every process (torchrun signals each of them)."""
         flag = self.received is not None
         if accelerator.num_processes > 1:
-            flag = bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item())
+            flag = bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device),
+                                           reduction="sum").item())
         return flag
 
     def stop(self, step: int, checkpoint, metrics, cfg, accelerator) -> None:

@@ -128,6 +128,9 @@ class MetricsLog:
 
     def finish(self, total_steps, steps_done, stopped_early, best_step, elapsed) -> dict:
         self.planned_steps, self.best_step = total_steps, best_step
+        if self.skipped_steps:
+            log.warning("non-finite steps skipped: %d (steps %s; skip_nonfinite_steps: %d)", len(self.skipped_steps),
+                        ", ".join(map(str, self.skipped_steps)), self.cfg.skip_nonfinite_steps)
         self.write_logs()
         return self.write_summary("completed", steps_done, stopped_early, elapsed, plot=self.cfg.plot_loss)
 

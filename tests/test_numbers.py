@@ -199,6 +199,7 @@ def test_skip_nonfinite_steps_skips_and_counts(tmp_path, tiny_model_dir, monkeyp
     assert summary["nonfinite_steps_skipped"] == {"count": 1, "steps": [3]}
     assert summary["status"] == "completed" and summary["steps"]["done"] == 6
     assert "step 3: the gradient norm is inf; step skipped (1 of skip_nonfinite_steps: 1)" in caplog.text
+    assert "non-finite steps skipped: 1 (steps 3; skip_nonfinite_steps: 1)" in caplog.text
     history = json.loads((tmp_path / "out" / "dpo_metrics" / "log_history.json").read_text())
     assert [r["step"] for r in history] == [1, 2, 4, 5, 6]  # the skipped step's NaN statistics are not logged
     weights = load_file(tmp_path / "out" / "model.safetensors")

@@ -121,7 +121,7 @@ def sections(cls) -> list[tuple[str, list[dataclasses.Field]]]:
 
 
 def generate() -> str:
-    from preftune.config import ALIASES, TrainConfig
+    from preftune.config import ALIASES, BOUNDS, TrainConfig, describe_bounds
 
     parts = [INTRO.format(header=HEADER)]
     groups = sections(TrainConfig)
@@ -133,6 +133,8 @@ def generate() -> str:
             choices = f.metadata.get("choices")
             if choices:
                 text = f"{text} One of: {', '.join(f'`{c}`' for c in choices)}."
+            if f.name in BOUNDS:  # checked before anything loads; NaN and infinity never pass
+                text = f"{text} Allowed: {describe_bounds(f.name)}."
             rows.append(f"| `{f.name}` | {_default(f)} | {_cell(text)} |")
         parts.append(f"## {title}\n\n| key | default | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n")
     notes = _alias_notes()

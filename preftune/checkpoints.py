@@ -236,6 +236,12 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
 
 
+def latest_checkpoint(out: Path) -> Path | None:
+    """The latest checkpoint-N folder in `out` that a resume can use, or None."""
+    complete = [p for _, p in _checkpoints(out) if not _missing(p)] if out.is_dir() else []
+    return complete[-1] if complete else None
+
+
 def _missing(folder: Path) -> list[str]:
     weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
     missing = [] if any((folder / w).is_file() for w in weights) else ["model weights (model.safetensors)"]
@@ -244,7 +250,15 @@ def _missing(folder: Path) -> list[str]:
 
 def resume_dir(cfg) -> Path | None:
     """The checkpoint `resume_from_checkpoint` names: a folder, or "true" for the latest complete
-    checkpoint-N in output_dir. None when unset."""
+    checkpoint-N in output_dir; checked against the config (`check_same_run`) before anything loads.
+    None when unset."""
+    folder = _resume_folder(cfg)
+    if folder is not None:
+        check_same_run(json.loads((folder / "trainer_state.json").read_text()), cfg, folder)
+    return folder
+
+
+def _resume_folder(cfg) -> Path | None:
     value = cfg.resume_from_checkpoint
     if not value:
         return None
@@ -273,31 +287,83 @@ def resume_dir(cfg) -> Path | None:
     return folder
 
 
-# Keys that decide which pairs make up each micro-batch: changed, the saved data position would
-# point into a different stream, so a resume with other values is refused.
-# (dataset paths only warn: the same data may have moved.)
+# What a resume may change (docs/checkpoints.md). Keys that decide which pairs make up each micro-batch:
+# changed, the saved data position would point into a different stream, so they are always refused.
 DATA_ORDER_KEYS = ("val_size", "shuffle", "max_samples", "seed", "per_device_train_batch_size",
                    "gradient_accumulation_steps")
+# Keys that make it another run: refused unless resume_override: true (then warned, with the changes).
+# The data is compared by its fingerprint (the tokenized items) once it is read: the same data may have
+# moved, so a changed path alone is only warned, and the data keys are named when the data differs.
+CHANGED_RUN_KEYS = {
+    "model": ("model_name_or_path", "stage", "finetuning_type", "adapter_name_or_path", "lora_rank", "lora_alpha",
+              "lora_dropout", "lora_target", "use_dora", "use_rslora", "additional_target", "freeze_trainable_layers",
+              "freeze_trainable_modules", "freeze_extra_modules", "quantization_bit", "torch_dtype", "pure_bf16"),
+    "reference": ("ref_model", "ref_model_adapters", "ref_model_quantization_bit", "precompute_ref_log_probs"),
+    "loss": ("pref_loss", "loss_weights", "pref_beta", "label_smoothing", "discopop_tau", "simpo_gamma",
+             "pref_bco_weight", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight", "f_divergence_type",
+             "f_alpha_divergence_coef", "ld_alpha", "use_weighting"),
+}
+DATA_KEYS = ("dataset", "dataset_dir", "eval_dataset", "columns", "template", "cutoff_len", "truncation_mode",
+             "max_prompt_length", "drop_invalid_pairs")
+# Keys that change nothing the weights go through: free on resume, not even warned. (Others, such as
+# learning_rate or max_steps, change the rest of the run and are warned.)
+FREE_ON_RESUME = ("resume_from_checkpoint", "resume_override", "output_dir", "overwrite_output_dir", "logging_steps",
+                  "save_steps", "save_total_limit", "save_only_model", "plot_loss", "progress_bar", "report_to",
+                  "eval_steps", "eval_strategy", "per_device_eval_batch_size", "generate_during_eval",
+                  "dataloader_num_workers", "ddp_timeout", "preprocessing_num_workers", "overwrite_cache",
+                  "tokenized_cache_dir", "ref_logps_cache_dir", "skip_nonfinite_steps", "num_samples",
+                  "max_new_tokens", "temperature", "top_p", "top_k", "reward", "pairing", "min_margin", "prompts")
 
 
-def _check_same_run(saved: dict, cfg, folder: Path) -> None:
-    now = cfg.to_dict()
-    changed = [k for k in saved if k in now and saved[k] != now[k]
-               and k not in ("resume_from_checkpoint", "output_dir")]
-    order = [k for k in changed if k in DATA_ORDER_KEYS]
+def _changes(saved: dict, now: dict, keys) -> list[str]:
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and k in now and saved[k] != now[k]]
+
+
+def check_same_run(state: dict, cfg, folder: Path) -> None:
+    """Refuse a resume that would continue another run: other data order, model, reference or loss
+    (unless resume_override: true), or max_steps below the checkpoint's step. Other changes are warned."""
+    saved, now = state["config"], cfg.to_dict()
+    order = [k for k in DATA_ORDER_KEYS if k in saved and saved[k] != now[k]]
     if order:
         raise ConfigError(f"resume_from_checkpoint: {folder} was written with other {', '.join(order)} "
                           f"({', '.join(f'{k}={saved[k]!r}' for k in order)}); resume with the run's own values")
+    if 0 < cfg.max_steps < state["step"]:
+        raise ConfigError(f"max_steps: {cfg.max_steps} is below the step of the checkpoint resumed ({folder.name}, "
+                          f"step {state['step']}); raise max_steps, or resume an earlier checkpoint")
+    grouped = {group: _changes(saved, now, keys) for group, keys in CHANGED_RUN_KEYS.items()}
+    changed = "; ".join(f"{group}: {', '.join(c)}" for group, c in grouped.items() if c)
+    if changed and not cfg.resume_override:
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written by another run ({changed}); resume with "
+                          "the run's own settings, or set resume_override: true to continue with these changes")
     if changed:
-        log.warning("resume: config differs from the checkpoint's run in %s; the run is no longer the one that "
-                    "was interrupted", ", ".join(changed))
+        log.warning("resume_override: continuing %s with changes (%s)", folder, changed)
+    known = set(DATA_ORDER_KEYS + FREE_ON_RESUME).union(*CHANGED_RUN_KEYS.values())
+    others = _changes(saved, now, [k for k in now if k not in known])
+    if others:
+        log.warning("resume: settings differ from the checkpoint's run: %s; the rest of the run follows the new "
+                    "values", ", ".join(others))
 
 
-def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG states from `folder`; return
-    trainer_state.json's loop state, with `running` as {statistic: [tensor on the device]}."""
+def check_same_data(state: dict, cfg, folder: Path, fingerprint: str | None) -> None:
+    """The tokenized data must be the checkpoint's (compared by `runtime.data_fingerprint`)."""
+    saved = state.get("data_fingerprint")
+    if saved is None or fingerprint is None or saved == fingerprint:
+        return
+    keys = _changes(state["config"], cfg.to_dict(), DATA_KEYS)
+    what = f" ({', '.join(keys)})" if keys else " (the same settings: the files' contents changed)"
+    if not cfg.resume_override:
+        raise ConfigError(f"resume_from_checkpoint: {folder} was trained on other data{what}; resume with the run's "
+                          "own data, or set resume_override: true to continue on this data")
+    log.warning("resume_override: continuing %s on other data%s", folder, what)
+
+
+def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg,
+                    fingerprint: str | None = None) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG states from `folder`, once its data
+    is known to be this run's (`fingerprint`); return trainer_state.json's loop state, with `running`
+    as {statistic: [tensor on the device]}."""
     state = json.loads((folder / "trainer_state.json").read_text())
-    _check_same_run(state["config"], cfg, folder)
+    check_same_data(state, cfg, folder, fingerprint)
     model = accelerator.unwrap_model(policy).model
     if state.get("sharded", False) != sharding.is_sharded(model):  # the optimizer state is keyed differently
         raise ConfigError(f"resume_from_checkpoint: {folder} was written {'with' if state.get('sharded') else 'without'} "

@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return importlib.import_module(f"preftune.commands.{command}").main(rest)
-    except PreftuneError as e:
-        print(f"preftune: error: {e}", file=sys.stderr)
-        return 2
+    except PreftuneError as e:  # a stop by SIGINT/SIGTERM (runtime.Stopped) carries its own status: 130, 143
+        code = getattr(e, "exit_code", 2)
+        print(f"preftune: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130

@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import DataError
+
+log = logging.getLogger("preftune")
 
 
 @dataclass
@@ -834,6 +837,8 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
         n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(len(train) * cfg.val_size))
         if n_val >= len(train):
             raise DataError(f"val_size {cfg.val_size} leaves no training pairs out of {len(train)}")
+        log.info("val_size %g read as %s: %d of %d pairs held out for validation", cfg.val_size,
+                 "a count" if cfg.val_size >= 1 else "a share", n_val, len(train))
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
         val = [train[i] for i in sorted(order[:n_val])]

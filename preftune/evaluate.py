@@ -54,6 +54,20 @@ def pooled(sums: dict[str, float], counts: dict[str, int], accelerator) -> tuple
     return total_sums, total_counts
 
 
+def training_row(running: dict[str, list[torch.Tensor]], tokens: int, train_seconds: float, kl, accelerator) -> dict:
+    """A training log row: the mean of each statistic over every process's items since the last row
+    (`running`: statistic -> per-micro-batch tensors), the KL of the last micro-batch (absent, not 0,
+    without a reference) and the throughput in tokens per second of training time."""
+    sums = {k: torch.cat(v).float().sum().item() for k, v in running.items()}
+    counts = {k: sum(t.numel() for t in v) for k, v in running.items()}
+    if kl is not None:
+        sums["kl"], counts["kl"] = kl[0].item(), kl[1]
+    sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, accelerator)
+    row = {k: sums[k] / max(counts[k], 1) for k in sums if k != "tokens"}
+    row["tokens_per_second"] = sums["tokens"] / max(train_seconds, 1e-9)
+    return row
+
+
 @torch.no_grad()
 def pair_logps(model, pairs: list, pad_id: int, batch_size: int, chunk_size: int = 1024, ld_alpha: float | None = None,
                device=None, autocast=contextlib.nullcontext, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

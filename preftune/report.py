@@ -1,5 +1,8 @@
 """What a run reports: the metric log and the four files in <output_dir>/dpo_metrics/
-(<output_dir>/sft_metrics/ for stage: sft).
+(<output_dir>/sft_metrics/ for stage: sft), written as the run goes (only by the main process):
+the CSV and log_history.json gain each row when it is logged, summary.json and the plot are
+refreshed at each evaluation and at the end, so a crash or a signal leaves them up to the last
+logged step.
 
     training_metrics.csv  one row per logged step (train and eval columns side by side)
     log_history.json      every logged entry, as a list of dicts (like transformers' log_history)
@@ -14,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 from preftune import health
@@ -43,10 +47,16 @@ class MetricsLog:
         self.precision: dict | None = None  # the dtypes of the policy and the reference (reference.describe_precision)
         self.dir = Path(cfg.output_dir) / ("sft_metrics" if cfg.objective == "sft" else "dpo_metrics")
         self.resumed_from: dict | None = None  # {checkpoint, step} when the run continued a checkpoint
+        self.writes = True  # only the main process writes files (describe_setup says which one it is)
+        self.planned_steps: int | None = None
+        self.skipped_steps: list[int] = []  # steps skipped as non-finite (runtime.NonFiniteGuard)
+        self.best_step: int | None = None  # the early-stopping best model's step, once there is one
+        self.start = time.time()
 
     def describe_setup(self, accelerator, global_batch: int, unit: str, reference: str, precision: dict) -> None:
         """The log lines that say how the run is set up; the precision also goes to summary.json."""
         self.precision = precision
+        self.writes = accelerator.is_main_process
         log.info("processes: %d (%s); global batch %d %s per step = %d per device x %d accumulation x %d processes",
                  accelerator.num_processes, accelerator.distributed_type.value,
                  global_batch * self.cfg.gradient_accumulation_steps, unit, self.cfg.per_device_train_batch_size,
@@ -77,6 +87,10 @@ class MetricsLog:
             row["eval_train_gap"] = gap
             row["eval_train_gap_pct"] = 100 * gap / last_train["loss"] if last_train["loss"] else math.nan
         self.history.append(row)
+        if self.writes:
+            self.write_logs()
+            if "eval_loss" in row and row["step"] > 0:  # the baseline adds nothing to a summary yet
+                self.write_summary(status="running", plot=True)
         shown = {k: v for k, v in row.items() if k in ("step", "epoch", "loss", "rewards/accuracies",
                                                       "rewards/margins", "kl", "perplexity", "eval_loss",
                                                       "eval_rewards/accuracies", "eval_kl", "eval_perplexity")}
@@ -88,7 +102,17 @@ class MetricsLog:
             merged.setdefault(row["step"], {}).update(row)
         return [merged[s] for s in sorted(merged)]
 
-    def finish(self, total_steps, steps_done, stopped_early, best_step, elapsed) -> dict:
+    def resume(self, state: dict, checkpoint: Path) -> None:
+        """Continue the history of the checkpoint's run; the metric files are rewritten from it at once,
+        so rows a killed run logged after its last checkpoint are not left behind twice."""
+        self.history = state["log_history"]
+        self.resumed_from = {"checkpoint": str(checkpoint), "step": state["step"]}
+        self.skipped_steps[:] = state.get("nonfinite_steps_skipped", [])
+        if self.writes:
+            self.write_logs()
+
+    def write_logs(self) -> None:
+        """training_metrics.csv and log_history.json from the history so far, each in one rename."""
         self.dir.mkdir(parents=True, exist_ok=True)
         rows = self.rows_by_step()
         columns = ["step", "epoch"]
@@ -102,23 +126,43 @@ class MetricsLog:
         os.replace(tmp, self.dir / "training_metrics.csv")
         write_atomic(self.dir / "log_history.json", json.dumps(self.history, indent=1))
 
+    def finish(self, total_steps, steps_done, stopped_early, best_step, elapsed) -> dict:
+        self.planned_steps, self.best_step = total_steps, best_step
+        if self.skipped_steps:
+            log.warning("non-finite steps skipped: %d (steps %s; skip_nonfinite_steps: %d)", len(self.skipped_steps),
+                        ", ".join(map(str, self.skipped_steps)), self.cfg.skip_nonfinite_steps)
+        self.write_logs()
+        return self.write_summary("completed", steps_done, stopped_early, elapsed, plot=self.cfg.plot_loss)
+
+    def write_summary(self, status: str, steps_done: int | None = None, stopped_early: bool = False,
+                      elapsed: float | None = None, plot: bool = False) -> dict:
+        """summary.json (and the plot when `plot` and plot_loss) for the run so far; `status` says whether it
+        is running, completed, stopped by a signal or failed."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if steps_done is None:
+            steps_done = max((r["step"] for r in self.history), default=0)
+        best_step = self.best_step
         train_rows = [r for r in self.history if "loss" in r]
         eval_rows = [r for r in self.history if "eval_loss" in r]
         signals = health.check(self.history, self.cfg.health_thresholds)
-        for line in health.format_report(signals):
-            log.info(line)
+        if status == "completed":  # the report once, at the end; live summaries carry it silently
+            for line in health.format_report(signals):
+                log.info(line)
         summary = {
+            "status": status,
             "baseline": next((r for r in eval_rows if r["step"] == 0), None),
             "final": {**(train_rows[-1] if train_rows else {}),
                       **(eval_rows[-1] if eval_rows and eval_rows[-1]["step"] > 0 else {})},
             "best": min((r for r in eval_rows if r["step"] > 0), key=lambda r: r["eval_loss"], default=None),
-            "kept_model": {"step": best_step if best_step is not None else steps_done,
-                           "why": "best eval_loss (early stopping)" if best_step is not None else "last step"},
+            "kept_model": None if status != "completed" else  # no final model is written before the end
+            {"step": best_step if best_step is not None else steps_done,
+             "why": "best eval_loss (early stopping)" if best_step is not None else "last step"},
             "stopped_early": stopped_early,
             "resumed_from": self.resumed_from,
             "health": signals,
-            "steps": {"planned": total_steps, "done": steps_done},
-            "timings": {"elapsed_seconds": round(elapsed, 2),
+            "steps": {"planned": self.planned_steps, "done": steps_done},
+            "nonfinite_steps_skipped": {"count": len(self.skipped_steps), "steps": self.skipped_steps},
+            "timings": {"elapsed_seconds": round(time.time() - self.start if elapsed is None else elapsed, 2),
                         "mean_tokens_per_second": _mean([r["tokens_per_second"] for r in train_rows])},
             "data": self.data,
             "precision": self.precision,
@@ -127,7 +171,7 @@ class MetricsLog:
             "outputs": {"model": str(Path(self.cfg.output_dir)), "metrics": str(self.dir)},
         }
         write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
-        if self.cfg.plot_loss:
+        if plot and self.cfg.plot_loss:
             plot_curves(self.history, self.dir / "training_curves.png",
                         {s["name"]: s["step"] for s in signals if s["fired"]})
         return summary

@@ -8,7 +8,8 @@ early stopping and checkpoints as `if` blocks calling other modules: what a step
 `evaluate.py`'s, how a checkpoint is written `checkpoints.py`'s.
 
 Several processes run the same loop (docs/distributed.md): each trains on its share of every global
-micro-batch, metrics are pooled, only the main process writes files.
+micro-batch, metrics are pooled, only the main process writes files. A non-finite step stops the run
+(or is skipped, skip_nonfinite_steps) and SIGINT/SIGTERM stop it after the step: `runtime.py`'s.
 """
 
 from __future__ import annotations
@@ -16,21 +17,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoints, sharding
+from preftune import checkpoints, runtime, sharding
 from preftune.batching import epoch_batches
 from preftune.config import TrainConfig
 from preftune.data import load_eval_sets, load_pairs
-from preftune.errors import ConfigError, DataError
-from preftune.evaluate import evaluate, pooled
+from preftune.errors import DataError
+from preftune.evaluate import evaluate, training_row
 from preftune.generate import sample_texts
 from preftune.models import check_attention, load_tokenizer
 from preftune.optim import make_optimizer, make_scheduler
@@ -44,26 +42,18 @@ log = logging.getLogger("preftune")
 KL_TRAIN_TOKENS = 512  # training rows estimate the KL on this many completion tokens of the last micro-batch
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    # accelerate keeps its state per process; a second train() in one process (a sweep, the tests)
-    # may ask for another precision, so the mixed-precision part is reset, not the distributed one
-    AcceleratorState._reset_state(reset_partial_state=False)
-    # accelerate starts a CPU process group (gloo) only when asked for the CPU: without a GPU, a
-    # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    try:
-        with sharding.hidden_from_accelerate():  # an FSDP2 config is preftune's to apply (sharding.py)
-            return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
-    except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
-        raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
-
-
 def train(cfg: TrainConfig) -> dict:
+    with runtime.StopSignals() as stop:  # SIGINT/SIGTERM: the loop stops after its step, cleanly
+        return run(cfg, stop)
+
+
+def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     start_time = time.time()
     set_seed(cfg.seed)
-    resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path fails at once
+    resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path or a changed run fails at once
     checkpoints.check_output_dir(cfg, resuming=resume_from is not None)
     check_attention(cfg)  # a missing flash-attn package fails now, not after tokenizing the data
+    runtime.check_hardware(cfg)  # fp16 without a GPU: refused, not silently inert
     objective = OBJECTIVES[cfg.objective]
     step_fn = objective(cfg)
 
@@ -76,6 +66,7 @@ def train(cfg: TrainConfig) -> dict:
     eval_items = {name: objective.tokenize(tokenizer, examples, cfg, tok_report)
                   for name, examples in {"validation": val_examples, **load_eval_sets(cfg, data_report)}.items()}
     val_items = eval_items["validation"]
+    fingerprint = runtime.data_fingerprint(train_items, eval_items)  # a resume on other data is refused
     unit = objective.unit
     log.info("data: %d train %s, %d validation %s, %d truncated to cutoff_len=%d, %d dropped (no completion "
              "token fits), %d skipped", len(train_items), unit, len(val_items), unit, tok_report.truncated,
@@ -84,7 +75,7 @@ def train(cfg: TrainConfig) -> dict:
         raise DataError(f"every training {unit[:-1]} was dropped: none fits cutoff_len={cfg.cutoff_len}; raise it")
 
     # --- models and optimizer ------------------------------------------------------------
-    accelerator = make_accelerator(cfg)
+    accelerator = runtime.make_accelerator(cfg)
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one log: the main process's
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -93,6 +84,7 @@ def train(cfg: TrainConfig) -> dict:
     sharding.check(cfg, sharded)
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, **eval_items})
     metrics = MetricsLog(cfg)
+    guard = runtime.NonFiniteGuard(cfg, accelerator, metrics)
     metrics.describe_setup(accelerator, global_batch, unit, reference.description,
                            describe_precision(model, reference, cfg))
     model.train()
@@ -104,6 +96,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
+    metrics.planned_steps = total_steps
     policy, optimizer = (policy, accelerator.prepare(optimizer)) if sharded else accelerator.prepare(policy, optimizer)
     pad_id = tokenizer.pad_token_id
     train_reference = reference.on("train")
@@ -139,19 +132,29 @@ def train(cfg: TrainConfig) -> dict:
     tokens, train_seconds = 0, 0.0  # throughput counts training time only, not logging or evaluation
     step = 0
     if resume_from is not None:  # the same state as the uninterrupted run had after `step`
-        state = checkpoints.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler, cfg)
+        state = checkpoints.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler, cfg, fingerprint)
         step, running, tokens, train_seconds = state["step"], state["running"], state["tokens"], state["train_seconds"]
         best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
         best_step, evals_without_gain = state["best_step"], state["evals_without_gain"]
         checkpoints.check_best_model(cfg, best_step, step)
-        metrics.history = state["log_history"]
-        metrics.resumed_from = {"checkpoint": str(resume_from), "step": step}
+        metrics.resume(state, resume_from)
         step_fn.load_state_dict(state["loss_state"])
         log.info("resumed from %s at step %d", resume_from, step)
     # the data position: order depends only on (seed, epoch), so micro-batches consumed say where we are
     stream = micro_batches(*divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch))
     bar = tqdm(total=total_steps, initial=step, desc=cfg.objective,
                disable=not cfg.progress_bar or not accelerator.is_main_process)
+
+    def checkpoint(step: int) -> None:  # everything the loop needs to continue after `step`
+        epoch_index, micro_index = divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch)
+        loop_state = {"epoch": epoch_index, "micro_batch": micro_index, "tokens": tokens,
+                      "train_seconds": train_seconds, "best_loss": None if best_loss == math.inf else best_loss,
+                      "best_step": best_step, "evals_without_gain": evals_without_gain,
+                      "loss_state": step_fn.state_dict(), "log_history": metrics.history,
+                      "nonfinite_steps_skipped": guard.skipped, "data_fingerprint": fingerprint}
+        checkpoints.save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state,
+                                    running)
+    stop.armed = True
 
     # --- the loop ------------------------------------------------------------------------
     for step in range(step + 1, total_steps + 1):
@@ -160,6 +163,7 @@ def train(cfg: TrainConfig) -> dict:
         epoch = micro[-1][0]
         step_items = sum(len(idx) for _, idx in micro)  # over all processes
         log_now = step % cfg.logging_steps == 0 or step == total_steps
+        step_stats, finite = {}, True  # this step's statistics join `running` once the step is known finite
         for k, (_, idx) in enumerate(micro):
             mine = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]  # this process's share
             # DDP averages the processes' gradients, hence x world: the step's loss is the mean over its items
@@ -177,25 +181,26 @@ def train(cfg: TrainConfig) -> dict:
                 out = step_fn(policy, train_reference, batch, kl=log_now and last and (scale > 0 or bool(sharded)),
                               kl_max_tokens=KL_TRAIN_TOKENS)
                 accelerator.backward(out.losses.sum() * scale / step_items)
+            finite = finite & torch.isfinite(out.losses.detach()).all()
             if scale:
                 for key, value in out.stats.items():
-                    running.setdefault(key, []).append(value)
+                    step_stats.setdefault(key, []).append(value)
         grad_norm = sharding.local_value(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
-        optimizer.step()
-        scheduler.step()
+        skipped = guard.check(step, finite, grad_norm)  # non-finite: raises, or (skip_nonfinite_steps) skips
+        if skipped:
+            guard.skip(optimizer)
+        else:
+            optimizer.step()
+            scheduler.step()
+            for key, values in step_stats.items():
+                running.setdefault(key, []).extend(values)
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.time() - step_start
         bar.update(1)
 
-        if log_now:  # means over every process's items since the last row
-            sums = {k: torch.cat(v).float().sum().item() for k, v in running.items()}
-            counts = {k: sum(t.numel() for t in v) for k, v in running.items()}
-            if out.kl is not None and scale:  # no reference model, no KL: the column is absent, not 0
-                sums["kl"], counts["kl"] = out.kl[0].item(), out.kl[1]
-            sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, accelerator)
-            row = {"step": step, "epoch": round(epoch, 4)}
-            row.update({k: sums[k] / max(counts[k], 1) for k in sums if k != "tokens"})
-            row["tokens_per_second"] = sums["tokens"] / max(train_seconds, 1e-9)
+        if log_now and not skipped:  # means over every process's items since the last row
+            row = {"step": step, "epoch": round(epoch, 4),  # (an empty share's KL, sharded, is not counted)
+                   **training_row(running, tokens, train_seconds, out.kl if scale else None, accelerator)}
             row["grad_norm"] = float(grad_norm)
             row["learning_rate"] = scheduler.get_last_lr()[0]
             metrics.log(row)
@@ -222,19 +227,16 @@ def train(cfg: TrainConfig) -> dict:
                     break
 
         if cfg.save_steps and step % cfg.save_steps == 0:
-            epoch_index, micro_index = divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch)
-            loop_state = {"epoch": epoch_index, "micro_batch": micro_index, "tokens": tokens,
-                          "train_seconds": train_seconds, "best_loss": None if best_loss == math.inf else best_loss,
-                          "best_step": best_step, "evals_without_gain": evals_without_gain,
-                          "loss_state": step_fn.state_dict(), "log_history": metrics.history}
-            checkpoints.save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state,
-                                        running)
+            checkpoint(step)
+        if step < total_steps and stop.requested(accelerator):  # after the step's logging, evaluation, checkpoint
+            stop.stop(step, checkpoint if cfg.save_steps and step % cfg.save_steps else None, metrics, cfg, accelerator)
     bar.close()
 
     # --- outputs -------------------------------------------------------------------------
     final = accelerator.unwrap_model(policy).model
     if best_step is not None and best_step != step:
         checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
+    guard.check_weights(final, step)  # never a final model with NaN or infinite weights
     summary: dict = {}
     weights = sharding.full_state_dict(final, loaded_dtypes=True) if sharded else None
     if accelerator.is_main_process:

@@ -19,7 +19,7 @@ LAYERS = [
     {"tokenization", "models", "checkpoints", "report", "sharding"},
     {"cache", "batching", "demo"},
     {"evaluate", "generate", "rewards"},
-    {"reference", "step"},
+    {"reference", "step", "runtime"},
     {"train"},
     {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands.label", "commands.cache", "commands",
      "__init__"},

@@ -59,7 +59,7 @@ def test_llama_factory_config_runs_unchanged(lf_project, tmp_path, capsys):
 @pytest.mark.parametrize("override,message", [
     (["--model_name_or_path", "/nonexistent/model"], "model_name_or_path: '/nonexistent/model' does not exist"),
     (["--dataset", "missing_set"], "dataset 'missing_set': not a name in .*dataset_info.json \\(registered there: my_dpo_data\\)"),
-    (["--pref_beta", "-1"], "pref_beta \\(beta\\) must be a positive number"),
+    (["--pref_beta", "-1"], "pref_beta must be a positive number"),
     (["--pref_loss", "dpo"], "unknown loss 'dpo'"),
     (["--finetuning_type", "qlora"], "finetuning_type: unknown value 'qlora'; use full, freeze or lora"),
     (["--pref_bta", "0.1"], "unknown key 'pref_bta'. Did you mean 'pref_beta'"),

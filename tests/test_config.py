@@ -70,7 +70,7 @@ def test_unknown_key_suggests_closest(key, suggestion):
 
 
 @pytest.mark.parametrize("raw,message", [
-    ({"pref_beta": -0.1}, "pref_beta \\(beta\\) must be a positive number"),
+    ({"pref_beta": -0.1}, "pref_beta must be a positive number"),
     ({"beta": 0}, "must be a positive number"),
     ({"pref_loss": "sigmod"}, "unknown loss 'sigmod'.*Did you mean 'sigmoid'"),
     ({"pref_bco_weight": -0.5}, "pref_bco_weight must be a number >= 0"),

@@ -135,7 +135,9 @@ def test_sigkilled_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_mo
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers at once
     proc.wait()
-    assert (out / "checkpoint-2").is_dir() and not (out / "dpo_metrics").exists()  # killed before the end
+    assert (out / "checkpoint-2").is_dir() and not (out / "model.safetensors").exists()  # killed before the end
+    logged = [r["step"] for r in history(out)]  # live metric files: every row logged so far, once
+    assert len(logged) >= 3 and logged == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7][:len(logged)]
     assert {"rng_state_0.json", "rng_state_1.json"} <= {p.name for p in (out / "checkpoint-2").iterdir()}
 
     with pytest.raises(ConfigError, match="written by 2 process\\(es\\) and this run has 1; resume with the same"):

@@ -106,7 +106,7 @@ def test_fsdp_settings_from_the_key_and_from_an_accelerate_config(monkeypatch):
 
 @pytest.mark.parametrize("over,message", [
     ({"finetuning_type": "lora"}, "finetuning_type lora is not sharded yet"),
-    ({"generate_during_eval": 2}, "generate_during_eval samples on the main process alone"),
+    ({"generate_during_eval": 2, "val_size": 0.1}, "generate_during_eval samples on the main process alone"),
 ])
 def test_what_is_not_sharded_yet_is_refused(tmp_path, over, message):
     cfg = from_dict({"model_name_or_path": str(tmp_path / "absent"), "dataset": "x.jsonl", "fsdp": "full_shard",

@@ -98,7 +98,11 @@ def test_stopped_after_a_checkpoint_resumes_exactly(tmp_path, tiny_model_dir, un
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert (state["epoch"], state["micro_batch"], state["running_keys"][0]) == (1, 4, "loss")
     assert state["loss_state"]["bco_shift"]["count"] == 12  # the BCO shift has seen 12 micro-batches
-    assert not (out / "dpo_metrics").exists()
+    # the metric files are written as the run goes: every row logged before the stop is there, once
+    assert [r["step"] for r in json.loads((out / "dpo_metrics" / "log_history.json").read_text())] == [0, 4, 4]
+    assert [line.split(",")[0] for line in (out / "dpo_metrics" / "training_metrics.csv").read_text().splitlines()] \
+        == ["step", "0", "4"]
+    assert not (out / "model.safetensors").exists()
 
     summary = train_mod.train(from_dict(resume_raw(tmp_path, tiny_model_dir, resume_from_checkpoint=True)))
     assert summary["resumed_from"] == {"checkpoint": str(out / "checkpoint-6"), "step": 6}
@@ -215,7 +219,7 @@ def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert (out / "checkpoint-3").is_dir() and not (out / "dpo_metrics").exists()  # killed before the end
+    assert (out / "checkpoint-3").is_dir() and not (out / "model.safetensors").exists()  # killed before the end
 
     subprocess.run(command + [config("killed", resume_from_checkpoint=True)], env=env, check=True,
                    capture_output=True)
@@ -253,3 +257,73 @@ def test_adapter_checkpoint_loads_back_into_a_peft_model(tmp_path, tiny_model_di
     checkpoints.load_weights_into(fresh, tmp_path)
     expected = dict(trained.named_parameters())
     assert all(torch.equal(p, expected[name]) for name, p in fresh.named_parameters())
+
+
+def test_a_signal_stops_after_the_step_and_the_resume_is_exact(tmp_path, tiny_model_dir, uninterrupted, monkeypatch):
+    """SIGTERM during step 5 (between checkpoints and logging steps): the step finishes, checkpoint-5 is
+    written, the metric files hold steps 0 and 4, and the resume reaches the uninterrupted run's numbers."""
+    from preftune import runtime
+
+    real_step = torch.optim.AdamW.step
+    count = []
+
+    def step_then_signal(self, *args, **kwargs):
+        count.append(1)
+        if len(count) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    with pytest.raises(runtime.Stopped, match="^stopped by SIGTERM after step 5") as err:
+        train_mod.train(from_dict(resume_raw(tmp_path, tiny_model_dir)))
+    monkeypatch.undo()
+    assert err.value.exit_code == 143
+    out = tmp_path / "out"
+    assert (out / "checkpoint-5").is_dir() and not (out / "model.safetensors").exists()
+    assert [r["step"] for r in json.loads((out / "dpo_metrics" / "log_history.json").read_text())] == [0, 4, 4]
+
+    summary = train_mod.train(from_dict(resume_raw(tmp_path, tiny_model_dir, resume_from_checkpoint=True)))
+    assert summary["resumed_from"] == {"checkpoint": str(out / "checkpoint-5"), "step": 5}
+    assert_same_run(out, uninterrupted)
+    steps = [r["step"] for r in json.loads((out / "dpo_metrics" / "log_history.json").read_text())]
+    assert steps == [0, 4, 4, 8, 8, 10, 10]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_cli_run_checkpoints_exits_143_and_resumes_exactly(tmp_path, tiny_model_dir):
+    """A real SIGTERM to `python -m preftune train cfg.yaml` (each step slowed down) after checkpoint-3:
+    the step in progress finishes, a checkpoint of it is written, exit status 143 with one line, the
+    metric files hold every logged step once; resumed, the outputs equal an uninterrupted run's."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+
+    def config(name, **over):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(resume_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / name), **over)))
+        return str(path)
+
+    command = [sys.executable, "-m", "preftune", "train"]
+    subprocess.run(command + [config("uninterrupted")], env=env, check=True, capture_output=True)
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, "train", config("stopped")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-3").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("preftune: stopped by SIGTERM after step ")
+    stopped_at = int(last.split("after step ")[1].split(";")[0])
+    assert (out / f"checkpoint-{stopped_at}").is_dir() and not (out / "model.safetensors").exists()
+    steps = [r["step"] for r in json.loads((out / "dpo_metrics" / "log_history.json").read_text())]
+    expected = [0, 4, 4, 8, 8, 10, 10]
+    assert steps == [s for s in expected if s <= stopped_at]  # every logged step, once
+
+    subprocess.run(command + [config("stopped", resume_from_checkpoint=True)], env=env, check=True,
+                   capture_output=True)
+    summary = assert_same_run(out, tmp_path / "uninterrupted")
+    assert summary["resumed_from"]["step"] == stopped_at
+    assert [r["step"] for r in json.loads((out / "dpo_metrics" / "log_history.json").read_text())] == expected

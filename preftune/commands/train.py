@@ -33,7 +33,6 @@ def main(args: list[str], stage: str | None = None) -> int:
     if stage:  # the command's stage wins over a config file's
         overrides = ["--stage", stage] + overrides
     over = parse_overrides(overrides)
-    from preftune.train import train  # heavy imports after argument checks
 
     named = {ALIASES.get(k, k) for k in over}
     if config_path is None and not stage and not named & {"model_name_or_path", "ref_model"}:
@@ -47,6 +46,8 @@ def main(args: list[str], stage: str | None = None) -> int:
         cfg = demo_config(over)
     else:
         cfg = load_config(config_path, overrides)
+    from preftune.train import train  # heavy imports after the config is checked: a bad value fails fast
+
     summary = train(cfg)
     if not summary:  # a process other than the main one of a multi-process run: the main one reports
         return 0

@@ -1,0 +1,121 @@
+"""Hostile numbers and options, end to end through the CLI: each bad input gives a non-zero exit, one
+line `preftune: error: ...` naming the key and what is allowed, no traceback, and no file outside
+output_dir touched (the surroundings are hashed before and after).
+
+The subprocess cases (`python -m preftune train cfg.yaml --key value`) are slow (a Python start with
+torch each); the same cases run in-process through `preftune.cli.main` in the default suite.
+(A shared harness for hostile inputs may replace `Surroundings` / `run_cli` here.)
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from preftune.cli import main
+from preftune.demo import make_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (command-line overrides, what the one error line must contain)
+CASES = [
+    (["--learning_rate", "nan"], "learning_rate must be in (0, 1e30] (fine-tuning uses about 1e-6 to 1e-4); got nan"),
+    (["--learning_rate", "-1e-5"], "learning_rate must be in (0, 1e30]"),
+    (["--learning_rate", "1e39"], "learning_rate must be in (0, 1e30]"),  # beyond float32: torch's AdamW would crash
+    (["--learning_rate", "abc"], "config key 'learning_rate' got 'abc'; expected float"),
+    (["--num_train_epochs", ".inf"], "num_train_epochs must be a number >= 0; got inf"),
+    (["--warmup_steps", "-10"], "warmup_steps must be at least 0; got -10"),
+    (["--warmup_ratio", "1.5"], "warmup_ratio must be in [0, 1); got 1.5"),
+    (["--seed", "-1"], "seed must be an integer in [0, 4294967295]"),
+    (["--seed", "1.5"], "config key 'seed' got 1.5; expected int"),
+    (["--adam_beta1", "1"], "adam_beta1 must be in [0, 1); got 1"),
+    (["--adam_beta2", ".nan"], "adam_beta2 must be in [0, 1); got nan"),
+    (["--adam_epsilon", "0"], "adam_epsilon must be a positive number; got 0"),
+    (["--weight_decay", "-0.1"], "weight_decay must be a number >= 0; got -0.1"),
+    (["--max_grad_norm", ".inf"], "max_grad_norm must be a number >= 0 (0 turns clipping off); got inf"),
+    (["--val_size", "2.5"], "val_size must be a number >= 0 (a share in (0, 1) or a count >= 1); got 2.5"),
+    (["--pref_beta", "0"], "pref_beta must be a positive number; got 0"),
+    (["--label_smoothing", ".nan"], "label_smoothing must be in [0, 0.5)"),
+    (["--pref_loss", "simpo", "--simpo_gamma", "-1"], "simpo_gamma must be a number >= 0; got -1"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be at least 1; got 0"),
+    (["--finetuning_type", "lora", "--lora_dropout", "1.5"], "lora_dropout must be in [0, 1); got 1.5"),
+    (["--max_steps", "-3"], "max_steps must be at least -1"),
+    (["--max_steps", "true"], "config key 'max_steps' got True; expected int"),
+    (["--logging_steps", "0"], "logging_steps must be at least 1; got 0"),
+    (["--skip_nonfinite_steps", "-1"], "skip_nonfinite_steps must be at least 0; got -1"),
+    (["--lr_scheduler_kwargs", "{min_lr_rate: .nan}"], "lr_scheduler_kwargs: NaN and infinity are not allowed"),
+    (["--template", "chatmlx"], "template: unknown name 'chatmlx'; use one of chatml"),
+    (["--early_stopping_patience", "2"], "early_stopping_patience: needs validation data, and there is none"),
+    (["--generate_during_eval", "4"], "generate_during_eval: needs validation data"),
+]
+GPU_ONLY = [(["--fp16", "true"], "fp16: float16 mixed precision needs a CUDA GPU")]  # refused on a CPU machine
+# trains: the learning rate makes the second step non-finite
+RUNTIME = [(["--learning_rate", "1e30"], "training stopped at step 2: the loss is non-finite")]
+ALL = CASES + ([] if torch.cuda.is_available() else GPU_ONLY) + RUNTIME
+
+
+class Surroundings:
+    """A hash of every file under the given folders except output_dir: equal before and after a run."""
+
+    def __init__(self, folders, output_dir: Path):
+        self.folders, self.output_dir = folders, output_dir
+
+    def digest(self) -> dict[str, str]:
+        found = {}
+        for folder in self.folders:
+            for path in sorted(Path(folder).rglob("*")):
+                if self.output_dir in path.parents or path == self.output_dir:
+                    continue
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        return found
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in make_pairs(16, 0)))
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_model_dir), "dataset": str(data),
+                                   "output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 4,
+                                   "cutoff_len": 64, "torch_dtype": "float32", "progress_bar": False,
+                                   "plot_loss": False, "save_steps": 1}))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    return cfg, out, cwd, Surroundings([tmp_path, tiny_model_dir], out)
+
+
+def check(code: int, stderr: str, expected: str, out: Path):
+    errors = [line for line in stderr.splitlines() if line.startswith("preftune: error: ")]
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert len(errors) == 1 and expected in errors[0], stderr[-2000:]
+    assert not (out / "model.safetensors").exists()  # never a final model from a refused or failed run
+
+
+@pytest.mark.parametrize("args, expected", ALL, ids=[" ".join(a) for a, _ in ALL])
+def test_bad_numbers_and_options_through_cli_main(setup, args, expected, capsys, monkeypatch):
+    cfg, out, cwd, surroundings = setup
+    before = surroundings.digest()
+    monkeypatch.chdir(cwd)
+    code = main(["train", str(cfg), *args])
+    check(code, capsys.readouterr().err, expected, out)
+    assert surroundings.digest() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, expected", ALL, ids=[" ".join(a) for a, _ in ALL])
+def test_bad_numbers_and_options_through_the_cli(setup, args, expected):
+    cfg, out, cwd, surroundings = setup
+    before = surroundings.digest()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "preftune", "train", str(cfg), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    check(proc.returncode, proc.stderr, expected, out)
+    assert surroundings.digest() == before

@@ -33,6 +33,7 @@ import shutil
 import time
 from pathlib import Path
 
+from preftune import guard
 from preftune.config import from_dict, parse_command_line
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
@@ -272,5 +273,8 @@ def main(args: list[str]) -> int:
     if overrides:
         raise ConfigError(f"preftune demo: unknown option {overrides[0]}; its options: "
                           + ", ".join(f"--{name}" for name in FLAGS))
-    print_report(run(settings_from(found)))
+    settings = settings_from(found)
+    with guard.claim_output_dir(settings["output_dir"], []):
+        result = run(settings)
+    print_report(result)
     return 0

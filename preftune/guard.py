@@ -118,12 +118,27 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _create(path: Path, tmp: Path, text: str) -> None:
+    """Create `path` holding `text`, failing with FileExistsError when it exists: a hard link of a
+    finished file (never seen half-written), or O_EXCL where the filesystem has no hard links."""
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    finally:
+        tmp.unlink()
+
+
 @contextlib.contextmanager
 def output_lock(dest: Path, key: str = "output_dir"):
     """Hold dest/.preftune.lock (pid, host, start time) while the block runs; a live owner stops this run
-    with one line, a dead one's lock (a killed run on this machine) is taken over with a note. The lock
-    is created by a hard link of a finished file, so it is never seen half-written. Re-entrant within
-    one process (the demo's steps)."""
+    with one line, a dead one's lock (a killed run on this machine) is taken over with a note.
+    Re-entrant within one process (the demo's steps)."""
     path = dest / LOCK_NAME
     if not _main_process():
         yield
@@ -145,20 +160,18 @@ def output_lock(dest: Path, key: str = "output_dir"):
                                   "for that run, choose another output_dir, or delete the lock if it is gone")
             if isinstance(pid, int) and _alive(pid):
                 raise ConfigError(f"{key} '{dest}' is in use by another preftune run (pid {pid}, since "
-                                  f"{owner.get('started', '?')}); wait for it or choose another output_dir")
+                                  f"{owner.get('started', '?')}); wait for it or choose another output_dir (if that pid is no "
+                                  f"preftune run, delete {path})")
             log.warning("%s: took over the lock of a run that is gone (pid %s); its outputs may be incomplete",
                         dest, pid if pid is not None else "unknown")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        tmp.write_text(json.dumps(mine), encoding="utf-8")
         try:
-            os.link(tmp, path)
+            _create(path, tmp, json.dumps(mine))
             taken = True
             break
         except FileExistsError:
             continue  # another run was quicker: look again
-        finally:
-            tmp.unlink()
     if not taken:
         raise ConfigError(f"{key} '{dest}': could not take its lock {path}; is another run starting there?")
     try:

@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (preftune inspect ... --json | head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
+    except OSError as e:  # a write that failed where no save guards it (a full disk, permissions): one line
+        if debug:
+            raise
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"preftune: error: {e.strerror or type(e).__name__}{where}; free space or fix the permissions there "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 1
     except Exception as e:  # not anticipated: still one line, the traceback on request
         if debug:
             raise

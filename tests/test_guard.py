@@ -345,6 +345,20 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatc
         cli.main(["inspect", "x.jsonl"])
 
 
+def test_a_failed_write_anywhere_is_one_line(monkeypatch, capsys):
+    from preftune import cli
+    from preftune.commands import inspect
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/dpo_metrics/summary.json")
+
+    monkeypatch.setattr(inspect, "main", full)
+    assert cli.main(["inspect", "x.jsonl"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "preftune: error: No space left on device '/data/out/dpo_metrics/summary.json'; free space or fix the "
+        "permissions there (--debug shows the traceback)"]
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_prints_the_traceback_of_a_user_error(tmp_path, how):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",

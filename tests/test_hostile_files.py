@@ -177,6 +177,13 @@ def demo_out_empty(p, c):
     return dict(args=["demo", "--output_dir", ""], cwd=p.work, expect=["output_dir is empty"])
 
 
+def demo_would_delete_a_users_file(p, c):
+    (c / "out" / "sampled").mkdir(parents=True)
+    (c / "out" / "sampled" / "my_notes.txt").write_text("mine")
+    return dict(args=["demo", "--output_dir", str(c / "out"), "--cache_dir", str(c / "out" / "cache")],
+                expect=["sampled holds my_notes.txt", "choose another --output_dir"])
+
+
 def ref_model_empty(p, c):
     return dict(args=train(p, c / "out", "--ref_model", ""), expect=["ref_model is empty", "remove the key"])
 
@@ -306,7 +313,7 @@ def optimizer_rejects_a_value(p, c):
 CASES = [out_is_model, out_inside_model, out_is_ref_model, out_is_adapter, out_empty, out_empty_in_yaml, out_empty_sft,
          model_inside_a_checkpoint_of_out, out_is_a_file, out_below_a_file, out_not_writable, out_locked_by_a_live_run,
          out_locked_on_another_host, sample_out_is_model, eval_out_is_model, export_out_empty, export_out_is_model,
-         demo_out_empty, ref_model_empty, dataset_empty, config_without_model, empty_config, model_is_a_file,
+         demo_out_empty, demo_would_delete_a_users_file, ref_model_empty, dataset_empty, config_without_model, empty_config, model_is_a_file,
          model_without_tokenizer, model_truncated_weights, model_garbage_weights, model_without_config,
          model_without_weights, model_missing_shard, ref_model_truncated, adapter_that_is_not_one,
          model_under_tilde_missing, tokenizer_json_corrupt, data_lone_surrogate, data_lone_surrogate_in_array,

@@ -41,7 +41,7 @@ def _load_adapter(model, path: str, key: str, **kwargs) -> PeftModel:
         raise ModelError(f"{key}: '{path}' is not an adapter folder (no adapter_config.json)")
     try:
         return PeftModel.from_pretrained(model, path, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # peft, safetensors and torch raise several types for a bad adapter folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{key}: cannot load adapter '{path}': {first}") from None
 

@@ -11,6 +11,7 @@ the weights were loaded in (a bfloat16 checkpoint comes back bfloat16, `models.r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from preftune import sharding
+from preftune import guard, sharding
 from preftune.adapters import TRAINED_ADAPTER
 from preftune.errors import ConfigError, ModelError
 from preftune.files import fresh_tmp_dir, remove_dir, replace_dir, write_atomic
@@ -58,11 +59,12 @@ def _save_weights(model, folder: Path, merge: bool = False, state_dict: dict | N
 
 
 def save_model(model, tokenizer, dest: Path, step: int, state_dict: dict | None = None) -> None:
-    tmp = fresh_tmp_dir(dest)
-    _save_weights(model, tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
-    replace_dir(tmp, dest)
+    with _saving(dest.name, dest.parent, dest.with_name(f".{dest.name}.tmp")):
+        tmp = fresh_tmp_dir(dest)
+        _save_weights(model, tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
+        replace_dir(tmp, dest)
 
 
 def load_weights_into(model, folder: Path) -> None:
@@ -101,7 +103,7 @@ def check_output_dir(cfg, resuming: bool) -> None:
     would rotate by step number across both runs (deleting the new run's own checkpoints) and
     `resume_from_checkpoint: true` would pick the other run's latest. Refused with the ways out;
     `overwrite_output_dir: true` (LLaMA-Factory's key) deletes them, and the earlier best_model/."""
-    out = Path(cfg.output_dir)
+    out = guard.check_output_dir(cfg.output_dir, guard.model_inputs(cfg))  # not an input model, writable
     found = _checkpoints(out) if out.is_dir() else []
     if resuming or not found:
         return
@@ -114,11 +116,38 @@ def check_output_dir(cfg, resuming: bool) -> None:
     log.info("overwrite_output_dir: deleted %d checkpoint(s) of an earlier run in %s", len(found), out)
 
 
-# The files a saved model's weights can be in: a new final save removes those it did not write,
-# so that an adapter left by an earlier run is not applied on top of new merged weights (or
-# stale merged weights read instead of a new adapter).
+# The files a saved model's weights can be in. A new final save removes those an earlier save listed
+# in its manifest and this one did not write, so that an adapter left by an earlier run is not applied
+# on top of new merged weights (or stale merged weights read instead of a new adapter). Files no
+# manifest lists are the user's: kept, with a warning when a loader might read them instead.
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                 "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+MANIFEST = ".preftune_manifest.json"  # the files the last final save wrote into output_dir
+
+
+def _manifest(out: Path) -> set[str]:
+    try:
+        files = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["files"]
+        return {f for f in files if isinstance(f, str) and "/" not in f and f not in (".", "..")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+@contextlib.contextmanager
+def _saving(what: str, out: Path, tmp: Path):
+    """A failed write (disk full, permissions, the folder gone) while saving: one line naming what was
+    lost and where the last complete checkpoint is, never a traceback after hours of training. The
+    temporary folder goes; the previous version stays in place."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        complete = [p for _, p in _checkpoints(out) if not _missing(p)] if out.is_dir() else []
+        last = (f"the last complete checkpoint is {complete[-1]} (resume_from_checkpoint: true continues from it)"
+                if complete else "no checkpoint was written before (set save_steps to keep them)")
+        raise ModelError(f"could not write {what} in {out} ({e.strerror or type(e).__name__}"
+                         f"{': ' + e.filename if getattr(e, 'filename', None) else ''}); {last}; free space "
+                         "there or choose another output_dir") from None
 
 
 def add_legacy_rope_keys(folder: Path) -> None:
@@ -149,23 +178,33 @@ def save_final(model, tokenizer, cfg, state_dict: dict | None = None) -> None:
     if model.generation_config is not None:  # generation stops where training's completions end
         model.generation_config.eos_token_id = stop_ids(tokenizer)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = fresh_tmp_dir(out / "final")
-    if state_dict is None:
-        restore_loaded_dtypes(model)
-    _save_weights(model, tmp, merge=not cfg.final_adapter_only, state_dict=state_dict)
-    add_legacy_rope_keys(tmp)
-    tokenizer.save_pretrained(tmp)
-    # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
-    (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    written = {f.name for f in tmp.iterdir()}
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-    for pattern in WEIGHT_FILES:
-        for stale in out.glob(pattern):
-            if stale.name not in written and stale.is_file():
-                stale.unlink()
-                log.info("removed %s of an earlier run's output from %s", stale.name, out)
+    tmp = out / ".final.tmp"
+    with _saving("the final model", out, tmp):
+        fresh_tmp_dir(out / "final")
+        if state_dict is None:
+            restore_loaded_dtypes(model)
+        _save_weights(model, tmp, merge=not cfg.final_adapter_only, state_dict=state_dict)
+        add_legacy_rope_keys(tmp)
+        tokenizer.save_pretrained(tmp)
+        # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
+        (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        written = {f.name for f in tmp.iterdir()}
+        earlier = _manifest(out)
+        # the manifest first: a kill between the two leaves it naming every file this save wrote
+        write_atomic(out / MANIFEST, json.dumps({"files": sorted(written | earlier)}, indent=1))
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+    for name in sorted(earlier - written):
+        stale = out / name
+        if stale.is_file() and any(stale.match(pattern) for pattern in WEIGHT_FILES):
+            stale.unlink()
+            log.info("removed %s of an earlier run's output from %s", name, out)
+    write_atomic(out / MANIFEST, json.dumps({"files": sorted(written)}, indent=1))
+    foreign = sorted(p.name for pattern in WEIGHT_FILES for p in out.glob(pattern) if p.name not in written)
+    if foreign:
+        log.warning("%s also holds %s, not written by preftune (kept); a loader may read them with or instead of "
+                    "the new model: move them away", out, ", ".join(foreign))
 
 
 def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step: int, loop_state: dict,
@@ -186,6 +225,22 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
     """
     out = Path(cfg.output_dir)
     dest = out / f"checkpoint-{step}"
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with _saving(f"checkpoint-{step}", out, tmp):
+        _write_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state, running, dest)
+    if not accelerator.is_main_process:
+        return
+    replace_dir(tmp, dest)
+    if cfg.save_total_limit:
+        found = _checkpoints(out)
+        for _, p in found[:-cfg.save_total_limit]:
+            remove_dir(p)
+        for doomed in out.glob(".checkpoint-*.deleting"):  # any a kill left behind
+            shutil.rmtree(doomed)
+
+
+def _write_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state, running,
+                      dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
     if accelerator.is_main_process:
         fresh_tmp_dir(dest)
@@ -215,15 +270,6 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
         (tmp / "log_history.json").write_text(json.dumps(loop_state["log_history"], indent=1))
         (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    replace_dir(tmp, dest)
-    if cfg.save_total_limit:
-        found = _checkpoints(out)
-        for _, p in found[:-cfg.save_total_limit]:
-            remove_dir(p)
-        for doomed in out.glob(".checkpoint-*.deleting"):  # any a kill left behind
-            shutil.rmtree(doomed)
 
 
 # Files a checkpoint needs for an exact resume (besides the weights).

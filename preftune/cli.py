@@ -7,6 +7,8 @@ turns every user-facing error into one line and a non-zero exit.
     preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
     preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
     preftune label FILE [--port 8765] [--annotator NAME] [--export PAIRS]        # label pairs by hand
+
+Any command takes --debug (or PREFTUNE_DEBUG=1 in the environment): errors with their full traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 from preftune.errors import PreftuneError
 
@@ -48,6 +51,9 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # --debug anywhere (or PREFTUNE_DEBUG=1): errors come with their full traceback
+    debug = "--debug" in argv or os.environ.get("PREFTUNE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in ("-V", "--version"):
         import preftune
 
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: preftune {{{','.join(COMMANDS)}}} ...\n\n"
-              + "\n".join(f"  {name:9s} {what}" for name, what in COMMANDS.items()))
+              + "\n".join(f"  {name:9s} {what}" for name, what in COMMANDS.items())
+              + "\n\n  --debug   with any command (or PREFTUNE_DEBUG=1): errors with their full traceback")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -66,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(f"preftune.commands.{command}").main(rest)
     except PreftuneError as e:  # a stop by SIGINT/SIGTERM (runtime.Stopped) carries its own status: 130, 143
+        if debug:
+            traceback.print_exc()
         code = getattr(e, "exit_code", 2)
         print(f"preftune: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
         return code
@@ -75,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (preftune inspect ... --json | head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
+    except OSError as e:  # a write that failed where no save guards it (a full disk, permissions): one line
+        if debug:
+            raise
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"preftune: error: {e.strerror or type(e).__name__}{where}; free space or fix the permissions there "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except Exception as e:  # not anticipated: still one line, the traceback on request
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"preftune: error: unexpected {type(e).__name__}{': ' + first if first else ''} (in preftune "
+              f"{command}); run it again with --debug for the traceback, and please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import difflib
 import json
 import logging
 import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,9 +467,36 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
             raise ConfigError(f"{source}: '{set_by[name]}' and '{key}' both set {name}; keep one")
         set_by[name] = key
         values[name] = _coerce(name, value)
+    _expand_paths(values, set_by, source)
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
+
+
+# Keys that name files or folders (comma lists for some): `~` is expanded here, once, so that every
+# reader (transformers, datasets, the existence checks) sees the same path; set to "" (an unset shell
+# variable) they are refused rather than read as unset or as the current folder.
+PATH_KEYS = ("model_name_or_path", "ref_model", "adapter_name_or_path", "ref_model_adapters", "dataset",
+             "dataset_dir", "eval_dataset", "prompts", "output_dir", "reward", "ref_logps_cache_dir",
+             "tokenized_cache_dir", "resume_from_checkpoint")
+
+
+def _expand_one(value: str) -> str:
+    """'~/a, b' -> '/home/me/a, b': each entry of a comma list that starts with ~."""
+    return ",".join(s.replace(s.strip(), os.path.expanduser(s.strip()), 1) if s.strip().startswith("~") else s
+                    for s in value.split(","))
+
+
+def _expand_paths(values: dict[str, Any], set_by: dict[str, str], source: str) -> None:
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if isinstance(value, str) and not value.strip() and key != "resume_from_checkpoint":
+            raise ConfigError(f"{source}: {set_by.get(key, key)} is empty (an unset shell variable?); give a path, "
+                              "or remove the key")
+        if isinstance(value, str):
+            values[key] = _expand_one(value)
+        elif isinstance(value, dict):  # eval_dataset as a mapping of names to data
+            values[key] = {name: _expand_one(v) for name, v in value.items()}
 
 
 def validate(cfg: TrainConfig) -> None:

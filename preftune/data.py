@@ -100,8 +100,46 @@ HH_MARKER = "\n\nAssistant:"
 
 # --- reading records: [(where, record)] -------------------------------------------------------
 
+# Compressed files, known by their first bytes (whatever the name says): read through the standard
+# library where it can, else named with the fix.
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+              b"PK\x03\x04": "zip"}
+
+
+def _compression(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((kind for magic, kind in COMPRESSED.items() if head.startswith(magic)), None)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it is gzip, bz2 or xz (`data.jsonl.gz`)."""
+    kind = _compression(path)
+    if kind is None:
+        return path.read_bytes()
+    if kind in ("zstd", "zip"):
+        fix = f"zstd -d '{path}'" if kind == "zstd" else f"unzip '{path}'"
+        raise DataError(f"{path}: a {kind}-compressed file, which preftune does not read; decompress it first "
+                        f"({fix}), or compress it with gzip")
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {"gzip": gzip.decompress, "bz2": bz2.decompress, "xz": lzma.decompress}[kind]
+    try:
+        return opener(path.read_bytes())
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as e:
+        raise DataError(f"{path}: a damaged {kind} file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        "compress it again, or give the uncompressed file") from None
+
+
+def _inner_suffix(path: Path) -> str:
+    """The format's suffix: `.jsonl` for data.jsonl.gz."""
+    return Path(path.stem).suffix if path.suffix in (".gz", ".bz2", ".xz", ".zst", ".zstd", ".zip") else path.suffix
+
+
 def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DataError(f"{path}: UTF-16 text (byte-order mark {raw[:2]!r}); re-save the file as UTF-8")
     try:
@@ -115,7 +153,8 @@ def _decode(path: Path) -> str:
 def _read_json(path: Path) -> list[tuple[str, Any]]:
     """A JSON array (or one object) or JSON Lines; records are checked to be objects later."""
     text = _decode(path)
-    if path.suffix == ".jsonl" and text.lstrip().startswith("["):
+    suffix = _inner_suffix(path)
+    if suffix == ".jsonl" and text.lstrip().startswith("["):
         try:
             doc = json.loads(text)
         except json.JSONDecodeError:
@@ -123,7 +162,7 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
         if isinstance(doc, list) and doc and all(isinstance(r, dict) for r in doc):
             raise DataError(f"{path}: a JSON array, but a .jsonl file holds one JSON object per line; "
                             "rename it to .json or write one record per line")
-    if path.suffix != ".jsonl":
+    if suffix != ".jsonl":
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
@@ -134,7 +173,7 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
                 doc = [doc]
             if not isinstance(doc, list):
                 raise DataError(f"{path}: expected a JSON array of records, got {type(doc).__name__}")
-            return [(f"{path} record {i}", rec) for i, rec in enumerate(doc)]
+            return _encodable([(f"{path} record {i}", rec) for i, rec in enumerate(doc)], text)
     out = []
     lines = text.splitlines()
     for lineno, line in enumerate(lines, start=1):
@@ -149,7 +188,21 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
             raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno}); "
                             "each line must be one JSON object") from None
         out.append((f"{path}:{lineno}", rec))
-    return out
+    return _encodable(out, text)
+
+
+def _encodable(records: list[tuple[str, Any]], text: str) -> list[tuple[str, Any]]:
+    """JSON may escape half of a UTF-16 surrogate pair ("\\ud83d", an emoji cut in two): valid JSON, but
+    text no tokenizer can encode. Found here, naming the record, not as an encoder error later."""
+    if "\\ud" not in text.lower():  # no escaped surrogate at all: the common case costs one scan
+        return records
+    for where, rec in records:
+        try:
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: text with a lone surrogate (\\u{ord(e.object[e.start]):04x}, half of an emoji or other "
+                            "character cut in two), which is not valid Unicode; fix or remove that character") from None
+    return records
 
 
 def _read_csv(path: Path) -> list[tuple[str, Any]]:
@@ -184,8 +237,9 @@ def _read_csv(path: Path) -> list[tuple[str, Any]]:
 def _read_parquet(path: Path) -> list[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
+    source = io.BytesIO(_read_bytes(path)) if _compression(path) else path
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(source).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     return [(f"{path} record {i}", rec) for i, rec in enumerate(rows)]
@@ -213,9 +267,10 @@ def _read_hf(name: str, split: str, subset: str | None = None) -> list[tuple[str
 
 
 def _read_records(path: Path) -> list[tuple[str, Any]]:
-    if path.suffix == ".csv":
+    suffix = _inner_suffix(path)
+    if suffix == ".csv":
         return _read_csv(path)
-    if path.suffix in (".parquet", ".pq"):
+    if suffix in (".parquet", ".pq"):
         return _read_parquet(path)
     return _read_json(path)
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune import adapters
 from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
-from preftune.errors import ModelError
+from preftune.errors import ConfigError, ModelError
+from preftune.guard import check_model_dir
 
 log = logging.getLogger("preftune")
 
@@ -49,11 +49,12 @@ def check_attention(cfg) -> None:
                          "(CUDA), or flash_attn: sdpa")
 
 
-def _check_reachable(name: str, what: str) -> None:
-    """A path-looking name that does not exist is a typo, not a hub id: say so before transformers does."""
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are 'name' or 'org/name'
-    if looks_local and not Path(name).expanduser().exists():
-        raise ModelError(f"{what}: '{name}' does not exist (a local folder was expected)")
+def _check_reachable(name: str | None, what: str, tokenizer: bool = False) -> None:
+    """A path-looking name that does not exist is a typo, not a hub id; a local folder must hold what
+    is loaded from it, intact (guard.check_model_dir): said before transformers builds anything."""
+    if not name:
+        raise ConfigError(f"{what} is not set; give a hub id or a model folder")
+    check_model_dir(name, what, tokenizer=tokenizer, weights=not tokenizer)
 
 
 def _load_error(name: str, what: str, err: Exception) -> ModelError:
@@ -63,11 +64,14 @@ def _load_error(name: str, what: str, err: Exception) -> ModelError:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    _check_reachable(name, "model_name_or_path")
+    _check_reachable(name, "model_name_or_path", tokenizer=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # tokenizers, sentencepiece and transformers raise many types for a bad file
         raise _load_error(name, "model_name_or_path", e) from None
+    if len(tokenizer) == 0:
+        raise ModelError(f"model_name_or_path: '{name}': its tokenizer has no vocabulary; copy the tokenizer files "
+                         "from the model it was trained from")
     if tokenizer.pad_token_id is None:
         # padding is masked out everywhere; any id will do, EOS is the usual choice
         tokenizer.pad_token = tokenizer.eos_token
@@ -91,7 +95,7 @@ def load_model(name: str, cfg, what: str = "model_name_or_path"):
                                                                      kwargs["dtype"])
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None
 
 

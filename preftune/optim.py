@@ -11,7 +11,6 @@ import importlib.util
 import math
 
 import torch
-from transformers import get_scheduler
 
 from preftune.errors import ConfigError
 
@@ -32,6 +31,14 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     """cfg.optim over the trainable parameters, with cfg's learning rate, betas, epsilon and weight decay
     (as transformers' Trainer sets each up)."""
+    try:
+        return _make_optimizer(model, cfg)
+    except ValueError as e:  # torch's own checks of the values (a beta outside [0, 1), ...): name the keys
+        raise ConfigError(f"optim {cfg.optim}: {str(e).splitlines()[0]}; check learning_rate, adam_beta1, "
+                          "adam_beta2, adam_epsilon and weight_decay") from None
+
+
+def _make_optimizer(model, cfg) -> torch.optim.Optimizer:
     groups, lr = param_groups(model, cfg.weight_decay), cfg.learning_rate
     adam = {"lr": lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
     if cfg.optim in ("adamw", "adamw_torch", "adamw_torch_fused"):
@@ -55,6 +62,8 @@ def make_scheduler(optimizer, cfg, total_steps: int):
     """cfg.lr_scheduler_type over total_steps, after warmup (warmup_steps, else warmup_ratio of the
     steps), with lr_scheduler_kwargs. `constant` with warmup is `constant_with_warmup`: transformers'
     `constant` would silently ignore the warmup asked for."""
+    from transformers import get_scheduler  # here: config imports this module, and transformers is slow to import
+
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     name = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" and warmup else cfg.lr_scheduler_type
     try:

@@ -33,6 +33,7 @@ import shutil
 import time
 from pathlib import Path
 
+from preftune import guard
 from preftune.config import from_dict, parse_command_line
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
@@ -143,6 +144,9 @@ def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
     return folder, {**result, "cached": False}
 
 
+SAMPLE_FILES = {"samples.jsonl", "pairs.jsonl", "summary.json", ".preftune.lock"}  # what preftune sample writes
+
+
 def run(settings: dict) -> dict:
     """The flow into settings["output_dir"]; returns what demo.json holds."""
     from preftune.commands import eval as eval_cmd
@@ -153,6 +157,11 @@ def run(settings: dict) -> dict:
     start = time.time()
     out = Path(settings["output_dir"]).expanduser()
     seed = settings["seed"]
+    foreign = sorted(p.name for p in (out / "sampled").glob("*") if p.name not in SAMPLE_FILES
+                     and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if foreign:  # the earlier samples are deleted below: only when they are all the demo's own
+        raise ConfigError(f"--output_dir: {out / 'sampled'} holds {', '.join(foreign[:3])}, which the demo did not "
+                          "write and would delete; choose another --output_dir")
     data = write_review_data(out / "data", seed, settings["reviews"], settings["prompts"], settings["eval_prompts"])
     seconds = {}
 
@@ -272,5 +281,8 @@ def main(args: list[str]) -> int:
     if overrides:
         raise ConfigError(f"preftune demo: unknown option {overrides[0]}; its options: "
                           + ", ".join(f"--{name}" for name in FLAGS))
-    print_report(run(settings_from(found)))
+    settings = settings_from(found)
+    with guard.claim_output_dir(settings["output_dir"], []):
+        result = run(settings)
+    print_report(result)
     return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from preftune import guard
 from preftune.config import command_help, load_config, parse_command_line
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
@@ -189,8 +190,7 @@ def plot_frontier(rows: list[dict], reference: dict, path: Path) -> None:
 
 
 def run(cfg) -> dict:
-    from preftune.models import check_vocabulary, load_tokenizer
-
+    """Evaluate into cfg.output_dir (checked apart from the models, writable, locked); returns the report."""
     names = [n.strip() for n in (cfg.model_name_or_path or "").split(",") if n.strip()]
     if not names:
         raise ConfigError("preftune eval needs model_name_or_path (one model, or a comma list of them)")
@@ -198,7 +198,14 @@ def run(cfg) -> dict:
         raise ConfigError("preftune eval needs something to measure on: dataset (pairs) and/or prompts with reward")
     if cfg.prompts and not cfg.reward:
         raise ConfigError("prompts: scoring samples needs reward (module:function or a reward model)")
-    out = Path(cfg.output_dir).expanduser()
+    guard.check_inputs(cfg)
+    with guard.claim_output_dir(cfg.output_dir, guard.model_inputs(cfg)) as out:
+        return _evaluate(cfg, names, out)
+
+
+def _evaluate(cfg, names: list[str], out: Path) -> dict:
+    from preftune.models import check_vocabulary, load_tokenizer
+
     tokenizer = load_tokenizer(names[0], cfg.trust_remote_code)
     rows, references, models = [], {}, {}
     for name in names:

@@ -316,6 +316,9 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
+    if out is not None and not out.strip():
+        raise ConfigError("--out is empty (an unset shell variable?); give the folder to write the export to, or "
+                          "leave --out out for MODEL-<dtype> beside MODEL")
     quant = _torchao_config() if dtype == "int8" else None  # fail on a missing library before any work
     src = _check_model_dir(model)
     run_cfg = run_config(src)

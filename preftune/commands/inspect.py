@@ -14,6 +14,7 @@ few examples rendered exactly as training sees them, with the completion boundar
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 from preftune.config import TrainConfig, command_help, load_config, parse_command_line
@@ -227,7 +228,7 @@ def main(args: list[str]) -> int:
         raise ConfigError("preftune inspect: no data given; pass DATA (a file, dataset_info.json name, folder or hub id)")
     stats = inspect_data(cfg)
     if flags["plot"]:
-        plot_lengths(stats, flags["plot"])
+        plot_lengths(stats, os.path.expanduser(flags["plot"]))
     shown = {k: v for k, v in stats.items() if not k.endswith("_raw")}  # the raw lengths are for the plot only
     print(json.dumps(shown, indent=2, ensure_ascii=False) if flags["json"] else format_report(shown))
     return 0

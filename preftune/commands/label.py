@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import re
 import socket
 import threading
@@ -228,12 +229,12 @@ def main(args: list[str]) -> int:
     if not values:
         raise ConfigError("preftune label: no FILE given; pass the candidates file `preftune sample` wrote "
                           "(or a pairs file)")
-    path = values[0]
+    path = os.path.expanduser(values[0])  # read from the command line, not through the config: ~ expanded here
     port = _int("port", flags["port"], 0, 65535, "a port number 0-65535 (0: any free port)")
     seed = _int("seed", flags["seed"], 0, 2**63, "a non-negative integer")
     if flags["export"]:
         store = LabelStore(path, seed)
-        print(format_export(export_pairs(store, flags["export"]), str(store.labels_path)))
+        print(format_export(export_pairs(store, os.path.expanduser(flags["export"])), str(store.labels_path)))
         return 0
     store = LabelStore(path, seed, writable=True)
     try:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from preftune import guard
 from preftune.config import command_help, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError
 from preftune.files import write_atomic
@@ -102,21 +103,26 @@ def make_pairs(records: list[dict], cfg) -> tuple[list[dict], dict[str, int]]:
 
 
 def run(cfg) -> dict:
+    """Sample into cfg.output_dir (checked apart from the model, writable, locked); returns the summary."""
+    if not cfg.model_name_or_path or not cfg.dataset:
+        raise ConfigError("preftune sample needs model_name_or_path (the model to sample) and dataset (the prompts)")
+    if cfg.num_samples < 2:
+        raise ConfigError(f"num_samples: sample pairs completions of a prompt, so it needs at least 2; got {cfg.num_samples}")
+    guard.check_inputs(cfg)
+    with guard.claim_output_dir(cfg.output_dir, guard.model_inputs(cfg)) as out:
+        return _sample(cfg, out)
+
+
+def _sample(cfg, out: Path) -> dict:
     from preftune.data import read_prompts
     from preftune.generate import backend, sample, vllm_sample
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
     from preftune.tokenization import encode_prompt, setup_chat_template
 
-    if not cfg.model_name_or_path or not cfg.dataset:
-        raise ConfigError("preftune sample needs model_name_or_path (the model to sample) and dataset (the prompts)")
-    if cfg.num_samples < 2:
-        raise ConfigError(f"num_samples: sample pairs completions of a prompt, so it needs at least 2; got {cfg.num_samples}")
     engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
     reward = load_reward(cfg.reward) if cfg.reward else None
     prompts = read_prompts(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
-    out = Path(cfg.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     samples_path = out / "samples.jsonl"
     done = read_samples(samples_path, prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from preftune import guard
 from preftune.config import ALIASES, command_help, load_config, parse_command_line, parse_overrides
 from preftune.errors import ConfigError
 
@@ -33,7 +35,6 @@ def main(args: list[str], stage: str | None = None) -> int:
     if stage:  # the command's stage wins over a config file's
         overrides = ["--stage", stage] + overrides
     over = parse_overrides(overrides)
-
     named = {ALIASES.get(k, k) for k in over}
     if config_path is None and not stage and not named & {"model_name_or_path", "ref_model"}:
         if named & DATA_KEYS:  # the user's data, no model: never the demo's model trained on it
@@ -45,10 +46,17 @@ def main(args: list[str], stage: str | None = None) -> int:
                                            "built-in preference pairs)")
         cfg = demo_config(over)
     else:
-        cfg = load_config(config_path, overrides)
-    from preftune.train import train  # heavy imports after the config is checked: a bad value fails fast
+        cfg = load_config(config_path, overrides)  # every key checked before the heavy imports below
+        if not cfg.model_name_or_path:
+            empty = config_path is not None and not Path(config_path).read_text(encoding="utf-8").strip()
+            raise ConfigError(f"{config_path or 'command line'}: {'the file is empty: ' if empty else ''}no "
+                              "model_name_or_path; set it to the model to train (a hub id or a folder); "
+                              "`preftune train` with no config at all runs the demo")
+        guard.check_inputs(cfg)
+    with guard.claim_output_dir(cfg.output_dir, guard.model_inputs(cfg)):
+        from preftune.train import train  # heavy imports after the checks: a bad value fails fast
 
-    summary = train(cfg)
+        summary = train(cfg)
     if not summary:  # a process other than the main one of a multi-process run: the main one reports
         return 0
     out = summary["outputs"]

@@ -305,6 +305,69 @@ def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg
     return state
 
 
+class BestModel:
+    """The best evaluation so far by metric_for_best_model (default eval_loss; `cfg.best_metric`,
+    `cfg.best_greater`), and early stopping's count of evaluations without a better one. When the run
+    keeps the best (load_best_model_at_end or early_stopping_patience), each new best's weights go to
+    best_model/, which the final save then writes instead of the last step's (`load_best_into`).
+    The baseline at step 0 (the reference itself) is not a candidate."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.value: float | None = None
+        self.step: int | None = None  # the step whose weights are in best_model/ (None: none kept)
+        self.evals_without_gain = 0
+
+    def update(self, row: dict, step: int, accelerator, policy, tokenizer) -> bool:
+        """Take one evaluation row; True when early stopping ends the run here."""
+        metric = self.cfg.best_metric
+        if metric not in row:
+            logged = ", ".join(k for k in row if k.startswith("eval_"))
+            raise ConfigError(f"metric_for_best_model: '{metric}' is not logged by this run's evaluation; "
+                              f"choose one of {logged}")
+        value = float(row[metric])
+        better = value == value and (self.value is None or (value > self.value if self.cfg.best_greater
+                                                            else value < self.value))
+        if better:
+            self.value, self.evals_without_gain = value, 0
+            if self.cfg.keeps_best:
+                self.step = step
+                if accelerator.is_main_process:
+                    save_model(accelerator.unwrap_model(policy).model, tokenizer, best_dir(self.cfg), step)
+                accelerator.wait_for_everyone()
+            return False
+        self.evals_without_gain += 1
+        patience = self.cfg.early_stopping_patience
+        if patience and self.evals_without_gain >= patience:
+            log.info("early stopping at step %d: %s has not improved for %d evaluations", step, metric,
+                     self.evals_without_gain)
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.value, "best_step": self.step, "evals_without_gain": self.evals_without_gain}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state.get("best_value", state.get("best_loss"))  # best_loss: checkpoints before metric_for_best_model
+        self.step, self.evals_without_gain = state["best_step"], state["evals_without_gain"]
+
+    def why(self) -> str:
+        """Why the final model is the one it is (summary.json's kept_model)."""
+        if self.step is None:
+            return "last step"
+        reason = "load_best_model_at_end" if self.cfg.load_best_model_at_end else "early stopping"
+        order = "highest" if self.cfg.best_greater else "lowest"
+        return f"best evaluation: {order} {self.cfg.best_metric} ({reason})"
+
+
+def save_now(cfg, step: int, steps_per_epoch: int) -> bool:
+    """Whether `step` writes a checkpoint: save_strategy steps (every save_steps), epoch (each epoch's
+    last step) or no."""
+    if cfg.save_strategy == "epoch":
+        return step % steps_per_epoch == 0
+    return cfg.save_strategy == "steps" and bool(cfg.save_steps) and step % cfg.save_steps == 0
+
+
 def check_best_model(cfg, best_step: int | None, step: int) -> None:
     """A resumed run keeps the best model of early stopping in output_dir/best_model; it must be the
     one saved at best_step, or a later one that the resumed run will overwrite when it gets there."""

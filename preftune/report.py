@@ -18,6 +18,7 @@ from pathlib import Path
 
 from preftune import health
 from preftune.files import write_atomic
+from preftune.tracking import Trackers
 
 log = logging.getLogger("preftune")
 
@@ -36,8 +37,11 @@ METRIC_NOTES = {
 
 
 class MetricsLog:
-    def __init__(self, cfg):
+    """The rows a run logs; each also goes to the report_to trackers (tracking.py)."""
+
+    def __init__(self, cfg, accelerator=None):
         self.cfg = cfg
+        self.trackers = Trackers(cfg, accelerator)
         self.history: list[dict] = []
         self.data: dict = {}
         self.precision: dict | None = None  # the dtypes of the policy and the reference (reference.describe_precision)
@@ -59,11 +63,11 @@ class MetricsLog:
         """Append the completions sampled at an evaluation to completions.jsonl (flushed: a crash keeps them);
         returns their mean length in tokens as an eval metric."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        records = [{"step": step, "prompt": pair.messages if pair.messages is not None else pair.prompt,
+                    "completion": text, "tokens": tokens} for pair, (text, tokens) in zip(pairs, completions)]
         with open(self.dir / "completions.jsonl", "a", encoding="utf-8") as f:
-            for pair, (text, tokens) in zip(pairs, completions):
-                prompt = pair.messages if pair.messages is not None else pair.prompt
-                f.write(json.dumps({"step": step, "prompt": prompt, "completion": text, "tokens": tokens},
-                                   ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        self.trackers.log_completions(step, records)
         return {"eval_completion_length": sum(t for _, t in completions) / max(len(completions), 1)}
 
     def log(self, row: dict) -> None:
@@ -77,6 +81,7 @@ class MetricsLog:
             row["eval_train_gap"] = gap
             row["eval_train_gap_pct"] = 100 * gap / last_train["loss"] if last_train["loss"] else math.nan
         self.history.append(row)
+        self.trackers.log(row)
         shown = {k: v for k, v in row.items() if k in ("step", "epoch", "loss", "rewards/accuracies",
                                                       "rewards/margins", "kl", "perplexity", "eval_loss",
                                                       "eval_rewards/accuracies", "eval_kl", "eval_perplexity")}
@@ -88,7 +93,8 @@ class MetricsLog:
             merged.setdefault(row["step"], {}).update(row)
         return [merged[s] for s in sorted(merged)]
 
-    def finish(self, total_steps, steps_done, stopped_early, best_step, elapsed) -> dict:
+    def finish(self, total_steps, steps_done, stopped_early, best, elapsed) -> dict:
+        """The metric files and summary.json at the end; `best`: checkpoints.BestModel (the kept model)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         rows = self.rows_by_step()
         columns = ["step", "epoch"]
@@ -111,9 +117,9 @@ class MetricsLog:
             "baseline": next((r for r in eval_rows if r["step"] == 0), None),
             "final": {**(train_rows[-1] if train_rows else {}),
                       **(eval_rows[-1] if eval_rows and eval_rows[-1]["step"] > 0 else {})},
-            "best": min((r for r in eval_rows if r["step"] > 0), key=lambda r: r["eval_loss"], default=None),
-            "kept_model": {"step": best_step if best_step is not None else steps_done,
-                           "why": "best eval_loss (early stopping)" if best_step is not None else "last step"},
+            "best": self.best_row(eval_rows),
+            "kept_model": {"step": best.step if best.step is not None else steps_done, "why": best.why(),
+                           "metric": self.cfg.best_metric, "value": best.value if best.step is not None else None},
             "stopped_early": stopped_early,
             "resumed_from": self.resumed_from,
             "health": signals,
@@ -124,13 +130,23 @@ class MetricsLog:
             "precision": self.precision,
             "config": self.cfg.to_dict(),
             "metric_notes": METRIC_NOTES,
-            "outputs": {"model": str(Path(self.cfg.output_dir)), "metrics": str(self.dir)},
+            "outputs": {"model": str(Path(self.cfg.output_dir)), "metrics": str(self.dir), **self.trackers.dirs},
         }
         write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
         if self.cfg.plot_loss:
             plot_curves(self.history, self.dir / "training_curves.png",
                         {s["name"]: s["step"] for s in signals if s["fired"]})
+        kept = summary["kept_model"]
+        self.trackers.finish(steps_done, {"train_runtime": elapsed, "kept_model_step": kept["step"],
+                                          **({"train_loss": _mean([r["loss"] for r in train_rows])} if train_rows else {}),
+                                          **({f"best_{kept['metric']}": kept["value"]} if kept["value"] is not None else {})})
         return summary
+
+    def best_row(self, eval_rows: list[dict]) -> dict | None:
+        """The best evaluation after step 0 by metric_for_best_model (default eval_loss)."""
+        metric, sign = self.cfg.best_metric, -1 if self.cfg.best_greater else 1
+        rows = [r for r in eval_rows if r["step"] > 0 and r.get(metric) == r.get(metric) and metric in r]
+        return min(rows, key=lambda r: sign * r[metric], default=None)
 
 
 def _mean(values):

@@ -37,6 +37,7 @@ from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
 from preftune.step import OBJECTIVES, PolicyLogps
+from preftune.tracking import make_trackers, tracker_names
 from preftune.tokenization import TokenizeReport
 
 log = logging.getLogger("preftune")
@@ -52,7 +53,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
+        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available(),
+                           log_with=make_trackers(cfg) or None)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
 
@@ -63,6 +65,7 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path fails at once
     checkpoints.check_output_dir(cfg, resuming=resume_from is not None)
     check_attention(cfg)  # a missing flash-attn package fails now, not after tokenizing the data
+    tracker_names(cfg)  # and so does a report_to tracker that is not installed
     objective = OBJECTIVES[cfg.objective]
     step_fn = objective(cfg)
 
@@ -89,7 +92,7 @@ def train(cfg: TrainConfig) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, **eval_items})
-    metrics = MetricsLog(cfg)
+    metrics = MetricsLog(cfg, accelerator)
     metrics.describe_setup(accelerator, global_batch, unit, reference.description,
                            describe_precision(model, reference, cfg))
     model.train()
@@ -129,16 +132,15 @@ def train(cfg: TrainConfig) -> dict:
                     "boundary_merges": tok_report.boundary_merges}
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluation(0)})
-    best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False
+    best, stopped_early = checkpoints.BestModel(cfg), False
     running: dict[str, list[torch.Tensor]] = {}
     tokens, train_seconds = 0, 0.0  # throughput counts training time only, not logging or evaluation
     step = 0
     if resume_from is not None:  # the same state as the uninterrupted run had after `step`
         state = checkpoints.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler, cfg)
         step, running, tokens, train_seconds = state["step"], state["running"], state["tokens"], state["train_seconds"]
-        best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
-        best_step, evals_without_gain = state["best_step"], state["evals_without_gain"]
-        checkpoints.check_best_model(cfg, best_step, step)
+        best.load_state_dict(state)
+        checkpoints.check_best_model(cfg, best.step, step)
         metrics.history = state["log_history"]
         metrics.resumed_from = {"checkpoint": str(resume_from), "step": step}
         step_fn.load_state_dict(state["loss_state"])
@@ -199,40 +201,26 @@ def train(cfg: TrainConfig) -> dict:
         if do_eval and (step % eval_every == 0 or step == total_steps):
             row = {"step": step, "epoch": round(epoch, 4), **evaluation(step)}
             metrics.log(row)
-            if row["eval_loss"] < best_loss:
-                best_loss, evals_without_gain = row["eval_loss"], 0
-                if cfg.early_stopping_patience:
-                    best_step = step
-                    if accelerator.is_main_process:
-                        checkpoints.save_model(accelerator.unwrap_model(policy).model, tokenizer,
-                                               checkpoints.best_dir(cfg), step)
-                    accelerator.wait_for_everyone()
-            else:
-                evals_without_gain += 1
-                if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
-                    log.info("early stopping at step %d: eval loss has not improved for %d evaluations",
-                             step, evals_without_gain)
-                    stopped_early = True
-                    break
+            if best.update(row, step, accelerator, policy, tokenizer):  # early stopping
+                stopped_early = True
+                break
 
-        if cfg.save_steps and step % cfg.save_steps == 0:
+        if checkpoints.save_now(cfg, step, steps_per_epoch):
             epoch_index, micro_index = divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch)
             loop_state = {"epoch": epoch_index, "micro_batch": micro_index, "tokens": tokens,
-                          "train_seconds": train_seconds, "best_loss": None if best_loss == math.inf else best_loss,
-                          "best_step": best_step, "evals_without_gain": evals_without_gain,
-                          "loss_state": step_fn.state_dict(), "log_history": metrics.history}
+                          "train_seconds": train_seconds, **best.state_dict(), "loss_state": step_fn.state_dict(), "log_history": metrics.history}
             checkpoints.save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state,
                                         running)
     bar.close()
 
     # --- outputs -------------------------------------------------------------------------
     final = accelerator.unwrap_model(policy).model
-    if best_step is not None and best_step != step:
+    if best.step is not None and best.step != step:
         checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
     summary: dict = {}
     if accelerator.is_main_process:
         checkpoints.save_final(final, tokenizer, cfg)
         summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,
-                                 best_step=best_step, elapsed=time.time() - start_time)
+                                 best=best, elapsed=time.time() - start_time)
     accelerator.wait_for_everyone()
     return summary

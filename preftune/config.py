@@ -305,6 +305,7 @@ _SPECIAL = ("mixed_precision",)
 
 _HUB = ("not done by preftune: upload the finished output_dir with `hf upload <repo id> <output_dir>` "
         "(huggingface_hub's command line)")
+_TEXT_ONLY = "images and videos are not supported: preftune trains text-only causal language models"
 _ONE_PROCESS_GROUP = ("preftune trains data-parallel through accelerate launch / torchrun (docs/distributed.md); "
                       "for a model that does not fit, use finetuning_type: lora or quantization_bit")
 # Keys of transformers' TrainingArguments and LLaMA-Factory that preftune does not honour, with why
@@ -373,7 +374,23 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
     "train_on_prompt": ((None, False), "the loss is over completion tokens only"),
     "pad_to_multiple_of": ((None,), "batches are padded to their longest sequence; padding_free: true removes "
                                     "padding altogether"),
+    "packing": ((None, False), "sequences are not concatenated across examples; padding_free: true puts a "
+                               "micro-batch's sequences in one row without letting them attend to each other"),
+    "use_reentrant_gc": ((None, False), "gradient checkpointing is non-reentrant by default; for the reentrant "
+                                        "variant set gradient_checkpointing_kwargs: {use_reentrant: true}"),
+    "freeze_vision_tower": ((None, True), _TEXT_ONLY),
+    "freeze_multi_modal_projector": ((None, True), _TEXT_ONLY),
+    "freeze_language_model": ((None, False), _TEXT_ONLY),
+    "image_max_pixels": ((None,), _TEXT_ONLY),
+    "image_min_pixels": ((None,), _TEXT_ONLY),
+    "video_max_pixels": ((None,), _TEXT_ONLY),
+    "video_min_pixels": ((None,), _TEXT_ONLY),
+    "video_fps": ((None,), _TEXT_ONLY),
+    "video_maxlen": ((None,), _TEXT_ONLY),
     "ray_run_name": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "runtime_env": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "env_vars": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "pip": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
     "ray_storage_path": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
     "ray_num_workers": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
     "resources_per_worker": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),

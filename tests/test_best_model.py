@@ -118,3 +118,37 @@ def test_save_only_model_checkpoints_cannot_be_resumed(tmp_path, tiny_model_dir)
     resumed = from_dict({**cfg.to_dict(), "resume_from_checkpoint": True, "max_steps": 4})
     with pytest.raises(ConfigError, match="save_only_model: true cannot be resumed"):
         train_mod.train(resumed)
+
+
+def test_command_line_reports_the_kept_model_and_reads_bare_no(tmp_path, tiny_model_dir, capsys):
+    """A YAML config as people write it (save_strategy: no is YAML's false); the closing line gives the
+    held-out accuracy of the model that was saved, the best evaluation's."""
+    from preftune.cli import main
+
+    base = tiny_config(tmp_path, tiny_model_dir)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"""model_name_or_path: {tiny_model_dir}
+dataset: {base.dataset}
+eval_dataset: {base.eval_dataset}
+output_dir: {tmp_path / 'out'}
+torch_dtype: float32
+per_device_train_batch_size: 16
+learning_rate: 0.1
+lr_scheduler_type: constant
+max_steps: 8
+eval_steps: 1
+logging_steps: 1
+save_strategy: no
+save_steps: 1
+load_best_model_at_end: true
+metric_for_best_model: loss
+progress_bar: false
+""")
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "dpo_metrics" / "summary.json").read_text())
+    best = summary["best"]
+    assert summary["kept_model"]["step"] == best["step"] != 8
+    assert (f"-> {best['eval_rewards/accuracies']:.1%} (the model of step {best['step']}: best eval_loss "
+            f"{best['eval_loss']:.4g})") in out
+    assert not list((tmp_path / "out").glob("checkpoint-*"))  # save_strategy: no

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 from preftune import tracking
 from preftune import train as train_mod
@@ -135,3 +136,27 @@ def test_report_to_values(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="report_to: unknown tracker 'comet'; use tensorboard, wandb, mlflow, "
                                           "trackio, all or none"):
         config(tmp_path, tiny_model_dir, report_to="comet")
+
+
+@pytest.mark.slow
+def test_two_processes_report_once_and_keep_the_best(tmp_path, tiny_model_dir):
+    """torchrun with 2 processes: one TensorBoard writer (the main process's) with every row of the
+    pooled metrics, and the best model kept through the processes' synchronisation."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from safetensors.torch import load_file
+    from test_distributed import raw_config, torchrun
+
+    out = tmp_path / "two"
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(out), per_device_train_batch_size=4,
+                                  learning_rate=0.05, eval_steps=1, report_to="tensorboard",
+                                  logging_dir=str(tmp_path / "tb"), load_best_model_at_end=True), "two")
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # one writer
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    history = json.loads((out / "dpo_metrics" / "log_history.json").read_text())
+    for name, by_step in logged_values(history).items():
+        assert {e.step: e.value for e in events.Scalars(name)} == pytest.approx(by_step, rel=1e-5, abs=1e-6), name
+    summary = json.loads((out / "dpo_metrics" / "summary.json").read_text())
+    assert summary["kept_model"]["step"] == summary["best"]["step"]
+    final, best = load_file(out / "model.safetensors"), load_file(out / "best_model" / "model.safetensors")
+    assert all(torch.equal(final[k], best[k]) for k in best)

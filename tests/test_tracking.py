@@ -160,3 +160,19 @@ def test_two_processes_report_once_and_keep_the_best(tmp_path, tiny_model_dir):
     assert summary["kept_model"]["step"] == summary["best"]["step"]
     final, best = load_file(out / "model.safetensors"), load_file(out / "best_model" / "model.safetensors")
     assert all(torch.equal(final[k], best[k]) for k in best)
+
+
+def test_mlflow_and_trackio_get_the_run_name(tmp_path, tiny_model_dir, monkeypatch):
+    """Not installed here: what preftune hands accelerate for them (accelerate starts and feeds them
+    like the others)."""
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker
+
+    monkeypatch.setattr(tracking, "installed", lambda name: True)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    cfg = config(tmp_path, tiny_model_dir, report_to="mlflow,trackio,tensorboard", run_name="dpo-a")
+    mlflow, trackio, tensorboard = tracking.make_trackers(cfg)
+    assert isinstance(mlflow, MLflowTracker) and mlflow.run_name == "dpo-a" and mlflow.experiment_name == "preftune"
+    assert isinstance(trackio, TrackioTracker) and trackio.init_kwargs == {"name": "dpo-a"}
+    assert isinstance(tensorboard, TensorBoardTracker)
+    default = Path(tensorboard.logging_dir_param)  # transformers' default: <output_dir>/runs/<date>_<host>
+    assert default.parent == Path(cfg.output_dir) / "runs"

@@ -348,7 +348,8 @@ class BestModel:
         return {"best_value": self.value, "best_step": self.step, "evals_without_gain": self.evals_without_gain}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = state.get("best_value", state.get("best_loss"))  # best_loss: checkpoints before metric_for_best_model
+        # best_loss: checkpoints written before metric_for_best_model (it was always eval_loss)
+        self.value = state.get("best_value", state.get("best_loss"))
         self.step, self.evals_without_gain = state["best_step"], state["evals_without_gain"]
 
     def why(self) -> str:

@@ -137,9 +137,12 @@ class MetricsLog:
             plot_curves(self.history, self.dir / "training_curves.png",
                         {s["name"]: s["step"] for s in signals if s["fired"]})
         kept = summary["kept_model"]
-        self.trackers.finish(steps_done, {"train_runtime": elapsed, "kept_model_step": kept["step"],
-                                          **({"train_loss": _mean([r["loss"] for r in train_rows])} if train_rows else {}),
-                                          **({f"best_{kept['metric']}": kept["value"]} if kept["value"] is not None else {})})
+        final_values = {"train_runtime": elapsed, "kept_model_step": kept["step"]}
+        if train_rows:
+            final_values["train_loss"] = _mean([r["loss"] for r in train_rows])
+        if kept["value"] is not None:
+            final_values[f"best_{kept['metric']}"] = kept["value"]
+        self.trackers.finish(steps_done, final_values)
         return summary
 
     def best_row(self, eval_rows: list[dict]) -> dict | None:

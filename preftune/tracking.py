@@ -101,7 +101,8 @@ class Trackers:
         """One logged row (step and the metrics), under its own names, at its step."""
         if not self.names:
             return
-        values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = {k: v for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.accelerator.log(values, step=int(row["step"]))
 
     def log_completions(self, step: int, records: list[dict]) -> None:

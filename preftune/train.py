@@ -37,8 +37,8 @@ from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
 from preftune.step import OBJECTIVES, PolicyLogps
-from preftune.tracking import make_trackers, tracker_names
 from preftune.tokenization import TokenizeReport
+from preftune.tracking import make_trackers, tracker_names
 
 log = logging.getLogger("preftune")
 
@@ -208,7 +208,8 @@ def train(cfg: TrainConfig) -> dict:
         if checkpoints.save_now(cfg, step, steps_per_epoch):
             epoch_index, micro_index = divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch)
             loop_state = {"epoch": epoch_index, "micro_batch": micro_index, "tokens": tokens,
-                          "train_seconds": train_seconds, **best.state_dict(), "loss_state": step_fn.state_dict(), "log_history": metrics.history}
+                          "train_seconds": train_seconds, **best.state_dict(), "loss_state": step_fn.state_dict(),
+                          "log_history": metrics.history}
             checkpoints.save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state,
                                         running)
     bar.close()

@@ -4,6 +4,7 @@ installed is one line naming the pip extra."""
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,16 @@ def test_wandb_offline_run_holds_every_row(tmp_path, tiny_model_dir, monkeypatch
     cfg = config(tmp_path, tiny_model_dir, report_to=["wandb"], run_name="tiny-dpo")
     train_mod.train(cfg)
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    records = wandb_records(run_file)
+    deadline = time.time() + 30  # wandb's service writes the file in the background: wait for the run's end
+    while True:
+        try:
+            records = wandb_records(run_file)
+        except Exception:  # a record half written
+            records = []
+        if "exit" in [r.WhichOneof("record_type") for r in records]:
+            break
+        assert time.time() < deadline, "the wandb run file has no exit record"
+        time.sleep(0.2)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.display_name == "tiny-dpo"
     config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}

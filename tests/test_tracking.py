@@ -99,7 +99,8 @@ def test_wandb_offline_run_holds_every_row(tmp_path, tiny_model_dir, monkeypatch
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = config(tmp_path, tiny_model_dir, report_to=["wandb"], run_name="tiny-dpo")
+    cfg = config(tmp_path, tiny_model_dir, report_to=["wandb"], run_name="tiny-dpo", generate_during_eval=2,
+                 max_new_tokens=4)
     train_mod.train(cfg)
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     deadline = time.time() + 30  # wandb's service writes the file in the background: wait for the run's end
@@ -126,6 +127,9 @@ def test_wandb_offline_run_holds_every_row(tmp_path, tiny_model_dir, monkeypatch
         for step, value in by_step.items():
             assert logged[name][step] == pytest.approx(value, rel=1e-6), (name, step)
     assert logged["kept_model_step"] == {4: 4}
+    # the sampled completions: a wandb Table at each evaluation (the run file holds its fields, the rows a media file)
+    assert logged["completions/_type"] == {0: "table-file", 2: "table-file", 4: "table-file"}
+    assert logged["completions/nrows"] == {0: 2, 2: 2, 4: 2}
 
 
 def test_a_tracker_not_installed_names_the_pip_extra(tmp_path, tiny_model_dir, monkeypatch):

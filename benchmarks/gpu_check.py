@@ -14,8 +14,9 @@ through the script. The steps, most important first (on CPU a step that needs CU
   b       padding_free on vs off (preftune, 0.5B, sdpa)
   c       sdpa vs flash_attention_2, padded and padding-free, where flash_attn is installed
   e1      two processes (`torchrun --nproc_per_node 2 -m preftune train`) where there are 2+ GPUs
-  e2, e3  exploratory: `accelerate launch` with an FSDP2 and a DeepSpeed ZeRO-3 config, 2 steps;
-          preftune does not wire sharded engines yet, the row records what happens
+  e2      `accelerate launch` with an FSDP2 config, 2 steps, one process per GPU (smoke: 2 CPU
+          processes): the row says over how many processes preftune sharded the policy and reference
+  e3      exploratory: a DeepSpeed ZeRO-3 config (not wired yet), the row records what happens
   a3      precomputed reference log-probs on the 1.5B shape (MFU at 6N)
   c2      exploratory: padding_free with flex_attention (compiled kernels) on the 0.5B shape
 
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import re
+import socket
 import shlex
 import subprocess
 import sys
@@ -263,7 +265,11 @@ class Check:
         tps = summary.get("timings", {}).get("mean_tokens_per_second")
         line = (f"exit 0; preftune saw {found[-1][0]} process(es), accelerate type {found[-1][1]}" if found
                 else "exit 0; no 'processes:' line in the log")
-        if found and found[-1][1] == "NO" and name.startswith(("e2", "e3")):
+        shards = re.findall(r"fsdp: the (policy|reference) \(\w+\) sharded over (\d+) processes", text)
+        if name.startswith("e2"):
+            line += (f"; FSDP2 sharded {' and '.join(f'the {w} over {n}' for w, n in shards)} process(es)" if shards
+                     else "; NOT sharded (no 'fsdp: ... sharded' line in the log)")
+        elif found and found[-1][1] == "NO" and name.startswith("e3"):
             line += " (the sharded engine was not applied: a plain one-process run)"
         if tps:
             line += f"; {tps:.0f} tokens/s (preftune's own figure, all processes)"
@@ -306,19 +312,23 @@ class Check:
         })
 
     def sharded(self, name: str, engine: dict):
-        """Exploratory: `accelerate launch` with a sharded-engine config around `preftune train`, 2 steps on the
-        tiny model, one process per GPU. preftune does not wire FSDP2/DeepSpeed yet (docs/distributed.md):
-        the row says whether it fails, and where, or runs (and under which accelerate type)."""
-        processes = 1 if self.smoke else max(1, self.env.get("device_count", 1))
+        """`accelerate launch` with a sharded-engine config around `preftune train`, 2 steps on the tiny model,
+        one process per GPU (smoke: 2 CPU processes over gloo). FSDP2 (e2) is preftune's own path
+        (preftune/sharding.py): the row says over how many processes it sharded the policy and the reference.
+        DeepSpeed (e3) is not wired yet: exploratory, the row says whether it fails, and where."""
+        processes = 2 if self.smoke else max(1, self.env.get("device_count", 1))
         config = {"compute_environment": "LOCAL_MACHINE", **engine, "mixed_precision": "bf16",
                   "num_machines": 1, "num_processes": processes, "machine_rank": 0, "main_training_function": "main",
-                  "rdzv_backend": "static", "same_network": True, "use_cpu": self.smoke}
+                  "rdzv_backend": "static", "same_network": True, "use_cpu": False}
         config_path = self.work / f"{name}_accelerate.json"  # accelerate reads .json configs as JSON
         config_path.write_text(json.dumps(config, indent=1))
         cfg = self.train_config(self.assets("tiny"), name, steps=2, batch=2)
         line, data = self.launch_outcome(name, [self.python, "-m", "accelerate.commands.launch", "--config_file",
-                                                str(config_path), "-m", "preftune", "train", str(cfg)], cap="sharded")
-        return f"exploratory, {processes} process(es): {line}", data
+                                                str(config_path), "--main_process_port", str(free_port()), "-m", "preftune",
+                                                "train", str(cfg)], {"OMP_NUM_THREADS": "1"} if self.smoke else None,
+                                         cap="sharded")
+        label = f"{processes} process(es)" + (" (smoke: CPU, gloo)" if self.smoke else "")
+        return f"{label}{'' if name.startswith('e2') else ', exploratory'}: {line}", data
 
     def step_a3(self):
         r = self.bench("a3_precompute", "qwen2.5-1.5b", "preftune", "--bf16", "--precompute")
@@ -403,7 +413,7 @@ print("PROBE " + json.dumps(out))
         self.step("b", "padding_free on vs off, 0.5B shape (preftune, sdpa)", self.step_b)
         self.step("c", "sdpa vs flash_attention_2, 0.5B shape (preftune)", self.step_c)
         self.step("e1", "2 processes: torchrun --nproc_per_node 2 -m preftune train", self.step_e1)
-        self.step("e2", "exploratory: accelerate launch, FSDP2 config", self.step_e2)
+        self.step("e2", "FSDP2: accelerate launch, examples/accelerate/fsdp2.yaml settings", self.step_e2)
         self.step("e3", "exploratory: accelerate launch, DeepSpeed ZeRO-3 config", self.step_e3)
         self.step("a3", "precomputed reference, 1.5B shape (preftune, MFU at 6N)", self.step_a3)
         self.step("c2", "exploratory: padding_free with flex_attention, 0.5B shape (preftune)", self.step_c2)
@@ -429,6 +439,12 @@ print("PROBE " + json.dumps(out))
 # ------------------------------------------------------------------------------------------------
 
 NOISE = re.compile(r"^(W\d{4} |Failed to load .*torchao|\s*warnings\.warn|Writing model shards)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def last_error(text: str) -> str:

@@ -46,6 +46,58 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, index: list[in
     return _with_index(_packed(seqs), index)
 
 
+def collate_shared(pairs: list[TokenizedPair], pad_token_id: int,
+                   index: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """B pairs -> one row per pair, [shared prompt | chosen tail | rejected tail] (prefix sharing): the
+    prompt is run once for both completions. The shared part is the longest common prefix of the two
+    sequences within the prompt (the whole prompt unless the tokenizer merged across the boundary
+    differently), each tail is the rest of its sequence. Each tail attends to the shared part and to
+    itself, never to the other tail, and its position ids continue from the shared part, so every
+    token sees exactly what it sees in its own sequence: the same log-probs as `collate`.
+
+        input_ids, position_ids (B, L); attention_mask (B, 1, L, L) bool, True where a token may attend
+        score_index (2, N): for each scored completion token, the flat (B * L) position whose hidden
+            state predicts it and the flat position of the token itself, grouped by sequence in the
+            order of `collate`'s 2B rows ([chosen of each pair; rejected of each pair])
+        score_rows (N,): that sequence, 0 .. 2B-1
+    """
+    layouts, width = [], 0
+    for p in pairs:
+        k = 0
+        limit = min(p.chosen_start, p.rejected_start)
+        while k < limit and p.chosen_ids[k] == p.rejected_ids[k]:
+            k += 1
+        layouts.append((k, p.chosen_ids[k:], p.rejected_ids[k:]))
+        width = max(width, len(p.chosen_ids) + len(p.rejected_ids) - k)
+    B = len(pairs)
+    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    segment = torch.full((B, width), 3, dtype=torch.long)  # 0 shared, 1 chosen tail, 2 rejected tail, 3 padding
+    scored: list[list[tuple[int, int]]] = [[] for _ in range(2 * B)]  # per sequence: (predicting, target) flat
+    for b, (p, (k, chosen_tail, rejected_tail)) in enumerate(zip(pairs, layouts)):
+        c, r = len(chosen_tail), len(rejected_tail)
+        row = p.chosen_ids[:k] + chosen_tail + rejected_tail
+        input_ids[b, :len(row)] = torch.tensor(row)
+        position_ids[b, :len(row)] = torch.tensor(list(range(k + c)) + list(range(k, k + r)))
+        segment[b, :k], segment[b, k:k + c], segment[b, k + c:k + c + r] = 0, 1, 2
+        # sequence position j of chosen sits at row index j; of rejected at j below k, else k + c + (j - k)
+        at_rejected = lambda j: j if j < k else c + j  # noqa: E731
+        base = b * width
+        scored[b] = [(base + j - 1, base + j) for j in range(p.chosen_start, len(p.chosen_ids))]
+        scored[B + b] = [(base + at_rejected(j - 1), base + at_rejected(j))
+                         for j in range(p.rejected_start, len(p.rejected_ids))]
+    i = torch.arange(width)
+    causal = i[None, :] <= i[:, None]  # (L, L)
+    visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (B, L, L)
+    attention_mask = (causal & visible) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only
+    flat = [pair for seq in scored for pair in seq]
+    return _with_index({
+        "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask[:, None],
+        "score_index": torch.tensor(flat, dtype=torch.long).reshape(-1, 2).T.contiguous(),
+        "score_rows": torch.tensor([s for s, seq in enumerate(scored) for _ in seq], dtype=torch.long),
+    }, index)
+
+
 def _packed(seqs: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
     """(ids, completion start) sequences -> one row: input_ids, position_ids, completion_mask (1, N),
     sequence_lengths (sequences,)."""

@@ -26,6 +26,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from preftune import sharding
 from preftune.adapters import TRAINED_ADAPTER
 from preftune.errors import ConfigError, ModelError
 from preftune.files import fresh_tmp_dir, remove_dir, replace_dir, write_atomic
@@ -39,13 +40,14 @@ def best_dir(cfg) -> Path:
     return Path(cfg.output_dir) / "best_model"
 
 
-def _save_weights(model, folder: Path, merge: bool = False) -> None:
+def _save_weights(model, folder: Path, merge: bool = False, state_dict: dict | None = None) -> None:
     """A transformers model's weights (+ config, generation config), or a peft model's trained
     adapter (adapter_config.json + adapter_model.safetensors; the frozen `reference` adapter is
     not part of the result). merge=True writes a peft model as merged full weights instead; that
-    merges in place, so the peft model is spent afterwards."""
+    merges in place, so the peft model is spent afterwards. state_dict: the weights to write in
+    place of the model's own (a sharded model's, gathered by `sharding.full_state_dict`)."""
     if not isinstance(model, PeftModel):
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         return
     if merge:
         model.merge_and_unload(adapter_names=[TRAINED_ADAPTER]).save_pretrained(folder, safe_serialization=True)
@@ -55,9 +57,9 @@ def _save_weights(model, folder: Path, merge: bool = False) -> None:
         model.generation_config.save_pretrained(folder)
 
 
-def save_model(model, tokenizer, dest: Path, step: int) -> None:
+def save_model(model, tokenizer, dest: Path, step: int, state_dict: dict | None = None) -> None:
     tmp = fresh_tmp_dir(dest)
-    _save_weights(model, tmp)
+    _save_weights(model, tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
     replace_dir(tmp, dest)
@@ -78,6 +80,9 @@ def load_weights_into(model, folder: Path) -> None:
     state = {}
     for shard in sorted(folder.glob("model*.safetensors")):  # not running_<process>.safetensors of a checkpoint
         state.update(load_file(shard))
+    if sharding.is_sharded(model):  # each process keeps its shard of the whole weights
+        sharding.load_full_state_dict(model, state)
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (lm_head = embeddings) are stored once, so they may be reported missing
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -134,18 +139,20 @@ def add_legacy_rope_keys(folder: Path) -> None:
     write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_final(model, tokenizer, cfg) -> None:
+def save_final(model, tokenizer, cfg, state_dict: dict | None = None) -> None:
     """The final model and tokenizer into output_dir itself, file by file atomically, each weight in
     the dtype it was loaded in (trainable ones are cast back from their float32 master copy). A LoRA
     policy is written as its adapter (cfg.final_adapter_only) or merged into full weights. Both the
-    cast and the merge change the model in place: call this last."""
+    cast and the merge change the model in place: call this last. A sharded model's weights come
+    gathered, already in their loaded dtypes, as state_dict."""
     out = Path(cfg.output_dir)
     if model.generation_config is not None:  # generation stops where training's completions end
         model.generation_config.eos_token_id = stop_ids(tokenizer)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = fresh_tmp_dir(out / "final")
-    restore_loaded_dtypes(model)
-    _save_weights(model, tmp, merge=not cfg.final_adapter_only)
+    if state_dict is None:
+        restore_loaded_dtypes(model)
+    _save_weights(model, tmp, merge=not cfg.final_adapter_only, state_dict=state_dict)
     add_legacy_rope_keys(tmp)
     tokenizer.save_pretrained(tmp)
     # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
@@ -188,16 +195,23 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
         if running:  # (N,) per statistic: this process's values of the micro-batches since the last logging step
             save_file({k: torch.cat(v).cpu().contiguous() for k, v in running.items()},
                       tmp / f"running_{accelerator.process_index}.safetensors", metadata={"order": json.dumps(list(running))})
+    model = accelerator.unwrap_model(policy).model
+    weights, optimizer_state = None, None
+    if sharding.is_sharded(model):  # every process takes part in gathering the whole state
+        weights = sharding.full_state_dict(model)
+        if not cfg.save_only_model:
+            optimizer_state = sharding.full_optimizer_state(model, optimizer.optimizer)
     if accelerator.is_main_process:
-        _save_weights(accelerator.unwrap_model(policy).model, tmp)  # a LoRA policy: its trained adapter only
+        _save_weights(model, tmp, state_dict=weights)  # a LoRA policy: its trained adapter only
         tokenizer.save_pretrained(tmp)
         if not cfg.save_only_model:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state or optimizer.state_dict(), tmp / "optimizer.pt")
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
             if accelerator.scaler is not None:  # fp16: the loss scale and its growth counter
                 _write_json(tmp / "scaler.json", accelerator.scaler.state_dict())
             _write_json(tmp / "trainer_state.json", {**loop_state, "step": step, "running_keys": list(running),
-                                                     "world_size": accelerator.num_processes, "config": cfg.to_dict()})
+                                                     "world_size": accelerator.num_processes, "config": cfg.to_dict(),
+                                                     "sharded": weights is not None})
         (tmp / "log_history.json").write_text(json.dumps(loop_state["log_history"], indent=1))
         (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
@@ -284,8 +298,16 @@ def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg
     trainer_state.json's loop state, with `running` as {statistic: [tensor on the device]}."""
     state = json.loads((folder / "trainer_state.json").read_text())
     _check_same_run(state["config"], cfg, folder)
-    load_weights_into(accelerator.unwrap_model(policy).model, folder)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    model = accelerator.unwrap_model(policy).model
+    if state.get("sharded", False) != sharding.is_sharded(model):  # the optimizer state is keyed differently
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written {'with' if state.get('sharded') else 'without'} "
+                          "fsdp; resume with the setting it was written with")
+    load_weights_into(model, folder)
+    optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    if sharding.is_sharded(model):
+        sharding.load_full_optimizer_state(model, optimizer.optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
     if accelerator.scaler is not None:
         if not (folder / "scaler.json").is_file():
@@ -318,8 +340,9 @@ class BestModel:
         self.step: int | None = None  # the step whose weights are in best_model/ (None: none kept)
         self.evals_without_gain = 0
 
-    def update(self, row: dict, step: int, accelerator, policy, tokenizer) -> bool:
-        """Take one evaluation row; True when early stopping ends the run here."""
+    def update(self, row: dict, step: int, accelerator, model, tokenizer, sharded: bool = False) -> bool:
+        """Take one evaluation row; True when early stopping ends the run here. `sharded`: an FSDP2 policy,
+        whose whole weights every process gathers for the save."""
         metric = self.cfg.best_metric
         if metric not in row:
             logged = ", ".join(k for k in row if k.startswith("eval_"))
@@ -332,8 +355,9 @@ class BestModel:
             self.value, self.evals_without_gain = value, 0
             if self.cfg.keeps_best:
                 self.step = step
+                weights = sharding.full_state_dict(model) if sharded else None  # gathered by every process
                 if accelerator.is_main_process:
-                    save_model(accelerator.unwrap_model(policy).model, tokenizer, best_dir(self.cfg), step)
+                    save_model(model, tokenizer, best_dir(self.cfg), step, weights)
                 accelerator.wait_for_everyone()
             return False
         self.evals_without_gain += 1

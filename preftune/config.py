@@ -140,6 +140,7 @@ class TrainConfig:
     seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
     logps_chunk_size: int = _f(1024, "Completion tokens projected through the LM head at once (bounds logits memory).")
     padding_free: bool = _f(False, "Put a micro-batch's sequences back to back in one row (position ids restart at each) instead of padding them to the longest: no compute spent on pad tokens, the same log-probs. It pays with attn_implementation flash_attention_2 (varlen kernels) or flex_attention; with sdpa or eager it is correct but attention spans the whole row. Not with pref_loss: kto.")
+    prefix_sharing: bool = _f(False, "Run each pair's prompt once for both completions: one row [prompt | chosen | rejected] per pair, a mask that keeps each completion to the prompt and itself, the same log-probs. Fewer tokens through the model when prompts are long (with a 4D mask, so attn_implementation sdpa or eager). Pairs only (not kto, not sft); not with padding_free.")
     group_by_length: bool = _f(False, "Batch pairs of similar length together (each group of 50 batches of the seeded order sorted by length, as transformers' group_by_length): less padding, the same pairs per epoch.")
 
     # --- sampling and evaluation (preftune sample, preftune eval) -----------------------
@@ -152,6 +153,9 @@ class TrainConfig:
     pairing: str = _f("best_worst", "How sample forms pairs from a prompt's scored completions: best_worst (the best against the worst), all (every two whose scores differ by at least min_margin), random (two at random). Ties are skipped and counted.", ("best_worst", "all", "random"))
     min_margin: float = _f(0.0, "Smallest reward difference that makes a pair (ties, equal rewards, never do).")
     prompts: str | None = _f(None, "eval: prompts to sample from and score with `reward` (same forms as dataset; prompt-only records allowed).")
+    infer_backend: str = _f("auto", "What generates in preftune sample: huggingface (transformers' generate), vllm (the vllm package, a CUDA GPU; much faster on large models), or auto (vllm when it is installed and a CUDA GPU is present, else huggingface).", ("auto", "huggingface", "vllm"))
+    vllm_gpu_util: float = _f(0.7, "infer_backend: vllm: the share of GPU memory vLLM may take for weights and KV cache (LLaMA-Factory's key).")
+    vllm_enforce_eager: bool = _f(False, "infer_backend: vllm: no CUDA graphs (starts faster, generates slower; LLaMA-Factory's key).")
 
     # --- evaluation, logging, saving ----------------------------------------------------
     generate_during_eval: int = _f(0, "At each evaluation, sample one completion for each of the first N validation prompts (temperature, top_p, top_k, max_new_tokens, seed) into <metrics dir>/completions.jsonl, and log their mean length (eval_completion_length). 0: off.")
@@ -182,6 +186,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _f(None, "A checkpoint-N folder to continue from, or true for the latest complete one in output_dir; the resumed run reaches the same metrics and weights as an uninterrupted one.")
     dataloader_num_workers: int = _f(0, "Accepted for LLaMA-Factory configs; batches are built in-process.")
     ddp_timeout: int | None = _f(None, "Accepted for LLaMA-Factory configs.")
+    fsdp: str = _f("", "Shard weights, gradients and optimizer state over the processes with FSDP2 (TrainingArguments' words): full_shard, shard_grad_op (keep gathered weights from forward to backward), offload (parameters on the CPU between uses; GPU only). An accelerate config with distributed_type FSDP and fsdp_version 2 does the same. Full fine-tuning only so far; docs/distributed.md.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")
 
     @property
@@ -306,16 +311,17 @@ _SPECIAL = ("mixed_precision",)
 _HUB = ("not done by preftune: upload the finished output_dir with `hf upload <repo id> <output_dir>` "
         "(huggingface_hub's command line)")
 _TEXT_ONLY = "images and videos are not supported: preftune trains text-only causal language models"
-_ONE_PROCESS_GROUP = ("preftune trains data-parallel through accelerate launch / torchrun (docs/distributed.md); "
-                      "for a model that does not fit, use finetuning_type: lora or quantization_bit")
+_ONE_PROCESS_GROUP = ("preftune trains on several processes through accelerate launch / torchrun "
+                      "(docs/distributed.md), sharded with fsdp: full_shard when the model does not fit")
 # Keys of transformers' TrainingArguments and LLaMA-Factory that preftune does not honour, with why
 # and what to use instead. Each is accepted at the values in `off` (what the key does when absent:
 # null, false, none, or the only behaviour preftune has), so configs that carry them unchanged load;
 # any other value is refused with the message. docs/llamafactory-keys.md lists every key.
 NOT_HONOURED: dict[str, tuple[tuple, str]] = {
-    "deepspeed": ((None, "", "none"), f"DeepSpeed is not supported; {_ONE_PROCESS_GROUP}"),
-    "fsdp": ((None, "", False, []), f"FSDP is not supported; {_ONE_PROCESS_GROUP}"),
-    "fsdp_config": ((None, {}), f"FSDP is not supported; {_ONE_PROCESS_GROUP}"),
+    "deepspeed": ((None, "", "none"), "DeepSpeed is not supported; shard with fsdp: full_shard (FSDP2, "
+                                      "docs/distributed.md), or use finetuning_type: lora or quantization_bit"),
+    "fsdp_config": ((None, {}), "set the FSDP2 mode with fsdp: full_shard, shard_grad_op or offload, or launch "
+                                "with an accelerate FSDP2 config (docs/distributed.md)"),
     "torch_compile": ((None, False), "torch.compile is not applied (the loss's log-prob pass changes shape with "
                                      "every batch, so it would recompile); remove torch_compile"),
     "torch_compile_backend": ((None,), "torch.compile is not applied; remove torch_compile_backend"),
@@ -621,6 +627,12 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"top_p must be in (0, 1] (or unset); got {cfg.top_p}")
     if cfg.top_k is not None and cfg.top_k < 1:
         bad(f"top_k must be at least 1 (or unset); got {cfg.top_k}")
+    if not (0 < cfg.vllm_gpu_util <= 1):
+        bad(f"vllm_gpu_util must be a share of GPU memory in (0, 1]; got {cfg.vllm_gpu_util}")
+    unknown = set(cfg.fsdp.replace(",", " ").split()) - {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
+    if unknown:
+        bad(f"fsdp: {', '.join(sorted(unknown))} is not a sharding mode here; use full_shard, shard_grad_op, "
+            "offload (or leave fsdp empty for data parallelism)")
     if not (cfg.min_margin >= 0 and math.isfinite(cfg.min_margin)):
         bad(f"min_margin must be a number >= 0; got {cfg.min_margin}")
     if cfg.generate_during_eval < 0:
@@ -666,6 +678,16 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if value != 1.0 and not cfg.is_kto:
             raise ConfigError(f"{key}: only pref_loss: kto weighs desirable/undesirable examples; "
                               f"pref_loss is {cfg.pref_loss}; remove {key}")
+    if cfg.prefix_sharing:
+        if cfg.padding_free:
+            raise ConfigError("prefix_sharing and padding_free are two layouts of a batch; choose one (prefix_sharing "
+                              "saves the prompt's second pass, padding_free the padding)")
+        if cfg.is_kto or cfg.stage == "sft":
+            raise ConfigError("prefix_sharing: shares a pair's prompt between chosen and rejected; "
+                              f"{'pref_loss: kto' if cfg.is_kto else 'stage: sft'} has no pairs; set prefix_sharing: false")
+        if cfg.attention in ("flash_attention_2", "flex_attention"):
+            raise ConfigError(f"prefix_sharing: needs a 4D attention mask, which attn_implementation {cfg.attention} "
+                              "does not take; use sdpa (or eager), or padding_free for flash-attn")
     if cfg.is_kto:
         if cfg.padding_free:
             raise ConfigError("padding_free: not supported with pref_loss: kto (its KL rows are built per padded batch); "

@@ -20,7 +20,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from preftune.batching import collate, collate_chosen, epoch_batches
-from preftune.logps import get_batch_logps
+from preftune.logps import PolicyLogps, get_batch_logps
+from preftune.sharding import is_sharded
 
 
 def accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -64,8 +65,11 @@ def pair_logps(model, pairs: list, pad_id: int, batch_size: int, chunk_size: int
     batches = ordered_batches(pairs, batch_size, collate, pad_id, device)
     for idx, batch in tqdm(batches, total=math.ceil(len(pairs) / batch_size), desc=desc, disable=desc is None):
         with autocast():
-            out = get_batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                  chunk_size, ld_alpha=ld_alpha)
+            if isinstance(model, PolicyLogps):  # a sharded model's root (sharding.py): the pass goes through it
+                out = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], ld_alpha=ld_alpha)
+            else:
+                out = get_batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                      chunk_size, ld_alpha=ld_alpha)
         logps[idx] = out.logps.float().cpu().view(2, len(idx)).T  # rows [chosen; rejected] -> (B, 2)
         lengths[idx] = out.lengths.cpu().view(2, len(idx)).T
     return logps, lengths
@@ -103,6 +107,14 @@ def evaluate(step, policy, reference, items: list, batch_size: int, pad_id: int,
         for key, (value, n) in values.items():
             sums[key] = sums.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + n
+    if is_sharded(getattr(model, "model", model)) and items:
+        # a sharded forward needs every process: one with a batch fewer than the others runs one more,
+        # on its first item, and counts nothing of it
+        batches = math.ceil(len(items) / batch_size)
+        if len(range(shard[0], batches, shard[1])) < math.ceil(batches / shard[1]):
+            extra = {k: v.to(accelerator.device) for k, v in step.collate(items[:1], pad_id, [0]).items()}
+            with accelerator.autocast():
+                step(model, reference, extra, kl=True)
     model.train()
     sums, counts = pooled(sums, counts, accelerator)
     return {f"{prefix}{k}": v / max(counts[k], 1) for k, v in sums.items()}

@@ -7,6 +7,9 @@ Padding-free (`batching.collate_packed`): the same 2B sequences in the same orde
 one row, `position_ids` restarting at 0 for each and `sequence_lengths` (2B,) saying where each
 ends; attention stays within a sequence (transformers builds the mask from the position ids, or
 flash-attn runs varlen), and the outputs are the same (2B,) tensors.
+Prefix sharing (`batching.collate_shared`): one row per pair, [prompt | chosen | rejected], a 4D
+attention mask that keeps each completion to the prompt and itself, and `score_index` / `score_rows`
+naming the scored positions; again the same (2B,) outputs.
 
 Memory: the LM head is applied only at completion positions, `chunk_size` tokens at a time,
 and each chunk's (chunk, vocab) fp32 logits are recomputed in backward instead of stored, so
@@ -32,6 +35,10 @@ class BatchLogps(NamedTuple):
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
     """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row."""
+    if "score_index" in batch:  # prefix sharing
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": None,
+                "position_ids": batch["position_ids"], "score_index": batch["score_index"],
+                "score_rows": batch["score_rows"]}
     if "position_ids" not in batch:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     return {"input_ids": batch["input_ids"], "attention_mask": None, "completion_mask": batch["completion_mask"],
@@ -76,6 +83,18 @@ def _completion_hidden(model, input_ids, attention_mask, completion_mask, positi
     return hidden[:, :-1][score], input_ids[:, 1:][score], score  # (N, H), (N,), (R, T-1)
 
 
+def _shared_hidden(model, input_ids, attention_mask, position_ids, score_index):
+    """Prefix sharing: the backbone over [prompt | chosen | rejected] rows under their 4D mask (bool,
+    True = attend: sdpa reads it so; eager adds it, so it becomes 0 / -inf), and the hidden states and
+    targets at the scored positions, (N, H), (N,)."""
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":
+        attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(
+            ~attention_mask, torch.finfo(torch.float32).min)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.size(-1))[score_index[0]], input_ids.reshape(-1)[score_index[1]]
+
+
 def _scored_sequences(score: torch.Tensor, sequence_lengths: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """The sequence each scored token belongs to, (N,), in order, and the number of sequences."""
     if sequence_lengths is None:  # padded: a sequence per row
@@ -107,12 +126,14 @@ def ld_token_weights(rows: torch.Tensor, lengths: torch.Tensor, ld_alpha: float)
 def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
                     chunk_size: int = 1024, return_hidden: bool = False, ld_alpha: float | None = None,
                     wpo: bool = False, position_ids: torch.Tensor | None = None,
-                    sequence_lengths: torch.Tensor | None = None):
+                    sequence_lengths: torch.Tensor | None = None, score_index: torch.Tensor | None = None,
+                    score_rows: torch.Tensor | None = None):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
     Packed (padding-free): input_ids, position_ids, completion_mask (1, N_tokens), attention_mask
-    None, sequence_lengths (2B,) (module docstring).
+    None, sequence_lengths (2B,) (module docstring). Prefix sharing: input_ids, position_ids (B, L), a
+    4D attention_mask (B, 1, L, L), score_index (2, N), score_rows (N,), completion_mask None.
     With return_hidden, also the detached hidden states at the scored positions, (N, H), which
     `completion_kl` turns into the KL to the reference without another forward pass.
     With ld_alpha (LD-DPO), each pair's tokens beyond the shorter completion's length count ld_alpha
@@ -126,7 +147,10 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     computed from the same chunked LM head (log sum p^2 = logsumexp(2 logits) - 2 logsumexp(logits)).
     Returns a `BatchLogps`; hidden and wpo_weights are None unless asked for.
     """
-    hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids)
+    if score_index is not None:
+        hidden, targets = _shared_hidden(model, input_ids, attention_mask, position_ids, score_index)
+    else:
+        hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids)
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     pieces = []
@@ -141,8 +165,12 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         log_sum_sq = torch.cat([p[1] for p in pieces]) if pieces else empty  # (N,)
         pieces = [p[0] for p in pieces]
     token_logps = torch.cat(pieces) if pieces else empty  # (N,)
-    rows, n = _scored_sequences(score, sequence_lengths)  # the sequence each scored token belongs to, (N,)
-    lengths = score.sum(dim=1) if sequence_lengths is None else torch.bincount(rows, minlength=n)  # (2B,)
+    if score_index is not None:  # prefix sharing: B rows hold 2B sequences
+        rows, n = score_rows, 2 * input_ids.size(0)
+        lengths = torch.bincount(rows, minlength=n)
+    else:
+        rows, n = _scored_sequences(score, sequence_lengths)  # the sequence each scored token belongs to, (N,)
+        lengths = score.sum(dim=1) if sequence_lengths is None else torch.bincount(rows, minlength=n)  # (2B,)
     weighted = token_logps if ld_alpha is None else token_logps * ld_token_weights(rows, lengths, ld_alpha)
     logps = token_logps.new_zeros(n).index_add(0, rows, weighted)  # (2B,)
     wpo_weights = None
@@ -174,3 +202,20 @@ def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidd
         lq = F.log_softmax(_logits(head_ref, reference_hidden[i:i + chunk_size], _softcap(reference)), dim=-1)
         total += (lp.exp() * (lp - lq)).sum()
     return total, policy_hidden.size(0)
+
+
+class PolicyLogps(torch.nn.Module):
+    """A model seen through `get_batch_logps`, so that a distributed wrapper around this module sees
+    the whole forward, LM head included: DDP synchronises every gradient, and FSDP2 (sharding.py),
+    with this module as its root, gathers the embeddings and LM head for the whole pass. The policy
+    is one; a sharded reference another."""
+
+    def __init__(self, model, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
+                position_ids=None, sequence_lengths=None, score_index=None, score_rows=None):
+        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
+                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
+                               sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows)

@@ -33,6 +33,7 @@ replaced, never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -50,7 +51,8 @@ from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
 from preftune.errors import ModelError
 from preftune.evaluate import pair_logps
 from preftune.files import cache_root
-from preftune.logps import BatchLogps, get_batch_logps, model_inputs
+from preftune.logps import BatchLogps, PolicyLogps, get_batch_logps, model_inputs
+from preftune.sharding import active, shard
 from preftune.models import (check_vocabulary, load_dtype, load_policy, load_reference, reference_adapters,
                              weight_dtypes)
 from preftune.tokenization import TokenizedPair
@@ -141,19 +143,26 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
     `tokenizer`'s vocabulary when given)."""
     folder = cache_dir(cfg)
     reference, tables = None, {}
+    sharded = active(cfg)
     for split, pairs in splits.items():
         if not pairs:
             continue
-        # with several processes the main one computes and writes first; the others then read its file
-        with accelerator.main_process_first():
+        # with several processes the main one computes and writes first; the others then read its file.
+        # A sharded reference (fsdp) needs every process in every forward: all compute, the main one writes
+        with contextlib.nullcontext() if sharded else accelerator.main_process_first():
             key = cache_key(cfg, pairs, accelerator.device.type)
             path = folder / f"{key}.safetensors"
             logps = _read_cache(path, key, len(pairs))
             if logps is None:
                 if reference is None:
-                    reference = load_reference(cfg).to(accelerator.device)
+                    reference = load_reference(cfg)
                     if tokenizer is not None:
                         check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
+                    if sharded:  # pair_logps calls the sharded root, which gathers what each pass needs
+                        reference = PolicyLogps(reference, cfg.logps_chunk_size)
+                        shard(reference, sharded, accelerator.device, cfg.mixed_precision, "the reference")
+                    else:
+                        reference.to(accelerator.device)
                 progress = "reference log-probs" if cfg.progress_bar and accelerator.is_main_process else None
                 logps, _ = pair_logps(reference, pairs, pad_id, cfg.eval_batch_size, cfg.logps_chunk_size,
                                       cfg.ld_alpha, accelerator.device, accelerator.autocast, progress)
@@ -179,13 +188,14 @@ class Reference:
     precomputed or absent), which is also what the KL to the reference needs."""
 
     def __init__(self, model=None, tables: dict[str, torch.Tensor] | None = None, chunk_size: int = 1024,
-                 split: str | None = None, description: str = "none (reference-free loss)"):
+                 split: str | None = None, description: str = "none (reference-free loss)", runner=None):
         self.model, self.tables, self.chunk_size, self.split = model, tables, chunk_size, split
         self.description = description
+        self.runner = runner  # a sharded model's root (`PolicyLogps`, sharding.py): the passes go through it
 
     def on(self, split: str) -> Reference:
         """This reference for batches of `split` ("train", "validation"): which table a precomputed one reads."""
-        return Reference(self.model, self.tables, self.chunk_size, split, self.description)
+        return Reference(self.model, self.tables, self.chunk_size, split, self.description, self.runner)
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
@@ -197,6 +207,8 @@ class Reference:
             return BatchLogps(torch.cat((rows[:, 0], rows[:, 1])).to(batch["input_ids"].device), None)
         if self.model is None:
             return None
+        if self.runner is not None:
+            return self.runner(**model_inputs(batch), return_hidden=return_hidden, ld_alpha=ld_alpha)
         return get_batch_logps(self.model, **model_inputs(batch), chunk_size=self.chunk_size, return_hidden=return_hidden,
                                ld_alpha=ld_alpha)
 
@@ -239,9 +251,13 @@ def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] |
     what = "ref_model" if cfg.ref_model else "the reference copy"
     if tokenizer is not None:
         check_vocabulary(model, tokenizer, what)
-    if accelerator is not None:
+    runner = None
+    if accelerator is not None and active(cfg):  # sharded as the policy is: never a whole copy per process
+        runner = PolicyLogps(model, chunk_size)
+        shard(runner, active(cfg), accelerator.device, cfg.mixed_precision, "the reference")
+    elif accelerator is not None:
         model = accelerator.prepare_model(model, evaluation_mode=True)
-    return policy, Reference(model, chunk_size=chunk_size,
+    return policy, Reference(model, chunk_size=chunk_size, runner=runner,
                              description=f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model")
 
 

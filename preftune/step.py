@@ -20,29 +20,15 @@ from typing import NamedTuple
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from preftune.batching import collate, collate_chosen, collate_packed, collate_unpaired
+from preftune.batching import collate, collate_chosen, collate_packed, collate_shared, collate_unpaired
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
-from preftune.logps import completion_kl, get_batch_logps, model_inputs
+from preftune.logps import PolicyLogps, completion_kl, model_inputs  # noqa: F401 (PolicyLogps: imported from here)
+from preftune.sharding import gathered
 from preftune.losses import UNPAIRED_LOSSES, Objective, chosen_nll
 from preftune.tokenization import tokenize_examples
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
-
-
-class PolicyLogps(torch.nn.Module):
-    """The policy seen through `get_batch_logps`, so that a distributed wrapper (DDP) around this
-    module sees the whole forward, LM head included, and synchronises every gradient."""
-
-    def __init__(self, model, chunk_size: int):
-        super().__init__()
-        self.model, self.chunk_size = model, chunk_size
-
-    def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
-                position_ids=None, sequence_lengths=None):
-        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
-                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
-                               sequence_lengths=sequence_lengths)
 
 
 class StepOutput(NamedTuple):
@@ -63,8 +49,10 @@ def configured_loss(cfg):
 
 def _kl(policy, reference, policy_hidden, reference_hidden, max_tokens):
     """KL to the reference from the hidden states both forward passes already produced."""
-    return completion_kl(extract_model_from_parallel(policy).model, reference.model, policy_hidden, reference_hidden,
-                         reference.chunk_size, max_tokens)
+    root = extract_model_from_parallel(policy)
+    with gathered(root, reference.runner):  # sharded models (fsdp): their LM heads whole for the KL
+        return completion_kl(root.model, reference.model, policy_hidden, reference_hidden, reference.chunk_size,
+                             max_tokens)
 
 
 class PreferenceStep:
@@ -89,6 +77,8 @@ class PreferenceStep:
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
         if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
+        elif cfg.prefix_sharing:  # one row per pair, the prompt run once: the same numbers, fewer tokens
+            self.collate = collate_shared
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):

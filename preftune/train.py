@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoints
+from preftune import checkpoints, sharding
 from preftune.batching import epoch_batches
 from preftune.config import TrainConfig
 from preftune.data import load_eval_sets, load_pairs
@@ -53,8 +53,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available(),
-                           log_with=make_trackers(cfg) or None)
+        with sharding.hidden_from_accelerate():  # an FSDP2 config is preftune's to apply (sharding.py)
+            return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available(),
+                               log_with=make_trackers(cfg) or None)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
 
@@ -91,18 +92,22 @@ def train(cfg: TrainConfig) -> dict:
         log.setLevel(logging.WARNING)  # one log: the main process's
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
+    sharded = sharding.active(cfg)  # FSDP2 (docs/distributed.md), else DDP through accelerate
+    sharding.check(cfg, sharded)
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, **eval_items})
     metrics = MetricsLog(cfg, accelerator)
     metrics.describe_setup(accelerator, global_batch, unit, reference.description,
                            describe_precision(model, reference, cfg))
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
+    if sharded:  # before the optimizer, which must hold the sharded parameters
+        sharding.shard(policy, sharded, accelerator.device, cfg.mixed_precision)
     optimizer = make_optimizer(model, cfg)
     micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = (policy, accelerator.prepare(optimizer)) if sharded else accelerator.prepare(policy, optimizer)
     pad_id = tokenizer.pad_token_id
     train_reference = reference.on("train")
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
@@ -170,13 +175,14 @@ def train(cfg: TrainConfig) -> dict:
             # gradients are synchronised across processes only on the step's last micro-batch
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
             with sync, accelerator.autocast():
-                out = step_fn(policy, train_reference, batch, kl=log_now and last and scale > 0,
+                # (sharded, every process computes the KL: it gathers weights; an empty share's is not counted)
+                out = step_fn(policy, train_reference, batch, kl=log_now and last and (scale > 0 or bool(sharded)),
                               kl_max_tokens=KL_TRAIN_TOKENS)
                 accelerator.backward(out.losses.sum() * scale / step_items)
             if scale:
                 for key, value in out.stats.items():
                     running.setdefault(key, []).append(value)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        grad_norm = sharding.local_value(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -186,7 +192,7 @@ def train(cfg: TrainConfig) -> dict:
         if log_now:  # means over every process's items since the last row
             sums = {k: torch.cat(v).float().sum().item() for k, v in running.items()}
             counts = {k: sum(t.numel() for t in v) for k, v in running.items()}
-            if out.kl is not None:  # no reference model, no KL: the column is absent, not 0
+            if out.kl is not None and scale:  # no reference model, no KL: the column is absent, not 0
                 sums["kl"], counts["kl"] = out.kl[0].item(), out.kl[1]
             sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, accelerator)
             row = {"step": step, "epoch": round(epoch, 4)}
@@ -201,7 +207,7 @@ def train(cfg: TrainConfig) -> dict:
         if do_eval and (step % eval_every == 0 or step == total_steps):
             row = {"step": step, "epoch": round(epoch, 4), **evaluation(step)}
             metrics.log(row)
-            if best.update(row, step, accelerator, policy, tokenizer):  # early stopping
+            if best.update(row, step, accelerator, model, tokenizer, sharded):  # early stopping
                 stopped_early = True
                 break
 
@@ -219,8 +225,9 @@ def train(cfg: TrainConfig) -> dict:
     if best.step is not None and best.step != step:
         checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
     summary: dict = {}
+    weights = sharding.full_state_dict(final, loaded_dtypes=True) if sharded else None
     if accelerator.is_main_process:
-        checkpoints.save_final(final, tokenizer, cfg)
+        checkpoints.save_final(final, tokenizer, cfg, weights)
         summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,
                                  best=best, elapsed=time.time() - start_time)
     accelerator.wait_for_everyone()

@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
     {"optim"},
     {"config", "data", "adapters", "labels"},
-    {"tokenization", "models", "checkpoints", "report", "tracking"},
+    {"tokenization", "models", "checkpoints", "report", "sharding", "tracking"},
     {"cache", "batching", "demo"},
     {"evaluate", "generate", "rewards"},
     {"reference", "step"},

@@ -38,3 +38,5 @@ def test_gpu_check_smoke_writes_a_row_per_step(tmp_path):
         assert rows[sid][1] == "ok", (sid, rows[sid], text)
     assert "tokens/s" in rows["a1"][2] and "MFU" in rows["a1"][2]
     assert (out / "gpu_check_logs.tar.gz").is_file() and (out / "gpu_check_console.log").is_file()
+    assert rows["e2"][1] == "ok" and "FSDP2 sharded the reference over 2 and the policy over 2" in rows["e2"][2], \
+        rows["e2"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preftune.config import ALIASES, NOT_HONOURED, from_dict
+from preftune.config import ALIASES, NOT_HONOURED, TrainConfig, from_dict
 from preftune.errors import ConfigError
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "llamafactory-keys.md"
@@ -70,6 +70,11 @@ def test_each_key_loads_as_the_table_says(row):
         without = from_dict({k: v for k, v in raw.items() if k != row["key"]}).to_dict()
         without.pop(row["key"], None)
         assert {k: v for k, v in cfg.to_dict().items() if k != row["key"]} == without  # nothing else changes
+
+
+def test_no_refused_key_is_a_config_key():
+    """A key preftune comes to honour leaves NOT_HONOURED (it would be refused before reaching its field)."""
+    assert not set(NOT_HONOURED) & set(TrainConfig.__dataclass_fields__)
 
 
 def test_a_far_fetched_suggestion_is_never_made_for_these_keys():

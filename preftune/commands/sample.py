@@ -38,7 +38,7 @@ USAGE = """usage: preftune sample [CONFIG.yaml] --model_name_or_path M --dataset
                        [--num_samples N] [--reward module:function | REWARD_MODEL] [--key value ...]
 
 Config keys (sampling: num_samples, max_new_tokens, temperature, top_p, top_k, seed, reward, pairing,
-min_margin; prompts per batch: per_device_eval_batch_size):
+min_margin; prompts per batch: per_device_eval_batch_size; engine: infer_backend, vllm_gpu_util):
 """
 
 
@@ -103,7 +103,7 @@ def make_pairs(records: list[dict], cfg) -> tuple[list[dict], dict[str, int]]:
 
 def run(cfg) -> dict:
     from preftune.data import read_prompts
-    from preftune.generate import sample
+    from preftune.generate import backend, sample, vllm_sample
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
     from preftune.tokenization import encode_prompt, setup_chat_template
@@ -112,7 +112,8 @@ def run(cfg) -> dict:
         raise ConfigError("preftune sample needs model_name_or_path (the model to sample) and dataset (the prompts)")
     if cfg.num_samples < 2:
         raise ConfigError(f"num_samples: sample pairs completions of a prompt, so it needs at least 2; got {cfg.num_samples}")
-    reward = load_reward(cfg.reward) if cfg.reward else None  # a bad reward fails before any sampling
+    engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
+    reward = load_reward(cfg.reward) if cfg.reward else None
     prompts = read_prompts(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -121,12 +122,17 @@ def run(cfg) -> dict:
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     use_template = setup_chat_template(tokenizer, cfg.template)
     encoded = [encode_prompt(tokenizer, p, use_template) for p in prompts]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(cfg.model_name_or_path, cfg).to(device)
-    log.info("sampling %d completions for each of %d prompts (%d done before)", cfg.num_samples, len(prompts), len(done))
+    if engine == "vllm":
+        batches = vllm_sample(cfg.model_name_or_path, tokenizer, encoded, cfg, skip=set(done))
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(cfg.model_name_or_path, cfg).to(device)
+        batches = sample(model, tokenizer, encoded, cfg, device, skip=set(done))
+    log.info("sampling %d completions for each of %d prompts with %s (%d done before)", cfg.num_samples,
+             len(prompts), engine, len(done))
     start_time, new = time.time(), 0
     with open(samples_path, "a", encoding="utf-8") as f:
-        for start, batch in sample(model, tokenizer, encoded, cfg, device, skip=set(done)):
+        for start, batch in batches:
             for i, completions in enumerate(batch):
                 pos = start + i
                 if pos in done:  # the rest of a batch a killed run had begun
@@ -142,7 +148,7 @@ def run(cfg) -> dict:
                 new += 1
     seconds = time.time() - start_time
     records = [done[pos] for pos in sorted(done)]
-    summary = {"prompts": len(prompts), "completions_per_prompt": cfg.num_samples, "sampled_now": new,
+    summary = {"prompts": len(prompts), "completions_per_prompt": cfg.num_samples, "backend": engine, "sampled_now": new,
                "seconds": round(seconds, 2), "completions_per_second": new * cfg.num_samples / max(seconds, 1e-9),
                "outputs": {"samples": str(samples_path)}, "config": cfg.to_dict()}
     if reward:
@@ -163,7 +169,8 @@ def main(args: list[str]) -> int:
     config_path, overrides, _ = parse_command_line(args)
     summary = run(load_config(config_path, overrides))
     print(f"{summary['prompts']} prompts x {summary['completions_per_prompt']} completions -> "
-          f"{summary['outputs']['samples']} ({summary['completions_per_second']:.1f} completions/s this run)")
+          f"{summary['outputs']['samples']} ({summary['completions_per_second']:.1f} completions/s this run, "
+          f"{summary['backend']})")
     if "pairs" in summary:
         s = summary["skipped"]
         print(f"{summary['pairs']} pairs ({summary['pairing']}) -> {summary['outputs']['pairs']}; skipped: "

@@ -1,0 +1,206 @@
+"""Fully sharded data parallelism (FSDP2): each of N processes holds 1/N of every weight, gradient and
+optimizer state, so a model too large for one GPU trains across several.
+
+    settings = fsdp_settings(cfg)              # None: plain data parallelism (DDP)
+    shard(PolicyLogps(model), settings, device)   # each decoder layer, then the rest, before the optimizer
+    state = full_state_dict(model)             # collective: whole tensors on the main process, {} elsewhere
+
+The engine is torch's FSDP2 (`fully_shard`, DTensor parameters) and the checkpoint API of
+torch.distributed.checkpoint; the processes come from the launcher (`accelerate launch`, `torchrun`)
+as for data parallelism. preftune calls `fully_shard` itself instead of through accelerate's FSDP
+plugin because accelerate takes its FSDP path only on GPUs: this way the one code path that runs on a
+node of GPUs is also the one tested on CPU processes (gloo). Where sharding comes from:
+
+- `fsdp: full_shard` (TrainingArguments' words: `full_shard`, `shard_grad_op` = keep the gathered
+  weights from forward to backward, `offload` = parameters on the CPU between uses; `auto_wrap` is
+  implied: every decoder layer is its own unit), or
+- an accelerate config with `distributed_type: FSDP` and `fsdp_version: 2` (`accelerate launch
+  --config_file examples/accelerate/fsdp2.yaml`), read from the environment accelerate sets.
+
+The gradient of a step is reduce-scattered as DDP all-reduces it (mean over processes), so a step
+computes what a DDP run computes: the numbers equal a one-process run with the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+from preftune.errors import ConfigError
+
+log = logging.getLogger("preftune")
+
+_warned = False  # the one-process warning of `active`, once per process
+
+
+def fsdp_settings(cfg) -> dict | None:
+    """{"reshard_after_forward": bool, "offload": bool} when sharding is asked for (the `fsdp` key or an
+    accelerate FSDP2 config), else None."""
+    words = set(cfg.fsdp.replace(",", " ").split()) if cfg.fsdp else set()
+    from_accelerate = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if from_accelerate and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError("the accelerate config asks for FSDP version 1; preftune shards with FSDP2: set "
+                          "fsdp_version: 2 in it (see examples/accelerate/fsdp2.yaml)")
+    if not words and not from_accelerate:
+        return None
+    if from_accelerate:
+        # transformers would load the weights on the main process only (the others on the meta device), for
+        # accelerate's FSDP to broadcast them; here every process loads them and then keeps its shard
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    if from_accelerate:  # accelerate's FSDP_* variables: FULL_SHARD reshards after forward, SHARD_GRAD_OP not
+        strategy = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", os.environ.get("FSDP_SHARDING_STRATEGY", "true"))
+        reshard = strategy.lower() not in ("false", "shard_grad_op", "2")
+        offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
+    else:
+        reshard, offload = "shard_grad_op" not in words, "offload" in words
+    return {"reshard_after_forward": reshard, "offload": offload}
+
+
+@contextlib.contextmanager
+def hidden_from_accelerate():
+    """accelerate's FSDP switch off while the Accelerator is made: on GPUs it would otherwise take its
+    own FSDP path (and prepare the model its way); the settings stay readable by `fsdp_settings`."""
+    saved = os.environ.get("ACCELERATE_USE_FSDP")
+    if saved is not None:
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
+def active(cfg) -> dict | None:
+    """fsdp_settings where there is a process group to shard over (a launcher started this process),
+    else None: a plain run, with a warning."""
+    global _warned
+    settings = fsdp_settings(cfg)
+    if settings is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not _warned:
+            _warned = True
+            log.warning("fsdp: this process was not started by a launcher (accelerate launch / torchrun), so there is "
+                        "nothing to shard across; training unsharded")
+        return None
+    return settings
+
+
+def check(cfg, settings: dict | None) -> None:
+    """What this first FSDP2 version does not do, refused before any model loads."""
+    if settings is None:
+        return
+    if cfg.finetuning_type != "full":
+        raise ConfigError(f"fsdp: finetuning_type {cfg.finetuning_type} is not sharded yet (full only); use plain "
+                          "data parallelism (unset fsdp) for LoRA/freeze, whose optimizer state is small")
+    if cfg.generate_during_eval:
+        raise ConfigError("fsdp: generate_during_eval samples on the main process alone, which a sharded model "
+                          "cannot do; set generate_during_eval: 0")
+
+
+def _units(model) -> list[torch.nn.Module]:
+    """The decoder layers (the classes transformers marks as not to be split)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard(root, settings: dict, device: torch.device, mixed_precision: str | None = None,
+          what: str = "the policy") -> None:
+    """Shard `root.model` in place over every process: each decoder layer is one unit (gathered for
+    its forward and backward, freed after), the embeddings, final norm and LM head the root unit.
+    The root is the `logps.PolicyLogps` around the model, whose forward is the whole log-prob pass:
+    the chunked LM head runs inside it, so the root's weights are gathered there. Call before the
+    optimizer is made: it must hold the sharded parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from preftune.models import LOADED_DTYPE
+
+    # the dtypes to save the final weights in: fully_shard replaces the parameters, and their marks
+    model = root.model
+    model.preftune_loaded_dtypes = {n: getattr(p, LOADED_DTYPE) for n, p in model.named_parameters()
+                                    if hasattr(p, LOADED_DTYPE)}
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    kwargs = {"mesh": mesh, "reshard_after_forward": settings["reshard_after_forward"]}
+    if mixed_precision == "bf16":  # gather weights in bf16 (half the traffic), reduce gradients in fp32
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if settings["offload"] and device.type == "cuda":
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    else:
+        root.to(device)
+    units = _units(model)
+    if not units:
+        raise ConfigError(f"fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); it "
+                          "cannot be sharded layer by layer")
+    unit_name = type(units[0]).__name__
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    fully_shard(root, **kwargs)
+    log.info("fsdp: %s (%s) sharded over %d processes (FSDP2: %d %s units and the root; reshard_after_forward=%s, "
+             "offload=%s)", what, type(model).__name__, mesh.size(), len(units), unit_name,
+             settings["reshard_after_forward"], "offload_policy" in kwargs)
+
+
+def is_sharded(model) -> bool:
+    return hasattr(model, "preftune_loaded_dtypes")
+
+
+def full_state_dict(model, loaded_dtypes: bool = False) -> dict[str, torch.Tensor]:
+    """Every process must call this (it gathers): the whole weights on the CPU on the main process
+    ({} on the others); with loaded_dtypes, each in the dtype it was loaded in (the final save)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    seen = set()  # tied weights (lm_head = embeddings) gather as two copies; saved once, as transformers does
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            state.pop(name, None)
+        seen.add(id(param))
+    if loaded_dtypes:
+        for name, dtype in model.preftune_loaded_dtypes.items():
+            if name in state:
+                state[name] = state[name].to(dtype)
+    return state
+
+
+def load_full_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Every process calls this with the whole weights (each read them): each keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """Collective: the optimizer state of the whole model keyed by parameter name, on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def gathered(*roots):
+    """The whole weights of each sharded root (`shard`) for code that uses a model's weights outside
+    its forward (the KL to the reference reads both LM heads after the passes); resharded after.
+    Other roots (None, unsharded models) pass through."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [r for r in roots if isinstance(r, FSDPModule)]
+    for root in sharded:
+        root.unshard()
+    try:
+        yield
+    finally:
+        for root in sharded:
+            root.reshard()
+
+
+def local_value(t):
+    """A gradient norm FSDP2 returns as a DTensor, as a plain tensor (the same on every process)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

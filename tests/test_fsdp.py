@@ -1,0 +1,156 @@
+"""FSDP2 on CPU processes (gloo): a 2-process sharded run equals a one-process run with the global batch
+(the same per-step metrics and final weights), each process holds half of every weight, the reference
+is sharded too, a checkpoint of a sharded run resumes to the same weights, the saved model is whole
+and loads in transformers; what is not sharded yet is refused before any model loads."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from preftune import train as train_mod
+from preftune.config import from_dict
+from preftune.errors import ConfigError
+from preftune.sharding import fsdp_settings
+from test_distributed import COMPARED, ROOT, free_port, history, raw_config, torchrun
+
+# logged by each process after sharding: the share of the policy's and the reference's elements it holds
+SHARE_PROBE = """
+import sys
+from preftune import sharding
+from preftune.cli import main
+
+shard = sharding.shard
+
+def probed(model, *args, **kwargs):
+    shard(model, *args, **kwargs)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    whole = sum(p.numel() for p in model.parameters())
+    print(f"SHARE {type(model).__name__} {local / whole:.3f}", file=sys.stderr)
+
+sharding.shard = probed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_model_dir):
+    torch.set_num_threads(1)
+    one = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"))
+    train_mod.train(from_dict(one))
+    script = tmp_path / "probe.py"
+    script.write_text(SHARE_PROBE)
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), per_device_train_batch_size=4,
+                     fsdp="full_shard")
+    result = torchrun(tmp_path, two, "two", script=str(script))
+    shares = [line.split()[-1] for line in result.stderr.splitlines() if line.startswith("SHARE")]
+    assert len(shares) == 4 and all(0.4 < float(s) < 0.6 for s in shares), shares  # policy + reference, 2 processes
+
+    rows_one, rows_two = history(tmp_path / "one"), history(tmp_path / "two")
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
+    for row_one, row_two in zip(rows_one, rows_two):
+        for key in COMPARED:
+            if key in row_one:
+                assert row_two[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)
+    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert weights_one.keys() == weights_two.keys()
+    for name, w in weights_one.items():
+        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")  # whole, not a shard
+    assert model.model.embed_tokens.weight.shape == weights_one["model.embed_tokens.weight"].shape
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
+    over = {"save_steps": 3, "save_total_limit": 5, "per_device_train_batch_size": 4, "fsdp": "full_shard",
+            "early_stopping_patience": 10}
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "whole"), **over), "whole")
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", out / "checkpoint-3")
+    shutil.copytree(tmp_path / "whole" / "best_model", out / "best_model")
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(out), resume_from_checkpoint=True,
+                                  **over), "resumed")
+    timing = {"tokens_per_second"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in history(out)][4:] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in history(tmp_path / "whole")][4:]
+    weights, expected = load_file(out / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    with pytest.raises(ConfigError, match="written with fsdp; resume with the setting"):
+        train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(out), resume_from_checkpoint=True,
+                                             **{**over, "fsdp": ""})))
+
+
+def test_fsdp_settings_from_the_key_and_from_an_accelerate_config(monkeypatch):
+    assert fsdp_settings(from_dict({})) is None
+    assert fsdp_settings(from_dict({"fsdp": "full_shard auto_wrap"})) == {"reshard_after_forward": True,
+                                                                        "offload": False}
+    assert fsdp_settings(from_dict({"fsdp": "shard_grad_op offload"})) == {"reshard_after_forward": False,
+                                                                         "offload": True}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    assert fsdp_settings(from_dict({})) == {"reshard_after_forward": True, "offload": True}
+    with pytest.raises(ConfigError, match="fsdp: hybrid_shard is not a sharding mode here; use full_shard"):
+        from_dict({"fsdp": "hybrid_shard"})
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP version 1; preftune shards with FSDP2"):
+        fsdp_settings(from_dict({}))
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"finetuning_type": "lora"}, "finetuning_type lora is not sharded yet"),
+    ({"generate_during_eval": 2}, "generate_during_eval samples on the main process alone"),
+])
+def test_what_is_not_sharded_yet_is_refused(tmp_path, over, message):
+    cfg = from_dict({"model_name_or_path": str(tmp_path / "absent"), "dataset": "x.jsonl", "fsdp": "full_shard",
+                     **over})
+    from preftune.sharding import check
+    with pytest.raises(ConfigError, match=message):
+        check(cfg, fsdp_settings(cfg))
+
+
+@pytest.mark.slow
+def test_the_accelerate_fsdp2_example_config_shards(tmp_path, tiny_model_dir):
+    """`accelerate launch --config_file examples/accelerate/fsdp2.yaml` (2 CPU processes): sharded, and the
+    same run as `fsdp: full_shard` under torchrun."""
+    raw = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "acc"), per_device_train_batch_size=4,
+                     max_steps=3)
+    config = tmp_path / "acc.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(ROOT / "examples/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port",
+                             str(free_port()), "-m", "preftune", "train", str(config)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fsdp: the policy (Qwen2ForCausalLM) sharded over 2 processes (FSDP2: 2 Qwen2DecoderLayer units" \
+        in result.stderr
+    assert "fsdp: the reference (Qwen2ForCausalLM) sharded over 2" in result.stderr
+    torchrun(tmp_path, {**raw, "output_dir": str(tmp_path / "key"), "fsdp": "full_shard"}, "key")
+    assert history(tmp_path / "acc")[-1]["eval_loss"] == pytest.approx(history(tmp_path / "key")[-1]["eval_loss"],
+                                                                     abs=1e-6)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_under_fsdp_equals_one_process(tmp_path, tiny_model_dir):
+    """The reference pass of precompute_ref_log_probs runs sharded (every process in every forward)."""
+    torch.set_num_threads(1)
+    over = {"precompute_ref_log_probs": True, "max_steps": 3}
+    one = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"),
+                     ref_logps_cache_dir=str(tmp_path / "cache_one"), **over)
+    train_mod.train(from_dict(one))
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), per_device_train_batch_size=4,
+                     fsdp="full_shard", ref_logps_cache_dir=str(tmp_path / "cache_two"), **over)
+    result = torchrun(tmp_path, two, "two")
+    assert "fsdp: the reference (Qwen2ForCausalLM) sharded" in result.stderr and "computed, cached" in result.stderr
+    for row_one, row_two in zip(history(tmp_path / "one"), history(tmp_path / "two"), strict=True):
+        for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/accuracies"):
+            if key in row_one:
+                assert row_two[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)

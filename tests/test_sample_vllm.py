@@ -1,0 +1,123 @@
+"""`preftune sample` with infer_backend vllm, against a stand-in `vllm` module (vLLM needs a CUDA GPU,
+which the tests do not have): the engine gets the prompts' token ids as training renders them, the
+sampling settings stated in full and a seed per prompt, its outputs go through the same rewards,
+pairs and resume as transformers' generation; auto picks it only with a GPU; a missing package is
+one line."""
+
+import importlib.machinery
+import json
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from preftune.cli import main
+from preftune.config import from_dict
+from preftune.generate import backend
+from preftune.models import load_tokenizer
+from preftune.tokenization import encode_prompt, setup_chat_template, stop_ids
+from test_sample import args, lines, project  # noqa: F401  (the prompts and reward fixture)
+
+
+class FakeVLLM:
+    """The part of vLLM's API preftune uses (LLM(...).generate(prompts, params), SamplingParams), answered
+    by transformers' generate with each request's seed; every call is recorded."""
+
+    def __init__(self):
+        self.llm_kwargs, self.calls = [], []
+        module = types.ModuleType("vllm")
+        module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        module.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+        module.LLM = self.make_llm
+        self.module = module
+
+    def make_llm(self, **kwargs):
+        self.llm_kwargs.append(kwargs)
+        model = AutoModelForCausalLM.from_pretrained(kwargs["model"])
+        fake = self
+
+        class LLM:
+            def generate(self, prompts, params, use_tqdm=True):
+                fake.calls.append((prompts, params))
+                results = []
+                for prompt, p in zip(prompts, params):
+                    torch.manual_seed(p.seed)
+                    ids = torch.tensor([prompt["prompt_token_ids"]])
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                         temperature=p.temperature, top_p=p.top_p,
+                                         top_k=0 if p.top_k == -1 else p.top_k, max_new_tokens=p.max_tokens,
+                                         num_return_sequences=p.n, eos_token_id=p.stop_token_ids,
+                                         pad_token_id=p.stop_token_ids[0])
+                    results.append(types.SimpleNamespace(outputs=[
+                        types.SimpleNamespace(token_ids=tuple(row[ids.shape[1]:].tolist())) for row in out]))
+                return results
+
+        return LLM()
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    return fake
+
+
+def test_vllm_gets_the_training_rendering_full_settings_and_a_seed_per_prompt(project, tiny_model_dir, fake_vllm):
+    assert main(args(project, tiny_model_dir, "out", "--infer_backend", "vllm", "--seed", "7")) == 0
+    (kwargs,) = fake_vllm.llm_kwargs
+    assert kwargs["model"] == str(tiny_model_dir) and kwargs["gpu_memory_utilization"] == 0.7
+    (prompts, params), = fake_vllm.calls  # 6 prompts: one call
+    cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "dataset": str(project / "prompts.jsonl")})
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    use_template = setup_chat_template(tokenizer, cfg.template)
+    from preftune.data import read_prompts
+    expected = [encode_prompt(tokenizer, p, use_template) for p in read_prompts(cfg.dataset, cfg.dataset_dir, None, None)]
+    assert [p["prompt_token_ids"] for p in prompts] == expected
+    assert kwargs["max_model_len"] == max(map(len, expected)) + 12
+    assert [p.seed for p in params] == [7 * 1_000_003 + i for i in range(6)]
+    assert {(p.n, p.temperature, p.top_p, p.top_k, p.max_tokens) for p in params} == {(3, 1.0, 1.0, -1, 12)}
+    assert params[0].stop_token_ids == stop_ids(tokenizer)
+    records = lines(project / "out" / "samples.jsonl")
+    assert [r["id"] for r in records] == [str(i) for i in range(6)]
+    assert all(len(r["completions"]) == 3 and all(c["score"] == len(c["text"]) % 7 for c in r["completions"])
+               for r in records)
+    summary = json.loads((project / "out" / "summary.json").read_text())
+    assert summary["backend"] == "vllm" and summary["pairs"] + sum(summary["skipped"].values()) == 6
+
+
+def test_a_killed_vllm_run_resumes_with_only_the_missing_prompts(project, tiny_model_dir, fake_vllm):
+    vllm = ("--infer_backend", "vllm")
+    assert main(args(project, tiny_model_dir, "whole", *vllm)) == 0
+    assert main(args(project, tiny_model_dir, "killed", *vllm)) == 0
+    killed = project / "killed" / "samples.jsonl"
+    text = killed.read_text().splitlines(keepends=True)
+    killed.write_text("".join(text[:4]) + text[4][:25])
+    assert main(args(project, tiny_model_dir, "killed", *vllm)) == 0
+    prompts, params = fake_vllm.calls[-1]
+    assert [p.seed for p in params] == [42 * 1_000_003 + 4, 42 * 1_000_003 + 5]  # the default seed, prompts 4 and 5
+    assert lines(killed) == lines(project / "whole" / "samples.jsonl")
+    n_calls = len(fake_vllm.llm_kwargs)
+    assert main(args(project, tiny_model_dir, "killed", *vllm)) == 0  # nothing to do: vLLM is not even started
+    assert len(fake_vllm.llm_kwargs) == n_calls and len(lines(killed)) == 6
+
+
+def test_auto_picks_vllm_only_when_installed_with_a_gpu_and_unquantized(fake_vllm, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend(from_dict({})) == "huggingface"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backend(from_dict({})) == "vllm"
+    assert backend(from_dict({"infer_backend": "huggingface"})) == "huggingface"
+    assert backend(from_dict({"finetuning_type": "lora", "quantization_bit": 4})) == "huggingface"
+    monkeypatch.delitem(sys.modules, "vllm")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert backend(from_dict({})) == "huggingface"
+
+
+def test_vllm_asked_for_but_missing_is_one_line(project, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert main(args(project, tiny_model_dir, "out", "--infer_backend", "vllm")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "infer_backend: vllm needs the vllm package" in err and "infer_backend: huggingface" in err
+    assert "\n" not in err and not (project / "out" / "samples.jsonl").exists()

@@ -95,7 +95,8 @@ def apply_lora(model, cfg, reference_adapter: bool) -> PeftModel:
     """
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs
+                                                or {"use_reentrant": False})
     paths = split_names(cfg.adapter_name_or_path)
     if paths:
         if getattr(model, "is_quantized", False) and len(paths) > 1:

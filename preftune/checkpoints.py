@@ -358,7 +358,9 @@ FREE_ON_RESUME = ("resume_from_checkpoint", "resume_override", "output_dir", "ov
                   "eval_steps", "eval_strategy", "per_device_eval_batch_size", "generate_during_eval",
                   "dataloader_num_workers", "ddp_timeout", "preprocessing_num_workers", "overwrite_cache",
                   "tokenized_cache_dir", "ref_logps_cache_dir", "skip_nonfinite_steps", "num_samples",
-                  "max_new_tokens", "temperature", "top_p", "top_k", "reward", "pairing", "min_margin", "prompts")
+                  "max_new_tokens", "temperature", "top_p", "top_k", "reward", "pairing", "min_margin", "prompts",
+                  "run_name", "logging_dir", "save_strategy", "infer_backend", "vllm_gpu_util", "vllm_enforce_eager",
+                  "prefix_sharing")
 
 
 def _changes(saved: dict, now: dict, keys) -> list[str]:
@@ -437,6 +439,77 @@ def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg
         with safe_open(str(running_file), framework="pt") as f:
             state["running"] = {k: [f.get_tensor(k).to(accelerator.device)] for k in json.loads(f.metadata()["order"])}
     return state
+
+
+class BestModel:
+    """The best evaluation so far by metric_for_best_model (default eval_loss; `cfg.best_metric`,
+    `cfg.best_greater`), and early stopping's count of evaluations without a better one. When the run
+    keeps the best (load_best_model_at_end or early_stopping_patience), each new best's weights go to
+    best_model/, which the final save then writes instead of the last step's (`load_best_into`).
+    The baseline at step 0 (the reference itself) is not a candidate."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.value: float | None = None
+        self.step: int | None = None  # the step whose weights are in best_model/ (None: none kept)
+        self.evals_without_gain = 0
+
+    def update(self, row: dict, step: int, accelerator, model, tokenizer, sharded: bool = False) -> bool:
+        """Take one evaluation row; True when early stopping ends the run here. `sharded`: an FSDP2 policy,
+        whose whole weights every process gathers for the save."""
+        metric = self.cfg.best_metric
+        if metric not in row:
+            logged = ", ".join(k for k in row if k.startswith("eval_"))
+            raise ConfigError(f"metric_for_best_model: '{metric}' is not logged by this run's evaluation; "
+                              f"choose one of {logged}")
+        value = float(row[metric])
+        better = value == value and (self.value is None or (value > self.value if self.cfg.best_greater
+                                                            else value < self.value))
+        if better:
+            self.value, self.evals_without_gain = value, 0
+            if self.cfg.keeps_best:
+                self.step = step
+                weights = sharding.full_state_dict(model) if sharded else None  # gathered by every process
+                if accelerator.is_main_process:
+                    save_model(model, tokenizer, best_dir(self.cfg), step, weights)
+                accelerator.wait_for_everyone()
+            return False
+        self.evals_without_gain += 1
+        patience = self.cfg.early_stopping_patience
+        if patience and self.evals_without_gain >= patience:
+            log.info("early stopping at step %d: %s has not improved for %d evaluations", step, metric,
+                     self.evals_without_gain)
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.value, "best_step": self.step, "evals_without_gain": self.evals_without_gain}
+
+    def load_state_dict(self, state: dict) -> None:
+        # best_loss: checkpoints written before metric_for_best_model (it was always eval_loss)
+        self.value = state.get("best_value", state.get("best_loss"))
+        self.step, self.evals_without_gain = state["best_step"], state["evals_without_gain"]
+
+    def why(self) -> str:
+        """Why the final model is the one it is (summary.json's kept_model)."""
+        if self.step is None:
+            return "last step"
+        reason = "load_best_model_at_end" if self.cfg.load_best_model_at_end else "early stopping"
+        order = "highest" if self.cfg.best_greater else "lowest"
+        return f"best evaluation: {order} {self.cfg.best_metric} ({reason})"
+
+
+def saving(cfg) -> bool:
+    """Whether the run writes checkpoints at all (save_strategy with its save_steps)."""
+    return cfg.save_strategy == "epoch" or (cfg.save_strategy == "steps" and bool(cfg.save_steps))
+
+
+def save_now(cfg, step: int, steps_per_epoch: int) -> bool:
+    """Whether `step` writes a checkpoint: save_strategy steps (every save_steps), epoch (each epoch's
+    last step) or no."""
+    if cfg.save_strategy == "epoch":
+        return step % steps_per_epoch == 0
+    return cfg.save_strategy == "steps" and bool(cfg.save_steps) and step % cfg.save_steps == 0
 
 
 def check_best_model(cfg, best_step: int | None, step: int) -> None:

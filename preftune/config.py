@@ -81,6 +81,8 @@ class TrainConfig:
     ref_model_quantization_bit: int | None = _f(None, "Load a separately loaded reference (ref_model, or the frozen copy of full/freeze) in 4 or 8 bits (CUDA GPU).")
     ref_model_adapters: str | None = _f(None, "Comma list of LoRA adapters merged into ref_model.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward instead of storing them (less memory, about a third more compute).")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = _f(None, "Arguments of gradient_checkpointing_enable, e.g. {use_reentrant: true} (default {use_reentrant: false}).")
+    neftune_noise_alpha: float | None = _f(None, "NEFTune: add uniform noise of scale alpha / sqrt(sequence length x hidden size) to the input embeddings while training (not in evaluation or generation), as transformers. Unset: off; the paper uses 5.")
     save_adapter_only: bool | None = _f(None, "finetuning_type: lora: true writes only the adapter (adapter_config.json, adapter_model.safetensors), false merged full weights; unset: merged for LoRA, the adapter for QLoRA (quantization_bit).")
 
     # --- precomputed reference log-probs (preftune/reference.py) ------------------------
@@ -178,12 +180,18 @@ class TrainConfig:
     logging_steps: int = _f(10, "Log training metrics every N optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (default: once per epoch, and at the end).")
     eval_strategy: str = _f("steps", "When to evaluate: steps (every eval_steps), epoch (once per epoch) or no (never); LLaMA-Factory/transformers key.", ("steps", "epoch", "no"))
-    early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a lower eval loss; the best model is kept.")
-    save_steps: int | None = _f(None, "Write a checkpoint every N optimizer steps.")
+    early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a better metric_for_best_model (default: a lower eval_loss); the best model is kept.")
+    save_strategy: str = _f("steps", "When to write checkpoint-N folders: steps (every save_steps; none while save_steps is unset), epoch (at the end of each epoch) or no (never); transformers' key.", ("steps", "epoch", "no"))
+    save_steps: int | None = _f(None, "Write a checkpoint every N optimizer steps (save_strategy: steps).")
     save_total_limit: int | None = _f(2, "Keep at most this many step checkpoints.")
-    save_only_model: bool = _f(False, "Checkpoints hold the model only (no optimizer state).")
+    save_only_model: bool = _f(False, "Checkpoints hold the model only (no optimizer, scheduler or random state): smaller, but such a checkpoint cannot be resumed (as transformers).")
+    load_best_model_at_end: bool = _f(False, "Keep the best evaluation's weights (by metric_for_best_model) in best_model/ and save them as the final model, not the last step's. Needs evaluation.")
+    metric_for_best_model: str | None = _f(None, "The evaluation metric that picks the best model (load_best_model_at_end, early stopping, summary.json's best), with or without the eval_ prefix: loss, rewards/accuracies, rewards/margins, eval_<set>_loss, ... Unset: eval_loss.")
+    greater_is_better: bool | None = _f(None, "Whether a larger metric_for_best_model is better. Unset: false for names ending in loss, perplexity or kl, true otherwise (transformers: false for names ending in loss).")
     plot_loss: bool = _f(True, "Write dpo_metrics/training_curves.png.")
-    report_to: str = _f("none", "Accepted for LLaMA-Factory configs; preftune writes its own reports.")
+    report_to: str = _f("none", "Experiment trackers every logged row also goes to (accelerate's): tensorboard, wandb, mlflow, trackio, a comma list (or YAML list) of them, all (every installed one) or none. The metric files are written either way.")
+    run_name: str | None = _f(None, "The run's name in wandb, mlflow and trackio (unset: the tracker's own).")
+    logging_dir: str | None = _f(None, "TensorBoard's event folder (unset: <output_dir>/runs/<date>_<time>_<host>, as transformers).")
     resume_from_checkpoint: str | None = _f(None, "A checkpoint-N folder to continue from, or true for the latest complete one in output_dir; the resumed run reaches the same metrics and weights as an uninterrupted one.")
     dataloader_num_workers: int = _f(0, "Accepted for LLaMA-Factory configs; batches are built in-process.")
     ddp_timeout: int | None = _f(None, "Accepted for LLaMA-Factory configs.")
@@ -205,6 +213,30 @@ class TrainConfig:
         """transformers' attn_implementation, as attn_implementation or flash_attn set it (`validate`
         refuses the two disagreeing); None leaves transformers' default."""
         return self.attn_implementation or FLASH_ATTN[self.flash_attn]
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to as a list of tracker names ("none": empty; "all" stays, tracking.py resolves it)."""
+        names = [n.strip().lower() for n in self.report_to.split(",") if n.strip()]
+        return [n for n in names if n != "none"]
+
+    @property
+    def best_metric(self) -> str:
+        """metric_for_best_model as logged: with the eval_ prefix (transformers adds it the same way)."""
+        name = self.metric_for_best_model or "loss"
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    @property
+    def best_greater(self) -> bool:
+        """Whether a larger best_metric is better (greater_is_better; unset: derived from the name)."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not self.best_metric.endswith(("loss", "perplexity", "kl"))
+
+    @property
+    def keeps_best(self) -> bool:
+        """Whether the best evaluation's weights are kept in best_model/ and become the final model."""
+        return self.load_best_model_at_end or bool(self.early_stopping_patience)
 
     @property
     def pref_losses(self) -> list[str]:
@@ -281,6 +313,7 @@ ALIASES: dict[str, str] = {
     "desirable_weight": "kto_chosen_weight",  # TRL's KTOConfig spelling
     "undesirable_weight": "kto_rejected_weight",
     "optimizer": "optim",  # preftune's earlier name
+    "evaluation_strategy": "eval_strategy",  # transformers' name before 4.46
 }
 
 # Keys whose values are translated, not just renamed.
@@ -315,7 +348,7 @@ BOUNDS: dict[str, str] = {
     # logging, saving, the run
     "logging_steps": "[1, inf)", "eval_steps": "[1, inf)", "early_stopping_patience": "[1, inf)",
     "save_steps": "[1, inf)", "save_total_limit": "[1, inf)", "dataloader_num_workers": "[0, inf)",
-    "ddp_timeout": "[1, inf)", "skip_nonfinite_steps": "[0, inf)",
+    "ddp_timeout": "[1, inf)", "skip_nonfinite_steps": "[0, inf)", "neftune_noise_alpha": "(0, inf)",
 }
 # What a bound means where a bare interval would not say it
 BOUND_NOTES = {"max_steps": "-1 or 0: num_train_epochs decides", "val_size": "a share in (0, 1) or a count >= 1",
@@ -365,6 +398,110 @@ def _check_bounds(values: dict[str, Any]) -> None:
         if not (math.isfinite(value) and inside):
             raise ConfigError(f"{name} must be {describe_bounds(name)}; got {value}")
 
+_HUB = ("not done by preftune: upload the finished output_dir with `hf upload <repo id> <output_dir>` "
+        "(huggingface_hub's command line)")
+_TEXT_ONLY = "images and videos are not supported: preftune trains text-only causal language models"
+_ONE_PROCESS_GROUP = ("preftune trains on several processes through accelerate launch / torchrun "
+                      "(docs/distributed.md), sharded with fsdp: full_shard when the model does not fit")
+# Keys of transformers' TrainingArguments and LLaMA-Factory that preftune does not honour, with why
+# and what to use instead. Each is accepted at the values in `off` (what the key does when absent:
+# null, false, none, or the only behaviour preftune has), so configs that carry them unchanged load;
+# any other value is refused with the message. docs/llamafactory-keys.md lists every key.
+NOT_HONOURED: dict[str, tuple[tuple, str]] = {
+    "deepspeed": ((None, "", "none"), "DeepSpeed is not supported; shard with fsdp: full_shard (FSDP2, "
+                                      "docs/distributed.md), or use finetuning_type: lora or quantization_bit"),
+    "fsdp_config": ((None, {}), "set the FSDP2 mode with fsdp: full_shard, shard_grad_op or offload, or launch "
+                                "with an accelerate FSDP2 config (docs/distributed.md)"),
+    "torch_compile": ((None, False), "torch.compile is not applied (the loss's log-prob pass changes shape with "
+                                     "every batch, so it would recompile); remove torch_compile"),
+    "torch_compile_backend": ((None,), "torch.compile is not applied; remove torch_compile_backend"),
+    "torch_compile_mode": ((None,), "torch.compile is not applied; remove torch_compile_mode"),
+    "enable_liger_kernel": ((None, False), "Liger kernels are not used (preftune computes log-probs in chunks "
+                                           "through the LM head, logps_chunk_size, which bounds the logits memory "
+                                           "the same way); remove enable_liger_kernel"),
+    "use_liger_kernel": ((None, False), "Liger kernels are not used (logps_chunk_size bounds the logits memory); "
+                                        "remove use_liger_kernel"),
+    "push_to_hub": ((None, False), f"pushing to the Hugging Face Hub is {_HUB}"),
+    "hub_model_id": ((None, ""), f"pushing to the Hugging Face Hub is {_HUB}"),
+    "hub_private_repo": ((None, False, True), f"pushing to the Hugging Face Hub is {_HUB}"),
+    "hub_strategy": ((None, "every_save", "end"), f"pushing to the Hugging Face Hub is {_HUB}"),
+    "hub_token": ((None, ""), "preftune does not push to the Hub; log in with `hf auth login` for the upload"),
+    "do_predict": ((None, False), "prediction is `preftune sample` (or `preftune eval` to score completions)"),
+    "do_eval": ((None, False, True), "evaluation runs whenever there is validation data (val_size, eval_dataset)"),
+    "predict_with_generate": ((None, False), "generation is `preftune sample`; generate_during_eval samples at "
+                                             "each evaluation"),
+    "logging_strategy": ((None, "steps"), "logging is every logging_steps optimizer steps; set logging_steps"),
+    "logging_first_step": ((None, False, True), "step 0 is always evaluated (the baseline) when there is "
+                                                "validation data"),
+    "logging_nan_inf_filter": ((None, True, False), "every logged value is the mean of what the step computed"),
+    "log_level": ((None, "passive", "info", "warning"), "preftune logs at info level (Python's logger "
+                                                        "'preftune'); remove log_level"),
+    "disable_tqdm": ((None, False), "use progress_bar: false"),
+    "save_safetensors": ((None, True), "preftune writes safetensors only"),
+    "remove_unused_columns": ((None, True, False), "preftune reads only the columns it needs"),
+    "dataloader_pin_memory": ((None, True, False), "batches are built in-process and moved to the device directly"),
+    "dataloader_drop_last": ((None, False), "an epoch's last short batch is trained, not dropped; set max_samples "
+                                            "to a multiple of the global batch"),
+    "dataloader_persistent_workers": ((None, False, True), "batches are built in-process (no workers)"),
+    "ddp_find_unused_parameters": ((None, False, True), "set by accelerate"),
+    "ddp_backend": ((None, "nccl", "gloo"), "accelerate chooses NCCL with GPUs, gloo without"),
+    "include_num_input_tokens_seen": ((None, False, True), "tokens_per_second is always logged"),
+    "tf32": ((None, False), "TF32 matmuls are not switched on; set torch.backends.cuda.matmul.allow_tf32 in your "
+                            "own launcher, or train in bf16: true"),
+    "auto_find_batch_size": ((None, False), "the batch size is the one you set; lower per_device_train_batch_size "
+                                            "and raise gradient_accumulation_steps to fit"),
+    "eval_accumulation_steps": ((None,), "evaluation pools sums per batch and never holds all predictions"),
+    "label_smoothing_factor": ((None, 0, 0.0), "for preference losses use label_smoothing (cDPO / robust DPO)"),
+    "optim_args": ((None, ""), "the optimizer takes adam_beta1, adam_beta2, adam_epsilon and weight_decay"),
+    "use_cpu": ((None, False, True), "preftune uses the GPU when there is one; hide it with CUDA_VISIBLE_DEVICES="),
+    "full_determinism": ((None, False), "a run is deterministic on CPU for a given seed; on GPU set "
+                                        "CUBLAS_WORKSPACE_CONFIG and torch.use_deterministic_algorithms yourself"),
+    "data_seed": ((None,), "seed sets the data order too"),
+    "eval_on_start": ((None, False, True), "step 0 is always evaluated (the baseline) when there is validation data"),
+    "save_on_each_node": ((None, False), "the main process writes every file; use a shared output_dir"),
+    "average_tokens_across_devices": ((None, False, True), "losses are means over pairs (or completion tokens "
+                                                           "for sft) of every process"),
+    "quantization_method": ((None, "bnb", "bitsandbytes"), "quantization_bit loads through bitsandbytes only"),
+    "double_quantization": ((None, True), "QLoRA always uses double quantization (bitsandbytes nf4 with a "
+                                          "quantized scale)"),
+    "rope_scaling": ((None,), "context extension by RoPE scaling is not applied; use a model whose config "
+                              "already sets it"),
+    "mask_history": ((None, False), "multi-turn training data trains on the last assistant turn only"),
+    "train_on_prompt": ((None, False), "the loss is over completion tokens only"),
+    "pad_to_multiple_of": ((None,), "batches are padded to their longest sequence; padding_free: true removes "
+                                    "padding altogether"),
+    "packing": ((None, False), "sequences are not concatenated across examples; padding_free: true puts a "
+                               "micro-batch's sequences in one row without letting them attend to each other"),
+    "use_reentrant_gc": ((None, False), "gradient checkpointing is non-reentrant by default; for the reentrant "
+                                        "variant set gradient_checkpointing_kwargs: {use_reentrant: true}"),
+    "freeze_vision_tower": ((None, True), _TEXT_ONLY),
+    "freeze_multi_modal_projector": ((None, True), _TEXT_ONLY),
+    "freeze_language_model": ((None, False), _TEXT_ONLY),
+    "image_max_pixels": ((None,), _TEXT_ONLY),
+    "image_min_pixels": ((None,), _TEXT_ONLY),
+    "video_max_pixels": ((None,), _TEXT_ONLY),
+    "video_min_pixels": ((None,), _TEXT_ONLY),
+    "video_fps": ((None,), _TEXT_ONLY),
+    "video_maxlen": ((None,), _TEXT_ONLY),
+    "ray_run_name": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "runtime_env": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "env_vars": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "pip": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "ray_storage_path": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "ray_num_workers": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "resources_per_worker": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "placement_strategy": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+    "ray_init_kwargs": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
+}
+
+
+def _not_honoured(key: str, value: Any, source: str) -> None:
+    """A NOT_HONOURED key: accepted (and without effect) at an off value, else one line with why."""
+    off, why = NOT_HONOURED[key]
+    if isinstance(value, str) and value.lower() in ("null", "none", "~", "false", "true"):
+        value = {"null": None, "none": None, "~": None, "false": False, "true": True}[value.lower()]
+    if not any(value == o and type(value) is type(o) for o in off if o is not None) and not (value is None and None in off):
+        raise ConfigError(f"{source}: {key}: {value!r} is not honoured: {why}")
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = get_type_hints(TrainConfig)
@@ -459,6 +596,14 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
             continue
         if key == "ref_model" and value == "same_as_policy":
             values["ref_model"] = None
+            continue
+        if key == "stage" and value == "kto":
+            raise ConfigError(f"{source}: stage: kto is pref_loss: kto here; use stage: dpo with pref_loss: kto "
+                              "(it trains on pairs, or on {prompt, completion, label} records; docs/losses.md)")
+        if key == "report_to" and value is None:
+            value = "none"
+        if key in NOT_HONOURED:
+            _not_honoured(key, value, source)
             continue
         name = ALIASES.get(key, key)
         if name not in _FIELDS:
@@ -566,6 +711,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":
         bad("early_stopping_patience needs evaluation; remove eval_strategy: no")
     _validate_inert(cfg)
+    _validate_saving_and_tracking(cfg)
 
 
 _warned: set[str] = set()
@@ -591,16 +737,39 @@ def _validate_inert(cfg: TrainConfig) -> None:
                                   f"val_size (a share or count of the training pairs), or remove {key}")
         if cfg.eval_steps:
             _warn_once("eval_steps: no validation data (eval_dataset or val_size), so nothing is evaluated")
+        if cfg.load_best_model_at_end:
+            _warn_once("load_best_model_at_end: no validation data (eval_dataset or val_size) to pick the best model "
+                       "by, so the last step's model is kept")
     if cfg.eval_steps and cfg.eval_strategy != "steps":
         _warn_once(f"eval_steps: ignored with eval_strategy: {cfg.eval_strategy}")
     if cfg.warmup_steps > 0 and cfg.warmup_ratio > 0:
         _warn_once(f"warmup_ratio: {cfg.warmup_ratio} is ignored, warmup_steps: {cfg.warmup_steps} sets the warmup")
-    if cfg.save_only_model and not cfg.save_steps:
-        _warn_once("save_only_model: no checkpoints are written (save_steps is unset), so it changes nothing")
+    if cfg.save_only_model and not (cfg.save_strategy == "epoch" or (cfg.save_strategy == "steps" and cfg.save_steps)):
+        _warn_once("save_only_model: no checkpoints are written (save_steps is unset or save_strategy: no), so it "
+                   "changes nothing")
     if cfg.generate_during_eval and cfg.eval_strategy == "no":
         raise ConfigError("generate_during_eval samples at each evaluation, and eval_strategy is no; remove one")
     if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
         _warn_once("overwrite_output_dir: ignored when resuming (the checkpoints in output_dir are the run's own)")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # report_to values (accelerate's trackers), besides all/none
+
+
+def _validate_saving_and_tracking(cfg: TrainConfig) -> None:
+    """report_to, the best-model keys and the NEFTune / gradient checkpointing options."""
+    for name in cfg.trackers:
+        if name not in (*TRACKERS, "all"):
+            raise ConfigError(f"report_to: unknown tracker '{name}'; use {', '.join(TRACKERS)}, all or none "
+                              "(a comma list or YAML list for several)")
+    if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
+        raise ConfigError("load_best_model_at_end needs evaluation to pick the best model; remove eval_strategy: no")
+    if cfg.neftune_noise_alpha is not None and not (cfg.neftune_noise_alpha > 0 and math.isfinite(cfg.neftune_noise_alpha)):
+        raise ConfigError(f"neftune_noise_alpha must be a positive number (the paper uses 5), or unset; "
+                          f"got {cfg.neftune_noise_alpha}")
+    if cfg.gradient_checkpointing_kwargs is not None and not cfg.gradient_checkpointing:
+        raise ConfigError("gradient_checkpointing_kwargs: used only with gradient_checkpointing: true; set it or "
+                          "remove gradient_checkpointing_kwargs")
 
 
 def validate_loss_options(cfg: TrainConfig) -> None:

@@ -121,6 +121,7 @@ DEMO_SETTINGS = {
     "eval_steps": 10,
     "cutoff_len": 128,
     "torch_dtype": "float32",
+    "load_best_model_at_end": True,  # the eval loss bottoms out before the last step: keep that model
 }
 
 

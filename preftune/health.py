@@ -24,7 +24,8 @@ SIGNALS = {
                          "the preferences do not generalise: check the data (inspect), lower the learning rate, "
                          "or raise pref_beta"),
     "val_loss_rising": ("validation loss rose above its best by more than the threshold (relative)",
-                        "past the best point: use early_stopping_patience (the best model is kept)"),
+                        "past the best point: keep the best model (load_best_model_at_end), or stop there "
+                        "(early_stopping_patience)"),
     "likelihood_displacement": ("chosen log-probs fell by more than the threshold (nats per sequence) while "
                                 "the margins grew",
                                 "both completions are pushed down (likelihood displacement): add the SFT term "

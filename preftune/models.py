@@ -136,8 +136,10 @@ def load_policy(cfg, reference_adapter: bool = False):
     if cfg.gradient_checkpointing:
         # transformers 5 renamed it (the old name warns); the first argument is the checkpoint kwargs in both
         enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+        enable(cfg.gradient_checkpointing_kwargs or {"use_reentrant": False})
         policy.config.use_cache = False
+    if cfg.neftune_noise_alpha:
+        add_neftune(policy, cfg.neftune_noise_alpha)
     if cfg.finetuning_type == "lora":
         if cfg.gradient_checkpointing:
             # the embeddings are frozen under LoRA: without this, checkpointed blocks would see
@@ -148,6 +150,25 @@ def load_policy(cfg, reference_adapter: bool = False):
         apply_freeze(policy, cfg)
     hold_trainable_weights(policy, cfg)
     return policy
+
+
+def neftune_noise(module, inputs, embeddings):
+    """NEFTune (Jain et al. 2023, "NEFTune: Noisy Embeddings Improve Instruction Finetuning"), as
+    transformers' hook: while the embedding layer is in training mode, add uniform noise in
+    [-alpha / sqrt(L * d), alpha / sqrt(L * d)] to the input embeddings (L: the padded sequence
+    length of the batch, d: the hidden size). Evaluation and generation (eval mode) are untouched, so
+    is a separately loaded reference (always in eval mode); a LoRA policy's reference, the policy
+    with its adapter off, trains in the same mode and gets noise too, as in TRL."""
+    if not module.training:
+        return embeddings
+    bound = module.neftune_noise_alpha / (embeddings.size(1) * embeddings.size(2)) ** 0.5
+    return embeddings + torch.zeros_like(embeddings).uniform_(-bound, bound)
+
+
+def add_neftune(policy, alpha: float) -> None:
+    embeddings = policy.get_input_embeddings()
+    embeddings.neftune_noise_alpha = alpha
+    embeddings.register_forward_hook(neftune_noise)
 
 
 def hold_trainable_weights(policy, cfg) -> None:

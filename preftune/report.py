@@ -22,6 +22,7 @@ from pathlib import Path
 
 from preftune import health
 from preftune.files import write_atomic
+from preftune.tracking import Trackers
 
 log = logging.getLogger("preftune")
 
@@ -40,8 +41,11 @@ METRIC_NOTES = {
 
 
 class MetricsLog:
-    def __init__(self, cfg):
+    """The rows a run logs; each also goes to the report_to trackers (tracking.py)."""
+
+    def __init__(self, cfg, accelerator=None):
         self.cfg = cfg
+        self.trackers = Trackers(cfg, accelerator)
         self.history: list[dict] = []
         self.data: dict = {}
         self.precision: dict | None = None  # the dtypes of the policy and the reference (reference.describe_precision)
@@ -50,7 +54,7 @@ class MetricsLog:
         self.writes = True  # only the main process writes files (describe_setup says which one it is)
         self.planned_steps: int | None = None
         self.skipped_steps: list[int] = []  # steps skipped as non-finite (runtime.NonFiniteGuard)
-        self.best_step: int | None = None  # the early-stopping best model's step, once there is one
+        self.best = None  # checkpoints.BestModel at the end: the kept model
         self.start = time.time()
 
     def describe_setup(self, accelerator, global_batch: int, unit: str, reference: str, precision: dict) -> None:
@@ -69,11 +73,11 @@ class MetricsLog:
         """Append the completions sampled at an evaluation to completions.jsonl (flushed: a crash keeps them);
         returns their mean length in tokens as an eval metric."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        records = [{"step": step, "prompt": pair.messages if pair.messages is not None else pair.prompt,
+                    "completion": text, "tokens": tokens} for pair, (text, tokens) in zip(pairs, completions)]
         with open(self.dir / "completions.jsonl", "a", encoding="utf-8") as f:
-            for pair, (text, tokens) in zip(pairs, completions):
-                prompt = pair.messages if pair.messages is not None else pair.prompt
-                f.write(json.dumps({"step": step, "prompt": prompt, "completion": text, "tokens": tokens},
-                                   ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        self.trackers.log_completions(step, records)
         return {"eval_completion_length": sum(t for _, t in completions) / max(len(completions), 1)}
 
     def log(self, row: dict) -> None:
@@ -87,6 +91,7 @@ class MetricsLog:
             row["eval_train_gap"] = gap
             row["eval_train_gap_pct"] = 100 * gap / last_train["loss"] if last_train["loss"] else math.nan
         self.history.append(row)
+        self.trackers.log(row)
         if self.writes:
             self.write_logs()
             if "eval_loss" in row and row["step"] > 0:  # the baseline adds nothing to a summary yet
@@ -126,13 +131,24 @@ class MetricsLog:
         os.replace(tmp, self.dir / "training_metrics.csv")
         write_atomic(self.dir / "log_history.json", json.dumps(self.history, indent=1))
 
-    def finish(self, total_steps, steps_done, stopped_early, best_step, elapsed) -> dict:
-        self.planned_steps, self.best_step = total_steps, best_step
+    def finish(self, total_steps, steps_done, stopped_early, best, elapsed) -> dict:
+        """The metric files, summary.json and the trackers' final values at the end; `best`:
+        checkpoints.BestModel (the kept model)."""
+        self.planned_steps, self.best = total_steps, best
         if self.skipped_steps:
             log.warning("non-finite steps skipped: %d (steps %s; skip_nonfinite_steps: %d)", len(self.skipped_steps),
                         ", ".join(map(str, self.skipped_steps)), self.cfg.skip_nonfinite_steps)
         self.write_logs()
-        return self.write_summary("completed", steps_done, stopped_early, elapsed, plot=self.cfg.plot_loss)
+        summary = self.write_summary("completed", steps_done, stopped_early, elapsed, plot=self.cfg.plot_loss)
+        train_rows = [r for r in self.history if "loss" in r]
+        kept = summary["kept_model"]
+        final_values = {"train_runtime": elapsed, "kept_model_step": kept["step"]}
+        if train_rows:
+            final_values["train_loss"] = _mean([r["loss"] for r in train_rows])
+        if kept["value"] is not None:
+            final_values[f"best_{kept['metric']}"] = kept["value"]
+        self.trackers.finish(steps_done, final_values)
+        return summary
 
     def write_summary(self, status: str, steps_done: int | None = None, stopped_early: bool = False,
                       elapsed: float | None = None, plot: bool = False) -> dict:
@@ -141,7 +157,7 @@ class MetricsLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         if steps_done is None:
             steps_done = max((r["step"] for r in self.history), default=0)
-        best_step = self.best_step
+        best = self.best
         train_rows = [r for r in self.history if "loss" in r]
         eval_rows = [r for r in self.history if "eval_loss" in r]
         signals = health.check(self.history, self.cfg.health_thresholds)
@@ -153,10 +169,10 @@ class MetricsLog:
             "baseline": next((r for r in eval_rows if r["step"] == 0), None),
             "final": {**(train_rows[-1] if train_rows else {}),
                       **(eval_rows[-1] if eval_rows and eval_rows[-1]["step"] > 0 else {})},
-            "best": min((r for r in eval_rows if r["step"] > 0), key=lambda r: r["eval_loss"], default=None),
+            "best": self.best_row(eval_rows),
             "kept_model": None if status != "completed" else  # no final model is written before the end
-            {"step": best_step if best_step is not None else steps_done,
-             "why": "best eval_loss (early stopping)" if best_step is not None else "last step"},
+            {"step": best.step if best.step is not None else steps_done, "why": best.why(),
+             "metric": self.cfg.best_metric, "value": best.value if best.step is not None else None},
             "stopped_early": stopped_early,
             "resumed_from": self.resumed_from,
             "health": signals,
@@ -168,13 +184,19 @@ class MetricsLog:
             "precision": self.precision,
             "config": self.cfg.to_dict(),
             "metric_notes": METRIC_NOTES,
-            "outputs": {"model": str(Path(self.cfg.output_dir)), "metrics": str(self.dir)},
+            "outputs": {"model": str(Path(self.cfg.output_dir)), "metrics": str(self.dir), **self.trackers.dirs},
         }
         write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1, default=str))
         if plot and self.cfg.plot_loss:
             plot_curves(self.history, self.dir / "training_curves.png",
                         {s["name"]: s["step"] for s in signals if s["fired"]})
         return summary
+
+    def best_row(self, eval_rows: list[dict]) -> dict | None:
+        """The best evaluation after step 0 by metric_for_best_model (default eval_loss)."""
+        metric, sign = self.cfg.best_metric, -1 if self.cfg.best_greater else 1
+        rows = [r for r in eval_rows if r["step"] > 0 and r.get(metric) == r.get(metric) and metric in r]
+        return min(rows, key=lambda r: sign * r[metric], default=None)
 
 
 def _mean(values):

@@ -32,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from preftune import sharding
+from preftune.tracking import make_trackers
 from preftune.checkpoints import latest_checkpoint
 from preftune.errors import ConfigError, PreftuneError
 
@@ -70,7 +71,8 @@ def make_accelerator(cfg) -> Accelerator:
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         with sharding.hidden_from_accelerate():  # an FSDP2 config is preftune's to apply (sharding.py)
-            return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
+            return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available(),
+                               log_with=make_trackers(cfg) or None)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
 

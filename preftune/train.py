@@ -36,6 +36,7 @@ from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
 from preftune.step import OBJECTIVES, PolicyLogps
 from preftune.tokenization import TokenizeReport
+from preftune.tracking import tracker_names
 
 log = logging.getLogger("preftune")
 
@@ -54,6 +55,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     checkpoints.check_output_dir(cfg, resuming=resume_from is not None)
     check_attention(cfg)  # a missing flash-attn package fails now, not after tokenizing the data
     runtime.check_hardware(cfg)  # fp16 without a GPU: refused, not silently inert
+    tracker_names(cfg)  # and so is a report_to tracker that is not installed
     objective = OBJECTIVES[cfg.objective]
     step_fn = objective(cfg)
 
@@ -83,7 +85,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     sharded = sharding.active(cfg)  # FSDP2 (docs/distributed.md), else DDP through accelerate
     sharding.check(cfg, sharded)
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, **eval_items})
-    metrics = MetricsLog(cfg)
+    metrics = MetricsLog(cfg, accelerator)
     guard = runtime.NonFiniteGuard(cfg, accelerator, metrics)
     metrics.describe_setup(accelerator, global_batch, unit, reference.description,
                            describe_precision(model, reference, cfg))
@@ -127,16 +129,15 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
                     "boundary_merges": tok_report.boundary_merges}
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluation(0)})
-    best_loss, best_step, evals_without_gain, stopped_early = math.inf, None, 0, False
+    best, stopped_early = checkpoints.BestModel(cfg), False
     running: dict[str, list[torch.Tensor]] = {}
     tokens, train_seconds = 0, 0.0  # throughput counts training time only, not logging or evaluation
     step = 0
     if resume_from is not None:  # the same state as the uninterrupted run had after `step`
         state = checkpoints.load_checkpoint(resume_from, accelerator, policy, optimizer, scheduler, cfg, fingerprint)
         step, running, tokens, train_seconds = state["step"], state["running"], state["tokens"], state["train_seconds"]
-        best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
-        best_step, evals_without_gain = state["best_step"], state["evals_without_gain"]
-        checkpoints.check_best_model(cfg, best_step, step)
+        best.load_state_dict(state)
+        checkpoints.check_best_model(cfg, best.step, step)
         metrics.resume(state, resume_from)
         step_fn.load_state_dict(state["loss_state"])
         log.info("resumed from %s at step %d", resume_from, step)
@@ -148,8 +149,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     def checkpoint(step: int) -> None:  # everything the loop needs to continue after `step`
         epoch_index, micro_index = divmod(step * cfg.gradient_accumulation_steps, micro_per_epoch)
         loop_state = {"epoch": epoch_index, "micro_batch": micro_index, "tokens": tokens,
-                      "train_seconds": train_seconds, "best_loss": None if best_loss == math.inf else best_loss,
-                      "best_step": best_step, "evals_without_gain": evals_without_gain,
+                      "train_seconds": train_seconds, **best.state_dict(),
                       "loss_state": step_fn.state_dict(), "log_history": metrics.history,
                       "nonfinite_steps_skipped": guard.skipped, "data_fingerprint": fingerprint}
         checkpoints.save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state,
@@ -210,31 +210,20 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         if do_eval and (step % eval_every == 0 or step == total_steps):
             row = {"step": step, "epoch": round(epoch, 4), **evaluation(step)}
             metrics.log(row)
-            if row["eval_loss"] < best_loss:
-                best_loss, evals_without_gain = row["eval_loss"], 0
-                if cfg.early_stopping_patience:
-                    best_step = step
-                    weights = sharding.full_state_dict(model) if sharded else None  # gathered by every process
-                    if accelerator.is_main_process:
-                        checkpoints.save_model(model, tokenizer, checkpoints.best_dir(cfg), step, weights)
-                    accelerator.wait_for_everyone()
-            else:
-                evals_without_gain += 1
-                if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
-                    log.info("early stopping at step %d: eval loss has not improved for %d evaluations",
-                             step, evals_without_gain)
-                    stopped_early = True
-                    break
+            if best.update(row, step, accelerator, model, tokenizer, sharded):  # early stopping
+                stopped_early = True
+                break
 
-        if cfg.save_steps and step % cfg.save_steps == 0:
+        saved = checkpoints.save_now(cfg, step, steps_per_epoch)
+        if saved:
             checkpoint(step)
         if step < total_steps and stop.requested(accelerator):  # after the step's logging, evaluation, checkpoint
-            stop.stop(step, checkpoint if cfg.save_steps and step % cfg.save_steps else None, metrics, cfg, accelerator)
+            stop.stop(step, checkpoint if checkpoints.saving(cfg) and not saved else None, metrics, cfg, accelerator)
     bar.close()
 
     # --- outputs -------------------------------------------------------------------------
     final = accelerator.unwrap_model(policy).model
-    if best_step is not None and best_step != step:
+    if best.step is not None and best.step != step:
         checkpoints.load_best_into(final, cfg)  # the model we keep is the best one seen
     guard.check_weights(final, step)  # never a final model with NaN or infinite weights
     summary: dict = {}
@@ -242,6 +231,6 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     if accelerator.is_main_process:
         checkpoints.save_final(final, tokenizer, cfg, weights)
         summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,
-                                 best_step=best_step, elapsed=time.time() - start_time)
+                                 best=best, elapsed=time.time() - start_time)
     accelerator.wait_for_everyone()
     return summary

@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
     {"optim", "guard"},
     {"config", "data", "adapters", "labels"},
-    {"tokenization", "models", "checkpoints", "report", "sharding"},
+    {"tokenization", "models", "checkpoints", "report", "sharding", "tracking"},
     {"cache", "batching", "demo"},
     {"evaluate", "generate", "rewards"},
     {"reference", "step", "runtime"},

@@ -112,7 +112,7 @@ def test_inert_options_are_warned_once(caplog):
     assert messages == ["eval_steps: no validation data (eval_dataset or val_size), so nothing is evaluated",
                         "eval_steps: ignored with eval_strategy: epoch",
                         "warmup_ratio: 0.1 is ignored, warmup_steps: 3 sets the warmup",
-                        "save_only_model: no checkpoints are written (save_steps is unset), so it changes nothing",
+                        "save_only_model: no checkpoints are written (save_steps is unset or save_strategy: no), so it changes nothing",
                         "overwrite_output_dir: ignored when resuming (the checkpoints in output_dir are the run's own)"]
 
 

@@ -60,12 +60,21 @@ def main(args: list[str], stage: str | None = None) -> int:
     if not summary:  # a process other than the main one of a multi-process run: the main one reports
         return 0
     out = summary["outputs"]
-    base, final, best = summary.get("baseline") or {}, summary["final"], summary.get("best") or {}
+    base, best, kept = summary.get("baseline") or {}, summary.get("best") or {}, summary["kept_model"]
+    # the figures of the model that was saved: the best evaluation's (load_best_model_at_end) or the last
+    final = best if best and best["step"] == kept["step"] and kept["why"] != "last step" else summary["final"]
+    metric = kept["metric"]
+    if final is best:
+        note = f"the model of step {kept['step']}: best {metric} {best[metric]:.4g}"
+    elif best.get(metric) is not None:
+        note = f"the last step; best {metric} {best[metric]:.4g} at step {best['step']}"
+    else:
+        note = "the last step"
     if "eval_rewards/accuracies" in base and "eval_rewards/accuracies" in final:
         print(f"held-out preference accuracy: {base['eval_rewards/accuracies']:.1%} -> "
-              f"{final['eval_rewards/accuracies']:.1%} (best eval loss {best.get('eval_loss', float('nan')):.4f})")
+              f"{final['eval_rewards/accuracies']:.1%} ({note})")
     if "eval_perplexity" in base and "eval_perplexity" in final:
-        print(f"held-out perplexity: {base['eval_perplexity']:.3g} -> {final['eval_perplexity']:.3g}")
+        print(f"held-out perplexity: {base['eval_perplexity']:.3g} -> {final['eval_perplexity']:.3g} ({note})")
     print(f"model and tokenizer: {out['model']}")
     print(f"metrics and curves:  {out['metrics']} (training_metrics.csv, training_curves.png, summary.json, "
           "log_history.json)")

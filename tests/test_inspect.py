@@ -40,7 +40,10 @@ def test_statistics_in_characters_without_a_model(tmp_path):
 
 def test_token_lengths_cutoff_and_rendered_examples_with_a_model(tmp_path, tiny_model_dir):
     stats = inspect_data(write(tmp_path), model=str(tiny_model_dir), cutoff_len=60)
-    assert stats["unit"] == "tokens" and stats["chat_template"] is True
+    assert stats["unit"] == "tokens"
+    # plain strings raw, the conversation through the tokenizer's template: said as a run says it
+    assert stats["rendering"]["used"] == "raw (plain strings), chat template (tokenizer) (conversations)"
+    assert "set template: qwen" in stats["rendering"]["hint"]
     assert stats["truncated"] == 2 and stats["truncated_completion"] == 1 and stats["dropped"] == 0
     ex = stats["examples"][1]["chosen"]
     assert ex.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n")

@@ -43,8 +43,15 @@ min_margin; prompts per batch: per_device_eval_batch_size):
 
 
 def prompt_record(pair) -> dict:
-    """A prompt as the data files write it: text, or the conversation as messages; and its system turn."""
-    return {"prompt": pair.messages if pair.messages is not None else pair.prompt, "system": pair.system}
+    """A prompt as the data files write it, in the form it came in (so the pairs are rendered as the prompt was
+    sampled): text, or the conversation as messages; and its system turn."""
+    if pair.messages is not None and not pair.from_text:
+        prompt = pair.messages
+    elif pair.conversational:
+        prompt = [{"role": "user", "content": pair.prompt}]
+    else:
+        prompt = pair.prompt
+    return {"prompt": prompt, "system": pair.system}
 
 
 def read_samples(path: Path, prompts: list) -> dict[int, dict]:
@@ -102,11 +109,12 @@ def make_pairs(records: list[dict], cfg) -> tuple[list[dict], dict[str, int]]:
 
 
 def run(cfg) -> dict:
+    from preftune.commands.export import run_config, with_run_template
     from preftune.data import read_prompts
     from preftune.generate import sample
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
-    from preftune.tokenization import encode_prompt, setup_chat_template
+    from preftune.tokenization import describe_rendering, encode_prompts, rendering_text
 
     if not cfg.model_name_or_path or not cfg.dataset:
         raise ConfigError("preftune sample needs model_name_or_path (the model to sample) and dataset (the prompts)")
@@ -119,8 +127,10 @@ def run(cfg) -> dict:
     samples_path = out / "samples.jsonl"
     done = read_samples(samples_path, prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    use_template = setup_chat_template(tokenizer, cfg.template)
-    encoded = [encode_prompt(tokenizer, p, use_template) for p in prompts]
+    if Path(cfg.model_name_or_path).expanduser().is_dir():
+        cfg = with_run_template(cfg, run_config(Path(cfg.model_name_or_path).expanduser()))
+    encoded = encode_prompts(tokenizer, prompts, cfg.template)
+    log.info("rendering: %s", rendering_text(describe_rendering(tokenizer, cfg.template, prompts)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(cfg.model_name_or_path, cfg).to(device)
     log.info("sampling %d completions for each of %d prompts (%d done before)", cfg.num_samples, len(prompts), len(done))

@@ -235,3 +235,33 @@ def test_sft_trains_on_an_empty_completion_but_refuses_a_record_without_one(tmp_
     with pytest.raises(DataError, match=r"sft.jsonl:1: a prompt without a completion; SFT trains on a completion"):
         read_dataset(str(path), "data", sft=True)
     assert read_prompts(str(path), "data")[0].prompt == QUESTION  # a prompt to sample from
+
+
+def test_sample_and_eval_take_the_template_of_the_run_that_wrote_the_model(tmp_path, tiny_model_dir, demo_pairs,
+                                                                          monkeypatch):
+    """A model trained with template: chatml is sampled and evaluated through it unless told otherwise."""
+    import shutil
+
+    import preftune.generate
+    from preftune.commands import sample as sample_cmd
+    from preftune.commands.export import run_config, with_run_template
+    from preftune.models import load_tokenizer
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "preftune_config.yaml").write_text(f"model_name_or_path: {tiny_model_dir}\ntemplate: chatml\n")
+    assert with_run_template(from_dict({}), run_config(model_dir)).template == "chatml"
+    assert with_run_template(from_dict({"template": "none"}), run_config(model_dir)).template == "none"
+    data = write_pairs(tmp_path, demo_pairs[:2])
+    seen = []
+
+    def fake_sample(model, tokenizer, prompts, cfg, device, skip=frozenset()):
+        seen.append(prompts)
+        yield 0, [[[tokenizer.eos_token_id]] * cfg.num_samples for _ in prompts]
+
+    monkeypatch.setattr(preftune.generate, "sample", fake_sample)
+    sample_cmd.run(from_dict({"model_name_or_path": str(model_dir), "dataset": str(data), "num_samples": 2,
+                              "output_dir": str(tmp_path / "sampled")}))
+    tokenizer = load_tokenizer(str(model_dir))
+    assert tokenizer.decode(seen[0][0]).startswith("<|im_start|>user\n")
+    assert seen[0] == encode_prompts(tokenizer, read_prompts(str(data), "data"), "chatml")

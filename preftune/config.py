@@ -105,7 +105,7 @@ class TrainConfig:
     max_samples: int | None = _f(None, "Use at most this many pairs from each dataset (first ones, before the split).")
     template: str | None = _f(None, "How to render the data. Unset: conversational data (messages) through the tokenizer's chat template, plain strings as raw text (BOS as the tokenizer adds it, EOS appended). A name (LLaMA-Factory's: qwen, chatml, llama3, mistral, gemma, default): everything through a chat template, the tokenizer's own, or that built-in for a tokenizer without one. none (or empty, plain, raw): raw text whatever the tokenizer holds.")
     cutoff_len: int = _f(1024, "Maximum tokens of prompt + completion, split between them as LLaMA-Factory does (a completion under half stays whole, else a prompt under half stays whole, else both shrink in proportion); completions keep their start.")
-    drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with an empty completion or chosen == rejected instead of failing.")
+    drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with chosen == rejected instead of failing. An empty completion is a valid answer (EOS or the end-of-turn token alone) and is trained on.")
     preprocessing_num_workers: int | None = _f(None, "Processes that tokenize the pairs (unset or 1: in-process; sets under 512 pairs always are).")
     overwrite_cache: bool = _f(False, "Re-tokenize and rewrite the tokenization cache instead of loading it.")
     # --- truncation and the tokenization cache ---

@@ -224,9 +224,12 @@ def render_prompt(tokenizer, pair: PreferencePair, rendering: Rendering) -> str:
                                              tools=pair.tools)
     if (pair.messages is not None and not pair.from_text) or pair.tools \
             or pair.chosen_messages is not None or pair.rejected_messages is not None:
-        fix = (f"template: {rendering.template} renders raw text; unset it or name a chat template (e.g. chatml, "
-               "llama3)" if rendering.template is not None else "the tokenizer has none; set template (e.g. "
-               "chatml, llama3) or use a tokenizer with a chat template")
+        if rendering.template is not None:
+            fix = f"template: {rendering.template} renders raw text; unset it or name a chat template (e.g. llama3)"
+        elif rendering.source is not None:  # the tokenizer has one, and this pair's data is plain strings
+            fix = "plain-string data is raw text unless template is set: set it (e.g. qwen, llama3)"
+        else:
+            fix = "the tokenizer has none; set template (e.g. chatml, llama3) or use a tokenizer with a chat template"
         raise ConfigError(f"{pair.where}: a multi-turn conversation needs a chat template (as do tool calls and "
                           f"completions of several messages); {fix}")
     return (pair.system + "\n\n" if pair.system else "") + pair.prompt

@@ -95,7 +95,7 @@ def test_template_none_is_a_setting_and_several_turns_need_a_template(tmp_path, 
                           {"role": "user", "content": "times 3?"}],
                "chosen": [{"role": "assistant", "content": "12"}], "rejected": [{"role": "assistant", "content": "7"}]}
     with pytest.raises(ConfigError, match=r"d.jsonl:1: a multi-turn conversation needs a chat template .*template: "
-                                          r"none renders raw text; unset it or name a chat template"):
+                                          r"none renders raw text; unset it or name a chat template \(e.g. llama3\)"):
         tokenize_pairs(copy.deepcopy(tiny_tokenizer), [read_one(tmp_path, history)], 512, "none")
 
 
@@ -265,3 +265,20 @@ def test_sample_and_eval_take_the_template_of_the_run_that_wrote_the_model(tmp_p
     tokenizer = load_tokenizer(str(model_dir))
     assert tokenizer.decode(seen[0][0]).startswith("<|im_start|>user\n")
     assert seen[0] == encode_prompts(tokenizer, read_prompts(str(data), "data"), "chatml")
+
+
+def test_alpaca_history_needs_template_and_says_how(tmp_path, tiny_tokenizer):
+    """alpaca is plain strings: raw text unless template is set, and a history has no raw rendering."""
+    record = {"instruction": "times 3?", "input": "", "chosen": "12", "rejected": "7", "history": [["2+2?", "4"]]}
+    (tmp_path / "a.json").write_text(json.dumps([record]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"a": {"file_name": "a.json", "ranking": True, "columns": {"history": "history"}}}))
+    (pair,) = read_dataset("a", str(tmp_path))
+    assert not pair.conversational and len(pair.messages) == 3
+    with pytest.raises(ConfigError, match=r"needs a chat template .*plain-string data is raw text unless template "
+                                          r"is set: set it \(e.g. qwen, llama3\)$"):
+        tokenize_pairs(copy.deepcopy(tiny_tokenizer), [pair], 512, None)
+    (t,) = tokenize_pairs(copy.deepcopy(tiny_tokenizer), [pair], 512, "qwen")
+    assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]).endswith(
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\ntimes 3?<|im_end|>\n"
+        "<|im_start|>assistant\n")

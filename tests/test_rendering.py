@@ -264,6 +264,8 @@ def test_sample_and_eval_take_the_template_of_the_run_that_wrote_the_model(tmp_p
                               "output_dir": str(tmp_path / "sampled")}))
     tokenizer = load_tokenizer(str(model_dir))
     assert tokenizer.decode(seen[0][0]).startswith("<|im_start|>user\n")
+    summary = json.loads((tmp_path / "sampled" / "summary.json").read_text())
+    assert summary["rendering"]["used"] == "template chatml"  # the tiny tokenizer holds the built-in ChatML itself
     assert seen[0] == encode_prompts(tokenizer, read_prompts(str(data), "data"), "chatml")
 
 

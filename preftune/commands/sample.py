@@ -130,7 +130,8 @@ def run(cfg) -> dict:
     if Path(cfg.model_name_or_path).expanduser().is_dir():
         cfg = with_run_template(cfg, run_config(Path(cfg.model_name_or_path).expanduser()))
     encoded = encode_prompts(tokenizer, prompts, cfg.template)
-    log.info("rendering: %s", rendering_text(describe_rendering(tokenizer, cfg.template, prompts)))
+    rendering = describe_rendering(tokenizer, cfg.template, prompts)
+    log.info("rendering: %s", rendering_text(rendering))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(cfg.model_name_or_path, cfg).to(device)
     log.info("sampling %d completions for each of %d prompts (%d done before)", cfg.num_samples, len(prompts), len(done))
@@ -154,7 +155,7 @@ def run(cfg) -> dict:
     records = [done[pos] for pos in sorted(done)]
     summary = {"prompts": len(prompts), "completions_per_prompt": cfg.num_samples, "sampled_now": new,
                "seconds": round(seconds, 2), "completions_per_second": new * cfg.num_samples / max(seconds, 1e-9),
-               "outputs": {"samples": str(samples_path)}, "config": cfg.to_dict()}
+               "rendering": rendering, "outputs": {"samples": str(samples_path)}, "config": cfg.to_dict()}
     if reward:
         pairs, skipped = make_pairs(records, cfg)
         write_atomic(out / "pairs.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))

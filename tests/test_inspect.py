@@ -85,6 +85,8 @@ def test_inspect_cutoff_uses_the_runs_truncation_rule_and_counts_drops(tmp_path,
                  "keep_end", "--max_prompt_length", "4"]) == 0
     out = capsys.readouterr().out
     assert "cutoff_len 12 (keep_end):" in out and "dropped (no completion token fits)" in out
+    assert "rendering: raw (plain strings), chat template (tokenizer) (conversations) (" in out  # as the run logs it
+    assert "hint: the tokenizer has a chat template" in out
 
 
 def test_unpaired_examples_are_measured_and_cut_as_a_run_cuts_them(tmp_path, tiny_model_dir):

@@ -377,6 +377,7 @@ def child_preftune(args, assets) -> dict:
         "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
         "max_steps": args.steps, "logging_steps": args.logging_steps or args.steps,
         "cutoff_len": assets["max_length"] + 8,  # no truncation
+        "template": "chatml",  # plain-string pairs through the ChatML template, as TRL renders the conversational rows
         "torch_dtype": args.dtype, "bf16": args.bf16, "disable_dropout": True,
         "progress_bar": False, "eval_strategy": "no", "plot_loss": False, "seed": 42,
         "attn_implementation": args.attn, "padding_free": args.padding_free,

@@ -76,7 +76,8 @@ def child(args) -> None:
     raw = {"model_name_or_path": str(work / "policy"), "dataset": str(work / "train.jsonl"),
            "output_dir": str(work / "out"), "max_steps": args.steps, "per_device_train_batch_size": args.batch_size,
            "learning_rate": 1e-5, "logging_steps": args.steps, "eval_strategy": "no", "cutoff_len": 256,
-           "torch_dtype": "float32", "progress_bar": False, "plot_loss": False}
+           "torch_dtype": "float32", "progress_bar": False, "plot_loss": False,
+           "template": "chatml"}  # the plain-string pairs through the ChatML template, as when RESULTS.md was measured
     raw.update({k: v.format(work=work) if isinstance(v, str) else v for k, v in STRATEGIES[args.child].items()})
     start = time.time()
     try:

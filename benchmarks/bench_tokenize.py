@@ -4,8 +4,8 @@
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_tokenize.py --pairs 10000 --workers 4
 
 The pairs are the demo's (`preftune.demo.make_pairs`), tokenized with the demo's tokenizer (byte-level
-BPE trained on them, ChatML template) through the chat template, cutoff_len 128, as `preftune train`
-does. Timed, each from the list of normalized pairs to the list of token ids:
+BPE trained on them, ChatML template) through the chat template (`template: chatml`: the pairs are
+plain strings), cutoff_len 128, as `preftune train` does. Timed, each from the list of normalized pairs to the list of token ids:
   serial       tokenize_pairs in this process
   N workers    tokenize_pairs(num_workers=N), process start-up included
   cold cache   tokenize_cached on an empty cache folder: key + serial tokenization + writing the file
@@ -48,14 +48,14 @@ def main() -> None:
     tokenizer = build_tokenizer([p[k] for p in raw[:2000] for k in ("prompt", "chosen", "rejected")])
     pairs = [PreferencePair(**p, where=f"bench:{i}") for i, p in enumerate(raw)]
     folder = tempfile.mkdtemp(prefix="preftune-bench-cache-")
-    cfg = from_dict({"cutoff_len": opts.cutoff_len, "tokenized_cache_dir": folder})
+    cfg = from_dict({"cutoff_len": opts.cutoff_len, "tokenized_cache_dir": folder, "template": "chatml"})
     results = {"pairs": opts.pairs, "workers": opts.workers, "cutoff_len": opts.cutoff_len,
                "cpu_count": os.cpu_count(), "loadavg_before": os.getloadavg()}
     try:
-        serial, seconds, cpu = timed(lambda: tokenize_pairs(copy.deepcopy(tokenizer), pairs, opts.cutoff_len, None))
+        serial, seconds, cpu = timed(lambda: tokenize_pairs(copy.deepcopy(tokenizer), pairs, opts.cutoff_len, "chatml"))
         results["serial"] = {"seconds": seconds, "pairs_per_s": opts.pairs / seconds, "cpu_s": cpu}
         children_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-        parallel, seconds, cpu = timed(lambda: tokenize_pairs(copy.deepcopy(tokenizer), pairs, opts.cutoff_len, None,
+        parallel, seconds, cpu = timed(lambda: tokenize_pairs(copy.deepcopy(tokenizer), pairs, opts.cutoff_len, "chatml",
                                                               num_workers=opts.workers))
         assert parallel == serial, "parallel output differs from serial"
         after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -251,7 +251,7 @@ class Check:
                "per_device_train_batch_size": batch, "max_steps": steps, "logging_steps": 1,
                "cutoff_len": assets["max_length"] + 8, "eval_strategy": "no", "plot_loss": False,
                "progress_bar": False, "bf16": True, "torch_dtype": "float32", "disable_dropout": True,
-               "learning_rate": 1e-5, **(extra or {})}
+               "learning_rate": 1e-5, "template": "chatml", **(extra or {})}  # as bench_dpo renders the pairs
         path = self.work / f"{name}.json"
         path.write_text(json.dumps(cfg, indent=1))
         return path

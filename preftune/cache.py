@@ -35,11 +35,11 @@ import numpy as np
 
 from preftune.data import PreferencePair
 from preftune.files import cache_root
-from preftune.tokenization import TokenizedPair, TokenizeReport, setup_chat_template, tokenize_pairs
+from preftune.tokenization import TokenizedPair, TokenizeReport, setup_rendering, tokenize_pairs
 
 log = logging.getLogger("preftune")
 
-CACHE_VERSION = "1"  # bump when the ids produced for the same inputs change
+CACHE_VERSION = "2"  # bump when the ids produced for the same inputs change (2: plain strings are raw text)
 _ARRAYS = ("chosen_ids", "rejected_ids", "chosen_lengths", "rejected_lengths", "chosen_start", "rejected_start",
            "truncated")
 
@@ -138,7 +138,7 @@ def tokenize_cached(tokenizer, pairs: list[PreferencePair], cfg, report: Tokeniz
     """`tokenize_pairs` with the config's settings, through the cache; adds the counts to `report`."""
     if not pairs:
         return []
-    setup_chat_template(tokenizer, cfg.template)  # first, so the key holds the template actually used
+    setup_rendering(tokenizer, cfg.template)  # first, so the key holds the template actually used
     key = cache_key(tokenizer, pairs, cfg)
     path = cache_dir(cfg) / f"{key}.safetensors"
     loaded = None if cfg.overwrite_cache else _load(path, key)

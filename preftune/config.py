@@ -114,9 +114,9 @@ class TrainConfig:
     columns: dict[str, str] | None = _f(None, "Field names of your data for the standard ones, e.g. {prompt: question, chosen: good, rejected: bad} (files and hub datasets; dataset_info.json entries have their own).")
     shuffle: bool = _f(False, "Shuffle the training pairs (seeded by seed) after reading, before the validation split.")
     max_samples: int | None = _f(None, "Use at most this many pairs from each dataset (first ones, before the split).")
-    template: str | None = _f(None, "Chat template for a tokenizer without one: chatml, qwen, llama3, mistral, gemma, default (LLaMA-Factory names). The tokenizer's own template is used when it has one.")
+    template: str | None = _f(None, "How to render the data. Unset: conversational data (messages) through the tokenizer's chat template, plain strings as raw text (BOS as the tokenizer adds it, EOS appended). A name (LLaMA-Factory's: qwen, chatml, llama3, mistral, gemma, default): everything through a chat template, the tokenizer's own, or that built-in for a tokenizer without one. none (or empty, plain, raw): raw text whatever the tokenizer holds.")
     cutoff_len: int = _f(1024, "Maximum tokens of prompt + completion, split between them as LLaMA-Factory does (a completion under half stays whole, else a prompt under half stays whole, else both shrink in proportion); completions keep their start.")
-    drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with an empty completion or chosen == rejected instead of failing.")
+    drop_invalid_pairs: bool = _f(False, "Skip (and count) pairs with chosen == rejected instead of failing. An empty completion is a valid answer (EOS or the end-of-turn token alone) and is trained on.")
     preprocessing_num_workers: int | None = _f(None, "Processes that tokenize the pairs (unset or 1: in-process; sets under 512 pairs always are).")
     overwrite_cache: bool = _f(False, "Re-tokenize and rewrite the tokenization cache instead of loading it.")
     # --- truncation and the tokenization cache ---
@@ -515,7 +515,8 @@ def _coerce(key: str, value: Any) -> Any:
     hint = _TYPES[key]
     optional = get_origin(hint) is Union or "None" in str(hint)
     base = next((a for a in get_args(hint) if a is not type(None)), hint) if get_args(hint) else hint
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and optional):
+    none_words = ("null", "~") if key == "template" else ("null", "none", "~")  # template: none is raw text
+    if value is None or (isinstance(value, str) and value.lower() in none_words and optional):
         if optional:
             return None
         raise ConfigError(f"config key '{key}' cannot be null; expected {base.__name__}")

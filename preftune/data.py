@@ -63,6 +63,10 @@ class PreferencePair:
     chosen_messages: list[dict] | None = None
     rejected_messages: list[dict] | None = None
     tools: list[dict] | None = None  # tool (function) definitions, passed to the chat template
+    # The data gave messages (TRL conversational, whole conversations, sharegpt, tool definitions): always
+    # rendered with a chat template. Plain strings (standard, alpaca, hh-rlhf text) are raw text unless
+    # `template` is set (tokenization.Rendering).
+    conversational: bool = False
 
 
 @dataclass
@@ -74,14 +78,14 @@ class UnpairedExample:
     system: str | None = None
     where: str = ""
     messages: list[dict[str, str]] | None = None
+    conversational: bool = False  # as PreferencePair's
 
 
 @dataclass
 class DataReport:
     """Counts for summary.json and the log: nothing is dropped without being counted here."""
     read: int = 0
-    skipped_empty: int = 0
-    skipped_identical: int = 0
+    skipped_identical: int = 0  # chosen == rejected, skipped with drop_invalid_pairs
     train: int = 0
     eval: int = 0
     sources: dict[str, int] = field(default_factory=dict)
@@ -375,9 +379,9 @@ def _split_system(msgs: list[dict], system: str | None) -> tuple[list[dict], str
 
 
 def _pair(prompt_msgs: list[dict], system, chosen: str | tuple, rejected: str | tuple, where: str,
-          tools: list[dict] | None = None) -> PreferencePair:
-    """A pair from a prompt conversation; a single user turn is kept as plain `prompt` text. A
-    completion is a text or (text, messages) from `_completion`."""
+          tools: list[dict] | None = None, conversational: bool = True) -> PreferencePair:
+    """A pair from a prompt conversation; a single user turn is kept as `prompt` text (and still counts
+    as conversational: it came as messages). A completion is a text or (text, messages) from `_completion`."""
     if not prompt_msgs:
         raise DataError(f"{where}: the prompt has no messages; it needs at least one user turn")
     if prompt_msgs[-1]["role"] == "assistant":
@@ -388,7 +392,7 @@ def _pair(prompt_msgs: list[dict], system, chosen: str | tuple, rejected: str | 
     single = len(prompt_msgs) == 1 and prompt_msgs[0]["role"] == "user" and set(prompt_msgs[0]) == {"role", "content"}
     return PreferencePair(prompt=prompt_msgs[-1]["content"], chosen=chosen, rejected=rejected, system=system,
                           where=where, messages=None if single else prompt_msgs, chosen_messages=chosen_msgs,
-                          rejected_messages=rejected_msgs, tools=tools)
+                          rejected_messages=rejected_msgs, tools=tools, conversational=conversational)
 
 
 # --- record shapes -> normalized examples ------------------------------------------------------
@@ -492,6 +496,7 @@ def _unpaired(rec: dict, where: str) -> UnpairedExample:
     system = _text(rec, "system", where, required=False)
     msgs = None
     prompt = rec.get("prompt")
+    conversational = isinstance(prompt, list) or isinstance(rec.get("completion"), list)
     if isinstance(prompt, list):
         msgs, system = _split_system(_messages(prompt, where, "prompt"), system)
         prompt = msgs[-1]["content"] if msgs else ""
@@ -499,7 +504,7 @@ def _unpaired(rec: dict, where: str) -> UnpairedExample:
     else:
         prompt = _text(rec, "prompt", where)
     return UnpairedExample(prompt=prompt, completion=_completion(rec.get("completion"), where, "completion")[0],
-                           label=label, system=system, where=where, messages=msgs)
+                           label=label, system=system, where=where, messages=msgs, conversational=conversational)
 
 
 def _alpaca(rec: dict, where: str, columns: dict) -> PreferencePair:
@@ -519,7 +524,7 @@ def _alpaca(rec: dict, where: str, columns: dict) -> PreferencePair:
     system = _text(rec, columns["system"], where, required=False) if columns.get("system") else None
     tools = _tools(rec.get(columns["tools"]), where, columns["tools"]) if columns.get("tools") else None
     return _pair(msgs, system, _text(rec, columns["chosen"], where), _text(rec, columns["rejected"], where), where,
-                 tools)
+                 tools, conversational=False)  # strings, as LLaMA-Factory's alpaca: raw unless template is set
 
 
 def _sharegpt(rec: dict, where: str, columns: dict, tags: dict) -> PreferencePair:
@@ -607,7 +612,7 @@ def _sft_shape(rec: dict) -> str | None:
 
 
 def _sft_pair(rec: dict, where: str, shape: str, columns: dict | None = None, tags: dict | None = None) -> PreferencePair:
-    if shape == "prompt_only":  # no completion: empty ones, never trained on (read_prompts checks for sft)
+    if shape == "prompt_only":  # no completion (read_prompts only): empty ones, never trained on
         return _standard({k: v for k, v in rec.items() if k != "id"} | {"chosen": "", "rejected": ""}, where)
     if shape == "completion":
         return _standard({**rec, "chosen": rec["completion"], "rejected": rec["completion"]}, where)
@@ -646,10 +651,11 @@ def _shape(rec: dict) -> str:
 
 
 def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns: dict[str, str] | None = None,
-                 sft: bool = False) -> list[PreferencePair | UnpairedExample]:
+                 sft: bool = False, prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
     """Records -> examples. `fmt` comes from a dataset_info.json entry; `columns` (the config key)
     renames fields of plain files to the standard names first. sft: prompt/completion records of
-    every SFT shape are read too, as pairs whose chosen is the completion."""
+    every SFT shape are read too, as pairs whose chosen is the completion. prompts: prompt-only
+    records too (for sampling; an empty completion is an answer, so training refuses them)."""
     out: list[PreferencePair | UnpairedExample] = []
     shape = None
     for where, rec in records:
@@ -672,6 +678,10 @@ def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, column
                 out.append(_alpaca(rec, where, fmt["columns"]))
             continue
         sft_shape = _sft_shape(rec) if sft else None
+        if sft_shape == "prompt_only" and not prompts:
+            raise DataError(f"{where}: a prompt without a completion; SFT trains on a completion ('completion', "
+                            "'output' or the last assistant message). Prompt-only records are for preftune sample "
+                            "and eval")
         if sft_shape:
             out.append(_sft_pair(rec, where, sft_shape))
             continue
@@ -732,13 +742,13 @@ def _split_name(name: str) -> tuple[str, str]:
     return name, "train"
 
 
-def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None,
-                max_samples: int | None, sft: bool = False) -> list[PreferencePair | UnpairedExample]:
+def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, max_samples: int | None,
+                sft: bool = False, prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
     def convert(records, fmt=None):
         if not records:
             raise DataError(f"dataset '{name}': no records")
         return _to_examples(records[:max_samples] if max_samples is not None else records, fmt,
-                            None if fmt else columns, sft)
+                            None if fmt else columns, sft, prompts)
 
     info_path = dataset_dir / "dataset_info.json"
     info: dict[str, Any] = {}
@@ -785,12 +795,13 @@ def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None,
 
 
 def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
-                  columns: dict[str, str] | None = None, sft: bool = False) -> list[PreferencePair | UnpairedExample]:
+                  columns: dict[str, str] | None = None, sft: bool = False,
+                  prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
     """All examples (pairs and unpaired) of a comma list of dataset entries, in order (sft: SFT
-    records too, as pairs whose chosen is the completion)."""
+    records too, as pairs whose chosen is the completion; prompts: prompt-only records too)."""
     out: list[PreferencePair | UnpairedExample] = []
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples, sft))
+        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts))
     return out
 
 
@@ -818,10 +829,10 @@ def read_prompts(spec: str, dataset_dir: str, max_samples: int | None = None,
     (`{"prompt": text or messages, "system": ...}`) or the prompt of any record training reads (pairs,
     SFT records, unpaired examples), as pairs with empty completions."""
     out = []
-    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True):
+    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True, prompts=True):
         if isinstance(e, UnpairedExample):
             e = PreferencePair(prompt=e.prompt, chosen="", rejected="", system=e.system, where=e.where,
-                               messages=e.messages)
+                               messages=e.messages, conversational=e.conversational)
         else:
             e = dataclasses.replace(e, chosen="", rejected="", chosen_messages=None, rejected_messages=None)
         if not e.prompt.strip() and not e.messages:
@@ -837,23 +848,16 @@ def source_of(where: str) -> str:
 
 def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport,
                 sft: bool = False) -> list[PreferencePair]:
-    """Empty completions and chosen == rejected teach DPO nothing: fail, or skip them with a count.
-    sft: only chosen is trained on, so only an empty chosen counts."""
-    empty = [p for p in pairs if (not p.completion.strip() if isinstance(p, UnpairedExample)
-                                  else not p.chosen.strip() or (not sft and not p.rejected.strip()))]
+    """chosen == rejected teaches DPO nothing: fail, or skip such pairs with a count. An empty completion
+    is a valid answer (the end-of-turn token alone; TRL trains on it too). sft: only chosen is trained
+    on, so nothing is checked."""
     identical = [] if sft else [p for p in pairs if isinstance(p, PreferencePair) and p.chosen == p.rejected
-                                and p.chosen.strip()]
-    if (empty or identical) and not drop_invalid:
-        parts = []
-        if empty:
-            parts.append(f"{len(empty)} with an empty chosen/rejected (first: {', '.join(p.where for p in empty[:3])})")
-        if identical:
-            parts.append(f"{len(identical)} with chosen == rejected "
-                         f"(first: {', '.join(p.where for p in identical[:3])})")
-        raise DataError(f"{'; '.join(parts)}. Fix the data, or set drop_invalid_pairs: true to skip and count them")
-    report.skipped_empty += len(empty)
+                                and p.chosen_messages == p.rejected_messages]
+    if identical and not drop_invalid:
+        raise DataError(f"{len(identical)} with chosen == rejected (first: {', '.join(p.where for p in identical[:3])}). "
+                        "Fix the data, or set drop_invalid_pairs: true to skip and count them")
     report.skipped_identical += len(identical)
-    bad = {id(p) for p in empty + identical}
+    bad = {id(p) for p in identical}
     return [p for p in pairs if id(p) not in bad]
 
 

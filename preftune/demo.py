@@ -110,6 +110,9 @@ def write_demo_assets(folder: Path, n_train: int = 800, n_val: int = 200, seed: 
 
 
 DEMO_SETTINGS = {
+    # the pairs are plain strings, which are raw text unless `template` is set: the demo trains through
+    # its tokenizer's ChatML template, as a LLaMA-Factory config with `template: qwen` would
+    "template": "chatml",
     "pref_beta": 0.1,
     "pref_loss": "sigmoid",
     "learning_rate": 1e-3,

@@ -1,9 +1,9 @@
 """Sampling completions from a model, for `preftune sample` and `preftune eval`.
 
-    prompts = [encode_prompt(tokenizer, pair, use_template) for pair in pairs]   # as training renders them
+    prompts = encode_prompts(tokenizer, pairs, cfg.template)   # as training renders them
     for start, completions in sample(model, tokenizer, prompts, cfg, device): ...
 
-Prompts are rendered by `tokenization.encode_prompt`, the rendering training uses, so a policy is
+Prompts are rendered by `tokenization.encode_prompts`, the rendering training uses, so a policy is
 sampled in the format it was trained in. Generation is transformers' `generate`: batched prompts,
 left-padded, with the KV cache; plain ancestral sampling unless top_k / top_p are set (a cut
 distribution would bias the KL estimates of `preftune eval`). Each batch of prompts is seeded by
@@ -24,7 +24,7 @@ import torch
 from transformers import GenerationConfig
 
 from preftune.errors import ConfigError
-from preftune.tokenization import encode_prompt, setup_chat_template, stop_ids
+from preftune.tokenization import encode_prompts, stop_ids
 
 VLLM_CHUNK = 256  # prompts per vLLM call: vLLM batches inside a call; results are written between calls
 
@@ -73,8 +73,7 @@ def sample_texts(model, tokenizer, pairs: list, cfg, device) -> list[tuple[str, 
     """One completion per prompt of `pairs` (cfg's sampling settings and seed), as (text, tokens), for
     the completions a run logs at each evaluation (generate_during_eval). The global random state and
     the model's train/eval mode are left as they were, so training goes on exactly as without it."""
-    use_template = setup_chat_template(tokenizer, cfg.template)
-    encoded = [encode_prompt(tokenizer, p, use_template) for p in pairs]
+    encoded = encode_prompts(tokenizer, pairs, cfg.template)
     was_training, out = model.training, []
     with torch.random.fork_rng():
         for _, batch in sample(model, tokenizer, encoded, dataclasses.replace(cfg, num_samples=1), device):

@@ -1,15 +1,21 @@
 """Turning a preference pair into token ids with an exact prompt/completion boundary.
 
-With a chat template (the tokenizer's own, or a built-in named by `template`), the prompt is
-the conversation (`pair.messages`, or the single user turn `pair.prompt`) after an optional
-system turn, and the completion is the final assistant turn; the
-template supplies BOS and the end-of-turn token. Without one, the text is prompt + completion,
-the tokenizer adds BOS as it normally does, and EOS is appended to the completion.
+How a pair is rendered (`Rendering`, decided once per run by `setup_rendering`) follows the
+convention of TRL and LLaMA-Factory: conversational data (messages) goes through the chat template
+(the tokenizer's own, or a built-in named by `template` for a tokenizer without one); plain-string
+data is raw text unless `template` is set, so a model is trained on the format it was fine-tuned
+on and is sampled in; `template: none` means raw text whatever the tokenizer holds. With a
+template, the prompt is the conversation (`pair.messages`, or the single user turn `pair.prompt`)
+after an optional system turn, the completion the final assistant turn, and the template supplies
+BOS and the end-of-turn token. As raw text, the sequence is prompt + completion, the tokenizer adds
+BOS as it normally does, and EOS is appended to the completion (an empty completion is EOS alone).
 
 The boundary is found by tokenizing the whole sequence once and locating the first token
 that ends past the prompt's last character (offset mapping), so tokens that merge across the
 boundary are not split or duplicated; such a merged token counts as completion, and the
 pairs where it happens are counted. Log-probs and losses cover completion tokens only.
+`render_prompt` is the one rendering of a prompt: training (`encode_pair`) and generation
+(`encode_prompts`, for sample, eval and generate_during_eval) both go through it.
 
 Truncation (`truncate_pair`) splits `cutoff_len` between prompt and completion by LLaMA-Factory's
 rule (`infer_seqlen`); completions keep their start, a cut prompt keeps its start or its end
@@ -108,25 +114,100 @@ class TokenizeReport:
     boundary_merges: int = 0
 
 
-def setup_chat_template(tokenizer, template: str | None) -> bool:
-    """Prepare the tokenizer for `encode_pair`: decide whether to use a chat template (returns True
-    when one is used), and turn off truncation and padding that a tokenizer.json may switch on in
-    the Rust tokenizer (encoding calls it directly; transformers turns them off on every call too),
-    so no sequence is cut without being counted."""
+# `template` values that mean raw text whatever the tokenizer holds. LLaMA-Factory's `empty` template
+# writes the turns' text alone too (but neither BOS nor EOS: see docs/tokenization.md).
+RAW_TEMPLATES = ("none", "empty", "plain", "raw")
+# a chat template's marks -> the built-in of its family, to name in advice (`template: qwen`)
+FAMILY_MARKS = {"<|im_start|>": "qwen", "<|start_header_id|>": "llama3", "<start_of_turn>": "gemma",
+                "[INST]": "mistral"}
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """Which examples a chat template renders: conversational ones whenever one is available, plain-string
+    ones only when `template` names one (LLaMA-Factory configs always do); the others are raw text."""
+    conversations: bool  # a chat template renders conversational data (messages)
+    plain: bool  # ... and plain-string data too
+    source: str | None = None  # the chat template: "tokenizer" (its own) or a built-in's name; None: no chat template
+    template: str | None = None  # the `template` setting this came from
+
+    def uses_template(self, pair: PreferencePair) -> bool:
+        return self.conversations if pair.conversational else self.plain
+
+
+RAW_TEXT = Rendering(conversations=False, plain=False)
+
+
+def setup_rendering(tokenizer, template: str | None) -> Rendering:
+    """Prepare the tokenizer for `encode_pair` and decide the rendering (the module docstring's convention):
+    install the built-in `template` on a tokenizer without a chat template, and turn off truncation and
+    padding that a tokenizer.json may switch on in the Rust tokenizer (encoding calls it directly;
+    transformers turns them off on every call too), so no sequence is cut without being counted."""
     backend = tokenizer.backend_tokenizer
     if backend.truncation is not None:
         backend.no_truncation()
     if backend.padding is not None:
         backend.no_padding()
+    named = template is not None and template.lower() not in RAW_TEMPLATES
+    if template is not None and not named:
+        return Rendering(conversations=False, plain=False, template=template)
     if tokenizer.chat_template:
-        return True  # the tokenizer's own template is the one the model was trained with
-    if template is None or template in ("empty", "plain", "none"):
-        return False
-    if template not in BUILTIN_TEMPLATES:
+        # the tokenizer's own template is the one the model was trained with; a built-in one stands in for
+        # a missing one only (once installed, it is recognised as the built-in it is)
+        source = template if named and tokenizer.chat_template == BUILTIN_TEMPLATES.get(template) else "tokenizer"
+    elif template is None:
+        return RAW_TEXT
+    elif template not in BUILTIN_TEMPLATES:
         raise ConfigError(f"template: '{template}' is not available for a tokenizer without a chat template "
                           f"(built-ins: {', '.join(BUILTIN_TEMPLATES)}); or unset it for plain text")
-    tokenizer.chat_template = BUILTIN_TEMPLATES[template]
-    return True
+    else:
+        tokenizer.chat_template = BUILTIN_TEMPLATES[template]
+        source = template
+    return Rendering(conversations=True, plain=named, source=source, template=template)
+
+
+def describe_rendering(tokenizer, template: str | None, examples: list) -> dict[str, str]:
+    """What the log and summary.json say about how `examples` are rendered: `used` ("raw", "chat template
+    (tokenizer)", "template qwen"; one per kind of data when plain and conversational examples are mixed),
+    `why`, and `hint` where plain strings meet a chat template they do not use: how to apply it."""
+    rendering = setup_rendering(tokenizer, template)
+    kinds = {e.conversational for e in examples} or {False}
+    label = "raw" if rendering.source is None else (
+        "chat template (tokenizer)" if rendering.source == "tokenizer" else f"template {rendering.source}")
+    used, why = {}, []
+    if False in kinds:
+        used["plain strings"] = label if rendering.plain else "raw"
+        if rendering.plain:
+            why.append(f"template: {template} is set, so plain-string data goes through the chat template too"
+                       + (" (the tokenizer's own: a built-in only stands in for a missing one)"
+                          if rendering.source == "tokenizer" else ""))
+        elif rendering.template is not None:
+            why.append(f"template: {template}: raw text whatever the tokenizer holds")
+        else:
+            why.append("plain-string data and no template set: raw text (BOS as the tokenizer adds it, EOS after "
+                       "each completion), as TRL renders plain strings")
+    if True in kinds:
+        used["conversations"] = label if rendering.conversations else "raw"
+        if rendering.conversations:
+            why.append("conversational data (messages) always goes through the chat template")
+        elif rendering.template is not None:
+            why.append(f"template: {template}: conversations as raw text (a single user turn's text; several "
+                       "turns need a chat template)")
+        else:
+            why.append("conversational data, but the tokenizer has no chat template and template is unset: raw "
+                       "text (set template, e.g. chatml or llama3, to render the turns)")
+    out = {"used": next(iter(used.values())) if len(set(used.values())) == 1 else
+           ", ".join(f"{v} ({k})" for k, v in used.items()), "why": "; ".join(why)}
+    if False in kinds and not rendering.plain and rendering.source == "tokenizer":
+        family = next((name for mark, name in FAMILY_MARKS.items() if mark in tokenizer.chat_template), "<name>")
+        out["hint"] = (f"the tokenizer has a chat template, which plain-string data does not use; if the model was "
+                       f"trained with it, set template: {family} (or give prompts as messages)")
+    return out
+
+
+def rendering_text(described: dict[str, str]) -> str:
+    """`describe_rendering`'s answer as one line of the log."""
+    return f"{described['used']} ({described['why']})" + (f"; hint: {described['hint']}" if "hint" in described else "")
 
 
 def prompt_messages(pair: PreferencePair) -> list[dict[str, str]]:
@@ -135,17 +216,22 @@ def prompt_messages(pair: PreferencePair) -> list[dict[str, str]]:
     return ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
 
 
-def render_prompt(tokenizer, pair: PreferencePair, use_template: bool) -> str:
+def render_prompt(tokenizer, pair: PreferencePair, rendering: Rendering) -> str:
     """The prompt as text: rendered once per pair, shared by its chosen and rejected sequences; the one
     rendering of a prompt that training, sampling and evaluation all use."""
-    if use_template:
+    if rendering.uses_template(pair):
         return tokenizer.apply_chat_template(prompt_messages(pair), tokenize=False, add_generation_prompt=True,
                                              tools=pair.tools)
     if (pair.messages is not None and not pair.from_text) or pair.tools \
             or pair.chosen_messages is not None or pair.rejected_messages is not None:
+        if rendering.template is not None:
+            fix = f"template: {rendering.template} renders raw text; unset it or name a chat template (e.g. llama3)"
+        elif rendering.source is not None:  # the tokenizer has one, and this pair's data is plain strings
+            fix = "plain-string data is raw text unless template is set: set it (e.g. qwen, llama3)"
+        else:
+            fix = "the tokenizer has none; set template (e.g. chatml, llama3) or use a tokenizer with a chat template"
         raise ConfigError(f"{pair.where}: a multi-turn conversation needs a chat template (as do tool calls and "
-                          "completions of several messages), and the tokenizer has none; set template (e.g. chatml, "
-                          "llama3) or use a tokenizer with a chat template")
+                          f"completions of several messages); {fix}")
     return (pair.system + "\n\n" if pair.system else "") + pair.prompt
 
 
@@ -158,8 +244,10 @@ def _tool_texts(messages: list[dict], tools: list | None) -> list[str]:
 
 
 def _encode(tokenizer, pair: PreferencePair, prompt_text: str, completion: str,
-            completion_messages: list[dict] | None, use_template: bool) -> tuple[list[int], int, bool]:
-    """(ids, completion_start, merged_across_boundary) for one prompt + completion."""
+            completion_messages: list[dict] | None, rendering: Rendering) -> tuple[list[int], int, bool]:
+    """(ids, completion_start, merged_across_boundary) for one prompt + completion. An empty
+    completion is a valid answer: the end-of-turn token (template) or EOS (raw text) alone."""
+    use_template = rendering.uses_template(pair)
     if use_template:
         # implicit-prompt text keeps the space after 'Assistant:' in the completion; a turn has none
         content = completion.strip() if pair.from_text else completion
@@ -206,14 +294,21 @@ def stop_ids(tokenizer) -> list[int]:
     return ids + [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
 
 
-def encode_prompt(tokenizer, pair: PreferencePair, use_template: bool) -> list[int]:
+def encode_prompt(tokenizer, pair: PreferencePair, rendering: Rendering) -> list[int]:
     """The token ids that precede a completion of `pair` in training (`encode_pair`), for generation:
     the rendered prompt, with BOS as the tokenizer or the template writes it, once."""
-    ids = tokenizer.backend_tokenizer.encode(render_prompt(tokenizer, pair, use_template),
-                                             add_special_tokens=not use_template).ids
+    ids = tokenizer.backend_tokenizer.encode(render_prompt(tokenizer, pair, rendering),
+                                             add_special_tokens=not rendering.uses_template(pair)).ids
     if len(ids) > 1 and tokenizer.bos_token_id is not None and ids[0] == ids[1] == tokenizer.bos_token_id:
         ids = ids[1:]  # a template that writes BOS, on a tokenizer that also adds it
     return ids
+
+
+def encode_prompts(tokenizer, pairs: list[PreferencePair], template: str | None) -> list[list[int]]:
+    """The prompts of `pairs` as generation gets them (sample, eval, generate_during_eval), rendered as
+    training renders them with the same `template`."""
+    rendering = setup_rendering(tokenizer, template)
+    return [encode_prompt(tokenizer, p, rendering) for p in pairs]
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
@@ -268,13 +363,13 @@ def truncate_pair(t: TokenizedPair, cutoff_len: int, truncation_mode: str = "kee
     return TokenizedPair(chosen_ids, chosen_start, rejected_ids, rejected_start, truncated=True)
 
 
-def encode_pair(tokenizer, pair: PreferencePair, use_template: bool, report: TokenizeReport) -> TokenizedPair:
+def encode_pair(tokenizer, pair: PreferencePair, rendering: Rendering, report: TokenizeReport) -> TokenizedPair:
     """The untruncated token ids of a pair, with its completion boundaries."""
-    prompt_text = render_prompt(tokenizer, pair, use_template)
+    prompt_text = render_prompt(tokenizer, pair, rendering)
     chosen_ids, chosen_start, m1 = _encode(tokenizer, pair, prompt_text, pair.chosen, pair.chosen_messages,
-                                           use_template)
+                                           rendering)
     rejected_ids, rejected_start, m2 = _encode(tokenizer, pair, prompt_text, pair.rejected, pair.rejected_messages,
-                                               use_template)
+                                               rendering)
     if m1 or m2:
         report.boundary_merges += 1
     if min(chosen_start, rejected_start) == 0:
@@ -289,11 +384,11 @@ def encode_pair(tokenizer, pair: PreferencePair, use_template: bool, report: Tok
     return TokenizedPair(chosen_ids, chosen_start, rejected_ids, rejected_start)
 
 
-def tokenize_pair(tokenizer, pair: PreferencePair, cutoff_len: int, use_template: bool,
+def tokenize_pair(tokenizer, pair: PreferencePair, cutoff_len: int, rendering: Rendering,
                   report: TokenizeReport, truncation_mode: str = "keep_start",
                   max_prompt_length: int | None = None) -> TokenizedPair | None:
     """One pair, encoded and truncated; None (counted in `report.dropped`) when it cannot fit."""
-    t = truncate_pair(encode_pair(tokenizer, pair, use_template, report), cutoff_len, truncation_mode,
+    t = truncate_pair(encode_pair(tokenizer, pair, rendering, report), cutoff_len, truncation_mode,
                       max_prompt_length, tokenizer.bos_token_id)
     if t is None:
         report.dropped += 1
@@ -329,9 +424,8 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cutoff_len: int, temp
         raise ConfigError("preftune needs a fast tokenizer (offset mapping finds the prompt boundary); "
                           "the model's tokenizer.json is missing")
     report = report if report is not None else TokenizeReport()
-    use_template = setup_chat_template(tokenizer, template)
-    settings = {"cutoff_len": cutoff_len, "use_template": use_template, "truncation_mode": truncation_mode,
-                "max_prompt_length": max_prompt_length}
+    settings = {"cutoff_len": cutoff_len, "rendering": setup_rendering(tokenizer, template),
+                "truncation_mode": truncation_mode, "max_prompt_length": max_prompt_length}
     workers = min(num_workers or 1, len(pairs) // MIN_PAIRS_PER_WORKER)
     if workers > 1:
         import multiprocessing
@@ -365,7 +459,8 @@ def as_pair(example) -> PreferencePair:
     if isinstance(example, PreferencePair):
         return example
     return PreferencePair(prompt=example.prompt, chosen=example.completion, rejected=example.completion,
-                          system=example.system, where=example.where, messages=example.messages)
+                          system=example.system, where=example.where, messages=example.messages,
+                          conversational=example.conversational)
 
 
 def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str | None,
@@ -379,7 +474,7 @@ def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str 
                           "the model's tokenizer.json is missing")
     report = report if report is not None else TokenizeReport()
     as_pairs = [as_pair(e) for e in examples]
-    settings = {"cutoff_len": cutoff_len, "use_template": setup_chat_template(tokenizer, template),
+    settings = {"cutoff_len": cutoff_len, "rendering": setup_rendering(tokenizer, template),
                 "truncation_mode": truncation_mode, "max_prompt_length": max_prompt_length}
     tokenized, part = _tokenize_chunk(tokenizer, as_pairs, settings)  # None where one was dropped, so zip aligns
     report.truncated += part.truncated

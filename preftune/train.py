@@ -35,7 +35,7 @@ from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
 from preftune.step import OBJECTIVES, PolicyLogps
-from preftune.tokenization import TokenizeReport
+from preftune.tokenization import TokenizeReport, describe_rendering, rendering_text
 from preftune.tracking import tracker_names
 
 log = logging.getLogger("preftune")
@@ -72,7 +72,9 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     unit = objective.unit
     log.info("data: %d train %s, %d validation %s, %d truncated to cutoff_len=%d, %d dropped (no completion "
              "token fits), %d skipped", len(train_items), unit, len(val_items), unit, tok_report.truncated,
-             cfg.cutoff_len, tok_report.dropped, data_report.skipped_empty + data_report.skipped_identical)
+             cfg.cutoff_len, tok_report.dropped, data_report.skipped_identical)
+    rendering = describe_rendering(tokenizer, cfg.template, train_examples)  # said once, and in summary.json
+    log.info("rendering: %s", rendering_text(rendering))
     if not train_items:
         raise DataError(f"every training {unit[:-1]} was dropped: none fits cutoff_len={cfg.cutoff_len}; raise it")
 
@@ -126,7 +128,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             epoch, start = epoch + 1, 0
 
     metrics.data = {**vars(data_report), "truncated": tok_report.truncated, "dropped": tok_report.dropped,
-                    "boundary_merges": tok_report.boundary_merges}
+                    "boundary_merges": tok_report.boundary_merges, "rendering": rendering}
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluation(0)})
     best, stopped_early = checkpoints.BestModel(cfg), False

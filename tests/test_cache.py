@@ -58,6 +58,7 @@ def test_every_key_component_changes_the_key(tmp_path, tiny_tokenizer, pairs, mo
     base = cfg_for(tmp_path)
     tok = copy.deepcopy(tiny_tokenizer)
     keys = {"base": cache_key(tok, pairs, base)}
+    version = cache_mod.CACHE_VERSION
     keys["data"] = cache_key(tok, pairs[:-1] + [PreferencePair(LONG.prompt, LONG.chosen + ".", LONG.rejected)], base)
     keys["order"] = cache_key(tok, pairs[::-1], base)
     for name, value in (("cutoff_len", 127), ("template", "chatml"), ("truncation_mode", "keep_end"),
@@ -74,7 +75,7 @@ def test_every_key_component_changes_the_key(tmp_path, tiny_tokenizer, pairs, mo
     assert len(set(keys.values())) == len(keys), keys
     # where the data came from is not part of the key: a moved file still hits
     moved = [PreferencePair(**{**vars(p), "where": "elsewhere"}) for p in pairs]
-    monkeypatch.setattr(cache_mod, "CACHE_VERSION", "1")
+    monkeypatch.setattr(cache_mod, "CACHE_VERSION", version)
     assert cache_key(tok, moved, base) == keys["base"]
 
 
@@ -83,9 +84,9 @@ def test_a_changed_setting_misses_the_cache(tmp_path, tiny_tokenizer, pairs, cou
     out = tokenize_cached(copy.deepcopy(tiny_tokenizer), pairs, cfg_for(tmp_path, truncation_mode="keep_end"),
                           TokenizeReport())
     assert len(counted) == 2
-    # keep_end's result, not keep_start's: the prompt still ends with the generation prompt
+    # keep_end's result, not keep_start's: the prompt (raw text: plain strings) still ends with its question
     prompt = tiny_tokenizer.decode(out[-1].chosen_ids[:out[-1].chosen_start])
-    assert prompt.endswith("end?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.endswith("word end?") and not prompt.startswith(LONG.prompt[:20])
 
 
 @pytest.mark.parametrize("damage", ["cut", "flip", "garbage"])

@@ -56,15 +56,17 @@ def test_non_utf8(tmp_path):
         read_dataset(str(path), "data")
 
 
-def test_empty_and_identical_pairs_fail_unless_dropped_and_are_counted(tmp_path):
-    records = [GOOD, {**GOOD, "chosen": "  "}, {**GOOD, "rejected": GOOD["chosen"]}, GOOD]
+def test_identical_pairs_fail_unless_dropped_and_are_counted_and_an_empty_completion_is_an_answer(tmp_path):
+    records = [GOOD, {**GOOD, "chosen": ""}, {**GOOD, "rejected": GOOD["chosen"]}, {**GOOD, "chosen": "", "rejected": ""},
+               {**GOOD, "rejected": "  "}, GOOD]
     pairs = read_dataset(str(write_jsonl(tmp_path / "d.jsonl", records)), "data")
-    with pytest.raises(DataError, match=r"1 with an empty chosen/rejected \(first: .*d.jsonl:2\); "
-                                        r"1 with chosen == rejected \(first: .*d.jsonl:3\).*drop_invalid_pairs"):
+    with pytest.raises(DataError, match=r"^2 with chosen == rejected \(first: .*d.jsonl:3, .*d.jsonl:4\)\. "
+                                        r"Fix the data, or set drop_invalid_pairs: true"):
         check_pairs(pairs, drop_invalid=False, report=DataReport())
     report = DataReport()
     kept = check_pairs(pairs, drop_invalid=True, report=report)
-    assert len(kept) == 2 and report.skipped_empty == 1 and report.skipped_identical == 1
+    # an empty (or blank) completion is a valid answer, kept; both empty is chosen == rejected
+    assert [p.where.rsplit(":", 1)[1] for p in kept] == ["1", "2", "5", "6"] and report.skipped_identical == 2
 
 
 def test_llama_factory_dataset_info_alpaca_ranking(tmp_path):

@@ -40,7 +40,10 @@ def test_statistics_in_characters_without_a_model(tmp_path):
 
 def test_token_lengths_cutoff_and_rendered_examples_with_a_model(tmp_path, tiny_model_dir):
     stats = inspect_data(write(tmp_path), model=str(tiny_model_dir), cutoff_len=60)
-    assert stats["unit"] == "tokens" and stats["chat_template"] is True
+    assert stats["unit"] == "tokens"
+    # plain strings raw, the conversation through the tokenizer's template: said as a run says it
+    assert stats["rendering"]["used"] == "raw (plain strings), chat template (tokenizer) (conversations)"
+    assert "set template: qwen" in stats["rendering"]["hint"]
     assert stats["truncated"] == 2 and stats["truncated_completion"] == 1 and stats["dropped"] == 0
     ex = stats["examples"][1]["chosen"]
     assert ex.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n")
@@ -82,6 +85,8 @@ def test_inspect_cutoff_uses_the_runs_truncation_rule_and_counts_drops(tmp_path,
                  "keep_end", "--max_prompt_length", "4"]) == 0
     out = capsys.readouterr().out
     assert "cutoff_len 12 (keep_end):" in out and "dropped (no completion token fits)" in out
+    assert "rendering: raw (plain strings), chat template (tokenizer) (conversations) (" in out  # as the run logs it
+    assert "hint: the tokenizer has a chat template" in out
 
 
 def test_unpaired_examples_are_measured_and_cut_as_a_run_cuts_them(tmp_path, tiny_model_dir):

@@ -202,7 +202,7 @@ def test_precomputed_ld_alpha_matches_the_live_reference(tmp_path, tiny_model_di
         for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/margins"):
             if key in row_live:
                 assert row_pre[key] == pytest.approx(row_live[key], rel=1e-4, abs=1e-5), (row_live["step"], key)
-    pairs = tokenize_pairs(models.load_tokenizer(str(tiny_model_dir)), [PreferencePair("a", "b", "c")], 32, None)
+    pairs = tokenize_pairs(models.load_tokenizer(str(tiny_model_dir)), [PreferencePair("a", "b", "c")], 32, "chatml")
     cfg = config(tmp_path, tiny_model_dir)
     assert reference_mod.cache_key(cfg, pairs, "cpu") != reference_mod.cache_key(
         config(tmp_path, tiny_model_dir, ld_alpha=0.3), pairs, "cpu")

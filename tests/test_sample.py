@@ -10,7 +10,7 @@ from preftune.commands import sample as sample_cmd
 from preftune.config import from_dict
 from preftune.data import PreferencePair, read_dataset, read_prompts
 from preftune.generate import cut_at_stop
-from preftune.tokenization import TokenizeReport, encode_pair, encode_prompt, setup_chat_template, stop_ids
+from preftune.tokenization import TokenizeReport, encode_pair, encode_prompts, setup_rendering, stop_ids
 
 REWARD = '''
 def length(prompts, completions):
@@ -51,10 +51,11 @@ def test_prompts_are_rendered_as_training_renders_them(tiny_model_dir):
     from preftune.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    use_template = setup_chat_template(tokenizer, None)
     pair = PreferencePair(prompt="How should I learn chess?", chosen="Practice.", rejected="No.", system="Be kind.")
-    encoded = encode_pair(tokenizer, pair, use_template, TokenizeReport())
-    assert encode_prompt(tokenizer, pair, use_template) == encoded.chosen_ids[:encoded.chosen_start]
+    for template in (None, "chatml", "none"):  # raw text, the chat template, raw text
+        rendering = setup_rendering(tokenizer, template)
+        encoded = encode_pair(tokenizer, pair, rendering, TokenizeReport())
+        assert encode_prompts(tokenizer, [pair], template)[0] == encoded.chosen_ids[:encoded.chosen_start]
     assert stop_ids(tokenizer)[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert cut_at_stop([5, 6, 9, 7, 9], [9]) == [5, 6, 9] and cut_at_stop([5, 6], [9]) == [5, 6]
 

@@ -17,7 +17,7 @@ from preftune.cli import main
 from preftune.config import from_dict
 from preftune.generate import backend
 from preftune.models import load_tokenizer
-from preftune.tokenization import encode_prompt, setup_chat_template, stop_ids
+from preftune.tokenization import encode_prompts, stop_ids
 from test_sample import args, lines, project  # noqa: F401  (the prompts and reward fixture)
 
 
@@ -71,9 +71,8 @@ def test_vllm_gets_the_training_rendering_full_settings_and_a_seed_per_prompt(pr
     (prompts, params), = fake_vllm.calls  # 6 prompts: one call
     cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "dataset": str(project / "prompts.jsonl")})
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    use_template = setup_chat_template(tokenizer, cfg.template)
     from preftune.data import read_prompts
-    expected = [encode_prompt(tokenizer, p, use_template) for p in read_prompts(cfg.dataset, cfg.dataset_dir, None, None)]
+    expected = encode_prompts(tokenizer, read_prompts(cfg.dataset, cfg.dataset_dir, None, None), cfg.template)
     assert [p["prompt_token_ids"] for p in prompts] == expected
     assert kwargs["max_model_len"] == max(map(len, expected)) + 12
     assert [p.seed for p in params] == [7 * 1_000_003 + i for i in range(6)]

@@ -8,7 +8,10 @@ from transformers import PreTrainedTokenizerFast
 
 from preftune.data import PreferencePair
 from preftune.errors import ConfigError
-from preftune.tokenization import TokenizeReport, infer_seqlen, tokenize_pair, tokenize_pairs
+from preftune.tokenization import (RAW_TEXT, Rendering, TokenizeReport, infer_seqlen, tokenize_pair,
+                                   tokenize_pairs)
+
+CHAT = Rendering(conversations=True, plain=True, source="tokenizer")  # a chat template for every pair
 
 PAIR = PreferencePair(prompt="How should I learn chess?", chosen=" Start with the basics of chess.",
                       rejected=" Whatever.", where="t.jsonl:1")
@@ -42,14 +45,14 @@ def test_a_prompt_with_no_token_of_its_own_is_an_error_that_says_why(plain):
     merged = PreferencePair(prompt="Wh", chosen="at now?", rejected="at?", where="m.jsonl:1")
     with pytest.raises(DataError, match=r"^m.jsonl:1: the prompt 'Wh' tokenizes into one token with the start of a "
                                         r"completion.*end the prompt with a space or newline"):
-        tokenize_pair(plain, merged, 512, use_template=False, report=TokenizeReport())
+        tokenize_pair(plain, merged, 512, rendering=RAW_TEXT, report=TokenizeReport())
     empty = PreferencePair(prompt="", chosen="Yes.", rejected="No.", where="e.jsonl:1")
     with pytest.raises(DataError, match=r"^e.jsonl:1: the prompt is empty and the tokenizer adds no BOS"):
-        tokenize_pair(plain, empty, 512, use_template=False, report=TokenizeReport())
+        tokenize_pair(plain, empty, 512, rendering=RAW_TEXT, report=TokenizeReport())
 
 
 def test_plain_text_boundary_and_single_eos(plain):
-    t = tokenize_pair(plain, PAIR, 512, use_template=False, report=TokenizeReport())
+    t = tokenize_pair(plain, PAIR, 512, rendering=RAW_TEXT, report=TokenizeReport())
     eos = plain.eos_token_id
     assert plain.decode(t.chosen_ids[:t.chosen_start]) == PAIR.prompt
     assert plain.decode(t.chosen_ids[t.chosen_start:-1]) == PAIR.chosen
@@ -60,20 +63,20 @@ def test_plain_text_boundary_and_single_eos(plain):
 
 
 def test_exactly_one_bos(with_bos):
-    t = tokenize_pair(with_bos, PAIR, 512, use_template=False, report=TokenizeReport())
+    t = tokenize_pair(with_bos, PAIR, 512, rendering=RAW_TEXT, report=TokenizeReport())
     assert t.chosen_ids[0] == with_bos.bos_token_id and t.chosen_ids.count(with_bos.bos_token_id) == 1
     assert with_bos.decode(t.chosen_ids[1:t.chosen_start]) == PAIR.prompt
     # a template that writes BOS itself must not produce a second one
     with_bos.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
                               "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
-    t = tokenize_pair(with_bos, PAIR, 512, use_template=True, report=TokenizeReport())
+    t = tokenize_pair(with_bos, PAIR, 512, rendering=CHAT, report=TokenizeReport())
     assert t.chosen_ids.count(with_bos.bos_token_id) == 1 and t.chosen_ids[0] == with_bos.bos_token_id
 
 
 def test_chat_template_prompt_is_user_turn_and_completion_ends_with_end_of_turn(tiny_tokenizer):
     pair = PreferencePair(prompt=PAIR.prompt, chosen="Start with the basics.", rejected="Whatever.",
                           system="You are kind.")
-    t = tokenize_pair(tiny_tokenizer, pair, 512, use_template=True, report=TokenizeReport())
+    t = tokenize_pair(tiny_tokenizer, pair, 512, rendering=CHAT, report=TokenizeReport())
     prompt = tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start])
     assert prompt == ("<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\n"
                       "How should I learn chess?<|im_end|>\n<|im_start|>assistant\n")
@@ -108,7 +111,7 @@ LONG_PROMPT = PreferencePair(prompt="first words " + "word " * 200 + "final ques
 
 def test_truncation_keep_start_keeps_the_prompt_start_and_the_whole_short_completion(with_bos):
     report = TokenizeReport()
-    t = tokenize_pair(with_bos, LONG_PROMPT, 32, use_template=False, report=report)
+    t = tokenize_pair(with_bos, LONG_PROMPT, 32, rendering=RAW_TEXT, report=report)
     bos, eos = with_bos.bos_token_id, with_bos.eos_token_id
     assert len(t.chosen_ids) <= 32 and len(t.rejected_ids) <= 32 and t.truncated and report.truncated == 1
     assert with_bos.decode(t.chosen_ids[t.chosen_start:-1]) == " Short answer."  # completion whole
@@ -121,7 +124,7 @@ def test_truncation_keep_start_keeps_the_prompt_start_and_the_whole_short_comple
 
 
 def test_truncation_keep_end_keeps_bos_and_the_prompt_end(with_bos):
-    t = tokenize_pair(with_bos, LONG_PROMPT, 32, use_template=False, report=TokenizeReport(),
+    t = tokenize_pair(with_bos, LONG_PROMPT, 32, rendering=RAW_TEXT, report=TokenizeReport(),
                       truncation_mode="keep_end")
     bos, eos = with_bos.bos_token_id, with_bos.eos_token_id
     assert len(t.chosen_ids) == 32 and t.chosen_ids[0] == bos and t.chosen_ids.count(bos) == 1
@@ -131,7 +134,7 @@ def test_truncation_keep_end_keeps_bos_and_the_prompt_end(with_bos):
 
 def test_truncation_keep_end_through_a_chat_template_keeps_the_generation_prompt(tiny_tokenizer):
     pair = PreferencePair(prompt="word " * 200 + "final question?", chosen="Short.", rejected="No.", system="Be kind.")
-    t = tokenize_pair(tiny_tokenizer, pair, 40, use_template=True, report=TokenizeReport(),
+    t = tokenize_pair(tiny_tokenizer, pair, 40, rendering=CHAT, report=TokenizeReport(),
                       truncation_mode="keep_end")
     assert len(t.chosen_ids) <= 40
     assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]).endswith(
@@ -142,7 +145,7 @@ def test_truncation_keep_end_through_a_chat_template_keeps_the_generation_prompt
 def test_long_completion_keeps_its_start_and_the_prompt_stays_whole(plain):
     long_answer = PreferencePair(prompt="Q?", chosen=" yes" * 100, rejected=" no", where="x")
     report = TokenizeReport()
-    t = tokenize_pair(plain, long_answer, 16, use_template=False, report=report)
+    t = tokenize_pair(plain, long_answer, 16, rendering=RAW_TEXT, report=report)
     assert len(t.chosen_ids) == 16 and plain.decode(t.chosen_ids[:t.chosen_start]) == "Q?"  # prompt whole
     assert plain.decode(t.chosen_ids[t.chosen_start:]).startswith(" yes yes")
     assert plain.eos_token_id not in t.chosen_ids  # a cut completion does not end: no EOS is invented
@@ -152,7 +155,7 @@ def test_long_completion_keeps_its_start_and_the_prompt_stays_whole(plain):
 
 def test_max_prompt_length_cuts_the_prompt_first(plain):
     for mode, check in (("keep_start", str.startswith), ("keep_end", str.endswith)):
-        t = tokenize_pair(plain, LONG_PROMPT, 10_000, use_template=False, report=TokenizeReport(),
+        t = tokenize_pair(plain, LONG_PROMPT, 10_000, rendering=RAW_TEXT, report=TokenizeReport(),
                           truncation_mode=mode, max_prompt_length=8)
         assert t.truncated and t.chosen_start == t.rejected_start == 8
         prompt = plain.decode(t.chosen_ids[:8])
@@ -168,7 +171,7 @@ def test_a_pair_that_cannot_fit_is_dropped_and_counted(plain):
     toks = tokenize_pairs(plain, pairs, 2, None, report)
     assert report.dropped == 1 and len(toks) == 1 and report.truncated == 1
     assert len(toks[0].chosen_ids) == 2 and toks[0].chosen_start == 1
-    assert tokenize_pair(plain, LONG_PROMPT, 2, use_template=False, report=TokenizeReport()) is None
+    assert tokenize_pair(plain, LONG_PROMPT, 2, rendering=RAW_TEXT, report=TokenizeReport()) is None
 
 
 def test_unknown_template_for_a_tokenizer_without_one(plain):
@@ -183,7 +186,7 @@ def test_multi_turn_conversation_renders_history_and_system_through_the_template
     history = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                {"role": "user", "content": "times 3?"}]
     pair = PreferencePair(prompt="times 3?", chosen="12", rejected="7", system="Be brief.", messages=history)
-    t = tokenize_pair(tiny_tokenizer, pair, 512, use_template=True, report=TokenizeReport())
+    t = tokenize_pair(tiny_tokenizer, pair, 512, rendering=CHAT, report=TokenizeReport())
     assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
         "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n")
@@ -200,9 +203,9 @@ def test_implicit_prompt_text_is_verbatim_without_a_template_and_turns_with_one(
                         rejected=" 7", where="hh.jsonl:1", from_text=True,
                         messages=[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                                   {"role": "user", "content": "times 3?"}])
-    t = tokenize_pair(plain, hh, 512, use_template=False, report=TokenizeReport())
+    t = tokenize_pair(plain, hh, 512, rendering=RAW_TEXT, report=TokenizeReport())
     assert plain.decode(t.chosen_ids[:-1]) == hh.prompt + hh.chosen  # the data's own text, then EOS
-    t = tokenize_pair(tiny_tokenizer, hh, 512, use_template=True, report=TokenizeReport())
+    t = tokenize_pair(tiny_tokenizer, hh, 512, rendering=CHAT, report=TokenizeReport())
     assert tiny_tokenizer.decode(t.chosen_ids[:t.chosen_start]).endswith(
         "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\ntimes 3?<|im_end|>\n<|im_start|>assistant\n")
     assert tiny_tokenizer.decode(t.chosen_ids[t.chosen_start:]) == "12<|im_end|>\n"

@@ -9,7 +9,9 @@ import pytest
 
 from preftune.data import read_dataset
 from preftune.errors import ConfigError, DataError
-from preftune.tokenization import TokenizeReport, tokenize_pair
+from preftune.tokenization import Rendering, TokenizeReport, tokenize_pair
+
+CHAT = Rendering(conversations=True, plain=True, source="tokenizer")
 
 TOOLS_BLOCK = ('# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with '
                'function signatures within <tools></tools> XML tags:\n<tools>\n')
@@ -31,7 +33,7 @@ TRL_RECORD = {
 
 
 def encode(tokenizer, pair):
-    t = tokenize_pair(tokenizer, pair, 4096, use_template=True, report=TokenizeReport())
+    t = tokenize_pair(tokenizer, pair, 4096, rendering=CHAT, report=TokenizeReport())
     decode = tokenizer.decode
     return (decode(t.chosen_ids[:t.chosen_start]), decode(t.chosen_ids[t.chosen_start:]),
             decode(t.rejected_ids[:t.rejected_start]), decode(t.rejected_ids[t.rejected_start:]))
@@ -129,4 +131,4 @@ def test_a_template_that_drops_tool_turns_is_refused_not_trusted(tmp_path, tiny_
                                   "{{ '<|im_start|>assistant\n' }}{% endif %}")
     with pytest.raises(ConfigError, match=r"tools.jsonl:1: the chat template does not write the tool calls, results "
                                           r"or definitions of this pair \(e.g. 'get_weather'\)"):
-        tokenize_pair(plain_chatml, pair, 4096, use_template=True, report=TokenizeReport())
+        tokenize_pair(plain_chatml, pair, 4096, rendering=CHAT, report=TokenizeReport())

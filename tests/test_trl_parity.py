@@ -15,10 +15,13 @@ What is checked (float32, CPU, B=4 demo pairs, a reference with other weights th
      the loss, `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`,
      `logps/chosen` and `logps/rejected` are compared within atol 1e-5 with no float noise from
      part 1 in them.
-* test_tokenization_matches_trl[plain|chat]: preftune's `tokenize_pairs` gives the same prompt,
-  chosen and rejected token ids as TRL's dataset preparation for all 64 demo pairs, and
-  preftune's `collate` gives TRL's collated batch, for plain-text pairs and for conversational
-  pairs rendered with the tokenizer's ChatML template.
+* test_tokenization_matches_trl[plain|plain_tokenizer_template|chat]: preftune's `tokenize_pairs` gives
+  the same prompt, chosen and rejected token ids as TRL's dataset preparation for all 64 demo pairs,
+  and preftune's `collate` gives TRL's collated batch, for plain-text pairs (with a tokenizer without
+  a chat template, and with one: TRL, like preftune, renders plain strings as raw text either way)
+  and for conversational pairs rendered with the tokenizer's ChatML template.
+* test_empty_completions_match_trl: an empty completion is EOS alone (plain) or the end of turn alone
+  (conversational) in both.
 
 Why two parts: summed completion log-probs are about -200 to -300 here, where one float32 ulp is
 1.5e-5 to 3e-5. preftune and TRL compute the same per-token log-probs with different kernels and
@@ -34,6 +37,7 @@ no margin is small enough for float noise to make or break one.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -45,7 +49,7 @@ import preftune.reference  # noqa: E402
 import preftune.step  # noqa: E402
 from preftune.batching import collate  # noqa: E402
 from preftune.config import from_dict  # noqa: E402
-from preftune.data import PreferencePair  # noqa: E402
+from preftune.data import PreferencePair, read_dataset  # noqa: E402
 from preftune.demo import build_model  # noqa: E402
 from preftune.logps import BatchLogps, get_batch_logps  # noqa: E402
 from preftune.reference import Reference  # noqa: E402
@@ -255,14 +259,16 @@ def test_ld_alpha_and_wpo_steps_match_trl(options, models, tiny_tokenizer, demo_
     assert (losses - plain).abs().max() > 1e-3, "the option changed nothing: the test would not see it dropped"
 
 
-@pytest.mark.parametrize("mode", ["plain", "chat"])
+@pytest.mark.parametrize("mode", ["plain", "plain_tokenizer_template", "chat"])
 def test_tokenization_matches_trl(mode, models, tiny_tokenizer, demo_pairs, tmp_path):
     """preftune's own tokenization and collation give TRL's token ids.
 
     plain: tokenizer without a chat template; TRL appends the EOS string to the completion text
     and tokenizes prompt and prompt+completion, preftune tokenizes prompt+completion once and
-    appends the EOS id. chat: conversational pairs, both render the ChatML template (the
-    completion then ends with '<|im_end|>' and the template's trailing '\\n').
+    appends the EOS id. plain_tokenizer_template: the same plain strings with the tokenizer's ChatML
+    template in place, which neither applies to plain strings (raw text, no `template` set). chat:
+    conversational pairs, both render the ChatML template (the completion then ends with
+    '<|im_end|>' and the template's trailing '\\n').
     For all 64 demo pairs the two agree on every id and every prompt/completion boundary in both
     modes: the prompts end in '?' and the completions start with a letter (plain), or the
     boundary is the template's '<|im_start|>assistant\\n' (chat), so no token spans it. Where
@@ -275,8 +281,11 @@ def test_tokenization_matches_trl(mode, models, tiny_tokenizer, demo_pairs, tmp_
     trainer = _trl_trainer(tmp_path, policy, reference, tokenizer, demo_pairs, conversational=(mode == "chat"))
     trl_rows = [trainer.train_dataset[i] for i in range(len(demo_pairs))]
 
-    ours = tokenize_pairs(tokenizer, [PreferencePair(**p) for p in demo_pairs], cutoff_len=100_000, template=None)
+    ours = tokenize_pairs(tokenizer, [PreferencePair(**p, conversational=mode == "chat") for p in demo_pairs],
+                          cutoff_len=100_000, template=None)
     assert len(ours) == len(trl_rows) == len(demo_pairs)
+    if mode == "plain_tokenizer_template":  # the template is there, and neither used it
+        assert tokenizer.chat_template and "<|im_start|>" not in tokenizer.decode(ours[0].chosen_ids)
     for i, (t, row) in enumerate(zip(ours, trl_rows)):
         assert not t.truncated
         assert t.chosen_start == t.rejected_start == len(row["prompt_ids"]), f"pair {i}: boundary"
@@ -285,7 +294,7 @@ def test_tokenization_matches_trl(mode, models, tiny_tokenizer, demo_pairs, tmp_
         assert t.chosen_ids[t.chosen_start:] == row["chosen_ids"], f"pair {i}: chosen"
         assert t.rejected_ids[t.rejected_start:] == row["rejected_ids"], f"pair {i}: rejected"
         assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == (
-            tokenizer.eos_token_id if mode == "plain" else tokenizer.encode("\n", add_special_tokens=False)[-1])
+            tokenizer.eos_token_id if mode != "chat" else tokenizer.encode("\n", add_special_tokens=False)[-1])
         assert tokenizer.eos_token_id in row["chosen_ids"]
         if mode == "chat":
             assert row["prompt_ids"][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -295,6 +304,29 @@ def test_tokenization_matches_trl(mode, models, tiny_tokenizer, demo_pairs, tmp_
     trl_batch = trainer.data_collator(trl_rows[:B])
     for key in BATCH_KEYS:
         assert torch.equal(ours_batch[key], trl_batch[key]), key
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_empty_completions_match_trl(conversational, models, tiny_tokenizer, demo_pairs, tmp_path):
+    """A pair with an empty chosen and one with an empty rejected: TRL keeps and trains on both, with the
+    completion EOS alone (plain strings) or the template's end of turn alone; preftune gives the same ids."""
+    pairs = [{**demo_pairs[0], "chosen": ""}, {**demo_pairs[1], "rejected": ""}]
+    policy, reference = models
+    trainer = _trl_trainer(tmp_path, policy, reference, tiny_tokenizer, pairs, conversational=conversational)
+    records = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}]} if conversational else p for p in pairs]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ours = tokenize_pairs(copy.deepcopy(tiny_tokenizer), read_dataset(str(path), "data"), cutoff_len=100_000,
+                          template=None)
+    end = [tiny_tokenizer.eos_token_id] + ([tiny_tokenizer.encode("\n", add_special_tokens=False)[-1]]
+                                            if conversational else [])
+    for t, row, side in zip(ours, trainer.train_dataset, ("chosen", "rejected")):
+        assert row[f"{side}_ids"] == end  # TRL: the empty completion is the end token(s) alone
+        assert t.chosen_ids == row["prompt_ids"] + row["chosen_ids"]
+        assert t.rejected_ids == row["prompt_ids"] + row["rejected_ids"]
+        assert t.chosen_start == t.rejected_start == len(row["prompt_ids"])
 
 
 def test_tokenization_boundary_cases(models, tiny_tokenizer, tmp_path):

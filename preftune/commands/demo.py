@@ -72,15 +72,17 @@ SHOW = 4  # prompts printed before and after
 # and large batches, for a model trained from scratch in a minute. DPO: the sigmoid loss plus the
 # NLL of the chosen completion (pref_ftx, as LLaMA-Factory and RPO): the reward reads words, not
 # grammar, and without that term the same reward costs 3.5x the KL and half the completions stop
-# being sentences (docs/pipeline.md, "preftune demo").
-SFT = {"stage": "sft", "learning_rate": 4e-3, "per_device_train_batch_size": 64, "warmup_ratio": 0.05,
+# being sentences (docs/pipeline.md, "preftune demo"). The data are plain strings, which are raw text unless
+# `template` is set: every step renders them through the tokenizer's ChatML template, the format its figures
+# were measured in (and the SFT model's cache key holds it).
+TEMPLATE = {"template": "chatml"}
+SFT = {**TEMPLATE, "stage": "sft", "learning_rate": 4e-3, "per_device_train_batch_size": 64, "warmup_ratio": 0.05,
        "lr_scheduler_type": "cosine", "logging_steps": 20, "eval_strategy": "epoch", "cutoff_len": 128,
        "torch_dtype": "float32"}
-SAMPLING = {"num_samples": 4, "max_new_tokens": 64, "per_device_eval_batch_size": 16, "reward": REWARD}
-DPO = {"pref_loss": "sigmoid", "pref_ftx": 1.0, "learning_rate": 5e-4, "per_device_train_batch_size": 16, "num_train_epochs": 3,
+SAMPLING = {**TEMPLATE, "num_samples": 4, "max_new_tokens": 64, "per_device_eval_batch_size": 16, "reward": REWARD}
+DPO = {**TEMPLATE, "pref_loss": "sigmoid", "pref_ftx": 1.0, "learning_rate": 5e-4, "per_device_train_batch_size": 16, "num_train_epochs": 3,
        "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "val_size": 0.1, "logging_steps": 5, "eval_steps": 10,
-       "cutoff_len": 128, "torch_dtype": "float32",
-       "drop_invalid_pairs": True}  # an SFT model may end a completion at once: an empty text, skipped and counted
+       "cutoff_len": 128, "torch_dtype": "float32"}  # a completion the SFT model ends at once (empty) is an answer too
 
 
 def settings_from(found: dict) -> dict:

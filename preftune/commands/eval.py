@@ -120,12 +120,12 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
     from preftune.data import read_prompts
     from preftune.evaluate import completion_logps
     from preftune.rewards import load_reward
-    from preftune.tokenization import TokenizedPair, encode_prompt, setup_chat_template
+    from preftune.tokenization import TokenizedPair, describe_rendering, encode_prompts, rendering_text
 
     reward = load_reward(cfg.reward)
     prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns)
-    use_template = setup_chat_template(tokenizer, cfg.template)
-    encoded = [encode_prompt(tokenizer, p, use_template) for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts, cfg.template)
+    log.info("rendering: %s", rendering_text(describe_rendering(tokenizer, cfg.template, prompts)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     records = [{"prompt": p.prompt, "reference": [], "models": {}} for p in prompts]
 
@@ -204,12 +204,15 @@ def run(cfg) -> dict:
 
 
 def _evaluate(cfg, names: list[str], out: Path) -> dict:
+    from preftune.commands.export import with_run_template
     from preftune.models import check_vocabulary, load_tokenizer
 
     tokenizer = load_tokenizer(names[0], cfg.trust_remote_code)
     rows, references, models = [], {}, {}
     for name in names:
         model, run_cfg = _load(name, cfg)
+        if not rows:  # the first model's run decides how its data and prompts are rendered
+            cfg = with_run_template(cfg, run_cfg)
         check_vocabulary(model, tokenizer, f"model_name_or_path '{name}'", "every model must use the first one's tokenizer")
         ref = _reference(cfg, run_cfg, references)
         if ref is None:

@@ -103,6 +103,15 @@ def run_config(src: Path):
         return None
 
 
+def with_run_template(cfg, run_cfg):
+    """cfg, with the `template` of the run that wrote the model (run_cfg) where cfg sets none: a model is
+    sampled and evaluated in the format it was trained in (`--template none` still asks for raw text)."""
+    if cfg.template is not None or run_cfg is None or run_cfg.template is None:
+        return cfg
+    log.info("template: %s, as the run that wrote the model was trained", run_cfg.template)
+    return dataclasses.replace(cfg, template=run_cfg.template)
+
+
 # --- a LoRA adapter as MODEL: merged into its base first ------------------------------------
 
 def adapter_base(src: Path, run_cfg) -> tuple[str, list[str]]:
@@ -202,12 +211,12 @@ def heldout_pairs(src: Path, run_cfg, data: str | None, dataset_dir: str, max_sa
 
     if data:
         report = DataReport()
-        # pairs chosen == rejected or with an empty side say nothing about a preference: counted, not used
+        # pairs with chosen == rejected say nothing about a preference: counted, not used
         examples = check_pairs(read_dataset(data, dataset_dir, max_samples, allow_unpaired=True), drop_invalid=True,
                                report=report)
         pairs, unpaired = _only_pairs(examples, f"--data '{data}'")
-        skipped = report.skipped_empty + report.skipped_identical
-        notes = [f"{skipped} empty or identical pairs skipped"] if skipped else []
+        skipped = report.skipped_identical
+        notes = [f"{skipped} pairs with chosen == rejected skipped"] if skipped else []
         notes += [f"{unpaired} unpaired examples skipped"] if unpaired else []
         return pairs, data + (f" ({'; '.join(notes)})" if notes else "")
     if run_cfg is None:

@@ -20,8 +20,8 @@ from collections import Counter
 from preftune.config import TrainConfig, command_help, load_config, parse_command_line
 from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
 from preftune.errors import ConfigError, DataError
-from preftune.tokenization import (TokenizeReport, as_pair, encode_pair, prompt_messages, setup_chat_template,
-                                   truncate_pair)
+from preftune.tokenization import (TokenizeReport, as_pair, describe_rendering, encode_pair, prompt_messages,
+                                   rendering_text, setup_rendering, truncate_pair)
 
 BOUNDARY = "⟦completion⟧"  # marks where the scored completion starts in the rendered examples
 PERCENTILES = (50, 90, 95, 99)
@@ -54,7 +54,8 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
         from preftune.models import load_tokenizer
 
         tokenizer = load_tokenizer(model, cfg.trust_remote_code)
-        use_template = setup_chat_template(tokenizer, cfg.template)
+        rendering = setup_rendering(tokenizer, cfg.template)
+        stats["rendering"] = describe_rendering(tokenizer, cfg.template, examples)  # what a run logs
         report = TokenizeReport()
         unusable = []
 
@@ -64,9 +65,9 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
             kept, toks = [], []
             for item in items:
                 try:
-                    toks.append(encode_pair(tokenizer, as_pair(item), use_template, report))
+                    toks.append(encode_pair(tokenizer, as_pair(item), rendering, report))
                     kept.append(item)
-                except DataError as e:  # e.g. an empty completion: the run would stop on it
+                except DataError as e:  # e.g. no prompt token left: the run would stop on it
                     unusable.append(str(e))
             return kept, toks
 
@@ -99,7 +100,6 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
         unpaired_prompt = [t.chosen_start for t in unpaired_toks]
         unpaired_completion = [len(t.chosen_ids) - t.chosen_start for t in unpaired_toks]
         stats["boundary_merges"] = report.boundary_merges
-        stats["chat_template"] = use_template
         rendered = []
         for p, t in zip(pairs[:n_examples], toks):
             rendered.append({"where": p.where,
@@ -155,6 +155,8 @@ def format_report(stats: dict) -> str:
     for part, pct in stats["lengths"].items():
         if pct:
             lines.append("  " + f"{part:{width}s}" + "".join(f"{pct[c]:>9}" for c in cols))
+    if "rendering" in stats:
+        lines.append(f"rendering: {rendering_text(stats['rendering'])}")
     if "truncated" in stats:
         lines.append(f"cutoff_len {stats['cutoff_len']} ({stats['truncation_mode']}): {stats['truncated']} pairs "
                      f"truncated ({stats['truncated_completion']} of them lose the end of a completion), "

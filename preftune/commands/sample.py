@@ -44,8 +44,15 @@ min_margin; prompts per batch: per_device_eval_batch_size; engine: infer_backend
 
 
 def prompt_record(pair) -> dict:
-    """A prompt as the data files write it: text, or the conversation as messages; and its system turn."""
-    return {"prompt": pair.messages if pair.messages is not None else pair.prompt, "system": pair.system}
+    """A prompt as the data files write it, in the form it came in (so the pairs are rendered as the prompt was
+    sampled): text, or the conversation as messages; and its system turn."""
+    if pair.messages is not None and not pair.from_text:
+        prompt = pair.messages
+    elif pair.conversational:
+        prompt = [{"role": "user", "content": pair.prompt}]
+    else:
+        prompt = pair.prompt
+    return {"prompt": prompt, "system": pair.system}
 
 
 def read_samples(path: Path, prompts: list) -> dict[int, dict]:
@@ -114,11 +121,12 @@ def run(cfg) -> dict:
 
 
 def _sample(cfg, out: Path) -> dict:
+    from preftune.commands.export import run_config, with_run_template
     from preftune.data import read_prompts
     from preftune.generate import backend, sample, vllm_sample
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
-    from preftune.tokenization import encode_prompt, setup_chat_template
+    from preftune.tokenization import describe_rendering, encode_prompts, rendering_text
 
     engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
     reward = load_reward(cfg.reward) if cfg.reward else None
@@ -126,8 +134,11 @@ def _sample(cfg, out: Path) -> dict:
     samples_path = out / "samples.jsonl"
     done = read_samples(samples_path, prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    use_template = setup_chat_template(tokenizer, cfg.template)
-    encoded = [encode_prompt(tokenizer, p, use_template) for p in prompts]
+    if Path(cfg.model_name_or_path).expanduser().is_dir():
+        cfg = with_run_template(cfg, run_config(Path(cfg.model_name_or_path).expanduser()))
+    encoded = encode_prompts(tokenizer, prompts, cfg.template)
+    rendering = describe_rendering(tokenizer, cfg.template, prompts)
+    log.info("rendering: %s", rendering_text(rendering))
     if engine == "vllm":
         batches = vllm_sample(cfg.model_name_or_path, tokenizer, encoded, cfg, skip=set(done))
     else:
@@ -156,7 +167,7 @@ def _sample(cfg, out: Path) -> dict:
     records = [done[pos] for pos in sorted(done)]
     summary = {"prompts": len(prompts), "completions_per_prompt": cfg.num_samples, "backend": engine, "sampled_now": new,
                "seconds": round(seconds, 2), "completions_per_second": new * cfg.num_samples / max(seconds, 1e-9),
-               "outputs": {"samples": str(samples_path)}, "config": cfg.to_dict()}
+               "rendering": rendering, "outputs": {"samples": str(samples_path)}, "config": cfg.to_dict()}
     if reward:
         pairs, skipped = make_pairs(records, cfg)
         write_atomic(out / "pairs.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))

@@ -67,6 +67,38 @@ def torchrun(tmp_path, raw: dict, name: str, script: str | None = None, **popen)
     return result
 
 
+def kill_tree(proc) -> None:
+    """SIGKILL a launcher and every process under it, at once. torchrun starts each worker in a session
+    of its own, so killing the launcher's process group would leave the workers running."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, grew = {proc.pid}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree, grew = tree | more, bool(more)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(map(_running, tree)):
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def history(out: Path) -> list[dict]:
     return json.loads((out / "dpo_metrics" / "log_history.json").read_text())
 
@@ -133,8 +165,7 @@ def test_sigkilled_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_mo
     deadline = time.time() + 180
     while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers at once
-    proc.wait()
+    kill_tree(proc)  # the launcher and both workers at once
     assert (out / "checkpoint-2").is_dir() and not (out / "model.safetensors").exists()  # killed before the end
     logged = [r["step"] for r in history(out)]  # live metric files: every row logged so far, once
     assert len(logged) >= 3 and logged == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7][:len(logged)]

@@ -55,9 +55,9 @@ def train_capturing(raw):
     captured = {}
     real_save_final = checkpoints.save_final
 
-    def capture(model, tokenizer, cfg):
+    def capture(model, tokenizer, cfg, *rest):
         captured.update({name: p.detach().clone() for name, p in model.named_parameters()})
-        real_save_final(model, tokenizer, cfg)
+        real_save_final(model, tokenizer, cfg, *rest)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoints, "save_final", capture)

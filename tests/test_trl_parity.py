@@ -45,6 +45,7 @@ import torch
 import datasets  # noqa: E402  (test dependencies: a missing TRL must fail the suite, not skip it)
 import trl  # noqa: E402
 
+import preftune.logps
 import preftune.reference  # noqa: E402
 import preftune.step  # noqa: E402
 from preftune.batching import collate  # noqa: E402
@@ -130,15 +131,16 @@ def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_l
     own = {}
 
     def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024,
-                               return_hidden=False, ld_alpha=None, wpo=False, position_ids=None, sequence_lengths=None):
+                               return_hidden=False, ld_alpha=None, wpo=False, position_ids=None, sequence_lengths=None,
+                               score_index=None, score_rows=None):
         assert not return_hidden and ld_alpha is None and not wpo  # no KL metric, LD-DPO or WPO here
-        assert position_ids is None and sequence_lengths is None  # padded rows, as TRL's
+        assert position_ids is None and sequence_lengths is None and score_index is None  # padded rows, as TRL's
         logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)[:2]
         own[model] = logps.detach()
         return BatchLogps(trl_logps[model].to(logps.dtype), lengths)
 
-    # the policy is scored in step.py (PolicyLogps), the reference in reference.py (Reference.logps)
-    monkeypatch.setattr(preftune.step, "get_batch_logps", get_batch_logps_as_trl)
+    # the policy is scored in logps.py (PolicyLogps), the reference in reference.py (Reference.logps)
+    monkeypatch.setattr(preftune.logps, "get_batch_logps", get_batch_logps_as_trl)
     monkeypatch.setattr(preftune.reference, "get_batch_logps", get_batch_logps_as_trl)
     policy.train()  # the training path: grad enabled, LM-head chunks recomputed in backward
     try:

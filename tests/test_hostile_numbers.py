@@ -7,21 +7,17 @@ torch each); the same cases run in-process through `preftune.cli.main` in the de
 (A shared harness for hostile inputs may replace `Surroundings` / `run_cli` here.)
 """
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from hostile import _inside, cli_env, run_refused, snapshot
 from preftune.cli import main
 from preftune.demo import make_pairs
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # (command-line overrides, what the one error line must contain)
 CASES = [
@@ -60,22 +56,6 @@ RUNTIME = [(["--learning_rate", "1e30"], "training stopped at step 2: the loss i
 ALL = CASES + ([] if torch.cuda.is_available() else GPU_ONLY) + RUNTIME
 
 
-class Surroundings:
-    """A hash of every file under the given folders except output_dir: equal before and after a run."""
-
-    def __init__(self, folders, output_dir: Path):
-        self.folders, self.output_dir = folders, output_dir
-
-    def digest(self) -> dict[str, str]:
-        found = {}
-        for folder in self.folders:
-            for path in sorted(Path(folder).rglob("*")):
-                if self.output_dir in path.parents or path == self.output_dir:
-                    continue
-                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-        return found
-
-
 @pytest.fixture
 def setup(tmp_path, tiny_model_dir):
     data = tmp_path / "pairs.jsonl"
@@ -88,7 +68,7 @@ def setup(tmp_path, tiny_model_dir):
                                    "plot_loss": False, "save_steps": 1}))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    return cfg, out, cwd, Surroundings([tmp_path, tiny_model_dir], out)
+    return cfg, out, cwd, [tmp_path, tiny_model_dir]
 
 
 def check(code: int, stderr: str, expected: str, out: Path):
@@ -101,21 +81,19 @@ def check(code: int, stderr: str, expected: str, out: Path):
 
 @pytest.mark.parametrize("args, expected", ALL, ids=[" ".join(a) for a, _ in ALL])
 def test_bad_numbers_and_options_through_cli_main(setup, args, expected, capsys, monkeypatch):
-    cfg, out, cwd, surroundings = setup
-    before = surroundings.digest()
+    cfg, out, cwd, watch = setup
+    before = snapshot(watch)
     monkeypatch.chdir(cwd)
     code = main(["train", str(cfg), *args])
     check(code, capsys.readouterr().err, expected, out)
-    assert surroundings.digest() == before
+    after = snapshot(watch)  # nothing outside output_dir changed
+    assert not [p for p in before.keys() | after.keys() if before.get(p) != after.get(p) and not _inside(p, out)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, expected", ALL, ids=[" ".join(a) for a, _ in ALL])
 def test_bad_numbers_and_options_through_the_cli(setup, args, expected):
-    cfg, out, cwd, surroundings = setup
-    before = surroundings.digest()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "preftune", "train", str(cfg), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-    check(proc.returncode, proc.stderr, expected, out)
-    assert surroundings.digest() == before
+    cfg, out, cwd, watch = setup  # the shared rule (tests/hostile.py): one line, no traceback, nothing else touched
+    run_refused(["train", str(cfg), *args], cwd, watch, expect=[expected], output_dir=out,
+                env=cli_env(cwd.parent.with_name(cwd.parent.name + "_home")))  # HOME and caches: not watched
+    assert not (out / "model.safetensors").exists()

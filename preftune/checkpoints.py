@@ -27,7 +27,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from preftune import guard, sharding
+from preftune import guard, hub, sharding
 from preftune.adapters import TRAINED_ADAPTER
 from preftune.errors import ConfigError, ModelError
 from preftune.files import fresh_tmp_dir, remove_dir, replace_dir, write_atomic
@@ -237,6 +237,7 @@ def save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, s
             remove_dir(p)
         for doomed in out.glob(".checkpoint-*.deleting"):  # any a kill left behind
             shutil.rmtree(doomed)
+    hub.push_checkpoint(cfg, dest)  # push_to_hub: what hub_strategy pushes of a checkpoint
 
 
 def _write_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, step, loop_state, running,
@@ -360,7 +361,7 @@ FREE_ON_RESUME = ("resume_from_checkpoint", "resume_override", "output_dir", "ov
                   "tokenized_cache_dir", "ref_logps_cache_dir", "skip_nonfinite_steps", "num_samples",
                   "max_new_tokens", "temperature", "top_p", "top_k", "reward", "pairing", "min_margin", "prompts",
                   "run_name", "logging_dir", "save_strategy", "infer_backend", "vllm_gpu_util", "vllm_enforce_eager",
-                  "prefix_sharing")
+                  "prefix_sharing", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token")
 
 
 def _changes(saved: dict, now: dict, keys) -> list[str]:

@@ -192,6 +192,11 @@ class TrainConfig:
     report_to: str = _f("none", "Experiment trackers every logged row also goes to (accelerate's): tensorboard, wandb, mlflow, trackio, a comma list (or YAML list) of them, all (every installed one) or none. The metric files are written either way.")
     run_name: str | None = _f(None, "The run's name in wandb, mlflow and trackio (unset: the tracker's own).")
     logging_dir: str | None = _f(None, "TensorBoard's event folder (unset: <output_dir>/runs/<date>_<time>_<host>, as transformers).")
+    push_to_hub: bool = _f(False, "Upload the trained model, tokenizer and metric files to the Hugging Face Hub (huggingface_hub; log in with `hf auth login` or set hub_token). The repo is created (or found) before training, so a login problem stops the run at once.")
+    hub_model_id: str | None = _f(None, "The Hub repo to push to, 'name' (under your account) or 'org/name'; unset: output_dir's folder name.")
+    hub_private_repo: bool | None = _f(None, "Create the repo private (true), public (false), or the Hub's default for your account (unset).")
+    hub_strategy: str = _f("every_save", "When to push (TrainingArguments' values): end (once, at the end), every_save (also the model at each checkpoint), checkpoint (also the latest checkpoint into last-checkpoint/, to resume from), all_checkpoints (every checkpoint-N/ folder).", ("end", "every_save", "checkpoint", "all_checkpoints"))
+    hub_token: str | None = _f(None, "Token for the Hub (unset: the one `hf auth login` saved, or HF_TOKEN).")
     resume_from_checkpoint: str | None = _f(None, "A checkpoint-N folder to continue from, or true for the latest complete one in output_dir; the resumed run reaches the same metrics and weights as an uninterrupted one.")
     dataloader_num_workers: int = _f(0, "Accepted for LLaMA-Factory configs; batches are built in-process.")
     ddp_timeout: int | None = _f(None, "Accepted for LLaMA-Factory configs.")
@@ -292,7 +297,9 @@ class TrainConfig:
         return {key: values[key] for key in loss_options(name)}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key; a secret (hub_token) as None: this goes into preftune_config.yaml, summary.json,
+        checkpoints and trackers, which may all end up on the Hub."""
+        return {**dataclasses.asdict(self), "hub_token": None}
 
 
 # Other common spellings (TRL's, short ones) -> the canonical field. Listed in docs/config.md.
@@ -398,8 +405,6 @@ def _check_bounds(values: dict[str, Any]) -> None:
         if not (math.isfinite(value) and inside):
             raise ConfigError(f"{name} must be {describe_bounds(name)}; got {value}")
 
-_HUB = ("not done by preftune: upload the finished output_dir with `hf upload <repo id> <output_dir>` "
-        "(huggingface_hub's command line)")
 _TEXT_ONLY = "images and videos are not supported: preftune trains text-only causal language models"
 _ONE_PROCESS_GROUP = ("preftune trains on several processes through accelerate launch / torchrun "
                       "(docs/distributed.md), sharded with fsdp: full_shard when the model does not fit")
@@ -421,11 +426,6 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
                                            "the same way); remove enable_liger_kernel"),
     "use_liger_kernel": ((None, False), "Liger kernels are not used (logps_chunk_size bounds the logits memory); "
                                         "remove use_liger_kernel"),
-    "push_to_hub": ((None, False), f"pushing to the Hugging Face Hub is {_HUB}"),
-    "hub_model_id": ((None, ""), f"pushing to the Hugging Face Hub is {_HUB}"),
-    "hub_private_repo": ((None, False, True), f"pushing to the Hugging Face Hub is {_HUB}"),
-    "hub_strategy": ((None, "every_save", "end"), f"pushing to the Hugging Face Hub is {_HUB}"),
-    "hub_token": ((None, ""), "preftune does not push to the Hub; log in with `hf auth login` for the upload"),
     "do_predict": ((None, False), "prediction is `preftune sample` (or `preftune eval` to score completions)"),
     "do_eval": ((None, False, True), "evaluation runs whenever there is validation data (val_size, eval_dataset)"),
     "predict_with_generate": ((None, False), "generation is `preftune sample`; generate_during_eval samples at "

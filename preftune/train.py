@@ -23,7 +23,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoints, runtime, sharding
+from preftune import checkpoints, hub, runtime, sharding
 from preftune.batching import epoch_batches
 from preftune.config import TrainConfig
 from preftune.data import load_eval_sets, load_pairs
@@ -80,6 +80,8 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
 
     # --- models and optimizer ------------------------------------------------------------
     accelerator = runtime.make_accelerator(cfg)
+    if accelerator.is_main_process:  # push_to_hub: a login or repo problem stops the run now, not at the end
+        hub.create_repo(cfg)
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one log: the main process's
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -234,5 +236,6 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         checkpoints.save_final(final, tokenizer, cfg, weights)
         summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,
                                  best=best, elapsed=time.time() - start_time)
+        hub.push_final(cfg)
     accelerator.wait_for_everyone()
     return summary

@@ -14,7 +14,7 @@ LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}  # optim imports on
 # Layers, lowest first: a module may import modules of its own layer or below, never above.
 LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
-    {"optim", "guard"},
+    {"optim", "guard", "hub"},
     {"config", "data", "adapters", "labels"},
     {"tokenization", "models", "checkpoints", "report", "sharding", "tracking"},
     {"cache", "batching", "demo"},

@@ -80,6 +80,9 @@ class TrainConfig:
     quantization_bit: int | None = _f(None, "Load the policy's base weights in 4 or 8 bits through bitsandbytes (QLoRA: needs finetuning_type: lora and a CUDA GPU).")
     ref_model_quantization_bit: int | None = _f(None, "Load a separately loaded reference (ref_model, or the frozen copy of full/freeze) in 4 or 8 bits (CUDA GPU).")
     ref_model_adapters: str | None = _f(None, "Comma list of LoRA adapters merged into ref_model.")
+    torch_compile: bool = _f(False, "Compile the policy's (and a separately loaded reference's) transformer layers with torch.compile (dynamic shapes: batches differ in length). The first steps pay the compilation; the numbers are the eager ones (within float noise). Not with fsdp yet.")
+    torch_compile_backend: str | None = _f(None, "torch.compile's backend (unset: inductor).")
+    torch_compile_mode: str | None = _f(None, "torch.compile's mode: default, reduce-overhead, max-autotune (unset: default).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward instead of storing them (less memory, about a third more compute).")
     gradient_checkpointing_kwargs: dict[str, Any] | None = _f(None, "Arguments of gradient_checkpointing_enable, e.g. {use_reentrant: true} (default {use_reentrant: false}).")
     neftune_noise_alpha: float | None = _f(None, "NEFTune: add uniform noise of scale alpha / sqrt(sequence length x hidden size) to the input embeddings while training (not in evaluation or generation), as transformers. Unset: off; the paper uses 5.")
@@ -417,10 +420,6 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
                                       "docs/distributed.md), or use finetuning_type: lora or quantization_bit"),
     "fsdp_config": ((None, {}), "set the FSDP2 mode with fsdp: full_shard, shard_grad_op or offload, or launch "
                                 "with an accelerate FSDP2 config (docs/distributed.md)"),
-    "torch_compile": ((None, False), "torch.compile is not applied (the loss's log-prob pass changes shape with "
-                                     "every batch, so it would recompile); remove torch_compile"),
-    "torch_compile_backend": ((None,), "torch.compile is not applied; remove torch_compile_backend"),
-    "torch_compile_mode": ((None,), "torch.compile is not applied; remove torch_compile_mode"),
     "enable_liger_kernel": ((None, False), "Liger kernels are not used (preftune computes log-probs in chunks "
                                            "through the LM head, logps_chunk_size, which bounds the logits memory "
                                            "the same way); remove enable_liger_kernel"),

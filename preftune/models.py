@@ -149,7 +149,18 @@ def load_policy(cfg, reference_adapter: bool = False):
     elif cfg.finetuning_type == "freeze":
         apply_freeze(policy, cfg)
     hold_trainable_weights(policy, cfg)
+    compile_layers(policy, cfg)
     return policy
+
+
+def compile_layers(model, cfg) -> None:
+    """torch_compile: the backbone (get_decoder) compiled in place, with dynamic shapes since every
+    batch has its own length; the chunked LM head and the losses stay eager (they are cheap and shaped
+    by the number of completion tokens)."""
+    if not cfg.torch_compile:
+        return
+    model.get_decoder().compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode,
+                                dynamic=True)
 
 
 def neftune_noise(module, inputs, embeddings):
@@ -250,4 +261,5 @@ def load_reference(cfg):
                                   "ref_model_adapters" if cfg.ref_model else "adapter_name_or_path")
     reference.requires_grad_(False)
     reference.eval()
+    compile_layers(reference, cfg)
     return reference

@@ -94,6 +94,9 @@ def check(cfg, settings: dict | None) -> None:
     if cfg.finetuning_type != "full":
         raise ConfigError(f"fsdp: finetuning_type {cfg.finetuning_type} is not sharded yet (full only); use plain "
                           "data parallelism (unset fsdp) for LoRA/freeze, whose optimizer state is small")
+    if cfg.torch_compile:
+        raise ConfigError("fsdp: torch_compile is not combined with sharding yet (compiled layers would need to be "
+                          "sharded first); set torch_compile: false")
     if cfg.generate_during_eval:
         raise ConfigError("fsdp: generate_during_eval samples on the main process alone, which a sharded model "
                           "cannot do; set generate_during_eval: 0")

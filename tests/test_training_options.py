@@ -85,3 +85,35 @@ def test_gradient_checkpointing_kwargs_reach_the_checkpoint_function(tiny_model_
                for m in default.modules() if hasattr(m, "_gradient_checkpointing_func"))
     with pytest.raises(ConfigError, match="gradient_checkpointing_kwargs: used only with gradient_checkpointing"):
         cfg_for(tiny_model_dir, gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_torch_compile_compiles_the_backbones_with_dynamic_shapes(tiny_model_dir, monkeypatch):
+    from preftune.models import load_policy, load_reference
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "torch_compile": True,
+                     "torch_compile_mode": "max-autotune"})
+    load_policy(cfg)
+    load_reference(cfg)
+    assert calls == [("Qwen2Model", {"backend": "inductor", "mode": "max-autotune", "dynamic": True})] * 2
+    calls.clear()
+    load_policy(from_dict({"model_name_or_path": str(tiny_model_dir)}))
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_a_compiled_run_equals_the_eager_run(tmp_path, tiny_model_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in make_pairs(24, 0)))
+    raw = {"model_name_or_path": str(tiny_model_dir), "dataset": str(data), "val_size": 8, "max_steps": 3,
+           "logging_steps": 1, "per_device_train_batch_size": 4, "cutoff_len": 64, "torch_dtype": "float32",
+           "progress_bar": False, "plot_loss": False, "learning_rate": 1e-3}
+    rows = []
+    for name, over in (("eager", {}), ("compiled", {"torch_compile": True})):
+        train_mod.train(from_dict({**raw, **over, "output_dir": str(tmp_path / name)}))
+        rows.append(json.loads((tmp_path / name / "dpo_metrics" / "log_history.json").read_text()))
+    for eager, compiled in zip(*rows, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm", "eval_loss"):
+            if key in eager:
+                assert compiled[key] == pytest.approx(eager[key], abs=1e-4, rel=1e-4), (eager["step"], key)

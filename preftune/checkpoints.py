@@ -53,7 +53,8 @@ def _save_weights(model, folder: Path, merge: bool = False, state_dict: dict | N
     if merge:
         model.merge_and_unload(adapter_names=[TRAINED_ADAPTER]).save_pretrained(folder, safe_serialization=True)
         return
-    model.save_pretrained(folder, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
+    given = {} if state_dict is None else {"state_dict": state_dict}  # sharded: the gathered adapter weights
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER], **given)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
 
@@ -75,6 +76,14 @@ def load_weights_into(model, folder: Path) -> None:
         if not adapter.is_file():
             raise ModelError(f"{folder} holds no adapter_model.safetensors, but the policy is a LoRA model; resume "
                              "a LoRA run from its own checkpoints")
+        if sharding.is_sharded(model):  # the saved keys, named as the model's trained-adapter parameters
+            state = {re.sub(r"\.(lora_[A-Za-z_]+)\.", rf".\1.{TRAINED_ADAPTER}.", k): v
+                     for k, v in load_file(adapter).items()}
+            unknown = sorted(set(state) - {n for n, _ in model.named_parameters()})
+            if unknown:
+                raise ModelError(f"adapter in {folder} does not match the policy: unexpected {unknown[:3]}")
+            sharding.load_full_state_dict(model, state)
+            return
         result = set_peft_model_state_dict(model, load_file(adapter), TRAINED_ADAPTER)
         if result.unexpected_keys:
             raise ModelError(f"adapter in {folder} does not match the policy: unexpected {result.unexpected_keys[:3]}")

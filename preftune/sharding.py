@@ -91,9 +91,13 @@ def check(cfg, settings: dict | None) -> None:
     """What this first FSDP2 version does not do, refused before any model loads."""
     if settings is None:
         return
-    if cfg.finetuning_type != "full":
-        raise ConfigError(f"fsdp: finetuning_type {cfg.finetuning_type} is not sharded yet (full only); use plain "
-                          "data parallelism (unset fsdp) for LoRA/freeze, whose optimizer state is small")
+    if cfg.finetuning_type == "lora":
+        if not cfg.save_adapter_only:  # a merge needs every base weight whole in one place
+            raise ConfigError("fsdp with finetuning_type lora writes the adapter: set save_adapter_only: true (then "
+                              "`preftune export` merges it into the base)")
+        for key in ("quantization_bit", "additional_target"):
+            if getattr(cfg, key):
+                raise ConfigError(f"fsdp: {key} is not sharded yet; remove it, or unset fsdp")
     if cfg.torch_compile:
         raise ConfigError("fsdp: torch_compile is not combined with sharding yet (compiled layers would need to be "
                           "sharded first); set torch_compile: false")
@@ -145,6 +149,21 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
              settings["reshard_after_forward"], "offload_policy" in kwargs)
 
 
+def share_policy_passes(reference, root) -> None:
+    """A LoRA run's reference is the policy with its adapter off (`adapters.AdapterReference`); sharded,
+    its passes must go through the policy's root too, with the adapter switched off around them."""
+    from preftune.adapters import AdapterReference
+
+    if isinstance(reference.model, AdapterReference):
+        active = reference.model.active
+
+        def run(**inputs):
+            with active():
+                return root(**inputs)
+
+        reference.runner = run
+
+
 def is_sharded(model) -> bool:
     return hasattr(model, "preftune_loaded_dtypes")
 
@@ -152,9 +171,12 @@ def is_sharded(model) -> bool:
 def full_state_dict(model, loaded_dtypes: bool = False) -> dict[str, torch.Tensor]:
     """Every process must call this (it gathers): the whole weights on the CPU on the main process
     ({} on the others); with loaded_dtypes, each in the dtype it was loaded in (the final save)."""
+    from peft import PeftModel
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a LoRA model is saved as its adapter: the frozen base is not gathered at all
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=isinstance(model, PeftModel))
+    state = get_model_state_dict(model, options=options)
     seen = set()  # tied weights (lm_head = embeddings) gather as two copies; saved once, as transformers does
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:

@@ -97,6 +97,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     policy = PolicyLogps(model, cfg.logps_chunk_size)
     if sharded:  # before the optimizer, which must hold the sharded parameters
         sharding.shard(policy, sharded, accelerator.device, cfg.mixed_precision)
+        sharding.share_policy_passes(reference, policy)
     optimizer = make_optimizer(model, cfg)
     micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)

@@ -105,7 +105,8 @@ def test_fsdp_settings_from_the_key_and_from_an_accelerate_config(monkeypatch):
 
 
 @pytest.mark.parametrize("over,message", [
-    ({"finetuning_type": "lora"}, "finetuning_type lora is not sharded yet"),
+    ({"finetuning_type": "lora"}, "fsdp with finetuning_type lora writes the adapter: set save_adapter_only: true"),
+    ({"finetuning_type": "lora", "save_adapter_only": True, "quantization_bit": 4}, "quantization_bit is not sharded yet"),
     ({"generate_during_eval": 2, "val_size": 0.1}, "generate_during_eval samples on the main process alone"),
 ])
 def test_what_is_not_sharded_yet_is_refused(tmp_path, over, message):
@@ -154,3 +155,51 @@ def test_precomputed_reference_under_fsdp_equals_one_process(tmp_path, tiny_mode
         for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/accuracies"):
             if key in row_one:
                 assert row_two[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)
+
+
+@pytest.mark.slow
+def test_a_sharded_lora_run_equals_one_process_and_resumes(tmp_path, tiny_model_dir):
+    """LoRA under FSDP2: the adapter-off reference runs through the policy's sharded root; the metrics and
+    the saved adapter equal a one-process run's; a checkpoint resumes to the same adapter."""
+    torch.set_num_threads(1)
+    lora = {"finetuning_type": "lora", "lora_rank": 4, "save_adapter_only": True, "learning_rate": 5e-3,
+            "save_steps": 3, "save_total_limit": 5}
+    one = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **lora)
+    train_mod.train(from_dict(one))
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), per_device_train_batch_size=4,
+                     fsdp="full_shard", **lora)
+    result = torchrun(tmp_path, two, "two")
+    assert "fsdp: the policy (PeftModelForCausalLM) sharded over 2" in result.stderr
+    rows_one, rows_two = history(tmp_path / "one"), history(tmp_path / "two")
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
+    for row_one, row_two in zip(rows_one, rows_two):
+        for key in COMPARED:
+            if key in row_one:
+                assert row_two[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)
+    assert rows_one[-1]["eval_loss"] < rows_one[0]["eval_loss"] - 0.01  # the adapter trained
+    adapter_one, adapter_two = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
+    assert adapter_one.keys() == adapter_two.keys() and len(adapter_one) > 0
+    for name, w in adapter_one.items():
+        torch.testing.assert_close(adapter_two[name], w, atol=1e-5, rtol=0, msg=name)
+
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-3", out / "checkpoint-3")
+    torchrun(tmp_path, {**two, "output_dir": str(out), "resume_from_checkpoint": True}, "resumed")
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], adapter_two[k]) for k in adapter_two)
+
+
+@pytest.mark.slow
+def test_a_sharded_freeze_run_equals_one_process(tmp_path, tiny_model_dir):
+    torch.set_num_threads(1)
+    freeze = {"finetuning_type": "freeze", "freeze_trainable_layers": 1, "max_steps": 3}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **freeze)))
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), fsdp="full_shard",
+                                  per_device_train_batch_size=4, **freeze), "two")
+    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    start = load_file(tiny_model_dir / "model.safetensors")
+    moved = [k for k in weights_one if not torch.equal(weights_one[k], start[k])]
+    assert moved and all(".layers.1." in k for k in moved)  # only the last layer trained
+    for name, w in weights_one.items():
+        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)

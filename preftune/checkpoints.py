@@ -370,7 +370,8 @@ FREE_ON_RESUME = ("resume_from_checkpoint", "resume_override", "output_dir", "ov
                   "tokenized_cache_dir", "ref_logps_cache_dir", "skip_nonfinite_steps", "num_samples",
                   "max_new_tokens", "temperature", "top_p", "top_k", "reward", "pairing", "min_margin", "prompts",
                   "run_name", "logging_dir", "save_strategy", "infer_backend", "vllm_gpu_util", "vllm_enforce_eager",
-                  "prefix_sharing", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token")
+                  "prefix_sharing", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token",
+                  "torch_compile", "torch_compile_backend", "torch_compile_mode")
 
 
 def _changes(saved: dict, now: dict, keys) -> list[str]:

@@ -99,6 +99,17 @@ def _running(pid: int) -> bool:
         return False
 
 
+def same_histories(one: Path, two: Path) -> tuple[list[dict], list[dict]]:
+    """The two runs' logged rows, asserted equal step by step in every COMPARED metric (1e-5)."""
+    rows_one, rows_two = history(one), history(two)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
+    for row_one, row_two in zip(rows_one, rows_two):
+        for key in COMPARED:
+            if key in row_one:
+                assert row_two[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)
+    return rows_one, rows_two
+
+
 def history(out: Path) -> list[dict]:
     return json.loads((out / "dpo_metrics" / "log_history.json").read_text())
 
@@ -114,12 +125,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_mo
         in result.stderr
     assert result.stderr.count(" eval_loss=") == 4  # evaluations at steps 0, 3, 6, 7: the main process's log only
 
-    rows_one, rows_two = history(tmp_path / "one"), history(tmp_path / "two")
-    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7]
-    for row_one, row_two in zip(rows_one, rows_two):
-        for key in COMPARED:
-            if key in row_one:
-                assert row_two[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)
+    rows_one, _ = same_histories(tmp_path / "one", tmp_path / "two")
+    assert [r["step"] for r in rows_one] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7]
     assert rows_one[-1]["eval_loss"] < rows_one[0]["eval_loss"] - 0.01  # it trained: not a comparison of constants
     weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert weights_one.keys() == weights_two.keys()

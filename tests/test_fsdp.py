@@ -18,7 +18,7 @@ from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.errors import ConfigError
 from preftune.sharding import fsdp_settings
-from test_distributed import COMPARED, ROOT, free_port, history, raw_config, torchrun
+from test_distributed import ROOT, free_port, history, raw_config, same_histories, torchrun
 
 # logged by each process after sharding: the share of the policy's and the reference's elements it holds
 SHARE_PROBE = """
@@ -52,12 +52,7 @@ def test_two_sharded_processes_equal_one_process_with_the_global_batch(tmp_path,
     shares = [line.split()[-1] for line in result.stderr.splitlines() if line.startswith("SHARE")]
     assert len(shares) == 4 and all(0.4 < float(s) < 0.6 for s in shares), shares  # policy + reference, 2 processes
 
-    rows_one, rows_two = history(tmp_path / "one"), history(tmp_path / "two")
-    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
-    for row_one, row_two in zip(rows_one, rows_two):
-        for key in COMPARED:
-            if key in row_one:
-                assert row_two[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)
+    same_histories(tmp_path / "one", tmp_path / "two")
     weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert weights_one.keys() == weights_two.keys()
     for name, w in weights_one.items():
@@ -170,12 +165,7 @@ def test_a_sharded_lora_run_equals_one_process_and_resumes(tmp_path, tiny_model_
                      fsdp="full_shard", **lora)
     result = torchrun(tmp_path, two, "two")
     assert "fsdp: the policy (PeftModelForCausalLM) sharded over 2" in result.stderr
-    rows_one, rows_two = history(tmp_path / "one"), history(tmp_path / "two")
-    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
-    for row_one, row_two in zip(rows_one, rows_two):
-        for key in COMPARED:
-            if key in row_one:
-                assert row_two[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)
+    rows_one, _ = same_histories(tmp_path / "one", tmp_path / "two")
     assert rows_one[-1]["eval_loss"] < rows_one[0]["eval_loss"] - 0.01  # the adapter trained
     adapter_one, adapter_two = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
     assert adapter_one.keys() == adapter_two.keys() and len(adapter_one) > 0

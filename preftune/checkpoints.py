@@ -510,17 +510,12 @@ class BestModel:
         return f"best evaluation: {order} {self.cfg.best_metric} ({reason})"
 
 
-def saving(cfg) -> bool:
-    """Whether the run writes checkpoints at all (save_strategy with its save_steps)."""
-    return cfg.save_strategy == "epoch" or (cfg.save_strategy == "steps" and bool(cfg.save_steps))
-
-
 def save_now(cfg, step: int, steps_per_epoch: int) -> bool:
     """Whether `step` writes a checkpoint: save_strategy steps (every save_steps), epoch (each epoch's
     last step) or no."""
-    if cfg.save_strategy == "epoch":
-        return step % steps_per_epoch == 0
-    return cfg.save_strategy == "steps" and bool(cfg.save_steps) and step % cfg.save_steps == 0
+    if not cfg.saves_checkpoints:
+        return False
+    return step % (steps_per_epoch if cfg.save_strategy == "epoch" else cfg.save_steps) == 0
 
 
 def check_best_model(cfg, best_step: int | None, step: int) -> None:

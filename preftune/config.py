@@ -257,6 +257,11 @@ class TrainConfig:
         return self.stage == "dpo" and self.pref_losses == ["kto"]
 
     @property
+    def saves_checkpoints(self) -> bool:
+        """Whether the run writes checkpoints at all: save_strategy epoch, or steps with save_steps."""
+        return self.save_strategy == "epoch" or (self.save_strategy == "steps" and bool(self.save_steps))
+
+    @property
     def final_adapter_only(self) -> bool:
         """Whether the final output of a LoRA run is its adapter (save_adapter_only; unset: only for
         QLoRA, whose 4/8-bit base cannot take a merge without losing precision)."""
@@ -744,7 +749,7 @@ def _validate_inert(cfg: TrainConfig) -> None:
         _warn_once(f"eval_steps: ignored with eval_strategy: {cfg.eval_strategy}")
     if cfg.warmup_steps > 0 and cfg.warmup_ratio > 0:
         _warn_once(f"warmup_ratio: {cfg.warmup_ratio} is ignored, warmup_steps: {cfg.warmup_steps} sets the warmup")
-    if cfg.save_only_model and not (cfg.save_strategy == "epoch" or (cfg.save_strategy == "steps" and cfg.save_steps)):
+    if cfg.save_only_model and not cfg.saves_checkpoints:
         _warn_once("save_only_model: no checkpoints are written (save_steps is unset or save_strategy: no), so it "
                    "changes nothing")
     if cfg.generate_during_eval and cfg.eval_strategy == "no":

@@ -33,6 +33,11 @@ def repo_id(cfg) -> str:
     return cfg.hub_model_id or Path(cfg.output_dir).expanduser().resolve().name
 
 
+def _full_id(cfg) -> str:
+    """The repo as create_repo resolved it ('namespace/name'), where it ran."""
+    return _FULL_IDS.get(repo_id(cfg), repo_id(cfg))
+
+
 def _api(cfg):
     from huggingface_hub import HfApi
 
@@ -61,7 +66,7 @@ def create_repo(cfg) -> str | None:
 
 def _upload(cfg, folder: Path, path_in_repo: str, message: str, allow=None, ignore=()) -> None:
     try:
-        _api(cfg).upload_folder(repo_id=_FULL_IDS.get(repo_id(cfg), repo_id(cfg)), folder_path=str(folder), path_in_repo=path_in_repo,
+        _api(cfg).upload_folder(repo_id=_full_id(cfg), folder_path=str(folder), path_in_repo=path_in_repo,
                                 commit_message=message, allow_patterns=allow, ignore_patterns=[*PRIVATE, *ignore])
     except Exception as e:  # noqa: BLE001
         raise _refused(f"uploading {folder} to", cfg, e) from None
@@ -87,5 +92,4 @@ def push_final(cfg) -> None:
         return
     ignore = [] if cfg.hub_strategy == "all_checkpoints" else ["checkpoint-*/**"]
     _upload(cfg, Path(cfg.output_dir), ".", "end of training", ignore=[*ignore, "best_model/**", "runs/**"])
-    log.info("push_to_hub: %s pushed to https://huggingface.co/%s", cfg.output_dir,
-             _FULL_IDS.get(repo_id(cfg), repo_id(cfg)))
+    log.info("push_to_hub: %s pushed to https://huggingface.co/%s", cfg.output_dir, _full_id(cfg))

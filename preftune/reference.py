@@ -252,9 +252,10 @@ def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] |
     if tokenizer is not None:
         check_vocabulary(model, tokenizer, what)
     runner = None
-    if accelerator is not None and active(cfg):  # sharded as the policy is: never a whole copy per process
+    sharded = active(cfg) if accelerator is not None else None
+    if sharded:  # sharded as the policy is: never a whole copy per process
         runner = PolicyLogps(model, chunk_size)
-        shard(runner, active(cfg), accelerator.device, cfg.mixed_precision, "the reference")
+        shard(runner, sharded, accelerator.device, cfg.mixed_precision, "the reference")
     elif accelerator is not None:
         model = accelerator.prepare_model(model, evaluation_mode=True)
     return policy, Reference(model, chunk_size=chunk_size, runner=runner,

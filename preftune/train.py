@@ -223,7 +223,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         if saved:
             checkpoint(step)
         if step < total_steps and stop.requested(accelerator):  # after the step's logging, evaluation, checkpoint
-            stop.stop(step, checkpoint if checkpoints.saving(cfg) and not saved else None, metrics, cfg, accelerator)
+            stop.stop(step, checkpoint if cfg.saves_checkpoints and not saved else None, metrics, cfg, accelerator)
     bar.close()
 
     # --- outputs -------------------------------------------------------------------------

@@ -36,23 +36,30 @@ def test_packed_batch_holds_the_padded_sequences_back_to_back(pairs, tiny_tokeni
     assert torch.equal(packed["position_ids"][0], torch.cat([torch.arange(n) for n in lengths.tolist()]))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_logps_and_gradients_equal_the_padded_ones(pairs, tiny_model_dir, tiny_tokenizer, attn):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
-    padded, packed = collate(pairs, tiny_tokenizer.pad_token_id), collate_packed(pairs, tiny_tokenizer.pad_token_id)
+def same_logps_and_gradients(model, padded: dict, other: dict):
+    """Both batch layouts' outputs (`BatchLogps` with hidden states and WPO weights, ld_alpha 0.5, LM-head
+    chunks of 7), asserted equal to the padded one's, the gradients of their summed log-probs too."""
     results = []
-    for batch in (padded, packed):
+    for batch in (padded, other):
         model.zero_grad()
         out = get_batch_logps(model, **model_inputs(batch), chunk_size=7, ld_alpha=0.5, wpo=True, return_hidden=True)
         out.logps.sum().backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (pad_out, pad_grads), (pack_out, pack_grads) = results
-    torch.testing.assert_close(pack_out.logps, pad_out.logps, atol=1e-5, rtol=0)
-    assert torch.equal(pack_out.lengths, pad_out.lengths)
-    torch.testing.assert_close(pack_out.wpo_weights, pad_out.wpo_weights, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pack_out.hidden, pad_out.hidden, atol=1e-5, rtol=1e-5)
+    (pad_out, pad_grads), (out, grads) = results
+    torch.testing.assert_close(out.logps, pad_out.logps, atol=1e-5, rtol=0)
+    assert torch.equal(out.lengths, pad_out.lengths)
+    torch.testing.assert_close(out.wpo_weights, pad_out.wpo_weights, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.hidden, pad_out.hidden, atol=1e-5, rtol=1e-5)
     for name, grad in pad_grads.items():
-        torch.testing.assert_close(pack_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    return pad_out, out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logps_and_gradients_equal_the_padded_ones(pairs, tiny_model_dir, tiny_tokenizer, attn):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
+    padded, packed = collate(pairs, tiny_tokenizer.pad_token_id), collate_packed(pairs, tiny_tokenizer.pad_token_id)
+    pad_out, pack_out = same_logps_and_gradients(model, padded, packed)
     kl_pad = completion_kl(model, model, pad_out.hidden, pad_out.hidden)
     assert kl_pad[1] == pack_out.hidden.size(0)  # every completion token scored, none of another sequence
     # a packed row without position ids would let sequences attend to each other: the restart is what matters

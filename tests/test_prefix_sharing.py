@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from test_padding_free import same_logps_and_gradients
+
 from preftune import train as train_mod
 from preftune.batching import collate, collate_shared
 from preftune.config import from_dict
@@ -48,19 +50,7 @@ def test_shared_rows_hold_each_prompt_once(pairs, tiny_tokenizer):
 def test_shared_logps_and_gradients_equal_the_padded_ones(pairs, tiny_model_dir, tiny_tokenizer, attn):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
     padded, shared = collate(pairs, tiny_tokenizer.pad_token_id), collate_shared(pairs, tiny_tokenizer.pad_token_id)
-    results = []
-    for batch in (padded, shared):
-        model.zero_grad()
-        out = get_batch_logps(model, **model_inputs(batch), chunk_size=7, ld_alpha=0.5, wpo=True, return_hidden=True)
-        out.logps.sum().backward()
-        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (pad_out, pad_grads), (shared_out, shared_grads) = results
-    torch.testing.assert_close(shared_out.logps, pad_out.logps, atol=1e-5, rtol=0)
-    assert torch.equal(shared_out.lengths, pad_out.lengths)
-    torch.testing.assert_close(shared_out.wpo_weights, pad_out.wpo_weights, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(shared_out.hidden, pad_out.hidden, atol=1e-5, rtol=1e-5)
-    for name, grad in pad_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    pad_out, shared_out = same_logps_and_gradients(model, padded, shared)
     kl_pad, kl_shared = completion_kl(model, model, pad_out.hidden, pad_out.hidden), \
         completion_kl(model, model, shared_out.hidden, shared_out.hidden)
     assert kl_shared[1] == kl_pad[1]

@@ -192,20 +192,36 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+CLI = [sys.executable, "-m", "preftune", "train"]
+
+
+def cli_runs(tmp_path, model_dir):
+    """The environment and a config writer (`config(name, **over)` -> path) for `python -m preftune
+    train` subprocess runs, after the uninterrupted run ("uninterrupted") that the others must equal."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+
+    def config(name, **over):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(resume_raw(tmp_path, model_dir, output_dir=str(tmp_path / name), **over)))
+        return str(path)
+
+    subprocess.run(CLI + [config("uninterrupted")], env=env, check=True, capture_output=True)
+    return env, config
+
+
+def wait_for(path, proc, seconds: float = 120) -> None:
+    """Until `path` exists (a checkpoint in place), the process ends, or `seconds` pass."""
+    deadline = time.time() + seconds
+    while not path.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     """A real kill: `python -m preftune train cfg.yaml` is SIGKILLed after checkpoint-3 is in place and
     before the run ends, then resumed with resume_from_checkpoint: true; its outputs equal those of an
     uninterrupted run of the same command. Both runs are subprocesses with the same environment."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
-
-    def config(name, **over):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(resume_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / name), **over)))
-        return str(path)
-
-    command = [sys.executable, "-m", "preftune", "train"]
-    subprocess.run(command + [config("uninterrupted")], env=env, check=True, capture_output=True)
+    env, config = cli_runs(tmp_path, tiny_model_dir)
 
     out = tmp_path / "killed"
     # the same command, each optimizer step followed by 0.5 s of sleep (~5 s of steps): the kill lands
@@ -213,15 +229,13 @@ def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     slowed = [sys.executable, "-c", SLOW_STEPS, "train"]
     proc = subprocess.Popen(slowed + [config("killed")], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoint-3").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(out / "checkpoint-3", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert (out / "checkpoint-3").is_dir() and not (out / "model.safetensors").exists()  # killed before the end
 
-    subprocess.run(command + [config("killed", resume_from_checkpoint=True)], env=env, check=True,
+    subprocess.run(CLI + [config("killed", resume_from_checkpoint=True)], env=env, check=True,
                    capture_output=True)
     summary = assert_same_run(out, tmp_path / "uninterrupted")
     assert summary["resumed_from"]["step"] in (3, 6, 9)  # the latest checkpoint (3 unless the kill came late)
@@ -294,22 +308,12 @@ def test_sigterm_to_a_cli_run_checkpoints_exits_143_and_resumes_exactly(tmp_path
     """A real SIGTERM to `python -m preftune train cfg.yaml` (each step slowed down) after checkpoint-3:
     the step in progress finishes, a checkpoint of it is written, exit status 143 with one line, the
     metric files hold every logged step once; resumed, the outputs equal an uninterrupted run's."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
-
-    def config(name, **over):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(resume_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / name), **over)))
-        return str(path)
-
-    command = [sys.executable, "-m", "preftune", "train"]
-    subprocess.run(command + [config("uninterrupted")], env=env, check=True, capture_output=True)
+    env, config = cli_runs(tmp_path, tiny_model_dir)
 
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, "train", config("stopped")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "checkpoint-3").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(out / "checkpoint-3", proc)
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, stderr[-2000:]
@@ -322,7 +326,7 @@ def test_sigterm_to_a_cli_run_checkpoints_exits_143_and_resumes_exactly(tmp_path
     expected = [0, 4, 4, 8, 8, 10, 10]
     assert steps == [s for s in expected if s <= stopped_at]  # every logged step, once
 
-    subprocess.run(command + [config("stopped", resume_from_checkpoint=True)], env=env, check=True,
+    subprocess.run(CLI + [config("stopped", resume_from_checkpoint=True)], env=env, check=True,
                    capture_output=True)
     summary = assert_same_run(out, tmp_path / "uninterrupted")
     assert summary["resumed_from"]["step"] == stopped_at

@@ -7,29 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_models import batch, cfg_for  # noqa: F401  (batch: a fixture)
 from test_train import tiny_config
-from transformers import AutoTokenizer
 
 from preftune import models
 from preftune import train as train_mod
-from preftune.batching import collate
 from preftune.config import from_dict
-from preftune.data import PreferencePair
 from preftune.demo import make_pairs
 from preftune.errors import ConfigError
 from preftune.logps import get_batch_logps
-from preftune.tokenization import tokenize_pairs
-
-
-def cfg_for(model_dir, **over):
-    return from_dict({"model_name_or_path": str(model_dir), "torch_dtype": "float32", **over})
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    pairs = [PreferencePair(**p) for p in make_pairs(4, 3)]
-    return collate(tokenize_pairs(tokenizer, pairs, 128, None), tokenizer.pad_token_id)
 
 
 def test_neftune_noise_is_uniform_at_alpha_over_sqrt_length_times_hidden(tiny_model_dir, batch):

@@ -18,6 +18,7 @@ $(VENV)/.base: pyproject.toml constraints.txt
 # installed here when missing and we are root (CI on a clean machine); otherwise that test fails
 # and says how to install it.
 $(VENV)/.test: $(VENV)/.base
+	$(PIP) -c constraints.txt --no-build-isolation deepspeed
 	$(PIP) -c constraints.txt -e ".[test]"
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

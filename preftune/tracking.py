@@ -94,6 +94,12 @@ class Trackers:
                     self.dirs["tensorboard"] = str(tracker.logging_dir)
                 elif tracker.name == "wandb" and getattr(tracker.run, "dir", None):
                     self.dirs["wandb"] = str(tracker.run.dir)
+                elif tracker.name == "mlflow":  # mlflow 3's default: sqlite:///mlflow.db in the working directory
+                    import mlflow
+                    self.dirs["mlflow"] = mlflow.get_tracking_uri()
+                elif tracker.name == "trackio":  # <folder>/preftune.db; default $HF_HOME/trackio, TRACKIO_DIR moves it
+                    import trackio.utils
+                    self.dirs["trackio"] = str(trackio.utils.TRACKIO_DIR)
             log.info("report_to: %s%s", ", ".join(self.names),
                      "".join(f"; {k} logs in {v}" for k, v in self.dirs.items()))
 
@@ -127,6 +133,10 @@ class Trackers:
         self.log({"step": step, **summary_values})
         # not accelerator.end_training(): it also destroys the process group, which the run still uses
         for tracker in self.accelerator.trackers:
-            tracker.finish()
+            if tracker.name == "trackio":  # tracker.finish() leaves it trackio's current run, finished again at exit
+                import trackio
+                trackio.finish()
+            else:
+                tracker.finish()
         self.accelerator.trackers = []
         self.names = []

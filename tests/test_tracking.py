@@ -1,9 +1,13 @@
 """report_to: every logged row reaches the tracker under the metric files' names, read back from what
-the tracker wrote (TensorBoard's event files; wandb's offline run file); a tracker that is not
-installed is one line naming the pip extra."""
+the tracker wrote (TensorBoard's event files; wandb's offline run file; an MLflow file store; trackio's
+SQLite database), all inside tmp_path and offline; a tracker that is not installed is one line naming
+the pip extra."""
 
 import json
+import sqlite3
 import struct
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -132,6 +136,85 @@ def test_wandb_offline_run_holds_every_row(tmp_path, tiny_model_dir, monkeypatch
     assert logged["completions/nrows"] == {0: 2, 2: 2, 4: 2}
 
 
+SUMMARY_KEYS = {"train_runtime", "train_loss", "kept_model_step"}  # logged at the last step by Trackers.finish
+
+
+def test_mlflow_run_holds_every_row(tmp_path, tiny_model_dir, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    store = (tmp_path / "mlruns").as_uri()
+    # a file store: mlflow 3's default, sqlite:///mlflow.db in the working directory, needs SQLAlchemy,
+    # which mlflow-skinny lacks; mlflow 3 takes a file store only when allowed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # mlflow 3 sends usage telemetry otherwise
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    cfg = config(tmp_path, tiny_model_dir, report_to="mlflow", run_name="tiny-dpo")
+    summary = train_mod.train(cfg)
+    assert summary["outputs"]["mlflow"] == store
+    assert mlflow.active_run() is None  # finished, not left open in the process
+
+    client = mlflow.MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("preftune").experiment_id])
+    assert run.info.run_name == "tiny-dpo" and run.info.status == "FINISHED"
+    assert run.data.params["pref_beta"] == str(cfg.pref_beta)  # the config as the run's parameters
+    assert run.data.params["learning_rate"] == str(cfg.learning_rate)
+    history = json.loads((Path(cfg.output_dir) / "dpo_metrics" / "log_history.json").read_text())
+    expected = logged_values(history)
+    assert set(run.data.metrics) == set(expected) | SUMMARY_KEYS  # TRL's names, "/" kept ("rewards/chosen")
+    for name, by_step in expected.items():  # every value of every row, at its step
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        assert logged == pytest.approx(by_step, rel=1e-6), name
+    assert set(expected["eval_loss"]) == {0, 2, 4}
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_runtime")}
+    assert logged == {4: pytest.approx(summary["timings"]["elapsed_seconds"], abs=0.01)}
+    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "kept_model_step")} == {4: 4}
+
+
+def redirect_trackio(monkeypatch, folder: Path) -> None:
+    """trackio's folder to `folder`: TRACKIO_DIR, which trackio reads once, when imported (default
+    $HF_HOME/trackio), so also the copies its modules already hold."""
+    monkeypatch.setenv("TRACKIO_DIR", str(folder))
+    import trackio  # noqa: F401
+    for module in [m for n, m in sys.modules.items() if n == "trackio" or n.startswith("trackio.")]:
+        for name, path in (("TRACKIO_DIR", folder), ("MEDIA_DIR", folder / "media"),
+                           ("ARTIFACTS_DIR", folder / "artifacts")):
+            if isinstance(getattr(module, name, None), Path):
+                monkeypatch.setattr(module, name, path)
+
+
+def test_trackio_database_holds_every_row(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("trackio")
+    folder = tmp_path / "trackio"
+    redirect_trackio(monkeypatch, folder)
+    monkeypatch.delenv("TRACKIO_SPACE_ID", raising=False)  # local only: no Space, no server
+    monkeypatch.delenv("TRACKIO_SERVER_URL", raising=False)
+    threads = set(threading.enumerate())
+    cfg = config(tmp_path, tiny_model_dir, report_to="trackio", run_name="tiny-dpo")
+    summary = train_mod.train(cfg)
+    assert summary["outputs"]["trackio"] == str(folder)
+    assert [t.name for t in set(threading.enumerate()) - threads] == []  # its sender and monitors stopped
+    import trackio.context_vars
+    assert trackio.context_vars.current_run.get() is None  # finished, not left to be finished again at exit
+
+    with sqlite3.connect(folder / "preftune.db") as db:  # the project's database: a row per log call
+        rows = db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id").fetchall()
+        configs = db.execute("SELECT run_name, config FROM configs").fetchall()
+    assert {name for name, _, _ in rows} == {"tiny-dpo"}
+    [(_, run_config)] = configs
+    assert json.loads(run_config)["pref_beta"] == cfg.pref_beta
+    logged: dict[str, dict[int, float]] = {}
+    for _, step, values in rows:
+        for name, value in json.loads(values).items():
+            logged.setdefault(name, {})[step] = value
+    history = json.loads((Path(cfg.output_dir) / "dpo_metrics" / "log_history.json").read_text())
+    expected = logged_values(history)
+    assert set(logged) == set(expected) | SUMMARY_KEYS
+    for name, by_step in expected.items():
+        assert logged[name] == pytest.approx(by_step, rel=1e-6), name
+    assert logged["train_runtime"] == {4: pytest.approx(summary["timings"]["elapsed_seconds"], abs=0.01)}
+    assert logged["kept_model_step"] == {4: 4}
+
+
 def test_a_tracker_not_installed_names_the_pip_extra(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(tracking, "installed", lambda name: name != "wandb")
     cfg = config(tmp_path, tiny_model_dir, report_to="tensorboard,wandb")
@@ -177,8 +260,8 @@ def test_two_processes_report_once_and_keep_the_best(tmp_path, tiny_model_dir):
 
 
 def test_mlflow_and_trackio_get_the_run_name(tmp_path, tiny_model_dir, monkeypatch):
-    """Not installed here: what preftune hands accelerate for them (accelerate starts and feeds them
-    like the others)."""
+    """What preftune hands accelerate for them, without their packages (the trackers import theirs when
+    started); the runs themselves are read back above."""
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker
 
     monkeypatch.setattr(tracking, "installed", lambda name: True)

@@ -27,7 +27,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from preftune import guard, hub, sharding
+from preftune import guard, hub, sharding, zero
 from preftune.adapters import TRAINED_ADAPTER
 from preftune.errors import ConfigError, ModelError
 from preftune.files import fresh_tmp_dir, remove_dir, replace_dir, write_atomic
@@ -264,19 +264,22 @@ def _write_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg,
     weights, optimizer_state = None, None
     if sharding.is_sharded(model):  # every process takes part in gathering the whole state
         weights = sharding.full_state_dict(model)
-        if not cfg.save_only_model:
+        if zero.is_zero(model) and not cfg.save_only_model:  # DeepSpeed writes its partitions itself
+            zero.save_engine_state(policy, tmp)
+        elif not cfg.save_only_model:
             optimizer_state = sharding.full_optimizer_state(model, optimizer.optimizer)
     if accelerator.is_main_process:
         _save_weights(model, tmp, state_dict=weights)  # a LoRA policy: its trained adapter only
         tokenizer.save_pretrained(tmp)
-        if not cfg.save_only_model:
+        if not cfg.save_only_model and not zero.is_zero(model):
             torch.save(optimizer_state or optimizer.state_dict(), tmp / "optimizer.pt")
+        if not cfg.save_only_model:
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
             if accelerator.scaler is not None:  # fp16: the loss scale and its growth counter
                 _write_json(tmp / "scaler.json", accelerator.scaler.state_dict())
             _write_json(tmp / "trainer_state.json", {**loop_state, "step": step, "running_keys": list(running),
                                                      "world_size": accelerator.num_processes, "config": cfg.to_dict(),
-                                                     "sharded": weights is not None})
+                                                     "sharded": weights is not None, "engine": _engine(model)})
         (tmp / "log_history.json").write_text(json.dumps(loop_state["log_history"], indent=1))
         (tmp / "preftune_step.json").write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
@@ -301,7 +304,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 def _missing(folder: Path) -> list[str]:
     weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
     missing = [] if any((folder / w).is_file() for w in weights) else ["model weights (model.safetensors)"]
-    return missing + [name for name in RESUME_FILES if not (folder / name).is_file()]
+    # under DeepSpeed the optimizer state is its own partitioned files (deepspeed/), not optimizer.pt
+    optimizer = (folder / "optimizer.pt").is_file() or (folder / zero.ENGINE_DIR).is_dir()
+    return missing + [name for name in RESUME_FILES if not (folder / name).is_file() and
+                      not (name == "optimizer.pt" and optimizer)]
 
 
 def resume_dir(cfg) -> Path | None:
@@ -416,6 +422,11 @@ def check_same_data(state: dict, cfg, folder: Path, fingerprint: str | None) -> 
     log.warning("resume_override: continuing %s on other data%s", folder, what)
 
 
+def _engine(model) -> str | None:
+    """The sharding engine a policy trains under: what its checkpoints' optimizer state is kept by."""
+    return "deepspeed" if zero.is_zero(model) else "fsdp" if sharding.is_sharded(model) else None
+
+
 def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg,
                     fingerprint: str | None = None) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG states from `folder`, once its data
@@ -424,25 +435,30 @@ def load_checkpoint(folder: Path, accelerator, policy, optimizer, scheduler, cfg
     state = json.loads((folder / "trainer_state.json").read_text())
     check_same_data(state, cfg, folder, fingerprint)
     model = accelerator.unwrap_model(policy).model
-    if state.get("sharded", False) != sharding.is_sharded(model):  # the optimizer state is keyed differently
-        raise ConfigError(f"resume_from_checkpoint: {folder} was written {'with' if state.get('sharded') else 'without'} "
-                          "fsdp; resume with the setting it was written with")
-    load_weights_into(model, folder)
-    optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    if sharding.is_sharded(model):
-        sharding.load_full_optimizer_state(model, optimizer.optimizer, optimizer_state)
+    written = state.get("engine", "fsdp" if state.get("sharded") else None)
+    if written != _engine(model):  # the optimizer state is kept differently
+        how = f"with {written}" if written else "without fsdp or deepspeed"
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written {how}; resume with the setting it was "
+                          "written with")
+    if state.get("world_size", 1) != accelerator.num_processes:
+        # each process's share of every batch, and its random state, depend on the number of processes
+        raise ConfigError(f"resume_from_checkpoint: {folder} was written by {state.get('world_size', 1)} process(es) "
+                          f"and this run has {accelerator.num_processes}; resume with the same number of processes")
+    if zero.is_zero(model):  # DeepSpeed's own files: the weights and its partitioned optimizer state
+        zero.load_engine_state(policy, folder)
     else:
-        optimizer.load_state_dict(optimizer_state)
+        load_weights_into(model, folder)
+        optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        if sharding.is_sharded(model):
+            sharding.load_full_optimizer_state(model, optimizer.optimizer, optimizer_state)
+        else:
+            optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
     if accelerator.scaler is not None:
         if not (folder / "scaler.json").is_file():
             raise ConfigError(f"resume_from_checkpoint: {folder} has no scaler.json (it was not an fp16 run); "
                               "resume with the precision it was written with")
         accelerator.scaler.load_state_dict(json.loads((folder / "scaler.json").read_text()))
-    if state.get("world_size", 1) != accelerator.num_processes:
-        # each process's share of every batch, and its random state, depend on the number of processes
-        raise ConfigError(f"resume_from_checkpoint: {folder} was written by {state.get('world_size', 1)} process(es) "
-                          f"and this run has {accelerator.num_processes}; resume with the same number of processes")
     _set_rng_state(json.loads((folder / f"rng_state_{accelerator.process_index}.json").read_text()))
     running_file = folder / f"running_{accelerator.process_index}.safetensors"
     state["running"] = {}

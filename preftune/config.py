@@ -204,6 +204,7 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "Accepted for LLaMA-Factory configs; batches are built in-process.")
     ddp_timeout: int | None = _f(None, "Accepted for LLaMA-Factory configs.")
     fsdp: str = _f("", "Shard weights, gradients and optimizer state over the processes with FSDP2 (TrainingArguments' words): full_shard, shard_grad_op (keep gathered weights from forward to backward), offload (parameters on the CPU between uses; GPU only). An accelerate config with distributed_type FSDP and fsdp_version 2 does the same. Full, freeze and LoRA (with save_adapter_only: true); docs/distributed.md.")
+    deepspeed: str = _f("", "A DeepSpeed JSON config (LLaMA-Factory's examples/deepspeed/ds_z3_config.json): ZeRO stage 2 partitions gradients and optimizer state over the processes, stage 3 the weights too (offload_optimizer/offload_param: to the CPU). Its \"auto\" values are filled from this config; an accelerate config with distributed_type DEEPSPEED does the same. Full and freeze training, LoRA at stages 0-2; docs/distributed.md.")
     progress_bar: bool = _f(True, "Show a tqdm progress bar.")
     skip_nonfinite_steps: int = _f(0, "Optimizer steps with a non-finite (NaN or infinite) loss or gradient norm that may be skipped (gradients dropped; no optimizer or learning-rate step) before the run stops; the count is in summary.json. 0: stop at the first one.")
     resume_override: bool = _f(False, "Resume even though the model, reference, data or loss settings differ from the checkpoint's run (the differences are listed in a warning). Off: such a resume is refused.")
@@ -421,8 +422,6 @@ _ONE_PROCESS_GROUP = ("preftune trains on several processes through accelerate l
 # null, false, none, or the only behaviour preftune has), so configs that carry them unchanged load;
 # any other value is refused with the message. docs/llamafactory-keys.md lists every key.
 NOT_HONOURED: dict[str, tuple[tuple, str]] = {
-    "deepspeed": ((None, "", "none"), "DeepSpeed is not supported; shard with fsdp: full_shard (FSDP2, "
-                                      "docs/distributed.md), or use finetuning_type: lora or quantization_bit"),
     "fsdp_config": ((None, {}), "set the FSDP2 mode with fsdp: full_shard, shard_grad_op or offload, or launch "
                                 "with an accelerate FSDP2 config (docs/distributed.md)"),
     "enable_liger_kernel": ((None, False), "Liger kernels are not used (preftune computes log-probs in chunks "
@@ -607,6 +606,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
                               "(it trains on pairs, or on {prompt, completion, label} records; docs/losses.md)")
         if key == "report_to" and value is None:
             value = "none"
+        if key == "deepspeed" and (value is None or str(value).strip().lower() == "none"):
+            value = ""  # LLaMA-Factory's way of saying no DeepSpeed
         if key in NOT_HONOURED:
             _not_honoured(key, value, source)
             continue

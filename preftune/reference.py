@@ -52,7 +52,7 @@ from preftune.errors import ModelError
 from preftune.evaluate import pair_logps
 from preftune.files import cache_root
 from preftune.logps import BatchLogps, PolicyLogps, get_batch_logps, model_inputs
-from preftune.sharding import active, shard
+from preftune.sharding import active, shard_reference
 from preftune.models import (check_vocabulary, load_dtype, load_policy, load_reference, reference_adapters,
                              weight_dtypes)
 from preftune.tokenization import TokenizedPair
@@ -158,11 +158,9 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
                     reference = load_reference(cfg)
                     if tokenizer is not None:
                         check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
-                    if sharded:  # pair_logps calls the sharded root, which gathers what each pass needs
-                        reference = PolicyLogps(reference, cfg.logps_chunk_size)
-                        shard(reference, sharded, accelerator.device, cfg.mixed_precision, "the reference")
-                    else:
-                        reference.to(accelerator.device)
+                    # sharded, pair_logps calls the sharded root, which gathers what each pass needs
+                    reference = shard_reference(reference, sharded, accelerator, cfg.logps_chunk_size,
+                                                cfg.mixed_precision) or reference
                 progress = "reference log-probs" if cfg.progress_bar and accelerator.is_main_process else None
                 logps, _ = pair_logps(reference, pairs, pad_id, cfg.eval_batch_size, cfg.logps_chunk_size,
                                       cfg.ld_alpha, accelerator.device, accelerator.autocast, progress)
@@ -253,9 +251,8 @@ def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] |
         check_vocabulary(model, tokenizer, what)
     runner = None
     sharded = active(cfg) if accelerator is not None else None
-    if sharded:  # sharded as the policy is: never a whole copy per process
-        runner = PolicyLogps(model, chunk_size)
-        shard(runner, sharded, accelerator.device, cfg.mixed_precision, "the reference")
+    if sharded:  # sharded as the policy is (FSDP2, ZeRO-3): never a whole copy per process
+        runner = shard_reference(model, sharded, accelerator, chunk_size, cfg.mixed_precision)
     elif accelerator is not None:
         model = accelerator.prepare_model(model, evaluation_mode=True)
     return policy, Reference(model, chunk_size=chunk_size, runner=runner,

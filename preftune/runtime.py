@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
 
-from preftune import sharding
+from preftune import sharding, zero
 from preftune.tracking import make_trackers
 from preftune.checkpoints import latest_checkpoint
 from preftune.errors import ConfigError, PreftuneError
@@ -69,10 +70,16 @@ def make_accelerator(cfg) -> Accelerator:
     # accelerate starts a CPU process group (gloo) only when asked for the CPU: without a GPU, a
     # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    zero_settings = sharding.launched_zero(cfg)  # DeepSpeed ZeRO: accelerate's engine, with the run's values
+    plugin = zero.make_plugin(cfg, zero_settings, int(os.environ.get("WORLD_SIZE", "1"))) if zero_settings else None
+    # DeepSpeed on CPU processes (its CPU accelerator): accelerate finds no backend of its own there and
+    # would count one process; gloo, named, makes it count the launcher's
+    zero_cpu = [InitProcessGroupKwargs(backend="gloo")] if plugin and not torch.cuda.is_available() else None
     try:
         with sharding.hidden_from_accelerate():  # an FSDP2 config is preftune's to apply (sharding.py)
-            return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available(),
-                               log_with=make_trackers(cfg) or None)
+            return Accelerator(mixed_precision=cfg.mixed_precision, log_with=make_trackers(cfg) or None,
+                               cpu=several and not torch.cuda.is_available() and plugin is None,
+                               deepspeed_plugin=plugin, kwargs_handlers=zero_cpu)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
 

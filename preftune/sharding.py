@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 
 import torch
@@ -74,23 +75,47 @@ def hidden_from_accelerate():
 
 
 def active(cfg) -> dict | None:
-    """fsdp_settings where there is a process group to shard over (a launcher started this process),
-    else None: a plain run, with a warning."""
+    """The sharding engine's settings where there is a process group to shard over (a launcher started
+    this process): fsdp_settings with "engine": "fsdp", or `zero.zero_settings` with "engine":
+    "deepspeed"; else None: a plain run (with a warning when sharding was asked for)."""
     global _warned
-    settings = fsdp_settings(cfg)
+    settings = launched_zero(cfg)
+    settings = {"engine": "deepspeed", **settings} if settings else fsdp_settings(cfg)
+    if settings is not None and settings.get("engine") is None:
+        settings = {"engine": "fsdp", **settings}
     if settings is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         if not _warned:
             _warned = True
-            log.warning("fsdp: this process was not started by a launcher (accelerate launch / torchrun), so there is "
-                        "nothing to shard across; training unsharded")
+            log.warning("%s: this process was not started by a launcher (accelerate launch / torchrun), so there is "
+                        "nothing to shard across; training unsharded", settings["engine"])
+        return None
+    return settings
+
+
+def launched_zero(cfg) -> dict | None:
+    """ZeRO's settings (`zero.zero_settings`) when a launcher started this process, else None (with a
+    warning when ZeRO was asked for): DeepSpeed needs the launcher's process group, even of one process."""
+    from preftune import zero
+
+    settings = zero.zero_settings(cfg)
+    if settings is not None and "WORLD_SIZE" not in os.environ:
+        global _warned
+        if not _warned:
+            _warned = True
+            log.warning("deepspeed: this process was not started by a launcher (accelerate launch / torchrun), so "
+                        "there is nothing to shard across; training unsharded")
         return None
     return settings
 
 
 def check(cfg, settings: dict | None) -> None:
-    """What this first FSDP2 version does not do, refused before any model loads."""
+    """What this first FSDP2 (or ZeRO, `zero.check`) version does not do, refused before any model loads."""
     if settings is None:
         return
+    if settings.get("engine") == "deepspeed":
+        from preftune import zero
+
+        return zero.check(cfg, settings)
     if cfg.finetuning_type == "lora":
         if not cfg.save_adapter_only:  # a merge needs every base weight whole in one place
             raise ConfigError("fsdp with finetuning_type lora writes the adapter: set save_adapter_only: true (then "
@@ -122,12 +147,8 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    from preftune.models import LOADED_DTYPE
-
-    # the dtypes to save the final weights in: fully_shard replaces the parameters, and their marks
     model = root.model
-    model.preftune_loaded_dtypes = {n: getattr(p, LOADED_DTYPE) for n, p in model.named_parameters()
-                                    if hasattr(p, LOADED_DTYPE)}
+    mark_loaded_dtypes(model)  # fully_shard replaces the parameters, and their marks
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     kwargs = {"mesh": mesh, "reshard_after_forward": settings["reshard_after_forward"]}
     if mixed_precision == "bf16":  # gather weights in bf16 (half the traffic), reduce gradients in fp32
@@ -165,7 +186,17 @@ def share_policy_passes(reference, root) -> None:
 
 
 def is_sharded(model) -> bool:
+    """Whether `model` is trained sharded (FSDP2 or ZeRO): its whole weights must be gathered to be saved."""
     return hasattr(model, "preftune_loaded_dtypes")
+
+
+def mark_loaded_dtypes(model) -> None:
+    """The dtypes to save the final weights in, noted before the engine replaces (FSDP2) or casts
+    (ZeRO with bf16) the parameters, and their marks."""
+    from preftune.models import LOADED_DTYPE
+
+    model.preftune_loaded_dtypes = {n: getattr(p, LOADED_DTYPE) for n, p in model.named_parameters()
+                                    if hasattr(p, LOADED_DTYPE)}
 
 
 def full_state_dict(model, loaded_dtypes: bool = False) -> dict[str, torch.Tensor]:
@@ -174,9 +205,15 @@ def full_state_dict(model, loaded_dtypes: bool = False) -> dict[str, torch.Tenso
     from peft import PeftModel
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from preftune import zero
+
     # a LoRA model is saved as its adapter: the frozen base is not gathered at all
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=isinstance(model, PeftModel))
-    state = get_model_state_dict(model, options=options)
+    if zero.is_zero(model):
+        state = zero.full_state_dict(model, ignore_frozen=isinstance(model, PeftModel))
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                   ignore_frozen_params=isinstance(model, PeftModel))
+        state = get_model_state_dict(model, options=options)
     seen = set()  # tied weights (lm_head = embeddings) gather as two copies; saved once, as transformers does
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:
@@ -193,6 +230,10 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     """Every process calls this with the whole weights (each read them): each keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from preftune import zero
+
+    if zero.is_zero(model):
+        return zero.load_full_state_dict(model, state)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
@@ -216,14 +257,76 @@ def gathered(*roots):
     Other roots (None, unsharded models) pass through."""
     from torch.distributed.fsdp import FSDPModule
 
+    from preftune import zero
+
     sharded = [r for r in roots if isinstance(r, FSDPModule)]
     for root in sharded:
         root.unshard()
-    try:
-        yield
+    try:  # ZeRO-3 engines: their LM heads gathered (a DeepSpeedEngine holds the root as .module)
+        with zero.gathered_heads(*(getattr(getattr(r, "module", r), "model", None) for r in roots if r is not None)):
+            yield
     finally:
         for root in sharded:
             root.reshard()
+
+
+def shard_reference(model, settings: dict | None, accelerator, chunk_size: int, mixed_precision: str | None):
+    """The frozen reference under the run's engine: the root its passes go through (`Reference.runner`),
+    or None where the model runs as it is, on the device (no sharding; ZeRO stages 0-2, as TRL does)."""
+    from preftune import zero
+    from preftune.logps import PolicyLogps
+
+    if settings is None or (settings["engine"] == "deepspeed" and settings["stage"] < 3):
+        model.to(accelerator.device)
+        return None
+    root = PolicyLogps(model, chunk_size)
+    if settings["engine"] == "fsdp":
+        shard(root, settings, accelerator.device, mixed_precision, "the reference")
+        return root
+    model.preftune_engine = "deepspeed"
+    return zero.reference_engine(root, accelerator)
+
+
+def prepare(accelerator, policy, optimizer, settings: dict | None):
+    """The policy's root and optimizer as the loop uses them: through accelerate (DDP, or a
+    DeepSpeedEngine under ZeRO, which then steps the optimizer itself), or, sharded by FSDP2 already
+    (`shard`), only the optimizer. Make the learning-rate schedule after, on the returned optimizer:
+    ZeRO regroups the parameters (accelerate would wrap a schedule to step once per process)."""
+    if settings is not None and settings["engine"] == "fsdp":
+        return policy, accelerator.prepare(optimizer)
+    if settings is not None:  # deepspeed
+        from preftune import zero
+
+        mark_loaded_dtypes(policy.model)  # before the engine casts the weights (bf16)
+        zero.fill_model_sizes(accelerator.state.deepspeed_plugin.deepspeed_config, policy.model.config.hidden_size)
+        policy.model.preftune_engine = "deepspeed"
+        engine, optimizer = accelerator.prepare(policy, optimizer)
+        log.info("%s", zero.describe(settings, accelerator.num_processes, accelerator.mixed_precision))
+        policy.model.preftune_settle = engine.empty_partition_cache  # see zero.full_state_dict
+        return engine, optimizer
+    return accelerator.prepare(policy, optimizer)
+
+
+def backward(accelerator, policy, loss: torch.Tensor, last: bool, settings: dict | None) -> None:
+    """loss.backward() through the engine. Under ZeRO the engine is told whether this is the step's last
+    micro-batch (the gradients are reduced then) and does not divide by the accumulation count: the
+    loss is already the step's mean."""
+    if settings is not None and settings["engine"] == "deepspeed":
+        policy.set_gradient_accumulation_boundary(last)
+        policy.backward(loss, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
+
+
+def clip_and_norm(accelerator, policy, model, max_grad_norm: float, settings: dict | None) -> float:
+    """Clip the step's gradients to max_grad_norm (0: no clipping) and return their norm before clipping.
+    Under ZeRO this is DeepSpeed's step itself (it clips, updates and zeroes the gradients): the
+    optimizer's and the schedule's own step are no-ops there."""
+    if settings is not None and settings["engine"] == "deepspeed":
+        policy.step()
+        norm = policy.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+    return float(local_value(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)))
 
 
 def local_value(t):

@@ -86,7 +86,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         log.setLevel(logging.WARNING)  # one log: the main process's
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
-    sharded = sharding.active(cfg)  # FSDP2 (docs/distributed.md), else DDP through accelerate
+    sharded = sharding.active(cfg)  # FSDP2 or DeepSpeed ZeRO (docs/distributed.md), else DDP through accelerate
     sharding.check(cfg, sharded)
     model, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, **eval_items})
     metrics = MetricsLog(cfg, accelerator)
@@ -95,16 +95,16 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
                            describe_precision(model, reference, cfg))
     model.train()
     policy = PolicyLogps(model, cfg.logps_chunk_size)
-    if sharded:  # before the optimizer, which must hold the sharded parameters
+    if sharded and sharded["engine"] == "fsdp":  # before the optimizer, which must hold the sharded parameters
         sharding.shard(policy, sharded, accelerator.device, cfg.mixed_precision)
         sharding.share_policy_passes(reference, policy)
     optimizer = make_optimizer(model, cfg)
     micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
     metrics.planned_steps = total_steps
-    policy, optimizer = (policy, accelerator.prepare(optimizer)) if sharded else accelerator.prepare(policy, optimizer)
+    policy, optimizer = sharding.prepare(accelerator, policy, optimizer, sharded)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)  # on the groups the (ZeRO) optimizer steps with
     pad_id = tokenizer.pad_token_id
     train_reference = reference.on("train")
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
@@ -185,12 +185,14 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
                 # (sharded, every process computes the KL: it gathers weights; an empty share's is not counted)
                 out = step_fn(policy, train_reference, batch, kl=log_now and last and (scale > 0 or bool(sharded)),
                               kl_max_tokens=KL_TRAIN_TOKENS)
-                accelerator.backward(out.losses.sum() * scale / step_items)
+                sharding.backward(accelerator, policy, out.losses.sum() * scale / step_items, last, sharded)
             finite = finite & torch.isfinite(out.losses.detach()).all()
             if scale:
                 for key, value in out.stats.items():
                     step_stats.setdefault(key, []).append(value)
-        grad_norm = sharding.local_value(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
+        if sharded and sharded["engine"] == "deepspeed":  # its step (next line) updates: the loss is checked first
+            guard.check(step, finite, 0.0)
+        grad_norm = sharding.clip_and_norm(accelerator, policy, model, cfg.max_grad_norm, sharded)
         skipped = guard.check(step, finite, grad_norm)  # non-finite: raises, or (skip_nonfinite_steps) skips
         if skipped:
             guard.skip(optimizer)

@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
     {"optim", "guard", "hub"},
     {"config", "data", "adapters", "labels"},
-    {"tokenization", "models", "checkpoints", "report", "sharding", "tracking"},
+    {"tokenization", "models", "checkpoints", "report", "sharding", "zero", "tracking"},
     {"cache", "batching", "demo"},
     {"evaluate", "generate", "rewards"},
     {"reference", "step", "runtime"},

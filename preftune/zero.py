@@ -1,0 +1,271 @@
+"""DeepSpeed ZeRO through accelerate: stage 2 partitions gradients and optimizer state over the
+processes, stage 3 the weights too (optionally offloaded to the CPU), so a model too large for one
+GPU's memory trains on several.
+
+    settings = zero_settings(cfg)        # None, or {"stage": 3, "config": {...}, "source": ...}
+    plugin = make_plugin(cfg, settings, world)   # accelerate's DeepSpeedPlugin with every "auto" filled
+    policy, optimizer = accelerator.prepare(policy, optimizer)   # a DeepSpeedEngine
+    state = full_state_dict(model)       # collective: whole fp32 weights on the main process
+
+Where ZeRO comes from, as in LLaMA-Factory and transformers:
+
+- `deepspeed: examples/deepspeed/ds_z3_config.json` (a DeepSpeed JSON config; "auto" values are
+  filled from the run's config), or
+- an accelerate config with `distributed_type: DEEPSPEED` (`accelerate launch --config_file
+  examples/accelerate/zero3.yaml`), read from the environment accelerate sets.
+
+The engine does what preftune's loop does itself otherwise: the loop calls `backward` (the gradient
+accumulation boundary said explicitly, no rescaling by the accumulation count: the loss is already
+the step's mean) and `step`, which clips (`gradient_clipping` = max_grad_norm), updates and zeroes
+the gradients; the learning-rate schedule is preftune's, stepped by the loop. The gradients are
+averaged over processes as DDP averages them, so a step computes what a one-process run with the
+global batch computes. The reference is a frozen engine of its own under stage 3 (partitioned, as
+TRL prepares it), a plain copy per process under stages 0-2.
+
+Checkpoints keep preftune's format (whole weights as safetensors, scheduler, RNG states, trainer
+state) plus DeepSpeed's own files of the partitioned optimizer state in `deepspeed/` (written and
+read by DeepSpeed; a resume needs the same number of processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from preftune.errors import ConfigError
+
+log = logging.getLogger("preftune")
+
+ENGINE_DIR = "deepspeed"  # a checkpoint's folder of DeepSpeed's own (partitioned) state
+_TAG = "state"
+
+
+def _read_config(path: str) -> dict:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"deepspeed: {path} is not a file; give the path of a DeepSpeed JSON config "
+                          "(examples/deepspeed/ds_z3_config.json)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"deepspeed: {path} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"deepspeed: {path} holds {type(config).__name__}, not a JSON object of DeepSpeed settings")
+    return config
+
+
+def zero_settings(cfg) -> dict | None:
+    """{"stage", "config", "source"} when ZeRO is asked for (the `deepspeed` key or an accelerate DeepSpeed
+    config in the environment), else None. The config's own sections that preftune makes itself
+    (optimizer, scheduler) are refused."""
+    from_accelerate = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not cfg.deepspeed and not from_accelerate:
+        return None
+    if cfg.fsdp:
+        raise ConfigError("deepspeed and fsdp are two sharding engines; use one of them")
+    if cfg.deepspeed:
+        source, config = cfg.deepspeed, _read_config(cfg.deepspeed)
+    else:  # accelerate's launcher: a config file it names, or the zero_stage etc. of its own config
+        from accelerate.utils import DeepSpeedPlugin
+
+        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the accelerate config"
+        config = _read_config(source) if source != "the accelerate config" else \
+            copy.deepcopy(DeepSpeedPlugin().deepspeed_config)
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ConfigError(f"deepspeed: {source} has a \"{section}\" section; preftune makes the optimizer and "
+                              "the learning-rate schedule from optim, learning_rate, lr_scheduler_type and warmup: "
+                              f"remove \"{section}\" from the file")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed: zero_optimization.stage in {source} is {stage!r}; use 0, 1, 2 or 3")
+    return {"stage": stage, "config": config, "source": source}
+
+
+def check(cfg, settings: dict | None) -> None:
+    """What this first ZeRO version does not do, refused before any model loads."""
+    if settings is None:
+        return
+    if cfg.skip_nonfinite_steps:
+        raise ConfigError("deepspeed: skip_nonfinite_steps is not available (DeepSpeed's step cannot be undone or "
+                          "skipped from outside); set skip_nonfinite_steps: 0 (a non-finite step stops the run)")
+    for key in ("quantization_bit", "torch_compile"):
+        if getattr(cfg, key):
+            raise ConfigError(f"deepspeed: {key} is not combined with ZeRO yet; remove it, or unset deepspeed")
+    if cfg.finetuning_type == "lora" and settings["stage"] == 3:
+        raise ConfigError("deepspeed: LoRA under ZeRO-3 is not supported yet (the adapter is small: ZeRO-2, "
+                          "examples/deepspeed/ds_z2_config.json, or fsdp: full_shard with LoRA)")
+    if cfg.generate_during_eval and settings["stage"] == 3:
+        raise ConfigError("deepspeed: generate_during_eval samples on the main process alone, which a ZeRO-3 "
+                          "model cannot do; set generate_during_eval: 0")
+
+
+def _fill(config: dict, key: str, value, source: str) -> None:
+    """config[key] (dotted) = value where it is "auto" or absent; a different explicit value is refused:
+    DeepSpeed would silently train with another batch, accumulation or clipping than the run's."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    current = node.get(leaf, "auto")
+    if current == "auto":
+        node[leaf] = value
+    elif current != value and not (isinstance(value, float) and isinstance(current, (int, float))
+                                   and float(current) == value):
+        raise ConfigError(f"deepspeed: {key} is {current!r} in {source} but {value!r} in this run's config; set it "
+                          "to \"auto\" there (preftune fills it) or make the two agree")
+
+
+def make_plugin(cfg, settings: dict, world: int):
+    """accelerate's DeepSpeedPlugin for `settings`, every "auto" the run decides filled in."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    # DeepSpeed's collectives call torch APIs that torch deprecates, one warning per call otherwise
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+
+    config, source = copy.deepcopy(settings["config"]), settings["source"]
+    _fill(config, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, source)
+    _fill(config, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, source)
+    _fill(config, "train_batch_size", cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+          source)
+    _fill(config, "gradient_clipping", float(cfg.max_grad_norm or 0.0), source)
+    _fill(config, "bf16.enabled", bool(cfg.bf16), source)
+    _fill(config, "fp16.enabled", bool(cfg.fp16), source)
+    zero = config.setdefault("zero_optimization", {})
+    zero.setdefault("stage", settings["stage"])
+    config["zero_allow_untested_optimizer"] = True  # preftune's torch optimizer (optim), not DeepSpeed's own
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # the optimizer steps on the CPU: torch's AdamW there, not DeepSpeedCPUAdam (a C++ op built at run time)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+    # zero3_init_flag off: transformers would load the weights already partitioned, before preftune
+    # has set up its master weights, adapters and frozen layers on them (each process loads them whole)
+    # the accelerate config's DeepSpeed fields are in `config` already (zero_settings read them); with them
+    # still named in the environment, accelerate would refuse a config given beside them
+    fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
+    finally:
+        if fields is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
+
+
+def fill_model_sizes(config: dict, hidden_size: int) -> dict:
+    """The bucket sizes DeepSpeed's configs leave "auto", from the model's hidden size (accelerate's rule)."""
+    zero = config.get("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    return config
+
+
+def reference_engine(root, accelerator):
+    """A frozen model (its `PolicyLogps` root) under ZeRO-3, partitioned over the processes as the
+    policy is, in evaluation mode: the config of the run without optimizer (as TRL prepares its
+    reference). Call after the Accelerator exists (it holds the filled config)."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    fill_model_sizes(config, root.model.config.hidden_size)
+    config["zero_optimization"]["stage3_prefetch_bucket_size"] = 0  # as TRL: no prefetching for an eval-only engine
+    for key in ("optimizer", "scheduler", "zero_force_ds_cpu_optimizer"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=root, config=config)
+    engine.eval()
+    log.info("deepspeed: the reference (%s) partitioned over %d processes (ZeRO-3, evaluation only)",
+             type(root.model).__name__, accelerator.num_processes)
+    return engine
+
+
+def describe(settings: dict, world: int, mixed_precision: str = "no") -> str:
+    zero = settings["config"].get("zero_optimization", {})
+    offload = [what for what in ("optimizer", "param") if zero.get(f"offload_{what}", {}).get("device", "none") != "none"]
+    parts = [settings["source"]] + ([f"{' and '.join(offload)} offloaded to the CPU"] if offload else [])
+    if mixed_precision in ("bf16", "fp16"):  # DeepSpeed's mixed precision: not autocast over fp32 weights
+        parts.append(f"weights held and computed in {mixed_precision}, fp32 master copies in the optimizer")
+    return f"deepspeed: the policy under ZeRO stage {settings['stage']} over {world} processes ({'; '.join(parts)})"
+
+
+# --- the whole weights, gathered and scattered ----------------------------------------------
+
+
+def is_zero(model) -> bool:
+    """Whether `model` (the transformers model inside a DeepSpeedEngine) is trained under ZeRO."""
+    return getattr(model, "preftune_engine", None) == "deepspeed"
+
+
+def _partitioned(param) -> bool:
+    return hasattr(param, "ds_id")  # a ZeRO-3 parameter: each process holds only its part (ds_tensor)
+
+
+def full_state_dict(model, ignore_frozen: bool = False) -> dict[str, torch.Tensor]:
+    """Every process must call this (it gathers): the whole weights on the CPU on the main process ({} on
+    the others), as the model holds them (ZeRO writes each step's update back into them); tied weights
+    once. ZeRO-3 weights are gathered one at a time, so no process ever holds the whole model."""
+    from deepspeed import zero
+
+    if hasattr(model, "preftune_settle"):  # ZeRO-3 prefetches weights for a next forward; those still in
+        model.preftune_settle()             # flight could not be gathered: release them first
+    main = torch.distributed.get_rank() == 0
+    state, seen = {}, set()
+    for name, param in model.named_parameters():
+        if id(param) in seen or (ignore_frozen and not param.requires_grad):
+            continue
+        seen.add(id(param))
+        with zero.GatheredParameters([param]) if _partitioned(param) else contextlib.nullcontext():
+            if main:
+                state[name] = param.data.detach().cpu().clone()
+    return state
+
+
+def load_full_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Every process calls this with the whole weights (each read them): the model's weights take them,
+    ZeRO-3 ones partitioned again after. For a model that is only saved afterwards (the best model
+    kept at the end): ZeRO's fp32 master copies in the optimizer are not updated."""
+    from deepspeed import zero
+
+    if hasattr(model, "preftune_settle"):
+        model.preftune_settle()
+    for name, param in model.named_parameters():
+        if name not in state:
+            continue
+        with zero.GatheredParameters([param], modifier_rank=0) if _partitioned(param) else contextlib.nullcontext():
+            with torch.no_grad():
+                param.data.copy_(state[name].to(param.dtype))
+
+
+@contextlib.contextmanager
+def gathered_heads(*models):
+    """The LM heads of ZeRO-3 models whole while code outside their forward reads them (the KL)."""
+    from deepspeed import zero
+
+    params = [p for m in models if m is not None for p in m.get_output_embeddings().parameters() if _partitioned(p)]
+    with zero.GatheredParameters(params) if params else contextlib.nullcontext():
+        yield
+
+
+def save_engine_state(engine, folder: Path) -> None:
+    """Collective: DeepSpeed's partitioned optimizer state (and its view of the weights) into folder/deepspeed."""
+    engine.save_checkpoint(str(folder / ENGINE_DIR), tag=_TAG, save_latest=False)
+
+
+def load_engine_state(engine, folder: Path) -> None:
+    """Collective: the weights and optimizer state `save_engine_state` wrote (same number of processes)."""
+    path = folder / ENGINE_DIR
+    if not (path / _TAG).is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {folder} has no {ENGINE_DIR}/ folder (it was not written "
+                          "under deepspeed); resume with the setting it was written with")
+    loaded, _ = engine.load_checkpoint(str(path), tag=_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_strict=True)
+    if loaded is None:
+        raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not read {path}; resume with the same "
+                          "deepspeed config and number of processes it was written with")

@@ -1,0 +1,190 @@
+"""DeepSpeed ZeRO on CPU processes (DeepSpeed's CPU accelerator, gloo): a 2-process ZeRO-2 or ZeRO-3 run
+equals a one-process run with the global batch (per-step metrics and final weights), ZeRO-3 leaves each
+process half of every weight (the reference's too), a ZeRO-3 checkpoint resumes to the same weights,
+LLaMA-Factory's JSON configs and accelerate's DeepSpeed configs both work, every "auto" is filled from
+the run's config, and what is not supported yet is refused before any model loads."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from preftune import train as train_mod
+from preftune.config import from_dict
+from preftune.errors import ConfigError
+from preftune.zero import check, make_plugin, zero_settings
+from test_distributed import ROOT, free_port, history, raw_config, same_histories, torchrun
+
+EXAMPLES = ROOT / "examples" / "deepspeed"
+
+# printed by each process after the policy is prepared: the share of its weights' elements it holds
+SHARE_PROBE = """
+import sys
+from preftune import sharding
+from preftune.cli import main
+
+prepare = sharding.prepare
+
+def probed(accelerator, policy, optimizer, settings):
+    engine, optimizer = prepare(accelerator, policy, optimizer, settings)
+    params = list(engine.module.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    whole = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    print(f"SHARE {local / whole:.3f}", file=sys.stderr)
+    return engine, optimizer
+
+sharding.prepare = probed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def write_config(tmp_path, **values) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_zero_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_model_dir, stage):
+    torch.set_num_threads(1)
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"))))
+    script = tmp_path / "probe.py"
+    script.write_text(SHARE_PROBE)
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), per_device_train_batch_size=4,
+                     deepspeed=str(EXAMPLES / f"ds_z{stage}_config.json"))
+    result = torchrun(tmp_path, two, "two", script=str(script))
+    shares = [float(s) for s in re.findall(r"SHARE ([0-9.]+)", result.stderr)]
+    assert len(shares) == 2, result.stderr[-2000:]
+    # ZeRO-3: each process holds half of every weight (padded partitions: about half); ZeRO-2: all of them
+    assert all((0.45 < s < 0.6) if stage == 3 else s == 1.0 for s in shares), shares
+    assert f"deepspeed: the policy under ZeRO stage {stage} over 2 processes" in result.stderr
+    assert ("the reference (Qwen2ForCausalLM) partitioned over 2 processes" in result.stderr) == (stage == 3)
+
+    same_histories(tmp_path / "one", tmp_path / "two")
+    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert weights_one.keys() == weights_two.keys()
+    for name, w in weights_one.items():
+        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")  # whole, not a partition
+    assert model.model.embed_tokens.weight.shape == weights_one["model.embed_tokens.weight"].shape
+
+
+@pytest.mark.slow
+def test_a_zero3_checkpoint_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
+    over = {"save_steps": 3, "save_total_limit": 5, "per_device_train_batch_size": 4,
+            "deepspeed": str(EXAMPLES / "ds_z3_config.json"), "gradient_accumulation_steps": 2, "max_steps": 5}
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "whole"), **over), "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    assert (checkpoint / "deepspeed").is_dir() and not (checkpoint / "optimizer.pt").exists()
+    AutoModelForCausalLM.from_pretrained(checkpoint)  # the checkpoint's weights are whole too
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(checkpoint, out / "checkpoint-3")
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(out), resume_from_checkpoint=True,
+                                  **over), "resumed")
+    timing = {"tokens_per_second"}
+    resumed, whole = history(out), history(tmp_path / "whole")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed if r["step"] > 3] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in whole if r["step"] > 3]
+    weights, expected = load_file(out / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    with pytest.raises(ConfigError, match="written with deepspeed; resume with the setting"):
+        train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(out), resume_from_checkpoint=True,
+                                             **{**over, "deepspeed": None})))
+
+
+@pytest.mark.slow
+def test_the_accelerate_zero3_example_config_partitions(tmp_path, tiny_model_dir):
+    """`accelerate launch --config_file examples/accelerate/zero3.yaml` (2 CPU processes): the same run as
+    `deepspeed: examples/deepspeed/ds_z3_config.json` would give, from accelerate's settings."""
+    raw = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "acc"), per_device_train_batch_size=4,
+                     max_steps=3)
+    config = tmp_path / "acc.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(ROOT / "examples/accelerate/zero3.yaml"), "--num_processes", "2", "--mixed_precision",
+                             "no", "--main_process_port", str(free_port()), "-m", "preftune", "train", str(config)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deepspeed: the policy under ZeRO stage 3 over 2 processes (the accelerate config)" in result.stderr
+    assert "the reference (Qwen2ForCausalLM) partitioned over 2 processes" in result.stderr
+    torch.set_num_threads(1)
+    train_mod.train(from_dict({**raw, "output_dir": str(tmp_path / "one"), "per_device_train_batch_size": 8}))
+    assert history(tmp_path / "acc")[-1]["eval_loss"] == pytest.approx(history(tmp_path / "one")[-1]["eval_loss"],
+                                                                     abs=1e-5)
+
+
+def test_auto_values_are_filled_from_the_run(tmp_path):
+    path = write_config(tmp_path, train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
+                        gradient_clipping="auto", train_batch_size="auto", bf16={"enabled": "auto"},
+                        zero_optimization={"stage": 3, "reduce_bucket_size": "auto"})
+    cfg = from_dict({"deepspeed": path, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
+                     "max_grad_norm": 0.5, "bf16": True})
+    settings = zero_settings(cfg)
+    assert settings["stage"] == 3 and settings["source"] == path
+    ds = make_plugin(cfg, settings, world=4).deepspeed_config
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 24)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_allow_untested_optimizer"] is True
+    # LLaMA-Factory's own files load as they are
+    for name in ("ds_z2_config.json", "ds_z3_config.json", "ds_z3_offload_config.json"):
+        cfg = from_dict({"deepspeed": str(EXAMPLES / name)})
+        ds = make_plugin(cfg, zero_settings(cfg), world=2).deepspeed_config
+        assert ds["train_batch_size"] == cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * 2
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # offload: torch's AdamW steps on the CPU
+
+
+def test_the_accelerate_deepspeed_settings_are_read(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    settings = zero_settings(from_dict({}))
+    assert settings["stage"] == 3 and settings["source"] == "the accelerate config"
+    assert settings["config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("values,over,message", [
+    ({"gradient_accumulation_steps": 4}, {"gradient_accumulation_steps": 2},
+     r"deepspeed: gradient_accumulation_steps is 4 in .*ds.json but 2 in this run's config; set it to \"auto\""),
+    ({"optimizer": {"type": "AdamW"}}, {}, r"has a \"optimizer\" section; preftune makes the optimizer"),
+    ({"scheduler": {"type": "WarmupLR"}}, {}, r"has a \"scheduler\" section"),
+    ({"zero_optimization": {"stage": 4}}, {}, r"zero_optimization.stage in .* is 4; use 0, 1, 2 or 3"),
+    ({}, {"fsdp": "full_shard"}, "deepspeed and fsdp are two sharding engines; use one of them"),
+])
+def test_config_files_that_would_mislead_are_refused(tmp_path, values, over, message):
+    cfg = from_dict({"deepspeed": write_config(tmp_path, **values), **over})
+    with pytest.raises(ConfigError, match=message):
+        make_plugin(cfg, zero_settings(cfg), world=2)
+
+
+def test_unreadable_config_files_and_null(tmp_path):
+    with pytest.raises(ConfigError, match="deepspeed: .*absent.json is not a file"):
+        zero_settings(from_dict({"deepspeed": str(tmp_path / "absent.json")}))
+    (tmp_path / "bad.json").write_text("{stage: 3")
+    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
+        zero_settings(from_dict({"deepspeed": str(tmp_path / "bad.json")}))
+    for off in (None, "none", ""):  # LLaMA-Factory's `deepspeed: null`
+        assert zero_settings(from_dict({"deepspeed": off})) is None
+
+
+@pytest.mark.parametrize("over,stage,message", [
+    ({"skip_nonfinite_steps": 2}, 2, "skip_nonfinite_steps is not available"),
+    ({"quantization_bit": 4, "finetuning_type": "lora"}, 2, "quantization_bit is not combined with ZeRO yet"),
+    ({"finetuning_type": "lora"}, 3, "LoRA under ZeRO-3 is not supported yet"),
+    ({"generate_during_eval": 2, "val_size": 0.1}, 3, "generate_during_eval samples on the main process alone"),
+])
+def test_what_zero_does_not_do_yet_is_refused(tmp_path, over, stage, message):
+    cfg = from_dict({"model_name_or_path": str(tmp_path / "absent"), "dataset": "x.jsonl",
+                     "deepspeed": write_config(tmp_path, zero_optimization={"stage": stage}), **over})
+    with pytest.raises(ConfigError, match=message):
+        check(cfg, zero_settings(cfg))

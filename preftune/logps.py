@@ -281,7 +281,8 @@ def fused_dpo_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
         for i in range(0, B, pairs):
             j = min(i + pairs, B)
-            rows = torch.cat((torch.arange(i, j), torch.arange(B + i, B + j))).to(hidden.device)  # b chosen, b rejected
+            rows = torch.cat((torch.arange(i, j, device=hidden.device),
+                              torch.arange(B + i, B + j, device=hidden.device)))  # b chosen, then their b rejected
             chunk_loss, aux = function.apply(hidden[rows], weight, targets[rows], bias, reference_logps[i:j],
                                              reference_logps[B + i:B + j], loss, compiled)
             total = total + chunk_loss * ((j - i) / B)  # Liger's loss is the chunk's mean over its b pairs

@@ -170,9 +170,16 @@ def apply_liger_kernels(model, cfg) -> None:
                   "loss (LM head + loss) is used")
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        _log_once(f"enable_liger_kernel: Liger has no layer kernels for {model.config.model_type}; the fused DPO "
+                  "loss (LM head + loss) is used")
+        return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
-    # kwargs an architecture's function does not take are dropped by Liger; one without kernels is logged by it
+    # switches an architecture's function does not take are dropped by Liger
     _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
+    _log_once(f"enable_liger_kernel: Liger's layer kernels applied ({model.config.model_type}), and its fused DPO loss")
 
 
 _logged: set[str] = set()

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+from hostile import run_refused
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune import logps, models, sharding
@@ -271,6 +272,8 @@ def test_on_a_gpu_the_layer_kernels_are_applied_without_liger_cross_entropy(tiny
     assert {"fused_linear_cross_entropy", "cross_entropy", "model"} <= set(inspect.signature(apply_liger_kernel_to_qwen2).parameters)
     apply_calls.clear()
     models.apply_liger_kernels(model, cfg_for(tiny_model_dir))  # off: nothing
+    model.config.model_type = "no_such_architecture"  # no kernels in Liger: only the fused loss
+    models.apply_liger_kernels(model, cfg_for(tiny_model_dir, enable_liger_kernel=True))
     assert apply_calls == []
 
 
@@ -290,3 +293,10 @@ def test_on_a_cpu_only_the_fused_loss_is_used(tiny_model_dir, apply_calls, monke
     assert apply_calls == []
     said = [r.message for r in caplog.records if "Triton layer kernels are not applied" in r.message]
     assert len(said) == 1
+
+
+def test_the_cli_refuses_in_one_line(tmp_path, tiny_model_dir):
+    message = run_refused(["train", "--model_name_or_path", str(tiny_model_dir), "--use_liger_kernel", "true",
+                           "--pref_loss", "ipo", "--output_dir", str(tmp_path / "out")], cwd=tmp_path,
+                          watch=[tmp_path, tiny_model_dir], expect=["enable_liger_kernel", "pref_loss: ipo"])
+    assert "remove enable_liger_kernel" in message

@@ -164,7 +164,8 @@ def apply_liger_kernels(model, cfg) -> None:
         return
     if getattr(model.config.get_text_config(), "final_logit_softcapping", None) is not None:
         raise ConfigError(f"enable_liger_kernel: {model.config.model_type} caps its final logits "
-                          "(final_logit_softcapping), which Liger's fused DPO loss does not; remove enable_liger_kernel")
+                          "(final_logit_softcapping), which Liger's fused DPO loss does not; "
+                          "remove enable_liger_kernel")
     if not torch.cuda.is_available():
         _log_once("enable_liger_kernel: no CUDA GPU, so Liger's Triton layer kernels are not applied; the fused DPO "
                   "loss (LM head + loss) is used")
@@ -179,7 +180,8 @@ def apply_liger_kernels(model, cfg) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
     # switches an architecture's function does not take are dropped by Liger
     _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
-    _log_once(f"enable_liger_kernel: Liger's layer kernels applied ({model.config.model_type}), and its fused DPO loss")
+    _log_once(f"enable_liger_kernel: Liger's layer kernels applied ({model.config.model_type}), and its fused "
+              "DPO loss")
 
 
 _logged: set[str] = set()

@@ -23,7 +23,8 @@ from accelerate.utils import extract_model_from_parallel
 from preftune.batching import collate, collate_chosen, collate_packed, collate_shared, collate_unpaired
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
-from preftune.logps import FusedDPO, PolicyLogps, completion_kl, model_inputs  # noqa: F401 (PolicyLogps: imported from here)
+from preftune.logps import (  # noqa: F401 (PolicyLogps: imported from here)
+    FusedDPO, PolicyLogps, completion_kl, model_inputs)
 from preftune.sharding import gathered
 from preftune.losses import UNPAIRED_LOSSES, Objective, chosen_nll
 from preftune.tokenization import tokenize_examples
@@ -80,7 +81,7 @@ class PreferenceStep:
         self.loss = configured_loss(cfg)
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
         # enable_liger_kernel: one of Liger's DPO losses (config.py refuses the rest), fused with the LM head
-        self.fused = FusedDPO(cfg.pref_loss, cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
+        self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
             if cfg.enable_liger_kernel else None
         if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
@@ -102,9 +103,11 @@ class PreferenceStep:
         fused = self.fused if torch.is_grad_enabled() else None
         if fused is not None:  # Liger's loss takes the reference's log-probs: they come first
             reference_out = reference.logps(batch, return_hidden=kl)
-            policy_out = policy(**model_inputs(batch), return_hidden=kl, fused=fused, reference_logps=reference_out.logps)
+            policy_out = policy(**model_inputs(batch), return_hidden=kl, fused=fused,
+                                reference_logps=reference_out.logps)
         else:
-            policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha, wpo=self.use_weighting)
+            policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha,
+                                wpo=self.use_weighting)
             reference_out = reference.logps(batch, ld_alpha=self.ld_alpha, return_hidden=kl)
         B = policy_out.logps.size(0) // 2
         policy_chosen_logps, policy_rejected_logps = policy_out.logps[:B], policy_out.logps[B:]  # (B,) each

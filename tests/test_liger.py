@@ -20,7 +20,7 @@ from preftune.data import PreferencePair
 from preftune.demo import make_pairs
 from preftune.errors import ConfigError
 from preftune.logps import FusedDPO, PolicyLogps, fused_dpo_logps, get_batch_logps
-from preftune.reference import Reference
+from preftune.reference import Reference, load_models
 from preftune.step import PreferenceStep
 from preftune.tokenization import tokenize_pairs
 
@@ -55,17 +55,18 @@ def models_pair(tiny_model_dir):
     return policy, reference
 
 
-def run_steps(cfg, policy, reference, batches, chunk_size=64):
-    """Train a copy of `policy` over `batches` (one SGD step each) as the loop does; per step the
-    losses, the statistics, the KL and every parameter's gradient."""
-    model = copy.deepcopy(policy).train()
+def run_steps(cfg, policy, reference, batches, chunk_size=64, own=False, autocast=False):
+    """Train a copy of `policy` (`own`: the policy itself) over `batches` (one SGD step each) as the loop
+    does; per step the losses, the statistics, the KL and every trainable parameter's gradient."""
+    model = (policy if own else copy.deepcopy(policy)).train()
     runner, step = PolicyLogps(model, chunk_size), PreferenceStep(cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     seen = []
     for batch in batches:
-        out = step(runner, reference, batch, kl=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = step(runner, reference, batch, kl=True)
         (out.losses.sum() / out.losses.numel()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         seen.append((out.losses.detach(), {k: v.detach() for k, v in out.stats.items()}, out.kl, grads))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # sppo_hard's gradients are large here
         optimizer.step()
@@ -98,8 +99,26 @@ def test_fused_steps_equal_the_chunked_steps(loss, tiny_model_dir, models_pair, 
     fused = run_steps(cfg_for(tiny_model_dir, enable_liger_kernel=True, **over), policy, reference, batches)
     chunked = run_steps(cfg_for(tiny_model_dir, **over), policy, reference, batches)
     assert_same_steps(fused, chunked)
-    assert fused[0][1]["rewards/margins"].abs().max() > 0.05  # the test means something: the policy is not the reference
+    assert fused[0][1]["rewards/margins"].abs().max() > 0.05  # the policy is not the reference
     assert any(fused[-1][3][n].abs().max() > 0 for n in fused[-1][3])
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_lora_steps_equal_the_chunked_steps(tiny_model_dir, batches, autocast):
+    """LoRA: the LM head is frozen (Liger computes no gradient for it), the reference is the policy with its
+    adapter off; under bf16 autocast the backbone runs in bfloat16 and both LM heads in float32."""
+    seen = {}
+    for fused in (True, False):
+        cfg = cfg_for(tiny_model_dir, enable_liger_kernel=fused, finetuning_type="lora", pref_loss="hinge")
+        policy, reference = load_models(cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # LoRA's B starts at zero: give the adapter a visible effect
+            for name, p in policy.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        seen[fused] = run_steps(cfg, policy, reference, batches, own=True, autocast=autocast)
+    assert seen[True][0][1]["rewards/margins"].abs().max() > 0.05
+    assert_same_steps(seen[True], seen[False])
 
 
 def test_fused_steps_with_precomputed_reference_logps(tiny_model_dir, models_pair, batches):
@@ -189,7 +208,7 @@ def test_the_training_alias_and_an_end_to_end_run(tmp_path, tiny_model_dir, demo
         for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "nll_loss",
                     "kl", "grad_norm", "eval_loss", "eval_logps/rejected", "eval_kl"):
             if key == "rewards/accuracies" and abs(chunked.get("rewards/margins", 1.0)) < 1e-3:
-                continue  # policy = reference: the margins are float noise (exactly 0 on the chunked path), so is their sign
+                continue  # policy = reference: Liger's margins are float noise (the chunked path's exactly 0)
             if key in chunked:
                 assert liger[key] == pytest.approx(chunked[key], abs=TOL, rel=TOL), (chunked["step"], key)
     assert rows[1][-1]["eval_loss"] < rows[1][0]["eval_loss"]  # it trained
@@ -269,7 +288,8 @@ def test_on_a_gpu_the_layer_kernels_are_applied_without_liger_cross_entropy(tiny
     models.apply_liger_kernels(model, cfg_for(tiny_model_dir, enable_liger_kernel=True))
     assert apply_calls == [{"model": model, "fused_linear_cross_entropy": False, "cross_entropy": False}]
     # the Qwen2 function takes both switches (Liger drops those an architecture's function lacks)
-    assert {"fused_linear_cross_entropy", "cross_entropy", "model"} <= set(inspect.signature(apply_liger_kernel_to_qwen2).parameters)
+    takes = inspect.signature(apply_liger_kernel_to_qwen2).parameters
+    assert {"fused_linear_cross_entropy", "cross_entropy", "model"} <= set(takes)
     apply_calls.clear()
     models.apply_liger_kernels(model, cfg_for(tiny_model_dir))  # off: nothing
     model.config.model_type = "no_such_architecture"  # no kernels in Liger: only the fused loss

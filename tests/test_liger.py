@@ -320,3 +320,27 @@ def test_the_cli_refuses_in_one_line(tmp_path, tiny_model_dir):
                            "--pref_loss", "ipo", "--output_dir", str(tmp_path / "out")], cwd=tmp_path,
                           watch=[tmp_path, tiny_model_dir], expect=["enable_liger_kernel", "pref_loss: ipo"])
     assert "remove enable_liger_kernel" in message
+
+
+@pytest.mark.slow
+def test_compiled_liger_chunks_equal_the_eager_ones(models_pair, batches):
+    """On a GPU Liger's chunks are compiled (its default); the given reference log-probs must reach the
+    compiled loss too. Checked here on the CPU (about 10 s of compilation), values and gradients."""
+    from preftune.logps import _liger_dpo
+
+    policy, model = models_pair
+    batch = batches[2]
+    score = batch["completion_mask"][:, 1:].bool()
+    targets = batch["input_ids"][:, 1:].masked_fill(~score, -100)
+    with torch.no_grad():
+        hidden = policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        ref_logps = get_batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).logps
+    results = []
+    for compiled in (False, True):
+        h = hidden[:, :-1].clone().requires_grad_()
+        loss, aux = _liger_dpo().apply(h, policy.lm_head.weight, targets, None, ref_logps[:4], ref_logps[4:],
+                                       FusedDPO("discopop", 0.1, discopop_tau=0.2), compiled)
+        (grad,) = torch.autograd.grad(loss, h)
+        results.append((loss.detach(), aux[0], grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -377,7 +377,7 @@ FREE_ON_RESUME = ("resume_from_checkpoint", "resume_override", "output_dir", "ov
                   "max_new_tokens", "temperature", "top_p", "top_k", "reward", "pairing", "min_margin", "prompts",
                   "run_name", "logging_dir", "save_strategy", "infer_backend", "vllm_gpu_util", "vllm_enforce_eager",
                   "prefix_sharing", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token",
-                  "torch_compile", "torch_compile_backend", "torch_compile_mode")
+                  "torch_compile", "torch_compile_backend", "torch_compile_mode", "enable_liger_kernel")
 
 
 def _changes(saved: dict, now: dict, keys) -> list[str]:

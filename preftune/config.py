@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import logging
 import math
@@ -51,6 +52,11 @@ FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_a
 # and the names that mean raw text, no template
 TEMPLATE_NAMES = ("chatml", "qwen", "llama3", "mistral", "gemma", "default")
 RAW_TEMPLATE_NAMES = ("none", "empty", "plain")
+# pref_loss values Liger's fused linear DPO loss (liger-kernel 0.8.5) computes as losses.py does, under
+# the same names: enable_liger_kernel takes these. Not ipo (Liger refuses it), sigmoid_norm (no length
+# average in Liger), aot / aot_unpaired (sorted over the batch), kto_pair, and the reference-free ones.
+LIGER_LOSSES = ("sigmoid", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+                "discopop")
 
 
 @dataclass
@@ -151,6 +157,7 @@ class TrainConfig:
     dropout: float | None = _f(None, "Set every dropout probability in the policy to this value (implies disable_dropout: false).")
     seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
     logps_chunk_size: int = _f(1024, "Completion tokens projected through the LM head at once (bounds logits memory).")
+    enable_liger_kernel: bool = _f(False, f"Train with Liger's fused linear DPO loss (the liger-kernel package): the LM head and the loss in one pass that computes their gradient as it goes, a few pairs (logps_chunk_size tokens) at a time; on a CUDA GPU also Liger's kernels in the model's layers (RMSNorm, SwiGLU, RoPE) where Liger has them for the architecture. The same numbers. pref_loss: {', '.join(LIGER_LOSSES)}; padded batches (not padding_free, prefix_sharing), not sharded (fsdp), and none of ld_alpha, use_weighting, pref_ftx, pref_bco_weight.")
     padding_free: bool = _f(False, "Put a micro-batch's sequences back to back in one row (position ids restart at each) instead of padding them to the longest: no compute spent on pad tokens, the same log-probs. It pays with attn_implementation flash_attention_2 (varlen kernels) or flex_attention; with sdpa or eager it is correct but attention spans the whole row. Not with pref_loss: kto.")
     prefix_sharing: bool = _f(False, "Run each pair's prompt once for both completions: one row [prompt | chosen | rejected] per pair, a mask that keeps each completion to the prompt and itself, the same log-probs. Fewer tokens through the model when prompts are long (with a 4D mask, so attn_implementation sdpa or eager). Pairs only (not kto, not sft); not with padding_free.")
     group_by_length: bool = _f(False, "Batch pairs of similar length together (each group of 50 batches of the seeded order sorted by length, as transformers' group_by_length): less padding, the same pairs per epoch.")
@@ -330,6 +337,7 @@ ALIASES: dict[str, str] = {
     "undesirable_weight": "kto_rejected_weight",
     "optimizer": "optim",  # preftune's earlier name
     "evaluation_strategy": "eval_strategy",  # transformers' name before 4.46
+    "use_liger_kernel": "enable_liger_kernel",  # TrainingArguments' spelling (LLaMA-Factory's is the field)
 }
 
 # Keys whose values are translated, not just renamed.
@@ -424,11 +432,6 @@ _ONE_PROCESS_GROUP = ("preftune trains on several processes through accelerate l
 NOT_HONOURED: dict[str, tuple[tuple, str]] = {
     "fsdp_config": ((None, {}), "set the FSDP2 mode with fsdp: full_shard, shard_grad_op or offload, or launch "
                                 "with an accelerate FSDP2 config (docs/distributed.md)"),
-    "enable_liger_kernel": ((None, False), "Liger kernels are not used (preftune computes log-probs in chunks "
-                                           "through the LM head, logps_chunk_size, which bounds the logits memory "
-                                           "the same way); remove enable_liger_kernel"),
-    "use_liger_kernel": ((None, False), "Liger kernels are not used (logps_chunk_size bounds the logits memory); "
-                                        "remove use_liger_kernel"),
     "do_predict": ((None, False), "prediction is `preftune sample` (or `preftune eval` to score completions)"),
     "do_eval": ((None, False, True), "evaluation runs whenever there is validation data (val_size, eval_dataset)"),
     "predict_with_generate": ((None, False), "generation is `preftune sample`; generate_during_eval samples at "
@@ -718,6 +721,7 @@ def validate(cfg: TrainConfig) -> None:
         bad("early_stopping_patience needs evaluation; remove eval_strategy: no")
     _validate_inert(cfg)
     _validate_saving_and_tracking(cfg)
+    _validate_liger(cfg)
 
 
 _warned: set[str] = set()
@@ -831,6 +835,39 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if unfit:
             raise ConfigError(f"use_weighting: WPO's per-pair weights do not apply to {', '.join(unfit)} "
                               "(aot sorts the pairs, as TRL refuses; kto is unpaired); set use_weighting: false")
+
+
+def _validate_liger(cfg: TrainConfig) -> None:
+    """enable_liger_kernel: the package, and what Liger's fused DPO loss can compute as preftune does."""
+    if not cfg.enable_liger_kernel:
+        return
+    key = "enable_liger_kernel"
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError(f"{key}: needs the liger-kernel package, which is not installed; pip install liger-kernel, "
+                          f"or remove {key}")
+    if cfg.objective != "dpo":
+        what = "stage: sft" if cfg.stage == "sft" else "pref_loss: kto"
+        raise ConfigError(f"{key}: Liger's fused loss here is its DPO loss on pairs, not {what}; remove {key}")
+    names = cfg.pref_losses
+    if len(names) > 1 or names[0] not in LIGER_LOSSES:
+        raise ConfigError(f"{key}: Liger's fused DPO loss computes one of {', '.join(LIGER_LOSSES)}, not pref_loss: "
+                          f"{cfg.pref_loss}; choose one of those, or remove {key} (the chunked LM head, "
+                          "logps_chunk_size, bounds the logits memory too)")
+    if names == ["sigmoid"] and cfg.label_smoothing > 0:
+        raise ConfigError(f"{key}: Liger's sigmoid loss has no label smoothing (cDPO); use pref_loss: robust for "
+                          f"noisy labels, or remove {key}")
+    if cfg.f_divergence_type != "reverse_kl":
+        raise ConfigError(f"{key}: Liger's sigmoid loss is DPO's reverse KL only, not f_divergence_type: "
+                          f"{cfg.f_divergence_type}; remove one of the two")
+    for option, on, why in (("ld_alpha", cfg.ld_alpha is not None, "weighs tokens in the log-probs"),
+                            ("use_weighting", cfg.use_weighting, "weighs each pair's loss"),
+                            ("pref_ftx", cfg.pref_ftx > 0, "adds an SFT term"),
+                            ("pref_bco_weight", cfg.pref_bco_weight > 0, "mixes in BCO with its reward shift"),
+                            ("padding_free", cfg.padding_free, "packs the sequences into one row"),
+                            ("prefix_sharing", cfg.prefix_sharing, "shares the prompt in one row per pair")):
+        if on:
+            raise ConfigError(f"{key}: not with {option} ({option} {why}; Liger's fused loss takes padded pairs and "
+                              f"one plain loss); remove one of the two")
 
 
 def _validate_precision(cfg: TrainConfig) -> None:

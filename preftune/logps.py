@@ -14,10 +14,16 @@ naming the scored positions; again the same (2B,) outputs.
 Memory: the LM head is applied only at completion positions, `chunk_size` tokens at a time,
 and each chunk's (chunk, vocab) fp32 logits are recomputed in backward instead of stored, so
 the full-vocabulary logits of the batch never exist at once.
+
+enable_liger_kernel (`fused_dpo_logps`): while training, the LM head and the DPO loss run instead
+through Liger's fused linear DPO loss (the liger-kernel package), which computes the gradient in
+the forward pass a few pairs at a time; the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -31,6 +37,16 @@ class BatchLogps(NamedTuple):
     lengths: torch.Tensor  # (R,) completion token counts
     hidden: torch.Tensor | None = None  # (N, H) detached hidden states at the N scored positions (return_hidden)
     wpo_weights: torch.Tensor | None = None  # (R,) WPO's per-sequence weights, detached (wpo)
+    fused_loss: torch.Tensor | None = None  # () Liger's loss, the mean over the B pairs, with its gradient (fused)
+
+
+class FusedDPO(NamedTuple):
+    """enable_liger_kernel: which of Liger's DPO losses `fused_dpo_logps` computes, with its hyperparameters
+    (Liger's names are preftune's pref_loss names for the losses it has; config.py says which)."""
+    loss_type: str
+    beta: float
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -204,6 +220,79 @@ def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidd
     return total, policy_hidden.size(0)
 
 
+@functools.cache
+def _liger_dpo():
+    """Liger's fused linear DPO loss with the reference's summed log-probs given as tensors, (b,) chosen
+    and (b,) rejected, for one call of b pairs: Liger's own class takes the reference's hidden states
+    and LM head instead, which a precomputed reference does not have. Its loss function reads
+    `ref_chosen_logps` / `ref_rejected_logps` when no reference model is given; they reach it for the
+    whole call, so a call is one Liger chunk (chunk_size = b) and `fused_dpo_logps` loops over chunks."""
+    from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
+    from liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
+
+    class GivenReferenceDPO(LigerFusedLinearDPOFunction):
+        @classmethod
+        def forward(cls, ctx, hidden, weight, targets, bias, reference_chosen_logps, reference_rejected_logps,
+                    loss: FusedDPO, compiled: bool):
+            return LigerFusedLinearPreferenceBase.forward(
+                cls=cls, ctx=ctx, _input=hidden, weight=weight, target=targets, bias=bias,
+                chunk_size=targets.size(0) // 2, ignore_index=IGNORE, beta=loss.beta, compute_nll_loss=False,
+                compiled=compiled, use_ref_model=False, average_log_prob=False, loss_type=loss.loss_type,
+                label_smoothing=loss.label_smoothing, discopop_tau=loss.discopop_tau,
+                ref_chosen_logps=reference_chosen_logps, ref_rejected_logps=reference_rejected_logps)
+
+        @staticmethod
+        def backward(ctx, *grad_output):
+            # Liger's: the gradients computed in forward, times the loss's incoming gradient
+            grads = LigerFusedLinearPreferenceBase.backward(ctx, grad_output)[:4]  # hidden, weight, targets, bias
+            return *grads, None, None, None, None
+
+    return GivenReferenceDPO
+
+
+IGNORE = -100  # Liger's ignore_index: target positions that are not completion tokens
+
+
+def fused_dpo_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                    reference_logps: torch.Tensor, loss: FusedDPO, chunk_size: int = 1024,
+                    return_hidden: bool = False) -> BatchLogps:
+    """enable_liger_kernel: the policy's summed log-probs (2B,), detached, and its DPO loss through Liger's
+    fused linear DPO loss, from the backbone's last hidden states and the LM head's weight, given the
+    reference's log-probs (2B,) (a live pass or precomputed). Padded rows only (config.py refuses the
+    other layouts). Liger projects whole rows, prompt and padding included, computes the gradient of the
+    hidden states and the LM head in this forward pass, and keeps only that: the (rows, T, vocab)
+    logits of b pairs exist at once, b = chunk_size // (2 T) (at least 1), so logps_chunk_size bounds the
+    logits memory as in `get_batch_logps`. Returns a `BatchLogps` with `fused_loss`, the loss's mean
+    over the B pairs; its backward passes Liger's gradients on, scaled as every loss is."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state[:, :-1]  # (2B, T-1, H): t predicts t+1
+    score = completion_mask[:, 1:].bool()  # (2B, T-1)
+    targets = input_ids[:, 1:].masked_fill(~score, IGNORE)  # (2B, T-1)
+    lm_head = model.get_output_embeddings()
+    weight, bias = lm_head.weight, lm_head.bias
+    cpu = hidden.device.type == "cpu"
+    if cpu:  # as `_logits`: fp32 on a CPU, whose bf16 matmul backward is slow (a no-op for fp32 weights)
+        hidden, weight, bias = hidden.float(), weight.float(), None if bias is None else bias.float()
+    B = input_ids.size(0) // 2
+    pairs = max(1, chunk_size // (2 * targets.size(1)))
+    compiled = not cpu  # Liger's default; compiling its chunk costs about 10 s per shape on a CPU
+    function = _liger_dpo()
+    total, chosen, rejected = hidden.new_zeros((), dtype=torch.float32), [], []
+    with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
+        for i in range(0, B, pairs):
+            j = min(i + pairs, B)
+            rows = torch.cat((torch.arange(i, j, device=hidden.device),
+                              torch.arange(B + i, B + j, device=hidden.device)))  # b chosen, then their b rejected
+            chunk_loss, aux = function.apply(hidden[rows], weight, targets[rows], bias, reference_logps[i:j],
+                                             reference_logps[B + i:B + j], loss, compiled)
+            total = total + chunk_loss * ((j - i) / B)  # Liger's loss is the chunk's mean over its b pairs
+            chosen.append(aux[0])
+            rejected.append(aux[1])
+    logps = torch.cat(chosen + rejected).detach()  # (2B,) [chosen; rejected]
+    kept = hidden[score].detach() if return_hidden else None  # (N, H), in `get_batch_logps`'s order
+    return BatchLogps(logps, score.sum(dim=1), kept, None, total)
+
+
 class PolicyLogps(torch.nn.Module):
     """A model seen through `get_batch_logps`, so that a distributed wrapper around this module sees
     the whole forward, LM head included: DDP synchronises every gradient, and FSDP2 (sharding.py),
@@ -215,7 +304,11 @@ class PolicyLogps(torch.nn.Module):
         self.model, self.chunk_size = model, chunk_size
 
     def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
-                position_ids=None, sequence_lengths=None, score_index=None, score_rows=None):
+                position_ids=None, sequence_lengths=None, score_index=None, score_rows=None, fused=None,
+                reference_logps=None):
+        if fused is not None:  # enable_liger_kernel, while training
+            return fused_dpo_logps(self.model, input_ids, attention_mask, completion_mask, reference_logps, fused,
+                                   self.chunk_size, return_hidden)
         return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
                                return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
                                sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows)

@@ -149,8 +149,48 @@ def load_policy(cfg, reference_adapter: bool = False):
     elif cfg.finetuning_type == "freeze":
         apply_freeze(policy, cfg)
     hold_trainable_weights(policy, cfg)
+    apply_liger_kernels(policy, cfg)
     compile_layers(policy, cfg)
     return policy
+
+
+def apply_liger_kernels(model, cfg) -> None:
+    """enable_liger_kernel: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, ...) in place of the layers' own,
+    on a CUDA GPU, where Liger has them for the architecture; its fused cross-entropy stays off, as TRL,
+    since preftune computes its own loss (Liger's fused DPO loss, logps.fused_dpo_logps). Triton needs a
+    GPU: on a CPU only the fused loss is used. A model with final logit soft-capping (Gemma 2) is refused:
+    Liger's DPO loss projects without it."""
+    if not cfg.enable_liger_kernel:
+        return
+    if getattr(model.config.get_text_config(), "final_logit_softcapping", None) is not None:
+        raise ConfigError(f"enable_liger_kernel: {model.config.model_type} caps its final logits "
+                          "(final_logit_softcapping), which Liger's fused DPO loss does not; "
+                          "remove enable_liger_kernel")
+    if not torch.cuda.is_available():
+        _log_once("enable_liger_kernel: no CUDA GPU, so Liger's Triton layer kernels are not applied; the fused DPO "
+                  "loss (LM head + loss) is used")
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        _log_once(f"enable_liger_kernel: Liger has no layer kernels for {model.config.model_type}; the fused DPO "
+                  "loss (LM head + loss) is used")
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
+    # switches an architecture's function does not take are dropped by Liger
+    _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
+    _log_once(f"enable_liger_kernel: Liger's layer kernels applied ({model.config.model_type}), and its fused "
+              "DPO loss")
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:  # the policy and a separate reference both pass here
+        _logged.add(message)
+        log.info("%s", message)
 
 
 def compile_layers(model, cfg) -> None:
@@ -261,5 +301,6 @@ def load_reference(cfg):
                                   "ref_model_adapters" if cfg.ref_model else "adapter_name_or_path")
     reference.requires_grad_(False)
     reference.eval()
+    apply_liger_kernels(reference, cfg)  # the same kernels as the policy: log-ratios 0 at the start
     compile_layers(reference, cfg)
     return reference

@@ -126,6 +126,9 @@ def check(cfg, settings: dict | None) -> None:
     if cfg.torch_compile:
         raise ConfigError("fsdp: torch_compile is not combined with sharding yet (compiled layers would need to be "
                           "sharded first); set torch_compile: false")
+    if cfg.enable_liger_kernel:  # Liger reads the LM head's weight whole and returns its gradient itself
+        raise ConfigError("fsdp: enable_liger_kernel is not combined with sharding yet; remove enable_liger_kernel "
+                          "(the chunked LM head, logps_chunk_size, bounds the logits memory too)")
     if cfg.generate_during_eval:
         raise ConfigError("fsdp: generate_during_eval samples on the main process alone, which a sharded model "
                           "cannot do; set generate_during_eval: 0")

@@ -23,7 +23,8 @@ from accelerate.utils import extract_model_from_parallel
 from preftune.batching import collate, collate_chosen, collate_packed, collate_shared, collate_unpaired
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
-from preftune.logps import PolicyLogps, completion_kl, model_inputs  # noqa: F401 (PolicyLogps: imported from here)
+from preftune.logps import (  # noqa: F401 (PolicyLogps: imported from here)
+    FusedDPO, PolicyLogps, completion_kl, model_inputs)
 from preftune.sharding import gathered
 from preftune.losses import UNPAIRED_LOSSES, Objective, chosen_nll
 from preftune.tokenization import tokenize_examples
@@ -67,6 +68,10 @@ class PreferenceStep:
     its shorter completion; use_weighting (WPO) multiplies each pair's loss by the policy's detached
     weights w(y_w|x) * w(y_l|x) (`get_batch_logps`), the whole objective included, as TRL weighs
     every loss of its list.
+
+    enable_liger_kernel: while training, the reference's log-probs come first and the policy's pass
+    runs the LM head and the loss through Liger (`logps.fused_dpo_logps`); evaluation, without
+    gradients, keeps the chunked path (the same numbers).
     """
 
     unit = "pairs"
@@ -75,6 +80,9 @@ class PreferenceStep:
     def __init__(self, cfg):
         self.loss = configured_loss(cfg)
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
+        # enable_liger_kernel: one of Liger's DPO losses (config.py refuses the rest), fused with the LM head
+        self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
+            if cfg.enable_liger_kernel else None
         if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
         elif cfg.prefix_sharing:  # one row per pair, the prompt run once: the same numbers, fewer tokens
@@ -91,11 +99,19 @@ class PreferenceStep:
 
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
         kl = kl and reference.model is not None
-        policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha, wpo=self.use_weighting)
+        # Liger computes gradients in its forward pass: only worth it (and only used) where there are any
+        fused = self.fused if torch.is_grad_enabled() else None
+        if fused is not None:  # Liger's loss takes the reference's log-probs: they come first
+            reference_out = reference.logps(batch, return_hidden=kl)
+            policy_out = policy(**model_inputs(batch), return_hidden=kl, fused=fused,
+                                reference_logps=reference_out.logps)
+        else:
+            policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha,
+                                wpo=self.use_weighting)
+            reference_out = reference.logps(batch, ld_alpha=self.ld_alpha, return_hidden=kl)
         B = policy_out.logps.size(0) // 2
         policy_chosen_logps, policy_rejected_logps = policy_out.logps[:B], policy_out.logps[B:]  # (B,) each
         chosen_lengths, rejected_lengths = policy_out.lengths[:B], policy_out.lengths[B:]
-        reference_out = reference.logps(batch, ld_alpha=self.ld_alpha, return_hidden=kl)
         reference_chosen_logps = reference_rejected_logps = None
         if reference_out is not None:
             reference_chosen_logps, reference_rejected_logps = reference_out.logps[:B], reference_out.logps[B:]
@@ -104,6 +120,10 @@ class PreferenceStep:
             self.beta, chosen_lengths, rejected_lengths)
         if self.use_weighting:
             losses = losses * policy_out.wpo_weights[:B] * policy_out.wpo_weights[B:]  # WPO, Eq. 2: the pair's weight
+        if fused is not None:
+            # the values are the loss's on Liger's (detached) log-probs; the gradient is Liger's: its loss is the
+            # mean over the B pairs, so summed over them this term carries B x its gradient, the sum's gradient
+            losses = losses + (policy_out.fused_loss - policy_out.fused_loss.detach())
         stats = {
             "loss": losses.detach(),
             "rewards/chosen": chosen_rewards,

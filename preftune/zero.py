@@ -96,7 +96,7 @@ def check(cfg, settings: dict | None) -> None:
     if cfg.skip_nonfinite_steps:
         raise ConfigError("deepspeed: skip_nonfinite_steps is not available (DeepSpeed's step cannot be undone or "
                           "skipped from outside); set skip_nonfinite_steps: 0 (a non-finite step stops the run)")
-    for key in ("quantization_bit", "torch_compile"):
+    for key in ("quantization_bit", "torch_compile", "enable_liger_kernel"):
         if getattr(cfg, key):
             raise ConfigError(f"deepspeed: {key} is not combined with ZeRO yet; remove it, or unset deepspeed")
     if cfg.finetuning_type == "lora" and settings["stage"] == 3:

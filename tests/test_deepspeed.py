@@ -181,6 +181,7 @@ def test_unreadable_config_files_and_null(tmp_path):
     ({"skip_nonfinite_steps": 2}, 2, "skip_nonfinite_steps is not available"),
     ({"quantization_bit": 4, "finetuning_type": "lora"}, 2, "quantization_bit is not combined with ZeRO yet"),
     ({"finetuning_type": "lora"}, 3, "LoRA under ZeRO-3 is not supported yet"),
+    ({"enable_liger_kernel": True}, 2, "enable_liger_kernel is not combined with ZeRO yet"),
     ({"generate_during_eval": 2, "val_size": 0.1}, 3, "generate_during_eval samples on the main process alone"),
 ])
 def test_what_zero_does_not_do_yet_is_refused(tmp_path, over, stage, message):

@@ -6,7 +6,8 @@
 #
 # An explicit list with --no-deps, so that no torch (or other large) build is ever pulled in: TRL and
 # what it needs beyond the GPU image (datasets, dill, multiprocess), bitsandbytes (its manylinux
-# x86_64 wheel holds the CUDA 11.8-13.x kernels, for QLoRA), and preftune's small pure dependencies.
+# x86_64 wheel holds the CUDA 11.8-13.x kernels, for QLoRA), deepspeed and its small dependencies (ZeRO-3),
+# and preftune's small pure dependencies.
 # pyarrow, pandas, xxhash, fsspec, matplotlib come with the image (datasets needs them; pyarrow alone
 # is ~40 MiB). gpu_check.sh installs only the wheels whose distribution is missing there. The bundle
 # must stay under 60 MiB: a copy of the checkout to the GPU machine may be limited to 64 MiB in all.
@@ -28,6 +29,11 @@ WHEELS=(
     pyyaml==6.0.3        # preftune's configs (the image has it; a fallback)
     tqdm==4.67.1         # preftune, datasets
     safetensors==0.8.0   # preftune's checkpoints
+    hjson==3.1.0         # deepspeed (step e3, ZeRO-3)
+    py-cpuinfo==9.0.0    # deepspeed
+    msgpack==1.2.4       # deepspeed
+    ninja==1.13.2        # deepspeed (its ops build at run time)
+    einops==0.8.2        # deepspeed
 )
 
 mkdir -p "$DEST"
@@ -37,6 +43,10 @@ rm -f "$DEST"/*.whl
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
     -d "$DEST" "${WHEELS[@]}"
+
+# deepspeed is an sdist only: built here into a pure-Python wheel (no ops compiled; it builds what it
+# needs at run time), against the torch of this machine without an isolated build environment
+"$PYTHON" -m pip wheel -q --no-deps --no-build-isolation --disable-pip-version-check -w "$DEST" deepspeed==0.19.8
 
 ls -l "$DEST"/*.whl | awk '{printf "%8.1f MiB  %s\n", $5 / 1048576, $NF}'
 size=$(du -sm "$DEST" | cut -f1)

@@ -16,7 +16,9 @@ through the script. The steps, most important first (on CPU a step that needs CU
   e1      two processes (`torchrun --nproc_per_node 2 -m preftune train`) where there are 2+ GPUs
   e2      `accelerate launch` with an FSDP2 config, 2 steps, one process per GPU (smoke: 2 CPU
           processes): the row says over how many processes preftune sharded the policy and reference
-  e3      exploratory: a DeepSpeed ZeRO-3 config (not wired yet), the row records what happens
+  e3      `accelerate launch` with a DeepSpeed ZeRO-3 config (examples/accelerate/zero3.yaml's settings),
+          2 steps, one process per GPU (smoke: 2 CPU processes): the row says over how many processes
+          ZeRO-3 partitioned the policy and the reference
   a3      precomputed reference log-probs on the 1.5B shape (MFU at 6N)
   c2      exploratory: padding_free with flex_attention (compiled kernels) on the 0.5B shape
 
@@ -266,11 +268,14 @@ class Check:
         line = (f"exit 0; preftune saw {found[-1][0]} process(es), accelerate type {found[-1][1]}" if found
                 else "exit 0; no 'processes:' line in the log")
         shards = re.findall(r"fsdp: the (policy|reference) \(\w+\) sharded over (\d+) processes", text)
+        zero = re.findall(r"deepspeed: the (policy) under ZeRO stage \d over (\d+) processes", text) + \
+            re.findall(r"deepspeed: the (reference) \(\w+\) partitioned over (\d+) processes", text)
         if name.startswith("e2"):
             line += (f"; FSDP2 sharded {' and '.join(f'the {w} over {n}' for w, n in shards)} process(es)" if shards
                      else "; NOT sharded (no 'fsdp: ... sharded' line in the log)")
-        elif found and found[-1][1] == "NO" and name.startswith("e3"):
-            line += " (the sharded engine was not applied: a plain one-process run)"
+        elif name.startswith("e3"):
+            line += (f"; ZeRO-3 partitioned {' and '.join(f'the {w} over {n}' for w, n in zero)} process(es)" if zero
+                     else "; NOT partitioned (no 'deepspeed: ...' line in the log)")
         if tps:
             line += f"; {tps:.0f} tokens/s (preftune's own figure, all processes)"
         return line, {"processes": found[-1] if found else None, "summary": bool(summary)}
@@ -302,20 +307,17 @@ class Check:
 
     def step_e3(self):
         if not self.env.get("deepspeed"):
-            raise Skipped("skipped: deepspeed is not installed (PyPI has no usable wheel of it; it builds from "
-                          "source)")
+            raise Skipped("skipped: deepspeed is not installed (bash benchmarks/fetch_wheels.sh builds its wheel)")
         return self.sharded("e3_zero3", {
             "distributed_type": "DEEPSPEED",
             "deepspeed_config": {"zero_stage": 3, "offload_optimizer_device": "none", "offload_param_device": "none",
-                                 "zero3_init_flag": False, "zero3_save_16bit_model": True,
-                                 "gradient_accumulation_steps": 1, "gradient_clipping": 1.0},
+                                 "zero3_init_flag": False, "zero3_save_16bit_model": True},
         })
 
     def sharded(self, name: str, engine: dict):
         """`accelerate launch` with a sharded-engine config around `preftune train`, 2 steps on the tiny model,
-        one process per GPU (smoke: 2 CPU processes over gloo). FSDP2 (e2) is preftune's own path
-        (preftune/sharding.py): the row says over how many processes it sharded the policy and the reference.
-        DeepSpeed (e3) is not wired yet: exploratory, the row says whether it fails, and where."""
+        one process per GPU (smoke: 2 CPU processes over gloo): the row says over how many processes FSDP2
+        (e2, preftune/sharding.py) or ZeRO-3 (e3, preftune/zero.py) sharded the policy and the reference."""
         processes = 2 if self.smoke else max(1, self.env.get("device_count", 1))
         config = {"compute_environment": "LOCAL_MACHINE", **engine, "mixed_precision": "bf16",
                   "num_machines": 1, "num_processes": processes, "machine_rank": 0, "main_training_function": "main",
@@ -328,7 +330,7 @@ class Check:
                                                 "train", str(cfg)], {"OMP_NUM_THREADS": "1"} if self.smoke else None,
                                          cap="sharded")
         label = f"{processes} process(es)" + (" (smoke: CPU, gloo)" if self.smoke else "")
-        return f"{label}{'' if name.startswith('e2') else ', exploratory'}: {line}", data
+        return f"{label}: {line}", data
 
     def step_a3(self):
         r = self.bench("a3_precompute", "qwen2.5-1.5b", "preftune", "--bf16", "--precompute")
@@ -414,7 +416,7 @@ print("PROBE " + json.dumps(out))
         self.step("c", "sdpa vs flash_attention_2, 0.5B shape (preftune)", self.step_c)
         self.step("e1", "2 processes: torchrun --nproc_per_node 2 -m preftune train", self.step_e1)
         self.step("e2", "FSDP2: accelerate launch, examples/accelerate/fsdp2.yaml settings", self.step_e2)
-        self.step("e3", "exploratory: accelerate launch, DeepSpeed ZeRO-3 config", self.step_e3)
+        self.step("e3", "DeepSpeed ZeRO-3: accelerate launch, examples/accelerate/zero3.yaml settings", self.step_e3)
         self.step("a3", "precomputed reference, 1.5B shape (preftune, MFU at 6N)", self.step_a3)
         self.step("c2", "exploratory: padding_free with flex_attention, 0.5B shape (preftune)", self.step_c2)
         text = report(self)

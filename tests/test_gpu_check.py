@@ -40,3 +40,5 @@ def test_gpu_check_smoke_writes_a_row_per_step(tmp_path):
     assert (out / "gpu_check_logs.tar.gz").is_file() and (out / "gpu_check_console.log").is_file()
     assert rows["e2"][1] == "ok" and "FSDP2 sharded the reference over 2 and the policy over 2" in rows["e2"][2], \
         rows["e2"]
+    assert rows["e3"][1] == "ok" and "ZeRO-3 partitioned the policy over 2 and the reference over 2" in rows["e3"][2], \
+        rows["e3"]

@@ -79,7 +79,8 @@ def pair_logps(model, pairs: list, pad_id: int, batch_size: int, chunk_size: int
     batches = ordered_batches(pairs, batch_size, collate, pad_id, device)
     for idx, batch in tqdm(batches, total=math.ceil(len(pairs) / batch_size), desc=desc, disable=desc is None):
         with autocast():
-            if isinstance(model, PolicyLogps):  # a sharded model's root (sharding.py): the pass goes through it
+            # a sharded model's root (sharding.py; under ZeRO-3 inside its engine): the pass goes through it
+            if isinstance(getattr(model, "module", model), PolicyLogps):
                 out = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], ld_alpha=ld_alpha)
             else:
                 out = get_batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],

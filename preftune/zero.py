@@ -99,9 +99,10 @@ def check(cfg, settings: dict | None) -> None:
     for key in ("quantization_bit", "torch_compile", "enable_liger_kernel"):
         if getattr(cfg, key):
             raise ConfigError(f"deepspeed: {key} is not combined with ZeRO yet; remove it, or unset deepspeed")
-    if cfg.finetuning_type == "lora" and settings["stage"] == 3:
-        raise ConfigError("deepspeed: LoRA under ZeRO-3 is not supported yet (the adapter is small: ZeRO-2, "
-                          "examples/deepspeed/ds_z2_config.json, or fsdp: full_shard with LoRA)")
+    if cfg.finetuning_type == "lora" and settings["stage"] == 3 and not cfg.save_adapter_only:
+        # a merge needs every base weight whole in one place
+        raise ConfigError("deepspeed: LoRA under ZeRO-3 writes the adapter: set save_adapter_only: true (then "
+                          "`preftune export` merges it into the base), or use ZeRO-2 (ds_z2_config.json)")
     if cfg.generate_during_eval and settings["stage"] == 3:
         raise ConfigError("deepspeed: generate_during_eval samples on the main process alone, which a ZeRO-3 "
                           "model cannot do; set generate_during_eval: 0")

@@ -103,6 +103,67 @@ def test_a_zero3_checkpoint_resumes_to_the_same_weights(tmp_path, tiny_model_dir
 
 
 @pytest.mark.slow
+def test_zero3_offload_with_frozen_layers_equals_one_process(tmp_path, tiny_model_dir):
+    """ds_z3_offload_config.json (optimizer state and weights in CPU memory) with finetuning_type freeze:
+    frozen partitioned weights stay as loaded, the trained layer equals a one-process run."""
+    torch.set_num_threads(1)
+    freeze = {"finetuning_type": "freeze", "freeze_trainable_layers": 1, "max_steps": 3}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **freeze)))
+    result = torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"),
+                                           per_device_train_batch_size=4,
+                                           deepspeed=str(EXAMPLES / "ds_z3_offload_config.json"), **freeze), "two")
+    assert "ZeRO stage 3 over 2 processes" in result.stderr and "optimizer and param offloaded to the CPU" \
+        in result.stderr
+    same_histories(tmp_path / "one", tmp_path / "two")
+    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    start = load_file(tiny_model_dir / "model.safetensors")
+    moved = [k for k in weights_one if not torch.equal(weights_one[k], start[k])]
+    assert moved and all(".layers.1." in k for k in moved)  # only the last layer trained
+    for name, w in weights_one.items():
+        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_lora_under_zero2_and_zero3_equals_one_process_and_resumes(tmp_path, tiny_model_dir):
+    """LoRA: the adapter-off reference runs through the policy (partitioned under ZeRO-3); the adapter equals
+    a one-process run's at ZeRO-2 and ZeRO-3, and a ZeRO-3 checkpoint resumes to the same adapter."""
+    torch.set_num_threads(1)
+    lora = {"finetuning_type": "lora", "lora_rank": 4, "save_adapter_only": True, "learning_rate": 5e-3,
+            "max_steps": 5, "save_steps": 3, "save_total_limit": 5}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **lora)))
+    adapter_one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    for stage in (2, 3):
+        two = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / f"z{stage}"), per_device_train_batch_size=4,
+                         deepspeed=str(EXAMPLES / f"ds_z{stage}_config.json"), **lora)
+        torchrun(tmp_path, two, f"z{stage}")
+        same_histories(tmp_path / "one", tmp_path / f"z{stage}")
+        adapter = load_file(tmp_path / f"z{stage}" / "adapter_model.safetensors")
+        assert adapter.keys() == adapter_one.keys() and len(adapter) > 0
+        for name, w in adapter_one.items():
+            torch.testing.assert_close(adapter[name], w, atol=1e-5, rtol=0, msg=(stage, name))
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(tmp_path / "z3" / "checkpoint-3", out / "checkpoint-3")
+    torchrun(tmp_path, {**two, "output_dir": str(out), "resume_from_checkpoint": True}, "resumed")
+    resumed, expected = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "z3" / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_under_zero3_equals_one_process(tmp_path, tiny_model_dir):
+    """The reference pass of precompute_ref_log_probs runs through a ZeRO-3 engine of its own."""
+    torch.set_num_threads(1)
+    over = {"precompute_ref_log_probs": True, "max_steps": 3}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"),
+                                         ref_logps_cache_dir=str(tmp_path / "cache_one"), **over)))
+    result = torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"),
+                                           per_device_train_batch_size=4, deepspeed=str(EXAMPLES / "ds_z3_config.json"),
+                                           ref_logps_cache_dir=str(tmp_path / "cache_two"), **over), "two")
+    assert "the reference (Qwen2ForCausalLM) partitioned over 2" in result.stderr and "computed, cached" in result.stderr
+    same_histories(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
 def test_the_accelerate_zero3_example_config_partitions(tmp_path, tiny_model_dir):
     """`accelerate launch --config_file examples/accelerate/zero3.yaml` (2 CPU processes): the same run as
     `deepspeed: examples/deepspeed/ds_z3_config.json` would give, from accelerate's settings."""
@@ -180,7 +241,7 @@ def test_unreadable_config_files_and_null(tmp_path):
 @pytest.mark.parametrize("over,stage,message", [
     ({"skip_nonfinite_steps": 2}, 2, "skip_nonfinite_steps is not available"),
     ({"quantization_bit": 4, "finetuning_type": "lora"}, 2, "quantization_bit is not combined with ZeRO yet"),
-    ({"finetuning_type": "lora"}, 3, "LoRA under ZeRO-3 is not supported yet"),
+    ({"finetuning_type": "lora"}, 3, "LoRA under ZeRO-3 writes the adapter: set save_adapter_only: true"),
     ({"enable_liger_kernel": True}, 2, "enable_liger_kernel is not combined with ZeRO yet"),
     ({"generate_during_eval": 2, "val_size": 0.1}, 3, "generate_during_eval samples on the main process alone"),
 ])

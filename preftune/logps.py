@@ -63,7 +63,9 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
 
 def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
     low_precision = lm_head.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-    if hidden.device.type == "cpu" and low_precision:
+    # a ZeRO-3 weight is only a partition until the module is called (DeepSpeed gathers it then)
+    partitioned = hasattr(lm_head.weight, "ds_id")
+    if hidden.device.type == "cpu" and low_precision and not partitioned:
         # CPUs without native bf16 matmul run the bf16 LM-head backward 100x slower than fp32
         # (measured in benchmarks/); the head is one matmul, so do it in fp32 there
         with torch.autocast("cpu", enabled=False):

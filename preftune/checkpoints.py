@@ -49,6 +49,8 @@ def _save_weights(model, folder: Path, merge: bool = False, state_dict: dict | N
     place of the model's own (a sharded model's, gathered by `sharding.full_state_dict`)."""
     if not isinstance(model, PeftModel):
         model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        if state_dict:  # config.json names the dtype of the model's own parameters, which a sharding engine
+            _config_dtype(folder, state_dict)  # may hold in another (DeepSpeed's bf16): name the saved one
         return
     if merge:
         model.merge_and_unload(adapter_names=[TRAINED_ADAPTER]).save_pretrained(folder, safe_serialization=True)
@@ -57,6 +59,18 @@ def _save_weights(model, folder: Path, merge: bool = False, state_dict: dict | N
     model.save_pretrained(folder, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER], **given)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
+
+
+def _config_dtype(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    dtypes = [t.dtype for t in state_dict.values() if t.is_floating_point()]
+    path = folder / "config.json"
+    if not dtypes or not path.is_file():
+        return
+    name = str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")  # the weights' common dtype
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("dtype", name) != name:
+        config["dtype"] = name
+        write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_model(model, tokenizer, dest: Path, step: int, state_dict: dict | None = None) -> None:

@@ -301,6 +301,7 @@ def prepare(accelerator, policy, optimizer, settings: dict | None):
         from preftune import zero
 
         mark_loaded_dtypes(policy.model)  # before the engine casts the weights (bf16)
+        policy.model.preftune_dtypes = {n: p.dtype for n, p in policy.model.named_parameters()}  # saved in these
         zero.fill_model_sizes(accelerator.state.deepspeed_plugin.deepspeed_config, policy.model.config.hidden_size)
         policy.model.preftune_engine = "deepspeed"
         engine, optimizer = accelerator.prepare(policy, optimizer)

@@ -145,8 +145,9 @@ def make_plugin(cfg, settings: dict, world: int):
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         # the optimizer steps on the CPU: torch's AdamW there, not DeepSpeedCPUAdam (a C++ op built at run time)
         config.setdefault("zero_force_ds_cpu_optimizer", False)
-    # zero3_init_flag off: transformers would load the weights already partitioned, before preftune
-    # has set up its master weights, adapters and frozen layers on them (each process loads them whole)
+    # transformers sees this config (accelerate registers it) and under ZeRO-3 loads every model through
+    # DeepSpeed's zero.Init: partitioned as it is read, in the engine's dtype (bf16 with bf16 on), so no
+    # process ever holds a whole model. accelerate's own zero.Init switch stays off: preftune loads itself
     # the accelerate config's DeepSpeed fields are in `config` already (zero_settings read them); with them
     # still named in the environment, accelerate would refuse a config given beside them
     fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
@@ -191,6 +192,8 @@ def describe(settings: dict, world: int, mixed_precision: str = "no") -> str:
     zero = settings["config"].get("zero_optimization", {})
     offload = [what for what in ("optimizer", "param") if zero.get(f"offload_{what}", {}).get("device", "none") != "none"]
     parts = [settings["source"]] + ([f"{' and '.join(offload)} offloaded to the CPU"] if offload else [])
+    if settings["stage"] == 3:  # transformers loads under zero.Init when it sees a ZeRO-3 config (make_plugin)
+        parts.append("weights loaded partitioned (zero.Init)")
     if mixed_precision in ("bf16", "fp16"):  # DeepSpeed's mixed precision: not autocast over fp32 weights
         parts.append(f"weights held and computed in {mixed_precision}, fp32 master copies in the optimizer")
     return f"deepspeed: the policy under ZeRO stage {settings['stage']} over {world} processes ({'; '.join(parts)})"
@@ -210,21 +213,22 @@ def _partitioned(param) -> bool:
 
 def full_state_dict(model, ignore_frozen: bool = False) -> dict[str, torch.Tensor]:
     """Every process must call this (it gathers): the whole weights on the CPU on the main process ({} on
-    the others), as the model holds them (ZeRO writes each step's update back into them); tied weights
-    once. ZeRO-3 weights are gathered one at a time, so no process ever holds the whole model."""
+    the others), as the model holds them (ZeRO writes each step's update back into them; under bf16,
+    rounded from the fp32 master copies), in the dtypes it had before the engine; tied weights once. ZeRO-3 weights are gathered one at a time, so no process ever holds the whole model."""
     from deepspeed import zero
 
     if hasattr(model, "preftune_settle"):  # ZeRO-3 prefetches weights for a next forward; those still in
         model.preftune_settle()             # flight could not be gathered: release them first
     main = torch.distributed.get_rank() == 0
+    dtypes = getattr(model, "preftune_dtypes", {})
     state, seen = {}, set()
     for name, param in model.named_parameters():
         if id(param) in seen or (ignore_frozen and not param.requires_grad):
             continue
         seen.add(id(param))
         with zero.GatheredParameters([param]) if _partitioned(param) else contextlib.nullcontext():
-            if main:
-                state[name] = param.data.detach().cpu().clone()
+            if main:  # in the dtype the model had before DeepSpeed's bf16 cast (the masters' bf16 rounding)
+                state[name] = param.data.detach().cpu().to(dtypes.get(name, param.dtype))
     return state
 
 

@@ -103,6 +103,27 @@ def test_a_zero3_checkpoint_resumes_to_the_same_weights(tmp_path, tiny_model_dir
 
 
 @pytest.mark.slow
+def test_bf16_under_zero3_follows_a_one_process_bf16_run(tmp_path, tiny_model_dir):
+    """bf16: DeepSpeed's own mixed precision (bf16 weights, fp32 master copies in the optimizer) against
+    preftune's (bf16 autocast over fp32 weights): the same run within bf16's rounding. Under ZeRO-3 the
+    weights load already partitioned (transformers uses zero.Init): no process holds the whole model."""
+    torch.set_num_threads(1)
+    over = {"bf16": True, "max_steps": 3}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
+    result = torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"),
+                                           per_device_train_batch_size=4, deepspeed=str(EXAMPLES / "ds_z3_config.json"),
+                                           **over), "two")
+    assert "weights held and computed in bf16, fp32 master copies in the optimizer" in result.stderr
+    assert "weights loaded partitioned (zero.Init)" in result.stderr
+    for row_one, row_two in zip(history(tmp_path / "one"), history(tmp_path / "two"), strict=True):
+        for key in ("loss", "eval_loss", "rewards/margins"):
+            if key in row_one:
+                assert row_two[key] == pytest.approx(row_one[key], abs=2e-3), (row_one["step"], key)
+    # ZeRO-3 loads through DeepSpeed's zero.Init, in the engine's dtype: bf16 in, bf16 out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "two").dtype == torch.bfloat16
+
+
+@pytest.mark.slow
 def test_zero3_offload_with_frozen_layers_equals_one_process(tmp_path, tiny_model_dir):
     """ds_z3_offload_config.json (optimizer state and weights in CPU memory) with finetuning_type freeze:
     frozen partitioned weights stay as loaded, the trained layer equals a one-process run."""

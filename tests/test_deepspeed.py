@@ -125,10 +125,11 @@ def test_bf16_under_zero3_follows_a_one_process_bf16_run(tmp_path, tiny_model_di
 
 @pytest.mark.slow
 def test_zero3_offload_with_frozen_layers_equals_one_process(tmp_path, tiny_model_dir):
-    """ds_z3_offload_config.json (optimizer state and weights in CPU memory) with finetuning_type freeze:
-    frozen partitioned weights stay as loaded, the trained layer equals a one-process run."""
+    """ds_z3_offload_config.json (optimizer state and weights in CPU memory) with finetuning_type freeze
+    and padding-free batches: frozen partitioned weights stay as loaded, the trained layer equals a
+    one-process run."""
     torch.set_num_threads(1)
-    freeze = {"finetuning_type": "freeze", "freeze_trainable_layers": 1, "max_steps": 3}
+    freeze = {"finetuning_type": "freeze", "freeze_trainable_layers": 1, "max_steps": 3, "padding_free": True}
     train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **freeze)))
     result = torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"),
                                            per_device_train_batch_size=4,
@@ -146,11 +147,12 @@ def test_zero3_offload_with_frozen_layers_equals_one_process(tmp_path, tiny_mode
 
 @pytest.mark.slow
 def test_lora_under_zero2_and_zero3_equals_one_process_and_resumes(tmp_path, tiny_model_dir):
-    """LoRA: the adapter-off reference runs through the policy (partitioned under ZeRO-3); the adapter equals
-    a one-process run's at ZeRO-2 and ZeRO-3, and a ZeRO-3 checkpoint resumes to the same adapter."""
+    """LoRA (with prefix sharing): the adapter-off reference runs through the policy (partitioned under
+    ZeRO-3); the adapter equals a one-process run's at ZeRO-2 and ZeRO-3, and a ZeRO-3 checkpoint resumes
+    to the same adapter."""
     torch.set_num_threads(1)
     lora = {"finetuning_type": "lora", "lora_rank": 4, "save_adapter_only": True, "learning_rate": 5e-3,
-            "max_steps": 5, "save_steps": 3, "save_total_limit": 5}
+            "max_steps": 5, "save_steps": 3, "save_total_limit": 5, "prefix_sharing": True}
     train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **lora)))
     adapter_one = load_file(tmp_path / "one" / "adapter_model.safetensors")
     for stage in (2, 3):

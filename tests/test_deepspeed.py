@@ -53,14 +53,15 @@ def write_config(tmp_path, **values) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_zero_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_model_dir, stage):
+@pytest.mark.parametrize("stage,config", [(2, "ds_z2_offload_config.json"), (3, "ds_z3_config.json")])
+def test_two_zero_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_model_dir, stage, config):
+    """ZeRO-2 with the optimizer state offloaded to CPU memory, ZeRO-3 as LLaMA-Factory's config has it."""
     torch.set_num_threads(1)
     train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"))))
     script = tmp_path / "probe.py"
     script.write_text(SHARE_PROBE)
     two = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), per_device_train_batch_size=4,
-                     deepspeed=str(EXAMPLES / f"ds_z{stage}_config.json"))
+                     deepspeed=str(EXAMPLES / config))
     result = torchrun(tmp_path, two, "two", script=str(script))
     shares = [float(s) for s in re.findall(r"SHARE ([0-9.]+)", result.stderr)]
     assert len(shares) == 2, result.stderr[-2000:]
@@ -221,7 +222,7 @@ def test_auto_values_are_filled_from_the_run(tmp_path):
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_allow_untested_optimizer"] is True
     # LLaMA-Factory's own files load as they are
-    for name in ("ds_z2_config.json", "ds_z3_config.json", "ds_z3_offload_config.json"):
+    for name in ("ds_z2_config.json", "ds_z2_offload_config.json", "ds_z3_config.json", "ds_z3_offload_config.json"):
         cfg = from_dict({"deepspeed": str(EXAMPLES / name)})
         ds = make_plugin(cfg, zero_settings(cfg), world=2).deepspeed_config
         assert ds["train_batch_size"] == cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * 2

@@ -201,7 +201,7 @@ def test_the_accelerate_zero3_example_config_partitions(tmp_path, tiny_model_dir
                              "no", "--main_process_port", str(free_port()), "-m", "preftune", "train", str(config)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "deepspeed: the policy under ZeRO stage 3 over 2 processes (the accelerate config)" in result.stderr
+    assert "deepspeed: the policy under ZeRO stage 3 over 2 processes (the accelerate config;" in result.stderr
     assert "the reference (Qwen2ForCausalLM) partitioned over 2 processes" in result.stderr
     torch.set_num_threads(1)
     train_mod.train(from_dict({**raw, "output_dir": str(tmp_path / "one"), "per_device_train_batch_size": 8}))

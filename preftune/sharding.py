@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, ModelError
 
 log = logging.getLogger("preftune")
 
@@ -150,7 +150,11 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    from preftune.models import FROM_MAIN
+
     model = root.model
+    from_main = getattr(model, FROM_MAIN, False)
+    whole = match_main(root) if from_main else None  # the main process's weights (tensors there, {} elsewhere)
     mark_loaded_dtypes(model)  # fully_shard replaces the parameters, and their marks
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     kwargs = {"mesh": mesh, "reshard_after_forward": settings["reshard_after_forward"]}
@@ -158,7 +162,7 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if settings["offload"] and device.type == "cuda":
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    else:
+    elif not from_main:  # (meta parameters cannot move: fully_shard moves each unit's parameters and buffers)
         root.to(device)
     units = _units(model)
     if not units:
@@ -168,9 +172,54 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(root, **kwargs)
+    if from_main:
+        fill_from_main(root, whole, offload="offload_policy" in kwargs)
     log.info("fsdp: %s (%s) sharded over %d processes (FSDP2: %d %s units and the root; reshard_after_forward=%s, "
              "offload=%s)", what, type(model).__name__, mesh.size(), len(units), unit_name,
              settings["reshard_after_forward"], "offload_policy" in kwargs)
+
+
+def _layout(root) -> dict[str, tuple]:
+    """Each parameter's (shape, dtype, requires_grad, the first name it has: a tied one has several)."""
+    first: dict[int, str] = {}
+    return {name: (tuple(p.shape), p.dtype, p.requires_grad, first.setdefault(id(p), name))
+            for name, p in root.named_parameters(remove_duplicate=False)}
+
+
+def match_main(root) -> dict[str, torch.Tensor]:
+    """Before `fully_shard`, for a model only the main process read (models.FROM_MAIN): checks that every
+    process built the same model (names, shapes, trainable set, ties) and gives each meta parameter the
+    main process's dtype. Returns the main process's whole weights (its state dict), {} elsewhere."""
+    main = [_layout(root)]
+    torch.distributed.broadcast_object_list(main, src=0)
+    mine, main = _layout(root), main[0]
+    differ = sorted(n for n in mine.keys() | main.keys()
+                    if n not in mine or n not in main or mine[n][:1] + mine[n][2:] != main[n][:1] + main[n][2:])
+    differs = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(differs, differ)  # every process raises, none waits in a broadcast
+    if any(differs):
+        rank, names = next((r, d) for r, d in enumerate(differs) if d)
+        raise ModelError(f"fsdp: the model process {rank} built without weights differs from the main process's "
+                         f"at {', '.join(names[:3])}; please report this (with the model's config)")
+    for name, param in root.named_parameters():
+        if param.is_meta and param.dtype != main[name][1]:  # free on the meta device
+            param.data = param.data.to(main[name][1])
+    return root.state_dict() if torch.distributed.get_rank() == 0 else {}
+
+
+def fill_from_main(root, whole: dict[str, torch.Tensor], offload: bool) -> None:
+    """After `fully_shard`: every process's shards from the main process's whole weights (`match_main`),
+    broadcast one tensor at a time (torch.distributed.checkpoint's broadcast_from_rank0); meta
+    parameters are replaced, so the ties are made again. Non-persistent buffers (rotary inv_freq) are not
+    in a state dict: each process computed its own when it built the model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    tied = {name: first for name, (*_, first) in _layout(root).items() if name != first}
+    set_model_state_dict(root, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               cpu_offload=offload))
+    for name, first in tied.items():
+        module, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(module), leaf, root.get_parameter(first))
 
 
 def share_policy_passes(reference, root) -> None:

@@ -102,8 +102,12 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", from_main: bool
                                                                      kwargs["dtype"])
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code) if from_main else None
-        # a quantized model is quantized as it loads; "auto" without a dtype in the config is read from the weights
-        from_main = from_main and not quantization_bit and (kwargs["dtype"] != "auto" or config.dtype is not None)
+        if from_main:  # what only reading the weights tells: the old way then, each process reads them whole
+            whole = ("it is quantized as it loads" if quantization_bit else "torch_dtype auto, and its config names "
+                     "no dtype" if kwargs["dtype"] == "auto" and config.dtype is None else None)
+            if whole:
+                log.info("fsdp: every process reads the weights of %s (%s)", name, whole)
+            from_main = whole is None
         if from_main and torch.distributed.get_rank() != 0:
             model = empty_model(config, kwargs)
         else:

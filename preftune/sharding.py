@@ -17,6 +17,9 @@ node of GPUs is also the one tested on CPU processes (gloo). Where sharding come
 - an accelerate config with `distributed_type: FSDP` and `fsdp_version: 2` (`accelerate launch
   --config_file examples/accelerate/fsdp2.yaml`), read from the environment accelerate sets.
 
+Only the main process reads the checkpoint: the others build the model on the meta device
+(`models.load_model`) and `shard` broadcasts the main process's weights into every shard.
+
 The gradient of a step is reduce-scattered as DDP all-reduces it (mean over processes), so a step
 computes what a DDP run computes: the numbers equal a one-process run with the global batch.
 """
@@ -48,8 +51,9 @@ def fsdp_settings(cfg) -> dict | None:
     if not words and not from_accelerate:
         return None
     if from_accelerate:
-        # transformers would load the weights on the main process only (the others on the meta device), for
-        # accelerate's FSDP to broadcast them; here every process loads them and then keeps its shard
+        # transformers would build the model on the meta device on every process but each node's first, for
+        # accelerate's FSDP to broadcast; preftune does that itself (models.load_model, `shard`), from the
+        # one main process
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     if from_accelerate:  # accelerate's FSDP_* variables: FULL_SHARD reshards after forward, SHARD_GRAD_OP not
         strategy = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", os.environ.get("FSDP_SHARDING_STRATEGY", "true"))
@@ -175,8 +179,9 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
     if from_main:
         fill_from_main(root, whole, offload="offload_policy" in kwargs)
     log.info("fsdp: %s (%s) sharded over %d processes (FSDP2: %d %s units and the root; reshard_after_forward=%s, "
-             "offload=%s)", what, type(model).__name__, mesh.size(), len(units), unit_name,
-             settings["reshard_after_forward"], "offload_policy" in kwargs)
+             "offload=%s; %s)", what, type(model).__name__, mesh.size(), len(units), unit_name,
+             settings["reshard_after_forward"], "offload_policy" in kwargs,
+             "weights read by the main process alone" if from_main else "weights read by every process")
 
 
 def _layout(root) -> dict[str, tuple]:

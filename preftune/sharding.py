@@ -150,7 +150,8 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
     its forward and backward, freed after), the embeddings, final norm and LM head the root unit.
     The root is the `logps.PolicyLogps` around the model, whose forward is the whole log-prob pass:
     the chunked LM head runs inside it, so the root's weights are gathered there. Call before the
-    optimizer is made: it must hold the sharded parameters."""
+    optimizer is made: it must hold the sharded parameters. A model only the main process read
+    (models.FROM_MAIN) gets every process's shards from the main process's weights here."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 

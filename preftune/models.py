@@ -15,7 +15,7 @@ import importlib.util
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from preftune import adapters
 from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
@@ -32,6 +32,10 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bflo
 # that dtype, for the final save (`restore_loaded_dtypes`). On the parameter itself, because the
 # names change when a LoRA policy is merged, and the parameter objects do not.
 LOADED_DTYPE = "preftune_loaded_dtype"
+
+# Set on a model loaded for FSDP2 (`load_model` with from_main): True where only the main process read
+# its weights and the others hold it on the meta device until `sharding.shard` broadcasts them.
+FROM_MAIN = "preftune_from_main"
 
 
 def load_dtype(cfg):
@@ -78,9 +82,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name: str, cfg, what: str = "model_name_or_path"):
+def load_model(name: str, cfg, what: str = "model_name_or_path", from_main: bool = False):
     """The policy (what = model_name_or_path) or a separately loaded reference (any other `what`),
-    quantized as quantization_bit / ref_model_quantization_bit say."""
+    quantized as quantization_bit / ref_model_quantization_bit say. `from_main` (FSDP2): only the
+    main process reads the weights, the others build the model without them (`empty_model`) and
+    `sharding.shard` fills their shards from the main process's; the model is marked so on every
+    process (FROM_MAIN)."""
     _check_reachable(name, what)
     policy = what == "model_name_or_path"
     quantization_key = "quantization_bit" if policy else "ref_model_quantization_bit"
@@ -94,9 +101,34 @@ def load_model(name: str, cfg, what: str = "model_name_or_path"):
         kwargs["quantization_config"] = adapters.quantization_config(quantization_bit, quantization_key,
                                                                      kwargs["dtype"])
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code) if from_main else None
+        if from_main:  # what only reading the weights tells: the old way then, each process reads them whole
+            whole = ("it is quantized as it loads" if quantization_bit else "torch_dtype auto, and its config names "
+                     "no dtype" if kwargs["dtype"] == "auto" and config.dtype is None else None)
+            if whole:
+                log.info("fsdp: every process reads the weights of %s (%s)", name, whole)
+            from_main = whole is None
+        if from_main and torch.distributed.get_rank() != 0:
+            model = empty_model(config, kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None
+    setattr(model, FROM_MAIN, from_main)
+    return model
+
+
+def empty_model(config, kwargs: dict):
+    """The model `from_pretrained(**kwargs)` builds from `config`, without reading any weight: parameters
+    on the meta device (no memory), buffers real (rotary inv_freq is computed from the config, and is
+    not in the checkpoint), tied as from_pretrained ties them, in eval mode as it leaves them."""
+    from accelerate import init_empty_weights
+
+    kwargs = {**kwargs, "dtype": config.dtype if kwargs["dtype"] == "auto" else kwargs["dtype"]}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # from_config does not tie meta parameters
+    return model.eval()
 
 
 def check_vocabulary(model, tokenizer, what: str,
@@ -119,16 +151,16 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             module.attention_dropout = p
 
 
-def load_policy(cfg, reference_adapter: bool = False):
+def load_policy(cfg, reference_adapter: bool = False, from_main: bool = False):
     """The policy to train: a peft model for finetuning_type: lora, with frozen layers for freeze,
     dropout set as the config says. `reference_adapter`: a LoRA policy that starts from
     adapter_name_or_path also loads a frozen copy of its last adapter, for the reference
-    (`adapters.AdapterReference`; `reference.load_models` decides)."""
+    (`adapters.AdapterReference`; `reference.load_models` decides). `from_main`: see `load_model`."""
     if cfg.padding_free and cfg.attention not in ("flash_attention_2", "flex_attention"):
         log.warning("padding_free with %s attention: the same numbers, but attention runs over the whole packed row "
                     "(a mask keeps the sequences apart); flash_attention_2 or flex_attention make it pay",
                     cfg.attention or "the default (sdpa)")
-    policy = load_model(cfg.model_name_or_path, cfg)
+    policy = load_model(cfg.model_name_or_path, cfg, from_main=from_main)
     if cfg.dropout is not None:
         set_dropout(policy, cfg.dropout)
     elif cfg.disable_dropout:
@@ -288,13 +320,13 @@ def reference_adapters(cfg) -> str | None:
     return cfg.adapter_name_or_path if cfg.finetuning_type == "lora" else None
 
 
-def load_reference(cfg):
+def load_reference(cfg, from_main: bool = False):
     """The frozen reference as a model of its own: `ref_model` (+ `ref_model_adapters` merged in),
     else a copy of the starting policy. A LoRA run that starts from adapter_name_or_path starts
     from base + those adapters, so its copy has them merged in (precompute_ref_log_probs loads it
-    so; a live LoRA reference is the adapter-off policy instead)."""
+    so; a live LoRA reference is the adapter-off policy instead). `from_main`: see `load_model`."""
     reference = load_model(cfg.ref_model or cfg.model_name_or_path, cfg,
-                           "ref_model" if cfg.ref_model else "model_name_or_path (reference copy)")
+                           "ref_model" if cfg.ref_model else "model_name_or_path (reference copy)", from_main)
     adapters = reference_adapters(cfg)
     if adapters:
         reference = with_adapters(reference, split_names(adapters),

@@ -154,8 +154,8 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
             path = folder / f"{key}.safetensors"
             logps = _read_cache(path, key, len(pairs))
             if logps is None:
-                if reference is None:
-                    reference = load_reference(cfg)
+                if reference is None:  # FSDP2: only the main process reads the weights (sharding.shard)
+                    reference = load_reference(cfg, from_main=bool(sharded) and sharded["engine"] == "fsdp")
                     if tokenizer is not None:
                         check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
                     # sharded, pair_logps calls the sharded root, which gathers what each pass needs
@@ -232,25 +232,27 @@ def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] |
     tokenizer is checked against every model's vocabulary; a given accelerator prepares a separately
     loaded reference for evaluation (sharded as the policy is, never trained)."""
     chunk_size = cfg.logps_chunk_size
+    sharded = active(cfg) if accelerator is not None else None
+    # FSDP2: only the main process reads the weights, `sharding.shard` gives the others their shards
+    from_main = bool(sharded) and sharded["engine"] == "fsdp"
     if cfg.precompute_ref_log_probs:
         tables = precompute_reference_logps(cfg, splits or {}, tokenizer.pad_token_id, accelerator, tokenizer)
-        return _checked_policy(cfg, tokenizer), Reference(None, tables, chunk_size,
-                                                          description="precomputed log-probs (no model in memory)")
+        return _checked_policy(cfg, tokenizer, from_main=from_main), Reference(
+            None, tables, chunk_size, description="precomputed log-probs (no model in memory)")
     adapter_off = cfg.uses_reference and cfg.finetuning_type == "lora" and not cfg.ref_model
     starting_adapter = adapter_off and bool(cfg.adapter_name_or_path)
-    policy = _checked_policy(cfg, tokenizer, reference_adapter=starting_adapter)
+    policy = _checked_policy(cfg, tokenizer, reference_adapter=starting_adapter, from_main=from_main)
     if adapter_off:
         what = "a frozen copy of its starting adapter" if starting_adapter else "its adapter off"
         return policy, Reference(AdapterReference(policy, REFERENCE_ADAPTER if starting_adapter else None),
                                  chunk_size=chunk_size, description=f"the LoRA policy with {what}")
     if not cfg.uses_reference:
         return policy, Reference()
-    model = load_reference(cfg)
+    model = load_reference(cfg, from_main)
     what = "ref_model" if cfg.ref_model else "the reference copy"
     if tokenizer is not None:
         check_vocabulary(model, tokenizer, what)
     runner = None
-    sharded = active(cfg) if accelerator is not None else None
     if sharded:  # sharded as the policy is (FSDP2, ZeRO-3): never a whole copy per process
         runner = shard_reference(model, sharded, accelerator, chunk_size, cfg.mixed_precision)
     elif accelerator is not None:
@@ -259,8 +261,8 @@ def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] |
                              description=f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model")
 
 
-def _checked_policy(cfg, tokenizer, reference_adapter: bool = False):
-    policy = load_policy(cfg, reference_adapter)
+def _checked_policy(cfg, tokenizer, reference_adapter: bool = False, from_main: bool = False):
+    policy = load_policy(cfg, reference_adapter, from_main)
     if tokenizer is not None:
         check_vocabulary(policy, tokenizer, "model_name_or_path",
                          "the tokenizer has tokens the model has no embedding for; resize the model's embeddings")

@@ -17,6 +17,9 @@ node of GPUs is also the one tested on CPU processes (gloo). Where sharding come
 - an accelerate config with `distributed_type: FSDP` and `fsdp_version: 2` (`accelerate launch
   --config_file examples/accelerate/fsdp2.yaml`), read from the environment accelerate sets.
 
+Only the main process reads the checkpoint: the others build the model on the meta device
+(`models.load_model`) and `shard` broadcasts the main process's weights into every shard.
+
 The gradient of a step is reduce-scattered as DDP all-reduces it (mean over processes), so a step
 computes what a DDP run computes: the numbers equal a one-process run with the global batch.
 """
@@ -30,7 +33,7 @@ import os
 
 import torch
 
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, ModelError
 
 log = logging.getLogger("preftune")
 
@@ -48,8 +51,9 @@ def fsdp_settings(cfg) -> dict | None:
     if not words and not from_accelerate:
         return None
     if from_accelerate:
-        # transformers would load the weights on the main process only (the others on the meta device), for
-        # accelerate's FSDP to broadcast them; here every process loads them and then keeps its shard
+        # transformers would build the model on the meta device on every process but each node's first, for
+        # accelerate's FSDP to broadcast; preftune does that itself (models.load_model, `shard`), from the
+        # one main process
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     if from_accelerate:  # accelerate's FSDP_* variables: FULL_SHARD reshards after forward, SHARD_GRAD_OP not
         strategy = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", os.environ.get("FSDP_SHARDING_STRATEGY", "true"))
@@ -146,11 +150,16 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
     its forward and backward, freed after), the embeddings, final norm and LM head the root unit.
     The root is the `logps.PolicyLogps` around the model, whose forward is the whole log-prob pass:
     the chunked LM head runs inside it, so the root's weights are gathered there. Call before the
-    optimizer is made: it must hold the sharded parameters."""
+    optimizer is made: it must hold the sharded parameters. A model only the main process read
+    (models.FROM_MAIN) gets every process's shards from the main process's weights here."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    from preftune.models import FROM_MAIN
+
     model = root.model
+    from_main = getattr(model, FROM_MAIN, False)
+    whole = match_main(root) if from_main else None  # the main process's weights (tensors there, {} elsewhere)
     mark_loaded_dtypes(model)  # fully_shard replaces the parameters, and their marks
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     kwargs = {"mesh": mesh, "reshard_after_forward": settings["reshard_after_forward"]}
@@ -158,7 +167,7 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if settings["offload"] and device.type == "cuda":
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    else:
+    elif not from_main:  # (meta parameters cannot move: fully_shard moves each unit's parameters and buffers)
         root.to(device)
     units = _units(model)
     if not units:
@@ -168,9 +177,55 @@ def shard(root, settings: dict, device: torch.device, mixed_precision: str | Non
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(root, **kwargs)
+    if from_main:
+        fill_from_main(root, whole, offload="offload_policy" in kwargs)
     log.info("fsdp: %s (%s) sharded over %d processes (FSDP2: %d %s units and the root; reshard_after_forward=%s, "
-             "offload=%s)", what, type(model).__name__, mesh.size(), len(units), unit_name,
-             settings["reshard_after_forward"], "offload_policy" in kwargs)
+             "offload=%s; %s)", what, type(model).__name__, mesh.size(), len(units), unit_name,
+             settings["reshard_after_forward"], "offload_policy" in kwargs,
+             "weights read by the main process alone" if from_main else "weights read by every process")
+
+
+def _layout(root) -> dict[str, tuple]:
+    """Each parameter's (shape, dtype, requires_grad, the first name it has: a tied one has several)."""
+    first: dict[int, str] = {}
+    return {name: (tuple(p.shape), p.dtype, p.requires_grad, first.setdefault(id(p), name))
+            for name, p in root.named_parameters(remove_duplicate=False)}
+
+
+def match_main(root) -> dict[str, torch.Tensor]:
+    """Before `fully_shard`, for a model only the main process read (models.FROM_MAIN): checks that every
+    process built the same model (names, shapes, trainable set, ties) and gives each meta parameter the
+    main process's dtype. Returns the main process's whole weights (its state dict), {} elsewhere."""
+    main = [_layout(root)]
+    torch.distributed.broadcast_object_list(main, src=0)
+    mine, main = _layout(root), main[0]
+    differ = sorted(n for n in mine.keys() | main.keys()
+                    if n not in mine or n not in main or mine[n][:1] + mine[n][2:] != main[n][:1] + main[n][2:])
+    differs = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(differs, differ)  # every process raises, none waits in a broadcast
+    if any(differs):
+        rank, names = next((r, d) for r, d in enumerate(differs) if d)
+        raise ModelError(f"fsdp: the model process {rank} built without weights differs from the main process's "
+                         f"at {', '.join(names[:3])}; please report this (with the model's config)")
+    for name, param in root.named_parameters():
+        if param.is_meta and param.dtype != main[name][1]:  # free on the meta device
+            param.data = param.data.to(main[name][1])
+    return root.state_dict() if torch.distributed.get_rank() == 0 else {}
+
+
+def fill_from_main(root, whole: dict[str, torch.Tensor], offload: bool) -> None:
+    """After `fully_shard`: every process's shards from the main process's whole weights (`match_main`),
+    broadcast one tensor at a time (torch.distributed.checkpoint's broadcast_from_rank0); meta
+    parameters are replaced, so the ties are made again. Non-persistent buffers (rotary inv_freq) are not
+    in a state dict: each process computed its own when it built the model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    tied = {name: first for name, (*_, first) in _layout(root).items() if name != first}
+    set_model_state_dict(root, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               cpu_offload=offload))
+    for name, first in tied.items():
+        module, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(module), leaf, root.get_parameter(first))
 
 
 def share_policy_passes(reference, root) -> None:

@@ -195,3 +195,50 @@ def test_a_sharded_freeze_run_equals_one_process(tmp_path, tiny_model_dir):
     assert moved and all(".layers.1." in k for k in moved)  # only the last layer trained
     for name, w in weights_one.items():
         torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
+
+
+# logged by each process: every weight file transformers opens, and the share of meta parameters of each
+# model it hands to `shard` (1.00: built without weights, filled from the main process while sharding)
+READ_PROBE = """
+import os
+import sys
+import transformers.modeling_utils
+from preftune import sharding
+from preftune.cli import main
+
+rank, safe_open, shard = os.environ["RANK"], transformers.modeling_utils.safe_open, sharding.shard
+
+def recorded(path, *args, **kwargs):
+    print(f"READ {rank} {os.path.basename(str(path))}", file=sys.stderr)
+    return safe_open(path, *args, **kwargs)
+
+def probed(root, *args, **kwargs):
+    params = list(root.parameters())
+    print(f"META {rank} {sum(p.is_meta for p in params) / len(params):.2f}", file=sys.stderr)
+    shard(root, *args, **kwargs)
+
+transformers.modeling_utils.safe_open, sharding.shard = recorded, probed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_only_the_main_process_reads_the_weights(tmp_path, tiny_model_dir):
+    """Under FSDP2 the other processes build the policy and the reference on the meta device and get
+    their shards from the main process: the run still equals a one-process run."""
+    torch.set_num_threads(1)
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), max_steps=3)))
+    script = tmp_path / "probe.py"
+    script.write_text(READ_PROBE)
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), per_device_train_batch_size=4,
+                     fsdp="full_shard", max_steps=3)
+    result = torchrun(tmp_path, two, "two", script=str(script))
+    reads = re.findall(r"READ (\d) (\S+)", result.stderr)
+    assert reads == [("0", "model.safetensors")] * 2, reads  # the policy and the reference copy, by the main process
+    meta = sorted(re.findall(r"META (\d) ([0-9.]+)", result.stderr))
+    assert meta == [("0", "0.00")] * 2 + [("1", "1.00")] * 2, meta
+    same_histories(tmp_path / "one", tmp_path / "two")
+    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert weights_one.keys() == weights_two.keys()
+    for name, w in weights_one.items():
+        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)

@@ -181,10 +181,14 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             last = k == len(micro) - 1
             # gradients are synchronised across processes only on the step's last micro-batch
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
-            with sync, accelerator.autocast():
-                # (sharded, every process computes the KL: it gathers weights; an empty share's is not counted)
-                out = step_fn(policy, train_reference, batch, kl=log_now and last and (scale > 0 or bool(sharded)),
-                              kl_max_tokens=KL_TRAIN_TOKENS)
+            with sync:
+                with accelerator.autocast():
+                    # (sharded, every process computes the KL: it gathers weights; an empty share's is not counted)
+                    out = step_fn(policy, train_reference, batch,
+                                  kl=log_now and last and (scale > 0 or bool(sharded)), kl_max_tokens=KL_TRAIN_TOKENS)
+                # backward outside autocast, as torch.autocast's docs ask: each backward op then runs in its
+                # forward op's dtype. Inside, autocast recast the CPU's fp32 LM head's backward GEMMs to bf16,
+                # ~50x slower on CPUs without fast bf16 matmul (benchmarks/RESULTS.md, CPU note 3)
                 accelerator.backward(out.losses.sum() * scale / step_items)
             finite = finite & torch.isfinite(out.losses.detach()).all()
             if scale:

@@ -52,14 +52,25 @@ class NonFiniteStep(PreftuneError):
     """A step's loss or gradient norm was NaN or infinite (and no skip was left)."""
 
 
+def cpu_multiplies_bf16() -> bool:
+    """Whether torch multiplies bfloat16 on this CPU with oneDNN's kernels, which need AVX-512 or AVX-NE-CONVERT
+    (and honour ONEDNN_MAX_CPU_ISA). Without them a bf16 matmul takes ATen's fallback loop, 10-50x slower than
+    float32 (benchmarks/RESULTS.md, CPU note 3)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def check_hardware(cfg) -> None:
-    """fp16 and bf16 where the machine cannot run them: refused before anything loads, not left inert."""
+    """fp16 and bf16 where the machine cannot run them: refused before anything loads, not left inert;
+    bf16 where the CPU only emulates it: said once, since float32 is then the faster choice."""
     if cfg.fp16 and not torch.cuda.is_available():
         raise ConfigError("fp16: float16 mixed precision needs a CUDA GPU and this machine has none; remove fp16 "
                           "(bf16: true runs on CPUs)")
     if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"bf16: {torch.cuda.get_device_name()} has no bfloat16 support; use fp16: true, or no "
                           "mixed precision")
+    if cfg.bf16 and not torch.cuda.is_available() and not cpu_multiplies_bf16():
+        log.warning("bf16: this CPU has no fast bfloat16 matmul (it needs AVX-512 or AVX-NE-CONVERT), so bf16 "
+                    "autocast trains several times slower than float32 here; bf16: false is faster (docs/precision.md)")
 
 
 def make_accelerator(cfg) -> Accelerator:

@@ -181,10 +181,13 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             last = k == len(micro) - 1
             # gradients are synchronised across processes only on the step's last micro-batch
             sync = contextlib.nullcontext() if last else accelerator.no_sync(policy)
-            with sync, accelerator.autocast():
-                # (sharded, every process computes the KL: it gathers weights; an empty share's is not counted)
-                out = step_fn(policy, train_reference, batch, kl=log_now and last and (scale > 0 or bool(sharded)),
-                              kl_max_tokens=KL_TRAIN_TOKENS)
+            with sync:
+                with accelerator.autocast():
+                    # (sharded, every process computes the KL: it gathers weights; an empty share's is not counted)
+                    out = step_fn(policy, train_reference, batch,
+                                  kl=log_now and last and (scale > 0 or bool(sharded)), kl_max_tokens=KL_TRAIN_TOKENS)
+                # backward outside autocast (torch.autocast's docs): each backward op runs in its forward op's dtype;
+                # inside, the CPU's fp32 LM head's backward went bf16, ~50x slower without fast bf16 (RESULTS.md)
                 sharding.backward(accelerator, policy, out.losses.sum() * scale / step_items, last, sharded)
             finite = finite & torch.isfinite(out.losses.detach()).all()
             if scale:

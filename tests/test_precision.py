@@ -7,13 +7,19 @@ The models are tiny (hidden 32, 2 layers) and runs 3 steps long: bf16 autocast i
 
 import importlib.util
 import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from preftune import checkpoints
+from preftune import checkpoints, runtime
 from preftune import train as train_mod
 from preftune.adapters import AdapterReference
 from preftune.config import from_dict
@@ -138,6 +144,27 @@ def test_resume_continues_the_master_weights_exactly(tmp_path, bf16_model_dir, d
     assert strip(history) == strip(reference_history)
 
 
+def test_bf16_run_on_cpu_multiplies_the_lm_head_in_float32_backward_included(tmp_path, bf16_model_dir, data_file):
+    """On CPU the LM head is multiplied in float32 under autocast (logps._logits), and the loop runs
+    backward outside autocast, so the head's backward GEMMs stay float32 too: inside autocast they were
+    recast to bfloat16, which CPUs without native bf16 GEMMs run ~50x slower (benchmarks/RESULTS.md)."""
+    head = tuple(AutoModelForCausalLM.from_pretrained(bf16_model_dir).get_output_embeddings().weight.shape)  # (V, H)
+    head_matmuls = []  # (dtype, in backward) of every matmul with the head's weight, or its transpose, as an operand
+
+    class RecordHeadMatmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                shapes = {tuple(a.shape) for a in args if isinstance(a, torch.Tensor)}
+                if head in shapes or head[::-1] in shapes:
+                    head_matmuls.append((args[-1].dtype, torch._C._current_autograd_node() is not None))
+            return func(*args, **(kwargs or {}))
+
+    with RecordHeadMatmuls():
+        train_mod.train(from_dict(run_raw(bf16_model_dir, data_file, tmp_path / "out", max_steps=1, save_steps=None)))
+    assert any(backward for _, backward in head_matmuls)
+    assert {dtype for dtype, _ in head_matmuls} == {torch.float32}
+
+
 def test_pure_bf16_trains_bfloat16_weights(tmp_path, bf16_model_dir, data_file, start_weights):
     summary, weights = train_capturing(run_raw(bf16_model_dir, data_file, tmp_path / "out", pure_bf16=True,
                                                save_steps=None))
@@ -207,6 +234,30 @@ def test_freeze_without_mixed_precision_is_one_line(bf16_model_dir):
     with pytest.raises(ModelError, match="needs mixed precision; set bf16: true") as err:
         load_models(cfg)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_bf16_on_a_cpu_without_fast_bf16_matmul_is_said_once(monkeypatch, caplog, fast_bf16):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: fast_bf16)
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        runtime.check_hardware(from_dict({"bf16": True}))
+        runtime.check_hardware(from_dict({}))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ([] if fast_bf16 else
+                        ["bf16: this CPU has no fast bfloat16 matmul (it needs AVX-512 or AVX-NE-CONVERT), so bf16 "
+                         "autocast trains several times slower than float32 here; bf16: false is faster "
+                         "(docs/precision.md)"])
+
+
+def test_fast_bf16_matmul_is_off_where_onednn_is_capped_at_avx2():
+    """ONEDNN_MAX_CPU_ISA=AVX2 hides oneDNN's bf16 kernels, as a CPU with AVX2 only has none (oneDNN reads it
+    once, when it first runs: hence a fresh process)."""
+    code = "from preftune.runtime import cpu_multiplies_bf16; print(cpu_multiplies_bf16())"
+    path = os.pathsep.join(filter(None, [str(Path(runtime.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    capped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": path})
+    assert capped.stdout.split()[-1:] == ["False"]
 
 
 @pytest.mark.parametrize("raw,message", [

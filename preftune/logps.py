@@ -12,8 +12,10 @@ attention mask that keeps each completion to the prompt and itself, and `score_i
 naming the scored positions; again the same (2B,) outputs.
 
 Memory: the LM head is applied only at completion positions, `chunk_size` tokens at a time,
-and each chunk's (chunk, vocab) fp32 logits are recomputed in backward instead of stored, so
-the full-vocabulary logits of the batch never exist at once.
+and where the batch's (tokens, vocab) fp32 logits would take more than KEEP_LOGITS_BYTES, each
+chunk's are recomputed in backward instead of stored, so they never exist at once. Below that
+they are kept: the recompute is one more LM-head matmul per chunk, about 15% of a step on the CPU
+benchmark, for memory that small batches do not need (benchmarks/RESULTS.md).
 
 enable_liger_kernel (`fused_dpo_logps`): while training, the LM head and the DPO loss run instead
 through Liger's fused linear DPO loss (the liger-kernel package), which computes the gradient in
@@ -29,6 +31,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+# The fp32 logits of a batch up to this size are kept for the backward pass (module docstring); beyond
+# it each chunk's are recomputed there. A GPU batch of 8192 completion tokens over Qwen's 151936-word
+# vocabulary would keep 5 GB: it recomputes; the CPU benchmark's 2,400 x 16384 (150 MiB) keeps them.
+KEEP_LOGITS_BYTES = 256 * 2**20
 
 
 class BatchLogps(NamedTuple):
@@ -170,7 +178,8 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     else:
         hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids)
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]  # (a ZeRO-3 weight is a partition)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) * vocab * 4 > KEEP_LOGITS_BYTES
     pieces = []
     for i in range(0, hidden.size(0), chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]

@@ -1,8 +1,11 @@
 """get_batch_logps against the naive full-logits computation, values and gradients."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from preftune import logps as logps_module
 from preftune.batching import collate
 from preftune.data import PreferencePair
 from preftune.demo import build_model
@@ -21,7 +24,12 @@ def make_batch(tokenizer, demo_pairs, n=3):
     return collate(tokenize_pairs(tokenizer, pairs, 256, None), tokenizer.pad_token_id)
 
 
-def test_chunked_logps_equal_naive_values_and_gradients(tiny_tokenizer, demo_pairs):
+@pytest.mark.parametrize("keep_bytes", [0, 2**40], ids=["recomputed", "kept"])
+def test_chunked_logps_equal_naive_values_and_gradients(tiny_tokenizer, demo_pairs, monkeypatch, keep_bytes):
+    """Both ways of the backward: each chunk's logits recomputed (large batches) or kept (small ones)."""
+    monkeypatch.setattr(logps_module, "KEEP_LOGITS_BYTES", keep_bytes)
+    recomputed = []
+    monkeypatch.setattr(logps_module, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
     batch = make_batch(tiny_tokenizer, demo_pairs)
     assert batch["input_ids"].shape[0] == 6 and (batch["attention_mask"] == 0).any()  # padding present
     model = build_model(len(tiny_tokenizer), seed=1, hidden=32, layers=2)
@@ -36,6 +44,7 @@ def test_chunked_logps_equal_naive_values_and_gradients(tiny_tokenizer, demo_pai
     logps.sum().backward()
     for p, g in zip(model.parameters(), expected_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert bool(recomputed) == (keep_bytes == 0)
 
 
 def test_chosen_and_rejected_rows_are_independent_of_padding(tiny_tokenizer, demo_pairs):

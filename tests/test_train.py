@@ -144,9 +144,9 @@ def test_reference_free_loss_loads_no_reference_and_learns(tmp_path, tiny_model_
     loaded = []
     real_load_model = models.load_model
 
-    def counting_load_model(name, cfg, what="model_name_or_path"):
+    def counting_load_model(name, cfg, what="model_name_or_path", **kwargs):
         loaded.append(what)
-        return real_load_model(name, cfg, what)
+        return real_load_model(name, cfg, what, **kwargs)
 
     monkeypatch.setattr(models, "load_model", counting_load_model)
     cfg = tiny_config(tmp_path, tiny_model_dir, pref_loss=loss, pref_beta=beta, max_steps=12, eval_steps=12,

@@ -250,11 +250,15 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor]) -> None:
 
 @contextlib.contextmanager
 def gathered_heads(*models):
-    """The LM heads of ZeRO-3 models whole while code outside their forward reads them (the KL)."""
+    """The LM heads of ZeRO-3 models whole while code outside their forward reads them (the KL). Every
+    run passes here: deepspeed is imported only when a head is partitioned (it may not be installed)."""
+    params = [p for m in models if m is not None for p in m.get_output_embeddings().parameters() if _partitioned(p)]
+    if not params:
+        yield
+        return
     from deepspeed import zero
 
-    params = [p for m in models if m is not None for p in m.get_output_embeddings().parameters() if _partitioned(p)]
-    with zero.GatheredParameters(params) if params else contextlib.nullcontext():
+    with zero.GatheredParameters(params):
         yield
 
 

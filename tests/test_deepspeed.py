@@ -274,3 +274,12 @@ def test_what_zero_does_not_do_yet_is_refused(tmp_path, over, stage, message):
                      "deepspeed": write_config(tmp_path, zero_optimization={"stage": stage}), **over})
     with pytest.raises(ConfigError, match=message):
         check(cfg, zero_settings(cfg))
+
+
+def test_a_run_without_deepspeed_installed_never_imports_it(tmp_path, tiny_model_dir, monkeypatch):
+    """deepspeed is optional: a plain run (KL and evaluation included, which pass through the ZeRO-3
+    gathering code) must not import it."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises ImportError
+    torch.set_num_threads(1)
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "out"), max_steps=2)))
+    assert "kl" in history(tmp_path / "out")[1]

@@ -21,7 +21,7 @@ from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.errors import ConfigError
 from preftune.zero import check, make_plugin, zero_settings
-from test_distributed import ROOT, free_port, history, raw_config, same_histories, torchrun
+from test_distributed import ROOT, free_port, history, raw_config, same_histories, same_weights, torchrun
 
 EXAMPLES = ROOT / "examples" / "deepspeed"
 
@@ -71,10 +71,7 @@ def test_two_zero_processes_equal_one_process_with_the_global_batch(tmp_path, ti
     assert ("the reference (Qwen2ForCausalLM) partitioned over 2 processes" in result.stderr) == (stage == 3)
 
     same_histories(tmp_path / "one", tmp_path / "two")
-    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
-    assert weights_one.keys() == weights_two.keys()
-    for name, w in weights_one.items():
-        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
+    weights_one = same_weights(tmp_path / "one", tmp_path / "two")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")  # whole, not a partition
     assert model.model.embed_tokens.weight.shape == weights_one["model.embed_tokens.weight"].shape
 
@@ -138,12 +135,10 @@ def test_zero3_offload_with_frozen_layers_equals_one_process(tmp_path, tiny_mode
     assert "ZeRO stage 3 over 2 processes" in result.stderr and "optimizer and param offloaded to the CPU" \
         in result.stderr
     same_histories(tmp_path / "one", tmp_path / "two")
-    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    weights_one = same_weights(tmp_path / "one", tmp_path / "two")
     start = load_file(tiny_model_dir / "model.safetensors")
     moved = [k for k in weights_one if not torch.equal(weights_one[k], start[k])]
     assert moved and all(".layers.1." in k for k in moved)  # only the last layer trained
-    for name, w in weights_one.items():
-        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.slow
@@ -155,16 +150,12 @@ def test_lora_under_zero2_and_zero3_equals_one_process_and_resumes(tmp_path, tin
     lora = {"finetuning_type": "lora", "lora_rank": 4, "save_adapter_only": True, "learning_rate": 5e-3,
             "max_steps": 5, "save_steps": 3, "save_total_limit": 5, "prefix_sharing": True}
     train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **lora)))
-    adapter_one = load_file(tmp_path / "one" / "adapter_model.safetensors")
     for stage in (2, 3):
         two = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / f"z{stage}"), per_device_train_batch_size=4,
                          deepspeed=str(EXAMPLES / f"ds_z{stage}_config.json"), **lora)
         torchrun(tmp_path, two, f"z{stage}")
         same_histories(tmp_path / "one", tmp_path / f"z{stage}")
-        adapter = load_file(tmp_path / f"z{stage}" / "adapter_model.safetensors")
-        assert adapter.keys() == adapter_one.keys() and len(adapter) > 0
-        for name, w in adapter_one.items():
-            torch.testing.assert_close(adapter[name], w, atol=1e-5, rtol=0, msg=(stage, name))
+        same_weights(tmp_path / "one", tmp_path / f"z{stage}", "adapter_model.safetensors")
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(tmp_path / "z3" / "checkpoint-3", out / "checkpoint-3")

@@ -19,7 +19,7 @@ from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.errors import ConfigError
 from preftune.sharding import fsdp_settings
-from test_distributed import ROOT, free_port, history, raw_config, same_histories, torchrun
+from test_distributed import ROOT, free_port, history, raw_config, same_histories, same_weights, torchrun
 
 # logged by each process after sharding: the share of the policy's and the reference's elements it holds
 SHARE_PROBE = """
@@ -55,10 +55,7 @@ def test_two_sharded_processes_equal_one_process_with_the_global_batch(tmp_path,
     assert len(shares) == 4 and all(0.4 < float(s) < 0.6 for s in shares), shares  # policy + reference, 2 processes
 
     same_histories(tmp_path / "one", tmp_path / "two")
-    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
-    assert weights_one.keys() == weights_two.keys()
-    for name, w in weights_one.items():
-        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
+    weights_one = same_weights(tmp_path / "one", tmp_path / "two")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")  # whole, not a shard
     assert model.model.embed_tokens.weight.shape == weights_one["model.embed_tokens.weight"].shape
 
@@ -169,10 +166,8 @@ def test_a_sharded_lora_run_equals_one_process_and_resumes(tmp_path, tiny_model_
     assert "fsdp: the policy (PeftModelForCausalLM) sharded over 2" in result.stderr
     rows_one, _ = same_histories(tmp_path / "one", tmp_path / "two")
     assert rows_one[-1]["eval_loss"] < rows_one[0]["eval_loss"] - 0.01  # the adapter trained
-    adapter_one, adapter_two = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
-    assert adapter_one.keys() == adapter_two.keys() and len(adapter_one) > 0
-    for name, w in adapter_one.items():
-        torch.testing.assert_close(adapter_two[name], w, atol=1e-5, rtol=0, msg=name)
+    same_weights(tmp_path / "one", tmp_path / "two", "adapter_model.safetensors")
+    adapter_two = load_file(tmp_path / "two" / "adapter_model.safetensors")
 
     out = tmp_path / "resumed"
     out.mkdir()
@@ -189,12 +184,10 @@ def test_a_sharded_freeze_run_equals_one_process(tmp_path, tiny_model_dir):
     train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **freeze)))
     torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), fsdp="full_shard",
                                   per_device_train_batch_size=4, **freeze), "two")
-    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    weights_one = same_weights(tmp_path / "one", tmp_path / "two")
     start = load_file(tiny_model_dir / "model.safetensors")
     moved = [k for k in weights_one if not torch.equal(weights_one[k], start[k])]
     assert moved and all(".layers.1." in k for k in moved)  # only the last layer trained
-    for name, w in weights_one.items():
-        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
 
 
 # logged by each process: every weight file transformers opens, and the share of meta parameters of each
@@ -238,7 +231,4 @@ def test_only_the_main_process_reads_the_weights(tmp_path, tiny_model_dir):
     meta = sorted(re.findall(r"META (\d) ([0-9.]+)", result.stderr))
     assert meta == [("0", "0.00")] * 2 + [("1", "1.00")] * 2, meta
     same_histories(tmp_path / "one", tmp_path / "two")
-    weights_one, weights_two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
-    assert weights_one.keys() == weights_two.keys()
-    for name, w in weights_one.items():
-        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=0, msg=name)
+    same_weights(tmp_path / "one", tmp_path / "two")

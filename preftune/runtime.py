@@ -80,9 +80,10 @@ def make_accelerator(cfg) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     # accelerate starts a CPU process group (gloo) only when asked for the CPU: without a GPU, a
     # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    several = world > 1
     zero_settings = sharding.launched_zero(cfg)  # DeepSpeed ZeRO: accelerate's engine, with the run's values
-    plugin = zero.make_plugin(cfg, zero_settings, int(os.environ.get("WORLD_SIZE", "1"))) if zero_settings else None
+    plugin = zero.make_plugin(cfg, zero_settings, world) if zero_settings else None
     # DeepSpeed on CPU processes (its CPU accelerator): accelerate finds no backend of its own there and
     # would count one process; gloo, named, makes it count the launcher's
     zero_cpu = [InitProcessGroupKwargs(backend="gloo")] if plugin and not torch.cuda.is_available() else None

@@ -8,7 +8,7 @@ set size (`ru_maxrss`) is its own. A child builds the same randomly initialised 
 model (`preftune.demo.build_model`, fp32, tied embeddings), random batches of B pairs (prompt and
 completion tokens), a precomputed reference (random log-probs: the same for both variants, so only the
 policy's pass differs), and runs `--steps` optimizer steps of `step.PreferenceStep` through
-`logps.PolicyLogps` as the training loop does, after one warm-up step. It prints one `BENCH_RESULT
+`logps.LogpsModule` as the training loop does, after one warm-up step. It prints one `BENCH_RESULT
 {json}` line: seconds per step, the peak RSS, and the peak above the RSS before the first step (what
 the step itself adds: activations, logits, gradients, optimizer state).
 """
@@ -54,7 +54,7 @@ def child(args) -> None:
     from preftune.config import from_dict
     from preftune.demo import build_model
     from preftune.reference import Reference
-    from preftune.step import PolicyLogps, PreferenceStep
+    from preftune.step import LogpsModule, PreferenceStep
 
     torch.manual_seed(0)
     model = build_model(args.vocab, seed=0, hidden=args.hidden, layers=args.layers).train()
@@ -70,7 +70,7 @@ def child(args) -> None:
     reference = Reference(None, {"train": table}, args.chunk, "train")
     cfg = from_dict({"model_name_or_path": "m", "logps_chunk_size": args.chunk,
                      "enable_liger_kernel": VARIANTS[args.child]})
-    policy, step = PolicyLogps(model, args.chunk), PreferenceStep(cfg)
+    policy, step = LogpsModule(model, args.chunk), PreferenceStep(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def train_step(batch):

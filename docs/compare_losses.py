@@ -47,10 +47,11 @@ def pairwise_eval(cfg) -> dict:
 
     from preftune.config import from_dict
     from preftune.data import load_pairs
+    from preftune.engines import OneProcess
     from preftune.evaluate import evaluate
     from preftune.models import load_tokenizer
     from preftune.reference import load_models
-    from preftune.step import PolicyLogps, PreferenceStep
+    from preftune.step import LogpsModule, PreferenceStep
     from preftune.tokenization import tokenize_pairs
 
     raw = {**cfg.to_dict(), "pref_loss": "sigmoid", "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.0,
@@ -60,9 +61,9 @@ def pairwise_eval(cfg) -> dict:
     val = tokenize_pairs(tokenizer, load_pairs(sigmoid)[1], sigmoid.cutoff_len, sigmoid.template)
     policy, reference = load_models(sigmoid)
     with torch.no_grad():
-        return evaluate(PreferenceStep(sigmoid), PolicyLogps(policy, sigmoid.logps_chunk_size), reference, val,
+        return evaluate(PreferenceStep(sigmoid), LogpsModule(policy, sigmoid.logps_chunk_size), reference, val,
                         sigmoid.eval_batch_size, tokenizer.pad_token_id,
-                        Accelerator(cpu=not torch.cuda.is_available()))
+                        OneProcess(sigmoid, Accelerator(cpu=not torch.cuda.is_available())))
 
 
 def measure(name: str, epochs: float, workdir: Path) -> dict:

@@ -1,13 +1,14 @@
 """The one pair scorer: everything that runs a model over a list of examples and measures it.
 
-    evaluate(step, policy, reference, val_items, batch_size, pad_id, accelerator)   # eval_* metrics
-    logps, lengths = pair_logps(model, pairs, pad_id, batch_size)                  # (N, 2) each
+    evaluate(step, policy_logps, reference, val_items, batch_size, pad_id, engine)  # eval_* metrics
+    logps, lengths = pair_logps(LogpsModule(model, chunk_size), pairs, pad_id, batch_size)   # (N, 2) each
     accuracy(chosen_rewards, rejected_rewards)                                     # ties count half
 
 Training's evaluation, `preftune export`'s quality check and the reference precompute all score
 through these, in the same batch order (the items in order, `batch_size` at a time). With several
 processes, `evaluate` gives each process every N-th batch and pools the sums (`pooled`), so each
-item is counted once whatever the count, and every process returns the same numbers.
+item is counted once whatever the count, and every process returns the same numbers. `engine` is the
+run's (engines/): its processes, device and precision.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from preftune.batching import collate, collate_chosen, epoch_batches
-from preftune.logps import PolicyLogps, get_batch_logps
-from preftune.sharding import is_sharded
+from preftune.logps import get_batch_logps
 
 
 def accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -40,10 +40,10 @@ def ordered_batches(items: list, batch_size: int, collate_fn, pad_id: int, devic
         yield idx, batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
-def pooled(sums: dict[str, float], counts: dict[str, int], accelerator) -> tuple[dict[str, float], dict[str, int]]:
+def pooled(sums: dict[str, float], counts: dict[str, int], engine) -> tuple[dict[str, float], dict[str, int]]:
     """Every process's per-statistic sums and counts, added up key by key (a statistic that only some
     processes have, such as kto's rewards/rejected, counts where it is). One process: as given."""
-    if accelerator.num_processes == 1:
+    if engine.world == 1:
         return sums, counts
     total_sums: dict[str, float] = {}
     total_counts: dict[str, int] = {}
@@ -54,7 +54,7 @@ def pooled(sums: dict[str, float], counts: dict[str, int], accelerator) -> tuple
     return total_sums, total_counts
 
 
-def training_row(running: dict[str, list[torch.Tensor]], tokens: int, train_seconds: float, kl, accelerator) -> dict:
+def training_row(running: dict[str, list[torch.Tensor]], tokens: int, train_seconds: float, kl, engine) -> dict:
     """A training log row: the mean of each statistic over every process's items since the last row
     (`running`: statistic -> per-micro-batch tensors), the KL of the last micro-batch (absent, not 0,
     without a reference) and the throughput in tokens per second of training time."""
@@ -62,29 +62,24 @@ def training_row(running: dict[str, list[torch.Tensor]], tokens: int, train_seco
     counts = {k: sum(t.numel() for t in v) for k, v in running.items()}
     if kl is not None:
         sums["kl"], counts["kl"] = kl[0].item(), kl[1]
-    sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, accelerator)
+    sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, engine)
     row = {k: sums[k] / max(counts[k], 1) for k in sums if k != "tokens"}
     row["tokens_per_second"] = sums["tokens"] / max(train_seconds, 1e-9)
     return row
 
 
 @torch.no_grad()
-def pair_logps(model, pairs: list, pad_id: int, batch_size: int, chunk_size: int = 1024, ld_alpha: float | None = None,
-               device=None, autocast=contextlib.nullcontext, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(scorer, pairs: list, pad_id: int, batch_size: int, ld_alpha: float | None = None, device=None,
+               autocast=contextlib.nullcontext, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (N, 2) float32, column 0 chosen, column 1 rejected, and the
-    completion lengths (N, 2), of N tokenized pairs under `model` (on `device`, inside `autocast()`;
-    a progress bar titled `desc` when given)."""
+    completion lengths (N, 2), of N tokenized pairs under `scorer` (a `logps.LogpsModule`, or what an
+    engine made of one; on `device`, inside `autocast()`; a progress bar titled `desc` when given)."""
     logps = torch.empty(len(pairs), 2)
     lengths = torch.empty(len(pairs), 2, dtype=torch.long)
     batches = ordered_batches(pairs, batch_size, collate, pad_id, device)
     for idx, batch in tqdm(batches, total=math.ceil(len(pairs) / batch_size), desc=desc, disable=desc is None):
         with autocast():
-            # a sharded model's root (sharding.py; under ZeRO-3 inside its engine): the pass goes through it
-            if isinstance(getattr(model, "module", model), PolicyLogps):
-                out = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], ld_alpha=ld_alpha)
-            else:
-                out = get_batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                      chunk_size, ld_alpha=ld_alpha)
+            out = scorer(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], ld_alpha=ld_alpha)
         logps[idx] = out.logps.float().cpu().view(2, len(idx)).T  # rows [chosen; rejected] -> (B, 2)
         lengths[idx] = out.lengths.cpu().view(2, len(idx)).T
     return logps, lengths
@@ -102,19 +97,19 @@ def completion_logps(model, items: list, pad_id: int, batch_size: int, device=No
 
 
 @torch.no_grad()
-def evaluate(step, policy, reference, items: list, batch_size: int, pad_id: int, accelerator,
+def evaluate(step, policy_logps, reference, items: list, batch_size: int, pad_id: int, engine,
              prefix: str = "eval_") -> dict[str, float]:
-    """Mean of every statistic of `step` (a `step.OBJECTIVES` entry) over `items`, named <prefix><statistic>,
+    """Mean of every statistic of `step` (a `step.STEPS` entry) over `items`, named <prefix><statistic>,
     plus eval_kl, the per-token KL to the reference (absent, not 0, where the step computes none: no
     reference model). A statistic's mean is over the values it has: the pairs, or for kto the
     examples of its side. Sharded over the processes, batch by batch, and pooled."""
-    model = accelerator.unwrap_model(policy)  # no gradients here, so no distributed wrapper needed
+    model = engine.unwrap(policy_logps)  # no gradients here, so no distributed wrapper needed
     model.eval()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    shard = (accelerator.process_index, accelerator.num_processes)
-    for _, batch in ordered_batches(items, batch_size, step.collate, pad_id, accelerator.device, shard):
-        with accelerator.autocast():
+    shard = (engine.rank, engine.world)
+    for _, batch in ordered_batches(items, batch_size, step.collate, pad_id, engine.device, shard):
+        with engine.autocast():
             out = step(model, reference, batch, kl=True)
         values = {key: (value.float().sum().item(), value.numel()) for key, value in out.stats.items()}
         if out.kl is not None:  # summed per token: eval_kl is the mean over all scored tokens
@@ -122,14 +117,14 @@ def evaluate(step, policy, reference, items: list, batch_size: int, pad_id: int,
         for key, (value, n) in values.items():
             sums[key] = sums.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + n
-    if is_sharded(getattr(model, "model", model)) and items:
+    if engine.lockstep and items:
         # a sharded forward needs every process: one with a batch fewer than the others runs one more,
         # on its first item, and counts nothing of it
         batches = math.ceil(len(items) / batch_size)
         if len(range(shard[0], batches, shard[1])) < math.ceil(batches / shard[1]):
-            extra = {k: v.to(accelerator.device) for k, v in step.collate(items[:1], pad_id, [0]).items()}
-            with accelerator.autocast():
+            extra = {k: v.to(engine.device) for k, v in step.collate(items[:1], pad_id, [0]).items()}
+            with engine.autocast():
                 step(model, reference, extra, kl=True)
     model.train()
-    sums, counts = pooled(sums, counts, accelerator)
+    sums, counts = pooled(sums, counts, engine)
     return {f"{prefix}{k}": v / max(counts[k], 1) for k, v in sums.items()}

@@ -69,11 +69,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
             "position_ids": batch["position_ids"], "sequence_lengths": batch["sequence_lengths"]}
 
 
-def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None,
+            call_head: bool = False) -> torch.Tensor:
+    """(N, V) float32 logits. call_head: the weight may be read only by calling the module (an engine that
+    holds it partitioned gathers it for the call: `LogpsModule.call_head`)."""
     low_precision = lm_head.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-    # a ZeRO-3 weight is only a partition until the module is called (DeepSpeed gathers it then)
-    partitioned = hasattr(lm_head.weight, "ds_id")
-    if hidden.device.type == "cpu" and low_precision and not partitioned:
+    if hidden.device.type == "cpu" and low_precision and not call_head:
         # CPUs without native bf16 matmul run the bf16 LM-head backward 100x slower than fp32
         # (measured in benchmarks/); the head is one matmul, so do it in fp32 there
         with torch.autocast("cpu", enabled=False):
@@ -87,10 +88,10 @@ def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | Non
 
 
 def _lm_head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   softcap: float | None, wpo: bool = False):
+                   softcap: float | None, wpo: bool = False, call_head: bool = False):
     """log p(target) for each row of hidden: (N, H), (N,) -> (N,). With wpo, also log sum_v p_v^2,
     (N,), the log-prob of the token the policy itself would most likely agree on (WPO's normaliser)."""
-    logits = _logits(lm_head, hidden, softcap)
+    logits = _logits(lm_head, hidden, softcap, call_head)
     log_z = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
     if not wpo:
@@ -153,7 +154,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     chunk_size: int = 1024, return_hidden: bool = False, ld_alpha: float | None = None,
                     wpo: bool = False, position_ids: torch.Tensor | None = None,
                     sequence_lengths: torch.Tensor | None = None, score_index: torch.Tensor | None = None,
-                    score_rows: torch.Tensor | None = None):
+                    score_rows: torch.Tensor | None = None, call_head: bool = False):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
@@ -171,6 +172,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         w(y|x) = exp( (1/|y|) sum_t [log p(y_t) - log sum_v p(v)^2] )
 
     computed from the same chunked LM head (log sum p^2 = logsumexp(2 logits) - 2 logsumexp(logits)).
+    call_head: the LM head's weight is read only by calling the module (`LogpsModule.call_head`).
     Returns a `BatchLogps`; hidden and wpo_weights are None unless asked for.
     """
     if score_index is not None:
@@ -178,15 +180,15 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     else:
         hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids)
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
-    vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]  # (a ZeRO-3 weight is a partition)
+    vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]  # (out_features: the weight may be partitioned)
     recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) * vocab * 4 > KEEP_LOGITS_BYTES
     pieces = []
     for i in range(0, hidden.size(0), chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
         if recompute:
-            pieces.append(checkpoint(_lm_head_logps, lm_head, h, t, softcap, wpo, use_reentrant=False))
+            pieces.append(checkpoint(_lm_head_logps, lm_head, h, t, softcap, wpo, call_head, use_reentrant=False))
         else:
-            pieces.append(_lm_head_logps(lm_head, h, t, softcap, wpo))
+            pieces.append(_lm_head_logps(lm_head, h, t, softcap, wpo, call_head))
     empty = hidden.new_zeros(0, dtype=torch.float32)
     if wpo:
         log_sum_sq = torch.cat([p[1] for p in pieces]) if pieces else empty  # (N,)
@@ -210,7 +212,8 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.no_grad()
 def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidden: torch.Tensor,
-                  chunk_size: int = 1024, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+                  chunk_size: int = 1024, max_tokens: int | None = None,
+                  call_head: bool = False) -> tuple[torch.Tensor, int]:
     """Exact per-token KL(pi_theta || pi_ref), summed over the vocabulary, at completion positions.
 
     policy_hidden, reference_hidden: (N, H) from `get_batch_logps(..., return_hidden=True)`.
@@ -218,6 +221,7 @@ def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidd
     distributions along the dataset's chosen and rejected completions (teacher-forced), not
     the sequence-level KL under samples from the policy: a cheap, exact measure of drift.
     `max_tokens` scores an evenly spaced subset (training logs), None scores all (evaluation).
+    call_head: as `get_batch_logps`'s.
     """
     if max_tokens is not None and policy_hidden.size(0) > max_tokens:
         keep = torch.linspace(0, policy_hidden.size(0) - 1, max_tokens, device=policy_hidden.device).long()
@@ -225,8 +229,9 @@ def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidd
     head_pol, head_ref = policy.get_output_embeddings(), reference.get_output_embeddings()
     total = torch.zeros((), dtype=torch.float32, device=policy_hidden.device)
     for i in range(0, policy_hidden.size(0), chunk_size):
-        lp = F.log_softmax(_logits(head_pol, policy_hidden[i:i + chunk_size], _softcap(policy)), dim=-1)
-        lq = F.log_softmax(_logits(head_ref, reference_hidden[i:i + chunk_size], _softcap(reference)), dim=-1)
+        lp = F.log_softmax(_logits(head_pol, policy_hidden[i:i + chunk_size], _softcap(policy), call_head), dim=-1)
+        lq = F.log_softmax(_logits(head_ref, reference_hidden[i:i + chunk_size], _softcap(reference), call_head),
+                           dim=-1)
         total += (lp.exp() * (lp - lq)).sum()
     return total, policy_hidden.size(0)
 
@@ -304,15 +309,19 @@ def fused_dpo_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return BatchLogps(logps, score.sum(dim=1), kept, None, total)
 
 
-class PolicyLogps(torch.nn.Module):
-    """A model seen through `get_batch_logps`, so that a distributed wrapper around this module sees
-    the whole forward, LM head included: DDP synchronises every gradient, and FSDP2 (sharding.py),
-    with this module as its root, gathers the embeddings and LM head for the whole pass. The policy
-    is one; a sharded reference another."""
+class LogpsModule(torch.nn.Module):
+    """A model seen through `get_batch_logps` as one module whose forward is the whole log-prob pass, LM
+    head included, so that an engine's wrapper around it (engines/) sees all of it: DDP synchronises
+    every gradient, FSDP2 gathers the embeddings and the LM head for the pass, DeepSpeed runs it. The
+    policy is trained through one; a sharded reference is run through another.
 
-    def __init__(self, model, chunk_size: int):
+    call_head: the LM head is applied by calling it, never by reading its weight (which the CPU's float32
+    head otherwise does): for an engine that holds the weight partitioned and gathers it only inside the
+    module's call. The engine that prepares this module says so (engines/)."""
+
+    def __init__(self, model, chunk_size: int, call_head: bool = False):
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.chunk_size, self.call_head = model, chunk_size, call_head
 
     def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
                 position_ids=None, sequence_lengths=None, score_index=None, score_rows=None, fused=None,
@@ -322,4 +331,5 @@ class PolicyLogps(torch.nn.Module):
                                    self.chunk_size, return_hidden)
         return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
                                return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
-                               sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows)
+                               sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows,
+                               call_head=self.call_head)

@@ -18,13 +18,13 @@ log-prob, beta * log pi_theta(y|x) / |y| (as LLaMA-Factory and TRL's CPO/ORPO tr
 since there is no reference to form a log-ratio with.
 
 `chosen_nll` is the per-token NLL of each chosen completion, -log pi_theta(y_w|x) / |y_w|: the SFT
-term that `pref_ftx` adds to any loss (`Objective`), normalised per pair as LLaMA-Factory does, and
+term that `pref_ftx` adds to any loss (`CombinedLoss`), normalised per pair as LLaMA-Factory does, and
 the `nll_loss` metric.
 
 Hyperparameters beyond beta are keyword-only parameters named as their config keys
 (`label_smoothing`, `discopop_tau`, `simpo_gamma`); a loss declares only those it uses, and
 `loss_options(name)` reads them from its signature: the config binds exactly those keys and
-refuses a value that the chosen loss would ignore. `Objective` is what a run optimises: one loss
+refuses a value that the chosen loss would ignore. `CombinedLoss` is what a run optimises: one loss
 or a weighted sum of several, plus LLaMA-Factory's pref_ftx and pref_bco_weight terms, with BCO's
 running reward shift as explicit state that checkpoints save and restore.
 
@@ -370,7 +370,7 @@ def kto_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
 def bco_shifted_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                      beta, reward_shift):
     """BCO with its reward shift delta (Jung et al. 2024, https://arxiv.org/abs/2404.04656), the term
-    LLaMA-Factory's `pref_bco_weight` mixes into a loss (`Objective` keeps delta, a running mean of
+    LLaMA-Factory's `pref_bco_weight` mixes into a loss (`CombinedLoss` keeps delta, a running mean of
     the batch-mean rewards). Summed log-probs:
 
         loss = -log sigmoid(beta r_w - delta) - log sigmoid(-(beta r_l - delta))
@@ -511,7 +511,7 @@ class RunningMean:
         self.mean, self.count = state["mean"], state["count"]
 
 
-class Objective:
+class CombinedLoss:
     """What a paired run optimises, called as a single loss is (same arguments, same three outputs):
     the losses `names`, each with its keyword options bound (`options[name]`), summed per pair with
     `weights` (default 1.0 each), so the mean over pairs is sum_k w_k * mean(loss_k) as in TRL; then
@@ -520,7 +520,7 @@ class Objective:
 
     BCO's shift delta is the running mean, over the calls of this objective, of each micro-batch's
     mean reward beta * (r_w, r_l), this call's included: a training run keeps one (saved in its
-    checkpoints through `state_dict`), each evaluation pass builds its own objective (LLaMA-Factory
+    checkpoints through `state_dict`), each evaluation pass builds its own (LLaMA-Factory
     shares one between training and evaluation), and with several processes each keeps its own
     (LLaMA-Factory gathers).
 

@@ -33,11 +33,6 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bflo
 # names change when a LoRA policy is merged, and the parameter objects do not.
 LOADED_DTYPE = "preftune_loaded_dtype"
 
-# Set on a model loaded for FSDP2 (`load_model` with from_main): True where only the main process read
-# its weights and the others hold it on the meta device until `sharding.shard` broadcasts them.
-FROM_MAIN = "preftune_from_main"
-
-
 def load_dtype(cfg):
     """The dtype every model of the run is loaded in: torch_dtype, where pure_bf16 makes auto bfloat16."""
     dtype = DTYPES[cfg.torch_dtype]
@@ -82,17 +77,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name: str, cfg, what: str = "model_name_or_path", from_main: bool = False):
-    """The policy (what = model_name_or_path) or a separately loaded reference (any other `what`),
-    quantized as quantization_bit / ref_model_quantization_bit say. `from_main` (FSDP2): only the
-    main process reads the weights, the others build the model without them (`empty_model`) and
-    `sharding.shard` fills their shards from the main process's; the model is marked so on every
-    process (FROM_MAIN)."""
-    _check_reachable(name, what)
-    policy = what == "model_name_or_path"
+def _load_kwargs(cfg, policy: bool) -> dict:
+    """from_pretrained's keyword arguments for the policy (policy=True) or a separately loaded reference."""
     quantization_key = "quantization_bit" if policy else "ref_model_quantization_bit"
     quantization_bit = cfg.quantization_bit if policy else cfg.ref_model_quantization_bit
-    check_attention(cfg)
     kwargs = {"dtype": load_dtype(cfg), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attention:
         kwargs["attn_implementation"] = cfg.attention
@@ -100,22 +88,39 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", from_main: bool
         kwargs["device_map"] = adapters.quantized_device_map(quantization_bit, quantization_key)
         kwargs["quantization_config"] = adapters.quantization_config(quantization_bit, quantization_key,
                                                                      kwargs["dtype"])
+    return kwargs
+
+
+def whole_load_reason(name: str, cfg, what: str = "model_name_or_path") -> str | None:
+    """Why model `name` can only be built by reading its weights, or None where it can be built without
+    them from its config (`empty_model`): a model quantized as it loads, or one loaded with torch_dtype auto
+    whose config names no dtype."""
+    policy = what == "model_name_or_path"
+    if cfg.quantization_bit if policy else cfg.ref_model_quantization_bit:
+        return "it is quantized as it loads"
+    if load_dtype(cfg) != "auto":
+        return None
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code) if from_main else None
-        if from_main:  # what only reading the weights tells: the old way then, each process reads them whole
-            whole = ("it is quantized as it loads" if quantization_bit else "torch_dtype auto, and its config names "
-                     "no dtype" if kwargs["dtype"] == "auto" and config.dtype is None else None)
-            if whole:
-                log.info("fsdp: every process reads the weights of %s (%s)", name, whole)
-            from_main = whole is None
-        if from_main and torch.distributed.get_rank() != 0:
-            model = empty_model(config, kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise _load_error(name, what, e) from None
+    return "torch_dtype auto, and its config names no dtype" if config.dtype is None else None
+
+
+def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: bool = True):
+    """The policy (what = model_name_or_path) or a separately loaded reference (any other `what`),
+    quantized as quantization_bit / ref_model_quantization_bit say. `read_weights` False: build it
+    without reading any weight (`empty_model`: parameters on the meta device), for an engine that fills
+    them from another process (FSDP2's main process reads them); only where `whole_load_reason` is None."""
+    _check_reachable(name, what)
+    check_attention(cfg)
+    kwargs = _load_kwargs(cfg, policy=what == "model_name_or_path")
+    try:
+        if read_weights:
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        return empty_model(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code), kwargs)
     except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None
-    setattr(model, FROM_MAIN, from_main)
-    return model
 
 
 def empty_model(config, kwargs: dict):
@@ -151,16 +156,16 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             module.attention_dropout = p
 
 
-def load_policy(cfg, reference_adapter: bool = False, from_main: bool = False):
+def load_policy(cfg, reference_adapter: bool = False, read_weights: bool = True):
     """The policy to train: a peft model for finetuning_type: lora, with frozen layers for freeze,
     dropout set as the config says. `reference_adapter`: a LoRA policy that starts from
     adapter_name_or_path also loads a frozen copy of its last adapter, for the reference
-    (`adapters.AdapterReference`; `reference.load_models` decides). `from_main`: see `load_model`."""
+    (`adapters.AdapterReference`; `reference.load_models` decides). `read_weights`: see `load_model`."""
     if cfg.padding_free and cfg.attention not in ("flash_attention_2", "flex_attention"):
         log.warning("padding_free with %s attention: the same numbers, but attention runs over the whole packed row "
                     "(a mask keeps the sequences apart); flash_attention_2 or flex_attention make it pay",
                     cfg.attention or "the default (sdpa)")
-    policy = load_model(cfg.model_name_or_path, cfg, from_main=from_main)
+    policy = load_model(cfg.model_name_or_path, cfg, read_weights=read_weights)
     if cfg.dropout is not None:
         set_dropout(policy, cfg.dropout)
     elif cfg.disable_dropout:
@@ -320,13 +325,19 @@ def reference_adapters(cfg) -> str | None:
     return cfg.adapter_name_or_path if cfg.finetuning_type == "lora" else None
 
 
-def load_reference(cfg, from_main: bool = False):
+def reference_name(cfg) -> tuple[str, str]:
+    """(the model a separately loaded reference is read from, the config key that names it)."""
+    return (cfg.ref_model, "ref_model") if cfg.ref_model else (cfg.model_name_or_path,
+                                                              "model_name_or_path (reference copy)")
+
+
+def load_reference(cfg, read_weights: bool = True):
     """The frozen reference as a model of its own: `ref_model` (+ `ref_model_adapters` merged in),
     else a copy of the starting policy. A LoRA run that starts from adapter_name_or_path starts
     from base + those adapters, so its copy has them merged in (precompute_ref_log_probs loads it
-    so; a live LoRA reference is the adapter-off policy instead). `from_main`: see `load_model`."""
-    reference = load_model(cfg.ref_model or cfg.model_name_or_path, cfg,
-                           "ref_model" if cfg.ref_model else "model_name_or_path (reference copy)", from_main)
+    so; a live LoRA reference is the adapter-off policy instead). `read_weights`: see `load_model`."""
+    name, what = reference_name(cfg)
+    reference = load_model(name, cfg, what, read_weights=read_weights)
     adapters = reference_adapters(cfg)
     if adapters:
         reference = with_adapters(reference, split_names(adapters),

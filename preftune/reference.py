@@ -1,6 +1,6 @@
 """The reference model pi_ref, as one object that the step asks for log-probs one way.
 
-    policy, reference = load_models(cfg, tokenizer, accelerator, {"train": train_items, "validation": val_items})
+    policy, reference = load_models(cfg, tokenizer, engine, {"train": train_items, "validation": val_items})
     reference.on("train").logps(batch)        # BatchLogps of the batch's rows, or None without a reference
 
 `load_models` is the one place that decides, from the config, what the reference is:
@@ -51,10 +51,9 @@ from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
 from preftune.errors import ModelError
 from preftune.evaluate import pair_logps
 from preftune.files import cache_root
-from preftune.logps import BatchLogps, PolicyLogps, get_batch_logps, model_inputs
-from preftune.sharding import active, shard_reference
+from preftune.logps import BatchLogps, LogpsModule, get_batch_logps, model_inputs
 from preftune.models import (check_vocabulary, load_dtype, load_policy, load_reference, reference_adapters,
-                             weight_dtypes)
+                             reference_name, weight_dtypes)
 from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")
@@ -135,43 +134,37 @@ def _write_cache(path: Path, key: str, logps: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_id: int, accelerator,
+def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_id: int, engine,
                                tokenizer=None) -> dict[str, torch.Tensor]:
     """Every split's reference log-probs, (N, 2) float32 [chosen, rejected] in the split's order,
     from the cache or from one pass of the reference (batched as evaluation is, under the run's
-    precision), which is loaded only on a miss and freed before returning (and checked to cover
-    `tokenizer`'s vocabulary when given)."""
+    precision and engine), which is loaded only on a miss and freed before returning (and checked to
+    cover `tokenizer`'s vocabulary when given)."""
     folder = cache_dir(cfg)
-    reference, tables = None, {}
-    sharded = active(cfg)
+    scorer, tables = None, {}
     for split, pairs in splits.items():
         if not pairs:
             continue
         # with several processes the main one computes and writes first; the others then read its file.
-        # A sharded reference (fsdp) needs every process in every forward: all compute, the main one writes
-        with contextlib.nullcontext() if sharded else accelerator.main_process_first():
-            key = cache_key(cfg, pairs, accelerator.device.type)
+        # A sharded reference needs every process in every forward: all compute, the main one writes
+        with contextlib.nullcontext() if engine.lockstep else engine.accelerator.main_process_first():
+            key = cache_key(cfg, pairs, engine.device.type)
             path = folder / f"{key}.safetensors"
             logps = _read_cache(path, key, len(pairs))
             if logps is None:
-                if reference is None:  # FSDP2: only the main process reads the weights (sharding.shard)
-                    reference = load_reference(cfg, from_main=bool(sharded) and sharded["engine"] == "fsdp")
-                    if tokenizer is not None:
-                        check_vocabulary(reference, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
-                    # sharded, pair_logps calls the sharded root, which gathers what each pass needs
-                    reference = shard_reference(reference, sharded, accelerator, cfg.logps_chunk_size,
-                                                cfg.mixed_precision) or reference
-                progress = "reference log-probs" if cfg.progress_bar and accelerator.is_main_process else None
-                logps, _ = pair_logps(reference, pairs, pad_id, cfg.eval_batch_size, cfg.logps_chunk_size,
-                                      cfg.ld_alpha, accelerator.device, accelerator.autocast, progress)
-                if accelerator.is_main_process:
+                if scorer is None:
+                    scorer = _live_reference(cfg, tokenizer, engine)
+                progress = "reference log-probs" if cfg.progress_bar and engine.is_main else None
+                logps, _ = pair_logps(scorer, pairs, pad_id, cfg.eval_batch_size, cfg.ld_alpha, engine.device,
+                                      engine.autocast, progress)
+                if engine.is_main:
                     _write_cache(path, key, logps)
                 log.info("reference log-probs of %d %s pairs computed, cached in %s", len(pairs), split, path)
             else:
                 log.info("reference log-probs of %d %s pairs read from %s", len(pairs), split, path)
         tables[split] = logps
     # the point of precomputing: no reference in memory while training
-    del reference
+    del scorer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -180,20 +173,38 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
     return tables
 
 
+def _live_reference(cfg, tokenizer, engine):
+    """The separately loaded reference, prepared by the engine: the module its passes go through."""
+    name, what = reference_name(cfg)
+    model = load_reference(cfg, engine.reads_weights_of(name, cfg, what))
+    if tokenizer is not None:
+        check_vocabulary(model, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
+    return engine.prepare_reference(model, cfg.logps_chunk_size) or LogpsModule(model, cfg.logps_chunk_size)
+
+
 class Reference:
     """pi_ref for the step: `logps(batch)` gives log pi_ref of the batch's rows, or None without a
     reference. `model` is what computes them live (a frozen model or an `AdapterReference`; None when
-    precomputed or absent), which is also what the KL to the reference needs."""
+    precomputed or absent), which is also what the KL to the reference needs. `runner`: the module the
+    passes go through where the engine says so (a sharded `LogpsModule`; engines/)."""
 
     def __init__(self, model=None, tables: dict[str, torch.Tensor] | None = None, chunk_size: int = 1024,
-                 split: str | None = None, description: str = "none (reference-free loss)", runner=None):
+                 split: str | None = None, description: str = "none (reference-free loss)", runner=None,
+                 call_head: bool = False):
         self.model, self.tables, self.chunk_size, self.split = model, tables, chunk_size, split
         self.description = description
-        self.runner = runner  # a sharded model's root (`PolicyLogps`, sharding.py): the passes go through it
+        self.runner = runner
+        self.call_head = call_head  # passes without a runner read the LM head by calling it (`LogpsModule`)
+
+    @property
+    def reads_policy_weights(self) -> bool:
+        """Whether this reference is the policy's own weights (a LoRA policy's adapter off)."""
+        return isinstance(self.model, AdapterReference)
 
     def on(self, split: str) -> Reference:
         """This reference for batches of `split` ("train", "validation"): which table a precomputed one reads."""
-        return Reference(self.model, self.tables, self.chunk_size, split, self.description, self.runner)
+        return Reference(self.model, self.tables, self.chunk_size, split, self.description, self.runner,
+                         self.call_head)
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
@@ -208,7 +219,7 @@ class Reference:
         if self.runner is not None:
             return self.runner(**model_inputs(batch), return_hidden=return_hidden, ld_alpha=ld_alpha)
         return get_batch_logps(self.model, **model_inputs(batch), chunk_size=self.chunk_size, return_hidden=return_hidden,
-                               ld_alpha=ld_alpha)
+                               ld_alpha=ld_alpha, call_head=self.call_head)
 
 
 def describe_precision(policy, reference: Reference, cfg) -> dict[str, str | None]:
@@ -226,43 +237,38 @@ def describe_precision(policy, reference: Reference, cfg) -> dict[str, str | Non
             "policy_frozen": frozen, "compute": compute, "reference": ref}
 
 
-def load_models(cfg, tokenizer=None, accelerator=None, splits: dict[str, list] | None = None):
+def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None = None):
     """(the policy, its `Reference`), as the config says (module docstring). With precompute the
     reference's pass over `splits` runs, and its model is freed, before the policy loads. A given
-    tokenizer is checked against every model's vocabulary; a given accelerator prepares a separately
-    loaded reference for evaluation (sharded as the policy is, never trained)."""
+    tokenizer is checked against every model's vocabulary; a given engine (engines/) decides which
+    process reads the weights and prepares a separately loaded reference for evaluation (sharded as the
+    policy is, never trained). Without an engine the models stay as loaded."""
     chunk_size = cfg.logps_chunk_size
-    sharded = active(cfg) if accelerator is not None else None
-    # FSDP2: only the main process reads the weights, `sharding.shard` gives the others their shards
-    from_main = bool(sharded) and sharded["engine"] == "fsdp"
+    read_policy = engine is None or engine.reads_weights_of(cfg.model_name_or_path, cfg, "model_name_or_path")
     if cfg.precompute_ref_log_probs:
-        tables = precompute_reference_logps(cfg, splits or {}, tokenizer.pad_token_id, accelerator, tokenizer)
-        return _checked_policy(cfg, tokenizer, from_main=from_main), Reference(
+        tables = precompute_reference_logps(cfg, splits or {}, tokenizer.pad_token_id, engine, tokenizer)
+        return _checked_policy(cfg, tokenizer, read_weights=read_policy), Reference(
             None, tables, chunk_size, description="precomputed log-probs (no model in memory)")
     adapter_off = cfg.uses_reference and cfg.finetuning_type == "lora" and not cfg.ref_model
     starting_adapter = adapter_off and bool(cfg.adapter_name_or_path)
-    policy = _checked_policy(cfg, tokenizer, reference_adapter=starting_adapter, from_main=from_main)
+    policy = _checked_policy(cfg, tokenizer, reference_adapter=starting_adapter, read_weights=read_policy)
     if adapter_off:
         what = "a frozen copy of its starting adapter" if starting_adapter else "its adapter off"
         return policy, Reference(AdapterReference(policy, REFERENCE_ADAPTER if starting_adapter else None),
                                  chunk_size=chunk_size, description=f"the LoRA policy with {what}")
     if not cfg.uses_reference:
         return policy, Reference()
-    model = load_reference(cfg, from_main)
-    what = "ref_model" if cfg.ref_model else "the reference copy"
+    name, what = reference_name(cfg)
+    model = load_reference(cfg, engine is None or engine.reads_weights_of(name, cfg, what))
     if tokenizer is not None:
-        check_vocabulary(model, tokenizer, what)
-    runner = None
-    if sharded:  # sharded as the policy is (FSDP2, ZeRO-3): never a whole copy per process
-        runner = shard_reference(model, sharded, accelerator, chunk_size, cfg.mixed_precision)
-    elif accelerator is not None:
-        model = accelerator.prepare_model(model, evaluation_mode=True)
+        check_vocabulary(model, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
+    runner = engine.prepare_reference(model, chunk_size) if engine is not None else None
     return policy, Reference(model, chunk_size=chunk_size, runner=runner,
                              description=f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model")
 
 
-def _checked_policy(cfg, tokenizer, reference_adapter: bool = False, from_main: bool = False):
-    policy = load_policy(cfg, reference_adapter, from_main)
+def _checked_policy(cfg, tokenizer, reference_adapter: bool = False, read_weights: bool = True):
+    policy = load_policy(cfg, reference_adapter, read_weights)
     if tokenizer is not None:
         check_vocabulary(policy, tokenizer, "model_name_or_path",
                          "the tokenizer has tokens the model has no embedding for; resize the model's embeddings")

@@ -1,10 +1,9 @@
 """What keeps a running training loop honest: a non-finite step stops it (or is skipped, up to
-`skip_nonfinite_steps`), SIGINT and SIGTERM stop it cleanly, and the hardware can do the precision asked.
+`skip_nonfinite_steps`), and SIGINT and SIGTERM stop it cleanly.
 
     with StopSignals() as stop:          # train(): SIGINT/SIGTERM set a flag while the loop runs
         ...
-        if guard.check(step, losses_finite, grad_norm):   # True: drop this step's gradients
-            ...
+        engine.update(..., skip=lambda norm: nonfinite.check(step, losses_finite, norm))  # True: skip the update
         if stop.requested(accelerator):
             stop.stop(step, checkpoint, metrics)   # writes the checkpoint (when on), raises Stopped
 
@@ -21,21 +20,15 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import signal
 import threading
 from array import array
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs
 
-from preftune import sharding, zero
-from preftune.tracking import make_trackers
-from preftune.checkpoints import latest_checkpoint
-from preftune.errors import ConfigError, PreftuneError
+from preftune.checkpoints.folders import latest_checkpoint
+from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
 
@@ -50,50 +43,6 @@ class Stopped(PreftuneError):
 
 class NonFiniteStep(PreftuneError):
     """A step's loss or gradient norm was NaN or infinite (and no skip was left)."""
-
-
-def cpu_multiplies_bf16() -> bool:
-    """Whether torch multiplies bfloat16 on this CPU with oneDNN's kernels, which need AVX-512 or AVX-NE-CONVERT
-    (and honour ONEDNN_MAX_CPU_ISA). Without them a bf16 matmul takes ATen's fallback loop, 10-50x slower than
-    float32 (benchmarks/RESULTS.md, CPU note 3)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def check_hardware(cfg) -> None:
-    """fp16 and bf16 where the machine cannot run them: refused before anything loads, not left inert;
-    bf16 where the CPU only emulates it: said once, since float32 is then the faster choice."""
-    if cfg.fp16 and not torch.cuda.is_available():
-        raise ConfigError("fp16: float16 mixed precision needs a CUDA GPU and this machine has none; remove fp16 "
-                          "(bf16: true runs on CPUs)")
-    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"bf16: {torch.cuda.get_device_name()} has no bfloat16 support; use fp16: true, or no "
-                          "mixed precision")
-    if cfg.bf16 and not torch.cuda.is_available() and not cpu_multiplies_bf16():
-        log.warning("bf16: this CPU has no fast bfloat16 matmul (it needs AVX-512 or AVX-NE-CONVERT), so bf16 "
-                    "autocast trains several times slower than float32 here; bf16: false is faster (docs/precision.md)")
-
-
-def make_accelerator(cfg) -> Accelerator:
-    """accelerate's Accelerator for cfg's mixed precision (and, under torchrun without a GPU, gloo)."""
-    # accelerate keeps its state per process; a second train() in one process (a sweep, the tests)
-    # may ask for another precision, so the mixed-precision part is reset, not the distributed one
-    AcceleratorState._reset_state(reset_partial_state=False)
-    # accelerate starts a CPU process group (gloo) only when asked for the CPU: without a GPU, a
-    # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    several = world > 1
-    zero_settings = sharding.launched_zero(cfg)  # DeepSpeed ZeRO: accelerate's engine, with the run's values
-    plugin = zero.make_plugin(cfg, zero_settings, world) if zero_settings else None
-    # DeepSpeed on CPU processes (its CPU accelerator): accelerate finds no backend of its own there and
-    # would count one process; gloo, named, makes it count the launcher's
-    zero_cpu = [InitProcessGroupKwargs(backend="gloo")] if plugin and not torch.cuda.is_available() else None
-    try:
-        with sharding.hidden_from_accelerate():  # an FSDP2 config is preftune's to apply (sharding.py)
-            return Accelerator(mixed_precision=cfg.mixed_precision, log_with=make_trackers(cfg) or None,
-                               cpu=several and not torch.cuda.is_available() and plugin is None,
-                               deepspeed_plugin=plugin, kwargs_handlers=zero_cpu)
-    except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
-        raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
 
 
 def data_fingerprint(train_items: list, eval_items: dict[str, list]) -> str:
@@ -180,12 +129,6 @@ class NonFiniteGuard:
             raise NonFiniteStep(f"training stopped after step {step}: weight {bad} is not finite (NaN or infinite). "
                                 f"Likely cause: {self.likely_cause(step)}. No final model was saved; "
                                 f"{_last_checkpoint_text(self.cfg)}")
-
-    def skip(self, optimizer) -> None:
-        """Drop this step's gradients; with fp16 the scaler still takes note (it lowers the scale)."""
-        optimizer.zero_grad(set_to_none=True)
-        if self.accelerator.scaler is not None:
-            self.accelerator.scaler.update()
 
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}

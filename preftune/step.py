@@ -1,19 +1,20 @@
 """One step of an objective: a collated batch in, per-example losses and the TRL-named statistics out.
 
-    step = OBJECTIVES[cfg.objective](cfg)             # dpo: preference pairs; kto: unpaired examples
+    step = STEPS[cfg.objective](cfg, engine.gathered)   # dpo: preference pairs; kto: unpaired examples; sft
     items = step.tokenize(tokenizer, examples, cfg, report)
     batch = step.collate(items, pad_id, index)
-    out = step(policy, reference, batch, kl=True)     # StepOutput(losses, stats, kl)
+    out = step(policy_logps, reference, batch, kl=True)  # StepOutput(losses, stats, kl)
 
 The training loop and the evaluator see only this interface: how an objective tokenizes its data,
 collates it, scores it under the policy and the reference and turns that into a loss is its own
 business. A step's loss may keep running state (BCO's reward shift); `state_dict` /
-`load_state_dict` carry it through checkpoints. A new objective (sft) is one more class and one
-more entry of `OBJECTIVES`.
+`load_state_dict` carry it through checkpoints. A new objective is one more class and one more entry
+of `STEPS`. `gathered` (the engine's, handed in) gives the KL the whole LM heads of sharded models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -23,10 +24,9 @@ from accelerate.utils import extract_model_from_parallel
 from preftune.batching import collate, collate_chosen, collate_packed, collate_shared, collate_unpaired
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
-from preftune.logps import (  # noqa: F401 (PolicyLogps: imported from here)
-    FusedDPO, PolicyLogps, completion_kl, model_inputs)
-from preftune.sharding import gathered
-from preftune.losses import UNPAIRED_LOSSES, Objective, chosen_nll
+from preftune.logps import (  # noqa: F401 (LogpsModule: imported from here)
+    FusedDPO, LogpsModule, completion_kl, model_inputs)
+from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll
 from preftune.tokenization import tokenize_examples
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
@@ -40,20 +40,25 @@ class StepOutput(NamedTuple):
 
 def configured_loss(cfg):
     """The loss of cfg's objective with every hyperparameter beyond beta bound from the config:
-    a `losses.Objective` (pref_loss, loss_weights, pref_ftx, pref_bco_weight) for pairs, `kto_loss`
+    a `losses.CombinedLoss` (pref_loss, loss_weights, pref_ftx, pref_bco_weight) for pairs, `kto_loss`
     with its weights for kto."""
     if cfg.is_kto:  # unpaired: its own signature, alone (the config refuses combinations)
         return functools.partial(UNPAIRED_LOSSES["kto"], **cfg.loss_options("kto"))
-    return Objective(cfg.pref_losses, cfg.loss_weights, {name: cfg.loss_options(name) for name in cfg.pref_losses},
+    return CombinedLoss(cfg.pref_losses, cfg.loss_weights, {name: cfg.loss_options(name) for name in cfg.pref_losses},
                      pref_ftx=cfg.pref_ftx, pref_bco_weight=cfg.pref_bco_weight)
 
 
-def _kl(policy, reference, policy_hidden, reference_hidden, max_tokens):
-    """KL to the reference from the hidden states both forward passes already produced."""
-    root = extract_model_from_parallel(policy)
-    with gathered(root, reference.runner):  # sharded models (fsdp): their LM heads whole for the KL
+def _no_gathering(*modules):
+    return contextlib.nullcontext()
+
+
+def _kl(policy_logps, reference, policy_hidden, reference_hidden, max_tokens, gathered):
+    """KL to the reference from the hidden states both forward passes already produced; `gathered`: the
+    engine's, which makes the LM heads of sharded models whole for it."""
+    root = extract_model_from_parallel(policy_logps)  # the `LogpsModule` inside an engine's wrapper
+    with gathered(policy_logps, reference.runner):
         return completion_kl(root.model, reference.model, policy_hidden, reference_hidden, reference.chunk_size,
-                             max_tokens)
+                             max_tokens, root.call_head)
 
 
 class PreferenceStep:
@@ -77,8 +82,8 @@ class PreferenceStep:
     unit = "pairs"
     collate = staticmethod(collate)
 
-    def __init__(self, cfg):
-        self.loss = configured_loss(cfg)
+    def __init__(self, cfg, gathered=_no_gathering):
+        self.loss, self.gathered = configured_loss(cfg), gathered
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
         # enable_liger_kernel: one of Liger's DPO losses (config.py refuses the rest), fused with the LM head
         self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
@@ -134,7 +139,8 @@ class PreferenceStep:
             "logps/rejected": policy_rejected_logps.detach(),
             "nll_loss": chosen_nll(policy_chosen_logps.detach(), chosen_lengths),  # per chosen token, TRL's CPO/ORPO name
         }
-        kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens) if kl else None
+        kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens,
+                       self.gathered) if kl else None
         return StepOutput(losses, stats, kl_stats)
 
     def state_dict(self) -> dict:
@@ -155,8 +161,8 @@ class UnpairedStep:
     unit = "examples"
     collate = staticmethod(collate_unpaired)
 
-    def __init__(self, cfg):
-        self.loss, self.beta = configured_loss(cfg), cfg.pref_beta
+    def __init__(self, cfg, gathered=_no_gathering):
+        self.loss, self.beta, self.gathered = configured_loss(cfg), cfg.pref_beta, gathered
 
     @staticmethod
     def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
@@ -186,7 +192,8 @@ class UnpairedStep:
                 stats[f"logps/{side}"] = policy_logps.detach()[mask]  # summed over completion tokens
         if labels.any():
             stats["nll_loss"] = chosen_nll(policy_logps.detach()[labels], lengths[labels])
-        kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens) if kl else None
+        kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens,
+                       self.gathered) if kl else None
         return StepOutput(losses, stats, kl_stats)
 
     def state_dict(self) -> dict:
@@ -206,8 +213,8 @@ class SFTStep:
 
     unit = "examples"
 
-    def __init__(self, cfg):
-        self.padding_free = cfg.padding_free
+    def __init__(self, cfg, gathered=_no_gathering):
+        self.padding_free = cfg.padding_free  # (no reference, no KL: nothing to gather)
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
@@ -233,5 +240,5 @@ class SFTStep:
         pass  # no state across steps
 
 
-# config.objective -> the step class; the loop builds one for training and a fresh one per evaluation
-OBJECTIVES = {"dpo": PreferenceStep, "kto": UnpairedStep, "sft": SFTStep}
+# cfg.objective -> the step class; the loop builds one for training and a fresh one per evaluation
+STEPS = {"dpo": PreferenceStep, "kto": UnpairedStep, "sft": SFTStep}

@@ -1,7 +1,9 @@
 """The package's shape, checked from its source: imports point one way, no module reaches into
-another's private names, the loop stays a loop, and every objective offers the same interface."""
+another's private names, the loop names no engine and calls only what every engine offers, the building
+blocks know no engine, no flags ride on models, and every objective offers the same interface."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,10 @@ LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
     {"optim", "guard", "hub"},
     {"config", "data", "adapters", "labels"},
-    {"tokenization", "models", "checkpoints", "report", "sharding", "zero", "tracking"},
-    {"cache", "batching", "demo"},
-    {"evaluate", "generate", "rewards"},
+    {"tokenization", "models", "checkpoints.folders", "report", "tracking"},
+    {"checkpoints.weights", "checkpoints.save", "checkpoints.resume", "checkpoints", "best", "final", "cache",
+     "batching", "demo"},
+    {"engines.single", "engines.ddp", "engines.fsdp", "engines.zero", "engines", "evaluate", "generate", "rewards"},
     {"reference", "step", "runtime"},
     {"train"},
     {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands.label", "commands.cache", "commands",
@@ -74,18 +77,78 @@ def test_every_module_is_in_a_layer():
     assert {module_name(p) for p in MODULES} <= set().union(*LAYERS)
 
 
-def test_the_training_loop_stays_a_loop():
-    """train.py holds set-up and the loop: no scoring of pairs or mixing of losses of its own."""
+# The ways of running (engines/) and what only they may know: their names, their packages, ranks and partitions.
+ENGINE_WORDS = re.compile(r"\b(ddp|fsdp\w*|zero|zero_\w+|zero3|deepspeed|dataparallel|oneprocess|fully_shard|ds_id|get_rank"
+                          r"|is_sharded|torch\.distributed)\b", re.IGNORECASE)
+# Building blocks a new way of running must not touch: they are handed what they need of an engine.
+ENGINE_FREE = ("losses", "logps", "step", "evaluate", "models", "batching", "tokenization")
+
+
+def code_of(path: Path) -> str:
+    """The module's code without its docstrings and comments (which may explain an engine)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            body[0].value.value = ""
+    return ast.unparse(tree)
+
+
+def test_the_loop_never_names_an_engine():
+    """train.py runs the same loop under every engine: it asks the engine, never which one it is."""
     source = (PACKAGE / "train.py").read_text()
-    assert len(source.splitlines()) < 250
-    for name in ("get_batch_logps", "completion_kl", "LOSSES", "Objective", "chosen_nll", "is_kto", "kto"):
+    assert not ENGINE_WORDS.findall(source)
+    imported = {name for module, names in preftune_imports(PACKAGE / "train.py") if module.startswith("engines")
+                for name in names}
+    assert imported <= {"make_engine", "check_hardware"}, imported
+    assert "isinstance(engine" not in source and "engine.name" not in source
+
+
+def test_the_loop_calls_only_the_engine_surface():
+    """Every `engine.<member>` the loop, the reference, the evaluator and the checkpoints use is one that
+    every engine has: defined on the base all of them extend."""
+    from preftune.engines import DataParallel, FSDP2, OneProcess, ZeRO
+
+    for engine in (DataParallel, FSDP2, ZeRO):
+        assert issubclass(engine, OneProcess)
+    surface = set(dir(OneProcess(cfg=None, accelerator=None)))  # (its attributes set in __init__ included)
+    for name in ("train", "reference", "evaluate", "best", "checkpoints/save", "checkpoints/resume"):
+        used = set(re.findall(r"\bengine\.(\w+)", (PACKAGE / f"{name}.py").read_text()))
+        assert used and used <= surface, (name, used - surface)
+
+
+@pytest.mark.parametrize("name", ENGINE_FREE)
+def test_building_blocks_know_no_engine(name):
+    """The losses, the log-prob pass, the step, the evaluator, the model loader: no engine import, no engine
+    name, no process ranks or weight partitions in their code."""
+    path = PACKAGE / f"{name}.py"
+    assert not [m for m, _ in preftune_imports(path) if m.startswith("engines")]
+    assert not ENGINE_WORDS.findall(code_of(path)), ENGINE_WORDS.findall(code_of(path))
+
+
+def test_no_flags_ride_on_model_objects():
+    """What an engine needs to remember about a model it keeps itself: no module sets or reads preftune's own
+    attributes on a model (`model.preftune_x`, `setattr(model, NAME, ...)`); the one mark is on parameters,
+    models.LOADED_DTYPE (the dtype a trainable weight was loaded in)."""
+    for path in MODULES:
+        code = code_of(path)
+        attributes = re.findall(r"(?<=[\w)\]])\.preftune_\w+", code)
+        named = set(re.findall(r"\b[sgh]etattr\(\s*[\w.]+\s*,\s*('preftune_\w+'|[A-Z_]+)", code))
+        assert not attributes and named <= {"LOADED_DTYPE"}, (module_name(path), attributes, named)
+
+
+def test_the_training_loop_stays_a_loop():
+    """train.py holds set-up and the loop: it scores no pairs and mixes no losses of its own."""
+    source = (PACKAGE / "train.py").read_text()
+    for name in ("get_batch_logps", "completion_kl", "LOSSES", "CombinedLoss", "chosen_nll", "is_kto", "kto"):
         assert name not in source, name
 
 
 def test_objectives_share_one_interface():
-    from preftune.step import OBJECTIVES
+    from preftune.step import STEPS
 
-    for name, objective in OBJECTIVES.items():
+    for name, objective in STEPS.items():
         for member in ("tokenize", "collate", "length", "unit", "__call__", "state_dict", "load_state_dict"):
             assert member in vars(objective), (name, member)
 

@@ -169,7 +169,7 @@ def test_saved_config_gives_transformers_4_readers_the_same_rotary_settings(tmp_
     rope_theta to 10000 without it); transformers 5 reads rope_parameters. Both must agree."""
     from transformers import AutoConfig, Qwen2Config
 
-    from preftune.checkpoints import add_legacy_rope_keys
+    from preftune.final import add_legacy_rope_keys
 
     for rope in ({"rope_type": "default", "rope_theta": 1e6},
                  {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 4096}):

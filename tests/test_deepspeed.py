@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.errors import ConfigError
-from preftune.zero import check, make_plugin, zero_settings
+from preftune.engines.zero import check, make_plugin, zero_settings
 from test_distributed import ROOT, free_port, history, raw_config, same_histories, same_weights, torchrun
 
 EXAMPLES = ROOT / "examples" / "deepspeed"
@@ -28,20 +28,20 @@ EXAMPLES = ROOT / "examples" / "deepspeed"
 # printed by each process after the policy is prepared: the share of its weights' elements it holds
 SHARE_PROBE = """
 import sys
-from preftune import sharding
+from preftune.engines.zero import ZeRO
 from preftune.cli import main
 
-prepare = sharding.prepare
+prepare = ZeRO.prepare
 
-def probed(accelerator, policy, optimizer, settings):
-    engine, optimizer = prepare(accelerator, policy, optimizer, settings)
+def probed(self, policy_logps, make_optimizer, reference):
+    engine, optimizer = prepare(self, policy_logps, make_optimizer, reference)
     params = list(engine.module.parameters())
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     whole = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
     print(f"SHARE {local / whole:.3f}", file=sys.stderr)
     return engine, optimizer
 
-sharding.prepare = probed
+ZeRO.prepare = probed
 sys.exit(main(sys.argv[1:]))
 """
 

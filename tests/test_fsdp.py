@@ -18,16 +18,16 @@ from transformers import AutoModelForCausalLM
 from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.errors import ConfigError
-from preftune.sharding import fsdp_settings
+from preftune.engines.fsdp import fsdp_settings
 from test_distributed import ROOT, free_port, history, raw_config, same_histories, same_weights, torchrun
 
 # logged by each process after sharding: the share of the policy's and the reference's elements it holds
 SHARE_PROBE = """
 import sys
-from preftune import sharding
+from preftune.engines import fsdp
 from preftune.cli import main
 
-shard = sharding.shard
+shard = fsdp.shard
 
 def probed(model, *args, **kwargs):
     shard(model, *args, **kwargs)
@@ -35,7 +35,7 @@ def probed(model, *args, **kwargs):
     whole = sum(p.numel() for p in model.parameters())
     print(f"SHARE {type(model).__name__} {local / whole:.3f}", file=sys.stderr)
 
-sharding.shard = probed
+fsdp.shard = probed
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -106,9 +106,9 @@ def test_fsdp_settings_from_the_key_and_from_an_accelerate_config(monkeypatch):
 def test_what_is_not_sharded_yet_is_refused(tmp_path, over, message):
     cfg = from_dict({"model_name_or_path": str(tmp_path / "absent"), "dataset": "x.jsonl", "fsdp": "full_shard",
                      **over})
-    from preftune.sharding import check
+    from preftune.engines.fsdp import check
     with pytest.raises(ConfigError, match=message):
-        check(cfg, fsdp_settings(cfg))
+        check(cfg)
 
 
 @pytest.mark.slow
@@ -196,10 +196,10 @@ READ_PROBE = """
 import os
 import sys
 import transformers.modeling_utils
-from preftune import sharding
+from preftune.engines import fsdp
 from preftune.cli import main
 
-rank, safe_open, shard = os.environ["RANK"], transformers.modeling_utils.safe_open, sharding.shard
+rank, safe_open, shard = os.environ["RANK"], transformers.modeling_utils.safe_open, fsdp.shard
 
 def recorded(path, *args, **kwargs):
     print(f"READ {rank} {os.path.basename(str(path))}", file=sys.stderr)
@@ -210,7 +210,7 @@ def probed(root, *args, **kwargs):
     print(f"META {rank} {sum(p.is_meta for p in params) / len(params):.2f}", file=sys.stderr)
     shard(root, *args, **kwargs)
 
-transformers.modeling_utils.safe_open, sharding.shard = recorded, probed
+transformers.modeling_utils.safe_open, fsdp.shard = recorded, probed
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune import checkpoints, guard
+from preftune import checkpoints, final, guard
 from preftune.config import from_dict
 from preftune.errors import ConfigError, DataError, ModelError
 
@@ -155,10 +155,10 @@ def test_final_save_keeps_files_it_did_not_write(tmp_path, tiny, tiny_model_dir,
     (out / "notes.txt").write_text("mine")
     cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "output_dir": str(out)})
     with caplog.at_level(logging.WARNING, logger="preftune"):
-        checkpoints.save_final(*tiny, cfg)
+        final.save_final(*tiny, cfg)
     assert (out / "pytorch_model.bin").read_bytes() == b"the user's" and (out / "notes.txt").read_text() == "mine"
     assert "pytorch_model.bin, not written by preftune (kept)" in caplog.text
-    listed = json.loads((out / checkpoints.MANIFEST).read_text())["files"]
+    listed = json.loads((out / final.MANIFEST).read_text())["files"]
     assert "model.safetensors" in listed and "config.json" in listed and "pytorch_model.bin" not in listed
 
 
@@ -167,11 +167,11 @@ def test_final_save_removes_stale_weights_only_its_manifest_lists(tmp_path, tiny
     out.mkdir()
     for name in ("adapter_model.safetensors", "adapter_config.json", "adapter_model.bin"):
         (out / name).write_text("an earlier LoRA run's")
-    (out / checkpoints.MANIFEST).write_text(json.dumps({"files": ["adapter_model.safetensors", "adapter_config.json",
+    (out / final.MANIFEST).write_text(json.dumps({"files": ["adapter_model.safetensors", "adapter_config.json",
                                                                   "../outside.txt"]}))
     (tmp_path / "outside.txt").write_text("never")
     cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "output_dir": str(out)})
-    checkpoints.save_final(*tiny, cfg)
+    final.save_final(*tiny, cfg)
     assert not (out / "adapter_model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert (out / "adapter_model.bin").exists()  # no manifest lists it: the user's
     assert (tmp_path / "outside.txt").read_text() == "never"
@@ -194,11 +194,12 @@ def test_a_failed_final_save_names_the_last_checkpoint(tmp_path, tiny, tiny_mode
         (folder / "model.safetensors").write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoints, "_save_weights", disk_full)
+    monkeypatch.setattr(final, "save_weights", disk_full)  # the final save's and best_model/'s writer
+    monkeypatch.setattr(checkpoints.weights, "save_weights", disk_full)
     cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "output_dir": str(out)})
     with pytest.raises(ModelError, match=rf"could not write the final model in .*out \(No space left on device\); the "
                                          rf"last complete checkpoint is {last} \(resume_from_checkpoint: true"):
-        checkpoints.save_final(*tiny, cfg)
+        final.save_final(*tiny, cfg)
     assert not (out / ".final.tmp").exists() and (out / "model.safetensors").read_text() == "an earlier final model"
     with pytest.raises(ModelError, match=r"could not write best_model .* no checkpoint was written before"):
         checkpoints.save_model(tiny[0], tiny[1], tmp_path / "other" / "best_model", 5)

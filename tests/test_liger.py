@@ -12,14 +12,15 @@ import torch
 from hostile import run_refused
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune import logps, models, sharding
+from preftune import logps, models
+from preftune.engines import fsdp
 from preftune import train as train_mod
 from preftune.batching import collate
 from preftune.config import LIGER_LOSSES, from_dict
 from preftune.data import PreferencePair
 from preftune.demo import make_pairs
 from preftune.errors import ConfigError
-from preftune.logps import FusedDPO, PolicyLogps, fused_dpo_logps, get_batch_logps
+from preftune.logps import FusedDPO, LogpsModule, fused_dpo_logps, get_batch_logps
 from preftune.reference import Reference, load_models
 from preftune.step import PreferenceStep
 from preftune.tokenization import tokenize_pairs
@@ -59,7 +60,7 @@ def run_steps(cfg, policy, reference, batches, chunk_size=64, own=False, autocas
     """Train a copy of `policy` (`own`: the policy itself) over `batches` (one SGD step each) as the loop
     does; per step the losses, the statistics, the KL and every trainable parameter's gradient."""
     model = (policy if own else copy.deepcopy(policy)).train()
-    runner, step = PolicyLogps(model, chunk_size), PreferenceStep(cfg)
+    runner, step = LogpsModule(model, chunk_size), PreferenceStep(cfg)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     seen = []
     for batch in batches:
@@ -139,7 +140,7 @@ def test_evaluation_without_gradients_takes_the_chunked_path(tiny_model_dir, mod
     step = PreferenceStep(cfg_for(tiny_model_dir, enable_liger_kernel=True))
     monkeypatch.setattr("preftune.logps.fused_dpo_logps", lambda *a, **k: pytest.fail("Liger without gradients"))
     with torch.no_grad():
-        out = step(PolicyLogps(policy, 64), Reference(model, chunk_size=64), batches[0], kl=True)
+        out = step(LogpsModule(policy, 64), Reference(model, chunk_size=64), batches[0], kl=True)
     assert out.losses.shape == (4,) and out.kl is not None
 
 
@@ -256,7 +257,7 @@ def test_liger_not_installed_names_the_package(monkeypatch):
 def test_fsdp_is_refused():
     cfg = from_dict({"model_name_or_path": "m", "enable_liger_kernel": True})
     with pytest.raises(ConfigError, match="^fsdp: enable_liger_kernel"):
-        sharding.check(cfg, {"reshard_after_forward": True, "offload": False})
+        fsdp.check(cfg)
 
 
 def test_a_soft_capped_model_is_refused(tiny_model_dir):

@@ -11,7 +11,7 @@ import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune import adapters, checkpoints, models
+from preftune import adapters, checkpoints, final, models
 from preftune import train as train_mod
 from preftune.adapters import REFERENCE_ADAPTER, AdapterReference
 from preftune.batching import collate
@@ -235,8 +235,8 @@ def test_lora_final_output_reloads_as_adapter_and_as_merged_weights(tiny_model_d
     trained = logps_of(policy, batch)
     adapter_cfg = from_dict({**cfg.to_dict(), "output_dir": str(tmp_path / "adapter"), "save_adapter_only": True})
     merged_cfg = from_dict({**cfg.to_dict(), "output_dir": str(tmp_path / "merged")})
-    checkpoints.save_final(copy.deepcopy(policy), tiny_tokenizer, adapter_cfg)
-    checkpoints.save_final(policy, tiny_tokenizer, merged_cfg)
+    final.save_final(copy.deepcopy(policy), tiny_tokenizer, adapter_cfg)
+    final.save_final(policy, tiny_tokenizer, merged_cfg)
 
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "generation_config.json"} <= {
@@ -260,7 +260,7 @@ def test_best_lora_adapter_is_saved_and_loaded_back(tiny_model_dir, tiny_tokeniz
     assert (checkpoints.best_dir(cfg) / "adapter_model.safetensors").exists()
     randomize_lora(policy, seed=9)  # training went on and got worse
     assert not torch.allclose(logps_of(policy, batch), best, atol=1e-3)
-    checkpoints.load_best_into(policy, cfg)
+    checkpoints.load_weights_into(policy, checkpoints.best_dir(cfg))
     torch.testing.assert_close(logps_of(policy, batch), best)
 
 

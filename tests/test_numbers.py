@@ -136,7 +136,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from preftune import runtime  # noqa: E402
+from preftune import engines, runtime  # noqa: E402
 from preftune import train as train_mod  # noqa: E402
 from preftune.demo import make_pairs  # noqa: E402
 
@@ -219,8 +219,8 @@ def test_a_skipped_step_takes_no_optimizer_or_schedule_step(tmp_path, tiny_model
 def test_fp16_without_a_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"^fp16: float16 mixed precision needs a CUDA GPU"):
-        runtime.check_hardware(from_dict({"fp16": True}))
-    runtime.check_hardware(from_dict({"bf16": True}))  # bf16 autocast runs on CPUs
+        engines.check_hardware(from_dict({"fp16": True}))
+    engines.check_hardware(from_dict({"bf16": True}))  # bf16 autocast runs on CPUs
 
 
 # --- signals -----------------------------------------------------------------------------------------

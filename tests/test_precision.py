@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from preftune import checkpoints, runtime
+from preftune import checkpoints, engines, final, runtime
 from preftune import train as train_mod
 from preftune.adapters import AdapterReference
 from preftune.config import from_dict
@@ -59,14 +59,14 @@ def train_capturing(raw):
     """Train; return the summary and the policy's parameters as training left them (before the final
     save casts anything back): the weights the optimizer actually updated."""
     captured = {}
-    real_save_final = checkpoints.save_final
+    real_save_final = final.save_final
 
     def capture(model, tokenizer, cfg, *rest):
         captured.update({name: p.detach().clone() for name, p in model.named_parameters()})
         real_save_final(model, tokenizer, cfg, *rest)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checkpoints, "save_final", capture)
+        mp.setattr(final, "save_final", capture)
         summary = train_mod.train(from_dict(raw))
     return summary, captured
 
@@ -207,7 +207,7 @@ def test_freeze_and_merged_lora_outputs_come_back_bfloat16(tmp_path, bf16_model_
     policy, _ = load_models(cfg)
     upcast = [p for p in policy.parameters() if p.requires_grad and p.dtype == torch.float32]
     assert upcast  # the trained layers, or LoRA's fully trained norm copies
-    checkpoints.save_final(policy, load_tokenizer(str(bf16_model_dir)), cfg)
+    final.save_final(policy, load_tokenizer(str(bf16_model_dir)), cfg)
     assert dtypes(load_file(tmp_path / "model.safetensors").values()) == {torch.bfloat16}
 
 
@@ -239,10 +239,10 @@ def test_freeze_without_mixed_precision_is_one_line(bf16_model_dir):
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_bf16_on_a_cpu_without_fast_bf16_matmul_is_said_once(monkeypatch, caplog, fast_bf16):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(engines, "cpu_multiplies_bf16", lambda: fast_bf16)
     with caplog.at_level(logging.WARNING, logger="preftune"):
-        runtime.check_hardware(from_dict({"bf16": True}))
-        runtime.check_hardware(from_dict({}))
+        engines.check_hardware(from_dict({"bf16": True}))
+        engines.check_hardware(from_dict({}))
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == ([] if fast_bf16 else
                         ["bf16: this CPU has no fast bfloat16 matmul (it needs AVX-512 or AVX-NE-CONVERT), so bf16 "
@@ -253,7 +253,7 @@ def test_bf16_on_a_cpu_without_fast_bf16_matmul_is_said_once(monkeypatch, caplog
 def test_fast_bf16_matmul_is_off_where_onednn_is_capped_at_avx2():
     """ONEDNN_MAX_CPU_ISA=AVX2 hides oneDNN's bf16 kernels, as a CPU with AVX2 only has none (oneDNN reads it
     once, when it first runs: hence a fresh process)."""
-    code = "from preftune.runtime import cpu_multiplies_bf16; print(cpu_multiplies_bf16())"
+    code = "from preftune.engines import cpu_multiplies_bf16; print(cpu_multiplies_bf16())"
     path = os.pathsep.join(filter(None, [str(Path(runtime.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     capped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": path})

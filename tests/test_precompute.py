@@ -9,7 +9,6 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from preftune import evaluate as evaluate_mod
 from preftune import models
 from preftune import reference as reference_mod
 from preftune import step as step_mod
@@ -17,6 +16,7 @@ from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.data import PreferencePair
 from preftune.demo import build_model, make_pairs
+from preftune.engines import OneProcess
 from preftune.errors import ConfigError, ModelError
 from preftune.tokenization import tokenize_pairs
 
@@ -44,18 +44,21 @@ def counted(monkeypatch):
     """Counts reference forwards of the precompute pass (the pair scorer's) and keeps a weak reference to
     every model loaded."""
     seen = {"forwards": 0, "loaded": []}
-    real_logps, real_load = evaluate_mod.get_batch_logps, models.load_model
+    real_pair_logps, real_load = reference_mod.pair_logps, models.load_model
 
-    def counting_logps(*args, **kwargs):
-        seen["forwards"] += 1
-        return real_logps(*args, **kwargs)
+    def counting_pair_logps(scorer, *args, **kwargs):
+        def counting_scorer(*inputs, **options):
+            seen["forwards"] += 1
+            return scorer(*inputs, **options)
+
+        return real_pair_logps(counting_scorer, *args, **kwargs)
 
     def recording_load(*args, **kwargs):
         model = real_load(*args, **kwargs)
         seen["loaded"].append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(evaluate_mod, "get_batch_logps", counting_logps)
+    monkeypatch.setattr(reference_mod, "pair_logps", counting_pair_logps)
     monkeypatch.setattr(models, "load_model", recording_load)
     return seen
 
@@ -158,12 +161,12 @@ def test_hub_id_is_keyed_by_its_commit(monkeypatch):
 
 def test_corrupt_or_foreign_cache_file_is_rebuilt(tmp_path, tiny_model_dir, tiny_tokenizer, counted, caplog):
     cfg = config(tmp_path, tiny_model_dir)
-    accelerator = Accelerator(cpu=True)
+    engine = OneProcess(cfg, Accelerator(cpu=True))
 
     def run():
         pairs = tokenized(tiny_tokenizer)
         tables = reference_mod.precompute_reference_logps(cfg, {"train": pairs}, tiny_tokenizer.pad_token_id,
-                                                          accelerator)
+                                                          engine)
         return tmp_path / "cache" / f"{reference_mod.cache_key(cfg, pairs, 'cpu')}.safetensors", tables["train"]
 
     path, expected = run()

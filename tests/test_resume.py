@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from preftune import checkpoints
+from preftune import best as best_model, checkpoints
 from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.demo import make_pairs
@@ -120,7 +120,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_usable(tmp_path, tiny_m
             raise Killed  # as a kill in the middle of writing checkpoint-6
         return real_torch_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoints.torch, "save", fail_at_step_6)
+    monkeypatch.setattr(torch, "save", fail_at_step_6)
     with pytest.raises(Killed):
         train_mod.train(from_dict(resume_raw(tmp_path, tiny_model_dir)))
     monkeypatch.undo()
@@ -159,18 +159,18 @@ def test_resume_errors_name_what_is_missing(tmp_path, tiny_model_dir):
         checkpoints.resume_dir(from_dict({**raw, "resume_from_checkpoint": "true"}))
     assert from_dict({**raw, "resume_from_checkpoint": False}).resume_from_checkpoint is None
     cfg = from_dict(raw)
-    checkpoints.check_best_model(cfg, None, 6)  # no early-stopping best yet: nothing to check
+    best_model.check_best_model(cfg, None, 6)  # no early-stopping best yet: nothing to check
     with pytest.raises(ConfigError, match="best model \\(step 4\\) is not in"):
-        checkpoints.check_best_model(cfg, 4, 6)
+        best_model.check_best_model(cfg, 4, 6)
     best = Path(cfg.output_dir) / "best_model"
     best.mkdir()
     for saved, ok in ((4, True), (8, True), (2, False)):  # 8: a later best the resumed run will rewrite
         (best / "preftune_step.json").write_text(json.dumps({"step": saved}))
         if ok:
-            checkpoints.check_best_model(cfg, 4, 6)
+            best_model.check_best_model(cfg, 4, 6)
         else:
             with pytest.raises(ConfigError):
-                checkpoints.check_best_model(cfg, 4, 6)
+                best_model.check_best_model(cfg, 4, 6)
     assert MetricsLog(from_dict(raw)).resumed_from is None
 
 

@@ -13,7 +13,7 @@ from preftune.config import from_dict
 from preftune.data import load_pairs, read_dataset
 from preftune.errors import ConfigError, DataError
 from preftune.reference import Reference
-from preftune.step import OBJECTIVES, PolicyLogps, SFTStep
+from preftune.step import STEPS, LogpsModule, SFTStep
 from preftune.tokenization import tokenize_pairs
 
 
@@ -75,21 +75,21 @@ def test_sft_loss_is_transformers_completion_nll(tiny_model_dir):
     step = SFTStep(from_dict({"stage": "sft"}))
     batch = step.collate(tokenize_pairs(tokenizer, pairs, 128, None), tokenizer.pad_token_id)
     with torch.no_grad():
-        losses = step(PolicyLogps(model, 1024), Reference(), batch).losses
+        losses = step(LogpsModule(model, 1024), Reference(), batch).losses
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     assert losses.shape == (3,)
     assert losses.mean().item() == pytest.approx(expected.item(), rel=1e-5)
     packed = SFTStep(from_dict({"stage": "sft", "padding_free": True}))
     with torch.no_grad():
-        packed_losses = packed(PolicyLogps(model, 1024), Reference(),
+        packed_losses = packed(LogpsModule(model, 1024), Reference(),
                                packed.collate(tokenize_pairs(tokenizer, pairs, 128, None), tokenizer.pad_token_id)).losses
     torch.testing.assert_close(packed_losses, losses, atol=1e-5, rtol=1e-5)
 
 
 def test_sft_config_needs_no_reference_and_refuses_preference_keys():
     cfg = from_dict({"stage": "sft"})
-    assert cfg.objective == "sft" and not cfg.uses_reference and OBJECTIVES[cfg.objective] is SFTStep
+    assert cfg.objective == "sft" and not cfg.uses_reference and STEPS[cfg.objective] is SFTStep
     with pytest.raises(ConfigError, match="^ref_model: stage: sft trains on completions alone"):
         from_dict({"stage": "sft", "ref_model": "x"})
 

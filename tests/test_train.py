@@ -15,7 +15,7 @@ from preftune.data import PreferencePair
 from preftune.demo import make_pairs
 from preftune.logps import get_batch_logps
 from preftune.reference import Reference
-from preftune.step import PolicyLogps, PreferenceStep
+from preftune.step import LogpsModule, PreferenceStep
 from preftune.tokenization import tokenize_pairs
 
 REQUIRED = ["step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -167,7 +167,7 @@ def test_dpo_step_adds_pref_ftx_and_logs_the_chosen_nll(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = [PreferencePair(**p) for p in make_pairs(4, 1)]
     batch = collate(tokenize_pairs(tokenizer, pairs, 128, None), tokenizer.pad_token_id)
-    policy, reference = PolicyLogps(model, 1024), Reference(model)
+    policy, reference = LogpsModule(model, 1024), Reference(model)
     with torch.no_grad():
         plain, stats, _ = PreferenceStep(from_dict({}))(policy, reference, batch)
         with_nll, _, _ = PreferenceStep(from_dict({"pref_ftx": 0.5}))(policy, reference, batch)

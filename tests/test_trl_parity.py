@@ -54,7 +54,7 @@ from preftune.data import PreferencePair, read_dataset  # noqa: E402
 from preftune.demo import build_model  # noqa: E402
 from preftune.logps import BatchLogps, get_batch_logps  # noqa: E402
 from preftune.reference import Reference  # noqa: E402
-from preftune.step import PolicyLogps, PreferenceStep  # noqa: E402
+from preftune.step import LogpsModule, PreferenceStep  # noqa: E402
 from preftune.tokenization import tokenize_pairs  # noqa: E402
 
 B = 4
@@ -121,7 +121,7 @@ def preference_step(policy, reference, batch, loss_type, beta, **options):
     """preftune's dpo step (`step.PreferenceStep`) as a run builds it from its config, on the two
     models (reference as a live `reference.Reference`)."""
     cfg = from_dict({"pref_loss": loss_type, "pref_beta": beta, "logps_chunk_size": CHUNK_SIZE, **options})
-    return PreferenceStep(cfg)(PolicyLogps(policy, CHUNK_SIZE), Reference(reference, chunk_size=CHUNK_SIZE),
+    return PreferenceStep(cfg)(LogpsModule(policy, CHUNK_SIZE), Reference(reference, chunk_size=CHUNK_SIZE),
                                {k: batch[k] for k in BATCH_KEYS})
 
 
@@ -139,7 +139,7 @@ def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_l
         own[model] = logps.detach()
         return BatchLogps(trl_logps[model].to(logps.dtype), lengths)
 
-    # the policy is scored in logps.py (PolicyLogps), the reference in reference.py (Reference.logps)
+    # the policy is scored in logps.py (LogpsModule), the reference in reference.py (Reference.logps)
     monkeypatch.setattr(preftune.logps, "get_batch_logps", get_batch_logps_as_trl)
     monkeypatch.setattr(preftune.reference, "get_batch_logps", get_batch_logps_as_trl)
     policy.train()  # the training path: grad enabled, LM-head chunks recomputed in backward

@@ -92,16 +92,17 @@ def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
     from accelerate import Accelerator
 
     from preftune.data import load_pairs
+    from preftune.engines import OneProcess
     from preftune.evaluate import evaluate
     from preftune.reference import Reference
-    from preftune.step import PolicyLogps, PreferenceStep
+    from preftune.step import LogpsModule, PreferenceStep
     from preftune.tokenization import tokenize_pairs
 
     pairs = load_pairs(cfg.__class__(**{**cfg.to_dict(), "eval_dataset": None, "val_size": 0.0}))[0]
     items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template)
-    stats = evaluate(PreferenceStep(cfg), PolicyLogps(policy, cfg.logps_chunk_size),
+    stats = evaluate(PreferenceStep(cfg), LogpsModule(policy, cfg.logps_chunk_size),
                      Reference(reference, chunk_size=cfg.logps_chunk_size), items, cfg.eval_batch_size,
-                     tokenizer.pad_token_id, Accelerator(cpu=not torch.cuda.is_available()))
+                     tokenizer.pad_token_id, OneProcess(cfg, Accelerator(cpu=not torch.cuda.is_available())))
     return {"pairs": len(items), **{k.removeprefix("eval_"): v for k, v in stats.items()}}
 
 

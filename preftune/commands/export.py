@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from preftune.checkpoints import add_legacy_rope_keys
 from preftune.config import TrainConfig, command_help, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.evaluate import accuracy, pair_logps
+from preftune.logps import LogpsModule
 from preftune.files import fresh_tmp_dir, replace_dir
+from preftune.final import add_legacy_rope_keys
 
 log = logging.getLogger("preftune")
 
@@ -370,13 +371,15 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
         if pairs:
             tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len, (run_cfg or cfg).template)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
-            original, lengths = pair_logps(_load(weights), tokenized, pad_id, batch_size)
-            after, _ = pair_logps(reloaded, tokenized, pad_id, batch_size)
+            original, lengths = pair_logps(LogpsModule(_load(weights), cfg.logps_chunk_size), tokenized, pad_id,
+                                           batch_size)
+            after, _ = pair_logps(LogpsModule(reloaded, cfg.logps_chunk_size), tokenized, pad_id, batch_size)
             reference_logps = None
             if reference:
                 ref_model = load_full(ref_dir, run_config(ref_dir)) if ref_dir else load_run_reference(run_cfg)
                 check_vocabulary(ref_model, tokenizer, "--ref" if ref_dir else "the run's reference")
-                reference_logps = pair_logps(ref_model, tokenized, pad_id, batch_size)[0]  # (N, 2)
+                reference_logps = pair_logps(LogpsModule(ref_model, cfg.logps_chunk_size), tokenized, pad_id,
+                                             batch_size)[0]  # (N, 2)
             report["heldout"] = {"data": source, "reference": " + ".join(reference) if reference else None,
                                  **quality(original, after, lengths, reference_logps)}
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -3,9 +3,8 @@ processes, stage 3 the weights too (optionally offloaded to the CPU), so a model
 GPU's memory trains on several.
 
     settings = zero_settings(cfg)        # None, or {"stage": 3, "config": {...}, "source": ...}
-    plugin = make_plugin(cfg, settings, world)   # accelerate's DeepSpeedPlugin with every "auto" filled
-    policy, optimizer = accelerator.prepare(policy, optimizer)   # a DeepSpeedEngine
-    state = full_state_dict(model)       # collective: whole fp32 weights on the main process
+    engine = ZeRO(cfg, settings)         # the Accelerator with DeepSpeed's plugin, every "auto" filled
+    policy_logps, optimizer = engine.prepare(LogpsModule(policy), make_optimizer, reference)  # a DeepSpeedEngine
 
 Where ZeRO comes from, as in LLaMA-Factory and transformers:
 
@@ -14,10 +13,11 @@ Where ZeRO comes from, as in LLaMA-Factory and transformers:
 - an accelerate config with `distributed_type: DEEPSPEED` (`accelerate launch --config_file
   examples/accelerate/zero3.yaml`), read from the environment accelerate sets.
 
-The engine does what preftune's loop does itself otherwise: the loop calls `backward` (the gradient
-accumulation boundary said explicitly, no rescaling by the accumulation count: the loss is already
-the step's mean) and `step`, which clips (`gradient_clipping` = max_grad_norm), updates and zeroes
-the gradients; the learning-rate schedule is preftune's, stepped by the loop. The gradients are
+DeepSpeed's engine does what the other engines leave to torch: `ZeRO.backward` calls its backward (the
+gradient accumulation boundary said explicitly by `accumulate`, no rescaling by the accumulation count:
+the loss is already the step's mean) and `ZeRO.update` its step, which clips (`gradient_clipping` =
+max_grad_norm), updates and zeroes the gradients; the learning-rate schedule is preftune's, stepped by
+the loop. The gradients are
 averaged over processes as DDP averages them, so a step computes what a one-process run with the
 global batch computes. The reference is a frozen engine of its own under stage 3 (partitioned, as
 TRL prepares it), a plain copy per process under stages 0-2.
@@ -39,7 +39,11 @@ from pathlib import Path
 
 import torch
 
+from preftune.checkpoints.weights import read_weights
+from preftune.engines.single import OneProcess
 from preftune.errors import ConfigError
+from preftune.logps import LogpsModule
+from preftune.models import LOADED_DTYPE
 
 log = logging.getLogger("preftune")
 
@@ -170,7 +174,7 @@ def fill_model_sizes(config: dict, hidden_size: int) -> dict:
 
 
 def reference_engine(root, accelerator):
-    """A frozen model (its `PolicyLogps` root) under ZeRO-3, partitioned over the processes as the
+    """A frozen model (its `LogpsModule`) under ZeRO-3, partitioned over the processes as the
     policy is, in evaluation mode: the config of the run without optimizer (as TRL prepares its
     reference). Call after the Accelerator exists (it holds the filled config)."""
     import deepspeed
@@ -199,82 +203,144 @@ def describe(settings: dict, world: int, mixed_precision: str = "no") -> str:
     return f"deepspeed: the policy under ZeRO stage {settings['stage']} over {world} processes ({'; '.join(parts)})"
 
 
-# --- the whole weights, gathered and scattered ----------------------------------------------
-
-
-def is_zero(model) -> bool:
-    """Whether `model` (the transformers model inside a DeepSpeedEngine) is trained under ZeRO."""
-    return getattr(model, "preftune_engine", None) == "deepspeed"
+# --- the engine -----------------------------------------------------------------------------------
 
 
 def _partitioned(param) -> bool:
     return hasattr(param, "ds_id")  # a ZeRO-3 parameter: each process holds only its part (ds_tensor)
 
 
-def full_state_dict(model, ignore_frozen: bool = False) -> dict[str, torch.Tensor]:
-    """Every process must call this (it gathers): the whole weights on the CPU on the main process ({} on
-    the others), as the model holds them (ZeRO writes each step's update back into them; under bf16,
-    rounded from the fp32 master copies), in the dtypes it had before the engine; tied weights once. ZeRO-3 weights are gathered one at a time, so no process ever holds the whole model."""
-    from deepspeed import zero
+class ZeRO(OneProcess):
+    """DeepSpeed ZeRO over every process of the launcher (module docstring)."""
 
-    if hasattr(model, "preftune_settle"):  # ZeRO-3 prefetches weights for a next forward; those still in
-        model.preftune_settle()             # flight could not be gathered: release them first
-    main = torch.distributed.get_rank() == 0
-    dtypes = getattr(model, "preftune_dtypes", {})
-    state, seen = {}, set()
-    for name, param in model.named_parameters():
-        if id(param) in seen or (ignore_frozen and not param.requires_grad):
-            continue
-        seen.add(id(param))
-        with zero.GatheredParameters([param]) if _partitioned(param) else contextlib.nullcontext():
-            if main:  # in the dtype the model had before DeepSpeed's bf16 cast (the masters' bf16 rounding)
-                state[name] = param.data.detach().cpu().to(dtypes.get(name, param.dtype))
-    return state
+    name = "deepspeed"
+    checkpoint_format = "deepspeed"  # DeepSpeed's own partitioned files in the checkpoint's deepspeed/
+    lockstep = True
 
+    def __init__(self, cfg, settings: dict, log_with=None):
+        from accelerate.utils import InitProcessGroupKwargs
 
-def load_full_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    """Every process calls this with the whole weights (each read them): the model's weights take them,
-    ZeRO-3 ones partitioned again after. For a model that is only saved afterwards (the best model
-    kept at the end): ZeRO's fp32 master copies in the optimizer are not updated."""
-    from deepspeed import zero
+        from preftune.engines import make_accelerator
 
-    if hasattr(model, "preftune_settle"):
-        model.preftune_settle()
-    for name, param in model.named_parameters():
-        if name not in state:
-            continue
-        with zero.GatheredParameters([param], modifier_rank=0) if _partitioned(param) else contextlib.nullcontext():
-            with torch.no_grad():
-                param.data.copy_(state[name].to(param.dtype))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        plugin = make_plugin(cfg, settings, world)
+        # DeepSpeed on CPU processes (its CPU accelerator): accelerate finds no backend of its own there and
+        # would count one process; gloo, named, makes it count the launcher's
+        gloo = [InitProcessGroupKwargs(backend="gloo")] if not torch.cuda.is_available() else None
+        super().__init__(cfg, make_accelerator(cfg, log_with, deepspeed_plugin=plugin, kwargs_handlers=gloo))
+        self.settings = settings
+        self.held_dtypes: dict[str, torch.dtype] = {}  # the policy's dtypes before DeepSpeed's cast (bf16): saved in these
+        self.policy_engine = None  # the DeepSpeedEngine `prepare` made
 
+    def check(self, cfg) -> None:
+        check(cfg, self.settings)
 
-@contextlib.contextmanager
-def gathered_heads(*models):
-    """The LM heads of ZeRO-3 models whole while code outside their forward reads them (the KL). Every
-    run passes here: deepspeed is imported only when a head is partitioned (it may not be installed)."""
-    params = [p for m in models if m is not None for p in m.get_output_embeddings().parameters() if _partitioned(p)]
-    if not params:
+    def prepare_reference(self, model, chunk_size: int):
+        if self.settings["stage"] < 3:  # a plain copy per process, as TRL does
+            return super().prepare_reference(model, chunk_size)
+        # ZeRO-3 weights are whole only inside their module's call: the LM head is called, never read
+        return reference_engine(LogpsModule(model, chunk_size, call_head=True), self.accelerator)
+
+    def prepare(self, policy_logps, make_optimizer, reference):
+        model = policy_logps.model
+        # before the engine casts the weights (bf16)
+        self.loaded_dtypes = {n: getattr(p, LOADED_DTYPE) for n, p in model.named_parameters() if hasattr(p, LOADED_DTYPE)}
+        self.held_dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        fill_model_sizes(self.accelerator.state.deepspeed_plugin.deepspeed_config, model.config.hidden_size)
+        # ZeRO-3 weights are whole only inside their module's call: the LM heads are called, never read (the
+        # policy's, and the policy's own as a LoRA reference reads it)
+        policy_logps.call_head = reference.call_head = self.settings["stage"] == 3
+        engine, optimizer = self.accelerator.prepare(policy_logps, make_optimizer())
+        log.info("%s", describe(self.settings, self.world, self.accelerator.mixed_precision))
+        self.policy_engine = engine
+        return engine, optimizer
+
+    @contextlib.contextmanager
+    def accumulate(self, policy_logps, sync: bool):
+        # the engine reduces the gradients in the backward of the step's last micro-batch
+        policy_logps.set_gradient_accumulation_boundary(sync)
         yield
-        return
-    from deepspeed import zero
 
-    with zero.GatheredParameters(params):
-        yield
+    def backward(self, policy_logps, loss: torch.Tensor) -> None:
+        policy_logps.backward(loss, scale_wrt_gas=False)
 
+    def update(self, policy_logps, optimizer, max_grad_norm: float, skip) -> tuple[float, bool]:
+        """DeepSpeed's step clips (gradient_clipping = max_grad_norm), updates and zeroes the gradients, and
+        cannot be skipped from outside (`check` refuses skip_nonfinite_steps): the loss is checked before it
+        (`skip` with a norm of 0.0, not known yet), the gradient norm after; a non-finite one stops the run."""
+        skip(0.0)
+        policy_logps.step()
+        norm = policy_logps.get_global_grad_norm()
+        grad_norm = float("nan") if norm is None else float(norm)
+        skip(grad_norm)
+        return grad_norm, True
 
-def save_engine_state(engine, folder: Path) -> None:
-    """Collective: DeepSpeed's partitioned optimizer state (and its view of the weights) into folder/deepspeed."""
-    engine.save_checkpoint(str(folder / ENGINE_DIR), tag=_TAG, save_latest=False)
+    @contextlib.contextmanager
+    def gathered(self, *modules):
+        """The LM heads of ZeRO-3 models whole (a DeepSpeedEngine holds the log-prob module as .module)."""
+        models = [getattr(getattr(m, "module", m), "model", None) for m in modules if m is not None]
+        params = [p for m in models if m is not None for p in m.get_output_embeddings().parameters() if _partitioned(p)]
+        if not params:
+            yield
+            return
+        from deepspeed import zero
 
+        with zero.GatheredParameters(params):
+            yield
 
-def load_engine_state(engine, folder: Path) -> None:
-    """Collective: the weights and optimizer state `save_engine_state` wrote (same number of processes)."""
-    path = folder / ENGINE_DIR
-    if not (path / _TAG).is_dir():
-        raise ConfigError(f"resume_from_checkpoint: {folder} has no {ENGINE_DIR}/ folder (it was not written "
-                          "under deepspeed); resume with the setting it was written with")
-    loaded, _ = engine.load_checkpoint(str(path), tag=_TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False, load_module_strict=True)
-    if loaded is None:
-        raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not read {path}; resume with the same "
-                          "deepspeed config and number of processes it was written with")
+    def _settle(self) -> None:
+        """ZeRO-3 prefetches weights for a next forward; those still in flight could not be gathered: release
+        them first."""
+        if self.policy_engine is not None:
+            self.policy_engine.empty_partition_cache()
+
+    def whole_weights(self, model, loaded_dtypes: bool = False) -> dict[str, torch.Tensor]:
+        """As the model holds them (ZeRO writes each step's update back into them; under bf16, rounded from the
+        fp32 master copies), in the dtypes it had before the engine. ZeRO-3 weights are gathered one at a
+        time, so no process ever holds the whole model; a LoRA model: only its trained adapter."""
+        from deepspeed import zero
+        from peft import PeftModel
+
+        self._settle()
+        ignore_frozen = isinstance(model, PeftModel)
+        state, seen = {}, set()
+        for name, param in model.named_parameters():
+            if id(param) in seen or (ignore_frozen and not param.requires_grad):
+                continue
+            seen.add(id(param))
+            with zero.GatheredParameters([param]) if _partitioned(param) else contextlib.nullcontext():
+                if self.is_main:  # in the dtype the model had before DeepSpeed's bf16 cast (the masters' bf16 rounding)
+                    state[name] = param.data.detach().cpu().to(self.held_dtypes.get(name, param.dtype))
+        return self.as_saved(model, state, loaded_dtypes)
+
+    def load_weights(self, model, folder: Path) -> None:
+        """Every process reads the whole weights; ZeRO-3 ones are partitioned again after. For a model that
+        is only saved afterwards (the best model kept at the end): ZeRO's fp32 master copies in the optimizer
+        are not updated."""
+        from deepspeed import zero
+
+        self._settle()
+        state = read_weights(model, folder)
+        for name, param in model.named_parameters():
+            if name not in state:
+                continue
+            with zero.GatheredParameters([param], modifier_rank=0) if _partitioned(param) else contextlib.nullcontext():
+                with torch.no_grad():
+                    param.data.copy_(state[name].to(param.dtype))
+
+    def save_optimizer(self, policy_logps, optimizer, folder: Path) -> None:
+        """DeepSpeed's partitioned optimizer state (and its view of the weights) into folder/deepspeed."""
+        policy_logps.save_checkpoint(str(folder / ENGINE_DIR), tag=_TAG, save_latest=False)
+
+    def load_checkpoint(self, policy_logps, optimizer, model, folder: Path) -> None:
+        """The weights and optimizer state `save_optimizer` wrote (same number of processes): DeepSpeed's
+        own files hold both, so the fp32 master copies come back exactly."""
+        path = folder / ENGINE_DIR
+        if not (path / _TAG).is_dir():
+            raise ConfigError(f"resume_from_checkpoint: {folder} has no {ENGINE_DIR}/ folder (it was not written "
+                              "under deepspeed); resume with the setting it was written with")
+        loaded, _ = policy_logps.load_checkpoint(str(path), tag=_TAG, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not read {path}; resume with the same "
+                              "deepspeed config and number of processes it was written with")

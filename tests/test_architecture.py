@@ -15,7 +15,7 @@ LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}  # optim imports on
 LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
     {"optim", "guard", "hub"},
-    {"config", "data", "adapters", "labels"},
+    {"config", "data.readers", "data.records", "data.registry", "data.load", "data", "adapters", "labels"},
     {"tokenization", "models", "checkpoints", "report", "sharding", "zero", "tracking"},
     {"cache", "batching", "demo"},
     {"evaluate", "generate", "rewards"},

@@ -17,14 +17,11 @@ step; `resume_from_checkpoint: true` then continues to the numbers of an uninter
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import math
 import os
 import signal
 import threading
-from array import array
 from pathlib import Path
 
 import torch
@@ -33,6 +30,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs
 
 from preftune import sharding, zero
+from preftune.cache import data_fingerprint  # noqa: F401 - train.py calls runtime.data_fingerprint
 from preftune.tracking import make_trackers
 from preftune.checkpoints import latest_checkpoint
 from preftune.errors import ConfigError, PreftuneError
@@ -94,23 +92,6 @@ def make_accelerator(cfg) -> Accelerator:
                                deepspeed_plugin=plugin, kwargs_handlers=zero_cpu)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
-
-
-def data_fingerprint(train_items: list, eval_items: dict[str, list]) -> str:
-    """A hash of the tokenized training and evaluation items: what the run trains on, whatever the
-    files, template or cutoff that produced it. A resume on other data is refused (checkpoints)."""
-    digest = hashlib.sha256()
-    for name, items in {"train": train_items, **eval_items}.items():
-        digest.update(f"{name}:{len(items)}\n".encode())
-        for item in items:
-            values = [getattr(item, f.name) for f in dataclasses.fields(item)] if dataclasses.is_dataclass(item) \
-                else [item]
-            for value in values:
-                try:  # token ids: packed at C speed (repr of every id would take seconds on a large set)
-                    digest.update(array("q", value).tobytes())
-                except TypeError:
-                    digest.update(repr(value).encode())
-    return digest.hexdigest()[:16]
 
 
 def _last_checkpoint_text(cfg) -> str:

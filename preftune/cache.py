@@ -1,15 +1,23 @@
-"""The tokenization cache: a second run on the same data loads its token ids instead of re-tokenizing.
+"""preftune's two on-disk caches, and the one fingerprint of a run's data.
 
-    train_tok = tokenize_cached(tokenizer, train_pairs, cfg, report)
+    train_tok = tokenize_cached(tokenizer, train_pairs, cfg, report)   # the tokenization cache
+    logps = read_ref_logps(path, key, n)                                # the reference log-probs cache
+    write_ref_logps(path, key, logps)                                   # (reference.py names its key's parts)
+    fingerprint = data_fingerprint(train_items, eval_items)            # what a resume is checked against
 
-One file per tokenized split, `<tokenized_cache_dir>/<key>.safetensors`, where the key is the
-SHA-256 of everything the token ids depend on:
+Both caches are folders of `<key>.safetensors` files, the key `key_of` the parts the cached values
+depend on, so a change to any part misses the cache and nothing stale is ever read. `preftune cache
+list/clear` finds them through `cache_dir` and `ref_logps_dir`.
+
+The tokenization cache (`<tokenized_cache_dir>/<key>.safetensors`): a second run on the same data
+loads its token ids instead of re-tokenizing. The key's parts:
   * CACHE_VERSION, bumped whenever preftune's tokenization output changes;
-  * the data: every normalized pair's fields, in order (not the file names, so a moved file hits);
+  * the data: every normalized pair's fields, in order (`data_fingerprint`, which leaves out the
+    file names, so a moved file hits);
   * the tokenizer: its tokenizer.json (vocabulary, merges, normalizer, added tokens, the
     post-processor that adds BOS), BOS/EOS ids and the chat template in use;
   * the settings: cutoff_len, template, truncation_mode, max_prompt_length.
-Changing any of them misses the cache; `overwrite_cache: true` rebuilds it.
+`overwrite_cache: true` rebuilds it.
 
 Why safetensors files and a process pool (tokenization.py) rather than `datasets.map(num_proc,
 cache_file_name, new_fingerprint)`: pairs hold conversations of varying shape that Arrow would
@@ -17,27 +25,83 @@ have to re-encode as JSON, datasets' fingerprint of a tokenizer is a dill pickle
 stable across library versions), and reading ids back from Arrow is slower than from one flat
 numpy array. safetensors is already installed with transformers, validates its header against
 the file size (a cut-off file fails to open), and carries a metadata dict for the counts.
+
+The reference log-probs cache (`<ref_logps_cache_dir>/<key>.safetensors`, precompute_ref_log_probs):
+each split's (N, 2) reference log-probs; reference.py's `cache_key` names its parts (the weights by
+`model_fingerprint`, the tokenized pairs by `data_fingerprint`, precision, versions).
+
 A file is written under a temporary name and renamed, so a reader sees a whole file or none; a
-file that fails to open, or whose checksum or shapes disagree, is rebuilt with a warning.
+file that fails to open, or whose key, checksum or shapes disagree, is rebuilt with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
+from array import array
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from preftune.data import PreferencePair
+from preftune.errors import ModelError
 from preftune.files import cache_root
 from preftune.tokenization import TokenizedPair, TokenizeReport, setup_rendering, tokenize_pairs
 
 log = logging.getLogger("preftune")
+
+
+# --- what both caches and a resume are keyed by -------------------------------------------------
+
+def key_of(parts: dict[str, Any]) -> str:
+    """A cache file's key: the SHA-256 of `parts` (JSON values) as canonical JSON, 32 hex digits. Each
+    cache names its own parts; the data goes in as its `data_fingerprint`."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def data_fingerprint(train_items: list, eval_items: dict[str, list] | None = None) -> str:
+    """A hash of a run's training and evaluation items (tokenized pairs or examples; normalized pairs
+    for the tokenization cache): what the run trains on, whatever the files, template or cutoff that
+    produced it. A resume on other data is refused (checkpoints), and a cache keyed by it misses.
+    A `where` field (the file and line an example came from) is not data and is left out. Checkpoints
+    store this value: changing how it is computed makes every saved run refuse to resume."""
+    digest = hashlib.sha256()
+    for name, items in {"train": train_items, **(eval_items or {})}.items():
+        digest.update(f"{name}:{len(items)}\n".encode())
+        for item in items:
+            values = [getattr(item, f.name) for f in dataclasses.fields(item) if f.name != "where"] \
+                if dataclasses.is_dataclass(item) else [item]
+            for value in values:
+                if isinstance(value, (str, int, float, type(None))):  # array("q", ...) refuses these: no try needed
+                    digest.update(repr(value).encode())
+                    continue
+                try:  # token ids: packed at C speed (repr of every id would take seconds on a large set)
+                    digest.update(array("q", value).tobytes())
+                except TypeError:
+                    digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then renamed over it: a concurrent reader (another
+    process, another run) sees the old file or the whole new one, and a killed writer leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))  # per process: two writers never share one
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --- the tokenization cache ---------------------------------------------------------------------
 
 CACHE_VERSION = "2"  # bump when the ids produced for the same inputs change (2: plain strings are raw text)
 _ARRAYS = ("chosen_ids", "rejected_ids", "chosen_lengths", "rejected_lengths", "chosen_start", "rejected_start",
@@ -50,18 +114,17 @@ def cache_dir(cfg) -> Path:
 
 
 def cache_key(tokenizer, pairs: list[PreferencePair], cfg) -> str:
-    h = hashlib.sha256()
-    settings = {"version": CACHE_VERSION, "cutoff_len": cfg.cutoff_len, "template": cfg.template,
-                "truncation_mode": cfg.truncation_mode, "max_prompt_length": cfg.max_prompt_length}
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
-    h.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                         tokenizer.chat_template]).encode())
-    for p in pairs:
-        fields = {k: v for k, v in vars(p).items() if k != "where"}
-        h.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode())
-        h.update(b"\0")
-    return h.hexdigest()
+    """The tokenization cache's key for `pairs` tokenized by `tokenizer` under `cfg` (the module docstring)."""
+    return key_of({
+        "version": CACHE_VERSION,
+        "cutoff_len": cfg.cutoff_len, "template": cfg.template, "truncation_mode": cfg.truncation_mode,
+        "max_prompt_length": cfg.max_prompt_length,
+        # vocabulary, merges, normalizer, added tokens and the post-processor that adds BOS
+        "tokenizer": tokenizer.backend_tokenizer.to_str(),
+        "tokenizer_class": type(tokenizer).__name__, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "chat_template": tokenizer.chat_template,
+        "data": data_fingerprint(pairs),
+    })
 
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -86,15 +149,7 @@ def _save(path: Path, key: str, toks: list[TokenizedPair], report: TokenizeRepor
     metadata = {"key": key, "version": CACHE_VERSION, "checksum": _checksum(arrays),
                 "report": json.dumps(vars(report))}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(arrays, tmp, metadata=metadata)
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
     except OSError as e:  # the cache only saves time; a read-only or full disk must not stop the run
         log.warning("tokenization cache: could not write %s (%s); the next run tokenizes again", path, e)
 
@@ -160,3 +215,54 @@ def tokenize_cached(tokenizer, pairs: list[PreferencePair], cfg, report: Tokeniz
     for name, value in vars(part).items():
         totals[name] += value
     return toks
+
+
+# --- the reference log-probs cache ----------------------------------------------------------------
+
+def ref_logps_dir(cfg) -> Path:
+    """The reference log-probs cache's folder: ref_logps_cache_dir, else <cache root>/ref_logps."""
+    return Path(cfg.ref_logps_cache_dir).expanduser() if cfg.ref_logps_cache_dir else cache_root() / "ref_logps"
+
+
+def model_fingerprint(name: str) -> str:
+    """What identifies the weights of model `name` without reading them. A local folder: name, size and
+    modification time of each file in it (cheap; re-saved or edited weights change size or mtime; a
+    copied folder misses once). A hub id: its commit hash (files at a commit never change)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    from huggingface_hub import snapshot_download
+
+    try:  # online: asks the hub for the current commit; offline: the commit cached locally
+        snapshot = snapshot_download(name, allow_patterns=["config.json"])
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many types; all mean "cannot resolve"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"precompute_ref_log_probs: cannot find the commit of '{name}' to key its cache: {first}. "
+                         "Check the id (and network access or HF_HUB_OFFLINE)") from None
+    return f"hub:{name}@{Path(snapshot).name}"  # the snapshot folder is named by the commit hash
+
+
+def read_ref_logps(path: Path, key: str, n: int) -> torch.Tensor | None:
+    """The cached (n, 2) log-probs, or None when absent, unreadable or not the ones for `key`."""
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, logps = f.metadata() or {}, f.get_tensor("logps")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated or garbled
+        log.warning("reference log-probs cache %s is unreadable (%s); recomputing it", path, str(e).splitlines()[0])
+        return None
+    if meta.get("key") != key or logps.shape != (n, 2) or logps.dtype != torch.float32:
+        log.warning("reference log-probs cache %s does not match its key; recomputing it", path)
+        return None
+    return logps
+
+
+def write_ref_logps(path: Path, key: str, logps: torch.Tensor) -> None:
+    """`logps` cached under `key` (atomically: a killed run leaves no partial file under the key)."""
+    from safetensors.torch import save_file
+
+    _write_atomically(path, lambda tmp: save_file({"logps": logps.contiguous()}, tmp, metadata={"key": key}))

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from preftune.data.readers import json_lines, read_text
 from preftune.errors import DataError
 from preftune.files import write_atomic
 
@@ -93,37 +94,25 @@ def labels_path(path: str | Path) -> Path:
 
 # --- reading the candidates -------------------------------------------------------------------
 
-def _json_lines(path: Path) -> list[tuple[str, Any]]:
-    """[("file:line", value)] of a JSON Lines file; each problem is one line naming file and line."""
+def _json_lines(path: Path) -> list[tuple[str, dict]]:
+    """[("file:line", record)] of a candidates file, read as data files are (readers.json_lines: the same
+    one-line errors, compressed files too); each line must hold one JSON object."""
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass the candidates file that `preftune sample` wrote "
                         "(or a pairs file)")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is not part of the data
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text; re-save the file as UTF-8") from None
-    out = []
-    lines = text.splitlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == 1 and line.lstrip().startswith("["):
-                raise DataError(f"{path}:1: a JSON array, but labelling reads JSON Lines (one record per line); "
-                                "write one JSON object per line") from None
-            raise DataError(f"{path}:{lineno}: not a JSON line ({e.msg}, column {e.colno}); each line must be "
-                            "one JSON object") from None
+    text = read_text(path)
+    first = text.split("\n", 1)[0]
+    if first.lstrip().startswith("[") and not _parses(first.encode()):  # an indented JSON array: said as such
+        raise DataError(f"{path}:1: a JSON array, but labelling reads JSON Lines (one record per line); "
+                        "write one JSON object per line")
+    out = json_lines(path, text)
+    for where, value in out:
         if isinstance(value, list):
-            raise DataError(f"{path}:{lineno}: a JSON array, but labelling reads JSON Lines (one record per line); "
+            raise DataError(f"{where}: a JSON array, but labelling reads JSON Lines (one record per line); "
                             "write one JSON object per line")
         if not isinstance(value, dict):
-            raise DataError(f"{path}:{lineno}: a JSON {type(value).__name__}, expected an object "
+            raise DataError(f"{where}: a JSON {type(value).__name__}, expected an object "
                             '{"id", "prompt", "completions"}')
-        out.append((f"{path}:{lineno}", value))
     if not out:
         raise DataError(f"{path}: no records; it should hold one JSON object per line")
     return out

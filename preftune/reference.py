@@ -35,22 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
-import json
 import logging
-import os
-from array import array
-from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
-from preftune.errors import ModelError
+from preftune.cache import data_fingerprint, key_of, model_fingerprint, read_ref_logps, ref_logps_dir, write_ref_logps
 from preftune.evaluate import pair_logps
-from preftune.files import cache_root
 from preftune.logps import BatchLogps, LogpsModule, get_batch_logps, model_inputs
 from preftune.models import (check_vocabulary, load_dtype, load_policy, load_reference, reference_adapters,
                              reference_name, weight_dtypes)
@@ -58,42 +50,11 @@ from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")
 
-CACHE_FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
-
-
-def cache_dir(cfg) -> Path:
-    """The reference log-probs cache's folder: ref_logps_cache_dir, else <cache root>/ref_logps."""
-    return Path(cfg.ref_logps_cache_dir).expanduser() if cfg.ref_logps_cache_dir else cache_root() / "ref_logps"
-
-
-def model_fingerprint(name: str) -> str:
-    """What identifies the weights of model `name` without reading them (see the module docstring)."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
-    from huggingface_hub import snapshot_download
-
-    try:  # online: asks the hub for the current commit; offline: the commit cached locally
-        snapshot = snapshot_download(name, allow_patterns=["config.json"])
-    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many types; all mean "cannot resolve"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"precompute_ref_log_probs: cannot find the commit of '{name}' to key its cache: {first}. "
-                         "Check the id (and network access or HF_HUB_OFFLINE)") from None
-    return f"hub:{name}@{Path(snapshot).name}"  # the snapshot folder is named by the commit hash
-
-
-def data_fingerprint(pairs: list[TokenizedPair]) -> str:
-    """sha256 of every pair's token ids and completion starts (lengths included, so no two lists collide)."""
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(array("q", [len(p.chosen_ids), p.chosen_start, len(p.rejected_ids), p.rejected_start,
-                             *p.chosen_ids, *p.rejected_ids]).tobytes())
-    return h.hexdigest()
+CACHE_FORMAT = 2  # bump when what a cache file holds, or how it is computed, changes (2: cache.data_fingerprint)
 
 
 def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
-    parts = {
+    return key_of({
         "format": CACHE_FORMAT,
         "reference": model_fingerprint(cfg.ref_model or cfg.model_name_or_path),
         # the adapters merged into it (models.load_reference), in order
@@ -107,31 +68,7 @@ def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
         "device": device_type,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _read_cache(path: Path, key: str, n: int) -> torch.Tensor | None:
-    """The cached (n, 2) log-probs, or None when absent, unreadable or not the ones for `key`."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, logps = f.metadata() or {}, f.get_tensor("logps")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated or garbled
-        log.warning("reference log-probs cache %s is unreadable (%s); recomputing it", path, str(e).splitlines()[0])
-        return None
-    if meta.get("key") != key or logps.shape != (n, 2) or logps.dtype != torch.float32:
-        log.warning("reference log-probs cache %s does not match its key; recomputing it", path)
-        return None
-    return logps
-
-
-def _write_cache(path: Path, key: str, logps: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a file
-    save_file({"logps": logps.contiguous()}, str(tmp), metadata={"key": key, "format": str(CACHE_FORMAT)})
-    os.replace(tmp, path)
+    })
 
 
 def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_id: int, engine,
@@ -140,7 +77,7 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
     from the cache or from one pass of the reference (batched as evaluation is, under the run's
     precision and engine), which is loaded only on a miss and freed before returning (and checked to
     cover `tokenizer`'s vocabulary when given)."""
-    folder = cache_dir(cfg)
+    folder = ref_logps_dir(cfg)
     scorer, tables = None, {}
     for split, pairs in splits.items():
         if not pairs:
@@ -150,7 +87,7 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
         with contextlib.nullcontext() if engine.lockstep else engine.accelerator.main_process_first():
             key = cache_key(cfg, pairs, engine.device.type)
             path = folder / f"{key}.safetensors"
-            logps = _read_cache(path, key, len(pairs))
+            logps = read_ref_logps(path, key, len(pairs))
             if logps is None:
                 if scorer is None:
                     scorer = _live_reference(cfg, tokenizer, engine)
@@ -158,7 +95,7 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
                 logps, _ = pair_logps(scorer, pairs, pad_id, cfg.eval_batch_size, cfg.ld_alpha, engine.device,
                                       engine.autocast, progress)
                 if engine.is_main:
-                    _write_cache(path, key, logps)
+                    write_ref_logps(path, key, logps)
                 log.info("reference log-probs of %d %s pairs computed, cached in %s", len(pairs), split, path)
             else:
                 log.info("reference log-probs of %d %s pairs read from %s", len(pairs), split, path)

@@ -16,13 +16,10 @@ step; `resume_from_checkpoint: true` then continues to the numbers of an uninter
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import math
 import signal
 import threading
-from array import array
 from pathlib import Path
 
 import torch
@@ -45,21 +42,6 @@ class NonFiniteStep(PreftuneError):
     """A step's loss or gradient norm was NaN or infinite (and no skip was left)."""
 
 
-def data_fingerprint(train_items: list, eval_items: dict[str, list]) -> str:
-    """A hash of the tokenized training and evaluation items: what the run trains on, whatever the
-    files, template or cutoff that produced it. A resume on other data is refused (checkpoints)."""
-    digest = hashlib.sha256()
-    for name, items in {"train": train_items, **eval_items}.items():
-        digest.update(f"{name}:{len(items)}\n".encode())
-        for item in items:
-            values = [getattr(item, f.name) for f in dataclasses.fields(item)] if dataclasses.is_dataclass(item) \
-                else [item]
-            for value in values:
-                try:  # token ids: packed at C speed (repr of every id would take seconds on a large set)
-                    digest.update(array("q", value).tobytes())
-                except TypeError:
-                    digest.update(repr(value).encode())
-    return digest.hexdigest()[:16]
 
 
 def _last_checkpoint_text(cfg) -> str:

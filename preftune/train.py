@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from preftune import checkpoints, final, hub, runtime
 from preftune.batching import epoch_batches
 from preftune.best import BestModel, check_best_model, load_best_into
+from preftune.cache import data_fingerprint
 from preftune.config import TrainConfig
 from preftune.data import load_eval_sets, load_pairs
 from preftune.engines import check_hardware, make_engine
@@ -70,7 +71,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     eval_items = {name: Step.tokenize(tokenizer, examples, cfg, tok_report)
                   for name, examples in {"validation": val_examples, **load_eval_sets(cfg, data_report)}.items()}
     val_items = eval_items["validation"]
-    fingerprint = runtime.data_fingerprint(train_items, eval_items)  # a resume on other data is refused
+    fingerprint = data_fingerprint(train_items, eval_items)  # a resume on other data is refused
     unit = Step.unit
     log.info("data: %d train %s, %d validation %s, %d truncated to cutoff_len=%d, %d dropped (no completion "
              "token fits), %d skipped", len(train_items), unit, len(val_items), unit, tok_report.truncated,

@@ -17,7 +17,7 @@ LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}  # optim imports on
 LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
     {"optim", "guard", "hub"},
-    {"config", "data", "adapters", "labels"},
+    {"config", "data.readers", "data.records", "data.registry", "data.load", "data", "adapters", "labels"},
     {"tokenization", "models", "checkpoints.folders", "report", "tracking"},
     {"checkpoints.weights", "checkpoints.save", "checkpoints.resume", "checkpoints", "best", "final", "cache",
      "batching", "demo"},

@@ -3,16 +3,15 @@
 import copy
 import json
 import logging
-import time
 
 import pytest
 
 from preftune import cache as cache_mod
-from preftune.cache import cache_dir, cache_key, tokenize_cached
+from preftune.cache import cache_dir, cache_key, data_fingerprint, key_of, tokenize_cached
 from preftune.config import from_dict
 from preftune.data import PreferencePair
 from preftune.demo import make_pairs
-from preftune.tokenization import TokenizeReport, tokenize_pairs
+from preftune.tokenization import TokenizedExample, TokenizedPair, TokenizeReport, tokenize_pairs
 
 LONG = PreferencePair(prompt="word " * 80 + "end?", chosen=" fine answer", rejected=" no", where="a")
 
@@ -79,6 +78,27 @@ def test_every_key_component_changes_the_key(tmp_path, tiny_tokenizer, pairs, mo
     assert cache_key(tok, moved, base) == keys["base"]
 
 
+def test_the_data_fingerprint_is_the_one_checkpoints_store():
+    """Checkpoints store `data_fingerprint` and a resume compares it: these values were computed by the
+    function before it moved here from runtime.py, so a change to how it hashes (which would make every
+    saved run refuse to resume) fails here."""
+    train = [TokenizedPair([1, 2, 3], 1, [1, 2, 4, 5], 1, False), TokenizedPair([7, 8], 1, [7, 9], 1, True)]
+    val = [TokenizedPair([5, 6], 1, [5, 7], 1)]
+    assert data_fingerprint(train, {"validation": val, "ood": []}) == "e9c9a55a85ad54c5"
+    assert data_fingerprint([TokenizedExample([1, 2, 3], 1, True), TokenizedExample([4, 5], 1, False)],
+                            {"validation": []}) == "7c9a8ac9cd8d9102"
+    assert data_fingerprint(train) == data_fingerprint(train, {}) == "b3db1973ff62008d"
+    others = [data_fingerprint(train[::-1]), data_fingerprint([train[0]]), data_fingerprint(train, {"validation": val}),
+              data_fingerprint(train, {"test": val}), data_fingerprint([TokenizedPair([1, 2, 3], 2, [1, 2, 4, 5], 1)])]
+    assert len(set(others) | {"b3db1973ff62008d"}) == len(others) + 1
+
+
+def test_a_cache_key_is_its_parts_in_any_order():
+    assert key_of({"a": 1, "b": [2, "x"]}) == key_of({"b": [2, "x"], "a": 1})
+    assert len({key_of({"a": 1}), key_of({"a": 2}), key_of({"a": "1"}), key_of({"b": 1}), key_of({})}) == 5
+    assert len(key_of({})) == 32
+
+
 def test_a_changed_setting_misses_the_cache(tmp_path, tiny_tokenizer, pairs, counted):
     tokenize_cached(copy.deepcopy(tiny_tokenizer), pairs, cfg_for(tmp_path), TokenizeReport())
     out = tokenize_cached(copy.deepcopy(tiny_tokenizer), pairs, cfg_for(tmp_path, truncation_mode="keep_end"),
@@ -113,11 +133,9 @@ def test_parallel_tokenization_equals_serial(tiny_tokenizer):
     pairs = [PreferencePair(**p) for p in make_pairs(600, seed=3)] + [LONG] * 3
     serial_report, parallel_report = TokenizeReport(), TokenizeReport()
     serial = tokenize_pairs(copy.deepcopy(tiny_tokenizer), pairs, 128, None, serial_report)
-    start = time.perf_counter()
     parallel = tokenize_pairs(copy.deepcopy(tiny_tokenizer), pairs, 128, None, parallel_report, num_workers=2)
     assert parallel == serial and vars(parallel_report) == vars(serial_report)
     assert serial_report.truncated == 3
-    assert time.perf_counter() - start < 60
 
 
 def test_a_run_reports_truncated_and_dropped_and_reuses_the_cache(tmp_path, tiny_model_dir, caplog):

@@ -233,7 +233,8 @@ GOOD = {"id": "x", "prompt": "p", "completions": [{"text": "a", "score": None}, 
 
 @pytest.mark.parametrize("text,message", [
     ('{"id": "x", "prompt": "p", "completions": [{"text": "a"}, {"text": "b"}]}\n{"id": "y", "prom\n',
-     r":2: not a JSON line"),
+     r":2: malformed JSON line"),
+    (json.dumps(GOOD) + "\n" + '{"id": "y", "prom', r":2: the last line is cut off .* looks truncated"),  # data's reader
     (json.dumps({**GOOD, "completions": None}), r":1: field 'completions' is missing"),
     (json.dumps({**GOOD, "completions": [{"text": "a"}]}), r":1: field 'completions' has 1 completion"),
     (json.dumps(GOOD) + "\n" + json.dumps(GOOD), r":2: duplicate id 'x' \(first at .*:1\)"),

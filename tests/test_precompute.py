@@ -9,6 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from preftune import cache as cache_mod
 from preftune import models
 from preftune import reference as reference_mod
 from preftune import step as step_mod
@@ -148,15 +149,15 @@ def test_hub_id_is_keyed_by_its_commit(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda name, **kw: f"/cache/models--org--m/snapshots/{'a' * 40 if name == 'org/m' else 'b' * 40}")
-    assert reference_mod.model_fingerprint("org/m") == "hub:org/m@" + "a" * 40
-    assert reference_mod.model_fingerprint("org/m") != reference_mod.model_fingerprint("org/other")
+    assert cache_mod.model_fingerprint("org/m") == "hub:org/m@" + "a" * 40
+    assert cache_mod.model_fingerprint("org/m") != cache_mod.model_fingerprint("org/other")
 
     def offline(name, **kw):
         raise OSError("We have no connection or you passed local_files_only")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ModelError, match="cannot find the commit of 'org/m'"):
-        reference_mod.model_fingerprint("org/m")
+        cache_mod.model_fingerprint("org/m")
 
 
 def test_corrupt_or_foreign_cache_file_is_rebuilt(tmp_path, tiny_model_dir, tiny_tokenizer, counted, caplog):
@@ -175,7 +176,7 @@ def test_corrupt_or_foreign_cache_file_is_rebuilt(tmp_path, tiny_model_dir, tiny
     assert torch.equal(run()[1], expected) and counted["forwards"] == 2
     assert "unreadable" in caplog.text
     other = tmp_path / "cache" / "other.safetensors"
-    reference_mod._write_cache(other, "another-key", torch.zeros(8, 2))
+    cache_mod.write_ref_logps(other, "another-key", torch.zeros(8, 2))
     path.write_bytes(other.read_bytes())  # a valid file, but not the one for this key
     assert torch.equal(run()[1], expected) and counted["forwards"] == 3
     assert "does not match" in caplog.text

@@ -29,8 +29,7 @@ Config keys:
 
 
 def folders(cfg) -> dict[str, Path]:
-    from preftune.cache import cache_dir
-    from preftune.reference import cache_dir as ref_cache_dir
+    from preftune.cache import cache_dir, ref_logps_dir as ref_cache_dir
 
     return {"tokenized": cache_dir(cfg), "ref_logps": ref_cache_dir(cfg)}
 

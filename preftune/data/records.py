@@ -1,12 +1,8 @@
-"""Reading preference data: every format users bring, normalized to `PreferencePair`.
+"""Record shapes -> `PreferencePair` / `UnpairedExample`: what each record of a data file means.
 
-A dataset entry (in `dataset` / `eval_dataset`, comma-separated) is one of
-  * a name registered in `<dataset_dir>/dataset_info.json` (LLaMA-Factory: alpaca or sharegpt
-    ranking data, `columns` and `tags` maps, `file_name` or `hf_hub_url`);
-  * a file: JSON array, JSON Lines, CSV, Parquet;
-  * a folder written by `datasets.Dataset.save_to_disk`, or any folder `datasets.load_dataset`
-    reads, optionally with `:split` (default `train`);
-  * a Hugging Face dataset id, optionally with `:split`, read through `datasets`.
+    examples = to_examples(read_records(path))              # readers.py gives [(where, record)]
+    examples = to_examples(records, fmt)                     # a dataset_info.json entry's format (registry.py)
+
 Each record's shape is recognised from its fields (the first record decides for a file):
   standard        prompt (text), chosen, rejected, optional system
   conversational  prompt = [{role, content}, ...], chosen/rejected = [one assistant message] (TRL)
@@ -18,30 +14,22 @@ Each record's shape is recognised from its fields (the first record decides for 
   alpaca          instruction, input, chosen, rejected, optional system/history (LLaMA-Factory)
   sharegpt        conversations + chosen/rejected message objects (LLaMA-Factory); function_call and
                   observation turns become assistant tool calls and tool results, `tools` column
+  unpaired        prompt, completion, label (bool): KTO-style, read into `UnpairedExample`
+  SFT             prompt/completion, messages, alpaca output, sharegpt (sft: true): pairs whose chosen
+                  is the completion; prompt-only records for sampling (prompts: true)
 Conversational prompts may hold `tool` messages and assistant `tool_calls`; a completion may be
 several messages (tool call, tool result, answer), kept whole in `chosen_messages`/`rejected_messages`.
-  unpaired        prompt, completion, label (bool): KTO-style, read into `UnpairedExample`
-Every problem names the file, the line (JSONL), row (CSV) or record index, the field, what was
-expected and the fix. Nothing is dropped silently: skips are counted in `DataReport`.
+Every problem names the record (`where`), the field, what was expected and the fix.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
 import json
-import logging
-import random
 import re
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from preftune.errors import DataError
-
-log = logging.getLogger("preftune")
 
 
 @dataclass
@@ -81,17 +69,6 @@ class UnpairedExample:
     conversational: bool = False  # as PreferencePair's
 
 
-@dataclass
-class DataReport:
-    """Counts for summary.json and the log: nothing is dropped without being counted here."""
-    read: int = 0
-    skipped_identical: int = 0  # chosen == rejected, skipped with drop_invalid_pairs
-    train: int = 0
-    eval: int = 0
-    sources: dict[str, int] = field(default_factory=dict)
-    eval_sets: dict[str, int] = field(default_factory=dict)  # named evaluation sets beyond the validation set
-
-
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
                   "system": "system", "history": None, "tools": None}
 # LLaMA-Factory's defaults (src/llamafactory/data/parser.py DatasetAttr)
@@ -100,183 +77,6 @@ SHAREGPT_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected":
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 HH_MARKER = "\n\nAssistant:"
-
-
-# --- reading records: [(where, record)] -------------------------------------------------------
-
-# Compressed files, known by their first bytes (whatever the name says): read through the standard
-# library where it can, else named with the fix.
-COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
-              b"PK\x03\x04": "zip"}
-
-
-def _compression(path: Path) -> str | None:
-    with open(path, "rb") as f:
-        head = f.read(6)
-    return next((kind for magic, kind in COMPRESSED.items() if head.startswith(magic)), None)
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, decompressed when it is gzip, bz2 or xz (`data.jsonl.gz`)."""
-    kind = _compression(path)
-    if kind is None:
-        return path.read_bytes()
-    if kind in ("zstd", "zip"):
-        fix = f"zstd -d '{path}'" if kind == "zstd" else f"unzip '{path}'"
-        raise DataError(f"{path}: a {kind}-compressed file, which preftune does not read; decompress it first "
-                        f"({fix}), or compress it with gzip")
-    import bz2
-    import gzip
-    import lzma
-
-    opener = {"gzip": gzip.decompress, "bz2": bz2.decompress, "xz": lzma.decompress}[kind]
-    try:
-        return opener(path.read_bytes())
-    except (OSError, EOFError, ValueError, lzma.LZMAError) as e:
-        raise DataError(f"{path}: a damaged {kind} file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                        "compress it again, or give the uncompressed file") from None
-
-
-def _inner_suffix(path: Path) -> str:
-    """The format's suffix: `.jsonl` for data.jsonl.gz."""
-    return Path(path.stem).suffix if path.suffix in (".gz", ".bz2", ".xz", ".zst", ".zstd", ".zip") else path.suffix
-
-
-def _decode(path: Path) -> str:
-    raw = _read_bytes(path)
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"{path}: UTF-16 text (byte-order mark {raw[:2]!r}); re-save the file as UTF-8")
-    try:
-        return raw.decode("utf-8-sig")  # utf-8-sig: a UTF-8 BOM is not part of the data
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                        "re-save the file as UTF-8") from None
-
-
-def _read_json(path: Path) -> list[tuple[str, Any]]:
-    """A JSON array (or one object) or JSON Lines; records are checked to be objects later."""
-    text = _decode(path)
-    suffix = _inner_suffix(path)
-    if suffix == ".jsonl" and text.lstrip().startswith("["):
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError:
-            doc = None
-        if isinstance(doc, list) and doc and all(isinstance(r, dict) for r in doc):
-            raise DataError(f"{path}: a JSON array, but a .jsonl file holds one JSON object per line; "
-                            "rename it to .json or write one record per line")
-    if suffix != ".jsonl":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # several JSON values: it is JSON Lines with a .json name
-                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-        else:
-            if isinstance(doc, dict):
-                doc = [doc]
-            if not isinstance(doc, list):
-                raise DataError(f"{path}: expected a JSON array of records, got {type(doc).__name__}")
-            return _encodable([(f"{path} record {i}", rec) for i, rec in enumerate(doc)], text)
-    out = []
-    lines = text.splitlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines) and not text.endswith("\n"):
-                raise DataError(f"{path}:{lineno}: the last line is cut off ({e.msg}, column {e.colno}); the file "
-                                "looks truncated: re-export it, or delete that line") from None
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno}); "
-                            "each line must be one JSON object") from None
-        out.append((f"{path}:{lineno}", rec))
-    return _encodable(out, text)
-
-
-def _encodable(records: list[tuple[str, Any]], text: str) -> list[tuple[str, Any]]:
-    """JSON may escape half of a UTF-16 surrogate pair ("\\ud83d", an emoji cut in two): valid JSON, but
-    text no tokenizer can encode. Found here, naming the record, not as an encoder error later."""
-    if "\\ud" not in text.lower():  # no escaped surrogate at all: the common case costs one scan
-        return records
-    for where, rec in records:
-        try:
-            json.dumps(rec, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise DataError(f"{where}: text with a lone surrogate (\\u{ord(e.object[e.start]):04x}, half of an emoji or other "
-                            "character cut in two), which is not valid Unicode; fix or remove that character") from None
-    return records
-
-
-def _read_csv(path: Path) -> list[tuple[str, Any]]:
-    """Rows as header -> text (never numbers: a numeric-looking answer stays a string). Read with
-    the csv module, not pandas, because pandas turns a row with one field too many into an index
-    column and silently shifts every field; here any row whose field count differs from the
-    header's is an error (an unquoted comma inside a field is the usual cause)."""
-    text = _decode(path)  # the encoding check with its clear message
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader, None)
-        if not header:
-            raise DataError(f"{path}: empty CSV file; the first line must name the columns")
-        duplicated = sorted({h for h in header if header.count(h) > 1})
-        if duplicated:
-            raise DataError(f"{path}:1: column {duplicated[0]!r} appears twice in the header; rename one")
-        out = []
-        start = reader.line_num + 1  # the line a row starts on (a quoted field may span lines)
-        for fields in reader:
-            if fields:  # a blank line
-                if len(fields) != len(header):
-                    raise DataError(f"{path}:{start}: row {len(out) + 1} has {len(fields)} fields but the header "
-                                    f"has {len(header)} ({', '.join(header)}); quote fields that contain commas "
-                                    '(e.g. "Fine, thanks")')
-                out.append((f"{path} row {len(out) + 1}", dict(zip(header, fields))))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: not a readable CSV file ({e})") from None
-    return out
-
-
-def _read_parquet(path: Path) -> list[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    source = io.BytesIO(_read_bytes(path)) if _compression(path) else path
-    try:
-        rows = pq.read_table(source).to_pylist()
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-    return [(f"{path} record {i}", rec) for i, rec in enumerate(rows)]
-
-
-def _read_hf(name: str, split: str, subset: str | None = None) -> list[tuple[str, Any]]:
-    """A folder from `save_to_disk`, another folder `datasets` reads, or a hub dataset id."""
-    import datasets
-
-    try:
-        if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():
-            ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{name}: no split '{split}' (splits: {', '.join(ds)}); write {name}:SPLIT")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, subset, split=split)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types (offline, missing split, bad files)
-        raise DataError(f"dataset '{name}' (split '{split}'): datasets could not load it: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return [(f"{name}[{split}] record {i}", rec) for i, rec in enumerate(ds)]
-
-
-def _read_records(path: Path) -> list[tuple[str, Any]]:
-    suffix = _inner_suffix(path)
-    if suffix == ".csv":
-        return _read_csv(path)
-    if suffix in (".parquet", ".pq"):
-        return _read_parquet(path)
-    return _read_json(path)
 
 
 # --- fields and messages -----------------------------------------------------------------------
@@ -650,8 +450,8 @@ def _shape(rec: dict) -> str:
     return "standard"
 
 
-def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns: dict[str, str] | None = None,
-                 sft: bool = False, prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
+def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns: dict[str, str] | None = None,
+                sft: bool = False, prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
     """Records -> examples. `fmt` comes from a dataset_info.json entry; `columns` (the config key)
     renames fields of plain files to the standard names first. sft: prompt/completion records of
     every SFT shape are read too, as pairs whose chosen is the completion. prompts: prompt-only
@@ -702,209 +502,3 @@ def _to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, column
         else:
             out.append(_standard(rec, where))
     return out
-
-
-# --- dataset entries ---------------------------------------------------------------------------
-
-def _entry_format(entry: dict, where: str, sft: bool = False) -> dict:
-    """The column and tag maps of a LLaMA-Factory dataset_info.json entry: a ranking entry, or for
-    sft also an SFT entry (alpaca with its response column, sharegpt ending on the assistant)."""
-    formatting = entry.get("formatting", "alpaca")
-    if formatting not in ("alpaca", "sharegpt"):
-        raise DataError(f"{where}: formatting '{formatting}' is not supported; use alpaca or sharegpt")
-    ranking = bool(entry.get("ranking", False))
-    if not ranking and not sft:
-        raise DataError(f"{where}: not a preference dataset; DPO needs \"ranking\": true with chosen/rejected")
-    defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
-    if not ranking:  # SFT: alpaca's answer is its `response` column (LLaMA-Factory's default: output)
-        defaults = {**defaults, "response": "output", "history": "history"} if formatting == "alpaca" else defaults
-    given = entry.get("columns", {}) or {}
-    unknown = set(given) - set(defaults) - {"response", "images", "videos", "audios", "kto_tag"}
-    if unknown:
-        raise DataError(f"{where}: columns {sorted(unknown)} are not known for {formatting} ranking data "
-                        f"(known: {', '.join(defaults)})")
-    for key in ("images", "videos", "audios", "kto_tag"):
-        if given.get(key):
-            raise DataError(f"{where}: column '{key}' is not yet supported; remove it from columns")
-    tags = {**SHAREGPT_TAGS, **{k: v for k, v in (entry.get("tags") or {}).items()}}
-    unknown_tags = set(tags) - set(SHAREGPT_TAGS)
-    if unknown_tags:
-        raise DataError(f"{where}: tags {sorted(unknown_tags)} are not known (known: {', '.join(SHAREGPT_TAGS)})")
-    columns = {**defaults, **{k: v for k, v in given.items() if k in defaults}}
-    return {"formatting": formatting, "columns": columns, "tags": tags, "ranking": ranking}
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """'owner/data:test' -> ('owner/data', 'test'); no suffix -> split 'train'."""
-    base, sep, split = name.rpartition(":")
-    if sep and base and split.replace("_", "").replace("-", "").isalnum() and not Path(name).exists():
-        return base, split
-    return name, "train"
-
-
-def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, max_samples: int | None,
-                sft: bool = False, prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
-    def convert(records, fmt=None):
-        if not records:
-            raise DataError(f"dataset '{name}': no records")
-        return _to_examples(records[:max_samples] if max_samples is not None else records, fmt,
-                            None if fmt else columns, sft, prompts)
-
-    info_path = dataset_dir / "dataset_info.json"
-    info: dict[str, Any] = {}
-    if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{info_path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if name in info:
-        entry = info[name]
-        where = f"{info_path} entry '{name}'"
-        if not isinstance(entry, dict):
-            raise DataError(f"{where}: expected an object with file_name or hf_hub_url")
-        for key in ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"):
-            if key in entry:
-                raise DataError(f"{where}: '{key}' sources are not yet supported; use file_name or hf_hub_url")
-        fmt = _entry_format(entry, where, sft)
-        if "hf_hub_url" in entry:
-            records = _read_hf(entry["hf_hub_url"], entry.get("split", "train"), entry.get("subset"))
-        elif "file_name" in entry:
-            path = dataset_dir / entry["file_name"]
-            if path.is_dir():
-                records = _read_hf(str(path), entry.get("split", "train"))
-            elif path.is_file():
-                records = _read_records(path)
-            else:
-                raise DataError(f"{where}: file '{path}' not found")
-        else:
-            raise DataError(f"{where}: missing 'file_name' (or 'hf_hub_url')")
-        return convert(records, fmt)
-    for candidate in (Path(name), dataset_dir / name):
-        if candidate.is_file():
-            return convert(_read_records(candidate))
-        if candidate.is_dir():
-            return convert(_read_hf(str(candidate), "train"))
-    base, split = _split_name(name)
-    if Path(base).is_dir():
-        return convert(_read_hf(base, split))
-    if "/" in base and not Path(base).suffix and not base.startswith((".", "/")):
-        return convert(_read_hf(base, split))  # a hub id
-    known = f" (registered there: {', '.join(sorted(info))})" if info else f" (no {info_path} found)"
-    raise DataError(f"dataset '{name}': not a name in {info_path}{known}, not a file or folder, "
-                    "and not a hub id (owner/name)")
-
-
-def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
-                  columns: dict[str, str] | None = None, sft: bool = False,
-                  prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
-    """All examples (pairs and unpaired) of a comma list of dataset entries, in order (sft: SFT
-    records too, as pairs whose chosen is the completion; prompts: prompt-only records too)."""
-    out: list[PreferencePair | UnpairedExample] = []
-    for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts))
-    return out
-
-
-def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
-                 columns: dict[str, str] | None = None, allow_unpaired: bool = False,
-                 sft: bool = False) -> list[PreferencePair]:
-    """All preference pairs of a comma list of dataset entries; unpaired data is refused unless
-    allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in order. sft: SFT
-    records too (prompt/completion, messages, alpaca output, sharegpt), and preference pairs train
-    on their chosen."""
-    examples = read_examples(spec, dataset_dir, max_samples, columns, sft)
-    unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
-    if unpaired and sft:
-        raise DataError(f"{unpaired[0].where}: labelled (KTO-style) examples: SFT trains on every completion it is "
-                        "given; drop the 'label' field (and the undesirable examples) for sft")
-    if unpaired and not allow_unpaired:
-        raise DataError(f"{unpaired[0].where}: unpaired (KTO-style prompt/completion/label) data needs pref_loss: kto "
-                        f"({len(unpaired)} such records); the other losses need chosen/rejected pairs")
-    return examples  # type: ignore[return-value]
-
-
-def read_prompts(spec: str, dataset_dir: str, max_samples: int | None = None,
-                 columns: dict[str, str] | None = None) -> list[PreferencePair]:
-    """The prompts of a comma list of dataset entries, for sampling and evaluation: prompt-only records
-    (`{"prompt": text or messages, "system": ...}`) or the prompt of any record training reads (pairs,
-    SFT records, unpaired examples), as pairs with empty completions."""
-    out = []
-    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True, prompts=True):
-        if isinstance(e, UnpairedExample):
-            e = PreferencePair(prompt=e.prompt, chosen="", rejected="", system=e.system, where=e.where,
-                               messages=e.messages, conversational=e.conversational)
-        else:
-            e = dataclasses.replace(e, chosen="", rejected="", chosen_messages=None, rejected_messages=None)
-        if not e.prompt.strip() and not e.messages:
-            raise DataError(f"{e.where}: the prompt has no text to sample a completion for")
-        out.append(e)
-    return out
-
-
-def source_of(where: str) -> str:
-    """The file or dataset an example's `where` ("file:line", "file record i", "file row i") names."""
-    return where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
-
-
-def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport,
-                sft: bool = False) -> list[PreferencePair]:
-    """chosen == rejected teaches DPO nothing: fail, or skip such pairs with a count. An empty completion
-    is a valid answer (the end-of-turn token alone; TRL trains on it too). sft: only chosen is trained
-    on, so nothing is checked."""
-    identical = [] if sft else [p for p in pairs if isinstance(p, PreferencePair) and p.chosen == p.rejected
-                                and p.chosen_messages == p.rejected_messages]
-    if identical and not drop_invalid:
-        raise DataError(f"{len(identical)} with chosen == rejected (first: {', '.join(p.where for p in identical[:3])}). "
-                        "Fix the data, or set drop_invalid_pairs: true to skip and count them")
-    report.skipped_identical += len(identical)
-    bad = {id(p) for p in identical}
-    return [p for p in pairs if id(p) not in bad]
-
-
-def load_eval_sets(cfg, report: DataReport) -> dict[str, list[PreferencePair]]:
-    """The named evaluation sets beyond the validation set (eval_dataset as a mapping), checked as the
-    validation set is, their counts in `report`."""
-    sets = {}
-    for name, spec in list(cfg.eval_sets.items())[1:]:
-        examples = read_dataset(spec, cfg.dataset_dir, cfg.max_samples, cfg.columns, cfg.is_kto, cfg.objective == "sft")
-        report.read += len(examples)
-        sets[name] = check_pairs(examples, cfg.drop_invalid_pairs, report, cfg.objective == "sft")
-        if not sets[name]:
-            raise DataError(f"eval_dataset '{name}' ({spec}): no examples left after checks")
-    report.eval_sets = {name: len(v) for name, v in sets.items()}
-    return sets
-
-
-def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataReport]:
-    """Train and validation pairs for a config, plus the counts."""
-    report = DataReport()
-    if not cfg.dataset:
-        raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
-    unpaired = cfg.is_kto  # kto reads unpaired examples too
-    sft = cfg.objective == "sft"  # SFT records too; pairs give their chosen
-    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
-    report.read = len(train)
-    report.sources = dict(Counter(source_of(p.where) for p in train))
-    train = check_pairs(train, cfg.drop_invalid_pairs, report, sft)
-    if cfg.shuffle:  # before the split, so val_size draws from every source
-        random.Random(cfg.seed).shuffle(train)
-    if cfg.eval_dataset:
-        val = read_dataset(cfg.eval_sets["validation"], cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
-        report.read += len(val)
-        val = check_pairs(val, cfg.drop_invalid_pairs, report, sft)
-    elif cfg.val_size > 0:
-        n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(len(train) * cfg.val_size))
-        if n_val >= len(train):
-            raise DataError(f"val_size {cfg.val_size} leaves no training pairs out of {len(train)}")
-        log.info("val_size %g read as %s: %d of %d pairs held out for validation", cfg.val_size,
-                 "a count" if cfg.val_size >= 1 else "a share", n_val, len(train))
-        order = list(range(len(train)))
-        random.Random(cfg.seed).shuffle(order)
-        val = [train[i] for i in sorted(order[:n_val])]
-        train = [train[i] for i in sorted(order[n_val:])]
-    else:
-        val = []
-    if not train:
-        raise DataError("no training pairs left after checks")
-    report.train, report.eval = len(train), len(val)
-    return train, val, report

@@ -1,0 +1,182 @@
+"""Loading the data a run needs: dataset entries -> examples, checked, split into train and validation.
+
+    train, val, report = load_pairs(cfg)             # training: dataset, eval_dataset or val_size
+    sets = load_eval_sets(cfg, report)               # the named evaluation sets beyond the validation set
+    pairs = read_dataset("a.jsonl,my_pairs", "data") # any comma list of entries (pairs; KTO/SFT on request)
+    prompts = read_prompts("prompts.jsonl", "data")  # prompts to sample from (preftune sample, eval)
+
+A dataset entry is a name in `<dataset_dir>/dataset_info.json` (registry.py), a file (readers.py),
+a `datasets` folder (`:split`), or a hub id (`owner/name:split`). `max_samples` keeps the first
+records of each entry; `shuffle` shuffles the training examples with `seed` before `val_size` holds
+some out; chosen == rejected fails, or is skipped and counted with drop_invalid_pairs. Nothing is
+dropped silently: skips are counted in `DataReport`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from preftune.data.readers import read_hf, read_records
+from preftune.data.records import PreferencePair, UnpairedExample, to_examples
+from preftune.data.registry import entry_records, read_info, split_name
+from preftune.errors import DataError
+
+log = logging.getLogger("preftune")
+
+
+@dataclass
+class DataReport:
+    """Counts for summary.json and the log: nothing is dropped without being counted here."""
+    read: int = 0
+    skipped_identical: int = 0  # chosen == rejected, skipped with drop_invalid_pairs
+    train: int = 0
+    eval: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+    eval_sets: dict[str, int] = field(default_factory=dict)  # named evaluation sets beyond the validation set
+
+
+def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, max_samples: int | None,
+                sft: bool = False, prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
+    def convert(records, fmt=None):
+        if not records:
+            raise DataError(f"dataset '{name}': no records")
+        return to_examples(records[:max_samples] if max_samples is not None else records, fmt,
+                           None if fmt else columns, sft, prompts)
+
+    info_path, info = read_info(dataset_dir)
+    if name in info:
+        return convert(*entry_records(name, info[name], info_path, dataset_dir, sft))
+    for candidate in (Path(name), dataset_dir / name):
+        if candidate.is_file():
+            return convert(read_records(candidate))
+        if candidate.is_dir():
+            return convert(read_hf(str(candidate), "train"))
+    base, split = split_name(name)
+    if Path(base).is_dir():
+        return convert(read_hf(base, split))
+    if "/" in base and not Path(base).suffix and not base.startswith((".", "/")):
+        return convert(read_hf(base, split))  # a hub id
+    known = f" (registered there: {', '.join(sorted(info))})" if info else f" (no {info_path} found)"
+    raise DataError(f"dataset '{name}': not a name in {info_path}{known}, not a file or folder, "
+                    "and not a hub id (owner/name)")
+
+
+def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
+                  columns: dict[str, str] | None = None, sft: bool = False,
+                  prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
+    """All examples (pairs and unpaired) of a comma list of dataset entries, in order (sft: SFT
+    records too, as pairs whose chosen is the completion; prompts: prompt-only records too)."""
+    out: list[PreferencePair | UnpairedExample] = []
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts))
+    return out
+
+
+def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
+                 columns: dict[str, str] | None = None, allow_unpaired: bool = False,
+                 sft: bool = False) -> list[PreferencePair]:
+    """All preference pairs of a comma list of dataset entries; unpaired data is refused unless
+    allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in order. sft: SFT
+    records too (prompt/completion, messages, alpaca output, sharegpt), and preference pairs train
+    on their chosen."""
+    examples = read_examples(spec, dataset_dir, max_samples, columns, sft)
+    unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
+    if unpaired and sft:
+        raise DataError(f"{unpaired[0].where}: labelled (KTO-style) examples: SFT trains on every completion it is "
+                        "given; drop the 'label' field (and the undesirable examples) for sft")
+    if unpaired and not allow_unpaired:
+        raise DataError(f"{unpaired[0].where}: unpaired (KTO-style prompt/completion/label) data needs pref_loss: kto "
+                        f"({len(unpaired)} such records); the other losses need chosen/rejected pairs")
+    return examples  # type: ignore[return-value]
+
+
+def read_prompts(spec: str, dataset_dir: str, max_samples: int | None = None,
+                 columns: dict[str, str] | None = None) -> list[PreferencePair]:
+    """The prompts of a comma list of dataset entries, for sampling and evaluation: prompt-only records
+    (`{"prompt": text or messages, "system": ...}`) or the prompt of any record training reads (pairs,
+    SFT records, unpaired examples), as pairs with empty completions."""
+    out = []
+    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True, prompts=True):
+        if isinstance(e, UnpairedExample):
+            e = PreferencePair(prompt=e.prompt, chosen="", rejected="", system=e.system, where=e.where,
+                               messages=e.messages, conversational=e.conversational)
+        else:
+            e = dataclasses.replace(e, chosen="", rejected="", chosen_messages=None, rejected_messages=None)
+        if not e.prompt.strip() and not e.messages:
+            raise DataError(f"{e.where}: the prompt has no text to sample a completion for")
+        out.append(e)
+    return out
+
+
+def source_of(where: str) -> str:
+    """The file or dataset an example's `where` ("file:line", "file record i", "file row i") names."""
+    return where.rsplit(":", 1)[0].split(" record ")[0].split(" row ")[0]
+
+
+def check_pairs(pairs: list[PreferencePair], drop_invalid: bool, report: DataReport,
+                sft: bool = False) -> list[PreferencePair]:
+    """chosen == rejected teaches DPO nothing: fail, or skip such pairs with a count. An empty completion
+    is a valid answer (the end-of-turn token alone; TRL trains on it too). sft: only chosen is trained
+    on, so nothing is checked."""
+    identical = [] if sft else [p for p in pairs if isinstance(p, PreferencePair) and p.chosen == p.rejected
+                                and p.chosen_messages == p.rejected_messages]
+    if identical and not drop_invalid:
+        raise DataError(f"{len(identical)} with chosen == rejected (first: {', '.join(p.where for p in identical[:3])}). "
+                        "Fix the data, or set drop_invalid_pairs: true to skip and count them")
+    report.skipped_identical += len(identical)
+    bad = {id(p) for p in identical}
+    return [p for p in pairs if id(p) not in bad]
+
+
+def load_eval_sets(cfg, report: DataReport) -> dict[str, list[PreferencePair]]:
+    """The named evaluation sets beyond the validation set (eval_dataset as a mapping), checked as the
+    validation set is, their counts in `report`."""
+    sets = {}
+    for name, spec in list(cfg.eval_sets.items())[1:]:
+        examples = read_dataset(spec, cfg.dataset_dir, cfg.max_samples, cfg.columns, cfg.is_kto, cfg.objective == "sft")
+        report.read += len(examples)
+        sets[name] = check_pairs(examples, cfg.drop_invalid_pairs, report, cfg.objective == "sft")
+        if not sets[name]:
+            raise DataError(f"eval_dataset '{name}' ({spec}): no examples left after checks")
+    report.eval_sets = {name: len(v) for name, v in sets.items()}
+    return sets
+
+
+def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataReport]:
+    """Train and validation pairs for a config, plus the counts."""
+    report = DataReport()
+    if not cfg.dataset:
+        raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
+    unpaired = cfg.is_kto  # kto reads unpaired examples too
+    sft = cfg.objective == "sft"  # SFT records too; pairs give their chosen
+    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
+    report.read = len(train)
+    report.sources = dict(Counter(source_of(p.where) for p in train))
+    train = check_pairs(train, cfg.drop_invalid_pairs, report, sft)
+    if cfg.shuffle:  # before the split, so val_size draws from every source
+        random.Random(cfg.seed).shuffle(train)
+    if cfg.eval_dataset:
+        val = read_dataset(cfg.eval_sets["validation"], cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
+        report.read += len(val)
+        val = check_pairs(val, cfg.drop_invalid_pairs, report, sft)
+    elif cfg.val_size > 0:
+        n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(len(train) * cfg.val_size))
+        if n_val >= len(train):
+            raise DataError(f"val_size {cfg.val_size} leaves no training pairs out of {len(train)}")
+        log.info("val_size %g read as %s: %d of %d pairs held out for validation", cfg.val_size,
+                 "a count" if cfg.val_size >= 1 else "a share", n_val, len(train))
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        val = [train[i] for i in sorted(order[:n_val])]
+        train = [train[i] for i in sorted(order[n_val:])]
+    else:
+        val = []
+    if not train:
+        raise DataError("no training pairs left after checks")
+    report.train, report.eval = len(train), len(val)
+    return train, val, report

@@ -15,7 +15,8 @@ LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}  # optim imports on
 LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
     {"optim", "guard", "hub"},
-    {"config", "data", "adapters", "labels"},
+    {"config", "config.names", "config.schema", "config.compat", "config.validation", "config.command_line",
+     "config.load", "data", "adapters", "labels"},
     {"tokenization", "models", "checkpoints", "report", "sharding", "zero", "tracking"},
     {"cache", "batching", "demo"},
     {"evaluate", "generate", "rewards"},

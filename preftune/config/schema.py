@@ -3,7 +3,7 @@ help text and its group.
 
 A field is made by its group's maker (`OBJECTIVE(0.1, "help")` is a key of the objective group): the
 groups order docs/config.md and focus each command's `--help` on the keys it reads
-(`command_line.COMMAND_GROUPS`). Values are checked in validation.py; other tools' spellings are
+(`cli.COMMAND_GROUPS`). Values are checked in validation.py; other tools' spellings are
 in compat.py.
 """
 
@@ -110,6 +110,7 @@ class TrainConfig:
     simpo_gamma: float = OBJECTIVE(0.5, "SimPO's target reward margin gamma (>= 0, in reward units, after beta; LLaMA-Factory default 0.5).")
     pref_bco_weight: float = OBJECTIVE(0.0, "Weight w of LLaMA-Factory's BCO term (with its running reward shift): loss becomes (loss + w * bco) / (1 + w). Needs a loss with the reference.")
     pref_ftx: float = OBJECTIVE(0.0, "Weight of the SFT term added to any loss: pref_ftx * (NLL of the chosen completion per token, per pair), as LLaMA-Factory.")
+    # KTO, f-DPO, LD-DPO and WPO (docs/losses.md)
     kto_chosen_weight: float = OBJECTIVE(1.0, "KTO's weight of desirable examples (lambda_D; TRL's desirable_weight). pref_loss: kto only.")
     kto_rejected_weight: float = OBJECTIVE(1.0, "KTO's weight of undesirable examples (lambda_U; TRL's undesirable_weight). pref_loss: kto only.")
     f_divergence_type: str = OBJECTIVE("reverse_kl", "f-DPO's divergence to the reference: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence (TRL). pref_loss: sigmoid only.", F_DIVERGENCES)

@@ -8,7 +8,9 @@ turns every user-facing error into one line and a non-zero exit.
     preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
     preftune label FILE [--port 8765] [--annotator NAME] [--export PAIRS]        # label pairs by hand
 
-Any command takes --debug (or PREFTUNE_DEBUG=1 in the environment): errors with their full traceback.
+`preftune <command> --help` prints the command's usage and the config keys it reads (`COMMAND_GROUPS`),
+without importing torch. Any command takes --debug (or PREFTUNE_DEBUG=1 in the environment): errors
+with their full traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 import traceback
 
+from preftune.config import GROUPS, command_help, wants_help
 from preftune.errors import PreftuneError
 
 COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
@@ -31,6 +34,20 @@ COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "cache": "list or clear the tokenization and reference log-probs caches (preftune cache --help)",
     "label": "a local page to label preference pairs by hand (preftune label --help)",
     "demo": "the whole flow (sft, sample, dpo, eval) on a small model, before and after (preftune demo --help)",
+}
+# The config groups (config.GROUPS) each command reads: its --help lists their keys. Every command
+# accepts every key (a train YAML loads for sample, eval, inspect), so this focuses the help only.
+COMMAND_GROUPS = {
+    "train": tuple(GROUPS),
+    "sft": tuple(g for g in GROUPS if g not in ("reference", "objective")),
+    "sample": ("model", "data", "tokenization", "batches", "sampling", "run"),
+    "eval": ("model", "reference", "objective", "data", "tokenization", "batches", "precision", "sampling", "health",
+             "run"),
+    "inspect": ("model", "data", "tokenization"),
+    "export": ("model", "reference", "data", "tokenization", "batches"),
+    "cache": ("caches",),
+    "label": (),  # reads no config: its own flags only
+    "demo": (),
 }
 
 
@@ -68,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"preftune: error: unknown command '{command}'; available: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _setup_logging()
     try:
-        return importlib.import_module(f"preftune.commands.{command}").main(rest)
+        module = importlib.import_module(f"preftune.commands.{command}")  # light: commands import torch when they run
+        if wants_help(rest):  # before logging is set up (it imports transformers): --help answers at once
+            print(command_help(command, module.USAGE, COMMAND_GROUPS[command]))
+            return 0
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _setup_logging()
+        return module.main(rest)
     except PreftuneError as e:  # a stop by SIGINT/SIGTERM (runtime.Stopped) carries its own status: 130, 143
         if debug:
             traceback.print_exc()

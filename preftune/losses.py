@@ -29,10 +29,11 @@ or a weighted sum of several, plus LLaMA-Factory's pref_ftx and pref_bco_weight 
 running reward shift as explicit state that checkpoints save and restore.
 
 Adding a loss touches this file (the function and its `LOSSES` entry; `REFERENCE_FREE` if it needs
-no reference), its tests (tests/test_losses.py: a hand-computed value; tests/test_loss_parity.py:
-the TRL case, where TRL has it) and docs/losses.md. Its keyword-only hyperparameters must be
-config keys (a new one is a field of `config.TrainConfig`); nothing else changes. Notation in the
-docstrings:
+no reference), its name in preftune/config/names.py (config's torch-free copy of these names, kept
+equal by tests/test_config.py), its tests (tests/test_losses.py: a hand-computed value;
+tests/test_loss_parity.py: the TRL case, where TRL has it) and docs/losses.md. Its keyword-only
+hyperparameters must be config keys (a new one is a field of `config.TrainConfig`); nothing else
+changes. Notation in the docstrings:
 
     r_w = log pi(y_w|x) - log pi_ref(y_w|x),  r_l likewise for y_l  (summed log-ratios)
     h = r_w - r_l                                                    (DPO's margin)

@@ -17,7 +17,8 @@ LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}  # optim imports on
 LAYERS = [
     {"errors", "files", "losses", "logps", "health"},
     {"optim", "guard", "hub"},
-    {"config", "data.readers", "data.records", "data.registry", "data.load", "data", "adapters", "labels"},
+    {"config", "config.names", "config.schema", "config.compat", "config.validation", "config.command_line",
+     "config.load", "data.readers", "data.records", "data.registry", "data.load", "data", "adapters", "labels"},
     {"tokenization", "models", "checkpoints.folders", "report", "tracking"},
     {"checkpoints.weights", "checkpoints.save", "checkpoints.resume", "checkpoints", "best", "final", "cache",
      "batching", "demo"},

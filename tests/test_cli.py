@@ -1,5 +1,6 @@
 """The command line: a seed-000 LLaMA-Factory config runs unchanged; bad input is one line, exit 2."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from preftune.cli import main
+from preftune.cli import COMMANDS, main
+from preftune.config import TrainConfig
 from preftune.demo import make_pairs
 
 
@@ -102,6 +104,47 @@ def test_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("pref_beta", "cutoff_len", "early_stopping_patience", "logps_chunk_size", "beta -> pref_beta"):
         assert key in out
+    assert all(f"--{f.name} (default" in out for f in dataclasses.fields(TrainConfig))
+
+
+@pytest.mark.parametrize("command,listed,not_listed", [
+    ("cache", ["tokenized_cache_dir", "ref_logps_cache_dir"], ["lora_rank", "pref_beta", "cutoff_len", "beta -> "]),
+    ("inspect", ["dataset", "cutoff_len", "template", "model -> model_name_or_path"], ["lora_rank", "learning_rate"]),
+    ("sample", ["num_samples", "reward", "per_device_eval_batch_size", "output_dir"], ["lora_rank", "pref_beta"]),
+    ("export", ["model_name_or_path", "eval_dataset", "ref_model", "--dtype D"], ["learning_rate", "num_samples"]),
+    ("sft", ["learning_rate", "lora_rank", "cutoff_len"], ["pref_beta", "pref_loss"]),
+    ("train", ["tokenized_cache_dir", "lora_rank", "pref_beta", "num_samples"], []),
+    ("label", ["--annotator NAME"], ["Config keys", "cutoff_len"]),
+])
+def test_each_commands_help_lists_the_keys_it_reads(capsys, command, listed, not_listed):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: preftune {command}")
+    for key in listed:
+        assert key in out, key
+    for key in not_listed:  # a key's own line, or any text
+        assert (f"--{key} (" if key.isidentifier() else key) not in out, key
+
+
+def test_every_command_declares_the_groups_it_reads():
+    from preftune.cli import COMMAND_GROUPS, COMMANDS
+    from preftune.config import GROUPS
+
+    assert set(COMMAND_GROUPS) == set(COMMANDS)
+    assert all(set(groups) <= set(GROUPS) for groups in COMMAND_GROUPS.values())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in COMMANDS),
+                                  ["cache", "list", "-h"]], ids=" ".join)
+def test_help_imports_neither_torch_nor_transformers(argv):
+    """--help answers from the config and the command's usage: no torch, no transformers (seconds each)."""
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys; from preftune.cli import main; rc = main({argv!r}); "
+            "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.stderr.split()[-3:] == ["0", "False", "False"], result.stderr
+    assert result.stdout.startswith("usage: preftune" if "--version" not in argv else "preftune ")
 
 
 def test_hub_id_is_tried_on_the_hub_and_fails_clearly_offline(tmp_path, capsys):

@@ -1,9 +1,16 @@
-"""Config: LLaMA-Factory keys, seed-003 aliases, overrides, and one clear line per bad value."""
+"""Config: LLaMA-Factory keys, seed-003 aliases, overrides, the command-line parser, the groups of keys,
+and one clear line per bad value."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from preftune.config import TrainConfig, from_dict, load_config
+from preftune.config import GROUPS, TrainConfig, from_dict, load_config, parse_command_line
 from preftune.errors import ConfigError
 
 SEED_000_YAML = """\
@@ -114,10 +121,74 @@ def test_invalid_values_give_one_clear_line(raw, message):
 def test_overrides_replace_file_values_whatever_the_spelling(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"beta": 0.1, "mixed_precision": "bf16", "max_length": 256}))
-    cfg = load_config(str(path), ["--pref_beta", "0.3", "--bf16=false", "--cutoff_len", "64"])
+    line = parse_command_line([str(path), "--pref_beta", "0.3", "--bf16=false", "--cutoff_len", "64"])
+    assert line.config == str(path) and line.overrides == {"pref_beta": 0.3, "bf16": False, "cutoff_len": 64}
+    cfg = load_config(line.config, line.overrides)
     assert (cfg.pref_beta, cfg.bf16, cfg.cutoff_len) == (0.3, False, 64)
+    # a list of arguments goes through the same parser
+    assert load_config(str(path), ["--max_length", "32"]).cutoff_len == 32
     with pytest.raises(ConfigError, match="needs a value"):
         load_config(str(path), ["--pref_beta"])
+
+
+def test_one_parser_for_every_command():
+    """Positional, --config, overrides (read as YAML, keys as written), a command's flags, switches and aliases."""
+    line = parse_command_line(["data.jsonl", "--model", "m", "--json", "--plot=p.png", "--cutoff-len", "64",
+                               "--columns", "{prompt: q}"], positional="dataset", flags={"json": False, "plot": None})
+    assert line.config is None and line.flags == {"json": True, "plot": "p.png"}
+    assert line.overrides == {"dataset": "data.jsonl", "model": "m", "cutoff_len": 64, "columns": {"prompt": "q"}}
+    assert list(line.overrides) == ["dataset", "model", "cutoff_len", "columns"]  # the positional first
+    line = parse_command_line(["out", "--data", "d.jsonl", "--dtype", "int8", "--config", "run.yaml"],
+                              positional="model_name_or_path", flags={"dtype": "bf16", "overwrite": False},
+                              aliases={"data": "eval_dataset"})
+    assert line == ("run.yaml", {"model_name_or_path": "out", "eval_dataset": "d.jsonl"},
+                    {"dtype": "int8", "overwrite": False})
+    assert parse_command_line(["--beta", "0.1", "--beta", "0.2"]).overrides == {"beta": 0.2}  # the later wins
+    assert parse_command_line(["--template", "none", "--x="]).overrides == {"template": "none", "x": ""}
+    # a flag as the positional keeps its text as given (label's FILE)
+    assert parse_command_line(["123"], positional="file", flags={"file": None}).flags == {"file": "123"}
+
+
+@pytest.mark.parametrize("args,spec,message", [
+    (["a.yaml", "b.yaml"], {}, "unexpected argument 'b.yaml' \\(after 'a.yaml'\\)"),
+    (["a.yaml", "--config", "b.yaml"], {}, "two config files, 'a.yaml' and --config b.yaml"),
+    (["--pref_beta", "--bf16", "true"], {}, "--pref_beta needs a value"),
+    (["--json=yes"], {"flags": {"json": False}}, "--json is a switch and takes no value"),
+    (["--columns", "{prompt: q"], {}, "--columns '{prompt: q' is read as YAML and is not valid YAML"),
+])
+def test_command_line_mistakes_are_one_line(args, spec, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_command_line(args, **spec)
+    assert "\n" not in str(e.value)
+
+
+def test_every_key_has_one_of_the_groups():
+    groups = {name: [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == name] for name in GROUPS}
+    assert all(groups.values()), [name for name, keys in groups.items() if not keys]
+    assert sum(map(len, groups.values())) == len(dataclasses.fields(TrainConfig))
+    assert "lora_rank" in groups["adapters"] and "tokenized_cache_dir" in groups["caches"]
+
+
+def test_config_names_equal_their_owners():
+    """config keeps plain copies of names that torch-importing modules own (so reading a config is quick)."""
+    from preftune import losses, optim
+    from preftune.config import names
+
+    assert names.LOSSES == tuple(losses.LOSSES) and names.UNPAIRED_LOSSES == tuple(losses.UNPAIRED_LOSSES)
+    assert set(names.REFERENCE_FREE) == losses.REFERENCE_FREE
+    smoothed = tuple(n for n in names.LOSS_NAMES if "label_smoothing" in losses.loss_options(n))
+    assert names.LABEL_SMOOTHING_LOSSES == smoothed
+    assert (names.OPTIMIZERS, names.SCHEDULERS) == (optim.OPTIMIZERS, optim.SCHEDULERS)
+
+
+def test_reading_a_config_does_not_import_torch():
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from preftune.config import load_config; "
+            "load_config('examples/dpo.yaml', {'pref_loss': 'sigmoid,sft', 'label_smoothing': 0.1}); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.split() == ["False", "False"], out.stderr
 
 
 def test_missing_or_broken_config_file(tmp_path):

@@ -18,13 +18,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from preftune.config import command_help, load_config, parse_command_line
+from preftune.config import load_config, parse_command_line
 from preftune.errors import ConfigError
 
 USAGE = """usage: preftune cache {list,clear} [CONFIG.yaml] [--older_than_days N] [--tokenized_cache_dir D]
                       [--ref_logps_cache_dir D]
 
-Config keys:
+list: each cache's folder, files, size, oldest and newest; clear: delete its files (with
+--older_than_days N only those not written for N days). Only preftune's own cache files
+(*.safetensors) are listed and deleted; a run recomputes what it misses.
 """
 
 
@@ -48,8 +50,6 @@ def _day(t: float) -> str:
 
 
 def main(args: list[str]) -> int:
-    if command_help(args, USAGE):
-        return 0
     action = args[0] if args else None
     if action not in ("list", "clear"):
         raise ConfigError("preftune cache: say what to do: list or clear (preftune cache list)")

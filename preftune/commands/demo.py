@@ -65,6 +65,8 @@ FLAGS = {  # name -> (default, help); every size of the flow is a flag, so that 
     "prompts": (300, "held-out prompts sampled for DPO pairs (about one pair each)"),
     "eval_prompts": (100, "other held-out prompts the models are evaluated on"),
 }
+USAGE += "\n".join(f"  --{name} ({default!r})\n      {what}" for name, (default, what) in FLAGS.items())
+
 VOCAB_SIZE = 1024  # more than the corpus needs: every word becomes one token, so no misspelt words
 REWARD = "preftune.demo:sentiment"
 SHOW = 4  # prompts printed before and after
@@ -274,14 +276,11 @@ def print_report(result: dict) -> None:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE + "\n".join(f"  --{name} ({default!r})\n      {what}" for name, (default, what) in FLAGS.items()))
-        return 0
     config_path, overrides, found = parse_command_line(args, flags={k: default for k, (default, _) in FLAGS.items()})
     if config_path is not None:
         raise ConfigError(f"preftune demo takes no config file ('{config_path}'); its options are --name value")
     if overrides:
-        raise ConfigError(f"preftune demo: unknown option {overrides[0]}; its options: "
+        raise ConfigError(f"preftune demo: unknown option --{next(iter(overrides))}; its options: "
                           + ", ".join(f"--{name}" for name in FLAGS))
     settings = settings_from(found)
     with guard.claim_output_dir(settings["output_dir"], []):

@@ -26,10 +26,8 @@ import logging
 import math
 from pathlib import Path
 
-import torch
-
 from preftune import guard
-from preftune.config import command_help, load_config, parse_command_line
+from preftune.config import load_config, parse_command_line
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
 
@@ -38,8 +36,10 @@ log = logging.getLogger("preftune")
 USAGE = """usage: preftune eval --model_name_or_path M[,M2,...] [--ref_model R] [--dataset PAIRS]
                      [--prompts PROMPTS --reward module:function|REWARD_MODEL] --output_dir DIR [--key value ...]
 
-Config keys (per_device_eval_batch_size: pairs or prompts per batch; num_samples, max_new_tokens,
-temperature, top_p, top_k and seed for sampling):
+On pairs (dataset): training's evaluation statistics against the reference. On prompts (prompts +
+reward): num_samples completions per prompt from each model and the reference, scored by the reward
+(mean, win rate against the reference, KL, length). per_device_eval_batch_size: pairs or prompts per
+batch.
 """
 
 
@@ -89,6 +89,7 @@ def run_health(folder: Path, cfg) -> list[dict] | None:
 
 def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
     """Training's evaluation statistics on cfg.dataset's pairs (eval_ prefix dropped)."""
+    import torch
     from accelerate import Accelerator
 
     from preftune.data import load_pairs
@@ -118,6 +119,8 @@ def _samples(model, tokenizer, prompts, encoded, cfg, device) -> list[list[list[
 def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, list[dict]]:
     """(per-model, reference) sampling statistics on cfg.prompts scored by cfg.reward, and the
     completions themselves: a record per prompt with the reference's and each model's, scored."""
+    import torch
+
     from preftune.data import read_prompts
     from preftune.evaluate import completion_logps
     from preftune.rewards import load_reward
@@ -252,8 +255,6 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
 
 
 def main(args: list[str]) -> int:
-    if command_help(args, USAGE):
-        return 0
     config_path, overrides, _ = parse_command_line(args)
     report = run(load_config(config_path, overrides))
     for row in report["models"]:

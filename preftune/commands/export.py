@@ -28,19 +28,18 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from preftune.config import TrainConfig, command_help, load_config, parse_command_line
+from preftune.config import TrainConfig, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
-from preftune.evaluate import accuracy, pair_logps
-from preftune.logps import LogpsModule
 from preftune.files import fresh_tmp_dir, replace_dir
-from preftune.final import add_legacy_rope_keys
+
+if TYPE_CHECKING:  # for the annotations only: torch is imported where a function needs it, after the config is read
+    import torch
 
 log = logging.getLogger("preftune")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "int8": None}  # --dtype -> torch's dtype (int8: torchao's)
 INT8_INSTALL = ("--dtype int8 needs torchao (PyTorch's quantization library), which is not installed: "
                 "pip install 'preftune[export]' (or: pip install torchao==0.18.0)")
 
@@ -142,6 +141,8 @@ def adapter_base(src: Path, run_cfg) -> tuple[str, list[str]]:
 def merged_adapter(src: Path, base: str, earlier: list[str]):
     """base (+ the earlier adapters) + the adapter in `src`, merged in float32: the full model the
     adapter stands for, at full precision whatever the run trained on (QLoRA's 4-bit base included)."""
+    import torch
+
     from preftune.adapters import with_adapters
 
     looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1  # hub ids are 'name' or 'org/name'
@@ -162,12 +163,16 @@ def load_full(folder: Path, run_cfg=None):
 
 def _quantized_linears(model) -> tuple[int, int]:
     """(linear layers whose weight is a torchao Int8Tensor, all linear layers)."""
+    import torch
+
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return sum(type(m.weight).__name__ == "Int8Tensor" for m in linears), len(linears)
 
 
 def check_export(model, dtype: str, vocab_id: int) -> dict:
     """The reloaded export holds what was asked and runs; returns what it found."""
+    import torch
+
     found: dict = {}
     if dtype == "int8":
         n_q, n_linear = _quantized_linears(model)
@@ -175,7 +180,8 @@ def check_export(model, dtype: str, vocab_id: int) -> dict:
             raise ModelError("the int8 export reloaded without quantized layers")
         found["int8_linear_layers"] = f"{n_q} of {n_linear}"  # the LM head stays in full precision
     else:
-        wrong = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != DTYPES[dtype]}
+        want = getattr(torch, DTYPES[dtype])
+        wrong = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != want}
         if wrong:
             raise ModelError(f"the {dtype} export reloaded with parameters in {sorted(wrong)}")
     with torch.no_grad():
@@ -270,6 +276,8 @@ def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tenso
     rewards/accuracies); without one, the plain log-prob (log pi(chosen) > log pi(rejected)).
     A tie counts half, as in training's eval_rewards/accuracies.
     """
+    from preftune.evaluate import accuracy
+
     delta = (exported - original).abs()  # (N, 2)
     base, ref = (original, exported) if reference is None else (original - reference, exported - reference)
     margin_orig, margin_exp = base[:, 0] - base[:, 1], ref[:, 0] - ref[:, 1]
@@ -315,8 +323,12 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
 
     MODEL is a saved model, or a LoRA adapter folder, which is first merged into its base in float32
     (written to a temporary folder beside OUT): that merged model is the "before" of the report."""
+    import torch
     from transformers import AutoTokenizer
 
+    from preftune.evaluate import pair_logps
+    from preftune.final import add_legacy_rope_keys
+    from preftune.logps import LogpsModule
     from preftune.models import check_vocabulary
     from preftune.tokenization import tokenize_pairs
 
@@ -352,7 +364,7 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
             # saved once, so the export and the "before" model are both read from a plain folder
             merged_adapter(src, *merge).save_pretrained(merged, safe_serialization=True)
         weights = merged or src
-        exported = _load(weights, DTYPES[dtype] or "auto", quant)
+        exported = _load(weights, getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else "auto", quant)
         exported.save_pretrained(tmp, safe_serialization=True)  # + generation_config.json
         add_legacy_rope_keys(tmp)  # serving stacks on transformers 4 read the rotary base too
         tokenizer.save_pretrained(tmp)
@@ -433,14 +445,10 @@ int8 (weight-only) for deployment, and measure it on held-out pairs.
   --ref MODEL   reference for the implicit-reward accuracy (the ref_model key; default: the run's)
   --batch_size  pairs per forward pass when measuring (the per_device_eval_batch_size key)
   max_samples and dataset_dir apply to --data as to a run's dataset.
-
-Config keys:
 """
 
 
 def main(args: list[str]) -> int:
-    if command_help(args, USAGE):
-        return 0
     config_path, overrides, flags = parse_command_line(
         args, positional="model_name_or_path", flags={"dtype": "bf16", "out": None, "overwrite": False},
         aliases={"data": "eval_dataset", "ref": "ref_model", "batch_size": "per_device_eval_batch_size"})

@@ -17,7 +17,7 @@ import json
 import os
 from collections import Counter
 
-from preftune.config import TrainConfig, command_help, load_config, parse_command_line
+from preftune.config import TrainConfig, load_config, parse_command_line
 from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
 from preftune.errors import ConfigError, DataError
 from preftune.tokenization import (TokenizeReport, as_pair, describe_rendering, encode_pair, prompt_messages,
@@ -216,14 +216,10 @@ max_prompt_length, columns, dataset_dir) would; --config FILE takes them from a 
 
   --json        print the statistics as JSON
   --plot PNG    write a histogram of the lengths
-
-Config keys:
 """
 
 
 def main(args: list[str]) -> int:
-    if command_help(args, USAGE):
-        return 0
     config_path, overrides, flags = parse_command_line(args, positional="dataset", flags={"json": False, "plot": None})
     cfg = load_config(config_path, overrides)
     if not cfg.dataset:

@@ -216,20 +216,16 @@ def _int(flag: str, value: str, low: int, high: int, what: str) -> int:
 
 
 def main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    # FILE arrives as the positional; label reads no config, so any --key that is not a flag is a mistake
-    config_path, overrides, flags = parse_command_line(args, positional="dataset", flags=FLAGS)
-    names, values = overrides[0::2], overrides[1::2]
-    unknown = ["--config"] if config_path is not None else [n for n in names if n != "--dataset"]
+    # FILE arrives as the positional (or --dataset); label reads no config, so any other --key is a mistake
+    config_path, overrides, flags = parse_command_line(args, positional="dataset", flags={"dataset": None, **FLAGS})
+    unknown = ["--config"] if config_path is not None else [f"--{name}" for name in overrides]
     if unknown:
         raise ConfigError(f"preftune label: unknown option {unknown[0]}; options: "
                           f"{', '.join('--' + f for f in FLAGS)} (see preftune label --help)")
-    if not values:
+    if not flags["dataset"]:
         raise ConfigError("preftune label: no FILE given; pass the candidates file `preftune sample` wrote "
                           "(or a pairs file)")
-    path = os.path.expanduser(values[0])  # read from the command line, not through the config: ~ expanded here
+    path = os.path.expanduser(flags["dataset"])  # read from the command line, not through the config: ~ expanded here
     port = _int("port", flags["port"], 0, 65535, "a port number 0-65535 (0: any free port)")
     seed = _int("seed", flags["seed"], 0, 2**63, "a non-negative integer")
     if flags["export"]:

@@ -26,10 +26,8 @@ import random
 import time
 from pathlib import Path
 
-import torch
-
 from preftune import guard
-from preftune.config import command_help, load_config, parse_command_line
+from preftune.config import load_config, parse_command_line
 from preftune.errors import ConfigError, DataError
 from preftune.files import write_atomic
 
@@ -38,8 +36,9 @@ log = logging.getLogger("preftune")
 USAGE = """usage: preftune sample [CONFIG.yaml] --model_name_or_path M --dataset PROMPTS --output_dir DIR
                        [--num_samples N] [--reward module:function | REWARD_MODEL] [--key value ...]
 
-Config keys (sampling: num_samples, max_new_tokens, temperature, top_p, top_k, seed, reward, pairing,
-min_margin; prompts per batch: per_device_eval_batch_size; engine: infer_backend, vllm_gpu_util):
+Sample num_samples completions for each prompt of the dataset, score them with the reward, and pair
+them (pairing, min_margin) into preference data; without a reward, write the candidates for people to
+label (preftune label). Prompts per batch: per_device_eval_batch_size; the engine: infer_backend.
 """
 
 
@@ -121,6 +120,8 @@ def run(cfg) -> dict:
 
 
 def _sample(cfg, out: Path) -> dict:
+    import torch
+
     from preftune.commands.export import run_config, with_run_template
     from preftune.data import read_prompts
     from preftune.generate import backend, sample, vllm_sample
@@ -181,8 +182,6 @@ def _sample(cfg, out: Path) -> dict:
 
 
 def main(args: list[str]) -> int:
-    if command_help(args, USAGE):
-        return 0
     config_path, overrides, _ = parse_command_line(args)
     summary = run(load_config(config_path, overrides))
     print(f"{summary['prompts']} prompts x {summary['completions_per_prompt']} completions -> "

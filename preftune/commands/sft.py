@@ -14,6 +14,14 @@ from __future__ import annotations
 
 from preftune.commands import train
 
+USAGE = """usage: preftune sft [CONFIG.yaml] [--key value ...]
+
+Supervised fine-tuning of a causal LM on completions (the NLL of the completion tokens): the same
+loop as preftune train with stage: sft. Data: prompt/completion records, chat conversations, alpaca
+or sharegpt records, or preference pairs (their chosen answers). Any config key can be given as
+--key value, overriding the file.
+"""
+
 
 def main(args: list[str]) -> int:
     return train.main(args, stage="sft")

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from preftune import guard
-from preftune.config import ALIASES, command_help, load_config, parse_command_line, parse_overrides
+from preftune.config import ALIASES, load_config, parse_command_line
 from preftune.errors import ConfigError
 
 # keys that name the user's data: with them and no model, `preftune train` is not the demo
@@ -22,20 +22,15 @@ USAGE = """usage: preftune train [CONFIG.yaml] [--key value ...]
 Train a causal LM on preference pairs with DPO. Without CONFIG and without --model_name_or_path,
 runs the embedded demo (a tiny local model and a built-in pair set, made locally).
 Any config key can be given as --key value, overriding the file.
-
-Config keys:
 """
 
 
 def main(args: list[str], stage: str | None = None) -> int:
     """`preftune train`; `preftune sft` is this with stage: sft."""
-    if command_help(args, USAGE.replace("preftune train", f"preftune {stage}") if stage else USAGE):
-        return 0
     config_path, overrides, _ = parse_command_line(args)
     if stage:  # the command's stage wins over a config file's
-        overrides = ["--stage", stage] + overrides
-    over = parse_overrides(overrides)
-    named = {ALIASES.get(k, k) for k in over}
+        overrides = {"stage": stage, **overrides}
+    named = {ALIASES.get(k, k) for k in overrides}
     if config_path is None and not stage and not named & {"model_name_or_path", "ref_model"}:
         if named & DATA_KEYS:  # the user's data, no model: never the demo's model trained on it
             raise ConfigError(f"{', '.join(sorted(named & DATA_KEYS))} given but no model_name_or_path; set the model "
@@ -44,7 +39,7 @@ def main(args: list[str], stage: str | None = None) -> int:
 
         logging.getLogger("preftune").info("no config given: running the embedded demo (tiny local model, "
                                            "built-in preference pairs)")
-        cfg = demo_config(over)
+        cfg = demo_config(overrides)
     else:
         cfg = load_config(config_path, overrides)  # every key checked before the heavy imports below
         if not cfg.model_name_or_path:

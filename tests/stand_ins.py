@@ -14,10 +14,11 @@ dtype names, the keywords `LLM(**kwargs)` hands on to EngineArgs, the ranges Sam
 
 test_stand_ins.py checks the record against the installed packages (huggingface_hub, liger_kernel,
 torch), so it cannot drift from them. vLLM is not installed here: its part was read from the source of
-the vllm wheel the record names. To refresh the record after an upgrade:
+the vllm wheel the record names. To refresh the record (after an upgrade changed a signature):
 
+    python tests/stand_ins.py                   # the installed packages' entries; vLLM's are kept
     pip download vllm==X --no-deps -d /tmp/vllm && unzip -q /tmp/vllm/vllm-*.whl 'vllm/*' -d /tmp/vllm/src
-    python tests/stand_ins.py /tmp/vllm/src X   # rewrites tests/signatures.json (bounds are kept)
+    python tests/stand_ins.py /tmp/vllm/src X   # vLLM's too (its hand-written "bounds" are kept)
 
 and read vLLM's SamplingParams._verify_args for the "bounds" entries, which are written by hand.
 """
@@ -167,9 +168,9 @@ def _dump(obj, depth: int = 0) -> str:
     return json.dumps(obj)
 
 
-if __name__ == "__main__":  # python tests/stand_ins.py VLLM_SOURCE VLLM_VERSION
+if __name__ == "__main__":  # python tests/stand_ins.py [VLLM_SOURCE VLLM_VERSION]
     old = record() if RECORD.exists() else {}
-    new = {**installed(), "vllm": from_vllm_source(Path(sys.argv[1]), sys.argv[2])}
+    new = {**installed(), "vllm": from_vllm_source(Path(sys.argv[1]), sys.argv[2]) if sys.argv[1:] else old["vllm"]}
     for key in ("bounds", "bounds_from"):  # written by hand: see the docstring
         new["vllm"][key] = old.get("vllm", {}).get(key)
     RECORD.write_text(_dump(new) + "\n")

@@ -80,19 +80,19 @@ def test_output_dir_that_is_a_file_or_cannot_be_written(tmp_path, monkeypatch):
 
 # --- the lock ---------------------------------------------------------------------------------------
 
-HOLD = """import sys, time
+HOLD = """import sys
 from pathlib import Path
 from preftune.guard import output_lock
 with output_lock(Path(sys.argv[1])):
     print("held", flush=True)
-    time.sleep(60)
+    sys.stdin.read()  # until killed (or the test's end closes the pipe): no time limit to race
 """
 
 
 def test_a_second_run_on_the_same_output_dir_stops_naming_the_first(tmp_path, caplog):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "held"
         owner = json.loads((out / ".preftune.lock").read_text())

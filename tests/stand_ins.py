@@ -162,7 +162,8 @@ def _dump(obj, depth: int = 0) -> str:
     """JSON with one parameter ([name, kind, default]) per line, so that a diff shows what changed."""
     pad = " " * depth
     if isinstance(obj, dict) and obj:
-        return "{\n" + ",\n".join(f"{pad} {json.dumps(k)}: {_dump(v, depth + 1)}" for k, v in obj.items()) + f"\n{pad}}}"
+        items = ",\n".join(f"{pad} {json.dumps(k)}: {_dump(v, depth + 1)}" for k, v in obj.items())
+        return "{\n" + items + f"\n{pad}}}"
     if isinstance(obj, list) and obj and all(isinstance(x, list) for x in obj):
         return "[\n" + ",\n".join(f"{pad} {json.dumps(x)}" for x in obj) + f"\n{pad}]"
     return json.dumps(obj)

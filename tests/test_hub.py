@@ -1,7 +1,8 @@
 """push_to_hub without network: huggingface_hub's HfApi.create_repo and upload_folder are replaced by
-recorders bound to their real signatures (tests/stand_ins.py), which also note what the uploaded folder held (as its patterns select it) at that moment.
-Each hub_strategy uploads what TrainingArguments' does; the repo is created before training, so a
-refused login stops the run with one line before anything trains; only preftune's own files stay home."""
+recorders bound to their real signatures (tests/stand_ins.py), which also note what the uploaded
+folder held (as its patterns select it) at that moment. Each hub_strategy uploads what
+TrainingArguments' does; the repo is created before training, so a refused login stops the run with
+one line before anything trains; only preftune's own files stay home."""
 
 import fnmatch
 import json

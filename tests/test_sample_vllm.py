@@ -148,7 +148,8 @@ def test_every_torch_dtype_reaches_vllm_as_a_name_it_takes(torch_dtype, tiny_mod
     spelling, as the huggingface backend would load the weights (pure_bf16 makes auto bfloat16)."""
     expected = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}[torch_dtype]
-    for over, dtype in (({}, expected), ({"pure_bf16": True, "bf16": True}, "bfloat16" if torch_dtype == "auto" else expected)):
+    pure = {"pure_bf16": True, "bf16": True}
+    for over, dtype in (({}, expected), (pure, "bfloat16" if torch_dtype == "auto" else expected)):
         if over and torch_dtype not in ("auto", "bfloat16", "bf16"):
             continue  # pure_bf16 refuses the other dtypes
         cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "torch_dtype": torch_dtype, "num_samples": 1,
@@ -171,7 +172,7 @@ def test_a_temperature_vllm_refuses_is_one_line_and_auto_samples_with_transforme
 
 def test_the_stand_in_refuses_what_vllm_refuses(fake_vllm):
     """The stand-in is bound to vLLM's signatures: a misspelt keyword or a value vLLM rejects fails here."""
-    with pytest.raises(TypeError, match="vllm 0.33.0 SamplingParams: got an unexpected keyword argument 'max_new_tokens'"):
+    with pytest.raises(TypeError, match="^vllm 0.33.0 SamplingParams: got an unexpected keyword argument 'max_new_"):
         fake_vllm.module.SamplingParams(max_new_tokens=4)
     with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\], got 3"):
         fake_vllm.module.SamplingParams(temperature=3)

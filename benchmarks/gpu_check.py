@@ -1,7 +1,7 @@
 """Every GPU check in one run, each step timed out on its own, and one markdown report of the figures.
 
     bash benchmarks/gpu_check.sh              # on a CUDA machine: about 7.5 minutes on one H100/H200
-    bash benchmarks/gpu_check.sh --smoke      # anywhere, on CPU: tiny sizes, the same steps, 1-2 minutes
+    bash benchmarks/gpu_check.sh --smoke      # anywhere, on CPU: tiny sizes, the same steps, a few minutes
 
 gpu_check.sh prepares the environment (wheels from .whl/, PYTHONPATH) and runs this file; run it
 through the script. The steps, most important first (on CPU a step that needs CUDA prints a

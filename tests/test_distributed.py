@@ -63,7 +63,7 @@ def torchrun(tmp_path, raw: dict, name: str, script: str | None = None, **popen)
                "--master_port", str(free_port()), *target, "train", str(config)]
     if popen:
         return subprocess.Popen(command, env=env, **popen)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)  # a hang guard only
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/fetch_wheels.sh            # first, on a machine with PyPI: wheels into .whl/ (~50 MiB)
 #   bash benchmarks/gpu_check.sh               # then on the GPU machine (no network needed), from the repo root
-#   bash benchmarks/gpu_check.sh --smoke       # here, on CPU: tiny sizes, 1-2 minutes (automatic without CUDA)
+#   bash benchmarks/gpu_check.sh --smoke       # here, on CPU: tiny sizes, a few minutes (automatic without CUDA)
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --smoke --steps a1,b   # other flags go to gpu_check.py
 #
 # Set-up, without network and without ever pulling another torch: wheels in .whl/ whose distribution is

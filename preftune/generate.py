@@ -27,6 +27,10 @@ from preftune.errors import ConfigError
 from preftune.tokenization import encode_prompts, stop_ids
 
 VLLM_CHUNK = 256  # prompts per vLLM call: vLLM batches inside a call; results are written between calls
+# torch_dtype's names -> vLLM's (LLM(dtype=...) takes auto, half, float16, bfloat16, float, float32: not bf16, ...)
+VLLM_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+VLLM_MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses higher temperatures; transformers' generate does not
 
 def generation_config(cfg, tokenizer) -> GenerationConfig:
     """The sampling settings of cfg, stated in full: nothing is inherited from a model's own
@@ -84,7 +88,8 @@ def sample_texts(model, tokenizer, pairs: list, cfg, device) -> list[tuple[str, 
 
 def backend(cfg) -> str:
     """The engine `preftune sample` generates with: infer_backend, with auto resolved (vLLM when it is
-    installed, a CUDA GPU is present and the model loads as vLLM loads it: unquantized)."""
+    installed, a CUDA GPU is present, the model loads as vLLM loads it (unquantized) and vLLM takes the
+    temperature)."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     if cfg.infer_backend == "vllm":
         if not has_vllm:
@@ -93,8 +98,12 @@ def backend(cfg) -> str:
         if cfg.quantization_bit:
             raise ConfigError("infer_backend: vllm loads the model unquantized; unset quantization_bit, or set "
                               "infer_backend: huggingface")
+        if cfg.temperature > VLLM_MAX_TEMPERATURE:
+            raise ConfigError(f"infer_backend: vllm samples at temperatures up to 2 (vLLM's limit); got temperature: "
+                              f"{cfg.temperature}; lower it, or set infer_backend: huggingface")
         return "vllm"
-    if cfg.infer_backend == "auto" and has_vllm and torch.cuda.is_available() and not cfg.quantization_bit:
+    if (cfg.infer_backend == "auto" and has_vllm and torch.cuda.is_available() and not cfg.quantization_bit
+            and cfg.temperature <= VLLM_MAX_TEMPERATURE):
         return "vllm"
     return "huggingface"
 
@@ -108,8 +117,11 @@ def vllm_sample(model_name: str, tokenizer, prompts: list[list[int]], cfg, skip=
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:
         return
+    dtype = VLLM_DTYPES[cfg.torch_dtype]
+    if cfg.pure_bf16 and dtype == "auto":  # as the huggingface backend loads the weights (models.load_dtype)
+        dtype = "bfloat16"
     llm = LLM(model=model_name, tokenizer=model_name, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-              dtype=cfg.torch_dtype if cfg.torch_dtype != "auto" else "auto",
+              dtype=dtype,
               gpu_memory_utilization=cfg.vllm_gpu_util, enforce_eager=cfg.vllm_enforce_eager,
               max_model_len=max(len(prompts[i]) for i in todo) + cfg.max_new_tokens)
 

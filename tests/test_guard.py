@@ -12,7 +12,6 @@ import json
 import logging
 import lzma
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,24 +23,22 @@ import torch
 
 from preftune import checkpoints, final, guard
 from preftune.config import from_dict
-from preftune.errors import ConfigError, DataError, ModelError
+from preftune.errors import ConfigError, ModelError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- output_dir apart from the inputs, and writable ---------------------------------------------
 
-def test_output_dir_equal_to_or_inside_an_input_is_refused(tmp_path):
+def test_output_dir_inside_ref_model_is_refused_beside_an_input_is_fine(tmp_path):
+    """The other inputs output_dir may not be, be inside, or hold in a folder a run replaces:
+    test_hostile_files.py, through the CLI (out_is_model, out_inside_model, out_is_ref_model,
+    model_inside_a_checkpoint_of_out)."""
     model = tmp_path / "model"
     model.mkdir()
-    with pytest.raises(ConfigError, match=r"output_dir: '.*model' is model_name_or_path '.*model'; .* outside it"):
-        guard.check_output_dir(str(model), [("model_name_or_path", str(model))])
-    with pytest.raises(ConfigError, match=r"is inside ref_model"):
+    with pytest.raises(ConfigError, match=r"is inside ref_model"):  # (the CLI cases: inside model_name_or_path)
         guard.check_output_dir(str(model / "run"), [("ref_model", str(model))])
-    # an input inside a folder of output_dir that a run replaces (checkpoint rotation, best_model)
     (tmp_path / "out" / "checkpoint-4").mkdir(parents=True)
-    with pytest.raises(ConfigError, match=r"model_name_or_path: .* is inside output_dir .*\(checkpoint-4/\)"):
-        guard.check_output_dir(str(tmp_path / "out"), [("model_name_or_path", str(tmp_path / "out" / "checkpoint-4"))])
     # beside it, or in a folder of output_dir that no run touches (the demo's base model), is fine
     (tmp_path / "out" / "base_model").mkdir()
     assert guard.check_output_dir(str(tmp_path / "out"), [("model_name_or_path", str(tmp_path / "out" / "base_model")),
@@ -62,11 +59,8 @@ def test_empty_output_dir_is_refused(value):
         guard.check_output_dir(value, [])
 
 
-def test_output_dir_that_is_a_file_or_cannot_be_written(tmp_path, monkeypatch):
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(ConfigError, match=r"'.*f' is a file, not a folder"):
-        guard.check_output_dir(str(tmp_path / "f" / "run"), [])
-
+def test_output_dir_that_cannot_be_written(tmp_path, monkeypatch):
+    """A full disk at the probe. A file in the way: test_hostile_files.py (out_is_a_file, out_below_a_file)."""
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -80,19 +74,19 @@ def test_output_dir_that_is_a_file_or_cannot_be_written(tmp_path, monkeypatch):
 
 # --- the lock ---------------------------------------------------------------------------------------
 
-HOLD = """import sys, time
+HOLD = """import sys
 from pathlib import Path
 from preftune.guard import output_lock
 with output_lock(Path(sys.argv[1])):
     print("held", flush=True)
-    time.sleep(60)
+    sys.stdin.read()  # until killed (or the test's end closes the pipe): no time limit to race
 """
 
 
 def test_a_second_run_on_the_same_output_dir_stops_naming_the_first(tmp_path, caplog):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "held"
         owner = json.loads((out / ".preftune.lock").read_text())
@@ -119,10 +113,9 @@ def test_the_lock_is_released_on_errors_reentrant_and_only_the_main_process_take
             assert (out / ".preftune.lock").is_file()  # the outer holder still has it
             raise RuntimeError
     assert not (out / ".preftune.lock").exists()
+    # another host's lock refuses the run (test_hostile_files.py: out_locked_on_another_host), but not
+    # the second process of the run that holds it
     (out / ".preftune.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
-    with pytest.raises(ConfigError, match="in use by pid 1 on elsewhere"):
-        with guard.output_lock(out):
-            pass
     monkeypatch.setenv("RANK", "1")  # torchrun's second process: the first one holds the lock
     with guard.output_lock(out):
         pass
@@ -221,7 +214,7 @@ def test_tilde_is_expanded_in_every_path_key(monkeypatch, tmp_path):
     assert cfg.reward == f"{tmp_path}/r.py:score"
 
 
-@pytest.mark.parametrize("key", ["output_dir", "model_name_or_path", "ref_model", "dataset", "adapter_name_or_path"])
+@pytest.mark.parametrize("key", ["model_name_or_path", "adapter_name_or_path"])  # the others: test_hostile_files.py
 def test_an_empty_path_is_refused_not_read_as_unset(key):
     with pytest.raises(ConfigError, match=rf"^config: {key} is empty \(an unset shell variable\?\)"):
         from_dict({key: ""})
@@ -235,17 +228,6 @@ def test_train_without_a_model_says_so(tmp_path):
 
 
 # --- model folders ---------------------------------------------------------------------------------------
-
-def test_a_model_folder_without_tokenizer_files_is_named_not_built_empty(tmp_path, tiny_model_dir):
-    from preftune.models import load_tokenizer
-
-    model = tmp_path / "m"
-    model.mkdir()
-    shutil.copy(tiny_model_dir / "config.json", model)
-    shutil.copy(tiny_model_dir / "model.safetensors", model)
-    with pytest.raises(ModelError, match=rf"model_name_or_path: '{model}' has no tokenizer files"):
-        load_tokenizer(str(model))
-
 
 def test_safetensors_headers_are_checked(tmp_path, tiny_model_dir):
     good = tiny_model_dir / "model.safetensors"
@@ -303,24 +285,19 @@ def test_compressed_data_is_read(tmp_path, name, compress):
     assert [p.prompt for p in pairs] == ["p0", "p1", "p2"] and pairs[2].where == f"{tmp_path / name}:3"
 
 
-def test_compressed_csv_and_unreadable_compression(tmp_path):
+def test_compressed_csv_is_read(tmp_path):
+    """Compressions preftune does not read (zstd, zip) and damaged files: test_hostile_files.py."""
     from preftune.data import read_dataset
 
     (tmp_path / "d.csv.gz").write_bytes(gzip.compress(b"prompt,chosen,rejected\nhi,yes,no\n"))
     assert read_dataset(str(tmp_path / "d.csv.gz"), str(tmp_path))[0].chosen == "yes"
-    (tmp_path / "d.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 20)
-    with pytest.raises(DataError, match=r"d.jsonl.zst: a zstd-compressed file, which preftune does not read; "
-                                        r"decompress it first \(zstd -d"):
-        read_dataset(str(tmp_path / "d.jsonl.zst"), str(tmp_path))
 
 
-def test_lone_surrogates_name_the_record(tmp_path):
+def test_an_escaped_surrogate_pair_is_one_character(tmp_path):
+    """A lone surrogate is refused naming the record: test_hostile_files.py (data_lone_surrogate)."""
     from preftune.data import read_dataset
 
     path = tmp_path / "d.jsonl"
-    path.write_bytes(jsonl(PAIRS[:1]) + b'{"prompt": "p", "chosen": "ok \\ud83d", "rejected": "no"}\n')
-    with pytest.raises(DataError, match=rf"^{path}:2: text with a lone surrogate \(\\ud83d"):
-        read_dataset(str(path), str(tmp_path))
     path.write_bytes(b'{"prompt": "p \\ud83d\\ude00", "chosen": "ok", "rejected": "no"}\n')  # a whole pair: fine
     assert read_dataset(str(path), str(tmp_path))[0].prompt == "p \U0001F600"
 

@@ -1,7 +1,8 @@
 """push_to_hub without network: huggingface_hub's HfApi.create_repo and upload_folder are replaced by
-recorders, which also note what the uploaded folder held (as its patterns select it) at that moment.
-Each hub_strategy uploads what TrainingArguments' does; the repo is created before training, so a
-refused login stops the run with one line before anything trains; only preftune's own files stay home."""
+recorders bound to their real signatures (tests/stand_ins.py), which also note what the uploaded
+folder held (as its patterns select it) at that moment. Each hub_strategy uploads what
+TrainingArguments' does; the repo is created before training, so a refused login stops the run with
+one line before anything trains; only preftune's own files stay home."""
 
 import fnmatch
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from stand_ins import bind
 
 from preftune import train as train_mod
 from preftune.config import from_dict
@@ -21,21 +23,24 @@ class Hub:
         self.repos, self.uploads = [], []
         hub = self
 
-        def create_repo(api, repo_id, private=None, exist_ok=False, **kwargs):
+        def create_repo(*args, **kwargs):  # bound to huggingface_hub's signature: a wrong keyword fails
+            call = bind("huggingface_hub", "HfApi.create_repo", *args, **kwargs)
             if fail_create:
                 raise OSError("401 Client Error: Unauthorized for url")
-            hub.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok, "token": api.token})
+            repo_id = call["repo_id"]
+            hub.repos.append({"repo_id": repo_id, "private": call["private"], "exist_ok": call["exist_ok"],
+                              "token": call["self"].token})
             return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'me/' + repo_id}")
 
-        def upload_folder(api, repo_id, folder_path, path_in_repo=None, commit_message=None, allow_patterns=None,
-                          ignore_patterns=None, **kwargs):
-            root = Path(folder_path)
+        def upload_folder(*args, **kwargs):
+            call = bind("huggingface_hub", "HfApi.upload_folder", *args, **kwargs)
+            root = Path(call["folder_path"])
             files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-            if allow_patterns:
-                files = [f for f in files if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
-            files = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in ignore_patterns or [])]
-            hub.uploads.append({"repo_id": repo_id, "folder": root.name, "path_in_repo": path_in_repo,
-                                "message": commit_message, "files": files})
+            if call["allow_patterns"]:
+                files = [f for f in files if any(fnmatch.fnmatch(f, p) for p in call["allow_patterns"])]
+            files = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in call["ignore_patterns"] or [])]
+            hub.uploads.append({"repo_id": call["repo_id"], "folder": root.name, "path_in_repo": call["path_in_repo"],
+                                "message": call["commit_message"], "files": files})
 
         monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
         monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)

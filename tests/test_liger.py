@@ -7,9 +7,11 @@ import copy
 import json
 import logging
 
+import liger_kernel  # noqa: F401  (a test dependency: a broken install fails the suite, not skips it)
 import pytest
 import torch
 from hostile import run_refused
+from stand_ins import bind
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune import logps, models
@@ -25,7 +27,6 @@ from preftune.reference import Reference, load_models
 from preftune.step import PreferenceStep
 from preftune.tokenization import tokenize_pairs
 
-pytest.importorskip("liger_kernel")
 
 OPTIONS = {"robust": {"label_smoothing": 0.1}, "exo_pair": {"label_smoothing": 1e-3}, "discopop": {"discopop_tau": 0.2}}
 TOL = 1e-4
@@ -269,28 +270,29 @@ def test_a_soft_capped_model_is_refused(tiny_model_dir):
 
 @pytest.fixture
 def apply_calls(monkeypatch):
-    """Liger's instance patcher replaced by a recorder (its Triton kernels need a CUDA GPU)."""
+    """Liger's instance patcher replaced by a recorder (its Triton kernels need a CUDA GPU), bound to its
+    signature and, stricter than Liger (which drops the keywords an architecture's function lacks, a
+    misspelt one too), to the tiny Qwen2 model's apply function (tests/stand_ins.py)."""
     import liger_kernel.transformers
 
     calls = []
-    monkeypatch.setattr(liger_kernel.transformers, "_apply_liger_kernel_to_instance",
-                        lambda **kwargs: calls.append(kwargs))
+
+    def apply(*args, **kwargs):
+        call = bind("liger_kernel", "_apply_liger_kernel_to_instance", *args, **kwargs)
+        assert call["model"].config.model_type == "qwen2"
+        bind("liger_kernel", "apply_liger_kernel_to_qwen2", model=call["model"], **call.get("kwargs", {}))
+        calls.append({"model": call["model"], **call.get("kwargs", {})})
+
+    monkeypatch.setattr(liger_kernel.transformers, "_apply_liger_kernel_to_instance", apply)
     return calls
 
 
 def test_on_a_gpu_the_layer_kernels_are_applied_without_liger_cross_entropy(tiny_model_dir, apply_calls,
                                                                            monkeypatch):
-    import inspect
-
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     models.apply_liger_kernels(model, cfg_for(tiny_model_dir, enable_liger_kernel=True))
     assert apply_calls == [{"model": model, "fused_linear_cross_entropy": False, "cross_entropy": False}]
-    # the Qwen2 function takes both switches (Liger drops those an architecture's function lacks)
-    takes = inspect.signature(apply_liger_kernel_to_qwen2).parameters
-    assert {"fused_linear_cross_entropy", "cross_entropy", "model"} <= set(takes)
     apply_calls.clear()
     models.apply_liger_kernels(model, cfg_for(tiny_model_dir))  # off: nothing
     model.config.model_type = "no_such_architecture"  # no kernels in Liger: only the fused loss

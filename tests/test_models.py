@@ -380,7 +380,7 @@ def qlora_model_dir(tiny_tokenizer, tmp_path_factory):
 def bnb_on_cpu(monkeypatch):
     """bitsandbytes (a test dependency, pyproject's test extra) placing quantized models on the CPU
     backend instead of the CUDA GPU `adapters.quantized_device_map` insists on."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # never skipped: a broken install fails
     monkeypatch.setattr(adapters, "quantized_device_map", lambda bits, key: {"": "cpu"})
     # bitsandbytes' CPU backend repacks 4-bit weights for AVX512-BF16 inference at the first eval
     # forward and then cannot train on them; a CPU-only path that CUDA does not have

@@ -34,34 +34,27 @@ def test_non_finite_floats_are_refused_with_key_and_range(name, value):
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"learning_rate": "nan"}, r"^learning_rate must be in \(0, 1e30\] .*; got nan$"),
     ({"learning_rate": 0}, r"^learning_rate must be in \(0, 1e30\] \(fine-tuning uses about 1e-6 to 1e-4\); got 0"),
-    ({"learning_rate": 1e39}, r"^learning_rate must be in \(0, 1e30\]"),
     ({"warmup_steps": -5}, r"^warmup_steps must be at least 0; got -5$"),
     ({"warmup_ratio": -0.1}, r"^warmup_ratio must be in \[0, 1\); got -0.1$"),
-    ({"seed": -1}, r"^seed must be an integer in \[0, 4294967295\] \(numpy's seed range\); got -1$"),
     ({"seed": 2 ** 40}, r"^seed must be an integer in"),
-    ({"adam_beta1": 1.0}, r"^adam_beta1 must be in \[0, 1\); got 1.0$"),
     ({"adam_beta2": -0.1}, r"^adam_beta2 must be in \[0, 1\)"),
-    ({"adam_epsilon": 0}, r"^adam_epsilon must be a positive number; got 0"),
     ({"weight_decay": -0.01}, r"^weight_decay must be a number >= 0; got -0.01$"),
     ({"max_grad_norm": -1}, r"^max_grad_norm must be a number >= 0 \(0 turns clipping off\); got -1"),
     ({"num_train_epochs": -1, "max_steps": 10}, r"^num_train_epochs must be a number >= 0; got -1"),
     ({"max_steps": -2}, r"^max_steps must be at least -1 \(-1 or 0: num_train_epochs decides\); got -2$"),
     ({"val_size": 1.5}, r"^val_size must be a number >= 0 \(a share in \(0, 1\) or a count >= 1\); got 1.5$"),
     ({"val_size": -0.2}, r"^val_size must be"),
-    ({"per_device_train_batch_size": 0}, r"^per_device_train_batch_size must be at least 1; got 0$"),
     ({"save_steps": 0}, r"^save_steps must be at least 1; got 0$"),
     ({"logging_steps": -1}, r"^logging_steps must be at least 1"),
     ({"lora_dropout": 1.0}, r"^lora_dropout must be in \[0, 1\)"),
     ({"top_p": 0}, r"^top_p must be in \(0, 1\]"),
     ({"skip_nonfinite_steps": -1}, r"^skip_nonfinite_steps must be at least 0"),
-    ({"lr_scheduler_kwargs": {"min_lr_rate": float("nan")}}, r"^lr_scheduler_kwargs: NaN and infinity"),
     ({"loss_weights": [1.0, float("inf")], "pref_loss": "sigmoid,sft"}, r"^loss_weights: NaN and infinity"),
     ({"learning_rate": True}, r"'learning_rate' got True; expected float"),
-    ({"seed": 1.5}, r"'seed' got 1.5; expected int"),
 ])
 def test_bad_numbers_give_one_line_naming_key_value_and_range(raw, message):
+    """More bad values, given on the command line: test_hostile_numbers.py (a case is in one file or the other)."""
     with pytest.raises(ConfigError, match=message):
         from_dict(raw)
 
@@ -127,6 +120,7 @@ def test_defaults_pass():
 
 
 # --- run time: non-finite steps (preftune/runtime.py) ---------------------------------------------
+# (a learning rate that makes the loss non-finite, end to end through the CLI: test_hostile_numbers.py)
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -163,25 +157,6 @@ def inject_inf_gradient(monkeypatch, at_call: int):
         return real(self, parameters, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
-
-
-def test_an_infinite_learning_rate_stops_at_the_first_non_finite_step(tmp_path, tiny_model_dir):
-    cfg = small_run(tmp_path, tiny_model_dir, learning_rate=1e30, save_steps=1, save_total_limit=10)
-    with pytest.raises(runtime.NonFiniteStep) as err:
-        train_mod.train(cfg)
-    message = str(err.value)
-    step = int(message.split("training stopped at step ")[1].split(":")[0])
-    assert step >= 2 and "Likely cause: learning_rate 1e+30 is far too high" in message and "\n" not in message
-    out = tmp_path / "out"
-    assert not (out / "model.safetensors").exists()  # no final model
-    assert f"the last good checkpoint is {out / f'checkpoint-{step - 1}'}" in message
-    assert not (out / f"checkpoint-{step}").exists()
-    weights = load_file(out / f"checkpoint-{step - 1}" / "model.safetensors")
-    assert all(torch.isfinite(w).all() for w in weights.values())
-    summary = json.loads((out / "dpo_metrics" / "summary.json").read_text())
-    assert summary["status"].startswith(f"failed: non-finite") and summary["status"].endswith(f"at step {step}")
-    logged = [r["step"] for r in json.loads((out / "dpo_metrics" / "log_history.json").read_text())]
-    assert logged == list(range(1, step))  # every finite step's row, live
 
 
 def test_an_injected_infinite_gradient_stops_the_run_naming_the_step(tmp_path, tiny_model_dir, monkeypatch):

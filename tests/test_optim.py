@@ -26,12 +26,8 @@ def test_every_optimizer_takes_a_step(optim):
     model = tiny()
     optimizer = make_optimizer(model, from_dict({"optim": optim, "learning_rate": 1e-2, "weight_decay": 0.1}))
     before = [p.detach().clone() for p in model.parameters()]
-    try:
-        model(torch.randn(3, 4)).pow(2).sum().backward()
-        optimizer.step()
-    except (RuntimeError, NotImplementedError) as e:  # bitsandbytes' optimizers need a GPU
-        assert "bnb" in optim or "paged" in optim, e
-        pytest.skip(f"{optim}: {str(e).splitlines()[0]}")
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    optimizer.step()  # bitsandbytes' (8-bit, paged) too: the test extra's bitsandbytes steps on a CPU
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     decays = sorted(g["weight_decay"] for g in optimizer.param_groups)
     assert decays == [0.0, 0.1]  # no decay on biases and norm weights

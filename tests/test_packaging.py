@@ -54,13 +54,13 @@ def test_pip_install_keeps_the_installed_torch_and_the_package_runs(tmp_path):
     (site / "base.pth").write_text(str(base_site) + "\n")
     py = venv / "bin" / "python"
     install = subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", str(src)],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=1800)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     installed = [line for line in install.stdout.splitlines() if line.startswith("Successfully installed")]
     assert installed and " torch-" not in installed[0], installed  # the torch that was there is kept
     out = tmp_path / "run"
     run = subprocess.run([str(venv / "bin" / "preftune"), "train", "--max_steps", "2", "--output_dir", str(out)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1800,
                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                               "HOME": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 from accelerate import Accelerator
+from stand_ins import bind
 
 from preftune import cache as cache_mod
 from preftune import models
@@ -147,12 +148,16 @@ def test_cache_key_changes_with_model_data_and_precision(tmp_path, tiny_tokenize
 def test_hub_id_is_keyed_by_its_commit(monkeypatch):
     import huggingface_hub
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda name, **kw: f"/cache/models--org--m/snapshots/{'a' * 40 if name == 'org/m' else 'b' * 40}")
+    def snapshot_download(*args, **kwargs):  # bound to huggingface_hub's signature (tests/stand_ins.py)
+        name = bind("huggingface_hub", "snapshot_download", *args, **kwargs)["repo_id"]
+        return f"/cache/models--org--m/snapshots/{'a' * 40 if name == 'org/m' else 'b' * 40}"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert cache_mod.model_fingerprint("org/m") == "hub:org/m@" + "a" * 40
     assert cache_mod.model_fingerprint("org/m") != cache_mod.model_fingerprint("org/other")
 
-    def offline(name, **kw):
+    def offline(*args, **kwargs):
+        bind("huggingface_hub", "snapshot_download", *args, **kwargs)
         raise OSError("We have no connection or you passed local_files_only")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)

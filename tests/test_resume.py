@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from paused import paused_preftune
 from safetensors.torch import load_file
 
 from preftune import best as best_model, checkpoints
@@ -174,24 +175,6 @@ def test_resume_errors_name_what_is_missing(tmp_path, tiny_model_dir):
     assert MetricsLog(from_dict(raw)).resumed_from is None
 
 
-# `python -m preftune`, with a pause after every optimizer step (the numbers are untouched)
-SLOW_STEPS = """
-import sys, time
-import torch
-from preftune.cli import main
-
-step = torch.optim.AdamW.step
-
-def slow_step(self, *args, **kwargs):
-    out = step(self, *args, **kwargs)
-    time.sleep(0.5)
-    return out
-
-torch.optim.AdamW.step = slow_step
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 CLI = [sys.executable, "-m", "preftune", "train"]
 
 
@@ -209,26 +192,26 @@ def cli_runs(tmp_path, model_dir):
     return env, config
 
 
-def wait_for(path, proc, seconds: float = 120) -> None:
-    """Until `path` exists (a checkpoint in place), the process ends, or `seconds` pass."""
-    deadline = time.time() + seconds
-    while not path.is_dir() and proc.poll() is None and time.time() < deadline:
+def wait_for(path, proc, seconds: float = 1800) -> None:
+    """Until `path` exists (a checkpoint in place), the process ends, or `seconds` pass (a guard against a
+    hang only: the paused run waits for the test, however long the machine takes to get there)."""
+    deadline = time.monotonic() + seconds
+    while not path.is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
 @pytest.mark.slow
 def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     """A real kill: `python -m preftune train cfg.yaml` is SIGKILLed after checkpoint-3 is in place and
-    before the run ends, then resumed with resume_from_checkpoint: true; its outputs equal those of an
-    uninterrupted run of the same command. Both runs are subprocesses with the same environment."""
+    before the run ends (it is held after step 4), then resumed with resume_from_checkpoint: true; its
+    outputs equal those of an uninterrupted run of the same command. Both runs are subprocesses with the
+    same environment."""
     env, config = cli_runs(tmp_path, tiny_model_dir)
 
     out = tmp_path / "killed"
-    # the same command, each optimizer step followed by 0.5 s of sleep (~5 s of steps): the kill lands
-    # well before the end
-    slowed = [sys.executable, "-c", SLOW_STEPS, "train"]
-    proc = subprocess.Popen(slowed + [config("killed")], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    script, _ = paused_preftune(tmp_path, after_step=4)  # the same command, held after step 4 until killed
+    proc = subprocess.Popen([sys.executable, script, "train", config("killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(out / "checkpoint-3", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -238,7 +221,7 @@ def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     subprocess.run(CLI + [config("killed", resume_from_checkpoint=True)], env=env, check=True,
                    capture_output=True)
     summary = assert_same_run(out, tmp_path / "uninterrupted")
-    assert summary["resumed_from"]["step"] in (3, 6, 9)  # the latest checkpoint (3 unless the kill came late)
+    assert summary["resumed_from"]["step"] == 3  # the latest checkpoint
 
 
 def test_resume_refuses_a_different_data_order(tmp_path, tiny_model_dir, uninterrupted):
@@ -305,17 +288,19 @@ def test_a_signal_stops_after_the_step_and_the_resume_is_exact(tmp_path, tiny_mo
 
 @pytest.mark.slow
 def test_sigterm_to_a_cli_run_checkpoints_exits_143_and_resumes_exactly(tmp_path, tiny_model_dir):
-    """A real SIGTERM to `python -m preftune train cfg.yaml` (each step slowed down) after checkpoint-3:
-    the step in progress finishes, a checkpoint of it is written, exit status 143 with one line, the
-    metric files hold every logged step once; resumed, the outputs equal an uninterrupted run's."""
+    """A real SIGTERM to `python -m preftune train cfg.yaml` (held after step 4) after checkpoint-3: the
+    step in progress finishes, a checkpoint of it is written, exit status 143 with one line, the metric
+    files hold every logged step once; resumed, the outputs equal an uninterrupted run's."""
     env, config = cli_runs(tmp_path, tiny_model_dir)
 
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, "train", config("stopped")], env=env,
+    script, go = paused_preftune(tmp_path, after_step=4)
+    proc = subprocess.Popen([sys.executable, script, "train", config("stopped")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(out / "checkpoint-3", proc)
     proc.send_signal(signal.SIGTERM)
-    stderr = proc.communicate(timeout=120)[1]
+    go.touch()  # the run goes on from step 4: the signal is in before it could end
+    stderr = proc.communicate(timeout=1800)[1]  # a guard against a hang only
     assert proc.returncode == 143, stderr[-2000:]
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stand_ins import bind
 from test_models import batch, cfg_for  # noqa: F401  (batch: a fixture)
 from test_train import tiny_config
 
@@ -77,7 +78,12 @@ def test_torch_compile_compiles_the_backbones_with_dynamic_shapes(tiny_model_dir
     from preftune.models import load_policy, load_reference
 
     calls = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+
+    def compile_module(self, *args, **kwargs):  # nn.Module.compile hands its arguments on to torch.compile
+        bind("torch", "compile", self, *args, **kwargs)  # its signature (tests/stand_ins.py): a wrong keyword fails
+        calls.append((type(self).__name__, kwargs))
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_module)
     cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "torch_compile": True,
                      "torch_compile_mode": "max-autotune"})
     load_policy(cfg)

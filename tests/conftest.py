@@ -7,8 +7,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from preftune.demo import build_model, build_tokenizer, make_pairs  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests that compare with a 2-process run set one thread per process; the next test gets the count back
+    (a thread count changes float reduction order, and so borderline results of the tests after it)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

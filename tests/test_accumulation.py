@@ -3,7 +3,6 @@ step of one batch of 8 (per-step metrics and final weights), with gradient clipp
 step and an epoch whose last batch is short, so that a step never runs on past the end of an epoch."""
 
 import pytest
-import torch
 
 from preftune import train as train_mod
 from preftune.config import from_dict
@@ -11,7 +10,6 @@ from test_distributed import COMPARED, history, raw_config, same_weights
 
 
 def test_four_accumulated_micro_batches_equal_one_batch_of_their_pairs(tmp_path, tiny_model_dir):
-    torch.set_num_threads(1)
     # 33 pairs: batches of 8 are 8, 8, 8, 8, 1 per epoch; micro-batches of 2 are 16 x 2 and 1, so the fifth
     # step of each epoch holds one micro-batch of one pair. 7 steps run into the second epoch.
     over = {"max_grad_norm": 0.05, "max_steps": 7, "eval_steps": 5}

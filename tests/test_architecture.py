@@ -130,12 +130,12 @@ def test_building_blocks_know_no_engine(name):
 
 def test_no_flags_ride_on_model_objects():
     """What an engine needs to remember about a model it keeps itself: no module sets or reads preftune's own
-    attributes on a model (`model.preftune_x`, `setattr(model, NAME, ...)`); the one mark is on parameters,
+    attributes on a model (`model.preftune_x`, `setattr(model, NAME, ...)`, `hasattr`); the one mark is on parameters,
     models.LOADED_DTYPE (the dtype a trainable weight was loaded in)."""
     for path in MODULES:
         code = code_of(path)
         attributes = re.findall(r"(?<=[\w)\]])\.preftune_\w+", code)
-        named = set(re.findall(r"\b[sgh]etattr\(\s*[\w.]+\s*,\s*('preftune_\w+'|[A-Z_]+)", code))
+        named = set(re.findall(r"\b(?:setattr|hasattr)\(\s*[\w.]+\s*,\s*('preftune_\w+'|[A-Z_]+)", code))
         assert not attributes and named <= {"LOADED_DTYPE"}, (module_name(path), attributes, named)
 
 

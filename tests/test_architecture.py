@@ -19,7 +19,7 @@ LAYERS = [
     {"optim", "guard", "hub"},
     {"config", "config.names", "config.schema", "config.compat", "config.validation", "config.command_line",
      "config.load", "data.readers", "data.records", "data.registry", "data.load", "data", "adapters", "labels"},
-    {"tokenization", "models", "checkpoints.folders", "report", "tracking"},
+    {"tokenization", "models", "saved", "checkpoints.folders", "report", "tracking"},
     {"checkpoints.weights", "checkpoints.save", "checkpoints.resume", "checkpoints", "best", "final", "cache",
      "batching", "demo"},
     {"engines.single", "engines.ddp", "engines.fsdp", "engines.zero", "engines", "evaluate", "generate", "rewards"},

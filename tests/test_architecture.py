@@ -114,7 +114,7 @@ def test_the_loop_calls_only_the_engine_surface():
     for engine in (DataParallel, FSDP2, ZeRO):
         assert issubclass(engine, OneProcess)
     surface = set(dir(OneProcess(cfg=None, accelerator=None)))  # (its attributes set in __init__ included)
-    for name in ("train", "reference", "evaluate", "best", "checkpoints/save", "checkpoints/resume"):
+    for name in ("train", "reference", "evaluate", "step", "best", "checkpoints/save", "checkpoints/resume"):
         used = set(re.findall(r"\bengine\.(\w+)", (PACKAGE / f"{name}.py").read_text()))
         assert used and used <= surface, (name, used - surface)
 

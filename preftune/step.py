@@ -81,7 +81,7 @@ class PreferenceStep:
     def __init__(self, cfg, engine=None):
         self.loss, self.engine = configured_loss(cfg), engine
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
-        # enable_liger_kernel: one of Liger's DPO losses (config.py refuses the rest), fused with the LM head
+        # enable_liger_kernel: one of Liger's DPO losses (the config refuses the rest), fused with the LM head
         self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
             if cfg.enable_liger_kernel else None
         if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
@@ -200,7 +200,7 @@ class UnpairedStep:
 
 
 class SFTStep:
-    """sft: B examples (prompt, completion), each the chosen side of a tokenized pair (data.py reads
+    """sft: B examples (prompt, completion), each the chosen side of a tokenized pair (the data package reads
     every SFT shape into that form), scored in one forward; the loss is the negative log-likelihood of
     the completion tokens, averaged over all completion tokens of the micro-batch as transformers'
     Trainer does (a long completion weighs more than a short one). Each example's share is returned

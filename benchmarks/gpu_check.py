@@ -324,7 +324,7 @@ class Check:
     def sharded(self, name: str, engine: dict):
         """`accelerate launch` with a sharded-engine config around `preftune train`, 2 steps on the tiny model,
         one process per GPU (smoke: 2 CPU processes over gloo): the row says over how many processes FSDP2
-        (e2, preftune/sharding.py) or ZeRO-3 (e3, preftune/zero.py) sharded the policy and the reference."""
+        (e2, preftune/engines/fsdp.py) or ZeRO-3 (e3, preftune/engines/zero.py) sharded the policy and the reference."""
         processes = 2 if self.smoke else max(1, self.env.get("device_count", 1))
         config = {"compute_environment": "LOCAL_MACHINE", **engine, "mixed_precision": "bf16",
                   "num_machines": 1, "num_processes": processes, "machine_rank": 0, "main_training_function": "main",

@@ -19,11 +19,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from peft.utils import ModulesToSaveWrapper
 
 from preftune.errors import ConfigError, ModelError
 
@@ -31,12 +30,21 @@ TRAINED_ADAPTER = "default"  # peft's name for the adapter it creates or loads f
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a starting adapter (the SFT model)
 
 
+def is_peft_model(model) -> bool:
+    """Whether `model` is a peft model. peft is imported only by a run that makes one (it costs seconds and,
+    with bitsandbytes installed, its kernels): a model cannot be one while peft is not imported."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 def split_names(value: str | None) -> list[str]:
     """A comma list of names or paths as a list (empty for None)."""
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def _load_adapter(model, path: str, key: str, **kwargs) -> PeftModel:
+def _load_adapter(model, path: str, key: str, **kwargs):
+    from peft import PeftModel
+
     if not (Path(path).expanduser() / "adapter_config.json").is_file() and path.startswith((".", "/", "~")):
         raise ModelError(f"{key}: '{path}' is not an adapter folder (no adapter_config.json)")
     try:
@@ -85,7 +93,7 @@ def quantization_config(bits: int, key: str, torch_dtype):
                               bnb_4bit_compute_dtype=compute)
 
 
-def apply_lora(model, cfg, reference_adapter: bool) -> PeftModel:
+def apply_lora(model, cfg, reference_adapter: bool):
     """The policy as a peft model whose only trainable weights are the LoRA adapter
     (plus `additional_target` modules).
 
@@ -93,6 +101,8 @@ def apply_lora(model, cfg, reference_adapter: bool) -> PeftModel:
     own rank and targets; the lora_* keys then do not apply). With `reference_adapter`, a
     frozen copy of c is loaded too, for the reference (module docstring).
     """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs
@@ -154,6 +164,8 @@ def apply_freeze(model, cfg) -> None:
 
 def _reference_head(head: torch.nn.Module, adapter: str | None) -> torch.nn.Module:
     """The LM head as the reference sees it: the original one when `additional_target` trains a copy."""
+    from peft.utils import ModulesToSaveWrapper
+
     if isinstance(head, ModulesToSaveWrapper):
         return head.modules_to_save[adapter] if adapter in head.modules_to_save else head.original_module
     return head
@@ -178,7 +190,7 @@ class AdapterReference:
     Not an nn.Module on purpose: it holds no weights of its own, so nothing prepares, moves or
     saves it twice."""
 
-    def __init__(self, policy: PeftModel, adapter: str | None = None):
+    def __init__(self, policy, adapter: str | None = None):
         self.policy, self.adapter = policy, adapter
         self.config = policy.config
 

@@ -50,7 +50,7 @@ class BatchLogps(NamedTuple):
 
 class FusedDPO(NamedTuple):
     """enable_liger_kernel: which of Liger's DPO losses `fused_dpo_logps` computes, with its hyperparameters
-    (Liger's names are preftune's pref_loss names for the losses it has; config.py says which)."""
+    (Liger's names are preftune's pref_loss names for the losses it has; the config says which: config/names.py)."""
     loss_type: str
     beta: float
     label_smoothing: float = 0.0
@@ -274,7 +274,7 @@ def fused_dpo_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     return_hidden: bool = False) -> BatchLogps:
     """enable_liger_kernel: the policy's summed log-probs (2B,), detached, and its DPO loss through Liger's
     fused linear DPO loss, from the backbone's last hidden states and the LM head's weight, given the
-    reference's log-probs (2B,) (a live pass or precomputed). Padded rows only (config.py refuses the
+    reference's log-probs (2B,) (a live pass or precomputed). Padded rows only (the config refuses the
     other layouts). Liger projects whole rows, prompt and padding included, computes the gradient of the
     hidden states and the LM head in this forward pass, and keeps only that: the (rows, T, vocab)
     logits of b pairs exist at once, b = chunk_size // (2 T) (at least 1), so logps_chunk_size bounds the

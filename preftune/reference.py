@@ -34,8 +34,10 @@ replaced, never trusted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
+from pathlib import Path
 
 import torch
 import transformers
@@ -202,6 +204,34 @@ def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None
     runner = engine.prepare_reference(model, chunk_size) if engine is not None else None
     return policy, Reference(model, chunk_size=chunk_size, runner=runner,
                              description=f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model")
+
+
+# --- the reference a finished run trained against (eval, export) ---------------------------------------
+
+
+def run_reference(run_cfg) -> list[str] | None:
+    """The reference the run that `run_cfg` configured trained against, as [model, adapters merged into it...]:
+    what `load_models` loads as a separate reference (`models.reference_name`, `models.reference_adapters`:
+    ref_model + ref_model_adapters, else the starting model, which for a LoRA run from adapter_name_or_path
+    is base + those adapters). None without a run, or when a part is not a local folder (a hub id: eval and
+    export do not download)."""
+    if run_cfg is None:
+        return None
+    parts = [reference_name(run_cfg)[0], *split_names(reference_adapters(run_cfg))]
+    missing = [p for p in parts if not Path(p).expanduser().is_dir()]
+    if missing:
+        log.warning("the run's reference needs %s, not a folder here: accuracy is measured by log-probs alone "
+                    "(pass --ref for the implicit reward)", ", ".join(missing))
+        return None
+    return parts
+
+
+def load_run_reference(run_cfg):
+    """`run_reference`'s model, built as training builds a separate reference (`models.load_reference`),
+    unquantized and with transformers' default attention: eval and export measure on this machine, which
+    may lack the GPU that a 4/8-bit reference or flash attention needs."""
+    return load_reference(dataclasses.replace(run_cfg, ref_model_quantization_bit=None, attn_implementation=None,
+                                              flash_attn="auto"))
 
 
 def _checked_policy(cfg, tokenizer, reference_adapter: bool = False, read_weights: bool = True):

@@ -1,6 +1,6 @@
 """One step of an objective: a collated batch in, per-example losses and the TRL-named statistics out.
 
-    step = STEPS[cfg.objective](cfg, engine.gathered)   # dpo: preference pairs; kto: unpaired examples; sft
+    step = STEPS[cfg.objective](cfg, engine)            # dpo: preference pairs; kto: unpaired examples; sft
     items = step.tokenize(tokenizer, examples, cfg, report)
     batch = step.collate(items, pad_id, index)
     out = step(policy_logps, reference, batch, kl=True)  # StepOutput(losses, stats, kl)
@@ -9,7 +9,8 @@ The training loop and the evaluator see only this interface: how an objective to
 collates it, scores it under the policy and the reference and turns that into a loss is its own
 business. A step's loss may keep running state (BCO's reward shift); `state_dict` /
 `load_state_dict` carry it through checkpoints. A new objective is one more class and one more entry
-of `STEPS`. `gathered` (the engine's, handed in) gives the KL the whole LM heads of sharded models.
+of `STEPS`. The run's engine (engines/) is handed in for the KL: it finds the log-prob module inside its
+wrapper and gathers the LM heads of sharded models (None: one process, nothing wrapped or sharded).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 
 from preftune.batching import collate, collate_chosen, collate_packed, collate_shared, collate_unpaired
 from preftune.cache import tokenize_cached
@@ -48,15 +48,11 @@ def configured_loss(cfg):
                      pref_ftx=cfg.pref_ftx, pref_bco_weight=cfg.pref_bco_weight)
 
 
-def _no_gathering(*modules):
-    return contextlib.nullcontext()
-
-
-def _kl(policy_logps, reference, policy_hidden, reference_hidden, max_tokens, gathered):
-    """KL to the reference from the hidden states both forward passes already produced; `gathered`: the
-    engine's, which makes the LM heads of sharded models whole for it."""
-    root = extract_model_from_parallel(policy_logps)  # the `LogpsModule` inside an engine's wrapper
-    with gathered(policy_logps, reference.runner):
+def _kl(policy_logps, reference, policy_hidden, reference_hidden, max_tokens, engine):
+    """KL to the reference from the hidden states both forward passes already produced; the `engine` makes
+    the LM heads of sharded models whole for it."""
+    root = engine.unwrap(policy_logps) if engine is not None else policy_logps  # the `LogpsModule` itself
+    with engine.gathered(policy_logps, reference.runner) if engine is not None else contextlib.nullcontext():
         return completion_kl(root.model, reference.model, policy_hidden, reference_hidden, reference.chunk_size,
                              max_tokens, root.call_head)
 
@@ -82,10 +78,10 @@ class PreferenceStep:
     unit = "pairs"
     collate = staticmethod(collate)
 
-    def __init__(self, cfg, gathered=_no_gathering):
-        self.loss, self.gathered = configured_loss(cfg), gathered
+    def __init__(self, cfg, engine=None):
+        self.loss, self.engine = configured_loss(cfg), engine
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
-        # enable_liger_kernel: one of Liger's DPO losses (config.py refuses the rest), fused with the LM head
+        # enable_liger_kernel: one of Liger's DPO losses (the config refuses the rest), fused with the LM head
         self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
             if cfg.enable_liger_kernel else None
         if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
@@ -140,7 +136,7 @@ class PreferenceStep:
             "nll_loss": chosen_nll(policy_chosen_logps.detach(), chosen_lengths),  # per chosen token, TRL's CPO/ORPO name
         }
         kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens,
-                       self.gathered) if kl else None
+                       self.engine) if kl else None
         return StepOutput(losses, stats, kl_stats)
 
     def state_dict(self) -> dict:
@@ -161,8 +157,8 @@ class UnpairedStep:
     unit = "examples"
     collate = staticmethod(collate_unpaired)
 
-    def __init__(self, cfg, gathered=_no_gathering):
-        self.loss, self.beta, self.gathered = configured_loss(cfg), cfg.pref_beta, gathered
+    def __init__(self, cfg, engine=None):
+        self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
 
     @staticmethod
     def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
@@ -193,7 +189,7 @@ class UnpairedStep:
         if labels.any():
             stats["nll_loss"] = chosen_nll(policy_logps.detach()[labels], lengths[labels])
         kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens,
-                       self.gathered) if kl else None
+                       self.engine) if kl else None
         return StepOutput(losses, stats, kl_stats)
 
     def state_dict(self) -> dict:
@@ -204,7 +200,7 @@ class UnpairedStep:
 
 
 class SFTStep:
-    """sft: B examples (prompt, completion), each the chosen side of a tokenized pair (data.py reads
+    """sft: B examples (prompt, completion), each the chosen side of a tokenized pair (the data package reads
     every SFT shape into that form), scored in one forward; the loss is the negative log-likelihood of
     the completion tokens, averaged over all completion tokens of the micro-batch as transformers'
     Trainer does (a long completion weighs more than a short one). Each example's share is returned
@@ -213,8 +209,8 @@ class SFTStep:
 
     unit = "examples"
 
-    def __init__(self, cfg, gathered=_no_gathering):
-        self.padding_free = cfg.padding_free  # (no reference, no KL: nothing to gather)
+    def __init__(self, cfg, engine=None):
+        self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):

@@ -104,7 +104,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     metrics.planned_steps = total_steps
     scheduler = make_scheduler(optimizer, cfg, total_steps)  # on the groups the prepared optimizer steps with
-    train_step = Step(cfg, engine.gathered)
+    train_step = Step(cfg, engine)
     pad_id = tokenizer.pad_token_id
     train_reference = reference.on("train")
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
@@ -113,7 +113,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     def evaluation(step: int) -> dict:  # fresh steps: an evaluation pass keeps no loss state of training's
         row = {}
         for name, items in eval_items.items():  # eval_* for the validation set, eval_<name>_* for the others
-            row.update(evaluate(Step(cfg, engine.gathered), policy_logps, reference.on(name), items,
+            row.update(evaluate(Step(cfg, engine), policy_logps, reference.on(name), items,
                                 cfg.eval_batch_size, pad_id, engine,
                                 prefix="eval_" if name == "validation" else f"eval_{name}_"))
         if cfg.generate_during_eval and engine.is_main:  # what the policy writes now

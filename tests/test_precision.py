@@ -301,7 +301,7 @@ def test_flash_attention_2_without_the_package_is_one_line(bf16_model_dir, raw, 
 
 def test_export_measures_a_flash_attention_run_with_the_default_attention(bf16_model_dir):
     """A run's config may ask for fa2; export re-reads it on a machine that may lack flash-attn."""
-    from preftune.commands.export import load_run_reference
+    from preftune.reference import load_run_reference
 
     reference = load_run_reference(from_dict({"model_name_or_path": str(bf16_model_dir), "flash_attn": "fa2"}))
     assert reference.config._attn_implementation != "flash_attention_2"

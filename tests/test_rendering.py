@@ -244,7 +244,7 @@ def test_sample_and_eval_take_the_template_of_the_run_that_wrote_the_model(tmp_p
 
     import preftune.generate
     from preftune.commands import sample as sample_cmd
-    from preftune.commands.export import run_config, with_run_template
+    from preftune.saved import run_config, with_run_template
     from preftune.models import load_tokenizer
 
     model_dir = tmp_path / "run"

@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from preftune.adapters import TRAINED_ADAPTER
+from preftune.adapters import TRAINED_ADAPTER, is_peft_model
 from preftune.errors import ModelError
 from preftune.checkpoints.folders import saving
 from preftune.files import fresh_tmp_dir, replace_dir, write_atomic
@@ -29,7 +28,7 @@ def save_weights(model, folder: Path, merge: bool = False, state_dict: dict | No
     not part of the result). merge=True writes a peft model as merged full weights instead; that
     merges in place, so the peft model is spent afterwards. state_dict: the weights to write in
     place of the model's own (a sharded model's, gathered by its engine: `whole_weights`)."""
-    if not isinstance(model, PeftModel):
+    if not is_peft_model(model):
         model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         if state_dict:  # config.json names the dtype of the model's own parameters, which a sharding engine
             _config_dtype(folder, state_dict)  # may hold in another (DeepSpeed's bf16): name the saved one
@@ -83,7 +82,9 @@ def _model_files(folder: Path) -> dict[str, torch.Tensor]:
 def load_weights_into(model, folder: Path) -> None:
     """Load the safetensors weights `save_pretrained` wrote in `folder` into `model` (same architecture),
     which holds its whole weights; for a peft model, the trained adapter it saved (`save_weights`)."""
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(model, load_file(_adapter_file(model, folder)), TRAINED_ADAPTER)
         if result.unexpected_keys:
             raise ModelError(f"adapter in {folder} does not match the policy: unexpected {result.unexpected_keys[:3]}")
@@ -99,7 +100,7 @@ def load_weights_into(model, folder: Path) -> None:
 def read_weights(model, folder: Path) -> dict[str, torch.Tensor]:
     """The whole weights `folder` holds, named as `model`'s parameters are (a peft model: its trained
     adapter's), for an engine that scatters them into shards itself."""
-    if not isinstance(model, PeftModel):
+    if not is_peft_model(model):
         return _model_files(folder)
     # peft saves the adapter's weights without the adapter's name: lora_A.weight for lora_A.default.weight
     state = {re.sub(r"\.(lora_[A-Za-z_]+)\.", rf".\1.{TRAINED_ADAPTER}.", k): v

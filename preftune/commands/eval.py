@@ -46,8 +46,8 @@ batch.
 def _load(name: str, cfg):
     """A model folder as it is (a LoRA adapter folder merged into its base) or a hub id; and the run
     config its folder holds, if any."""
-    from preftune.commands.export import load_full, run_config
     from preftune.models import load_model
+    from preftune.saved import load_full, run_config
 
     folder = Path(name).expanduser()
     if folder.is_dir():
@@ -59,7 +59,7 @@ def _load(name: str, cfg):
 def _reference(cfg, run_cfg, cache: dict):
     """(name, model) of the reference: ref_model, else the run's own; None when neither is known.
     Loaded once for every model that shares it."""
-    from preftune.commands.export import load_run_reference, run_reference
+    from preftune.reference import load_run_reference, run_reference
 
     if cfg.ref_model:
         name = cfg.ref_model
@@ -208,7 +208,7 @@ def run(cfg) -> dict:
 
 
 def _evaluate(cfg, names: list[str], out: Path) -> dict:
-    from preftune.commands.export import with_run_template
+    from preftune.saved import with_run_template
     from preftune.models import check_vocabulary, load_tokenizer
 
     tokenizer = load_tokenizer(names[0], cfg.trust_remote_code)

@@ -23,7 +23,6 @@ trained against (`models.load_reference`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING
 from preftune.config import TrainConfig, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.files import fresh_tmp_dir, replace_dir
+from preftune.saved import adapter_base, is_adapter, load_folder, load_full, merged_adapter, run_config
 
 if TYPE_CHECKING:  # for the annotations only: torch is imported where a function needs it, after the config is read
     import torch
@@ -60,105 +60,17 @@ def weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
 
 
-def _is_adapter(folder: Path) -> bool:
-    """A peft LoRA adapter folder (a save_adapter_only or QLoRA run's output_dir), not a full model."""
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
-
-
 def _check_model_dir(model: str, what: str = "MODEL") -> Path:
     src = Path(model).expanduser()
     if not src.is_dir():
         raise ModelError(f"{what} '{model}' is not a folder; pass the output_dir of a run (or any folder "
                          "saved with save_pretrained)")
-    if not (src / "config.json").is_file() and not _is_adapter(src):
+    if not (src / "config.json").is_file() and not is_adapter(src):
         raise ModelError(f"{what} '{model}' has no config.json (nor adapter_config.json), so it is not a saved "
                          "transformers model or LoRA adapter")
     if not weight_bytes(src):
         raise ModelError(f"{what} '{model}' has no weight files (*.safetensors)")
     return src
-
-
-def _load(folder: Path | str, dtype: str | torch.dtype = "auto", quantization_config=None, what: str = ""):
-    from transformers import AutoModelForCausalLM
-
-    # quantization_config=None would override the one a quantized folder's config.json holds
-    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load {what}'{folder}': {first}") from None
-    return model.eval()
-
-
-def run_config(src: Path):
-    """The resolved config of the run that wrote `src` (its preftune_config.yaml), or None."""
-    path = src / "preftune_config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        return load_config(str(path))
-    except ConfigError as e:  # e.g. written by another preftune version: --data still works
-        log.warning("ignoring %s: %s", path, e)
-        return None
-
-
-def with_run_template(cfg, run_cfg):
-    """cfg, with the `template` of the run that wrote the model (run_cfg) where cfg sets none: a model is
-    sampled and evaluated in the format it was trained in (`--template none` still asks for raw text)."""
-    if cfg.template is not None or run_cfg is None or run_cfg.template is None:
-        return cfg
-    log.info("template: %s, as the run that wrote the model was trained", run_cfg.template)
-    return dataclasses.replace(cfg, template=run_cfg.template)
-
-
-# --- a LoRA adapter as MODEL: merged into its base first ------------------------------------
-
-def adapter_base(src: Path, run_cfg) -> tuple[str, list[str]]:
-    """The base model a LoRA adapter folder applies to, and the adapters to merge into it first.
-
-    The base is adapter_config.json's base_model_name_or_path (peft writes it), else the run's
-    model_name_or_path. A run started from adapter_name_or_path a,b trained on base + a with b
-    continued, so its output adapter applies to base + a: a is merged first (models/adapters do
-    the same when training)."""
-    from preftune.adapters import split_names
-
-    try:
-        base = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{src / 'adapter_config.json'} cannot be read ({e}); is MODEL a peft adapter?") from None
-    base = base or (run_cfg.model_name_or_path if run_cfg else None)
-    if not base:
-        raise ModelError(f"{src / 'adapter_config.json'} names no base_model_name_or_path; set it to the base model "
-                         "the adapter was trained on")
-    if run_cfg is None:
-        log.warning("%s has no preftune_config.yaml: its adapter is merged into %s alone (a run started from "
-                    "several adapters needs the earlier ones merged too)", src, base)
-        return base, []
-    return base, split_names(run_cfg.adapter_name_or_path)[:-1] if run_cfg.finetuning_type == "lora" else []
-
-
-def merged_adapter(src: Path, base: str, earlier: list[str]):
-    """base (+ the earlier adapters) + the adapter in `src`, merged in float32: the full model the
-    adapter stands for, at full precision whatever the run trained on (QLoRA's 4-bit base included)."""
-    import torch
-
-    from preftune.adapters import with_adapters
-
-    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1  # hub ids are 'name' or 'org/name'
-    if looks_local and not Path(base).expanduser().is_dir():
-        raise ModelError(f"MODEL '{src}' is a LoRA adapter on '{base}', which does not exist; put the base model "
-                         f"there or fix base_model_name_or_path in {src / 'adapter_config.json'}")
-    model = _load(base, torch.float32, what=f"the base model of the LoRA adapter in '{src}', ")
-    model = with_adapters(model, earlier, "adapter_name_or_path (preftune_config.yaml)")
-    return with_adapters(model, [str(src)], "MODEL").eval()
-
-
-def load_full(folder: Path, run_cfg=None):
-    """A saved model as it is, or a LoRA adapter folder merged into its base (float32)."""
-    if _is_adapter(folder):
-        return merged_adapter(folder, *adapter_base(folder, run_cfg))
-    return _load(folder)
 
 
 def _quantized_linears(model) -> tuple[int, int]:
@@ -238,35 +150,6 @@ def heldout_pairs(src: Path, run_cfg, data: str | None, dataset_dir: str, max_sa
     return pairs[:max_samples] if max_samples else pairs, source
 
 
-def run_reference(run_cfg) -> list[str] | None:
-    """The reference the run trained against, as [base, adapters merged into it...]
-    (`models.load_reference`'s choice: ref_model + ref_model_adapters, else the starting model,
-    which for a LoRA run from adapter_name_or_path is base + those adapters). None without a run
-    or when a part is not a local folder (a hub id: export does not download)."""
-    from preftune.adapters import split_names
-    from preftune.models import reference_adapters
-
-    if run_cfg is None:
-        return None
-    parts = [run_cfg.ref_model or run_cfg.model_name_or_path, *split_names(reference_adapters(run_cfg))]
-    missing = [p for p in parts if not Path(p).expanduser().is_dir()]
-    if missing:
-        log.warning("the run's reference needs %s, not a folder here: accuracy is measured by log-probs alone "
-                    "(pass --ref for the implicit reward)", ", ".join(missing))
-        return None
-    return parts
-
-
-def load_run_reference(run_cfg):
-    """The run's reference built as training's precompute builds it (`models.load_reference`),
-    unquantized and with transformers' default attention: export measures on this machine, which
-    may lack the GPU that a 4/8-bit reference or flash attention needs."""
-    from preftune.models import load_reference
-
-    return load_reference(dataclasses.replace(run_cfg, ref_model_quantization_bit=None, attn_implementation=None,
-                                              flash_attn="auto"))
-
-
 def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tensor,
             reference: torch.Tensor | None = None) -> dict:
     """Drift and preference accuracy from (N, 2) [chosen, rejected] summed log-probs.
@@ -330,6 +213,7 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
     from preftune.final import add_legacy_rope_keys
     from preftune.logps import LogpsModule
     from preftune.models import check_vocabulary
+    from preftune.reference import load_run_reference, run_reference
     from preftune.tokenization import tokenize_pairs
 
     if not cfg.model_name_or_path:
@@ -344,7 +228,7 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
     quant = _torchao_config() if dtype == "int8" else None  # fail on a missing library before any work
     src = _check_model_dir(model)
     run_cfg = run_config(src)
-    merge = adapter_base(src, run_cfg) if _is_adapter(src) else None  # (base, adapters merged into it first)
+    merge = adapter_base(src, run_cfg) if is_adapter(src) else None  # (base, adapters merged into it first)
     reference = [ref] if ref else run_reference(run_cfg)
     named = src if src.name else src.resolve()  # MODEL '.' has no name to derive the default from
     dest = Path(out).expanduser() if out else named.with_name(f"{named.name}-{dtype}")
@@ -364,12 +248,12 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
             # saved once, so the export and the "before" model are both read from a plain folder
             merged_adapter(src, *merge).save_pretrained(merged, safe_serialization=True)
         weights = merged or src
-        exported = _load(weights, getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else "auto", quant)
+        exported = load_folder(weights, getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else "auto", quant)
         exported.save_pretrained(tmp, safe_serialization=True)  # + generation_config.json
         add_legacy_rope_keys(tmp)  # serving stacks on transformers 4 read the rotary base too
         tokenizer.save_pretrained(tmp)
         del exported
-        reloaded = _load(tmp)  # the folder exactly as a user loads it
+        reloaded = load_folder(tmp)  # the folder exactly as a user loads it
         vocab_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         report = {"model": str(src), "out": str(dest), "dtype": dtype,
                   "method": ("torchao Int8WeightOnlyConfig(PerRow): int8 linear weights, one absmax scale per "
@@ -383,7 +267,7 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
         if pairs:
             tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len, (run_cfg or cfg).template)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
-            original, lengths = pair_logps(LogpsModule(_load(weights), cfg.logps_chunk_size), tokenized, pad_id,
+            original, lengths = pair_logps(LogpsModule(load_folder(weights), cfg.logps_chunk_size), tokenized, pad_id,
                                            batch_size)
             after, _ = pair_logps(LogpsModule(reloaded, cfg.logps_chunk_size), tokenized, pad_id, batch_size)
             reference_logps = None

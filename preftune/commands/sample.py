@@ -122,7 +122,7 @@ def run(cfg) -> dict:
 def _sample(cfg, out: Path) -> dict:
     import torch
 
-    from preftune.commands.export import run_config, with_run_template
+    from preftune.saved import run_config, with_run_template
     from preftune.data import read_prompts
     from preftune.generate import backend, sample, vllm_sample
     from preftune.models import load_model, load_tokenizer

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from preftune.engines.single import OneProcess
 
 
@@ -16,6 +18,10 @@ class DataParallel(OneProcess):
     one writes it)."""
 
     name = "ddp"
+
+    def unwrap(self, policy_logps):
+        return policy_logps.module if isinstance(policy_logps, torch.nn.parallel.DistributedDataParallel) \
+            else policy_logps
 
     @contextlib.contextmanager
     def accumulate(self, policy_logps, sync: bool):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from preftune.adapters import is_peft_model
 from preftune.checkpoints.weights import read_weights
 from preftune.engines.single import OPTIMIZER_FILE, OneProcess
 from preftune.errors import ConfigError, ModelError
@@ -165,12 +166,11 @@ class FSDP2(OneProcess):
                 root.reshard()
 
     def whole_weights(self, model, loaded_dtypes: bool = False) -> dict[str, torch.Tensor]:
-        from peft import PeftModel
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # a LoRA model is saved as its adapter: the frozen base is not gathered at all
         options = StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                   ignore_frozen_params=isinstance(model, PeftModel))
+                                   ignore_frozen_params=is_peft_model(model))
         return self.as_saved(model, get_model_state_dict(model, options=options), loaded_dtypes)
 
     def load_weights(self, model, folder: Path) -> None:

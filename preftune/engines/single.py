@@ -91,8 +91,9 @@ class OneProcess:
         return self.accelerator.prepare(policy_logps, make_optimizer())
 
     def unwrap(self, policy_logps):
-        """The log-prob module without the wrapper `prepare` may have put around it."""
-        return self.accelerator.unwrap_model(policy_logps)
+        """The log-prob module without the wrapper `prepare` may have put around it (itself when unwrapped).
+        Not accelerate's unwrap_model: it imports DeepSpeed (and its trackers) wherever it is installed."""
+        return policy_logps
 
     # --- a step ----------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from preftune.adapters import is_peft_model
 from preftune.checkpoints.weights import read_weights
 from preftune.engines.single import OneProcess
 from preftune.errors import ConfigError
@@ -255,6 +256,9 @@ class ZeRO(OneProcess):
         self.policy_engine = engine
         return engine, optimizer
 
+    def unwrap(self, policy_logps):
+        return getattr(policy_logps, "module", policy_logps)  # a DeepSpeedEngine holds it as .module
+
     @contextlib.contextmanager
     def accumulate(self, policy_logps, sync: bool):
         # the engine reduces the gradients in the backward of the step's last micro-batch
@@ -299,10 +303,9 @@ class ZeRO(OneProcess):
         fp32 master copies), in the dtypes it had before the engine. ZeRO-3 weights are gathered one at a
         time, so no process ever holds the whole model; a LoRA model: only its trained adapter."""
         from deepspeed import zero
-        from peft import PeftModel
 
         self._settle()
-        ignore_frozen = isinstance(model, PeftModel)
+        ignore_frozen = is_peft_model(model)
         state, seen = {}, set()
         for name, param in model.named_parameters():
             if id(param) in seen or (ignore_frozen and not param.requires_grad):

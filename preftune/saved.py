@@ -1,0 +1,107 @@
+"""What a run saved, read back: a model folder (a LoRA adapter folder merged into its base), the config
+the run wrote beside it, and the template it was trained in. eval, export and sample read the models
+they are given through this; the reference a run trained against is reference.py's (`run_reference`).
+
+    run_cfg = run_config(folder)                # its preftune_config.yaml, or None
+    model = load_full(folder, run_cfg)          # as saved, or base + adapter merged in float32
+    cfg = with_run_template(cfg, run_cfg)       # sampled and scored in the format it was trained in
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from preftune.config import load_config
+from preftune.errors import ConfigError, ModelError
+
+log = logging.getLogger("preftune")
+
+
+def is_adapter(folder: Path) -> bool:
+    """A peft LoRA adapter folder (a save_adapter_only or QLoRA run's output_dir), not a full model."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def load_folder(folder: Path | str, dtype="auto", quantization_config=None, what: str = ""):
+    """A saved transformers model (a folder, or a hub id) in eval mode; a failure in one line naming it."""
+    from transformers import AutoModelForCausalLM
+
+    # quantization_config=None would override the one a quantized folder's config.json holds
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load {what}'{folder}': {first}") from None
+    return model.eval()
+
+
+def run_config(src: Path):
+    """The resolved config of the run that wrote `src` (its preftune_config.yaml), or None."""
+    path = src / "preftune_config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_config(str(path))
+    except ConfigError as e:  # e.g. written by another preftune version: --data still works
+        log.warning("ignoring %s: %s", path, e)
+        return None
+
+
+def with_run_template(cfg, run_cfg):
+    """cfg, with the `template` of the run that wrote the model (run_cfg) where cfg sets none: a model is
+    sampled and evaluated in the format it was trained in (`--template none` still asks for raw text)."""
+    if cfg.template is not None or run_cfg is None or run_cfg.template is None:
+        return cfg
+    log.info("template: %s, as the run that wrote the model was trained", run_cfg.template)
+    return dataclasses.replace(cfg, template=run_cfg.template)
+
+
+def adapter_base(src: Path, run_cfg) -> tuple[str, list[str]]:
+    """The base model a LoRA adapter folder applies to, and the adapters to merge into it first.
+
+    The base is adapter_config.json's base_model_name_or_path (peft writes it), else the run's
+    model_name_or_path. A run started from adapter_name_or_path a,b trained on base + a with b
+    continued, so its output adapter applies to base + a: a is merged first (models/adapters do
+    the same when training)."""
+    from preftune.adapters import split_names
+
+    try:
+        base = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{src / 'adapter_config.json'} cannot be read ({e}); is MODEL a peft adapter?") from None
+    base = base or (run_cfg.model_name_or_path if run_cfg else None)
+    if not base:
+        raise ModelError(f"{src / 'adapter_config.json'} names no base_model_name_or_path; set it to the base model "
+                         "the adapter was trained on")
+    if run_cfg is None:
+        log.warning("%s has no preftune_config.yaml: its adapter is merged into %s alone (a run started from "
+                    "several adapters needs the earlier ones merged too)", src, base)
+        return base, []
+    return base, split_names(run_cfg.adapter_name_or_path)[:-1] if run_cfg.finetuning_type == "lora" else []
+
+
+def merged_adapter(src: Path, base: str, earlier: list[str]):
+    """base (+ the earlier adapters) + the adapter in `src`, merged in float32: the full model the
+    adapter stands for, at full precision whatever the run trained on (QLoRA's 4-bit base included)."""
+    import torch
+
+    from preftune.adapters import with_adapters
+
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1  # hub ids are 'name' or 'org/name'
+    if looks_local and not Path(base).expanduser().is_dir():
+        raise ModelError(f"MODEL '{src}' is a LoRA adapter on '{base}', which does not exist; put the base model "
+                         f"there or fix base_model_name_or_path in {src / 'adapter_config.json'}")
+    model = load_folder(base, torch.float32, what=f"the base model of the LoRA adapter in '{src}', ")
+    model = with_adapters(model, earlier, "adapter_name_or_path (preftune_config.yaml)")
+    return with_adapters(model, [str(src)], "MODEL").eval()
+
+
+def load_full(folder: Path, run_cfg=None):
+    """A saved model as it is, or a LoRA adapter folder merged into its base (float32)."""
+    if is_adapter(folder):
+        return merged_adapter(folder, *adapter_base(folder, run_cfg))
+    return load_folder(folder)

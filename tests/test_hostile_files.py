@@ -1,5 +1,6 @@
-"""Hostile input, end to end through `python -m preftune` (issue 12): output folders that would destroy
-the user's files, and inputs that are not what they claim (model folders, data files, configs).
+"""Hostile input, end to end through the `preftune` command (issue 12): output folders that would destroy
+the user's files, and inputs that are not what they claim (model folders, data files, configs). A few
+cases run as real `python -m preftune` processes, the rest through `cli.main` in-process (SUBPROCESS).
 
 Each case must be refused with one error line naming the file/key/record and the fix, a non-zero exit,
 no traceback, and no file outside output_dir changed (tests/hostile.py hashes the case's surroundings:
@@ -320,11 +321,19 @@ CASES = [out_is_model, out_inside_model, out_is_ref_model, out_is_adapter, out_e
          data_zstd, data_zip, data_gzip_damaged, data_bz2_with_a_bad_record, optimizer_rejects_a_value]
 
 
+# Cases run as real `python -m preftune` processes: the CLI boundary itself (the interpreter's exit status, the
+# one line on a real stderr) for a guard, a data and a model refusal; and a lock held by another live process,
+# which this process cannot stand for (a lock taken by the process itself is re-entered). The rest run through
+# `cli.main` in this process: the same checks, without starting Python 41 times.
+SUBPROCESS = (out_locked_by_a_live_run, out_is_model, data_gzip_damaged, model_truncated_weights)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__)
 def test_hostile_input_is_refused_in_one_line_and_touches_nothing(case, project, tmp_path):
     spec = case(project, tmp_path)
     run_refused(spec["args"], cwd=spec.get("cwd", tmp_path), watch=[project.root, tmp_path],
-                expect=spec["expect"], output_dir=spec.get("out"), env=cli_env(project.home))
+                expect=spec["expect"], output_dir=spec.get("out"), env=cli_env(project.home),
+                in_process=case not in SUBPROCESS)
 
 
 def test_there_are_at_least_25_cases():

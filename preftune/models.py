@@ -33,6 +33,7 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bflo
 # names change when a LoRA policy is merged, and the parameter objects do not.
 LOADED_DTYPE = "preftune_loaded_dtype"
 
+
 def load_dtype(cfg):
     """The dtype every model of the run is loaded in: torch_dtype, where pure_bf16 makes auto bfloat16."""
     dtype = DTYPES[cfg.torch_dtype]

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.adapters import TRAINED_ADAPTER, is_peft_model
-from preftune.errors import ModelError
 from preftune.checkpoints.folders import saving
+from preftune.errors import ModelError
 from preftune.files import fresh_tmp_dir, replace_dir, write_atomic
+
 
 def save_weights(model, folder: Path, merge: bool = False, state_dict: dict | None = None) -> None:
     """A transformers model's weights (+ config, generation config), or a peft model's trained

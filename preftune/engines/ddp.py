@@ -17,8 +17,6 @@ class DataParallel(OneProcess):
     step of the one-process engine as it is (the optimizer state is the same on every process: the main
     one writes it)."""
 
-    name = "ddp"
-
     def unwrap(self, policy_logps):
         return policy_logps.module if isinstance(policy_logps, torch.nn.parallel.DistributedDataParallel) \
             else policy_logps

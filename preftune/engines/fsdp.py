@@ -106,7 +106,6 @@ def check(cfg) -> None:
 class FSDP2(OneProcess):
     """FSDP2 over every process of the launcher (module docstring)."""
 
-    name = "fsdp"
     checkpoint_format = "fsdp"  # optimizer.pt holds the whole optimizer state, keyed by parameter name
     lockstep = True
 

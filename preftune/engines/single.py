@@ -24,7 +24,6 @@ class OneProcess:
     """The engine of a plain run; its methods are the surface the loop, the reference and the
     checkpoints call (engines/__init__.py lists it)."""
 
-    name = "one process"
     # trainer_state.json's "engine": how a checkpoint keeps the optimizer state (None: optimizer.pt of one
     # process's optimizer, as a data-parallel run keeps it too); a resume needs the same
     checkpoint_format: str | None = None
@@ -70,9 +69,6 @@ class OneProcess:
 
     def check(self, cfg) -> None:
         """What this way of running does not do, refused before any model loads."""
-
-    def describe(self) -> str:
-        return self.accelerator.distributed_type.value
 
     # --- models and optimizer --------------------------------------------------------------------
 

@@ -214,7 +214,6 @@ def _partitioned(param) -> bool:
 class ZeRO(OneProcess):
     """DeepSpeed ZeRO over every process of the launcher (module docstring)."""
 
-    name = "deepspeed"
     checkpoint_format = "deepspeed"  # DeepSpeed's own partitioned files in the checkpoint's deepspeed/
     lockstep = True
 

@@ -3,7 +3,10 @@ another's private names, the loop names no engine and calls only what every engi
 blocks know no engine, no flags ride on models, and every objective offers the same interface."""
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +175,16 @@ def test_every_data_file_is_packaged():
     found = {p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*")
              if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
     assert found == listed
+
+
+def test_importing_the_loop_imports_no_engine_tracker_or_kernel_package():
+    """A plain run pays for what it uses: importing the training loop (and with it every module a one-process
+    run calls) imports no sharding engine, no experiment tracker, no kernel package and no peft, which
+    only a LoRA run needs (checked in a fresh interpreter: the test session has imported them all)."""
+    unwanted = ["deepspeed", "liger_kernel", "bitsandbytes", "torchao", "peft", "tensorboard", "wandb", "mlflow",
+                "trackio", "torch.distributed.fsdp._fully_shard"]
+    code = (f"import sys; import preftune.train, preftune.cli; "
+            f"print([m for m in {unwanted!r} if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]

@@ -32,6 +32,7 @@ VLLM_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat1
                "float16": "float16", "fp16": "float16"}
 VLLM_MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses higher temperatures; transformers' generate does not
 
+
 def generation_config(cfg, tokenizer) -> GenerationConfig:
     """The sampling settings of cfg, stated in full: nothing is inherited from a model's own
     generation_config.json (its top_k or repetition penalty would change what is sampled)."""

@@ -273,6 +273,9 @@ class ZeRO(OneProcess):
         (`skip` with a norm of 0.0, not known yet), the gradient norm after; a non-finite one stops the run."""
         skip(0.0)
         policy_logps.step()
+        # accelerate's wrapper of the optimizer does nothing here (DeepSpeed stepped it just above); called so that
+        # the learning-rate schedule, made on the wrapper, knows a step happened (torch warns otherwise)
+        optimizer.step()
         norm = policy_logps.get_global_grad_norm()
         grad_norm = float("nan") if norm is None else float(norm)
         skip(grad_norm)

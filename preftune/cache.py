@@ -40,18 +40,17 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from array import array
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from preftune.data import PreferencePair
 from preftune.errors import ModelError
-from preftune.files import cache_root
+from preftune.files import cache_root, write_file_atomic
 from preftune.tokenization import TokenizedPair, TokenizeReport, setup_rendering, tokenize_pairs
 
 log = logging.getLogger("preftune")
@@ -86,19 +85,6 @@ def data_fingerprint(train_items: list, eval_items: dict[str, list] | None = Non
                 except TypeError:
                     digest.update(repr(value).encode())
     return digest.hexdigest()[:16]
-
-
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then renamed over it: a concurrent reader (another
-    process, another run) sees the old file or the whole new one, and a killed writer leaves none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))  # per process: two writers never share one
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --- the tokenization cache ---------------------------------------------------------------------
@@ -149,7 +135,7 @@ def _save(path: Path, key: str, toks: list[TokenizedPair], report: TokenizeRepor
     metadata = {"key": key, "version": CACHE_VERSION, "checksum": _checksum(arrays),
                 "report": json.dumps(vars(report))}
     try:
-        _write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+        write_file_atomic(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
     except OSError as e:  # the cache only saves time; a read-only or full disk must not stop the run
         log.warning("tokenization cache: could not write %s (%s); the next run tokenizes again", path, e)
 
@@ -265,4 +251,4 @@ def write_ref_logps(path: Path, key: str, logps: torch.Tensor) -> None:
     """`logps` cached under `key` (atomically: a killed run leaves no partial file under the key)."""
     from safetensors.torch import save_file
 
-    _write_atomically(path, lambda tmp: save_file({"logps": logps.contiguous()}, tmp, metadata={"key": key}))
+    write_file_atomic(path, lambda tmp: save_file({"logps": logps.contiguous()}, tmp, metadata={"key": key}))

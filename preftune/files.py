@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 
 def cache_root() -> Path:
@@ -14,11 +15,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "preftune"
 
 
+def write_file_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then renamed over it: a concurrent reader (another
+    process, another run) sees the old file or the whole new one, and a killed writer leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))  # per process: two writers never share one
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """`path` replaced by `text` (UTF-8) in one rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def fresh_tmp_dir(dest: Path) -> Path:

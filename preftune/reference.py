@@ -113,12 +113,20 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
 
 
 def _live_reference(cfg, tokenizer, engine):
-    """The separately loaded reference, prepared by the engine: the module its passes go through."""
+    """The separately loaded reference as the module its passes go through (for the precompute pass)."""
+    model, runner = _separate_reference(cfg, tokenizer, engine)
+    return runner or LogpsModule(model, cfg.logps_chunk_size)
+
+
+def _separate_reference(cfg, tokenizer=None, engine=None):
+    """The frozen reference loaded as a model of its own (`models.load_reference`), checked against the
+    tokenizer's vocabulary and prepared by the engine: (the model, the module its passes must go through,
+    or None). Without an engine it stays as loaded."""
     name, what = reference_name(cfg)
-    model = load_reference(cfg, engine.reads_weights_of(name, cfg, what))
+    model = load_reference(cfg, engine is None or engine.reads_weights_of(name, cfg, what))
     if tokenizer is not None:
         check_vocabulary(model, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
-    return engine.prepare_reference(model, cfg.logps_chunk_size) or LogpsModule(model, cfg.logps_chunk_size)
+    return model, engine.prepare_reference(model, cfg.logps_chunk_size) if engine is not None else None
 
 
 class Reference:
@@ -197,11 +205,7 @@ def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None
                                  chunk_size=chunk_size, description=f"the LoRA policy with {what}")
     if not cfg.uses_reference:
         return policy, Reference()
-    name, what = reference_name(cfg)
-    model = load_reference(cfg, engine is None or engine.reads_weights_of(name, cfg, what))
-    if tokenizer is not None:
-        check_vocabulary(model, tokenizer, "ref_model" if cfg.ref_model else "the reference copy")
-    runner = engine.prepare_reference(model, chunk_size) if engine is not None else None
+    model, runner = _separate_reference(cfg, tokenizer, engine)
     return policy, Reference(model, chunk_size=chunk_size, runner=runner,
                              description=f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model")
 

@@ -23,7 +23,8 @@ log = logging.getLogger("preftune")
 
 # Files a checkpoint needs for an exact resume (besides the weights). The optimizer state is optimizer.pt,
 # or the folder of an engine that writes its own (DeepSpeed's partitioned files: engines/zero.py)
-RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.json", "rng_state_0.json")
+OPTIMIZER_FILE = "optimizer.pt"  # the optimizer state, whole (torch.save of plain tensors; engines write it)
+RESUME_FILES = ("trainer_state.json", OPTIMIZER_FILE, "scheduler.json", "rng_state_0.json")
 ENGINE_STATE_DIRS = ("deepspeed",)
 
 
@@ -41,9 +42,9 @@ def missing(folder: Path) -> list[str]:
     """What `folder` lacks to be resumed from (nothing: a complete checkpoint)."""
     weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
     lacks = [] if any((folder / w).is_file() for w in weights) else ["model weights (model.safetensors)"]
-    optimizer = (folder / "optimizer.pt").is_file() or any((folder / d).is_dir() for d in ENGINE_STATE_DIRS)
+    optimizer = (folder / OPTIMIZER_FILE).is_file() or any((folder / d).is_dir() for d in ENGINE_STATE_DIRS)
     return lacks + [name for name in RESUME_FILES if not (folder / name).is_file() and
-                    not (name == "optimizer.pt" and optimizer)]
+                    not (name == OPTIMIZER_FILE and optimizer)]
 
 
 def latest_checkpoint(out: Path) -> Path | None:

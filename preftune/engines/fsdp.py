@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from preftune.adapters import is_peft_model
+from preftune.checkpoints.folders import OPTIMIZER_FILE
 from preftune.checkpoints.weights import read_weights
-from preftune.engines.single import OPTIMIZER_FILE, OneProcess
+from preftune.engines.single import OneProcess
 from preftune.errors import ConfigError, ModelError
 from preftune.logps import LogpsModule
 from preftune.models import LOADED_DTYPE, whole_load_reason

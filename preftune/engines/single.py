@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
+from preftune.checkpoints.folders import OPTIMIZER_FILE
 from preftune.checkpoints.weights import load_weights_into
-
-OPTIMIZER_FILE = "optimizer.pt"  # a checkpoint's optimizer state, whole (torch.save of plain tensors)
 
 
 class OneProcess:

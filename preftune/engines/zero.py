@@ -308,11 +308,10 @@ class ZeRO(OneProcess):
 
         self._settle()
         ignore_frozen = is_peft_model(model)
-        state, seen = {}, set()
-        for name, param in model.named_parameters():
-            if id(param) in seen or (ignore_frozen and not param.requires_grad):
+        state = {}
+        for name, param in model.named_parameters():  # (each parameter once: a tied one under its first name)
+            if ignore_frozen and not param.requires_grad:
                 continue
-            seen.add(id(param))
             with zero.GatheredParameters([param]) if _partitioned(param) else contextlib.nullcontext():
                 if self.is_main:  # in the dtype the model had before DeepSpeed's bf16 cast (the masters' bf16 rounding)
                     state[name] = param.data.detach().cpu().to(self.held_dtypes.get(name, param.dtype))

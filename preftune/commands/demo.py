@@ -35,6 +35,7 @@ from pathlib import Path
 
 from preftune import guard
 from preftune.config import from_dict, parse_command_line
+from preftune.data.readers import data_lines
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
 
@@ -87,6 +88,11 @@ DPO = {**TEMPLATE, "pref_loss": "sigmoid", "pref_ftx": 1.0, "learning_rate": 5e-
        "cutoff_len": 128, "torch_dtype": "float32"}  # a completion the SFT model ends at once (empty) is an answer too
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON Lines file the demo wrote (split as JSON allows: a model may write U+2028)."""
+    return [json.loads(line) for line in data_lines(path.read_text(encoding="utf-8")) if line.strip()]
+
+
 def settings_from(found: dict) -> dict:
     """The flags' values (strings from the command line) in their defaults' types, checked."""
     settings = {}
@@ -133,7 +139,7 @@ def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
         return folder, {**json.loads(marker.read_text()), "cached": True}
     if folder.exists():  # a run killed before its marker: never trusted
         shutil.rmtree(folder)
-    reviews = [json.loads(line) for line in data["reviews"].read_text().splitlines()]
+    reviews = read_jsonl(data["reviews"])
     tokenizer = build_tokenizer([r[k] for r in reviews for k in ("prompt", "completion")], VOCAB_SIZE)
     base = folder / "base_model"  # the random initialisation; the trained model is saved beside it
     build_model(len(tokenizer), settings["seed"], settings["hidden"], settings["layers"]).save_pretrained(base)
@@ -197,7 +203,7 @@ def run(settings: dict) -> dict:
     seconds["total"] = time.time() - start
 
     reference = report["reference"]
-    records = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "eval" / "samples.jsonl")
 
     def share_well_formed(completions):
         return sum(well_formed(c["text"]) for c in completions) / len(completions)
@@ -232,7 +238,7 @@ def run(settings: dict) -> dict:
 def before_after(samples_path: Path, models: list[dict], n: int) -> str:
     """The first completion of the first `n` evaluation prompts: the SFT model's, then each DPO model's."""
     lines = []
-    records = [json.loads(line) for line in samples_path.read_text().splitlines()[:n]]
+    records = read_jsonl(samples_path)[:n]
     width = max(len(f"after (beta {m['beta']:g})") for m in models) if len(models) > 1 else len("before")
     for rec in records:
         lines.append(rec["prompt"])

@@ -4,6 +4,7 @@
     records = read_records(Path("pairs.jsonl.gz"))      # JSON, JSON Lines, CSV, Parquet; gzip/bz2/xz
     records = read_hf("owner/data", "train")            # a save_to_disk folder, a datasets folder, a hub id
     records = json_lines(path, read_text(path))         # JSON Lines alone (labels.py reads candidates so)
+    for line in data_lines(text): ...                   # the lines of JSON Lines text, split as JSON allows
 
 What a record holds is not checked here (records.py does that); what is checked is everything that
 would otherwise surface later as a confusing error: compression preftune cannot read, text that is
@@ -72,12 +73,19 @@ def read_text(path: Path) -> str:
                         "re-save the file as UTF-8") from None
 
 
+def data_lines(text: str) -> list[str]:
+    """The lines of JSON Lines text: split at "\\n" only, a CRLF file's "\\r" dropped. Not str.splitlines(),
+    which also splits at U+2028, U+2029, U+0085 and other characters that JSON allows unescaped inside a
+    string (preftune's own files hold them so: they are written with ensure_ascii=False)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def json_lines(path: Path, text: str) -> list[tuple[str, Any]]:
     """[("file:line", value)] of JSON Lines text, blank lines skipped. The one JSON Lines reader: data
     files and `preftune label`'s candidates go through it. Values are whatever each line holds; the
     caller says which it expects."""
     out = []
-    lines = text.splitlines()
+    lines = data_lines(text)
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue

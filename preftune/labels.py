@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from preftune.data.readers import json_lines, read_text
+from preftune.data.readers import data_lines, json_lines, read_text
 from preftune.errors import DataError
 from preftune.files import write_atomic
 
@@ -86,6 +86,13 @@ class Comparison:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message repeats it: its repr, cut to `limit` characters (a refused 5 MB
+    value is not echoed back whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def labels_path(path: str | Path) -> Path:
     """Where the judgements on `path` are kept: FILE.labels.jsonl beside it."""
     path = Path(path)
@@ -118,6 +125,19 @@ def _json_lines(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
+def _unicode(value: str, where: str, name: str) -> str:
+    """JSON may escape half of a UTF-16 surrogate pair ("\\ud83d", an emoji cut in two): valid JSON, but
+    not text: the page could never be sent it (the server would answer 500 for ever). Refused at load,
+    as training's reader refuses it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {name} holds a lone surrogate (\\u{ord(e.object[e.start]):04x}, half of an "
+                        "emoji or other character cut in two), which is not valid Unicode; fix or remove that "
+                        "character") from None
+    return value
+
+
 def _string(rec: dict, name: str, where: str, required: bool = True) -> str | None:
     value = rec.get(name)
     if value is None:
@@ -128,7 +148,7 @@ def _string(rec: dict, name: str, where: str, required: bool = True) -> str | No
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}' is {type(value).__name__}, expected a string"
                         + ("; quote it" if isinstance(value, (int, float)) else ""))
-    return value
+    return _unicode(value, where, f"'{name}'")
 
 
 def _prompt(rec: dict, where: str) -> str | list[dict]:
@@ -144,6 +164,7 @@ def _prompt(rec: dict, where: str) -> str | list[dict]:
                             "'content'")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: field 'prompt' message {i}: role '{m['role']}' is not one of {', '.join(ROLES)}")
+        _unicode(m["content"], where, f"'prompt' message {i} 'content'")
     if prompt[-1]["role"] in ("assistant", "system"):
         raise DataError(f"{where}: field 'prompt' ends on a message with role '{prompt[-1]['role']}'; it must end on "
                         "the user (or tool) turn that the completions answer")
@@ -156,7 +177,7 @@ def _pair_completion(rec: dict, name: str, where: str) -> str:
     if isinstance(value, list):
         if len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant" \
                 and isinstance(value[0].get("content"), str):
-            return value[0]["content"]
+            return _unicode(value[0]["content"], where, f"'{name}' message 0 'content'")
         raise DataError(f"{where}: field '{name}' must be a string or one assistant message "
                         '[{"role": "assistant", "content": "..."}] (tool calls cannot be labelled)')
     return _string(rec, name, where)
@@ -180,7 +201,7 @@ def _candidates(rec: dict, where: str) -> Record:
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
             raise DataError(f"{where}: field 'completions' item {i}: 'score' is {type(score).__name__}, expected "
                             "a number or null")
-        texts.append(c["text"])
+        texts.append(_unicode(c["text"], where, f"'completions' item {i} 'text'"))
     return Record(id=_string(rec, "id", where), prompt=_prompt(rec, where), completions=texts,
                   system=_string(rec, "system", where, required=False), where=where)
 
@@ -329,7 +350,7 @@ class LabelStore:
         except UnicodeDecodeError:
             raise DataError(f"{self.labels_path}: not UTF-8 text; this file is written by `preftune label` only: "
                             "restore it from a backup") from None
-        lines = text.splitlines()
+        lines = data_lines(text)  # not splitlines(): an annotator's name may hold U+2028
         for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -403,7 +424,7 @@ class LabelStore:
         try:
             return self.by_id[cid]
         except KeyError:
-            raise KeyError(f"no comparison '{cid}' in {self.path}") from None
+            raise KeyError(f"no comparison {shown(cid)} in {self.path}") from None
 
     def hand_out(self, client: str) -> Comparison | None:
         """The next unlabelled comparison (file order) that no other client holds; when every one
@@ -431,12 +452,12 @@ class LabelStore:
         return its line. AlreadyJudged when the comparison has a standing judgement (undo it first)."""
         comparison = self.comparison(cid)
         if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {shown(choice)}")
         if shown_as_a not in (comparison.first, comparison.second) or isinstance(shown_as_a, bool):
-            raise ValueError(f"shown_as_a must be {comparison.first} or {comparison.second}, got {shown_as_a!r}")
+            raise ValueError(f"shown_as_a must be {comparison.first} or {comparison.second}, got {shown(shown_as_a)}")
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                     or not math.isfinite(seconds) or seconds < 0):
-            raise ValueError(f"seconds must be a non-negative number, got {seconds!r}")
+            raise ValueError(f"seconds must be a non-negative number, got {shown(seconds)}")
         if cid in self.current:
             who = self.current[cid].get("annotator") or "someone"
             raise AlreadyJudged(f"comparison '{cid}' was already labelled by {who}; moving on")
@@ -507,6 +528,9 @@ def export_pairs(store: LabelStore, dest: str | Path) -> dict:
     dest = Path(dest)
     if dest.resolve() in (store.path.resolve(), store.labels_path.resolve()):
         raise DataError(f"--export '{dest}' would overwrite the file it is made from; choose another path")
+    if dest.is_dir():  # else the rename onto it fails naming the temporary file
+        raise DataError(f"--export '{dest}' is a folder; --export names the pairs file to write, e.g. "
+                        f"--export '{dest / 'pairs.jsonl'}'")
     if not dest.parent.is_dir():
         raise DataError(f"--export '{dest}': folder '{dest.parent}' does not exist; create it or choose another path")
     write_atomic(dest, "".join(line + "\n" for line in lines))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
+import json
 import logging
 import os
 import re
@@ -24,13 +26,99 @@ from importlib import resources
 
 from preftune.config import parse_command_line
 from preftune.errors import ConfigError
-from preftune.labels import AlreadyJudged, Comparison, LabelStore, NotJudged, export_pairs
+from preftune.labels import AlreadyJudged, Comparison, LabelStore, NotJudged, export_pairs, shown
 
 log = logging.getLogger("preftune")
 
 LABEL_INSTALL = ("preftune label needs FastAPI and uvicorn to serve its page, which are not installed: "
                  "pip install 'preftune[label]' (or: pip install fastapi uvicorn)")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_BODY = 64 * 1024  # bytes; a judgement is a few hundred: more is not the page talking
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header: 'localhost:8765' -> 'localhost', '[::1]:8765' -> '::1'."""
+    if header.startswith("["):
+        return header[1:header.index("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0].rstrip(".").lower()
+
+
+def own_names(host: str) -> list[str]:
+    """The host names the server answers to when bound to `host` (an IP address is always answered:
+    DNS rebinding needs a domain name the attacker controls). On a loopback address only localhost;
+    elsewhere also this machine's own names, by which other machines reach it."""
+    names = ["localhost"]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        names += [host.lower()] if host else []
+    if host not in LOOPBACK:
+        names += [socket.gethostname().lower(), socket.getfqdn().lower()]
+    return names
+
+
+class Guard:
+    """ASGI middleware around the whole app, so it covers every reply: refuses a Host header that is
+    neither an IP address nor one of `allowed_hosts` (a web page elsewhere that points its own domain at
+    this address, DNS rebinding, could otherwise read and label), refuses a body over MAX_BODY with 413
+    before the app sees it, and marks every response nosniff (a completion is never run as a script)."""
+
+    def __init__(self, app, allowed_hosts: list[str] | None):
+        self.app, self.allowed = app, allowed_hosts
+
+    def host_allowed(self, header: str) -> bool:
+        name = host_name(header)
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in self.allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def nosniff(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        async def refuse(status: int, error: str):
+            body = json.dumps({"error": error}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]  # a body left unread: the connection is not reused
+            await nosniff({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        headers = dict(scope["headers"])  # names in lower case
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.allowed is not None and not self.host_allowed(host):
+            return await refuse(400, f"Host {shown(host)} is not this server's name; open the address "
+                                     "`preftune label` printed")
+        too_big = f"request body over {MAX_BODY} bytes; the page sends a few hundred"
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            return await refuse(413, too_big)
+        chunks, size, more = [], 0, True
+        while more:  # the whole body, counted (a chunked one has no content-length)
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY:
+                return await refuse(413, too_big)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later: the app waits for a disconnect
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, nosniff)
 
 
 def page_and_policy() -> tuple[str, str]:
@@ -59,11 +147,11 @@ def view(c: Comparison | None) -> dict | None:
 
 def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: list[str] | None = None):
     """The FastAPI app over `store`: the page and three JSON endpoints, each one call into the store.
-    allowed_hosts: the Host headers served (the server's own names); a web page elsewhere that points
-    its own domain at 127.0.0.1 (DNS rebinding) is then refused rather than able to read and label."""
+    allowed_hosts: the host names served besides IP addresses (own_names; None: any, for tests); a web
+    page elsewhere that points its own domain at this address (DNS rebinding) is refused (Guard)."""
     try:
         from fastapi import Body, FastAPI
-        from fastapi.middleware.trustedhost import TrustedHostMiddleware
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import HTMLResponse, JSONResponse, Response
     except ImportError:
         raise ConfigError(LABEL_INSTALL) from None
@@ -71,8 +159,14 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
     page, policy = page_and_policy()
     lock = threading.Lock()  # FastAPI runs plain handlers on a thread pool; the store is not thread-safe
     app = FastAPI(title="preftune label", docs_url=None, redoc_url=None, openapi_url=None)
-    if allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts)
+
+    @app.exception_handler(RequestValidationError)
+    def malformed(request, e: RequestValidationError) -> JSONResponse:
+        """FastAPI's own reply repeats the whole body; this one says what is wrong in a line."""
+        first = e.errors()[0] if e.errors() else {}
+        return JSONResponse(status_code=400, content={"error": f"the body must be one JSON object "
+                                                               f"({first.get('msg', 'malformed')})"})
 
     def state(comparison: Comparison | None, **extra) -> dict:
         return {"file": store.path.name, "labels": str(store.labels_path), "annotator": annotator,
@@ -83,7 +177,12 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
         if value is None and not required:
             return None
         if not isinstance(value, kinds) or isinstance(value, bool):
-            raise ValueError(f"'{name}' is {value!r}; expected {' or '.join(k.__name__ for k in kinds)}")
+            raise ValueError(f"'{name}' is {shown(value)}; expected {' or '.join(k.__name__ for k in kinds)}")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")  # "\\ud800" is valid JSON, but no text to save or send back
+            except UnicodeEncodeError:
+                raise ValueError(f"'{name}' holds a lone surrogate ({shown(value)}), which is not text") from None
         return value
 
     def unsaved(e: OSError) -> JSONResponse:
@@ -160,8 +259,7 @@ def serve(store: LabelStore, host: str, port: int, annotator: str | None) -> Non
         import uvicorn
     except ImportError:
         raise ConfigError(LABEL_INSTALL) from None
-    names = {"127.0.0.1": ["127.0.0.1", "localhost"], "localhost": ["127.0.0.1", "localhost"]}
-    app = create_app(store, annotator, names.get(host))
+    app = create_app(store, annotator, own_names(host))
     sock = listen(host, port)
     bound = sock.getsockname()[1]
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/"
@@ -228,7 +326,9 @@ def main(args: list[str]) -> int:
     path = os.path.expanduser(flags["dataset"])  # read from the command line, not through the config: ~ expanded here
     port = _int("port", flags["port"], 0, 65535, "a port number 0-65535 (0: any free port)")
     seed = _int("seed", flags["seed"], 0, 2**63, "a non-negative integer")
-    if flags["export"]:
+    if flags["export"] is not None and not flags["export"].strip():  # an unset shell variable: never serve instead
+        raise ConfigError("--export is empty; give the file to write the pairs to, e.g. --export pairs.jsonl")
+    if flags["export"] is not None:
         store = LabelStore(path, seed)
         print(format_export(export_pairs(store, os.path.expanduser(flags["export"])), str(store.labels_path)))
         return 0

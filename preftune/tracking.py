@@ -3,7 +3,7 @@ or Trackio, through accelerate's trackers.
 
     report_to: tensorboard          # or wandb, mlflow, trackio, a list of them, all, none
     run_name: dpo-beta0.1           # the run's name in wandb, mlflow, trackio
-    logging_dir: runs/dpo           # TensorBoard's event folder (default <output_dir>/runs/<date>_<host>)
+    logging_dir: runs/dpo           # TensorBoard's event folder (default <output_dir>/runs/<Mon><DD>_<HH-MM-SS>_<host>)
 
 `make_trackers` builds them before the Accelerator (which takes them as `log_with`); `Trackers`
 starts them, sends each row under the metric names the metric files use (TRL's: `loss`,

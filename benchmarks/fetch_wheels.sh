@@ -7,7 +7,9 @@
 # An explicit list with --no-deps, so that no torch (or other large) build is ever pulled in: TRL and
 # what it needs beyond the GPU image (datasets, dill, multiprocess), bitsandbytes (its manylinux
 # x86_64 wheel holds the CUDA 11.8-13.x kernels, for QLoRA), deepspeed and its small dependencies (ZeRO-3),
-# and preftune's small pure dependencies.
+# liger-kernel (step g; pure Python: its Triton comes with the image's CUDA torch), and preftune's small pure
+# dependencies. Not carried: vllm (step h: its wheels are ~400 MiB and pin their own torch; the step says
+# 'not installed' unless the GPU machine has it) and flash-attn (step c: no PyPI wheel, it builds from source).
 # pyarrow, pandas, xxhash, fsspec, matplotlib come with the image (datasets needs them; pyarrow alone
 # is ~40 MiB). gpu_check.sh installs only the wheels whose distribution is missing there. The bundle
 # must stay under 60 MiB: a copy of the checkout to the GPU machine may be limited to 64 MiB in all.
@@ -34,6 +36,7 @@ WHEELS=(
     msgpack==1.2.4       # deepspeed
     ninja==1.13.2        # deepspeed (its ops build at run time)
     einops==0.8.2        # deepspeed
+    liger-kernel==0.8.5  # step g, enable_liger_kernel (constraints.txt's version)
 )
 
 mkdir -p "$DEST"

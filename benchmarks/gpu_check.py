@@ -20,13 +20,26 @@ run has no time budget and runs every step):
   e3      `accelerate launch` with a DeepSpeed ZeRO-3 config (examples/accelerate/zero3.yaml's settings),
           2 steps, one process per GPU (smoke: 2 CPU processes): the row says over how many processes
           ZeRO-3 partitioned the policy and the reference
+  f       fp16 autocast with accelerate's GradScaler on the tiny model: 6 steps, finite losses, scaler.json in
+          the checkpoints, and a run stopped after its step-3 checkpoint and resumed ends as the uninterrupted
+          one (rows, weights, the scaler's state) (smoke: preftune refuses fp16 on a CPU, so a CPU GradScaler
+          under float16 autocast stands in, as tests/test_fp16.py)
+  g       Liger: enable_liger_kernel vs the plain path on the tiny model, 4 steps in float32: Liger's Triton
+          layer kernels applied on CUDA and the losses equal within 1e-3 (smoke: its fused DPO loss only)
+  h       vLLM: `preftune sample --infer_backend vllm` on the 0.5B shape: every prompt gets its scored
+          candidates (skipped, 'not installed', where vllm is absent: its wheel is not carried)
   a3      precomputed reference log-probs on the 1.5B shape (MFU at 6N)
   c2      exploratory: padding_free with flex_attention (compiled kernels) on the 0.5B shape
 
-Every step runs under `timeout`; a failing step is recorded as FAILED with its error's last line and
-the run goes on. The report goes to $OUT/gpu_check.md when OUT is set (a remote runner collects
-what is written there; with gpu_check.json, the raw figures, and gpu_check_logs.tar.gz, every log),
-else to benchmarks/_work/gpu_check.md, and is printed.
+With one GPU, e1 is skipped and e2/e3 run one process over NCCL: they prove the FSDP2 and ZeRO-3 engines'
+code paths run on CUDA (wrapping, gathers, saves), not that anything is split across devices.
+
+Every step runs under `timeout`; a failing step is recorded as failed with its error's last line and
+the run goes on. The report (the machine, the versions, the figures' tables, then the steps' table)
+goes to $OUT/gpu_check.md when OUT is set (a remote runner collects what is written there; with
+gpu_check.json, the raw figures, and gpu_check_logs.tar.gz, every log),
+else to benchmarks/_work/gpu_check.md; the console ends with the steps' table: step, what it proves,
+passed/failed/skipped (with the result or the reason), seconds.
 """
 
 from __future__ import annotations
@@ -36,8 +49,9 @@ import json
 import math
 import os
 import re
-import socket
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -60,8 +74,11 @@ SIZES = {
     "tiny": {"batch-size": 2, "seq-len": 64, "steps": 3, "warmup-steps": 1, "pairs": 6},  # and every smoke run
 }
 # seconds a run may take at most on the GPU (the budget may leave less); smoke runs get SMOKE_CAP_S
-CAPS = {"assets": 120, "bench": 180, "bench_small": 130, "qlora": 150, "launch": 150, "sharded": 90}
+CAPS = {"assets": 120, "bench": 180, "bench_small": 130, "qlora": 150, "launch": 150, "sharded": 90, "child": 90,
+        "vllm": 150}
 SMOKE_CAP_S = 900  # a smoke run takes seconds; this only stops a hung one (generous: a loaded CPU is slow)
+FP16_TOLERANCE = 1e-4  # step f on CUDA: resumed vs uninterrupted (rows, weights; a CUDA run need not be bitwise)
+LIGER_TOLERANCE = 1e-3  # step g: loss with vs without Liger, float32
 SMOKE_PEAK_TFLOPS = 1.0  # a nominal CPU "peak" so that the smoke run goes through the MFU code too
 
 
@@ -160,23 +177,24 @@ class Check:
         return json.loads(line[len("BENCH_ASSETS "):])
 
     def step(self, sid: str, title: str, fn) -> None:
-        """Run one step: fn() returns (result line, data) or raises; its row is recorded whatever happens."""
+        """Run one step (`title`: what it proves): fn() returns (result line, data) or raises; its row is
+        recorded whatever happens."""
         if self.args.steps and sid not in self.args.steps:
-            row = {"id": sid, "title": title, "status": "skipped", "result": "skipped: not selected (--steps)",
+            row = {"id": sid, "proves": title, "status": "skipped", "result": "skipped: not selected (--steps)",
                    "seconds": 0.0}
         else:
             print(f"[gpu_check] {sid}: {title} ...", flush=True)
             t0 = time.time()
             try:
                 line, data = fn()
-                status = "ok"
+                status = "passed"
             except Skipped as e:
                 status, line, data = "skipped", str(e), {}
             except StepFailed as e:
-                status, line, data = "FAILED", str(e), {}
+                status, line, data = "failed", str(e), {}
             except Exception as e:  # noqa: BLE001 - a bug in a step must not stop the others
-                status, line, data = "FAILED", f"{type(e).__name__}: {e}".splitlines()[0], {}
-            row = {"id": sid, "title": title, "status": status, "result": line, "seconds": time.time() - t0,
+                status, line, data = "failed", f"{type(e).__name__}: {e}".splitlines()[0], {}
+            row = {"id": sid, "proves": title, "status": status, "result": line, "seconds": time.time() - t0,
                    "data": data}
         self.steps.append(row)
         status = "" if row["result"].startswith("skipped") else row["status"] + ": "
@@ -209,6 +227,13 @@ class Check:
         return self.compare("a1", "qwen2.5-0.5b", mfu_target=False)
 
     def step_a2(self):
+        if self.smoke and "a1_preftune" in self.results and "a1_trl" in self.results:
+            # smoke: a2's runs would be a1's, command for command (both shapes are the tiny model): its row is
+            # formatted from them, which keeps the smoke run's time for the steps that check something else
+            for framework in ("preftune", "trl"):
+                self.results[f"a2_{framework}"] = self.results[f"a1_{framework}"]
+            line = comparison_line(self.results["a2_preftune"], self.results["a2_trl"], mfu_target=True)
+            return "smoke: a1's runs (the same tiny model): " + line, {"preftune": "a1_preftune", "trl": "a1_trl"}
         self.assets("qwen2.5-1.5b")
         return self.compare("a2", "qwen2.5-1.5b", mfu_target=True)
 
@@ -337,6 +362,9 @@ class Check:
                                                 "train", str(cfg)], {"OMP_NUM_THREADS": "1"} if self.smoke else None,
                                          cap="sharded")
         label = f"{processes} process(es)" + (" (smoke: CPU, gloo)" if self.smoke else "")
+        if processes == 1:  # NCCL takes one process per GPU: a second on the same device is refused
+            label += (" on one GPU over NCCL (the engine's code path on CUDA; nothing is split across devices: "
+                      "that needs 2+ GPUs)")
         return f"{label}: {line}", data
 
     def step_a3(self):
@@ -358,6 +386,78 @@ class Check:
             line += f" ({ratio(r['tokens_per_s'], base['tokens_per_s'])} of sdpa padding-free)"
         return line + " (exploratory: compile time falls in the warm-up steps)", {"run": "c2_flex_padding_free"}
 
+    def child(self, name: str, kind: str, cfg: Path, stand_in: bool = False) -> dict:
+        """One of this file's children (--child fp16|liger) on a train config; its GPU_CHECK_RESULT dict."""
+        out = self.work / f"out_{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [self.python, str(Path(__file__).resolve()), "--child", kind, "--child-config", str(cfg),
+               "--work", str(out)] + (["--stand-in"] if stand_in else [])
+        text = self.run(name, cmd, CAPS["child"])
+        lines = [x for x in text.splitlines() if x.startswith(CHILD_MARK)]
+        if not lines:
+            raise StepFailed(f"no {CHILD_MARK.strip()} line: {last_error(text)}")
+        self.results[name] = json.loads(lines[-1][len(CHILD_MARK):])
+        return self.results[name]
+
+    def step_f(self):
+        stand_in = not self.env.get("cuda")
+        cfg = self.train_config(self.assets("tiny"), "f_fp16", steps=6, batch=2)
+        r = self.child("f_fp16", "fp16", cfg, stand_in=stand_in)
+        tolerance = 0.0 if stand_in else FP16_TOLERANCE  # one CPU process is bitwise; CUDA's atomics need not be
+        line = (("smoke: a CPU GradScaler under float16 autocast stands in (preftune refuses fp16 on a CPU); "
+                 if stand_in else "")
+                + f"losses {', '.join(f'{x:.4f}' for x in r['losses'])} "
+                + f"({'finite' if r['loss_finite'] else 'NOT finite'}), {r['overflow_steps']} of 6 steps skipped by "
+                f"the scaler; scaler.json at step 3: scale {r['checkpoint_scale']}; resumed from step "
+                f"{r['resumed_step']}: rows max diff {r['rows_max_diff']:.2g}, weights {r['weights_max_diff']:.2g} "
+                f"(tolerance {tolerance:g}), scaler state {'equal' if r['scaler_equal'] else 'DIFFERENT'}")
+        ok = (r["loss_finite"] and r["resumed_step"] == 3 and r["scaler_equal"] and r["checkpoint_scale"] is not None
+              and r["rows_max_diff"] <= tolerance and r["weights_max_diff"] <= tolerance)
+        if not ok:
+            raise StepFailed(line)
+        return line, {"run": "f_fp16"}
+
+    def step_g(self):
+        if not self.env.get("liger_kernel"):
+            raise Skipped("skipped: liger-kernel is not installed (bash benchmarks/fetch_wheels.sh carries its wheel)")
+        cfg = self.train_config(self.assets("tiny"), "g_liger", steps=4, batch=2)
+        r = self.child("g_liger", "liger", cfg)
+        line = (f"losses without / with enable_liger_kernel: max diff {r['loss_max_diff']:.2g} over 4 steps "
+                f"(tolerance {LIGER_TOLERANCE:g}); " + ("Liger's Triton layer kernels applied" if r["kernels_applied"]
+                                                         else f"smoke: {r['message']}" if self.smoke
+                                                         else f"Triton layer kernels NOT applied: {r['message']}"))
+        if r["loss_max_diff"] > LIGER_TOLERANCE or (self.env.get("cuda") and not r["kernels_applied"]):
+            raise StepFailed(line)
+        return line, {"run": "g_liger"}
+
+    def step_h(self):
+        if not self.env.get("vllm"):
+            raise Skipped("skipped: vllm is not installed (not carried in .whl/: its wheels are ~400 MiB and pin "
+                          "their own torch; install it on the GPU machine to check this)")
+        self.need_cuda()
+        assets = self.assets("qwen2.5-0.5b")
+        folder = self.work / "h_vllm"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        rows = [json.loads(x) for x in Path(assets["data"]).read_text().splitlines()[:8]]
+        (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+        (folder / "rewards.py").write_text("def length(prompts, completions):\n"
+                                           "    return [float(len(c)) for c in completions]\n")
+        out = folder / "out"
+        self.run("h_vllm", [self.python, "-m", "preftune", "sample", "--model_name_or_path", assets["model_dir"],
+                            "--dataset", str(folder / "prompts.jsonl"), "--template", "chatml", "--num_samples", "2",
+                            "--max_new_tokens", "32", "--infer_backend", "vllm", "--vllm_enforce_eager", "true",
+                            "--vllm_gpu_util", "0.3", "--reward", f"{folder / 'rewards.py'}:length",
+                            "--output_dir", str(out)], CAPS["vllm"], need=60)
+        summary = json.loads((out / "summary.json").read_text())
+        records = [json.loads(x) for x in (out / "samples.jsonl").read_text().split("\n") if x.strip()]
+        complete = len(records) == len(rows) and all(len(r["completions"]) == 2 for r in records)
+        line = (f"backend {summary.get('backend')}: {len(records)} of {len(rows)} prompts with 2 scored candidates "
+                f"each{'' if complete else ' (INCOMPLETE)'}")
+        if not complete or summary.get("backend") != "vllm":
+            raise StepFailed(line)
+        return line, {"run": "h_vllm"}
+
     # -- the whole run ----------------------------------------------------------------------------
 
     def probe(self) -> None:
@@ -366,13 +466,15 @@ class Check:
 import importlib.metadata as md, importlib.util, json, os, platform, subprocess
 out = {"python": platform.python_version(), "cpus": os.cpu_count()}
 for dist in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "flash_attn",
-             "deepspeed", "tokenizers", "safetensors"):
+             "deepspeed", "tokenizers", "safetensors", "liger_kernel", "triton", "vllm"):
     try:
         out[dist + "_version"] = md.version(dist)
     except md.PackageNotFoundError:
         out[dist + "_version"] = None
 out["flash_attn"] = importlib.util.find_spec("flash_attn") is not None
 out["deepspeed"] = importlib.util.find_spec("deepspeed") is not None
+out["liger_kernel"] = importlib.util.find_spec("liger_kernel") is not None
+out["vllm"] = importlib.util.find_spec("vllm") is not None
 try:
     import torch
     out["cuda"] = torch.cuda.is_available()
@@ -416,16 +518,25 @@ print("PROBE " + json.dumps(out))
         if not self.smoke and not self.env.get("cuda"):
             print("[gpu_check] no CUDA device: running the smoke sizes", flush=True)
             self.smoke = True
-        self.step("a1", "bf16 DPO, Qwen2.5-0.5B shape: preftune vs TRL", self.step_a1)
-        self.step("a2", "bf16 DPO, Qwen2.5-1.5B shape: preftune vs TRL", self.step_a2)
-        self.step("d", "QLoRA 4-bit, 0.5B shape (preftune)", self.step_d)
-        self.step("b", "padding_free on vs off, 0.5B shape (preftune, sdpa)", self.step_b)
-        self.step("c", "sdpa vs flash_attention_2, 0.5B shape (preftune)", self.step_c)
-        self.step("e1", "2 processes: torchrun --nproc_per_node 2 -m preftune train", self.step_e1)
-        self.step("e2", "FSDP2: accelerate launch, examples/accelerate/fsdp2.yaml settings", self.step_e2)
-        self.step("e3", "DeepSpeed ZeRO-3: accelerate launch, examples/accelerate/zero3.yaml settings", self.step_e3)
-        self.step("a3", "precomputed reference, 1.5B shape (preftune, MFU at 6N)", self.step_a3)
-        self.step("c2", "exploratory: padding_free with flex_attention, 0.5B shape (preftune)", self.step_c2)
+        for sid, proves, fn in (
+                ("a1", "bf16 DPO at the Qwen2.5-0.5B shape: preftune's tokens/s, memory, MFU against TRL's",
+                 self.step_a1),
+                ("a2", "the same at the 1.5B shape, with the MFU target", self.step_a2),
+                ("d", "QLoRA: CUDA bitsandbytes 4-bit weights train (finite loss) and save an adapter", self.step_d),
+                ("f", "fp16: autocast + GradScaler train finite; scaler.json saved; a resume ends as uninterrupted",
+                 self.step_f),
+                ("g", "Liger: its Triton kernels apply on CUDA, with the plain path's losses", self.step_g),
+                ("b", "padding_free runs; its speed and memory against padded (a1)", self.step_b),
+                ("c", "flash_attention_2 runs, padded and padding-free; its speed against sdpa", self.step_c),
+                ("e1", "DDP: torchrun with 2 processes over NCCL (2+ GPUs)", self.step_e1),
+                ("e2", "FSDP2: accelerate launch (examples/accelerate/fsdp2.yaml's settings) runs preftune's FSDP2 "
+                       "engine on NCCL, sharded over the processes", self.step_e2),
+                ("e3", "ZeRO-3: accelerate launch (examples/accelerate/zero3.yaml's settings) runs preftune's ZeRO "
+                       "engine on NCCL, partitioned over the processes", self.step_e3),
+                ("h", "vLLM: preftune sample --infer_backend vllm generates and scores every prompt", self.step_h),
+                ("a3", "precomputed reference at the 1.5B shape: tokens/s, MFU (6N)", self.step_a3),
+                ("c2", "exploratory: flex_attention compiles and runs padding-free", self.step_c2)):
+            self.step(sid, proves, fn)
         text = report(self)
         out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else self.work.parent
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -435,11 +546,12 @@ print("PROBE " + json.dumps(out))
         with tarfile.open(out_dir / "gpu_check_logs.tar.gz", "w:gz") as tar:
             for log in sorted(self.work.glob("*/*.log")):  # logs/ and each model's bench child logs
                 tar.add(log, arcname=str(log.relative_to(self.work)))
-        print("\n" + text)
-        print(f"[gpu_check] report: {out_dir / 'gpu_check.md'} (raw: gpu_check.json, logs: gpu_check_logs.tar.gz)")
-        failed = [s["id"] for s in self.steps if s["status"] == "FAILED"]
-        print(f"[gpu_check] {len(self.steps) - len(failed)} of {len(self.steps)} steps without failure"
-              + (f"; FAILED: {', '.join(failed)}" if failed else "") + f"; {time.time() - self.start:.0f} s in all")
+        print(f"\n[gpu_check] report: {out_dir / 'gpu_check.md'} (the figures' tables; raw: gpu_check.json, logs: "
+              "gpu_check_logs.tar.gz)\n")
+        print(steps_table(self))
+        failed = [s["id"] for s in self.steps if s["status"] == "failed"]
+        print(f"\n[gpu_check] {len(self.steps) - len(failed)} of {len(self.steps)} steps without failure"
+              + (f"; failed: {', '.join(failed)}" if failed else "") + f"; {time.time() - self.start:.0f} s in all")
         return 0
 
 
@@ -600,11 +712,7 @@ def report(check: Check) -> str:
             "(vocabulary x hidden, once even where tied), the usual convention; attention's own FLOPs are "
             "left out. Padding tokens are not counted, so MFU is the useful work.",
             f"- **Targets:** preftune >= {TARGETS['tokens']}x TRL's tokens/s, <= {TARGETS['memory']}x TRL's peak "
-            f"memory, >= {TARGETS['mfu']:.0%} MFU at 1.5B.", "",
-            "| step | check | status | result | seconds |", "|---|---|---|---|---:|"]
-    for s in check.steps:
-        result = s["result"].replace("|", "/")
-        out.append(f"| {s['id']} | {s['title']} | {s['status']} | {result} | {s['seconds']:.0f} |")
+            f"memory, >= {TARGETS['mfu']:.0%} MFU at 1.5B."]
     r = check.results
     for tag, label in (("a1", "Qwen2.5-0.5B shape"), ("a2", "Qwen2.5-1.5B shape")):
         p, t = r.get(f"{tag}_preftune"), r.get(f"{tag}_trl")
@@ -621,12 +729,22 @@ def report(check: Check) -> str:
         runs = {name: r[name] for name in ("a2_preftune", "a3_precompute") if name in r}
         out += ["", "### a3: live vs precomputed reference, 1.5B shape (preftune)", "",
                 f"Settings: {settings_line(r['a3_precompute'])}.", "", table(runs)]
-    failed = [s for s in check.steps if s["status"] == "FAILED"]
+    failed = [s for s in check.steps if s["status"] == "failed"]
     if failed:
         out += ["", "### Failures", ""]
         for s in failed:
             out.append(f"- **{s['id']}**: {s['result']} (logs in gpu_check_logs.tar.gz)")
+    out += ["", "### Steps", "", steps_table(check)]
     return "\n".join(out) + "\n"
+
+
+def steps_table(check: Check) -> str:
+    """The one table a run ends with: a row per step."""
+    lines = ["| step | what it proves | status | result | seconds |", "|---|---|---|---|---:|"]
+    for s in check.steps:
+        result = s["result"].replace("|", "/")
+        lines.append(f"| {s['id']} | {s['proves']} | {s['status']} | {result} | {s['seconds']:.0f} |")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
@@ -638,11 +756,147 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for the MFU (default: from the device name, H100/H200 989, A100 312)")
     p.add_argument("--steps", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
-                   help="comma list of step ids to run (a1,a2,d,b,c,e1,e2,e3,a3,c2); the others print a skipped row")
+                   help="comma list of step ids to run (a1,a2,d,f,g,b,c,e1,e2,e3,h,a3,c2); the others print a "
+                        "skipped row")
     p.add_argument("--work", default=str(HERE / "_work" / "gpu_check"), help="work folder (models, data, logs)")
     p.add_argument("--python", default=sys.executable, help="the Python that runs the steps")
+    p.add_argument("--child", choices=["fp16", "liger"], help=argparse.SUPPRESS)  # steps f and g's child process
+    p.add_argument("--child-config", help=argparse.SUPPRESS)
+    p.add_argument("--stand-in", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+# ------------------------------------------------------------------------------------------------
+# children: steps f (fp16) and g (Liger) train in one child process each, with preftune in-process
+# ------------------------------------------------------------------------------------------------
+
+CHILD_MARK = "GPU_CHECK_RESULT "
+FP16_STAND_IN_SCALE = 2.0 ** 20  # the CPU stand-in's first scale: on the tiny model some steps overflow, some do not
+
+
+def _rows(out: Path) -> list[dict]:
+    """A run's log_history.json rows without the wall-clock columns."""
+    rows = json.loads((out / "dpo_metrics" / "log_history.json").read_text())
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
+
+
+def _max_diff(a: list[dict], b: list[dict], keys=None) -> float:
+    """The largest absolute difference between two runs' numbers, row by row (inf where the rows differ)."""
+    if [r["step"] for r in a] != [r["step"] for r in b]:
+        return math.inf
+    worst = 0.0
+    for x, y in zip(a, b):
+        for k in keys or set(x) | set(y):
+            u, v = x.get(k), y.get(k)
+            if isinstance(u, (int, float)) and isinstance(v, (int, float)):
+                if not (math.isfinite(u) and math.isfinite(v)):
+                    worst = max(worst, 0.0 if u == v or (u != u and v != v) else math.inf)
+                else:
+                    worst = max(worst, abs(u - v))
+            elif u != v:
+                return math.inf
+    return worst
+
+
+def child_fp16(cfg: dict, out: Path, stand_in: bool) -> dict:
+    """fp16 autocast with accelerate's GradScaler: 6 steps uninterrupted (checkpoints at 3 and 6), then the same
+    run stopped after its step-3 checkpoint and resumed; the two must agree (rows, weights, the scaler's state).
+    stand_in (CPU, where preftune refuses fp16 and accelerate would leave it inert): accelerate's fp16 code
+    driven by torch's CPU GradScaler under float16 autocast (tests/test_fp16.py does the same)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from preftune import checkpoints, engines, train as train_mod
+    from preftune.config import from_dict
+
+    made = []
+    real_make = engines.make_accelerator
+
+    def recorded(c, log_with=None, **kwargs):
+        accelerator = real_make(c, log_with, **kwargs)
+        if stand_in:
+            accelerator.native_amp = True
+            accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=FP16_STAND_IN_SCALE, growth_interval=2)
+        made.append(accelerator)
+        return accelerator
+
+    engines.make_accelerator = recorded
+    if stand_in:
+        train_mod.check_hardware = lambda c: None
+    cfg = {k: v for k, v in cfg.items() if k != "overwrite_output_dir"}  # the resume reads the stopped run's folder
+    raw = {**cfg, "bf16": False, "fp16": True, "torch_dtype": "float32", "max_steps": 6, "save_steps": 3,
+           "logging_steps": 1, "learning_rate": 1e-3}
+
+    train_mod.train(from_dict({**raw, "output_dir": str(out / "uninterrupted")}))
+    if made[-1].scaler is None:
+        raise RuntimeError("fp16: accelerate built no GradScaler")
+    scaler_a = made[-1].scaler.state_dict()
+
+    class Stop(Exception):
+        pass
+
+    real_save = checkpoints.save_checkpoint
+
+    def save_then_stop(*args):
+        real_save(*args)
+        raise Stop
+
+    checkpoints.save_checkpoint = save_then_stop
+    try:
+        train_mod.train(from_dict({**raw, "output_dir": str(out / "resumed")}))
+    except Stop:
+        pass
+    checkpoints.save_checkpoint = real_save
+    saved = json.loads((out / "resumed" / "checkpoint-3" / "scaler.json").read_text())
+    summary = train_mod.train(from_dict({**raw, "output_dir": str(out / "resumed"), "resume_from_checkpoint": True}))
+    scaler_b = made[-1].scaler.state_dict()
+    a, b = _rows(out / "uninterrupted"), _rows(out / "resumed")
+    wa, wb = load_file(out / "uninterrupted" / "model.safetensors"), load_file(out / "resumed" / "model.safetensors")
+    losses = [r["loss"] for r in a if "loss" in r]
+    return {"resumed_step": (summary.get("resumed_from") or {}).get("step"), "checkpoint_scale": saved.get("scale"),
+            "final_scale": scaler_a.get("scale"), "scaler_equal": scaler_a == scaler_b,
+            "overflow_steps": 6 - len(losses), "losses": losses,
+            "loss_finite": bool(losses) and all(math.isfinite(x) for x in losses),
+            "rows_max_diff": _max_diff(a, b),
+            "weights_max_diff": max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+            if wa.keys() == wb.keys() else math.inf}
+
+
+def child_liger(cfg: dict, out: Path) -> dict:
+    """The same 4 steps (float32, no mixed precision) without and with enable_liger_kernel; Liger's own log line
+    says whether its Triton layer kernels were applied (on CUDA) or only its fused DPO loss ran (CPU)."""
+    import logging
+
+    from preftune import train as train_mod
+    from preftune.config import from_dict
+
+    said = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if "enable_liger_kernel" in record.getMessage():
+                said.append(record.getMessage())
+
+    logging.getLogger("preftune").addHandler(Keep())
+    logging.getLogger("preftune").setLevel(logging.INFO)  # models.py says which Liger parts ran at INFO
+    raw = {**cfg, "bf16": False, "torch_dtype": "float32", "max_steps": 4, "logging_steps": 1,
+           "learning_rate": 1e-3}
+    train_mod.train(from_dict({**raw, "output_dir": str(out / "plain")}))
+    train_mod.train(from_dict({**raw, "output_dir": str(out / "liger"), "enable_liger_kernel": True}))
+    a, b = _rows(out / "plain"), _rows(out / "liger")
+    return {"message": said[-1] if said else None, "kernels_applied": any("layer kernels applied" in m for m in said),
+            "loss_max_diff": _max_diff(a, b, keys=("loss",)), "losses": [r.get("loss") for r in a],
+            "liger_losses": [r.get("loss") for r in b]}
+
+
+def child_main(args) -> int:
+    cfg = json.loads(Path(args.child_config).read_text())
+    out = Path(args.work)
+    result = child_fp16(cfg, out, args.stand_in) if args.child == "fp16" else child_liger(cfg, out)
+    print(CHILD_MARK + json.dumps(result), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(Check(parse_args()).main())
+    ARGS = parse_args()
+    sys.exit(child_main(ARGS) if ARGS.child else Check(ARGS).main())

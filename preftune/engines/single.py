@@ -112,6 +112,9 @@ class OneProcess:
         stepped = not skip(grad_norm)
         if stepped:
             optimizer.step()
+            # fp16: the loss scaler skips an update whose gradients overflowed (and lowers the scale); the weights
+            # did not change, so neither does the learning-rate schedule (transformers' Trainer: the same)
+            stepped = not self.accelerator.optimizer_step_was_skipped
         elif self.accelerator.scaler is not None:  # fp16: the scaler still takes note (it lowers the scale)
             self.accelerator.scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -141,3 +141,34 @@ def test_resuming_a_checkpoint_without_scaler_json_in_fp16_is_one_line(tmp_path,
     with pytest.raises(ConfigError, match=r"has no scaler.json \(it was not an fp16 run\)") as err:
         train_mod.train(from_dict({**raw, "resume_from_checkpoint": True}))
     assert "\n" not in str(err.value)
+
+
+def test_zero_reports_an_overflow_skipped_step_as_not_stepped():
+    """Under ZeRO the loss scaler is DeepSpeed's: an overflowing fp16 step is skipped inside engine.step(), so
+    update() must say the weights did not change (no schedule step, no row) and must not hand the overflow's
+    norm to the non-finite guard (it would stop the run). A stand-in DeepSpeedEngine with DeepSpeed's names."""
+    from preftune.engines.zero import ZeRO
+
+    class Engine:  # deepspeed.DeepSpeedEngine: step, was_step_applied, get_global_grad_norm
+        def __init__(self, applied):
+            self.applied, self.steps = applied, 0
+
+        def step(self):
+            self.steps += 1
+
+        def was_step_applied(self):
+            return self.applied
+
+        def get_global_grad_norm(self):
+            return 0.5
+
+    class Optimizer:  # accelerate's wrapper: its step is a no-op under DeepSpeed
+        def step(self):
+            pass
+
+    norms = []
+    zero = object.__new__(ZeRO)  # update() reads no state of the engine object
+    norm, stepped = zero.update(Engine(applied=False), Optimizer(), 1.0, skip=norms.append)
+    assert not stepped and norm != norm and norms == [0.0]  # only the loss check, before the step
+    norm, stepped = zero.update(Engine(applied=True), Optimizer(), 1.0, skip=norms.append)
+    assert stepped and norm == 0.5 and norms == [0.0, 0.0, 0.5]

@@ -270,12 +270,18 @@ class ZeRO(OneProcess):
     def update(self, policy_logps, optimizer, max_grad_norm: float, skip) -> tuple[float, bool]:
         """DeepSpeed's step clips (gradient_clipping = max_grad_norm), updates and zeroes the gradients, and
         cannot be skipped from outside (`check` refuses skip_nonfinite_steps): the loss is checked before it
-        (`skip` with a norm of 0.0, not known yet), the gradient norm after; a non-finite one stops the run."""
+        (`skip` with a norm of 0.0, not known yet), the gradient norm after; a non-finite one stops the run.
+        Returns (the norm, whether the weights changed: not after an fp16 overflow)."""
         skip(0.0)
         policy_logps.step()
         # accelerate's wrapper of the optimizer does nothing here (DeepSpeed stepped it just above); called so that
         # the learning-rate schedule, made on the wrapper, knows a step happened (torch warns otherwise)
         optimizer.step()
+        if not policy_logps.was_step_applied():
+            # fp16: DeepSpeed's loss scaler skipped an update whose gradients overflowed (and lowered the scale);
+            # the weights did not change, so neither does the schedule, and the overflow is not a non-finite
+            # step (the one-process engine: the same)
+            return float("nan"), False
         norm = policy_logps.get_global_grad_norm()
         grad_norm = float("nan") if norm is None else float(norm)
         skip(grad_norm)

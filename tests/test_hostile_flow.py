@@ -1,0 +1,118 @@
+"""Hostile but realistic inputs around the flow (issue 19), through the `preftune` command in-process:
+models that do not belong together, a resumed `sample` with other settings, prompts longer than the
+model's context, rewards that return text or parse the command line at import, an SFT run on pairs,
+eval's missing --prompts file.
+
+Each refusal follows tests/hostile.py's rule: a non-zero exit, one error line naming the file/key and
+the fix, no traceback, nothing outside output_dir changed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from hostile import run_in_process, run_refused  # noqa: F401
+
+from preftune.demo import build_model, build_tokenizer
+
+REWARDS = '''
+def length(prompts, completions):
+    return [len(c) % 7 for c in completions]
+
+def digits(prompts, completions):
+    return "".join(str(len(c) % 10) for c in completions)
+
+def texts(prompts, completions):
+    return [str(len(c)) for c in completions]
+
+def one_number(prompts, completions):
+    return 1.5
+'''
+
+ARGPARSE_AT_IMPORT = '''
+import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument("--judge_url", required=True)
+args = parser.parse_args()
+
+def score(prompts, completions):
+    return [0.0 for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def p(tmp_path_factory, tiny_model_dir, tiny_tokenizer, demo_pairs):
+    """A model, a model of the same size whose tokenizer has two ids swapped, a smaller-vocabulary model,
+    pairs, prompts and reward files."""
+    root = tmp_path_factory.mktemp("hostile_flow")
+    model = root / "model"
+    shutil.copytree(tiny_model_dir, model)
+    permuted = root / "permuted"
+    shutil.copytree(tiny_model_dir, permuted)
+    spec = json.loads((permuted / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = (t for t, i in vocab.items() if i in (200, 201))
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same tokens and size, two ids swapped
+    (permuted / "tokenizer.json").write_text(json.dumps(spec))
+    small = root / "small"
+    small_tokenizer = build_tokenizer([d[k] for d in demo_pairs for k in ("prompt", "chosen")], vocab_size=300)
+    build_model(len(small_tokenizer), seed=1, hidden=32, layers=2).save_pretrained(small)
+    small_tokenizer.save_pretrained(small)
+    no_tokenizer = root / "no_tokenizer"  # weights alone: compared by vocabulary size
+    build_model(len(small_tokenizer), seed=1, hidden=32, layers=2).save_pretrained(no_tokenizer)
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(d) + "\n" for d in demo_pairs[:8]))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": d["prompt"]}) + "\n" for d in demo_pairs[:3]))
+    (root / "rewards.py").write_text(REWARDS)
+    (root / "judge.py").write_text(ARGPARSE_AT_IMPORT)
+    return SimpleNamespace(root=root, model=model, permuted=permuted, small=small, no_tokenizer=no_tokenizer,
+                           pairs=pairs, prompts=prompts, rewards=root / "rewards.py", judge=root / "judge.py")
+
+
+def refused(p, args, out, expect):
+    return run_refused(args, cwd=p.root, watch=[p.root], expect=expect, output_dir=out, in_process=True)
+
+
+# --- 1. models that do not belong together are never compared -------------------------------------------
+
+
+@pytest.mark.parametrize("other,detail", [("permuted", "the same 400 tokens in size, but 2 of them with other ids"),
+                                          ("small", "300 tokens against 400")])
+def test_eval_refuses_a_reference_on_another_tokenizer(p, other, detail):
+    out = p.root / f"eval_{other}"
+    message = refused(p, ["eval", "--model_name_or_path", str(p.model), "--ref_model", str(getattr(p, other)),
+                          "--dataset", str(p.pairs), "--output_dir", str(out)], out,
+                      [f"ref_model '{getattr(p, other)}' has another tokenizer than model_name_or_path '{p.model}'",
+                       detail, "same model family"])
+    assert "IndexError" not in message
+
+
+def test_eval_refuses_a_second_model_on_another_tokenizer(p):
+    out = p.root / "eval_sweep"
+    refused(p, ["eval", "--model_name_or_path", f"{p.model},{p.permuted}", "--ref_model", str(p.model),
+                "--dataset", str(p.pairs), "--output_dir", str(out)], out,
+            [f"model_name_or_path '{p.permuted}' has another tokenizer than the first model '{p.model}'",
+             "separate runs"])
+
+
+def test_a_reference_without_tokenizer_files_is_checked_by_size_not_indexerror(p):
+    out = p.root / "eval_no_tokenizer"
+    refused(p, ["eval", "--model_name_or_path", str(p.model), "--ref_model", str(p.no_tokenizer),
+                "--dataset", str(p.pairs), "--output_dir", str(out)], out,
+            [f"ref_model '{p.no_tokenizer}': its vocabulary has 300 tokens but the policy's tokenizer has 400"])
+
+
+def test_train_and_export_refuse_a_reference_on_another_tokenizer(p):
+    out = p.root / "train_permuted"
+    refused(p, ["train", "--model_name_or_path", str(p.model), "--ref_model", str(p.permuted), "--dataset",
+                str(p.pairs), "--max_steps", "1", "--progress_bar", "false", "--plot_loss", "false",
+                "--output_dir", str(out)], out,
+            [f"ref_model '{p.permuted}' has another tokenizer than model_name_or_path '{p.model}'"])
+    out = p.root / "export_permuted"
+    refused(p, ["export", str(p.model), "--ref", str(p.small), "--data", str(p.pairs), "--out", str(out)], out,
+            [f"--ref '{p.small}' has another tokenizer than MODEL '{p.model}'"])
+

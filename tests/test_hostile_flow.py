@@ -14,7 +14,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from hostile import run_in_process, run_refused  # noqa: F401
+from hostile import run_in_process, run_refused
 
 from preftune.demo import build_model, build_tokenizer
 
@@ -116,3 +116,35 @@ def test_train_and_export_refuse_a_reference_on_another_tokenizer(p):
     refused(p, ["export", str(p.model), "--ref", str(p.small), "--data", str(p.pairs), "--out", str(out)], out,
             [f"--ref '{p.small}' has another tokenizer than MODEL '{p.model}'"])
 
+
+
+def sample_args(p, out, *extra, model=None, prompts=None):
+    return ["sample", "--model_name_or_path", str(model or p.model), "--dataset", str(prompts or p.prompts),
+            "--num_samples", "2", "--max_new_tokens", "4", "--reward", f"{p.rewards}:length",
+            "--output_dir", str(out), *extra]
+
+
+def with_reward(args, reward):
+    args = list(args)
+    args[args.index("--reward") + 1] = reward
+    return args
+
+
+# --- 4. rewards that mislead ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn,returned", [("digits", "returned a str ("), ("texts", "item 0 is a str ("),
+                                         ("one_number", "returned a float (1.5)")])
+def test_a_reward_must_return_numbers_not_text(p, fn, returned):
+    out = p.root / f"reward_{fn}"
+    refused(p, with_reward(sample_args(p, out, "--max_samples", "1"), f"{p.rewards}:{fn}"), out,
+            [f"reward {p.rewards}:{fn} {returned}" if fn != "texts" else f"reward {p.rewards}:texts returned a list whose",
+             returned, "return a list with one number per completion"])
+
+
+def test_a_reward_file_that_parses_the_command_line_at_import_is_named(p):
+    out = p.root / "reward_argparse"
+    message = refused(p, with_reward(sample_args(p, out), f"{p.judge}:score"), out,
+                      [f"reward: importing '{p.judge}' exited (SystemExit 2)", "--judge_url",
+                       "if __name__ == \"__main__\""])
+    assert "usage:" not in message

@@ -148,3 +148,82 @@ def test_a_reward_file_that_parses_the_command_line_at_import_is_named(p):
                       [f"reward: importing '{p.judge}' exited (SystemExit 2)", "--judge_url",
                        "if __name__ == \"__main__\""])
     assert "usage:" not in message
+
+
+# --- 2. a resumed sample with other settings ---------------------------------------------------------------
+
+
+def test_sample_resumed_with_other_settings_is_refused_and_nothing_changes(p):
+    out = p.root / "resumed"
+    first = sample_args(p, out, "--max_samples", "2")
+    assert run_in_process(first, p.root).returncode == 0
+    assert json.loads((out / "sample_settings.json").read_text())["num_samples"] == 2
+    again = list(first)
+    again[again.index("--num_samples") + 1] = "3"
+    refused(p, again + ["--temperature", "0.7"], None,
+            [f"{out / 'samples.jsonl'} holds 2 prompts sampled with other settings (num_samples 2 -> 3, temperature "
+             "1.0 -> 0.7)", "resume with the earlier values, or use another output_dir"])
+    # samples of an earlier preftune (no settings file): their completion count is compared
+    (out / "sample_settings.json").unlink()
+    refused(p, again, None, ["(num_samples 2 -> 3)"])
+
+
+# --- 3. prompts longer than the model's context -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short(p, demo_pairs):
+    """The model with a context of 40 positions (its config says so; the weights do not care), and prompts of
+    which one is far longer."""
+    folder = p.root / "short_context"
+    shutil.copytree(p.model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    prompts = p.root / "long_prompts.jsonl"
+    records = [{"prompt": demo_pairs[0]["prompt"]}, {"prompt": " ".join(d["prompt"] for d in demo_pairs[:12])}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return SimpleNamespace(model=folder, prompts=prompts)
+
+
+@pytest.fixture
+def widths(monkeypatch):
+    """The prompt width of every generate call (left-padded batches: the longest prompt's length)."""
+    from transformers import Qwen2ForCausalLM
+
+    seen, generate = [], Qwen2ForCausalLM.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[1])
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "generate", spy)
+    return seen
+
+
+def test_sample_cuts_a_prompt_longer_than_the_context_from_the_left_and_counts_it(p, short, widths):
+    out = p.root / "cut"
+    result = run_in_process(sample_args(p, out, "--max_new_tokens", "8", model=short.model, prompts=short.prompts),
+                            p.root)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts_cut_to_context"] == 1
+    assert widths and max(widths) + 8 <= 40  # prompt and completion within the 40 positions
+    # the record keeps the prompt as the data gave it: nothing of the user's is rewritten
+    long_prompt = json.loads(short.prompts.read_text().splitlines()[1])["prompt"]
+    assert [json.loads(line)["prompt"] for line in (out / "samples.jsonl").read_text().splitlines()][1] == long_prompt
+
+
+def test_eval_cuts_prompts_to_the_smallest_context_and_counts_them(p, short, widths):
+    out = p.root / "eval_cut"
+    result = run_in_process(["eval", "--model_name_or_path", str(short.model), "--ref_model", str(p.model),
+                             "--prompts", str(short.prompts), "--reward", f"{p.rewards}:length", "--num_samples", "2",
+                             "--max_new_tokens", "6", "--output_dir", str(out)], p.root)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "eval.json").read_text())["reference"]["prompts_cut_to_context"] == 1
+    assert widths and max(widths) + 6 <= 40
+
+
+def test_max_new_tokens_beyond_the_context_is_refused(p, short):
+    out = p.root / "no_room"
+    refused(p, sample_args(p, out, "--max_new_tokens", "40", model=short.model, prompts=short.prompts), out,
+            ["max_new_tokens: 40 leaves no room for a prompt in the model's context of 40 tokens", "lower max_new_tokens"])

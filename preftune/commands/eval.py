@@ -127,12 +127,18 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
 
     from preftune.data import read_prompts
     from preftune.evaluate import completion_logps
+    from preftune.generate import fit_context, log_cut, model_context
     from preftune.rewards import load_reward
     from preftune.tokenization import TokenizedPair, describe_rendering, encode_prompts, rendering_text
 
     reward = load_reward(cfg.reward)
     prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns)
-    encoded = encode_prompts(tokenizer, prompts, cfg.template)
+    # every model and the reference sample and score the same prompt ids: cut to the smallest context
+    contexts = [c for c in (model_context(m.config) for m in [*models.values(), reference]) if c is not None]
+    context = min(contexts) if contexts else None
+    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template), context, cfg.max_new_tokens,
+                               tokenizer.bos_token_id)
+    log_cut(cut, len(prompts), context, cfg.max_new_tokens)
     log.info("rendering: %s", rendering_text(describe_rendering(tokenizer, cfg.template, prompts)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     records = [{"prompt": p.prompt, "reference": [], "models": {}} for p in prompts]
@@ -163,7 +169,7 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
         results[name] = {**_reward_stats(rewards, [len(c) for row in samples for c in row]),
                          "win_rate_vs_reference": sum(wins) / len(wins), "kl": kl.mean().item(),
                          "kl_stderr": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0}
-    return results, {"prompts": len(prompts), **ref_stats}, records
+    return results, {"prompts": len(prompts), "prompts_cut_to_context": cut, **ref_stats}, records
 
 
 def _reward_stats(rewards: list[float], lengths: list[int]) -> dict:

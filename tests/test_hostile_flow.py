@@ -227,3 +227,37 @@ def test_max_new_tokens_beyond_the_context_is_refused(p, short):
     out = p.root / "no_room"
     refused(p, sample_args(p, out, "--max_new_tokens", "40", model=short.model, prompts=short.prompts), out,
             ["max_new_tokens: 40 leaves no room for a prompt in the model's context of 40 tokens", "lower max_new_tokens"])
+
+
+# --- 5. sft on pairs, eval's missing --prompts ----------------------------------------------------------------
+
+
+def test_sft_on_pairs_says_their_rejected_answers_are_not_used(p, caplog):
+    out = p.root / "sft_pairs"
+    with caplog.at_level("INFO", logger="preftune"):
+        result = run_in_process(["sft", "--model_name_or_path", str(p.model), "--dataset", str(p.pairs),
+                                 "--max_steps", "1", "--progress_bar", "false", "--plot_loss", "false",
+                                 "--output_dir", str(out)], p.root)
+    assert result.returncode == 0, result.stderr
+    said = [r.getMessage() for r in caplog.records if "rejected answers are not used" in r.getMessage()]
+    assert said == ["sft: 8 of the 8 training records are preference pairs: trained on their chosen answers; their "
+                    "rejected answers are not used (preftune train trains on both)"]
+    # SFT records (read as pairs whose rejected is the chosen) are not pairs: nothing said
+    from preftune.data.load import _say_rejected_unused, read_dataset
+
+    sft_file = p.root / "sft.jsonl"
+    sft_file.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n"
+                        + json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                   {"role": "assistant", "content": "Hey"}]}) + "\n")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="preftune"):
+        _say_rejected_unused(read_dataset(str(sft_file), "data", sft=True), "training")
+    assert not caplog.records
+
+
+def test_eval_names_a_missing_prompts_file_prompts(p):
+    out = p.root / "eval_no_prompts"
+    message = refused(p, ["eval", "--model_name_or_path", str(p.model), "--ref_model", str(p.model), "--prompts",
+                          "missing.jsonl", "--reward", f"{p.rewards}:length", "--output_dir", str(out)], out,
+                      ["prompts 'missing.jsonl': not a name in"])
+    assert "dataset" not in message.split(":")[0]

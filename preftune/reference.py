@@ -46,8 +46,8 @@ from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
 from preftune.cache import data_fingerprint, key_of, model_fingerprint, read_ref_logps, ref_logps_dir, write_ref_logps
 from preftune.evaluate import pair_logps
 from preftune.logps import BatchLogps, LogpsModule, get_batch_logps, model_inputs
-from preftune.models import (check_same_tokenizer, check_vocabulary, load_dtype, load_policy, load_reference, reference_adapters,
-                             reference_name, weight_dtypes)
+from preftune.models import (check_same_tokenizer, check_vocabulary, load_dtype, load_policy, load_reference,
+                             reference_adapters, reference_name, weight_dtypes)
 from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")

@@ -138,8 +138,7 @@ def with_reward(args, reward):
 def test_a_reward_must_return_numbers_not_text(p, fn, returned):
     out = p.root / f"reward_{fn}"
     refused(p, with_reward(sample_args(p, out, "--max_samples", "1"), f"{p.rewards}:{fn}"), out,
-            [f"reward {p.rewards}:{fn} {returned}" if fn != "texts" else f"reward {p.rewards}:texts returned a list whose",
-             returned, "return a list with one number per completion"])
+            [f"reward {p.rewards}:{fn} returned", returned, "return a list with one number per completion"])
 
 
 def test_a_reward_file_that_parses_the_command_line_at_import_is_named(p):
@@ -226,7 +225,8 @@ def test_eval_cuts_prompts_to_the_smallest_context_and_counts_them(p, short, wid
 def test_max_new_tokens_beyond_the_context_is_refused(p, short):
     out = p.root / "no_room"
     refused(p, sample_args(p, out, "--max_new_tokens", "40", model=short.model, prompts=short.prompts), out,
-            ["max_new_tokens: 40 leaves no room for a prompt in the model's context of 40 tokens", "lower max_new_tokens"])
+            ["max_new_tokens: 40 leaves no room for a prompt in the model's context of 40 tokens",
+             "lower max_new_tokens"])
 
 
 # --- 5. sft on pairs, eval's missing --prompts ----------------------------------------------------------------

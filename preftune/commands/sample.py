@@ -215,7 +215,8 @@ def _sample(cfg, out: Path) -> dict:
                 new += 1
     seconds = time.time() - start_time
     records = [done[pos] for pos in sorted(done)]
-    summary = {"prompts": len(prompts), "prompts_cut_to_context": cut, "completions_per_prompt": cfg.num_samples, "backend": engine, "sampled_now": new,
+    summary = {"prompts": len(prompts), "prompts_cut_to_context": cut, "completions_per_prompt": cfg.num_samples,
+               "backend": engine, "sampled_now": new,
                "seconds": round(seconds, 2), "completions_per_second": new * cfg.num_samples / max(seconds, 1e-9),
                "rendering": rendering, "outputs": {"samples": str(samples_path)}, "config": cfg.to_dict()}
     if reward:

@@ -41,7 +41,8 @@ class DataReport:
 
 
 def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, max_samples: int | None,
-                sft: bool = False, prompts: bool = False, key: str = "dataset") -> list[PreferencePair | UnpairedExample]:
+                sft: bool = False, prompts: bool = False,
+                key: str = "dataset") -> list[PreferencePair | UnpairedExample]:
     def convert(records, fmt=None):
         if not records:
             raise DataError(f"{key} '{name}': no records")

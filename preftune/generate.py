@@ -8,7 +8,8 @@ sampled in the format it was trained in. Generation is transformers' `generate`:
 left-padded, with the KV cache; plain ancestral sampling unless top_k / top_p are set (a cut
 distribution would bias the KL estimates of `preftune eval`). Each batch of prompts is seeded by
 (seed, its first prompt's position), so a batch gives the same completions whatever ran before it
-(a resumed `sample` continues exactly where the killed one stopped).
+(a resumed `sample` continues exactly where the killed one stopped). A prompt longer than the model's
+context less max_new_tokens is cut from the left first (`fit_context`), and counted.
 
 `preftune sample` can also generate with vLLM (`infer_backend`, `backend`): `vllm_sample` yields
 the same (start, completions) batches from the same token ids, with the same sampling settings and a
@@ -19,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 
 import torch
 from transformers import GenerationConfig
 
 from preftune.errors import ConfigError
 from preftune.tokenization import encode_prompts, stop_ids
+
+log = logging.getLogger("preftune")
 
 VLLM_CHUNK = 256  # prompts per vLLM call: vLLM batches inside a call; results are written between calls
 # torch_dtype's names -> vLLM's (LLM(dtype=...) takes auto, half, float16, bfloat16, float, float32: not bf16, ...)
@@ -39,6 +43,49 @@ def generation_config(cfg, tokenizer) -> GenerationConfig:
     return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p or 1.0, top_k=cfg.top_k or 0,
                             max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.num_samples,
                             eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+def model_context(config) -> int | None:
+    """The most positions a model attends over, from its config (max_position_embeddings, GPT-2's
+    n_positions); None when the config names none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_context(prompts: list[list[int]], context: int | None, max_new_tokens: int,
+                bos_id: int | None = None) -> tuple[list[list[int]], int]:
+    """Prompts that fit the model's context with max_new_tokens after them, and how many were cut.
+
+    A longer prompt is cut from the left to its last (context - max_new_tokens) tokens, as TRL's
+    keep_end cuts prompts: the end holds the last user turn and the start of the assistant turn the
+    model continues, the start the oldest context; a leading BOS is kept. Sampling past the context
+    instead runs the positions past what the model was trained on (with RoPE silently, exit 0), and
+    refusing would stop a whole run over one long prompt. Callers count the cut ones in their summary."""
+    if context is None:
+        return prompts, 0
+    room = context - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in the model's context of "
+                          f"{context} tokens (max_position_embeddings); lower max_new_tokens")
+    fitted, cut = [], 0
+    for ids in prompts:
+        if len(ids) > room:
+            keep_bos = bos_id is not None and ids[0] == bos_id and room > 1
+            ids = [ids[0]] + ids[len(ids) - room + 1:] if keep_bos else ids[len(ids) - room:]
+            cut += 1
+        fitted.append(ids)
+    return fitted, cut
+
+
+def log_cut(cut: int, total: int, context: int, max_new_tokens: int) -> None:
+    if cut:
+        log.warning("%d of %d prompts are longer than the model's context (%d tokens, max_position_embeddings) less "
+                    "max_new_tokens (%d): cut from the left to their last %d tokens (a leading BOS kept)", cut, total,
+                    context, max_new_tokens, context - max_new_tokens)
 
 
 def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:

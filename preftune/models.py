@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -20,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from preftune import adapters
 from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
 from preftune.errors import ConfigError, ModelError
-from preftune.guard import check_model_dir
+from preftune.guard import TOKENIZER_FILES, check_model_dir
 
 log = logging.getLogger("preftune")
 
@@ -146,6 +147,39 @@ def check_vocabulary(model, tokenizer, what: str,
     if rows < len(tokenizer):
         raise ModelError(f"{what}: its vocabulary has {rows} tokens but the policy's tokenizer has {len(tokenizer)}; "
                          f"{fix}")
+
+
+def check_same_tokenizer(tokenizer, name: str, what: str, fix: str, trust_remote_code: bool = False,
+                         against: str | None = None) -> None:
+    """The model `name` (named by the key `what`) must read token ids as `tokenizer` writes them: a
+    reference or a second evaluated model scores the policy's token ids, and on another tokenizer those
+    ids stand for other text (a KL or log-ratio that means nothing, exit 0), or run past its vocabulary.
+
+    The check is exact and cheap: the two tokenizers' vocabularies (token text -> id, added tokens
+    included) must be equal. Special-token roles are not compared: the other model only scores ids the
+    policy's tokenizer wrote, so a base and its instruct model (same ids, eos <|endoftext|> vs
+    <|im_end|>) belong together. A model whose tokenizer cannot be read (no tokenizer files) is
+    compared by vocabulary size alone (`check_vocabulary`), with a warning."""
+    against = against or f"model_name_or_path '{tokenizer.name_or_path}'"
+    folder_without = Path(name).expanduser().is_dir() and not any(
+        (Path(name).expanduser() / f).is_file() for f in TOKENIZER_FILES)
+    try:
+        if folder_without:
+            raise OSError("no tokenizer files")
+        other = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - whatever stops reading it, the size check below still holds
+        log.warning("%s '%s': its tokenizer cannot be read (%s), so it is not compared with %s's; only the "
+                    "vocabulary size is checked", what, name, str(e).strip().splitlines()[0] if str(e).strip()
+                    else type(e).__name__, against)
+        return
+    mine, theirs = tokenizer.get_vocab(), other.get_vocab()
+    if mine == theirs:
+        return
+    moved = sum(1 for t, i in mine.items() if theirs.get(t) != i)
+    detail = (f"the same {len(mine)} tokens in size, but {moved} of them with other ids" if len(mine) == len(theirs)
+              else f"{len(theirs)} tokens against {len(mine)}, {moved} of them missing or with other ids")
+    raise ModelError(f"{what} '{name}' has another tokenizer than {against} ({detail}): its log-probs of these "
+                     f"token ids would mean nothing; {fix}")
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:

@@ -46,8 +46,8 @@ from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
 from preftune.cache import data_fingerprint, key_of, model_fingerprint, read_ref_logps, ref_logps_dir, write_ref_logps
 from preftune.evaluate import pair_logps
 from preftune.logps import BatchLogps, LogpsModule, get_batch_logps, model_inputs
-from preftune.models import (check_vocabulary, load_dtype, load_policy, load_reference, reference_adapters,
-                             reference_name, weight_dtypes)
+from preftune.models import (check_same_tokenizer, check_vocabulary, load_dtype, load_policy, load_reference,
+                             reference_adapters, reference_name, weight_dtypes)
 from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")
@@ -187,10 +187,15 @@ def describe_precision(policy, reference: Reference, cfg) -> dict[str, str | Non
 def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None = None):
     """(the policy, its `Reference`), as the config says (module docstring). With precompute the
     reference's pass over `splits` runs, and its model is freed, before the policy loads. A given
-    tokenizer is checked against every model's vocabulary; a given engine (engines/) decides which
-    process reads the weights and prepares a separately loaded reference for evaluation (sharded as the
-    policy is, never trained). Without an engine the models stay as loaded."""
+    tokenizer is checked against every model's vocabulary, and ref_model's tokenizer against it
+    (`models.check_same_tokenizer`); a given engine (engines/) decides which process reads the weights
+    and prepares a separately loaded reference for evaluation (sharded as the policy is, never trained).
+    Without an engine the models stay as loaded."""
     chunk_size = cfg.logps_chunk_size
+    if tokenizer is not None and cfg.ref_model and cfg.uses_reference:
+        # before any model loads; a copy of the starting model has the policy's tokenizer by construction
+        check_same_tokenizer(tokenizer, cfg.ref_model, "ref_model", "a reference must use the policy's tokenizer "
+                             "(same model family)", cfg.trust_remote_code)
     read_policy = engine is None or engine.reads_weights_of(cfg.model_name_or_path, cfg, "model_name_or_path")
     if cfg.precompute_ref_log_probs:
         tables = precompute_reference_logps(cfg, splits or {}, tokenizer.pad_token_id, engine, tokenizer)

@@ -4,7 +4,8 @@
     score(prompts, completions) -> list[float]
 
 A function is called with the prompts (each the prompt's last user turn as text) and the completions
-(text), and must return one finite number per completion. A reward model is a transformers
+(text), and must return a list (or array, tensor) of one finite number per completion. Its file is
+imported as a library (sys.argv holds only its name while it loads). A reward model is a transformers
 sequence-classification model (one output): each prompt and completion are rendered through its
 own chat template (as a user and an assistant turn) when it has one, else joined as text, and its
 output is the score. Every failure is one line naming the reward.
@@ -12,12 +13,16 @@ output is the score. Every failure is one line naming the reward.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import math
+import numbers
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from preftune.errors import ConfigError, ModelError
@@ -25,21 +30,35 @@ from preftune.errors import ConfigError, ModelError
 
 def _load_function(spec: str):
     module_name, _, fn_name = spec.rpartition(":")
+    # The user's module is imported as a library, not run as a script: it sees no preftune arguments in
+    # sys.argv (a module that parses them at import would read preftune's own), and whatever it writes to
+    # stderr while exiting (argparse's usage) is kept for the one error line, not printed as if preftune's.
+    argv, stderr = sys.argv, io.StringIO()
+    sys.argv = [module_name]
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"reward: '{module_name}' does not exist (expected path/to/file.py:function)")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules.setdefault(path.stem, module)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
+        with contextlib.redirect_stderr(stderr):
+            if module_name.endswith(".py"):
+                path = Path(module_name).expanduser()
+                if not path.is_file():
+                    raise ConfigError(f"reward: '{module_name}' does not exist (expected path/to/file.py:function)")
+                module_spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules.setdefault(path.stem, module)
+                module_spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(module_name)
     except ConfigError:
         raise
+    except SystemExit as e:
+        said = [line.strip() for line in stderr.getvalue().splitlines() if line.strip()]
+        raise ConfigError(f"reward: importing '{module_name}' exited (SystemExit {e.code})"
+                          + (f" saying '{said[-1]}'" if said else "") + ": a reward file must not parse the command "
+                          "line or exit when imported; put that under `if __name__ == \"__main__\":`") from None
     except Exception as e:  # noqa: BLE001 - the user's module: any error while importing it is theirs
         raise ConfigError(f"reward: importing '{module_name}' failed: {type(e).__name__}: {e}") from None
+    finally:
+        sys.argv = argv
+    sys.stderr.write(stderr.getvalue())  # what a module that imported fine printed is its own
     fn = vars(module).get(fn_name)
     if not callable(fn):
         raise ConfigError(f"reward: '{module_name}' has no function '{fn_name}'")
@@ -78,6 +97,27 @@ def _reward_model(name: str, batch_size: int = 8):
     return score
 
 
+def _numbers(scores, spec: str) -> list[float]:
+    """A reward's return value as floats: a list (or tuple, numpy array, torch tensor) of real numbers.
+    Anything else is refused, never read element by element: a string of digits would be as many scores
+    as it has characters."""
+    if isinstance(scores, (torch.Tensor, np.ndarray)):
+        scores = scores.tolist()
+    if not isinstance(scores, (list, tuple)):
+        raise ConfigError(f"reward {spec} returned {_shown(scores)}; return a list with one number per completion")
+    for i, s in enumerate(scores):
+        if isinstance(s, (torch.Tensor, np.ndarray)) and s.ndim == 0:
+            continue
+        if not isinstance(s, numbers.Real):
+            raise ConfigError(f"reward {spec} returned a list whose item {i} is {_shown(s)}; return a list with "
+                              "one number per completion")
+    return [float(s) for s in scores]
+
+
+def _shown(value) -> str:
+    return f"a {type(value).__name__} ({value!r:.40})"
+
+
 def load_reward(spec: str):
     """The reward `spec` names, as a checked function (prompts, completions) -> list[float]."""
     looks_like_function = ":" in spec and not Path(spec).expanduser().exists()
@@ -88,10 +128,7 @@ def load_reward(spec: str):
             scores = fn(prompts, completions)
         except Exception as e:  # noqa: BLE001 - the user's function: whatever it raises is reported as its own
             raise ConfigError(f"reward {spec} raised {type(e).__name__}: {e}") from None
-        try:
-            scores = [float(s) for s in scores]
-        except (TypeError, ValueError):
-            raise ConfigError(f"reward {spec} must return one number per completion; got {scores!r:.80}") from None
+        scores = _numbers(scores, spec)
         if len(scores) != len(completions):
             raise ConfigError(f"reward {spec} returned {len(scores)} scores for {len(completions)} completions; "
                               "return one per completion")

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from preftune import guard
+from preftune.commands.sample import SETTINGS_FILE
 from preftune.config import from_dict, parse_command_line
 from preftune.data.readers import data_lines
 from preftune.errors import ConfigError
@@ -154,7 +155,7 @@ def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
     return folder, {**result, "cached": False}
 
 
-SAMPLE_FILES = {"samples.jsonl", "pairs.jsonl", "summary.json", ".preftune.lock"}  # what preftune sample writes
+SAMPLE_FILES = {"samples.jsonl", "pairs.jsonl", "summary.json", SETTINGS_FILE, ".preftune.lock"}  # what sample writes
 
 
 def run(settings: dict) -> dict:

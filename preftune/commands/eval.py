@@ -56,22 +56,26 @@ def _load(name: str, cfg):
     return load_model(name, cfg).eval(), None
 
 
-def _reference(cfg, run_cfg, cache: dict):
+def _reference(cfg, run_cfg, cache: dict, tokenizer):
     """(name, model) of the reference: ref_model, else the run's own; None when neither is known.
-    Loaded once for every model that shares it."""
+    Loaded once for every model that shares it, and checked to read the models' token ids as they do."""
+    from preftune.models import check_same_tokenizer, check_vocabulary
     from preftune.reference import load_run_reference, run_reference
 
     if cfg.ref_model:
-        name = cfg.ref_model
+        name, first, what = cfg.ref_model, cfg.ref_model, "ref_model"
         loader = lambda: _load(name, cfg)[0]  # noqa: E731
     else:
         parts = run_reference(run_cfg)
         if parts is None:
             return None
-        name = " + ".join(parts)
+        name, first, what = " + ".join(parts), parts[0], "the reference of its run"
         loader = lambda: load_run_reference(run_cfg).float().eval()  # noqa: E731
     if name not in cache:
+        fix = "a reference must use the policy's tokenizer (same model family); set ref_model to one that does"
+        check_same_tokenizer(tokenizer, first, what, fix, cfg.trust_remote_code)
         cache[name] = loader()
+        check_vocabulary(cache[name], tokenizer, f"{what} '{first}'", fix)
     return name, cache[name]
 
 
@@ -123,12 +127,18 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
 
     from preftune.data import read_prompts
     from preftune.evaluate import completion_logps
+    from preftune.generate import fit_context, log_cut, model_context
     from preftune.rewards import load_reward
     from preftune.tokenization import TokenizedPair, describe_rendering, encode_prompts, rendering_text
 
     reward = load_reward(cfg.reward)
-    prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns)
-    encoded = encode_prompts(tokenizer, prompts, cfg.template)
+    prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns, key="prompts")
+    # every model and the reference sample and score the same prompt ids: cut to the smallest context
+    contexts = [c for c in (model_context(m.config) for m in [*models.values(), reference]) if c is not None]
+    context = min(contexts) if contexts else None
+    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template), context, cfg.max_new_tokens,
+                               tokenizer.bos_token_id)
+    log_cut(cut, len(prompts), context, cfg.max_new_tokens)
     log.info("rendering: %s", rendering_text(describe_rendering(tokenizer, cfg.template, prompts)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     records = [{"prompt": p.prompt, "reference": [], "models": {}} for p in prompts]
@@ -159,7 +169,7 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
         results[name] = {**_reward_stats(rewards, [len(c) for row in samples for c in row]),
                          "win_rate_vs_reference": sum(wins) / len(wins), "kl": kl.mean().item(),
                          "kl_stderr": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0}
-    return results, {"prompts": len(prompts), **ref_stats}, records
+    return results, {"prompts": len(prompts), "prompts_cut_to_context": cut, **ref_stats}, records
 
 
 def _reward_stats(rewards: list[float], lengths: list[int]) -> dict:
@@ -209,16 +219,19 @@ def run(cfg) -> dict:
 
 def _evaluate(cfg, names: list[str], out: Path) -> dict:
     from preftune.saved import with_run_template
-    from preftune.models import check_vocabulary, load_tokenizer
+    from preftune.models import check_same_tokenizer, check_vocabulary, load_tokenizer
 
     tokenizer = load_tokenizer(names[0], cfg.trust_remote_code)
     rows, references, models = [], {}, {}
     for name in names:
+        if name != names[0]:  # scored on the first one's token ids
+            check_same_tokenizer(tokenizer, name, "model_name_or_path", "evaluate models of other tokenizers in "
+                                 "separate runs", cfg.trust_remote_code, against=f"the first model '{names[0]}'")
         model, run_cfg = _load(name, cfg)
         if not rows:  # the first model's run decides how its data and prompts are rendered
             cfg = with_run_template(cfg, run_cfg)
         check_vocabulary(model, tokenizer, f"model_name_or_path '{name}'", "every model must use the first one's tokenizer")
-        ref = _reference(cfg, run_cfg, references)
+        ref = _reference(cfg, run_cfg, references, tokenizer)
         if ref is None:
             raise ConfigError(f"model_name_or_path '{name}': no reference known (its folder has no preftune_config.yaml "
                               "naming one); set ref_model")

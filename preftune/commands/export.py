@@ -212,7 +212,7 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
     from preftune.evaluate import pair_logps
     from preftune.final import add_legacy_rope_keys
     from preftune.logps import LogpsModule
-    from preftune.models import check_vocabulary
+    from preftune.models import check_same_tokenizer, check_vocabulary
     from preftune.reference import load_run_reference, run_reference
     from preftune.tokenization import tokenize_pairs
 
@@ -240,6 +240,9 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
     pairs, source = heldout_pairs(src, run_cfg, data, cfg.dataset_dir, cfg.max_samples)  # data errors before any work
     tokenizer_dir = merge[0] if merge and not (src / "tokenizer_config.json").is_file() else src
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # saved unchanged: nothing below may alter it first
+    if pairs and reference:  # the reference scores MODEL's token ids: before any weights are read
+        check_same_tokenizer(tokenizer, reference[0], "--ref" if ref else "the run's reference",
+                             "a reference must use the model's tokenizer (same model family)", against=f"MODEL '{src}'")
 
     tmp = fresh_tmp_dir(dest)
     merged = fresh_tmp_dir(dest.with_name(dest.name + ".merged")) if merge else None

@@ -11,10 +11,12 @@ training renders them. Writes into output_dir:
                     without a reward the scores are null: the candidates that `preftune label` shows people
     pairs.jsonl     the pairs (`pairing`, `min_margin`) in the format training reads
     summary.json    counts (ties, pairs below min_margin, identical texts: skipped and counted), rewards, speed
+    sample_settings.json  the settings that decide the samples (SAMPLING_KEYS), which a resumed run must repeat
 
 Each prompt's line is appended and flushed the moment it is done, so a killed run loses nothing and,
-run again with the same output_dir, continues with the prompts it had not finished (the same
-completions as an uninterrupted run: sampling is seeded per batch of prompts).
+run again with the same output_dir and settings, continues with the prompts it had not finished (the same
+completions as an uninterrupted run: sampling is seeded per batch of prompts). Run again with other
+sampling settings (num_samples, temperature, model, reward, ...), it is refused in one line naming them.
 """
 
 from __future__ import annotations
@@ -78,6 +80,47 @@ def read_samples(path: Path, prompts: list) -> dict[int, dict]:
     return done
 
 
+# What decides the completions and scores of a samples line: a resumed run must use the same values, or
+# its samples.jsonl would mix records of both and summary.json claim the new ones (as resume_from_checkpoint
+# checks training's settings). pairing and min_margin are free: pairs.jsonl is remade from every record.
+SAMPLING_KEYS = ("model_name_or_path", "template", "reward", "num_samples", "temperature", "top_p", "top_k",
+                 "max_new_tokens", "seed")
+SETTINGS_FILE = "sample_settings.json"
+
+
+def sampling_settings(cfg) -> dict:
+    """cfg's SAMPLING_KEYS, with a local model folder and a reward file as absolute paths (the same run
+    started from another folder is the same run)."""
+    settings = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
+    if settings["model_name_or_path"] and Path(settings["model_name_or_path"]).expanduser().exists():
+        settings["model_name_or_path"] = str(Path(settings["model_name_or_path"]).expanduser().resolve())
+    module, _, fn = (settings["reward"] or "").rpartition(":")
+    if module.endswith(".py") and Path(module).expanduser().is_file():
+        settings["reward"] = f"{Path(module).expanduser().resolve()}:{fn}"
+    return settings
+
+
+def check_same_settings(out: Path, cfg, done: dict[int, dict]) -> None:
+    """Refuse to add to the samples an earlier run wrote with other sampling settings; then record this
+    run's (before its first line, so a killed run has them)."""
+    path, now = out / SETTINGS_FILE, sampling_settings(cfg)
+    if done:
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                raise DataError(f"{path} is not the JSON preftune sample writes; use another output_dir, or delete "
+                                "samples.jsonl to start over") from None
+        else:  # samples written before this file existed: their completion count is all there is to compare
+            saved = {"num_samples": len(done[min(done)]["completions"])}
+        changed = [k for k in SAMPLING_KEYS if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ConfigError(f"{out / 'samples.jsonl'} holds {len(done)} prompts sampled with other settings ("
+                              + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed) + "); resume with the "
+                              "earlier values, or use another output_dir (or delete samples.jsonl to start over)")
+    write_atomic(path, json.dumps(now, indent=1))
+
+
 def make_pairs(records: list[dict], cfg) -> tuple[list[dict], dict[str, int]]:
     """Preference pairs from scored records, as `pairing` says; what is not paired is counted."""
     pairs, skipped = [], {"ties": 0, "below_min_margin": 0, "identical_texts": 0}
@@ -124,7 +167,9 @@ def _sample(cfg, out: Path) -> dict:
 
     from preftune.saved import run_config, with_run_template
     from preftune.data import read_prompts
-    from preftune.generate import backend, sample, vllm_sample
+    from transformers import AutoConfig
+
+    from preftune.generate import backend, fit_context, log_cut, model_context, sample, vllm_sample
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
     from preftune.tokenization import describe_rendering, encode_prompts, rendering_text
@@ -137,7 +182,11 @@ def _sample(cfg, out: Path) -> dict:
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     if Path(cfg.model_name_or_path).expanduser().is_dir():
         cfg = with_run_template(cfg, run_config(Path(cfg.model_name_or_path).expanduser()))
-    encoded = encode_prompts(tokenizer, prompts, cfg.template)
+    check_same_settings(out, cfg, done)  # with the template resolved, before a model loads
+    context = model_context(AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code))
+    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template), context, cfg.max_new_tokens,
+                               tokenizer.bos_token_id)
+    log_cut(cut, len(prompts), context, cfg.max_new_tokens)
     rendering = describe_rendering(tokenizer, cfg.template, prompts)
     log.info("rendering: %s", rendering_text(rendering))
     if engine == "vllm":
@@ -166,7 +215,8 @@ def _sample(cfg, out: Path) -> dict:
                 new += 1
     seconds = time.time() - start_time
     records = [done[pos] for pos in sorted(done)]
-    summary = {"prompts": len(prompts), "completions_per_prompt": cfg.num_samples, "backend": engine, "sampled_now": new,
+    summary = {"prompts": len(prompts), "prompts_cut_to_context": cut, "completions_per_prompt": cfg.num_samples,
+               "backend": engine, "sampled_now": new,
                "seconds": round(seconds, 2), "completions_per_second": new * cfg.num_samples / max(seconds, 1e-9),
                "rendering": rendering, "outputs": {"samples": str(samples_path)}, "config": cfg.to_dict()}
     if reward:

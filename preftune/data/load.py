@@ -41,10 +41,11 @@ class DataReport:
 
 
 def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, max_samples: int | None,
-                sft: bool = False, prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
+                sft: bool = False, prompts: bool = False,
+                key: str = "dataset") -> list[PreferencePair | UnpairedExample]:
     def convert(records, fmt=None):
         if not records:
-            raise DataError(f"dataset '{name}': no records")
+            raise DataError(f"{key} '{name}': no records")
         return to_examples(records[:max_samples] if max_samples is not None else records, fmt,
                            None if fmt else columns, sft, prompts)
 
@@ -62,18 +63,19 @@ def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, ma
     if "/" in base and not Path(base).suffix and not base.startswith((".", "/")):
         return convert(read_hf(base, split))  # a hub id
     known = f" (registered there: {', '.join(sorted(info))})" if info else f" (no {info_path} found)"
-    raise DataError(f"dataset '{name}': not a name in {info_path}{known}, not a file or folder, "
+    raise DataError(f"{key} '{name}': not a name in {info_path}{known}, not a file or folder, "
                     "and not a hub id (owner/name)")
 
 
 def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
                   columns: dict[str, str] | None = None, sft: bool = False,
-                  prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
+                  prompts: bool = False, key: str = "dataset") -> list[PreferencePair | UnpairedExample]:
     """All examples (pairs and unpaired) of a comma list of dataset entries, in order (sft: SFT
-    records too, as pairs whose chosen is the completion; prompts: prompt-only records too)."""
+    records too, as pairs whose chosen is the completion; prompts: prompt-only records too). `key`: the
+    config key that named them, for the errors."""
     out: list[PreferencePair | UnpairedExample] = []
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts))
+        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts, key))
     return out
 
 
@@ -96,12 +98,13 @@ def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
 
 
 def read_prompts(spec: str, dataset_dir: str, max_samples: int | None = None,
-                 columns: dict[str, str] | None = None) -> list[PreferencePair]:
+                 columns: dict[str, str] | None = None, key: str = "dataset") -> list[PreferencePair]:
     """The prompts of a comma list of dataset entries, for sampling and evaluation: prompt-only records
     (`{"prompt": text or messages, "system": ...}`) or the prompt of any record training reads (pairs,
-    SFT records, unpaired examples), as pairs with empty completions."""
+    SFT records, unpaired examples), as pairs with empty completions. `key`: the config key that named
+    them (sample's dataset, eval's prompts), for the errors."""
     out = []
-    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True, prompts=True):
+    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True, prompts=True, key=key):
         if isinstance(e, UnpairedExample):
             e = PreferencePair(prompt=e.prompt, chosen="", rejected="", system=e.system, where=e.where,
                                messages=e.messages, conversational=e.conversational)
@@ -147,6 +150,15 @@ def load_eval_sets(cfg, report: DataReport) -> dict[str, list[PreferencePair]]:
     return sets
 
 
+def _say_rejected_unused(examples: list[PreferencePair], split: str) -> None:
+    """SFT reads a preference pair as its chosen answer (SFT records are read as pairs whose rejected is
+    the chosen): say so, counted, rather than drop the rejected answers unsaid."""
+    pairs = sum(1 for p in examples if p.rejected != p.chosen or p.rejected_messages != p.chosen_messages)
+    if pairs:
+        log.info("sft: %d of the %d %s records are preference pairs: trained on their chosen answers; their "
+                 "rejected answers are not used (preftune train trains on both)", pairs, len(examples), split)
+
+
 def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataReport]:
     """Train and validation pairs for a config, plus the counts."""
     report = DataReport()
@@ -157,12 +169,16 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
     report.read = len(train)
     report.sources = dict(Counter(source_of(p.where) for p in train))
+    if sft:
+        _say_rejected_unused(train, "training")
     train = check_pairs(train, cfg.drop_invalid_pairs, report, sft)
     if cfg.shuffle:  # before the split, so val_size draws from every source
         random.Random(cfg.seed).shuffle(train)
     if cfg.eval_dataset:
         val = read_dataset(cfg.eval_sets["validation"], cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
         report.read += len(val)
+        if sft:
+            _say_rejected_unused(val, "validation")
         val = check_pairs(val, cfg.drop_invalid_pairs, report, sft)
     elif cfg.val_size > 0:
         n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(len(train) * cfg.val_size))

@@ -25,8 +25,9 @@ from preftune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-            "logps/rejected", "nll_loss", "kl", "grad_norm", "learning_rate", "eval_loss", "eval_rewards/accuracies",
-            "eval_rewards/margins", "eval_logps/chosen", "eval_kl"]
+            "logps/rejected", "nll_loss", "kl_per_token", "kl_per_sequence", "grad_norm", "learning_rate", "eval_loss",
+            "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_kl_per_token",
+            "eval_kl_per_sequence"]
 
 
 def raw_config(tmp_path, model_dir, **over):

@@ -59,8 +59,10 @@ def test_eval_on_prompts_sweeps_models_into_a_table_and_frontier(trained, tiny_m
     report = json.loads((out / "eval.json").read_text())
     same, trained_row = (r["prompts"] for r in report["models"])
     # the reference against itself: the same seeded samples, so every comparison ties and the KL is 0
-    assert same["kl_per_sequence"] == 0.0 and same["win_rate_vs_reference"] == 0.5 and same["reward"] == report["reference"]["reward"]
-    assert trained_row["kl_per_sequence"] != 0.0 and trained_row["samples"] == 12 and report["reference"]["prompts"] == 6
+    assert same["kl_per_sequence"] == 0.0 and same["win_rate_vs_reference"] == 0.5
+    assert same["reward"] == report["reference"]["reward"]
+    assert trained_row["kl_per_sequence"] != 0.0 and trained_row["samples"] == 12
+    assert report["reference"]["prompts"] == 6
     rows = list(csv.DictReader((out / "eval.csv").open()))
     assert [r["model"] for r in rows] == [str(tiny_model_dir), str(root / "run")]
     assert float(rows[1]["prompts/kl_per_sequence"]) == pytest.approx(trained_row["kl_per_sequence"])

@@ -19,9 +19,9 @@ from preftune.step import LogpsModule, PreferenceStep
 from preftune.tokenization import tokenize_pairs
 
 REQUIRED = ["step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected", "nll_loss", "kl_per_token", "kl_per_sequence", "grad_norm", "learning_rate",
-            "tokens_per_second", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl_per_token",
-            "eval_kl_per_sequence", "eval_train_gap"]
+            "logps/chosen", "logps/rejected", "nll_loss", "kl_per_token", "kl_per_sequence", "grad_norm",
+            "learning_rate", "tokens_per_second", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
+            "eval_kl_per_token", "eval_kl_per_sequence", "eval_train_gap"]
 
 
 def write_data(folder, n_train=320, n_val=64):

@@ -252,7 +252,7 @@ def print_report(result: dict) -> None:
           "reward\n(-1: only negative words ... +1: only positive ones; the same sampling seed for both models):\n")
     print(before_after(Path(result["outputs"]["samples"]), models, SHOW))
     print(f"\nSentiment reward on {result['eval_prompts']} held-out prompts x {result['completions_per_prompt']} "
-          "completions (mean +- standard error); KL in nats\nper sequence (completion); well-formed: every sentence is one "
+          "completions (mean +- standard error); KL in nats\nper completion; well-formed: every sentence is one "
           "of the corpus's sentence forms; mean length in tokens:")
     row = "  {:16s} {:16s} {:16s} {:>8s}  {:18s} {:>11s} {:>7s}"
     print(row.format("model", "reward", "lift over SFT", "win rate", "KL (nats/sequence)", "well-formed", "length"))
@@ -261,7 +261,8 @@ def print_report(result: dict) -> None:
     for m in models:
         print(row.format(f"DPO beta {m['beta']:g}", f"{m['reward']:+.3f} +- {m['reward_stderr']:.3f}",
                          f"{m['lift']:+.3f} +- {m['lift_stderr']:.3f}", f"{m['win_rate']:.1%}",
-                         f"{m['kl_per_sequence']:.2f} +- {m['kl_per_sequence_stderr']:.2f}", f"{m['well_formed']:.1%}", f"{m['mean_length']:.1f}"))
+                         f"{m['kl_per_sequence']:.2f} +- {m['kl_per_sequence_stderr']:.2f}", f"{m['well_formed']:.1%}",
+                         f"{m['mean_length']:.1f}"))
     for m in models:
         before, after = m["heldout_accuracy"]
         print(f"held-out preference accuracy of the DPO run (beta {m['beta']:g}): {before:.1%} -> {after:.1%}")

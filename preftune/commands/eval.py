@@ -5,7 +5,8 @@
         --reward my_rewards.py:score --output_dir sweep                                       # samples + reward
 
 On pairs (`dataset`): the statistics of training's evaluation (preference accuracy with ties as half,
-margins, loss, KL per token and per sequence), from the one evaluator training uses, against the reference the run trained with
+margins, loss, KL per token and per sequence), from the one evaluator training uses, against the
+reference the run trained with
 (`ref_model`, else the one its output folder's preftune_config.yaml names).
 On prompts (`prompts` + `reward`): `num_samples` completions per prompt from each model and from the
 reference, scored by the reward: mean reward and its standard error, the win rate against the
@@ -39,8 +40,8 @@ USAGE = """usage: preftune eval --model_name_or_path M[,M2,...] [--ref_model R] 
 
 On pairs (dataset): training's evaluation statistics against the reference. On prompts (prompts +
 reward): num_samples completions per prompt from each model and the reference, scored by the reward
-(mean, win rate against the reference, KL in nats per sequence, length). per_device_eval_batch_size: pairs or prompts per
-batch.
+(mean, win rate against the reference, KL in nats per sequence, length). per_device_eval_batch_size:
+pairs or prompts per batch.
 """
 
 

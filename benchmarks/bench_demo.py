@@ -52,18 +52,20 @@ def main() -> int:
         runs.append({"seed": seed, "wall_seconds": round(wall, 1), "load_before": load_before,
                      "load_after": os.getloadavg()[0], "sft_reward": result["reference"]["reward"],
                      "dpo_reward": model["reward"], "lift": model["lift"], "lift_stderr": model["lift_stderr"],
-                     "kl": model["kl"], "win_rate": model["win_rate"], "accuracy": model["heldout_accuracy"][1],
+                     "kl_per_sequence": model["kl_per_sequence"], "win_rate": model["win_rate"],
+                     "accuracy": model["heldout_accuracy"][1],
                      "well_formed_sft": result["reference"]["well_formed"], "well_formed_dpo": model["well_formed"],
                      "sft_perplexity": result["sft"]["perplexity"][1], "seconds": result["seconds"],
                      "completions_per_second": result["sample"]["completions_per_second"]})
         r = runs[-1]
         print(f"seed {seed}: reward {r['sft_reward']:+.3f} -> {r['dpo_reward']:+.3f} (lift {r['lift']:+.3f} +- "
-              f"{r['lift_stderr']:.3f}), KL {r['kl']:.2f}, win rate {r['win_rate']:.1%}, held-out accuracy "
+              f"{r['lift_stderr']:.3f}), KL {r['kl_per_sequence']:.2f} nats/sequence, win rate {r['win_rate']:.1%}, "
+              f"held-out accuracy "
               f"{r['accuracy']:.1%}, well-formed {r['well_formed_sft']:.1%} -> {r['well_formed_dpo']:.1%}, sampling "
               f"{r['completions_per_second']:.0f} completions/s, seconds {r['seconds']}, wall {wall:.0f} s, load "
               f"{load_before:.1f} -> {r['load_after']:.1f}", flush=True)
     print(f"\nover seeds {args.seeds} (mean +- standard deviation [min, max]):")
-    for key in ("sft_reward", "dpo_reward", "lift", "kl", "win_rate", "accuracy", "well_formed_sft",
+    for key in ("sft_reward", "dpo_reward", "lift", "kl_per_sequence", "win_rate", "accuracy", "well_formed_sft",
                 "well_formed_dpo", "sft_perplexity", "completions_per_second", "wall_seconds"):
         print(f"  {key:24s} {spread([r[key] for r in runs])}")
     if args.json_out:

@@ -36,7 +36,7 @@ VARIANTS = {
     "ld_alpha=0.5": {"ld_alpha": 0.5},
     "use_weighting": {"use_weighting": True},
 }
-HEADER = "| `pref_loss` | held-out preference accuracy | reward margin | KL to reference (per token) |"
+HEADER = "| `pref_loss` | held-out preference accuracy | reward margin | KL to reference (nats per token) |"
 
 
 def pairwise_eval(cfg) -> dict:
@@ -77,7 +77,7 @@ def measure(name: str, epochs: float, workdir: Path) -> dict:
     if cfg.is_kto:
         final = pairwise_eval(cfg)
     return {"accuracy": final["eval_rewards/accuracies"], "margin": final["eval_rewards/margins"],
-            "kl": final.get("eval_kl"), "loss": final["eval_loss"]}
+            "kl": final.get("eval_kl_per_token"), "loss": final["eval_loss"]}
 
 
 def row(name: str, r: dict) -> str:

@@ -68,6 +68,8 @@ Values that are translated, not just renamed:
 
 - `mixed_precision: no|fp16|bf16` (accelerate's spelling) sets `bf16` / `fp16` (`no`: neither).
 - `ref_model: same_as_policy` is the default reference (`ref_model` unset).
+- `metric_for_best_model: kl` (also `eval_kl`, `eval_<set>_kl`), the per-token KL's name before
+  it carried its unit, means `kl_per_token` (nats per token).
 - `resume_from_checkpoint: true` resumes from the latest complete checkpoint in `output_dir`;
   `false` is the same as unset.
 - `rpo_alpha` (older TRL) is refused rather than aliased: it averages the NLL over all chosen

@@ -56,12 +56,13 @@ def pooled(sums: dict[str, float], counts: dict[str, int], engine) -> tuple[dict
 
 def training_row(running: dict[str, list[torch.Tensor]], tokens: int, train_seconds: float, kl, engine) -> dict:
     """A training log row: the mean of each statistic over every process's items since the last row
-    (`running`: statistic -> per-micro-batch tensors), the KL of the last micro-batch (absent, not 0,
-    without a reference) and the throughput in tokens per second of training time."""
+    (`running`: statistic -> per-micro-batch tensors), the KL of the last micro-batch (`StepOutput.kl`:
+    kl_per_token and kl_per_sequence; absent, not 0, without a reference) and the throughput in tokens
+    per second of training time."""
     sums = {k: torch.cat(v).float().sum().item() for k, v in running.items()}
     counts = {k: sum(t.numel() for t in v) for k, v in running.items()}
-    if kl is not None:
-        sums["kl"], counts["kl"] = kl[0].item(), kl[1]
+    for key, (value, n) in (kl or {}).items():
+        sums[key], counts[key] = value, n
     sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, engine)
     row = {k: sums[k] / max(counts[k], 1) for k in sums if k != "tokens"}
     row["tokens_per_second"] = sums["tokens"] / max(train_seconds, 1e-9)
@@ -100,9 +101,11 @@ def completion_logps(model, items: list, pad_id: int, batch_size: int, device=No
 def evaluate(step, policy_logps, reference, items: list, batch_size: int, pad_id: int, engine,
              prefix: str = "eval_") -> dict[str, float]:
     """Mean of every statistic of `step` (a `step.STEPS` entry) over `items`, named <prefix><statistic>,
-    plus eval_kl, the per-token KL to the reference (absent, not 0, where the step computes none: no
-    reference model). A statistic's mean is over the values it has: the pairs, or for kto the
-    examples of its side. Sharded over the processes, batch by batch, and pooled."""
+    plus the KL to the reference, eval_kl_per_token (nats per completion token) and eval_kl_per_sequence
+    (nats per completion) (absent, not 0, where the step computes none: no reference model). A
+    statistic's mean is over the values it has: the pairs, or for kto the examples of its side; the
+    KL's over every scored token, or every completion. Sharded over the processes, batch by batch, and
+    pooled."""
     model = engine.unwrap(policy_logps)  # no gradients here, so no distributed wrapper needed
     model.eval()
     sums: dict[str, float] = {}
@@ -112,8 +115,7 @@ def evaluate(step, policy_logps, reference, items: list, batch_size: int, pad_id
         with engine.autocast():
             out = step(model, reference, batch, kl=True)
         values = {key: (value.float().sum().item(), value.numel()) for key, value in out.stats.items()}
-        if out.kl is not None:  # summed per token: eval_kl is the mean over all scored tokens
-            values["kl"] = out.kl[0].item(), out.kl[1]
+        values.update(out.kl or {})  # sums over the batch's tokens and completions: pooled like the rest
         for key, (value, n) in values.items():
             sums[key] = sums.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + n

@@ -12,29 +12,36 @@ from __future__ import annotations
 
 import math
 
-# name -> (what it watches, the remedy)
+# name -> (what it watches, the unit of its value and threshold, the remedy)
 SIGNALS = {
     "train_val_gap": ("validation loss above the training loss by more than the threshold (relative)",
+                      "relative to the training loss",
                       "over-fitting: raise pref_beta, stop earlier (early_stopping_patience), add weight_decay or "
                       "dropout, or get more data"),
-    "kl_to_reference": ("per-token KL to the reference above the threshold",
+    "kl_to_reference": ("KL to the reference per token (kl_per_token, eval_kl_per_token) above the threshold",
+                        "nats per token",
                         "the policy drifts far from the reference: raise pref_beta, lower the learning rate, or "
                         "train fewer steps"),
     "heldout_accuracy": ("the lowest final held-out preference accuracy of the evaluation sets below the threshold",
+                         "share of pairs",
                          "the preferences do not generalise: check the data (inspect), lower the learning rate, "
                          "or raise pref_beta"),
     "val_loss_rising": ("validation loss rose above its best by more than the threshold (relative)",
+                        "relative to its best",
                         "past the best point: keep the best model (load_best_model_at_end), or stop there "
                         "(early_stopping_patience)"),
     "likelihood_displacement": ("chosen log-probs fell by more than the threshold (nats per sequence) while "
                                 "the margins grew",
+                                "nats per sequence",
                                 "both completions are pushed down (likelihood displacement): add the SFT term "
                                 "(pref_ftx), or try a loss that keeps chosen up (nca_pair, apo_zero)"),
     "completion_length_growth": ("sampled completions (generate_during_eval) grew longer than the threshold "
                                  "times their length at step 0",
+                                 "times the step-0 length",
                                  "the policy exploits length: raise pref_beta, use a length-normalised loss "
                                  "(sigmoid_norm, simpo, ipo) or LD-DPO (ld_alpha)"),
     "rejected_collapse": ("rejected log-probs fell by more than the threshold (nats per sequence)",
+                          "nats per sequence",
                           "rejected probabilities collapse toward zero, DPO's known over-fitting: try ipo, or "
                           "raise pref_beta"),
 }
@@ -52,15 +59,15 @@ def _first(rows: list[dict], key: str, test) -> tuple[float | None, int | None]:
 
 
 def check(history: list[dict], thresholds: dict[str, float]) -> list[dict]:
-    """Every signal of SIGNALS: {name, watches, value, threshold, fired, step, remedy}; value None
+    """Every signal of SIGNALS: {name, watches, value, threshold, unit, fired, step, remedy}; value None
     when the run's metrics cannot show it."""
     train = [r for r in history if "loss" in r]
     evals = [r for r in history if "eval_loss" in r and r["step"] > 0]
     out = []
 
     def signal(name, value, step, fired):
-        watches, remedy = SIGNALS[name]
-        out.append({"name": name, "watches": watches, "value": value, "threshold": thresholds[name],
+        watches, unit, remedy = SIGNALS[name]
+        out.append({"name": name, "watches": watches, "value": value, "threshold": thresholds[name], "unit": unit,
                     "fired": bool(fired), "step": step if fired else None, "remedy": remedy if fired else None})
 
     limit = thresholds["train_val_gap"]
@@ -68,9 +75,11 @@ def check(history: list[dict], thresholds: dict[str, float]) -> list[dict]:
     signal("train_val_gap", None if value is None else value / 100, step, step is not None)
 
     limit = thresholds["kl_to_reference"]
-    value, step = _first(evals, "eval_kl", lambda v: v > limit)
-    if value is None:
-        value, step = _first(train, "kl", lambda v: v > limit)
+    value = step = None
+    # (eval_kl, kl: the same per-token KL in a history written before the metric was named with its unit)
+    for rows, key in ((evals, "eval_kl_per_token"), (train, "kl_per_token"), (evals, "eval_kl"), (train, "kl")):
+        if value is None:
+            value, step = _first(rows, key, lambda v: v > limit)
     signal("kl_to_reference", value, step, step is not None)
 
     # every evaluation set's final accuracy (eval_rewards/accuracies, eval_<name>_rewards/accuracies): the lowest,
@@ -118,12 +127,17 @@ def check(history: list[dict], thresholds: dict[str, float]) -> list[dict]:
     return out
 
 
+def describe(signal: dict) -> str:
+    """A fired signal in words: 'kl_to_reference = 2.1 (threshold 1.5, nats per token) from step 40: <remedy>'."""
+    return (f"{signal['name']} = {signal['value']:.4g} (threshold {signal['threshold']:g}, {signal['unit']}) "
+            f"from step {signal['step']}: {signal['remedy']}")
+
+
 def format_report(signals: list[dict]) -> list[str]:
     """Console lines: one per signal that fired, or one saying none did."""
     fired = [s for s in signals if s["fired"]]
     unmeasured = [s["name"] for s in signals if s["value"] is None]
-    lines = [f"health: {s['name']} = {s['value']:.4g} (threshold {s['threshold']:g}) from step {s['step']}: "
-             f"{s['remedy']}" for s in fired]
+    lines = [f"health: {describe(s)}" for s in fired]
     if not fired:
         lines.append("health: no over-fitting or drift signal fired")
     if unmeasured:

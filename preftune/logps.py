@@ -236,6 +236,22 @@ def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidd
     return total, policy_hidden.size(0)
 
 
+def kl_metrics(kl_sum: float, scored_tokens: int, lengths: torch.Tensor) -> dict[str, tuple[float, int]]:
+    """The KL of a batch's completions (`completion_kl`'s sum over `scored_tokens` of their tokens;
+    `lengths`: (S,) the completion lengths) as the (sum, count) pairs the loop and the evaluator pool:
+
+        kl_per_token     nats per completion token: sum / scored tokens
+        kl_per_sequence  nats per completion: the sum of the per-token KL over a completion's tokens,
+                         averaged over the S completions: sum / S when every token is scored
+
+    e.g. per-token KLs summing to 0.52 over completions of 3 and 1 tokens: 0.13 per token, 0.26 per
+    sequence (0.13 x the mean length 2). With a subset of the tokens scored (`max_tokens`), the
+    per-sequence sum is the subset's per-token mean times the completions' tokens, an estimate."""
+    tokens = int(lengths.sum())
+    per_sequence = kl_sum * tokens / scored_tokens if scored_tokens else 0.0
+    return {"kl_per_token": (kl_sum, scored_tokens), "kl_per_sequence": (per_sequence, lengths.numel())}
+
+
 @functools.cache
 def _liger_dpo():
     """Liger's fused linear DPO loss with the reference's summed log-probs given as tensors, (b,) chosen

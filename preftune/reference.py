@@ -107,8 +107,8 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    log.info("precompute_ref_log_probs: no kl/eval_kl columns; the KL needs the reference's whole next-token "
-             "distribution at every completion token, which is not cached")
+    log.info("precompute_ref_log_probs: no KL columns (kl_per_token, kl_per_sequence); the KL needs the reference's "
+             "whole next-token distribution at every completion token, which is not cached")
     return tables
 
 

@@ -7,7 +7,7 @@ logged step.
     training_metrics.csv  one row per logged step (train and eval columns side by side)
     log_history.json      every logged entry, as a list of dicts (like transformers' log_history)
     summary.json          baseline, final and best metrics, config, data counts, precision, timings
-    training_curves.png   loss, accuracy, margins, KL, rewards, learning rate; train vs eval
+    training_curves.png   loss, accuracy, margins, KL per token, rewards, learning rate; train vs eval
 """
 
 from __future__ import annotations
@@ -32,9 +32,14 @@ METRIC_NOTES = {
                                           "reference-free losses (simpo, orpo): beta * log pi_theta(y|x) / |y|",
     "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; a tie counts 0.5",
     "rewards/margins": "rewards/chosen - rewards/rejected",
-    "kl": "absent for reference-free losses (simpo, orpo) and with precompute_ref_log_probs; otherwise the mean over completion tokens of the exact KL(pi_theta(.|context) || pi_ref(.|context)) over the "
-          "vocabulary, teacher-forced on the dataset's chosen and rejected completions (train: up to 512 tokens of "
-          "the logging step's last micro-batch; eval: every token of the validation set)",
+    "kl_per_token": "nats per token; absent for reference-free losses (simpo, orpo) and with precompute_ref_log_probs; "
+                    "otherwise the mean over completion tokens of the exact KL(pi_theta(.|context) || "
+                    "pi_ref(.|context)) over the vocabulary, teacher-forced on the dataset's chosen and rejected "
+                    "completions (train: up to 512 tokens of the logging step's last micro-batch; eval: every token "
+                    "of the validation set)",
+    "kl_per_sequence": "nats per sequence: the same per-token KL summed over each completion's tokens, averaged over "
+                       "the completions (train: the 512 tokens' mean times the micro-batch's completion tokens, "
+                       "per completion)",
     "eval_train_gap": "eval_loss - train loss of the latest logging step; eval_train_gap_pct relative to it",
     "tokens_per_second": "non-padding tokens of chosen+rejected sequences trained on per second of wall time",
 }
@@ -97,8 +102,9 @@ class MetricsLog:
             if "eval_loss" in row and row["step"] > 0:  # the baseline adds nothing to a summary yet
                 self.write_summary(status="running", plot=True)
         shown = {k: v for k, v in row.items() if k in ("step", "epoch", "loss", "rewards/accuracies",
-                                                      "rewards/margins", "kl", "perplexity", "eval_loss",
-                                                      "eval_rewards/accuracies", "eval_kl", "eval_perplexity")}
+                                                      "rewards/margins", "kl_per_token", "perplexity", "eval_loss",
+                                                      "eval_rewards/accuracies", "eval_kl_per_token",
+                                                      "eval_perplexity")}
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
     def rows_by_step(self) -> list[dict]:
@@ -210,7 +216,7 @@ def plot_curves(history: list[dict], path: Path, marks: dict[str, int] | None = 
     import matplotlib.pyplot as plt
 
     panels = [("loss", "loss"), ("rewards/accuracies", "preference accuracy"), ("rewards/margins", "reward margin"),
-              ("kl", "KL to reference (per token)"), ("rewards/chosen", "rewards: chosen / rejected"),
+              ("kl_per_token", "KL to reference"), ("rewards/chosen", "rewards: chosen / rejected"),
               ("perplexity", "perplexity"), ("learning_rate", "learning rate")]
     logged = {k for r in history for k in r}
     panels = [(key, title) for key, title in panels if key in logged or f"eval_{key}" in logged]  # what this run has
@@ -236,6 +242,8 @@ def plot_curves(history: list[dict], path: Path, marks: dict[str, int] | None = 
             ax.axvline(step, color=f"C{3 + k}", linestyle="--", linewidth=1, label=f"health: {name}")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
+        if key == "kl_per_token":
+            ax.set_ylabel("nats per token")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -25,7 +25,7 @@ from preftune.batching import collate, collate_chosen, collate_packed, collate_s
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
 from preftune.logps import (  # noqa: F401 (LogpsModule: imported from here)
-    FusedDPO, LogpsModule, completion_kl, model_inputs)
+    FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
 from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll
 from preftune.tokenization import tokenize_examples
 
@@ -35,7 +35,8 @@ ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass
 class StepOutput(NamedTuple):
     losses: torch.Tensor  # (B,) per pair (dpo) or per example (kto), unreduced
     stats: dict[str, torch.Tensor]  # TRL metric name -> its per-pair (per-example) values; the loop averages
-    kl: tuple[torch.Tensor, int] | None  # (sum of per-token KL to the reference, token count) when asked and possible
+    # KL to the reference when asked and possible: kl_per_token -> (sum, tokens), kl_per_sequence -> (sum, completions)
+    kl: dict[str, tuple[float, int]] | None
 
 
 def configured_loss(cfg):
@@ -48,13 +49,14 @@ def configured_loss(cfg):
                      pref_ftx=cfg.pref_ftx, pref_bco_weight=cfg.pref_bco_weight)
 
 
-def _kl(policy_logps, reference, policy_hidden, reference_hidden, max_tokens, engine):
-    """KL to the reference from the hidden states both forward passes already produced; the `engine` makes
-    the LM heads of sharded models whole for it."""
+def _kl(policy_logps, reference, policy_out, reference_out, max_tokens, engine) -> dict[str, tuple[float, int]]:
+    """KL to the reference, per token and per sequence (`kl_metrics`), from the hidden states both forward
+    passes already produced; the `engine` makes the LM heads of sharded models whole for it."""
     root = engine.unwrap(policy_logps) if engine is not None else policy_logps  # the `LogpsModule` itself
     with engine.gathered(policy_logps, reference.runner) if engine is not None else contextlib.nullcontext():
-        return completion_kl(root.model, reference.model, policy_hidden, reference_hidden, reference.chunk_size,
-                             max_tokens, root.call_head)
+        total, scored = completion_kl(root.model, reference.model, policy_out.hidden, reference_out.hidden,
+                                      reference.chunk_size, max_tokens, root.call_head)
+    return kl_metrics(total.item(), scored, policy_out.lengths)
 
 
 class PreferenceStep:
@@ -135,7 +137,7 @@ class PreferenceStep:
             "logps/rejected": policy_rejected_logps.detach(),
             "nll_loss": chosen_nll(policy_chosen_logps.detach(), chosen_lengths),  # per chosen token, TRL's CPO/ORPO name
         }
-        kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens,
+        kl_stats = _kl(policy, reference, policy_out, reference_out, kl_max_tokens,
                        self.engine) if kl else None
         return StepOutput(losses, stats, kl_stats)
 
@@ -188,7 +190,7 @@ class UnpairedStep:
                 stats[f"logps/{side}"] = policy_logps.detach()[mask]  # summed over completion tokens
         if labels.any():
             stats["nll_loss"] = chosen_nll(policy_logps.detach()[labels], lengths[labels])
-        kl_stats = _kl(policy, reference, policy_out.hidden, reference_out.hidden, kl_max_tokens,
+        kl_stats = _kl(policy, reference, policy_out, reference_out, kl_max_tokens,
                        self.engine) if kl else None
         return StepOutput(losses, stats, kl_stats)
 

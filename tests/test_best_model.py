@@ -72,7 +72,12 @@ def test_greater_is_better_defaults_from_the_name(tmp_path, tiny_model_dir):
     assert cfg().best_metric == "eval_loss" and not cfg().best_greater
     assert cfg(metric_for_best_model="eval_ood_loss").best_metric == "eval_ood_loss"
     assert not cfg(metric_for_best_model="ood_loss").best_greater
-    assert not cfg(metric_for_best_model="kl").best_greater
+    assert not cfg(metric_for_best_model="kl_per_token").best_greater
+    assert not cfg(metric_for_best_model="eval_kl_per_sequence").best_greater
+    # kl, the per-token KL's name before it carried its unit (older configs): the same metric, no error
+    for old, new in (("kl", "eval_kl_per_token"), ("eval_kl", "eval_kl_per_token"),
+                     ("eval_ood_kl", "eval_ood_kl_per_token")):
+        assert cfg(metric_for_best_model=old).best_metric == new and not cfg(metric_for_best_model=old).best_greater
     assert cfg(metric_for_best_model="rewards/accuracies").best_greater
     assert not cfg(metric_for_best_model="rewards/accuracies", greater_is_better=False).best_greater
     with pytest.raises(ConfigError, match="load_best_model_at_end needs evaluation"):

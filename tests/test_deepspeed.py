@@ -274,4 +274,4 @@ def test_a_run_without_deepspeed_installed_never_imports_it(tmp_path, tiny_model
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises ImportError
     torch.set_num_threads(1)
     train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "out"), max_steps=2)))
-    assert "kl" in history(tmp_path / "out")[1]
+    assert "kl_per_token" in history(tmp_path / "out")[1]

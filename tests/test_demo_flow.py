@@ -103,14 +103,14 @@ def test_demo_flow_runs_end_to_end_and_dpo_beats_sft(tmp_path, capsys):
 
     # the printed report: completions before and after, the lift, the win rate, the KL, the accuracy
     assert printed.count("  before ") == 4 and printed.count("  after ") == 4
-    assert "lift over SFT" in printed and "held-out preference accuracy" in printed
+    assert "lift over SFT" in printed and "held-out preference accuracy" in printed and "KL (nats/sequence)" in printed
 
     # a real improvement: the DPO model's mean reward on held-out prompts is above the SFT model's by
     # several standard errors, its held-out accuracy is well above chance, and it spent some KL
     (dpo,) = result["models"]
     assert dpo["reward"] > result["reference"]["reward"]
     assert dpo["lift"] > 0.3 and dpo["lift"] > 4 * dpo["lift_stderr"], dpo
-    assert dpo["win_rate"] > 0.6 and dpo["kl"] > 0
+    assert dpo["win_rate"] > 0.6 and dpo["kl_per_sequence"] > 0
     assert dpo["heldout_accuracy"][0] == 0.5 and dpo["heldout_accuracy"][1] > 0.7
     assert result["sample"]["pairs"] > 250
 

@@ -24,9 +24,12 @@ from preftune.demo import make_pairs
 from preftune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+# (the training rows' kl_per_sequence is left out: each process scores up to 512 tokens of its own micro-batch
+# (train.KL_TRAIN_TOKENS), a sample that differs from one process's by design; the evaluation's is exact)
 COMPARED = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-            "logps/rejected", "nll_loss", "kl", "grad_norm", "learning_rate", "eval_loss", "eval_rewards/accuracies",
-            "eval_rewards/margins", "eval_logps/chosen", "eval_kl"]
+            "logps/rejected", "nll_loss", "kl_per_token", "grad_norm", "learning_rate", "eval_loss",
+            "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_kl_per_token",
+            "eval_kl_per_sequence"]
 
 
 def raw_config(tmp_path, model_dir, **over):

@@ -40,7 +40,7 @@ def test_eval_on_pairs_reproduces_the_runs_own_evaluation(trained, capsys):
     (row,) = report["models"]
     assert row["reference"] == str(summary["config"]["model_name_or_path"])  # the run's own reference
     final = summary["final"]
-    for key in ("loss", "rewards/accuracies", "rewards/margins", "kl"):
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "kl_per_token", "kl_per_sequence"):
         assert row["pairs"][key] == pytest.approx(final[f"eval_{key}"], abs=1e-5), key
     assert final["eval_rewards/accuracies"] > 0.5  # a real run, not a tie
     assert "accuracy" in capsys.readouterr().out
@@ -59,11 +59,13 @@ def test_eval_on_prompts_sweeps_models_into_a_table_and_frontier(trained, tiny_m
     report = json.loads((out / "eval.json").read_text())
     same, trained_row = (r["prompts"] for r in report["models"])
     # the reference against itself: the same seeded samples, so every comparison ties and the KL is 0
-    assert same["kl"] == 0.0 and same["win_rate_vs_reference"] == 0.5 and same["reward"] == report["reference"]["reward"]
-    assert trained_row["kl"] != 0.0 and trained_row["samples"] == 12 and report["reference"]["prompts"] == 6
+    assert same["kl_per_sequence"] == 0.0 and same["win_rate_vs_reference"] == 0.5
+    assert same["reward"] == report["reference"]["reward"]
+    assert trained_row["kl_per_sequence"] != 0.0 and trained_row["samples"] == 12
+    assert report["reference"]["prompts"] == 6
     rows = list(csv.DictReader((out / "eval.csv").open()))
     assert [r["model"] for r in rows] == [str(tiny_model_dir), str(root / "run")]
-    assert float(rows[1]["prompts/kl"]) == pytest.approx(trained_row["kl"])
+    assert float(rows[1]["prompts/kl_per_sequence"]) == pytest.approx(trained_row["kl_per_sequence"])
     # the completions behind the numbers, a line per prompt: the reference's and each model's, scored
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 6 and records[0]["prompt"]

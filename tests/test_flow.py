@@ -48,5 +48,5 @@ def test_sft_sample_reward_dpo_eval(tmp_path, tiny_model_dir, demo_pairs):
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     (row,) = report["models"]
     assert row["reference"] == str(tmp_path / "sft")  # the DPO run's reference, from its preftune_config.yaml
-    assert row["prompts"]["kl"] > 0 and 0 <= row["prompts"]["win_rate_vs_reference"] <= 1
+    assert row["prompts"]["kl_per_sequence"] > 0 and 0 <= row["prompts"]["win_rate_vs_reference"] <= 1
     assert (tmp_path / "eval" / "frontier.png").is_file()

@@ -1,6 +1,7 @@
 """The health report: each signal fires on a metric history made to show it, stays quiet on a healthy
 one, says when it cannot be measured, and reaches summary.json, the log and the plot of a real run."""
 
+import csv
 import json
 
 import pytest
@@ -13,16 +14,16 @@ THRESHOLDS = TrainConfig().health_thresholds
 
 
 def run_history(eval_losses, train_losses=None, kl=0.1, accuracy=0.9, chosen=(-20.0,), rejected=(-22.0,),
-                margins=(0.0,)):
+                margins=(0.0,), kl_name="kl_per_token"):
     """Logged rows as a run writes them: a training row and an evaluation row per step (step 0: baseline)."""
-    rows = [{"step": 0, "eval_loss": 0.69, "eval_kl": 0.0, "eval_rewards/accuracies": 0.5}]
+    rows = [{"step": 0, "eval_loss": 0.69, f"eval_{kl_name}": 0.0, "eval_rewards/accuracies": 0.5}]
     train_losses = train_losses or eval_losses
     for i, (e, t) in enumerate(zip(eval_losses, train_losses), 1):
         k = min(i - 1, len(chosen) - 1)
-        rows.append({"step": i, "loss": t, "kl": kl, "logps/chosen": chosen[min(i - 1, len(chosen) - 1)],
+        rows.append({"step": i, "loss": t, kl_name: kl, "logps/chosen": chosen[min(i - 1, len(chosen) - 1)],
                      "logps/rejected": rejected[min(i - 1, len(rejected) - 1)],
                      "rewards/margins": margins[min(k, len(margins) - 1)]})
-        rows.append({"step": i, "eval_loss": e, "eval_kl": kl, "eval_rewards/accuracies": accuracy,
+        rows.append({"step": i, "eval_loss": e, f"eval_{kl_name}": kl, "eval_rewards/accuracies": accuracy,
                      "eval_train_gap_pct": 100 * (e - t) / t})
     return rows
 
@@ -50,6 +51,20 @@ def test_each_signal_fires_on_the_history_that_shows_it(history, name, step):
     assert fired(history).keys() <= {name, "train_val_gap", "val_loss_rising"}  # a rising val loss widens the gap
 
 
+def test_the_kl_signal_is_in_nats_per_token_and_reads_histories_from_before_the_unit():
+    """kl_to_reference watches the per-token KL, says so in its line, and fires on a log_history.json written
+    when the metric was still called kl / eval_kl (`preftune eval` reads older runs' histories)."""
+    for kl_name in ("kl_per_token", "kl"):
+        signals = {s["name"]: s for s in health.check(run_history([0.6, 0.5], kl=2.0, kl_name=kl_name), THRESHOLDS)}
+        assert signals["kl_to_reference"]["fired"] and signals["kl_to_reference"]["value"] == 2.0, kl_name
+    assert signals["kl_to_reference"]["unit"] == "nats per token"
+    (line,) = [line for line in health.format_report(list(signals.values())) if "kl_to_reference" in line]
+    assert line.startswith("health: kl_to_reference = 2 (threshold 1.5, nats per token) from step 1: ")
+    # a per-sequence KL above the threshold does not fire it: it is not the unit the threshold is in
+    per_sequence = [{"step": 1, "eval_loss": 0.5, "eval_kl_per_sequence": 20.0, "eval_kl_per_token": 0.1}]
+    assert "kl_to_reference" not in fired(per_sequence)
+
+
 def test_chosen_falling_with_flat_margins_is_not_displacement():
     assert "likelihood_displacement" not in fired(run_history([0.6, 0.5], chosen=(-20.0, -30.0), margins=(1.0, 1.0)))
 
@@ -75,6 +90,14 @@ def test_a_run_writes_its_health_report(tmp_path, tiny_model_dir, demo_pairs, ca
     signals = {s["name"]: s for s in summary["health"]}
     assert set(signals) == set(health.SIGNALS)
     assert signals["kl_to_reference"]["fired"] and signals["kl_to_reference"]["step"] == 3
-    assert "health: kl_to_reference" in caplog.text
+    assert "health: kl_to_reference" in caplog.text and "(threshold 0, nats per token)" in caplog.text
+    # the KL in both units, under their names, in the summary and the CSV
+    for key in ("kl_per_token", "kl_per_sequence", "eval_kl_per_token", "eval_kl_per_sequence"):
+        assert summary["final"][key] > 0, key
+    with open(tmp_path / "out" / "dpo_metrics" / "training_metrics.csv") as f:
+        columns = set(next(csv.reader(f)))
+    assert {"kl_per_token", "kl_per_sequence", "eval_kl_per_token", "eval_kl_per_sequence"} <= columns
+    assert "kl" not in columns and "eval_kl" not in columns
+    assert "nats per token" in summary["metric_notes"]["kl_per_token"]
     assert json.loads((tmp_path / "out" / "dpo_metrics" / "summary.json").read_text())["health"] == summary["health"]
     assert (tmp_path / "out" / "dpo_metrics" / "training_curves.png").is_file()

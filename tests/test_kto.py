@@ -75,7 +75,7 @@ def test_kto_trains_on_unpaired_and_paired_data(tmp_path, tiny_model_dir):
     # `kl`), and clearly above the undesirable ones (which sit near it on this task)
     assert final["eval_rewards/chosen"] > cfg.pref_beta * final["eval_z_ref"] > 0
     assert final["eval_rewards/chosen"] - final["eval_rewards/rejected"] > 0.3
-    assert final["eval_kl"] > 0 and "rewards/accuracies" not in final
+    assert final["eval_kl_per_token"] > 0 and "rewards/accuracies" not in final
 
 
 def test_an_example_that_cannot_fit_is_dropped_counted_and_the_labels_stay_aligned(tiny_tokenizer):

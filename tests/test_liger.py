@@ -83,9 +83,9 @@ def assert_same_steps(fused, chunked):
         for key in stats_c:
             torch.testing.assert_close(stats_f[key].float(), stats_c[key].float(), atol=TOL, rtol=TOL,
                                        msg=lambda m: f"step {k} {key}: {m}")
-        if kl_c is not None:
-            assert kl_f[1] == kl_c[1]
-            torch.testing.assert_close(kl_f[0], kl_c[0], atol=TOL, rtol=TOL)
+        if kl_c is not None:  # kl_per_token, kl_per_sequence: (sum, count)
+            assert kl_f.keys() == kl_c.keys() and all(kl_f[key][1] == kl_c[key][1] for key in kl_c)
+            assert all(kl_f[key][0] == pytest.approx(kl_c[key][0], abs=TOL, rel=TOL) for key in kl_c)
         for name in grads_c:  # within 1e-4 of the tensor's largest entry: sums in another order differ by that
             scale = max(1.0, grads_c[name].abs().max().item())
             torch.testing.assert_close(grads_f[name], grads_c[name], atol=TOL * scale, rtol=0,
@@ -208,7 +208,8 @@ def test_the_training_alias_and_an_end_to_end_run(tmp_path, tiny_model_dir, demo
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
     for chunked, liger in zip(*rows):
         for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "nll_loss",
-                    "kl", "grad_norm", "eval_loss", "eval_logps/rejected", "eval_kl"):
+                    "kl_per_token", "kl_per_sequence", "grad_norm", "eval_loss", "eval_logps/rejected",
+                    "eval_kl_per_token", "eval_kl_per_sequence"):
             if key == "rewards/accuracies" and abs(chunked.get("rewards/margins", 1.0)) < 1e-3:
                 continue  # policy = reference: Liger's margins are float noise (the chunked path's exactly 0)
             if key in chunked:

@@ -1,15 +1,18 @@
 """get_batch_logps against the naive full-logits computation, values and gradients."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import PretrainedConfig
 
 from preftune import logps as logps_module
 from preftune.batching import collate
 from preftune.data import PreferencePair
 from preftune.demo import build_model
-from preftune.logps import completion_kl, get_batch_logps
+from preftune.logps import completion_kl, get_batch_logps, kl_metrics
 from preftune.tokenization import tokenize_pairs
 
 
@@ -73,6 +76,41 @@ def test_completion_kl_is_zero_for_identical_models_and_exact_otherwise(tiny_tok
     assert kl_ab.item() > 0
     subset, m = completion_kl(a, b, h_a, h_b, max_tokens=10)
     assert m == 10 and 0 < subset.item() < kl_ab.item()
+
+
+class HeadOnly:
+    """A model that is only its LM head, logits = hidden @ weight.T: hand-set next-token distributions."""
+
+    def __init__(self, weight):
+        self.head = torch.nn.Linear(weight.size(1), weight.size(0), bias=False)
+        self.head.weight.data = weight
+        self.config = PretrainedConfig()
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_kl_per_sequence_is_the_per_token_kl_times_the_completion_length():
+    """pi = (3/4, 1/4) at every token (logits log 3/4, log 1/4), pi_ref uniform (zero logits):
+    KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.304099 - 0.173287 = 0.130812 nats per token.
+    Two completions of 3 and 1 tokens: 4 tokens, 0.523248 nats in all, so 0.130812 per token and
+    0.523248 / 2 = 0.261624 per sequence (completion) = 0.130812 x the mean length 2.
+    Scoring an evenly spaced subset of the tokens (training rows) keeps both, the KL being the same at each."""
+    hidden = torch.tensor([[0.75, 0.25]]).log().expand(4, 2)  # (N=4, H=2) the scored positions
+    policy, reference = HeadOnly(torch.eye(2)), HeadOnly(torch.zeros(2, 2))
+    lengths = torch.tensor([3, 1])  # (S=2,) completion lengths
+    per_token = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert per_token == pytest.approx(0.130812, abs=1e-6)
+    for max_tokens, scored in ((None, 4), (2, 2)):
+        total, n = completion_kl(policy, reference, hidden, hidden, max_tokens=max_tokens)
+        assert n == scored and total.item() == pytest.approx(scored * per_token, rel=1e-5)
+        metrics = kl_metrics(total.item(), n, lengths)
+        kl_sum, tokens = metrics["kl_per_token"]
+        seq_sum, sequences = metrics["kl_per_sequence"]
+        assert tokens == scored and sequences == 2
+        assert kl_sum / tokens == pytest.approx(0.130812, abs=1e-6)
+        assert seq_sum / sequences == pytest.approx(0.261624, abs=1e-6)
+        assert seq_sum / sequences == pytest.approx(kl_sum / tokens * 2, rel=1e-6)  # x the mean completion length
 
 
 def test_bf16_autocast_on_cpu_scores_the_head_in_fp32(tiny_tokenizer, demo_pairs):

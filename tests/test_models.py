@@ -286,8 +286,8 @@ def test_lora_training_learns_and_saves_a_loadable_adapter(tmp_path, tiny_model_
     cfg, summary = run(tmp_path, tiny_model_dir, finetuning_type="lora", adapter_name_or_path=str(sft_adapter),
                        save_adapter_only=True, learning_rate=1e-2, max_steps=12, eval_steps=12)
     assert summary["baseline"]["eval_rewards/accuracies"] == 0.5
-    assert summary["baseline"]["eval_kl"] == pytest.approx(0.0, abs=1e-6)
-    assert summary["final"]["eval_rewards/accuracies"] > 0.6 and summary["final"]["eval_kl"] > 0
+    assert summary["baseline"]["eval_kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["final"]["eval_rewards/accuracies"] > 0.6 and summary["final"]["eval_kl_per_token"] > 0
     assert summary["final"]["eval_loss"] < summary["baseline"]["eval_loss"]
     AutoPeftModelForCausalLM.from_pretrained(cfg.output_dir)
 
@@ -407,7 +407,7 @@ def test_qlora_trains_an_adapter_on_a_quantized_base(tmp_path, qlora_model_dir, 
     cfg, summary = run(tmp_path, qlora_model_dir, **over)
     assert cfg.final_adapter_only
     assert summary["baseline"]["eval_rewards/accuracies"] == 0.5
-    assert summary["baseline"]["eval_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["baseline"]["eval_kl_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert summary["final"]["eval_rewards/accuracies"] > 0.6
     out = Path(cfg.output_dir)
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()

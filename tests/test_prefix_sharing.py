@@ -73,8 +73,8 @@ def test_prefix_sharing_run_equals_the_padded_run(tmp_path, tiny_model_dir, demo
     rows = [json.loads((tmp_path / d / "dpo_metrics" / "log_history.json").read_text()) for d in ("padded", "shared")]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
     for padded, shared in zip(*rows):
-        for key in ("loss", "rewards/margins", "logps/chosen", "kl", "grad_norm", "eval_loss", "eval_logps/rejected",
-                    "eval_kl"):
+        for key in ("loss", "rewards/margins", "logps/chosen", "kl_per_token", "kl_per_sequence", "grad_norm",
+                    "eval_loss", "eval_logps/rejected", "eval_kl_per_token", "eval_kl_per_sequence"):
             if key in padded:
                 assert shared[key] == pytest.approx(padded[key], abs=1e-5, rel=1e-5), (padded["step"], key)
     assert rows[0][-1]["eval_loss"] < rows[0][0]["eval_loss"]  # it trained

@@ -121,7 +121,7 @@ def test_preftune_sft_runs_llama_factory_yaml_and_perplexity_falls(tmp_path, tin
     base, final = summary["baseline"], summary["final"]
     assert final["eval_perplexity"] < 0.7 * base["eval_perplexity"]
     assert final["eval_perplexity"] == pytest.approx(2.718281828 ** final["eval_loss"], rel=1e-6)
-    assert "eval_rewards/accuracies" not in final and "kl" not in final  # no pairs, no reference
+    assert "eval_rewards/accuracies" not in final and "kl_per_token" not in final  # no pairs, no reference
     model = AutoModelForCausalLM.from_pretrained(out)  # a plain transformers model
     assert model.config.vocab_size > 0
     # `preftune train` on the same YAML (stage: sft) is the same run

@@ -57,7 +57,7 @@ def test_tensorboard_receives_every_row_under_trl_names(tmp_path, tiny_model_dir
     history = json.loads((Path(cfg.output_dir) / "dpo_metrics" / "log_history.json").read_text())
     expected = logged_values(history)
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "kl", "learning_rate", "grad_norm", "eval_loss", "eval_rewards/accuracies",
+                 "logps/chosen", "kl_per_token", "learning_rate", "grad_norm", "eval_loss", "eval_rewards/accuracies",
                  "eval_ood_loss", "eval_completion_length"):
         assert name in expected, name
     for name, by_step in expected.items():  # every value of every row, at its step

@@ -19,8 +19,9 @@ from preftune.step import LogpsModule, PreferenceStep
 from preftune.tokenization import tokenize_pairs
 
 REQUIRED = ["step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected", "nll_loss", "kl", "grad_norm", "learning_rate", "tokens_per_second",
-            "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl", "eval_train_gap"]
+            "logps/chosen", "logps/rejected", "nll_loss", "kl_per_token", "kl_per_sequence", "grad_norm",
+            "learning_rate", "tokens_per_second", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
+            "eval_kl_per_token", "eval_kl_per_sequence", "eval_train_gap"]
 
 
 def write_data(folder, n_train=320, n_val=64):
@@ -52,7 +53,9 @@ def test_heldout_accuracy_rises(trained):
     assert summary["baseline"]["eval_loss"] == pytest.approx(0.693147, abs=1e-5)  # log 2
     assert summary["final"]["eval_rewards/accuracies"] > 0.8
     assert summary["final"]["eval_loss"] < 0.5 and summary["final"]["eval_rewards/margins"] > 0
-    assert summary["final"]["eval_kl"] > 0
+    assert summary["final"]["eval_kl_per_token"] > 0
+    # nats per completion: the per-token KL times the validation completions' mean length (tens of tokens)
+    assert summary["final"]["eval_kl_per_sequence"] > 5 * summary["final"]["eval_kl_per_token"]
 
 
 def test_output_files_are_well_formed(trained):
@@ -156,7 +159,7 @@ def test_reference_free_loss_loads_no_reference_and_learns(tmp_path, tiny_model_
     assert summary["final"]["eval_rewards/accuracies"] > summary["baseline"]["eval_rewards/accuracies"] + 0.1
     assert summary["final"]["eval_loss"] < summary["baseline"]["eval_loss"]
     rows = json.loads((Path(cfg.output_dir) / "dpo_metrics" / "log_history.json").read_text())
-    assert not any("kl" in row or "eval_kl" in row for row in rows)  # absent, not 0
+    assert not any("kl_per" in key for row in rows for key in row)  # absent, not 0
     assert all("loss" in row or "eval_loss" in row for row in rows)
 
 

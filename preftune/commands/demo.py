@@ -48,8 +48,8 @@ USAGE = """usage: preftune demo [--output_dir DIR] [--seed N] [--beta B | --swee
 The whole flow on a model that first learns language, on CPU in a few minutes: SFT on generated
 movie reviews (the reference; cached), `preftune sample` scored by the sentiment reward, DPO on the
 pairs, `preftune eval` of the DPO model against the SFT model. Prints completions before and after,
-the reward lift, the win rate and the KL spent. --sweep runs DPO at several betas and draws the
-reward-vs-KL frontier (eval/frontier.png).
+the reward lift, the win rate and the KL spent (nats per sequence). --sweep runs DPO at several betas
+and draws the reward-vs-KL frontier (eval/frontier.png).
 
 Options (default):
 """
@@ -218,7 +218,8 @@ def run(settings: dict) -> dict:
                        # prompts and sampling seeds, which correlates them positively, so this errs large
                        "lift": p["reward"] - reference["reward"],
                        "lift_stderr": math.hypot(p["reward_stderr"], reference["reward_stderr"]),
-                       "win_rate": p["win_rate_vs_reference"], "kl": p["kl"], "kl_stderr": p["kl_stderr"],
+                       "win_rate": p["win_rate_vs_reference"], "kl_per_sequence": p["kl_per_sequence"],
+                       "kl_per_sequence_stderr": p["kl_per_sequence_stderr"],
                        "heldout_accuracy": [summary["baseline"]["eval_rewards/accuracies"],
                                             summary["final"]["eval_rewards/accuracies"]],
                        "mean_length": p["mean_length"],
@@ -260,14 +261,15 @@ def print_report(result: dict) -> None:
     print(f"\nSentiment reward on {result['eval_prompts']} held-out prompts x {result['completions_per_prompt']} "
           "completions (mean +- standard error); KL in nats\nper completion; well-formed: every sentence is one "
           "of the corpus's sentence forms; mean length in tokens:")
-    row = "  {:16s} {:16s} {:16s} {:>8s}  {:13s} {:>11s} {:>7s}"
-    print(row.format("model", "reward", "lift over SFT", "win rate", "KL", "well-formed", "length"))
+    row = "  {:16s} {:16s} {:16s} {:>8s}  {:18s} {:>11s} {:>7s}"
+    print(row.format("model", "reward", "lift over SFT", "win rate", "KL (nats/sequence)", "well-formed", "length"))
     print(row.format("SFT (reference)", f"{ref['reward']:+.3f} +- {ref['reward_stderr']:.3f}", "", "", "",
                      f"{ref['well_formed']:.1%}", f"{ref['mean_length']:.1f}"))
     for m in models:
         print(row.format(f"DPO beta {m['beta']:g}", f"{m['reward']:+.3f} +- {m['reward_stderr']:.3f}",
                          f"{m['lift']:+.3f} +- {m['lift_stderr']:.3f}", f"{m['win_rate']:.1%}",
-                         f"{m['kl']:.2f} +- {m['kl_stderr']:.2f}", f"{m['well_formed']:.1%}", f"{m['mean_length']:.1f}"))
+                         f"{m['kl_per_sequence']:.2f} +- {m['kl_per_sequence_stderr']:.2f}", f"{m['well_formed']:.1%}",
+                         f"{m['mean_length']:.1f}"))
     for m in models:
         before, after = m["heldout_accuracy"]
         print(f"held-out preference accuracy of the DPO run (beta {m['beta']:g}): {before:.1%} -> {after:.1%}")
@@ -279,7 +281,7 @@ def print_report(result: dict) -> None:
           f"total {s['total']:.0f}")
     out = Path(result["settings"]["output_dir"])
     print(f"written: {out / 'demo.json'}, {result['outputs']['samples']} (every completion), "
-          f"{result['outputs']['frontier']} (reward vs KL)")
+          f"{result['outputs']['frontier']} (reward vs KL per sequence)")
 
 
 def main(args: list[str]) -> int:

@@ -5,16 +5,18 @@
         --reward my_rewards.py:score --output_dir sweep                                       # samples + reward
 
 On pairs (`dataset`): the statistics of training's evaluation (preference accuracy with ties as half,
-margins, loss, KL), from the one evaluator training uses, against the reference the run trained with
+margins, loss, KL per token and per sequence), from the one evaluator training uses, against the
+reference the run trained with
 (`ref_model`, else the one its output folder's preftune_config.yaml names).
 On prompts (`prompts` + `reward`): `num_samples` completions per prompt from each model and from the
 reference, scored by the reward: mean reward and its standard error, the win rate against the
-reference's completion of the same prompt (ties half), the mean completion length, and the
-sequence-level KL estimate mean[log pi(y|x) - log pi_ref(y|x)] over the model's own samples.
+reference's completion of the same prompt (ties half), the mean completion length, and
+kl_per_sequence, the sequence-level KL estimate mean[log pi(y|x) - log pi_ref(y|x)] over the model's
+own samples (nats per completion).
 Writes output_dir/eval.json and eval.csv (a row per model), and with prompts samples.jsonl (a line
 per prompt: {"prompt", "reference": [{"text", "reward"}], "models": {model: [...]}}, to read what
-changed) and frontier.png: reward against KL, the DPO paper's Figure 2, one point per model (the
-reference at KL 0).
+changed) and frontier.png: reward against KL per sequence, the DPO paper's Figure 2, one point per
+model (the reference at KL 0).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ USAGE = """usage: preftune eval --model_name_or_path M[,M2,...] [--ref_model R] 
 
 On pairs (dataset): training's evaluation statistics against the reference. On prompts (prompts +
 reward): num_samples completions per prompt from each model and the reference, scored by the reward
-(mean, win rate against the reference, KL, length). per_device_eval_batch_size: pairs or prompts per
-batch.
+(mean, win rate against the reference, KL in nats per sequence, length). per_device_eval_batch_size:
+pairs or prompts per batch.
 """
 
 
@@ -158,17 +160,18 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
 
     ref_samples, ref_rewards = scored(reference)
     ref_stats = _reward_stats(ref_rewards, [len(c) for row in ref_samples for c in row])
-    ref_stats["kl"] = 0.0
+    ref_stats["kl_per_sequence"] = 0.0
     results = {}
     for name, model in models.items():
         samples, rewards = scored(model, name)
         items = [TokenizedPair(ids + c, len(ids), ids + c, len(ids)) for ids, row in zip(encoded, samples) for c in row]
+        # log pi(y|x) - log pi_ref(y|x) of each sample, summed over its tokens: nats per sequence
         kl = completion_logps(model.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device) \
             - completion_logps(reference.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device)
         wins = [1.0 if r > q else 0.5 if r == q else 0.0 for r, q in zip(rewards, ref_rewards)]
         results[name] = {**_reward_stats(rewards, [len(c) for row in samples for c in row]),
-                         "win_rate_vs_reference": sum(wins) / len(wins), "kl": kl.mean().item(),
-                         "kl_stderr": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0}
+                         "win_rate_vs_reference": sum(wins) / len(wins), "kl_per_sequence": kl.mean().item(),
+                         "kl_per_sequence_stderr": (kl.std().item() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0}
     return results, {"prompts": len(prompts), "prompts_cut_to_context": cut, **ref_stats}, records
 
 
@@ -187,15 +190,15 @@ def plot_frontier(rows: list[dict], reference: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.errorbar([0.0], [reference["reward"]], yerr=[reference["reward_stderr"]], fmt="s", color="k", label="reference")
-    xs = [r["prompts"]["kl"] for r in rows]
+    xs = [r["prompts"]["kl_per_sequence"] for r in rows]
     ys = [r["prompts"]["reward"] for r in rows]
-    ax.errorbar(xs, ys, xerr=[r["prompts"]["kl_stderr"] for r in rows],
+    ax.errorbar(xs, ys, xerr=[r["prompts"]["kl_per_sequence_stderr"] for r in rows],
                 yerr=[r["prompts"]["reward_stderr"] for r in rows], fmt="o", label="models")
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(Path(r["model"]).name or r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("KL(pi || pi_ref) per sequence, on the model's own samples")
+    ax.set_xlabel("KL(pi || pi_ref), nats per sequence, on the model's own samples")
     ax.set_ylabel("mean reward")
-    ax.set_title("reward vs KL")
+    ax.set_title("reward vs KL per sequence")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -275,15 +278,18 @@ def main(args: list[str]) -> int:
         if "pairs" in row:
             p = row["pairs"]
             line += (f"\n  pairs    {p['pairs']}: accuracy {p['rewards/accuracies']:.1%}, margin "
-                     f"{p['rewards/margins']:.3f}, loss {p['loss']:.4f}" + (f", KL {p['kl']:.4f}" if "kl" in p else ""))
+                     f"{p['rewards/margins']:.3f}, loss {p['loss']:.4f}"
+                     + (f", KL {p['kl_per_token']:.4f} nats/token, {p['kl_per_sequence']:.3f} nats/sequence"
+                        if "kl_per_token" in p else ""))
         for signal in row["health"] or []:
             if signal["fired"]:
-                line += (f"\n  health   {signal['name']} = {signal['value']:.4g} (threshold {signal['threshold']:g}) "
-                         f"from step {signal['step']} of its run: {signal['remedy']}")
+                line += (f"\n  health   {signal['name']} = {signal['value']:.4g} (threshold {signal['threshold']:g}, "
+                         f"{signal['unit']}) from step {signal['step']} of its run: {signal['remedy']}")
         if "prompts" in row:
             s = row["prompts"]
             line += (f"\n  prompts  reward {s['reward']:.3f} +- {s['reward_stderr']:.3f}, win rate vs reference "
-                     f"{s['win_rate_vs_reference']:.1%}, KL {s['kl']:.3f}, mean length {s['mean_length']:.1f}")
+                     f"{s['win_rate_vs_reference']:.1%}, KL {s['kl_per_sequence']:.3f} nats/sequence, mean length "
+                     f"{s['mean_length']:.1f}")
         print(line)
     if report["reference"]:
         r = report["reference"]

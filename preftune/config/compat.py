@@ -135,6 +135,8 @@ def plain_value(key: str, value: Any) -> Any:
         value = "none"
     if key == "deepspeed" and (value is None or str(value).strip().lower() == "none"):
         value = ""  # LLaMA-Factory's way of saying no DeepSpeed
+    if key == "metric_for_best_model" and isinstance(value, str) and (value == "kl" or value.endswith("_kl")):
+        value += "_per_token"  # kl, eval_kl, eval_<set>_kl: preftune's name for the per-token KL before it had its unit
     return value
 
 

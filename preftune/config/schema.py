@@ -97,7 +97,7 @@ class TrainConfig:
     ref_model: str | None = REFERENCE(None, "Reference model id or folder. Unset (or 'same_as_policy'): a frozen copy of the starting policy.")
     ref_model_quantization_bit: int | None = REFERENCE(None, "Load a separately loaded reference (ref_model, or the frozen copy of full/freeze) in 4 or 8 bits (CUDA GPU).")
     ref_model_adapters: str | None = REFERENCE(None, "Comma list of LoRA adapters merged into ref_model.")
-    precompute_ref_log_probs: bool = REFERENCE(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No kl/eval_kl columns then; not with pref_loss: kto.")
+    precompute_ref_log_probs: bool = REFERENCE(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No KL columns (kl_per_token, kl_per_sequence and their eval_) then; not with pref_loss: kto.")
 
     # --- the objective: stage, preference loss and its hyperparameters (docs/losses.md) ---
     stage: str = OBJECTIVE("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference).", ("dpo", "sft"))
@@ -200,13 +200,13 @@ class TrainConfig:
     generate_during_eval: int = EVALUATION(0, "At each evaluation, sample one completion for each of the first N validation prompts (temperature, top_p, top_k, max_new_tokens, seed) into <metrics dir>/completions.jsonl, and log their mean length (eval_completion_length). 0: off.")
     early_stopping_patience: int | None = EVALUATION(None, "Stop after this many evaluations without a better metric_for_best_model (default: a lower eval_loss); the best model is kept.")
     load_best_model_at_end: bool = EVALUATION(False, "Keep the best evaluation's weights (by metric_for_best_model) in best_model/ and save them as the final model, not the last step's. Needs evaluation.")
-    metric_for_best_model: str | None = EVALUATION(None, "The evaluation metric that picks the best model (load_best_model_at_end, early stopping, summary.json's best), with or without the eval_ prefix: loss, rewards/accuracies, rewards/margins, eval_<set>_loss, ... Unset: eval_loss.")
-    greater_is_better: bool | None = EVALUATION(None, "Whether a larger metric_for_best_model is better. Unset: false for names ending in loss, perplexity or kl, true otherwise (transformers: false for names ending in loss).")
+    metric_for_best_model: str | None = EVALUATION(None, "The evaluation metric that picks the best model (load_best_model_at_end, early stopping, summary.json's best), with or without the eval_ prefix: loss, rewards/accuracies, rewards/margins, kl_per_token, eval_<set>_loss, ... (kl, the name before kl_per_token, means kl_per_token). Unset: eval_loss.")
+    greater_is_better: bool | None = EVALUATION(None, "Whether a larger metric_for_best_model is better. Unset: false for names ending in loss, perplexity, kl_per_token or kl_per_sequence, true otherwise (transformers: false for names ending in loss).")
 
     # --- the health report (preftune/health.py) ---
     health_max_length_growth: float = HEALTH(1.5, "Health report: flag sampled completions (generate_during_eval) growing longer than this many times their length at step 0 (length exploitation).")
     health_max_train_val_gap: float = HEALTH(0.15, "Health report: flag validation loss above training loss by more than this share.")
-    health_max_kl: float = HEALTH(1.5, "Health report: flag a per-token KL to the reference above this.")
+    health_max_kl: float = HEALTH(1.5, "Health report: flag a KL to the reference (kl_per_token, eval_kl_per_token) above this many nats per token.")
     health_min_accuracy: float = HEALTH(0.5, "Health report: flag a final held-out preference accuracy below this.")
     health_max_val_loss_rise: float = HEALTH(0.05, "Health report: flag validation loss risen above its best by more than this share.")
     health_max_chosen_drop: float = HEALTH(5.0, "Health report: flag chosen log-probs (summed per sequence) fallen by more than this many nats while margins grow (likelihood displacement).")
@@ -274,7 +274,7 @@ class TrainConfig:
         """Whether a larger best_metric is better (greater_is_better; unset: derived from the name)."""
         if self.greater_is_better is not None:
             return self.greater_is_better
-        return not self.best_metric.endswith(("loss", "perplexity", "kl"))
+        return not self.best_metric.endswith(("loss", "perplexity", "kl_per_token", "kl_per_sequence"))
 
     @property
     def keeps_best(self) -> bool:

@@ -85,6 +85,10 @@ SAMPLING = {**TEMPLATE, "num_samples": 4, "max_new_tokens": 64, "per_device_eval
 DPO = {**TEMPLATE, "pref_loss": "sigmoid", "pref_ftx": 1.0, "learning_rate": 5e-4, "per_device_train_batch_size": 16, "num_train_epochs": 3,
        "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "val_size": 0.1, "logging_steps": 5, "eval_steps": 10,
        "cutoff_len": 128, "torch_dtype": "float32"}  # a completion the SFT model ends at once (empty) is an answer too
+# The demo keeps no checkpoint-N folders (save_steps' default, 500, is passed by a larger --reviews or
+# --sft_epochs): its runs are minutes long and a killed one starts over. Outside SFT, so the cache key
+# of the SFT model stays what it was.
+NO_CHECKPOINTS = {"save_strategy": "no"}
 
 
 def settings_from(found: dict) -> dict:
@@ -140,7 +144,8 @@ def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
     tokenizer.save_pretrained(base)
     summary = train(from_dict({**SFT, "model_name_or_path": str(base), "dataset": str(data["reviews"]),
                                "eval_dataset": str(data["reviews_val"]), "num_train_epochs": settings["sft_epochs"],
-                               "seed": settings["seed"], "output_dir": str(folder)}, "preftune demo (sft)"))
+                               "seed": settings["seed"], "output_dir": str(folder), **NO_CHECKPOINTS},
+                              "preftune demo (sft)"))
     result = {"settings": model_settings, "perplexity": [summary["baseline"]["eval_perplexity"],
                                                          summary["final"]["eval_perplexity"]],
               "seconds": summary["timings"]["elapsed_seconds"]}
@@ -187,7 +192,8 @@ def run(settings: dict) -> dict:
         folder = out / (f"dpo_beta{beta:g}" if sweep else "dpo")
         runs[str(folder)] = beta, train(from_dict(
             {**DPO, "model_name_or_path": str(sft), "dataset": sampled["outputs"]["pairs"], "pref_beta": beta,
-             "seed": seed, "output_dir": str(folder), "overwrite_output_dir": True}, "preftune demo (dpo)"))
+             "seed": seed, "output_dir": str(folder), "overwrite_output_dir": True, **NO_CHECKPOINTS},
+            "preftune demo (dpo)"))
     seconds["dpo"] = time.time() - t
 
     t = time.time()

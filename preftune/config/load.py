@@ -103,6 +103,11 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
             raise ConfigError(f"{source}: '{set_by[name]}' and '{key}' both set {name}; keep one")
         set_by[name] = key
         values[name] = _coerce(name, value)
+    if raw.get("stage") == "kto":  # LLaMA-Factory's KTO stage (compat.translate): pref_loss: kto, unless another is set
+        if set_by.get("pref_loss") and values["pref_loss"] != "kto":
+            raise ConfigError(f"{source}: stage: kto trains pref_loss: kto, and {set_by['pref_loss']} is "
+                              f"{values['pref_loss']!r}; remove {set_by['pref_loss']} (or use stage: dpo with it)")
+        values["pref_loss"] = "kto"
     _expand_paths(values, set_by, source)
     cfg = TrainConfig(**values)
     validate(cfg)

@@ -100,7 +100,7 @@ class TrainConfig:
     precompute_ref_log_probs: bool = REFERENCE(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No kl/eval_kl columns then; not with pref_loss: kto.")
 
     # --- the objective: stage, preference loss and its hyperparameters (docs/losses.md) ---
-    stage: str = OBJECTIVE("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference).", ("dpo", "sft"))
+    stage: str = OBJECTIVE("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference); LLaMA-Factory's kto means pref_loss: kto.", ("dpo", "sft"))
     do_train: bool = OBJECTIVE(True, "LLaMA-Factory flag; must be true for preftune train.")
     pref_beta: float = OBJECTIVE(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
     pref_loss: str = OBJECTIVE("sigmoid", f"Preference loss (sigmoid is DPO): {', '.join(n for n in LOSSES if n not in REFERENCE_FREE)}; {', '.join(UNPAIRED_LOSSES)} (unpaired data; pairs are split); reference-free: {', '.join(n for n in LOSSES if n in REFERENCE_FREE)}. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")

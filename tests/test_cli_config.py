@@ -1,0 +1,96 @@
+"""The command line and config rough edges a newcomer hits (issue 19): bare boolean flags, LLaMA-Factory's
+stage: kto, the template of the run that wrote a model, --config for label and demo, the progress bar's
+figures, the defaults, export's --batch_size, --version in --help, and the demo's SFT models in the cache."""
+
+import pytest
+import yaml
+
+from preftune.config import load_config, parse_command_line
+from preftune.errors import ConfigError
+
+# --- a bare boolean flag means true ------------------------------------------------------------------
+
+
+def test_a_bare_boolean_flag_means_true_as_in_hf_argument_parser():
+    line = parse_command_line(["--bf16", "--pref_beta", "0.2", "--gradient_checkpointing", "--do_eval",
+                               "--use_liger_kernel"])
+    assert line.overrides == {"bf16": True, "pref_beta": 0.2, "gradient_checkpointing": True, "do_eval": True,
+                              "use_liger_kernel": True}  # a key not honoured (do_eval) and an alias too
+    cfg = load_config(None, ["--model", "m", "--gradient_checkpointing", "--bf16"])  # last on the line too
+    assert cfg.gradient_checkpointing is True and cfg.bf16 is True
+    assert parse_command_line(["--bf16", "false", "--fp16=false"]).overrides == {"bf16": False, "fp16": False}
+    assert load_config(None, ["--model", "m", "--gradient_checkpointing", "false"]).gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pref_beta"], "^command line: --pref_beta needs a value$"),
+    (["--cutoff_len", "--bf16"], "^command line: --cutoff_len needs a value$"),
+    (["--output_dir"], "^command line: --output_dir needs a value$"),
+])
+def test_a_bare_non_boolean_flag_still_fails_in_one_line(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_command_line(args)
+
+
+def test_a_command_flag_keeps_its_own_rule():
+    """label's --port is the command's own, not a config key: bare, it needs its value."""
+    with pytest.raises(ConfigError, match="--port needs a value"):
+        parse_command_line(["--port"], flags={"port": "8765"})
+
+
+# --- stage: kto --------------------------------------------------------------------------------------
+
+# LLaMA-Factory's examples/train_lora/llama3_lora_kto.yaml, with its keys as they are (batch size 2: kto
+# estimates its reference point from the micro-batch's other examples)
+LLAMAFACTORY_KTO = """\
+model_name_or_path: m
+trust_remote_code: true
+stage: kto
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+pref_beta: 0.1
+kto_chosen_weight: 1.0
+kto_rejected_weight: 1.0
+dataset: kto.jsonl
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+output_dir: saves/kto
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 8
+learning_rate: 5.0e-6
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+ddp_timeout: 180000000
+"""
+
+
+def test_stage_kto_means_pref_loss_kto(tmp_path):
+    path = tmp_path / "kto.yaml"
+    path.write_text(LLAMAFACTORY_KTO)
+    cfg = load_config(str(path))
+    assert (cfg.stage, cfg.pref_loss, cfg.is_kto, cfg.objective) == ("dpo", "kto", True, "kto")
+    assert (cfg.pref_beta, cfg.kto_chosen_weight, cfg.finetuning_type) == (0.1, 1.0, "lora")
+    assert load_config(str(path), {"pref_loss": "kto"}).pref_loss == "kto"  # said twice, the same: fine
+    assert load_config(str(path), {"stage": "sft"}).stage == "sft"  # `preftune sft kto.yaml`: the command's stage
+
+
+@pytest.mark.parametrize("extra, given", [({"pref_loss": "sigmoid"}, "pref_loss"), ({"loss_type": "ipo"}, "loss_type")])
+def test_stage_kto_beside_another_pref_loss_is_one_line(tmp_path, extra, given):
+    path = tmp_path / "kto.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(LLAMAFACTORY_KTO), **extra}))
+    with pytest.raises(ConfigError, match=rf"^{path}: stage: kto trains pref_loss: kto, and {given} is "
+                                          rf"'{list(extra.values())[0]}'; remove {given} \(or use stage: dpo"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="stage: kto trains pref_loss: kto, and pref_loss is 'sigmoid'"):
+        load_config(None, {"model": "m", "stage": "kto", "pref_loss": "sigmoid"})  # the command line's too

@@ -38,6 +38,7 @@ from preftune.models import check_attention, load_tokenizer
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
+from preftune.saved import model_run_config, with_run_template
 from preftune.step import STEPS
 from preftune.tokenization import TokenizeReport, describe_rendering, rendering_text
 from preftune.tracking import make_trackers, tracker_names
@@ -54,6 +55,8 @@ def train(cfg: TrainConfig) -> dict:
 
 def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     start_time = time.time()
+    # a model a preftune run wrote is trained in the template it was trained in (as sample and eval read it)
+    cfg = with_run_template(cfg, model_run_config(cfg.model_name_or_path))
     set_seed(cfg.seed)
     resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path or a changed run fails at once
     checkpoints.check_output_dir(cfg, resuming=resume_from is not None)

@@ -94,3 +94,68 @@ def test_stage_kto_beside_another_pref_loss_is_one_line(tmp_path, extra, given):
         load_config(str(path))
     with pytest.raises(ConfigError, match="stage: kto trains pref_loss: kto, and pref_loss is 'sigmoid'"):
         load_config(None, {"model": "m", "stage": "kto", "pref_loss": "sigmoid"})  # the command line's too
+
+
+# --- the template of the run that wrote the model: one rule for every command ------------------------
+
+
+@pytest.fixture
+def sft_run_dir(tmp_path, tiny_model_dir):
+    """A folder as `preftune sft` leaves it: the model, and the resolved config of a run with template: chatml."""
+    import shutil
+
+    from preftune.config import from_dict
+
+    folder = tmp_path / "sft_out"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "stage": "sft", "template": "chatml",
+                     "dataset": "sft.jsonl", "output_dir": str(folder)})
+    (folder / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return folder
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    import json
+
+    from preftune.demo import make_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in make_pairs(8, 0)))
+    return path
+
+
+def test_train_takes_the_template_of_the_sft_run_that_wrote_its_model(tmp_path, sft_run_dir, pairs_file):
+    from preftune.commands import train as train_cmd
+
+    common = ["--model_name_or_path", str(sft_run_dir), "--dataset", str(pairs_file), "--max_steps", "1",
+              "--per_device_train_batch_size", "2", "--cutoff_len", "64", "--torch_dtype", "float32",
+              "--progress_bar", "false", "--plot_loss", "false", "--save_strategy", "no"]
+    assert train_cmd.main(common + ["--output_dir", str(tmp_path / "dpo")]) == 0
+    saved = yaml.safe_load((tmp_path / "dpo" / "preftune_config.yaml").read_text())
+    assert saved["template"] == "chatml"  # the resolved config: what the run trained in, and what comes next reads
+    # a template the user sets wins, as for sample and eval: none asks for raw text
+    assert train_cmd.main(common + ["--output_dir", str(tmp_path / "raw"), "--template", "none"]) == 0
+    assert yaml.safe_load((tmp_path / "raw" / "preftune_config.yaml").read_text())["template"] == "none"
+
+
+def test_the_run_template_rule(sft_run_dir, tiny_model_dir):
+    from preftune.config import from_dict
+    from preftune.saved import model_run_config, with_run_template
+
+    run_cfg = model_run_config(str(sft_run_dir))
+    assert run_cfg.template == "chatml"
+    assert model_run_config(str(tiny_model_dir)) is None and model_run_config("org/hub-id") is None
+    assert with_run_template(from_dict({}), run_cfg).template == "chatml"
+    assert with_run_template(from_dict({"template": "qwen"}), run_cfg).template == "qwen"  # set: it wins
+    assert with_run_template(from_dict({"template": "none"}), run_cfg).template == "none"
+    assert with_run_template(from_dict({}), None).template is None
+
+
+def test_inspect_renders_as_a_run_on_that_model_would(sft_run_dir, tiny_model_dir, pairs_file):
+    from preftune.commands.inspect import inspect_data
+    from preftune.config import from_dict
+
+    on_run = inspect_data(from_dict({"model_name_or_path": str(sft_run_dir), "dataset": str(pairs_file)}), 1)
+    on_plain = inspect_data(from_dict({"model_name_or_path": str(tiny_model_dir), "dataset": str(pairs_file)}), 1)
+    assert "chatml" in on_run["rendering"]["used"] and "chatml" not in on_plain["rendering"]["used"]

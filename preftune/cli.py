@@ -46,7 +46,7 @@ COMMAND_GROUPS = {
     "inspect": ("model", "data", "tokenization"),
     "export": ("model", "reference", "data", "tokenization", "batches"),
     "cache": ("caches",),
-    "label": (),  # reads no config: its own flags only
+    "label": (),  # its own options only (--config FILE holds them too: config.load_options)
     "demo": (),
 }
 

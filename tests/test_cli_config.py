@@ -2,6 +2,8 @@
 stage: kto, the template of the run that wrote a model, --config for label and demo, the progress bar's
 figures, the defaults, export's --batch_size, --version in --help, and the demo's SFT models in the cache."""
 
+import re
+
 import pytest
 import yaml
 
@@ -159,3 +161,58 @@ def test_inspect_renders_as_a_run_on_that_model_would(sft_run_dir, tiny_model_di
     on_run = inspect_data(from_dict({"model_name_or_path": str(sft_run_dir), "dataset": str(pairs_file)}), 1)
     on_plain = inspect_data(from_dict({"model_name_or_path": str(tiny_model_dir), "dataset": str(pairs_file)}), 1)
     assert "chatml" in on_run["rendering"]["used"] and "chatml" not in on_plain["rendering"]["used"]
+
+
+# --- label and demo take --config FILE: their own options ---------------------------------------------
+
+
+def test_label_reads_its_options_from_a_config_file(tmp_path, capsys):
+    import json
+
+    from preftune.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": str(pairs), "export": str(tmp_path / "out.jsonl"), "seed": 3}))
+    assert main(["label", "--config", str(cfg)]) == 0  # FILE and --export from the file
+    assert (tmp_path / "out.jsonl").is_file() and "wrote 0 pairs" in capsys.readouterr().out
+    cfg.write_text(yaml.safe_dump({"port": "http"}))
+    assert main(["label", str(pairs), "--config", str(cfg)]) == 2  # the file's port is read...
+    assert "--port must be a port number" in capsys.readouterr().err
+    assert main(["label", str(pairs), "--config", str(cfg), "--port", "0", "--export", str(tmp_path / "o2.jsonl")]) == 0
+    capsys.readouterr()  # ...and the command line's wins
+
+
+@pytest.mark.parametrize("command, content, message", [
+    ("label", {"pref_beta": 0.1}, r"unknown key 'pref_beta' for preftune label; its keys: host, port, annotator"),
+    ("label", {"annotater": "me"}, r"unknown key 'annotater' for preftune label; did you mean 'annotator'\?"),
+    ("label", {"host": {"a": 1}}, r"host: expected a number or text"),
+    ("demo", {"model_name_or_path": "m"}, r"unknown key 'model_name_or_path' for preftune demo; its keys: output_dir"),
+])
+def test_label_and_demo_refuse_other_keys_in_one_line(tmp_path, capsys, command, content, message):
+    from preftune.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(content))
+    assert main([command, "x.jsonl", "--config", str(cfg)] if command == "label" else [command, "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert re.search(f"^preftune: error: {cfg}: {message}", err), err
+
+
+def test_demo_reads_its_options_from_a_config_file(tmp_path, capsys):
+    from preftune.cli import main
+    from preftune.commands.demo import FLAGS, settings_from
+    from preftune.config import load_options
+
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "d"), "sweep": [0.05, 0.5], "reviews": 100, "seed": 1}))
+    line = parse_command_line(["--config", str(cfg), "--seed", "2"], flags=dict.fromkeys(FLAGS))
+    settings = settings_from(load_options("demo", line, {name: default for name, (default, _) in FLAGS.items()}))
+    assert (settings["betas"], settings["reviews"], settings["seed"]) == ([0.05, 0.5], 100, 2)  # the line wins
+    assert settings["output_dir"] == str(tmp_path / "d") and settings["layers"] == FLAGS["layers"][0]
+    # through the command: the file's values are checked as the flags' are (and nothing runs)
+    cfg.write_text(yaml.safe_dump({"prompts": 500, "eval_prompts": 200}))
+    assert main(["demo", "--config", str(cfg)]) == 2
+    assert "--prompts + --eval_prompts must be at most 600" in capsys.readouterr().err

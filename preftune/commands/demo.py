@@ -34,20 +34,21 @@ import time
 from pathlib import Path
 
 from preftune import guard
-from preftune.config import from_dict, parse_command_line
+from preftune.config import from_dict, load_options, parse_command_line
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
 
 log = logging.getLogger("preftune")
 
-USAGE = """usage: preftune demo [--output_dir DIR] [--seed N] [--beta B | --sweep B1,B2,...] [--cache_dir DIR]
-                     [--reviews N] [--hidden N] [--layers N] [--sft_epochs N] [--prompts N] [--eval_prompts N]
+USAGE = """usage: preftune demo [--config FILE] [--output_dir DIR] [--seed N] [--beta B | --sweep B1,B2,...]
+                     [--cache_dir DIR] [--reviews N] [--hidden N] [--layers N] [--sft_epochs N] [--prompts N] [--eval_prompts N]
 
 The whole flow on a model that first learns language, on CPU in a few minutes: SFT on generated
 movie reviews (the reference; cached), `preftune sample` scored by the sentiment reward, DPO on the
 pairs, `preftune eval` of the DPO model against the SFT model. Prints completions before and after,
 the reward lift, the win rate and the KL spent. --sweep runs DPO at several betas and draws the
-reward-vs-KL frontier (eval/frontier.png).
+reward-vs-KL frontier (eval/frontier.png). --config FILE reads these options from a YAML file
+(output_dir: DIR, sweep: [0.05, 0.1], ...); the command line's win.
 
 Options (default):
 """
@@ -282,13 +283,9 @@ def print_report(result: dict) -> None:
 
 
 def main(args: list[str]) -> int:
-    config_path, overrides, found = parse_command_line(args, flags={k: default for k, (default, _) in FLAGS.items()})
-    if config_path is not None:
-        raise ConfigError(f"preftune demo takes no config file ('{config_path}'); its options are --name value")
-    if overrides:
-        raise ConfigError(f"preftune demo: unknown option --{next(iter(overrides))}; its options: "
-                          + ", ".join(f"--{name}" for name in FLAGS))
-    settings = settings_from(found)
+    # --config FILE holds the demo's options only (it writes its steps' configs itself): any other key is a mistake
+    line = parse_command_line(args, flags=dict.fromkeys(FLAGS))
+    settings = settings_from(load_options("demo", line, {name: default for name, (default, _) in FLAGS.items()}))
     with guard.claim_output_dir(settings["output_dir"], []):
         result = run(settings)
     print_report(result)

@@ -48,6 +48,15 @@ log = logging.getLogger("preftune")
 KL_TRAIN_TOKENS = 512  # training rows estimate the KL on this many completion tokens of the last micro-batch
 
 
+def progress_postfix(row: dict, figures: dict[str, str]) -> dict[str, str]:
+    """The progress bar's figures for a logged training row: the loss, and the objective's own (its
+    step's `progress`: short name -> metric), those the row has (an unpaired batch may lack a side)."""
+    shown = {"loss": f"{row['loss']:.4f}"}
+    shown.update({name: f"{row[key]:.3g}" if name == "ppl" else f"{row[key]:.2f}"
+                  for name, key in figures.items() if key in row})
+    return shown
+
+
 def train(cfg: TrainConfig) -> dict:
     with runtime.StopSignals() as stop:  # SIGINT/SIGTERM: the loop stops after its step, cleanly
         return run(cfg, stop)
@@ -212,7 +221,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             row["grad_norm"] = float(grad_norm)
             row["learning_rate"] = scheduler.get_last_lr()[0]
             metrics.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', math.nan):.2f}")
+            bar.set_postfix(progress_postfix(row, Step.progress))
             running, tokens, train_seconds = {}, 0, 0.0
 
         if do_eval and (step % eval_every == 0 or step == total_steps):

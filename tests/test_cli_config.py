@@ -216,3 +216,24 @@ def test_demo_reads_its_options_from_a_config_file(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"prompts": 500, "eval_prompts": 200}))
     assert main(["demo", "--config", str(cfg)]) == 2
     assert "--prompts + --eval_prompts must be at most 600" in capsys.readouterr().err
+
+
+# --- the progress bar shows what the objective has ---------------------------------------------------
+
+
+def test_the_progress_bar_shows_each_objectives_own_figures_and_never_nan():
+    from preftune.step import STEPS
+    from preftune.train import progress_postfix
+
+    def shown(row, objective):
+        return progress_postfix(row, STEPS[objective].progress)
+
+    dpo = {"loss": 0.69314, "rewards/accuracies": 0.75, "rewards/chosen": 0.1}
+    assert shown(dpo, "dpo") == {"loss": "0.6931", "acc": "0.75"}
+    sft = {"loss": 2.0, "perplexity": 7.389056}  # MetricsLog.log adds the perplexity of an sft row
+    assert shown(sft, "sft") == {"loss": "2.0000", "ppl": "7.39"}
+    kto = {"loss": 0.5, "z_ref": 0.0, "rewards/chosen": 0.25, "rewards/rejected": -0.125}
+    assert shown(kto, "kto") == {"loss": "0.5000", "chosen": "0.25", "rejected": "-0.12"}
+    assert shown({"loss": 0.5, "rewards/chosen": 0.25}, "kto") == {"loss": "0.5000", "chosen": "0.25"}
+    for row, objective in ((dpo, "dpo"), (sft, "sft"), (kto, "kto")):
+        assert "nan" not in " ".join(shown(row, objective).values())

@@ -237,3 +237,42 @@ def test_the_progress_bar_shows_each_objectives_own_figures_and_never_nan():
     assert shown({"loss": 0.5, "rewards/chosen": 0.25}, "kto") == {"loss": "0.5000", "chosen": "0.25"}
     for row, objective in ((dpo, "dpo"), (sft, "sft"), (kto, "kto")):
         assert "nan" not in " ".join(shown(row, objective).values())
+
+
+# --- preftune cache: the demo's SFT models too --------------------------------------------------------
+
+
+def test_cache_lists_and_clears_the_demos_sft_models_and_nothing_else(tmp_path, capsys):
+    import os
+    import time
+
+    from preftune.cli import main
+
+    demo = tmp_path / "demo"
+    old, new, killed = demo / "0123456789abcdef", demo / "fedcba9876543210", demo / "00000000000000aa"
+    for model in (old, new):
+        (model / "base_model").mkdir(parents=True)
+        (model / "model.safetensors").write_bytes(b"x" * 4096)
+        (model / "demo_sft.json").write_text("{}")
+    (killed / "base_model").mkdir(parents=True)  # a run killed before its marker: the demo's too
+    (demo / "notes").mkdir()  # not the demo's: never touched
+    (demo / "notes" / "base_model").mkdir()
+    then = time.time() - 40 * 86400
+    os.utime(old / "demo_sft.json", (then, then))
+    dirs = ["--tokenized_cache_dir", str(tmp_path / "tok"), "--ref_logps_cache_dir", str(tmp_path / "ref"),
+            "--demo_cache_dir", str(demo)]
+    assert main(["cache", "list", *dirs]) == 0
+    assert f"demo_sft   {demo}: 3 models" in capsys.readouterr().out
+    assert main(["cache", "clear", "--older_than_days", "30", *dirs]) == 0
+    assert sorted(p.name for p in demo.iterdir()) == sorted([new.name, killed.name, "notes"])
+    assert "demo_sft" in capsys.readouterr().out
+    assert main(["cache", "clear", *dirs]) == 0
+    assert [p.name for p in demo.iterdir()] == ["notes"]
+    assert f"demo_sft   {demo}: deleted 2 of 2 models" in capsys.readouterr().out
+
+
+def test_the_demo_keeps_its_sft_models_where_cache_looks(monkeypatch, tmp_path):
+    from preftune.commands.demo import sft_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert sft_cache_dir("") == tmp_path / "preftune" / "demo" and sft_cache_dir(str(tmp_path / "c")) == tmp_path / "c"

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 from preftune import guard
 from preftune.config import from_dict, load_options, parse_command_line
 from preftune.errors import ConfigError
-from preftune.files import write_atomic
+from preftune.files import cache_root, write_atomic
 
 log = logging.getLogger("preftune")
 
@@ -55,7 +54,8 @@ Options (default):
 
 FLAGS = {  # name -> (default, help); every size of the flow is a flag, so that a test can run it small
     "output_dir": ("output/demo_flow", "where every step writes (data/, sampled/, dpo/, eval/, demo.json)"),
-    "cache_dir": ("", "the SFT models' cache (empty: $XDG_CACHE_HOME/preftune/demo, else ~/.cache/preftune/demo)"),
+    "cache_dir": ("", "the SFT models' cache (empty: $XDG_CACHE_HOME/preftune/demo, else ~/.cache/preftune/demo; "
+                      "preftune cache list/clear --demo_cache_dir DIR)"),
     "seed": (0, "the data, the model's initialisation, sampling and training"),
     "beta": (0.1, "DPO's beta"),
     "sweep": ("", "a comma list of betas: a DPO run for each, evaluated together (eval/frontier.png)"),
@@ -120,6 +120,24 @@ def settings_from(found: dict) -> dict:
     return settings
 
 
+SFT_MARKER = "demo_sft.json"  # written last into a cached SFT model's folder: the folder is complete
+
+
+def sft_cache_dir(cache_dir: str = "") -> Path:
+    """The folder of the demo's SFT models: --cache_dir, else <cache root>/demo ($XDG_CACHE_HOME/preftune/demo)."""
+    return Path(cache_dir).expanduser() if cache_dir else cache_root() / "demo"
+
+
+def cached_sft_models(root: Path) -> list[Path]:
+    """The SFT model folders the demo made in `root` (`preftune cache` lists and clears them): named by
+    their 16-hex-digit key, holding the marker or (a killed run's) base_model/; nothing else in root."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and len(p.name) == 16
+                  and all(c in "0123456789abcdef" for c in p.name)
+                  and ((p / SFT_MARKER).is_file() or (p / "base_model").is_dir()))
+
+
 def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
     """The SFT model's folder and its run's summary: from the cache when these data and settings
     were trained before, else made and trained now. A folder counts as cached only once its
@@ -130,9 +148,8 @@ def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
     model_settings = {k: settings[k] for k in ("seed", "hidden", "layers", "sft_epochs")}
     key = hashlib.sha256(json.dumps([model_settings, SFT, VOCAB_SIZE]).encode()
                          + data["reviews"].read_bytes() + data["reviews_val"].read_bytes()).hexdigest()[:16]
-    root = Path(settings["cache_dir"] or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "preftune" / "demo").expanduser()
-    folder, marker = root / key, root / key / "demo_sft.json"
+    root = sft_cache_dir(settings["cache_dir"])
+    folder, marker = root / key, root / key / SFT_MARKER
     if marker.is_file():
         log.info("SFT model: reusing %s (trained before on the same data and settings)", folder)
         return folder, {**json.loads(marker.read_text()), "cached": True}

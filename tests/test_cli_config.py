@@ -276,3 +276,30 @@ def test_the_demo_keeps_its_sft_models_where_cache_looks(monkeypatch, tmp_path):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert sft_cache_dir("") == tmp_path / "preftune" / "demo" and sft_cache_dir(str(tmp_path / "c")) == tmp_path / "c"
+
+
+# --- --version in --help; export's --batch_size means what it means everywhere -------------------------
+
+
+def test_version_is_in_the_help(capsys):
+    from preftune.cli import main
+
+    assert main(["--help"]) == 0
+    assert "-V, --version" in capsys.readouterr().out
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("preftune ")
+
+
+def test_export_batch_size_is_the_train_batch_size_as_everywhere(monkeypatch):
+    """--batch_size is per_device_train_batch_size in every command; export measures with the eval batch size,
+    which is per_device_eval_batch_size, else that: so --batch_size still sizes export's passes."""
+    from preftune.commands import export as export_cmd
+
+    seen = []
+    monkeypatch.setattr(export_cmd, "export", lambda cfg, *rest: seen.append(cfg) or {})
+    monkeypatch.setattr(export_cmd, "format_report", lambda report: "")
+    assert export_cmd.main(["run_out", "--batch_size", "8"]) == 0
+    assert (seen[-1].per_device_train_batch_size, seen[-1].per_device_eval_batch_size, seen[-1].eval_batch_size) == \
+        (8, None, 8)
+    assert export_cmd.main(["run_out", "--batch_size", "8", "--per_device_eval_batch_size", "2"]) == 0
+    assert seen[-1].eval_batch_size == 2
+    assert "--per_device_eval_batch_size N" in export_cmd.USAGE and "--batch_size  pairs" not in export_cmd.USAGE

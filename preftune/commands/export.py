@@ -330,7 +330,8 @@ int8 (weight-only) for deployment, and measure it on held-out pairs.
   --data PAIRS  held-out pairs, as the dataset key takes them (the eval_dataset key; default: the
                 held-out split of the run that wrote MODEL)
   --ref MODEL   reference for the implicit-reward accuracy (the ref_model key; default: the run's)
-  --batch_size  pairs per forward pass when measuring (the per_device_eval_batch_size key)
+  --per_device_eval_batch_size N  pairs per forward pass when measuring (default: per_device_train_batch_size,
+                which --batch_size sets, as in every command)
   max_samples and dataset_dir apply to --data as to a run's dataset.
 """
 
@@ -338,7 +339,7 @@ int8 (weight-only) for deployment, and measure it on held-out pairs.
 def main(args: list[str]) -> int:
     config_path, overrides, flags = parse_command_line(
         args, positional="model_name_or_path", flags={"dtype": "bf16", "out": None, "overwrite": False},
-        aliases={"data": "eval_dataset", "ref": "ref_model", "batch_size": "per_device_eval_batch_size"})
+        aliases={"data": "eval_dataset", "ref": "ref_model"})  # --batch_size is the config's alias, as everywhere
     report = export(load_config(config_path, overrides), flags["dtype"], flags["out"], flags["overwrite"])
     print(format_report(report))
     return 0

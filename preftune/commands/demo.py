@@ -40,7 +40,8 @@ from preftune.files import cache_root, write_atomic
 log = logging.getLogger("preftune")
 
 USAGE = """usage: preftune demo [--config FILE] [--output_dir DIR] [--seed N] [--beta B | --sweep B1,B2,...]
-                     [--cache_dir DIR] [--reviews N] [--hidden N] [--layers N] [--sft_epochs N] [--prompts N] [--eval_prompts N]
+                     [--cache_dir DIR] [--reviews N] [--hidden N] [--layers N] [--sft_epochs N] [--prompts N]
+                     [--eval_prompts N]
 
 The whole flow on a model that first learns language, on CPU in a few minutes: SFT on generated
 movie reviews (the reference; cached), `preftune sample` scored by the sentiment reward, DPO on the

@@ -272,7 +272,7 @@ def test_cache_lists_and_clears_the_demos_sft_models_and_nothing_else(tmp_path, 
 
 
 def test_the_demo_keeps_its_sft_models_where_cache_looks(monkeypatch, tmp_path):
-    from preftune.commands.demo import sft_cache_dir
+    from preftune.demo import sft_cache_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert sft_cache_dir("") == tmp_path / "preftune" / "demo" and sft_cache_dir(str(tmp_path / "c")) == tmp_path / "c"

@@ -44,7 +44,7 @@ def folders(cfg) -> dict[str, Path]:
 
 def demo_models(folder: Path) -> list[tuple[Path, float, int]]:
     """The demo's SFT model folders in `folder`: (folder, when written, bytes)."""
-    from preftune.commands.demo import SFT_MARKER, cached_sft_models
+    from preftune.demo import SFT_MARKER, cached_sft_models
 
     found = []
     for model in cached_sft_models(folder):
@@ -81,7 +81,7 @@ def main(args: list[str]) -> int:
     cutoff = time.time() - days * 86400 if days is not None else None
     entries = {name: [(f, f.stat().st_mtime, f.stat().st_size) for f in cached_files(folder)]
                for name, folder in folders(cfg).items()}
-    from preftune.commands.demo import sft_cache_dir
+    from preftune.demo import sft_cache_dir
 
     demo_dir = sft_cache_dir(flags["demo_cache_dir"])
     entries["demo_sft"] = demo_models(demo_dir)

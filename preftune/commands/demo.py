@@ -35,7 +35,7 @@ from pathlib import Path
 from preftune import guard
 from preftune.config import from_dict, load_options, parse_command_line
 from preftune.errors import ConfigError
-from preftune.files import cache_root, write_atomic
+from preftune.files import write_atomic
 
 log = logging.getLogger("preftune")
 
@@ -121,29 +121,11 @@ def settings_from(found: dict) -> dict:
     return settings
 
 
-SFT_MARKER = "demo_sft.json"  # written last into a cached SFT model's folder: the folder is complete
-
-
-def sft_cache_dir(cache_dir: str = "") -> Path:
-    """The folder of the demo's SFT models: --cache_dir, else <cache root>/demo ($XDG_CACHE_HOME/preftune/demo)."""
-    return Path(cache_dir).expanduser() if cache_dir else cache_root() / "demo"
-
-
-def cached_sft_models(root: Path) -> list[Path]:
-    """The SFT model folders the demo made in `root` (`preftune cache` lists and clears them): named by
-    their 16-hex-digit key, holding the marker or (a killed run's) base_model/; nothing else in root."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and len(p.name) == 16
-                  and all(c in "0123456789abcdef" for c in p.name)
-                  and ((p / SFT_MARKER).is_file() or (p / "base_model").is_dir()))
-
-
 def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
     """The SFT model's folder and its run's summary: from the cache when these data and settings
     were trained before, else made and trained now. A folder counts as cached only once its
     demo_sft.json is written, after the model, so a killed run is trained again, not reused."""
-    from preftune.demo import build_model, build_tokenizer
+    from preftune.demo import SFT_MARKER, build_model, build_tokenizer, sft_cache_dir
     from preftune.train import train
 
     model_settings = {k: settings[k] for k in ("seed", "hidden", "layers", "sft_epochs")}

@@ -47,10 +47,9 @@ The whole flow on a model that first learns language, on CPU in a few minutes: S
 movie reviews (the reference; cached), `preftune sample` scored by the sentiment reward, DPO on the
 pairs, `preftune eval` of the DPO model against the SFT model. Prints completions before and after,
 the reward lift, the win rate and the KL spent. --sweep runs DPO at several betas and draws the
-reward-vs-KL frontier (eval/frontier.png). --config FILE reads these options from a YAML file
-(output_dir: DIR, sweep: [0.05, 0.1], ...); the command line's win.
+reward-vs-KL frontier (eval/frontier.png).
 
-Options (default):
+Options (default; --config FILE reads them from a YAML file, e.g. sweep: [0.05, 0.1]; the command line's win):
 """
 
 FLAGS = {  # name -> (default, help); every size of the flow is a flag, so that a test can run it small

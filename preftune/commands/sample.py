@@ -122,7 +122,7 @@ def run(cfg) -> dict:
 def _sample(cfg, out: Path) -> dict:
     import torch
 
-    from preftune.saved import model_run_config, with_run_template
+    from preftune.saved import run_config, with_run_template
     from preftune.data import read_prompts
     from preftune.generate import backend, sample, vllm_sample
     from preftune.models import load_model, load_tokenizer
@@ -135,7 +135,8 @@ def _sample(cfg, out: Path) -> dict:
     samples_path = out / "samples.jsonl"
     done = read_samples(samples_path, prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    cfg = with_run_template(cfg, model_run_config(cfg.model_name_or_path))
+    if Path(cfg.model_name_or_path).expanduser().is_dir():
+        cfg = with_run_template(cfg, run_config(Path(cfg.model_name_or_path).expanduser()))
     encoded = encode_prompts(tokenizer, prompts, cfg.template)
     rendering = describe_rendering(tokenizer, cfg.template, prompts)
     log.info("rendering: %s", rendering_text(rendering))

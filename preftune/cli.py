@@ -46,7 +46,7 @@ COMMAND_GROUPS = {
     "inspect": ("model", "data", "tokenization"),
     "export": ("model", "reference", "data", "tokenization", "batches"),
     "cache": ("caches",),
-    "label": (),  # reads no config: its own flags only
+    "label": (),  # its own options only (--config FILE holds them too: config.load_options)
     "demo": (),
 }
 
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: preftune {{{','.join(COMMANDS)}}} ...\n\n"
               + "\n".join(f"  {name:9s} {what}" for name, what in COMMANDS.items())
-              + "\n\n  --debug   with any command (or PREFTUNE_DEBUG=1): errors with their full traceback")
+              + "\n\n  --debug   with any command (or PREFTUNE_DEBUG=1): errors with their full traceback"
+              + "\n  -V, --version  the version of preftune")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

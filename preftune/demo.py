@@ -9,7 +9,8 @@ learns the preference, not language.
 
 `preftune demo` (preftune/commands/demo.py) runs the whole flow on a model that first learns
 language: the movie reviews below (`write_review_data`) to fine-tune it on, and a reward people
-can read, `sentiment` (`reward: preftune.demo:sentiment`).
+can read, `sentiment` (`reward: preftune.demo:sentiment`); its SFT models are cached in
+`sft_cache_dir()`, which `preftune cache` lists and clears.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 from pathlib import Path
 
 from preftune.config import TrainConfig, from_dict
+from preftune.files import cache_root
 from preftune.tokenization import CHATML
 
 TOPICS = ["python", "chess", "guitar", "cooking", "running", "painting", "algebra", "spanish", "writing", "swimming",
@@ -272,3 +274,23 @@ def well_formed(text: str) -> bool:
     words of a sentence may be well chosen and still not make a sentence)."""
     sentences = re.split(r"(?<=\.)\s+", text.strip())
     return bool(text.strip()) and all(GRAMMAR.fullmatch(s) for s in sentences)
+
+
+# --- where `preftune demo` keeps its SFT models (commands/demo.py trains them; `preftune cache` lists and clears them)
+
+SFT_MARKER = "demo_sft.json"  # written last into a cached SFT model's folder: the folder is complete
+
+
+def sft_cache_dir(cache_dir: str = "") -> Path:
+    """The folder of the demo's SFT models: --cache_dir, else <cache root>/demo ($XDG_CACHE_HOME/preftune/demo)."""
+    return Path(cache_dir).expanduser() if cache_dir else cache_root() / "demo"
+
+
+def cached_sft_models(root: Path) -> list[Path]:
+    """The SFT model folders the demo made in `root` (`preftune cache` lists and clears them): named by
+    their 16-hex-digit key, holding the marker or (a killed run's) base_model/; nothing else in root."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and len(p.name) == 16
+                  and all(c in "0123456789abcdef" for c in p.name)
+                  and ((p / SFT_MARKER).is_file() or (p / "base_model").is_dir()))

@@ -1,8 +1,8 @@
 """What a run saved, read back: a model folder (a LoRA adapter folder merged into its base), the config
-the run wrote beside it, and the template it was trained in. eval, export and sample read the models
-they are given through this; the reference a run trained against is reference.py's (`run_reference`).
+the run wrote beside it, and the template it was trained in. train, eval, export, inspect and sample
+read the models they are given through this; the reference a run trained against is reference.py's (`run_reference`).
 
-    run_cfg = run_config(folder)                # its preftune_config.yaml, or None
+    run_cfg = run_config(folder)                # its preftune_config.yaml, or None (model_run_config: by name)
     model = load_full(folder, run_cfg)          # as saved, or base + adapter merged in float32
     cfg = with_run_template(cfg, run_cfg)       # sampled and scored in the format it was trained in
 """
@@ -51,10 +51,24 @@ def run_config(src: Path):
         return None
 
 
+def model_run_config(name: str | None):
+    """The resolved config of the run that wrote the model `name` (a model_name_or_path): its folder's
+    preftune_config.yaml; None for a hub id or a folder no preftune run wrote."""
+    folder = Path(name).expanduser() if name else None
+    return run_config(folder) if folder is not None and folder.is_dir() else None
+
+
 def with_run_template(cfg, run_cfg):
     """cfg, with the `template` of the run that wrote the model (run_cfg) where cfg sets none: a model is
-    sampled and evaluated in the format it was trained in (`--template none` still asks for raw text)."""
-    if cfg.template is not None or run_cfg is None or run_cfg.template is None:
+    trained on, sampled and evaluated in the format it was trained in. The one rule of every command that
+    reads a model (train and sft continuing from a run, sample, eval, export, inspect --model); a template
+    cfg sets wins (`--template none` still asks for raw text)."""
+    if run_cfg is None or run_cfg.template is None:
+        return cfg
+    if cfg.template is not None:
+        if cfg.template != run_cfg.template:
+            log.info("template: %s, as set (the run that wrote the model was trained with %s)", cfg.template,
+                     run_cfg.template)
         return cfg
     log.info("template: %s, as the run that wrote the model was trained", run_cfg.template)
     return dataclasses.replace(cfg, template=run_cfg.template)

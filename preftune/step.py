@@ -78,6 +78,7 @@ class PreferenceStep:
     """
 
     unit = "pairs"
+    progress = {"acc": "rewards/accuracies"}  # the progress bar's figure beside the loss (train.progress_postfix)
     collate = staticmethod(collate)
 
     def __init__(self, cfg, engine=None):
@@ -157,6 +158,7 @@ class UnpairedStep:
     """
 
     unit = "examples"
+    progress = {"chosen": "rewards/chosen", "rejected": "rewards/rejected"}  # no pairs, so no accuracy
     collate = staticmethod(collate_unpaired)
 
     def __init__(self, cfg, engine=None):
@@ -210,6 +212,7 @@ class SFTStep:
     Statistics: loss; the loop's report adds perplexity = exp(loss)."""
 
     unit = "examples"
+    progress = {"ppl": "perplexity"}  # no rewards; MetricsLog.log adds a row's perplexity
 
     def __init__(self, cfg, engine=None):
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)

@@ -38,6 +38,7 @@ from preftune.models import check_attention, load_tokenizer
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
+from preftune.saved import model_run_config, with_run_template
 from preftune.step import STEPS
 from preftune.tokenization import TokenizeReport, describe_rendering, rendering_text
 from preftune.tracking import make_trackers, tracker_names
@@ -47,6 +48,15 @@ log = logging.getLogger("preftune")
 KL_TRAIN_TOKENS = 512  # training rows estimate the KL on this many completion tokens of the last micro-batch
 
 
+def progress_postfix(row: dict, figures: dict[str, str]) -> dict[str, str]:
+    """The progress bar's figures for a logged training row: the loss, and the objective's own (its
+    step's `progress`: short name -> metric), those the row has (an unpaired batch may lack a side)."""
+    shown = {"loss": f"{row['loss']:.4f}"}
+    shown.update({name: f"{row[key]:.3g}" if name == "ppl" else f"{row[key]:.2f}"
+                  for name, key in figures.items() if key in row})
+    return shown
+
+
 def train(cfg: TrainConfig) -> dict:
     with runtime.StopSignals() as stop:  # SIGINT/SIGTERM: the loop stops after its step, cleanly
         return run(cfg, stop)
@@ -54,6 +64,8 @@ def train(cfg: TrainConfig) -> dict:
 
 def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     start_time = time.time()
+    # a model a preftune run wrote is trained in the template it was trained in (as sample and eval read it)
+    cfg = with_run_template(cfg, model_run_config(cfg.model_name_or_path))
     set_seed(cfg.seed)
     resume_from = checkpoints.resume_dir(cfg)  # before any loading: a bad path or a changed run fails at once
     checkpoints.check_output_dir(cfg, resuming=resume_from is not None)
@@ -209,7 +221,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             row["grad_norm"] = float(grad_norm)
             row["learning_rate"] = scheduler.get_last_lr()[0]
             metrics.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', math.nan):.2f}")
+            bar.set_postfix(progress_postfix(row, Step.progress))
             running, tokens, train_seconds = {}, 0, 0.0
 
         if do_eval and (step % eval_every == 0 or step == total_steps):

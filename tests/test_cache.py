@@ -187,7 +187,8 @@ def test_cache_command_lists_and_clears_only_its_own_files(tmp_path, capsys):
     (tok / "notes.txt").write_text("mine")  # not a cache file: never touched
     old = time.time() - 40 * 86400
     os.utime(tok / "old.safetensors", (old, old))
-    dirs = ["--tokenized_cache_dir", str(tok), "--ref_logps_cache_dir", str(ref)]
+    dirs = ["--tokenized_cache_dir", str(tok), "--ref_logps_cache_dir", str(ref),
+            "--demo_cache_dir", str(tmp_path / "demo")]  # never the user's own demo cache
     assert main(["cache", "list", *dirs]) == 0
     out = capsys.readouterr().out
     assert f"tokenized  {tok}: 2 files" in out and f"ref_logps  {ref}: 1 files" in out

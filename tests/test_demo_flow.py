@@ -75,7 +75,7 @@ def test_well_formed_tells_sentences_from_word_salad():
     (["--beta", "-1"], "betas must be distinct positive numbers"),
     (["--prompts", "500", "--eval_prompts", "200"], "at most 600"),
     (["--pref_beta", "0.1"], "unknown option --pref_beta"),
-    (["cfg.yaml"], "takes no config file"),
+    (["cfg.yaml"], "config file not found: cfg.yaml"),
 ])
 def test_demo_refuses_bad_options_in_one_line(args, message, capsys):
     assert main(["demo", *args]) == 2

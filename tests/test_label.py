@@ -263,7 +263,7 @@ def test_a_bad_candidates_file_is_one_line(tmp_path, capsys, text, message):
 @pytest.mark.parametrize("args,message", [
     ([], "no FILE given"),
     (["{file}", "--pref_beta", "0.1"], "unknown option --pref_beta; options: --host, --port"),
-    (["{file}", "--config", "x.yaml"], "unknown option --config"),
+    (["{file}", "--config", "x.yaml"], "config file not found: x.yaml"),
     (["{file}", "--port", "http"], "--port must be a port number"),
     (["{file}", "--seed", "-1"], "--seed must be a non-negative integer"),
     (["missing.jsonl"], "missing.jsonl: no such file"),

@@ -99,13 +99,13 @@ def test_inert_options_are_warned_once(caplog):
             from_dict({"eval_steps": 5})
             from_dict({"eval_steps": 5, "val_size": 0.1, "eval_strategy": "epoch"})
             from_dict({"warmup_steps": 3, "warmup_ratio": 0.1})
-            from_dict({"save_only_model": True})
+            from_dict({"save_only_model": True, "save_strategy": "no"})
             from_dict({"overwrite_output_dir": True, "resume_from_checkpoint": True})
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["eval_steps: no validation data (eval_dataset or val_size), so nothing is evaluated",
                         "eval_steps: ignored with eval_strategy: epoch",
                         "warmup_ratio: 0.1 is ignored, warmup_steps: 3 sets the warmup",
-                        "save_only_model: no checkpoints are written (save_steps is unset or save_strategy: no), so it changes nothing",
+                        "save_only_model: no checkpoints are written (save_strategy: no, or save_steps: null), so it changes nothing",
                         "overwrite_output_dir: ignored when resuming (the checkpoints in output_dir are the run's own)"]
 
 

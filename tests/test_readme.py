@@ -22,7 +22,6 @@ import threading
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from preftune.cli import main
 

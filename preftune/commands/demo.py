@@ -28,22 +28,22 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 from preftune import guard
 from preftune.commands.sample import SETTINGS_FILE
-from preftune.config import from_dict, parse_command_line
+from preftune.config import from_dict, load_options, parse_command_line
 from preftune.data.readers import data_lines
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
 
 log = logging.getLogger("preftune")
 
-USAGE = """usage: preftune demo [--output_dir DIR] [--seed N] [--beta B | --sweep B1,B2,...] [--cache_dir DIR]
-                     [--reviews N] [--hidden N] [--layers N] [--sft_epochs N] [--prompts N] [--eval_prompts N]
+USAGE = """usage: preftune demo [--config FILE] [--output_dir DIR] [--seed N] [--beta B | --sweep B1,B2,...]
+                     [--cache_dir DIR] [--reviews N] [--hidden N] [--layers N] [--sft_epochs N] [--prompts N]
+                     [--eval_prompts N]
 
 The whole flow on a model that first learns language, on CPU in a few minutes: SFT on generated
 movie reviews (the reference; cached), `preftune sample` scored by the sentiment reward, DPO on the
@@ -51,12 +51,13 @@ pairs, `preftune eval` of the DPO model against the SFT model. Prints completion
 the reward lift, the win rate and the KL spent (nats per sequence). --sweep runs DPO at several betas
 and draws the reward-vs-KL frontier (eval/frontier.png).
 
-Options (default):
+Options (default; --config FILE reads them from a YAML file, e.g. sweep: [0.05, 0.1]; the command line's win):
 """
 
 FLAGS = {  # name -> (default, help); every size of the flow is a flag, so that a test can run it small
     "output_dir": ("output/demo_flow", "where every step writes (data/, sampled/, dpo/, eval/, demo.json)"),
-    "cache_dir": ("", "the SFT models' cache (empty: $XDG_CACHE_HOME/preftune/demo, else ~/.cache/preftune/demo)"),
+    "cache_dir": ("", "the SFT models' cache (empty: $XDG_CACHE_HOME/preftune/demo, else ~/.cache/preftune/demo; "
+                      "preftune cache list/clear --demo_cache_dir DIR)"),
     "seed": (0, "the data, the model's initialisation, sampling and training"),
     "beta": (0.1, "DPO's beta"),
     "sweep": ("", "a comma list of betas: a DPO run for each, evaluated together (eval/frontier.png)"),
@@ -87,6 +88,10 @@ SAMPLING = {**TEMPLATE, "num_samples": 4, "max_new_tokens": 64, "per_device_eval
 DPO = {**TEMPLATE, "pref_loss": "sigmoid", "pref_ftx": 1.0, "learning_rate": 5e-4, "per_device_train_batch_size": 16, "num_train_epochs": 3,
        "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "val_size": 0.1, "logging_steps": 5, "eval_steps": 10,
        "cutoff_len": 128, "torch_dtype": "float32"}  # a completion the SFT model ends at once (empty) is an answer too
+# The demo keeps no checkpoint-N folders (save_steps' default, 500, is passed by a larger --reviews or
+# --sft_epochs): its runs are minutes long and a killed one starts over. Outside SFT, so the cache key
+# of the SFT model stays what it was.
+NO_CHECKPOINTS = {"save_strategy": "no"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -126,15 +131,14 @@ def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
     """The SFT model's folder and its run's summary: from the cache when these data and settings
     were trained before, else made and trained now. A folder counts as cached only once its
     demo_sft.json is written, after the model, so a killed run is trained again, not reused."""
-    from preftune.demo import build_model, build_tokenizer
+    from preftune.demo import SFT_MARKER, build_model, build_tokenizer, sft_cache_dir
     from preftune.train import train
 
     model_settings = {k: settings[k] for k in ("seed", "hidden", "layers", "sft_epochs")}
     key = hashlib.sha256(json.dumps([model_settings, SFT, VOCAB_SIZE]).encode()
                          + data["reviews"].read_bytes() + data["reviews_val"].read_bytes()).hexdigest()[:16]
-    root = Path(settings["cache_dir"] or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "preftune" / "demo").expanduser()
-    folder, marker = root / key, root / key / "demo_sft.json"
+    root = sft_cache_dir(settings["cache_dir"])
+    folder, marker = root / key, root / key / SFT_MARKER
     if marker.is_file():
         log.info("SFT model: reusing %s (trained before on the same data and settings)", folder)
         return folder, {**json.loads(marker.read_text()), "cached": True}
@@ -147,7 +151,8 @@ def sft_model(settings: dict, data: dict[str, Path]) -> tuple[Path, dict]:
     tokenizer.save_pretrained(base)
     summary = train(from_dict({**SFT, "model_name_or_path": str(base), "dataset": str(data["reviews"]),
                                "eval_dataset": str(data["reviews_val"]), "num_train_epochs": settings["sft_epochs"],
-                               "seed": settings["seed"], "output_dir": str(folder)}, "preftune demo (sft)"))
+                               "seed": settings["seed"], "output_dir": str(folder), **NO_CHECKPOINTS},
+                              "preftune demo (sft)"))
     result = {"settings": model_settings, "perplexity": [summary["baseline"]["eval_perplexity"],
                                                          summary["final"]["eval_perplexity"]],
               "seconds": summary["timings"]["elapsed_seconds"]}
@@ -194,7 +199,8 @@ def run(settings: dict) -> dict:
         folder = out / (f"dpo_beta{beta:g}" if sweep else "dpo")
         runs[str(folder)] = beta, train(from_dict(
             {**DPO, "model_name_or_path": str(sft), "dataset": sampled["outputs"]["pairs"], "pref_beta": beta,
-             "seed": seed, "output_dir": str(folder), "overwrite_output_dir": True}, "preftune demo (dpo)"))
+             "seed": seed, "output_dir": str(folder), "overwrite_output_dir": True, **NO_CHECKPOINTS},
+            "preftune demo (dpo)"))
     seconds["dpo"] = time.time() - t
 
     t = time.time()
@@ -285,13 +291,9 @@ def print_report(result: dict) -> None:
 
 
 def main(args: list[str]) -> int:
-    config_path, overrides, found = parse_command_line(args, flags={k: default for k, (default, _) in FLAGS.items()})
-    if config_path is not None:
-        raise ConfigError(f"preftune demo takes no config file ('{config_path}'); its options are --name value")
-    if overrides:
-        raise ConfigError(f"preftune demo: unknown option --{next(iter(overrides))}; its options: "
-                          + ", ".join(f"--{name}" for name in FLAGS))
-    settings = settings_from(found)
+    # --config FILE holds the demo's options only (it writes its steps' configs itself): any other key is a mistake
+    line = parse_command_line(args, flags=dict.fromkeys(FLAGS))
+    settings = settings_from(load_options("demo", line, {name: default for name, (default, _) in FLAGS.items()}))
     with guard.claim_output_dir(settings["output_dir"], []):
         result = run(settings)
     print_report(result)

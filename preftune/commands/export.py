@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 from preftune.config import TrainConfig, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.files import fresh_tmp_dir, replace_dir
-from preftune.saved import adapter_base, is_adapter, load_folder, load_full, merged_adapter, run_config
+from preftune.saved import (adapter_base, is_adapter, load_folder, load_full, merged_adapter, run_config,
+                            with_run_template)
 
 if TYPE_CHECKING:  # for the annotations only: torch is imported where a function needs it, after the config is read
     import torch
@@ -202,7 +203,8 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
     """Write the export of cfg.model_name_or_path (MODEL) to `out` (default: MODEL-<dtype> beside it);
     returns the report. Held-out pairs: cfg.eval_dataset (--data) if set, read from cfg.dataset_dir,
     at most cfg.max_samples, scored cfg.eval_batch_size at a time; the reference: cfg.ref_model (--ref)
-    if set, else the run's. cutoff_len and template are the run's, else cfg's.
+    if set, else the run's. cutoff_len is the run's, else cfg's; the template cfg's, else the run's
+    (saved.with_run_template, as every command).
 
     MODEL is a saved model, or a LoRA adapter folder, which is first merged into its base in float32
     (written to a temporary folder beside OUT): that merged model is the "before" of the report."""
@@ -268,7 +270,8 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
             report["merged"] = {"base": merge[0], "adapters": [*merge[1], str(src)], "dtype": "float32"}
 
         if pairs:
-            tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len, (run_cfg or cfg).template)
+            tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len,
+                                       with_run_template(cfg, run_cfg).template)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
             original, lengths = pair_logps(LogpsModule(load_folder(weights), cfg.logps_chunk_size), tokenized, pad_id,
                                            batch_size)
@@ -330,7 +333,8 @@ int8 (weight-only) for deployment, and measure it on held-out pairs.
   --data PAIRS  held-out pairs, as the dataset key takes them (the eval_dataset key; default: the
                 held-out split of the run that wrote MODEL)
   --ref MODEL   reference for the implicit-reward accuracy (the ref_model key; default: the run's)
-  --batch_size  pairs per forward pass when measuring (the per_device_eval_batch_size key)
+  --per_device_eval_batch_size N  pairs per forward pass when measuring (default: per_device_train_batch_size,
+                which --batch_size sets, as in every command)
   max_samples and dataset_dir apply to --data as to a run's dataset.
 """
 
@@ -338,7 +342,7 @@ int8 (weight-only) for deployment, and measure it on held-out pairs.
 def main(args: list[str]) -> int:
     config_path, overrides, flags = parse_command_line(
         args, positional="model_name_or_path", flags={"dtype": "bf16", "out": None, "overwrite": False},
-        aliases={"data": "eval_dataset", "ref": "ref_model", "batch_size": "per_device_eval_batch_size"})
+        aliases={"data": "eval_dataset", "ref": "ref_model"})  # --batch_size is the config's alias, as everywhere
     report = export(load_config(config_path, overrides), flags["dtype"], flags["out"], flags["overwrite"])
     print(format_report(report))
     return 0

@@ -52,7 +52,9 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
                    "sources": dict(sources), "unit": "tokens" if model else "characters"}
     if model:
         from preftune.models import load_tokenizer
+        from preftune.saved import model_run_config, with_run_template
 
+        cfg = with_run_template(cfg, model_run_config(model))  # rendered as a run on that model renders
         tokenizer = load_tokenizer(model, cfg.trust_remote_code)
         rendering = setup_rendering(tokenizer, cfg.template)
         stats["rendering"] = describe_rendering(tokenizer, cfg.template, examples)  # what a run logs

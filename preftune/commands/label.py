@@ -24,7 +24,7 @@ import socket
 import threading
 from importlib import resources
 
-from preftune.config import parse_command_line
+from preftune.config import load_options, parse_command_line
 from preftune.errors import ConfigError
 from preftune.labels import AlreadyJudged, Comparison, LabelStore, NotJudged, export_pairs, shown
 
@@ -283,7 +283,7 @@ def format_export(counts: dict, labels: str) -> str:
             "(ties, skips and unlabelled comparisons give no pair)")
 
 
-USAGE = """usage: preftune label FILE [--host 127.0.0.1] [--port 8765] [--annotator NAME] [--seed N]
+USAGE = """usage: preftune label FILE [--host 127.0.0.1] [--port 8765] [--annotator NAME] [--seed N] [--config FILE]
        preftune label FILE --export PAIRS
 
 Serve a local page to label preference pairs by hand: the prompt, two of its completions side by
@@ -298,6 +298,8 @@ Every judgement is saved at once to FILE.labels.jsonl; restarting resumes where 
   --seed N          seed of the A/B order (default 0)
   --export PAIRS    do not serve: write the judgements as pairs training reads ({"prompt", "chosen",
                     "rejected", "system"}) to PAIRS, report ties, skips and unlabelled comparisons
+  --config FILE     these options from a YAML file (keys dataset (FILE), host, port, annotator, seed,
+                    export); the command line's win
 """
 
 FLAGS = {"host": "127.0.0.1", "port": "8765", "annotator": None, "export": None, "seed": "0"}
@@ -314,12 +316,11 @@ def _int(flag: str, value: str, low: int, high: int, what: str) -> int:
 
 
 def main(args: list[str]) -> int:
-    # FILE arrives as the positional (or --dataset); label reads no config, so any other --key is a mistake
-    config_path, overrides, flags = parse_command_line(args, positional="dataset", flags={"dataset": None, **FLAGS})
-    unknown = ["--config"] if config_path is not None else [f"--{name}" for name in overrides]
-    if unknown:
-        raise ConfigError(f"preftune label: unknown option {unknown[0]}; options: "
-                          f"{', '.join('--' + f for f in FLAGS)} (see preftune label --help)")
+    # FILE arrives as the positional (or --dataset); --config FILE holds these options only (a run's config
+    # has nothing label reads), so any other key, there or as --key, is a mistake
+    options = {**FLAGS, "dataset": None}
+    line = parse_command_line(args, positional="dataset", flags=dict.fromkeys(options))
+    flags = load_options("label", line, options)
     if not flags["dataset"]:
         raise ConfigError("preftune label: no FILE given; pass the candidates file `preftune sample` wrote "
                           "(or a pairs file)")

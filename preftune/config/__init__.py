@@ -22,7 +22,7 @@ The package, one job per module (none imports torch, so reading a config and `--
 
 from preftune.config.command_line import CommandLine, command_help, parse_command_line, parse_overrides, wants_help
 from preftune.config.compat import ALIASES, NOT_HONOURED, SPECIAL
-from preftune.config.load import PATH_KEYS, from_dict, load_config
+from preftune.config.load import PATH_KEYS, from_dict, load_config, load_options
 from preftune.config.names import (F_DIVERGENCES, FLASH_ATTN, LIGER_LOSSES, LOSS_NAMES, RAW_TEMPLATE_NAMES,
                                    TEMPLATE_NAMES, TORCH_DTYPES, TRACKERS)
 from preftune.config.schema import FIELDS, GROUPS, TYPES, TYPES_BASE, TrainConfig
@@ -37,5 +37,5 @@ from preftune.config.validation import WARNED as _warned  # noqa: F401
 __all__ = ["ALIASES", "BOUND_NOTES", "BOUNDS", "F_DIVERGENCES", "FIELDS", "FLASH_ATTN", "GROUPS", "LIGER_LOSSES",
            "LOSS_NAMES", "NOT_HONOURED", "PATH_KEYS", "RAW_TEMPLATE_NAMES", "SPECIAL", "TEMPLATE_NAMES", "TORCH_DTYPES",
            "TRACKERS", "TYPES", "TYPES_BASE", "CommandLine", "TrainConfig", "command_help", "describe_bounds",
-           "from_dict", "load_config", "parse_command_line", "parse_overrides", "validate", "validate_loss_options",
+           "from_dict", "load_config", "load_options", "parse_command_line", "parse_overrides", "validate", "validate_loss_options",
            "wants_help"]

@@ -6,7 +6,8 @@ Every command reads its arguments the same way:
 
 `parse_command_line` turns them into a `CommandLine`: the config file, the overrides as a
 {key: value} mapping (values read as YAML scalars, keys as written: `from_dict` resolves aliases and
-refuses unknown keys) and the command's own flags. `load_config(line.config, line.overrides)` then
+refuses unknown keys; a true/false key written bare, `--bf16`, is true, as in transformers'
+HfArgumentParser) and the command's own flags. `load_config(line.config, line.overrides)` then
 reads the file, applies the overrides and validates. `command_help` prints the config keys of the
 groups a command reads (`cli.COMMAND_GROUPS`); every command still accepts every key.
 """
@@ -18,8 +19,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from preftune.config.compat import ALIASES
-from preftune.config.schema import FIELDS, GROUPS
+from preftune.config.compat import ALIASES, NOT_HONOURED
+from preftune.config.schema import FIELDS, GROUPS, TYPES_BASE
 from preftune.errors import ConfigError
 
 
@@ -43,6 +44,14 @@ def _yaml_value(name: str, value: str) -> Any:
     except yaml.YAMLError as e:
         raise ConfigError(f"command line: --{name} {value!r} is read as YAML and is not valid YAML "
                           f"({str(e).splitlines()[0]}); quote or fix the value") from None
+
+
+def _is_boolean(key: str) -> bool:
+    """A true/false config key (bf16, do_eval, ...; its alias too): written bare on the command line, it means true."""
+    name = ALIASES.get(key, key)
+    if name in TYPES_BASE:
+        return TYPES_BASE[name] is bool
+    return name in NOT_HONOURED and any(value is True or value is False for value in NOT_HONOURED[name][0])
 
 
 def parse_command_line(args: list[str], positional: str | None = None, flags: dict[str, Any] | None = None,
@@ -77,6 +86,9 @@ def parse_command_line(args: list[str], positional: str | None = None, flags: di
             continue
         if not eq:
             if i >= len(args) or args[i].startswith("--"):
+                if name not in flags and _is_boolean(aliases.get(name, name)):
+                    overrides[aliases.get(name, name)] = True  # a bare --bf16 means true, as in HfArgumentParser
+                    continue
                 raise ConfigError(f"command line: --{name} needs a value")
             value, i = args[i], i + 1
         if name == "config":

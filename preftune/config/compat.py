@@ -157,9 +157,8 @@ def translate(key: str, value: Any, source: str) -> dict[str, Any] | None:
         return {key: "true" if str(value).lower() == "true" else None}
     if key == "ref_model" and value == "same_as_policy":
         return {"ref_model": None}
-    if key == "stage" and value == "kto":
-        raise ConfigError(f"{source}: stage: kto is pref_loss: kto here; use stage: dpo with pref_loss: kto "
-                          "(it trains on pairs, or on {prompt, completion, label} records; docs/losses.md)")
+    if key == "stage" and value == "kto":  # LLaMA-Factory's KTO stage: the kto loss of the dpo stage here
+        return {"stage": "dpo"}  # from_dict sets pref_loss: kto, once it knows no other pref_loss was given
     if key in NOT_HONOURED:
         _not_honoured(key, value, source)
         return {}

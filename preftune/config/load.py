@@ -16,7 +16,7 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 
-from preftune.config.command_line import parse_overrides
+from preftune.config.command_line import CommandLine, parse_overrides
 from preftune.config.compat import ALIASES, SPECIAL, plain_value, translate
 from preftune.config.schema import FIELDS, TYPES, TrainConfig
 from preftune.config.validation import validate
@@ -103,6 +103,11 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
             raise ConfigError(f"{source}: '{set_by[name]}' and '{key}' both set {name}; keep one")
         set_by[name] = key
         values[name] = _coerce(name, value)
+    if raw.get("stage") == "kto":  # LLaMA-Factory's KTO stage (compat.translate): pref_loss: kto, unless another is set
+        if set_by.get("pref_loss") and values["pref_loss"] != "kto":
+            raise ConfigError(f"{source}: stage: kto trains pref_loss: kto, and {set_by['pref_loss']} is "
+                              f"{values['pref_loss']!r}; remove {set_by['pref_loss']} (or use stage: dpo with it)")
+        values["pref_loss"] = "kto"
     _expand_paths(values, set_by, source)
     cfg = TrainConfig(**values)
     validate(cfg)
@@ -135,6 +140,47 @@ def _expand_paths(values: dict[str, Any], set_by: dict[str, str], source: str) -
             values[key] = {name: _expand_one(v) for name, v in value.items()}
 
 
+def read_file(path: str) -> dict[str, Any]:
+    """A config file's top-level mapping of key: value, as written (YAML, or JSON by its suffix)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+        loaded = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return loaded
+
+
+def load_options(command: str, line: CommandLine, defaults: dict[str, Any]) -> dict[str, str]:
+    """The settings of a command whose config is its own options (label, demo), as the command line's
+    strings: `defaults`, then the keys of --config FILE (those options only: any other key is an error),
+    then the options given on the command line (`line` parsed with None for each: not given)."""
+    if line.overrides:
+        raise ConfigError(f"preftune {command}: unknown option --{next(iter(line.overrides))}; options: "
+                          + ", ".join(f"--{name}" for name in [*defaults, "config"]) + f" (see preftune {command} --help)")
+    settings = dict(defaults)
+    if line.config is not None:
+        for key, value in read_file(line.config).items():
+            if key not in defaults:
+                match = difflib.get_close_matches(str(key), list(defaults), n=1, cutoff=0.5)
+                raise ConfigError(f"{line.config}: unknown key '{key}' for preftune {command}; "
+                                  + (f"did you mean '{match[0]}'? " if match else "")
+                                  + f"its keys: {', '.join(defaults)}")
+            if isinstance(value, (dict, bool)) or (isinstance(value, list) and any(isinstance(v, (list, dict))
+                                                                                   for v in value)):
+                raise ConfigError(f"{line.config}: {key}: expected a number or text (or a list of numbers); "
+                                  f"got {value!r}")
+            settings[key] = ",".join(str(v) for v in value) if isinstance(value, list) else value
+    settings.update({name: value for name, value in line.flags.items() if value is not None})
+    return {name: value if value is None else str(value) for name, value in settings.items()}
+
+
 def load_config(path: str | None, overrides: dict[str, Any] | list[str] | None = None) -> TrainConfig:
     """Read a YAML (or JSON) config file, apply the command line's overrides, validate.
 
@@ -145,19 +191,7 @@ def load_config(path: str | None, overrides: dict[str, Any] | list[str] | None =
     raw: dict[str, Any] = {}
     source = "command line"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            text = p.read_text(encoding="utf-8")
-            loaded = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML/JSON: {str(e).splitlines()[0]}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-        raw.update(loaded)
+        raw.update(read_file(path))
         source = str(path)
     if overrides:
         # an override replaces the value whatever spelling (alias or canonical) the file used

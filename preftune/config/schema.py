@@ -100,7 +100,7 @@ class TrainConfig:
     precompute_ref_log_probs: bool = REFERENCE(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No KL columns (kl_per_token, kl_per_sequence and their eval_) then; not with pref_loss: kto.")
 
     # --- the objective: stage, preference loss and its hyperparameters (docs/losses.md) ---
-    stage: str = OBJECTIVE("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference).", ("dpo", "sft"))
+    stage: str = OBJECTIVE("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference); LLaMA-Factory's kto means pref_loss: kto.", ("dpo", "sft"))
     do_train: bool = OBJECTIVE(True, "LLaMA-Factory flag; must be true for preftune train.")
     pref_beta: float = OBJECTIVE(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
     pref_loss: str = OBJECTIVE("sigmoid", f"Preference loss (sigmoid is DPO): {', '.join(n for n in LOSSES if n not in REFERENCE_FREE)}; {', '.join(UNPAIRED_LOSSES)} (unpaired data; pairs are split); reference-free: {', '.join(n for n in LOSSES if n in REFERENCE_FREE)}. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")
@@ -130,7 +130,7 @@ class TrainConfig:
 
     # --- rendering and truncation (preftune/tokenization.py) ---
     template: str | None = TOKENIZATION(None, "How to render the data. Unset: conversational data (messages) through the tokenizer's chat template, plain strings as raw text (BOS as the tokenizer adds it, EOS appended). A name (LLaMA-Factory's: qwen, chatml, llama3, mistral, gemma, default): everything through a chat template, the tokenizer's own, or that built-in for a tokenizer without one. none (or empty, plain, raw): raw text whatever the tokenizer holds.")
-    cutoff_len: int = TOKENIZATION(1024, "Maximum tokens of prompt + completion, split between them as LLaMA-Factory does (a completion under half stays whole, else a prompt under half stays whole, else both shrink in proportion); completions keep their start.")
+    cutoff_len: int = TOKENIZATION(2048, "Maximum tokens of prompt + completion (default 2048, LLaMA-Factory's, so its YAMLs mean the same here), split between them as LLaMA-Factory does (a completion under half stays whole, else a prompt under half stays whole, else both shrink in proportion); completions keep their start.")
     truncation_mode: str = TOKENIZATION("keep_start", "Which end of a prompt that is cut is kept: keep_start (as LLaMA-Factory and TRL 1.16) or keep_end (the words before the answer, BOS kept).", ("keep_start", "keep_end"))
     max_prompt_length: int | None = TOKENIZATION(None, "Cut prompts to at most this many tokens (per truncation_mode) before cutoff_len is applied.")
     preprocessing_num_workers: int | None = TOKENIZATION(None, "Processes that tokenize the pairs (unset or 1: in-process; sets under 512 pairs always are).")
@@ -224,8 +224,8 @@ class TrainConfig:
     logging_dir: str | None = SAVING(None, "TensorBoard's event folder (unset: <output_dir>/runs/<date>_<time>_<host>, as transformers).")
     progress_bar: bool = SAVING(True, "Show a tqdm progress bar.")
     overwrite_output_dir: bool = SAVING(False, "A fresh run into an output_dir that holds checkpoint-N folders of an earlier run is refused unless this is true, which deletes them (and best_model/) first. Other outputs are always overwritten.")
-    save_strategy: str = SAVING("steps", "When to write checkpoint-N folders: steps (every save_steps; none while save_steps is unset), epoch (at the end of each epoch) or no (never); transformers' key.", ("steps", "epoch", "no"))
-    save_steps: int | None = SAVING(None, "Write a checkpoint every N optimizer steps (save_strategy: steps).")
+    save_strategy: str = SAVING("steps", "When to write checkpoint-N folders: steps (every save_steps: by default every 500 steps), epoch (at the end of each epoch) or no (never); transformers' key.", ("steps", "epoch", "no"))
+    save_steps: int | None = SAVING(500, "Write a checkpoint every N optimizer steps (save_strategy: steps); default 500, transformers' default, so a run longer than 500 steps writes checkpoint-500, ... unless save_strategy: no (null: no step checkpoints either).")
     save_total_limit: int | None = SAVING(2, "Keep at most this many step checkpoints.")
     save_only_model: bool = SAVING(False, "Checkpoints hold the model only (no optimizer, scheduler or random state): smaller, but such a checkpoint cannot be resumed (as transformers).")
     resume_from_checkpoint: str | None = SAVING(None, "A checkpoint-N folder to continue from, or true for the latest complete one in output_dir; the resumed run reaches the same metrics and weights as an uninterrupted one.")

@@ -221,7 +221,7 @@ def _validate_inert(cfg: TrainConfig) -> None:
     if cfg.warmup_steps > 0 and cfg.warmup_ratio > 0:
         _warn_once(f"warmup_ratio: {cfg.warmup_ratio} is ignored, warmup_steps: {cfg.warmup_steps} sets the warmup")
     if cfg.save_only_model and not cfg.saves_checkpoints:
-        _warn_once("save_only_model: no checkpoints are written (save_steps is unset or save_strategy: no), so it "
+        _warn_once("save_only_model: no checkpoints are written (save_strategy: no, or save_steps: null), so it "
                    "changes nothing")
     if cfg.generate_during_eval and cfg.eval_strategy == "no":
         raise ConfigError("generate_during_eval samples at each evaluation, and eval_strategy is no; remove one")

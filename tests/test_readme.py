@@ -22,7 +22,6 @@ import threading
 import urllib.request
 from pathlib import Path
 
-
 from preftune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -71,7 +71,7 @@ DISTRIBUTED = functools.partial(_f, group="distributed")
 @dataclass
 class TrainConfig:
     # --- model: the policy and how transformers loads it (preftune/models.py) ---
-    model_name_or_path: str | None = MODEL(None, "Hugging Face model id or local folder of the policy (usually an SFT checkpoint). Unset: the embedded demo.")
+    model_name_or_path: str | None = MODEL(None, "Hugging Face model id or local folder of the policy (usually an SFT checkpoint); `preftune train` with no config at all runs the embedded demo.")
     trust_remote_code: bool = MODEL(False, "Allow model code from the model's repository (off unless you trust it).")
     torch_dtype: str = MODEL("auto", "dtype the weights are loaded in (auto: as the checkpoint stores them; bfloat16 with pure_bf16). Trainable weights are then held in float32 unless pure_bf16.", TORCH_DTYPES)
     attn_implementation: str | None = MODEL(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
@@ -213,12 +213,12 @@ class TrainConfig:
     health_max_rejected_drop: float = HEALTH(20.0, "Health report: flag rejected log-probs (summed per sequence) fallen by more than this many nats (collapse toward zero).")
 
     # --- the run's output folder and seed ---
-    output_dir: str = RUN("output", "Where the model, checkpoints and dpo_metrics/ are written.")
+    output_dir: str = RUN("output", "Where the model, checkpoints and the metrics folder (dpo_metrics/; sft_metrics/ for sft) are written.")
     seed: int = RUN(42, "Seed for initialisation, shuffling and dropout.")
 
     # --- logging, checkpoints, resuming ---
     logging_steps: int = SAVING(10, "Log training metrics every N optimizer steps.")
-    plot_loss: bool = SAVING(True, "Write dpo_metrics/training_curves.png.")
+    plot_loss: bool = SAVING(True, "Write training_curves.png into the metrics folder.")
     report_to: str = SAVING("none", "Experiment trackers every logged row also goes to (accelerate's): tensorboard, wandb, mlflow, trackio, a comma list (or YAML list) of them, all (every installed one) or none. The metric files are written either way.")
     run_name: str | None = SAVING(None, "The run's name in wandb, mlflow and trackio (unset: the tracker's own).")
     logging_dir: str | None = SAVING(None, "TensorBoard's event folder (unset: <output_dir>/runs/<date>_<time>_<host>, as transformers).")

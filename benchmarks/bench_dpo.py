@@ -81,6 +81,10 @@ def parse_args(argv=None):
                    help="attention implementation (both; default: transformers' choice, sdpa)")
     p.add_argument("--padding-free", action="store_true",
                    help="preftune's padding_free (TRL 1.16 has disabled its own padding_free: TRL runs padded)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="gradient checkpointing in both (default off in both)")
+    p.add_argument("--activation-offloading", action="store_true",
+                   help="activation offloading in both (saved activations in CPU memory until the backward)")
     p.add_argument("--precompute", action="store_true",
                    help="precompute_ref_log_probs (both): the reference runs before training and is not kept")
     p.add_argument("--finetuning-type", choices=["full", "lora"], default="full",
@@ -381,6 +385,7 @@ def child_preftune(args, assets) -> dict:
         "torch_dtype": args.dtype, "bf16": args.bf16, "disable_dropout": True,
         "progress_bar": False, "eval_strategy": "no", "plot_loss": False, "seed": 42,
         "attn_implementation": args.attn, "padding_free": args.padding_free,
+        "gradient_checkpointing": args.gradient_checkpointing, "activation_offloading": args.activation_offloading,
         "precompute_ref_log_probs": args.precompute, "ref_logps_cache_dir": str(Path(args.work) / "ref_logps"),
         "finetuning_type": args.finetuning_type, "quantization_bit": args.quantization_bit,
     }, "bench")
@@ -440,10 +445,12 @@ def child_trl(args, assets) -> dict:
     # TRL turns activation checkpointing on by default; transformers >= 5.2x names it activation_checkpointing,
     # earlier releases (GPU images lag) gradient_checkpointing: turn off whichever the installed one has
     fields = {f.name for f in dataclasses.fields(trl.DPOConfig)}
-    no_checkpointing = {k: False for k in ("activation_checkpointing", "gradient_checkpointing") if k in fields}
+    no_checkpointing = {k: args.gradient_checkpointing for k in ("activation_checkpointing", "gradient_checkpointing")
+                        if k in fields}
     config = trl.DPOConfig(
         output_dir=str(Path(args.work) / run_file("out_trl", args)), report_to="none", use_cpu=not cuda,
-        bf16=args.bf16, fp16=False, **no_checkpointing, disable_dropout=True,
+        bf16=args.bf16, fp16=False, **no_checkpointing, activation_offloading=args.activation_offloading,
+        disable_dropout=True,
         beta=args.beta, loss_type=["sigmoid"], learning_rate=args.lr, lr_scheduler_type="linear",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim=args.trl_optim,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_steps=args.steps,
@@ -486,7 +493,7 @@ def run_child(framework, args, assets) -> dict:
                 "quantization_bit", "run_name"):
         if getattr(args, key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    for key in ("bf16", "padding_free", "precompute"):
+    for key in ("bf16", "padding_free", "precompute", "gradient_checkpointing", "activation_offloading"):
         if getattr(args, key):
             cmd.append(f"--{key.replace('_', '-')}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -14,6 +14,8 @@ run has no time budget and runs every step):
           finite loss, adapter written
   b       padding_free on vs off (preftune, 0.5B, sdpa)
   c       sdpa vs flash_attention_2, padded and padding-free, where flash_attn is installed
+  i       activation_offloading vs none, both with gradient checkpointing (preftune, 0.5B): peak memory,
+          tokens/s (smoke: the offloaded run alone; nothing to offload on a CPU)
   e1      two processes (`torchrun --nproc_per_node 2 -m preftune train`) where there are 2+ GPUs
   e2      `accelerate launch` with an FSDP2 config, 2 steps, one process per GPU (smoke: 2 CPU
           processes): the row says over how many processes preftune sharded the policy and reference
@@ -262,6 +264,21 @@ class Check:
         else:
             line += "; no padded run to compare (a1 failed)"
         return line, {"run": "b_padding_free", "base": "a1_preftune"}
+
+    def step_i(self):
+        """Activation offloading against none, both with gradient checkpointing (offloading then moves the
+        checkpoints' inputs, what checkpointing leaves on the device): peak memory and tokens/s. On a CPU there
+        is nothing to offload: the smoke mode runs the offloaded configuration alone, to check it runs."""
+        flags = ("--bf16", "--gradient-checkpointing")
+        r = self.bench("i_offload", "qwen2.5-0.5b", "preftune", *flags, "--activation-offloading", cap="bench_small")
+        line = f"offloaded {r['tokens_per_s']:.0f} tokens/s, peak {fmt_mem(r)}"
+        if not self.env.get("cuda"):
+            return line + " (CPU: nothing to offload; it runs)", {"run": "i_offload"}
+        base = self.bench("i_checkpointing", "qwen2.5-0.5b", "preftune", *flags, cap="bench_small")
+        line += (f"; not offloaded {base['tokens_per_s']:.0f} tokens/s, peak {fmt_mem(base)}: "
+                 f"{ratio(r['tokens_per_s'], base['tokens_per_s'])} tokens/s, {ratio(mem(r), mem(base))} memory; "
+                 f"mean loss {r['loss_mean']:.4f} vs {base['loss_mean']:.4f}")
+        return line, {"run": "i_offload", "base": "i_checkpointing"}
 
     def step_c(self):
         self.need_cuda()
@@ -528,6 +545,8 @@ print("PROBE " + json.dumps(out))
                 ("g", "Liger: its Triton kernels apply on CUDA, with the plain path's losses", self.step_g),
                 ("b", "padding_free runs; its speed and memory against padded (a1)", self.step_b),
                 ("c", "flash_attention_2 runs, padded and padding-free; its speed against sdpa", self.step_c),
+                ("i", "activation_offloading: peak memory and speed against none (both gradient checkpointing)",
+                 self.step_i),
                 ("e1", "DDP: torchrun with 2 processes over NCCL (2+ GPUs)", self.step_e1),
                 ("e2", "FSDP2: accelerate launch (examples/accelerate/fsdp2.yaml's settings) runs preftune's FSDP2 "
                        "engine on NCCL, sharded over the processes", self.step_e2),

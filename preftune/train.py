@@ -15,6 +15,7 @@ run (or is skipped, skip_nonfinite_steps) and SIGINT/SIGTERM stop it after the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from preftune.evaluate import evaluate, training_row
 from preftune.generate import sample_texts
 from preftune.logps import LogpsModule
 from preftune.models import check_attention, load_tokenizer
+from preftune.offload import OffloadActivations
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
@@ -174,6 +176,8 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         checkpoints.save_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, step, loop_state,
                                     running)
     stop.armed = True
+    # (activation_offloading: activations saved for the backward wait in CPU memory; docs/performance.md)
+    offload = OffloadActivations(engine.unwrap(policy_logps)) if cfg.activation_offloading else contextlib.nullcontext()
 
     # --- the loop ------------------------------------------------------------------------
     for step in range(step + 1, total_steps + 1):
@@ -193,7 +197,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             batch = {key: v.to(engine.device) for key, v in batch.items()}
             last = k == len(micro) - 1
             with engine.accumulate(policy_logps, sync=last):  # gradients synchronised on the step's last micro-batch
-                with engine.autocast():
+                with engine.autocast(), offload:  # (the packed activations outlive the context: the backward reads them)
                     # (lockstep engines gather weights for the KL: every process computes it; an empty share's
                     # is not counted)
                     out = train_step(policy_logps, train_reference, batch, kl_max_tokens=KL_TRAIN_TOKENS,

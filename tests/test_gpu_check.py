@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["a1", "a2", "d", "f", "g", "b", "c", "e1", "e2", "e3", "h", "a3", "c2"]
+STEPS = ["a1", "a2", "d", "f", "g", "b", "c", "i", "e1", "e2", "e3", "h", "a3", "c2"]
 GPU_ONLY = ["d", "c", "c2"]
-MUST_PASS = ["a1", "a2", "b", "a3", "f", "g"]  # the steps that run on CPU too (f on its stand-in)
+MUST_PASS = ["a1", "a2", "b", "i", "a3", "f", "g"]  # the steps that run on CPU too (f on its stand-in)
 
 
 @pytest.mark.slow

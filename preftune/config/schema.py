@@ -172,6 +172,7 @@ class TrainConfig:
     fp16: bool = PRECISION(False, "float16 mixed precision (GPU only).")
     gradient_checkpointing: bool = PRECISION(False, "Recompute activations in backward instead of storing them (less memory, about a third more compute).")
     gradient_checkpointing_kwargs: dict[str, Any] | None = PRECISION(None, "Arguments of gradient_checkpointing_enable, e.g. {use_reentrant: true} (default {use_reentrant: false}).")
+    activation_offloading: bool = PRECISION(False, "Move the activations the policy's forward saves for its backward to CPU memory as they are saved, and back when the backward needs them (weights and tensors under 1 KiB stay): less accelerator memory, two copies per activation over the host link (docs/performance.md). Nothing to offload on a CPU. TRL's key; not with deepspeed (use its offload_param/offload_optimizer).")
     torch_compile: bool = PRECISION(False, "Compile the policy's (and a separately loaded reference's) transformer layers with torch.compile (dynamic shapes: batches differ in length). The first steps pay the compilation; the numbers are the eager ones (within float noise). Not with fsdp yet.")
     torch_compile_backend: str | None = PRECISION(None, "torch.compile's backend (unset: inductor).")
     torch_compile_mode: str | None = PRECISION(None, "torch.compile's mode: default, reduce-overhead, max-autotune (unset: default).")

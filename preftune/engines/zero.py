@@ -101,6 +101,10 @@ def check(cfg, settings: dict | None) -> None:
     if cfg.skip_nonfinite_steps:
         raise ConfigError("deepspeed: skip_nonfinite_steps is not available (DeepSpeed's step cannot be undone or "
                           "skipped from outside); set skip_nonfinite_steps: 0 (a non-finite step stops the run)")
+    if cfg.activation_offloading:  # its partitioned weights are gathered by its own hooks, which ours would copy
+        raise ConfigError("deepspeed: activation_offloading is not combined with ZeRO; use DeepSpeed's own offload "
+                          "(offload_param / offload_optimizer in its config, e.g. ds_z3_offload_config.json), or "
+                          "unset deepspeed")
     for key in ("quantization_bit", "torch_compile", "enable_liger_kernel"):
         if getattr(cfg, key):
             raise ConfigError(f"deepspeed: {key} is not combined with ZeRO yet; remove it, or unset deepspeed")

@@ -18,7 +18,7 @@ MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
 LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}  # optim imports only errors
 # Layers, lowest first: a module may import modules of its own layer or below, never above.
 LAYERS = [
-    {"errors", "files", "losses", "logps", "health"},
+    {"errors", "files", "losses", "logps", "health", "offload"},
     {"optim", "guard", "hub"},
     {"config", "config.names", "config.schema", "config.compat", "config.validation", "config.command_line",
      "config.load", "data.readers", "data.records", "data.registry", "data.load", "data", "adapters", "labels"},

@@ -78,6 +78,22 @@ def test_two_zero_processes_equal_one_process_with_the_global_batch(tmp_path, ti
 
 
 @pytest.mark.slow
+def test_liger_under_zero2_equals_one_process(tmp_path, tiny_model_dir):
+    """Liger's fused loss reads the LM head's weight and computes its gradient in the forward: under ZeRO-2
+    (weights whole on every process) DeepSpeed's gradient hooks take that gradient as any other."""
+    torch.set_num_threads(1)
+    over = {"enable_liger_kernel": True, "pref_ftx": 0.0, "max_steps": 3, "eval_strategy": "no"}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
+    result = torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"),
+                                           per_device_train_batch_size=4, deepspeed=str(EXAMPLES / "ds_z2_config.json"),
+                                           **over), "two")
+    assert "deepspeed: the policy under ZeRO stage 2 over 2 processes" in result.stderr
+    assert "Liger" in result.stderr or "liger" in result.stderr, result.stderr[-2000:]
+    same_histories(tmp_path / "one", tmp_path / "two")
+    same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
 def test_a_zero3_checkpoint_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
     over = {"save_steps": 3, "save_total_limit": 5, "per_device_train_batch_size": 4,
             "deepspeed": str(EXAMPLES / "ds_z3_config.json"), "gradient_accumulation_steps": 2, "max_steps": 5}
@@ -258,7 +274,7 @@ def test_unreadable_config_files_and_null(tmp_path):
     ({"skip_nonfinite_steps": 2}, 2, "skip_nonfinite_steps is not available"),
     ({"quantization_bit": 4, "finetuning_type": "lora"}, 2, "quantization_bit is not combined with ZeRO yet"),
     ({"finetuning_type": "lora"}, 3, "LoRA under ZeRO-3 writes the adapter: set save_adapter_only: true"),
-    ({"enable_liger_kernel": True}, 2, "enable_liger_kernel is not combined with ZeRO yet"),
+    ({"enable_liger_kernel": True}, 3, "enable_liger_kernel is not combined with ZeRO-3 .Liger's fused loss reads"),
     ({"generate_during_eval": 2, "val_size": 0.1}, 3, "generate_during_eval samples on the main process alone"),
 ])
 def test_what_zero_does_not_do_yet_is_refused(tmp_path, over, stage, message):

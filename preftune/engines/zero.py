@@ -105,7 +105,15 @@ def check(cfg, settings: dict | None) -> None:
         raise ConfigError("deepspeed: activation_offloading is not combined with ZeRO; use DeepSpeed's own offload "
                           "(offload_param / offload_optimizer in its config, e.g. ds_z3_offload_config.json), or "
                           "unset deepspeed")
-    for key in ("quantization_bit", "torch_compile", "enable_liger_kernel"):
+    if cfg.enable_liger_kernel and settings["stage"] == 3:
+        # Liger's fused loss reads the LM head's weight itself instead of calling the head, and computes its
+        # gradient in the forward; ZeRO-3 holds that weight partitioned. Gathering it around the loss
+        # (GatheredParameters) fails where it is tied to the input embeddings, still held by their module.
+        # (ZeRO-2 keeps every weight whole: tested equal to one process.)
+        raise ConfigError("deepspeed: enable_liger_kernel is not combined with ZeRO-3 (Liger's fused loss reads the "
+                          "LM head's weight, which ZeRO-3 partitions); use ZeRO-2 (ds_z2_config.json), or remove "
+                          "enable_liger_kernel")
+    for key in ("quantization_bit", "torch_compile"):
         if getattr(cfg, key):
             raise ConfigError(f"deepspeed: {key} is not combined with ZeRO yet; remove it, or unset deepspeed")
     if cfg.finetuning_type == "lora" and settings["stage"] == 3 and not cfg.save_adapter_only:

@@ -74,7 +74,9 @@ def data_fingerprint(train_items: list, eval_items: dict[str, list] | None = Non
     for name, items in {"train": train_items, **(eval_items or {})}.items():
         digest.update(f"{name}:{len(items)}\n".encode())
         for item in items:
-            values = [getattr(item, f.name) for f in dataclasses.fields(item) if f.name != "where"] \
+            # kl_completion (KTO) is derived from the other items, which are hashed
+            values = [getattr(item, f.name) for f in dataclasses.fields(item)
+                      if f.name not in ("where", "kl_completion")] \
                 if dataclasses.is_dataclass(item) else [item]
             for value in values:
                 if isinstance(value, (str, int, float, type(None))):  # array("q", ...) refuses these: no try needed

@@ -160,10 +160,13 @@ class TokenizedPair:
 
 @dataclass
 class TokenizedExample:
-    """One unpaired (KTO) example: token ids of prompt+completion, completion from `start`, its label."""
+    """One unpaired (KTO) example: token ids of prompt+completion, completion from `start`, its label, and
+    `kl_completion`: the completion of its neighbour in the data (`kl_neighbours`), for a KL row when its
+    micro-batch holds no other prompt (a batch of one)."""
     ids: list[int]
     start: int
     label: bool
+    kl_completion: list[int] | None = None
 
 
 @dataclass
@@ -568,4 +571,17 @@ def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str 
                     TokenizedExample(t.rejected_ids, t.rejected_start, False)]
         else:
             out.append(TokenizedExample(t.chosen_ids, t.chosen_start, example.label))
-    return out
+    return kl_neighbours(out)
+
+
+def kl_neighbours(examples: list[TokenizedExample]) -> list[TokenizedExample]:
+    """Each example's `kl_completion`: the completion of the nearest earlier example (cyclically) whose prompt
+    differs, in data order, as LLaMA-Factory forms KTO's mismatched pairs (processor/feedback.py: example i
+    with the response of example i - 1). Used where a micro-batch cannot pair within itself (a batch of one)."""
+    prompts = [e.ids[:e.start] for e in examples]
+    for i, e in enumerate(examples):
+        back = next((b for b in range(1, len(examples)) if prompts[i - b] != prompts[i]), None)
+        if back is not None:
+            other = examples[i - back]
+            e.kl_completion = other.ids[other.start:]
+    return examples

@@ -130,23 +130,28 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
     prompt differs: TRL's rotation by one within the batch when neighbours differ, as they do in
     shuffled data. Skipping same-prompt neighbours matters for pairs split in two, whose halves sit
     side by side in evaluation order: the rotation would score a prompt's own other answer, which is
-    not a mismatched pair. Only a batch with a single prompt (a trailing batch of one) falls back to
-    the rotation. KL rows are cut to T tokens so they cost no more than the batch. `index` as for `collate`.
+    not a mismatched pair. A batch with a single prompt (per_device_train_batch_size: 1, as LLaMA-Factory's
+    KTO example; a trailing batch of one) takes each example's `kl_completion`, its neighbour's in the data
+    (LLaMA-Factory's mismatched pairs), and only without one falls back to the rotation. KL rows are cut
+    to T tokens so they cost no more than the batch. `index` as for `collate`.
     """
     width = max(len(e.ids) for e in examples)
     out = _pad([(e.ids, e.start) for e in examples], pad_token_id, width)
     prompts = [e.ids[:e.start] for e in examples]
 
-    def partner(i: int) -> TokenizedExample:
+    def partner(i: int) -> list[int]:
         for back in range(1, len(examples)):
             if prompts[i - back] != prompts[i]:
-                return examples[i - back]
-        return examples[i - 1]
+                other = examples[i - back]
+                return other.ids[other.start:]
+        if examples[i].kl_completion is not None:
+            return examples[i].kl_completion
+        other = examples[i - 1]
+        return other.ids[other.start:]
 
     mismatched = []
     for i, e in enumerate(examples):
-        other = partner(i)
-        mismatched.append(((prompts[i] + other.ids[other.start:])[:width], e.start))
+        mismatched.append(((prompts[i] + partner(i))[:width], e.start))
     out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, width).items()})
     out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return _with_index(out, index)

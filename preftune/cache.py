@@ -74,7 +74,9 @@ def data_fingerprint(train_items: list, eval_items: dict[str, list] | None = Non
     for name, items in {"train": train_items, **(eval_items or {})}.items():
         digest.update(f"{name}:{len(items)}\n".encode())
         for item in items:
-            values = [getattr(item, f.name) for f in dataclasses.fields(item) if f.name != "where"] \
+            # kl_completion (KTO) is derived from the other items, which are hashed
+            values = [getattr(item, f.name) for f in dataclasses.fields(item)
+                      if f.name not in ("where", "kl_completion")] \
                 if dataclasses.is_dataclass(item) else [item]
             for value in values:
                 if isinstance(value, (str, int, float, type(None))):  # array("q", ...) refuses these: no try needed
@@ -105,6 +107,7 @@ def cache_key(tokenizer, pairs: list[PreferencePair], cfg) -> str:
         "version": CACHE_VERSION,
         "cutoff_len": cfg.cutoff_len, "template": cfg.template, "truncation_mode": cfg.truncation_mode,
         "max_prompt_length": cfg.max_prompt_length,
+        **({"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs else {}),
         # vocabulary, merges, normalizer, added tokens and the post-processor that adds BOS
         "tokenizer": tokenizer.backend_tokenizer.to_str(),
         "tokenizer_class": type(tokenizer).__name__, "bos_token_id": tokenizer.bos_token_id,
@@ -193,7 +196,7 @@ def tokenize_cached(tokenizer, pairs: list[PreferencePair], cfg, report: Tokeniz
         part = TokenizeReport()
         start = time.perf_counter()
         toks = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template, part, cfg.truncation_mode,
-                              cfg.max_prompt_length, cfg.preprocessing_num_workers)
+                              cfg.max_prompt_length, cfg.preprocessing_num_workers, cfg.chat_template_kwargs)
         _save(path, key, toks, part)
         log.info("tokenization cache: tokenized %d pairs in %.1f s, saved to %s", len(pairs),
                  time.perf_counter() - start, path)

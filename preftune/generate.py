@@ -125,7 +125,7 @@ def sample_texts(model, tokenizer, pairs: list, cfg, device) -> list[tuple[str, 
     """One completion per prompt of `pairs` (cfg's sampling settings and seed), as (text, tokens), for
     the completions a run logs at each evaluation (generate_during_eval). The global random state and
     the model's train/eval mode are left as they were, so training goes on exactly as without it."""
-    encoded = encode_prompts(tokenizer, pairs, cfg.template)
+    encoded = encode_prompts(tokenizer, pairs, cfg.template, cfg.chat_template_kwargs)
     was_training, out = model.training, []
     with torch.random.fork_rng():
         for _, batch in sample(model, tokenizer, encoded, dataclasses.replace(cfg, num_samples=1), device):

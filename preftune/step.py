@@ -167,7 +167,7 @@ class UnpairedStep:
     @staticmethod
     def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
         return tokenize_examples(tokenizer, examples, cfg.cutoff_len, cfg.template, report, cfg.truncation_mode,
-                                 cfg.max_prompt_length)
+                                 cfg.max_prompt_length, cfg.chat_template_kwargs)
 
     @staticmethod
     def length(example) -> int:

@@ -25,7 +25,7 @@ rule (`infer_seqlen`); completions keep their start, a cut prompt keeps its star
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from preftune.data import PreferencePair
 from preftune.errors import ConfigError, DataError
@@ -83,10 +83,69 @@ DEFAULT = ("{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}"
            "{% if m['role'] == 'system' %}{{ 'System: ' + m['content'] + eos_token + '\n' }}"
            "{% elif m['role'] == 'user' %}{{ 'Human: ' + m['content'] + eos_token + '\nAssistant:' }}"
            "{% else %}{{ m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}")
+# Thinking models: LLaMA-Factory's ReasoningTemplate (template.py) as a chat template. Its thought words are
+# "<think>\n" and "\n</think>\n\n"; a thought is what lies between them, dropped as its `remove_thought`
+# does (re.sub of every non-greedy match, then lstrip("\n")), which `drop_thought` writes without regex.
+# - assistant turns of the history lose their thought (LLaMA-Factory's preserve_thinking: false), and so a
+#   `reasoning_content` field (TRL / transformers) there is not written either, as Qwen3's own template;
+# - the final assistant turn (the completion) keeps it: `reasoning_content` is written in front of the
+#   content as Qwen3's template writes it; a completion with no <think> or </think> gets the empty thought
+#   "<think>\n\n</think>\n\n" in front, trained on (LLaMA-Factory prepends it to the response ids);
+# - enable_thinking: false drops the completion's thought too and puts the empty thought at the end of the
+#   prompt (the generation prompt), so it is not trained on, as LLaMA-Factory and Qwen3's template do.
+# Tool-call turns are written as CHATML writes them, without this handling.
+THINK_OPEN, THINK_CLOSE, EMPTY_THOUGHT = "<think>\n", "\n</think>\n\n", "<think>\n\n</think>\n\n"
+DROP_THOUGHT = (
+    "{% macro drop_thought(text) %}{% set parts = text.split('<think>\n') %}"
+    "{% set ns = namespace(out=parts[0], held='') %}{% for part in parts[1:] %}"
+    "{% if '\n</think>\n\n' in part %}{% set ns.out = ns.out + part.split('\n</think>\n\n', 1)[1] %}"
+    "{% set ns.held = '' %}{% else %}{% set ns.held = ns.held + '<think>\n' + part %}{% endif %}{% endfor %}"
+    "{{ (ns.out + ns.held).lstrip('\n') }}{% endmacro %}")
+THINKING_ANSWER = (  # sets `content`: an assistant text turn's content as the template writes it
+    "{% set content = message['content'] %}"
+    "{% if loop.last and not add_generation_prompt %}"
+    "{% if message.get('reasoning_content') %}{% set content = '<think>\n' + message['reasoning_content'].strip('\n') "
+    "+ '\n</think>\n\n' + content.lstrip('\n') %}{% endif %}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{% set content = drop_thought(content) %}{% endif %}"
+    "{% if '<think>' not in content and '</think>' not in content %}{% set content = '<think>\n\n</think>\n\n' "
+    "+ content %}{% endif %}"
+    "{% elif preserve_thinking is defined and preserve_thinking %}"
+    "{% if message.get('reasoning_content') %}{% set content = '<think>\n' + message['reasoning_content'].strip('\n') "
+    "+ '\n</think>\n\n' + content.lstrip('\n') %}{% endif %}"
+    "{% else %}{% set content = drop_thought(content) %}{% endif %}")
+# LLaMA-Factory's `qwen3`: its `qwen` turns (CHATML here) with the thinking block.
+QWEN3 = (DROP_THOUGHT + CHATML.replace(
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}",
+    "{% elif message['role'] == 'assistant' %}" + THINKING_ANSWER
+    + "{{ '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}")
+    .replace("{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+             "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}"
+             "{% endif %}{% endif %}"))
+# LLaMA-Factory's `deepseek3`: BOS, the system text bare, the user slot ends in the assistant's header
+# (so the prompt needs no generation prompt), an answer ends with EOS.
+DEEPSEEK3 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+             "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] + '<｜Assistant｜>' }}"
+             "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+LLAMA4 = ("{{ bos_token }}{% for m in messages %}{{ '<|header_start|>' + m['role'] + '<|header_end|>\n\n' "
+          "+ m['content'] + '<|eot|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\n\n' }}{% endif %}")
+# LLaMA-Factory's `glm4`: "[gMASK]<sop>" opens the text (a string, not BOS); an answer is "\n" + content and
+# the next <|user|> ends it in the history (efficient_eos), while the trained completion gets EOS appended,
+# as LLaMA-Factory appends eos_token_id to the response ids.
+GLM4 = ("{{ '[gMASK]<sop>' }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>\n' + m['content'] }}"
+        "{% elif m['role'] == 'user' %}{{ '<|user|>\n' + m['content'] + '<|assistant|>' }}"
+        "{% else %}{{ '\n' + m['content'] }}{% if loop.last and not add_generation_prompt %}{{ eos_token }}{% endif %}"
+        "{% endif %}{% endfor %}")
+PHI4 = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}")
 TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of a prompt that is cut is kept
 MIN_PAIRS_PER_WORKER = 256  # below this a process pool costs more than it saves (starting one takes seconds)
+# LLaMA-Factory's qwen3_nothink is its qwen without thinking handling, gemma3 its gemma (for text)
 BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen": CHATML, "llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA,
-                     "default": DEFAULT}
+                     "default": DEFAULT, "qwen3": QWEN3, "qwen3_nothink": CHATML, "deepseek3": DEEPSEEK3,
+                     "llama4": LLAMA4, "gemma3": GEMMA, "glm4": GLM4, "phi4": PHI4}
 
 
 @dataclass
@@ -101,10 +160,13 @@ class TokenizedPair:
 
 @dataclass
 class TokenizedExample:
-    """One unpaired (KTO) example: token ids of prompt+completion, completion from `start`, its label."""
+    """One unpaired (KTO) example: token ids of prompt+completion, completion from `start`, its label, and
+    `kl_completion`: the completion of its neighbour in the data (`kl_neighbours`), for a KL row when its
+    micro-batch holds no other prompt (a batch of one)."""
     ids: list[int]
     start: int
     label: bool
+    kl_completion: list[int] | None = None
 
 
 @dataclass
@@ -130,6 +192,9 @@ class Rendering:
     plain: bool  # ... and plain-string data too
     source: str | None = None  # the chat template: "tokenizer" (its own) or a built-in's name; None: no chat template
     template: str | None = None  # the `template` setting this came from
+    # arguments of every apply_chat_template call (config.chat_template_kwargs: enable_thinking, ...);
+    # an example's own chat_template_kwargs are added over them
+    chat_kwargs: dict = field(default_factory=dict)
 
     def uses_template(self, pair: PreferencePair) -> bool:
         return self.conversations if pair.conversational else self.plain
@@ -138,7 +203,7 @@ class Rendering:
 RAW_TEXT = Rendering(conversations=False, plain=False)
 
 
-def setup_rendering(tokenizer, template: str | None) -> Rendering:
+def setup_rendering(tokenizer, template: str | None, chat_kwargs: dict | None = None) -> Rendering:
     """Prepare the tokenizer for `encode_pair` and decide the rendering (the module docstring's convention):
     install the built-in `template` on a tokenizer without a chat template, and turn off truncation and
     padding that a tokenizer.json may switch on in the Rust tokenizer (encoding calls it directly;
@@ -151,19 +216,20 @@ def setup_rendering(tokenizer, template: str | None) -> Rendering:
     named = template is not None and template.lower() not in RAW_TEMPLATES
     if template is not None and not named:
         return Rendering(conversations=False, plain=False, template=template)
+    chat_kwargs = dict(chat_kwargs or {})
     if tokenizer.chat_template:
         # the tokenizer's own template is the one the model was trained with; a built-in one stands in for
         # a missing one only (once installed, it is recognised as the built-in it is)
         source = template if named and tokenizer.chat_template == BUILTIN_TEMPLATES.get(template) else "tokenizer"
     elif template is None:
-        return RAW_TEXT
+        return Rendering(conversations=False, plain=False, chat_kwargs=chat_kwargs)
     elif template not in BUILTIN_TEMPLATES:
         raise ConfigError(f"template: '{template}' is not available for a tokenizer without a chat template "
                           f"(built-ins: {', '.join(BUILTIN_TEMPLATES)}); or unset it for plain text")
     else:
         tokenizer.chat_template = BUILTIN_TEMPLATES[template]
         source = template
-    return Rendering(conversations=True, plain=named, source=source, template=template)
+    return Rendering(conversations=True, plain=named, source=source, template=template, chat_kwargs=chat_kwargs)
 
 
 def describe_rendering(tokenizer, template: str | None, examples: list) -> dict[str, str]:
@@ -216,12 +282,18 @@ def prompt_messages(pair: PreferencePair) -> list[dict[str, str]]:
     return ([{"role": "system", "content": pair.system}] if pair.system else []) + turns
 
 
+def chat_kwargs(pair: PreferencePair, rendering: Rendering) -> dict:
+    """The chat template's arguments for `pair`: the run's (enable_thinking, ...), then the pair's own
+    `chat_template_kwargs` (TRL's dataset column), which win."""
+    return {**rendering.chat_kwargs, **(pair.chat_template_kwargs or {})}
+
+
 def render_prompt(tokenizer, pair: PreferencePair, rendering: Rendering) -> str:
     """The prompt as text: rendered once per pair, shared by its chosen and rejected sequences; the one
     rendering of a prompt that training, sampling and evaluation all use."""
     if rendering.uses_template(pair):
         return tokenizer.apply_chat_template(prompt_messages(pair), tokenize=False, add_generation_prompt=True,
-                                             tools=pair.tools)
+                                             tools=pair.tools, **chat_kwargs(pair, rendering))
     if (pair.messages is not None and not pair.from_text) or pair.tools \
             or pair.chosen_messages is not None or pair.rejected_messages is not None:
         if rendering.template is not None:
@@ -252,12 +324,20 @@ def _encode(tokenizer, pair: PreferencePair, prompt_text: str, completion: str,
         # implicit-prompt text keeps the space after 'Assistant:' in the completion; a turn has none
         content = completion.strip() if pair.from_text else completion
         messages = prompt_messages(pair) + (completion_messages or [{"role": "assistant", "content": content}])
-        full_text = tokenizer.apply_chat_template(messages, tokenize=False, tools=pair.tools)
+        kwargs = chat_kwargs(pair, rendering)
+        full_text = tokenizer.apply_chat_template(messages, tokenize=False, tools=pair.tools, **kwargs)
         missing = [t for t in _tool_texts(messages, pair.tools) if t not in full_text]
         if missing:  # a template without tool support would drop them silently
             raise ConfigError(f"{pair.where}: the chat template does not write the tool calls, results or "
                               f"definitions of this pair (e.g. {missing[0][:40]!r}); use a template that renders "
                               "tools (the model's own, or template: qwen for a tokenizer without one)")
+        # the completion's reasoning: a template that does not write it would train on the answer alone
+        # (enable_thinking: false drops it on purpose; the history's is dropped by thinking templates by design)
+        reasoning = [m["reasoning_content"] for m in completion_messages or [] if m.get("reasoning_content")]
+        if reasoning and kwargs.get("enable_thinking") is not False and reasoning[-1].strip() not in full_text:
+            raise ConfigError(f"{pair.where}: the chat template does not write the completion's reasoning_content "
+                              f"({reasoning[-1][:40]!r}); use a thinking template (the model's own, or template: "
+                              "qwen3 for a tokenizer without one), or set enable_thinking: false to train without it")
         add_special = False  # the template writes BOS itself; adding it again would double it
     else:
         full_text = prompt_text + completion
@@ -304,10 +384,11 @@ def encode_prompt(tokenizer, pair: PreferencePair, rendering: Rendering) -> list
     return ids
 
 
-def encode_prompts(tokenizer, pairs: list[PreferencePair], template: str | None) -> list[list[int]]:
+def encode_prompts(tokenizer, pairs: list[PreferencePair], template: str | None,
+                   chat_kwargs: dict | None = None) -> list[list[int]]:
     """The prompts of `pairs` as generation gets them (sample, eval, generate_during_eval), rendered as
-    training renders them with the same `template`."""
-    rendering = setup_rendering(tokenizer, template)
+    training renders them with the same `template` and chat template arguments."""
+    rendering = setup_rendering(tokenizer, template, chat_kwargs)
     return [encode_prompt(tokenizer, p, rendering) for p in pairs]
 
 
@@ -417,14 +498,15 @@ def _worker_chunk(args: tuple[list[PreferencePair], dict]) -> tuple[list, Tokeni
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cutoff_len: int, template: str | None,
                    report: TokenizeReport | None = None, truncation_mode: str = "keep_start",
-                   max_prompt_length: int | None = None, num_workers: int | None = None) -> list[TokenizedPair]:
+                   max_prompt_length: int | None = None, num_workers: int | None = None,
+                   chat_kwargs: dict | None = None) -> list[TokenizedPair]:
     """Every pair tokenized and truncated, in order; dropped pairs are left out and counted in `report`.
     With num_workers > 1 the pairs are split into chunks tokenized by a pool of processes."""
     if not tokenizer.is_fast:
         raise ConfigError("preftune needs a fast tokenizer (offset mapping finds the prompt boundary); "
                           "the model's tokenizer.json is missing")
     report = report if report is not None else TokenizeReport()
-    settings = {"cutoff_len": cutoff_len, "rendering": setup_rendering(tokenizer, template),
+    settings = {"cutoff_len": cutoff_len, "rendering": setup_rendering(tokenizer, template, chat_kwargs),
                 "truncation_mode": truncation_mode, "max_prompt_length": max_prompt_length}
     workers = min(num_workers or 1, len(pairs) // MIN_PAIRS_PER_WORKER)
     if workers > 1:
@@ -460,12 +542,12 @@ def as_pair(example) -> PreferencePair:
         return example
     return PreferencePair(prompt=example.prompt, chosen=example.completion, rejected=example.completion,
                           system=example.system, where=example.where, messages=example.messages,
-                          conversational=example.conversational)
+                          conversational=example.conversational, chat_template_kwargs=example.chat_template_kwargs)
 
 
 def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str | None,
                       report: TokenizeReport | None = None, truncation_mode: str = "keep_start",
-                      max_prompt_length: int | None = None) -> list[TokenizedExample]:
+                      max_prompt_length: int | None = None, chat_kwargs: dict | None = None) -> list[TokenizedExample]:
     """Unpaired examples for kto: an `UnpairedExample` gives one, a `PreferencePair` two (chosen
     desirable, rejected undesirable), tokenized and truncated exactly as pairs are; an example that
     cannot fit is left out and counted in `report.dropped`, as a pair is."""
@@ -474,7 +556,7 @@ def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str 
                           "the model's tokenizer.json is missing")
     report = report if report is not None else TokenizeReport()
     as_pairs = [as_pair(e) for e in examples]
-    settings = {"cutoff_len": cutoff_len, "rendering": setup_rendering(tokenizer, template),
+    settings = {"cutoff_len": cutoff_len, "rendering": setup_rendering(tokenizer, template, chat_kwargs),
                 "truncation_mode": truncation_mode, "max_prompt_length": max_prompt_length}
     tokenized, part = _tokenize_chunk(tokenizer, as_pairs, settings)  # None where one was dropped, so zip aligns
     report.truncated += part.truncated
@@ -489,4 +571,17 @@ def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str 
                     TokenizedExample(t.rejected_ids, t.rejected_start, False)]
         else:
             out.append(TokenizedExample(t.chosen_ids, t.chosen_start, example.label))
-    return out
+    return kl_neighbours(out)
+
+
+def kl_neighbours(examples: list[TokenizedExample]) -> list[TokenizedExample]:
+    """Each example's `kl_completion`: the completion of the nearest earlier example (cyclically) whose prompt
+    differs, in data order, as LLaMA-Factory forms KTO's mismatched pairs (processor/feedback.py: example i
+    with the response of example i - 1). Used where a micro-batch cannot pair within itself (a batch of one)."""
+    prompts = [e.ids[:e.start] for e in examples]
+    for i, e in enumerate(examples):
+        back = next((b for b in range(1, len(examples)) if prompts[i - b] != prompts[i]), None)
+        if back is not None:
+            other = examples[i - back]
+            e.kl_completion = other.ids[other.start:]
+    return examples

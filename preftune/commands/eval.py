@@ -106,7 +106,7 @@ def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
     from preftune.tokenization import tokenize_pairs
 
     pairs = load_pairs(cfg.__class__(**{**cfg.to_dict(), "eval_dataset": None, "val_size": 0.0}))[0]
-    items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template)
+    items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template, chat_kwargs=cfg.chat_template_kwargs)
     stats = evaluate(PreferenceStep(cfg), LogpsModule(policy, cfg.logps_chunk_size),
                      Reference(reference, chunk_size=cfg.logps_chunk_size), items, cfg.eval_batch_size,
                      tokenizer.pad_token_id, OneProcess(cfg, Accelerator(cpu=not torch.cuda.is_available())))
@@ -138,7 +138,7 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
     # every model and the reference sample and score the same prompt ids: cut to the smallest context
     contexts = [c for c in (model_context(m.config) for m in [*models.values(), reference]) if c is not None]
     context = min(contexts) if contexts else None
-    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template), context, cfg.max_new_tokens,
+    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs), context, cfg.max_new_tokens,
                                tokenizer.bos_token_id)
     log_cut(cut, len(prompts), context, cfg.max_new_tokens)
     log.info("rendering: %s", rendering_text(describe_rendering(tokenizer, cfg.template, prompts)))

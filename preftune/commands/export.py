@@ -271,7 +271,8 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
 
         if pairs:
             tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len,
-                                       with_run_template(cfg, run_cfg).template)
+                                       with_run_template(cfg, run_cfg).template,
+                                       chat_kwargs=(run_cfg or cfg).chat_template_kwargs)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
             original, lengths = pair_logps(LogpsModule(load_folder(weights), cfg.logps_chunk_size), tokenized, pad_id,
                                            batch_size)

@@ -56,7 +56,7 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
 
         cfg = with_run_template(cfg, model_run_config(model))  # rendered as a run on that model renders
         tokenizer = load_tokenizer(model, cfg.trust_remote_code)
-        rendering = setup_rendering(tokenizer, cfg.template)
+        rendering = setup_rendering(tokenizer, cfg.template, cfg.chat_template_kwargs)
         stats["rendering"] = describe_rendering(tokenizer, cfg.template, examples)  # what a run logs
         report = TokenizeReport()
         unusable = []

@@ -184,7 +184,7 @@ def _sample(cfg, out: Path) -> dict:
         cfg = with_run_template(cfg, run_config(Path(cfg.model_name_or_path).expanduser()))
     check_same_settings(out, cfg, done)  # with the template resolved, before a model loads
     context = model_context(AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code))
-    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template), context, cfg.max_new_tokens,
+    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs), context, cfg.max_new_tokens,
                                tokenizer.bos_token_id)
     log_cut(cut, len(prompts), context, cfg.max_new_tokens)
     rendering = describe_rendering(tokenizer, cfg.template, prompts)

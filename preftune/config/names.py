@@ -28,7 +28,8 @@ TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"
 FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 # `template` values: the built-in chat templates (tokenization.BUILTIN_TEMPLATES, kept equal by a test)
 # and the names that mean raw text, no template
-TEMPLATE_NAMES = ("chatml", "qwen", "llama3", "mistral", "gemma", "default")
+TEMPLATE_NAMES = ("chatml", "qwen", "llama3", "mistral", "gemma", "default", "qwen3", "qwen3_nothink", "deepseek3",
+                  "llama4", "gemma3", "glm4", "phi4")
 RAW_TEMPLATE_NAMES = ("none", "empty", "plain")
 # pref_loss values Liger's fused linear DPO loss (liger-kernel 0.8.5) computes as losses.py does, under
 # the same names: enable_liger_kernel takes these. Not ipo (Liger refuses it), sigmoid_norm (no length

@@ -129,7 +129,9 @@ class TrainConfig:
     drop_invalid_pairs: bool = DATA(False, "Skip (and count) pairs with chosen == rejected instead of failing. An empty completion is a valid answer (EOS or the end-of-turn token alone) and is trained on.")
 
     # --- rendering and truncation (preftune/tokenization.py) ---
-    template: str | None = TOKENIZATION(None, "How to render the data. Unset: conversational data (messages) through the tokenizer's chat template, plain strings as raw text (BOS as the tokenizer adds it, EOS appended). A name (LLaMA-Factory's: qwen, chatml, llama3, mistral, gemma, default): everything through a chat template, the tokenizer's own, or that built-in for a tokenizer without one. none (or empty, plain, raw): raw text whatever the tokenizer holds.")
+    template: str | None = TOKENIZATION(None, "How to render the data. Unset: conversational data (messages) through the tokenizer's chat template, plain strings as raw text (BOS as the tokenizer adds it, EOS appended). A name (LLaMA-Factory's: qwen, qwen3, qwen3_nothink, chatml, llama3, llama4, mistral, gemma, gemma3, glm4, phi4, deepseek3, default): everything through a chat template, the tokenizer's own, or that built-in for a tokenizer without one. none (or empty, plain, raw): raw text whatever the tokenizer holds.")
+    enable_thinking: bool | None = TOKENIZATION(None, "Thinking models (LLaMA-Factory's key, passed to the chat template as apply_chat_template's enable_thinking): false trains without the thought, the empty <think> block closing the prompt (as Qwen3 generates with thinking off); true keeps the completion's thought, and an answer without one gets the empty block in front, trained on. Unset: not passed, the template's default (the built-in qwen3's is true, as LLaMA-Factory's). A `chat_template_kwargs` column (TRL) sets it, and other template arguments, per example.")
+    preserve_thinking: bool = TOKENIZATION(False, "Thinking models (LLaMA-Factory's key, passed to the chat template when true): keep the thoughts of the assistant turns in the prompt's history; by default they are dropped, as the model sees its history when it is used.")
     cutoff_len: int = TOKENIZATION(2048, "Maximum tokens of prompt + completion (default 2048, LLaMA-Factory's, so its YAMLs mean the same here), split between them as LLaMA-Factory does (a completion under half stays whole, else a prompt under half stays whole, else both shrink in proportion); completions keep their start.")
     truncation_mode: str = TOKENIZATION("keep_start", "Which end of a prompt that is cut is kept: keep_start (as LLaMA-Factory and TRL 1.16) or keep_end (the words before the answer, BOS kept).", ("keep_start", "keep_end"))
     max_prompt_length: int | None = TOKENIZATION(None, "Cut prompts to at most this many tokens (per truncation_mode) before cutoff_len is applied.")
@@ -286,6 +288,13 @@ class TrainConfig:
     def pref_losses(self) -> list[str]:
         """pref_loss as a list of loss names (it is stored as written: one name or a comma list)."""
         return [name.strip() for name in self.pref_loss.split(",")]
+
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """The arguments every apply_chat_template call gets (before an example's own chat_template_kwargs):
+        enable_thinking when set, preserve_thinking when true."""
+        return {**({"enable_thinking": self.enable_thinking} if self.enable_thinking is not None else {}),
+                **({"preserve_thinking": True} if self.preserve_thinking else {})}
 
     @property
     def is_kto(self) -> bool:

@@ -279,9 +279,6 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if cfg.precompute_ref_log_probs:
             raise ConfigError("precompute_ref_log_probs: not supported with pref_loss: kto (its KL baseline scores "
                               "mismatched prompt/completion rows formed per batch); remove precompute_ref_log_probs")
-        if cfg.per_device_train_batch_size < 2 or cfg.eval_batch_size < 2:
-            raise ConfigError("per_device_train_batch_size: kto needs at least 2 examples per micro-batch (and per "
-                              "eval batch): its KL baseline pairs each prompt with another example's completion")
     if cfg.f_divergence_type != "reverse_kl" and set(names) - {"sft"} != {"sigmoid"}:
         raise ConfigError(f"f_divergence_type: {cfg.f_divergence_type} applies to the sigmoid (DPO) loss only "
                           f"(f-DPO); pref_loss is {cfg.pref_loss}; use pref_loss: sigmoid or f_divergence_type: reverse_kl")

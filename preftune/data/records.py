@@ -55,6 +55,9 @@ class PreferencePair:
     # rendered with a chat template. Plain strings (standard, alpaca, hh-rlhf text) are raw text unless
     # `template` is set (tokenization.Rendering).
     conversational: bool = False
+    # this example's arguments of the chat template (TRL's `chat_template_kwargs` column, e.g.
+    # {enable_thinking: false}); they win over the run's
+    chat_template_kwargs: dict | None = None
 
 
 @dataclass
@@ -67,6 +70,8 @@ class UnpairedExample:
     where: str = ""
     messages: list[dict[str, str]] | None = None
     conversational: bool = False  # as PreferencePair's
+    chat_template_kwargs: dict | None = None  # as PreferencePair's
+    completion_messages: list[dict] | None = None  # as PreferencePair's chosen_messages
 
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
@@ -95,7 +100,9 @@ def _text(rec: dict, name: str, where: str, required: bool = True) -> str | None
     return value
 
 
-TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # kept on a message for the chat template
+# kept on a message for the chat template: tool calls, and an assistant turn's reasoning (TRL / transformers'
+# `reasoning_content`, which thinking templates write as its <think> block)
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id", "reasoning_content")
 
 
 ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
@@ -133,8 +140,10 @@ def _messages(value: Any, where: str, name: str, role: str = "role", content: st
 
 
 def _messages_text(msgs: list[dict]) -> str:
-    """A completion of several messages as one text (for the empty / chosen == rejected checks and lengths)."""
-    return "\n".join(m["content"] or json.dumps(m.get("tool_calls"), ensure_ascii=False) for m in msgs)
+    """A completion of several messages (or with its reasoning) as one text (for the empty / chosen ==
+    rejected checks and lengths)."""
+    return "\n".join(filter(None, (text for m in msgs for text in (
+        m.get("reasoning_content"), m["content"] or json.dumps(m.get("tool_calls"), ensure_ascii=False)))))
 
 
 def _tools(value: Any, where: str, name: str) -> list[dict] | None:
@@ -167,7 +176,7 @@ def _completion(value: Any, where: str, name: str) -> tuple[str, list[dict] | No
             or msgs[-1].get("tool_calls"):
         raise DataError(f"{where}: field '{name}' must be assistant messages (tool calls and tool results in "
                         f"between) ending on an assistant answer, got roles {[m['role'] for m in msgs] or 'none'}")
-    if len(msgs) == 1 and not msgs[0].get("tool_calls"):
+    if len(msgs) == 1 and not msgs[0].get("tool_calls") and not msgs[0].get("reasoning_content"):
         return msgs[0]["content"], None
     return _messages_text(msgs), msgs
 
@@ -303,8 +312,40 @@ def _unpaired(rec: dict, where: str) -> UnpairedExample:
         msgs = None if len(msgs) == 1 and msgs[0]["role"] == "user" else msgs
     else:
         prompt = _text(rec, "prompt", where)
-    return UnpairedExample(prompt=prompt, completion=_completion(rec.get("completion"), where, "completion")[0],
-                           label=label, system=system, where=where, messages=msgs, conversational=conversational)
+    completion, completion_msgs = _completion(rec.get("completion"), where, "completion")
+    return UnpairedExample(prompt=prompt, completion=completion, label=label, system=system, where=where,
+                           messages=msgs, conversational=conversational, completion_messages=completion_msgs)
+
+
+def _kto_tagged(rec: dict, where: str, fmt: dict) -> UnpairedExample:
+    """A dataset_info.json entry with a `kto_tag` column (LLaMA-Factory's KTO data, e.g. kto_en_demo):
+    an SFT-shaped record whose answer is desirable (tag true) or undesirable (false)."""
+    tag = fmt["kto_tag"]
+    label = rec.get(tag)
+    if not isinstance(label, bool):  # LLaMA-Factory drops such a record with a warning; here it is named
+        raise DataError(f"{where}: field '{tag}' (the kto_tag column) is "
+                        f"{type(label).__name__ if label is not None else 'missing'}, expected true (desirable) or "
+                        "false (undesirable)")
+    pair = _sft_pair(rec, where, fmt["formatting"], fmt["columns"], fmt["tags"])
+    return UnpairedExample(prompt=pair.prompt, completion=pair.chosen, label=label, system=pair.system, where=where,
+                           messages=pair.messages, conversational=pair.conversational,
+                           completion_messages=pair.chosen_messages)
+
+
+def _template_kwargs(rec: dict, where: str) -> dict | None:
+    """TRL's `chat_template_kwargs` column: the chat template's arguments for this example."""
+    value = rec.get("chat_template_kwargs")
+    if value is None or value == {}:
+        return None
+    if isinstance(value, str):  # a JSON string, as CSV or Parquet may hold it
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise DataError(f"{where}: field 'chat_template_kwargs' must be an object of chat template arguments, "
+                        "e.g. {\"enable_thinking\": false}")
+    return value
 
 
 def _alpaca(rec: dict, where: str, columns: dict) -> PreferencePair:
@@ -457,7 +498,7 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
     every SFT shape are read too, as pairs whose chosen is the completion. prompts: prompt-only
     records too (for sampling; an empty completion is an answer, so training refuses them)."""
     out: list[PreferencePair | UnpairedExample] = []
-    shape = None
+    state: dict = {}  # the file's shape, decided by its first record
     for where, rec in records:
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -468,37 +509,47 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
                                 f"fields present: {', '.join(sorted(rec)) or 'none'}")
             rec = {**{k: v for k, v in rec.items() if k not in columns.values()},
                    **{canon: rec[user] for canon, user in columns.items()}}
-        if fmt is not None and not fmt["ranking"]:  # an SFT entry of dataset_info.json
+        kwargs = _template_kwargs(rec, where)
+        if kwargs is not None:
+            rec = {k: v for k, v in rec.items() if k != "chat_template_kwargs"}
+        if fmt is not None and fmt.get("kto_tag"):  # KTO data of dataset_info.json
+            out.append(_kto_tagged(rec, where, fmt))
+        elif fmt is not None and not fmt["ranking"]:  # an SFT entry of dataset_info.json
             out.append(_sft_pair(rec, where, fmt["formatting"], fmt["columns"], fmt["tags"]))
-            continue
-        if fmt is not None:
-            if fmt["formatting"] == "sharegpt":
-                out.append(_sharegpt(rec, where, fmt["columns"], fmt["tags"]))
-            else:
-                out.append(_alpaca(rec, where, fmt["columns"]))
-            continue
-        sft_shape = _sft_shape(rec) if sft else None
-        if sft_shape == "prompt_only" and not prompts:
-            raise DataError(f"{where}: a prompt without a completion; SFT trains on a completion ('completion', "
-                            "'output' or the last assistant message). Prompt-only records are for preftune sample "
-                            "and eval")
-        if sft_shape:
-            out.append(_sft_pair(rec, where, sft_shape))
-            continue
-        if shape is None:  # the first record decides, so a bad record gets a field error
-            shape, first = _shape(rec), where
-        elif shape == "no_prompt" and "prompt" in rec:
-            # the file is read as whole conversations / full texts: this prompt would be ignored
-            raise DataError(f"{where}: has a 'prompt' field, but the first record ({first}) has none, so the "
-                            "prompt is taken from chosen/rejected; give every record a prompt, or none")
-        if shape == "sharegpt":
-            out.append(_sharegpt(rec, where, SHAREGPT_COLUMNS, SHAREGPT_TAGS))
-        elif shape == "alpaca":
-            out.append(_alpaca(rec, where, ALPACA_COLUMNS))
-        elif shape == "unpaired":
-            out.append(_unpaired(rec, where))
-        elif shape == "no_prompt":
-            out.append(_without_prompt(rec, where))
         else:
-            out.append(_standard(rec, where))
+            out.append(_record(rec, where, fmt, sft, prompts, state))
+        if kwargs is not None:
+            out[-1].chat_template_kwargs = kwargs
     return out
+
+
+def _record(rec: dict, where: str, fmt: dict | None, sft: bool, prompts: bool, state: dict):
+    """One record of a ranking entry of dataset_info.json or of a plain file (whose first record's shape,
+    kept in `state`, decides the file's)."""
+    if fmt is not None:
+        if fmt["formatting"] == "sharegpt":
+            return _sharegpt(rec, where, fmt["columns"], fmt["tags"])
+        return _alpaca(rec, where, fmt["columns"])
+    sft_shape = _sft_shape(rec) if sft else None
+    if sft_shape == "prompt_only" and not prompts:
+        raise DataError(f"{where}: a prompt without a completion; SFT trains on a completion ('completion', "
+                        "'output' or the last assistant message). Prompt-only records are for preftune sample "
+                        "and eval")
+    if sft_shape:
+        return _sft_pair(rec, where, sft_shape)
+    if "shape" not in state:  # the first record decides, so a bad record gets a field error
+        state["shape"], state["first"] = _shape(rec), where
+    elif state["shape"] == "no_prompt" and "prompt" in rec:
+        # the file is read as whole conversations / full texts: this prompt would be ignored
+        raise DataError(f"{where}: has a 'prompt' field, but the first record ({state['first']}) has none, so the "
+                        "prompt is taken from chosen/rejected; give every record a prompt, or none")
+    shape = state["shape"]
+    if shape == "sharegpt":
+        return _sharegpt(rec, where, SHAREGPT_COLUMNS, SHAREGPT_TAGS)
+    if shape == "alpaca":
+        return _alpaca(rec, where, ALPACA_COLUMNS)
+    if shape == "unpaired":
+        return _unpaired(rec, where)
+    if shape == "no_prompt":
+        return _without_prompt(rec, where)
+    return _standard(rec, where)

@@ -40,17 +40,23 @@ def entry_format(entry: dict, where: str, sft: bool = False) -> dict:
     if formatting not in ("alpaca", "sharegpt"):
         raise DataError(f"{where}: formatting '{formatting}' is not supported; use alpaca or sharegpt")
     ranking = bool(entry.get("ranking", False))
-    if not ranking and not sft:
-        raise DataError(f"{where}: not a preference dataset; DPO needs \"ranking\": true with chosen/rejected")
+    given = entry.get("columns", {}) or {}
+    # LLaMA-Factory's KTO data: SFT-shaped records with a boolean column saying whether the answer is desirable
+    kto_tag = None if ranking else given.get("kto_tag")
+    if not ranking and not sft and not kto_tag:
+        raise DataError(f"{where}: not a preference dataset; DPO needs \"ranking\": true with chosen/rejected "
+                        "(or KTO a kto_tag column)")
     defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
     if not ranking:  # SFT: alpaca's answer is its `response` column (LLaMA-Factory's default: output)
         defaults = {**defaults, "response": "output", "history": "history"} if formatting == "alpaca" else defaults
-    given = entry.get("columns", {}) or {}
     unknown = set(given) - set(defaults) - {"response", "images", "videos", "audios", "kto_tag"}
     if unknown:
         raise DataError(f"{where}: columns {sorted(unknown)} are not known for {formatting} ranking data "
                         f"(known: {', '.join(defaults)})")
-    for key in ("images", "videos", "audios", "kto_tag"):
+    if ranking and given.get("kto_tag"):
+        raise DataError(f"{where}: column 'kto_tag' marks single answers (KTO data) and a ranking entry has "
+                        "chosen/rejected pairs; remove one of them")
+    for key in ("images", "videos", "audios"):
         if given.get(key):
             raise DataError(f"{where}: column '{key}' is not yet supported; remove it from columns")
     tags = {**SHAREGPT_TAGS, **{k: v for k, v in (entry.get("tags") or {}).items()}}
@@ -58,7 +64,7 @@ def entry_format(entry: dict, where: str, sft: bool = False) -> dict:
     if unknown_tags:
         raise DataError(f"{where}: tags {sorted(unknown_tags)} are not known (known: {', '.join(SHAREGPT_TAGS)})")
     columns = {**defaults, **{k: v for k, v in given.items() if k in defaults}}
-    return {"formatting": formatting, "columns": columns, "tags": tags, "ranking": ranking}
+    return {"formatting": formatting, "columns": columns, "tags": tags, "ranking": ranking, "kto_tag": kto_tag}
 
 
 def entry_records(name: str, entry: Any, info_path: Path, dataset_dir: Path,

@@ -123,12 +123,37 @@ def apply_lora(model, cfg, reference_adapter: bool):
                       lora_dropout=cfg.lora_dropout, target_modules=target, use_dora=cfg.use_dora,
                       use_rslora=cfg.use_rslora, modules_to_save=split_names(cfg.additional_target) or None)
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as e:  # a target that names no module of this model
         linear = sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"lora_target / additional_target: {first}. Linear modules of this model: "
                           f"{', '.join(linear)}") from None
+    if reference_adapter:  # a moving reference (sync_ref_model) starts as a frozen copy of the new adapter
+        model.add_adapter(REFERENCE_ADAPTER, lora)
+        with torch.no_grad():
+            for reference, trained in adapter_pairs(model):
+                reference.copy_(trained)
+        model.set_adapter(TRAINED_ADAPTER)  # the trained adapter active and trainable, the copy frozen
+    return model
+
+
+def adapter_pairs(model) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """(the `reference` adapter's weight, the trained adapter's same weight) for every weight of the trained
+    adapter (lora_A, lora_B, DoRA's magnitudes, additional_target's module copies): peft names them alike but
+    for the adapter's name, e.g. `...q_proj.lora_A.default.weight` and `...q_proj.lora_A.reference.weight`."""
+    params = dict(model.named_parameters())
+    pairs = []
+    for name, param in params.items():
+        parts = name.split(".")
+        if TRAINED_ADAPTER not in parts:
+            continue
+        twin = ".".join(REFERENCE_ADAPTER if part == TRAINED_ADAPTER else part for part in parts)
+        if twin not in params or params[twin].shape != param.shape:
+            raise ModelError(f"the reference adapter has no weight {twin} of the trained adapter's shape "
+                             f"{tuple(param.shape)}: it must have the trained adapter's rank and targets")
+        pairs.append((params[twin], param))
+    return pairs
 
 
 def apply_freeze(model, cfg) -> None:

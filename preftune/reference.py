@@ -15,6 +15,12 @@
     batch's `index`; `on(split)` says which split a batch comes from. No KL then: the KL needs the
     reference's whole next-token distribution, which is not kept.
 
+A moving reference (`sync_ref_model`, TR-DPO): `sync_reference` mixes the policy's weights into the
+reference's every `ref_model_sync_steps` optimizer steps (train.py calls it), and a checkpoint holds the
+mixed reference (`Reference.save_synced`, `Reference.load_synced`). With LoRA the reference is then always
+the frozen `reference` adapter (a copy of the starting adapter, or of the new one), mixed from the trained
+adapter's own weights.
+
 Precomputed log-probs are cached in `<ref_logps_cache_dir>/<key>.safetensors`, the key a hash of
 everything that changes the numbers:
   - the reference weights. A local folder: name, size and modification time of each file in it
@@ -42,7 +48,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, split_names
+from safetensors.torch import load_file, save_file
+
+from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, adapter_pairs, split_names
+from preftune.errors import ModelError
 from preftune.cache import data_fingerprint, key_of, model_fingerprint, read_ref_logps, ref_logps_dir, write_ref_logps
 from preftune.evaluate import pair_logps
 from preftune.logps import BatchLogps, LogpsModule, get_batch_logps, model_inputs
@@ -52,6 +61,7 @@ from preftune.tokenization import TokenizedPair
 
 log = logging.getLogger("preftune")
 
+SYNCED_REFERENCE_FILE = "reference.safetensors"  # a checkpoint's moving reference (sync_ref_model)
 CACHE_FORMAT = 2  # bump when what a cache file holds, or how it is computed, changes (2: cache.data_fingerprint)
 
 
@@ -153,6 +163,46 @@ class Reference:
         return Reference(self.model, self.tables, self.chunk_size, split, self.description, self.runner,
                          self.call_head)
 
+    def synced_weights(self, policy) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, the reference's weight, the policy's weight it is mixed from) for every weight a moving
+        reference updates (`sync_reference`): a LoRA policy's `reference` adapter and its trained adapter, or
+        a separately loaded reference's weights and the policy's of the same name (all, trainable or not, as
+        TRL mixes them). Only for a live reference whose weights are its own (sync_ref_model's validation)."""
+        if isinstance(self.model, AdapterReference):
+            names = {id(p): n for n, p in self.model.policy.named_parameters()}
+            return [(names[id(ref)], ref, trained) for ref, trained in adapter_pairs(self.model.policy)]
+        own = dict(policy.named_parameters())
+        weights = []
+        for name, ref in self.model.named_parameters():
+            if name not in own or own[name].shape != ref.shape:
+                shape = f"shape {tuple(own[name].shape)}" if name in own else "no such weight"
+                raise ModelError(f"sync_ref_model: the reference's {name} {tuple(ref.shape)} has {shape} in the "
+                                 "policy; a moving reference needs the policy's architecture (ref_model of the same "
+                                 "model), or remove sync_ref_model")
+            weights.append((name, ref, own[name]))
+        return weights
+
+    def save_synced(self, policy, folder: Path) -> None:
+        """The moving reference's weights (a LoRA run: its `reference` adapter) into a checkpoint folder being
+        written: a resume continues from the reference as it was mixed, not the starting one."""
+        save_file({name: ref.detach().cpu().contiguous() for name, ref, _ in self.synced_weights(policy)},
+                  folder / SYNCED_REFERENCE_FILE)
+
+    @torch.no_grad()
+    def load_synced(self, policy, folder: Path) -> bool:
+        """The weights `save_synced` wrote in `folder` into the reference; False where the checkpoint has none
+        (written without sync_ref_model, resumed with resume_override: the reference stays the starting one)."""
+        path = folder / SYNCED_REFERENCE_FILE
+        if not path.is_file():
+            return False
+        state, weights = load_file(path), self.synced_weights(policy)
+        if set(state) != {name for name, _, _ in weights}:
+            raise ModelError(f"{path}: its weights do not match this run's reference; resume with the run's own "
+                             "model and finetuning_type")
+        for name, ref, _ in weights:
+            ref.copy_(state[name])
+        return True
+
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
               return_hidden: bool = False) -> BatchLogps | None:
@@ -167,6 +217,16 @@ class Reference:
             return self.runner(**model_inputs(batch), return_hidden=return_hidden, ld_alpha=ld_alpha)
         return get_batch_logps(self.model, **model_inputs(batch), chunk_size=self.chunk_size, return_hidden=return_hidden,
                                ld_alpha=ld_alpha, call_head=self.call_head)
+
+
+@torch.no_grad()
+def sync_reference(reference: Reference, policy, alpha: float) -> None:
+    """TR-DPO's soft update of the reference (Gorbatovski et al. 2024, "Learn Your Reference Model for Real
+    Good Alignment"): pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref_prev, weight by weight, in
+    place (TRL's SyncRefModelCallback, the same order of operations). A LoRA reference mixes the adapter's
+    weights (A and B each), not their product: its update is alpha-mixed adapter weights."""
+    for _, ref, weight in reference.synced_weights(policy):
+        ref.mul_(1.0 - alpha).add_(weight, alpha=alpha)
 
 
 def describe_precision(policy, reference: Reference, cfg) -> dict[str, str | None]:
@@ -202,17 +262,25 @@ def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None
         return _checked_policy(cfg, tokenizer, read_weights=read_policy), Reference(
             None, tables, chunk_size, description="precomputed log-probs (no model in memory)")
     adapter_off = cfg.uses_reference and cfg.finetuning_type == "lora" and not cfg.ref_model
-    starting_adapter = adapter_off and bool(cfg.adapter_name_or_path)
+    # a moving reference (sync_ref_model) needs adapter weights to mix into: a copy of the new adapter too
+    starting_adapter = adapter_off and (bool(cfg.adapter_name_or_path) or cfg.sync_ref_model)
     policy = _checked_policy(cfg, tokenizer, reference_adapter=starting_adapter, read_weights=read_policy)
     if adapter_off:
         what = "a frozen copy of its starting adapter" if starting_adapter else "its adapter off"
+        if cfg.sync_ref_model:
+            what += f", mixed from the trained one every {cfg.ref_model_sync_steps} steps (sync_ref_model)"
         return policy, Reference(AdapterReference(policy, REFERENCE_ADAPTER if starting_adapter else None),
                                  chunk_size=chunk_size, description=f"the LoRA policy with {what}")
     if not cfg.uses_reference:
         return policy, Reference()
     model, runner = _separate_reference(cfg, tokenizer, engine)
-    return policy, Reference(model, chunk_size=chunk_size, runner=runner,
-                             description=f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model")
+    what = f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model"
+    if cfg.sync_ref_model:
+        what += f", mixed from the policy every {cfg.ref_model_sync_steps} steps (sync_ref_model)"
+    reference = Reference(model, chunk_size=chunk_size, runner=runner, description=what)
+    if cfg.sync_ref_model:
+        reference.synced_weights(policy)  # a reference of another shape: refused now, not at the first update
+    return policy, reference
 
 
 # --- the reference a finished run trained against (eval, export) ---------------------------------------

@@ -38,7 +38,7 @@ from preftune.logps import LogpsModule
 from preftune.models import check_attention, load_tokenizer
 from preftune.offload import OffloadActivations
 from preftune.optim import make_optimizer, make_scheduler
-from preftune.reference import describe_precision, load_models
+from preftune.reference import describe_precision, load_models, sync_reference
 from preftune.report import MetricsLog
 from preftune.saved import model_run_config, with_run_template
 from preftune.step import STEPS
@@ -161,11 +161,17 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         check_best_model(cfg, best.step, step)
         metrics.resume(state, resume_from)
         train_step.load_state_dict(state["loss_state"])
+        if cfg.sync_ref_model and not reference.load_synced(policy, resume_from):
+            log.warning("sync_ref_model: %s holds no moving reference (its run did not sync); the reference "
+                        "restarts from the starting model", resume_from)
         log.info("resumed from %s at step %d", resume_from, step)
     # the data position: order depends only on (seed, epoch), so the steps taken say where we are
     stream = steps(*divmod(step, steps_per_epoch))
     bar = tqdm(total=total_steps, initial=step, desc=cfg.objective,
                disable=not cfg.progress_bar or not engine.is_main)
+
+    # TR-DPO (sync_ref_model): the reference moves, so checkpoints hold it (the policy's weights to save it by)
+    moving_reference = (lambda folder: reference.save_synced(policy, folder)) if cfg.sync_ref_model else None
 
     def checkpoint(step: int) -> None:  # everything the loop needs to continue after `step`
         epoch_index, step_index = divmod(step, steps_per_epoch)
@@ -174,7 +180,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
                       "loss_state": train_step.state_dict(), "log_history": metrics.history,
                       "nonfinite_steps_skipped": nonfinite.skipped, "data_fingerprint": fingerprint}
         checkpoints.save_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, step, loop_state,
-                                    running)
+                                    running, moving_reference)
     stop.armed = True
     # (activation_offloading: activations saved for the backward wait in CPU memory; docs/performance.md)
     offload = OffloadActivations(engine.unwrap(policy_logps)) if cfg.activation_offloading else contextlib.nullcontext()
@@ -216,6 +222,8 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             scheduler.step()
             for key, values in step_stats.items():
                 running.setdefault(key, []).extend(values)
+        if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:  # TR-DPO: as TRL, at the end of the step
+            sync_reference(reference, policy, cfg.ref_model_mixup_alpha)  # counted whether or not it updated
         train_seconds += time.time() - step_start
         bar.update(1)
 

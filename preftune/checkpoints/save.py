@@ -34,7 +34,7 @@ def save_now(cfg, step: int, steps_per_epoch: int) -> bool:
 
 
 def save_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, step: int, loop_state: dict,
-                    running: dict) -> None:
+                    running: dict, save_reference=None) -> None:
     """checkpoint-<step>/: everything an exact resume needs, in formats read back without unpickling.
     Every process calls this (a sharded engine gathers); the main process writes.
 
@@ -46,6 +46,8 @@ def save_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, 
         running_<process>.safetensors  each process's per-item statistics since the last logging step
         trainer_state.json        step, data position, counters, early-stopping and loss state, metrics so
                                   far, the number of processes, the engine that keeps the optimizer state
+        reference.safetensors     a moving reference's weights (sync_ref_model; a LoRA run: its reference
+                                  adapter), written by `save_reference(folder)`
 
     accelerate's save_state is not used: it pickles the RNG states (random_states_*.pkl) and would
     store the weights a second time. With save_only_model only the model, tokenizer and metrics are
@@ -55,7 +57,8 @@ def save_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, 
     dest = out / f"checkpoint-{step}"
     tmp = dest.with_name(f".{dest.name}.tmp")
     with saving(f"checkpoint-{step}", out, tmp):
-        _write_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, step, loop_state, running, dest)
+        _write_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, step, loop_state, running, dest,
+                          save_reference)
     if not engine.is_main:
         return
     replace_dir(tmp, dest)
@@ -69,7 +72,7 @@ def save_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, 
 
 
 def _write_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, step, loop_state, running,
-                      dest: Path) -> None:
+                      dest: Path, save_reference=None) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
     if engine.is_main:
         fresh_tmp_dir(dest)
@@ -86,6 +89,8 @@ def _write_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg
     if engine.is_main:
         save_weights(model, tmp, state_dict=weights)  # a LoRA policy: its trained adapter only
         tokenizer.save_pretrained(tmp)
+        if save_reference is not None and not cfg.save_only_model:  # (every process holds it whole: unsharded)
+            save_reference(tmp)
         if not cfg.save_only_model:
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
             if engine.accelerator.scaler is not None:  # fp16: the loss scale and its growth counter

@@ -98,6 +98,9 @@ class TrainConfig:
     ref_model_quantization_bit: int | None = REFERENCE(None, "Load a separately loaded reference (ref_model, or the frozen copy of full/freeze) in 4 or 8 bits (CUDA GPU).")
     ref_model_adapters: str | None = REFERENCE(None, "Comma list of LoRA adapters merged into ref_model.")
     precompute_ref_log_probs: bool = REFERENCE(False, "Run the reference once over the training and validation pairs before training, cache its log-probs on disk and free it: no reference model in memory while training. No KL columns (kl_per_token, kl_per_sequence and their eval_) then; not with pref_loss: kto.")
+    sync_ref_model: bool = REFERENCE(False, "TR-DPO (Gorbatovski et al. 2024, TRL's key): every ref_model_sync_steps optimizer steps the reference is soft-updated from the policy, ref = alpha * policy + (1 - alpha) * ref with alpha = ref_model_mixup_alpha (after the step's update, before its evaluation and checkpoint; checkpoints hold the updated reference). LoRA: the reference is a second, frozen adapter, mixed from the trained one. Not with precompute_ref_log_probs, a reference-free loss, ref_model with LoRA, ref_model_quantization_bit, fsdp or ZeRO-3.")
+    ref_model_mixup_alpha: float = REFERENCE(0.6, "sync_ref_model: alpha, the policy's share in ref = alpha * policy + (1 - alpha) * ref (1: the reference becomes the policy). TRL's default 0.6.")
+    ref_model_sync_steps: int = REFERENCE(512, "sync_ref_model: tau, the reference is updated after every optimizer step whose number (1-based) is a multiple of it. TRL's default 512.")
 
     # --- the objective: stage, preference loss and its hyperparameters (docs/losses.md) ---
     stage: str = OBJECTIVE("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference); LLaMA-Factory's kto means pref_loss: kto.", ("dpo", "sft"))

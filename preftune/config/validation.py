@@ -33,6 +33,7 @@ BOUNDS: dict[str, str] = {
     "pref_beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "discopop_tau": "(0, inf)", "simpo_gamma": "[0, inf)",
     "pref_bco_weight": "[0, inf)", "pref_ftx": "[0, inf)", "kto_chosen_weight": "[0, inf)",
     "kto_rejected_weight": "[0, inf)", "f_alpha_divergence_coef": "(-inf, inf)", "ld_alpha": "[0, 1]",
+    "ref_model_mixup_alpha": "(0, 1]", "ref_model_sync_steps": "[1, inf)",
     # data
     "val_size": "[0, inf)", "max_samples": "[1, inf)", "cutoff_len": "[2, inf)", "max_prompt_length": "[1, inf)",
     "preprocessing_num_workers": "[1, inf)",
@@ -58,7 +59,8 @@ BOUND_NOTES = {"max_steps": "-1 or 0: num_train_epochs decides", "val_size": "a 
                "seed": "numpy's seed range", "learning_rate": "fine-tuning uses about 1e-6 to 1e-4",
                "max_grad_norm": "0 turns clipping off",
                "label_smoothing": "a share of flipped labels; robust divides by 1 - 2 * label_smoothing",
-               "ld_alpha": "the weight of the tokens beyond the shorter completion"}
+               "ld_alpha": "the weight of the tokens beyond the shorter completion",
+               "ref_model_mixup_alpha": "the policy's share of the updated reference"}
 
 
 def _parse_interval(text: str) -> tuple[float, float, bool, bool]:
@@ -166,9 +168,34 @@ def _validate_losses(cfg: TrainConfig) -> None:
     if cfg.precompute_ref_log_probs and not cfg.uses_reference:
         bad(f"precompute_ref_log_probs: pref_loss {cfg.pref_loss} is reference-free and has no reference to "
             "precompute; remove precompute_ref_log_probs")
+    _validate_sync_ref_model(cfg)
     if cfg.pref_bco_weight > 0 and not cfg.uses_reference:
         bad(f"pref_bco_weight: BCO needs the reference and pref_loss {cfg.pref_loss} is reference-free "
             "(LLaMA-Factory ignores it there); set it to 0")
+
+
+def _validate_sync_ref_model(cfg: TrainConfig) -> None:
+    """TR-DPO's moving reference (reference.sync_reference): there must be a live reference whose weights can mix."""
+    if not cfg.sync_ref_model:
+        for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+            if vars(cfg)[key] != FIELDS[key].default:
+                _warn_once(f"{key}: used only with sync_ref_model: true, so it changes nothing")
+        return
+    why = None
+    if not cfg.uses_reference:
+        why = (f"pref_loss {cfg.pref_loss} is reference-free (stage {cfg.stage}): there is no reference to update; "
+               "remove sync_ref_model")
+    elif cfg.precompute_ref_log_probs:
+        why = ("precompute_ref_log_probs scores the reference once, before training, and a moving reference "
+               "makes those log-probs stale; remove one of the two")
+    elif cfg.ref_model_quantization_bit:
+        why = ("a 4/8-bit reference (ref_model_quantization_bit) cannot take the policy's weights mixed in; "
+               "remove ref_model_quantization_bit")
+    elif cfg.finetuning_type == "lora" and cfg.ref_model:
+        why = ("with LoRA the reference is a second adapter mixed from the trained one, and ref_model loads a "
+               "separate model instead; remove ref_model")
+    if why:
+        raise ConfigError(f"sync_ref_model: {why}")
 
 
 def _validate_data_and_schedule(cfg: TrainConfig) -> None:

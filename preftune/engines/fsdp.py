@@ -102,6 +102,10 @@ def check(cfg) -> None:
     if cfg.generate_during_eval:
         raise ConfigError("fsdp: generate_during_eval samples on the main process alone, which a sharded model "
                           "cannot do; set generate_during_eval: 0")
+    if cfg.sync_ref_model:  # each mix would gather both models' shards, and each checkpoint the reference's
+        raise ConfigError("fsdp: sync_ref_model is not combined with sharding yet (the reference's update and its "
+                          "checkpoint need both models' weights whole); unset fsdp (DDP, ZeRO-1/2 run it) or "
+                          "sync_ref_model")
 
 
 class FSDP2(OneProcess):

@@ -123,6 +123,10 @@ def check(cfg, settings: dict | None) -> None:
     if cfg.generate_during_eval and settings["stage"] == 3:
         raise ConfigError("deepspeed: generate_during_eval samples on the main process alone, which a ZeRO-3 "
                           "model cannot do; set generate_during_eval: 0")
+    if cfg.sync_ref_model and settings["stage"] == 3:  # each mix would gather both models' partitions
+        raise ConfigError("deepspeed: sync_ref_model is not combined with ZeRO-3 yet (the reference's update and "
+                          "its checkpoint need both models' weights whole); use ZeRO-2 (ds_z2_config.json), or "
+                          "unset sync_ref_model")
 
 
 def _fill(config: dict, key: str, value, source: str) -> None:

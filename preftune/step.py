@@ -90,7 +90,9 @@ class PreferenceStep:
         if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
         elif cfg.prefix_sharing:  # one row per pair, the prompt run once: the same numbers, fewer tokens
-            self.collate = collate_shared
+            self.collate = functools.partial(collate_shared, multiple=cfg.pad_to_multiple_of)
+        elif cfg.pad_to_multiple_of:  # wider rows, the same numbers
+            self.collate = functools.partial(collate, multiple=cfg.pad_to_multiple_of)
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
@@ -163,6 +165,8 @@ class UnpairedStep:
 
     def __init__(self, cfg, engine=None):
         self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
+        if cfg.pad_to_multiple_of:
+            self.collate = functools.partial(collate_unpaired, multiple=cfg.pad_to_multiple_of)
 
     @staticmethod
     def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
@@ -216,13 +220,14 @@ class SFTStep:
 
     def __init__(self, cfg, engine=None):
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
+        self.multiple = cfg.pad_to_multiple_of
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
     def collate(self, pairs, pad_token_id, index=None):
-        return collate_chosen(pairs, pad_token_id, index, self.padding_free)
+        return collate_chosen(pairs, pad_token_id, index, self.padding_free, self.multiple)
 
     @staticmethod
     def length(pair) -> int:

@@ -59,6 +59,18 @@ def _kl(policy_logps, reference, policy_out, reference_out, max_tokens, engine) 
     return kl_metrics(total.item(), scored, policy_out.lengths)
 
 
+def token_stats(out, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's logits/chosen, logits/rejected (the mean logit over the vocabulary) and entropy (of the
+    next-token distribution) at the completion tokens, as one value per token, (N,): the loop's mean over
+    a statistic's values is then TRL's mean over tokens. chosen: (R,) bool, which sequences are chosen
+    (desirable). Absent where the pass gives none (Liger's fused loss never forms the logits)."""
+    if out.entropy is None:
+        return {}
+    chosen = chosen[out.rows]  # (N,)
+    return {"logits/chosen": out.mean_logits[chosen], "logits/rejected": out.mean_logits[~chosen],
+            "entropy": out.entropy}
+
+
 class PreferenceStep:
     """dpo: B preference pairs, collated as 2B rows [chosen; rejected], scored in one policy forward.
 
@@ -113,7 +125,7 @@ class PreferenceStep:
                                 reference_logps=reference_out.logps)
         else:
             policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha,
-                                wpo=self.use_weighting)
+                                wpo=self.use_weighting, token_stats=True)
             reference_out = reference.logps(batch, ld_alpha=self.ld_alpha, return_hidden=kl)
         B = policy_out.logps.size(0) // 2
         policy_chosen_logps, policy_rejected_logps = policy_out.logps[:B], policy_out.logps[B:]  # (B,) each
@@ -139,6 +151,7 @@ class PreferenceStep:
             "logps/chosen": policy_chosen_logps.detach(),  # summed over completion tokens
             "logps/rejected": policy_rejected_logps.detach(),
             "nll_loss": chosen_nll(policy_chosen_logps.detach(), chosen_lengths),  # per chosen token, TRL's CPO/ORPO name
+            **token_stats(policy_out, torch.arange(2 * B, device=policy_out.logps.device) < B),  # [chosen; rejected]
         }
         kl_stats = _kl(policy, reference, policy_out, reference_out, kl_max_tokens,
                        self.engine) if kl else None
@@ -181,7 +194,7 @@ class UnpairedStep:
         examples, mismatched = {k: batch[k] for k in ROWS}, {k: batch[f"kl_{k}"] for k in ROWS}
         labels = batch["labels"]  # (B,) bool, True = desirable
         kl = kl and reference.model is not None
-        policy_out = policy(**examples, return_hidden=kl)
+        policy_out = policy(**examples, return_hidden=kl, token_stats=True)
         policy_logps, lengths = policy_out.logps, policy_out.lengths  # (B,), (B,)
         with torch.no_grad():
             policy_kl_logps = policy(**mismatched).logps
@@ -189,7 +202,7 @@ class UnpairedStep:
         reference_kl_logps = reference.logps(mismatched).logps
         losses, rewards, z_ref = self.loss(policy_logps, reference_out.logps, policy_kl_logps, reference_kl_logps,
                                            labels, self.beta)
-        stats = {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels))}
+        stats = {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels)), **token_stats(policy_out, labels)}
         for side, mask in (("chosen", labels), ("rejected", ~labels)):
             if mask.any():
                 stats[f"rewards/{side}"] = rewards[mask]

@@ -125,3 +125,30 @@ def test_model_init_kwargs_reach_from_pretrained(tiny_model_dir):
     cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "model_init_kwargs": {"use_cache": False}})
     assert load_model(str(tiny_model_dir), cfg).config.use_cache is False
     assert load_model(str(tiny_model_dir), from_dict({"model_name_or_path": str(tiny_model_dir)})).config.use_cache
+
+
+def test_logits_and_entropy_metrics_equal_trls(pairs, tiny_tokenizer, tiny_model_dir):
+    """logits/chosen, logits/rejected and entropy of a step equal TRL 1.16's: its fused LM head's per-token
+    mean_logits and entropy on the same model and rows, reduced as DPOTrainer reduces them."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from preftune.reference import Reference
+    from preftune.step import LogpsModule, PreferenceStep
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    batch = collate(pairs, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        stats = PreferenceStep(from_dict({}))(LogpsModule(model, 7), Reference(model, chunk_size=7), batch).stats
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    fused_lm_head=True)
+    mask = batch["completion_mask"][:, 1:]  # DPOTrainer's shift_completion_mask
+    chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+    chosen_mean_logits, rejected_mean_logits = out.mean_logits.chunk(2, dim=0)
+    trl = {"entropy": (out.entropy * mask).sum() / mask.sum(),
+           "logits/chosen": chosen_mean_logits[chosen_mask.bool()].sum() / chosen_mask.sum(),
+           "logits/rejected": rejected_mean_logits[rejected_mask.bool()].sum() / rejected_mask.sum()}
+    for key, value in trl.items():
+        torch.testing.assert_close(stats[key].mean(), value, atol=1e-5, rtol=1e-5, msg=key)
+    assert stats["entropy"].numel() == int(mask.sum()) and 0 < float(stats["entropy"].mean()) < 6  # log(400) = 6.0

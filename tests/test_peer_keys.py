@@ -71,7 +71,7 @@ def test_a_run_reads_its_entries_mixed_and_with_the_default_system(two_files):
     ({"dataset": "a,b", "eval_dataset": "c,d,e", "mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5"},
      r"eval_dataset has 3 entries"),
     ({"dataset": "a", "mix_strategy": "interleave"}, r"^mix_strategy: unknown value 'interleave'"),
-    ({"stage": "sft", "mask_history": False}, r"^mask_history: false trains LLaMA-Factory's sft on every assistant turn"),
+    ({"stage": "sft", "mask_history": False}, r"^mask_history: false trains LLaMA-Factory's sft on every assistant"),
     ({"pad_to_multiple_of": 8, "padding_free": True}, r"^pad_to_multiple_of: padding_free"),
     ({"pad_to_multiple_of": 0}, r"^pad_to_multiple_of must be at least 1"),
     ({"model_init_kwargs": {"dtype": "bfloat16"}}, r"^model_init_kwargs: dtype is set by preftune from torch_dtype"),

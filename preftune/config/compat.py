@@ -1,7 +1,8 @@
 """Other tools' ways of writing a config: TRL's and other common key names (`ALIASES`), values that
 are translated rather than renamed (accelerate's `mixed_precision`, TrainingArguments'
 `resume_from_checkpoint: true`, ...), and the keys of LLaMA-Factory and transformers' TrainingArguments
-that preftune does not honour (`NOT_HONOURED`), accepted at the values where they change nothing.
+that preftune does not honour (`NOT_HONOURED`), accepted at the values where they change nothing,
+and the few accepted at any value because what they tune is not a step preftune has (`INERT`).
 docs/config.md lists the aliases, docs/llamafactory-keys.md the keys not honoured.
 """
 
@@ -40,8 +41,10 @@ ALIASES: dict[str, str] = {
 SPECIAL = ("mixed_precision",)
 
 _TEXT_ONLY = "images and videos are not supported: preftune trains text-only causal language models"
-_OPTIMIZER = "the optimizer is optim (AdamW, Adafactor, SGD, bitsandbytes' 8-bit AdamW); other optimizers are not built in"
-_SFT_LOSS = "preftune sft minimises the negative log-likelihood of the completion tokens; other SFT losses are not built in"
+_OPTIMIZER = ("the optimizer is optim (AdamW, Adafactor, SGD, bitsandbytes' 8-bit AdamW); other optimizers are not "
+              "built in")
+_SFT_LOSS = ("preftune sft minimises the negative log-likelihood of the completion tokens; other SFT losses are not "
+             "built in")
 _MEGATRON = ("preftune runs on accelerate's engines (DDP, FSDP2, DeepSpeed ZeRO), not Megatron; shard with fsdp: "
              "full_shard or a ZeRO-3 deepspeed config (docs/distributed.md)")
 _ONE_PROCESS_GROUP = ("preftune trains on several processes through accelerate launch / torchrun "
@@ -179,8 +182,8 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
     **{key: ((None, False), "SwanLab is not a tracker here; report_to takes tensorboard, wandb, mlflow, trackio")
        for key in ("use_swanlab",)},
     **{key: ((None, default), "SwanLab is not a tracker here; report_to takes tensorboard, wandb, mlflow, trackio")
-       for key, default in (("swanlab_project", "llamafactory"), ("swanlab_workspace", None), ("swanlab_run_name", None),
-                            ("swanlab_mode", "cloud"), ("swanlab_api_key", None), ("swanlab_logdir", None),
+       for key, default in (("swanlab_project", "llamafactory"), ("swanlab_workspace", None),
+                            ("swanlab_run_name", None), ("swanlab_mode", "cloud"), ("swanlab_api_key", None), ("swanlab_logdir", None),
                             ("swanlab_lark_webhook_url", None), ("swanlab_lark_secret", None))},
     # LLaMA-Factory's model arguments
     "adapter_folder": ((None,), "name each adapter folder in adapter_name_or_path (a comma list)"),
@@ -199,7 +202,8 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
     "low_cpu_mem_usage": ((None, True, False), "transformers loads weights without a second copy in memory"),
     "shift_attn": ((None, False), "LongLoRA's shifted sparse attention is not built in"),
     "mixture_of_depths": ((None,), "mixture-of-depths conversion is not built in"),
-    "use_unsloth": ((None, False), "Unsloth's kernels are not used; enable_liger_kernel fuses the LM head and the loss"),
+    "use_unsloth": ((None, False), "Unsloth's kernels are not used; enable_liger_kernel fuses the LM head and the "
+                                   "loss"),
     "use_unsloth_gc": ((None, False), "Unsloth's gradient checkpointing is not used; use gradient_checkpointing: true"),
     "disable_gradient_checkpointing": ((None, True), "gradient checkpointing is off unless gradient_checkpointing: "
                                                      "true (LLaMA-Factory turns it on by default)"),

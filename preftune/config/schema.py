@@ -75,7 +75,7 @@ class TrainConfig:
     trust_remote_code: bool = MODEL(False, "Allow model code from the model's repository (off unless you trust it).")
     torch_dtype: str = MODEL("auto", "dtype the weights are loaded in (auto: as the checkpoint stores them; bfloat16 with pure_bf16). Trainable weights are then held in float32 unless pure_bf16.", TORCH_DTYPES)
     attn_implementation: str | None = MODEL(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
-    model_init_kwargs: dict[str, Any] | None = MODEL(None, "Extra keyword arguments of from_pretrained for the policy and a reference loaded from a path (TRL's key), e.g. {revision: main, low_cpu_mem_usage: true}. Keys preftune sets itself from other keys are refused here: torch_dtype/dtype (torch_dtype), attn_implementation (attn_implementation, flash_attn), quantization_config (quantization_bit), trust_remote_code, device_map.")
+    model_init_kwargs: dict[str, Any] | None = MODEL(None, "Extra keyword arguments of from_pretrained for the policy and a reference loaded from a path (TRL's key), e.g. {revision: v1.0, use_cache: false}. Keys preftune sets itself from other keys are refused here: torch_dtype/dtype (torch_dtype), attn_implementation (attn_implementation, flash_attn), quantization_config (quantization_bit), trust_remote_code, device_map.")
     flash_attn: str = MODEL("auto", "LLaMA-Factory's attention key, another way to set attn_implementation: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2: needs the flash-attn package and a CUDA GPU).", tuple(FLASH_ATTN))
 
     # --- what is trained: full, freeze, LoRA, QLoRA (LLaMA-Factory names and semantics; preftune/adapters.py) ---

@@ -8,9 +8,10 @@
 A dataset entry is a name in `<dataset_dir>/dataset_info.json` (registry.py), a file (readers.py),
 a `datasets` folder (`:split`), or a hub id (`owner/name:split`). `max_samples` keeps the first
 records of each entry; `mix_strategy` mixes the entries of a comma list (`mix`; interleave_under
-leaves examples out, said in the log); `default_system` fills in missing system prompts; `shuffle` shuffles the training examples with `seed` before `val_size` holds
-some out; chosen == rejected fails, or is skipped and counted with drop_invalid_pairs. Nothing is
-dropped silently: skips are counted in `DataReport`.
+leaves examples out, said in the log); `default_system` fills in missing system prompts; `shuffle`
+shuffles the training examples with `seed` before `val_size` holds some out; chosen == rejected
+fails, or is skipped and counted with drop_invalid_pairs. Nothing is dropped silently: skips are
+counted in `DataReport`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ business. A step's loss may keep running state (BCO's reward shift); `state_dict
 `load_state_dict` carry it through checkpoints. A new objective is one more class and one more entry
 of `STEPS`. The run's engine (engines/) is handed in for the KL: it finds the log-prob module inside its
 wrapper and gathers the LM heads of sharded models (None: one process, nothing wrapped or sharded).
+
+kl=True asks for what a logged row adds to the loss's statistics, on the batches the loop logs (the
+logging step's last micro-batch; every evaluation batch): the KL to the reference, and TRL's
+logits/chosen, logits/rejected and entropy (`token_stats`; the extra passes over the logits cost
+about a quarter of the LM head's time on the CPU, so not every micro-batch pays them).
 """
 
 from __future__ import annotations
@@ -75,9 +80,9 @@ class PreferenceStep:
     """dpo: B preference pairs, collated as 2B rows [chosen; rejected], scored in one policy forward.
 
     `reference.logps` gives the reference's log-probs (a live forward, or precomputed ones; None for a
-    reference-free loss, which the loss then ignores). With kl=True and a reference model, also the
-    KL to the reference from the hidden states both passes already produced (`kl_max_tokens`: an
-    evenly spaced subset, for training rows).
+    reference-free loss, which the loss then ignores). With kl=True, the token statistics
+    (`token_stats`), and with a reference model also the KL to the reference from the hidden states
+    both passes already produced (`kl_max_tokens`: an evenly spaced subset, for training rows).
 
     ld_alpha (LD-DPO) down-weights, in policy and reference log-probs alike, each pair's tokens beyond
     its shorter completion; use_weighting (WPO) multiplies each pair's loss by the policy's detached
@@ -116,7 +121,7 @@ class PreferenceStep:
         return len(pair.chosen_ids) + len(pair.rejected_ids)
 
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
-        kl = kl and reference.model is not None
+        logged, kl = kl, kl and reference.model is not None
         # Liger computes gradients in its forward pass: only worth it (and only used) where there are any
         fused = self.fused if torch.is_grad_enabled() else None
         if fused is not None:  # Liger's loss takes the reference's log-probs: they come first
@@ -125,7 +130,7 @@ class PreferenceStep:
                                 reference_logps=reference_out.logps)
         else:
             policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha,
-                                wpo=self.use_weighting, token_stats=True)
+                                wpo=self.use_weighting, token_stats=logged)
             reference_out = reference.logps(batch, ld_alpha=self.ld_alpha, return_hidden=kl)
         B = policy_out.logps.size(0) // 2
         policy_chosen_logps, policy_rejected_logps = policy_out.logps[:B], policy_out.logps[B:]  # (B,) each
@@ -193,8 +198,8 @@ class UnpairedStep:
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
         examples, mismatched = {k: batch[k] for k in ROWS}, {k: batch[f"kl_{k}"] for k in ROWS}
         labels = batch["labels"]  # (B,) bool, True = desirable
-        kl = kl and reference.model is not None
-        policy_out = policy(**examples, return_hidden=kl, token_stats=True)
+        logged, kl = kl, kl and reference.model is not None
+        policy_out = policy(**examples, return_hidden=kl, token_stats=logged)
         policy_logps, lengths = policy_out.logps, policy_out.lengths  # (B,), (B,)
         with torch.no_grad():
             policy_kl_logps = policy(**mismatched).logps

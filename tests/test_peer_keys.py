@@ -89,6 +89,7 @@ def test_mask_history_true_and_dpo_false_load():
     assert from_dict({"stage": "sft", "mask_history": True}).mask_history is True
     assert from_dict({"mask_history": False}).mask_history is False  # dpo: the history is the prompt either way
     assert from_dict({"dataset_num_proc": 4}).preprocessing_num_workers == 4  # TRL's spelling
+    assert from_dict({"pad_to_multiple_of": "auto"}).pad_to_multiple_of is None  # TRL's default: none off Neuron
     assert from_dict({"streaming": False, "tool_format": None, "buffer_size": 16384}).mix_strategy == "concat"
 
 
@@ -137,8 +138,10 @@ def test_logits_and_entropy_metrics_equal_trls(pairs, tiny_tokenizer, tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
     batch = collate(pairs, tiny_tokenizer.pad_token_id)
+    step, policy, reference = PreferenceStep(from_dict({})), LogpsModule(model, 7), Reference(model, chunk_size=7)
     with torch.no_grad():
-        stats = PreferenceStep(from_dict({}))(LogpsModule(model, 7), Reference(model, chunk_size=7), batch).stats
+        assert "entropy" not in step(policy, reference, batch).stats  # only on the batches a row logs (kl=True)
+        stats = step(policy, reference, batch, kl=True).stats
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,

@@ -252,6 +252,8 @@ def plain_value(key: str, value: Any) -> Any:
         value = "no"  # YAML 1.1 reads a bare `no` as false: for a key whose values include "no", it meant "no"
     if key == "report_to" and value is None:
         value = "none"
+    if key == "pad_to_multiple_of" and value == "auto":
+        value = None  # TRL's default: a multiple of 128 on Neuron (which preftune does not run on), else none
     if key == "deepspeed" and (value is None or str(value).strip().lower() == "none"):
         value = ""  # LLaMA-Factory's way of saying no DeepSpeed
     if key == "metric_for_best_model" and isinstance(value, str) and (value == "kl" or value.endswith("_kl")):

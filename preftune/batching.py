@@ -10,16 +10,23 @@ import torch
 from preftune.tokenization import TokenizedExample, TokenizedPair
 
 
-def collate(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None) -> dict[str, torch.Tensor]:
+def collate(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None,
+            multiple: int | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> input_ids, attention_mask, completion_mask, each (2B, T), right-padded.
 
     Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected (the convention of
-    `logps.get_batch_logps`). T is the longest sequence in this batch, not cutoff_len.
+    `logps.get_batch_logps`). T is the longest sequence in this batch, not cutoff_len, rounded up to
+    a multiple of `multiple` (pad_to_multiple_of) when given.
     With `index` (the pairs' positions in their split), also index (B,): a precomputed
     reference (`reference.Reference`) looks its log-probs up by it.
     """
     seqs = [(p.chosen_ids, p.chosen_start) for p in pairs] + [(p.rejected_ids, p.rejected_start) for p in pairs]
-    return _with_index(_pad(seqs, pad_token_id), index)
+    return _with_index(_pad(seqs, pad_token_id, multiple=multiple), index)
+
+
+def round_up(width: int, multiple: int | None) -> int:
+    """pad_to_multiple_of: `width` rounded up to a multiple of `multiple` (None: unchanged)."""
+    return -(-width // multiple) * multiple if multiple else width
 
 
 def _with_index(batch: dict[str, torch.Tensor], index: list[int] | None) -> dict[str, torch.Tensor]:
@@ -29,11 +36,11 @@ def _with_index(batch: dict[str, torch.Tensor], index: list[int] | None) -> dict
 
 
 def collate_chosen(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None,
-                   padding_free: bool = False) -> dict[str, torch.Tensor]:
+                   padding_free: bool = False, multiple: int | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> their B prompt+chosen sequences (SFT: the chosen side is the example), padded as
     `collate` pads (B, T), or packed as `collate_packed` packs (1, N) with padding_free."""
     seqs = [(p.chosen_ids, p.chosen_start) for p in pairs]
-    return _with_index(_packed(seqs) if padding_free else _pad(seqs, pad_token_id), index)
+    return _with_index(_packed(seqs) if padding_free else _pad(seqs, pad_token_id, multiple=multiple), index)
 
 
 def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -47,7 +54,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, index: list[in
 
 
 def collate_shared(pairs: list[TokenizedPair], pad_token_id: int,
-                   index: list[int] | None = None) -> dict[str, torch.Tensor]:
+                   index: list[int] | None = None, multiple: int | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> one row per pair, [shared prompt | chosen tail | rejected tail] (prefix sharing): the
     prompt is run once for both completions. The shared part is the longest common prefix of the two
     sequences within the prompt (the whole prompt unless the tokenizer merged across the boundary
@@ -69,6 +76,7 @@ def collate_shared(pairs: list[TokenizedPair], pad_token_id: int,
             k += 1
         layouts.append((k, p.chosen_ids[k:], p.rejected_ids[k:]))
         width = max(width, len(p.chosen_ids) + len(p.rejected_ids) - k)
+    width = round_up(width, multiple)
     B = len(pairs)
     input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((B, width), dtype=torch.long)
@@ -109,9 +117,11 @@ def _packed(seqs: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
     }
 
 
-def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
-    """(ids, completion start) rows -> input_ids, attention_mask, completion_mask, right-padded to width."""
-    width = width or max(len(ids) for ids, _ in seqs)
+def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None = None,
+         multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """(ids, completion start) rows -> input_ids, attention_mask, completion_mask, right-padded to width
+    (default: the longest row, rounded up to `multiple`)."""
+    width = width or round_up(max(len(ids) for ids, _ in seqs), multiple)
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -123,7 +133,7 @@ def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None
 
 
 def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
-                     index: list[int] | None = None) -> dict[str, torch.Tensor]:
+                     index: list[int] | None = None, multiple: int | None = None) -> dict[str, torch.Tensor]:
     """B unpaired (KTO) examples -> input_ids, attention_mask, completion_mask (B, T), labels (B,) bool,
     and kl_input_ids, kl_attention_mask, kl_completion_mask (B, T): the mismatched pairs of KTO's KL
     baseline, example i's prompt with the completion of the nearest earlier example (cyclically) whose
@@ -133,9 +143,10 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
     not a mismatched pair. A batch with a single prompt (per_device_train_batch_size: 1, as LLaMA-Factory's
     KTO example; a trailing batch of one) takes each example's `kl_completion`, its neighbour's in the data
     (LLaMA-Factory's mismatched pairs), and only without one falls back to the rotation. KL rows are cut
-    to T tokens so they cost no more than the batch. `index` as for `collate`.
+    to T tokens so they cost no more than the batch. `index` and `multiple` as for `collate`.
     """
-    width = max(len(e.ids) for e in examples)
+    longest = max(len(e.ids) for e in examples)
+    width = round_up(longest, multiple)
     out = _pad([(e.ids, e.start) for e in examples], pad_token_id, width)
     prompts = [e.ids[:e.start] for e in examples]
 
@@ -151,7 +162,7 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
 
     mismatched = []
     for i, e in enumerate(examples):
-        mismatched.append(((prompts[i] + partner(i))[:width], e.start))
+        mismatched.append(((prompts[i] + partner(i))[:longest], e.start))  # cut as without multiple
     out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, width).items()})
     out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return _with_index(out, index)

@@ -46,6 +46,11 @@ class BatchLogps(NamedTuple):
     hidden: torch.Tensor | None = None  # (N, H) detached hidden states at the N scored positions (return_hidden)
     wpo_weights: torch.Tensor | None = None  # (R,) WPO's per-sequence weights, detached (wpo)
     fused_loss: torch.Tensor | None = None  # () Liger's loss, the mean over the B pairs, with its gradient (fused)
+    # (token_stats) per scored token, detached: the mean of its logits over the vocabulary, (N,), the entropy
+    # of its next-token distribution, (N,), and the sequence it belongs to, (N,) (TRL's logits/* and entropy)
+    mean_logits: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 class FusedDPO(NamedTuple):
@@ -88,15 +93,22 @@ def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | Non
 
 
 def _lm_head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   softcap: float | None, wpo: bool = False, call_head: bool = False):
-    """log p(target) for each row of hidden: (N, H), (N,) -> (N,). With wpo, also log sum_v p_v^2,
-    (N,), the log-prob of the token the policy itself would most likely agree on (WPO's normaliser)."""
+                   softcap: float | None, wpo: bool = False, call_head: bool = False, token_stats: bool = False):
+    """log p(target) for each row of hidden: (N, H), (N,) -> (N,). With wpo or token_stats, a tuple of
+    it and three detached (N,) tensors or None: with wpo log sum_v p_v^2, the log-prob of the token the
+    policy itself would most likely agree on (WPO's normaliser); with token_stats the mean logit over
+    the vocabulary and the entropy -sum_v p_v log p_v = log Z - sum_v p_v z_v, from the same logits
+    (elementwise passes over them: cheap beside the LM head's matmul)."""
     logits = _logits(lm_head, hidden, softcap, call_head)
     log_z = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
-    if not wpo:
+    if not (wpo or token_stats):
         return logps
-    return logps, (torch.logsumexp(2 * logits, dim=-1) - 2 * log_z).detach()
+    with torch.no_grad():
+        log_sum_sq = torch.logsumexp(2 * logits, dim=-1) - 2 * log_z if wpo else None
+        mean_logits = logits.mean(dim=-1) if token_stats else None
+        entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1) if token_stats else None
+    return logps, log_sum_sq, mean_logits, entropy
 
 
 def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None):
@@ -154,7 +166,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     chunk_size: int = 1024, return_hidden: bool = False, ld_alpha: float | None = None,
                     wpo: bool = False, position_ids: torch.Tensor | None = None,
                     sequence_lengths: torch.Tensor | None = None, score_index: torch.Tensor | None = None,
-                    score_rows: torch.Tensor | None = None, call_head: bool = False):
+                    score_rows: torch.Tensor | None = None, call_head: bool = False, token_stats: bool = False):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
@@ -173,7 +185,9 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     computed from the same chunked LM head (log sum p^2 = logsumexp(2 logits) - 2 logsumexp(logits)).
     call_head: the LM head's weight is read only by calling the module (`LogpsModule.call_head`).
-    Returns a `BatchLogps`; hidden and wpo_weights are None unless asked for.
+    With token_stats, also each scored token's mean logit and entropy, and its sequence, (N,) each
+    (TRL's logits/chosen, logits/rejected and entropy metrics).
+    Returns a `BatchLogps`; hidden, wpo_weights and the token stats are None unless asked for.
     """
     if score_index is not None:
         hidden, targets = _shared_hidden(model, input_ids, attention_mask, position_ids, score_index)
@@ -186,13 +200,17 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     for i in range(0, hidden.size(0), chunk_size):
         h, t = hidden[i:i + chunk_size], targets[i:i + chunk_size]
         if recompute:
-            pieces.append(checkpoint(_lm_head_logps, lm_head, h, t, softcap, wpo, call_head, use_reentrant=False))
+            pieces.append(checkpoint(_lm_head_logps, lm_head, h, t, softcap, wpo, call_head, token_stats,
+                                     use_reentrant=False))
         else:
-            pieces.append(_lm_head_logps(lm_head, h, t, softcap, wpo, call_head))
+            pieces.append(_lm_head_logps(lm_head, h, t, softcap, wpo, call_head, token_stats))
     empty = hidden.new_zeros(0, dtype=torch.float32)
-    if wpo:
-        log_sum_sq = torch.cat([p[1] for p in pieces]) if pieces else empty  # (N,)
-        pieces = [p[0] for p in pieces]
+    log_sum_sq = mean_logits = entropy = None  # (N,) each, where asked for
+    if wpo or token_stats:
+        columns = list(zip(*pieces)) if pieces else [()] * 4  # logps, log_sum_sq, mean_logits, entropy per chunk
+        log_sum_sq, mean_logits, entropy = ((torch.cat(col) if col else empty) if asked else None
+                                            for col, asked in zip(columns[1:], (wpo, token_stats, token_stats)))
+        pieces = list(columns[0])
     token_logps = torch.cat(pieces) if pieces else empty  # (N,)
     if score_index is not None:  # prefix sharing: B rows hold 2B sequences
         rows, n = score_rows, 2 * input_ids.size(0)
@@ -207,7 +225,8 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         aligned = token_logps.detach() - log_sum_sq  # (N,)
         mean_aligned = token_logps.new_zeros(n).index_add(0, rows, aligned) / lengths.clamp(min=1)
         wpo_weights = torch.exp(mean_aligned)
-    return BatchLogps(logps, lengths, hidden.detach() if return_hidden else None, wpo_weights)
+    return BatchLogps(logps, lengths, hidden.detach() if return_hidden else None, wpo_weights, None, mean_logits,
+                      entropy, rows if token_stats else None)
 
 
 @torch.no_grad()
@@ -341,11 +360,11 @@ class LogpsModule(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
                 position_ids=None, sequence_lengths=None, score_index=None, score_rows=None, fused=None,
-                reference_logps=None):
+                reference_logps=None, token_stats=False):
         if fused is not None:  # enable_liger_kernel, while training
             return fused_dpo_logps(self.model, input_ids, attention_mask, completion_mask, reference_logps, fused,
                                    self.chunk_size, return_hidden)
         return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
                                return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
                                sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows,
-                               call_head=self.call_head)
+                               call_head=self.call_head, token_stats=token_stats)

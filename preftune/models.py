@@ -100,6 +100,8 @@ def whole_load_reason(name: str, cfg, what: str = "model_name_or_path") -> str |
     policy = what == "model_name_or_path"
     if cfg.quantization_bit if policy else cfg.ref_model_quantization_bit:
         return "it is quantized as it loads"
+    if cfg.model_init_kwargs:
+        return "model_init_kwargs are from_pretrained's"
     if load_dtype(cfg) != "auto":
         return None
     try:
@@ -118,8 +120,8 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
     check_attention(cfg)
     kwargs = _load_kwargs(cfg, policy=what == "model_name_or_path")
     try:
-        if read_weights:
-            return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs, **(cfg.model_init_kwargs or {}))
         return empty_model(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code), kwargs)
     except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None

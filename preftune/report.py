@@ -32,6 +32,11 @@ METRIC_NOTES = {
                                           "reference-free losses (simpo, orpo): beta * log pi_theta(y|x) / |y|",
     "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; a tie counts 0.5",
     "rewards/margins": "rewards/chosen - rewards/rejected",
+    "logits/chosen, logits/rejected": "the policy's logits averaged over the vocabulary, then over the chosen "
+                                      "(rejected) completion tokens (TRL's; train: the logging step's last "
+                                      "micro-batch, as kl_per_token)",
+    "entropy": "nats: the entropy of the policy's next-token distribution, averaged over completion tokens (TRL's; "
+               "train: the logging step's last micro-batch)",
     "kl_per_token": "nats per token; absent for reference-free losses (simpo, orpo) and with precompute_ref_log_probs; "
                     "otherwise the mean over completion tokens of the exact KL(pi_theta(.|context) || "
                     "pi_ref(.|context)) over the vocabulary, teacher-forced on the dataset's chosen and rejected "

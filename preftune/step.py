@@ -11,6 +11,11 @@ business. A step's loss may keep running state (BCO's reward shift); `state_dict
 `load_state_dict` carry it through checkpoints. A new objective is one more class and one more entry
 of `STEPS`. The run's engine (engines/) is handed in for the KL: it finds the log-prob module inside its
 wrapper and gathers the LM heads of sharded models (None: one process, nothing wrapped or sharded).
+
+kl=True asks for what a logged row adds to the loss's statistics, on the batches the loop logs (the
+logging step's last micro-batch; every evaluation batch): the KL to the reference, and TRL's
+logits/chosen, logits/rejected and entropy (`token_stats`; the extra passes over the logits cost
+about a quarter of the LM head's time on the CPU, so not every micro-batch pays them).
 """
 
 from __future__ import annotations
@@ -59,13 +64,25 @@ def _kl(policy_logps, reference, policy_out, reference_out, max_tokens, engine) 
     return kl_metrics(total.item(), scored, policy_out.lengths)
 
 
+def token_stats(out, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's logits/chosen, logits/rejected (the mean logit over the vocabulary) and entropy (of the
+    next-token distribution) at the completion tokens, as one value per token, (N,): the loop's mean over
+    a statistic's values is then TRL's mean over tokens. chosen: (R,) bool, which sequences are chosen
+    (desirable). Absent where the pass gives none (Liger's fused loss never forms the logits)."""
+    if out.entropy is None:
+        return {}
+    chosen = chosen[out.rows]  # (N,)
+    return {"logits/chosen": out.mean_logits[chosen], "logits/rejected": out.mean_logits[~chosen],
+            "entropy": out.entropy}
+
+
 class PreferenceStep:
     """dpo: B preference pairs, collated as 2B rows [chosen; rejected], scored in one policy forward.
 
     `reference.logps` gives the reference's log-probs (a live forward, or precomputed ones; None for a
-    reference-free loss, which the loss then ignores). With kl=True and a reference model, also the
-    KL to the reference from the hidden states both passes already produced (`kl_max_tokens`: an
-    evenly spaced subset, for training rows).
+    reference-free loss, which the loss then ignores). With kl=True, the token statistics
+    (`token_stats`), and with a reference model also the KL to the reference from the hidden states
+    both passes already produced (`kl_max_tokens`: an evenly spaced subset, for training rows).
 
     ld_alpha (LD-DPO) down-weights, in policy and reference log-probs alike, each pair's tokens beyond
     its shorter completion; use_weighting (WPO) multiplies each pair's loss by the policy's detached
@@ -90,7 +107,9 @@ class PreferenceStep:
         if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
         elif cfg.prefix_sharing:  # one row per pair, the prompt run once: the same numbers, fewer tokens
-            self.collate = collate_shared
+            self.collate = functools.partial(collate_shared, multiple=cfg.pad_to_multiple_of)
+        elif cfg.pad_to_multiple_of:  # wider rows, the same numbers
+            self.collate = functools.partial(collate, multiple=cfg.pad_to_multiple_of)
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
@@ -102,7 +121,7 @@ class PreferenceStep:
         return len(pair.chosen_ids) + len(pair.rejected_ids)
 
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
-        kl = kl and reference.model is not None
+        logged, kl = kl, kl and reference.model is not None
         # Liger computes gradients in its forward pass: only worth it (and only used) where there are any
         fused = self.fused if torch.is_grad_enabled() else None
         if fused is not None:  # Liger's loss takes the reference's log-probs: they come first
@@ -111,7 +130,7 @@ class PreferenceStep:
                                 reference_logps=reference_out.logps)
         else:
             policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha,
-                                wpo=self.use_weighting)
+                                wpo=self.use_weighting, token_stats=logged)
             reference_out = reference.logps(batch, ld_alpha=self.ld_alpha, return_hidden=kl)
         B = policy_out.logps.size(0) // 2
         policy_chosen_logps, policy_rejected_logps = policy_out.logps[:B], policy_out.logps[B:]  # (B,) each
@@ -137,6 +156,7 @@ class PreferenceStep:
             "logps/chosen": policy_chosen_logps.detach(),  # summed over completion tokens
             "logps/rejected": policy_rejected_logps.detach(),
             "nll_loss": chosen_nll(policy_chosen_logps.detach(), chosen_lengths),  # per chosen token, TRL's CPO/ORPO name
+            **token_stats(policy_out, torch.arange(2 * B, device=policy_out.logps.device) < B),  # [chosen; rejected]
         }
         kl_stats = _kl(policy, reference, policy_out, reference_out, kl_max_tokens,
                        self.engine) if kl else None
@@ -163,6 +183,8 @@ class UnpairedStep:
 
     def __init__(self, cfg, engine=None):
         self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
+        if cfg.pad_to_multiple_of:
+            self.collate = functools.partial(collate_unpaired, multiple=cfg.pad_to_multiple_of)
 
     @staticmethod
     def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
@@ -176,8 +198,8 @@ class UnpairedStep:
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
         examples, mismatched = {k: batch[k] for k in ROWS}, {k: batch[f"kl_{k}"] for k in ROWS}
         labels = batch["labels"]  # (B,) bool, True = desirable
-        kl = kl and reference.model is not None
-        policy_out = policy(**examples, return_hidden=kl)
+        logged, kl = kl, kl and reference.model is not None
+        policy_out = policy(**examples, return_hidden=kl, token_stats=logged)
         policy_logps, lengths = policy_out.logps, policy_out.lengths  # (B,), (B,)
         with torch.no_grad():
             policy_kl_logps = policy(**mismatched).logps
@@ -185,7 +207,7 @@ class UnpairedStep:
         reference_kl_logps = reference.logps(mismatched).logps
         losses, rewards, z_ref = self.loss(policy_logps, reference_out.logps, policy_kl_logps, reference_kl_logps,
                                            labels, self.beta)
-        stats = {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels))}
+        stats = {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels)), **token_stats(policy_out, labels)}
         for side, mask in (("chosen", labels), ("rejected", ~labels)):
             if mask.any():
                 stats[f"rewards/{side}"] = rewards[mask]
@@ -216,13 +238,14 @@ class SFTStep:
 
     def __init__(self, cfg, engine=None):
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
+        self.multiple = cfg.pad_to_multiple_of
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
     def collate(self, pairs, pad_token_id, index=None):
-        return collate_chosen(pairs, pad_token_id, index, self.padding_free)
+        return collate_chosen(pairs, pad_token_id, index, self.padding_free, self.multiple)
 
     @staticmethod
     def length(pair) -> int:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "nll_loss", "kl_per_token", "grad_norm", "learning_rate", "eval_loss",
             "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_kl_per_token",
-            "eval_kl_per_sequence"]
+            "eval_kl_per_sequence", "logits/chosen", "logits/rejected", "entropy", "eval_logits/chosen", "eval_entropy"]
 
 
 def raw_config(tmp_path, model_dir, **over):

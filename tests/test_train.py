@@ -21,7 +21,8 @@ from preftune.tokenization import tokenize_pairs
 REQUIRED = ["step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "nll_loss", "kl_per_token", "kl_per_sequence", "grad_norm",
             "learning_rate", "tokens_per_second", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
-            "eval_kl_per_token", "eval_kl_per_sequence", "eval_train_gap"]
+            "eval_kl_per_token", "eval_kl_per_sequence", "eval_train_gap", "logits/chosen", "logits/rejected", "entropy",
+            "eval_logits/chosen", "eval_entropy"]
 
 
 def write_data(folder, n_train=320, n_val=64):
@@ -67,6 +68,7 @@ def test_output_files_are_well_formed(trained):
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == summary["steps"]["done"] == 40
     assert all(r["loss"] for r in rows if int(r["step"]) % 5 == 0 and int(r["step"]) > 0)
+    assert all(0 < float(r["entropy"]) < 6.0 for r in rows if r["entropy"])  # nats, below log(vocabulary 400)
     history = json.loads((metrics / "log_history.json").read_text())
     assert len(history) == 8 + 5  # 8 logging steps, 4 evaluations + the baseline
     saved = json.loads((metrics / "summary.json").read_text())

@@ -84,7 +84,7 @@ CHANGED_RUN_KEYS = {
 
 
 DATA_KEYS = ("dataset", "dataset_dir", "eval_dataset", "columns", "template", "cutoff_len", "truncation_mode",
-             "max_prompt_length", "drop_invalid_pairs")
+             "max_prompt_length", "drop_invalid_pairs", "mix_strategy", "interleave_probs", "default_system")
 
 
 # Keys that change nothing the weights go through: free on resume, not even warned. (Others, such as
@@ -97,7 +97,8 @@ FREE_ON_RESUME = ("resume_from_checkpoint", "resume_override", "output_dir", "ov
                   "max_new_tokens", "temperature", "top_p", "top_k", "reward", "pairing", "min_margin", "prompts",
                   "run_name", "logging_dir", "save_strategy", "infer_backend", "vllm_gpu_util", "vllm_enforce_eager",
                   "prefix_sharing", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token",
-                  "torch_compile", "torch_compile_backend", "torch_compile_mode", "enable_liger_kernel")
+                  "torch_compile", "torch_compile_backend", "torch_compile_mode", "enable_liger_kernel",
+                  "pad_to_multiple_of")
 
 
 def _changes(saved: dict, now: dict, keys) -> list[str]:

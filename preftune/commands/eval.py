@@ -134,7 +134,8 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
     from preftune.tokenization import TokenizedPair, describe_rendering, encode_prompts, rendering_text
 
     reward = load_reward(cfg.reward)
-    prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns, key="prompts")
+    prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns, key="prompts",
+                           default_system=cfg.default_system)
     # every model and the reference sample and score the same prompt ids: cut to the smallest context
     contexts = [c for c in (model_context(m.config) for m in [*models.values(), reference]) if c is not None]
     context = min(contexts) if contexts else None

@@ -44,7 +44,8 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
     truncation_mode and max_prompt_length, as a run does), else in characters."""
     model, cutoff_len, truncation_mode, max_prompt_length = (cfg.model_name_or_path, cfg.cutoff_len,
                                                              cfg.truncation_mode, cfg.max_prompt_length)
-    examples = read_examples(cfg.dataset, cfg.dataset_dir, columns=cfg.columns)
+    examples = read_examples(cfg.dataset, cfg.dataset_dir, columns=cfg.columns, mix_strategy=cfg.mix_strategy,
+                             interleave_probs=cfg.interleave_probs, seed=cfg.seed, default_system=cfg.default_system)
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
     sources = Counter(source_of(e.where) for e in examples)

@@ -176,7 +176,8 @@ def _sample(cfg, out: Path) -> dict:
 
     engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
     reward = load_reward(cfg.reward) if cfg.reward else None
-    prompts = read_prompts(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns)
+    prompts = read_prompts(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns,
+                           default_system=cfg.default_system)
     samples_path = out / "samples.jsonl"
     done = read_samples(samples_path, prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)

@@ -75,6 +75,7 @@ class TrainConfig:
     trust_remote_code: bool = MODEL(False, "Allow model code from the model's repository (off unless you trust it).")
     torch_dtype: str = MODEL("auto", "dtype the weights are loaded in (auto: as the checkpoint stores them; bfloat16 with pure_bf16). Trainable weights are then held in float32 unless pure_bf16.", TORCH_DTYPES)
     attn_implementation: str | None = MODEL(None, "Passed to transformers: eager, sdpa, flash_attention_2, flex_attention.")
+    model_init_kwargs: dict[str, Any] | None = MODEL(None, "Extra keyword arguments of from_pretrained for the policy and a reference loaded from a path (TRL's key), e.g. {revision: v1.0, use_cache: false}. Keys preftune sets itself from other keys are refused here: torch_dtype/dtype (torch_dtype), attn_implementation (attn_implementation, flash_attn), quantization_config (quantization_bit), trust_remote_code, device_map.")
     flash_attn: str = MODEL("auto", "LLaMA-Factory's attention key, another way to set attn_implementation: auto (transformers' default), disabled (eager), sdpa, fa2 (flash_attention_2: needs the flash-attn package and a CUDA GPU).", tuple(FLASH_ATTN))
 
     # --- what is trained: full, freeze, LoRA, QLoRA (LLaMA-Factory names and semantics; preftune/adapters.py) ---
@@ -128,6 +129,9 @@ class TrainConfig:
     val_size: float = DATA(0.0, "Held-out share (0..1) or count (>= 1) of the training pairs used for validation.")
     columns: dict[str, str] | None = DATA(None, "Field names of your data for the standard ones, e.g. {prompt: question, chosen: good, rejected: bad} (files and hub datasets; dataset_info.json entries have their own).")
     shuffle: bool = DATA(False, "Shuffle the training pairs (seeded by seed) after reading, before the validation split.")
+    mix_strategy: str = DATA("concat", "How the entries of a comma list in dataset (and eval_dataset) are mixed, as LLaMA-Factory: concat (one after the other), interleave_under (one of each in turn until the shortest runs out: undersampling), interleave_over (in turn until the longest runs out, the shorter ones repeated: oversampling), interleave_once (in turn, each example once). Interleaving is seeded by seed.", ("concat", "interleave_under", "interleave_over", "interleave_once"))
+    interleave_probs: list[float] | None = DATA(None, "With an interleave_* mix_strategy: the probability of each entry of dataset (one per entry, summing to 1); each next example comes from an entry drawn with them (seeded by seed) instead of in turn.")
+    mask_history: bool | None = DATA(None, "LLaMA-Factory's key. true: train on the last turn of a multi-turn conversation only, which is what preftune does (sft: the final assistant turn; dpo and kto: the earlier turns are the prompt). false (LLaMA-Factory's sft trains every assistant turn) is refused for stage: sft; for dpo and kto it changes nothing, as in LLaMA-Factory.")
     max_samples: int | None = DATA(None, "Use at most this many pairs from each dataset (first ones, before the split).")
     drop_invalid_pairs: bool = DATA(False, "Skip (and count) pairs with chosen == rejected instead of failing. An empty completion is a valid answer (EOS or the end-of-turn token alone) and is trained on.")
 
@@ -136,6 +140,7 @@ class TrainConfig:
     enable_thinking: bool | None = TOKENIZATION(None, "Thinking models (LLaMA-Factory's key, passed to the chat template as apply_chat_template's enable_thinking): false trains without the thought, the empty <think> block closing the prompt (as Qwen3 generates with thinking off); true keeps the completion's thought, and an answer without one gets the empty block in front, trained on. Unset: not passed, the template's default (the built-in qwen3's is true, as LLaMA-Factory's). A `chat_template_kwargs` column (TRL) sets it, and other template arguments, per example.")
     preserve_thinking: bool = TOKENIZATION(False, "Thinking models (LLaMA-Factory's key, passed to the chat template when true): keep the thoughts of the assistant turns in the prompt's history; by default they are dropped, as the model sees its history when it is used.")
     cutoff_len: int = TOKENIZATION(2048, "Maximum tokens of prompt + completion (default 2048, LLaMA-Factory's, so its YAMLs mean the same here), split between them as LLaMA-Factory does (a completion under half stays whole, else a prompt under half stays whole, else both shrink in proportion); completions keep their start.")
+    default_system: str | None = TOKENIZATION(None, "A system prompt for every example that has none (LLaMA-Factory's key: it replaces the template's default system message). Examples with their own system prompt keep it.")
     truncation_mode: str = TOKENIZATION("keep_start", "Which end of a prompt that is cut is kept: keep_start (as LLaMA-Factory and TRL 1.16) or keep_end (the words before the answer, BOS kept).", ("keep_start", "keep_end"))
     max_prompt_length: int | None = TOKENIZATION(None, "Cut prompts to at most this many tokens (per truncation_mode) before cutoff_len is applied.")
     preprocessing_num_workers: int | None = TOKENIZATION(None, "Processes that tokenize the pairs (unset or 1: in-process; sets under 512 pairs always are).")
@@ -149,6 +154,7 @@ class TrainConfig:
     per_device_train_batch_size: int = BATCHES(4, "Preference pairs per micro-batch (each pair is two sequences).")
     per_device_eval_batch_size: int | None = BATCHES(None, "Pairs per evaluation batch (default: the train batch size).")
     gradient_accumulation_steps: int = BATCHES(1, "Micro-batches per optimizer step.")
+    pad_to_multiple_of: int | None = BATCHES(None, "Pad each padded batch to a multiple of this many tokens (TRL's and LLaMA-Factory's key; tensor cores like multiples of 8): the same numbers, more padding. Unset: to the longest sequence. Not with padding_free, which has no padding.")
     group_by_length: bool = BATCHES(False, "Batch pairs of similar length together (each group of 50 batches of the seeded order sorted by length, as transformers' group_by_length): less padding, the same pairs per epoch.")
     dataloader_num_workers: int = BATCHES(0, "Accepted for LLaMA-Factory configs; batches are built in-process.")
 

@@ -36,7 +36,7 @@ BOUNDS: dict[str, str] = {
     "ref_model_mixup_alpha": "(0, 1]", "ref_model_sync_steps": "[1, inf)",
     # data
     "val_size": "[0, inf)", "max_samples": "[1, inf)", "cutoff_len": "[2, inf)", "max_prompt_length": "[1, inf)",
-    "preprocessing_num_workers": "[1, inf)",
+    "preprocessing_num_workers": "[1, inf)", "pad_to_multiple_of": "[1, inf)",
     # optimisation
     "per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",
     "gradient_accumulation_steps": "[1, inf)", "num_train_epochs": "[0, inf)", "max_steps": "[-1, inf)",
@@ -214,6 +214,53 @@ def _validate_data_and_schedule(cfg: TrainConfig) -> None:
                           "shard_grad_op, offload (or leave fsdp empty for data parallelism)")
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":
         raise ConfigError("early_stopping_patience needs evaluation; remove eval_strategy: no")
+    _validate_mix(cfg)
+    if cfg.mask_history is False and cfg.stage == "sft":
+        raise ConfigError("mask_history: false trains LLaMA-Factory's sft on every assistant turn; preftune sft trains "
+                          "on the final assistant turn only (mask_history: true): remove mask_history, or make a "
+                          "record of each turn to train")
+    if cfg.pad_to_multiple_of is not None and cfg.padding_free:
+        raise ConfigError("pad_to_multiple_of: padding_free puts a micro-batch in one row without padding, so there is "
+                          "no padded width to round; remove one of the two")
+    _validate_model_init_kwargs(cfg)
+
+
+# What preftune passes to from_pretrained itself, and the key that sets it (model_init_kwargs may not)
+MODEL_INIT_OWNED = {"torch_dtype": "torch_dtype", "dtype": "torch_dtype", "attn_implementation":
+                    "attn_implementation (or flash_attn)", "quantization_config": "quantization_bit",
+                    "load_in_4bit": "quantization_bit", "load_in_8bit": "quantization_bit",
+                    "trust_remote_code": "trust_remote_code", "device_map": "the launcher (each process loads "
+                    "on its own device)", "pretrained_model_name_or_path": "model_name_or_path"}
+
+
+def _validate_model_init_kwargs(cfg: TrainConfig) -> None:
+    """model_init_kwargs: TRL's free-form from_pretrained arguments, minus the ones preftune sets from its own keys."""
+    for key in cfg.model_init_kwargs or {}:
+        if key in MODEL_INIT_OWNED:
+            raise ConfigError(f"model_init_kwargs: {key} is set by preftune from {MODEL_INIT_OWNED[key]}; "
+                              f"use that key, and remove {key} from model_init_kwargs")
+
+
+def _validate_mix(cfg: TrainConfig) -> None:
+    """mix_strategy and interleave_probs, as LLaMA-Factory checks them (hparams/data_args.py)."""
+    probs = cfg.interleave_probs
+    if probs is None:
+        return
+    if cfg.mix_strategy == "concat":
+        raise ConfigError("interleave_probs: only with an interleaved mix_strategy (interleave_under, "
+                          "interleave_over, interleave_once); set one, or remove interleave_probs")
+    n = len([s for s in (cfg.dataset or "").split(",") if s.strip()])
+    if len(probs) != n:
+        raise ConfigError(f"interleave_probs: {len(probs)} probabilities for {n} dataset entries; give one per entry")
+    evals = [s for s in cfg.eval_dataset.split(",") if s.strip()] if isinstance(cfg.eval_dataset, str) else []
+    if len(evals) > 1 and len(evals) != n:
+        raise ConfigError(f"interleave_probs: eval_dataset has {len(evals)} entries, and the probabilities are for "
+                          f"{n}; mix as many (LLaMA-Factory mixes both with the same probabilities)")
+    if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-8:
+        raise ConfigError(f"interleave_probs: {probs} must be at least 0 each and sum to 1")
+    if cfg.mix_strategy == "interleave_over" and 0 in probs:
+        raise ConfigError("interleave_probs: interleave_over stops when every entry has run out, and an entry of "
+                          "probability 0 never does; give it a probability, or use interleave_under")
 
 
 # The warnings given in this process, each once: a config is validated more than once in some commands.

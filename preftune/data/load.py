@@ -7,9 +7,11 @@
 
 A dataset entry is a name in `<dataset_dir>/dataset_info.json` (registry.py), a file (readers.py),
 a `datasets` folder (`:split`), or a hub id (`owner/name:split`). `max_samples` keeps the first
-records of each entry; `shuffle` shuffles the training examples with `seed` before `val_size` holds
-some out; chosen == rejected fails, or is skipped and counted with drop_invalid_pairs. Nothing is
-dropped silently: skips are counted in `DataReport`.
+records of each entry; `mix_strategy` mixes the entries of a comma list (`mix`; interleave_under
+leaves examples out, said in the log); `default_system` fills in missing system prompts; `shuffle`
+shuffles the training examples with `seed` before `val_size` holds some out; chosen == rejected
+fails, or is skipped and counted with drop_invalid_pairs. Nothing is dropped silently: skips are
+counted in `DataReport`.
 """
 
 from __future__ import annotations
@@ -67,26 +69,68 @@ def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, ma
                     "and not a hub id (owner/name)")
 
 
+def mix(sources: list[list], strategy: str = "concat", probs: list[float] | None = None, seed: int = 42) -> list:
+    """The examples of several dataset entries as one list, by LLaMA-Factory's mix_strategy
+    (data/data_utils.py merge_dataset, which hands the run's seed to datasets.interleave_datasets;
+    the same examples in the same order as that function gives):
+    concat: one entry after the other. interleave_under: one example of each entry in turn, stopping
+    when the shortest runs out (undersampling); interleave_over: in turn until the longest runs out,
+    the shorter ones starting again (oversampling); interleave_once: in turn, each example once,
+    an entry that runs out skipped. With probs (one per entry, summing to 1) the entry of each next
+    example is drawn at random instead of in turn: numpy's default_rng(seed), 1000 draws at a time."""
+    if len(sources) == 1 or strategy == "concat":
+        return [x for source in sources for x in source]
+    lengths = [len(source) for source in sources]
+    if probs is None:  # in turn: round i takes example i of each entry
+        rounds = min(lengths) if strategy == "interleave_under" else max(lengths)
+        return [source[i % len(source)] for i in range(rounds) for source in sources
+                if strategy == "interleave_over" or i < len(source)]
+    import numpy as np  # only for this draw: numpy's generator is what datasets draws with
+
+    rng = np.random.default_rng(seed)
+    taken, exhausted, out = [0] * len(sources), [False] * len(sources), []
+    stop = any if strategy == "interleave_under" else all
+    while True:
+        for i in (int(i) for i in rng.choice(len(sources), size=1000, p=probs)):
+            if stop(exhausted):
+                return out
+            if strategy == "interleave_once" and exhausted[i]:
+                continue  # without replacement: an entry that ran out is skipped
+            out.append(sources[i][taken[i] % lengths[i]])  # over/under: an entry that ran out starts again
+            taken[i] += 1
+            exhausted[i] = exhausted[i] or taken[i] >= lengths[i]
+
+
 def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
                   columns: dict[str, str] | None = None, sft: bool = False,
-                  prompts: bool = False, key: str = "dataset") -> list[PreferencePair | UnpairedExample]:
+                  prompts: bool = False, key: str = "dataset", mix_strategy: str = "concat",
+                  interleave_probs: list[float] | None = None, seed: int = 42,
+                  default_system: str | None = None) -> list[PreferencePair | UnpairedExample]:
     """All examples (pairs and unpaired) of a comma list of dataset entries, in order (sft: SFT
-    records too, as pairs whose chosen is the completion; prompts: prompt-only records too). `key`: the
+    records too, as pairs whose chosen is the completion; prompts: prompt-only records too), or mixed
+    by `mix_strategy`; `default_system` is the system prompt of those that have none. `key`: the
     config key that named them, for the errors."""
-    out: list[PreferencePair | UnpairedExample] = []
-    for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        out.extend(_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts, key))
-    return out
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    sources = [_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts, key) for name in names]
+    mixed = mix(sources, mix_strategy, interleave_probs, seed)
+    if mix_strategy != "concat" and len(sources) > 1:
+        log.info("%s: %s of %s (%s examples) gives %d examples", key, mix_strategy, ", ".join(names),
+                 " + ".join(str(len(s)) for s in sources), len(mixed))
+    if default_system:  # LLaMA-Factory's `system or default_system`: an empty system prompt counts as none
+        mixed = [e if e.system else dataclasses.replace(e, system=default_system) for e in mixed]
+    return mixed
 
 
 def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
                  columns: dict[str, str] | None = None, allow_unpaired: bool = False,
-                 sft: bool = False) -> list[PreferencePair]:
-    """All preference pairs of a comma list of dataset entries; unpaired data is refused unless
-    allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in order. sft: SFT
-    records too (prompt/completion, messages, alpaca output, sharegpt), and preference pairs train
-    on their chosen."""
-    examples = read_examples(spec, dataset_dir, max_samples, columns, sft)
+                 sft: bool = False, mix_strategy: str = "concat", interleave_probs: list[float] | None = None,
+                 seed: int = 42, default_system: str | None = None) -> list[PreferencePair]:
+    """All preference pairs of a comma list of dataset entries (mixed by mix_strategy); unpaired data
+    is refused unless allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in
+    order. sft: SFT records too (prompt/completion, messages, alpaca output, sharegpt), and preference
+    pairs train on their chosen."""
+    examples = read_examples(spec, dataset_dir, max_samples, columns, sft, mix_strategy=mix_strategy,
+                             interleave_probs=interleave_probs, seed=seed, default_system=default_system)
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
     if unpaired and sft:
         raise DataError(f"{unpaired[0].where}: labelled (KTO-style) examples: SFT trains on every completion it is "
@@ -98,13 +142,15 @@ def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
 
 
 def read_prompts(spec: str, dataset_dir: str, max_samples: int | None = None,
-                 columns: dict[str, str] | None = None, key: str = "dataset") -> list[PreferencePair]:
+                 columns: dict[str, str] | None = None, key: str = "dataset",
+                 default_system: str | None = None) -> list[PreferencePair]:
     """The prompts of a comma list of dataset entries, for sampling and evaluation: prompt-only records
     (`{"prompt": text or messages, "system": ...}`) or the prompt of any record training reads (pairs,
     SFT records, unpaired examples), as pairs with empty completions. `key`: the config key that named
     them (sample's dataset, eval's prompts), for the errors."""
     out = []
-    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True, prompts=True, key=key):
+    for e in read_examples(spec, dataset_dir, max_samples, columns, sft=True, prompts=True, key=key,
+                           default_system=default_system):
         if isinstance(e, UnpairedExample):
             e = PreferencePair(prompt=e.prompt, chosen="", rejected="", system=e.system, where=e.where,
                                messages=e.messages, conversational=e.conversational)
@@ -141,7 +187,8 @@ def load_eval_sets(cfg, report: DataReport) -> dict[str, list[PreferencePair]]:
     validation set is, their counts in `report`."""
     sets = {}
     for name, spec in list(cfg.eval_sets.items())[1:]:
-        examples = read_dataset(spec, cfg.dataset_dir, cfg.max_samples, cfg.columns, cfg.is_kto, cfg.objective == "sft")
+        examples = read_dataset(spec, cfg.dataset_dir, cfg.max_samples, cfg.columns, cfg.is_kto, cfg.objective == "sft",
+                                default_system=cfg.default_system)
         report.read += len(examples)
         sets[name] = check_pairs(examples, cfg.drop_invalid_pairs, report, cfg.objective == "sft")
         if not sets[name]:
@@ -166,7 +213,8 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
         raise DataError("no training data: set dataset (a name in dataset_info.json or a JSON/JSONL path)")
     unpaired = cfg.is_kto  # kto reads unpaired examples too
     sft = cfg.objective == "sft"  # SFT records too; pairs give their chosen
-    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
+    train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft,
+                         cfg.mix_strategy, cfg.interleave_probs, cfg.seed, cfg.default_system)
     report.read = len(train)
     report.sources = dict(Counter(source_of(p.where) for p in train))
     if sft:
@@ -175,7 +223,11 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     if cfg.shuffle:  # before the split, so val_size draws from every source
         random.Random(cfg.seed).shuffle(train)
     if cfg.eval_dataset:
-        val = read_dataset(cfg.eval_sets["validation"], cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft)
+        # a comma list is mixed as the training entries are (as LLaMA-Factory); a mapping's sets are not
+        one = isinstance(cfg.eval_dataset, str)
+        val = read_dataset(cfg.eval_sets["validation"], cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft,
+                           cfg.mix_strategy if one else "concat", cfg.interleave_probs if one else None, cfg.seed,
+                           cfg.default_system)
         report.read += len(val)
         if sft:
             _say_rejected_unused(val, "validation")

@@ -144,3 +144,49 @@ def test_ddp_timeout_is_what_accelerate_passes_to_init_process_group(tmp_path):
     assert kwargs() is None  # unset: torch's defaults
     if not torch.cuda.is_available():  # DeepSpeed's CPU processes: gloo, named
         assert kwargs(deepspeed=True)["backend"] == "gloo"
+
+
+def test_the_accelerate_multi_node_config_starts_torchrun_as_one_of_two_machines():
+    """examples/accelerate/multi-node.yaml as accelerate reads it, and the torchrun arguments its launcher makes
+    on the second machine (accelerate's own functions; nothing is started)."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    file = str(ROOT / "examples" / "accelerate" / "multi-node.yaml")
+    config = load_config_from_file(file)
+    assert isinstance(config, ClusterConfig) and config.num_machines == 2 and config.num_processes % 2 == 0
+    args = launch_command_parser().parse_args(["--config_file", file, "--machine_rank", "1", "-m", "preftune",
+                                               "train", "cfg.yaml"])
+    _validate_launch_command(args)
+    prepare_multi_gpu_env(args)
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, str(config.num_processes // 2))
+    assert args.rdzv_endpoint == f"{config.main_process_ip}:{config.main_process_port}"
+    assert (args.module, args.training_script, args.training_script_args) == (True, "preftune", ["train", "cfg.yaml"])
+
+
+def test_the_slurm_script_starts_one_torchrun_per_machine(tmp_path):
+    """examples/slurm/preftune.sbatch run by bash under a stand-in Slurm (srun writes down its arguments,
+    scontrol names the job's machines): one torchrun per machine, with the job's values, that torchrun's own
+    parser accepts."""
+    script = ROOT / "examples" / "slurm" / "preftune.sbatch"
+    directives = [line.split()[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "--nodes=2" in directives and "--ntasks-per-node=1" in directives
+    bin_dir, said = tmp_path / "bin", tmp_path / "srun.args"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {said}\n')
+    hostnames = '[ "$*" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"'
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\n{hostnames}\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "4"}
+    subprocess.run(["bash", str(script), "cfg.yaml"], cwd=ROOT, env=env, check=True, timeout=60)
+    args = said.read_text().splitlines()
+    assert args[:2] == ["--kill-on-bad-exit=1", ".venv/bin/torchrun"]
+    from torch.distributed.run import get_args_parser
+
+    run = get_args_parser().parse_args(args[2:])
+    assert (run.nnodes, run.nproc_per_node, run.rdzv_id, run.rdzv_backend, run.rdzv_endpoint) == \
+        ("2", "4", "4242", "c10d", "gpu07:29500")
+    assert (run.module, run.training_script, run.training_script_args) == (True, "preftune", ["train", "cfg.yaml"])

@@ -190,3 +190,34 @@ def test_the_slurm_script_starts_one_torchrun_per_machine(tmp_path):
     assert (run.nnodes, run.nproc_per_node, run.rdzv_id, run.rdzv_backend, run.rdzv_endpoint) == \
         ("2", "4", "4242", "c10d", "gpu07:29500")
     assert (run.module, run.training_script, run.training_script_args) == (True, "preftune", ["train", "cfg.yaml"])
+
+
+@pytest.mark.parametrize("world,text,said", [
+    (2, "[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv operation "
+        "to complete", "process 1 did not answer within ddp_timeout=20 s (it hangs, or its machine is unreachable)"),
+    (2, "[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:41234",
+     "process 1 closed its connection (it died: its launcher's log says why)"),
+    (4, "[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer",
+     "one of the other 3 processes closed its connection"),
+    (2, "gloo: unexpected op", "a collective with process 1 failed (gloo: unexpected op)"),
+    (2, "CUDA out of memory", None),  # not a collective's failure: the error as it is
+    (1, "[gloo] Timed out", None),  # one process: nothing to lose
+])
+def test_a_failed_collective_is_one_line_naming_the_other_process(tmp_path, monkeypatch, world, text, said):
+    """runtime.lost_process on the errors torch's gloo raises (the end-to-end runs above make them for real)."""
+    from preftune import runtime
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(runtime, "latest_checkpoint", lambda out: out / "checkpoint-4")  # (checkpoints' business)
+    cfg = from_dict({"model_name_or_path": str(tmp_path / "absent"), "dataset": "x.jsonl", "ddp_timeout": 20,
+                     "output_dir": str(tmp_path / "out")})
+    lost = runtime.lost_process(RuntimeError(text), cfg)
+    if said is None:
+        assert lost is None
+        return
+    message = str(lost)
+    assert message.startswith(f"process 0 of {world} stopped: {said}") and "\n" not in message
+    assert message.endswith(f"the last checkpoint is {tmp_path / 'out' / 'checkpoint-4'} (resume_from_checkpoint: "
+                            f"true continues from it, with {world} processes again)")

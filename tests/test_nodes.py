@@ -68,25 +68,34 @@ def worker_rank(launcher: subprocess.Popen) -> tuple[int, int]:
     raise AssertionError(f"no worker under launcher {launcher.pid}")
 
 
+OVER = {"save_steps": 2, "ddp_timeout": 20}
 ENGINES = {"ddp": {}, "fsdp2": {"fsdp": "full_shard"},
            "zero3": {"deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json")}}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir) -> Path:
+    """The output folder of the run the two-node runs must equal: one process with the global batch (8)."""
+    folder, threads = tmp_path_factory.mktemp("one_process"), torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes runs
+    try:
+        train_mod.train(from_dict(raw_config(folder, tiny_model_dir, output_dir=str(folder / "one"), **OVER)))
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "one"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,stop", [("ddp", signal.SIGSTOP), ("fsdp2", signal.SIGKILL), ("zero3", signal.SIGSTOP)],
                          ids=["ddp-hung", "fsdp2-killed", "zero3-hung"])
 def test_two_nodes_equal_one_process_and_a_lost_process_stops_the_other_within_ddp_timeout(
-        tmp_path, tiny_model_dir, engine, stop):
+        tmp_path, tiny_model_dir, one_process, engine, stop):
     """Each engine once, each launch used twice: stopped after checkpoint-2 (a process SIGSTOPped: it hangs,
     which only the timeout ends; or SIGKILLed: its connection closes), then resumed on the same layout to
     the end, every logged row and the final weights equal to a one-process run with the global batch."""
-    torch.set_num_threads(1)
-    over = {"save_steps": 2, "ddp_timeout": 20}
     hung = stop == signal.SIGSTOP
-    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
-
     out = tmp_path / "two"
-    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(out), per_device_train_batch_size=4, **over,
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(out), per_device_train_batch_size=4, **OVER,
                      **ENGINES[engine])
     script, go = paused_preftune(tmp_path, after_step=3)  # both processes held after step 3 (checkpoint-2 written)
     nodes = two_nodes(tmp_path, two, "lost", script=script)
@@ -124,10 +133,10 @@ def test_two_nodes_equal_one_process_and_a_lost_process_stops_the_other_within_d
     logs = "".join((tmp_path / f"{n}.node{k}.log").read_text() for n in ("lost", "resumed") for k in (0, 1))
     assert "global batch 8 pairs per step = 4 per device x 1 accumulation x 2 processes" in logs
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in logs
-    rows, _ = same_histories(tmp_path / "one", out)
+    rows, _ = same_histories(one_process, out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7]
     assert [r["step"] for r in history(out)] == [r["step"] for r in rows]
-    same_weights(tmp_path / "one", out)
+    same_weights(one_process, out)
 
 
 def test_ddp_timeout_is_what_accelerate_passes_to_init_process_group(tmp_path):

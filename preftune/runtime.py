@@ -42,6 +42,37 @@ class NonFiniteStep(PreftuneError):
     """A step's loss or gradient norm was NaN or infinite (and no skip was left)."""
 
 
+class LostProcess(PreftuneError):
+    """Another process of the run died or stopped answering (a collective failed or timed out)."""
+
+
+def lost_process(error: RuntimeError, cfg) -> LostProcess | None:
+    """The one line for a collective that failed because another process died (gloo: its connection
+    closed) or hangs (no answer within the process group's timeout, `ddp_timeout`); None for any other
+    error. NCCL's watchdog ends a process whose collective timed out itself, with its own message naming
+    the rank, the operation and the timeout. The rank that stopped is known when there is only one other."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text):
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    other = f"process {1 - rank}" if world == 2 else f"one of the other {world - 1} processes"
+    timeout = (f"ddp_timeout={cfg.ddp_timeout} s" if cfg.ddp_timeout else
+               "the default timeout (ddp_timeout unset: 30 minutes on gloo, 10 on NCCL)")
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        what = f"{other} did not answer within {timeout} (it hangs, or its machine is unreachable)"
+    elif "closed" in text or "reset" in text or "Broken pipe" in text:
+        what = f"{other} closed its connection (it died: its launcher's log says why)"
+    else:
+        what = f"a collective with {other} failed ({text.strip().splitlines()[0][:200]})"
+    found = latest_checkpoint(Path(cfg.output_dir))
+    resume = (f"the last checkpoint is {found} (resume_from_checkpoint: true continues from it, with {world} "
+              "processes again)" if found else "no checkpoint was written (set save_steps to keep some)")
+    return LostProcess(f"process {rank} of {world} stopped: {what}. No final model was saved; {resume}")
+
+
 
 
 def _last_checkpoint_text(cfg) -> str:

@@ -61,7 +61,13 @@ def progress_postfix(row: dict, figures: dict[str, str]) -> dict[str, str]:
 
 def train(cfg: TrainConfig) -> dict:
     with runtime.StopSignals() as stop:  # SIGINT/SIGTERM: the loop stops after its step, cleanly
-        return run(cfg, stop)
+        try:
+            return run(cfg, stop)
+        except RuntimeError as e:  # another process died or hangs: one line, within ddp_timeout (engines/)
+            lost = runtime.lost_process(e, cfg)
+            if lost is None:
+                raise
+            raise lost from None
 
 
 def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:

@@ -253,7 +253,7 @@ class TrainConfig:
     # --- several processes (docs/distributed.md) ---
     fsdp: str = DISTRIBUTED("", "Shard weights, gradients and optimizer state over the processes with FSDP2 (TrainingArguments' words): full_shard, shard_grad_op (keep gathered weights from forward to backward), offload (parameters on the CPU between uses; GPU only). An accelerate config with distributed_type FSDP and fsdp_version 2 does the same. Full, freeze and LoRA (with save_adapter_only: true); docs/distributed.md.")
     deepspeed: str = DISTRIBUTED("", "A DeepSpeed JSON config (LLaMA-Factory's examples/deepspeed/ds_z3_config.json): ZeRO stage 2 partitions gradients and optimizer state over the processes, stage 3 the weights too (offload_optimizer/offload_param: to the CPU). Its \"auto\" values are filled from this config; an accelerate config with distributed_type DEEPSPEED does the same. Full, freeze and LoRA (at stage 3 with save_adapter_only: true); docs/distributed.md.")
-    ddp_timeout: int | None = DISTRIBUTED(None, "Accepted for LLaMA-Factory configs.")
+    ddp_timeout: int | None = DISTRIBUTED(None, "Seconds every collective of several processes may wait (torch.distributed's process-group timeout, under DDP, FSDP2 and ZeRO): a process that died or hangs stops the others within it, with one line naming it. Unset: torch's 30 minutes on gloo, 10 on NCCL. Set it above the longest pause between collectives (a large model's checkpoint save), e.g. 1800; docs/distributed.md.")
 
     @property
     def eval_batch_size(self) -> int:

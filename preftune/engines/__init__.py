@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
 
 from preftune.engines.ddp import DataParallel
 from preftune.engines.fsdp import FSDP2, fsdp_settings, hidden_from_accelerate
@@ -41,7 +43,8 @@ from preftune.errors import ConfigError
 
 log = logging.getLogger("preftune")
 
-__all__ = ["OneProcess", "DataParallel", "FSDP2", "ZeRO", "make_engine", "make_accelerator", "check_hardware"]
+__all__ = ["OneProcess", "DataParallel", "FSDP2", "ZeRO", "make_engine", "make_accelerator", "check_hardware",
+           "process_group_kwargs"]
 
 
 def make_engine(cfg, log_with: list | None = None) -> OneProcess:
@@ -74,12 +77,32 @@ def make_accelerator(cfg, log_with: list | None = None, **kwargs) -> Accelerator
     # accelerate starts a CPU process group (gloo) only when asked for the CPU: without a GPU, a
     # torchrun/accelerate launch with several processes would otherwise run N unrelated copies
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = several and not torch.cuda.is_available() and kwargs.get("deepspeed_plugin") is None
+    deepspeed = kwargs.get("deepspeed_plugin") is not None
+    cpu = several and not torch.cuda.is_available() and not deepspeed
+    group = process_group_kwargs(cfg, deepspeed)
     try:
         with hidden_from_accelerate():  # an FSDP2 config is preftune's to apply (engines/fsdp.py)
-            return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None, cpu=cpu, **kwargs)
+            return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None, cpu=cpu,
+                               kwargs_handlers=[group] if group else None, **kwargs)
     except ValueError as e:  # e.g. fp16 where the hardware has no fp16 support
         raise ConfigError(f"mixed precision '{cfg.mixed_precision}': {str(e).splitlines()[0]}") from None
+
+
+def process_group_kwargs(cfg, deepspeed: bool) -> InitProcessGroupKwargs | None:
+    """How torch.distributed's process group is made, for accelerate to pass to init_process_group (or
+    DeepSpeed's init_distributed): `ddp_timeout` seconds as the timeout of every collective, so a process
+    that died or hangs stops the others within it (train.py says which, in one line) instead of never; and
+    gloo for DeepSpeed on CPU processes (its CPU accelerator: accelerate finds no backend of its own there
+    and would count one process; gloo, named, makes it count the launcher's). None: accelerate's defaults
+    (torch's timeouts: 10 minutes for NCCL, 30 for gloo)."""
+    kwargs = {}
+    if deepspeed and not torch.cuda.is_available():
+        kwargs["backend"] = "gloo"
+    if cfg.ddp_timeout:
+        # accelerate passes on only what differs from its own default (600 s, NCCL's), which gloo and
+        # DeepSpeed do not share (30 minutes): 600 s is passed as a microsecond more
+        kwargs["timeout"] = timedelta(seconds=cfg.ddp_timeout, microseconds=int(cfg.ddp_timeout == 600))
+    return InitProcessGroupKwargs(**kwargs) if kwargs else None
 
 
 def cpu_multiplies_bf16() -> bool:

@@ -234,16 +234,12 @@ class ZeRO(OneProcess):
     lockstep = True
 
     def __init__(self, cfg, settings: dict, log_with=None):
-        from accelerate.utils import InitProcessGroupKwargs
-
         from preftune.engines import make_accelerator
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plugin = make_plugin(cfg, settings, world)
-        # DeepSpeed on CPU processes (its CPU accelerator): accelerate finds no backend of its own there and
-        # would count one process; gloo, named, makes it count the launcher's
-        gloo = [InitProcessGroupKwargs(backend="gloo")] if not torch.cuda.is_available() else None
-        super().__init__(cfg, make_accelerator(cfg, log_with, deepspeed_plugin=plugin, kwargs_handlers=gloo))
+        # (on CPU processes make_accelerator names gloo for DeepSpeed's process group: process_group_kwargs)
+        super().__init__(cfg, make_accelerator(cfg, log_with, deepspeed_plugin=plugin))
         self.settings = settings
         self.held_dtypes: dict[str, torch.dtype] = {}  # the policy's dtypes before DeepSpeed's cast (bf16): saved in these
         self.policy_engine = None  # the DeepSpeedEngine `prepare` made

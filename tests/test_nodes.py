@@ -1,0 +1,232 @@
+"""Several machines, tested on one: two torchrun launches of one process each (`--nnodes 2 --node_rank
+0|1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:PORT`), as two machines run them, train as one run
+whose per-device batch is the global one; `ddp_timeout` bounds how long a process waits for another
+that stopped answering (SIGSTOP) or died (SIGKILL), which then stops with one line naming it and the
+timeout; the last checkpoint resumes on the same layout. 2 nodes x 1 process rather than 2 x 2: the
+machine has 2 cores, and what differs between one machine and several (the rendezvous, ranks assigned
+across launches, a peer's connection lost) is all there with one process per node."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from paused import paused_preftune
+from test_distributed import ROOT, free_port, history, kill_tree, raw_config, same_histories, same_weights
+
+from preftune import train as train_mod
+from preftune.config import from_dict
+from preftune.engines import process_group_kwargs
+
+GENEROUS = 120  # seconds: a bound on a wait that the run ends by itself, far above what it takes
+
+
+def two_nodes(tmp_path: Path, raw: dict, name: str, script: str | None = None) -> list[subprocess.Popen]:
+    """Node 0 and node 1 of `torchrun --nnodes 2 --nproc_per_node 1 ... train <config>`, on loopback; each
+    launcher and its worker in a session of their own, its output in <name>.node<k>.log."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    target = [script] if script else ["-m", "preftune"]
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                   *target, "train", str(config)]
+        log = (tmp_path / f"{name}.node{node}.log").open("w")
+        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def finished(procs: list[subprocess.Popen]) -> list[int]:
+    try:
+        return [p.wait(timeout=1800) for p in procs]  # a hang guard only
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            kill_tree(p)
+        raise
+
+
+def worker_rank(launcher: subprocess.Popen) -> tuple[int, int]:
+    """(pid, RANK) of the one worker a launcher started: the rendezvous, not --node_rank, decides its rank."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher.pid:
+                continue
+            env = dict(line.split("=", 1) for line in (stat.parent / "environ").read_text().split("\0") if "=" in line)
+        except (OSError, ValueError):
+            continue
+        if "RANK" in env:
+            return int(stat.parent.name), int(env["RANK"])
+    raise AssertionError(f"no worker under launcher {launcher.pid}")
+
+
+OVER = {"save_steps": 2, "ddp_timeout": 20}
+ENGINES = {"ddp": {}, "fsdp2": {"fsdp": "full_shard"},
+           "zero3": {"deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json")}}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir) -> Path:
+    """The output folder of the run the two-node runs must equal: one process with the global batch (8)."""
+    folder, threads = tmp_path_factory.mktemp("one_process"), torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes runs
+    try:
+        train_mod.train(from_dict(raw_config(folder, tiny_model_dir, output_dir=str(folder / "one"), **OVER)))
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "one"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,stop", [("ddp", signal.SIGSTOP), ("fsdp2", signal.SIGKILL), ("zero3", signal.SIGSTOP)],
+                         ids=["ddp-hung", "fsdp2-killed", "zero3-hung"])
+def test_two_nodes_equal_one_process_and_a_lost_process_stops_the_other_within_ddp_timeout(
+        tmp_path, tiny_model_dir, one_process, engine, stop):
+    """Each engine once, each launch used twice: stopped after checkpoint-2 (a process SIGSTOPped: it hangs,
+    which only the timeout ends; or SIGKILLed: its connection closes), then resumed on the same layout to
+    the end, every logged row and the final weights equal to a one-process run with the global batch."""
+    hung = stop == signal.SIGSTOP
+    out = tmp_path / "two"
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(out), per_device_train_batch_size=4, **OVER,
+                     **ENGINES[engine])
+    script, go = paused_preftune(tmp_path, after_step=3)  # both processes held after step 3 (checkpoint-2 written)
+    nodes = two_nodes(tmp_path, two, "lost", script=script)
+    try:
+        deadline = time.monotonic() + 1800  # a hang guard only: the run waits for the test
+        while not (out / "checkpoint-2").is_dir() and all(p.poll() is None for p in nodes) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / "checkpoint-2").is_dir(), [p.poll() for p in nodes]
+        workers = [worker_rank(p) for p in nodes]
+        lost = next(k for k, (_, rank) in enumerate(workers) if rank == 1)
+        os.kill(workers[lost][0], stop)
+        go.touch()  # process 0 goes on into step 4, whose collectives process 1 never answers
+        survivor = nodes[1 - lost]
+        survivor.wait(timeout=GENEROUS)  # TimeoutExpired: it hangs, which ddp_timeout is there to prevent
+        assert survivor.returncode != 0
+    finally:
+        for p in nodes:
+            kill_tree(p)  # the lost process's launcher (its worker stopped or dead) and anything left
+    said = [line for line in (tmp_path / f"lost.node{1 - lost}.log").read_text().splitlines()
+            if line.startswith("preftune:")]
+    if hung:
+        assert said == ["preftune: error: process 0 of 2 stopped: process 1 did not answer within ddp_timeout=20 s "
+                        "(it hangs, or its machine is unreachable). No final model was saved; the last checkpoint "
+                        f"is {out / 'checkpoint-2'} (resume_from_checkpoint: true continues from it, with 2 "
+                        "processes again)"]
+    else:
+        assert len(said) == 1 and "process 0 of 2 stopped: process 1 closed its connection (it died" in said[0]
+    assert not (out / "model.safetensors").exists()
+
+    # the same layout resumes from checkpoint-2 to the end; every logged row and the final weights equal the
+    # one-process run's: the two launches trained as one run with the global batch
+    resumed = finished(two_nodes(tmp_path, {**two, "resume_from_checkpoint": True}, "resumed"))
+    assert resumed == [0, 0]
+    logs = "".join((tmp_path / f"{n}.node{k}.log").read_text() for n in ("lost", "resumed") for k in (0, 1))
+    assert "global batch 8 pairs per step = 4 per device x 1 accumulation x 2 processes" in logs
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in logs
+    rows, _ = same_histories(one_process, out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7]
+    assert [r["step"] for r in history(out)] == [r["step"] for r in rows]
+    same_weights(one_process, out)
+
+
+def test_ddp_timeout_is_what_accelerate_passes_to_init_process_group(tmp_path):
+    """accelerate passes on only the fields that differ from its own defaults (600 s, NCCL's): 600 s too must
+    reach gloo and DeepSpeed, whose own default is 30 minutes."""
+    def kwargs(deepspeed=False, **over):
+        cfg = from_dict({"model_name_or_path": str(tmp_path / "absent"), "dataset": "x.jsonl", **over})
+        group = process_group_kwargs(cfg, deepspeed)
+        return group and group.to_kwargs()
+
+    assert kwargs(ddp_timeout=20) == {"timeout": timedelta(seconds=20)}
+    assert kwargs(ddp_timeout=600)["timeout"].seconds == 600
+    assert kwargs(ddp_timeout=180000000) == {"timeout": timedelta(seconds=180000000)}  # LLaMA-Factory's examples
+    assert kwargs() is None  # unset: torch's defaults
+    if not torch.cuda.is_available():  # DeepSpeed's CPU processes: gloo, named
+        assert kwargs(deepspeed=True)["backend"] == "gloo"
+
+
+def test_the_accelerate_multi_node_config_starts_torchrun_as_one_of_two_machines():
+    """examples/accelerate/multi-node.yaml as accelerate reads it, and the torchrun arguments its launcher makes
+    on the second machine (accelerate's own functions; nothing is started)."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    file = str(ROOT / "examples" / "accelerate" / "multi-node.yaml")
+    config = load_config_from_file(file)
+    assert isinstance(config, ClusterConfig) and config.num_machines == 2 and config.num_processes % 2 == 0
+    args = launch_command_parser().parse_args(["--config_file", file, "--machine_rank", "1", "-m", "preftune",
+                                               "train", "cfg.yaml"])
+    _validate_launch_command(args)
+    prepare_multi_gpu_env(args)
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, str(config.num_processes // 2))
+    assert args.rdzv_endpoint == f"{config.main_process_ip}:{config.main_process_port}"
+    assert (args.module, args.training_script, args.training_script_args) == (True, "preftune", ["train", "cfg.yaml"])
+
+
+def test_the_slurm_script_starts_one_torchrun_per_machine(tmp_path):
+    """examples/slurm/preftune.sbatch run by bash under a stand-in Slurm (srun writes down its arguments,
+    scontrol names the job's machines): one torchrun per machine, with the job's values, that torchrun's own
+    parser accepts."""
+    script = ROOT / "examples" / "slurm" / "preftune.sbatch"
+    directives = [line.split()[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "--nodes=2" in directives and "--ntasks-per-node=1" in directives
+    bin_dir, said = tmp_path / "bin", tmp_path / "srun.args"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {said}\n')
+    hostnames = '[ "$*" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"'
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\n{hostnames}\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "4"}
+    subprocess.run(["bash", str(script), "cfg.yaml"], cwd=ROOT, env=env, check=True, timeout=60)
+    args = said.read_text().splitlines()
+    assert args[:2] == ["--kill-on-bad-exit=1", ".venv/bin/torchrun"]
+    from torch.distributed.run import get_args_parser
+
+    run = get_args_parser().parse_args(args[2:])
+    assert (run.nnodes, run.nproc_per_node, run.rdzv_id, run.rdzv_backend, run.rdzv_endpoint) == \
+        ("2", "4", "4242", "c10d", "gpu07:29500")
+    assert (run.module, run.training_script, run.training_script_args) == (True, "preftune", ["train", "cfg.yaml"])
+
+
+@pytest.mark.parametrize("world,text,said", [
+    (2, "[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv operation "
+        "to complete", "process 1 did not answer within ddp_timeout=20 s (it hangs, or its machine is unreachable)"),
+    (2, "[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:41234",
+     "process 1 closed its connection (it died: its launcher's log says why)"),
+    (4, "[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer",
+     "one of the other 3 processes closed its connection"),
+    (2, "gloo: unexpected op", "a collective with process 1 failed (gloo: unexpected op)"),
+    (2, "CUDA out of memory", None),  # not a collective's failure: the error as it is
+    (1, "[gloo] Timed out", None),  # one process: nothing to lose
+])
+def test_a_failed_collective_is_one_line_naming_the_other_process(tmp_path, monkeypatch, world, text, said):
+    """runtime.lost_process on the errors torch's gloo raises (the end-to-end runs above make them for real)."""
+    from preftune import runtime
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(runtime, "latest_checkpoint", lambda out: out / "checkpoint-4")  # (checkpoints' business)
+    cfg = from_dict({"model_name_or_path": str(tmp_path / "absent"), "dataset": "x.jsonl", "ddp_timeout": 20,
+                     "output_dir": str(tmp_path / "out")})
+    lost = runtime.lost_process(RuntimeError(text), cfg)
+    if said is None:
+        assert lost is None
+        return
+    message = str(lost)
+    assert message.startswith(f"process 0 of {world} stopped: {said}") and "\n" not in message
+    assert message.endswith(f"the last checkpoint is {tmp_path / 'out' / 'checkpoint-4'} (resume_from_checkpoint: "
+                            f"true continues from it, with {world} processes again)")

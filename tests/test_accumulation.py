@@ -21,8 +21,8 @@ def test_four_accumulated_micro_batches_equal_one_batch_of_their_pairs(tmp_path,
     assert [r["step"] for r in accumulated] == [r["step"] for r in one]
     for row_one, row in zip(one, accumulated):
         for key in COMPARED:
-            # (the KL: a sample of the step's last micro-batch, by design)
-            if key in row_one and not key.startswith("kl_"):
+            # (the KL, logits/* and entropy: a sample of the step's last micro-batch, by design)
+            if key in row_one and not key.startswith(("kl_", "logits/", "entropy")):
                 assert row[key] == pytest.approx(row_one[key], abs=1e-5, rel=1e-5), (row_one["step"], key)
     trained = [r for r in accumulated if "grad_norm" in r]
     assert [r["step"] for r in trained] == list(range(1, 8))

@@ -33,6 +33,9 @@ INIT_SCALE = 2.0 ** 20
 
 
 def test_accelerate_makes_fp16_on_a_cpu_inert_so_preftune_refuses_it():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # an earlier run's state (as make_accelerator does)
     accelerator = Accelerator(mixed_precision="fp16", cpu=True)
     assert accelerator.scaler is None and not accelerator.native_amp  # no loss scaling, and no autocast:
     with accelerator.autocast():

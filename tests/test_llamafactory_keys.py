@@ -30,9 +30,9 @@ ray_init_kwargs resources_per_worker placement_strategy runtime_env env_vars pip
 
 # Every key of LLaMA-Factory's hparams/data_args.py, finetuning_args.py and model_args.py that a DPO, KTO or SFT run
 # can carry: not its PPO, reward-model, export, vLLM/SGLang-server and KTransformers keys, nor internal fields.
-# enable_thinking and preserve_thinking (templates) and moe_aux_loss_coef (MoE) are documented with those features.
+# moe_aux_loss_coef (MoE) is documented with that feature.
 LLAMAFACTORY_ARGUMENT_KEYS = """
-template dataset eval_dataset dataset_dir media_dir cutoff_len train_on_prompt mask_history streaming buffer_size
+enable_thinking preserve_thinking template dataset eval_dataset dataset_dir media_dir cutoff_len train_on_prompt mask_history streaming buffer_size
 mix_strategy interleave_probs overwrite_cache preprocessing_batch_size preprocessing_num_workers max_samples
 eval_num_beams ignore_pad_token_for_loss val_size eval_on_each_dataset packing neat_packing tool_format
 default_system tokenized_path data_shared_file_system freeze_trainable_layers freeze_trainable_modules

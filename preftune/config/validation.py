@@ -15,8 +15,8 @@ import logging
 import math
 from typing import Any
 
-from preftune.config.names import (FLASH_ATTN, LABEL_SMOOTHING_LOSSES, LIGER_LOSSES, LOSS_NAMES, RAW_TEMPLATE_NAMES,
-                                   REFERENCE_FREE, TEMPLATE_NAMES, TRACKERS)
+from preftune.config.names import (F_DIVERGENCE_LOSSES, FLASH_ATTN, LABEL_SMOOTHING_LOSSES, LIGER_LOSSES, LOSS_NAMES,
+                                   RAW_TEMPLATE_NAMES, REFERENCE_FREE, TEMPLATE_NAMES, TRACKERS)
 from preftune.config.schema import FIELDS, TYPES_BASE, TrainConfig
 from preftune.errors import ConfigError
 
@@ -282,9 +282,13 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if cfg.per_device_train_batch_size < 2 or cfg.eval_batch_size < 2:
             raise ConfigError("per_device_train_batch_size: kto needs at least 2 examples per micro-batch (and per "
                               "eval batch): its KL baseline pairs each prompt with another example's completion")
-    if cfg.f_divergence_type != "reverse_kl" and set(names) - {"sft"} != {"sigmoid"}:
-        raise ConfigError(f"f_divergence_type: {cfg.f_divergence_type} applies to the sigmoid (DPO) loss only "
-                          f"(f-DPO); pref_loss is {cfg.pref_loss}; use pref_loss: sigmoid or f_divergence_type: reverse_kl")
+    if cfg.f_divergence_type != "reverse_kl":  # f-DPO replaces the log-ratios in DPO's margin h (as TRL 1.16 allows)
+        unfit = [n for n in names if n not in F_DIVERGENCE_LOSSES and n != "sft"]
+        if unfit or names == ["sft"]:
+            raise ConfigError(f"f_divergence_type: {cfg.f_divergence_type} replaces the log-ratios in DPO's margin, "
+                              f"which {', '.join(unfit or names)} does not use (it scores each completion on its own, "
+                              f"sorts, or has no reference; TRL refuses it too); use one of "
+                              f"{', '.join(F_DIVERGENCE_LOSSES)}, or f_divergence_type: reverse_kl")
     if cfg.f_alpha_divergence_coef != 0.5 and cfg.f_divergence_type != "alpha_divergence":
         raise ConfigError(f"f_alpha_divergence_coef: used only with f_divergence_type: alpha_divergence "
                           f"(it is {cfg.f_divergence_type}); set that or remove f_alpha_divergence_coef")

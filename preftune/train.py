@@ -15,6 +15,7 @@ run (or is skipped, skip_nonfinite_steps) and SIGINT/SIGTERM stop it after the s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -34,7 +35,7 @@ from preftune.errors import DataError
 from preftune.evaluate import evaluate, training_row
 from preftune.generate import sample_texts
 from preftune.logps import LogpsModule
-from preftune.models import check_attention, load_tokenizer
+from preftune.models import check_attention, load_tokenizer, router_aux_coef
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models
 from preftune.report import MetricsLog
@@ -103,6 +104,8 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     world, rank = engine.world, engine.rank
     global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
     policy, reference = load_models(cfg, tokenizer, engine, {"train": train_items, **eval_items})
+    # a mixture-of-experts policy's load-balancing loss: the weight set, or the model's own (0: not MoE, or off)
+    cfg = dataclasses.replace(cfg, router_aux_loss_coef=router_aux_coef(cfg, policy))
     metrics = MetricsLog(cfg, engine.accelerator)
     nonfinite = runtime.NonFiniteGuard(cfg, engine.accelerator, metrics)
     metrics.describe_setup(engine.accelerator, global_batch, unit, reference.description,

@@ -78,7 +78,7 @@ CHANGED_RUN_KEYS = {
     "reference": ("ref_model", "ref_model_adapters", "ref_model_quantization_bit", "precompute_ref_log_probs"),
     "loss": ("pref_loss", "loss_weights", "pref_beta", "label_smoothing", "discopop_tau", "simpo_gamma",
              "pref_bco_weight", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight", "f_divergence_type",
-             "f_alpha_divergence_coef", "ld_alpha", "use_weighting"),
+             "f_alpha_divergence_coef", "ld_alpha", "use_weighting", "router_aux_loss_coef"),
 }
 
 

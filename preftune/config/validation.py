@@ -33,6 +33,7 @@ BOUNDS: dict[str, str] = {
     "pref_beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "discopop_tau": "(0, inf)", "simpo_gamma": "[0, inf)",
     "pref_bco_weight": "[0, inf)", "pref_ftx": "[0, inf)", "kto_chosen_weight": "[0, inf)",
     "kto_rejected_weight": "[0, inf)", "f_alpha_divergence_coef": "(-inf, inf)", "ld_alpha": "[0, 1]",
+    "router_aux_loss_coef": "[0, inf)",
     # data
     "val_size": "[0, inf)", "max_samples": "[1, inf)", "cutoff_len": "[2, inf)", "max_prompt_length": "[1, inf)",
     "preprocessing_num_workers": "[1, inf)",

@@ -17,6 +17,9 @@ chunk's are recomputed in backward instead of stored, so they never exist at onc
 they are kept: the recompute is one more LM-head matmul per chunk, about 15% of a step on the CPU
 benchmark, for memory that small batches do not need (benchmarks/RESULTS.md).
 
+Mixture-of-experts models (router_aux_loss_coef, `router_aux_loss`): the backbone's router logits of the same pass
+give the model's load-balancing loss (`BatchLogps.aux_loss`), as its own forward computes it.
+
 enable_liger_kernel (`fused_dpo_logps`): while training, the LM head and the DPO loss run instead
 through Liger's fused linear DPO loss (the liger-kernel package), which computes the gradient in
 the forward pass a few pairs at a time; the same numbers.
@@ -48,6 +51,7 @@ class BatchLogps(NamedTuple):
     wpo_weights: torch.Tensor | None = None  # (R,) WPO's per-sequence weights, detached (wpo)
     fused_loss: torch.Tensor | None = None  # () Liger's loss, the mean over the B pairs, with its gradient (fused)
     aux_loss: torch.Tensor | None = None  # () a mixture-of-experts model's load-balancing loss, with its gradient (router_aux)
+    aux_loss_coef: float = 0.0  # its weight in the objective (`LogpsModule.router_aux_loss_coef`)
 
 
 class FusedDPO(NamedTuple):
@@ -366,19 +370,27 @@ class LogpsModule(torch.nn.Module):
 
     call_head: the LM head is applied by calling it, never by reading its weight (which the CPU's float32
     head otherwise does): for an engine that holds the weight partitioned and gathers it only inside the
-    module's call. The engine that prepares this module says so (engines/)."""
+    module's call. The engine that prepares this module says so (engines/).
 
-    def __init__(self, model, chunk_size: int, call_head: bool = False):
+    router_aux_loss_coef (a mixture-of-experts policy: `models.router_aux_coef`, 0 otherwise): every pass also
+    returns the model's load-balancing loss and this weight of it (`BatchLogps.aux_loss`, `aux_loss_coef`), which
+    the step adds to the loss (`step.add_router_aux`). A reference is run without it."""
+
+    def __init__(self, model, chunk_size: int, call_head: bool = False, router_aux_loss_coef: float = 0.0):
         super().__init__()
         self.model, self.chunk_size, self.call_head = model, chunk_size, call_head
+        self.router_aux_loss_coef = router_aux_loss_coef
 
     def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
                 position_ids=None, sequence_lengths=None, score_index=None, score_rows=None, fused=None,
-                reference_logps=None, router_aux=False):
+                reference_logps=None):
+        router_aux = self.router_aux_loss_coef > 0
         if fused is not None:  # enable_liger_kernel, while training
-            return fused_dpo_logps(self.model, input_ids, attention_mask, completion_mask, reference_logps, fused,
-                                   self.chunk_size, return_hidden, router_aux)
-        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
-                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
-                               sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows,
-                               call_head=self.call_head, router_aux=router_aux)
+            out = fused_dpo_logps(self.model, input_ids, attention_mask, completion_mask, reference_logps, fused,
+                                  self.chunk_size, return_hidden, router_aux)
+        else:
+            out = get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
+                                  return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
+                                  sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows,
+                                  call_head=self.call_head, router_aux=router_aux)
+        return out._replace(aux_loss_coef=self.router_aux_loss_coef) if router_aux else out

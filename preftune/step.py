@@ -49,13 +49,14 @@ def configured_loss(cfg):
                      pref_ftx=cfg.pref_ftx, pref_bco_weight=cfg.pref_bco_weight)
 
 
-def add_router_aux(losses: torch.Tensor, stats: dict, out, coef: float) -> torch.Tensor:
+def add_router_aux(losses: torch.Tensor, stats: dict, out) -> torch.Tensor:
     """A mixture-of-experts policy (router_aux_loss_coef, resolved against the model by `models.router_aux_coef`):
-    losses (B,) + coef x the load-balancing loss of the pass that scored them (`out.aux_loss`, ()), the same
+    losses (B,) + coef x the load-balancing loss of the pass that scored them (`out.aux_loss`, (), with its
+    weight coef = `out.aux_loss_coef`; `LogpsModule` returns them where the coefficient is not 0), the same
     for every item, so that the mean over the items, the loop's loss, is TRL 1.16's loss + coef x aux_loss; the
     loss itself is logged as `aux_loss`, TRL's name. The statistics' `loss` then includes the term, as TRL's."""
     stats["aux_loss"] = out.aux_loss.detach().expand(losses.size(0))
-    return losses + coef * out.aux_loss
+    return losses + out.aux_loss_coef * out.aux_loss
 
 
 def _kl(policy_logps, reference, policy_out, reference_out, max_tokens, engine) -> dict[str, tuple[float, int]]:
@@ -93,7 +94,6 @@ class PreferenceStep:
     def __init__(self, cfg, engine=None):
         self.loss, self.engine = configured_loss(cfg), engine
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
-        self.router_aux_loss_coef = cfg.router_aux_loss_coef or 0.0  # None: not resolved against a model, off
         # enable_liger_kernel: one of Liger's DPO losses (the config refuses the rest), fused with the LM head
         self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
             if cfg.enable_liger_kernel else None
@@ -115,14 +115,13 @@ class PreferenceStep:
         kl = kl and reference.model is not None
         # Liger computes gradients in its forward pass: only worth it (and only used) where there are any
         fused = self.fused if torch.is_grad_enabled() else None
-        aux = self.router_aux_loss_coef > 0  # the policy's pass (chosen and rejected together) only, as TRL's
         if fused is not None:  # Liger's loss takes the reference's log-probs: they come first
             reference_out = reference.logps(batch, return_hidden=kl)
             policy_out = policy(**model_inputs(batch), return_hidden=kl, fused=fused,
-                                reference_logps=reference_out.logps, router_aux=aux)
+                                reference_logps=reference_out.logps)
         else:
             policy_out = policy(**model_inputs(batch), return_hidden=kl, ld_alpha=self.ld_alpha,
-                                wpo=self.use_weighting, router_aux=aux)
+                                wpo=self.use_weighting)
             reference_out = reference.logps(batch, ld_alpha=self.ld_alpha, return_hidden=kl)
         B = policy_out.logps.size(0) // 2
         policy_chosen_logps, policy_rejected_logps = policy_out.logps[:B], policy_out.logps[B:]  # (B,) each
@@ -140,8 +139,8 @@ class PreferenceStep:
             # mean over the B pairs, so summed over them this term carries B x its gradient, the sum's gradient
             losses = losses + (policy_out.fused_loss - policy_out.fused_loss.detach())
         stats = {}
-        if aux:
-            losses = add_router_aux(losses, stats, policy_out, self.router_aux_loss_coef)
+        if policy_out.aux_loss is not None:  # the policy's pass (chosen and rejected together), as TRL's
+            losses = add_router_aux(losses, stats, policy_out)
         stats |= {
             "loss": losses.detach(),
             "rewards/chosen": chosen_rewards,
@@ -177,7 +176,6 @@ class UnpairedStep:
 
     def __init__(self, cfg, engine=None):
         self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
-        self.router_aux_loss_coef = cfg.router_aux_loss_coef or 0.0  # as PreferenceStep's
 
     @staticmethod
     def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
@@ -192,8 +190,7 @@ class UnpairedStep:
         examples, mismatched = {k: batch[k] for k in ROWS}, {k: batch[f"kl_{k}"] for k in ROWS}
         labels = batch["labels"]  # (B,) bool, True = desirable
         kl = kl and reference.model is not None
-        aux = self.router_aux_loss_coef > 0  # the examples' pass, not the KL rows' (no gradient there)
-        policy_out = policy(**examples, return_hidden=kl, router_aux=aux)
+        policy_out = policy(**examples, return_hidden=kl)
         policy_logps, lengths = policy_out.logps, policy_out.lengths  # (B,), (B,)
         with torch.no_grad():
             policy_kl_logps = policy(**mismatched).logps
@@ -202,8 +199,8 @@ class UnpairedStep:
         losses, rewards, z_ref = self.loss(policy_logps, reference_out.logps, policy_kl_logps, reference_kl_logps,
                                            labels, self.beta)
         stats = {}
-        if aux:
-            losses = add_router_aux(losses, stats, policy_out, self.router_aux_loss_coef)
+        if policy_out.aux_loss is not None:  # the examples' pass (the KL rows' has no gradient), as TRL's
+            losses = add_router_aux(losses, stats, policy_out)
         stats |= {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels))}
         for side, mask in (("chosen", labels), ("rejected", ~labels)):
             if mask.any():
@@ -235,7 +232,6 @@ class SFTStep:
 
     def __init__(self, cfg, engine=None):
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
-        self.router_aux_loss_coef = cfg.router_aux_loss_coef or 0.0  # as PreferenceStep's
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
@@ -249,13 +245,12 @@ class SFTStep:
         return len(pair.chosen_ids)
 
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
-        aux = self.router_aux_loss_coef > 0
-        out = policy(**model_inputs(batch), router_aux=aux)
+        out = policy(**model_inputs(batch))
         B = out.logps.size(0)
         losses = -out.logps * B / out.lengths.sum().clamp(min=1)  # (B,): mean over examples = mean NLL per token
         stats = {}
-        if aux:
-            losses = add_router_aux(losses, stats, out, self.router_aux_loss_coef)
+        if out.aux_loss is not None:
+            losses = add_router_aux(losses, stats, out)
         return StepOutput(losses, {**stats, "loss": losses.detach()}, None)
 
     def state_dict(self) -> dict:

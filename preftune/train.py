@@ -15,7 +15,6 @@ run (or is skipped, skip_nonfinite_steps) and SIGINT/SIGTERM stop it after the s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -104,15 +103,15 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     world, rank = engine.world, engine.rank
     global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
     policy, reference = load_models(cfg, tokenizer, engine, {"train": train_items, **eval_items})
-    # a mixture-of-experts policy's load-balancing loss: the weight set, or the model's own (0: not MoE, or off)
-    cfg = dataclasses.replace(cfg, router_aux_loss_coef=router_aux_coef(cfg, policy))
     metrics = MetricsLog(cfg, engine.accelerator)
     nonfinite = runtime.NonFiniteGuard(cfg, engine.accelerator, metrics)
     metrics.describe_setup(engine.accelerator, global_batch, unit, reference.description,
                            describe_precision(policy, reference, cfg))
     policy.train()
-    # the policy's whole log-prob pass as one module, for the engine to wrap, shard or run
-    policy_logps, optimizer = engine.prepare(LogpsModule(policy, cfg.logps_chunk_size),
+    # the policy's whole log-prob pass as one module, for the engine to wrap, shard or run; a mixture-of-experts
+    # policy's passes also give its load-balancing loss, weighted as set or by the model's own coefficient
+    policy_logps, optimizer = engine.prepare(LogpsModule(policy, cfg.logps_chunk_size,
+                                                         router_aux_loss_coef=router_aux_coef(cfg, policy)),
                                              lambda: make_optimizer(policy, cfg), reference)
     micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)

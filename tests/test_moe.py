@@ -98,10 +98,11 @@ def test_dpo_step_with_the_aux_loss_matches_trl(coef, tiny_tokenizer, demo_pairs
     trl_aux = trainer._metrics["train"]["aux_loss"][-1]
 
     cfg = from_dict({"pref_loss": "sigmoid", "pref_beta": 0.1, "logps_chunk_size": CHUNK_SIZE, **options})
-    cfg = cfg.__class__(**{**cfg.to_dict(), "router_aux_loss_coef": router_aux_coef(cfg, policy)})
-    assert cfg.router_aux_loss_coef == (coef or 0.001)
+    resolved = router_aux_coef(cfg, policy)  # as a run resolves it for the policy's LogpsModule
+    assert resolved == (coef or 0.001)
     policy.train()
-    losses, stats, _ = PreferenceStep(cfg)(LogpsModule(policy, CHUNK_SIZE), Reference(reference, chunk_size=CHUNK_SIZE),
+    losses, stats, _ = PreferenceStep(cfg)(LogpsModule(policy, CHUNK_SIZE, router_aux_loss_coef=resolved),
+                                           Reference(reference, chunk_size=CHUNK_SIZE),
                                            {k: batch[k] for k in BATCH_KEYS})
     losses.mean().backward()
     assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5)
@@ -112,12 +113,11 @@ def test_dpo_step_with_the_aux_loss_matches_trl(coef, tiny_tokenizer, demo_pairs
     for name, p in routers:
         expected = dict(trainer.model.named_parameters())[name].grad
         torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-4)
-    plain = from_dict({"pref_loss": "sigmoid", "pref_beta": 0.1, "logps_chunk_size": CHUNK_SIZE,
-                       "router_aux_loss_coef": 0})
-    without, _, _ = PreferenceStep(plain)(LogpsModule(policy, CHUNK_SIZE), Reference(reference, chunk_size=CHUNK_SIZE),
-                                          {k: batch[k] for k in BATCH_KEYS})
+    without, plain, _ = PreferenceStep(cfg)(LogpsModule(policy, CHUNK_SIZE), Reference(reference, chunk_size=CHUNK_SIZE),
+                                            {k: batch[k] for k in BATCH_KEYS})
+    assert "aux_loss" not in plain
     # the aux term is there: coef x aux_loss (aux_loss is about 2 here, experts x the balanced share)
-    assert losses.mean().item() - without.mean().item() == pytest.approx(cfg.router_aux_loss_coef * trl_aux, rel=1e-4)
+    assert losses.mean().item() - without.mean().item() == pytest.approx(resolved * trl_aux, rel=1e-4)
 
 
 def _run(tmp_path, model_dir, name, **over):

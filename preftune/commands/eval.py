@@ -22,7 +22,6 @@ model (the reference at KL 0).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -109,8 +108,9 @@ def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
 
     pairs = load_pairs(cfg.__class__(**{**cfg.to_dict(), "eval_dataset": None, "val_size": 0.0}))[0]
     items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template)
-    cfg = dataclasses.replace(cfg, router_aux_loss_coef=router_aux_coef(cfg, policy))  # MoE: as training's eval_loss
-    stats = evaluate(PreferenceStep(cfg), LogpsModule(policy, cfg.logps_chunk_size),
+    # a mixture-of-experts policy: its load-balancing loss in the loss, as in training's eval_loss
+    stats = evaluate(PreferenceStep(cfg), LogpsModule(policy, cfg.logps_chunk_size,
+                                                      router_aux_loss_coef=router_aux_coef(cfg, policy)),
                      Reference(reference, chunk_size=cfg.logps_chunk_size), items, cfg.eval_batch_size,
                      tokenizer.pad_token_id, OneProcess(cfg, Accelerator(cpu=not torch.cuda.is_available())))
     return {"pairs": len(items), **{k.removeprefix("eval_"): v for k, v in stats.items()}}

@@ -17,6 +17,9 @@ chunk's are recomputed in backward instead of stored, so they never exist at onc
 they are kept: the recompute is one more LM-head matmul per chunk, about 15% of a step on the CPU
 benchmark, for memory that small batches do not need (benchmarks/RESULTS.md).
 
+Mixture-of-experts models (router_aux_loss_coef, `router_aux_loss`): the backbone's router logits of the same pass
+give the model's load-balancing loss (`BatchLogps.aux_loss`), as its own forward computes it.
+
 enable_liger_kernel (`fused_dpo_logps`): while training, the LM head and the DPO loss run instead
 through Liger's fused linear DPO loss (the liger-kernel package), which computes the gradient in
 the forward pass a few pairs at a time; the same numbers.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from typing import NamedTuple
 
 import torch
@@ -51,6 +55,8 @@ class BatchLogps(NamedTuple):
     mean_logits: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # () a mixture-of-experts model's load-balancing loss, with its gradient (router_aux)
+    aux_loss_coef: float = 0.0  # its weight in the objective (`LogpsModule.router_aux_loss_coef`)
 
 
 class FusedDPO(NamedTuple):
@@ -111,15 +117,37 @@ def _lm_head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torc
     return logps, log_sum_sq, mean_logits, entropy
 
 
-def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None):
-    """Backbone hidden states at the positions that predict a completion token."""
+def router_aux_loss(model, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """A mixture-of-experts model's load-balancing loss (Switch Transformer, Fedus et al. 2021,
+    https://arxiv.org/abs/2101.03961, Eqs. 4-6: experts x sum_e (share of the top-k assignments to e) x (mean
+    router probability of e), over every layer's tokens), computed by the function the model's own transformers
+    module defines, with the arguments its forward passes it, so that it is the model's `aux_loss`: each layer's
+    router logits ((rows x T), experts), the model's top-k and the attention mask that keeps padding out (None:
+    every token counts, as in one packed row). ()."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
+    module = next(sys.modules[c.__module__] for c in type(base).__mro__
+                  if hasattr(sys.modules[c.__module__], "load_balancing_loss_func"))
+    top_k = getattr(base, "num_experts_per_tok", None) or base.config.get_text_config().num_experts_per_tok
+    return module.load_balancing_loss_func(tuple(router_logits), router_logits[0].size(-1), top_k, attention_mask)
+
+
+def _backbone(model, router_aux: bool = False, **inputs):
+    """The backbone's last hidden states, and with router_aux its router logits (mixture-of-experts models:
+    the `aux_loss` of the model's own forward is made from them, and its LM head is not run here), else None."""
     backbone = model.get_decoder()  # transformers models and peft models have one; so does AdapterReference
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
+    out = backbone(**inputs, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
+    return out.last_hidden_state, out.router_logits if router_aux else None
+
+
+def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None, router_aux=False):
+    """Backbone hidden states at the positions that predict a completion token (and the router's logits, with
+    router_aux)."""
+    hidden, router_logits = _backbone(model, router_aux, input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids)
     # position t predicts token t+1: shift the mask and the targets left by one. Packed, the last token
     # of a sequence "predicts" the next sequence's first token, a prompt token, never scored
     score = completion_mask[:, 1:].bool()  # (R, T-1): 2B padded rows, or one packed row
-    return hidden[:, :-1][score], input_ids[:, 1:][score], score  # (N, H), (N,), (R, T-1)
+    return hidden[:, :-1][score], input_ids[:, 1:][score], score, router_logits  # (N, H), (N,), (R, T-1)
 
 
 def _shared_hidden(model, input_ids, attention_mask, position_ids, score_index):
@@ -166,7 +194,8 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     chunk_size: int = 1024, return_hidden: bool = False, ld_alpha: float | None = None,
                     wpo: bool = False, position_ids: torch.Tensor | None = None,
                     sequence_lengths: torch.Tensor | None = None, score_index: torch.Tensor | None = None,
-                    score_rows: torch.Tensor | None = None, call_head: bool = False, token_stats: bool = False):
+                    score_rows: torch.Tensor | None = None, call_head: bool = False, token_stats: bool = False,
+                    router_aux: bool = False):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
@@ -187,12 +216,19 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     call_head: the LM head's weight is read only by calling the module (`LogpsModule.call_head`).
     With token_stats, also each scored token's mean logit and entropy, and its sequence, (N,) each
     (TRL's logits/chosen, logits/rejected and entropy metrics).
-    Returns a `BatchLogps`; hidden, wpo_weights and the token stats are None unless asked for.
+    router_aux (a mixture-of-experts model): also its load-balancing loss over every token of the pass, prompts and
+    both completions, as the model's own forward computes it (`router_aux_loss`); padded rows and packed ones
+    count the same tokens (prefix sharing, which runs a prompt once for two sequences, is refused with it).
+    Returns a `BatchLogps`; hidden, wpo_weights, the token stats and aux_loss are None unless asked for.
     """
+    aux_loss = None
     if score_index is not None:
         hidden, targets = _shared_hidden(model, input_ids, attention_mask, position_ids, score_index)
     else:
-        hidden, targets, score = _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids)
+        hidden, targets, score, router_logits = _completion_hidden(model, input_ids, attention_mask, completion_mask,
+                                                                   position_ids, router_aux)
+        if router_aux:
+            aux_loss = router_aux_loss(model, router_logits, attention_mask)  # packed: no mask, no padding
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
     vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]  # (out_features: the weight may be partitioned)
     recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) * vocab * 4 > KEEP_LOGITS_BYTES
@@ -226,7 +262,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         mean_aligned = token_logps.new_zeros(n).index_add(0, rows, aligned) / lengths.clamp(min=1)
         wpo_weights = torch.exp(mean_aligned)
     return BatchLogps(logps, lengths, hidden.detach() if return_hidden else None, wpo_weights, None, mean_logits,
-                      entropy, rows if token_stats else None)
+                      entropy, rows if token_stats else None, aux_loss=aux_loss)
 
 
 @torch.no_grad()
@@ -306,7 +342,7 @@ IGNORE = -100  # Liger's ignore_index: target positions that are not completion 
 
 def fused_dpo_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
                     reference_logps: torch.Tensor, loss: FusedDPO, chunk_size: int = 1024,
-                    return_hidden: bool = False) -> BatchLogps:
+                    return_hidden: bool = False, router_aux: bool = False) -> BatchLogps:
     """enable_liger_kernel: the policy's summed log-probs (2B,), detached, and its DPO loss through Liger's
     fused linear DPO loss, from the backbone's last hidden states and the LM head's weight, given the
     reference's log-probs (2B,) (a live pass or precomputed). Padded rows only (the config refuses the
@@ -314,9 +350,10 @@ def fused_dpo_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hidden states and the LM head in this forward pass, and keeps only that: the (rows, T, vocab)
     logits of b pairs exist at once, b = chunk_size // (2 T) (at least 1), so logps_chunk_size bounds the
     logits memory as in `get_batch_logps`. Returns a `BatchLogps` with `fused_loss`, the loss's mean
-    over the B pairs; its backward passes Liger's gradients on, scaled as every loss is."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 use_cache=False).last_hidden_state[:, :-1]  # (2B, T-1, H): t predicts t+1
+    over the B pairs; its backward passes Liger's gradients on, scaled as every loss is. router_aux: also the
+    load-balancing loss of a mixture-of-experts model, as `get_batch_logps`'s."""
+    hidden, router_logits = _backbone(model, router_aux, input_ids=input_ids, attention_mask=attention_mask)
+    hidden = hidden[:, :-1]  # (2B, T-1, H): t predicts t+1
     score = completion_mask[:, 1:].bool()  # (2B, T-1)
     targets = input_ids[:, 1:].masked_fill(~score, IGNORE)  # (2B, T-1)
     lm_head = model.get_output_embeddings()
@@ -341,7 +378,8 @@ def fused_dpo_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             rejected.append(aux[1])
     logps = torch.cat(chosen + rejected).detach()  # (2B,) [chosen; rejected]
     kept = hidden[score].detach() if return_hidden else None  # (N, H), in `get_batch_logps`'s order
-    return BatchLogps(logps, score.sum(dim=1), kept, None, total)
+    aux_loss = router_aux_loss(model, router_logits, attention_mask) if router_aux else None
+    return BatchLogps(logps, score.sum(dim=1), kept, None, total, aux_loss=aux_loss)
 
 
 class LogpsModule(torch.nn.Module):
@@ -352,19 +390,27 @@ class LogpsModule(torch.nn.Module):
 
     call_head: the LM head is applied by calling it, never by reading its weight (which the CPU's float32
     head otherwise does): for an engine that holds the weight partitioned and gathers it only inside the
-    module's call. The engine that prepares this module says so (engines/)."""
+    module's call. The engine that prepares this module says so (engines/).
 
-    def __init__(self, model, chunk_size: int, call_head: bool = False):
+    router_aux_loss_coef (a mixture-of-experts policy: `models.router_aux_coef`, 0 otherwise): every pass also
+    returns the model's load-balancing loss and this weight of it (`BatchLogps.aux_loss`, `aux_loss_coef`), which
+    the step adds to the loss (`step.add_router_aux`). A reference is run without it."""
+
+    def __init__(self, model, chunk_size: int, call_head: bool = False, router_aux_loss_coef: float = 0.0):
         super().__init__()
         self.model, self.chunk_size, self.call_head = model, chunk_size, call_head
+        self.router_aux_loss_coef = router_aux_loss_coef
 
     def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
                 position_ids=None, sequence_lengths=None, score_index=None, score_rows=None, fused=None,
                 reference_logps=None, token_stats=False):
+        router_aux = self.router_aux_loss_coef > 0
         if fused is not None:  # enable_liger_kernel, while training
-            return fused_dpo_logps(self.model, input_ids, attention_mask, completion_mask, reference_logps, fused,
-                                   self.chunk_size, return_hidden)
-        return get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
-                               return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
-                               sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows,
-                               call_head=self.call_head, token_stats=token_stats)
+            out = fused_dpo_logps(self.model, input_ids, attention_mask, completion_mask, reference_logps, fused,
+                                  self.chunk_size, return_hidden, router_aux)
+        else:
+            out = get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
+                                  return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
+                                  sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows,
+                                  call_head=self.call_head, token_stats=token_stats, router_aux=router_aux)
+        return out._replace(aux_loss_coef=self.router_aux_loss_coef) if router_aux else out

@@ -86,6 +86,17 @@ def _f_divergence_scores(logratios, f_divergence_type, f_alpha_divergence_coef):
     return logratios  # reverse_kl, and alpha_divergence's limit alpha -> 1: f'(t) = log t (+1, which cancels)
 
 
+def _scores(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            f_divergence_type, f_alpha_divergence_coef):
+    """(s_w, s_l) = (f'(exp r_w), f'(exp r_l)), (B,) each: what the losses built on DPO's margin use in
+    place of (r_w, r_l), h_f = s_w - s_l; (r_w, r_l) themselves under reverse_kl (DPO), as TRL 1.16's
+    DPOTrainer computes its `delta_score` before any loss type."""
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
+                                                      reference_chosen_logps, reference_rejected_logps)
+    return (_f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef),
+            _f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef))
+
+
 def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                  beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0, f_divergence_type="reverse_kl",
                  f_alpha_divergence_coef=0.5):
@@ -110,31 +121,34 @@ def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_lo
         js_divergence      f'(t) = log(2t / (1 + t))
         alpha_divergence   f'(t) = (t^(alpha-1) - 1) / (alpha - 1), alpha = f_alpha_divergence_coef
 
-    as TRL 1.16's DPOTrainer. The rewards stay DPO's beta * r.
+    as TRL 1.16's DPOTrainer. The rewards stay DPO's beta * r. The losses built on DPO's margin take
+    f_divergence_type too (hinge, ipo, robust, exo_pair, discopop, sigmoid_norm: those TRL allows it with);
+    the config refuses it with the others, which score each completion's own log-ratio, or none.
     """
-    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
-                                                      reference_chosen_logps, reference_rejected_logps)
-    chosen_scores = _f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-    rejected_scores = _f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    chosen_scores, rejected_scores = _scores(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                             reference_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
     losses = _smoothed_logistic(beta * (chosen_scores - rejected_scores), label_smoothing)
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
 
 
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-               beta, chosen_lengths, rejected_lengths):
+               beta, chosen_lengths, rejected_lengths, *, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """Hinge loss on the DPO margin (SLiC, Zhao et al. 2023, https://arxiv.org/abs/2305.10425). Summed log-probs.
 
         loss = max(0, 1 - beta * h)   1/beta is the margin in log-ratio units.
+
+    f_divergence_type: h_f = f'(exp r_w) - f'(exp r_l) in place of h (f-DPO, see `sigmoid_loss`), as TRL 1.16.
     """
-    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
-    losses = torch.relu(1 - beta * h)
+    chosen_scores, rejected_scores = _scores(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                             reference_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
+    losses = torch.relu(1 - beta * (chosen_scores - rejected_scores))
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-             beta, chosen_lengths, rejected_lengths):
+             beta, chosen_lengths, rejected_lengths, *, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036, Eq. 17; beta is the paper's tau).
     Length-averaged log-probs.
 
@@ -144,17 +158,19 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     Why averaged: with summed log-probs the squared loss grows with completion length, so one
     beta would mean different things for short and long pairs. TRL and the IPO authors use the
     per-token average, and so do we. The reported rewards stay summed (beta * log-ratio), as in TRL.
+    f_divergence_type: the scores f'(exp r) averaged in place of r (f-DPO, see `sigmoid_loss`), as TRL 1.16.
     """
-    chosen_logratios, rejected_logratios = _per_token(
-        *_logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps),
+    chosen_scores, rejected_scores = _per_token(
+        *_scores(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                 f_divergence_type, f_alpha_divergence_coef),
         chosen_lengths, rejected_lengths)
-    losses = (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
+    losses = (chosen_scores - rejected_scores - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
 
 
 def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0):
+                beta, chosen_lengths, rejected_lengths, *, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """Robust DPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409). Summed log-probs.
     label_smoothing = eps in [0, 0.5) is the probability that a preference label is flipped:
 
@@ -162,10 +178,12 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_log
 
     An unbiased estimate of the clean-label DPO loss under flips (eps = 0 gives DPO). Unlike cDPO,
     whose minimum is at a finite margin (sigmoid(z) = 1 - eps), it keeps falling as the margin grows.
+
+    f_divergence_type: h_f = f'(exp r_w) - f'(exp r_l) in place of h (f-DPO, see `sigmoid_loss`), as TRL 1.16.
     """
-    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
-                                                      reference_chosen_logps, reference_rejected_logps)
-    logits = beta * (chosen_logratios - rejected_logratios)
+    chosen_scores, rejected_scores = _scores(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                             reference_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
+    logits = beta * (chosen_scores - rejected_scores)
     losses = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) \
         / (1 - 2 * label_smoothing)
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
@@ -173,7 +191,7 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_log
 
 
 def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  beta, chosen_lengths, rejected_lengths, *, label_smoothing):
+                  beta, chosen_lengths, rejected_lengths, *, label_smoothing, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """EXO for pairs (Ji et al. 2024, https://arxiv.org/abs/2402.00856, Eq. 16 with K = 2). Summed log-probs.
     The reverse KL from the policy's preference distribution q = (sigmoid(beta h), sigmoid(-beta h))
     to the smoothed labels p = (1 - eps, eps), eps = label_smoothing > 0 (the paper suggests 1e-3):
@@ -181,10 +199,12 @@ def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
         loss = sigmoid(beta h) [log sigmoid(beta h) - log(1 - eps)] + sigmoid(-beta h) [log sigmoid(-beta h) - log eps]
 
     eps = 0 would put log 0 in the loss, so it has no default and the config requires eps > 0.
+
+    f_divergence_type: h_f = f'(exp r_w) - f'(exp r_l) in place of h (f-DPO, see `sigmoid_loss`), as TRL 1.16.
     """
-    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
-                                                      reference_chosen_logps, reference_rejected_logps)
-    logits = beta * (chosen_logratios - rejected_logratios)
+    chosen_scores, rejected_scores = _scores(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                             reference_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
+    logits = beta * (chosen_scores - rejected_scores)
     eps = torch.tensor(label_smoothing, dtype=logits.dtype, device=logits.device)
     losses = (torch.sigmoid(logits) * (F.logsigmoid(logits) - torch.log1p(-eps))
               + torch.sigmoid(-logits) * (F.logsigmoid(-logits) - torch.log(eps)))
@@ -305,7 +325,7 @@ def apo_down_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
 
 
 def discopop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  beta, chosen_lengths, rejected_lengths, *, discopop_tau=0.05):
+                  beta, chosen_lengths, rejected_lengths, *, discopop_tau=0.05, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """DiscoPOP, the log-ratio modulated loss (Lu et al. 2024, https://arxiv.org/abs/2406.08414, Eq. 5).
     Summed log-probs. A blend of the logistic (DPO) and exponential losses, mixed by the margin:
 
@@ -313,10 +333,12 @@ def discopop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
         loss = (1 - w) * (-log sigmoid(z)) + w * exp(-z)
 
     tau = discopop_tau (the paper's and TRL's default 0.05).
+
+    f_divergence_type: h_f = f'(exp r_w) - f'(exp r_l) in place of h (f-DPO, see `sigmoid_loss`), as TRL 1.16.
     """
-    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps,
-                                                      reference_chosen_logps, reference_rejected_logps)
-    logits = beta * (chosen_logratios - rejected_logratios)
+    chosen_scores, rejected_scores = _scores(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                             reference_rejected_logps, f_divergence_type, f_alpha_divergence_coef)
+    logits = beta * (chosen_scores - rejected_scores)
     weight = torch.sigmoid(logits / discopop_tau)
     losses = -F.logsigmoid(logits) * (1 - weight) + torch.exp(-logits) * weight
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
@@ -324,7 +346,7 @@ def discopop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
 
 
 def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                      beta, chosen_lengths, rejected_lengths):
+                      beta, chosen_lengths, rejected_lengths, *, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """Length-normalized DPO (Tulu 3, Lambert et al. 2024, https://arxiv.org/abs/2411.15124;
     as in SimPO's length normalization, but with the reference). Length-averaged log-probs:
 
@@ -332,11 +354,13 @@ def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, reference_chos
 
     beta is per token here, so useful values are larger than for `sigmoid` (Tulu 3 uses 5).
     The reported rewards stay summed, as in TRL.
+    f_divergence_type: the scores f'(exp r) averaged in place of r (f-DPO, see `sigmoid_loss`), as TRL 1.16.
     """
-    chosen_logratios, rejected_logratios = _per_token(
-        *_logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps),
+    chosen_scores, rejected_scores = _per_token(
+        *_scores(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                 f_divergence_type, f_alpha_divergence_coef),
         chosen_lengths, rejected_lengths)
-    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    losses = -F.logsigmoid(beta * (chosen_scores - rejected_scores))
     return (losses, *_rewards(beta, policy_chosen_logps, policy_rejected_logps,
                               reference_chosen_logps, reference_rejected_logps))
 

@@ -228,6 +228,28 @@ def load_policy(cfg, reference_adapter: bool = False, read_weights: bool = True)
     return policy
 
 
+def router_aux_coef(cfg, model) -> float:
+    """router_aux_loss_coef resolved against the policy, as TRL 1.16 resolves it: the weight of a
+    mixture-of-experts model's load-balancing loss in the objective (`step.add_router_aux`), the value set or,
+    unset, the model config's own router_aux_loss_coef (0.001 for Qwen2-MoE and Mixtral); 0 (off) for a model
+    whose config has no output_router_logits, which returns no router logits (not MoE). Setting it for such a
+    model, or with prefix_sharing, is refused in one line (docs/moe.md)."""
+    text = model.config.get_text_config()
+    moe = hasattr(text, "output_router_logits")
+    if cfg.router_aux_loss_coef and not moe:
+        raise ConfigError(f"router_aux_loss_coef: {type(model).__name__} is not a mixture-of-experts model that returns "
+                          "router logits (its config has no output_router_logits), so it has no load-balancing loss "
+                          "to weight; remove router_aux_loss_coef (LLaMA-Factory: moe_aux_loss_coef)")
+    coef = getattr(text, "router_aux_loss_coef", 0.0) if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
+    coef = float(coef or 0.0) if moe else 0.0
+    if coef and cfg.prefix_sharing:
+        raise ConfigError(f"router_aux_loss_coef: {coef} (set, or {type(model).__name__}'s own): the load-balancing "
+                          "loss averages over every token of the pass, and prefix_sharing runs a pair's prompt once "
+                          "for both completions, so it would count once what TRL counts twice; use padding_free (the "
+                          "same loss), or set router_aux_loss_coef: 0 to train without it")
+    return coef
+
+
 def apply_liger_kernels(model, cfg) -> None:
     """enable_liger_kernel: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, ...) in place of the layers' own,
     on a CUDA GPU, where Liger has them for the architecture; its fused cross-entropy stays off, as TRL,

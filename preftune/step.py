@@ -54,6 +54,16 @@ def configured_loss(cfg):
                      pref_ftx=cfg.pref_ftx, pref_bco_weight=cfg.pref_bco_weight)
 
 
+def add_router_aux(losses: torch.Tensor, stats: dict, out) -> torch.Tensor:
+    """A mixture-of-experts policy (router_aux_loss_coef, resolved against the model by `models.router_aux_coef`):
+    losses (B,) + coef x the load-balancing loss of the pass that scored them (`out.aux_loss`, (), with its
+    weight coef = `out.aux_loss_coef`; `LogpsModule` returns them where the coefficient is not 0), the same
+    for every item, so that the mean over the items, the loop's loss, is TRL 1.16's loss + coef x aux_loss; the
+    loss itself is logged as `aux_loss`, TRL's name. The statistics' `loss` then includes the term, as TRL's."""
+    stats["aux_loss"] = out.aux_loss.detach().expand(losses.size(0))
+    return losses + out.aux_loss_coef * out.aux_loss
+
+
 def _kl(policy_logps, reference, policy_out, reference_out, max_tokens, engine) -> dict[str, tuple[float, int]]:
     """KL to the reference, per token and per sequence (`kl_metrics`), from the hidden states both forward
     passes already produced; the `engine` makes the LM heads of sharded models whole for it."""
@@ -147,7 +157,10 @@ class PreferenceStep:
             # the values are the loss's on Liger's (detached) log-probs; the gradient is Liger's: its loss is the
             # mean over the B pairs, so summed over them this term carries B x its gradient, the sum's gradient
             losses = losses + (policy_out.fused_loss - policy_out.fused_loss.detach())
-        stats = {
+        stats = {}
+        if policy_out.aux_loss is not None:  # the policy's pass (chosen and rejected together), as TRL's
+            losses = add_router_aux(losses, stats, policy_out)
+        stats |= {
             "loss": losses.detach(),
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
@@ -207,7 +220,10 @@ class UnpairedStep:
         reference_kl_logps = reference.logps(mismatched).logps
         losses, rewards, z_ref = self.loss(policy_logps, reference_out.logps, policy_kl_logps, reference_kl_logps,
                                            labels, self.beta)
-        stats = {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels)), **token_stats(policy_out, labels)}
+        stats = {}
+        if policy_out.aux_loss is not None:  # the examples' pass (the KL rows' has no gradient), as TRL's
+            losses = add_router_aux(losses, stats, policy_out)
+        stats |= {"loss": losses.detach(), "z_ref": z_ref.expand(len(labels)), **token_stats(policy_out, labels)}
         for side, mask in (("chosen", labels), ("rejected", ~labels)):
             if mask.any():
                 stats[f"rewards/{side}"] = rewards[mask]
@@ -255,7 +271,10 @@ class SFTStep:
         out = policy(**model_inputs(batch))
         B = out.logps.size(0)
         losses = -out.logps * B / out.lengths.sum().clamp(min=1)  # (B,): mean over examples = mean NLL per token
-        return StepOutput(losses, {"loss": losses.detach()}, None)
+        stats = {}
+        if out.aux_loss is not None:
+            losses = add_router_aux(losses, stats, out)
+        return StepOutput(losses, {**stats, "loss": losses.detach()}, None)
 
     def state_dict(self) -> dict:
         return {}

@@ -35,7 +35,7 @@ from preftune.errors import DataError
 from preftune.evaluate import evaluate, training_row
 from preftune.generate import sample_texts
 from preftune.logps import LogpsModule
-from preftune.models import check_attention, load_tokenizer
+from preftune.models import check_attention, load_tokenizer, router_aux_coef
 from preftune.offload import OffloadActivations
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models, sync_reference
@@ -116,8 +116,10 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     metrics.describe_setup(engine.accelerator, global_batch, unit, reference.description,
                            describe_precision(policy, reference, cfg))
     policy.train()
-    # the policy's whole log-prob pass as one module, for the engine to wrap, shard or run
-    policy_logps, optimizer = engine.prepare(LogpsModule(policy, cfg.logps_chunk_size),
+    # the policy's whole log-prob pass as one module, for the engine to wrap, shard or run; a mixture-of-experts
+    # policy's passes also give its load-balancing loss, weighted as set or by the model's own coefficient
+    policy_logps, optimizer = engine.prepare(LogpsModule(policy, cfg.logps_chunk_size,
+                                                         router_aux_loss_coef=router_aux_coef(cfg, policy)),
                                              lambda: make_optimizer(policy, cfg), reference)
     micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)

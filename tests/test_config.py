@@ -178,6 +178,8 @@ def test_config_names_equal_their_owners():
     assert set(names.REFERENCE_FREE) == losses.REFERENCE_FREE
     smoothed = tuple(n for n in names.LOSS_NAMES if "label_smoothing" in losses.loss_options(n))
     assert names.LABEL_SMOOTHING_LOSSES == smoothed
+    f_losses = tuple(n for n in names.LOSS_NAMES if "f_divergence_type" in losses.loss_options(n))
+    assert names.F_DIVERGENCE_LOSSES == f_losses
     assert (names.OPTIMIZERS, names.SCHEDULERS) == (optim.OPTIMIZERS, optim.SCHEDULERS)
 
 
@@ -231,9 +233,14 @@ def test_every_loss_loads_with_default_hyperparameters():
     ({"pref_loss": "kto", "pref_bco_weight": 0.1}, r"^pref_bco_weight: not supported with pref_loss: kto"),
     ({"pref_loss": "kto", "label_smoothing": 0.1}, r"^label_smoothing: pref_loss kto does not use it"),
     ({"f_divergence_type": "kl"}, r"^f_divergence_type: unknown value 'kl'; use reverse_kl, forward_kl, "),
-    ({"pref_loss": "hinge", "f_divergence_type": "forward_kl"},
-     r"^f_divergence_type: forward_kl applies to the sigmoid \(DPO\) loss only \(f-DPO\); pref_loss is hinge; "),
-    ({"pref_loss": "sigmoid,ipo", "f_divergence_type": "js_divergence"}, r"^f_divergence_type: js_divergence applies"),
+    ({"pref_loss": "nca_pair", "f_divergence_type": "forward_kl"},
+     r"^f_divergence_type: forward_kl replaces the log-ratios in DPO's margin, which nca_pair does not use \(.*"
+     r"TRL refuses it too\); use one of sigmoid, hinge, ipo, robust, exo_pair, discopop, sigmoid_norm, or "),
+    ({"pref_loss": "sigmoid,bco_pair", "f_divergence_type": "js_divergence"},
+     r"^f_divergence_type: js_divergence .* which bco_pair does not use"),
+    ({"pref_loss": "simpo", "f_divergence_type": "js_divergence"}, r"^f_divergence_type: .* which simpo does not use"),
+    ({"pref_loss": "sft", "f_divergence_type": "js_divergence"}, r"^f_divergence_type: .* which sft does not use"),
+    ({"pref_loss": "kto", "f_divergence_type": "forward_kl"}, r"^f_divergence_type: .* which kto does not use"),
     ({"f_divergence_type": "forward_kl", "f_alpha_divergence_coef": 0.3},
      r"^f_alpha_divergence_coef: used only with f_divergence_type: alpha_divergence \(it is forward_kl\)"),
     ({"ld_alpha": 1.5}, r"^ld_alpha must be in \[0, 1\]"),
@@ -255,6 +262,8 @@ def test_loss_options_that_apply_are_accepted():
     assert (cfg.kto_chosen_weight, cfg.kto_rejected_weight, cfg.is_kto) == (1.33, 0.5, True)
     assert from_dict({"pref_loss": "sigmoid,sft", "f_divergence_type": "alpha_divergence",
                       "f_alpha_divergence_coef": 0.3}).loss_options("sigmoid")["f_alpha_divergence_coef"] == 0.3
+    assert from_dict({"pref_loss": "hinge,ipo,sft", "f_divergence_type": "js_divergence"}).loss_options("ipo") == \
+        {"f_divergence_type": "js_divergence", "f_alpha_divergence_coef": 0.5}
     assert from_dict({"pref_loss": "ipo", "ld_alpha": 0.5, "use_weighting": True}).ld_alpha == 0.5
     assert from_dict({"pref_loss": "simpo", "use_weighting": True}).use_weighting
     assert not from_dict({"pref_loss": "kto_pair"}).is_kto

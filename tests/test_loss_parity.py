@@ -21,6 +21,9 @@ applies it as cDPO, whose formula TRL still computes as `aot` on a one-pair batc
 pair changes nothing), so cDPO is checked against that.
 """
 
+import ast
+import inspect
+import re
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -31,6 +34,8 @@ from torch.overrides import TorchFunctionMode
 import trl
 
 from preftune import config
+from preftune.config.names import F_DIVERGENCE_LOSSES
+from preftune.errors import ConfigError
 from preftune.logps import ld_token_weights
 from preftune.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES
 from preftune.step import configured_loss
@@ -165,9 +170,9 @@ def preftune_losses(loss_type, beta, hyperparameters, policy_logps, reference_lo
                                 cfg.pref_beta, lengths[:n], lengths[n:])
 
 
-def assert_close(actual, expected, what):
+def assert_close(actual, expected, what, atol=ATOL):
     diff = (actual - expected).abs().max().item()
-    assert diff <= ATOL, f"{what}: preftune {actual.tolist()} vs TRL {expected.tolist()} (max diff {diff:.3g})"
+    assert diff <= atol, f"{what}: preftune {actual.tolist()} vs TRL {expected.tolist()} (max diff {diff:.3g})"
 
 
 def test_every_trl_loss_is_covered():
@@ -268,24 +273,57 @@ def test_combined_losses_match_trl(loss_types, loss_weights, hyperparameters, se
     assert_close(actual[2], expected_rewards[1], "rejected rewards")
 
 
+# Every loss TRL 1.16 applies f_divergence_type with (besides sft, which ignores it), at a beta that keeps the
+# margin O(1) for log-ratios of about +-1 and hyperparameters at non-default values where the loss has them
+F_DIVERGENCE_CASES = [
+    ("sigmoid", 0.5, {}),
+    ("hinge", 0.5, {}),
+    ("ipo", 0.5, {}),
+    ("robust", 0.5, {"label_smoothing": 0.2}),
+    ("exo_pair", 0.5, {"label_smoothing": 0.1}),
+    ("discopop", 0.5, {"discopop_tau": 0.2}),
+    ("sigmoid_norm", 2.0, {}),
+]
+
+
+def test_f_divergence_losses_are_trls():
+    """preftune applies f_divergence_type with exactly the losses TRL 1.16's DPOTrainer allows it with (its
+    `f_divergence_loss_types`, read from its source) and refuses the others; sft ignores it in both."""
+    source = inspect.getsource(trl.DPOTrainer.__init__)
+    trl_allowed = set(ast.literal_eval(re.search(r"f_divergence_loss_types = (\{[^}]*\})", source).group(1)))
+    assert {case[0] for case in F_DIVERGENCE_CASES} == set(F_DIVERGENCE_LOSSES) == trl_allowed - {"sft"}
+    for name in set(LOSSES) | set(UNPAIRED_LOSSES):
+        raw = {"pref_loss": name, "f_divergence_type": "js_divergence", "label_smoothing": 0.1 * (name == "exo_pair")}
+        if name in trl_allowed - {"sft"}:
+            config.from_dict(raw)
+        else:
+            with pytest.raises(ConfigError, match=f"^f_divergence_type: js_divergence .* which {name} does not"):
+                config.from_dict(raw)
+
+
+@pytest.mark.parametrize("loss_type,beta,hyperparameters", F_DIVERGENCE_CASES, ids=[c[0] for c in F_DIVERGENCE_CASES])
 @pytest.mark.parametrize("f_divergence_type,coef", [("forward_kl", 0.5), ("js_divergence", 0.5),
                                                    ("alpha_divergence", 0.5), ("alpha_divergence", 0.2),
                                                    ("alpha_divergence", 1.0)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_f_divergence_sigmoid_matches_trl(f_divergence_type, coef, seed, tmp_path):
-    """f-DPO: sigmoid with f_divergence_type (and f_alpha_divergence_coef) against TRL 1.16's
+def test_f_divergence_matches_trl(loss_type, beta, hyperparameters, f_divergence_type, coef, seed, tmp_path):
+    """f-DPO: each loss with f_divergence_type (and f_alpha_divergence_coef) against TRL 1.16's
     DPOTrainer with the same options, per pair; alpha = 1 is TRL's fallback to reverse KL."""
     policy_logps, reference_logps, lengths, batch = random_batch(seed)
     policy_logps = reference_logps + (policy_logps - reference_logps) / 4  # log-ratios of about +-1: exp() matters
+    atol = ATOL
     if f_divergence_type == "alpha_divergence":  # TRL's clamp knows float16/32 and bfloat16 only
         policy_logps, reference_logps = policy_logps.float(), reference_logps.float()
+        atol = 1e-5  # float32: TRL sums the per-token log-probs (a few ulps of values up to ~10 apart)
     options = {"f_divergence_type": f_divergence_type, "f_alpha_divergence_coef": coef}
-    expected = trl_losses("sigmoid", 0.5, 0.0, 0.05, policy_logps, reference_logps, batch, tmp_path, **options)
-    actual = preftune_losses("sigmoid", 0.5, options if coef != 0.5 else {"f_divergence_type": f_divergence_type},
-                             policy_logps, reference_logps, lengths)
+    expected = trl_losses(loss_type, beta, hyperparameters.get("label_smoothing", 0.0),
+                          hyperparameters.get("discopop_tau", 0.05), policy_logps, reference_logps, batch, tmp_path,
+                          **options)
+    ours = {**hyperparameters, **(options if coef != 0.5 else {"f_divergence_type": f_divergence_type})}
+    actual = preftune_losses(loss_type, beta, ours, policy_logps, reference_logps, lengths)
     for name, a, e in zip(("losses", "chosen rewards", "rejected rewards"), actual, expected):
-        assert_close(a, e, f"{f_divergence_type} {name}")
-    dpo = preftune_losses("sigmoid", 0.5, {}, policy_logps, reference_logps, lengths)[0]
+        assert_close(a, e, f"{loss_type} {f_divergence_type} {name}", atol)
+    dpo = preftune_losses(loss_type, beta, hyperparameters, policy_logps, reference_logps, lengths)[0]
     assert ((actual[0] - dpo).abs().max() > 1e-3) == (coef != 1.0)  # an f-divergence other than DPO's
 
 

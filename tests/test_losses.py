@@ -124,8 +124,9 @@ def test_configured_loss_binds_the_config_values():
                                       CHOSEN_LENGTHS, REJECTED_LENGTHS)
     assert loss.tolist() == pytest.approx([0.6181388693, 0.7781388693], abs=1e-7)  # cDPO, see below
     cfg = config.from_dict({"pref_loss": "discopop", "discopop_tau": 0.5})
-    assert cfg.loss_options("discopop") == {"discopop_tau": 0.5}
-    assert config.from_dict({"pref_loss": "hinge"}).loss_options("hinge") == {}
+    assert cfg.loss_options("discopop") == {"discopop_tau": 0.5, "f_divergence_type": "reverse_kl",
+                                            "f_alpha_divergence_coef": 0.5}
+    assert config.from_dict({"pref_loss": "nca_pair"}).loss_options("nca_pair") == {}
 
 
 def test_sigmoid_with_label_smoothing_is_cdpo():

@@ -79,7 +79,7 @@ CHANGED_RUN_KEYS = {
                   "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"),
     "loss": ("pref_loss", "loss_weights", "pref_beta", "label_smoothing", "discopop_tau", "simpo_gamma",
              "pref_bco_weight", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight", "f_divergence_type",
-             "f_alpha_divergence_coef", "ld_alpha", "use_weighting"),
+             "f_alpha_divergence_coef", "ld_alpha", "use_weighting", "router_aux_loss_coef"),
 }
 
 

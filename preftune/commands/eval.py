@@ -101,13 +101,16 @@ def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
     from preftune.data import load_pairs
     from preftune.engines import OneProcess
     from preftune.evaluate import evaluate
+    from preftune.models import router_aux_coef
     from preftune.reference import Reference
     from preftune.step import LogpsModule, PreferenceStep
     from preftune.tokenization import tokenize_pairs
 
     pairs = load_pairs(cfg.__class__(**{**cfg.to_dict(), "eval_dataset": None, "val_size": 0.0}))[0]
     items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template, chat_kwargs=cfg.chat_template_kwargs)
-    stats = evaluate(PreferenceStep(cfg), LogpsModule(policy, cfg.logps_chunk_size),
+    # a mixture-of-experts policy: its load-balancing loss in the loss, as in training's eval_loss
+    stats = evaluate(PreferenceStep(cfg), LogpsModule(policy, cfg.logps_chunk_size,
+                                                      router_aux_loss_coef=router_aux_coef(cfg, policy)),
                      Reference(reference, chunk_size=cfg.logps_chunk_size), items, cfg.eval_batch_size,
                      tokenizer.pad_token_id, OneProcess(cfg, Accelerator(cpu=not torch.cuda.is_available())))
     return {"pairs": len(items), **{k.removeprefix("eval_"): v for k, v in stats.items()}}

@@ -17,6 +17,7 @@ from preftune.errors import ConfigError
 ALIASES: dict[str, str] = {
     "beta": "pref_beta",
     "loss_type": "pref_loss",
+    "moe_aux_loss_coef": "router_aux_loss_coef",  # LLaMA-Factory's name
     "model_name": "model_name_or_path",
     "model": "model_name_or_path",
     "max_length": "cutoff_len",

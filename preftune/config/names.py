@@ -14,6 +14,9 @@ LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair
 UNPAIRED_LOSSES = ("kto",)
 REFERENCE_FREE = ("simpo", "orpo", "sft")
 LABEL_SMOOTHING_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+# ... and the losses whose function takes f_divergence_type: those built on DPO's margin h, where f-DPO puts
+# f'(pi/pi_ref) in place of the log-ratios (TRL 1.16 allows it with these, and sft)
+F_DIVERGENCE_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "discopop", "sigmoid_norm")
 LOSS_NAMES = (*LOSSES, *UNPAIRED_LOSSES)  # every pref_loss value
 
 # optim.py: OPTIMIZERS and SCHEDULERS

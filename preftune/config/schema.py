@@ -117,9 +117,10 @@ class TrainConfig:
     # KTO, f-DPO, LD-DPO and WPO (docs/losses.md)
     kto_chosen_weight: float = OBJECTIVE(1.0, "KTO's weight of desirable examples (lambda_D; TRL's desirable_weight). pref_loss: kto only.")
     kto_rejected_weight: float = OBJECTIVE(1.0, "KTO's weight of undesirable examples (lambda_U; TRL's undesirable_weight). pref_loss: kto only.")
-    f_divergence_type: str = OBJECTIVE("reverse_kl", "f-DPO's divergence to the reference: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence (TRL). pref_loss: sigmoid only.", F_DIVERGENCES)
+    f_divergence_type: str = OBJECTIVE("reverse_kl", "f-DPO's divergence to the reference: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence (TRL). pref_loss: sigmoid, hinge, ipo, robust, exo_pair, discopop, sigmoid_norm (with sft too), as TRL.", F_DIVERGENCES)
     f_alpha_divergence_coef: float = OBJECTIVE(0.5, "alpha of f_divergence_type: alpha_divergence (TRL default 0.5; 1 is reverse_kl).")
     ld_alpha: float | None = OBJECTIVE(None, "LD-DPO's alpha in [0, 1]: each pair's tokens beyond the shorter completion's length count alpha times in the log-probs. Unset: off. Paired losses with the reference only.")
+    router_aux_loss_coef: float | None = OBJECTIVE(None, "Mixture-of-experts models: the weight of the router's load-balancing loss added to the policy's objective (logged as aux_loss), as TRL. Unset: the model config's own router_aux_loss_coef; 0: off. Refused for a model without router logits. LLaMA-Factory: moe_aux_loss_coef (docs/moe.md).")
     use_weighting: bool = OBJECTIVE(False, "WPO: weight each pair's loss by the policy's own per-token probability of both completions (TRL's use_weighting). Not with aot, aot_unpaired, kto.")
 
     # --- data (preftune/data.py, docs/data.md) ---

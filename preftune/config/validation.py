@@ -15,8 +15,8 @@ import logging
 import math
 from typing import Any
 
-from preftune.config.names import (FLASH_ATTN, LABEL_SMOOTHING_LOSSES, LIGER_LOSSES, LOSS_NAMES, RAW_TEMPLATE_NAMES,
-                                   REFERENCE_FREE, TEMPLATE_NAMES, TRACKERS)
+from preftune.config.names import (F_DIVERGENCE_LOSSES, FLASH_ATTN, LABEL_SMOOTHING_LOSSES, LIGER_LOSSES, LOSS_NAMES,
+                                   RAW_TEMPLATE_NAMES, REFERENCE_FREE, TEMPLATE_NAMES, TRACKERS)
 from preftune.config.schema import FIELDS, TYPES_BASE, TrainConfig
 from preftune.errors import ConfigError
 
@@ -33,7 +33,7 @@ BOUNDS: dict[str, str] = {
     "pref_beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "discopop_tau": "(0, inf)", "simpo_gamma": "[0, inf)",
     "pref_bco_weight": "[0, inf)", "pref_ftx": "[0, inf)", "kto_chosen_weight": "[0, inf)",
     "kto_rejected_weight": "[0, inf)", "f_alpha_divergence_coef": "(-inf, inf)", "ld_alpha": "[0, 1]",
-    "ref_model_mixup_alpha": "(0, 1]", "ref_model_sync_steps": "[1, inf)",
+    "ref_model_mixup_alpha": "(0, 1]", "ref_model_sync_steps": "[1, inf)", "router_aux_loss_coef": "[0, inf)",
     # data
     "val_size": "[0, inf)", "max_samples": "[1, inf)", "cutoff_len": "[2, inf)", "max_prompt_length": "[1, inf)",
     "preprocessing_num_workers": "[1, inf)", "pad_to_multiple_of": "[1, inf)",
@@ -353,9 +353,13 @@ def validate_loss_options(cfg: TrainConfig) -> None:
         if cfg.precompute_ref_log_probs:
             raise ConfigError("precompute_ref_log_probs: not supported with pref_loss: kto (its KL baseline scores "
                               "mismatched prompt/completion rows formed per batch); remove precompute_ref_log_probs")
-    if cfg.f_divergence_type != "reverse_kl" and set(names) - {"sft"} != {"sigmoid"}:
-        raise ConfigError(f"f_divergence_type: {cfg.f_divergence_type} applies to the sigmoid (DPO) loss only "
-                          f"(f-DPO); pref_loss is {cfg.pref_loss}; use pref_loss: sigmoid or f_divergence_type: reverse_kl")
+    if cfg.f_divergence_type != "reverse_kl":  # f-DPO replaces the log-ratios in DPO's margin h (as TRL 1.16 allows)
+        unfit = [n for n in names if n not in F_DIVERGENCE_LOSSES and n != "sft"]
+        if unfit or names == ["sft"]:
+            raise ConfigError(f"f_divergence_type: {cfg.f_divergence_type} replaces the log-ratios in DPO's margin, "
+                              f"which {', '.join(unfit or names)} does not use (it scores each completion on its own, "
+                              f"sorts, or has no reference; TRL refuses it too); use one of "
+                              f"{', '.join(F_DIVERGENCE_LOSSES)}, or f_divergence_type: reverse_kl")
     if cfg.f_alpha_divergence_coef != 0.5 and cfg.f_divergence_type != "alpha_divergence":
         raise ConfigError(f"f_alpha_divergence_coef: used only with f_divergence_type: alpha_divergence "
                           f"(it is {cfg.f_divergence_type}); set that or remove f_alpha_divergence_coef")

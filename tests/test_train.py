@@ -136,7 +136,9 @@ def test_loop_and_evaluation_bind_the_loss_hyperparameters(tmp_path, tiny_model_
     cfg = tiny_config(tmp_path, tiny_model_dir, pref_loss="exo_pair", dpo_label_smoothing=1e-3, max_steps=2,
                       eval_steps=2, logging_steps=1)
     summary = train_mod.train(cfg)
-    assert len(seen) >= 3 and all(kwargs == {"label_smoothing": 1e-3} for kwargs in seen)  # 2 train + eval batches
+    # 2 train + eval batches; exo_pair also takes the f-divergence, at its default
+    assert len(seen) >= 3 and all(kwargs == {"label_smoothing": 1e-3, "f_divergence_type": "reverse_kl",
+                                             "f_alpha_divergence_coef": 0.5} for kwargs in seen)
     assert summary["config"]["label_smoothing"] == 1e-3
 
 

@@ -34,7 +34,8 @@ def test_named_sets_are_logged_plotted_and_checked(data, tiny_model_dir, tmp_pat
     rows = json.loads((tmp_path / "out" / "dpo_metrics" / "log_history.json").read_text())
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
-    assert all("eval_ood_loss" in r and "eval_ood_rewards/accuracies" in r and "eval_ood_kl" in r for r in evals)
+    assert all("eval_ood_loss" in r and "eval_ood_rewards/accuracies" in r and "eval_ood_kl_per_token" in r
+               for r in evals)
     assert summary["data"]["eval"] == 12 and summary["data"]["eval_sets"] == {"ood": 10}
     # the completions sampled at each evaluation
     lines = [json.loads(line) for line in (tmp_path / "out" / "dpo_metrics" / "completions.jsonl").read_text().splitlines()]

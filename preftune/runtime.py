@@ -55,13 +55,14 @@ def lost_process(error: RuntimeError, cfg) -> LostProcess | None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
     text = str(error)
-    if not (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text):
+    # (gloo's "Application timeout caused pair closure" names neither gloo nor NCCL: a pair is gloo's connection)
+    if not (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text or "pair closure" in text):
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     other = f"process {1 - rank}" if world == 2 else f"one of the other {world - 1} processes"
     timeout = (f"ddp_timeout={cfg.ddp_timeout} s" if cfg.ddp_timeout else
                "the default timeout (ddp_timeout unset: 30 minutes on gloo, 10 on NCCL)")
-    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+    if "timed out" in text.lower() or "timeout" in text.lower():
         what = f"{other} did not answer within {timeout} (it hangs, or its machine is unreachable)"
     elif "closed" in text or "reset" in text or "Broken pipe" in text:
         what = f"{other} closed its connection (it died: its launcher's log says why)"
@@ -71,8 +72,6 @@ def lost_process(error: RuntimeError, cfg) -> LostProcess | None:
     resume = (f"the last checkpoint is {found} (resume_from_checkpoint: true continues from it, with {world} "
               "processes again)" if found else "no checkpoint was written (set save_steps to keep some)")
     return LostProcess(f"process {rank} of {world} stopped: {what}. No final model was saved; {resume}")
-
-
 
 
 def _last_checkpoint_text(cfg) -> str:

@@ -204,6 +204,9 @@ def test_the_slurm_script_starts_one_torchrun_per_machine(tmp_path):
 @pytest.mark.parametrize("world,text,said", [
     (2, "[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv operation "
         "to complete", "process 1 did not answer within ddp_timeout=20 s (it hangs, or its machine is unreachable)"),
+    # (as gloo words it when the timeout strikes while a pair is being read: seen under ZeRO-3 with a hung peer)
+    (2, "Application timeout caused pair closure",
+     "process 1 did not answer within ddp_timeout=20 s (it hangs, or its machine is unreachable)"),
     (2, "[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:41234",
      "process 1 closed its connection (it died: its launcher's log says why)"),
     (4, "[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer",

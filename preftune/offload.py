@@ -34,6 +34,12 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.copies = {}
         return super().__enter__()
 
+    def __exit__(self, *exc):
+        # the dedupe serves one forward: the packed tensors hold their copies, so the backward frees each as it
+        # is used, instead of this dict keeping the whole forward's pinned memory until the next one
+        self.copies = {}
+        return super().__exit__(*exc)
+
     def _pack(self, tensor: torch.Tensor):
         if (tensor.device.type not in self.device_types or _is_weight(tensor, self.weights)
                 or tensor.numel() * tensor.element_size() < self.min_bytes):

@@ -97,15 +97,16 @@ def test_liger_under_zero2_equals_one_process(tmp_path, tiny_model_dir):
 def test_sequences_split_over_two_processes_equal_one_process(tmp_path, tiny_model_dir):
     """sequence_parallel_size: 2 over 2 processes under ZeRO-3 (DeepSpeed's Ulysses attention, gloo): each
     process runs half of every row, both train on the same pairs; per-step metrics (KL and the token statistics
-    included), evaluation and final weights equal a one-process run's. Rows of odd width are padded to a
-    multiple of 2. (ZeRO-1 and ZeRO-2, and 4 processes as 2 groups of 2, equal it too: docs/distributed.md.)"""
+    included), evaluation and final weights equal a one-process run's. Rows are 61 tokens wide (cutoff_len),
+    padded to 62 for the split. (ZeRO-1 and ZeRO-2, and 4 processes as 2 groups of 2, equal it too: docs/distributed.md.)"""
     torch.set_num_threads(1)
-    over = {"max_steps": 2, "eval_steps": 2}
+    over = {"max_steps": 2, "eval_steps": 2, "cutoff_len": 61}
     train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
     split = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "split"), sequence_parallel_size=2,
                        deepspeed=str(EXAMPLES / "ds_z3_config.json"), **over)
     result = torchrun(tmp_path, split, "split")
-    assert "each sequence split over 2 processes (Ulysses), 1 data-parallel groups" in result.stderr
+    assert "each sequence split over 2 processes (Ulysses): data-parallel world 1" in result.stderr
+    assert "global batch 8 pairs per step = 8 per device x 1 accumulation x 2 processes / 2 per sequence" in result.stderr
     rows_one, _ = same_histories(tmp_path / "one", tmp_path / "split")
     trained = next(r for r in rows_one if "loss" in r)
     assert "kl_per_token" in trained and "logits/chosen" in trained and "eval_loss" in rows_one[-1]

@@ -209,15 +209,15 @@ def reference_engine(root, accelerator):
     return engine
 
 
-def use_ulysses(model, sequence_parallel_size: int):
+def use_ulysses(model, sequence_parallel_size: int) -> None:
     """Sequence parallelism for every pass of this process: DeepSpeed's Ulysses attention (ALST) in place of the
     model's attention function (sdpa, flash-attn or flex), over groups of `sequence_parallel_size` consecutive
     processes (DeepSpeed's `parallel_state_sp`), and the log-prob passes split each row over the group
-    (`logps.split_sequences`, with the group's differentiable sum). Around attention an all-to-all swaps the sequence split for a head split, so each
-    process attends over the whole sequence for its heads; masks are dropped (a full-length one is the memory
-    this exists to save) and attention is causal by the gathered positions, which right-padded rows allow.
-    What DeepSpeed's `register_with_transformers` does, with any number of rows per pass (its attention fixes
-    one: training, evaluation and reference batches differ). Returns the group."""
+    (`logps.split_sequences`, with the group's differentiable sum). Around attention an all-to-all swaps the
+    sequence split for a head split, so each process attends over the whole sequence for its heads; masks are
+    dropped (a full-length one is the memory this exists to save) and attention is causal by the gathered
+    positions, which right-padded rows allow. What DeepSpeed's `register_with_transformers` does, with any
+    number of rows per pass (its attention fixes one: training, evaluation and reference batches differ)."""
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -260,7 +260,6 @@ def use_ulysses(model, sequence_parallel_size: int):
 
     ALL_ATTENTION_FUNCTIONS[implementation] = split_attention
     split_sequences(SequenceSplit(parallel_state_sp.get_sequence_parallel_rank(), sequence_parallel_size, total))
-    return group
 
 
 def describe(settings: dict, world: int, mixed_precision: str = "no", sequence_parallel: int = 1) -> str:
@@ -272,8 +271,8 @@ def describe(settings: dict, world: int, mixed_precision: str = "no", sequence_p
     if mixed_precision in ("bf16", "fp16"):  # DeepSpeed's mixed precision: not autocast over fp32 weights
         parts.append(f"weights held and computed in {mixed_precision}, fp32 master copies in the optimizer")
     if sequence_parallel > 1:
-        parts.append(f"each sequence split over {sequence_parallel} processes (Ulysses), {world // sequence_parallel} "
-                     "data-parallel groups")
+        parts.append(f"each sequence split over {sequence_parallel} processes (Ulysses): data-parallel world "
+                     f"{world // sequence_parallel}")
     return f"deepspeed: the policy under ZeRO stage {settings['stage']} over {world} processes ({'; '.join(parts)})"
 
 

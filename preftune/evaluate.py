@@ -65,7 +65,8 @@ def training_row(running: dict[str, list[torch.Tensor]], tokens: int, train_seco
         sums[key], counts[key] = value, n
     sums, counts = pooled({**sums, "tokens": float(tokens)}, {**counts, "tokens": 1}, engine)
     row = {k: sums[k] / max(counts[k], 1) for k in sums if k != "tokens"}
-    row["tokens_per_second"] = sums["tokens"] / max(train_seconds, 1e-9)
+    copies = engine.world // engine.data_shard[1]  # sequence parallelism: each item counted by its group's processes
+    row["tokens_per_second"] = sums["tokens"] / copies / max(train_seconds, 1e-9)
     return row
 
 
@@ -110,7 +111,7 @@ def evaluate(step, policy_logps, reference, items: list, batch_size: int, pad_id
     model.eval()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    shard = (engine.rank, engine.world)
+    shard = engine.data_shard
     for _, batch in ordered_batches(items, batch_size, step.collate, pad_id, engine.device, shard):
         with engine.autocast():
             out = step(model, reference, batch, kl=True)

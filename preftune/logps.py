@@ -23,6 +23,12 @@ give the model's load-balancing loss (`BatchLogps.aux_loss`), as its own forward
 enable_liger_kernel (`fused_dpo_logps`): while training, the LM head and the DPO loss run instead
 through Liger's fused linear DPO loss (the liger-kernel package), which computes the gradient in
 the forward pass a few pairs at a time; the same numbers.
+
+Sequence parallelism (sequence_parallel_size, DeepSpeed's Ulysses attention: engines/zero.py
+`use_ulysses`): the processes of a group each run a contiguous slice of every row through the model
+(`sequence_slice`), their attention exchanging slices for heads; each sums its slice's scored tokens,
+and the partial sums are added up over the group (differentiably), so every process holds the whole
+sequences' (2B,) log-probs and lengths. The split is set once per process, as the attention it goes with.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +84,42 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
         return {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     return {"input_ids": batch["input_ids"], "attention_mask": None, "completion_mask": batch["completion_mask"],
             "position_ids": batch["position_ids"], "sequence_lengths": batch["sequence_lengths"]}
+
+
+class SequenceSplit(NamedTuple):
+    """Sequence parallelism, as the engine hands it in (engines/zero.py `use_ulysses`): this process runs slice
+    `part` of `parts` of every row, and `total` adds a per-sequence tensor up over the group's slices (with its
+    gradient: its backward adds the group's gradients up, so each slice's tokens get theirs)."""
+    part: int
+    parts: int
+    total: Callable[[torch.Tensor], torch.Tensor]
+
+
+# Set once per process (`split_sequences`), as the attention that needs the split: DeepSpeed's Ulysses attention
+# replaces the model's attention function for the whole process. None: whole rows.
+_split: SequenceSplit | None = None
+
+
+def split_sequences(split: SequenceSplit | None) -> None:
+    """Every pass of this process from now on runs its slice of each row (`get_batch_logps`)."""
+    global _split
+    _split = split
+
+
+def sequence_slice(input_ids: torch.Tensor, completion_mask: torch.Tensor, part: int, parts: int):
+    """Slice `part` of `parts` of each of R rows, contiguous: input_ids, position_ids, targets and their score
+    mask, (R, W / parts) each, W = T rounded up to a multiple of parts (padded at the right, where padding
+    already is: only padding follows it, so no real token sees it). The targets are shifted before the split,
+    targets[t] = input_ids[t + 1], since a slice's last token predicts the next slice's first. Positions count
+    from 0 over the whole row: the split attention gathers them to mask causally."""
+    R, T = input_ids.shape
+    W = -(-T // parts) * parts
+    targets = F.pad(input_ids[:, 1:], (0, W - T + 1))  # (R, W)
+    score = F.pad(completion_mask[:, 1:], (0, W - T + 1))
+    input_ids = F.pad(input_ids, (0, W - T))
+    position_ids = torch.arange(W, device=input_ids.device).expand(R, W)
+    piece = slice(part * W // parts, (part + 1) * W // parts)
+    return input_ids[:, piece], position_ids[:, piece], targets[:, piece], score[:, piece]
 
 
 def _logits(lm_head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None,
@@ -139,11 +181,16 @@ def _backbone(model, router_aux: bool = False, **inputs):
     return out.last_hidden_state, out.router_logits if router_aux else None
 
 
-def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None, router_aux=False):
+def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None, router_aux=False,
+                       targets=None):
     """Backbone hidden states at the positions that predict a completion token (and the router's logits, with
-    router_aux)."""
+    router_aux). targets: already shifted (a sequence-parallel slice, `sequence_slice`), completion_mask then
+    their score mask."""
     hidden, router_logits = _backbone(model, router_aux, input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids)
+    if targets is not None:
+        score = completion_mask.bool()  # (R, W/S)
+        return hidden[score], targets[score], score, router_logits
     # position t predicts token t+1: shift the mask and the targets left by one. Packed, the last token
     # of a sequence "predicts" the next sequence's first token, a prompt token, never scored
     score = completion_mask[:, 1:].bool()  # (R, T-1): 2B padded rows, or one packed row
@@ -219,14 +266,21 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     router_aux (a mixture-of-experts model): also its load-balancing loss over every token of the pass, prompts and
     both completions, as the model's own forward computes it (`router_aux_loss`); padded rows and packed ones
     count the same tokens (prefix sharing, which runs a prompt once for two sequences, is refused with it).
+    Sequence parallelism (`split_sequences`; padded rows only): this process runs its slice of the rows
+    (`sequence_slice`), and the log-probs, lengths and WPO's sums are the slices' totals (module docstring);
+    hidden and the token stats are of its slice's tokens.
     Returns a `BatchLogps`; hidden, wpo_weights, the token stats and aux_loss are None unless asked for.
     """
-    aux_loss = None
+    aux_loss = targets = None
+    if _split is not None:  # (the config refuses the packed and shared layouts with it)
+        input_ids, position_ids, targets, completion_mask = sequence_slice(input_ids, completion_mask, _split.part,
+                                                                           _split.parts)
+        attention_mask = None  # the attention masks causally by the gathered positions
     if score_index is not None:
         hidden, targets = _shared_hidden(model, input_ids, attention_mask, position_ids, score_index)
     else:
         hidden, targets, score, router_logits = _completion_hidden(model, input_ids, attention_mask, completion_mask,
-                                                                   position_ids, router_aux)
+                                                                   position_ids, router_aux, targets)
         if router_aux:
             aux_loss = router_aux_loss(model, router_logits, attention_mask)  # packed: no mask, no padding
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
@@ -256,10 +310,12 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         lengths = score.sum(dim=1) if sequence_lengths is None else torch.bincount(rows, minlength=n)  # (2B,)
     weighted = token_logps if ld_alpha is None else token_logps * ld_token_weights(rows, lengths, ld_alpha)
     logps = token_logps.new_zeros(n).index_add(0, rows, weighted)  # (2B,)
+    if _split is not None:  # each process's slice's sums -> the whole sequences', on every process
+        logps, lengths = _split.total(logps), _split.total(lengths)
     wpo_weights = None
     if wpo:
-        aligned = token_logps.detach() - log_sum_sq  # (N,)
-        mean_aligned = token_logps.new_zeros(n).index_add(0, rows, aligned) / lengths.clamp(min=1)
+        aligned = token_logps.new_zeros(n).index_add(0, rows, token_logps.detach() - log_sum_sq)  # (2B,)
+        mean_aligned = (aligned if _split is None else _split.total(aligned)) / lengths.clamp(min=1)
         wpo_weights = torch.exp(mean_aligned)
     return BatchLogps(logps, lengths, hidden.detach() if return_hidden else None, wpo_weights, None, mean_logits,
                       entropy, rows if token_stats else None, aux_loss=aux_loss)
@@ -288,7 +344,11 @@ def completion_kl(policy, reference, policy_hidden: torch.Tensor, reference_hidd
         lq = F.log_softmax(_logits(head_ref, reference_hidden[i:i + chunk_size], _softcap(reference), call_head),
                            dim=-1)
         total += (lp.exp() * (lp - lq)).sum()
-    return total, policy_hidden.size(0)
+    if _split is None:
+        return total, policy_hidden.size(0)
+    # sequence parallelism: the hidden states are this process's slice's; the KL is the whole sequences'
+    total, scored = _split.total(torch.stack([total, total.new_tensor(policy_hidden.size(0))]))
+    return total, int(scored)
 
 
 def kl_metrics(kl_sum: float, scored_tokens: int, lengths: torch.Tensor) -> dict[str, tuple[float, int]]:

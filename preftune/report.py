@@ -71,10 +71,12 @@ class MetricsLog:
         """The log lines that say how the run is set up; the precision also goes to summary.json."""
         self.precision = precision
         self.writes = accelerator.is_main_process
-        log.info("processes: %d (%s); global batch %d %s per step = %d per device x %d accumulation x %d processes",
+        # (sequence parallelism: the processes of a group share their pairs, "x 4 processes / 2 per sequence")
+        per_sequence = f" / {self.cfg.sequence_parallel_size} per sequence" if self.cfg.sequence_parallel_size > 1 else ""
+        log.info("processes: %d (%s); global batch %d %s per step = %d per device x %d accumulation x %d processes%s",
                  accelerator.num_processes, accelerator.distributed_type.value,
                  global_batch * self.cfg.gradient_accumulation_steps, unit, self.cfg.per_device_train_batch_size,
-                 self.cfg.gradient_accumulation_steps, accelerator.num_processes)
+                 self.cfg.gradient_accumulation_steps, accelerator.num_processes, per_sequence)
         log.info("reference: %s", reference)
         log.info("precision: policy trainable weights %(policy_trainable)s, frozen weights %(policy_frozen)s, "
                  "compute %(compute)s; reference %(reference)s", precision)

@@ -94,6 +94,26 @@ def test_liger_under_zero2_equals_one_process(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_sequences_split_over_two_processes_equal_one_process(tmp_path, tiny_model_dir):
+    """sequence_parallel_size: 2 over 2 processes under ZeRO-3 (DeepSpeed's Ulysses attention, gloo): each
+    process runs half of every row, both train on the same pairs; per-step metrics (KL and the token statistics
+    included), evaluation and final weights equal a one-process run's. Rows are 61 tokens wide (cutoff_len),
+    padded to 62 for the split. (ZeRO-1 and ZeRO-2, and 4 processes as 2 groups of 2, equal it too: docs/distributed.md.)"""
+    torch.set_num_threads(1)
+    over = {"max_steps": 2, "eval_steps": 2, "cutoff_len": 61}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
+    split = raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "split"), sequence_parallel_size=2,
+                       deepspeed=str(EXAMPLES / "ds_z3_config.json"), **over)
+    result = torchrun(tmp_path, split, "split")
+    assert "each sequence split over 2 processes (Ulysses): data-parallel world 1" in result.stderr
+    assert "global batch 8 pairs per step = 8 per device x 1 accumulation x 2 processes / 2 per sequence" in result.stderr
+    rows_one, _ = same_histories(tmp_path / "one", tmp_path / "split")
+    trained = next(r for r in rows_one if "loss" in r)
+    assert "kl_per_token" in trained and "logits/chosen" in trained and "eval_loss" in rows_one[-1]
+    same_weights(tmp_path / "one", tmp_path / "split")
+
+
+@pytest.mark.slow
 def test_a_zero3_checkpoint_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
     over = {"save_steps": 3, "save_total_limit": 5, "per_device_train_batch_size": 4,
             "deepspeed": str(EXAMPLES / "ds_z3_config.json"), "gradient_accumulation_steps": 2, "max_steps": 5}
@@ -282,6 +302,29 @@ def test_what_zero_does_not_do_yet_is_refused(tmp_path, over, stage, message):
                      "deepspeed": write_config(tmp_path, zero_optimization={"stage": stage}), **over})
     with pytest.raises(ConfigError, match=message):
         check(cfg, zero_settings(cfg))
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"padding_free": True}, "sequence_parallel_size: 2: not with padding_free"),
+    ({"prefix_sharing": True}, "sequence_parallel_size: 2: not with prefix_sharing"),
+    ({"ld_alpha": 0.5}, "sequence_parallel_size: 2: not with ld_alpha"),
+    ({"generate_during_eval": 2, "val_size": 0.1}, "sequence_parallel_size: 2: not with generate_during_eval"),
+    ({"flash_attn": "disabled"}, "eager attention needs a full mask"),
+    ({"pref_loss": "kto"}, "not pref_loss: kto yet"),
+    ({"sequence_parallel_size": 0}, "sequence_parallel_size must be at least 1"),
+])
+def test_what_sequence_parallelism_cannot_do_is_refused(over, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model_name_or_path": "m", "dataset": "x.jsonl", "sequence_parallel_size": 2, **over})
+
+
+def test_sequence_parallelism_needs_deepspeed_and_a_launcher(monkeypatch):
+    from preftune.engines import make_engine
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = from_dict({"model_name_or_path": "m", "dataset": "x.jsonl", "sequence_parallel_size": 2})
+    with pytest.raises(ConfigError, match="needs deepspeed .a ZeRO config. and a launcher"):
+        make_engine(cfg)
 
 
 def test_a_run_without_deepspeed_installed_never_imports_it(tmp_path, tiny_model_dir, monkeypatch):

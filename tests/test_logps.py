@@ -164,3 +164,18 @@ def test_wpo_weights_equal_the_full_logits_formula_and_carry_no_gradient(tiny_to
     assert not weights.requires_grad and logps.requires_grad
     torch.testing.assert_close(logps, get_batch_logps(model, chunk_size=5, **batch)[0], rtol=0, atol=0)
     assert (weights - 1).abs().max() > 1e-2  # not all 1 (a random model is near-uniform, so near 1)
+
+
+def test_a_sequence_split_shifts_the_targets_before_slicing():
+    """sequence_parallel_size: the slices of a row, side by side, are the row padded to a multiple of the parts,
+    with each position's target the next token (a slice's last predicts the next slice's first) and positions
+    counting over the whole row."""
+    from preftune.logps import sequence_slice
+
+    input_ids = torch.tensor([[5, 6, 7, 8, 9]])  # T = 5 -> W = 6 for 2 parts
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1]])
+    parts = [sequence_slice(input_ids, completion_mask, k, 2) for k in range(2)]
+    ids, positions, targets, score = (torch.cat(p, dim=1) for p in zip(*parts))
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 0]] and positions.tolist() == [[0, 1, 2, 3, 4, 5]]
+    assert targets.tolist() == [[6, 7, 8, 9, 0, 0]] and score.tolist() == [[0, 1, 1, 1, 0, 0]]
+    assert parts[0][0].tolist() == [[5, 6, 7]] and parts[1][2].tolist() == [[9, 0, 0]]

@@ -52,7 +52,7 @@ BOUNDS: dict[str, str] = {
     # logging, saving, the run
     "logging_steps": "[1, inf)", "eval_steps": "[1, inf)", "early_stopping_patience": "[1, inf)",
     "save_steps": "[1, inf)", "save_total_limit": "[1, inf)", "dataloader_num_workers": "[0, inf)",
-    "ddp_timeout": "[1, inf)", "skip_nonfinite_steps": "[0, inf)", "neftune_noise_alpha": "(0, inf)",
+    "ddp_timeout": "[1, inf)", "sequence_parallel_size": "[1, inf)", "skip_nonfinite_steps": "[0, inf)", "neftune_noise_alpha": "(0, inf)",
 }
 # What a bound means where a bare interval would not say it
 BOUND_NOTES = {"max_steps": "-1 or 0: num_train_epochs decides", "val_size": "a share in (0, 1) or a count >= 1",
@@ -121,6 +121,7 @@ def validate(cfg: TrainConfig) -> None:
     _validate_inert(cfg)
     _validate_saving_and_tracking(cfg)
     _validate_liger(cfg)
+    _validate_sequence_parallel(cfg)
 
 
 def _validate_choices(cfg: TrainConfig) -> None:
@@ -406,6 +407,32 @@ def _validate_liger(cfg: TrainConfig) -> None:
         if on:
             raise ConfigError(f"{key}: not with {option} ({option} {why}; Liger's fused loss takes padded pairs and "
                               f"one plain loss); remove one of the two")
+
+
+def _validate_sequence_parallel(cfg: TrainConfig) -> None:
+    """sequence_parallel_size: what a pass split along the sequence cannot do (engines/zero.py `use_ulysses`; the
+    engine checks deepspeed, the process count and the model's heads)."""
+    if cfg.sequence_parallel_size == 1:
+        return
+    key = f"sequence_parallel_size: {cfg.sequence_parallel_size}"
+    if cfg.objective != "dpo":
+        what = "stage: sft" if cfg.stage == "sft" else "pref_loss: kto"
+        raise ConfigError(f"{key} trains preference pairs (DPO and its paired losses), not {what} yet; remove it")
+    if cfg.attention == "eager":
+        raise ConfigError(f"{key} masks attention causally by positions, and eager attention needs a full mask "
+                          "(the memory sequence parallelism saves); use attn_implementation: sdpa")
+    for option, on, why in (
+            ("padding_free", cfg.padding_free, "packed rows need an attention that reads sequence starts from "
+             "the gathered positions (flash-attn varlen), not wired in yet"),
+            ("prefix_sharing", cfg.prefix_sharing, "its mask keeps each completion from the other, which the "
+             "split attention, masking by positions only, cannot"),
+            ("ld_alpha", cfg.ld_alpha is not None, "LD-DPO weighs tokens by their place in the whole completion, "
+             "which a slice does not know"),
+            ("enable_liger_kernel", cfg.enable_liger_kernel, "Liger's fused loss takes whole rows"),
+            ("generate_during_eval", cfg.generate_during_eval > 0, "sampling runs whole sequences through the "
+             "split attention")):
+        if on:
+            raise ConfigError(f"{key}: not with {option} ({why}); remove one of the two")
 
 
 def _validate_precision(cfg: TrainConfig) -> None:

@@ -54,6 +54,11 @@ def make_engine(cfg, log_with: list | None = None) -> OneProcess:
     zero = zero_settings(cfg)  # (a bad DeepSpeed config, or deepspeed beside fsdp, is refused here)
     fsdp = fsdp_settings(cfg)
     launched = "WORLD_SIZE" in os.environ
+    if cfg.sequence_parallel_size > 1 and not (zero and launched):
+        raise ConfigError(f"sequence_parallel_size: {cfg.sequence_parallel_size} splits each sequence over processes "
+                          "through DeepSpeed's Ulysses attention, so it needs deepspeed (a ZeRO config) and a launcher "
+                          "(accelerate launch / torchrun) of a multiple of that many processes; DDP and FSDP2 have no "
+                          "sequence parallelism here")
     if (zero or fsdp) and not launched:
         log.warning("%s: this process was not started by a launcher (accelerate launch / torchrun), so there is "
                     "nothing to shard across; training unsharded", "deepspeed" if zero else "fsdp")

@@ -47,6 +47,12 @@ class OneProcess:
         return self.accelerator.process_index
 
     @property
+    def data_shard(self) -> tuple[int, int]:
+        """(this process's share, the number of shares) of every global batch: the data-parallel rank and world
+        (sequence parallelism gives a group of processes one share: engines/zero.py)."""
+        return self.rank, self.world
+
+    @property
     def is_main(self) -> bool:
         """The process that writes files (checkpoints, the final model, the metric files)."""
         return self.accelerator.is_main_process

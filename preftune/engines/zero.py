@@ -43,7 +43,7 @@ from preftune.adapters import is_peft_model
 from preftune.checkpoints.weights import read_weights
 from preftune.engines.single import OneProcess
 from preftune.errors import ConfigError
-from preftune.logps import LogpsModule
+from preftune.logps import LogpsModule, SequenceSplit, split_sequences
 from preftune.models import LOADED_DTYPE
 
 log = logging.getLogger("preftune")
@@ -209,7 +209,60 @@ def reference_engine(root, accelerator):
     return engine
 
 
-def describe(settings: dict, world: int, mixed_precision: str = "no") -> str:
+def use_ulysses(model, sequence_parallel_size: int) -> None:
+    """Sequence parallelism for every pass of this process: DeepSpeed's Ulysses attention (ALST) in place of the
+    model's attention function (sdpa, flash-attn or flex), over groups of `sequence_parallel_size` consecutive
+    processes (DeepSpeed's `parallel_state_sp`), and the log-prob passes split each row over the group
+    (`logps.split_sequences`, with the group's differentiable sum). Around attention an all-to-all swaps the
+    sequence split for a head split, so each process attends over the whole sequence for its heads; masks are
+    dropped (a full-length one is the memory this exists to save) and attention is causal by the gathered
+    positions, which right-padded rows allow. What DeepSpeed's `register_with_transformers` does, with any
+    number of rows per pass (its attention fixes one: training, evaluation and reference batches differ)."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    class AnyRows(UlyssesSPAttentionHF):
+        def forward(self, module, query, *args, **kwargs):  # query (rows, heads, T/S, head size)
+            rows = query.size(0)
+            self.batch_size = rows
+            self.required_query_shape, self.required_key_value_shape, self.required_context_shape = (
+                torch.Size([shape[0], rows, *shape[2:]]) for shape in
+                (self.required_query_shape, self.required_key_value_shape, self.required_context_shape))
+            return super().forward(module, query, *args, **kwargs)
+
+    text = model.config.get_text_config()
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(text, key)
+        if heads % sequence_parallel_size and (key == "num_attention_heads" or sequence_parallel_size % heads):
+            raise ConfigError(f"sequence_parallel_size: {sequence_parallel_size} processes split the attention heads "
+                              f"between them, and this model's {key} is {heads}; use a size that divides it")
+    implementation = model.config._attn_implementation
+    if implementation not in ALL_ATTENTION_FUNCTIONS:  # eager: no function to wrap, and it needs the masks
+        raise ConfigError(f"sequence_parallel_size: the model runs attn_implementation {implementation}, which "
+                          "Ulysses cannot split; use sdpa, flash_attention_2 or flex_attention")
+    parallel_state_sp.initialize_sequence_parallel(sequence_parallel_size)
+    group = parallel_state_sp.get_sequence_parallel_group()
+    attention = AnyRows(ALL_ATTENTION_FUNCTIONS[implementation], batch_size=1,
+                        attn_head_count=text.num_attention_heads,
+                        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                        kv_head_count=text.num_key_value_heads, num_hidden_layers=text.num_hidden_layers,
+                        process_group=group, seq_length_is_variable=True)
+    attention.core_attn_implementation = implementation
+
+    def split_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        return attention(module, query, key, value, None, *args, **kwargs)  # (the mask: of the slice, dropped)
+
+    def total(partial: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce  # differentiable: its backward all-reduces too
+
+        return all_reduce(partial, group=group)
+
+    ALL_ATTENTION_FUNCTIONS[implementation] = split_attention
+    split_sequences(SequenceSplit(parallel_state_sp.get_sequence_parallel_rank(), sequence_parallel_size, total))
+
+
+def describe(settings: dict, world: int, mixed_precision: str = "no", sequence_parallel: int = 1) -> str:
     zero = settings["config"].get("zero_optimization", {})
     offload = [what for what in ("optimizer", "param") if zero.get(f"offload_{what}", {}).get("device", "none") != "none"]
     parts = [settings["source"]] + ([f"{' and '.join(offload)} offloaded to the CPU"] if offload else [])
@@ -217,6 +270,9 @@ def describe(settings: dict, world: int, mixed_precision: str = "no") -> str:
         parts.append("weights loaded partitioned (zero.Init)")
     if mixed_precision in ("bf16", "fp16"):  # DeepSpeed's mixed precision: not autocast over fp32 weights
         parts.append(f"weights held and computed in {mixed_precision}, fp32 master copies in the optimizer")
+    if sequence_parallel > 1:
+        parts.append(f"each sequence split over {sequence_parallel} processes (Ulysses): data-parallel world "
+                     f"{world // sequence_parallel}")
     return f"deepspeed: the policy under ZeRO stage {settings['stage']} over {world} processes ({'; '.join(parts)})"
 
 
@@ -241,8 +297,17 @@ class ZeRO(OneProcess):
         # (on CPU processes make_accelerator names gloo for DeepSpeed's process group: process_group_kwargs)
         super().__init__(cfg, make_accelerator(cfg, log_with, deepspeed_plugin=plugin))
         self.settings = settings
+        self.sequence_parallel = cfg.sequence_parallel_size  # processes per sequence (use_ulysses)
+        if world % self.sequence_parallel:
+            raise ConfigError(f"sequence_parallel_size: {self.sequence_parallel} does not divide the {world} processes "
+                              "of this launch; launch a multiple of it")
         self.held_dtypes: dict[str, torch.dtype] = {}  # the policy's dtypes before DeepSpeed's cast (bf16): saved in these
         self.policy_engine = None  # the DeepSpeedEngine `prepare` made
+
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        # sequence parallelism: consecutive processes form a group that takes one share (the same pairs)
+        return self.rank // self.sequence_parallel, self.world // self.sequence_parallel
 
     def check(self, cfg) -> None:
         check(cfg, self.settings)
@@ -262,8 +327,17 @@ class ZeRO(OneProcess):
         # ZeRO-3 weights are whole only inside their module's call: the LM heads are called, never read (the
         # policy's, and the policy's own as a LoRA reference reads it)
         policy_logps.call_head = reference.call_head = self.settings["stage"] == 3
+        if self.sequence_parallel > 1:
+            if policy_logps.router_aux_loss_coef:
+                raise ConfigError("sequence_parallel_size: a mixture-of-experts model's load-balancing loss "
+                                  "(router_aux_loss_coef) counts each process's slice only; set router_aux_loss_coef: "
+                                  "0, or sequence_parallel_size: 1")
+            # the gradients stay averaged over every process: within a group the differentiable sum of the
+            # log-probs (logps) gives each process sequence_parallel_size x its slice's share, which the
+            # average over all processes turns into the data-parallel mean
+            use_ulysses(model, self.sequence_parallel)
         engine, optimizer = self.accelerator.prepare(policy_logps, make_optimizer())
-        log.info("%s", describe(self.settings, self.world, self.accelerator.mixed_precision))
+        log.info("%s", describe(self.settings, self.world, self.accelerator.mixed_precision, self.sequence_parallel))
         self.policy_engine = engine
         return engine, optimizer
 

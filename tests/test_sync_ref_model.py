@@ -9,7 +9,7 @@
 * an interrupted run resumes from a checkpoint written after a sync to the uninterrupted run's numbers.
 * sharded (slow): 2 CPU processes under FSDP2 and under ZeRO-3, the reference synced after every step,
   equal the one-process run (per-step metrics, the checkpoint's reference, final weights), and resume
-  from a checkpoint written after a sync to the same numbers.
+  from a checkpoint written after a sync to the same numbers; a LoRA reference adapter under FSDP2 too.
 * the refusals: precomputed reference log-probs, reference-free losses, and the rest, one line each.
 """
 
@@ -260,3 +260,18 @@ def test_sharded_runs_sync_as_one_process_and_resume(tmp_path, tiny_model_dir, o
                                   **over), "resumed")
     assert steps_of(out)[-1] == steps_of(tmp_path / "two")[-1] and steps_of(out)[-1]["step"] == 3
     same_weights(tmp_path / "two", out)
+
+
+@pytest.mark.slow
+def test_a_sharded_lora_reference_adapter_syncs_as_one_process(tmp_path, tiny_model_dir):
+    """FSDP2 and LoRA: the reference adapter, sharded inside the policy's units, is mixed shard by shard (the
+    process that builds the model without weights gets its starting copy from the main process)."""
+    torch.set_num_threads(1)
+    over = {**SHARDED, "finetuning_type": "lora", "lora_rank": 4, "save_adapter_only": True, "learning_rate": 5e-3}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), fsdp="full_shard",
+                                  per_device_train_batch_size=4, **over), "two")
+    same_histories(tmp_path / "one", tmp_path / "two")
+    same_weights(tmp_path / "one", tmp_path / "two", "adapter_model.safetensors")
+    reference = same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", SYNCED_REFERENCE_FILE)
+    assert reference and all(".reference." in name for name in reference)

@@ -139,7 +139,7 @@ class OneProcess:
     @contextlib.contextmanager
     def mixing(self, ref: torch.Tensor, weight: torch.Tensor):
         """(ref, weight), two parameters of one shape, as the tensors to mix element by element in place
-        (TR-DPO's update): what is written into ref's is kept. Here the parameters themselves."""
+        (TR-DPO's update): what is written into the first is kept in ref. Here the parameters themselves."""
         yield ref, weight
 
     def whole_tensor(self, param: torch.Tensor) -> torch.Tensor | None:

@@ -133,7 +133,8 @@ def apply_lora(model, cfg, reference_adapter: bool):
         model.add_adapter(REFERENCE_ADAPTER, lora)
         with torch.no_grad():
             for reference, trained in adapter_pairs(model):
-                reference.copy_(trained)
+                if not trained.is_meta:  # (built without weights, FSDP2: the main process's copy fills it)
+                    reference.copy_(trained)
         model.set_adapter(TRAINED_ADAPTER)  # the trained adapter active and trainable, the copy frozen
     return model
 

@@ -19,7 +19,10 @@ A moving reference (`sync_ref_model`, TR-DPO): `sync_reference` mixes the policy
 reference's every `ref_model_sync_steps` optimizer steps (train.py calls it), and a checkpoint holds the
 mixed reference (`Reference.save_synced`, `Reference.load_synced`). With LoRA the reference is then always
 the frozen `reference` adapter (a copy of the starting adapter, or of the new one), mixed from the trained
-adapter's own weights.
+adapter's own weights. Under an engine that shards (engines/), the engine says which tensors the mix
+reads and writes (FSDP2: each process's shards of both models, sharded alike; ZeRO-3: each pair of weights
+gathered whole), and gathers the reference whole for a checkpoint on the main process; every process
+loads it back into its part.
 
 Precomputed log-probs are cached in `<ref_logps_cache_dir>/<key>.safetensors`, the key a hash of
 everything that changes the numbers:
@@ -174,33 +177,38 @@ class Reference:
         own = dict(policy.named_parameters())
         weights = []
         for name, ref in self.model.named_parameters():
-            if name not in own or own[name].shape != ref.shape:
-                shape = f"shape {tuple(own[name].shape)}" if name in own else "no such weight"
-                raise ModelError(f"sync_ref_model: the reference's {name} {tuple(ref.shape)} has {shape} in the "
+            if name not in own or _shape(own[name]) != _shape(ref):
+                shape = f"shape {tuple(_shape(own[name]))}" if name in own else "no such weight"
+                raise ModelError(f"sync_ref_model: the reference's {name} {tuple(_shape(ref))} has {shape} in the "
                                  "policy; a moving reference needs the policy's architecture (ref_model of the same "
                                  "model), or remove sync_ref_model")
             weights.append((name, ref, own[name]))
         return weights
 
-    def save_synced(self, policy, folder: Path) -> None:
-        """The moving reference's weights (a LoRA run: its `reference` adapter) into a checkpoint folder being
-        written: a resume continues from the reference as it was mixed, not the starting one."""
-        save_file({name: ref.detach().cpu().contiguous() for name, ref, _ in self.synced_weights(policy)},
-                  folder / SYNCED_REFERENCE_FILE)
+    def save_synced(self, policy, folder: Path, engine) -> None:
+        """Collective: the moving reference's weights (a LoRA run: its `reference` adapter), gathered whole by
+        `engine`, into a checkpoint folder being written, by the main process: a resume continues from the
+        reference as it was mixed, not the starting one."""
+        engine.settle()
+        state = {name: engine.whole_tensor(ref) for name, ref, _ in self.synced_weights(policy)}
+        if engine.is_main:
+            save_file({name: tensor.contiguous() for name, tensor in state.items()}, folder / SYNCED_REFERENCE_FILE)
 
     @torch.no_grad()
-    def load_synced(self, policy, folder: Path) -> bool:
-        """The weights `save_synced` wrote in `folder` into the reference; False where the checkpoint has none
-        (written without sync_ref_model, resumed with resume_override: the reference stays the starting one)."""
+    def load_synced(self, policy, folder: Path, engine) -> bool:
+        """Collective: the weights `save_synced` wrote in `folder` into the reference (every process reads the
+        file and keeps its part); False where the checkpoint has none (written without sync_ref_model, resumed
+        with resume_override: the reference stays the starting one)."""
         path = folder / SYNCED_REFERENCE_FILE
         if not path.is_file():
             return False
+        engine.settle()
         state, weights = load_file(path), self.synced_weights(policy)
         if set(state) != {name for name, _, _ in weights}:
             raise ModelError(f"{path}: its weights do not match this run's reference; resume with the run's own "
                              "model and finetuning_type")
         for name, ref, _ in weights:
-            ref.copy_(state[name])
+            engine.load_whole(ref, state[name])
         return True
 
     @torch.no_grad()
@@ -220,13 +228,21 @@ class Reference:
 
 
 @torch.no_grad()
-def sync_reference(reference: Reference, policy, alpha: float) -> None:
+def sync_reference(reference: Reference, policy, alpha: float, engine) -> None:
     """TR-DPO's soft update of the reference (Gorbatovski et al. 2024, "Learn Your Reference Model for Real
     Good Alignment"): pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref_prev, weight by weight, in
     place (TRL's SyncRefModelCallback, the same order of operations). A LoRA reference mixes the adapter's
-    weights (A and B each), not their product: its update is alpha-mixed adapter weights."""
+    weights (A and B each), not their product: its update is alpha-mixed adapter weights. Collective under
+    an engine that shards: `engine.mixing` gives the tensors that hold each pair's elements here."""
+    engine.settle()
     for _, ref, weight in reference.synced_weights(policy):
-        ref.mul_(1.0 - alpha).add_(weight, alpha=alpha)
+        with engine.mixing(ref, weight) as (ref_part, weight_part):
+            ref_part.mul_(1.0 - alpha).add_(weight_part, alpha=alpha)
+
+
+def _shape(param: torch.Tensor) -> torch.Size:
+    """A weight's whole shape, also where ZeRO-3 leaves a process only its partition (an empty `shape`)."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def describe_precision(policy, reference: Reference, cfg) -> dict[str, str | None]:

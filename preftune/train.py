@@ -169,7 +169,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         check_best_model(cfg, best.step, step)
         metrics.resume(state, resume_from)
         train_step.load_state_dict(state["loss_state"])
-        if cfg.sync_ref_model and not reference.load_synced(policy, resume_from):
+        if cfg.sync_ref_model and not reference.load_synced(policy, resume_from, engine):
             log.warning("sync_ref_model: %s holds no moving reference (its run did not sync); the reference "
                         "restarts from the starting model", resume_from)
         log.info("resumed from %s at step %d", resume_from, step)
@@ -179,7 +179,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
                disable=not cfg.progress_bar or not engine.is_main)
 
     # TR-DPO (sync_ref_model): the reference moves, so checkpoints hold it (the policy's weights to save it by)
-    moving_reference = (lambda folder: reference.save_synced(policy, folder)) if cfg.sync_ref_model else None
+    moving_reference = (lambda folder: reference.save_synced(policy, folder, engine)) if cfg.sync_ref_model else None
 
     def checkpoint(step: int) -> None:  # everything the loop needs to continue after `step`
         epoch_index, step_index = divmod(step, steps_per_epoch)
@@ -231,7 +231,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             for key, values in step_stats.items():
                 running.setdefault(key, []).extend(values)
         if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:  # TR-DPO: as TRL, at the end of the step
-            sync_reference(reference, policy, cfg.ref_model_mixup_alpha)  # counted whether or not it updated
+            sync_reference(reference, policy, cfg.ref_model_mixup_alpha, engine)  # counted whether or not it updated
         train_seconds += time.time() - step_start
         bar.update(1)
 

@@ -7,11 +7,15 @@
 * LoRA, which TRL refuses: the reference is a second, frozen adapter; after a sync its weights are the
   alpha-mixed adapter weights and its log-probs are those of the policy with those weights.
 * an interrupted run resumes from a checkpoint written after a sync to the uninterrupted run's numbers.
+* sharded (slow): 2 CPU processes under FSDP2 and under ZeRO-3, the reference synced after every step,
+  equal the one-process run (per-step metrics, the checkpoint's reference, final weights), and resume
+  from a checkpoint written after a sync to the same numbers; a LoRA reference adapter under FSDP2 too.
 * the refusals: precomputed reference log-probs, reference-free losses, and the rest, one line each.
 """
 
 import copy
 import json
+import shutil
 
 import datasets  # noqa: E402  (test dependencies: a missing TRL must fail the suite, not skip it)
 import pytest
@@ -24,12 +28,14 @@ from preftune import train as train_mod
 from preftune.batching import collate
 from preftune.config import from_dict
 from preftune.data import PreferencePair
-from preftune.engines import fsdp, zero
+from preftune.engines import make_engine
 from preftune.errors import ConfigError
 from preftune.logps import get_batch_logps
 from preftune.models import load_tokenizer
 from preftune.reference import SYNCED_REFERENCE_FILE, load_models, sync_reference
 from preftune.tokenization import tokenize_pairs
+from test_deepspeed import EXAMPLES
+from test_distributed import raw_config, same_histories, same_weights, torchrun
 
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected", "grad_norm")
@@ -118,7 +124,7 @@ def test_lora_reference_is_a_frozen_adapter_mixed_from_the_trained_one(tmp_path,
         for _, _, trained in weights:
             trained.add_(0.5 * torch.randn(trained.shape, generator=generator))
     before = {name: ref.detach().clone() for name, ref, _ in weights}
-    sync_reference(reference, policy, 0.3)
+    sync_reference(reference, policy, 0.3, make_engine(cfg))
     for name, ref, trained in weights:  # ref = alpha * trained + (1 - alpha) * ref, weight by weight
         torch.testing.assert_close(ref, 0.3 * trained + 0.7 * before[name], rtol=0, atol=1e-7)
         assert not torch.equal(ref, before[name]) or not before[name].any() and not trained.any()
@@ -210,18 +216,62 @@ def test_what_cannot_move_is_refused_in_one_line(over, message):
     assert "\n" not in str(error.value)
 
 
-def test_sharded_engines_refuse_it_in_one_line():
-    cfg = from_dict({"sync_ref_model": True})
-    with pytest.raises(ConfigError, match=r"^fsdp: sync_ref_model is not combined with sharding yet"):
-        fsdp.check(cfg)
-    with pytest.raises(ConfigError, match=r"^deepspeed: sync_ref_model is not combined with ZeRO-3 yet"):
-        zero.check(cfg, {"stage": 3})
-    zero.check(cfg, {"stage": 2})  # ZeRO-1/2 hold every weight whole on every process: it runs
-
-
 def test_the_mixing_keys_alone_are_warned(caplog):
     from preftune.config import validation
 
     validation.WARNED.clear()
     from_dict({"ref_model_sync_steps": 64})
     assert "ref_model_sync_steps: used only with sync_ref_model: true" in caplog.text
+
+
+# --- sharded engines ---------------------------------------------------------------------------------------
+
+
+SHARDED = {"max_steps": 3, "eval_strategy": "no", "save_steps": 2, "sync_ref_model": True,
+           "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_model_dir):
+    """The one-process run the sharded ones must equal: 3 steps of 8 pairs, the reference synced after each,
+    a checkpoint after step 2."""
+    tmp_path = tmp_path_factory.mktemp("one")
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **SHARDED)))
+    return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [{"fsdp": "full_shard"}, {"deepspeed": str(EXAMPLES / "ds_z3_config.json")}],
+                         ids=["fsdp2", "zero3"])
+def test_sharded_runs_sync_as_one_process_and_resume(tmp_path, tiny_model_dir, one_process_run, engine):
+    torch.set_num_threads(1)
+    one = one_process_run / "one"
+    over = {**SHARDED, **engine, "per_device_train_batch_size": 4}
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), **over), "two")
+    same_histories(one, tmp_path / "two")
+    same_weights(one, tmp_path / "two")
+    # the checkpoint's reference: gathered whole, as the one process's after its second sync
+    same_weights(one / "checkpoint-2", tmp_path / "two" / "checkpoint-2", SYNCED_REFERENCE_FILE)
+
+    out = tmp_path / "resumed"  # from step 2: step 3 is scored against the reference restored into its shards
+    out.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-2", out / "checkpoint-2")
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(out), resume_from_checkpoint=True,
+                                  **over), "resumed")
+    assert steps_of(out)[-1] == steps_of(tmp_path / "two")[-1] and steps_of(out)[-1]["step"] == 3
+    same_weights(tmp_path / "two", out)
+
+
+@pytest.mark.slow
+def test_a_sharded_lora_reference_adapter_syncs_as_one_process(tmp_path, tiny_model_dir):
+    """FSDP2 and LoRA: the reference adapter, sharded inside the policy's units, is mixed shard by shard (the
+    process that builds the model without weights gets its starting copy from the main process)."""
+    torch.set_num_threads(1)
+    over = {**SHARDED, "finetuning_type": "lora", "lora_rank": 4, "save_adapter_only": True, "learning_rate": 5e-3}
+    train_mod.train(from_dict(raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
+    torchrun(tmp_path, raw_config(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), fsdp="full_shard",
+                                  per_device_train_batch_size=4, **over), "two")
+    same_histories(tmp_path / "one", tmp_path / "two")
+    same_weights(tmp_path / "one", tmp_path / "two", "adapter_model.safetensors")
+    reference = same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2", SYNCED_REFERENCE_FILE)
+    assert reference and all(".reference." in name for name in reference)

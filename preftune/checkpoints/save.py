@@ -86,11 +86,11 @@ def _write_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg
     weights = engine.whole_weights(model)  # collective where the engine shards; None: the model holds them
     if not cfg.save_only_model:
         engine.save_optimizer(policy_logps, optimizer, tmp)
+        if save_reference is not None:  # collective too: gathered where sharded, written by the main process
+            save_reference(tmp)
     if engine.is_main:
         save_weights(model, tmp, state_dict=weights)  # a LoRA policy: its trained adapter only
         tokenizer.save_pretrained(tmp)
-        if save_reference is not None and not cfg.save_only_model:  # (every process holds it whole: unsharded)
-            save_reference(tmp)
         if not cfg.save_only_model:
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
             if engine.accelerator.scaler is not None:  # fp16: the loss scale and its growth counter

@@ -102,10 +102,6 @@ def check(cfg) -> None:
     if cfg.generate_during_eval:
         raise ConfigError("fsdp: generate_during_eval samples on the main process alone, which a sharded model "
                           "cannot do; set generate_during_eval: 0")
-    if cfg.sync_ref_model:  # each mix would gather both models' shards, and each checkpoint the reference's
-        raise ConfigError("fsdp: sync_ref_model is not combined with sharding yet (the reference's update and its "
-                          "checkpoint need both models' weights whole); unset fsdp (DDP, ZeRO-1/2 run it) or "
-                          "sync_ref_model")
 
 
 class FSDP2(OneProcess):
@@ -117,6 +113,7 @@ class FSDP2(OneProcess):
     def __init__(self, cfg, settings: dict, accelerator):
         super().__init__(cfg, accelerator)
         self.settings = settings
+        self.roots: list[torch.nn.Module] = []  # the modules `shard` made roots of (the policy's, a reference's)
 
     def check(self, cfg) -> None:
         check(cfg)
@@ -133,6 +130,7 @@ class FSDP2(OneProcess):
     def prepare_reference(self, model, chunk_size: int):
         root = LogpsModule(model, chunk_size)  # the whole pass in one root unit, as the policy's
         shard(root, self.settings, self.device, self.cfg.mixed_precision, "the reference")
+        self.roots.append(root)
         return root
 
     def prepare(self, policy_logps, make_optimizer, reference):
@@ -140,6 +138,7 @@ class FSDP2(OneProcess):
                               if hasattr(p, LOADED_DTYPE)}  # fully_shard replaces the parameters, and their marks
         # sharded before the optimizer is made: it must hold the sharded parameters
         shard(policy_logps, self.settings, self.device, self.cfg.mixed_precision)
+        self.roots.append(policy_logps)
         if reference.reads_policy_weights:
             # a LoRA run's reference is the policy with its adapter off: its passes must go through the policy's
             # root too (which gathers the embeddings and the LM head), with the adapter switched off around them
@@ -168,6 +167,41 @@ class FSDP2(OneProcess):
         finally:
             for root in roots:
                 root.reshard()
+
+    def settle(self) -> None:
+        """A forward without backward leaves gathered what does not reshard after it (the root units; every unit
+        with shard_grad_op): its parameters are then the gathered copies, not the shards. Resharded here."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for root in self.roots:
+            for module in root.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    @contextlib.contextmanager
+    def mixing(self, ref, weight):
+        """The two weights' local shards: the reference is sharded as the policy is (`shard`: one mesh, the same
+        units, dim 0), so a weight's shard on this process holds the same elements in both, and the mix needs
+        no gather."""
+        ref_part, weight_part = ref.to_local(), weight.to_local()  # views of the shards: writes stay in ref
+        if ref.placements != weight.placements or ref_part.shape != weight_part.shape:
+            raise ModelError(f"fsdp: sync_ref_model: a reference weight is sharded as {ref.placements} "
+                             f"{tuple(ref_part.shape)} and the policy's as {weight.placements} "
+                             f"{tuple(weight_part.shape)}; they must be sharded alike")
+        yield ref_part, weight_part
+
+    def whole_tensor(self, param):
+        whole = param.full_tensor()  # (collective: an all-gather)
+        return whole.cpu() if self.is_main else None
+
+    def load_whole(self, param, tensor) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        # every process holds the whole tensor: each cuts its own shard out, with no communication
+        part = distribute_tensor(tensor.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+        with torch.no_grad():
+            param.to_local().copy_(part.to_local())
 
     def whole_weights(self, model, loaded_dtypes: bool = False) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -136,6 +136,27 @@ class OneProcess:
         reads them outside their forward (the KL reads both LM heads); None entries are ignored."""
         yield
 
+    # --- a moving reference (sync_ref_model: reference.sync_reference, Reference.save_synced) ----------
+
+    def settle(self) -> None:
+        """Every sharded model's weights back in the parts each process holds (a forward may leave some
+        gathered), before code reads their parameters by name."""
+
+    @contextlib.contextmanager
+    def mixing(self, ref: torch.Tensor, weight: torch.Tensor):
+        """(ref, weight), two parameters of one shape, as the tensors to mix element by element in place
+        (TR-DPO's update): what is written into the first is kept in ref. Here the parameters themselves."""
+        yield ref, weight
+
+    def whole_tensor(self, param: torch.Tensor) -> torch.Tensor | None:
+        """Collective: `param` whole, on the CPU, on the main process (None elsewhere)."""
+        return param.detach().cpu() if self.is_main else None
+
+    def load_whole(self, param: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Collective: `tensor` (whole, given on every process) into `param`; each process keeps its part."""
+        with torch.no_grad():
+            param.copy_(tensor)
+
     # --- saving and loading ----------------------------------------------------------------------
 
     def whole_weights(self, model, loaded_dtypes: bool = False) -> dict[str, torch.Tensor] | None:

@@ -123,10 +123,6 @@ def check(cfg, settings: dict | None) -> None:
     if cfg.generate_during_eval and settings["stage"] == 3:
         raise ConfigError("deepspeed: generate_during_eval samples on the main process alone, which a ZeRO-3 "
                           "model cannot do; set generate_during_eval: 0")
-    if cfg.sync_ref_model and settings["stage"] == 3:  # each mix would gather both models' partitions
-        raise ConfigError("deepspeed: sync_ref_model is not combined with ZeRO-3 yet (the reference's update and "
-                          "its checkpoint need both models' weights whole); use ZeRO-2 (ds_z2_config.json), or "
-                          "unset sync_ref_model")
 
 
 def _fill(config: dict, key: str, value, source: str) -> None:
@@ -386,11 +382,36 @@ class ZeRO(OneProcess):
         with zero.GatheredParameters(params):
             yield
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """ZeRO-3 prefetches weights for a next forward; those still in flight could not be gathered: release
         them first."""
         if self.policy_engine is not None:
             self.policy_engine.empty_partition_cache()
+
+    @contextlib.contextmanager
+    def mixing(self, ref, weight):
+        """ZeRO-3: both weights gathered whole, one pair at a time (as TRL mixes them), the reference's update
+        kept from the main process's; ZeRO-1/2: the weights themselves (whole on every process)."""
+        from deepspeed import zero
+
+        if not _partitioned(ref):
+            yield ref, weight
+            return
+        with zero.GatheredParameters([weight]), zero.GatheredParameters([ref], modifier_rank=0):
+            yield ref.data, weight.data
+
+    def whole_tensor(self, param):
+        from deepspeed import zero
+
+        with zero.GatheredParameters([param]) if _partitioned(param) else contextlib.nullcontext():
+            return param.data.detach().cpu().clone() if self.is_main else None
+
+    def load_whole(self, param, tensor) -> None:
+        from deepspeed import zero
+
+        with zero.GatheredParameters([param], modifier_rank=0) if _partitioned(param) else contextlib.nullcontext():
+            with torch.no_grad():
+                param.data.copy_(tensor.to(param.dtype))
 
     def whole_weights(self, model, loaded_dtypes: bool = False) -> dict[str, torch.Tensor]:
         """As the model holds them (ZeRO writes each step's update back into them; under bf16, rounded from the
@@ -398,7 +419,7 @@ class ZeRO(OneProcess):
         time, so no process ever holds the whole model; a LoRA model: only its trained adapter."""
         from deepspeed import zero
 
-        self._settle()
+        self.settle()
         ignore_frozen = is_peft_model(model)
         state = {}
         for name, param in model.named_parameters():  # (each parameter once: a tied one under its first name)
@@ -415,7 +436,7 @@ class ZeRO(OneProcess):
         are not updated."""
         from deepspeed import zero
 
-        self._settle()
+        self.settle()
         state = read_weights(model, folder)
         for name, param in model.named_parameters():
             if name not in state:

@@ -313,6 +313,10 @@ def load_run_reference(run_cfg):
 
 def _checked_policy(cfg, tokenizer, reference_adapter: bool = False, read_weights: bool = True):
     policy = load_policy(cfg, reference_adapter, read_weights)
+    if cfg.stage == "rm" and tokenizer is not None:
+        # a sequence classifier reads its score at the last token that is not the pad token: the tokenizer's pad
+        # id on the config (saved with the model), as TRL's RewardTrainer sets it
+        policy.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     if tokenizer is not None:
         check_vocabulary(policy, tokenizer, "model_name_or_path",
                          "the tokenizer has tokens the model has no embedding for; resize the model's embeddings")

@@ -12,6 +12,7 @@ prompt and the completion (then EOS); on these pairs the ids are equal.
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import trl
 from preftune.batching import collate
 from preftune.cli import main
 from preftune.config import from_dict
+from preftune.demo import make_pairs
 from preftune.errors import ConfigError
 from preftune.losses import reward_model_loss
 from preftune.rewards import load_reward
@@ -174,3 +176,65 @@ def test_rm_trains_the_score_head_under_lora_and_freeze(tiny_model_dir, tiny_tok
     else:
         assert not any("layers.0." in n for n in trainable) and any("layers.1." in n for n in trainable)
     assert policy.config.pad_token_id == tiny_tokenizer.pad_token_id
+
+
+def _rm_raw(tmp_path, model_dir, **over):
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        write_jsonl(data, [{**p, "margin": 0.1 * (i % 3)} for i, p in enumerate(make_pairs(24, 0))])
+    return {"stage": "rm", "model_name_or_path": str(model_dir), "dataset": str(data), "val_size": 8,
+            "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_steps": 4, "logging_steps": 1,
+            "eval_steps": 2, "torch_dtype": "float32", "progress_bar": False, "plot_loss": False,
+            "tokenized_cache_dir": str(tmp_path / "cache"), **over}
+
+
+def _rows(out):
+    return json.loads((out / "rm_metrics" / "log_history.json").read_text())
+
+
+def _same_rows(one, two, keys=("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "grad_norm",
+                               "learning_rate", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")):
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in keys:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (a["step"], key)
+
+
+def test_rm_resumes_to_the_same_run(tmp_path, tiny_model_dir):
+    """A run resumed from its step-2 checkpoint logs the same rows and writes the same weights as the run
+    that went on (the score head and its optimizer state included)."""
+    from safetensors.torch import load_file
+
+    from preftune.train import train
+
+    whole = tmp_path / "whole"
+    train(from_dict(_rm_raw(tmp_path, tiny_model_dir, output_dir=str(whole), save_steps=2, save_total_limit=3)))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    train(from_dict(_rm_raw(tmp_path, tiny_model_dir, output_dir=str(resumed), save_steps=2, save_total_limit=3,
+                            resume_from_checkpoint=True)))
+    assert json.loads((resumed / "rm_metrics" / "summary.json").read_text())["resumed_from"]["step"] == 2
+    _same_rows(_rows(whole), _rows(resumed))
+    w1, w2 = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert w1.keys() == w2.keys() and "score.weight" in w1
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_rm_two_processes_equal_one_process(tmp_path, tiny_model_dir):
+    """DDP: 2 processes of 4 pairs each log what one process with 8 pairs logs (the margin column too)."""
+    from test_distributed import torchrun
+
+    from preftune.train import train
+
+    torch.set_num_threads(1)
+    train(from_dict(_rm_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"))))
+    result = torchrun(tmp_path, _rm_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"),
+                                        per_device_train_batch_size=4), "two")
+    assert "processes: 2 (MULTI_CPU); global batch 8 pairs" in result.stderr
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    _same_rows(one, two)
+    assert one[-1]["eval_loss"] < one[0]["eval_loss"]

@@ -151,10 +151,21 @@ def test_rm_run_writes_a_reward_model_that_scores(tmp_path, tiny_model_dir, tiny
     prompts = [p["prompt"] for p in demo_pairs[40:44]]
     completions = [p["chosen"] for p in demo_pairs[40:44]]
     scores = load_reward(str(out))(prompts, completions)  # what `sample --reward` and `eval --reward` call
-    texts = [tiny_tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                                                tokenize=False) for p, c in zip(prompts, completions)]
+    # the pairs were plain text, trained raw (prompt, completion, EOS): the text the pipeline is given
+    texts = [p + c + tiny_tokenizer.eos_token for p, c in zip(prompts, completions)]
     classify = pipeline("text-classification", model=str(out), function_to_apply="none")
     assert [r["score"] for r in classify(texts)] == pytest.approx(scores, abs=1e-5)
+    # the same as the training pass on those pairs (`step.RewardStep`'s module): the rendering training used,
+    # not the tokenizer's chat template
+    from preftune.data import PreferencePair
+    from preftune.reward_model import RewardModule
+    from preftune.tokenization import tokenize_pairs
+
+    items = tokenize_pairs(tiny_tokenizer, [PreferencePair(p, c, c) for p, c in zip(prompts, completions)], 2048, None)
+    batch = collate(items, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        trained = RewardModule(model)(batch["input_ids"], batch["attention_mask"])[:len(items)]
+    assert trained.tolist() == pytest.approx(scores, abs=1e-5)
     assert len(set(round(s, 6) for s in scores)) == len(scores) and all(math.isfinite(s) for s in scores)
 
 

@@ -272,7 +272,8 @@ def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None
         return policy, Reference(AdapterReference(policy, REFERENCE_ADAPTER if starting_adapter else None),
                                  chunk_size=chunk_size, description=f"the LoRA policy with {what}")
     if not cfg.uses_reference:
-        return policy, Reference()
+        return policy, Reference(description="none (a reward model)" if cfg.stage == "rm" else
+                                 "none (reference-free loss)")
     model, runner = _separate_reference(cfg, tokenizer, engine)
     what = f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model"
     if cfg.sync_ref_model:

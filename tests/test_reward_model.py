@@ -125,14 +125,16 @@ def test_rm_matches_trl_reward_trainer_per_step(tmp_path, seqcls_dir, tiny_token
 
 
 def test_rm_run_writes_a_reward_model_that_scores(tmp_path, tiny_model_dir, tiny_tokenizer, demo_pairs, capsys):
-    """From the causal LM checkpoint (a new score head): held-out accuracy rises; the model is a
-    transformers sequence classifier with one output and the tokenizer's pad id, and transformers'
-    pipeline and preftune's --reward loader (sample and eval) give it the same scores."""
+    """From the causal LM checkpoint (a new score head): held-out accuracy rises, and `preftune eval` on the
+    held-out pairs reports what training's last evaluation logged; the model is a transformers sequence
+    classifier with one output and the tokenizer's pad id, and transformers' pipeline, preftune's --reward
+    loader (sample and eval) and the training pass give it the same scores."""
     from transformers import AutoModelForSequenceClassification, pipeline
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", demo_pairs[:40])
+    data = write_jsonl(tmp_path / "pairs.jsonl", demo_pairs[:32])
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", demo_pairs[32:40])
     out = tmp_path / "rm"
-    assert main(["rm", "--model_name_or_path", str(tiny_model_dir), "--dataset", data, "--val_size", "8",
+    assert main(["rm", "--model_name_or_path", str(tiny_model_dir), "--dataset", data, "--eval_dataset", heldout,
                  "--output_dir", str(out), "--per_device_train_batch_size", "8", "--max_steps", "8",
                  "--learning_rate", "2e-3", "--eval_steps", "8", "--logging_steps", "4", "--progress_bar", "false",
                  "--tokenized_cache_dir", str(tmp_path / "cache")]) == 0
@@ -145,6 +147,13 @@ def test_rm_run_writes_a_reward_model_that_scores(tmp_path, tiny_model_dir, tiny
     assert final["eval_rewards/accuracies"] > base["eval_rewards/accuracies"]
     assert final["eval_loss"] < base["eval_loss"]
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(final)
+    # `preftune eval` on the held-out pairs: the statistics training's last evaluation logged, no reference
+    assert main(["eval", "--model_name_or_path", str(out), "--dataset", heldout, "--output_dir",
+                 str(tmp_path / "eval")]) == 0
+    assert "reference: none (a reward model)" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen"):
+        assert row["pairs"][key] == pytest.approx(final[f"eval_{key}"], abs=1e-5), key
 
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 1 and model.config.pad_token_id == tiny_tokenizer.pad_token_id

@@ -58,20 +58,29 @@ def model_run_config(name: str | None):
     return run_config(folder) if folder is not None and folder.is_dir() else None
 
 
+# how a model's data and prompts are rendered: each a run that wrote the model fixes, unless cfg sets it
+RENDERING_KEYS = ("template", "enable_thinking", "preserve_thinking", "default_system")
+
+
 def with_run_template(cfg, run_cfg):
-    """cfg, with the `template` of the run that wrote the model (run_cfg) where cfg sets none: a model is
-    trained on, sampled and evaluated in the format it was trained in. The one rule of every command that
-    reads a model (train and sft continuing from a run, sample, eval, export, inspect --model); a template
-    cfg sets wins (`--template none` still asks for raw text)."""
-    if run_cfg is None or run_cfg.template is None:
+    """cfg, with the rendering of the run that wrote the model (run_cfg) where cfg sets none: its `template`,
+    thinking settings (`enable_thinking`, `preserve_thinking`) and `default_system`, so a model is trained
+    on, sampled, evaluated and exported in the format it was trained in. The one rule of every command that
+    reads a model (train and sft continuing from a run, sample, eval, export, inspect --model); a value
+    cfg sets wins (`--template none` still asks for raw text, `--enable_thinking true` thinks)."""
+    if run_cfg is None:
         return cfg
-    if cfg.template is not None:
-        if cfg.template != run_cfg.template:
-            log.info("template: %s, as set (the run that wrote the model was trained with %s)", cfg.template,
-                     run_cfg.template)
-        return cfg
-    log.info("template: %s, as the run that wrote the model was trained", run_cfg.template)
-    return dataclasses.replace(cfg, template=run_cfg.template)
+    carried = {}
+    for key in RENDERING_KEYS:
+        mine, theirs = getattr(cfg, key), getattr(run_cfg, key, None)
+        if theirs is None:
+            continue
+        if mine is None:
+            carried[key] = theirs
+            log.info("%s: %r, as the run that wrote the model was trained", key, theirs)
+        elif mine != theirs:
+            log.info("%s: %r, as set (the run that wrote the model was trained with %r)", key, mine, theirs)
+    return dataclasses.replace(cfg, **carried) if carried else cfg
 
 
 def adapter_base(src: Path, run_cfg) -> tuple[str, list[str]]:

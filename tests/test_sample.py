@@ -171,3 +171,33 @@ def test_a_reward_model_scores_through_its_chat_template(tmp_path, tiny_tokenize
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="reward: cannot load the reward model"):
         load_reward(str(tmp_path / "empty"))
+
+
+def test_a_runs_rendering_is_carried_unless_set(project, tiny_model_dir):
+    """The run that wrote a model fixes its template, thinking settings and default_system for sample
+    (and eval, export, inspect: one rule, saved.with_run_template); a value the command sets wins."""
+    import shutil
+
+    import yaml
+
+    from preftune.saved import with_run_template
+
+    run = from_dict({"template": "chatml", "enable_thinking": False, "preserve_thinking": True,
+                     "default_system": "Be brief."})
+    carried = with_run_template(from_dict({}), run)
+    assert (carried.template, carried.enable_thinking, carried.preserve_thinking, carried.default_system) == (
+        "chatml", False, True, "Be brief.")
+    assert carried.chat_template_kwargs == {"enable_thinking": False, "preserve_thinking": True}
+    mine = with_run_template(from_dict({"enable_thinking": True, "preserve_thinking": False,
+                                        "default_system": "Be kind."}), run)
+    assert (mine.enable_thinking, mine.preserve_thinking, mine.default_system) == (True, False, "Be kind.")
+
+    model = project / "model"  # a folder a run wrote: the weights and its preftune_config.yaml
+    shutil.copytree(tiny_model_dir, model)
+    (model / "preftune_config.yaml").write_text(yaml.safe_dump(run.to_dict()))
+    assert main(args(project, model, "out", "--num_samples", "2", "--max_new_tokens", "2")) == 0
+    settings = json.loads((project / "out" / "sample_settings.json").read_text())
+    assert (settings["template"], settings["enable_thinking"], settings["default_system"]) == (
+        "chatml", False, "Be brief.")
+    # a prompt without a system prompt was sampled with the run's
+    assert lines(project / "out" / "samples.jsonl")[0]["system"] == "Be brief."

@@ -23,6 +23,7 @@ trained against (`models.load_reference`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -120,7 +121,8 @@ def _only_pairs(examples: list, where: str) -> tuple[list, int]:
     return pairs, len(examples) - len(pairs)
 
 
-def heldout_pairs(src: Path, run_cfg, data: str | None, dataset_dir: str, max_samples: int | None):
+def heldout_pairs(src: Path, run_cfg, data: str | None, dataset_dir: str, max_samples: int | None,
+                  default_system: str | None = None):
     """Pairs to measure on and where they came from; ([], None) when there is nothing.
 
     `--data` wins; else a run's output folder (preftune_config.yaml beside the weights) gives its
@@ -134,6 +136,8 @@ def heldout_pairs(src: Path, run_cfg, data: str | None, dataset_dir: str, max_sa
         # pairs with chosen == rejected say nothing about a preference: counted, not used
         examples = check_pairs(read_dataset(data, dataset_dir, max_samples, allow_unpaired=True), drop_invalid=True,
                                report=report)
+        if default_system:  # as the run's own pairs got it (data/load.py)
+            examples = [e if e.system else dataclasses.replace(e, system=default_system) for e in examples]
         pairs, unpaired = _only_pairs(examples, f"--data '{data}'")
         skipped = report.skipped_identical
         notes = [f"{skipped} pairs with chosen == rejected skipped"] if skipped else []
@@ -239,7 +243,9 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
         reads += [("the base model of MODEL's adapter", merge[0])] + [("a starting adapter", a) for a in merge[1]]
     _check_out(dest, reads, overwrite)
     ref_dir = _check_model_dir(ref, "--ref") if ref else None
-    pairs, source = heldout_pairs(src, run_cfg, data, cfg.dataset_dir, cfg.max_samples)  # data errors before any work
+    rendered = with_run_template(cfg, run_cfg)  # the run's template, thinking settings and default_system
+    pairs, source = heldout_pairs(src, run_cfg, data, cfg.dataset_dir, cfg.max_samples,  # data errors before any work
+                                  rendered.default_system)
     tokenizer_dir = merge[0] if merge and not (src / "tokenizer_config.json").is_file() else src
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # saved unchanged: nothing below may alter it first
     if pairs and reference:  # the reference scores MODEL's token ids: before any weights are read
@@ -266,13 +272,14 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
                   "weight_bytes_before": weight_bytes(weights), "weight_bytes_after": weight_bytes(tmp),
                   **check_export(reloaded, dtype, vocab_id)}
         report["size_ratio"] = report["weight_bytes_after"] / report["weight_bytes_before"]
+        if rendered.chat_template_kwargs:  # what a server must pass to render prompts as the model was trained
+            report["chat_template_kwargs"] = rendered.chat_template_kwargs
         if merge:
             report["merged"] = {"base": merge[0], "adapters": [*merge[1], str(src)], "dtype": "float32"}
 
         if pairs:
-            tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len,
-                                       with_run_template(cfg, run_cfg).template,
-                                       chat_kwargs=(run_cfg or cfg).chat_template_kwargs)
+            tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len, rendered.template,
+                                       chat_kwargs=rendered.chat_template_kwargs)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
             original, lengths = pair_logps(LogpsModule(load_folder(weights), cfg.logps_chunk_size), tokenized, pad_id,
                                            batch_size)

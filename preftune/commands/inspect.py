@@ -44,6 +44,10 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
     truncation_mode and max_prompt_length, as a run does), else in characters."""
     model, cutoff_len, truncation_mode, max_prompt_length = (cfg.model_name_or_path, cfg.cutoff_len,
                                                              cfg.truncation_mode, cfg.max_prompt_length)
+    if model:  # rendered as a run on that model renders (its template, thinking settings, default_system)
+        from preftune.saved import model_run_config, with_run_template
+
+        cfg = with_run_template(cfg, model_run_config(model))
     examples = read_examples(cfg.dataset, cfg.dataset_dir, columns=cfg.columns, mix_strategy=cfg.mix_strategy,
                              interleave_probs=cfg.interleave_probs, seed=cfg.seed, default_system=cfg.default_system)
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
@@ -53,9 +57,7 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
                    "sources": dict(sources), "unit": "tokens" if model else "characters"}
     if model:
         from preftune.models import load_tokenizer
-        from preftune.saved import model_run_config, with_run_template
 
-        cfg = with_run_template(cfg, model_run_config(model))  # rendered as a run on that model renders
         tokenizer = load_tokenizer(model, cfg.trust_remote_code)
         rendering = setup_rendering(tokenizer, cfg.template, cfg.chat_template_kwargs)
         stats["rendering"] = describe_rendering(tokenizer, cfg.template, examples)  # what a run logs

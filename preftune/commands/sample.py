@@ -83,8 +83,8 @@ def read_samples(path: Path, prompts: list) -> dict[int, dict]:
 # What decides the completions and scores of a samples line: a resumed run must use the same values, or
 # its samples.jsonl would mix records of both and summary.json claim the new ones (as resume_from_checkpoint
 # checks training's settings). pairing and min_margin are free: pairs.jsonl is remade from every record.
-SAMPLING_KEYS = ("model_name_or_path", "template", "reward", "num_samples", "temperature", "top_p", "top_k",
-                 "max_new_tokens", "seed")
+SAMPLING_KEYS = ("model_name_or_path", "template", "enable_thinking", "preserve_thinking", "default_system", "reward",
+                 "num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
 SETTINGS_FILE = "sample_settings.json"
 
 
@@ -176,13 +176,13 @@ def _sample(cfg, out: Path) -> dict:
 
     engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
     reward = load_reward(cfg.reward) if cfg.reward else None
+    if Path(cfg.model_name_or_path).expanduser().is_dir():  # before the prompts: default_system may be the run's
+        cfg = with_run_template(cfg, run_config(Path(cfg.model_name_or_path).expanduser()))
     prompts = read_prompts(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns,
                            default_system=cfg.default_system)
     samples_path = out / "samples.jsonl"
     done = read_samples(samples_path, prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    if Path(cfg.model_name_or_path).expanduser().is_dir():
-        cfg = with_run_template(cfg, run_config(Path(cfg.model_name_or_path).expanduser()))
     check_same_settings(out, cfg, done)  # with the template resolved, before a model loads
     context = model_context(AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code))
     encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs), context, cfg.max_new_tokens,

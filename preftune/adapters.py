@@ -119,7 +119,9 @@ def apply_lora(model, cfg, reference_adapter: bool):
             model.set_adapter(TRAINED_ADAPTER)
         return model
     target = "all-linear" if cfg.lora_target.strip() == "all" else split_names(cfg.lora_target)
-    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+    # a reward model (stage: rm) is a sequence classifier: peft's SEQ_CLS trains and saves its new score head whole
+    # (modules_to_save), as TRL's RewardTrainer advises
+    lora = LoraConfig(task_type="SEQ_CLS" if cfg.stage == "rm" else "CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                       lora_dropout=cfg.lora_dropout, target_modules=target, use_dora=cfg.use_dora,
                       use_rslora=cfg.use_rslora, modules_to_save=split_names(cfg.additional_target) or None)
     try:

@@ -18,10 +18,14 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | No
     `logps.get_batch_logps`). T is the longest sequence in this batch, not cutoff_len, rounded up to
     a multiple of `multiple` (pad_to_multiple_of) when given.
     With `index` (the pairs' positions in their split), also index (B,): a precomputed
-    reference (`reference.Reference`) looks its log-probs up by it.
+    reference (`reference.Reference`) looks its log-probs up by it. Pairs with a `margin` (stage: rm)
+    add margin (B,) float32, 0 for a pair without one.
     """
     seqs = [(p.chosen_ids, p.chosen_start) for p in pairs] + [(p.rejected_ids, p.rejected_start) for p in pairs]
-    return _with_index(_pad(seqs, pad_token_id, multiple=multiple), index)
+    batch = _with_index(_pad(seqs, pad_token_id, multiple=multiple), index)
+    if any(p.margin is not None for p in pairs):  # stage: rm's `margin` column, (B,); a pair without one: 0
+        batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
+    return batch
 
 
 def round_up(width: int, multiple: int | None) -> int:

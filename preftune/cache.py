@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from array import array
 from pathlib import Path
@@ -75,8 +76,10 @@ def data_fingerprint(train_items: list, eval_items: dict[str, list] | None = Non
         digest.update(f"{name}:{len(items)}\n".encode())
         for item in items:
             # kl_completion (KTO) is derived from the other items, which are hashed
-            values = [getattr(item, f.name) for f in dataclasses.fields(item)
-                      if f.name not in ("where", "kl_completion")] \
+            # an unset margin is left out too, so that data without one hashes as before the field existed (the
+            # caches and checkpoints of earlier runs keep their keys)
+            values = [getattr(item, f.name) for f in dataclasses.fields(item) if f.name not in ("where", "kl_completion")
+                      and not (f.name == "margin" and item.margin is None)] \
                 if dataclasses.is_dataclass(item) else [item]
             for value in values:
                 if isinstance(value, (str, int, float, type(None))):  # array("q", ...) refuses these: no try needed
@@ -118,7 +121,7 @@ def cache_key(tokenizer, pairs: list[PreferencePair], cfg) -> str:
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for name in _ARRAYS:
+    for name in _ARRAYS + (("margin",) if "margin" in arrays else ()):
         h.update(np.ascontiguousarray(arrays[name]).tobytes())
     return h.hexdigest()
 
@@ -135,6 +138,8 @@ def _save(path: Path, key: str, toks: list[TokenizedPair], report: TokenizeRepor
         "rejected_start": np.array([t.rejected_start for t in toks], np.int32),
         "truncated": np.array([t.truncated for t in toks], np.uint8),
     }
+    if any(t.margin is not None for t in toks):  # stage: rm's margins; NaN: the pair has none
+        arrays["margin"] = np.array([math.nan if t.margin is None else t.margin for t in toks], np.float64)
     metadata = {"key": key, "version": CACHE_VERSION, "checksum": _checksum(arrays),
                 "report": json.dumps(vars(report))}
     try:
@@ -152,13 +157,13 @@ def _load(path: Path, key: str) -> tuple[list[TokenizedPair], TokenizeReport] | 
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}
-            arrays = {name: f.get_tensor(name) for name in _ARRAYS}
+            arrays = {name: f.get_tensor(name) for name in _ARRAYS + (("margin",) if "margin" in f.keys() else ())}
         if metadata.get("key") != key or metadata.get("version") != CACHE_VERSION:
             raise ValueError("written for other inputs")
         if metadata.get("checksum") != _checksum(arrays):
             raise ValueError("checksum mismatch")
         n = len(arrays["chosen_lengths"])
-        if any(len(arrays[name]) != n for name in _ARRAYS[2:]) \
+        if any(len(arrays[name]) != n for name in (*_ARRAYS[2:], *(("margin",) if "margin" in arrays else ()))) \
                 or arrays["chosen_lengths"].sum() != len(arrays["chosen_ids"]) \
                 or arrays["rejected_lengths"].sum() != len(arrays["rejected_ids"]):
             raise ValueError("inconsistent shapes")
@@ -170,10 +175,11 @@ def _load(path: Path, key: str) -> tuple[list[TokenizedPair], TokenizeReport] | 
     chosen, rejected = arrays["chosen_ids"].tolist(), arrays["rejected_ids"].tolist()
     chosen_ends = np.cumsum(arrays["chosen_lengths"]).tolist()
     rejected_ends = np.cumsum(arrays["rejected_lengths"]).tolist()
+    margins = arrays["margin"].tolist() if "margin" in arrays else [math.nan] * n
     toks, c0, r0 = [], 0, 0
-    for c1, r1, cs, rs, tr in zip(chosen_ends, rejected_ends, arrays["chosen_start"].tolist(),
-                                  arrays["rejected_start"].tolist(), arrays["truncated"].tolist()):
-        toks.append(TokenizedPair(chosen[c0:c1], cs, rejected[r0:r1], rs, bool(tr)))
+    for c1, r1, cs, rs, tr, m in zip(chosen_ends, rejected_ends, arrays["chosen_start"].tolist(),
+                                     arrays["rejected_start"].tolist(), arrays["truncated"].tolist(), margins):
+        toks.append(TokenizedPair(chosen[c0:c1], cs, rejected[r0:r1], rs, bool(tr), None if math.isnan(m) else m))
         c0, r0 = c1, r1
     return toks, report
 

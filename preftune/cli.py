@@ -4,6 +4,7 @@ turns every user-facing error into one line and a non-zero exit.
     preftune train [CONFIG.yaml] [--key value ...]       # align a model (no arguments: the quick embedded demo)
     preftune demo [--output_dir DIR] [--sweep B1,B2]     # the whole flow, sft -> sample -> dpo -> eval, on CPU
     preftune sft [CONFIG.yaml] [--key value ...]         # supervised fine-tuning on completions
+    preftune rm [CONFIG.yaml] [--key value ...]          # a reward model trained on preference pairs
     preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
     preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
     preftune label FILE [--port 8765] [--annotator NAME] [--export PAIRS]        # label pairs by hand
@@ -27,6 +28,7 @@ from preftune.errors import PreftuneError
 COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "train": "align a model with DPO (preftune train --help)",
     "sft": "supervised fine-tuning on completions, e.g. to make a reference (preftune sft --help)",
+    "rm": "a reward model (Bradley-Terry) trained on preference pairs, for sample/eval --reward (preftune rm --help)",
     "sample": "completions from a model, scored by a reward, paired into preference data (preftune sample --help)",
     "eval": "models against their reference: pairs, or samples scored by a reward (preftune eval --help)",
     "inspect": "statistics and rendered examples of a dataset (preftune inspect --help)",
@@ -40,6 +42,7 @@ COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
 COMMAND_GROUPS = {
     "train": tuple(GROUPS),
     "sft": tuple(g for g in GROUPS if g not in ("reference", "objective")),
+    "rm": tuple(g for g in GROUPS if g != "reference"),
     "sample": ("model", "data", "tokenization", "batches", "sampling", "run"),
     "eval": ("model", "reference", "objective", "data", "tokenization", "batches", "precision", "sampling", "health",
              "run"),

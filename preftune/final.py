@@ -67,7 +67,8 @@ def save_final(model, tokenizer, cfg, state_dict: dict | None = None) -> None:
     cast and the merge change the model in place: call this last. A sharded model's weights come
     gathered, already in their loaded dtypes, as state_dict."""
     out = Path(cfg.output_dir)
-    if model.generation_config is not None:  # generation stops where training's completions end
+    # generation stops where training's completions end (a reward model, which does not generate, has none)
+    if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = stop_ids(tokenizer)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = out / ".final.tmp"

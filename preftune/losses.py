@@ -484,6 +484,28 @@ def kto_loss(policy_logps, reference_logps, policy_kl_logps, reference_kl_logps,
     return losses, beta * logratios.detach(), z_ref
 
 
+def reward_model_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_coefficient=None):
+    """The Bradley-Terry loss of a reward model (stage: rm), as TRL 1.16's RewardTrainer. Not a loss of
+    `LOSSES`: it takes the reward model's scores r(x, y), (B,) each, not log-probs. Under Bradley-Terry,
+    P(y_w > y_l | x) = sigmoid(r(x, y_w) - r(x, y_l)) (the model DPO is derived from; Ouyang et al. 2022,
+    https://arxiv.org/abs/2203.02155, Eq. 1), so the loss is its negative log-likelihood, per pair:
+
+        loss_i = -log sigmoid(r_w,i - r_l,i - m_i) + c * (r_w,i + r_l,i)^2
+
+    m_i: the pair's `margin` (B,) where the data has one (Llama 2's margin loss, Touvron et al. 2023,
+    https://arxiv.org/abs/2307.09288, Eq. 2: pairs labelled as clearly better must be separated by more),
+    else 0. c: center_rewards_coefficient (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244, Eq. 2),
+    a pull of the rewards toward mean zero; the mean over the B pairs of c * (r_w + r_l)^2 is TRL's
+    c * mean((r_w + r_l)^2). Unset (None) or 0: no term. Returns the (B,) losses, unreduced."""
+    logits = chosen_rewards - rejected_rewards
+    if margin is not None:
+        logits = logits - margin
+    losses = -F.logsigmoid(logits)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen_rewards + rejected_rewards) ** 2
+    return losses
+
+
 LOSSES = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune import adapters
 from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
@@ -119,9 +119,15 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
     _check_reachable(name, what)
     check_attention(cfg)
     kwargs = _load_kwargs(cfg, policy=what == "model_name_or_path")
+    auto = AutoModelForCausalLM
+    if cfg.stage == "rm" and what == "model_name_or_path":
+        # a reward model: the backbone with a score head of one output (r(x, y)), as TRL's RewardTrainer and
+        # LLaMA-Factory load it; from a causal LM checkpoint the head is new (initialised by seed), from a reward
+        # model's folder it is read
+        auto, kwargs = AutoModelForSequenceClassification, {**kwargs, "num_labels": 1}
     try:
         if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
-            return AutoModelForCausalLM.from_pretrained(name, **kwargs, **(cfg.model_init_kwargs or {}))
+            return auto.from_pretrained(name, **kwargs, **(cfg.model_init_kwargs or {}))
         return empty_model(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code), kwargs)
     except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None
@@ -222,6 +228,10 @@ def load_policy(cfg, reference_adapter: bool = False, read_weights: bool = True)
         policy = apply_lora(policy, cfg, reference_adapter=reference_adapter)
     elif cfg.finetuning_type == "freeze":
         apply_freeze(policy, cfg)
+        if cfg.stage == "rm":  # a reward model's score head is new: trained whatever else is frozen
+            for name, param in policy.named_parameters():
+                if name.split(".")[0] in ("score", "classifier"):  # transformers' names of the head
+                    param.requires_grad_(True)
     hold_trainable_weights(policy, cfg)
     apply_liger_kernels(policy, cfg)
     compile_layers(policy, cfg)

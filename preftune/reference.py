@@ -288,7 +288,8 @@ def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None
         return policy, Reference(AdapterReference(policy, REFERENCE_ADAPTER if starting_adapter else None),
                                  chunk_size=chunk_size, description=f"the LoRA policy with {what}")
     if not cfg.uses_reference:
-        return policy, Reference()
+        return policy, Reference(description="none (a reward model)" if cfg.stage == "rm" else
+                                 "none (reference-free loss)")
     model, runner = _separate_reference(cfg, tokenizer, engine)
     what = f"ref_model {cfg.ref_model}" if cfg.ref_model else "a frozen copy of the starting model"
     if cfg.sync_ref_model:
@@ -329,6 +330,10 @@ def load_run_reference(run_cfg):
 
 def _checked_policy(cfg, tokenizer, reference_adapter: bool = False, read_weights: bool = True):
     policy = load_policy(cfg, reference_adapter, read_weights)
+    if cfg.stage == "rm" and tokenizer is not None:
+        # a sequence classifier reads its score at the last token that is not the pad token: the tokenizer's pad
+        # id on the config (saved with the model), as TRL's RewardTrainer sets it
+        policy.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     if tokenizer is not None:
         check_vocabulary(policy, tokenizer, "model_name_or_path",
                          "the tokenizer has tokens the model has no embedding for; resize the model's embeddings")

@@ -1,5 +1,5 @@
 """What a run reports: the metric log and the four files in <output_dir>/dpo_metrics/
-(<output_dir>/sft_metrics/ for stage: sft), written as the run goes (only by the main process):
+(<output_dir>/sft_metrics/ for stage: sft, rm_metrics/ for stage: rm), written as the run goes (only by the main process):
 the CSV and log_history.json gain each row when it is logged, summary.json and the plot are
 refreshed at each evaluation and at the end, so a crash or a signal leaves them up to the last
 logged step.
@@ -50,6 +50,9 @@ METRIC_NOTES = {
 }
 
 
+METRICS_DIRS = {"sft": "sft_metrics", "rm": "rm_metrics"}  # objective -> its metrics folder; dpo and kto: dpo_metrics
+
+
 class MetricsLog:
     """The rows a run logs; each also goes to the report_to trackers (tracking.py)."""
 
@@ -59,7 +62,7 @@ class MetricsLog:
         self.history: list[dict] = []
         self.data: dict = {}
         self.precision: dict | None = None  # the dtypes of the policy and the reference (reference.describe_precision)
-        self.dir = Path(cfg.output_dir) / ("sft_metrics" if cfg.objective == "sft" else "dpo_metrics")
+        self.dir = Path(cfg.output_dir) / METRICS_DIRS.get(cfg.objective, "dpo_metrics")
         self.resumed_from: dict | None = None  # {checkpoint, step} when the run continued a checkpoint
         self.writes = True  # only the main process writes files (describe_setup says which one it is)
         self.planned_steps: int | None = None

@@ -8,7 +8,8 @@ A function is called with the prompts (each the prompt's last user turn as text)
 imported as a library (sys.argv holds only its name while it loads). A reward model is a transformers
 sequence-classification model (one output): each prompt and completion are rendered through its
 own chat template (as a user and an assistant turn) when it has one, else joined as text, and its
-output is the score. Every failure is one line naming the reward.
+output is the score; one that `preftune rm` wrote is given the token ids its training would give the
+pair (its run's rendering: docs/reward-model.md). Every failure is one line naming the reward.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from preftune.errors import ConfigError, ModelError
+from preftune.saved import model_run_config
 
 
 def _load_function(spec: str):
@@ -80,6 +82,9 @@ def _reward_model(name: str, batch_size: int = 8):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    run_cfg = model_run_config(name)
+    if run_cfg is not None and run_cfg.stage == "rm":
+        return _trained_reward_model(model, tokenizer, run_cfg, Path(name).expanduser(), batch_size)
 
     @torch.no_grad()
     def score(prompts: list[str], completions: list[str]) -> list[float]:
@@ -95,6 +100,52 @@ def _reward_model(name: str, batch_size: int = 8):
         return out
 
     return score
+
+
+def _trained_reward_model(model, tokenizer, run_cfg, folder: Path, batch_size: int):
+    """A reward model `preftune rm` wrote: each (prompt, completion) is scored on the token ids its training
+    would give the pair, through preftune's own pair tokenization with the run's template, cutoff_len and
+    chat-template arguments (plain text, as sample's and label's pairs write prompts; as a conversation
+    where the run's data were conversations only), so that the reward is read at the position it was
+    trained at (the last non-pad token, `reward_model.RewardModule`)."""
+    from preftune.batching import collate_chosen
+    from preftune.data import PreferencePair
+    from preftune.tokenization import TokenizeReport, setup_rendering, tokenize_pair
+
+    rendering = setup_rendering(tokenizer, run_cfg.template, run_cfg.chat_template_kwargs)
+    conversational = _trained_on_conversations(folder)
+
+    @torch.no_grad()
+    def score(prompts: list[str], completions: list[str]) -> list[float]:
+        items = []
+        for prompt, completion in zip(prompts, completions):
+            pair = PreferencePair(prompt=prompt, chosen=completion, rejected=completion, where="reward",
+                                  conversational=conversational)
+            item = tokenize_pair(tokenizer, pair, run_cfg.cutoff_len, rendering, TokenizeReport(),
+                                 run_cfg.truncation_mode, run_cfg.max_prompt_length)
+            if item is None:
+                raise ConfigError(f"reward {folder}: a completion does not fit the reward model's cutoff_len "
+                                  f"({run_cfg.cutoff_len}) beside its prompt; shorten the prompts")
+            items.append(item)
+        out = []
+        for i in range(0, len(items), batch_size):
+            batch = collate_chosen(items[i:i + batch_size], tokenizer.pad_token_id)  # (b, T), right-padded
+            out += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().tolist()
+        return out
+
+    return score
+
+
+def _trained_on_conversations(folder: Path) -> bool:
+    """Whether the reward model's training data were conversations only (messages, which a chat template
+    renders even with template unset), as its summary.json says; else its pairs were plain text."""
+    import json
+
+    try:
+        used = json.loads((folder / "rm_metrics" / "summary.json").read_text(encoding="utf-8"))["data"]["rendering"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return "conversational data" in used.get("why", "") and "plain-string" not in used.get("why", "")
 
 
 def _numbers(scores, spec: str) -> list[float]:

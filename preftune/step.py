@@ -1,6 +1,7 @@
 """One step of an objective: a collated batch in, per-example losses and the TRL-named statistics out.
 
-    step = STEPS[cfg.objective](cfg, engine)            # dpo: preference pairs; kto: unpaired examples; sft
+    step = STEPS[cfg.objective](cfg, engine)            # dpo: preference pairs; kto: unpaired examples; sft; rm
+    module = step.module(policy, cfg)                   # the policy's pass, for the engine to wrap
     items = step.tokenize(tokenizer, examples, cfg, report)
     batch = step.collate(items, pad_id, index)
     out = step(policy_logps, reference, batch, kl=True)  # StepOutput(losses, stats, kl)
@@ -31,7 +32,9 @@ from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
 from preftune.logps import (  # noqa: F401 (LogpsModule: imported from here)
     FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
-from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll
+from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll, reward_model_loss
+from preftune.models import router_aux_coef
+from preftune.reward_model import RewardModule
 from preftune.tokenization import tokenize_examples
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
@@ -52,6 +55,12 @@ def configured_loss(cfg):
         return functools.partial(UNPAIRED_LOSSES["kto"], **cfg.loss_options("kto"))
     return CombinedLoss(cfg.pref_losses, cfg.loss_weights, {name: cfg.loss_options(name) for name in cfg.pref_losses},
                      pref_ftx=cfg.pref_ftx, pref_bco_weight=cfg.pref_bco_weight)
+
+
+def logps_module(policy, cfg) -> LogpsModule:
+    """The policy's whole log-prob pass as one module, for the engine to wrap, shard or run; a mixture-of-experts
+    policy's passes also give its load-balancing loss, weighted as set or by the model's own coefficient."""
+    return LogpsModule(policy, cfg.logps_chunk_size, router_aux_loss_coef=router_aux_coef(cfg, policy))
 
 
 def add_router_aux(losses: torch.Tensor, stats: dict, out) -> torch.Tensor:
@@ -107,6 +116,7 @@ class PreferenceStep:
     unit = "pairs"
     progress = {"acc": "rewards/accuracies"}  # the progress bar's figure beside the loss (train.progress_postfix)
     collate = staticmethod(collate)
+    module = staticmethod(logps_module)
 
     def __init__(self, cfg, engine=None):
         self.loss, self.engine = configured_loss(cfg), engine
@@ -193,6 +203,7 @@ class UnpairedStep:
     unit = "examples"
     progress = {"chosen": "rewards/chosen", "rejected": "rewards/rejected"}  # no pairs, so no accuracy
     collate = staticmethod(collate_unpaired)
+    module = staticmethod(logps_module)
 
     def __init__(self, cfg, engine=None):
         self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
@@ -251,6 +262,7 @@ class SFTStep:
 
     unit = "examples"
     progress = {"ppl": "perplexity"}  # no rewards; MetricsLog.log adds a row's perplexity
+    module = staticmethod(logps_module)
 
     def __init__(self, cfg, engine=None):
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
@@ -283,5 +295,52 @@ class SFTStep:
         pass  # no state across steps
 
 
+class RewardStep:
+    """rm: B preference pairs, collated as 2B rows [chosen; rejected] (`batching.collate`, with each pair's
+    `margin` where the data has one), scored in one pass of the reward model (`reward_model.RewardModule`:
+    r(x, y) at each row's last non-pad token); the loss is `losses.reward_model_loss`, Bradley-Terry with
+    the optional margin and center_rewards_coefficient. No reference: no KL. Statistics under the DPO
+    stage's names, so that the report, plots, health report and best-model choice read them alike:
+    rewards/chosen and rewards/rejected (the reward model's scores), rewards/margins (TRL's RewardTrainer
+    `margin`) and rewards/accuracies (TRL's `accuracy`; a tie counts 0.5 here, 0 in TRL)."""
+
+    unit = "pairs"
+    progress = {"acc": "rewards/accuracies"}
+    module = staticmethod(lambda policy, cfg: RewardModule(policy))
+
+    def __init__(self, cfg, engine=None):
+        self.center_rewards_coefficient = cfg.center_rewards_coefficient  # (no reference, no KL: no engine needed)
+        self.multiple = cfg.pad_to_multiple_of
+
+    @staticmethod
+    def tokenize(tokenizer, pairs, cfg, report):
+        return tokenize_cached(tokenizer, pairs, cfg, report)
+
+    def collate(self, pairs, pad_token_id, index=None):
+        return collate(pairs, pad_token_id, index, self.multiple)
+
+    @staticmethod
+    def length(pair) -> int:
+        return len(pair.chosen_ids) + len(pair.rejected_ids)
+
+    def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
+        rewards = policy(batch["input_ids"], batch["attention_mask"])  # (2B,) [chosen; rejected]
+        B = rewards.size(0) // 2
+        chosen_rewards, rejected_rewards = rewards[:B], rewards[B:]  # (B,) each
+        losses = reward_model_loss(chosen_rewards, rejected_rewards, batch.get("margin"),
+                                   self.center_rewards_coefficient)
+        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+        return StepOutput(losses, {"loss": losses.detach(), "rewards/chosen": chosen_rewards,
+                                   "rewards/rejected": rejected_rewards,
+                                   "rewards/accuracies": accuracy(chosen_rewards, rejected_rewards),
+                                   "rewards/margins": chosen_rewards - rejected_rewards}, None)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # no state across steps
+
+
 # cfg.objective -> the step class; the loop builds one for training and a fresh one per evaluation
-STEPS = {"dpo": PreferenceStep, "kto": UnpairedStep, "sft": SFTStep}
+STEPS = {"dpo": PreferenceStep, "kto": UnpairedStep, "sft": SFTStep, "rm": RewardStep}

@@ -156,6 +156,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     rejected_start: int
     truncated: bool = False
+    margin: float | None = None  # the pair's `margin` (stage: rm; `PreferencePair.margin`)
 
 
 @dataclass
@@ -473,8 +474,10 @@ def tokenize_pair(tokenizer, pair: PreferencePair, cutoff_len: int, rendering: R
                       max_prompt_length, tokenizer.bos_token_id)
     if t is None:
         report.dropped += 1
-    elif t.truncated:
+        return None
+    if t.truncated:
         report.truncated += 1
+    t.margin = pair.margin
     return t
 
 

@@ -34,8 +34,7 @@ from preftune.engines import check_hardware, make_engine
 from preftune.errors import DataError
 from preftune.evaluate import evaluate, training_row
 from preftune.generate import sample_texts
-from preftune.logps import LogpsModule
-from preftune.models import check_attention, load_tokenizer, router_aux_coef
+from preftune.models import check_attention, load_tokenizer
 from preftune.offload import OffloadActivations
 from preftune.optim import make_optimizer, make_scheduler
 from preftune.reference import describe_precision, load_models, sync_reference
@@ -116,11 +115,9 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     metrics.describe_setup(engine.accelerator, global_batch, unit, reference.description,
                            describe_precision(policy, reference, cfg))
     policy.train()
-    # the policy's whole log-prob pass as one module, for the engine to wrap, shard or run; a mixture-of-experts
-    # policy's passes also give its load-balancing loss, weighted as set or by the model's own coefficient
-    policy_logps, optimizer = engine.prepare(LogpsModule(policy, cfg.logps_chunk_size,
-                                                         router_aux_loss_coef=router_aux_coef(cfg, policy)),
-                                             lambda: make_optimizer(policy, cfg), reference)
+    # the policy's whole pass as one module, for the engine to wrap, shard or run: its log-probs
+    # (`step.logps_module`), or a reward model's scores (`reward_model.RewardModule`)
+    policy_logps, optimizer = engine.prepare(Step.module(policy, cfg), lambda: make_optimizer(policy, cfg), reference)
     micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)

@@ -15,10 +15,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "preftune"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
 
 # Building blocks that everything else is built on: they import nothing of preftune's.
-LOW_LEVEL = {"errors", "files", "losses", "logps", "health"}  # optim imports only errors
+LOW_LEVEL = {"errors", "files", "losses", "logps", "health", "reward_model"}  # optim imports only errors
 # Layers, lowest first: a module may import modules of its own layer or below, never above.
 LAYERS = [
-    {"errors", "files", "losses", "logps", "health", "offload"},
+    {"errors", "files", "losses", "logps", "health", "offload", "reward_model"},
     {"optim", "guard", "hub"},
     {"config", "config.names", "config.schema", "config.compat", "config.validation", "config.command_line",
      "config.load", "data.readers", "data.records", "data.registry", "data.load", "data", "adapters", "labels"},
@@ -31,7 +31,7 @@ LAYERS = [
     {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands.label", "commands.cache", "commands",
      "__init__"},
     {"commands.eval"},
-    {"commands.sft"},
+    {"commands.sft", "commands.rm"},
     {"commands.demo"},
     {"cli"},
 ]
@@ -85,7 +85,7 @@ def test_every_module_is_in_a_layer():
 ENGINE_WORDS = re.compile(r"\b(ddp|fsdp\w*|zero|zero_\w+|zero3|deepspeed|dataparallel|oneprocess|fully_shard|ds_id|get_rank"
                           r"|is_sharded|torch\.distributed)\b", re.IGNORECASE)
 # Building blocks a new way of running must not touch: they are handed what they need of an engine.
-ENGINE_FREE = ("losses", "logps", "step", "evaluate", "models", "batching", "tokenization")
+ENGINE_FREE = ("losses", "logps", "step", "evaluate", "models", "batching", "tokenization", "reward_model")
 
 
 def code_of(path: Path) -> str:
@@ -153,7 +153,7 @@ def test_objectives_share_one_interface():
     from preftune.step import STEPS
 
     for name, objective in STEPS.items():
-        for member in ("tokenize", "collate", "length", "unit", "__call__", "state_dict", "load_state_dict"):
+        for member in ("tokenize", "collate", "length", "unit", "module", "__call__", "state_dict", "load_state_dict"):
             assert member in vars(objective), (name, member)
 
 

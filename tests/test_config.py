@@ -82,7 +82,7 @@ def test_unknown_key_suggests_closest(key, suggestion):
     ({"pref_loss": "sigmod"}, "unknown loss 'sigmod'.*Did you mean 'sigmoid'"),
     ({"pref_bco_weight": -0.5}, "pref_bco_weight must be a number >= 0"),
     ({"pref_loss": "simpo", "pref_bco_weight": 0.5}, "pref_bco_weight: BCO needs the reference and pref_loss simpo"),
-    ({"stage": "ppo"}, "stage: unknown value 'ppo'; use dpo or sft"),
+    ({"stage": "ppo"}, "stage: unknown value 'ppo'; use dpo, sft or rm"),
     ({"stage": "sft", "pref_loss": "ipo"}, "pref_loss: stage: sft trains on completions alone"),
     ({"finetuning_type": "lora", "lora_rank": 0}, "lora_rank must be at least 1"),
     ({"learning_rate": "fast"}, "learning_rate' got 'fast'; expected float"),

@@ -7,7 +7,9 @@
 On pairs (`dataset`): the statistics of training's evaluation (preference accuracy with ties as half,
 margins, loss, KL per token and per sequence), from the one evaluator training uses, against the
 reference the run trained with
-(`ref_model`, else the one its output folder's preftune_config.yaml names).
+(`ref_model`, else the one its output folder's preftune_config.yaml names). A reward model that
+`preftune rm` wrote is evaluated as its training evaluated it: its pair accuracy, margins, rewards and
+loss, with no reference.
 On prompts (`prompts` + `reward`): `num_samples` completions per prompt from each model and from the
 reference, scored by the reward: mean reward and its standard error, the win rate against the
 reference's completion of the same prompt (ties half), the mean completion length, and
@@ -49,11 +51,18 @@ def _load(name: str, cfg):
     """A model folder as it is (a LoRA adapter folder merged into its base) or a hub id; and the run
     config its folder holds, if any."""
     from preftune.models import load_model
-    from preftune.saved import load_full, run_config
+    from preftune.saved import is_adapter, load_full, run_config
 
     folder = Path(name).expanduser()
     if folder.is_dir():
         run_cfg = run_config(folder)
+        if run_cfg is not None and run_cfg.stage == "rm":  # a reward model: its score head, not an LM head
+            from transformers import AutoModelForSequenceClassification
+
+            if is_adapter(folder):
+                raise ConfigError(f"model_name_or_path '{name}': a reward model's LoRA adapter; evaluate it saved "
+                                  "merged (train it with save_adapter_only: false)")
+            return AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32").eval(), run_cfg
         return load_full(folder, run_cfg).float().eval(), run_cfg
     return load_model(name, cfg).eval(), None
 
@@ -86,7 +95,7 @@ def run_health(folder: Path, cfg) -> list[dict] | None:
     thresholds; None for a model that no preftune run wrote."""
     from preftune import health
 
-    for metrics in ("dpo_metrics", "sft_metrics"):
+    for metrics in ("dpo_metrics", "sft_metrics", "rm_metrics"):
         history = folder / metrics / "log_history.json"
         if history.is_file():
             return health.check(json.loads(history.read_text()), cfg.health_thresholds)
@@ -112,6 +121,28 @@ def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
     stats = evaluate(PreferenceStep(cfg), LogpsModule(policy, cfg.logps_chunk_size,
                                                       router_aux_loss_coef=router_aux_coef(cfg, policy)),
                      Reference(reference, chunk_size=cfg.logps_chunk_size), items, cfg.eval_batch_size,
+                     tokenizer.pad_token_id, OneProcess(cfg, Accelerator(cpu=not torch.cuda.is_available())))
+    return {"pairs": len(items), **{k.removeprefix("eval_"): v for k, v in stats.items()}}
+
+
+def eval_reward_pairs(model, run_cfg, tokenizer, cfg) -> dict:
+    """A reward model's (`preftune rm`'s) statistics on cfg.dataset's pairs, as its training evaluated them:
+    pair accuracy (ties as half), margins, mean chosen and rejected rewards, and its loss (with the run's
+    center_rewards_coefficient and the pairs' margins). No reference."""
+    import torch
+    from accelerate import Accelerator
+
+    from preftune.data import load_pairs
+    from preftune.engines import OneProcess
+    from preftune.evaluate import evaluate
+    from preftune.reference import Reference
+    from preftune.reward_model import RewardModule
+    from preftune.step import RewardStep
+    from preftune.tokenization import tokenize_pairs
+
+    pairs = load_pairs(cfg.__class__(**{**cfg.to_dict(), "eval_dataset": None, "val_size": 0.0}))[0]
+    items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template, chat_kwargs=cfg.chat_template_kwargs)
+    stats = evaluate(RewardStep(run_cfg), RewardModule(model), Reference(), items, cfg.eval_batch_size,
                      tokenizer.pad_token_id, OneProcess(cfg, Accelerator(cpu=not torch.cuda.is_available())))
     return {"pairs": len(items), **{k.removeprefix("eval_"): v for k, v in stats.items()}}
 
@@ -238,6 +269,15 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
         if not rows:  # the first model's run decides how its data and prompts are rendered
             cfg = with_run_template(cfg, run_cfg)
         check_vocabulary(model, tokenizer, f"model_name_or_path '{name}'", "every model must use the first one's tokenizer")
+        if run_cfg is not None and run_cfg.stage == "rm":  # a reward model: its pair accuracy, no reference
+            if cfg.prompts:
+                raise ConfigError(f"model_name_or_path '{name}' is a reward model (preftune rm): it scores "
+                                  "completions rather than writing them; give it as --reward, or evaluate it on "
+                                  "pairs (--dataset) without --prompts")
+            rows.append({"model": name, "reference": "none (a reward model)", "health": run_health(Path(name)
+                         .expanduser(), cfg), **({"pairs": eval_reward_pairs(model, run_cfg, tokenizer, cfg)}
+                                                 if cfg.dataset else {})})
+            continue
         ref = _reference(cfg, run_cfg, references, tokenizer)
         if ref is None:
             raise ConfigError(f"model_name_or_path '{name}': no reference known (its folder has no preftune_config.yaml "

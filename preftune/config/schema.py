@@ -104,7 +104,7 @@ class TrainConfig:
     ref_model_sync_steps: int = REFERENCE(512, "sync_ref_model: tau, the reference is updated after every optimizer step whose number (1-based) is a multiple of it. TRL's default 512.")
 
     # --- the objective: stage, preference loss and its hyperparameters (docs/losses.md) ---
-    stage: str = OBJECTIVE("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss) or sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference); LLaMA-Factory's kto means pref_loss: kto.", ("dpo", "sft"))
+    stage: str = OBJECTIVE("dpo", "LLaMA-Factory stage: dpo (a preference loss, pref_loss), sft (supervised fine-tuning on completions, what `preftune sft` runs; no reference) or rm (a Bradley-Terry reward model on the pairs, what `preftune rm` runs: a sequence-classification model with one output; docs/reward-model.md); LLaMA-Factory's kto means pref_loss: kto.", ("dpo", "sft", "rm"))
     do_train: bool = OBJECTIVE(True, "LLaMA-Factory flag; must be true for preftune train.")
     pref_beta: float = OBJECTIVE(0.1, "beta: strength of the implicit KL constraint to the reference (higher = stay closer).")
     pref_loss: str = OBJECTIVE("sigmoid", f"Preference loss (sigmoid is DPO): {', '.join(n for n in LOSSES if n not in REFERENCE_FREE)}; {', '.join(UNPAIRED_LOSSES)} (unpaired data; pairs are split); reference-free: {', '.join(n for n in LOSSES if n in REFERENCE_FREE)}. A comma list (or YAML list) sums several, weighted by loss_weights (docs/losses.md).")
@@ -121,6 +121,7 @@ class TrainConfig:
     f_alpha_divergence_coef: float = OBJECTIVE(0.5, "alpha of f_divergence_type: alpha_divergence (TRL default 0.5; 1 is reverse_kl).")
     ld_alpha: float | None = OBJECTIVE(None, "LD-DPO's alpha in [0, 1]: each pair's tokens beyond the shorter completion's length count alpha times in the log-probs. Unset: off. Paired losses with the reference only.")
     router_aux_loss_coef: float | None = OBJECTIVE(None, "Mixture-of-experts models: the weight of the router's load-balancing loss added to the policy's objective (logged as aux_loss), as TRL. Unset: the model config's own router_aux_loss_coef; 0: off. Refused for a model without router logits. LLaMA-Factory: moe_aux_loss_coef (docs/moe.md).")
+    center_rewards_coefficient: float | None = OBJECTIVE(None, "stage: rm: adds coef * mean over pairs of (r_chosen + r_rejected)^2 to the reward model's loss, pulling its rewards toward mean zero (TRL's key; Eisenstein et al. 2023, Eq. 2; TRL recommends 0.01). Unset: off.")
     use_weighting: bool = OBJECTIVE(False, "WPO: weight each pair's loss by the policy's own per-token probability of both completions (TRL's use_weighting). Not with aot, aot_unpaired, kto.")
 
     # --- data (preftune/data.py, docs/data.md) ---
@@ -226,7 +227,7 @@ class TrainConfig:
     health_max_rejected_drop: float = HEALTH(20.0, "Health report: flag rejected log-probs (summed per sequence) fallen by more than this many nats (collapse toward zero).")
 
     # --- the run's output folder and seed ---
-    output_dir: str = RUN("output", "Where the model, checkpoints and the metrics folder (dpo_metrics/; sft_metrics/ for sft) are written.")
+    output_dir: str = RUN("output", "Where the model, checkpoints and the metrics folder (dpo_metrics/; sft_metrics/ for sft, rm_metrics/ for rm) are written.")
     seed: int = RUN(42, "Seed for initialisation, shuffling and dropout.")
 
     # --- logging, checkpoints, resuming ---
@@ -350,9 +351,9 @@ class TrainConfig:
 
     @property
     def objective(self) -> str:
-        """What a step optimises (`step.OBJECTIVES`): dpo on preference pairs, kto on unpaired examples,
-        sft on completions."""
-        return "sft" if self.stage == "sft" else "kto" if self.is_kto else "dpo"
+        """What a step optimises (`step.STEPS`): dpo on preference pairs, kto on unpaired examples,
+        sft on completions, rm (a reward model) on preference pairs."""
+        return self.stage if self.stage in ("sft", "rm") else "kto" if self.is_kto else "dpo"
 
     def loss_options(self, name: str) -> dict[str, Any]:
         """Loss `name`'s hyperparameters beyond beta, as keyword arguments for its function: the

@@ -34,6 +34,7 @@ BOUNDS: dict[str, str] = {
     "pref_bco_weight": "[0, inf)", "pref_ftx": "[0, inf)", "kto_chosen_weight": "[0, inf)",
     "kto_rejected_weight": "[0, inf)", "f_alpha_divergence_coef": "(-inf, inf)", "ld_alpha": "[0, 1]",
     "ref_model_mixup_alpha": "(0, 1]", "ref_model_sync_steps": "[1, inf)", "router_aux_loss_coef": "[0, inf)",
+    "center_rewards_coefficient": "[0, inf)",
     # data
     "val_size": "[0, inf)", "max_samples": "[1, inf)", "cutoff_len": "[2, inf)", "max_prompt_length": "[1, inf)",
     "preprocessing_num_workers": "[1, inf)", "pad_to_multiple_of": "[1, inf)",
@@ -139,6 +140,11 @@ def _validate_losses(cfg: TrainConfig) -> None:
         raise ConfigError(msg)
 
     values = vars(cfg)
+    if cfg.stage == "rm":
+        _validate_reward_model(cfg)
+    elif cfg.center_rewards_coefficient is not None:
+        bad(f"center_rewards_coefficient: only stage: rm (a reward model) has rewards to center, not stage "
+            f"{cfg.stage}; remove it")
     if cfg.stage == "sft":
         for key, default in (("pref_loss", "sigmoid"), ("ref_model", None), ("precompute_ref_log_probs", False),
                              ("loss_weights", None)):
@@ -175,6 +181,28 @@ def _validate_losses(cfg: TrainConfig) -> None:
             "(LLaMA-Factory ignores it there); set it to 0")
 
 
+# The objective and reference keys stage: rm reads (every other one is DPO's, refused when set)
+RM_KEYS = ("stage", "do_train", "center_rewards_coefficient")
+
+
+def _validate_reward_model(cfg: TrainConfig) -> None:
+    """stage: rm trains a sequence-classification model with its own forward pass on padded rows: no
+    reference, no preference loss, no log-prob options (docs/reward-model.md)."""
+    values = vars(cfg)
+    for name, f in FIELDS.items():
+        if f.metadata["group"] in ("reference", "objective") and name not in RM_KEYS and values[name] != f.default:
+            raise ConfigError(f"{name}: stage: rm trains a reward model with the Bradley-Terry loss, with no reference "
+                              f"or preference loss; remove {name} (or use stage: dpo)")
+    for name in ("padding_free", "prefix_sharing", "enable_liger_kernel"):
+        if values[name]:
+            raise ConfigError(f"{name}: stage: rm scores padded rows through the model's own forward pass (the "
+                              f"reward at each row's last token); remove {name}")
+    if cfg.fsdp or cfg.deepspeed:
+        key = "fsdp" if cfg.fsdp else "deepspeed"
+        raise ConfigError(f"{key}: stage: rm runs on one process or with DDP (several processes, a launcher and no "
+                          f"{key}); sharded reward models are not tested yet; remove {key}")
+
+
 def _validate_sync_ref_model(cfg: TrainConfig) -> None:
     """TR-DPO's moving reference (reference.sync_reference): there must be a live reference whose weights can mix."""
     if not cfg.sync_ref_model:
@@ -204,7 +232,7 @@ def _validate_data_and_schedule(cfg: TrainConfig) -> None:
     if cfg.num_train_epochs == 0 and cfg.max_steps <= 0:
         raise ConfigError("num_train_epochs must be positive (or set max_steps)")
     if cfg.columns:
-        known = ("prompt", "chosen", "rejected", "system", "completion", "label")
+        known = ("prompt", "chosen", "rejected", "system", "completion", "label", "margin")
         for key in cfg.columns:
             if key not in known:
                 raise ConfigError(f"columns: '{key}' is not a standard field; map your field names to "
@@ -385,7 +413,7 @@ def _validate_liger(cfg: TrainConfig) -> None:
         raise ConfigError(f"{key}: needs the liger-kernel package, which is not installed; pip install liger-kernel, "
                           f"or remove {key}")
     if cfg.objective != "dpo":
-        what = "stage: sft" if cfg.stage == "sft" else "pref_loss: kto"
+        what = f"stage: {cfg.stage}" if cfg.stage in ("sft", "rm") else "pref_loss: kto"
         raise ConfigError(f"{key}: Liger's fused loss here is its DPO loss on pairs, not {what}; remove {key}")
     names = cfg.pref_losses
     if len(names) > 1 or names[0] not in LIGER_LOSSES:

@@ -220,6 +220,10 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     if sft:
         _say_rejected_unused(train, "training")
     train = check_pairs(train, cfg.drop_invalid_pairs, report, sft)
+    with_margin = sum(1 for p in train if getattr(p, "margin", None) is not None)
+    if with_margin and cfg.objective != "rm":
+        log.info("margin: %d of the %d training pairs have one; only stage: rm (a reward model) reads it, %s "
+                 "does not", with_margin, len(train), cfg.objective)
     if cfg.shuffle:  # before the split, so val_size draws from every source
         random.Random(cfg.seed).shuffle(train)
     if cfg.eval_dataset:

@@ -25,6 +25,7 @@ Every problem names the record (`where`), the field, what was expected and the f
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,9 @@ class PreferencePair:
     # this example's arguments of the chat template (TRL's `chat_template_kwargs` column, e.g.
     # {enable_thinking: false}); they win over the run's
     chat_template_kwargs: dict | None = None
+    # how much better chosen is (TRL's `margin` column): a reward model (stage: rm) must separate the pair's
+    # rewards by at least this much (`losses.reward_model_loss`); other stages do not read it
+    margin: float | None = None
 
 
 @dataclass
@@ -512,6 +516,9 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
         kwargs = _template_kwargs(rec, where)
         if kwargs is not None:
             rec = {k: v for k, v in rec.items() if k != "chat_template_kwargs"}
+        margin = _margin(rec, where) if fmt is None or fmt["ranking"] else None
+        if margin is not None:
+            rec = {k: v for k, v in rec.items() if k != "margin"}
         if fmt is not None and fmt.get("kto_tag"):  # KTO data of dataset_info.json
             out.append(_kto_tagged(rec, where, fmt))
         elif fmt is not None and not fmt["ranking"]:  # an SFT entry of dataset_info.json
@@ -520,7 +527,20 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
             out.append(_record(rec, where, fmt, sft, prompts, state))
         if kwargs is not None:
             out[-1].chat_template_kwargs = kwargs
+        if margin is not None and isinstance(out[-1], PreferencePair):
+            out[-1].margin = margin
     return out
+
+
+def _margin(rec: dict, where: str) -> float | None:
+    """A pair's `margin` (TRL's reward-model column): a finite number, or None where the record has none."""
+    value = rec.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: field 'margin' is {value!r:.40}, expected a finite number (how much better chosen "
+                        "is; a reward model's rewards must differ by at least this much); fix or drop it")
+    return float(value)
 
 
 def _record(rec: dict, where: str, fmt: dict | None, sft: bool, prompts: bool, state: dict):

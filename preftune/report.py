@@ -45,6 +45,9 @@ METRIC_NOTES = {
     "kl_per_sequence": "nats per sequence: the same per-token KL summed over each completion's tokens, averaged over "
                        "the completions (train: the 512 tokens' mean times the micro-batch's completion tokens, "
                        "per completion)",
+    "length/chosen, length/rejected": "completion tokens of the chosen (rejected) completions, the mean over the "
+                                      "logging steps' pairs (kto: desirable, undesirable examples); the health "
+                                      "report's completion_length_growth reads them when nothing is sampled",
     "eval_train_gap": "eval_loss - train loss of the latest logging step; eval_train_gap_pct relative to it",
     "tokens_per_second": "non-padding tokens of chosen+rejected sequences trained on per second of wall time",
 }
@@ -111,6 +114,11 @@ class MetricsLog:
                                                       "eval_rewards/accuracies", "eval_kl_per_token",
                                                       "eval_perplexity")}
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+
+    def drift(self) -> tuple[str, int] | None:
+        """(name, step) of the first health drift signal so far (`health.first_drift`): the best model
+        (best.py) is never an evaluation from that step on."""
+        return health.first_drift(health.check(self.history, self.cfg.health_thresholds))
 
     def rows_by_step(self) -> list[dict]:
         merged: dict[int, dict] = {}

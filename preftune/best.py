@@ -7,9 +7,11 @@
 
 Each new best's weights go to output_dir/best_model/ (checkpoints/weights.py), which the final save
 then writes instead of the last step's. `drift`: (signal, step) of the health report's first drift signal
-(`health.first_drift`), or None: no evaluation at or after that step is a candidate, since its model has
-already drifted however good its metric looks (DPO's validation loss keeps falling while the KL and the
-margins explode); with early stopping such evaluations count as evaluations without gain.
+(`health.first_drift`), or None. With best_model_before_drift no evaluation at or after that step is a
+candidate, since its model has already drifted however good its metric looks (DPO's validation loss keeps
+falling while the KL and the margins explode), and with early stopping such evaluations count as
+evaluations without gain; without it (the default, transformers' rule) a new best after the signal is
+kept, with a warning, and summary.json's kept_model says so.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ class BestModel:
         better = value == value and (self.value is None or (value > self.value if self.cfg.best_greater
                                                             else value < self.value))
         if drift is not None and step >= drift[1]:
-            if self.drift is None and better and self.cfg.keeps_best:
-                log.warning("best model: the evaluation at step %d is not kept although its %s is the best so far: "
-                            "the health signal %s fired at step %d", step, metric, *drift)
-            self.drift, better = drift, False
+            guard = self.cfg.best_model_before_drift
+            if better and self.cfg.keeps_best and (self.drift is None or not guard):
+                log.warning("best model: the evaluation at step %d has the best %s so far, after the health signal %s "
+                            "fired at step %d: %s", step, metric, *drift,
+                            "not kept (best_model_before_drift)" if guard else
+                            "kept (best_model_before_drift: true keeps the best evaluation before it)")
+            self.drift = drift
+            better = better and not guard
         if better:
             self.value, self.evals_without_gain = value, 0
             if self.cfg.keeps_best:
@@ -82,12 +88,15 @@ class BestModel:
 
     def why(self) -> str:
         """Why the final model is the one it is (summary.json's kept_model)."""
-        before = f" before step {self.drift[1]}, where the health signal {self.drift[0]} fired" if self.drift else ""
+        guarded = self.drift is not None and self.cfg.best_model_before_drift
+        before = f" before step {self.drift[1]}, where the health signal {self.drift[0]} fired" if guarded else ""
         if self.step is None:
-            return f"last step (no evaluation{before})" if self.drift and self.cfg.keeps_best else "last step"
+            return f"last step (no evaluation{before})" if guarded and self.cfg.keeps_best else "last step"
         reason = "load_best_model_at_end" if self.cfg.load_best_model_at_end else "early stopping"
         order = "highest" if self.cfg.best_greater else "lowest"
-        return f"best evaluation{before}: {order} {self.cfg.best_metric} ({reason})"
+        after = (f", after the health signal {self.drift[0]} fired at step {self.drift[1]}"
+                 if self.drift is not None and not guarded and self.step >= self.drift[1] else "")
+        return f"best evaluation{before}: {order} {self.cfg.best_metric} ({reason}{after})"
 
 
 def check_best_model(cfg, best_step: int | None, step: int) -> None:

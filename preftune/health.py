@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 
 # the remedy of the drift signals: {step} is where the signal fired
-_DRIFT_REMEDY = ("lower the learning_rate, raise pref_beta, or stop before step {step} (max_steps; "
-                 "load_best_model_at_end keeps the best evaluation before it)")
+_DRIFT_REMEDY = ("lower the learning_rate, raise pref_beta, or stop before step {step} (max_steps; or "
+                 "load_best_model_at_end with best_model_before_drift: true keeps the best evaluation before it)")
 
 # name -> (what it watches, the unit of its value and threshold, the remedy; {step}: where it fired)
 SIGNALS = {
@@ -68,9 +68,9 @@ SIGNALS = {
                           "raise pref_beta"),
 }
 
-# The signals of a policy drifting from its reference. The best model (best.py) is never an evaluation at or
-# after the step the first of them fired: that model has already drifted, whatever its eval_loss says (DPO's
-# validation loss keeps falling while the margins explode).
+# The signals of a policy drifting from its reference. With best_model_before_drift the best model (best.py) is
+# never an evaluation at or after the step the first of them fired: that model has already drifted, whatever its
+# eval_loss says (DPO's validation loss keeps falling while the KL grows).
 DRIFT = ("kl_per_sequence", "kl_per_token", "margin_explosion", "completion_length_growth")
 
 

@@ -147,42 +147,49 @@ class _Engine:  # what BestModel asks of an engine, on a process that writes not
         pass
 
 
-def test_no_evaluation_after_a_drift_signal_becomes_the_best_model(tmp_path):
-    """The evaluations at and after the step a drift signal fired are not candidates, however low their loss;
-    with early stopping they count as evaluations without gain."""
-    cfg = from_dict({"output_dir": str(tmp_path), "early_stopping_patience": 2, "val_size": 8})
-    best, stopped = BestModel(cfg), []
-    for step, loss, drift in ((10, 0.5, None), (20, 0.4, None), (30, 0.3, ("kl_per_sequence", 30)),
-                              (40, 0.2, ("kl_per_sequence", 30))):
-        stopped.append(best.update({"eval_loss": loss}, step, _Engine(), None, None, drift))
-    assert best.step == 20 and stopped == [False, False, False, True]
-    assert best.why() == ("best evaluation before step 30, where the health signal kl_per_sequence fired: "
-                          "lowest eval_loss (early stopping)")
+def test_with_best_model_before_drift_no_evaluation_after_a_drift_signal_becomes_the_best_model(tmp_path):
+    """best_model_before_drift: the evaluations at and after the step a drift signal fired are not candidates,
+    however low their loss; with early stopping they count as evaluations without gain. Without it (the default,
+    transformers' rule) the best metric wins wherever it is, and kept_model's why names the signal."""
+    evaluations = ((10, 0.5, None), (20, 0.4, None), (30, 0.3, ("kl_per_sequence", 30)),
+                   (40, 0.2, ("kl_per_sequence", 30)))
+    for guard, kept, stops, why in (
+            (True, 20, [False, False, False, True], "best evaluation before step 30, where the health signal "
+                                                    "kl_per_sequence fired: lowest eval_loss (early stopping)"),
+            (False, 40, [False] * 4, "best evaluation: lowest eval_loss (early stopping, after the health signal "
+                                     "kl_per_sequence fired at step 30)")):
+        cfg = from_dict({"output_dir": str(tmp_path), "early_stopping_patience": 2, "val_size": 8,
+                         "best_model_before_drift": guard})
+        best = BestModel(cfg)
+        stopped = [best.update({"eval_loss": loss}, step, _Engine(), None, None, drift)
+                   for step, loss, drift in evaluations]
+        assert best.step == kept and stopped == stops and best.why() == why, guard
 
 
-def tiny_run(tmp_path, tiny_model_dir, demo_pairs, name, learning_rate, beta):
+def tiny_run(tmp_path, tiny_model_dir, demo_pairs, name, learning_rate, beta, max_steps):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in demo_pairs))
     cfg = from_dict({"model_name_or_path": str(tiny_model_dir), "dataset": str(data), "val_size": 8,
                      "output_dir": str(tmp_path / name), "learning_rate": learning_rate, "pref_beta": beta,
-                     "max_steps": 30, "eval_steps": 5, "logging_steps": 1, "per_device_train_batch_size": 4,
-                     "load_best_model_at_end": True, "cutoff_len": 128, "torch_dtype": "float32",
-                     "progress_bar": False, "plot_loss": False})
+                     "max_steps": max_steps, "eval_steps": 5, "logging_steps": 1, "per_device_train_batch_size": 4,
+                     "load_best_model_at_end": True, "best_model_before_drift": True, "cutoff_len": 128,
+                     "torch_dtype": "float32", "progress_bar": False, "plot_loss": False})
     summary = train_mod.train(cfg)
     history = json.loads((tmp_path / name / "dpo_metrics" / "log_history.json").read_text())
     return summary, history
 
 
 def test_a_drifting_run_fires_at_the_step_it_drifts_and_a_healthy_one_does_not(tmp_path, tiny_model_dir, demo_pairs):
-    """The drift class of issue 22 on the tiny model: a high learning rate and a small beta (5e-3, 0.05) for 30
+    """The drift class of issue 22 on the tiny model: a high learning rate and a small beta (5e-3, 0.05) for 20
     steps. The validation KL per completion passes 5 nats at an evaluation mid-run; the report fires there, names
-    the remedy, and load_best_model_at_end keeps the best evaluation before it, although the validation loss keeps
-    falling after it. The same run at 1e-4 and beta 0.1 fires nothing."""
-    summary, history = tiny_run(tmp_path, tiny_model_dir, demo_pairs, "drift", 5e-3, 0.05)
+    the remedy, and load_best_model_at_end with best_model_before_drift keeps the best evaluation before it,
+    although the validation loss keeps falling after it. The same run at 1e-4 and beta 0.1 fires nothing (and
+    keeps its last evaluation, its best)."""
+    summary, history = tiny_run(tmp_path, tiny_model_dir, demo_pairs, "drift", 5e-3, 0.05, 20)
     evals = [r for r in history if "eval_loss" in r and r["step"] > 0]
     limit = THRESHOLDS["kl_per_sequence"]
     drifted = next(r["step"] for r in evals if r["eval_kl_per_sequence"] > limit)
-    assert 5 < drifted < 30  # mid-run: the evaluations before it are below the threshold
+    assert 5 < drifted < 20  # mid-run: the evaluations before it are below the threshold
     signals = {s["name"]: s for s in summary["health"]}
     assert signals["kl_per_sequence"]["fired"] and signals["kl_per_sequence"]["step"] == drifted
     assert f"stop before step {drifted}" in signals["kl_per_sequence"]["remedy"]
@@ -194,6 +201,6 @@ def test_a_drifting_run_fires_at_the_step_it_drifts_and_a_healthy_one_does_not(t
     assert kept["step"] == min((r for r in evals if r["step"] < drifted), key=lambda r: r["eval_loss"])["step"]
     assert f"before step {drifted}, where the health signal kl_per_sequence fired" in kept["why"]
 
-    summary, _ = tiny_run(tmp_path, tiny_model_dir, demo_pairs, "healthy", 1e-4, 0.1)
+    summary, _ = tiny_run(tmp_path, tiny_model_dir, demo_pairs, "healthy", 1e-4, 0.1, 20)
     assert [s["name"] for s in summary["health"] if s["fired"]] == []
-    assert summary["kept_model"]["step"] == 30 and "health" not in summary["kept_model"]["why"]
+    assert summary["kept_model"]["step"] == 20 and "health" not in summary["kept_model"]["why"]

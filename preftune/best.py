@@ -11,7 +11,7 @@ then writes instead of the last step's. `drift`: (signal, step) of the health re
 candidate, since its model has already drifted however good its metric looks (DPO's validation loss keeps
 falling while the KL and the margins explode), and with early stopping such evaluations count as
 evaluations without gain; without it (the default, transformers' rule) a new best after the signal is
-kept, with a warning, and summary.json's kept_model says so.
+kept, with a warning.
 """
 
 from __future__ import annotations
@@ -94,9 +94,7 @@ class BestModel:
             return f"last step (no evaluation{before})" if guarded and self.cfg.keeps_best else "last step"
         reason = "load_best_model_at_end" if self.cfg.load_best_model_at_end else "early stopping"
         order = "highest" if self.cfg.best_greater else "lowest"
-        after = (f", after the health signal {self.drift[0]} fired at step {self.drift[1]}"
-                 if self.drift is not None and not guarded and self.step >= self.drift[1] else "")
-        return f"best evaluation{before}: {order} {self.cfg.best_metric} ({reason}{after})"
+        return f"best evaluation{before}: {order} {self.cfg.best_metric} ({reason})"
 
 
 def check_best_model(cfg, best_step: int | None, step: int) -> None:

@@ -1,12 +1,17 @@
 """The best model seen: metric_for_best_model, load_best_model_at_end and early stopping.
 
     best = BestModel(cfg)
-    if best.update(row, step, engine, policy, tokenizer):   # each evaluation row; True: early stopping ends the run
+    if best.update(row, step, engine, policy, tokenizer, drift):   # each evaluation row; True: early stopping
         ...
     load_best_into(policy, cfg, engine)                     # at the end, when a better step than the last was kept
 
 Each new best's weights go to output_dir/best_model/ (checkpoints/weights.py), which the final save
-then writes instead of the last step's.
+then writes instead of the last step's. `drift`: (signal, step) of the health report's first drift signal
+(`health.first_drift`), or None. With best_model_before_drift no evaluation at or after that step is a
+candidate, since its model has already drifted however good its metric looks (DPO's validation loss keeps
+falling while the KL and the margins explode), and with early stopping such evaluations count as
+evaluations without gain; without it (the default, transformers' rule) a new best after the signal is
+kept, with a warning.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ class BestModel:
         self.value: float | None = None
         self.step: int | None = None  # the step whose weights are in best_model/ (None: none kept)
         self.evals_without_gain = 0
+        self.drift: tuple[str, int] | None = None  # the health signal after which no evaluation is a candidate
 
-    def update(self, row: dict, step: int, engine, model, tokenizer) -> bool:
-        """Take one evaluation row; True when early stopping ends the run here. Every process calls this
-        (a sharded engine gathers the weights to save); the main process writes."""
+    def update(self, row: dict, step: int, engine, model, tokenizer, drift: tuple[str, int] | None = None) -> bool:
+        """Take one evaluation row; True when early stopping ends the run here. `drift`: (name, step) of the
+        first health drift signal so far (the same on every process: it is read from the pooled metrics).
+        Every process calls this (a sharded engine gathers the weights to save); the main process writes."""
         metric = self.cfg.best_metric
         if metric not in row:
             logged = ", ".join(k for k in row if k.startswith("eval_"))
@@ -45,6 +52,15 @@ class BestModel:
         value = float(row[metric])
         better = value == value and (self.value is None or (value > self.value if self.cfg.best_greater
                                                             else value < self.value))
+        if drift is not None and step >= drift[1]:
+            guard = self.cfg.best_model_before_drift
+            if better and self.cfg.keeps_best and (self.drift is None or not guard):
+                log.warning("best model: the evaluation at step %d has the best %s so far, after the health signal %s "
+                            "fired at step %d: %s", step, metric, *drift,
+                            "not kept (best_model_before_drift)" if guard else
+                            "kept (best_model_before_drift: true keeps the best evaluation before it)")
+            self.drift = drift
+            better = better and not guard
         if better:
             self.value, self.evals_without_gain = value, 0
             if self.cfg.keeps_best:
@@ -72,11 +88,13 @@ class BestModel:
 
     def why(self) -> str:
         """Why the final model is the one it is (summary.json's kept_model)."""
+        guarded = self.drift is not None and self.cfg.best_model_before_drift
+        before = f" before step {self.drift[1]}, where the health signal {self.drift[0]} fired" if guarded else ""
         if self.step is None:
-            return "last step"
+            return f"last step (no evaluation{before})" if guarded and self.cfg.keeps_best else "last step"
         reason = "load_best_model_at_end" if self.cfg.load_best_model_at_end else "early stopping"
         order = "highest" if self.cfg.best_greater else "lowest"
-        return f"best evaluation: {order} {self.cfg.best_metric} ({reason})"
+        return f"best evaluation{before}: {order} {self.cfg.best_metric} ({reason})"
 
 
 def check_best_model(cfg, best_step: int | None, step: int) -> None:

@@ -45,6 +45,9 @@ METRIC_NOTES = {
     "kl_per_sequence": "nats per sequence: the same per-token KL summed over each completion's tokens, averaged over "
                        "the completions (train: the 512 tokens' mean times the micro-batch's completion tokens, "
                        "per completion)",
+    "length/chosen, length/rejected": "completion tokens of the chosen (rejected) completions, the mean over the "
+                                      "logging steps' pairs (kto: desirable, undesirable examples); the health "
+                                      "report's completion_length_growth reads them when nothing is sampled",
     "eval_train_gap": "eval_loss - train loss of the latest logging step; eval_train_gap_pct relative to it",
     "tokens_per_second": "non-padding tokens of chosen+rejected sequences trained on per second of wall time",
 }
@@ -117,6 +120,11 @@ class MetricsLog:
                                                       "eval_perplexity")}
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
+    def drift(self) -> tuple[str, int] | None:
+        """(name, step) of the first health drift signal so far (`health.first_drift`), for the best model
+        (best.py: with best_model_before_drift, never an evaluation from that step on)."""
+        return health.first_drift(health.check(self.history, self.cfg.health_thresholds))
+
     def rows_by_step(self) -> list[dict]:
         merged: dict[int, dict] = {}
         for row in self.history:
@@ -185,7 +193,7 @@ class MetricsLog:
             "baseline": next((r for r in eval_rows if r["step"] == 0), None),
             "final": {**(train_rows[-1] if train_rows else {}),
                       **(eval_rows[-1] if eval_rows and eval_rows[-1]["step"] > 0 else {})},
-            "best": self.best_row(eval_rows),
+            "best": self.best_row(eval_rows, health.first_drift(signals) if self.cfg.best_model_before_drift else None),
             "kept_model": None if status != "completed" else  # no final model is written before the end
             {"step": best.step if best.step is not None else steps_done, "why": best.why(),
              "metric": self.cfg.best_metric, "value": best.value if best.step is not None else None},
@@ -208,10 +216,12 @@ class MetricsLog:
                         {s["name"]: s["step"] for s in signals if s["fired"]})
         return summary
 
-    def best_row(self, eval_rows: list[dict]) -> dict | None:
-        """The best evaluation after step 0 by metric_for_best_model (default eval_loss)."""
+    def best_row(self, eval_rows: list[dict], drift: tuple[str, int] | None = None) -> dict | None:
+        """The best evaluation after step 0 by metric_for_best_model (default eval_loss), before the step of the
+        first health drift signal (`drift`: (name, step); best_model_before_drift), as the best model (best.py)."""
         metric, sign = self.cfg.best_metric, -1 if self.cfg.best_greater else 1
-        rows = [r for r in eval_rows if r["step"] > 0 and r.get(metric) == r.get(metric) and metric in r]
+        rows = [r for r in eval_rows if r["step"] > 0 and r.get(metric) == r.get(metric) and metric in r
+                and (drift is None or r["step"] < drift[1])]
         return min(rows, key=lambda r: sign * r[metric], default=None)
 
 

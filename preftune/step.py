@@ -179,6 +179,8 @@ class PreferenceStep:
             "logps/chosen": policy_chosen_logps.detach(),  # summed over completion tokens
             "logps/rejected": policy_rejected_logps.detach(),
             "nll_loss": chosen_nll(policy_chosen_logps.detach(), chosen_lengths),  # per chosen token, TRL's CPO/ORPO name
+            # completion tokens: the health report's length growth when nothing is sampled (health.py)
+            "length/chosen": chosen_lengths.float(), "length/rejected": rejected_lengths.float(),
             **token_stats(policy_out, torch.arange(2 * B, device=policy_out.logps.device) < B),  # [chosen; rejected]
         }
         kl_stats = _kl(policy, reference, policy_out, reference_out, kl_max_tokens,
@@ -239,6 +241,7 @@ class UnpairedStep:
             if mask.any():
                 stats[f"rewards/{side}"] = rewards[mask]
                 stats[f"logps/{side}"] = policy_logps.detach()[mask]  # summed over completion tokens
+                stats[f"length/{side}"] = lengths[mask].float()  # completion tokens
         if labels.any():
             stats["nll_loss"] = chosen_nll(policy_logps.detach()[labels], lengths[labels])
         kl_stats = _kl(policy, reference, policy_out, reference_out, kl_max_tokens,

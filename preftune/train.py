@@ -244,7 +244,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         if do_eval and (step % eval_every == 0 or step == total_steps):
             row = {"step": step, "epoch": round(epoch, 4), **evaluation(step)}
             metrics.log(row)
-            if best.update(row, step, engine, policy, tokenizer):  # early stopping
+            if best.update(row, step, engine, policy, tokenizer, metrics.drift()):  # early stopping
                 stopped_early = True
                 break
 

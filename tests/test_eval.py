@@ -47,7 +47,8 @@ def test_eval_on_pairs_reproduces_the_runs_own_evaluation(trained, capsys):
     assert {s["name"] for s in row["health"]} == {s["name"] for s in summary["health"]}  # the run's own report
     assert main(["eval", "--model_name_or_path", str(root / "run"), "--dataset", str(root / "val.jsonl"),
                  "--cutoff_len", "128", "--health_max_kl", "0", "--output_dir", str(root / "eval_pairs")]) == 0
-    assert "health   kl_to_reference" in capsys.readouterr().out  # with this command's thresholds
+    assert "health   kl_per_token" in capsys.readouterr().out  # with this command's thresholds (--health_max_kl: the
+    # name of health_max_kl_per_token before the KL per completion had its own)
 
 
 def test_eval_on_prompts_sweeps_models_into_a_table_and_frontier(trained, tiny_model_dir):

@@ -36,6 +36,7 @@ ALIASES: dict[str, str] = {
     "use_liger_kernel": "enable_liger_kernel",  # TrainingArguments' spelling (LLaMA-Factory's is the field)
     "dataset_num_proc": "preprocessing_num_workers",  # TRL's spelling
     "early_stopping_steps": "early_stopping_patience",  # LLaMA-Factory's (EarlyStoppingCallback's patience)
+    "health_max_kl": "health_max_kl_per_token",  # preftune's name before the KL per completion had its own
 }
 
 # Keys whose values are translated, not just renamed (`translate`).

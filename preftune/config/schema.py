@@ -214,13 +214,29 @@ class TrainConfig:
     generate_during_eval: int = EVALUATION(0, "At each evaluation, sample one completion for each of the first N validation prompts (temperature, top_p, top_k, max_new_tokens, seed) into <metrics dir>/completions.jsonl, and log their mean length (eval_completion_length). 0: off.")
     early_stopping_patience: int | None = EVALUATION(None, "Stop after this many evaluations without a better metric_for_best_model (default: a lower eval_loss); the best model is kept.")
     load_best_model_at_end: bool = EVALUATION(False, "Keep the best evaluation's weights (by metric_for_best_model) in best_model/ and save them as the final model, not the last step's. Needs evaluation.")
+    best_model_before_drift: bool = EVALUATION(False, "load_best_model_at_end and early stopping: no evaluation at or after the step where a drift signal of the health report fired (kl_per_sequence, kl_per_token, margin_explosion, completion_length_growth) becomes the best model; with early stopping those evaluations count as without gain. false: the best metric wherever it is (transformers' rule), with a warning when it comes after a drift signal.")
     metric_for_best_model: str | None = EVALUATION(None, "The evaluation metric that picks the best model (load_best_model_at_end, early stopping, summary.json's best), with or without the eval_ prefix: loss, rewards/accuracies, rewards/margins, kl_per_token, eval_<set>_loss, ... (kl, the name before kl_per_token, means kl_per_token). Unset: eval_loss.")
     greater_is_better: bool | None = EVALUATION(None, "Whether a larger metric_for_best_model is better. Unset: false for names ending in loss, perplexity, kl_per_token or kl_per_sequence, true otherwise (transformers: false for names ending in loss).")
 
     # --- the health report (preftune/health.py) ---
-    health_max_length_growth: float = HEALTH(1.5, "Health report: flag sampled completions (generate_during_eval) growing longer than this many times their length at step 0 (length exploitation).")
+    # The drift thresholds, and where each comes from (docs/pipeline.md, "The health report"). They read the
+    # validation set's metrics where the run evaluates (the KL teacher-forced along the dataset's completions).
+    # KL per completion, 5 nats: healthy DPO runs measured 1.45-1.9 nats per completion on their own samples (the
+    # demo's 3 seeds; issue 22's healthy seeds) and 2.4-2.9 along the demo's validation completions; the runs that
+    # broke the language 5.2 on samples and 5.3-6.3 on the validation set (the demo without pref_ftx, half its
+    # samples malformed) and 7.2 on samples (issue 22's drifted seed). 5 nats is also the KL of picking the best
+    # of ~400 samples of the reference (log n - (n-1)/n), more selection than a few thousand labels can direct.
+    health_max_kl_per_sequence: float = HEALTH(5.0, "Health report: flag a KL to the reference above this many nats per completion (eval_kl_per_sequence; without evaluation kl_per_sequence): the policy drifts. Per completion, so it scales with completion length: raise it for long answers.")
+    # KL per token, 0.4 nats: twice the healthy demo run's validation KL (0.16-0.20 nats per token), below issue
+    # 22's drifted seed (0.59) and what the demo without pref_ftx reached (0.43). The old 1.5 was a level no real
+    # run reaches: exp(1.5) is a 4.5x change of the next-token probabilities at every token.
+    health_max_kl_per_token: float = HEALTH(0.4, "Health report: flag a KL to the reference above this many nats per completion token (eval_kl_per_token; without evaluation kl_per_token): the policy drifts at every token, whatever the completion lengths.")
+    # Margins, 5 reward units (beta x nats): at a margin of 5 the sigmoid loss's gradient weight sigma(-5) is 0.7%:
+    # the pairs are fitted and further growth only moves the log-ratios apart. Healthy demo runs (beta 0.1): 0.3-0.7
+    # on the validation set, up to 1.0 in training rows; ipo aims at 0.5, hinge at 1.
+    health_max_margin: float = HEALTH(5.0, "Health report: flag reward margins (eval_rewards/margins; without evaluation rewards/margins) above this, in reward units (beta x nats): the margins explode.")
+    health_max_length_growth: float = HEALTH(1.5, "Health report: flag completions growing longer than this many times their early length (length exploitation): sampled ones (generate_during_eval) against step 0, else the training batches' mean completion length (length/chosen, length/rejected), the last quarter of the logged rows against the first.")
     health_max_train_val_gap: float = HEALTH(0.15, "Health report: flag validation loss above training loss by more than this share.")
-    health_max_kl: float = HEALTH(1.5, "Health report: flag a KL to the reference (kl_per_token, eval_kl_per_token) above this many nats per token.")
     health_min_accuracy: float = HEALTH(0.5, "Health report: flag a final held-out preference accuracy below this.")
     health_max_val_loss_rise: float = HEALTH(0.05, "Health report: flag validation loss risen above its best by more than this share.")
     health_max_chosen_drop: float = HEALTH(5.0, "Health report: flag chosen log-probs (summed per sequence) fallen by more than this many nats while margins grow (likelihood displacement).")
@@ -343,7 +359,8 @@ class TrainConfig:
     @property
     def health_thresholds(self) -> dict[str, float]:
         """The health report's thresholds by signal (`health.SIGNALS`)."""
-        return {"train_val_gap": self.health_max_train_val_gap, "kl_to_reference": self.health_max_kl,
+        return {"train_val_gap": self.health_max_train_val_gap, "kl_per_sequence": self.health_max_kl_per_sequence,
+                "kl_per_token": self.health_max_kl_per_token, "margin_explosion": self.health_max_margin,
                 "heldout_accuracy": self.health_min_accuracy, "val_loss_rising": self.health_max_val_loss_rise,
                 "likelihood_displacement": self.health_max_chosen_drop,
                 "rejected_collapse": self.health_max_rejected_drop,

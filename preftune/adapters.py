@@ -239,5 +239,11 @@ class AdapterReference:
     def get_decoder(self) -> torch.nn.Module:
         return _UnderContext(self.policy.get_decoder(), self.active)
 
+    def multimodal_backbone(self) -> torch.nn.Module:
+        """A vision-language policy's whole backbone (logps.multimodal_backbone), under the same adapter setting."""
+        from preftune.logps import multimodal_backbone
+
+        return _UnderContext(multimodal_backbone(self.policy), self.active)
+
     def get_output_embeddings(self) -> torch.nn.Module:
         return _reference_head(self.policy.get_output_embeddings(), self.adapter)

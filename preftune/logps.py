@@ -23,6 +23,11 @@ give the model's load-balancing loss (`BatchLogps.aux_loss`), as its own forward
 enable_liger_kernel (`fused_dpo_logps`): while training, the LM head and the DPO loss run instead
 through Liger's fused linear DPO loss (the liger-kernel package), which computes the gradient in
 the forward pass a few pairs at a time; the same numbers.
+
+Vision-language models (vision.py): a batch with images also holds the image processor's tensors
+(`MEDIA_KEYS`: pixel_values, ...), for the rows' images in row order; the pass then runs the model's whole
+multimodal backbone (`multimodal_backbone`), which puts the image features at the image tokens, all of
+them prompt tokens and so never scored. A batch without images runs the language model alone, as for text.
 """
 
 from __future__ import annotations
@@ -68,8 +73,17 @@ class FusedDPO(NamedTuple):
     discopop_tau: float = 0.05
 
 
+# The image processors' outputs a batch with images carries (vision.collate_vision): what the multimodal backbone
+# takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw)
+MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row."""
+    """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row
+    (and `media`, the image tensors of a batch with images)."""
+    media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+    if media:  # vision.py: padded rows only
+        return {**{k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}, "media": media}
     if "score_index" in batch:  # prefix sharing
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": None,
                 "position_ids": batch["position_ids"], "score_index": batch["score_index"],
@@ -131,18 +145,31 @@ def router_aux_loss(model, router_logits: tuple[torch.Tensor, ...], attention_ma
     return module.load_balancing_loss_func(tuple(router_logits), router_logits[0].size(-1), top_k, attention_mask)
 
 
-def _backbone(model, router_aux: bool = False, **inputs):
+def multimodal_backbone(model) -> torch.nn.Module:
+    """A vision-language model's backbone (vision tower, projector, language model: LlavaModel, ...), which
+    takes the image tensors; its get_decoder() is the language model alone. AdapterReference has its own."""
+    if hasattr(model, "multimodal_backbone"):
+        return model.multimodal_backbone()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
+    return base.model
+
+
+def _backbone(model, router_aux: bool = False, media: dict | None = None, **inputs):
     """The backbone's last hidden states, and with router_aux its router logits (mixture-of-experts models:
-    the `aux_loss` of the model's own forward is made from them, and its LM head is not run here), else None."""
-    backbone = model.get_decoder()  # transformers models and peft models have one; so does AdapterReference
-    out = backbone(**inputs, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
+    the `aux_loss` of the model's own forward is made from them, and its LM head is not run here), else None.
+    media: a batch's image tensors, for a vision-language model's whole backbone."""
+    # transformers models and peft models have a decoder; so does AdapterReference
+    backbone = multimodal_backbone(model) if media else model.get_decoder()
+    out = backbone(**inputs, **(media or {}), use_cache=False,
+                   **({"output_router_logits": True} if router_aux else {}))
     return out.last_hidden_state, out.router_logits if router_aux else None
 
 
-def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None, router_aux=False):
+def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None, router_aux=False,
+                       media=None):
     """Backbone hidden states at the positions that predict a completion token (and the router's logits, with
     router_aux)."""
-    hidden, router_logits = _backbone(model, router_aux, input_ids=input_ids, attention_mask=attention_mask,
+    hidden, router_logits = _backbone(model, router_aux, media, input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids)
     # position t predicts token t+1: shift the mask and the targets left by one. Packed, the last token
     # of a sequence "predicts" the next sequence's first token, a prompt token, never scored
@@ -195,7 +222,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     wpo: bool = False, position_ids: torch.Tensor | None = None,
                     sequence_lengths: torch.Tensor | None = None, score_index: torch.Tensor | None = None,
                     score_rows: torch.Tensor | None = None, call_head: bool = False, token_stats: bool = False,
-                    router_aux: bool = False):
+                    router_aux: bool = False, media: dict[str, torch.Tensor] | None = None):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
@@ -219,6 +246,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     router_aux (a mixture-of-experts model): also its load-balancing loss over every token of the pass, prompts and
     both completions, as the model's own forward computes it (`router_aux_loss`); padded rows and packed ones
     count the same tokens (prefix sharing, which runs a prompt once for two sequences, is refused with it).
+    media: a vision-language model's image tensors for the rows' images (module docstring), padded rows.
     Returns a `BatchLogps`; hidden, wpo_weights, the token stats and aux_loss are None unless asked for.
     """
     aux_loss = None
@@ -226,7 +254,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         hidden, targets = _shared_hidden(model, input_ids, attention_mask, position_ids, score_index)
     else:
         hidden, targets, score, router_logits = _completion_hidden(model, input_ids, attention_mask, completion_mask,
-                                                                   position_ids, router_aux)
+                                                                   position_ids, router_aux, media)
         if router_aux:
             aux_loss = router_aux_loss(model, router_logits, attention_mask)  # packed: no mask, no padding
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
@@ -403,7 +431,7 @@ class LogpsModule(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
                 position_ids=None, sequence_lengths=None, score_index=None, score_rows=None, fused=None,
-                reference_logps=None, token_stats=False):
+                reference_logps=None, token_stats=False, media=None):
         router_aux = self.router_aux_loss_coef > 0
         if fused is not None:  # enable_liger_kernel, while training
             out = fused_dpo_logps(self.model, input_ids, attention_mask, completion_mask, reference_logps, fused,
@@ -412,5 +440,6 @@ class LogpsModule(torch.nn.Module):
             out = get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
                                   return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
                                   sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows,
-                                  call_head=self.call_head, token_stats=token_stats, router_aux=router_aux)
+                                  call_head=self.call_head, token_stats=token_stats, router_aux=router_aux,
+                                  media=media)
         return out._replace(aux_loss_coef=self.router_aux_loss_coef) if router_aux else out

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from preftune import adapters
 from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
@@ -120,11 +120,17 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
     check_attention(cfg)
     kwargs = _load_kwargs(cfg, policy=what == "model_name_or_path")
     try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
         if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
-            return AutoModelForCausalLM.from_pretrained(name, **kwargs, **(cfg.model_init_kwargs or {}))
-        return empty_model(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code), kwargs)
+            return auto_class(config).from_pretrained(name, **kwargs, **(cfg.model_init_kwargs or {}))
+        return empty_model(config, kwargs)
     except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None
+
+
+def auto_class(config):
+    """transformers' image-text-to-text auto class for a vision-language model (vision.py), else the causal LM's."""
+    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
 
 
 def empty_model(config, kwargs: dict):
@@ -135,7 +141,7 @@ def empty_model(config, kwargs: dict):
 
     kwargs = {**kwargs, "dtype": config.dtype if kwargs["dtype"] == "auto" else kwargs["dtype"]}
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = auto_class(config).from_config(config, **kwargs)
     model.tie_weights()  # from_config does not tie meta parameters
     return model.eval()
 

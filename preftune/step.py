@@ -33,6 +33,7 @@ from preftune.logps import (  # noqa: F401 (LogpsModule: imported from here)
     FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
 from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll
 from preftune.tokenization import tokenize_examples
+from preftune.vision import collate_vision, is_processor, tokenize_vision_pairs
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
 
@@ -102,19 +103,24 @@ class PreferenceStep:
     enable_liger_kernel: while training, the reference's log-probs come first and the policy's pass
     runs the LM head and the loss through Liger (`logps.fused_dpo_logps`); evaluation, without
     gradients, keeps the chunked path (the same numbers).
+
+    processor: a vision-language model's (vision.py): pairs are tokenized through it (`tokenize` is given
+    it in place of the tokenizer) and each batch carries its rows' image tensors (`vision.collate_vision`).
     """
 
     unit = "pairs"
     progress = {"acc": "rewards/accuracies"}  # the progress bar's figure beside the loss (train.progress_postfix)
     collate = staticmethod(collate)
 
-    def __init__(self, cfg, engine=None):
+    def __init__(self, cfg, engine=None, processor=None):
         self.loss, self.engine = configured_loss(cfg), engine
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
         # enable_liger_kernel: one of Liger's DPO losses (the config refuses the rest), fused with the LM head
         self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
             if cfg.enable_liger_kernel else None
-        if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
+        if processor is not None:  # padded rows + image tensors (vision.check_config refuses the other layouts)
+            self.collate = functools.partial(collate_vision, processor=processor, multiple=cfg.pad_to_multiple_of)
+        elif cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
         elif cfg.prefix_sharing:  # one row per pair, the prompt run once: the same numbers, fewer tokens
             self.collate = functools.partial(collate_shared, multiple=cfg.pad_to_multiple_of)
@@ -123,6 +129,8 @@ class PreferenceStep:
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
+        if is_processor(tokenizer):  # a vision-language model's processor (not cached yet)
+            return tokenize_vision_pairs(tokenizer, pairs, cfg, report)
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
     @staticmethod
@@ -194,7 +202,7 @@ class UnpairedStep:
     progress = {"chosen": "rewards/chosen", "rejected": "rewards/rejected"}  # no pairs, so no accuracy
     collate = staticmethod(collate_unpaired)
 
-    def __init__(self, cfg, engine=None):
+    def __init__(self, cfg, engine=None, processor=None):  # (processor: refused for kto by vision.check_config)
         self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
         if cfg.pad_to_multiple_of:
             self.collate = functools.partial(collate_unpaired, multiple=cfg.pad_to_multiple_of)
@@ -252,7 +260,7 @@ class SFTStep:
     unit = "examples"
     progress = {"ppl": "perplexity"}  # no rewards; MetricsLog.log adds a row's perplexity
 
-    def __init__(self, cfg, engine=None):
+    def __init__(self, cfg, engine=None, processor=None):  # (processor: refused for sft by vision.check_config)
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
         self.multiple = cfg.pad_to_multiple_of
 

@@ -104,7 +104,6 @@ def test_steps_match_trl(llava_dir, demo_pairs, tmp_path):
     from transformers import AutoProcessor
 
     from preftune import train as train_mod
-    from preftune.data.images import ImageRef  # noqa: F401 (the images TRL gets are the files preftune reads)
 
     pairs = demo_pairs[:8]
     data = write_vision_pairs(tmp_path / "data", pairs)
@@ -134,4 +133,107 @@ def test_steps_match_trl(llava_dir, demo_pairs, tmp_path):
         for key in STATS:
             assert mine[key] == pytest.approx(trl_row[key], abs=1e-4, rel=1e-5), (mine["step"], key, mine[key],
                                                                                    trl_row[key])
+        if mine["step"] > 1:  # at step 1 policy = reference: every pair a tie, 0.5 here, 0 in TRL (trl-differences.md)
+            assert mine["rewards/accuracies"] == trl_row["rewards/accuracies"]
     assert ours[-1]["loss"] < ours[0]["loss"] - 0.05, "the policy learned nothing: the test would not see a difference"
+
+
+def _vision_items(llava_dir, pairs, folder):
+    from transformers import AutoProcessor
+
+    from preftune.data import read_dataset
+    from preftune.vision import tokenize_vision_pairs
+
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    examples = read_dataset(str(write_vision_pairs(folder, pairs)), "data")
+    cfg = from_dict({"cutoff_len": 4096})
+    return processor, examples, tokenize_vision_pairs(processor, examples, cfg)
+
+
+def test_image_and_prompt_tokens_are_never_scored(llava_dir, demo_pairs, tmp_path):
+    """The completion mask is exactly the completion: its ids are TRL's completion ids, the ids before it
+    TRL's prompt ids (image tokens expanded by the processor: 4 per image), and no image token is ever in
+    it. The image reaches the completion's log-probs: another colour changes them, and a text-only pair's
+    are those of the language model alone."""
+    import trl.trainer.dpo_trainer as trl_dpo
+    from transformers import AutoModelForImageTextToText
+
+    from preftune.logps import get_batch_logps, model_inputs
+    from preftune.vision import collate_vision
+
+    processor, examples, items = _vision_items(llava_dir, demo_pairs[:6], tmp_path / "data")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    batch = collate_vision(items, processor.tokenizer.pad_token_id, processor=processor)
+    trl_rows = [{"images": [ref.load() for ref in e.images],
+                 "prompt": [{"role": "user", "content": e.messages[0]["content"]}],
+                 "chosen": [{"role": "assistant", "content": e.chosen}],
+                 "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples]
+    theirs = trl_dpo.DataCollatorForVisionPreference(processor)(trl_rows)
+    assert batch["pixel_values"].shape[0] == 2 * sum(len(e.images) for e in examples) == 12
+    torch.testing.assert_close(batch["pixel_values"], theirs["pixel_values"], rtol=0, atol=0)
+    for row in range(12):
+        ids, mask = batch["input_ids"][row], batch["completion_mask"][row].bool()
+        t_ids = theirs["input_ids"][row][theirs["attention_mask"][row].bool()]
+        t_mask = theirs["completion_mask"][row][theirs["attention_mask"][row].bool()].bool()
+        n = int(batch["attention_mask"][row].sum())
+        assert ids[:n].tolist() == t_ids.tolist() and mask[:n].tolist() == t_mask.tolist(), row
+        assert not mask[n:].any()  # padding is never scored
+        assert mask[:n].nonzero().min() == (~mask[:n]).sum()  # one span: the completion, after every prompt token
+        assert (ids[mask] != image_id).all()
+        assert (ids == image_id).sum() == 4 * len(examples[row % 6].images)
+
+    model = AutoModelForImageTextToText.from_pretrained(llava_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logps = get_batch_logps(model, **model_inputs(batch)).logps
+        other = [type(ref)(square((60, 60, 60)), ref.digest + "x", ref.size) for e in examples for ref in e.images]
+        recoloured = batch | processor.image_processor(images=[ref.load() for ref in other] * 2, return_tensors="pt")
+        changed = get_batch_logps(model, **model_inputs(recoloured)).logps
+        text_only = [i for i, e in enumerate(examples) if not e.images]
+        text_batch = {k: batch[k][text_only + [6 + i for i in text_only]] for k in ("input_ids", "attention_mask",
+                                                                                      "completion_mask")}
+        alone = get_batch_logps(model, **model_inputs(text_batch)).logps  # the language model alone
+    with_images = torch.tensor([bool(examples[i % 6].images) for i in range(12)])
+    assert ((logps - changed).abs() > 1e-4)[with_images].all()
+    assert torch.equal(logps[~with_images], changed[~with_images])
+    torch.testing.assert_close(alone, logps[~with_images], rtol=1e-5, atol=1e-4)
+
+
+def _bad_record(folder, case: str) -> dict:
+    """A record of TRL's vision format broken as `case` says."""
+    folder.mkdir(parents=True, exist_ok=True)
+    square(COLOURS[0]).save(folder / "good.png")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "cut.png").write_bytes((folder / "good.png").read_bytes()[:60])
+    image = {"missing": "nowhere.png", "not_an_image": "notes.png", "truncated": "cut.png"}.get(case, "good.png")
+    parts = [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]
+    if case == "two_placeholders":
+        parts = [{"type": "image"}] + parts
+    if case == "literal_placeholder":
+        parts = parts[:1] + [{"type": "text", "text": "What colour is <image>?"}]
+    return {"images": [image], "prompt": [{"role": "user", "content": parts}],
+            "chosen": [{"role": "assistant", "content": "Red."}], "rejected": [{"role": "assistant", "content": "Blue."}]}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"pairs.jsonl:1: image 0: no such file '.*nowhere.png' \(a relative path is read from the data "
+                r"file's folder\)"),
+    ("not_an_image", r"pairs.jsonl:1: image 0 '.*notes.png' is not a readable image"),
+    ("truncated", r"pairs.jsonl:1: image 0 '.*cut.png' is not a readable image"),
+    ("two_placeholders", r"pairs.jsonl:1: 2 image placeholder\(s\) .* but 1 image\(s\) in 'images'"),
+    ("literal_placeholder", r"pairs.jsonl:1: the rendered prompt holds 2 image token\(s\) '<image>' for 1 image"),
+    ("text_only_model", r"pairs.jsonl:1: a pair with 1 image\(s\), but the model is a text-only one"),
+])
+def test_bad_images_are_one_line(case, message, llava_dir, tiny_model_dir, tmp_path):
+    """Each bad image is one line naming the record (and the file), before any training step."""
+    from preftune import train as train_mod
+    from preftune.errors import DataError
+
+    folder = tmp_path / "data"
+    record = _bad_record(folder, case)
+    (folder / "pairs.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(_bad_record(folder, "good")) + "\n")
+    model = tiny_model_dir if case == "text_only_model" else llava_dir
+    with pytest.raises(DataError, match=message) as raised:
+        train_mod.train(from_dict({"model_name_or_path": str(model), "dataset": str(folder / "pairs.jsonl"),
+                                   "output_dir": str(tmp_path / "out"), "max_steps": 1, "progress_bar": False}))
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out" / "dpo_metrics").exists()

@@ -118,10 +118,13 @@ def apply_lora(model, cfg, reference_adapter: bool):
             model.load_adapter(paths[-1], adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             model.set_adapter(TRAINED_ADAPTER)
         return model
+    from preftune.vision import lora_excluded
+
     target = "all-linear" if cfg.lora_target.strip() == "all" else split_names(cfg.lora_target)
     lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                       lora_dropout=cfg.lora_dropout, target_modules=target, use_dora=cfg.use_dora,
-                      use_rslora=cfg.use_rslora, modules_to_save=split_names(cfg.additional_target) or None)
+                      use_rslora=cfg.use_rslora, modules_to_save=split_names(cfg.additional_target) or None,
+                      exclude_modules=lora_excluded(model, cfg))  # a vision-language model's frozen parts
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:  # a target that names no module of this model

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from preftune import adapters
+from preftune import adapters, vision
 from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
 from preftune.errors import ConfigError, ModelError
 from preftune.guard import TOKENIZER_FILES, check_model_dir
@@ -228,6 +228,8 @@ def load_policy(cfg, reference_adapter: bool = False, read_weights: bool = True)
         policy = apply_lora(policy, cfg, reference_adapter=reference_adapter)
     elif cfg.finetuning_type == "freeze":
         apply_freeze(policy, cfg)
+    else:  # full: a vision-language model's frozen parts (freeze_vision_tower, ...)
+        vision.freeze_parts(policy, cfg)
     hold_trainable_weights(policy, cfg)
     apply_liger_kernels(policy, cfg)
     compile_layers(policy, cfg)

@@ -9,6 +9,9 @@ CLIP image processor: no torchvision). Pairs in TRL's vision format, with colour
   data and optimizer: the same loss and statistics at every step.
 * test_image_and_prompt_tokens_are_never_scored: the completion mask covers the completion only; every
   image token and prompt token is outside it, and an image changes the completion's log-probs.
+* test_freeze_keys: LLaMA-Factory's freeze_vision_tower, freeze_multi_modal_projector, freeze_language_model,
+  for full fine-tuning (which weights train) and LoRA (which modules get adapters; the reference is the policy
+  with its adapter off, through the whole multimodal backbone).
 * test_bad_images_are_one_line: a missing file, a file that is not an image, a truncated image, a
   placeholder count that differs from the images, an image on a text-only model: one line each.
 """
@@ -111,7 +114,9 @@ def test_steps_match_trl(llava_dir, demo_pairs, tmp_path):
               "per_device_train_batch_size": 8, "max_steps": 3, "logging_steps": 1}
     train_mod.train(from_dict({"model_name_or_path": str(llava_dir), "dataset": str(data), "torch_dtype": "float32",
                                "progress_bar": False, "plot_loss": False, "save_strategy": "no",
-                               "output_dir": str(tmp_path / "ours"), **common}))
+                               "output_dir": str(tmp_path / "ours"), **common,
+                               # TRL trains every weight; LLaMA-Factory's defaults (and preftune's) freeze these
+                               "freeze_vision_tower": False, "freeze_multi_modal_projector": False}))
     ours = [r for r in json.loads((tmp_path / "ours" / "dpo_metrics" / "log_history.json").read_text()) if "loss" in r]
 
     from PIL import Image
@@ -237,3 +242,31 @@ def test_bad_images_are_one_line(case, message, llava_dir, tiny_model_dir, tmp_p
                                    "output_dir": str(tmp_path / "out"), "max_steps": 1, "progress_bar": False}))
     assert "\n" not in str(raised.value)
     assert not (tmp_path / "out" / "dpo_metrics").exists()
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_freeze_keys(finetuning_type, llava_dir, demo_pairs, tmp_path):
+    """Defaults (LLaMA-Factory's): the language model trains, the vision tower and projector do not; each key
+    turns its part on or off. LoRA: adapters only in the parts that train; one step runs against the adapter-off
+    reference, whose log-probs at step 1 equal the policy's (loss log 2)."""
+    from preftune import train as train_mod
+    from preftune.models import load_policy
+
+    def trained(**keys):
+        policy = load_policy(from_dict({"model_name_or_path": str(llava_dir), "finetuning_type": finetuning_type,
+                                        **keys}))
+        names = [n for n, p in policy.named_parameters() if p.requires_grad]
+        return {part for part in ("vision_tower", "multi_modal_projector", "language_model") if
+                any(f".{part}." in n for n in names)}
+
+    assert trained() == {"language_model"}
+    assert trained(freeze_vision_tower=False) == {"vision_tower", "language_model"}
+    assert trained(freeze_multi_modal_projector=False, freeze_language_model=True) == {"multi_modal_projector"}
+    if finetuning_type == "lora":
+        data = write_vision_pairs(tmp_path / "data", demo_pairs[:3])
+        train_mod.train(from_dict({"model_name_or_path": str(llava_dir), "dataset": str(data), "max_steps": 1,
+                                   "finetuning_type": "lora", "freeze_vision_tower": False, "progress_bar": False,
+                                   "plot_loss": False, "save_strategy": "no", "output_dir": str(tmp_path / "out"),
+                                   "torch_dtype": "float32", "per_device_train_batch_size": 3}))
+        row = json.loads((tmp_path / "out" / "dpo_metrics" / "log_history.json").read_text())[0]
+        assert row["loss"] == pytest.approx(0.693147, abs=1e-6) and row["grad_norm"] > 0

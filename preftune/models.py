@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from preftune import adapters, vision
-from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
+from preftune import adapters
+from preftune.adapters import (apply_freeze, apply_lora, freeze_vision_parts, is_vision_config, split_names,
+                               with_adapters)
 from preftune.errors import ConfigError, ModelError
 from preftune.guard import TOKENIZER_FILES, check_model_dir
 
@@ -130,7 +131,7 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
 
 def auto_class(config):
     """transformers' image-text-to-text auto class for a vision-language model (vision.py), else the causal LM's."""
-    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
 
 
 def empty_model(config, kwargs: dict):
@@ -229,7 +230,7 @@ def load_policy(cfg, reference_adapter: bool = False, read_weights: bool = True)
     elif cfg.finetuning_type == "freeze":
         apply_freeze(policy, cfg)
     else:  # full: a vision-language model's frozen parts (freeze_vision_tower, ...)
-        vision.freeze_parts(policy, cfg)
+        freeze_vision_parts(policy, cfg)
     hold_trainable_weights(policy, cfg)
     apply_liger_kernels(policy, cfg)
     compile_layers(policy, cfg)

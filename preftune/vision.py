@@ -26,18 +26,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
-
+from preftune.adapters import is_vision_config
 from preftune.batching import collate
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.tokenization import TokenizedPair, TokenizeReport, prompt_messages, truncate_pair
 
 log = logging.getLogger("preftune")
-
-
-def is_vision_config(config) -> bool:
-    """A vision-language model's config: one with a vision tower (LLaVA, Qwen2-VL, Gemma 3, Idefics3, ...)."""
-    return getattr(config, "vision_config", None) is not None
 
 
 def is_processor(obj) -> bool:
@@ -91,47 +85,6 @@ def load_processor(cfg):
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return processor
-
-
-# The parts a vision-language model's parameters belong to, by a component of their names (LLaMA-Factory's
-# vision_model_keys / projector_key / language_model_keys), the freeze_* key of each: LLaVA's names, and Qwen2-VL's
-# (its projector, `merger`, lives inside `visual`: the projector is looked for first). Others: none frozen.
-PARTS = (("freeze_multi_modal_projector", ("multi_modal_projector", "merger")),
-         ("freeze_vision_tower", ("vision_tower", "visual", "vision_model")),
-         ("freeze_language_model", ("language_model", "lm_head")))
-
-
-def frozen_by(name: str, cfg) -> str | None:
-    """The freeze_* key that keeps parameter or module `name` of a vision-language model from training, or None."""
-    parts = name.split(".")
-    key = next((key for key, names in PARTS if any(n in parts for n in names)), None)
-    return key if key is not None and getattr(cfg, key) else None
-
-
-def freeze_parts(model, cfg) -> None:
-    """finetuning_type full: the parts of a vision-language model their freeze_* keys name are not trained
-    (LLaMA-Factory's defaults: the vision tower and the projector frozen, the language model trained)."""
-    if not is_vision_config(model.config):
-        if cfg.freeze_language_model:
-            raise ConfigError("freeze_language_model: true on a text-only model would leave nothing to train; remove it")
-        return
-    for name, param in model.named_parameters():
-        if frozen_by(name, cfg):
-            param.requires_grad_(False)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("freeze_vision_tower, freeze_multi_modal_projector, freeze_language_model: every part of "
-                          "the model is frozen; set one of them to false")
-
-
-def lora_excluded(model, cfg) -> list[str] | None:
-    """finetuning_type lora: the linear modules of a vision-language model's frozen parts, which get no adapter
-    (peft's exclude_modules); None for a text-only model."""
-    if not is_vision_config(model.config):
-        if cfg.freeze_language_model:
-            raise ConfigError("freeze_language_model: true on a text-only model would leave nothing to train; remove it")
-        return None
-    return [name for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and frozen_by(name, cfg)] or None
 
 
 @dataclass

@@ -268,9 +268,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     summary: dict = {}
     weights = engine.whole_weights(policy, loaded_dtypes=True)  # gathered where sharded; None: the policy holds them
     if engine.is_main:
-        final.save_final(policy, tokenizer, cfg, weights)
-        if processor is not None:  # so that AutoProcessor loads the model as the vision-language model it is
-            processor.save_pretrained(cfg.output_dir)
+        final.save_final(policy, tokenizer, cfg, weights, processor)
         summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,
                                  best=best, elapsed=time.time() - start_time)
         hub.push_final(cfg)

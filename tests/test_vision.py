@@ -226,7 +226,7 @@ def _bad_record(folder, case: str) -> dict:
     ("truncated", r"pairs.jsonl:1: image 0 '.*cut.png' is not a readable image"),
     ("two_placeholders", r"pairs.jsonl:1: 2 image placeholder\(s\) .* but 1 image\(s\) in 'images'"),
     ("literal_placeholder", r"pairs.jsonl:1: the rendered prompt holds 2 image token\(s\) '<image>' for 1 image"),
-    ("text_only_model", r"pairs.jsonl:1: a pair with 1 image\(s\), but the model is a text-only one"),
+    ("text_only_model", r"pairs.jsonl:1: a pair with 1 image\(s\), read as text: the model is a text-only one"),
 ])
 def test_bad_images_are_one_line(case, message, llava_dir, tiny_model_dir, tmp_path):
     """Each bad image is one line naming the record (and the file), before any training step."""
@@ -248,7 +248,8 @@ def test_bad_images_are_one_line(case, message, llava_dir, tiny_model_dir, tmp_p
 def test_freeze_keys(finetuning_type, llava_dir, demo_pairs, tmp_path):
     """Defaults (LLaMA-Factory's): the language model trains, the vision tower and projector do not; each key
     turns its part on or off. LoRA: adapters only in the parts that train; one step runs against the adapter-off
-    reference, whose log-probs at step 1 equal the policy's (loss log 2)."""
+    reference, whose log-probs at step 1 equal the policy's (loss log 2), and the merged output loads with
+    its processor, changed in the trained parts only."""
     from preftune import train as train_mod
     from preftune.models import load_policy
 
@@ -270,3 +271,11 @@ def test_freeze_keys(finetuning_type, llava_dir, demo_pairs, tmp_path):
                                    "torch_dtype": "float32", "per_device_train_batch_size": 3}))
         row = json.loads((tmp_path / "out" / "dpo_metrics" / "log_history.json").read_text())[0]
         assert row["loss"] == pytest.approx(0.693147, abs=1e-6) and row["grad_norm"] > 0
+        # the output (merged) loads as the vision-language model it is, with its processor
+        from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
+
+        assert isinstance(AutoProcessor.from_pretrained(tmp_path / "out"), LlavaProcessor)
+        merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+        start = AutoModelForImageTextToText.from_pretrained(llava_dir)
+        moved = {n for n, p in merged.named_parameters() if not torch.equal(p, start.get_parameter(n))}
+        assert moved and all(".language_model." in n or ".vision_tower." in n for n in moved), sorted(moved)[:5]

@@ -279,3 +279,43 @@ def test_freeze_keys(finetuning_type, llava_dir, demo_pairs, tmp_path):
         start = AutoModelForImageTextToText.from_pretrained(llava_dir)
         moved = {n for n, p in merged.named_parameters() if not torch.equal(p, start.get_parameter(n))}
         assert moved and all(".language_model." in n or ".vision_tower." in n for n in moved), sorted(moved)[:5]
+
+
+def test_images_from_a_datasets_folder_are_the_files_images(llava_dir, demo_pairs, tmp_path):
+    """The datasets Image feature (a save_to_disk folder, images embedded as bytes) reads into the same pairs,
+    the same ids and the same image digests (fingerprints) as the files it was made from."""
+    import datasets
+
+    from preftune.cache import data_fingerprint
+
+    processor, from_files, items = _vision_items(llava_dir, demo_pairs[:5], tmp_path / "files")
+    records = vision_records(demo_pairs[:5], tmp_path / "files", paths=False)
+    features = datasets.Dataset.from_list(records).features.copy()
+    features["images"] = datasets.Sequence(datasets.Image())
+    datasets.Dataset.from_list(records, features=features).save_to_disk(str(tmp_path / "hf"))
+    from preftune.data import read_dataset
+    from preftune.vision import tokenize_vision_pairs
+
+    from_folder = read_dataset(str(tmp_path / "hf"), "data")
+    assert [len(p.images) for p in from_folder] == [0, 1, 2, 0, 1]
+    assert not any(isinstance(ref.source, str) for p in from_folder for ref in p.images)  # held as decoded images
+    assert data_fingerprint(from_folder) == data_fingerprint(from_files)
+    again = tokenize_vision_pairs(processor, from_folder, from_dict({"cutoff_len": 4096}))
+    assert [(t.chosen_ids, t.chosen_start, t.rejected_ids, t.rejected_start) for t in again] == \
+        [(t.chosen_ids, t.chosen_start, t.rejected_ids, t.rejected_start) for t in items]
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"pref_loss": "kto"}, "stage/pref_loss kto"), ({"stage": "sft"}, "stage/pref_loss sft"),
+    ({"padding_free": True}, "padding_free"), ({"prefix_sharing": True}, "prefix_sharing"),
+    ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"), ({"fsdp": "full_shard"}, "fsdp / deepspeed"),
+    ({"finetuning_type": "freeze"}, "finetuning_type: freeze"), ({"generate_during_eval": 2, "val_size": 0.5}, "generate_during_eval"),
+])
+def test_what_is_not_built_yet_is_refused_in_one_line(over, key, llava_dir):
+    from preftune.errors import ConfigError
+    from preftune.vision import load_processor
+
+    with pytest.raises(ConfigError, match=f"^{key}: not with a vision-language model yet") as raised:
+        load_processor(from_dict({"model_name_or_path": str(llava_dir), **over}))
+    assert "\n" not in str(raised.value)
+    assert load_processor(from_dict({"model_name_or_path": str(llava_dir)})) is not None

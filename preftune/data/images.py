@@ -14,7 +14,7 @@ An image is a path (relative to the data file's folder), a PIL image, or the `da
 image, a truncated image, or a placeholder count that differs from the image count is one line naming
 the record and the file, before any model loads; the images are then held as `ImageRef`s, opened
 again when a batch needs their pixels (as TRL's collator does), and known to fingerprints by their
-content (`ImageRef.digest`), so a cache or a resume keyed by the data is keyed by the images too.
+pixels (`ImageRef.digest`), so a cache or a resume keyed by the data is keyed by the images too.
 """
 
 from __future__ import annotations
@@ -78,25 +78,24 @@ def image_ref(value: Any, where: str, index: int, base_dir: Path | None) -> Imag
     elif isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
         data, name = bytes(value["bytes"]), value.get("path") or "(embedded bytes)"
     elif isinstance(value, Image.Image):
-        image = value
-        digest = hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()[:32]
-        return ImageRef(image, digest, image.size)
+        return ImageRef(value, _digest(value), value.size)
     else:
         raise DataError(f"{what} is {type(value).__name__}; expected a file path, a PIL image or "
                         "{\"bytes\": ..., \"path\": ...}")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: a truncated file fails here, not in the middle of training
-            size = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{what} '{name}' is not a readable image ({reason}); replace or remove it") from None
-    digest = hashlib.sha256(data).hexdigest()[:32]
-    if isinstance(value, str):
-        return ImageRef(name, digest, size)
-    with Image.open(io.BytesIO(data)) as image:  # embedded bytes: held decoded, as a PIL image
-        image.load()
-        return ImageRef(image, digest, size)
+    # a file is read again for each batch; embedded bytes are held decoded, as a PIL image
+    return ImageRef(name if isinstance(value, str) else image, _digest(image), image.size)
+
+
+def _digest(image) -> str:
+    """The image's identity: its pixels (mode, size, bytes), so a file, its bytes in a dataset and the decoded
+    image are one image to a fingerprint, whatever the container."""
+    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()[:32]
 
 
 def _parts(content: Any, where: str, field: str, i: int) -> str | list[dict]:

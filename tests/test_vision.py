@@ -264,13 +264,17 @@ def test_freeze_keys(finetuning_type, llava_dir, demo_pairs, tmp_path):
     assert trained(freeze_vision_tower=False) == {"vision_tower", "language_model"}
     assert trained(freeze_multi_modal_projector=False, freeze_language_model=True) == {"multi_modal_projector"}
     if finetuning_type == "lora":
-        data = write_vision_pairs(tmp_path / "data", demo_pairs[:3])
+        data = write_vision_pairs(tmp_path / "data", demo_pairs[:5])
         train_mod.train(from_dict({"model_name_or_path": str(llava_dir), "dataset": str(data), "max_steps": 1,
                                    "finetuning_type": "lora", "freeze_vision_tower": False, "progress_bar": False,
                                    "plot_loss": False, "save_strategy": "no", "output_dir": str(tmp_path / "out"),
-                                   "torch_dtype": "float32", "per_device_train_batch_size": 3}))
-        row = json.loads((tmp_path / "out" / "dpo_metrics" / "log_history.json").read_text())[0]
+                                   "torch_dtype": "float32", "per_device_train_batch_size": 3, "val_size": 2}))
+        rows = json.loads((tmp_path / "out" / "dpo_metrics" / "log_history.json").read_text())
+        row = next(r for r in rows if "loss" in r)
         assert row["loss"] == pytest.approx(0.693147, abs=1e-6) and row["grad_norm"] > 0
+        # evaluation with images too (the held-out pairs have 1 and 0 images): at step 0 the policy is its reference
+        assert rows[0]["step"] == 0 and rows[0]["eval_loss"] == pytest.approx(0.693147, abs=1e-6)
+        assert rows[0]["eval_kl_per_token"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["eval_loss"] < 0.7
         # the output (merged) loads as the vision-language model it is, with its processor
         from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
 

@@ -186,7 +186,8 @@ def freeze_vision_parts(model, cfg) -> None:
     (LLaMA-Factory's defaults: the vision tower and the projector frozen, the language model trained)."""
     if not is_vision_config(model.config):
         if cfg.freeze_language_model:
-            raise ConfigError("freeze_language_model: true on a text-only model would leave nothing to train; remove it")
+            raise ConfigError("freeze_language_model: true on a text-only model would leave nothing to train; "
+                              "remove it")
         return
     for name, param in model.named_parameters():
         if frozen_by(name, cfg):
@@ -201,7 +202,8 @@ def lora_excluded(model, cfg) -> list[str] | None:
     (peft's exclude_modules); None for a text-only model."""
     if not is_vision_config(model.config):
         if cfg.freeze_language_model:
-            raise ConfigError("freeze_language_model: true on a text-only model would leave nothing to train; remove it")
+            raise ConfigError("freeze_language_model: true on a text-only model would leave nothing to train; "
+                              "remove it")
         return None
     return [name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and frozen_by(name, cfg)] or None

@@ -82,7 +82,7 @@ def load_processor(cfg):
         raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': a vision-language model whose processor "
                          f"({type(processor).__name__}) has no image processor or image token; save the model's "
                          "processor (processor_config.json) with it")
-    if cfg.template is not None:  # LLaMA-Factory's VLM configs name one (llava, qwen2_vl): the processor's is the model's
+    if cfg.template is not None:  # LLaMA-Factory's VLM configs name one (llava, qwen2_vl)
         log.warning("template: %s is not used: a vision-language model's pairs are rendered by its processor's chat "
                     "template", cfg.template)
     if processor.tokenizer.pad_token_id is None:

@@ -216,7 +216,8 @@ def _bad_record(folder, case: str) -> dict:
     if case == "literal_placeholder":
         parts = parts[:1] + [{"type": "text", "text": "What colour is <image>?"}]
     return {"images": [image], "prompt": [{"role": "user", "content": parts}],
-            "chosen": [{"role": "assistant", "content": "Red."}], "rejected": [{"role": "assistant", "content": "Blue."}]}
+            "chosen": [{"role": "assistant", "content": "Red."}],
+            "rejected": [{"role": "assistant", "content": "Blue."}]}
 
 
 @pytest.mark.parametrize("case, message", [
@@ -313,7 +314,8 @@ def test_images_from_a_datasets_folder_are_the_files_images(llava_dir, demo_pair
     ({"pref_loss": "kto"}, "stage/pref_loss kto"), ({"stage": "sft"}, "stage/pref_loss sft"),
     ({"padding_free": True}, "padding_free"), ({"prefix_sharing": True}, "prefix_sharing"),
     ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"), ({"fsdp": "full_shard"}, "fsdp / deepspeed"),
-    ({"finetuning_type": "freeze"}, "finetuning_type: freeze"), ({"generate_during_eval": 2, "val_size": 0.5}, "generate_during_eval"),
+    ({"finetuning_type": "freeze"}, "finetuning_type: freeze"),
+    ({"generate_during_eval": 2, "val_size": 0.5}, "generate_during_eval"),
 ])
 def test_what_is_not_built_yet_is_refused_in_one_line(over, key, llava_dir):
     from preftune.errors import ConfigError

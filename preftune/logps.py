@@ -80,8 +80,8 @@ class FusedDPO(NamedTuple):
 
 
 # The image processors' outputs a batch with images carries (vision.collate_vision): what the multimodal backbone
-# takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw)
-MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+# takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw, mm_token_type_ids)
+MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:

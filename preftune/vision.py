@@ -26,6 +26,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from preftune.adapters import is_vision_config
 from preftune.batching import collate
 from preftune.errors import ConfigError, DataError, ModelError
@@ -73,11 +75,13 @@ def load_processor(cfg):
     try:
         processor = AutoProcessor.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many types (a missing torchvision among them)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "; it needs torchvision (pip install torchvision, built for your torch)" \
-            if "torchvision" in first.lower() or "VIDEO_PROCESSOR" in first else ""
-        raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': its processor does not load ({first})"
-                         f"{hint}") from None
+        processor = _images_only_processor(cfg.model_name_or_path, config)
+        if processor is None:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "; it needs torchvision (pip install torchvision, built for your torch)" \
+                if "torchvision" in first.lower() or "VIDEO_PROCESSOR" in first or "_extra_content" in first else ""
+            raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': its processor does not load ({first})"
+                             f"{hint}") from None
     if getattr(processor, "image_processor", None) is None or not getattr(processor, "image_token", None):
         raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': a vision-language model whose processor "
                          f"({type(processor).__name__}) has no image processor or image token; save the model's "
@@ -87,6 +91,50 @@ def load_processor(cfg):
                     "template", cfg.template)
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def images_only(processor_class):
+    """`processor_class` (Qwen2VLProcessor, Qwen2_5_VLProcessor, ...) without its video processor.
+
+    transformers 5.23 builds these processors with a video processor, which needs torchvision (its class
+    lookup fails without it, even for video_processor=None). ProcessorMixin takes a processor's parts from
+    the names of its __init__ arguments (`get_attributes`): this subclass names image_processor and tokenizer
+    only, so everything else, how images are processed, placeholders expanded and mm_token_type_ids made,
+    is the class's own code. It keeps the class's name, so what it saves (processor_config.json) loads as
+    the real processor where torchvision is installed."""
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        out = processor_class.save_pretrained(self, save_directory, **kwargs)
+        # also as preprocessor_config.json, where the real class finds its video processor's settings when the
+        # folder has no video_preprocessor_config.json (as in Qwen2-VL's own checkpoints)
+        self.image_processor.save_pretrained(save_directory)
+        return out
+
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": __name__,
+                                                               "save_pretrained": save_pretrained,
+                                                               "__doc__": images_only.__doc__})
+
+
+def _images_only_processor(folder, config):
+    """The model's processor class without its video processor (`images_only`), loaded from `folder`; None
+    where the class takes no video processor, or where that does not load either (the caller says why)."""
+    import inspect
+
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+    name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    processor_class = processor_class_from_name(name) if isinstance(name, str) else None
+    if processor_class is None or "video_processor" not in inspect.signature(processor_class.__init__).parameters:
+        return None
+    try:
+        processor = images_only(processor_class).from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - the caller reports AutoProcessor's own error
+        return None
+    log.info("%s without its video processor (torchvision is not installed): images only",
+             processor_class.__name__)
     return processor
 
 
@@ -174,12 +222,14 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
 def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,
                    processor, multiple: int | None = None) -> dict:
     """`batching.collate`'s rows (padded to a multiple of `multiple` where given), plus the image processor's
-    tensors of the rows' images in row order ([chosen; rejected]: each pair's images twice), none for a batch
-    without images."""
+    tensors of the rows' images in row order ([chosen; rejected]: each pair's images twice), and the processor's
+    mm_token_type_ids where it makes them (1 on image tokens); none for a batch without images."""
     batch = collate(pairs, pad_token_id, index, multiple)
     images = [ref.load() for p in pairs for ref in p.images] * 2
     if images:
         batch.update(processor.image_processor(images=images, return_tensors="pt"))
+        if processor.return_mm_token_type_ids:  # Qwen2-VL: its M-RoPE finds the image tokens by these, (2B, T)
+            batch["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(batch["input_ids"]))
     return batch
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from preftune.adapters import is_vision_config
+from preftune.config.names import VISION_TEMPLATES
 from preftune.batching import collate
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.tokenization import TokenizedPair, TokenizeReport, prompt_messages, truncate_pair
@@ -70,6 +71,10 @@ def load_processor(cfg):
     except Exception:  # noqa: BLE001 - models.load_model says what is wrong with the folder, in one line
         return None
     if not is_vision_config(config):
+        if cfg.template in VISION_TEMPLATES:
+            raise ConfigError(f"template: {cfg.template} is LLaMA-Factory's template for a vision-language model "
+                              f"({', '.join(VISION_TEMPLATES[cfg.template])}), and model_name_or_path is a text-only "
+                              f"{config.model_type} model; use a text template (qwen, chatml, ...) or remove template")
         return None
     check_config(cfg)
     try:
@@ -86,7 +91,12 @@ def load_processor(cfg):
         raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': a vision-language model whose processor "
                          f"({type(processor).__name__}) has no image processor or image token; save the model's "
                          "processor (processor_config.json) with it")
-    if cfg.template is not None:  # LLaMA-Factory's VLM configs name one (llava, qwen2_vl)
+    if cfg.template in VISION_TEMPLATES and config.model_type not in VISION_TEMPLATES[cfg.template]:
+        raise ConfigError(f"template: {cfg.template} is LLaMA-Factory's template for "
+                          f"{', '.join(VISION_TEMPLATES[cfg.template])} models, and model_name_or_path is a "
+                          f"{config.model_type} model; remove template (its processor's chat template renders the "
+                          "pairs)")
+    if cfg.template is not None and cfg.template not in VISION_TEMPLATES:  # LLaMA-Factory's VLM configs name one
         log.warning("template: %s is not used: a vision-language model's pairs are rendered by its processor's chat "
                     "template", cfg.template)
     if processor.tokenizer.pad_token_id is None:

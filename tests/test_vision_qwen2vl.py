@@ -26,17 +26,19 @@ import torch
 from preftune.config import from_dict
 from test_vision import STATS, square, write_vision_pairs
 
-# Qwen2-VL-Instruct's chat template (its default system turn, an image part as <|vision_start|><|image_pad|>
-# <|vision_end|>, which the processor expands to one <|image_pad|> per merged patch)
+# Qwen2-VL-Instruct's chat template, verbatim (its default system turn; an image part is
+# <|vision_start|><|image_pad|><|vision_end|>, which the processor expands to one <|image_pad|> per merged patch)
 CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -93,6 +95,7 @@ def test_steps_match_trl(qwen2vl_dir, demo_pairs, tmp_path):
     common = {"learning_rate": 0.5, "optim": "sgd", "lr_scheduler_type": "constant", "max_grad_norm": 0,
               "per_device_train_batch_size": 8, "max_steps": 3, "logging_steps": 1}
     cfg = from_dict({"model_name_or_path": str(qwen2vl_dir), "dataset": str(data), "torch_dtype": "float32",
+                     "template": "qwen2_vl",  # a LLaMA-Factory config's, unchanged
                      "progress_bar": False, "plot_loss": False, "save_strategy": "no",
                      "output_dir": str(tmp_path / "ours"), **common,
                      "freeze_vision_tower": False, "freeze_multi_modal_projector": False})  # TRL trains every weight
@@ -209,3 +212,32 @@ def test_image_and_prompt_tokens_are_never_scored(qwen2vl_dir, demo_pairs, tmp_p
     assert ((logps - changed).abs() > 1e-4)[with_images].all()
     assert torch.equal(logps[~with_images], changed[~with_images])
     torch.testing.assert_close(alone, logps[~with_images], rtol=1e-5, atol=1e-4)
+
+
+def test_llamafactory_template_name(qwen2vl_dir, tiny_model_dir, caplog):
+    """LLaMA-Factory's `template: qwen2_vl` is taken for a Qwen2-VL model, whose processor's chat template renders
+    a pair as LLaMA-Factory's qwen2_vl template does (its slots, copied here: the default system text, the image
+    placeholder expanded in place where LLaMA-Factory's `<image>` stands); with a text-only model it is one line."""
+    from preftune.errors import ConfigError
+    from preftune.vision import _structured, load_processor
+
+    with caplog.at_level("WARNING", logger="preftune"):
+        processor = load_processor(from_dict({"model_name_or_path": str(qwen2vl_dir), "template": "qwen2_vl"}))
+    assert "template" not in caplog.text
+
+    def llamafactory(system, user, answer):  # format_system, format_user, format_assistant of its qwen2_vl
+        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+                f"{answer}<|im_end|>\n")
+
+    image = "<|vision_start|><|image_pad|><|vision_end|>"  # LLaMA-Factory's <image>, before the plugin expands it
+    user = [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]
+    for system in (None, "Answer in one word."):
+        messages = [{"role": "system", "content": system}] * bool(system) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": "Red."}]
+        assert processor.apply_chat_template(_structured(messages), tokenize=False) == llamafactory(
+            system or "You are a helpful assistant.", image + "What colour is it?", "Red.")
+
+    with pytest.raises(ConfigError, match="^template: qwen2_vl is LLaMA-Factory's template for a vision-language "
+                                          "model .* a text-only qwen2 model") as raised:
+        load_processor(from_dict({"model_name_or_path": str(tiny_model_dir), "template": "qwen2_vl"}))
+    assert "\n" not in str(raised.value)

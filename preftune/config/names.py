@@ -34,6 +34,9 @@ FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_a
 TEMPLATE_NAMES = ("chatml", "qwen", "llama3", "mistral", "gemma", "default", "qwen3", "qwen3_nothink", "deepseek3",
                   "llama4", "gemma3", "glm4", "phi4")
 RAW_TEMPLATE_NAMES = ("none", "empty", "plain")
+# LLaMA-Factory's templates for vision-language models, with the model types each is for: such a model's
+# processor renders the pairs (vision.py), as the template does; the name is refused with any other model
+VISION_TEMPLATES = {"qwen2_vl": ("qwen2_vl", "qwen2_5_vl")}
 # pref_loss values Liger's fused linear DPO loss (liger-kernel 0.8.5) computes as losses.py does, under
 # the same names: enable_liger_kernel takes these. Not ipo (Liger refuses it), sigmoid_norm (no length
 # average in Liger), aot / aot_unpaired (sorted over the batch), kto_pair, and the reference-free ones.

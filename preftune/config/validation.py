@@ -16,7 +16,8 @@ import math
 from typing import Any
 
 from preftune.config.names import (F_DIVERGENCE_LOSSES, FLASH_ATTN, LABEL_SMOOTHING_LOSSES, LIGER_LOSSES, LOSS_NAMES,
-                                   RAW_TEMPLATE_NAMES, REFERENCE_FREE, TEMPLATE_NAMES, TRACKERS)
+                                   RAW_TEMPLATE_NAMES, REFERENCE_FREE, TEMPLATE_NAMES, TRACKERS,
+                                   VISION_TEMPLATES)
 from preftune.config.schema import FIELDS, TYPES_BASE, TrainConfig
 from preftune.errors import ConfigError
 
@@ -306,9 +307,10 @@ def _validate_inert(cfg: TrainConfig) -> None:
     """Options that could not act with the rest of the config: refused when the user would lose what they
     asked for (early stopping, sampled completions), warned once when the run is only not what they wrote."""
     validation = bool(cfg.eval_dataset) or cfg.val_size > 0
-    if cfg.template and cfg.template not in TEMPLATE_NAMES + RAW_TEMPLATE_NAMES:
+    if cfg.template and cfg.template not in TEMPLATE_NAMES + RAW_TEMPLATE_NAMES + tuple(VISION_TEMPLATES):
         raise ConfigError(f"template: unknown name '{cfg.template}'; use one of {', '.join(TEMPLATE_NAMES)} "
-                          f"(chat templates) or {', '.join(RAW_TEMPLATE_NAMES)} (raw text), or remove template")
+                          f"(chat templates), {', '.join(VISION_TEMPLATES)} (vision-language models) or "
+                          f"{', '.join(RAW_TEMPLATE_NAMES)} (raw text), or remove template")
     if not validation:
         for key in ("early_stopping_patience", "generate_during_eval"):
             if vars(cfg)[key]:

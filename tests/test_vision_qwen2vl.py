@@ -42,35 +42,43 @@ CHAT_TEMPLATE = (
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_qwen2vl(tokenizer, folder, seed: int = 0):
-    """A tiny random-init Qwen2VLForConditionalGeneration saved in `folder` with its processor's files."""
+PROCESSOR_CLASS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def build_qwen2vl(tokenizer, folder, family: str = "qwen2_vl", seed: int = 0):
+    """A tiny random-init Qwen2-VL (or Qwen2.5-VL) model saved in `folder` with its processor's files."""
     import copy
 
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
                    tokenizer.convert_tokens_to_ids(VISION_TOKENS)))
-    config = Qwen2VLConfig(
-        vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2},
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 512, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                                                                         "mrope_section": [1, 1, 2]},
-                     "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id},
-        tie_word_embeddings=True, **ids)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]},
+            "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id}
+    patches = {"patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if family == "qwen2_vl":
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision = {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, **patches}
+    else:  # Qwen2.5-VL: windowed attention in the vision tower (2x2 merged patches a window), the last block full
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+                  "window_size": 32, "fullatt_block_indexes": [1], **patches}
     torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    model_class(config_class(vision_config=vision, text_config=text, tie_word_embeddings=True, **ids)
+                ).save_pretrained(folder)
     # 8x8 patches, 2x2 merged: an image is resized to a multiple of 16 pixels a side, between 16x16 and 32x32
     Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=8,
                              merge_size=2, temporal_patch_size=2).save_pretrained(folder)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
-    # what a Qwen2-VL checkpoint's processor files say (written by hand: Qwen2VLProcessor needs torchvision)
-    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    # what a Qwen2-VL checkpoint's processor files say (written by hand: the processor needs torchvision)
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": PROCESSOR_CLASS[family]}))
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return folder
 
@@ -78,6 +86,14 @@ def build_qwen2vl(tokenizer, folder, seed: int = 0):
 @pytest.fixture(scope="module")
 def qwen2vl_dir(tmp_path_factory, tiny_tokenizer):
     return build_qwen2vl(tiny_tokenizer, tmp_path_factory.mktemp("qwen2vl"))
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def family_dir(request, qwen2vl_dir, tmp_path_factory, tiny_tokenizer):
+    """Qwen2-VL's folder, then a Qwen2.5-VL one: the same processor path, another model."""
+    if request.param == "qwen2_vl":
+        return qwen2vl_dir
+    return build_qwen2vl(tiny_tokenizer, tmp_path_factory.mktemp("qwen2_5_vl"), request.param)
 
 
 def test_steps_match_trl(qwen2vl_dir, demo_pairs, tmp_path):
@@ -124,24 +140,26 @@ def test_steps_match_trl(qwen2vl_dir, demo_pairs, tmp_path):
     assert ours[-1]["loss"] < ours[0]["loss"] - 0.05, "the policy learned nothing: the test would not see a difference"
 
 
-def test_processor_without_video(qwen2vl_dir, tmp_path, monkeypatch):
-    """Without torchvision, load_processor gives Qwen2VLProcessor less its video processor, and its output is
-    Qwen2-VL's: each image is its image processor's pixel_values and image_grid_thw (t, h, w patches), its
+def test_processor_without_video(family_dir, tmp_path, monkeypatch):
+    """Without torchvision, load_processor gives Qwen2VLProcessor (Qwen2_5_VLProcessor) less its video processor,
+    and its output is Qwen2-VL's: each image is its image processor's pixel_values and image_grid_thw (t, h, w patches), its
     placeholder becomes h * w / 2^2 <|image_pad|> tokens, and mm_token_type_ids is 1 exactly on them. Saved, it
-    names Qwen2VLProcessor and loads again here (and, with torchvision, as the real one: docs/vision.md). A
+    names its class and loads again here (and, with torchvision, as the real one: docs/vision.md). A
     processor that does not load without torchvision says what to install, in one line."""
-    from transformers import Qwen2VLProcessor
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from preftune import vision
     from preftune.errors import ModelError
 
-    processor = vision.load_processor(from_dict({"model_name_or_path": str(qwen2vl_dir)}))
-    assert isinstance(processor, Qwen2VLProcessor) and not hasattr(processor, "video_processor")
+    processor_class = getattr(transformers, json.loads((family_dir / "processor_config.json").read_text())[
+        "processor_class"])
+    processor = vision.load_processor(from_dict({"model_name_or_path": str(family_dir)}))
+    assert isinstance(processor, processor_class) and not hasattr(processor, "video_processor")
     images = [square((200, 30, 30), (20, 24)), square((30, 30, 200), (48, 16))]  # (width, height)
     text = "<|vision_start|><|image_pad|><|vision_end|>a<|vision_start|><|image_pad|><|vision_end|>b"
     out = processor(text=[text], images=[images], add_special_tokens=False, return_tensors="pt")
-    alone = Qwen2VLImageProcessorPil.from_pretrained(qwen2vl_dir)(images=images, return_tensors="pt")
+    alone = Qwen2VLImageProcessorPil.from_pretrained(family_dir)(images=images, return_tensors="pt")
     assert torch.equal(out["pixel_values"], alone["pixel_values"])
     # resized to 16x32 and 48x16 (sides a multiple of 8 * 2): 4 x 2 and 2 x 6 patches, merged 2x2: 2 and 3 tokens
     assert out["image_grid_thw"].tolist() == alone["image_grid_thw"].tolist() == [[1, 4, 2], [1, 2, 6]]
@@ -152,18 +170,18 @@ def test_processor_without_video(qwen2vl_dir, tmp_path, monkeypatch):
 
     processor.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "processor_config.json").read_text())
-    assert saved["processor_class"] == "Qwen2VLProcessor" and (tmp_path / "saved" / "preprocessor_config.json").exists()
-    again = vision.images_only(Qwen2VLProcessor).from_pretrained(tmp_path / "saved")
+    assert saved["processor_class"] == processor_class.__name__ and (tmp_path / "saved" / "preprocessor_config.json").exists()
+    again = vision.images_only(processor_class).from_pretrained(tmp_path / "saved")
     assert again(text=[text], images=[images], add_special_tokens=False)["input_ids"] == [ids.tolist()]
 
     monkeypatch.setattr(vision, "_images_only_processor", lambda folder, config: None)  # where it cannot be built
     with pytest.raises(ModelError, match=r"its processor does not load .*; it needs torchvision \(pip install "
                                          r"torchvision, built for your torch\)$") as raised:
-        vision.load_processor(from_dict({"model_name_or_path": str(qwen2vl_dir)}))
+        vision.load_processor(from_dict({"model_name_or_path": str(family_dir)}))
     assert "\n" not in str(raised.value)
 
 
-def test_image_and_prompt_tokens_are_never_scored(qwen2vl_dir, demo_pairs, tmp_path):
+def test_image_and_prompt_tokens_are_never_scored(family_dir, demo_pairs, tmp_path):
     """The rows, completion masks, pixel_values, image_grid_thw and mm_token_type_ids are TRL's collator's for
     the same pairs and processor; no image token (nor any prompt token) is in a completion mask; the image
     reaches the completion's log-probs (another colour changes them), and a text-only pair's are those of the
@@ -175,7 +193,7 @@ def test_image_and_prompt_tokens_are_never_scored(qwen2vl_dir, demo_pairs, tmp_p
     from preftune.logps import get_batch_logps, model_inputs
     from preftune.vision import collate_vision, load_processor, tokenize_vision_pairs
 
-    cfg = from_dict({"model_name_or_path": str(qwen2vl_dir), "cutoff_len": 4096})
+    cfg = from_dict({"model_name_or_path": str(family_dir), "cutoff_len": 4096})
     processor = load_processor(cfg)
     examples = read_dataset(str(write_vision_pairs(tmp_path / "data", demo_pairs[:6])), "data")
     items = tokenize_vision_pairs(processor, examples, cfg)
@@ -198,7 +216,7 @@ def test_image_and_prompt_tokens_are_never_scored(qwen2vl_dir, demo_pairs, tmp_p
         assert not mask[n:].any() and mask[:n].nonzero().min() == (~mask[:n]).sum()  # one span, after the prompt
         assert (ids[mask] != image_id).all() and (ids == image_id).any() == bool(examples[row % 6].images)
 
-    model = AutoModelForImageTextToText.from_pretrained(qwen2vl_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(family_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logps = get_batch_logps(model, **model_inputs(batch)).logps
         grey = [square((60, 60, 60), ref.size) for e in examples for ref in e.images] * 2

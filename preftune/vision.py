@@ -17,6 +17,9 @@ What changes against text pairs, and what does not:
   * the forward: `logps.get_batch_logps` runs the model's whole multimodal backbone (vision tower,
     projector, language model) on a batch with images, its language model alone on one without.
 
+Qwen2-VL / Qwen2.5-VL: without torchvision their processor is built without its video processor
+(`images_only`), and a batch with images carries the processor's mm_token_type_ids (its M-RoPE needs them).
+
 One process, padded batches and a live reference (a frozen copy, ref_model, or a LoRA policy's adapter
 off); the rest is refused in one line (`check_config`).
 """
@@ -63,7 +66,10 @@ def check_config(cfg) -> None:
 
 def load_processor(cfg):
     """The model's processor (AutoProcessor) when model_name_or_path is a vision-language model, else None.
-    Its image processor is the PIL one where torchvision is missing (transformers chooses it)."""
+    Its image processor is the PIL one where torchvision is missing (transformers chooses it); a processor
+    that then does not build for want of a video processor (Qwen2-VL's) is its class without one
+    (`images_only`). template: LLaMA-Factory's name for the model's family (qwen2_vl) is taken, another
+    VISION_TEMPLATES name is refused, a text template's name is not used (a warning)."""
     from transformers import AutoConfig, AutoProcessor
 
     try:

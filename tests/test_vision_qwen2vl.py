@@ -117,6 +117,9 @@ def test_steps_match_trl(qwen2vl_dir, demo_pairs, tmp_path):
                      "freeze_vision_tower": False, "freeze_multi_modal_projector": False})  # TRL trains every weight
     train_mod.train(cfg)
     ours = [r for r in json.loads((tmp_path / "ours" / "dpo_metrics" / "log_history.json").read_text()) if "loss" in r]
+    # the output is a Qwen2-VL checkpoint whose processor loads (here without torchvision; with it, as the real one)
+    assert type(load_processor(from_dict({"model_name_or_path": str(tmp_path / "ours")}))).__name__ == \
+        "Qwen2VLProcessor" and (tmp_path / "ours" / "preprocessor_config.json").exists()
 
     records = [json.loads(line) for line in data.read_text().splitlines()]
     for r in records:

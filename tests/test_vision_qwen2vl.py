@@ -7,6 +7,8 @@ Qwen2-VL-Instruct's chat template and processor_config.json naming Qwen2VLProces
 build Qwen2VLProcessor without torchvision (its video processor); preftune loads the same class without its
 video processor. Pairs and images as tests/test_vision.py's.
 
+Qwen2.5-VL (a tiny one, windowed attention in its vision tower) goes through the processor and masking tests too.
+
 * test_processor_without_video: the processor loads from the folder without torchvision, its ids,
   pixel_values, image_grid_thw and mm_token_type_ids are what Qwen2-VL's processing gives, and it saves as
   Qwen2VLProcessor.
@@ -14,6 +16,7 @@ video processor. Pairs and images as tests/test_vision.py's.
   same loss and statistics at every step.
 * test_image_and_prompt_tokens_are_never_scored: the completion mask is TRL's and holds no image token; the
   image reaches the completion's log-probs.
+* test_lora_on_the_language_model: LoRA with LLaMA-Factory's freeze defaults, against the adapter-off reference.
 * test_llamafactory_template_name: LLaMA-Factory's `template: qwen2_vl` is accepted (the processor's chat
   template renders the pairs, as LLaMA-Factory's qwen2_vl does).
 """
@@ -262,3 +265,25 @@ def test_llamafactory_template_name(qwen2vl_dir, tiny_model_dir, caplog):
                                           "model .* a text-only qwen2 model") as raised:
         load_processor(from_dict({"model_name_or_path": str(tiny_model_dir), "template": "qwen2_vl"}))
     assert "\n" not in str(raised.value)
+
+
+def test_lora_on_the_language_model(qwen2vl_dir, demo_pairs, tmp_path):
+    """LoRA (LLaMA-Factory's defaults: the vision tower `visual` and its projector `merger` frozen, no adapters in
+    them): one step against the adapter-off reference through the whole multimodal backbone, whose log-probs at
+    step 1 equal the policy's (loss log 2); the merged output changed in the language model only."""
+    from transformers import AutoModelForImageTextToText
+
+    from preftune import train as train_mod
+
+    data = write_vision_pairs(tmp_path / "data", demo_pairs[:4])
+    train_mod.train(from_dict({"model_name_or_path": str(qwen2vl_dir), "dataset": str(data), "max_steps": 1,
+                               "finetuning_type": "lora", "lora_target": "all", "progress_bar": False,
+                               "plot_loss": False, "save_strategy": "no", "output_dir": str(tmp_path / "out"),
+                               "torch_dtype": "float32", "per_device_train_batch_size": 4, "learning_rate": 0.01}))
+    row = next(r for r in json.loads((tmp_path / "out" / "dpo_metrics" / "log_history.json").read_text())
+               if "loss" in r)
+    assert row["loss"] == pytest.approx(0.693147, abs=1e-6) and row["grad_norm"] > 0
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    start = AutoModelForImageTextToText.from_pretrained(qwen2vl_dir)
+    moved = {n for n, p in merged.named_parameters() if not torch.equal(p, start.get_parameter(n))}
+    assert moved and all(".language_model." in n for n in moved), sorted(moved)[:5]

@@ -1,11 +1,11 @@
 """DPO on Qwen2-VL pairs without torchvision (preftune/vision.py `images_only`; docs/vision.md, Qwen2-VL).
 
-A tiny random-init Qwen2VLForConditionalGeneration (a 1-layer vision tower on 8x8 patches merged 2x2: an image
-is resized to sides of 16 or 32 pixels, 1 to 4 image tokens; a 2-layer Qwen2-VL text model with M-RoPE), saved as a Qwen2-VL
-checkpoint is: the tokenizer with Qwen2-VL's vision tokens, the image processor's preprocessor_config.json,
-Qwen2-VL-Instruct's chat template and processor_config.json naming Qwen2VLProcessor. transformers 5.23 cannot
-build Qwen2VLProcessor without torchvision (its video processor); preftune loads the same class without its
-video processor. Pairs and images as tests/test_vision.py's.
+A tiny random-init Qwen2VLForConditionalGeneration (a 1-layer vision tower on 8x8 patches merged 2x2: an image is
+resized to sides of 16 or 32 pixels, 1 to 4 image tokens; a 2-layer Qwen2-VL text model with M-RoPE), saved as a
+Qwen2-VL checkpoint is: the tokenizer with Qwen2-VL's vision tokens, the image processor's
+preprocessor_config.json, Qwen2-VL-Instruct's chat template and processor_config.json naming Qwen2VLProcessor.
+transformers 5.23 cannot build Qwen2VLProcessor without torchvision (its video processor); preftune loads the same
+class without its video processor. Pairs and images as tests/test_vision.py's.
 
 Qwen2.5-VL (a tiny one, windowed attention in its vision tower) goes through the processor and masking tests too.
 
@@ -147,11 +147,11 @@ def test_steps_match_trl(qwen2vl_dir, demo_pairs, tmp_path):
 
 
 def test_processor_without_video(family_dir, tmp_path, monkeypatch):
-    """Without torchvision, load_processor gives Qwen2VLProcessor (Qwen2_5_VLProcessor) less its video processor,
-    and its output is Qwen2-VL's: each image is its image processor's pixel_values and image_grid_thw (t, h, w patches), its
-    placeholder becomes h * w / 2^2 <|image_pad|> tokens, and mm_token_type_ids is 1 exactly on them. Saved, it
-    names its class and loads again here (and, with torchvision, as the real one: docs/vision.md). A
-    processor that does not load without torchvision says what to install, in one line."""
+    """Without torchvision, load_processor gives Qwen2VLProcessor (Qwen2_5_VLProcessor) less its video processor, and
+    its output is Qwen2-VL's: each image is its image processor's pixel_values and image_grid_thw (t, h, w
+    patches), its placeholder becomes h * w / 2^2 <|image_pad|> tokens, and mm_token_type_ids is 1 exactly on
+    them. Saved, it names its class and loads again here (and, with torchvision, as the real one:
+    docs/vision.md). A processor that does not load without torchvision says what to install, in one line."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -176,7 +176,8 @@ def test_processor_without_video(family_dir, tmp_path, monkeypatch):
 
     processor.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "processor_config.json").read_text())
-    assert saved["processor_class"] == processor_class.__name__ and (tmp_path / "saved" / "preprocessor_config.json").exists()
+    assert saved["processor_class"] == processor_class.__name__
+    assert (tmp_path / "saved" / "preprocessor_config.json").exists()
     again = vision.images_only(processor_class).from_pretrained(tmp_path / "saved")
     assert again(text=[text], images=[images], add_special_tokens=False)["input_ids"] == [ids.tolist()]
 

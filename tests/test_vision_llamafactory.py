@@ -21,10 +21,12 @@ import pytest
 import torch
 
 from preftune.config import from_dict
-from test_vision import COLOURS, llava_dir, square  # noqa: F401 - llava_dir is a fixture used here
+from test_vision import COLOURS, build_llava, square
 
 SHAREGPT = {"file_name": "lf_sharegpt.json", "ranking": True, "formatting": "sharegpt",
             "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}}
+
+
 ALPACA = {"file_name": "lf_alpaca.jsonl", "ranking": True,
           "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected", "images": "images"}}
 
@@ -57,6 +59,12 @@ def write_data(folder, pairs: list[dict], extra_sharegpt: list[dict] = ()) -> di
     return {"trl": str(folder / "trl.jsonl"), "sharegpt": "lf_sharegpt", "alpaca": "lf_alpaca"}
 
 
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory, tiny_tokenizer):
+    """test_vision.py's tiny LLaVA and its processor."""
+    return build_llava(tiny_tokenizer, tmp_path_factory.mktemp("llava"))
+
+
 def _read(spec, folder, **keys):
     from preftune.data import read_dataset
     from preftune.data.images import image_options
@@ -65,7 +73,7 @@ def _read(spec, folder, **keys):
     return read_dataset(spec, cfg.dataset_dir, images=image_options(cfg))
 
 
-def test_both_shapes_equal_trl_format(llava_dir, demo_pairs, tmp_path):  # noqa: F811
+def test_both_shapes_equal_trl_format(llava_dir, demo_pairs, tmp_path):
     """Both LLaMA-Factory shapes read into TRL's pairs: the same images (by pixels), token ids, completion
     starts and pixel_values."""
     from transformers import AutoProcessor
@@ -93,7 +101,7 @@ def test_both_shapes_equal_trl_format(llava_dir, demo_pairs, tmp_path):  # noqa:
             assert torch.equal(batch[key], trl_batch[key]), (name, key)
 
 
-def test_one_step_equals_trl_format(llava_dir, demo_pairs, tmp_path):  # noqa: F811
+def test_one_step_equals_trl_format(llava_dir, demo_pairs, tmp_path):
     """One DPO step on the sharegpt entry (relative paths read from dataset_dir) logs what one step on the same
     pairs in TRL's format logs."""
     from preftune import train as train_mod
@@ -185,7 +193,7 @@ def test_resize_is_llamafactorys(tmp_path):
         from_dict({"image_max_pixels": 512})
 
 
-def test_inspect_reports_images(llava_dir, demo_pairs, tmp_path):  # noqa: F811
+def test_inspect_reports_images(llava_dir, demo_pairs, tmp_path):
     """inspect on LLaMA-Factory image data: images per pair and their sizes; with the VLM, the processor's tokens
     per image (4 for the tiny LLaVA: (16 / 8)^2 patches) and pairs rendered by its processor."""
     from preftune.commands.inspect import format_report, inspect_data

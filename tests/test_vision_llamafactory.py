@@ -56,7 +56,8 @@ def write_data(folder, pairs: list[dict], extra_sharegpt: list[dict] = ()) -> di
     (folder / "lf_sharegpt.json").write_text(json.dumps(sharegpt + list(extra_sharegpt)))
     (folder / "lf_alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca))
     (folder / "dataset_info.json").write_text(json.dumps({"lf_sharegpt": SHAREGPT, "lf_alpaca": ALPACA}))
-    return {"trl": str(folder / "trl.jsonl"), "sharegpt": "lf_sharegpt", "alpaca": "lf_alpaca"}
+    return {"trl": str(folder / "trl.jsonl"), "sharegpt": "lf_sharegpt", "alpaca": "lf_alpaca",
+            "sharegpt_file": str(folder / "lf_sharegpt.json")}  # a plain file in its shape, without the entry
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,8 @@ def _read(spec, folder, **keys):
 
 
 def test_both_shapes_equal_trl_format(llava_dir, demo_pairs, tmp_path):
-    """Both LLaMA-Factory shapes read into TRL's pairs: the same images (by pixels), token ids, completion
-    starts and pixel_values."""
+    """Both LLaMA-Factory shapes (entries of dataset_info.json, and a plain sharegpt file) read into TRL's pairs:
+    the same images (by pixels), token ids, completion starts and pixel_values."""
     from transformers import AutoProcessor
 
     from preftune.vision import collate_vision, tokenize_vision_pairs
@@ -91,7 +92,7 @@ def test_both_shapes_equal_trl_format(llava_dir, demo_pairs, tmp_path):
         out[name] = (pairs, items, collate_vision(items, processor.tokenizer.pad_token_id, processor=processor))
     trl_pairs, trl_items, trl_batch = out["trl"]
     assert trl_batch["pixel_values"].shape[0] == 2 * 6
-    for name in ("sharegpt", "alpaca"):
+    for name in ("sharegpt", "alpaca", "sharegpt_file"):
         pairs, items, batch = out[name]
         assert [p.images for p in pairs] == [p.images for p in trl_pairs]  # ImageRefs compare by pixels
         assert [(t.chosen_ids, t.chosen_start, t.rejected_ids, t.rejected_start) for t in items] == \

@@ -17,6 +17,9 @@ Each record's shape is recognised from its fields (the first record decides for 
   unpaired        prompt, completion, label (bool): KTO-style, read into `UnpairedExample`
   SFT             prompt/completion, messages, alpaca output, sharegpt (sft: true): pairs whose chosen
                   is the completion; prompt-only records for sampling (prompts: true)
+  images          TRL's vision format (conversational with `images` and {"type": "image"} parts), or
+                  alpaca / sharegpt with an `images` column and `<image>` placeholders (LLaMA-Factory):
+                  pairs whose `images` are checked ImageRefs (data/images.py)
 Conversational prompts may hold `tool` messages and assistant `tool_calls`; a completion may be
 several messages (tool call, tool result, answer), kept whole in `chosen_messages`/`rejected_messages`.
 Every problem names the record (`where`), the field, what was expected and the fix.
@@ -532,8 +535,13 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
             if rec.get(media) and (fmt is None or fmt.get("images")):
                 raise DataError(f"{where}: field '{media}': {media} are not supported (images are: docs/vision.md); "
                                 "remove it")
-        llamafactory = fmt.get("images") if fmt is not None else "images" if "images" in rec and (
-            "conversations" in rec or "instruction" in rec) else None
+        # LLaMA-Factory's images: its entry's images column, or a sharegpt / alpaca record of a plain file
+        if fmt is not None:
+            llamafactory = fmt.get("images")
+        elif "images" in rec and ("conversations" in rec or "instruction" in rec):
+            llamafactory = "images"
+        else:
+            llamafactory = None
         if llamafactory or "images" in rec or "image" in rec:  # preference pairs only, for now
             if fmt is not None and not llamafactory:
                 raise DataError(f"{where}: has an images field, but its dataset_info.json entry names no images "

@@ -120,28 +120,33 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
     check_attention(cfg)
     kwargs = _load_kwargs(cfg, policy=what == "model_name_or_path")
     auto = AutoModelForCausalLM
-    if cfg.stage == "rm" and what == "model_name_or_path":
+    reward_model = cfg.stage == "rm" and what == "model_name_or_path"
+    if reward_model:
         # a reward model: the backbone with a score head of one output (r(x, y)), as TRL's RewardTrainer and
         # LLaMA-Factory load it; from a causal LM checkpoint the head is new (initialised by seed), from a reward
         # model's folder it is read
-        auto, kwargs = AutoModelForSequenceClassification, {**kwargs, "num_labels": 1}
+        auto = AutoModelForSequenceClassification
     try:
         if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
-            return auto.from_pretrained(name, **kwargs, **(cfg.model_init_kwargs or {}))
-        return empty_model(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code), kwargs)
+            return auto.from_pretrained(name, **kwargs, **({"num_labels": 1} if reward_model else {}),
+                                        **(cfg.model_init_kwargs or {}))
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        if reward_model:  # (from_config takes no num_labels: the config carries it)
+            config.num_labels = 1
+        return empty_model(config, kwargs, auto)
     except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None
 
 
-def empty_model(config, kwargs: dict):
-    """The model `from_pretrained(**kwargs)` builds from `config`, without reading any weight: parameters
+def empty_model(config, kwargs: dict, auto=AutoModelForCausalLM):
+    """The model `auto.from_pretrained(**kwargs)` builds from `config`, without reading any weight: parameters
     on the meta device (no memory), buffers real (rotary inv_freq is computed from the config, and is
     not in the checkpoint), tied as from_pretrained ties them, in eval mode as it leaves them."""
     from accelerate import init_empty_weights
 
     kwargs = {**kwargs, "dtype": config.dtype if kwargs["dtype"] == "auto" else kwargs["dtype"]}
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = auto.from_config(config, **kwargs)
     model.tie_weights()  # from_config does not tie meta parameters
     return model.eval()
 

@@ -258,3 +258,26 @@ def test_rm_two_processes_equal_one_process(tmp_path, tiny_model_dir):
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     _same_rows(one, two)
     assert one[-1]["eval_loss"] < one[0]["eval_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [{"fsdp": "full_shard"}, {"deepspeed": "examples/deepspeed/ds_z3_config.json"}],
+                         ids=["fsdp2", "zero3"])
+def test_rm_sharded_over_two_processes_equals_one_process(tmp_path, tiny_model_dir, engine):
+    """FSDP2 and ZeRO-3 (each process holds half of every weight, the new score head included): 2 steps of 2
+    processes x 4 pairs log what one process with 8 pairs logs, and write the same reward model (whole)."""
+    from test_distributed import ROOT, same_weights, torchrun
+
+    from preftune.train import train
+
+    torch.set_num_threads(1)
+    engine = {k: str(ROOT / v) if k == "deepspeed" else v for k, v in engine.items()}
+    over = {"max_steps": 2, "eval_steps": 2, "val_size": 4}
+    train(from_dict(_rm_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
+    result = torchrun(tmp_path, _rm_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"),
+                                        per_device_train_batch_size=4, **over, **engine), "two")
+    assert ("fsdp: the policy (Qwen2ForSequenceClassification) sharded over 2 processes" if "fsdp" in engine else
+            "deepspeed: the policy under ZeRO stage 3 over 2 processes") in result.stderr
+    _same_rows(_rows(tmp_path / "one"), _rows(tmp_path / "two"))
+    weights = same_weights(tmp_path / "one", tmp_path / "two")
+    assert weights["score.weight"].shape == (1, 32)

@@ -138,14 +138,20 @@ def _trained_reward_model(model, tokenizer, run_cfg, folder: Path, batch_size: i
 
 def _trained_on_conversations(folder: Path) -> bool:
     """Whether the reward model's training data were conversations only (messages, which a chat template
-    renders even with template unset), as its summary.json says; else its pairs were plain text."""
+    renders even with template unset), else plain text: the training examples per kind its run recorded
+    (summary.json's data.kinds). A folder written before that key existed is read from the rendering's
+    description, whose `why` names conversational data (and plain strings where there were some)."""
     import json
 
     try:
-        used = json.loads((folder / "rm_metrics" / "summary.json").read_text(encoding="utf-8"))["data"]["rendering"]
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads((folder / "rm_metrics" / "summary.json").read_text(encoding="utf-8"))["data"]
+        kinds = data.get("kinds")
+        if isinstance(kinds, dict):
+            return bool(kinds.get("conversational")) and not kinds.get("plain")
+        why = data["rendering"].get("why", "")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return "conversational data" in used.get("why", "") and "plain-string" not in used.get("why", "")
+    return "conversational data" in why and "plain-string" not in why
 
 
 def _numbers(scores, spec: str) -> list[float]:

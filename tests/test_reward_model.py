@@ -143,6 +143,7 @@ def test_rm_run_writes_a_reward_model_that_scores(tmp_path, tiny_model_dir, tiny
     assert {"training_metrics.csv", "training_curves.png", "summary.json", "log_history.json"} <= {
         p.name for p in metrics.iterdir()}
     summary = json.loads((metrics / "summary.json").read_text())
+    assert summary["data"]["kinds"] == {"plain": 32}  # what --reward renders by (rewards._trained_on_conversations)
     base, final = summary["baseline"], summary["final"]
     assert final["eval_rewards/accuracies"] > base["eval_rewards/accuracies"]
     assert final["eval_loss"] < base["eval_loss"]
@@ -176,6 +177,31 @@ def test_rm_run_writes_a_reward_model_that_scores(tmp_path, tiny_model_dir, tiny
         trained = RewardModule(model)(batch["input_ids"], batch["attention_mask"])[:len(items)]
     assert trained.tolist() == pytest.approx(scores, abs=1e-5)
     assert len(set(round(s, 6) for s in scores)) == len(scores) and all(math.isfinite(s) for s in scores)
+
+
+def test_reward_rendering_follows_the_kinds_the_run_recorded(tmp_path):
+    """--reward renders as a conversation only where the run trained on conversations alone: summary.json's
+    data.kinds (training examples per kind) decides; a folder written before it existed is read from the
+    rendering's `why`; a folder without a summary is plain text."""
+    from preftune.rewards import _trained_on_conversations
+
+    conversations = "conversational data (messages) always goes through the chat template"
+    both = "plain-string data and no template set: raw text; " + conversations
+
+    def folder(name, data):
+        (tmp_path / name / "rm_metrics").mkdir(parents=True)
+        (tmp_path / name / "rm_metrics" / "summary.json").write_text(json.dumps({"data": data}))
+        return tmp_path / name
+
+    # the recorded kinds win over the description (here one that would say the opposite)
+    assert _trained_on_conversations(folder("conv", {"kinds": {"conversational": 3}, "rendering": {"why": both}}))
+    assert not _trained_on_conversations(folder("mixed", {"kinds": {"conversational": 3, "plain": 1},
+                                                          "rendering": {"why": conversations}}))
+    assert not _trained_on_conversations(folder("plain", {"kinds": {"plain": 3}, "rendering": {"why": conversations}}))
+    # older folders: no kinds
+    assert _trained_on_conversations(folder("old_conv", {"rendering": {"used": "template chatml", "why": conversations}}))
+    assert not _trained_on_conversations(folder("old_mixed", {"rendering": {"why": both}}))
+    assert not _trained_on_conversations(tmp_path / "absent")
 
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "freeze"])

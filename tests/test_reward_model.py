@@ -301,8 +301,9 @@ def test_rm_two_processes_equal_one_process(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("engine", [{"fsdp": "full_shard"}, {"deepspeed": "examples/deepspeed/ds_z3_config.json"}],
                          ids=["fsdp2", "zero3"])
 def test_rm_sharded_over_two_processes_equals_one_process(tmp_path, tiny_model_dir, engine):
-    """FSDP2 and ZeRO-3 (each process holds half of every weight, the new score head included): 2 steps of 2
-    processes x 4 pairs log what one process with 8 pairs logs, and write the same reward model (whole)."""
+    """FSDP2 and ZeRO-3: 2 steps of 2 processes x 4 pairs log what one process with 8 pairs logs, and write the
+    same reward model (whole). Under FSDP2 only the main process reads the checkpoint: the other builds an
+    empty sequence classifier, and gets the weights, the new score head's included, broadcast."""
     from test_distributed import ROOT, same_weights, torchrun
 
     from preftune.train import train
@@ -313,8 +314,11 @@ def test_rm_sharded_over_two_processes_equals_one_process(tmp_path, tiny_model_d
     train(from_dict(_rm_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **over)))
     result = torchrun(tmp_path, _rm_raw(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"),
                                         per_device_train_batch_size=4, **over, **engine), "two")
-    assert ("fsdp: the policy (Qwen2ForSequenceClassification) sharded over 2 processes" if "fsdp" in engine else
-            "deepspeed: the policy under ZeRO stage 3 over 2 processes") in result.stderr
+    if "fsdp" in engine:
+        assert "fsdp: the policy (Qwen2ForSequenceClassification) sharded over 2 processes" in result.stderr
+        assert "weights read by the main process alone" in result.stderr
+    else:
+        assert "deepspeed: the policy under ZeRO stage 3 over 2 processes" in result.stderr
     _same_rows(_rows(tmp_path / "one"), _rows(tmp_path / "two"))
     weights = same_weights(tmp_path / "one", tmp_path / "two")
     assert weights["score.weight"].shape == (1, 32)

@@ -12,6 +12,10 @@ no second copy of the weights. When the run starts from base + an SFT adapter, s
 adapter off would give the bare base, not the SFT model the run starts from; a frozen copy of
 that adapter (adapter-sized) is loaded under the name `reference` and the reference runs with
 it instead.
+
+A vision-language model (docs/vision.md): LLaMA-Factory's freeze_vision_tower, freeze_multi_modal_projector and
+freeze_language_model name the parts that do not train: frozen under full fine-tuning (`freeze_vision_parts`),
+without adapters under LoRA (`lora_excluded`).
 """
 
 from __future__ import annotations
@@ -123,7 +127,8 @@ def apply_lora(model, cfg, reference_adapter: bool):
     # (modules_to_save), as TRL's RewardTrainer advises
     lora = LoraConfig(task_type="SEQ_CLS" if cfg.stage == "rm" else "CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                       lora_dropout=cfg.lora_dropout, target_modules=target, use_dora=cfg.use_dora,
-                      use_rslora=cfg.use_rslora, modules_to_save=split_names(cfg.additional_target) or None)
+                      use_rslora=cfg.use_rslora, modules_to_save=split_names(cfg.additional_target) or None,
+                      exclude_modules=lora_excluded(model, cfg))  # a vision-language model's frozen parts
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:  # a target that names no module of this model
@@ -157,6 +162,54 @@ def adapter_pairs(model) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
                              f"{tuple(param.shape)}: it must have the trained adapter's rank and targets")
         pairs.append((params[twin], param))
     return pairs
+
+
+def is_vision_config(config) -> bool:
+    """A vision-language model's config: one with a vision tower (LLaVA, Qwen2-VL, Gemma 3, Idefics3, ...)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+# The parts a vision-language model's parameters belong to, by a component of their names (LLaMA-Factory's
+# vision_model_keys / projector_key / language_model_keys), the freeze_* key of each: LLaVA's names, and Qwen2-VL's
+# (its projector, `merger`, lives inside `visual`: the projector is looked for first). Others: none frozen.
+PARTS = (("freeze_multi_modal_projector", ("multi_modal_projector", "merger")),
+         ("freeze_vision_tower", ("vision_tower", "visual", "vision_model")),
+         ("freeze_language_model", ("language_model", "lm_head")))
+
+
+def frozen_by(name: str, cfg) -> str | None:
+    """The freeze_* key that keeps parameter or module `name` of a vision-language model from training, or None."""
+    parts = name.split(".")
+    key = next((key for key, names in PARTS if any(n in parts for n in names)), None)
+    return key if key is not None and getattr(cfg, key) else None
+
+
+def freeze_vision_parts(model, cfg) -> None:
+    """finetuning_type full: the parts of a vision-language model their freeze_* keys name are not trained
+    (LLaMA-Factory's defaults: the vision tower and the projector frozen, the language model trained)."""
+    if not is_vision_config(model.config):
+        if cfg.freeze_language_model:
+            raise ConfigError("freeze_language_model: true on a text-only model would leave nothing to train; "
+                              "remove it")
+        return
+    for name, param in model.named_parameters():
+        if frozen_by(name, cfg):
+            param.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("freeze_vision_tower, freeze_multi_modal_projector, freeze_language_model: every part of "
+                          "the model is frozen; set one of them to false")
+
+
+def lora_excluded(model, cfg) -> list[str] | None:
+    """finetuning_type lora: the linear modules of a vision-language model's frozen parts, which get no adapter
+    (peft's exclude_modules); None for a text-only model."""
+    if not is_vision_config(model.config):
+        if cfg.freeze_language_model:
+            raise ConfigError("freeze_language_model: true on a text-only model would leave nothing to train; "
+                              "remove it")
+        return None
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and frozen_by(name, cfg)] or None
 
 
 def apply_freeze(model, cfg) -> None:
@@ -241,6 +294,12 @@ class AdapterReference:
 
     def get_decoder(self) -> torch.nn.Module:
         return _UnderContext(self.policy.get_decoder(), self.active)
+
+    def multimodal_backbone(self) -> torch.nn.Module:
+        """A vision-language policy's whole backbone (logps.multimodal_backbone), under the same adapter setting."""
+        from preftune.logps import multimodal_backbone
+
+        return _UnderContext(multimodal_backbone(self.policy), self.active)
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return _reference_head(self.policy.get_output_embeddings(), self.adapter)

@@ -60,12 +60,13 @@ def add_legacy_rope_keys(folder: Path) -> None:
     write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_final(model, tokenizer, cfg, state_dict: dict | None = None) -> None:
+def save_final(model, tokenizer, cfg, state_dict: dict | None = None, processor=None) -> None:
     """The final model and tokenizer into output_dir itself, file by file atomically, each weight in
     the dtype it was loaded in (trainable ones are cast back from their float32 master copy). A LoRA
     policy is written as its adapter (cfg.final_adapter_only) or merged into full weights. Both the
     cast and the merge change the model in place: call this last. A sharded model's weights come
-    gathered, already in their loaded dtypes, as state_dict."""
+    gathered, already in their loaded dtypes, as state_dict. A vision-language model's `processor` is saved
+    with it (its tokenizer included), so that AutoProcessor loads the folder as the model it is."""
     out = Path(cfg.output_dir)
     # generation stops where training's completions end (a reward model, which does not generate, has none)
     if getattr(model, "generation_config", None) is not None:
@@ -78,7 +79,7 @@ def save_final(model, tokenizer, cfg, state_dict: dict | None = None) -> None:
             restore_loaded_dtypes(model)
         save_weights(model, tmp, merge=not cfg.final_adapter_only, state_dict=state_dict)
         add_legacy_rope_keys(tmp)
-        tokenizer.save_pretrained(tmp)
+        (processor or tokenizer).save_pretrained(tmp)
         # the resolved config: `preftune train <output_dir>/preftune_config.yaml` repeats the run
         (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         written = {f.name for f in tmp.iterdir()}

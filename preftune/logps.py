@@ -29,6 +29,11 @@ Sequence parallelism (sequence_parallel_size, DeepSpeed's Ulysses attention: eng
 (`sequence_slice`), their attention exchanging slices for heads; each sums its slice's scored tokens,
 and the partial sums are added up over the group (differentiably), so every process holds the whole
 sequences' (2B,) log-probs and lengths. The split is set once per process, as the attention it goes with.
+
+Vision-language models (vision.py): a batch with images also holds the image processor's tensors
+(`MEDIA_KEYS`: pixel_values, ...), for the rows' images in row order; the pass then runs the model's whole
+multimodal backbone (`multimodal_backbone`), which puts the image features at the image tokens, all of
+them prompt tokens and so never scored. A batch without images runs the language model alone, as for text.
 """
 
 from __future__ import annotations
@@ -74,8 +79,17 @@ class FusedDPO(NamedTuple):
     discopop_tau: float = 0.05
 
 
+# The image processors' outputs a batch with images carries (vision.collate_vision): what the multimodal backbone
+# takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw)
+MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row."""
+    """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row
+    (and `media`, the image tensors of a batch with images)."""
+    media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+    if media:  # vision.py: padded rows only
+        return {**{k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}, "media": media}
     if "score_index" in batch:  # prefix sharing
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": None,
                 "position_ids": batch["position_ids"], "score_index": batch["score_index"],
@@ -173,20 +187,32 @@ def router_aux_loss(model, router_logits: tuple[torch.Tensor, ...], attention_ma
     return module.load_balancing_loss_func(tuple(router_logits), router_logits[0].size(-1), top_k, attention_mask)
 
 
-def _backbone(model, router_aux: bool = False, **inputs):
+def multimodal_backbone(model) -> torch.nn.Module:
+    """A vision-language model's backbone (vision tower, projector, language model: LlavaModel, ...), which
+    takes the image tensors; its get_decoder() is the language model alone. AdapterReference has its own."""
+    if hasattr(model, "multimodal_backbone"):
+        return model.multimodal_backbone()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
+    return base.model
+
+
+def _backbone(model, router_aux: bool = False, media: dict | None = None, **inputs):
     """The backbone's last hidden states, and with router_aux its router logits (mixture-of-experts models:
-    the `aux_loss` of the model's own forward is made from them, and its LM head is not run here), else None."""
-    backbone = model.get_decoder()  # transformers models and peft models have one; so does AdapterReference
-    out = backbone(**inputs, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
+    the `aux_loss` of the model's own forward is made from them, and its LM head is not run here), else None.
+    media: a batch's image tensors, for a vision-language model's whole backbone."""
+    # transformers models and peft models have a decoder; so does AdapterReference
+    backbone = multimodal_backbone(model) if media else model.get_decoder()
+    out = backbone(**inputs, **(media or {}), use_cache=False,
+                   **({"output_router_logits": True} if router_aux else {}))
     return out.last_hidden_state, out.router_logits if router_aux else None
 
 
 def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None, router_aux=False,
-                       targets=None):
+                       targets=None, media=None):
     """Backbone hidden states at the positions that predict a completion token (and the router's logits, with
     router_aux). targets: already shifted (a sequence-parallel slice, `sequence_slice`), completion_mask then
-    their score mask."""
-    hidden, router_logits = _backbone(model, router_aux, input_ids=input_ids, attention_mask=attention_mask,
+    their score mask. media: a vision-language model's image tensors."""
+    hidden, router_logits = _backbone(model, router_aux, media, input_ids=input_ids, attention_mask=attention_mask,
                                       position_ids=position_ids)
     if targets is not None:
         score = completion_mask.bool()  # (R, W/S)
@@ -242,7 +268,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     wpo: bool = False, position_ids: torch.Tensor | None = None,
                     sequence_lengths: torch.Tensor | None = None, score_index: torch.Tensor | None = None,
                     score_rows: torch.Tensor | None = None, call_head: bool = False, token_stats: bool = False,
-                    router_aux: bool = False):
+                    router_aux: bool = False, media: dict[str, torch.Tensor] | None = None):
     """Summed completion log-probs and completion lengths, each (2B,), for a collated batch.
 
     input_ids, attention_mask, completion_mask: (2B, T); completion_mask is 1 on completion tokens.
@@ -269,6 +295,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Sequence parallelism (`split_sequences`; padded rows only): this process runs its slice of the rows
     (`sequence_slice`), and the log-probs, lengths and WPO's sums are the slices' totals (module docstring);
     hidden and the token stats are of its slice's tokens.
+    media: a vision-language model's image tensors for the rows' images (module docstring), padded rows.
     Returns a `BatchLogps`; hidden, wpo_weights, the token stats and aux_loss are None unless asked for.
     """
     aux_loss = targets = None
@@ -280,7 +307,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         hidden, targets = _shared_hidden(model, input_ids, attention_mask, position_ids, score_index)
     else:
         hidden, targets, score, router_logits = _completion_hidden(model, input_ids, attention_mask, completion_mask,
-                                                                   position_ids, router_aux, targets)
+                                                                   position_ids, router_aux, targets, media)
         if router_aux:
             aux_loss = router_aux_loss(model, router_logits, attention_mask)  # packed: no mask, no padding
     lm_head, softcap = model.get_output_embeddings(), _softcap(model)
@@ -463,7 +490,7 @@ class LogpsModule(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, completion_mask, return_hidden=False, ld_alpha=None, wpo=False,
                 position_ids=None, sequence_lengths=None, score_index=None, score_rows=None, fused=None,
-                reference_logps=None, token_stats=False):
+                reference_logps=None, token_stats=False, media=None):
         router_aux = self.router_aux_loss_coef > 0
         if fused is not None:  # enable_liger_kernel, while training
             out = fused_dpo_logps(self.model, input_ids, attention_mask, completion_mask, reference_logps, fused,
@@ -472,5 +499,6 @@ class LogpsModule(torch.nn.Module):
             out = get_batch_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
                                   return_hidden=return_hidden, ld_alpha=ld_alpha, wpo=wpo, position_ids=position_ids,
                                   sequence_lengths=sequence_lengths, score_index=score_index, score_rows=score_rows,
-                                  call_head=self.call_head, token_stats=token_stats, router_aux=router_aux)
+                                  call_head=self.call_head, token_stats=token_stats, router_aux=router_aux,
+                                  media=media)
         return out._replace(aux_loss_coef=self.router_aux_loss_coef) if router_aux else out

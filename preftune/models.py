@@ -16,10 +16,12 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoModelForSequenceClassification, AutoTokenizer)
 
 from preftune import adapters
-from preftune.adapters import apply_freeze, apply_lora, split_names, with_adapters
+from preftune.adapters import (apply_freeze, apply_lora, freeze_vision_parts, is_vision_config, split_names,
+                               with_adapters)
 from preftune.errors import ConfigError, ModelError
 from preftune.guard import TOKENIZER_FILES, check_model_dir
 
@@ -119,34 +121,37 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
     _check_reachable(name, what)
     check_attention(cfg)
     kwargs = _load_kwargs(cfg, policy=what == "model_name_or_path")
-    auto = AutoModelForCausalLM
-    reward_model = cfg.stage == "rm" and what == "model_name_or_path"
-    if reward_model:
-        # a reward model: the backbone with a score head of one output (r(x, y)), as TRL's RewardTrainer and
-        # LLaMA-Factory load it; from a causal LM checkpoint the head is new (initialised by seed), from a reward
-        # model's folder it is read
-        auto = AutoModelForSequenceClassification
     try:
-        if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
-            return auto.from_pretrained(name, **kwargs, **({"num_labels": 1} if reward_model else {}),
-                                        **(cfg.model_init_kwargs or {}))
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        if reward_model:  # (from_config takes no num_labels: the config carries it)
+        auto, labels = auto_class(config), {}
+        if cfg.stage == "rm" and what == "model_name_or_path":
+            # a reward model: the backbone with a score head of one output (r(x, y)), as TRL's RewardTrainer and
+            # LLaMA-Factory load it; from a causal LM checkpoint the head is new (initialised by seed), from a
+            # reward model's folder it is read
+            auto, labels = AutoModelForSequenceClassification, {"num_labels": 1}
+        if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
+            return auto.from_pretrained(name, **kwargs, **labels, **(cfg.model_init_kwargs or {}))
+        if labels:  # (from_config takes no num_labels: the config carries it)
             config.num_labels = 1
         return empty_model(config, kwargs, auto)
     except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None
 
 
-def empty_model(config, kwargs: dict, auto=AutoModelForCausalLM):
-    """The model `auto.from_pretrained(**kwargs)` builds from `config`, without reading any weight: parameters
+def auto_class(config):
+    """transformers' image-text-to-text auto class for a vision-language model (vision.py), else the causal LM's."""
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+
+
+def empty_model(config, kwargs: dict, auto=None):
+    """The model `from_pretrained(**kwargs)` builds from `config`, without reading any weight: parameters
     on the meta device (no memory), buffers real (rotary inv_freq is computed from the config, and is
     not in the checkpoint), tied as from_pretrained ties them, in eval mode as it leaves them."""
     from accelerate import init_empty_weights
 
     kwargs = {**kwargs, "dtype": config.dtype if kwargs["dtype"] == "auto" else kwargs["dtype"]}
     with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, **kwargs)
+        model = (auto or auto_class(config)).from_config(config, **kwargs)
     model.tie_weights()  # from_config does not tie meta parameters
     return model.eval()
 
@@ -237,6 +242,8 @@ def load_policy(cfg, reference_adapter: bool = False, read_weights: bool = True)
             for name, param in policy.named_parameters():
                 if name.split(".")[0] in ("score", "classifier"):  # transformers' names of the head
                     param.requires_grad_(True)
+    else:  # full: a vision-language model's frozen parts (freeze_vision_tower, ...)
+        freeze_vision_parts(policy, cfg)
     hold_trainable_weights(policy, cfg)
     apply_liger_kernels(policy, cfg)
     compile_layers(policy, cfg)

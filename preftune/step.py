@@ -36,6 +36,7 @@ from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll, reward_mo
 from preftune.models import router_aux_coef
 from preftune.reward_model import RewardModule
 from preftune.tokenization import tokenize_examples
+from preftune.vision import collate_vision, is_processor, tokenize_vision_pairs
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
 
@@ -111,6 +112,9 @@ class PreferenceStep:
     enable_liger_kernel: while training, the reference's log-probs come first and the policy's pass
     runs the LM head and the loss through Liger (`logps.fused_dpo_logps`); evaluation, without
     gradients, keeps the chunked path (the same numbers).
+
+    processor: a vision-language model's (vision.py): pairs are tokenized through it (`tokenize` is given
+    it in place of the tokenizer) and each batch carries its rows' image tensors (`vision.collate_vision`).
     """
 
     unit = "pairs"
@@ -118,13 +122,15 @@ class PreferenceStep:
     collate = staticmethod(collate)
     module = staticmethod(logps_module)
 
-    def __init__(self, cfg, engine=None):
+    def __init__(self, cfg, engine=None, processor=None):
         self.loss, self.engine = configured_loss(cfg), engine
         self.beta, self.ld_alpha, self.use_weighting = cfg.pref_beta, cfg.ld_alpha, cfg.use_weighting
         # enable_liger_kernel: one of Liger's DPO losses (the config refuses the rest), fused with the LM head
         self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
             if cfg.enable_liger_kernel else None
-        if cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
+        if processor is not None:  # padded rows + image tensors (vision.check_config refuses the other layouts)
+            self.collate = functools.partial(collate_vision, processor=processor, multiple=cfg.pad_to_multiple_of)
+        elif cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
         elif cfg.prefix_sharing:  # one row per pair, the prompt run once: the same numbers, fewer tokens
             self.collate = functools.partial(collate_shared, multiple=cfg.pad_to_multiple_of)
@@ -133,6 +139,8 @@ class PreferenceStep:
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
+        if is_processor(tokenizer):  # a vision-language model's processor (not cached yet)
+            return tokenize_vision_pairs(tokenizer, pairs, cfg, report)
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
     @staticmethod
@@ -207,7 +215,7 @@ class UnpairedStep:
     collate = staticmethod(collate_unpaired)
     module = staticmethod(logps_module)
 
-    def __init__(self, cfg, engine=None):
+    def __init__(self, cfg, engine=None, processor=None):  # (processor: refused for kto by vision.check_config)
         self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
         if cfg.pad_to_multiple_of:
             self.collate = functools.partial(collate_unpaired, multiple=cfg.pad_to_multiple_of)
@@ -267,7 +275,7 @@ class SFTStep:
     progress = {"ppl": "perplexity"}  # no rewards; MetricsLog.log adds a row's perplexity
     module = staticmethod(logps_module)
 
-    def __init__(self, cfg, engine=None):
+    def __init__(self, cfg, engine=None, processor=None):  # (processor: refused for sft by vision.check_config)
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
         self.multiple = cfg.pad_to_multiple_of
 
@@ -311,7 +319,7 @@ class RewardStep:
     progress = {"acc": "rewards/accuracies"}
     module = staticmethod(lambda policy, cfg: RewardModule(policy))
 
-    def __init__(self, cfg, engine=None):
+    def __init__(self, cfg, engine=None, processor=None):  # (processor: a VLM reward model is not built yet)
         self.center_rewards_coefficient = cfg.center_rewards_coefficient  # (no reference, no KL: no engine needed)
         self.multiple = cfg.pad_to_multiple_of
 

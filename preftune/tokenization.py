@@ -447,6 +447,10 @@ def truncate_pair(t: TokenizedPair, cutoff_len: int, truncation_mode: str = "kee
 
 def encode_pair(tokenizer, pair: PreferencePair, rendering: Rendering, report: TokenizeReport) -> TokenizedPair:
     """The untruncated token ids of a pair, with its completion boundaries."""
+    if pair.images:  # a vision-language model's pairs go through its processor (vision.py)
+        raise DataError(f"{pair.where}: a pair with {len(pair.images)} image(s), read as text: the model is a "
+                        "text-only one (or this command takes no images yet: docs/vision.md); train a vision-language "
+                        "model (its config has a vision_config), or drop the images")
     prompt_text = render_prompt(tokenizer, pair, rendering)
     chosen_ids, chosen_start, m1 = _encode(tokenizer, pair, prompt_text, pair.chosen, pair.chosen_messages,
                                            rendering)

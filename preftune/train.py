@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from preftune import checkpoints, final, hub, runtime
+from preftune import checkpoints, final, hub, runtime, vision
 from preftune.batching import epoch_batches
 from preftune.best import BestModel, check_best_model, load_best_into
 from preftune.cache import data_fingerprint
@@ -84,11 +84,12 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
 
     # --- data ----------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    processor = vision.load_processor(cfg)  # a vision-language model's, which renders the pairs (vision.py); else None
     train_examples, val_examples, data_report = load_pairs(cfg)
     tok_report = TokenizeReport()
-    train_items = Step.tokenize(tokenizer, train_examples, cfg, tok_report)
+    train_items = Step.tokenize(processor or tokenizer, train_examples, cfg, tok_report)
     # the validation set, then any further named eval sets (eval_dataset as a mapping): name -> items
-    eval_items = {name: Step.tokenize(tokenizer, examples, cfg, tok_report)
+    eval_items = {name: Step.tokenize(processor or tokenizer, examples, cfg, tok_report)
                   for name, examples in {"validation": val_examples, **load_eval_sets(cfg, data_report)}.items()}
     val_items = eval_items["validation"]
     fingerprint = data_fingerprint(train_items, eval_items)  # a resume on other data is refused
@@ -96,7 +97,8 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     log.info("data: %d train %s, %d validation %s, %d truncated to cutoff_len=%d, %d dropped (no completion "
              "token fits), %d skipped", len(train_items), unit, len(val_items), unit, tok_report.truncated,
              cfg.cutoff_len, tok_report.dropped, data_report.skipped_identical)
-    rendering = describe_rendering(tokenizer, cfg.template, train_examples)  # said once, and in summary.json
+    rendering = describe_rendering(tokenizer, cfg.template, train_examples) if processor is None \
+        else vision.describe(processor)  # said once, and in summary.json
     log.info("rendering: %s", rendering_text(rendering))
     if not train_items:
         raise DataError(f"every training {unit[:-1]} was dropped: none fits cutoff_len={cfg.cutoff_len}; raise it")
@@ -124,7 +126,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     metrics.planned_steps = total_steps
     scheduler = make_scheduler(optimizer, cfg, total_steps)  # on the groups the prepared optimizer steps with
-    train_step = Step(cfg, engine)
+    train_step = Step(cfg, engine, processor)
     pad_id = tokenizer.pad_token_id
     train_reference = reference.on("train")
     eval_every = steps_per_epoch if cfg.eval_strategy == "epoch" else cfg.eval_steps or steps_per_epoch
@@ -133,7 +135,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     def evaluation(step: int) -> dict:  # fresh steps: an evaluation pass keeps no loss state of training's
         row = {}
         for name, items in eval_items.items():  # eval_* for the validation set, eval_<name>_* for the others
-            row.update(evaluate(Step(cfg, engine), policy_logps, reference.on(name), items,
+            row.update(evaluate(Step(cfg, engine, processor), policy_logps, reference.on(name), items,
                                 cfg.eval_batch_size, pad_id, engine,
                                 prefix="eval_" if name == "validation" else f"eval_{name}_"))
         if cfg.generate_during_eval and engine.is_main:  # what the policy writes now
@@ -267,7 +269,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     summary: dict = {}
     weights = engine.whole_weights(policy, loaded_dtypes=True)  # gathered where sharded; None: the policy holds them
     if engine.is_main:
-        final.save_final(policy, tokenizer, cfg, weights)
+        final.save_final(policy, tokenizer, cfg, weights, processor)
         summary = metrics.finish(total_steps=total_steps, steps_done=step, stopped_early=stopped_early,
                                  best=best, elapsed=time.time() - start_time)
         hub.push_final(cfg)

@@ -132,8 +132,10 @@ def _preftune_step(monkeypatch, policy, reference, batch, loss_type, beta, trl_l
 
     def get_batch_logps_as_trl(model, input_ids, attention_mask, completion_mask, chunk_size=1024,
                                return_hidden=False, ld_alpha=None, wpo=False, position_ids=None, sequence_lengths=None,
-                               score_index=None, score_rows=None, call_head=False, token_stats=False, router_aux=False):
+                               score_index=None, score_rows=None, call_head=False, token_stats=False, router_aux=False,
+                               media=None):
         assert not return_hidden and ld_alpha is None and not wpo and not router_aux  # no KL, LD-DPO, WPO, MoE here
+        assert media is None  # text pairs: no images
         assert not token_stats  # (logits/* and entropy: on logged steps only, not these)
         assert position_ids is None and sequence_lengths is None and score_index is None  # padded rows, as TRL's
         logps, lengths = get_batch_logps(model, input_ids, attention_mask, completion_mask, chunk_size)[:2]

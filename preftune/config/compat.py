@@ -42,7 +42,8 @@ ALIASES: dict[str, str] = {
 # Keys whose values are translated, not just renamed (`translate`).
 SPECIAL = ("mixed_precision",)
 
-_TEXT_ONLY = "images and videos are not supported: preftune trains text-only causal language models"
+_TEXT_ONLY = ("not supported yet: vision-language models train on images in TRL's data format at the size their processor "
+              "gives them, relative paths read from the data file's folder; no videos (docs/vision.md)")
 _OPTIMIZER = ("the optimizer is optim (AdamW, Adafactor, SGD, bitsandbytes' 8-bit AdamW); other optimizers are not "
               "built in")
 _SFT_LOSS = ("preftune sft minimises the negative log-likelihood of the completion tokens; other SFT losses are not "
@@ -113,9 +114,6 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
                                "micro-batch's sequences in one row without letting them attend to each other"),
     "use_reentrant_gc": ((None, False), "gradient checkpointing is non-reentrant by default; for the reentrant "
                                         "variant set gradient_checkpointing_kwargs: {use_reentrant: true}"),
-    "freeze_vision_tower": ((None, True), _TEXT_ONLY),
-    "freeze_multi_modal_projector": ((None, True), _TEXT_ONLY),
-    "freeze_language_model": ((None, False), _TEXT_ONLY),
     "image_max_pixels": ((None,), _TEXT_ONLY),
     "image_min_pixels": ((None,), _TEXT_ONLY),
     "video_max_pixels": ((None,), _TEXT_ONLY),

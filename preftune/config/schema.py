@@ -91,6 +91,9 @@ class TrainConfig:
     freeze_trainable_layers: int = ADAPTERS(2, "finetuning_type: freeze: train the last N layers (N > 0) or the first -N layers (N < 0); the rest is frozen.")
     freeze_trainable_modules: str = ADAPTERS("all", "finetuning_type: freeze: comma list of module names inside a layer to train (e.g. mlp,self_attn), or all.")
     freeze_extra_modules: str | None = ADAPTERS(None, "finetuning_type: freeze: comma list of modules outside the layers to train too, e.g. embed_tokens,norm.")
+    freeze_vision_tower: bool = ADAPTERS(True, "A vision-language model: its vision tower is not trained (full fine-tuning: frozen; lora: no adapters in it), as LLaMA-Factory. No effect on a text-only model (docs/vision.md).")
+    freeze_multi_modal_projector: bool = ADAPTERS(True, "A vision-language model: its multi-modal projector (image features into the language model) is not trained, as freeze_vision_tower. No effect on a text-only model.")
+    freeze_language_model: bool = ADAPTERS(False, "A vision-language model: its language model (and LM head) is not trained, only the parts whose freeze_* key is false. Refused for a text-only model.")
     quantization_bit: int | None = ADAPTERS(None, "Load the policy's base weights in 4 or 8 bits through bitsandbytes (QLoRA: needs finetuning_type: lora and a CUDA GPU).")
     save_adapter_only: bool | None = ADAPTERS(None, "finetuning_type: lora: true writes only the adapter (adapter_config.json, adapter_model.safetensors), false merged full weights; unset: merged for LoRA, the adapter for QLoRA (quantization_bit).")
 

@@ -45,18 +45,18 @@ class DataReport:
 def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, max_samples: int | None,
                 sft: bool = False, prompts: bool = False,
                 key: str = "dataset") -> list[PreferencePair | UnpairedExample]:
-    def convert(records, fmt=None):
+    def convert(records, fmt=None, base_dir=None):
         if not records:
             raise DataError(f"{key} '{name}': no records")
         return to_examples(records[:max_samples] if max_samples is not None else records, fmt,
-                           None if fmt else columns, sft, prompts)
+                           None if fmt else columns, sft, prompts, base_dir)
 
     info_path, info = read_info(dataset_dir)
     if name in info:
         return convert(*entry_records(name, info[name], info_path, dataset_dir, sft))
     for candidate in (Path(name), dataset_dir / name):
-        if candidate.is_file():
-            return convert(read_records(candidate))
+        if candidate.is_file():  # relative image paths are the file's folder's
+            return convert(read_records(candidate), base_dir=candidate.parent)
         if candidate.is_dir():
             return convert(read_hf(str(candidate), "train"))
     base, split = split_name(name)

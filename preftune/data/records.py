@@ -28,8 +28,10 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from preftune.data.images import vision_pair
 from preftune.errors import DataError
 
 
@@ -62,6 +64,9 @@ class PreferencePair:
     # how much better chosen is (TRL's `margin` column): a reward model (stage: rm) must separate the pair's
     # rewards by at least this much (`losses.reward_model_loss`); other stages do not read it
     margin: float | None = None
+    # TRL's vision format (data/images.py): the prompt's images, in placeholder order; `messages` then holds the
+    # prompt with {"type": "image"} content parts. None: a text record
+    images: list | None = None
 
 
 @dataclass
@@ -496,11 +501,14 @@ def _shape(rec: dict) -> str:
 
 
 def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns: dict[str, str] | None = None,
-                sft: bool = False, prompts: bool = False) -> list[PreferencePair | UnpairedExample]:
+                sft: bool = False, prompts: bool = False,
+                base_dir: Path | None = None) -> list[PreferencePair | UnpairedExample]:
     """Records -> examples. `fmt` comes from a dataset_info.json entry; `columns` (the config key)
     renames fields of plain files to the standard names first. sft: prompt/completion records of
     every SFT shape are read too, as pairs whose chosen is the completion. prompts: prompt-only
-    records too (for sampling; an empty completion is an answer, so training refuses them)."""
+    records too (for sampling; an empty completion is an answer, so training refuses them).
+    A record with `images` (or `image`) is TRL's vision format (data/images.py); `base_dir` is the folder
+    its relative image paths are read from."""
     out: list[PreferencePair | UnpairedExample] = []
     state: dict = {}  # the file's shape, decided by its first record
     for where, rec in records:
@@ -519,7 +527,12 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
         margin = _margin(rec, where) if fmt is None or fmt["ranking"] else None
         if margin is not None:
             rec = {k: v for k, v in rec.items() if k != "margin"}
-        if fmt is not None and fmt.get("kto_tag"):  # KTO data of dataset_info.json
+        if "images" in rec or "image" in rec:  # TRL's vision format: preference pairs only, for now
+            if fmt is not None or sft or prompts or "label" in rec:
+                raise DataError(f"{where}: images are read in TRL's vision preference format only (prompt, chosen, "
+                                "rejected, images) for now; not in dataset_info.json entries, SFT, KTO or prompt files")
+            out.append(vision_pair(rec, where, base_dir))
+        elif fmt is not None and fmt.get("kto_tag"):  # KTO data of dataset_info.json
             out.append(_kto_tagged(rec, where, fmt))
         elif fmt is not None and not fmt["ranking"]:  # an SFT entry of dataset_info.json
             out.append(_sft_pair(rec, where, fmt["formatting"], fmt["columns"], fmt["tags"]))

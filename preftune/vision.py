@@ -1,0 +1,190 @@
+"""Vision-language models (VLMs): DPO on pairs whose prompts hold images (docs/vision.md).
+
+    processor = load_processor(cfg)                         # None for a text-only model
+    items = tokenize_vision_pairs(processor, pairs, cfg, report)
+    batch = collate_vision(items, pad_id, index, processor=processor)   # + pixel_values, ...
+
+What changes against text pairs, and what does not:
+  * rendering and tokenizing: the processor's chat template renders the conversation with its
+    {"type": "image"} parts, and the processor turns each image placeholder into the model's image
+    tokens (LLaVA: one `<image>` becomes patches + 1 of them). The prompt and each prompt + completion
+    are processed whole; the completion starts where their ids part, so the boundary is exact as for
+    text (a token merged across it is completion, and counted). Image tokens are prompt tokens: never
+    in the completion mask, never in a log-prob.
+  * batches: the same [chosen; rejected] rows as `batching.collate`, plus the image processor's tensors
+    (pixel_values, and image_sizes etc. where it gives them) of each row's images in row order: each
+    pair's images twice, once per row, as TRL's collator does. Images are read when a batch is built.
+  * the forward: `logps.get_batch_logps` runs the model's whole multimodal backbone (vision tower,
+    projector, language model) on a batch with images, its language model alone on one without.
+
+One process, padded batches and a live reference (a frozen copy, ref_model, or a LoRA policy's adapter
+off); the rest is refused in one line (`check_config`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from preftune.adapters import is_vision_config
+from preftune.batching import collate
+from preftune.errors import ConfigError, DataError, ModelError
+from preftune.tokenization import TokenizedPair, TokenizeReport, prompt_messages, truncate_pair
+
+log = logging.getLogger("preftune")
+
+
+def is_processor(obj) -> bool:
+    """Whether what tokenizes the pairs is a vision-language model's processor (`load_processor`)."""
+    return getattr(obj, "image_processor", None) is not None
+
+
+def check_config(cfg) -> None:
+    """What this slice of VLM training does not do yet, refused before any model loads (docs/vision.md)."""
+    refused = [
+        (cfg.objective != "dpo", f"stage/pref_loss {cfg.objective}", "preference pairs (dpo) only"),
+        (cfg.padding_free, "padding_free", "image features are placed by the image tokens of padded rows"),
+        (cfg.prefix_sharing, "prefix_sharing", "the 4D mask of shared prompts is not passed to the vision "
+                                               "backbone"),
+        (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
+        (cfg.precompute_ref_log_probs, "precompute_ref_log_probs", "the precompute pass has no images"),
+        (bool(cfg.generate_during_eval), "generate_during_eval", "sampling with images is not built yet"),
+        (bool(cfg.fsdp) or bool(cfg.deepspeed), "fsdp / deepspeed", "one process only for now"),
+        (cfg.finetuning_type == "freeze", "finetuning_type: freeze", "its layer numbers would count the vision "
+                                          "tower's layers too; use full with the freeze_* keys, or lora"),
+    ]
+    for bad, key, why in refused:
+        if bad:
+            raise ConfigError(f"{key}: not with a vision-language model yet ({why}); remove it (docs/vision.md)")
+
+
+def load_processor(cfg):
+    """The model's processor (AutoProcessor) when model_name_or_path is a vision-language model, else None.
+    Its image processor is the PIL one where torchvision is missing (transformers chooses it)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - models.load_model says what is wrong with the folder, in one line
+        return None
+    if not is_vision_config(config):
+        return None
+    check_config(cfg)
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types (a missing torchvision among them)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "; it needs torchvision (pip install torchvision, built for your torch)" \
+            if "torchvision" in first.lower() or "VIDEO_PROCESSOR" in first else ""
+        raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': its processor does not load ({first})"
+                         f"{hint}") from None
+    if getattr(processor, "image_processor", None) is None or not getattr(processor, "image_token", None):
+        raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': a vision-language model whose processor "
+                         f"({type(processor).__name__}) has no image processor or image token; save the model's "
+                         "processor (processor_config.json) with it")
+    if cfg.template is not None:  # LLaMA-Factory's VLM configs name one (llava, qwen2_vl)
+        log.warning("template: %s is not used: a vision-language model's pairs are rendered by its processor's chat "
+                    "template", cfg.template)
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+@dataclass
+class VisionPair(TokenizedPair):
+    """A tokenized pair whose prompt holds images (data.images.ImageRef), in the order of its image tokens."""
+    images: list = field(default_factory=list)
+
+
+def _structured(messages: list[dict]) -> list[dict]:
+    """Every content as a list of parts, as TRL's prepare_multimodal_messages gives them to the template."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+             else m["content"]} for m in messages]
+
+
+def _ids(processor, text: str, images: list) -> list[int]:
+    """The ids of `text` with each image placeholder expanded into the model's image tokens."""
+    out = processor(text=[text], images=[images] if images else None, add_special_tokens=False)
+    return list(out["input_ids"][0])
+
+
+def encode_vision_pair(processor, pair, chat_kwargs: dict, report: TokenizeReport) -> VisionPair:
+    """The untruncated ids of a pair with images (module docstring: the boundary)."""
+    token = processor.image_token
+    messages = _structured(prompt_messages(pair))
+    prompt_text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **chat_kwargs)
+    images = [ref.load() for ref in pair.images or []]
+    written = prompt_text.count(token)
+    if written != len(images):  # a literal placeholder in the text, or a template that drops image parts
+        raise DataError(f"{pair.where}: the rendered prompt holds {written} image token(s) '{token}' for "
+                        f"{len(images)} image(s); remove '{token}' from the text (images are given as "
+                        "{\"type\": \"image\"} parts), or use the model's own chat template")
+    prompt_ids = _ids(processor, prompt_text, images)
+    sides = []
+    for name, completion in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        if token in completion:
+            raise DataError(f"{pair.where}: the {name} completion holds the image token '{token}'; a completion "
+                            "is text the model writes, remove it")
+        full_text = processor.apply_chat_template(
+            messages + [{"role": "assistant", "content": [{"type": "text", "text": completion}]}], tokenize=False,
+            **chat_kwargs)
+        ids = _ids(processor, full_text, images)
+        start = 0  # where the two part: the prompt is what both renderings share
+        while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
+            start += 1
+        if start < len(prompt_ids):
+            report.boundary_merges += 1
+        if start == 0 or start >= len(ids):
+            raise DataError(f"{pair.where}: the {name} completion produced no tokens after the prompt")
+        sides.append((ids, start))
+    (chosen_ids, chosen_start), (rejected_ids, rejected_start) = sides
+    return VisionPair(chosen_ids, chosen_start, rejected_ids, rejected_start, images=list(pair.images or []))
+
+
+def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | None = None) -> list[VisionPair]:
+    """Every pair (with images or text-only) through the processor, truncated to cutoff_len as text pairs
+    are; a cut that would drop image tokens is refused (the features would have no place), a pair with no
+    completion token left is dropped and counted as text pairs are. In order."""
+    report = report if report is not None else TokenizeReport()
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    chat_kwargs = dict(cfg.chat_template_kwargs or {})
+    out = []
+    for pair in pairs:
+        t = encode_vision_pair(processor, pair, {**chat_kwargs, **(pair.chat_template_kwargs or {})}, report)
+        cut = truncate_pair(t, cfg.cutoff_len, cfg.truncation_mode, cfg.max_prompt_length,
+                            processor.tokenizer.bos_token_id)
+        if cut is None:
+            report.dropped += 1
+            continue
+        if cut is not t:
+            report.truncated += 1
+            for ids, full in ((cut.chosen_ids, t.chosen_ids), (cut.rejected_ids, t.rejected_ids)):
+                if ids.count(image_id) != full.count(image_id):
+                    raise DataError(f"{pair.where}: cutoff_len {cfg.cutoff_len} (or max_prompt_length) cuts into "
+                                    f"its {full.count(image_id)} image tokens; raise cutoff_len to at least "
+                                    f"{max(len(t.chosen_ids), len(t.rejected_ids))}")
+            cut = VisionPair(cut.chosen_ids, cut.chosen_start, cut.rejected_ids, cut.rejected_start, True, t.images)
+        out.append(cut)
+    if report.boundary_merges:
+        log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
+                    "completion", report.boundary_merges, len(pairs))
+    return out
+
+
+def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,
+                   processor, multiple: int | None = None) -> dict:
+    """`batching.collate`'s rows (padded to a multiple of `multiple` where given), plus the image processor's
+    tensors of the rows' images in row order ([chosen; rejected]: each pair's images twice), none for a batch
+    without images."""
+    batch = collate(pairs, pad_token_id, index, multiple)
+    images = [ref.load() for p in pairs for ref in p.images] * 2
+    if images:
+        batch.update(processor.image_processor(images=images, return_tensors="pt"))
+    return batch
+
+
+def describe(processor) -> dict[str, str]:
+    """How pairs are rendered, for the log and summary.json (as tokenization.describe_rendering's)."""
+    return {"used": f"the processor's chat template ({type(processor).__name__})",
+            "why": "a vision-language model: its processor renders every pair, with or without images"}
+

@@ -197,10 +197,6 @@ def _validate_reward_model(cfg: TrainConfig) -> None:
         if values[name]:
             raise ConfigError(f"{name}: stage: rm scores padded rows through the model's own forward pass (the "
                               f"reward at each row's last token); remove {name}")
-    if cfg.fsdp or cfg.deepspeed:
-        key = "fsdp" if cfg.fsdp else "deepspeed"
-        raise ConfigError(f"{key}: stage: rm runs on one process or with DDP (several processes, a launcher and no "
-                          f"{key}); sharded reward models are not tested yet; remove {key}")
 
 
 def _validate_sync_ref_model(cfg: TrainConfig) -> None:

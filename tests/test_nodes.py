@@ -2,8 +2,9 @@
 2 --node_rank 0|1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:PORT`, or accelerate's `--num_machines 2
 --machine_rank 0|1`), as two machines of two devices run them, train as one run of four processes whose
 global batch is a one-process run's batch: the same logged rows and weights, for DDP, FSDP2 and ZeRO-3.
-`ddp_timeout` bounds how long the other processes wait for one that stopped answering (SIGSTOP) or died
-(SIGKILL), which then stop with one line naming the timeout; the last checkpoint resumes on the same layout.
+`ddp_timeout` bounds how long the other processes wait for one that stopped answering (SIGSTOP); one that
+died (SIGKILL) is noticed at once. They stop, each with one line naming the timeout or the closed connection,
+and the last checkpoint resumes on the same layout.
 The machine has 2 cores, so the 4 processes (one thread each) share them: slower, the same numbers."""
 
 import os

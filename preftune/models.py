@@ -123,14 +123,16 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
     kwargs = _load_kwargs(cfg, policy=what == "model_name_or_path")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        auto = auto_class(config)
+        auto, labels = auto_class(config), {}
         if cfg.stage == "rm" and what == "model_name_or_path":
             # a reward model: the backbone with a score head of one output (r(x, y)), as TRL's RewardTrainer and
             # LLaMA-Factory load it; from a causal LM checkpoint the head is new (initialised by seed), from a
             # reward model's folder it is read
-            auto, kwargs = AutoModelForSequenceClassification, {**kwargs, "num_labels": 1}
+            auto, labels = AutoModelForSequenceClassification, {"num_labels": 1}
         if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
-            return auto.from_pretrained(name, **kwargs, **(cfg.model_init_kwargs or {}))
+            return auto.from_pretrained(name, **kwargs, **labels, **(cfg.model_init_kwargs or {}))
+        if labels:  # (from_config takes no num_labels: the config carries it)
+            config.num_labels = 1
         return empty_model(config, kwargs, auto)
     except Exception as e:  # safetensors, torch, transformers (a missing optional package) raise many types
         raise _load_error(name, what, e) from None

@@ -9,7 +9,8 @@ imported as a library (sys.argv holds only its name while it loads). A reward mo
 sequence-classification model (one output): each prompt and completion are rendered through its
 own chat template (as a user and an assistant turn) when it has one, else joined as text, and its
 output is the score; one that `preftune rm` wrote is given the token ids its training would give the
-pair (its run's rendering: docs/reward-model.md). Every failure is one line naming the reward.
+pair (its run's rendering: docs/reward-model.md), and its LoRA adapter folder (save_adapter_only) is
+merged into its base first. Every failure is one line naming the reward.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from preftune.errors import ConfigError, ModelError
-from preftune.saved import model_run_config
+from preftune.saved import adapter_base, is_adapter, is_reward_model, merged_adapter, model_run_config
 
 
 def _load_function(spec: str):
@@ -70,9 +71,16 @@ def _load_function(spec: str):
 def _reward_model(name: str, batch_size: int = 8):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    folder = Path(name).expanduser()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name).eval()
+        if is_adapter(folder):  # a LoRA reward model's adapter (save_adapter_only): merged into its base
+            if not is_reward_model(folder):
+                raise ModelError(f"reward: '{name}' is the LoRA adapter of a causal LM, not of a reward model "
+                                 "(peft task_type SEQ_CLS, as preftune rm writes); give a reward model")
+            model = merged_adapter(folder, *adapter_base(folder, model_run_config(name)))
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(name).eval()
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"reward: cannot load the reward model '{name}': {first}. Check the id or folder (and "
@@ -84,7 +92,7 @@ def _reward_model(name: str, batch_size: int = 8):
     model.config.pad_token_id = tokenizer.pad_token_id
     run_cfg = model_run_config(name)
     if run_cfg is not None and run_cfg.stage == "rm":
-        return _trained_reward_model(model, tokenizer, run_cfg, Path(name).expanduser(), batch_size)
+        return _trained_reward_model(model, tokenizer, run_cfg, folder, batch_size)
 
     @torch.no_grad()
     def score(prompts: list[str], completions: list[str]) -> list[float]:
@@ -138,14 +146,20 @@ def _trained_reward_model(model, tokenizer, run_cfg, folder: Path, batch_size: i
 
 def _trained_on_conversations(folder: Path) -> bool:
     """Whether the reward model's training data were conversations only (messages, which a chat template
-    renders even with template unset), as its summary.json says; else its pairs were plain text."""
+    renders even with template unset), else plain text: the training examples per kind its run recorded
+    (summary.json's data.kinds). A folder written before that key existed is read from the rendering's
+    description, whose `why` names conversational data (and plain strings where there were some)."""
     import json
 
     try:
-        used = json.loads((folder / "rm_metrics" / "summary.json").read_text(encoding="utf-8"))["data"]["rendering"]
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads((folder / "rm_metrics" / "summary.json").read_text(encoding="utf-8"))["data"]
+        kinds = data.get("kinds")
+        if isinstance(kinds, dict):
+            return bool(kinds.get("conversational")) and not kinds.get("plain")
+        why = data["rendering"].get("why", "")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return "conversational data" in used.get("why", "") and "plain-string" not in used.get("why", "")
+    return "conversational data" in why and "plain-string" not in why
 
 
 def _numbers(scores, spec: str) -> list[float]:

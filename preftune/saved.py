@@ -4,6 +4,7 @@ read the models they are given through this; the reference a run trained against
 
     run_cfg = run_config(folder)                # its preftune_config.yaml, or None (model_run_config: by name)
     model = load_full(folder, run_cfg)          # as saved, or base + adapter merged in float32
+    is_reward_model(folder)                     # a sequence classifier (preftune rm's): loaded as one
     cfg = with_run_template(cfg, run_cfg)       # sampled and scored in the format it was trained in
 """
 
@@ -25,14 +26,37 @@ def is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
 
 
-def load_folder(folder: Path | str, dtype="auto", quantization_config=None, what: str = ""):
-    """A saved transformers model (a folder, or a hub id) in eval mode; a failure in one line naming it."""
-    from transformers import AutoModelForCausalLM
-
-    # quantization_config=None would override the one a quantized folder's config.json holds
-    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+def is_reward_model(folder: Path) -> bool:
+    """A sequence classifier (a `preftune rm` run's output, or any reward model): its config.json's
+    architectures end with ForSequenceClassification; a LoRA adapter folder: peft's task_type SEQ_CLS."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+        if is_adapter(folder):
+            return json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_folder(folder: Path | str, dtype="auto", quantization_config=None, what: str = "",
+                classifier: bool | None = None):
+    """A saved transformers model (a folder, or a hub id) in eval mode; a failure in one line naming it.
+    A causal LM, or a sequence classifier where `classifier` says so (None: where the folder is one,
+    `is_reward_model`; True on a causal LM checkpoint: one output, on a new head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if classifier is None:
+        classifier = Path(folder).expanduser().is_dir() and is_reward_model(Path(folder).expanduser())
+    auto, extra = AutoModelForCausalLM, {}
+    if classifier:
+        local = Path(folder).expanduser()
+        auto = AutoModelForSequenceClassification
+        extra = {} if local.is_dir() and is_reward_model(local) else {"num_labels": 1}
+    # quantization_config=None would override the one a quantized folder's config.json holds
+    if quantization_config is not None:
+        extra["quantization_config"] = quantization_config
+    try:
+        model = auto.from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load {what}'{folder}': {first}") from None
@@ -118,13 +142,25 @@ def merged_adapter(src: Path, base: str, earlier: list[str]):
     if looks_local and not Path(base).expanduser().is_dir():
         raise ModelError(f"MODEL '{src}' is a LoRA adapter on '{base}', which does not exist; put the base model "
                          f"there or fix base_model_name_or_path in {src / 'adapter_config.json'}")
-    model = load_folder(base, torch.float32, what=f"the base model of the LoRA adapter in '{src}', ")
+    # a reward model's adapter (peft's SEQ_CLS, `preftune rm`): base + a one-output head, which the adapter's
+    # trained copy of the head (modules_to_save) replaces
+    classifier = is_reward_model(src)
+    model = load_folder(base, torch.float32, what=f"the base model of the LoRA adapter in '{src}', ",
+                        classifier=classifier)
     model = with_adapters(model, earlier, "adapter_name_or_path (preftune_config.yaml)")
-    return with_adapters(model, [str(src)], "MODEL").eval()
+    model = with_adapters(model, [str(src)], "MODEL").eval()
+    if classifier:  # its score is read at the last non-pad token: the pad id its run set (models._checked_policy)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src if (src / "tokenizer_config.json").is_file() else base)
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+            tokenizer.eos_token_id
+    return model
 
 
 def load_full(folder: Path, run_cfg=None):
-    """A saved model as it is, or a LoRA adapter folder merged into its base (float32)."""
+    """A saved model as it is, or a LoRA adapter folder merged into its base (float32); a reward model's
+    as the sequence classifier it is."""
     if is_adapter(folder):
         return merged_adapter(folder, *adapter_base(folder, run_cfg))
     return load_folder(folder)

@@ -15,6 +15,7 @@ run (or is skipped, skip_nonfinite_steps) and SIGINT/SIGTERM stop it after the s
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -154,7 +155,10 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
             epoch, start = epoch + 1, 0
 
     metrics.data = {**vars(data_report), "truncated": tok_report.truncated, "dropped": tok_report.dropped,
-                    "boundary_merges": tok_report.boundary_merges, "rendering": rendering}
+                    "boundary_merges": tok_report.boundary_merges, "rendering": rendering,
+                    # training examples per kind, read back by what renders like this run (rewards.py)
+                    "kinds": dict(collections.Counter("conversational" if e.conversational else "plain"
+                                                      for e in train_examples))}
     if do_eval and resume_from is None:  # the baseline: where the reference itself stands
         metrics.log({"step": 0, "epoch": 0.0, **evaluation(0)})
     best, stopped_early = BestModel(cfg), False

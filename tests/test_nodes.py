@@ -1,12 +1,14 @@
-"""Several machines, tested on one: two torchrun launches of one process each (`--nnodes 2 --node_rank
-0|1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:PORT`), as two machines run them, train as one run
-whose per-device batch is the global one; `ddp_timeout` bounds how long a process waits for another
-that stopped answering (SIGSTOP) or died (SIGKILL), which then stops with one line naming it and the
-timeout; the last checkpoint resumes on the same layout. 2 nodes x 1 process rather than 2 x 2: the
-machine has 2 cores, and what differs between one machine and several (the rendezvous, ranks assigned
-across launches, a peer's connection lost) is all there with one process per node."""
+"""Several machines, tested on one: two launches of two processes each (`torchrun --nnodes 2 --nproc_per_node
+2 --node_rank 0|1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:PORT`, or accelerate's `--num_machines 2
+--machine_rank 0|1`), as two machines of two devices run them, train as one run of four processes whose
+global batch is a one-process run's batch: the same logged rows and weights, for DDP, FSDP2 and ZeRO-3.
+`ddp_timeout` bounds how long the other processes wait for one that stopped answering (SIGSTOP, the case
+that only the timeout ends: one that dies closes its connections); they stop, each with one line, and the
+last checkpoint resumes on the same layout. One lost process for all engines: the runs cost CI time.
+The machine has 2 cores, so the 4 processes (one thread each) share them: slower, the same numbers."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,18 +20,23 @@ import pytest
 import torch
 import yaml
 from paused import paused_preftune
-from test_distributed import ROOT, free_port, history, kill_tree, raw_config, same_histories, same_weights
+from test_distributed import ROOT, free_port, kill_tree, raw_config, same_histories, same_weights
 
 from preftune import train as train_mod
 from preftune.config import from_dict
 from preftune.engines import process_group_kwargs
 
 GENEROUS = 120  # seconds: a bound on a wait that the run ends by itself, far above what it takes
+MULTI_NODE = str(ROOT / "examples" / "accelerate" / "multi-node.yaml")
 
 
-def two_nodes(tmp_path: Path, raw: dict, name: str, script: str | None = None) -> list[subprocess.Popen]:
-    """Node 0 and node 1 of `torchrun --nnodes 2 --nproc_per_node 1 ... train <config>`, on loopback; each
-    launcher and its worker in a session of their own, its output in <name>.node<k>.log."""
+def two_nodes(tmp_path: Path, raw: dict, name: str, script: str | None = None,
+              launcher: str = "torchrun") -> list[subprocess.Popen]:
+    """Machine 0 and machine 1 of a 2 x 2 run of `train <config>` on loopback, each launcher and its two
+    workers in a session of their own, its output in <name>.node<k>.log: `torchrun --nnodes 2
+    --nproc_per_node 2 --node_rank k` (c10d: the rendezvous decides which machine has rank 0), or
+    `accelerate launch` with examples/accelerate/multi-node.yaml as a user runs it, `--machine_rank k`, on 4
+    CPU processes and this machine's address (static: machine 0 has rank 0)."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -37,11 +44,16 @@ def two_nodes(tmp_path: Path, raw: dict, name: str, script: str | None = None) -
     port = free_port()
     procs = []
     for node in (0, 1):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                   "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-                   *target, "train", str(config)]
+        if launcher == "torchrun":
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+                       "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+        else:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", MULTI_NODE,
+                       "--machine_rank", str(node), "--num_processes", "4", "--main_process_ip", "127.0.0.1",
+                       "--main_process_port", str(port), "--mixed_precision", "no"]
         log = (tmp_path / f"{name}.node{node}.log").open("w")
-        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen([*command, *target, "train", str(config)], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
 
@@ -54,8 +66,9 @@ def finished(procs: list[subprocess.Popen]) -> list[int]:
         raise
 
 
-def worker_rank(launcher: subprocess.Popen) -> tuple[int, int]:
-    """(pid, RANK) of the one worker a launcher started: the rendezvous, not --node_rank, decides its rank."""
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """{RANK: pid} of the workers a launcher started: the rendezvous, not --node_rank, decides their ranks."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher.pid:
@@ -64,20 +77,22 @@ def worker_rank(launcher: subprocess.Popen) -> tuple[int, int]:
         except (OSError, ValueError):
             continue
         if "RANK" in env:
-            return int(stat.parent.name), int(env["RANK"])
-    raise AssertionError(f"no worker under launcher {launcher.pid}")
+            found[int(env["RANK"])] = int(stat.parent.name)
+    assert len(found) == 2, f"workers under launcher {launcher.pid}: {found}"
+    return found
 
 
 OVER = {"save_steps": 2, "ddp_timeout": 20}
 ENGINES = {"ddp": {}, "fsdp2": {"fsdp": "full_shard"},
            "zero3": {"deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json")}}
+ROWS = [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7]  # logged steps: a row per step, evaluations at 0, 3, 6 and the end
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_model_dir) -> Path:
-    """The output folder of the run the two-node runs must equal: one process with the global batch (8)."""
+    """The output folder of the run the two-machine runs must equal: one process with the global batch (8)."""
     folder, threads = tmp_path_factory.mktemp("one_process"), torch.get_num_threads()
-    torch.set_num_threads(1)  # as each of the two processes runs
+    torch.set_num_threads(1)  # as each of the four processes runs
     try:
         train_mod.train(from_dict(raw_config(folder, tiny_model_dir, output_dir=str(folder / "one"), **OVER)))
     finally:
@@ -85,19 +100,40 @@ def one_process(tmp_path_factory, tiny_model_dir) -> Path:
     return folder / "one"
 
 
+def the_one_process_run(one: Path, out: Path, logs: str) -> None:
+    """Every logged row and the final weights of the 4-process run in `out` equal the one-process run's: the
+    two launches trained as one run with the global batch (2 per process; the epoch's last micro-batch, one
+    pair, leaves three processes without one)."""
+    assert "global batch 8 pairs per step = 2 per device x 1 accumulation x 4 processes" in logs
+    rows, _ = same_histories(one, out)
+    assert [r["step"] for r in rows] == ROWS
+    same_weights(one, out)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("engine,stop", [("ddp", signal.SIGSTOP), ("fsdp2", signal.SIGKILL), ("zero3", signal.SIGSTOP)],
-                         ids=["ddp-hung", "fsdp2-killed", "zero3-hung"])
-def test_two_nodes_equal_one_process_and_a_lost_process_stops_the_other_within_ddp_timeout(
-        tmp_path, tiny_model_dir, one_process, engine, stop):
-    """Each engine once, each launch used twice: stopped after checkpoint-2 (a process SIGSTOPped: it hangs,
-    which only the timeout ends; or SIGKILLed: its connection closes), then resumed on the same layout to
-    the end, every logged row and the final weights equal to a one-process run with the global batch."""
-    hung = stop == signal.SIGSTOP
+@pytest.mark.parametrize("engine,launcher", [("ddp", "accelerate"), ("fsdp2", "torchrun")])
+def test_two_machines_of_two_processes_equal_one_process(tmp_path, tiny_model_dir, one_process, engine, launcher):
+    """DDP through accelerate's multi-machine form (the example config unchanged but for the address, the
+    process count, 4 CPU processes rather than 16 GPUs, and the precision), FSDP2 through torchrun's: the rows
+    and weights of one process."""
     out = tmp_path / "two"
-    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(out), per_device_train_batch_size=4, **OVER,
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(out), per_device_train_batch_size=2, **OVER,
                      **ENGINES[engine])
-    script, go = paused_preftune(tmp_path, after_step=3)  # both processes held after step 3 (checkpoint-2 written)
+    assert finished(two_nodes(tmp_path, two, "run", launcher=launcher)) == [0, 0]
+    the_one_process_run(one_process, out, "".join((tmp_path / f"run.node{k}.log").read_text() for k in (0, 1)))
+
+
+@pytest.mark.slow
+def test_a_hung_process_stops_the_others_within_ddp_timeout_and_the_same_layout_resumes_to_one_process(
+        tmp_path, tiny_model_dir, one_process):
+    """ZeRO-3, the launch used twice: the last process SIGSTOPped after checkpoint-2 (it hangs, which only the
+    timeout ends; a process that dies closes its connections and is noticed at once: test_distributed.py),
+    then resumed on the same layout to the end, every logged row and the final weights equal to a one-process
+    run."""
+    out = tmp_path / "two"
+    two = raw_config(tmp_path, tiny_model_dir, output_dir=str(out), per_device_train_batch_size=2, **OVER,
+                     **ENGINES["zero3"])
+    script, go = paused_preftune(tmp_path, after_step=3)  # every process held after step 3 (checkpoint-2 written)
     nodes = two_nodes(tmp_path, two, "lost", script=script)
     try:
         deadline = time.monotonic() + 1800  # a hang guard only: the run waits for the test
@@ -105,38 +141,33 @@ def test_two_nodes_equal_one_process_and_a_lost_process_stops_the_other_within_d
                 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (out / "checkpoint-2").is_dir(), [p.poll() for p in nodes]
-        workers = [worker_rank(p) for p in nodes]
-        lost = next(k for k, (_, rank) in enumerate(workers) if rank == 1)
-        os.kill(workers[lost][0], stop)
-        go.touch()  # process 0 goes on into step 4, whose collectives process 1 never answers
+        ranks = [workers(p) for p in nodes]
+        lost = next(k for k in (0, 1) if 3 in ranks[k])  # the machine without rank 0 loses its process 3
+        os.kill(ranks[lost][3], signal.SIGSTOP)
+        go.touch()  # the others go on into step 4, whose collectives process 3 never answers
         survivor = nodes[1 - lost]
         survivor.wait(timeout=GENEROUS)  # TimeoutExpired: it hangs, which ddp_timeout is there to prevent
         assert survivor.returncode != 0
     finally:
         for p in nodes:
-            kill_tree(p)  # the lost process's launcher (its worker stopped or dead) and anything left
-    said = [line for line in (tmp_path / f"lost.node{1 - lost}.log").read_text().splitlines()
+            kill_tree(p)  # the lost machine's launcher (process 3 stopped) and anything left
+    # with four processes a line cannot name the one lost. The first to stop sees a timeout (nothing has closed
+    # yet); those after it may see the first one's connection close
+    said = [line for k in (0, 1) for line in (tmp_path / f"lost.node{k}.log").read_text().splitlines()
             if line.startswith("preftune:")]
-    if hung:
-        assert said == ["preftune: error: process 0 of 2 stopped: process 1 did not answer within ddp_timeout=20 s "
-                        "(it hangs, or its machine is unreachable). No final model was saved; the last checkpoint "
-                        f"is {out / 'checkpoint-2'} (resume_from_checkpoint: true continues from it, with 2 "
-                        "processes again)"]
-    else:
-        assert len(said) == 1 and "process 0 of 2 stopped: process 1 closed its connection (it died" in said[0]
+    one_line = re.compile(rf"preftune: error: process [012] of 4 stopped: one of the other 3 processes .+\. No final "
+                          rf"model was saved; the last checkpoint is {re.escape(str(out / 'checkpoint-2'))} "
+                          rf"\(resume_from_checkpoint: true continues from it, with 4 processes again\)")
+    assert said and all(one_line.fullmatch(s) for s in said), said
+    assert any("one of the other 3 processes did not answer within ddp_timeout=20 s (it hangs, or its machine is "
+               "unreachable)." in s for s in said), said
     assert not (out / "model.safetensors").exists()
 
-    # the same layout resumes from checkpoint-2 to the end; every logged row and the final weights equal the
-    # one-process run's: the two launches trained as one run with the global batch
     resumed = finished(two_nodes(tmp_path, {**two, "resume_from_checkpoint": True}, "resumed"))
     assert resumed == [0, 0]
     logs = "".join((tmp_path / f"{n}.node{k}.log").read_text() for n in ("lost", "resumed") for k in (0, 1))
-    assert "global batch 8 pairs per step = 4 per device x 1 accumulation x 2 processes" in logs
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in logs
-    rows, _ = same_histories(one_process, out)
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 7]
-    assert [r["step"] for r in history(out)] == [r["step"] for r in rows]
-    same_weights(one_process, out)
+    the_one_process_run(one_process, out, logs)
 
 
 def test_ddp_timeout_is_what_accelerate_passes_to_init_process_group(tmp_path):

@@ -51,18 +51,12 @@ def _load(name: str, cfg):
     """A model folder as it is (a LoRA adapter folder merged into its base) or a hub id; and the run
     config its folder holds, if any."""
     from preftune.models import load_model
-    from preftune.saved import is_adapter, load_full, run_config
+    from preftune.saved import load_full, run_config
 
     folder = Path(name).expanduser()
     if folder.is_dir():
         run_cfg = run_config(folder)
-        if run_cfg is not None and run_cfg.stage == "rm":  # a reward model: its score head, not an LM head
-            from transformers import AutoModelForSequenceClassification
-
-            if is_adapter(folder):
-                raise ConfigError(f"model_name_or_path '{name}': a reward model's LoRA adapter; evaluate it saved "
-                                  "merged (train it with save_adapter_only: false)")
-            return AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32").eval(), run_cfg
+        # (a reward model, LoRA adapter or not, loads as the sequence classifier it is: saved.is_reward_model)
         return load_full(folder, run_cfg).float().eval(), run_cfg
     return load_model(name, cfg).eval(), None
 

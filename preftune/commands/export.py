@@ -18,7 +18,9 @@ The export is written to a temporary folder beside OUT, loaded back from there a
 bytes before and after, and on held-out pairs (`--data`, else the held-out split of the run
 that wrote MODEL, read from its preftune_config.yaml) the log-prob drift between the original
 and the exported model and the preference accuracy of each, against the reference the run
-trained against (`models.load_reference`).
+trained against (`models.load_reference`). A reward model (`preftune rm`'s folder or LoRA adapter: a
+sequence classifier, `saved.is_reward_model`) is exported as one, and measured by its own rewards: the
+share of pairs with r(chosen) > r(rejected) before and after, and how far the rewards moved.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from typing import TYPE_CHECKING
 from preftune.config import TrainConfig, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.files import fresh_tmp_dir, replace_dir
-from preftune.saved import (adapter_base, is_adapter, load_folder, load_full, merged_adapter, run_config,
-                            with_run_template)
+from preftune.saved import (adapter_base, is_adapter, is_reward_model, load_folder, load_full, merged_adapter,
+                            run_config, with_run_template)
 
 if TYPE_CHECKING:  # for the annotations only: torch is imported where a function needs it, after the config is read
     import torch
@@ -182,6 +184,41 @@ def quality(original: torch.Tensor, exported: torch.Tensor, lengths: torch.Tenso
     }
 
 
+def pair_rewards(model, pairs: list, pad_id: int, batch_size: int) -> torch.Tensor:
+    """A reward model's r(x, y) (N, 2) float32, column 0 chosen, column 1 rejected, of N tokenized pairs,
+    read as its training reads them (`reward_model.RewardModule`)."""
+    import torch
+
+    from preftune.batching import collate
+    from preftune.evaluate import ordered_batches
+    from preftune.reward_model import RewardModule
+
+    scorer, rewards = RewardModule(model), torch.empty(len(pairs), 2)
+    with torch.no_grad():
+        for idx, batch in ordered_batches(pairs, batch_size, collate, pad_id):
+            rewards[idx] = scorer(batch["input_ids"], batch["attention_mask"]).cpu().view(2, len(idx)).T
+    return rewards
+
+
+def reward_quality(original: torch.Tensor, exported: torch.Tensor) -> dict:
+    """A reward model's pair accuracy (r(chosen) > r(rejected), a tie half, as training's
+    eval_rewards/accuracies) before and after, from (N, 2) [chosen, rejected] rewards, and how far the
+    rewards moved."""
+    from preftune.evaluate import accuracy
+
+    delta = (exported - original).abs()  # (N, 2)
+    margin_orig, margin_exp = original[:, 0] - original[:, 1], exported[:, 0] - exported[:, 1]
+    return {
+        "pairs": int(original.size(0)),
+        "accuracy_kind": "reward",
+        "accuracy_original": accuracy(original[:, 0], original[:, 1]).mean().item(),
+        "accuracy_exported": accuracy(exported[:, 0], exported[:, 1]).mean().item(),
+        "flipped_pairs": int((margin_orig * margin_exp < 0).sum()),
+        "reward_drift": delta.mean().item(),  # mean |delta r| over chosen and rejected
+        "reward_drift_max": delta.max().item(),
+    }
+
+
 # --- the command -----------------------------------------------------------------------------
 
 def _check_out(dest: Path, reads: list[tuple[str, str]], overwrite: bool) -> None:
@@ -235,7 +272,11 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
     src = _check_model_dir(model)
     run_cfg = run_config(src)
     merge = adapter_base(src, run_cfg) if is_adapter(src) else None  # (base, adapters merged into it first)
-    reference = [ref] if ref else run_reference(run_cfg)
+    reward_model = is_reward_model(src)  # measured by its own rewards: no reference
+    if reward_model and ref:
+        raise ConfigError(f"--ref: MODEL '{model}' is a reward model, measured by its own rewards on the pairs, "
+                          "with no reference; remove --ref")
+    reference = None if reward_model else [ref] if ref else run_reference(run_cfg)
     named = src if src.name else src.resolve()  # MODEL '.' has no name to derive the default from
     dest = Path(out).expanduser() if out else named.with_name(f"{named.name}-{dtype}")
     reads = [("MODEL", str(src))] + [("the reference", r) for r in reference or []]
@@ -281,6 +322,11 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
             tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len, rendered.template,
                                        chat_kwargs=rendered.chat_template_kwargs)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
+        if pairs and reward_model:
+            report["heldout"] = {"data": source, "reference": None, **reward_quality(
+                pair_rewards(load_folder(weights), tokenized, pad_id, batch_size),
+                pair_rewards(reloaded, tokenized, pad_id, batch_size))}
+        elif pairs:
             original, lengths = pair_logps(LogpsModule(load_folder(weights), cfg.logps_chunk_size), tokenized, pad_id,
                                            batch_size)
             after, _ = pair_logps(LogpsModule(reloaded, cfg.logps_chunk_size), tokenized, pad_id, batch_size)
@@ -317,12 +363,15 @@ def format_report(r: dict) -> str:
                      "'before' is that merged model")
     h = r.get("heldout")
     if h:
-        kind = "implicit reward vs " + h["reference"] if h["accuracy_kind"] == "implicit_reward" else "log-prob"
+        kind = {"implicit_reward": f"implicit reward vs {h['reference']}", "logps": "log-prob",
+                "reward": "the reward model's r(chosen) > r(rejected)"}[h["accuracy_kind"]]
         lines += [f"  held-out  {h['pairs']} pairs from {h['data']}",
                   f"  accuracy  {h['accuracy_original']:.1%} -> {h['accuracy_exported']:.1%} ({kind}; "
-                  f"{h['flipped_pairs']} pairs flipped)",
-                  f"  drift     mean |d log-prob| {h['logps_drift_per_sequence']:.4f} per sequence, "
-                  f"{h['logps_drift_per_token']:.5f} per token, max {h['logps_drift_max']:.4f}"]
+                  f"{h['flipped_pairs']} pairs flipped)"]
+        lines.append(f"  drift     mean |d reward| {h['reward_drift']:.4f}, max {h['reward_drift_max']:.4f}"
+                     if h["accuracy_kind"] == "reward" else
+                     f"  drift     mean |d log-prob| {h['logps_drift_per_sequence']:.4f} per sequence, "
+                     f"{h['logps_drift_per_token']:.5f} per token, max {h['logps_drift_max']:.4f}")
     else:
         lines.append("  held-out  none measured: pass --data PAIRS (MODEL has no preftune_config.yaml to take them from)")
     lines.append(f"  report    {Path(r['out']) / 'export_report.json'}")

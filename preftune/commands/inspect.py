@@ -9,6 +9,9 @@ Counts per source, length percentiles of prompt/chosen/rejected (tokens with --m
 characters), pairs the cutoff would truncate, duplicates, chosen == rejected, empty fields, the
 length bias (how often chosen is longer than rejected: a DPO model learns that bias too), and a
 few examples rendered exactly as training sees them, with the completion boundary marked.
+Pairs with images (docs/vision.md): how many images per pair, their sizes as the model gets them
+(after image_max_pixels / image_min_pixels), and with a vision-language --model the tokens its
+processor makes of each image; the pairs are then rendered and tokenized by its processor, as a run does.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections import Counter
 
 from preftune.config import TrainConfig, load_config, parse_command_line
 from preftune.data import PreferencePair, UnpairedExample, read_examples, source_of
+from preftune.data.images import image_options, text_of
 from preftune.errors import ConfigError, DataError
 from preftune.tokenization import (TokenizeReport, as_pair, describe_rendering, encode_pair, prompt_messages,
                                    rendering_text, setup_rendering, truncate_pair)
@@ -38,6 +42,33 @@ def _percentiles(values: list[int]) -> dict[str, float]:
     return out
 
 
+def _shown(content) -> str:
+    """A message's content as text, an image part as `<image>`."""
+    if isinstance(content, str):
+        return content
+    return "".join("<image>" if part["type"] == "image" else part["text"] for part in content)
+
+
+def _image_stats(pairs: list[PreferencePair], processor) -> dict:
+    """How many images the pairs hold, their sizes as the model gets them, and (processor given) the
+    image tokens the processor makes of each (one call per distinct image)."""
+    refs = [ref for p in pairs for ref in p.images or []]
+    per_pair = Counter(len(p.images or []) for p in pairs)
+    out = {"total": len(refs), "distinct": len(set(refs)),
+           "per_pair": {str(n): per_pair[n] for n in sorted(per_pair)},
+           "width": _percentiles([r.size[0] for r in refs]), "height": _percentiles([r.size[1] for r in refs])}
+    if processor is not None and refs:
+        image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        tokens = {}
+        for ref in refs:
+            if ref not in tokens:
+                ids = processor(text=[processor.image_token], images=[[ref.load()]], add_special_tokens=False)
+                tokens[ref] = list(ids["input_ids"][0]).count(image_id)
+        out["tokens_per_image"] = _percentiles([tokens[r] for r in refs])
+        out["image_tokens_per_pair"] = _percentiles([sum(tokens[r] for r in p.images or []) for p in pairs])
+    return out
+
+
 def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
     """The statistics of cfg.dataset as a dict (what --json prints): lengths in tokens of cfg's
     model_name_or_path when it is set (rendered and cut with cfg's template, cutoff_len,
@@ -49,19 +80,30 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
 
         cfg = with_run_template(cfg, model_run_config(model))
     examples = read_examples(cfg.dataset, cfg.dataset_dir, columns=cfg.columns, mix_strategy=cfg.mix_strategy,
-                             interleave_probs=cfg.interleave_probs, seed=cfg.seed, default_system=cfg.default_system)
+                             interleave_probs=cfg.interleave_probs, seed=cfg.seed, default_system=cfg.default_system,
+                             images=image_options(cfg))
     pairs = [e for e in examples if isinstance(e, PreferencePair)]
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
     sources = Counter(source_of(e.where) for e in examples)
     stats: dict = {"records": len(examples), "pairs": len(pairs), "unpaired": len(unpaired),
                    "sources": dict(sources), "unit": "tokens" if model else "characters"}
+    processor = None
     if model:
+        from preftune import vision
         from preftune.models import load_tokenizer
 
-        tokenizer = load_tokenizer(model, cfg.trust_remote_code)
+        processor = vision.load_processor(cfg)  # a vision-language model's renders every pair, as in a run
+        tokenizer = processor.tokenizer if processor else load_tokenizer(model, cfg.trust_remote_code)
         rendering = setup_rendering(tokenizer, cfg.template, cfg.chat_template_kwargs)
-        stats["rendering"] = describe_rendering(tokenizer, cfg.template, examples)  # what a run logs
+        stats["rendering"] = vision.describe(processor) if processor else \
+            describe_rendering(tokenizer, cfg.template, examples)  # what a run logs
         report = TokenizeReport()
+
+        def encode(pair):
+            if processor is not None:
+                return vision.encode_vision_pair(processor, pair, {**cfg.chat_template_kwargs,
+                                                                   **(pair.chat_template_kwargs or {})}, report)
+            return encode_pair(tokenizer, pair, rendering, report)
         unusable = []
 
         def encoded(items: list) -> tuple[list, list]:
@@ -70,7 +112,7 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
             kept, toks = [], []
             for item in items:
                 try:
-                    toks.append(encode_pair(tokenizer, as_pair(item), rendering, report))
+                    toks.append(encode(as_pair(item)))
                     kept.append(item)
                 except DataError as e:  # e.g. no prompt token left: the run would stop on it
                     unusable.append(str(e))
@@ -107,14 +149,14 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
         stats["boundary_merges"] = report.boundary_merges
         rendered = []
         for p, t in zip(pairs[:n_examples], toks):
-            rendered.append({"where": p.where,
+            rendered.append({"where": p.where, **({"images": len(p.images)} if p.images is not None else {}),
                              "chosen": tokenizer.decode(t.chosen_ids[:t.chosen_start]) + BOUNDARY
                              + tokenizer.decode(t.chosen_ids[t.chosen_start:]),
                              "rejected_completion": tokenizer.decode(t.rejected_ids[t.rejected_start:])})
     else:
         def prompt_chars(p: PreferencePair) -> int:
             turns = p.messages or [{"content": p.prompt}]
-            return len(p.system or "") + sum(len(m["content"]) for m in turns)
+            return len(p.system or "") + sum(len(text_of(m["content"])) for m in turns)  # images: not counted
 
         prompt = [prompt_chars(p) for p in pairs]
         chosen = [len(p.chosen) for p in pairs]
@@ -123,15 +165,18 @@ def inspect_data(cfg: TrainConfig, n_examples: int = 3) -> dict:
         unpaired_completion = [len(e.completion) for e in unpaired]
         rendered = []
         for p in pairs[:n_examples]:
-            text = "".join(f"[{m['role']}] {m['content']}\n" for m in prompt_messages(p))
-            rendered.append({"where": p.where, "chosen": f"{text}[assistant] {BOUNDARY}{p.chosen}",
+            text = "".join(f"[{m['role']}] {_shown(m['content'])}\n" for m in prompt_messages(p))
+            rendered.append({"where": p.where, **({"images": len(p.images)} if p.images is not None else {}),
+                             "chosen": f"{text}[assistant] {BOUNDARY}{p.chosen}",
                              "rejected_completion": p.rejected})
+    if any(p.images is not None for p in pairs):
+        stats["images"] = _image_stats(pairs, processor)
     stats["lengths"] = {"prompt": _percentiles(prompt), "chosen": _percentiles(chosen),
                         "rejected": _percentiles(rejected)}
     if unpaired:
         stats["lengths"].update({"unpaired prompt": _percentiles(unpaired_prompt),
                                  "unpaired completion": _percentiles(unpaired_completion)})
-    keys = [(p.system, json.dumps(p.messages), p.prompt, p.chosen, p.rejected) for p in pairs]
+    keys = [(p.system, json.dumps(p.messages), p.prompt, p.chosen, p.rejected, repr(p.images)) for p in pairs]
     stats["duplicates"] = len(keys) - len(set(keys))
     stats["chosen_equals_rejected"] = sum(p.chosen == p.rejected for p in pairs)
     stats["empty"] = {"prompt": sum(not p.prompt.strip() for p in pairs),
@@ -155,11 +200,21 @@ def format_report(stats: dict) -> str:
     lines += [f"  {n:6d}  {src}" for src, n in stats["sources"].items()]
     lines.append(f"lengths in {unit}" + ("" if unit == "tokens" else " (give --model for tokens)") + ":")
     cols = ["min", "mean"] + [f"p{p}" for p in PERCENTILES] + ["max"]
-    width = max(9, *(len(part) + 1 for part in stats["lengths"]))
+    width = max(9, *(len(part) + 1 for part in stats["lengths"]), 18 if "images" in stats else 0)
     lines.append("  " + " " * width + "".join(f"{c:>9s}" for c in cols))
     for part, pct in stats["lengths"].items():
         if pct:
             lines.append("  " + f"{part:{width}s}" + "".join(f"{pct[c]:>9}" for c in cols))
+    if "images" in stats:
+        im = stats["images"]
+        per_pair = ", ".join(f"{n} image{'s' if n != '1' else ''}: {k}" for n, k in im["per_pair"].items())
+        lines.append(f"images: {im['total']} ({im['distinct']} distinct); pairs with {per_pair}")
+        rows = [("width (px)", im["width"]), ("height (px)", im["height"])]
+        rows += [("tokens per image", im["tokens_per_image"]), ("image tokens/pair", im["image_tokens_per_pair"])] \
+            if "tokens_per_image" in im else []
+        for part, pct in rows:
+            if pct:
+                lines.append("  " + f"{part:{width}s}" + "".join(f"{pct[c]:>9}" for c in cols))
     if "rendering" in stats:
         lines.append(f"rendering: {rendering_text(stats['rendering'])}")
     if "truncated" in stats:
@@ -180,7 +235,8 @@ def format_report(stats: dict) -> str:
     lines.append(f"length bias: chosen longer in {b['chosen_longer']:.1%}, equal {b['equal']:.1%}, "
                  f"rejected longer {b['rejected_longer']:.1%}")
     for ex in stats["examples"]:
-        lines.append(f"--- {ex['where']} (completion starts at {BOUNDARY})")
+        images = f", {ex['images']} image(s)" if "images" in ex else ""
+        lines.append(f"--- {ex['where']}{images} (completion starts at {BOUNDARY})")
         lines.append(ex["chosen"])
         lines.append(f"--- rejected completion: {ex['rejected_completion']}")
     return "\n".join(lines)

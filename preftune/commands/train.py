@@ -52,6 +52,7 @@ def main(args: list[str], stage: str | None = None) -> int:
         from preftune.train import train  # heavy imports after the checks: a bad value fails fast
 
         summary = train(cfg)
+    _end_process_group()
     if not summary:  # a process other than the main one of a multi-process run: the main one reports
         return 0
     out = summary["outputs"]
@@ -74,3 +75,15 @@ def main(args: list[str], stage: str | None = None) -> int:
     print(f"metrics and curves:  {out['metrics']} (training_metrics.csv, training_curves.png, summary.json, "
           "log_history.json)")
     return 0
+
+
+def _end_process_group() -> None:
+    """After a run that ended well, every collective is done: the process group goes now, while the interpreter
+    is whole. Left to the interpreter's exit, gloo's worker threads can abort a process that finished
+    ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489), and its launcher then
+    reports the run failed (seen with 4 FSDP2 processes on CPU). Not after an error: another process may still
+    be in a collective, which the destruction would hang (as torchtitan found)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -42,8 +42,10 @@ ALIASES: dict[str, str] = {
 # Keys whose values are translated, not just renamed (`translate`).
 SPECIAL = ("mixed_precision",)
 
-_TEXT_ONLY = ("not supported yet: vision-language models train on images in TRL's data format at the size their processor "
-              "gives them, relative paths read from the data file's folder; no videos (docs/vision.md)")
+_NO_VIDEO = ("not supported: vision-language models train on images (image_max_pixels, image_min_pixels), not on "
+             "videos or audio (docs/vision.md)")
+_IMAGE_AS_GIVEN = ("not supported: an image reaches the processor whole, resized by image_max_pixels / image_min_pixels "
+                   "only (docs/vision.md)")
 _OPTIMIZER = ("the optimizer is optim (AdamW, Adafactor, SGD, bitsandbytes' 8-bit AdamW); other optimizers are not "
               "built in")
 _SFT_LOSS = ("preftune sft minimises the negative log-likelihood of the completion tokens; other SFT losses are not "
@@ -114,12 +116,10 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
                                "micro-batch's sequences in one row without letting them attend to each other"),
     "use_reentrant_gc": ((None, False), "gradient checkpointing is non-reentrant by default; for the reentrant "
                                         "variant set gradient_checkpointing_kwargs: {use_reentrant: true}"),
-    "image_max_pixels": ((None,), _TEXT_ONLY),
-    "image_min_pixels": ((None,), _TEXT_ONLY),
-    "video_max_pixels": ((None,), _TEXT_ONLY),
-    "video_min_pixels": ((None,), _TEXT_ONLY),
-    "video_fps": ((None,), _TEXT_ONLY),
-    "video_maxlen": ((None,), _TEXT_ONLY),
+    "video_max_pixels": ((None,), _NO_VIDEO),
+    "video_min_pixels": ((None,), _NO_VIDEO),
+    "video_fps": ((None,), _NO_VIDEO),
+    "video_maxlen": ((None,), _NO_VIDEO),
     "ray_run_name": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
     "runtime_env": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
     "env_vars": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
@@ -130,7 +130,6 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
     "placement_strategy": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
     "ray_init_kwargs": ((None,), f"Ray is not supported; {_ONE_PROCESS_GROUP}"),
     # LLaMA-Factory's data arguments
-    "media_dir": ((None,), _TEXT_ONLY),
     "eval_num_beams": ((None,), "evaluation scores pairs; generation (preftune sample, generate_during_eval) samples, "
                                 "without beam search"),
     "ignore_pad_token_for_loss": ((None, True), "padding is never part of a loss"),
@@ -222,10 +221,10 @@ NOT_HONOURED: dict[str, tuple[tuple, str]] = {
                                           "to inspect it"),
     "quantization_type": ((None, "nf4"), "QLoRA loads 4-bit weights as nf4"),
     "quantization_device_map": ((None,), "each process loads its quantized model on its own GPU"),
-    "image_do_pan_and_scan": ((None, False), _TEXT_ONLY),
-    "crop_to_patches": ((None, False), _TEXT_ONLY),
-    "use_audio_in_video": ((None, False), _TEXT_ONLY),
-    "audio_sampling_rate": ((None, 16000), _TEXT_ONLY),
+    "image_do_pan_and_scan": ((None, False), _IMAGE_AS_GIVEN),
+    "crop_to_patches": ((None, False), _IMAGE_AS_GIVEN),
+    "use_audio_in_video": ((None, False), _NO_VIDEO),
+    "audio_sampling_rate": ((None, 16000), _NO_VIDEO),
 }
 
 

@@ -118,7 +118,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
 # reader (transformers, datasets, the existence checks) sees the same path; set to "" (an unset shell
 # variable) they are refused rather than read as unset or as the current folder.
 PATH_KEYS = ("model_name_or_path", "ref_model", "adapter_name_or_path", "ref_model_adapters", "dataset",
-             "dataset_dir", "eval_dataset", "prompts", "output_dir", "reward", "ref_logps_cache_dir",
+             "dataset_dir", "media_dir", "eval_dataset", "prompts", "output_dir", "reward", "ref_logps_cache_dir",
              "tokenized_cache_dir", "resume_from_checkpoint")
 
 

@@ -130,6 +130,9 @@ class TrainConfig:
     # --- data (preftune/data.py, docs/data.md) ---
     dataset: str | None = DATA(None, "Comma list of dataset names from <dataset_dir>/dataset_info.json, files (JSON, JSONL, CSV, Parquet), save_to_disk folders, or hub ids; folders and hub ids take an optional :split.")
     dataset_dir: str = DATA("data", "Folder holding dataset_info.json and the files it names.")
+    media_dir: str | None = DATA(None, "Folder that relative image paths are read from (LLaMA-Factory's key). Unset: LLaMA-Factory-format data (an images column, <image> placeholders) reads them from dataset_dir, falling back to the path as written, as LLaMA-Factory; TRL-format data from the data file's folder (docs/vision.md).")
+    image_max_pixels: int | None = DATA(None, "Images of more pixels are scaled down to this many, keeping their aspect ratio, once when the data is read (LLaMA-Factory's key and rule). Unset: LLaMA-Factory's 768*768 for data in its format, no bound for TRL's format (TRL does not resize).")
+    image_min_pixels: int | None = DATA(None, "Images of fewer pixels are scaled up to this many, as image_max_pixels. Unset: LLaMA-Factory's 32*32 for data in its format, no bound for TRL's format.")
     eval_dataset: str | dict[str, str] | None = DATA(None, "Validation data, same forms as `dataset`; overrides val_size. A mapping of names to data ({in_domain: a.jsonl, ood: b.jsonl}) evaluates several sets: the first is the validation set (eval_* metrics, early stopping), each other one is logged as eval_<name>_*.")
     val_size: float = DATA(0.0, "Held-out share (0..1) or count (>= 1) of the training pairs used for validation.")
     columns: dict[str, str] | None = DATA(None, "Field names of your data for the standard ones, e.g. {prompt: question, chosen: good, rejected: bad} (files and hub datasets; dataset_info.json entries have their own).")

@@ -37,7 +37,7 @@ BOUNDS: dict[str, str] = {
     "ref_model_mixup_alpha": "(0, 1]", "ref_model_sync_steps": "[1, inf)", "router_aux_loss_coef": "[0, inf)",
     "center_rewards_coefficient": "[0, inf)",
     # data
-    "val_size": "[0, inf)", "max_samples": "[1, inf)", "cutoff_len": "[2, inf)", "max_prompt_length": "[1, inf)",
+    "val_size": "[0, inf)", "max_samples": "[1, inf)", "image_max_pixels": "[1, inf)", "image_min_pixels": "[1, inf)", "cutoff_len": "[2, inf)", "max_prompt_length": "[1, inf)",
     "preprocessing_num_workers": "[1, inf)", "pad_to_multiple_of": "[1, inf)",
     # optimisation
     "per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",
@@ -198,10 +198,6 @@ def _validate_reward_model(cfg: TrainConfig) -> None:
         if values[name]:
             raise ConfigError(f"{name}: stage: rm scores padded rows through the model's own forward pass (the "
                               f"reward at each row's last token); remove {name}")
-    if cfg.fsdp or cfg.deepspeed:
-        key = "fsdp" if cfg.fsdp else "deepspeed"
-        raise ConfigError(f"{key}: stage: rm runs on one process or with DDP (several processes, a launcher and no "
-                          f"{key}); sharded reward models are not tested yet; remove {key}")
 
 
 def _validate_sync_ref_model(cfg: TrainConfig) -> None:
@@ -245,6 +241,12 @@ def _validate_data_and_schedule(cfg: TrainConfig) -> None:
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":
         raise ConfigError("early_stopping_patience needs evaluation; remove eval_strategy: no")
     _validate_mix(cfg)
+    # LLaMA-Factory's check, on its defaults (768*768, 32*32) where a key is unset
+    max_pixels, min_pixels = cfg.image_max_pixels or 768 * 768, cfg.image_min_pixels or 32 * 32
+    if (cfg.image_max_pixels or cfg.image_min_pixels) and max_pixels < min_pixels:
+        raise ConfigError(f"image_max_pixels {max_pixels} is smaller than image_min_pixels {min_pixels}"
+                          f"{'' if cfg.image_max_pixels and cfg.image_min_pixels else ' (LLaMA-Factory default)'}; "
+                          "raise image_max_pixels or lower image_min_pixels")
     if cfg.mask_history is False and cfg.stage == "sft":
         raise ConfigError("mask_history: false trains LLaMA-Factory's sft on every assistant turn; preftune sft trains "
                           "on the final assistant turn only (mask_history: true): remove mask_history, or make a "

@@ -13,8 +13,9 @@ A dataset entry (in `dataset` / `eval_dataset`, comma-separated) is one of
 
 One module per step, each importing only those before it:
   readers.py   files -> [(where, record)]: formats, compression, encodings, malformed lines
+  images.py    images of a pair (TRL's and LLaMA-Factory's formats): checked, resized, ImageRefs
   records.py   records -> PreferencePair / UnpairedExample: every record shape (standard, TRL
-               conversational, UltraFeedback, hh-rlhf, alpaca, sharegpt, KTO, SFT)
+               conversational, UltraFeedback, hh-rlhf, alpaca, sharegpt, KTO, SFT, with images)
   registry.py  dataset_info.json entries: file or hub source, formatting, columns, tags
   load.py      entries -> checked examples: max_samples, shuffle, validation split, eval sets
 Every problem names the file, the line (JSONL), row (CSV) or record index, the field, what was

@@ -1,6 +1,9 @@
-"""Preference pairs with images: TRL's vision format, read into `PreferencePair`s whose `images` are checked.
+"""Preference pairs with images, in TRL's or LLaMA-Factory's format, read into `PreferencePair`s whose
+`images` are checked.
 
-    pair = vision_pair(record, "pairs.jsonl:3", base_dir=Path("data"))   # records.to_examples calls it
+    pair = vision_pair(record, "pairs.jsonl:3", base_dir=Path("data"))          # TRL's format
+    pair = llamafactory_pair(text_pair, record["images"], where, "images", options)  # LLaMA-Factory's
+    options = image_options(cfg)     # media_dir, image_max_pixels, image_min_pixels
 
 A record is TRL's vision preference format: `images` (a list; `image`: one) beside a conversational
 `prompt` and `chosen` / `rejected`. A message's `content` is a string or a list of parts,
@@ -15,12 +18,29 @@ image, a truncated image, or a placeholder count that differs from the image cou
 the record and the file, before any model loads; the images are then held as `ImageRef`s, opened
 again when a batch needs their pixels (as TRL's collator does), and known to fingerprints by their
 pixels (`ImageRef.digest`), so a cache or a resume keyed by the data is keyed by the images too.
+
+LLaMA-Factory's format (its data/README.md, mllm_demo.json, rlhf_v): a sharegpt or alpaca record with an
+`images` column (a list of paths, or one) and `<image>` placeholders in its messages' text, each taking
+the next image. `records.py` reads the record as text first (tags, history, system); `llamafactory_pair`
+then turns each `<image>` into an image part, so the pair is the one TRL's format gives and training
+does not know which format it came from. Relative paths are read as LLaMA-Factory's converter reads them
+(data/converter.py `_find_medias`): `media_dir/path` where that file exists (media_dir defaults to
+dataset_dir), else the path as written (from the current folder).
+
+Resizing (LLaMA-Factory's mm_plugin `_preprocess_image`): an image of more than image_max_pixels pixels
+is scaled down, one of fewer than image_min_pixels scaled up, keeping its aspect ratio (each side
+times sqrt(bound / (width * height)), rounded down), then converted to RGB. LLaMA-Factory does this to
+every image with its defaults (768 * 768 and 32 * 32); here its format gets those defaults, TRL's
+format (which TRL does not resize) only the bounds a config sets. The size is decided, and the digest
+taken, once when the data is read; a file's pixels are decoded and resized again when a batch needs them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,25 +48,69 @@ from typing import Any
 from preftune.errors import DataError
 
 ROLES = ("system", "user", "assistant")
+IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's (extras/constants.py)
+LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS = 768 * 768, 32 * 32  # its defaults (hparams/model_args.py)
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Where relative image paths are read from, and the pixel bounds images are resized into: the config's
+    dataset_dir, media_dir, image_max_pixels and image_min_pixels (`image_options`)."""
+    dataset_dir: str = "data"
+    media_dir: str | None = None
+    max_pixels: int | None = None
+    min_pixels: int | None = None
+
+    def bounds(self, llamafactory: bool) -> tuple[int | None, int | None] | None:
+        """(max, min) pixels of an image, None where unbounded; None: not resized. A key left unset is
+        LLaMA-Factory's default for its format, no bound for TRL's (module docstring)."""
+        if not llamafactory and self.max_pixels is None and self.min_pixels is None:
+            return None
+        if not llamafactory:
+            return self.max_pixels, self.min_pixels
+        return (LLAMAFACTORY_MAX_PIXELS if self.max_pixels is None else self.max_pixels,
+                LLAMAFACTORY_MIN_PIXELS if self.min_pixels is None else self.min_pixels)
+
+
+def image_options(cfg) -> ImageOptions:
+    """The config's image keys (media_dir, image_max_pixels, image_min_pixels) for the readers."""
+    return ImageOptions(cfg.dataset_dir, cfg.media_dir, cfg.image_max_pixels, cfg.image_min_pixels)
+
+
+def resize(image, max_pixels: int | None, min_pixels: int | None):
+    """LLaMA-Factory's mm_plugin `_preprocess_image`: scaled into [min_pixels, max_pixels] keeping the aspect
+    ratio (sides rounded down, PIL's default filter), then RGB."""
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        image = _scaled(image, max_pixels)
+    if min_pixels is not None and image.width * image.height < min_pixels:
+        image = _scaled(image, min_pixels)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _scaled(image, pixels: int):
+    factor = math.sqrt(pixels / (image.width * image.height))
+    return image.resize((int(image.width * factor), int(image.height * factor)))
 
 
 @dataclass(frozen=True, eq=False)
 class ImageRef:
     """One image of a pair: where its pixels come from (a file path, or the image itself), and a digest of
     its content that stands for it in fingerprints (its repr), so equal images hash alike wherever they live."""
-    source: Any  # str: a file path; else a PIL image
+    source: Any  # str: a file path; else a PIL image (already resized)
     digest: str
-    size: tuple[int, int]  # (width, height)
+    size: tuple[int, int]  # (width, height), as the model gets it (after `resize`)
+    bounds: tuple | None = None  # a file's (max, min) pixels for `resize`; None: not resized
 
     def load(self):
-        """The PIL image, decoded (a file is read again: images are not held in memory between batches)."""
+        """The PIL image, decoded and resized (a file is read again: images are not held in memory between
+        batches)."""
         if not isinstance(self.source, str):
             return self.source
         from PIL import Image
 
         with Image.open(self.source) as image:
             image.load()
-            return image
+        return resize(image, *self.bounds) if self.bounds else image
 
     def __repr__(self) -> str:
         return f"image:{self.digest}"
@@ -58,26 +122,49 @@ class ImageRef:
         return hash(self.digest)
 
 
-def image_ref(value: Any, where: str, index: int, base_dir: Path | None) -> ImageRef:
-    """`value` (a path, a PIL image, or {"bytes", "path"}) as a checked `ImageRef`; one line naming the
-    record and the file otherwise."""
+def _trl_path(value: str, what: str, base_dir: Path | None, media_dir: str | None) -> Path:
+    """TRL's format: a relative path is media_dir's where that is set, else the data file's folder's."""
+    path = Path(value).expanduser()
+    folder = Path(media_dir).expanduser() if media_dir else base_dir
+    if not path.is_absolute() and folder is not None:
+        path = folder / path
+    if not path.is_file():
+        raise DataError(f"{what}: no such file '{path}'" + (
+            "" if Path(value).is_absolute() else f" (a relative path is read from media_dir '{media_dir}')"
+            if media_dir else " (a relative path is read from the data file's folder)")
+            + "; fix the path or add the file")
+    return path
+
+
+def _llamafactory_path(value: str, what: str, media_dir: str) -> Path:
+    """LLaMA-Factory's converter: media_dir/value where that file exists, else value as written."""
+    for path in (Path(media_dir).expanduser() / value, Path(value).expanduser()):
+        if path.is_file():
+            return path
+    raise DataError(f"{what}: no such file '{value}' (looked in media_dir '{media_dir}', then from the current "
+                    "folder, as LLaMA-Factory does); fix the path, add the file, or set media_dir to the images' "
+                    "folder")
+
+
+def image_ref(value: Any, where: str, index: int, base_dir: Path | None, options: ImageOptions | None = None,
+              llamafactory: bool = False) -> ImageRef:
+    """`value` (a path, a PIL image, or {"bytes", "path"}) as a checked `ImageRef`, resized by `options`'
+    bounds for the format; one line naming the record and the file otherwise."""
     from PIL import Image, UnidentifiedImageError
 
+    options = options or ImageOptions()
+    bounds = options.bounds(llamafactory)
     what = f"{where}: image {index}"
     if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
         value = value["path"]  # the datasets Image feature, by path
     if isinstance(value, str):
-        path = Path(value).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        if not path.is_file():
-            raise DataError(f"{what}: no such file '{path}'" + (
-                " (a relative path is read from the data file's folder)" if not Path(value).is_absolute() else "")
-                + "; fix the path or add the file")
+        path = _llamafactory_path(value, what, options.media_dir or options.dataset_dir) if llamafactory else \
+            _trl_path(value, what, base_dir, options.media_dir)
         data, name = path.read_bytes(), str(path)
     elif isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
         data, name = bytes(value["bytes"]), value.get("path") or "(embedded bytes)"
     elif isinstance(value, Image.Image):
+        value = resize(value, *bounds) if bounds else value
         return ImageRef(value, _digest(value), value.size)
     else:
         raise DataError(f"{what} is {type(value).__name__}; expected a file path, a PIL image or "
@@ -88,8 +175,10 @@ def image_ref(value: Any, where: str, index: int, base_dir: Path | None) -> Imag
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{what} '{name}' is not a readable image ({reason}); replace or remove it") from None
-    # a file is read again for each batch; embedded bytes are held decoded, as a PIL image
-    return ImageRef(name if isinstance(value, str) else image, _digest(image), image.size)
+    image = resize(image, *bounds) if bounds else image
+    # a file is read (and resized) again for each batch; embedded bytes are held decoded, as a PIL image
+    return ImageRef(name, _digest(image), image.size, bounds) if isinstance(value, str) else \
+        ImageRef(image, _digest(image), image.size)
 
 
 def _digest(image) -> str:
@@ -154,7 +243,7 @@ def _completion(value: Any, where: str, field: str) -> str:
     return text_of(msgs[0]["content"])
 
 
-def vision_pair(rec: dict, where: str, base_dir: Path | None):
+def vision_pair(rec: dict, where: str, base_dir: Path | None, options: ImageOptions | None = None):
     """A TRL vision record as a `PreferencePair` with `images` (the module docstring)."""
     from preftune.data.records import PreferencePair
 
@@ -170,7 +259,7 @@ def vision_pair(rec: dict, where: str, base_dir: Path | None):
     messages = _messages(rec["prompt"], where, "prompt")
     chosen, rejected = _completion(rec.get("chosen"), where, "chosen"), _completion(rec.get("rejected"), where,
                                                                                        "rejected")
-    refs = [image_ref(value, where, i, base_dir) for i, value in enumerate(images)]
+    refs = [image_ref(value, where, i, base_dir, options) for i, value in enumerate(images)]
     if not any(isinstance(m["content"], list) for m in messages):
         # TRL's rule for string contents: the images go in front of the first user turn
         first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
@@ -192,3 +281,43 @@ def vision_pair(rec: dict, where: str, base_dir: Path | None):
         raise DataError(f"{where}: the prompt must end on the user turn that chosen/rejected answer")
     return PreferencePair(prompt=text_of(messages[-1]["content"]), chosen=chosen, rejected=rejected, system=system,
                           where=where, messages=messages, conversational=True, images=refs)
+
+
+def _split_placeholders(text: str) -> str | list[dict]:
+    """A message's text with LLaMA-Factory's `<image>` placeholders as image parts between its text parts;
+    a text without one unchanged."""
+    if IMAGE_PLACEHOLDER not in text:
+        return text
+    parts: list[dict] = []
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def llamafactory_pair(pair, value: Any, where: str, column: str, options: ImageOptions | None):
+    """A pair read from a LLaMA-Factory sharegpt or alpaca record (records.py, as text) with its `images`
+    column's `value` (a list, or one image): each `<image>` placeholder of its messages becomes an image part,
+    in order, and the images are checked and resized (the module docstring). A record without images stays
+    text-only, in the same form."""
+    images = [] if value is None else value if isinstance(value, list) else [value]
+    if pair.tools or pair.chosen_messages or pair.rejected_messages:
+        raise DataError(f"{where}: tool definitions or function calls in a record with an '{column}' column are not "
+                        "supported yet; remove them, or the images")
+    for name, text in (("system prompt", pair.system or ""), ("chosen answer", pair.chosen),
+                       ("rejected answer", pair.rejected)):
+        if IMAGE_PLACEHOLDER in text:
+            raise DataError(f"{where}: the {name} holds '{IMAGE_PLACEHOLDER}'; images belong in the user turns (a "
+                            "completion is what the model writes)")
+    turns = pair.messages if pair.messages is not None else [{"role": "user", "content": pair.prompt}]
+    messages = [{**m, "content": _split_placeholders(m["content"])} for m in turns]
+    placeholders = _placeholders(messages)
+    if placeholders != len(images):
+        raise DataError(f"{where}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) in the messages but "
+                        f"{len(images)} image(s) in '{column}'; give one image per placeholder, in order (as "
+                        "LLaMA-Factory requires)")
+    refs = [image_ref(v, where, i, None, options, llamafactory=True) for i, v in enumerate(images)]
+    return dataclasses.replace(pair, prompt=text_of(messages[-1]["content"]), messages=messages,
+                               conversational=True, images=refs)

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preftune.data.images import ImageOptions, image_options
 from preftune.data.readers import read_hf, read_records
 from preftune.data.records import PreferencePair, UnpairedExample, to_examples
 from preftune.data.registry import entry_records, read_info, split_name
@@ -43,13 +44,13 @@ class DataReport:
 
 
 def _read_entry(name: str, dataset_dir: Path, columns: dict[str, str] | None, max_samples: int | None,
-                sft: bool = False, prompts: bool = False,
-                key: str = "dataset") -> list[PreferencePair | UnpairedExample]:
+                sft: bool = False, prompts: bool = False, key: str = "dataset",
+                images: ImageOptions | None = None) -> list[PreferencePair | UnpairedExample]:
     def convert(records, fmt=None, base_dir=None):
         if not records:
             raise DataError(f"{key} '{name}': no records")
         return to_examples(records[:max_samples] if max_samples is not None else records, fmt,
-                           None if fmt else columns, sft, prompts, base_dir)
+                           None if fmt else columns, sft, prompts, base_dir, images)
 
     info_path, info = read_info(dataset_dir)
     if name in info:
@@ -105,13 +106,17 @@ def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
                   columns: dict[str, str] | None = None, sft: bool = False,
                   prompts: bool = False, key: str = "dataset", mix_strategy: str = "concat",
                   interleave_probs: list[float] | None = None, seed: int = 42,
-                  default_system: str | None = None) -> list[PreferencePair | UnpairedExample]:
+                  default_system: str | None = None,
+                  images: ImageOptions | None = None) -> list[PreferencePair | UnpairedExample]:
     """All examples (pairs and unpaired) of a comma list of dataset entries, in order (sft: SFT
     records too, as pairs whose chosen is the completion; prompts: prompt-only records too), or mixed
     by `mix_strategy`; `default_system` is the system prompt of those that have none. `key`: the
-    config key that named them, for the errors."""
+    config key that named them, for the errors. images: where relative image paths are read from and the
+    pixel bounds (the config's media_dir, image_max_pixels, image_min_pixels; default: dataset_dir, none set)."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    sources = [_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts, key) for name in names]
+    images = images or ImageOptions(dataset_dir)
+    sources = [_read_entry(name, Path(dataset_dir), columns, max_samples, sft, prompts, key, images)
+               for name in names]
     mixed = mix(sources, mix_strategy, interleave_probs, seed)
     if mix_strategy != "concat" and len(sources) > 1:
         log.info("%s: %s of %s (%s examples) gives %d examples", key, mix_strategy, ", ".join(names),
@@ -124,13 +129,15 @@ def read_examples(spec: str, dataset_dir: str, max_samples: int | None = None,
 def read_dataset(spec: str, dataset_dir: str, max_samples: int | None = None,
                  columns: dict[str, str] | None = None, allow_unpaired: bool = False,
                  sft: bool = False, mix_strategy: str = "concat", interleave_probs: list[float] | None = None,
-                 seed: int = 42, default_system: str | None = None) -> list[PreferencePair]:
+                 seed: int = 42, default_system: str | None = None,
+                 images: ImageOptions | None = None) -> list[PreferencePair]:
     """All preference pairs of a comma list of dataset entries (mixed by mix_strategy); unpaired data
     is refused unless allow_unpaired (pref_loss: kto), which returns pairs and unpaired examples in
     order. sft: SFT records too (prompt/completion, messages, alpaca output, sharegpt), and preference
     pairs train on their chosen."""
     examples = read_examples(spec, dataset_dir, max_samples, columns, sft, mix_strategy=mix_strategy,
-                             interleave_probs=interleave_probs, seed=seed, default_system=default_system)
+                             interleave_probs=interleave_probs, seed=seed, default_system=default_system,
+                             images=images)
     unpaired = [e for e in examples if isinstance(e, UnpairedExample)]
     if unpaired and sft:
         raise DataError(f"{unpaired[0].where}: labelled (KTO-style) examples: SFT trains on every completion it is "
@@ -188,7 +195,7 @@ def load_eval_sets(cfg, report: DataReport) -> dict[str, list[PreferencePair]]:
     sets = {}
     for name, spec in list(cfg.eval_sets.items())[1:]:
         examples = read_dataset(spec, cfg.dataset_dir, cfg.max_samples, cfg.columns, cfg.is_kto, cfg.objective == "sft",
-                                default_system=cfg.default_system)
+                                default_system=cfg.default_system, images=image_options(cfg))
         report.read += len(examples)
         sets[name] = check_pairs(examples, cfg.drop_invalid_pairs, report, cfg.objective == "sft")
         if not sets[name]:
@@ -214,7 +221,7 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
     unpaired = cfg.is_kto  # kto reads unpaired examples too
     sft = cfg.objective == "sft"  # SFT records too; pairs give their chosen
     train = read_dataset(cfg.dataset, cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft,
-                         cfg.mix_strategy, cfg.interleave_probs, cfg.seed, cfg.default_system)
+                         cfg.mix_strategy, cfg.interleave_probs, cfg.seed, cfg.default_system, image_options(cfg))
     report.read = len(train)
     report.sources = dict(Counter(source_of(p.where) for p in train))
     if sft:
@@ -231,7 +238,7 @@ def load_pairs(cfg) -> tuple[list[PreferencePair], list[PreferencePair], DataRep
         one = isinstance(cfg.eval_dataset, str)
         val = read_dataset(cfg.eval_sets["validation"], cfg.dataset_dir, cfg.max_samples, cfg.columns, unpaired, sft,
                            cfg.mix_strategy if one else "concat", cfg.interleave_probs if one else None, cfg.seed,
-                           cfg.default_system)
+                           cfg.default_system, image_options(cfg))
         report.read += len(val)
         if sft:
             _say_rejected_unused(val, "validation")

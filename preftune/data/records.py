@@ -17,6 +17,9 @@ Each record's shape is recognised from its fields (the first record decides for 
   unpaired        prompt, completion, label (bool): KTO-style, read into `UnpairedExample`
   SFT             prompt/completion, messages, alpaca output, sharegpt (sft: true): pairs whose chosen
                   is the completion; prompt-only records for sampling (prompts: true)
+  images          TRL's vision format (conversational with `images` and {"type": "image"} parts), or
+                  alpaca / sharegpt with an `images` column and `<image>` placeholders (LLaMA-Factory):
+                  pairs whose `images` are checked ImageRefs (data/images.py)
 Conversational prompts may hold `tool` messages and assistant `tool_calls`; a completion may be
 several messages (tool call, tool result, answer), kept whole in `chosen_messages`/`rejected_messages`.
 Every problem names the record (`where`), the field, what was expected and the fix.
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preftune.data.images import vision_pair
+from preftune.data.images import ImageOptions, llamafactory_pair, vision_pair
 from preftune.errors import DataError
 
 
@@ -501,14 +504,15 @@ def _shape(rec: dict) -> str:
 
 
 def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns: dict[str, str] | None = None,
-                sft: bool = False, prompts: bool = False,
-                base_dir: Path | None = None) -> list[PreferencePair | UnpairedExample]:
+                sft: bool = False, prompts: bool = False, base_dir: Path | None = None,
+                images: ImageOptions | None = None) -> list[PreferencePair | UnpairedExample]:
     """Records -> examples. `fmt` comes from a dataset_info.json entry; `columns` (the config key)
     renames fields of plain files to the standard names first. sft: prompt/completion records of
     every SFT shape are read too, as pairs whose chosen is the completion. prompts: prompt-only
     records too (for sampling; an empty completion is an answer, so training refuses them).
-    A record with `images` (or `image`) is TRL's vision format (data/images.py); `base_dir` is the folder
-    its relative image paths are read from."""
+    A record with `images` (or `image`) is TRL's vision format, or LLaMA-Factory's where it is a sharegpt or
+    alpaca record or its entry names an `images` column (data/images.py); `base_dir` is the folder TRL's
+    relative image paths are read from, `images` the config's media_dir and pixel bounds."""
     out: list[PreferencePair | UnpairedExample] = []
     state: dict = {}  # the file's shape, decided by its first record
     for where, rec in records:
@@ -527,11 +531,30 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
         margin = _margin(rec, where) if fmt is None or fmt["ranking"] else None
         if margin is not None:
             rec = {k: v for k, v in rec.items() if k != "margin"}
-        if "images" in rec or "image" in rec:  # TRL's vision format: preference pairs only, for now
-            if fmt is not None or sft or prompts or "label" in rec:
-                raise DataError(f"{where}: images are read in TRL's vision preference format only (prompt, chosen, "
-                                "rejected, images) for now; not in dataset_info.json entries, SFT, KTO or prompt files")
-            out.append(vision_pair(rec, where, base_dir))
+        for media in ("videos", "audios"):
+            if rec.get(media) and (fmt is None or fmt.get("images")):
+                raise DataError(f"{where}: field '{media}': {media} are not supported (images are: docs/vision.md); "
+                                "remove it")
+        # LLaMA-Factory's images: its entry's images column, or a sharegpt / alpaca record of a plain file
+        if fmt is not None:
+            llamafactory = fmt.get("images")
+        elif "images" in rec and ("conversations" in rec or "instruction" in rec):
+            llamafactory = "images"
+        else:
+            llamafactory = None
+        if llamafactory or "images" in rec or "image" in rec:  # preference pairs only, for now
+            if fmt is not None and not llamafactory:
+                raise DataError(f"{where}: has an images field, but its dataset_info.json entry names no images "
+                                "column; add \"images\": \"images\" to the entry's columns")
+            if sft or prompts or "label" in rec:
+                raise DataError(f"{where}: images are read in preference pairs only for now (TRL's prompt, chosen, "
+                                "rejected, images; LLaMA-Factory's ranking entries with an images column); not in "
+                                "SFT, KTO or prompt files")
+            if llamafactory:  # the record as text first, then its <image> placeholders (data/images.py)
+                pair = _record({k: v for k, v in rec.items() if k != llamafactory}, where, fmt, False, False, state)
+                out.append(llamafactory_pair(pair, rec.get(llamafactory), where, llamafactory, images))
+            else:
+                out.append(vision_pair(rec, where, base_dir, images))
         elif fmt is not None and fmt.get("kto_tag"):  # KTO data of dataset_info.json
             out.append(_kto_tagged(rec, where, fmt))
         elif fmt is not None and not fmt["ranking"]:  # an SFT entry of dataset_info.json

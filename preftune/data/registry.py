@@ -8,7 +8,8 @@ name stands for, and the format its records are in (alpaca or sharegpt, `columns
 An entry follows LLaMA-Factory's (src/llamafactory/data/parser.py DatasetAttr): `"ranking": true`
 for preference data (an SFT entry is read by `preftune sft` only), `file_name` (a file or folder in
 dataset_dir) or `hf_hub_url` with `split` and `subset`, `formatting`, `columns`, `tags`. Sources and
-columns preftune does not read (ms_hub_url, images, ...) are refused by name, never ignored.
+columns preftune does not read (ms_hub_url, videos, audios, ...) are refused by name, never ignored. An
+`images` column (LLaMA-Factory's multimodal data) is read by ranking entries (data/images.py).
 """
 
 from __future__ import annotations
@@ -56,15 +57,23 @@ def entry_format(entry: dict, where: str, sft: bool = False) -> dict:
     if ranking and given.get("kto_tag"):
         raise DataError(f"{where}: column 'kto_tag' marks single answers (KTO data) and a ranking entry has "
                         "chosen/rejected pairs; remove one of them")
-    for key in ("images", "videos", "audios"):
+    for key in ("videos", "audios"):
         if given.get(key):
-            raise DataError(f"{where}: column '{key}' is not yet supported; remove it from columns")
+            raise DataError(f"{where}: column '{key}': {key} are not supported (images are: docs/vision.md); remove "
+                            "it from columns")
+    images = given.get("images") or None
+    if images is not None and not isinstance(images, str):
+        raise DataError(f"{where}: column 'images' must name the field that holds the images, e.g. \"images\"")
+    if images is not None and not ranking:
+        raise DataError(f"{where}: column 'images': images are read in preference pairs (\"ranking\": true) only for "
+                        "now, not in SFT or KTO entries")
     tags = {**SHAREGPT_TAGS, **{k: v for k, v in (entry.get("tags") or {}).items()}}
     unknown_tags = set(tags) - set(SHAREGPT_TAGS)
     if unknown_tags:
         raise DataError(f"{where}: tags {sorted(unknown_tags)} are not known (known: {', '.join(SHAREGPT_TAGS)})")
     columns = {**defaults, **{k: v for k, v in given.items() if k in defaults}}
-    return {"formatting": formatting, "columns": columns, "tags": tags, "ranking": ranking, "kto_tag": kto_tag}
+    return {"formatting": formatting, "columns": columns, "tags": tags, "ranking": ranking, "kto_tag": kto_tag,
+            "images": images}
 
 
 def entry_records(name: str, entry: Any, info_path: Path, dataset_dir: Path,

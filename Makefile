@@ -33,11 +33,13 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/preftune demo
 
+# two workers (pytest-xdist), the multi-process tests on one of them (tests/conftest.py); serially, one
+# worker: `.venv/bin/python -m pytest -q`
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(VENV)/.test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench_dpo.py

@@ -7,6 +7,7 @@ turns every user-facing error into one line and a non-zero exit.
     preftune rm [CONFIG.yaml] [--key value ...]          # a reward model trained on preference pairs
     preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
     preftune export MODEL [--dtype bf16|fp16|int8] [--out DIR] [--data HELDOUT]  # for deployment
+    preftune iterate [CONFIG.yaml] [--key value ...]     # iterative DPO: rounds of sample, score, pair, train, eval
     preftune label FILE [--port 8765] [--annotator NAME] [--export PAIRS]        # label pairs by hand
 
 `preftune <command> --help` prints the command's usage and the config keys it reads (`COMMAND_GROUPS`),
@@ -31,6 +32,7 @@ COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "rm": "a reward model (Bradley-Terry) trained on preference pairs, for sample/eval --reward (preftune rm --help)",
     "sample": "completions from a model, scored by a reward, paired into preference data (preftune sample --help)",
     "eval": "models against their reference: pairs, or samples scored by a reward (preftune eval --help)",
+    "iterate": "iterative DPO: rounds of sample, score, pair, DPO and eval from the current policy (preftune iterate --help)",
     "inspect": "statistics and rendered examples of a dataset (preftune inspect --help)",
     "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
     "cache": "list or clear the tokenization and reference log-probs caches (preftune cache --help)",
@@ -46,6 +48,7 @@ COMMAND_GROUPS = {
     "sample": ("model", "data", "tokenization", "batches", "sampling", "run"),
     "eval": ("model", "reference", "objective", "data", "tokenization", "batches", "precision", "sampling", "health",
              "run"),
+    "iterate": tuple(GROUPS),  # sample's, train's and eval's keys
     "inspect": ("model", "data", "tokenization"),
     "export": ("model", "reference", "data", "tokenization", "batches"),
     "cache": ("caches",),

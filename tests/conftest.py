@@ -12,6 +12,15 @@ import torch  # noqa: E402
 from preftune.demo import build_model, build_tokenizer, make_pairs  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): the slow tests, most of
+    them runs of 2 to 4 processes, all go to one worker, one at a time, so at most one multi-process run
+    shares the cores with the other worker's single-process tests. Without xdist the mark does nothing."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Tests that compare with a 2-process run set one thread per process; the next test gets the count back

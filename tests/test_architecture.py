@@ -32,7 +32,7 @@ LAYERS = [
     {"commands.train", "commands.inspect", "commands.export", "commands.sample", "commands.label", "commands.cache", "commands",
      "__init__"},
     {"commands.eval"},
-    {"commands.sft", "commands.rm"},
+    {"commands.sft", "commands.rm", "commands.iterate"},
     {"commands.demo"},
     {"cli"},
 ]

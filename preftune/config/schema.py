@@ -31,6 +31,7 @@ GROUPS = {
     "optimisation": "Optimisation",
     "precision": "Precision, memory and speed",
     "sampling": "Sampling",
+    "rounds": "Iterative DPO (preftune iterate)",
     "evaluation": "Evaluation during training and the best model",
     "health": "Health report",
     "run": "Output folder and seed",
@@ -60,6 +61,7 @@ BATCHES = functools.partial(_f, group="batches")
 OPTIMISATION = functools.partial(_f, group="optimisation")
 PRECISION = functools.partial(_f, group="precision")
 SAMPLING = functools.partial(_f, group="sampling")
+ROUNDS = functools.partial(_f, group="rounds")
 EVALUATION = functools.partial(_f, group="evaluation")
 HEALTH = functools.partial(_f, group="health")
 RUN = functools.partial(_f, group="run")
@@ -213,6 +215,10 @@ class TrainConfig:
     infer_backend: str = SAMPLING("auto", "What generates in preftune sample: huggingface (transformers' generate), vllm (the vllm package, a CUDA GPU; much faster on large models), or auto (vllm when it is installed and a CUDA GPU is present, else huggingface).", ("auto", "huggingface", "vllm"))
     vllm_gpu_util: float = SAMPLING(0.7, "infer_backend: vllm: the share of GPU memory vLLM may take for weights and KV cache (LLaMA-Factory's key).")
     vllm_enforce_eager: bool = SAMPLING(False, "infer_backend: vllm: no CUDA graphs (starts faster, generates slower; LLaMA-Factory's key).")
+
+    # --- iterative DPO (preftune iterate; docs/iterate.md) ---
+    rounds: int = ROUNDS(3, "preftune iterate: rounds of sample (from the current policy), score (reward), pair, train DPO, evaluate. The prompts of dataset are split into this many disjoint parts, one per round, when each part holds at least one optimizer step's pairs (per_device_train_batch_size x gradient_accumulation_steps prompts); else every round samples all of them (summary.json says which).")
+    round_reference: str = ROUNDS("sft", "preftune iterate: the reference each round's DPO trains against: sft (the starting model, fixed over the rounds: ref_model when set, else model_name_or_path) or previous (the policy the round starts from, the previous round's). The evaluation's KL is always to the starting model.", ("sft", "previous"))
 
     # --- evaluation during training and the best model ---
     eval_strategy: str = EVALUATION("steps", "When to evaluate: steps (every eval_steps), epoch (once per epoch) or no (never); LLaMA-Factory/transformers key.", ("steps", "epoch", "no"))

@@ -47,9 +47,10 @@ BOUNDS: dict[str, str] = {
     "dropout": "[0, 1)", "seed": "[0, 4294967295]", "logps_chunk_size": "[1, inf)",
     # sampling and evaluation
     "num_samples": "[1, inf)", "max_new_tokens": "[1, inf)", "temperature": "(0, inf)", "top_p": "(0, 1]",
-    "vllm_gpu_util": "(0, 1]",
+    "vllm_gpu_util": "(0, 1]", "rounds": "[1, inf)",
     "top_k": "[1, inf)", "min_margin": "[0, inf)", "generate_during_eval": "[0, inf)",
-    **{f"health_{name}": "[0, inf)" for name in ("max_length_growth", "max_train_val_gap", "max_kl", "min_accuracy",
+    **{f"health_{name}": "[0, inf)" for name in ("max_length_growth", "max_train_val_gap", "max_kl_per_sequence",
+                                                 "max_kl_per_token", "max_margin", "min_accuracy",
                                                  "max_val_loss_rise", "max_chosen_drop", "max_rejected_drop")},
     # logging, saving, the run
     "logging_steps": "[1, inf)", "eval_steps": "[1, inf)", "early_stopping_patience": "[1, inf)",

@@ -1,0 +1,181 @@
+"""`preftune iterate`: rounds of sample -> score -> pair -> DPO -> eval from the current policy, on the tiny
+model (2 rounds, 2 steps each): the round folders, summary.json and the frontier; the reference fixed at
+the SFT model unless round_reference says previous; a reward model folder as the reward; a run stopped
+after round 1's training resumes there, skips what was done and ends as the uninterrupted run; bad input
+in one line."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from preftune.cli import main
+
+REWARD = '''
+def length(prompts, completions):
+    return [float(len(c)) for c in completions]
+'''
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, demo_pairs):
+    folder = tmp_path_factory.mktemp("iterate")
+    (folder / "rewards.py").write_text(REWARD)
+    write_jsonl(folder / "prompts.jsonl", [{"prompt": p["prompt"]} for p in demo_pairs[:8]])
+    write_jsonl(folder / "few_prompts.jsonl", [{"prompt": p["prompt"]} for p in demo_pairs[:3]])
+    write_jsonl(folder / "eval_prompts.jsonl", [{"prompt": p["prompt"]} for p in demo_pairs[40:43]])
+    return folder
+
+
+def args(project, model_dir, out, *extra, reward=None, dataset="prompts.jsonl"):
+    return ["iterate", "--model_name_or_path", str(model_dir), "--dataset", str(project / dataset),
+            "--prompts", str(project / "eval_prompts.jsonl"),
+            "--reward", reward or f"{project / 'rewards.py'}:length", "--rounds", "2", "--num_samples", "3",
+            "--max_new_tokens", "8", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+            "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--progress_bar", "false",
+            "--tokenized_cache_dir", str(project / "cache"), "--output_dir", str(project / out), *extra]
+
+
+def run_config(folder):
+    return yaml.safe_load((folder / "preftune_config.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def whole(project, tiny_model_dir):
+    """An uninterrupted run with a reward function: its output folder."""
+    assert main(args(project, tiny_model_dir, "whole")) == 0
+    return project / "whole"
+
+
+def test_rounds_write_their_folders_summary_and_frontier(whole, tiny_model_dir):
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert (whole / "frontier.png").stat().st_size > 0
+    # 8 prompts, 2 rounds, 2 pairs per optimizer step: two disjoint parts of 4
+    assert summary["prompts"]["fresh"] is True and summary["prompts"]["per_round"] == [4, 4]
+    parts = [{json.loads(line)["prompt"] for line in (whole / f"round_{r}" / "prompts.jsonl").read_text().splitlines()}
+             for r in (1, 2)]
+    assert len(parts[0] | parts[1]) == 8 and not parts[0] & parts[1]
+    sft = str(tiny_model_dir)
+    for r, row in enumerate(summary["rounds"], 1):
+        folder = whole / f"round_{r}"
+        for path in ("sample/samples.jsonl", "sample/pairs.jsonl", "model/config.json", "model/dpo_metrics/summary.json",
+                     "eval/eval.json", "round.json"):
+            assert (folder / path).is_file(), path
+        pairs = (folder / "sample" / "pairs.jsonl").read_text().splitlines()
+        assert row["pairs"] == len(pairs) > 0 and row["steps"] == 2
+        assert row["kl_to_sft"] == pytest.approx(json.loads((folder / "eval" / "eval.json").read_text())
+                                                 ["models"][0]["prompts"]["kl_per_sequence"])
+        assert row["kl_to_sft"] != 0 and isinstance(row["health"], list)  # the policy moved from the SFT model
+        # each round starts from the previous one's policy, the reference stays the SFT model
+        started = run_config(folder / "model")["model_name_or_path"]
+        assert started == (sft if r == 1 else str(whole / "round_1" / "model"))
+        assert row["reference"] == sft and run_config(folder / "model")["ref_model"] in (None if r == 1 else sft,)
+        assert json.loads((folder / "eval" / "eval.json").read_text())["models"][0]["reference"] == sft
+    # round 2 sampled from round 1's policy
+    settings = json.loads((whole / "round_2" / "sample" / "sample_settings.json").read_text())
+    assert settings["model_name_or_path"] == str((whole / "round_1" / "model").resolve())
+
+
+def test_a_stopped_run_resumes_after_round_1s_training(project, tiny_model_dir, whole, monkeypatch):
+    """Stopped in round 1's evaluation (after its training): the rerun neither samples nor trains round 1
+    again, and ends with the uninterrupted run's figures; a third run finds every round done."""
+    from preftune import train as train_module
+    from preftune.commands import eval as eval_cmd
+    from preftune.commands import sample as sample_cmd
+
+    calls = []
+
+    def counted(name, fn, fail=False):
+        def wrapper(cfg):
+            calls.append((name, cfg.output_dir))
+            if fail:
+                raise KeyboardInterrupt
+            return fn(cfg)
+        return wrapper
+
+    real = {"sample": sample_cmd.run, "train": train_module.train, "eval": eval_cmd.run}
+    monkeypatch.setattr(sample_cmd, "run", counted("sample", real["sample"]))
+    monkeypatch.setattr(train_module, "train", counted("train", real["train"]))
+    monkeypatch.setattr(eval_cmd, "run", counted("eval", real["eval"], fail=True))
+    assert main(args(project, tiny_model_dir, "killed")) == 130
+    out = project / "killed"
+    assert [c[0] for c in calls] == ["sample", "train", "eval"] and not (out / "summary.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(eval_cmd, "run", counted("eval", real["eval"]))
+    assert main(args(project, tiny_model_dir, "killed")) == 0
+    assert calls == [("eval", str(out / "round_1" / "eval")), ("sample", str(out / "round_2" / "sample")),
+                     ("train", str(out / "round_2" / "model")), ("eval", str(out / "round_2" / "eval"))]
+    resumed, uninterrupted = (json.loads((folder / "summary.json").read_text()) for folder in (out, whole))
+    for one, two in zip(resumed["rounds"], uninterrupted["rounds"]):
+        for key in ("pairs", "steps", "reward", "kl_to_sft", "sample_reward_mean"):
+            assert one[key] == pytest.approx(two[key], abs=1e-5), key
+
+    calls.clear()
+    assert main(args(project, tiny_model_dir, "killed")) == 0
+    assert calls == []  # every round done: nothing sampled, trained or evaluated again
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    """A sequence classifier with one output, built from the tiny model (what `preftune rm` writes)."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny_rm")
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)
+    model.config.pad_token_id = tiny_tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_reward_model_scores_and_previous_rounds_policy_is_the_reference(project, tiny_model_dir, reward_model_dir):
+    """round_reference: previous: round 2 trains against round 1's policy (train's default, a frozen copy of
+    the policy it starts from); too few prompts to split: every round samples all of them, and says so."""
+    out = project / "previous"
+    assert main(args(project, tiny_model_dir, "previous", "--round_reference", "previous", reward=str(reward_model_dir),
+                     dataset="few_prompts.jsonl")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts"]["fresh"] is False and summary["prompts"]["per_round"] == [3, 3]
+    assert "every round samples all of them" in summary["prompts"]["why"]
+    round_1 = str(out / "round_1" / "model")
+    assert [r["reference"] for r in summary["rounds"]] == [str(tiny_model_dir), round_1]
+    second = run_config(out / "round_2" / "model")
+    assert second["model_name_or_path"] == round_1 and second["ref_model"] is None
+    scores = [c["score"] for line in (out / "round_1" / "sample" / "samples.jsonl").read_text().splitlines()
+              for c in json.loads(line)["completions"]]
+    assert len(set(scores)) > 1 and all(isinstance(s, float) for s in scores)  # the reward model's, not lengths
+    # the evaluation's KL is to the SFT model whatever the training's reference
+    assert json.loads((out / "round_2" / "eval" / "eval.json").read_text())["models"][0]["reference"] == str(tiny_model_dir)
+
+
+@pytest.mark.parametrize("drop,extra,message", [
+    ("--reward", (), "preftune iterate needs reward"),
+    ("--prompts", (), "preftune iterate needs prompts"),
+    (None, ("--rounds", "0"), "rounds must be at least 1"),
+    (None, ("--round_reference", "last"), "round_reference: unknown value 'last'; use sft or previous"),
+])
+def test_bad_input_is_one_line(project, tiny_model_dir, capsys, drop, extra, message):
+    argv = args(project, tiny_model_dir, "bad", *extra)
+    if drop:
+        i = argv.index(drop)
+        argv = argv[:i] + argv[i + 2:]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_other_settings_on_resume_are_refused(project, tiny_model_dir, whole, capsys):
+    assert main(args(project, tiny_model_dir, "whole", "--learning_rate", "2e-3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds rounds run with other settings (learning_rate 0.001 -> 0.002)" in err and "\n" not in err

@@ -5,6 +5,12 @@ after round 1's training resumes there, skips what was done and ends as the unin
 in one line."""
 
 import json
+import logging
+import os
+import signal
+import socket
+import threading
+import urllib.request
 
 import pytest
 import torch
@@ -160,7 +166,7 @@ def test_a_reward_model_scores_and_previous_rounds_policy_is_the_reference(proje
 
 
 @pytest.mark.parametrize("drop,extra,message", [
-    ("--reward", (), "preftune iterate needs reward"),
+    ("--reward", (), "prompts: without reward people score the rounds"),
     ("--prompts", (), "preftune iterate needs prompts"),
     (None, ("--rounds", "0"), "rounds must be at least 1"),
     (None, ("--round_reference", "last"), "round_reference: unknown value 'last'; use sft or previous"),
@@ -179,3 +185,94 @@ def test_other_settings_on_resume_are_refused(project, tiny_model_dir, whole, ca
     assert main(args(project, tiny_model_dir, "whole", "--learning_rate", "2e-3")) == 2
     err = capsys.readouterr().err.strip()
     assert "holds rounds run with other settings (learning_rate 0.001 -> 0.002)" in err and "\n" not in err
+
+
+# --- scored by people: the label page inside the loop ---------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def annotate(port: int, stop: threading.Event, judged: list, interrupt_after: int | None = None):
+    """A scripted annotator on the page's HTTP API, as the page calls it: asks for the next comparison and
+    prefers the longer completion (the larger text at equal length, a tie when equal), until stop; with
+    interrupt_after, presses Ctrl+C (SIGINT to this process) after that many judgements."""
+    base = f"http://127.0.0.1:{port}"
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(f"{base}/api/next?client=script", timeout=10) as reply:
+                comparison = json.load(reply)["comparison"]
+        except OSError:  # no page served: sampling or training between two rounds
+            stop.wait(0.05)
+            continue
+        if comparison is None:  # all labelled: the round is about to go on
+            stop.wait(0.05)
+            continue
+        a, b = comparison["a"]["text"], comparison["b"]["text"]
+        choice = "tie" if a == b else "A" if (len(a), a) > (len(b), b) else "B"
+        body = json.dumps({"comparison": comparison["id"], "choice": choice, "shown_as_a": comparison["a"]["index"],
+                           "annotator": "script", "client": "script"}).encode()
+        request = urllib.request.Request(f"{base}/api/judge", data=body, headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=10).read()
+        except OSError:  # the server stopping under the request: asked again
+            continue
+        judged.append(comparison["id"])
+        if interrupt_after is not None and len(judged) == interrupt_after:
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+
+
+def test_rounds_scored_by_people_wait_on_the_label_page_and_resume(project, tiny_model_dir, caplog):
+    """No reward: each round serves the label page on its candidates and waits; a scripted client labels
+    over HTTP. Stopped (Ctrl+C) after 2 labels of round 1, the rerun keeps them, waits for the other 2 and
+    runs both rounds: the labelled pairs trained on, no evaluation."""
+    port, out = free_port(), project / "people"
+    argv = ["iterate", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(project / "prompts.jsonl"),
+            "--rounds", "2", "--num_samples", "2", "--max_new_tokens", "8", "--per_device_train_batch_size", "2",
+            "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--progress_bar", "false",
+            "--label_port", str(port), "--tokenized_cache_dir", str(project / "cache"), "--output_dir", str(out)]
+    labels = out / "round_1" / "sample" / "samples.jsonl.labels.jsonl"
+    caplog.set_level(logging.INFO, logger="preftune")
+
+    stop, judged = threading.Event(), []
+    client = threading.Thread(target=annotate, args=(port, stop, judged, 2), daemon=True)
+    client.start()
+    try:
+        assert main(argv) == 130  # Ctrl+C while round 1 waits
+    finally:
+        stop.set()
+        client.join()
+    assert len(labels.read_text().splitlines()) == 2 and not (out / "round_1" / "model").exists()
+    # 4 prompts a round, 2 completions each: 4 comparisons
+    assert f"round 1/2: waiting for 4 labels (every comparison) at http://127.0.0.1:{port}/ (0 of 4" in caplog.text
+
+    caplog.clear()
+    stop, judged = threading.Event(), []
+    client = threading.Thread(target=annotate, args=(port, stop, judged), daemon=True)
+    client.start()
+    try:
+        assert main(argv) == 0
+    finally:
+        stop.set()
+        client.join()
+    assert "round 1/2: waiting for 4 labels (every comparison)" in caplog.text and "(2 of 4 comparisons" in caplog.text
+    assert "round 2/2: waiting for 4 labels" in caplog.text and len(judged) == 2 + 4  # the rest of round 1, round 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["sft"] is None and not (out / "frontier.png").exists()
+    for r, row in enumerate(summary["rounds"], 1):
+        folder = out / f"round_{r}"
+        judgements = [json.loads(line) for line in
+                      (folder / "sample" / "samples.jsonl.labels.jsonl").read_text().splitlines()]
+        preferred = [j for j in judgements if j["choice"] not in ("tie", "skip")]
+        pairs = (folder / "sample" / "pairs.jsonl").read_text().splitlines()
+        assert len(judgements) == 4 and row["pairs"] == len(pairs) == len(preferred) > 0
+        for pair in map(json.loads, pairs):  # the client's preference is what training got
+            assert (len(pair["chosen"]), pair["chosen"]) > (len(pair["rejected"]), pair["rejected"])
+        assert row["scored_by"] == "people (label page)" and row["reward"] is None and row["steps"] == 2
+        assert (folder / "model" / "config.json").is_file() and not (folder / "eval").exists()
+        assert json.loads((folder / "round.json").read_text())["done"] is True
+    started = run_config(out / "round_2" / "model")["model_name_or_path"]
+    assert started == str(out / "round_1" / "model")  # round 2 sampled and trained from round 1's policy

@@ -29,8 +29,14 @@ Writes into output_dir:
     iterate_settings.json     the settings the rounds ran with, which a resumed run must repeat
 
 Run again on the same output_dir, it resumes where it stopped: a finished round or phase is skipped,
-sampling continues its samples.jsonl, training its latest checkpoint (save_steps). Scoring by people
-(the label page) is not part of the loop: sample, label and train by hand for that.
+sampling continues its samples.jsonl, training its latest checkpoint (save_steps).
+
+Without `reward`, people score: each round samples candidates (round_<r>/sample/samples.jsonl), serves
+`preftune label`'s page on them at label_host:label_port, logs that it waits for N labels at its URL,
+and trains once every comparison is labelled (or label_min_pairs of them have a preferred completion);
+the pairs are the labelled ones (round_<r>/sample/pairs.jsonl, as `label --export` writes them). The
+judgements go to samples.jsonl.labels.jsonl as they are given: a rerun keeps them and waits for the rest.
+Such rounds are not evaluated (no reward to score the policy's samples), so `prompts` is refused.
 """
 
 from __future__ import annotations
@@ -51,18 +57,20 @@ from preftune.files import write_atomic
 log = logging.getLogger("preftune")
 
 USAGE = """usage: preftune iterate [CONFIG.yaml] --model_name_or_path SFT --dataset PROMPTS --prompts EVAL_PROMPTS
-                        --reward module:function|REWARD_MODEL --output_dir DIR [--rounds 3]
+                        [--reward module:function|REWARD_MODEL] --output_dir DIR [--rounds 3]
                         [--round_reference sft|previous] [--key value ...]
 
 Iterative DPO: each round samples num_samples completions per prompt from the current policy, scores and
 pairs them, trains DPO on the pairs (reference: the SFT model, or the previous round's policy), and
 evaluates the new policy against the SFT model on the prompts (reward, KL per completion). Writes
 round_<r>/ folders, summary.json and frontier.png; run again on the same output_dir to resume.
+Without reward, people label each round's samples on the label page (label_host, label_port; the round
+waits until they are labelled, or label_min_pairs) and the rounds are not evaluated (no prompts).
 """
 
 SETTINGS_FILE = "iterate_settings.json"
 # Keys that change how a run is watched or where it runs, not what the rounds compute: free on resume
-FREE_ON_RESUME = {"output_dir", "progress_bar", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
+FREE_ON_RESUME = {"label_host", "label_port", "output_dir", "progress_bar", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
                   "run_name", "logging_dir", "hub_token", "preprocessing_num_workers", "dataloader_num_workers",
                   "tokenized_cache_dir", "ref_logps_cache_dir", "overwrite_cache", "plot_loss"}
 PATH_KEYS = ("model_name_or_path", "ref_model", "dataset", "prompts", "eval_dataset", "reward")
@@ -122,12 +130,20 @@ def run(cfg) -> dict:
     if not cfg.model_name_or_path or not cfg.dataset:
         raise ConfigError("preftune iterate needs model_name_or_path (the SFT model the rounds start from) and "
                           "dataset (the prompts to sample)")
-    if not cfg.reward:
-        raise ConfigError("preftune iterate needs reward (module:function or a reward model) to score each round's "
-                          "samples; to label by hand, run sample, label and train yourself")
-    if not cfg.prompts:
+    if cfg.reward and not cfg.prompts:
         raise ConfigError("preftune iterate needs prompts: held-out prompts each round's policy is evaluated on "
                           "(reward and KL to the SFT model); keep them apart from dataset")
+    if not cfg.reward and cfg.prompts:
+        raise ConfigError("prompts: without reward people score the rounds on the label page, and nothing scores "
+                          "the evaluation's samples; unset prompts (the rounds then skip their evaluation) or set "
+                          "reward")
+    if not cfg.reward:  # people label: the page must be servable before a round samples for it
+        import importlib.util
+
+        if not (importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn")):
+            from preftune.commands.label import LABEL_INSTALL
+            raise ConfigError(LABEL_INSTALL.replace("preftune label needs", "preftune iterate without reward needs")
+                              ) from None
     if cfg.num_samples < 2:
         raise ConfigError(f"num_samples: each round pairs completions of a prompt, so it needs at least 2; got "
                           f"{cfg.num_samples}")
@@ -185,11 +201,20 @@ def run_round(cfg, r: int, folder: Path, prompts: list, policy: str, sft: str) -
         sampled = sample_cmd.run(dataclasses.replace(
             cfg, model_name_or_path=policy, dataset=str(prompts_file), columns=None, max_samples=None,
             seed=cfg.seed + r - 1, output_dir=str(folder / "sample")))
-        if not sampled["pairs"]:
+        if not cfg.reward:  # candidates for people: the label phase pairs them
+            state["sample"] = {"prompts": sampled["prompts"], "pairs": None, "reward_mean": None,
+                               "candidates": sampled["outputs"]["samples"]}
+        elif not sampled["pairs"]:
             raise DataError(f"round {r}: the samples of {prompts_file} made no pair ({sampled['skipped']}); raise "
                             "num_samples or temperature, or lower min_margin")
-        state["sample"] = {"prompts": sampled["prompts"], "pairs": sampled["pairs"], "skipped": sampled["skipped"],
-                           "reward_mean": sampled["reward"]["mean"], "pairs_file": sampled["outputs"]["pairs"]}
+        else:
+            state["sample"] = {"prompts": sampled["prompts"], "pairs": sampled["pairs"], "skipped": sampled["skipped"],
+                               "reward_mean": sampled["reward"]["mean"], "pairs_file": sampled["outputs"]["pairs"]}
+        save()
+
+    if not cfg.reward and "label" not in state:
+        state["label"] = wait_for_labels(cfg, r, Path(state["sample"]["candidates"]), folder / "sample" / "pairs.jsonl")
+        state["sample"].update(pairs=state["label"]["pairs"], pairs_file=state["label"]["pairs_file"])
         save()
 
     if "train" not in state:
@@ -212,6 +237,9 @@ def run_round(cfg, r: int, folder: Path, prompts: list, policy: str, sft: str) -
                                      for s in summary["health"] if s["fired"]]}
         save()
 
+    if "eval" not in state and not cfg.reward:
+        log.info("round %d/%d: no evaluation (scored by people: no reward to score the policy's samples)", r, cfg.rounds)
+        state["eval"] = state["sft"] = None
     if "eval" not in state:
         log.info("round %d/%d: evaluating against %s on %s", r, cfg.rounds, sft, cfg.prompts)
         report = eval_cmd.run(dataclasses.replace(cfg, model_name_or_path=state["model"], ref_model=sft, dataset=None,
@@ -225,12 +253,77 @@ def run_round(cfg, r: int, folder: Path, prompts: list, policy: str, sft: str) -
     return state
 
 
+def enough_labels(progress: dict, min_pairs: int) -> bool:
+    """Every comparison judged, or (label_min_pairs > 0) that many with a preferred completion."""
+    return progress["unlabelled"] == 0 or 0 < min_pairs <= progress["preferred"]
+
+
+def wait_for_labels(cfg, r: int, candidates: Path, pairs_file: Path) -> dict:
+    """Serve the label page (preftune label's app) on round r's candidates until enough_labels, then write
+    the labelled pairs to pairs_file. The judgements go to candidates' labels file as they are given, so a
+    rerun keeps them and waits for the rest; Ctrl+C stops the run (exit 130) with them kept."""
+    import threading
+
+    import uvicorn
+
+    from preftune.commands.label import create_app, listen, own_names
+    from preftune.labels import LabelStore, export_pairs
+
+    store = LabelStore(candidates, cfg.seed, writable=True)
+    try:
+        p = store.progress()
+        need = p["total"] if cfg.label_min_pairs == 0 else cfg.label_min_pairs
+        if not enough_labels(p, cfg.label_min_pairs):
+            lock = threading.Lock()  # the app's, held while the watcher reads the store
+            server = uvicorn.Server(uvicorn.Config(create_app(store, None, own_names(cfg.label_host), lock),
+                                                   log_level="warning"))
+            sock = listen(cfg.label_host, cfg.label_port)
+            host = f"[{cfg.label_host}]" if ":" in cfg.label_host else cfg.label_host
+            url = f"http://{host}:{sock.getsockname()[1]}/"
+            what = ("labels (every comparison)" if cfg.label_min_pairs == 0
+                    else "labels with a preferred completion")
+            log.warning("round %d/%d: waiting for %d %s at %s (%d of %d comparisons labelled; judgements go to %s)",
+                        r, cfg.rounds, need, what, url, p["labelled"], p["total"], store.labels_path)
+            stop = threading.Event()
+
+            def watch():
+                while not stop.wait(0.2):
+                    with lock:
+                        if enough_labels(store.progress(), cfg.label_min_pairs):
+                            server.should_exit = True
+                            return
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            try:
+                server.run(sockets=[sock])
+            finally:
+                stop.set()
+                watcher.join()
+                sock.close()
+            if not enough_labels(store.progress(), cfg.label_min_pairs):  # Ctrl+C: uvicorn stopped, labels kept
+                raise KeyboardInterrupt
+        counts = export_pairs(store, pairs_file)
+    finally:
+        store.close()
+    log.info("round %d/%d: %d pairs from %d labelled comparisons (%d tied, %d skipped)", r, cfg.rounds,
+             counts["pairs"], counts["labelled"], counts["ties"], counts["skips"])
+    if not counts["pairs"]:
+        raise DataError(f"round {r}: the labels of {candidates} made no pair (every judgement a tie or skip); "
+                        f"undo some on the page, or move {store.labels_path.name} away to label again")
+    return {"pairs": counts["pairs"], "pairs_file": str(pairs_file), "labels": str(store.labels_path),
+            **{k: counts[k] for k in ("total", "labelled", "preferred", "ties", "skips", "unlabelled")}}
+
+
 def write_summary(out: Path, cfg, rounds: list[dict], prompt_note: dict, sft: str) -> dict:
     """summary.json and frontier.png from the rounds done so far."""
-    rows = [{"round": s["round"], "reward": s["eval"]["reward"], "reward_stderr": s["eval"]["reward_stderr"],
-             "kl_to_sft": s["eval"]["kl_per_sequence"], "kl_to_sft_stderr": s["eval"]["kl_per_sequence_stderr"],
-             "win_rate_vs_sft": s["eval"]["win_rate_vs_reference"], "mean_length": s["eval"]["mean_length"],
-             "pairs": s["sample"]["pairs"], "sample_reward_mean": s["sample"]["reward_mean"],
+    # a round scored by people has no evaluation (eval: null): its figures are null, and no frontier is drawn
+    rows = [{"round": s["round"], **{name: (s["eval"] or {}).get(key) for name, key in (
+                ("reward", "reward"), ("reward_stderr", "reward_stderr"), ("kl_to_sft", "kl_per_sequence"),
+                ("kl_to_sft_stderr", "kl_per_sequence_stderr"), ("win_rate_vs_sft", "win_rate_vs_reference"),
+                ("mean_length", "mean_length"))},
+             "scored_by": "people (label page)" if "label" in s else "reward",
+             "labels": s.get("label"), "pairs": s["sample"]["pairs"], "sample_reward_mean": s["sample"]["reward_mean"],
              "steps": s["train"]["steps"], "reference": s["reference"], "model": s["model"],
              "health": s["train"]["health"]} for s in rounds]
     summary = {"status": "completed" if len(rounds) == cfg.rounds else "running", "rounds_planned": cfg.rounds,
@@ -238,7 +331,11 @@ def write_summary(out: Path, cfg, rounds: list[dict], prompt_note: dict, sft: st
                "prompts": prompt_note, "eval_prompts": cfg.prompts, "rounds": rows,
                "kl_unit": "nats per completion, on the policy's own samples of the eval prompts",
                "outputs": {"summary": str(out / "summary.json"), "frontier": str(out / "frontier.png")}}
+    if summary["sft"] is None:
+        summary["outputs"]["frontier"] = None
     write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    if summary["sft"] is None:
+        return summary
     eval_cmd.plot_frontier([{"model": f"round {row['round']}",
                              "prompts": {"reward": row["reward"], "reward_stderr": row["reward_stderr"],
                                          "kl_per_sequence": row["kl_to_sft"],
@@ -253,11 +350,14 @@ def main(args: list[str]) -> int:
     s = summary["sft"]
     print(f"prompts: {summary['prompts']['why']}")
     print("  round  pairs  steps  reward            KL to SFT (nats/completion)  health")
-    print(f"  SFT                  {s['reward']:+.3f} +- {s['reward_stderr']:.3f}")
+    if s is not None:
+        print(f"  SFT                  {s['reward']:+.3f} +- {s['reward_stderr']:.3f}")
     for row in summary["rounds"]:
         fired = ", ".join(f"{h['name']} at step {h['step']}" for h in row["health"]) or "-"
-        print(f"  {row['round']:<5d}  {row['pairs']:<5d}  {row['steps']:<5d}  {row['reward']:+.3f} +- "
-              f"{row['reward_stderr']:.3f}  {row['kl_to_sft']:.3f} +- {row['kl_to_sft_stderr']:.3f}"
-              f"{'':17s}{fired}")
-    print(f"written: {summary['outputs']['summary']}, {summary['outputs']['frontier']}, round_<r>/")
+        figures = (f"{row['reward']:+.3f} +- {row['reward_stderr']:.3f}  {row['kl_to_sft']:.3f} +- "
+                   f"{row['kl_to_sft_stderr']:.3f}{'':17s}" if row["reward"] is not None
+                   else f"{'not evaluated (labelled by people)':<54s}")
+        print(f"  {row['round']:<5d}  {row['pairs']:<5d}  {row['steps']:<5d}  {figures}{fired}")
+    written = [summary["outputs"]["summary"], *([summary["outputs"]["frontier"]] if s is not None else [])]
+    print(f"written: {', '.join(written)}, round_<r>/")
     return 0

@@ -145,10 +145,12 @@ def view(c: Comparison | None) -> dict | None:
             "b": {"index": c.shown_as_b, "text": r.completions[c.shown_as_b]}}
 
 
-def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: list[str] | None = None):
+def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: list[str] | None = None,
+               lock: threading.Lock | None = None):
     """The FastAPI app over `store`: the page and three JSON endpoints, each one call into the store.
     allowed_hosts: the host names served besides IP addresses (own_names; None: any, for tests); a web
-    page elsewhere that points its own domain at this address (DNS rebinding) is refused (Guard)."""
+    page elsewhere that points its own domain at this address (DNS rebinding) is refused (Guard).
+    lock: the one the handlers hold around the store (given by a caller that reads the store meanwhile)."""
     try:
         from fastapi import Body, FastAPI
         from fastapi.exceptions import RequestValidationError
@@ -157,7 +159,7 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
         raise ConfigError(LABEL_INSTALL) from None
 
     page, policy = page_and_policy()
-    lock = threading.Lock()  # FastAPI runs plain handlers on a thread pool; the store is not thread-safe
+    lock = lock or threading.Lock()  # FastAPI runs plain handlers on a thread pool; the store is not thread-safe
     app = FastAPI(title="preftune label", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, allowed_hosts=allowed_hosts)
 

@@ -219,6 +219,9 @@ class TrainConfig:
     # --- iterative DPO (preftune iterate; docs/iterate.md) ---
     rounds: int = ROUNDS(3, "preftune iterate: rounds of sample (from the current policy), score (reward), pair, train DPO, evaluate. The prompts of dataset are split into this many disjoint parts, one per round, when each part holds at least one optimizer step's pairs (per_device_train_batch_size x gradient_accumulation_steps prompts); else every round samples all of them (summary.json says which).")
     round_reference: str = ROUNDS("sft", "preftune iterate: the reference each round's DPO trains against: sft (the starting model, fixed over the rounds: ref_model when set, else model_name_or_path) or previous (the policy the round starts from, the previous round's). The evaluation's KL is always to the starting model.", ("sft", "previous"))
+    label_host: str = ROUNDS("127.0.0.1", "preftune iterate without reward: the address each round serves the label page on (as preftune label --host; 127.0.0.1: this machine only, the page has no login).")
+    label_port: int = ROUNDS(8765, "preftune iterate without reward: the port of the label page (as preftune label --port; 0 picks a free one, printed in the log).")
+    label_min_pairs: int = ROUNDS(0, "preftune iterate without reward: a round trains once this many comparisons are labelled with a preferred completion (ties and skips make no pair). 0: once every comparison of the round is labelled.")
 
     # --- evaluation during training and the best model ---
     eval_strategy: str = EVALUATION("steps", "When to evaluate: steps (every eval_steps), epoch (once per epoch) or no (never); LLaMA-Factory/transformers key.", ("steps", "epoch", "no"))

@@ -47,7 +47,7 @@ BOUNDS: dict[str, str] = {
     "dropout": "[0, 1)", "seed": "[0, 4294967295]", "logps_chunk_size": "[1, inf)",
     # sampling and evaluation
     "num_samples": "[1, inf)", "max_new_tokens": "[1, inf)", "temperature": "(0, inf)", "top_p": "(0, 1]",
-    "vllm_gpu_util": "(0, 1]", "rounds": "[1, inf)",
+    "vllm_gpu_util": "(0, 1]", "rounds": "[1, inf)", "label_port": "[0, 65535]", "label_min_pairs": "[0, inf)",
     "top_k": "[1, inf)", "min_margin": "[0, inf)", "generate_during_eval": "[0, inf)",
     **{f"health_{name}": "[0, inf)" for name in ("max_length_growth", "max_train_val_gap", "max_kl_per_sequence",
                                                  "max_kl_per_token", "max_margin", "min_accuracy",

@@ -1,8 +1,9 @@
 """`preftune iterate`: rounds of sample -> score -> pair -> DPO -> eval from the current policy, on the tiny
 model (2 rounds, 2 steps each): the round folders, summary.json and the frontier; the reference fixed at
 the SFT model unless round_reference says previous; a reward model folder as the reward; a run stopped
-after round 1's training resumes there, skips what was done and ends as the uninterrupted run; bad input
-in one line."""
+after round 1's training resumes there, skips what was done and ends as the uninterrupted run; without a
+reward each round waits on the label page, labelled by a scripted client over HTTP, and resumes its
+labels after Ctrl+C; bad input in one line."""
 
 import json
 import logging

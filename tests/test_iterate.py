@@ -277,3 +277,14 @@ def test_rounds_scored_by_people_wait_on_the_label_page_and_resume(project, tiny
         assert json.loads((folder / "round.json").read_text())["done"] is True
     started = run_config(out / "round_2" / "model")["model_name_or_path"]
     assert started == str(out / "round_1" / "model")  # round 2 sampled and trained from round 1's policy
+
+
+def test_a_round_goes_on_when_all_are_labelled_or_label_min_pairs_are_preferred():
+    from preftune.commands.iterate import enough_labels
+
+    def progress(labelled, preferred, total=6):
+        return {"total": total, "labelled": labelled, "preferred": preferred, "unlabelled": total - labelled}
+
+    assert not enough_labels(progress(5, 5), 0) and enough_labels(progress(6, 0), 0)  # 0: every comparison
+    assert enough_labels(progress(3, 3), 3) and not enough_labels(progress(4, 2), 3)  # ties and skips: no pair
+    assert enough_labels(progress(6, 2), 3)  # nothing left to label: goes on below label_min_pairs

@@ -266,7 +266,7 @@ def wait_for_labels(cfg, r: int, candidates: Path, pairs_file: Path) -> dict:
 
     import uvicorn
 
-    from preftune.commands.label import create_app, listen, own_names
+    from preftune.commands.label import LOOPBACK, create_app, listen, own_names
     from preftune.labels import LabelStore, export_pairs
 
     store = LabelStore(candidates, cfg.seed, writable=True)
@@ -284,6 +284,9 @@ def wait_for_labels(cfg, r: int, candidates: Path, pairs_file: Path) -> dict:
                     else "labels with a preferred completion")
             log.warning("round %d/%d: waiting for %d %s at %s (%d of %d comparisons labelled; judgements go to %s)",
                         r, cfg.rounds, need, what, url, p["labelled"], p["total"], store.labels_path)
+            if cfg.label_host not in LOOPBACK:
+                log.warning("serving on %s: the page has no login, so anyone who can reach it can label",
+                            cfg.label_host)
             stop = threading.Event()
 
             def watch():

@@ -70,7 +70,7 @@ def load_processor(cfg):
     that then does not build for want of a video processor (Qwen2-VL's) is its class without one
     (`images_only`). template: LLaMA-Factory's name for the model's family (qwen2_vl) is taken, another
     VISION_TEMPLATES name is refused, a text template's name is not used (a warning)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -83,20 +83,7 @@ def load_processor(cfg):
                               f"{config.model_type} model; use a text template (qwen, chatml, ...) or remove template")
         return None
     check_config(cfg)
-    try:
-        processor = AutoProcessor.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types (a missing torchvision among them)
-        processor = _images_only_processor(cfg.model_name_or_path, config)
-        if processor is None:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = "; it needs torchvision (pip install torchvision, built for your torch)" \
-                if "torchvision" in first.lower() or "VIDEO_PROCESSOR" in first or "_extra_content" in first else ""
-            raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': its processor does not load ({first})"
-                             f"{hint}") from None
-    if getattr(processor, "image_processor", None) is None or not getattr(processor, "image_token", None):
-        raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': a vision-language model whose processor "
-                         f"({type(processor).__name__}) has no image processor or image token; save the model's "
-                         "processor (processor_config.json) with it")
+    processor = saved_processor(cfg.model_name_or_path, config, cfg.trust_remote_code)
     if cfg.template in VISION_TEMPLATES and config.model_type not in VISION_TEMPLATES[cfg.template]:
         raise ConfigError(f"template: {cfg.template} is LLaMA-Factory's template for "
                           f"{', '.join(VISION_TEMPLATES[cfg.template])} models, and model_name_or_path is a "
@@ -107,6 +94,27 @@ def load_processor(cfg):
                     "template", cfg.template)
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def saved_processor(folder, config, trust_remote_code: bool = False, what: str = "model_name_or_path"):
+    """The processor saved with the vision-language model in `folder` (`config`: its config): AutoProcessor's,
+    else its class without a video processor (`images_only`); a failure in one line naming `what`."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types (a missing torchvision among them)
+        processor = _images_only_processor(folder, config)
+        if processor is None:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "; it needs torchvision (pip install torchvision, built for your torch)" \
+                if "torchvision" in first.lower() or "VIDEO_PROCESSOR" in first or "_extra_content" in first else ""
+            raise ModelError(f"{what} '{folder}': its processor does not load ({first}){hint}") from None
+    if getattr(processor, "image_processor", None) is None or not getattr(processor, "image_token", None):
+        raise ModelError(f"{what} '{folder}': a vision-language model whose processor "
+                         f"({type(processor).__name__}) has no image processor or image token; save the model's "
+                         "processor (processor_config.json) with it")
     return processor
 
 

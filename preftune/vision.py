@@ -249,12 +249,38 @@ def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] 
     tensors of the rows' images in row order ([chosen; rejected]: each pair's images twice), and the processor's
     mm_token_type_ids where it makes them (1 on image tokens); none for a batch without images."""
     batch = collate(pairs, pad_token_id, index, multiple)
-    images = [ref.load() for p in pairs for ref in p.images] * 2
-    if images:
-        batch.update(processor.image_processor(images=images, return_tensors="pt"))
-        if processor.return_mm_token_type_ids:  # Qwen2-VL: its M-RoPE finds the image tokens by these, (2B, T)
-            batch["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(batch["input_ids"]))
+    batch.update(media(processor, [ref for p in pairs for ref in p.images] * 2, batch["input_ids"]))
     return batch
+
+
+def media(processor, images: list, input_ids: torch.Tensor) -> dict:
+    """The image processor's tensors of `images` (data.images.ImageRef, in the order of the image tokens of the
+    rows of `input_ids`), and the processor's mm_token_type_ids where it makes them; {} without images."""
+    if not images:
+        return {}
+    out = dict(processor.image_processor(images=[ref.load() for ref in images], return_tensors="pt"))
+    if getattr(processor, "return_mm_token_type_ids", False):  # Qwen2-VL: its M-RoPE finds the image tokens by these
+        out["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(input_ids))  # (rows, T)
+    return out
+
+
+def encode_vision_prompts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[list[int]]:
+    """The prompts (pairs with or without images) as generation gets them: rendered by the processor's chat
+    template with the generation prompt, each image placeholder expanded into the model's image tokens (as
+    `encode_vision_pair` renders a pair's prompt)."""
+    out = []
+    for pair in prompts:
+        text = processor.apply_chat_template(_structured(prompt_messages(pair)), tokenize=False,
+                                             add_generation_prompt=True,
+                                             **{**(chat_kwargs or {}), **(pair.chat_template_kwargs or {})})
+        images = [ref.load() for ref in pair.images or []]
+        if text.count(processor.image_token) != len(images):
+            raise DataError(f"{pair.where}: the rendered prompt holds {text.count(processor.image_token)} image "
+                            f"token(s) '{processor.image_token}' for {len(images)} image(s); remove "
+                            f"'{processor.image_token}' from the text (images are given as {{\"type\": \"image\"}} "
+                            "parts), or use the model's own chat template")
+        out.append(_ids(processor, text, images))
+    return out
 
 
 def describe(processor) -> dict[str, str]:

@@ -59,3 +59,58 @@ def test_export_of_a_vlm_run_loads_as_a_vlm(llava_run, tmp_path):
     assert want.shape == exported_logits.shape
     assert torch.allclose(exported_logits, want, atol=0.05), (exported_logits - want).abs().max()
     assert json.loads((out / "export_report.json").read_text())["dtype"] == "bf16"
+
+
+REWARD = "def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n"
+
+
+def test_sample_with_images(llava_dir, demo_pairs, tmp_path, monkeypatch):
+    """preftune sample on TRL-format prompts with 0, 1 and 2 images: each prompt is rendered by the processor and
+    generated with its pixel_values (the completions of the two-image prompt are transformers' own generate on
+    the processor's inputs, with the same seed), and the samples and pairs keep the images as paths, which the
+    data reader reads back as the same images."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from preftune import vision
+    from preftune.commands.sample import run
+    from preftune.data import read_dataset
+
+    pixels = []  # the pixel_values generate gets, per batch of one prompt x num_samples rows
+    media = vision.media
+    monkeypatch.setattr(vision, "media", lambda *a: pixels.append(media(*a).get("pixel_values")) or media(*a))
+
+    data = write_vision_pairs(tmp_path / "data", demo_pairs[:3])  # pair i has i images
+    (tmp_path / "rewards.py").write_text(REWARD)
+    cfg = from_dict({"model_name_or_path": str(llava_dir), "dataset": str(data), "num_samples": 3,
+                     "max_new_tokens": 6, "per_device_eval_batch_size": 1, "reward": f"{tmp_path / 'rewards.py'}:length",
+                     "output_dir": str(tmp_path / "out"), "infer_backend": "huggingface"})
+    summary = run(cfg)
+    assert pixels[0] is None and [tuple(p.shape) for p in pixels[1:]] == [(3, 3, 16, 16), (6, 3, 16, 16)]
+    assert summary["prompts"] == 3 and summary["pairs"] == 3, summary
+    records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [len(r["images"]) for r in records] == [0, 1, 2]
+    assert records[2]["images"] == [str((tmp_path / "data" / f"img_2_{k}.png").resolve()) for k in range(2)]
+
+    # the two-image prompt (position 2, its own batch): transformers' generate on the processor's inputs
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    model = AutoModelForImageTextToText.from_pretrained(llava_dir).eval()
+    messages = records[2]["prompt"]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(images):
+        inputs = processor(text=[text] * 3, images=[images] * 3, return_tensors="pt")
+        torch.manual_seed(cfg.seed * 1_000_003 + 2)
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
+                                 max_new_tokens=6, pad_token_id=processor.tokenizer.pad_token_id)
+        return [processor.tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                for row in out]
+
+    from PIL import Image
+
+    files = [Image.open(path).convert("RGB") for path in records[2]["images"]]
+    assert [c["text"] for c in records[2]["completions"]] == generate(files)
+
+    pairs = read_dataset(str(tmp_path / "out" / "pairs.jsonl"), "data")
+    originals = read_dataset(str(data), "data")
+    assert [p.images for p in pairs] == [p.images or [] for p in originals]  # the same pixels (ImageRef digests)

@@ -114,3 +114,25 @@ def test_sample_with_images(llava_dir, demo_pairs, tmp_path, monkeypatch):
     pairs = read_dataset(str(tmp_path / "out" / "pairs.jsonl"), "data")
     originals = read_dataset(str(data), "data")
     assert [p.images for p in pairs] == [p.images or [] for p in originals]  # the same pixels (ImageRef digests)
+
+
+def test_eval_on_image_pairs_is_trainings_evaluation(llava_run, tmp_path):
+    """preftune eval on the run's held-out pairs (one with an image, one without), against the run's reference:
+    the loss and accuracy training logged at its last evaluation."""
+    from preftune.commands.eval import run
+    from preftune.data import load_pairs
+    from preftune.saved import run_config
+
+    val = load_pairs(run_config(llava_run))[1]
+    assert sorted(len(p.images or []) for p in val) == [0, 1]
+    data = val[0].where.rsplit(":", 1)[0]
+    lines = open(data).read().splitlines()
+    heldout = type(tmp_path)(data).with_name("heldout.jsonl")  # beside the images its records name
+    heldout.write_text("".join(lines[int(p.where.rsplit(":", 1)[1]) - 1] + "\n" for p in val))
+    report = run(from_dict({"model_name_or_path": str(llava_run), "dataset": str(heldout),
+                            "output_dir": str(tmp_path / "eval"), "per_device_eval_batch_size": 2}))
+    pairs = report["models"][0]["pairs"]
+    logged = [r for r in json.loads((llava_run / "dpo_metrics" / "log_history.json").read_text()) if "eval_loss" in r]
+    assert pairs["pairs"] == 2
+    assert pairs["loss"] == pytest.approx(logged[-1]["eval_loss"], abs=1e-5)
+    assert pairs["rewards/accuracies"] == logged[-1]["eval_rewards/accuracies"]

@@ -3,6 +3,10 @@
 * test_export_of_a_vlm_run_loads_as_a_vlm: a trained run's output_dir exported in bf16 loads back with
   AutoProcessor + AutoModelForImageTextToText and gives the run's logits on a prompt with an image, to bf16
   tolerance; its held-out pairs (with and without images) are measured through the processor.
+* test_sample_with_images: prompt-only records with 0, 1, 2 images sampled through the processor with their
+  pixel_values (transformers' generate's completions); samples and pairs keep the images, read back the same.
+* test_eval_on_image_pairs_is_trainings_evaluation: eval on the run's held-out pairs = its last evaluation.
+* test_image_prompts_on_a_text_model_are_one_line.
 """
 
 import json
@@ -79,7 +83,10 @@ def test_sample_with_images(llava_dir, demo_pairs, tmp_path, monkeypatch):
     media = vision.media
     monkeypatch.setattr(vision, "media", lambda *a: pixels.append(media(*a).get("pixel_values")) or media(*a))
 
-    data = write_vision_pairs(tmp_path / "data", demo_pairs[:3])  # pair i has i images
+    pairs_file = write_vision_pairs(tmp_path / "data", demo_pairs[:3])  # pair i has i images
+    data = tmp_path / "data" / "prompts.jsonl"  # prompt-only records: the images and the prompt
+    data.write_text("".join(json.dumps({k: r[k] for k in ("images", "prompt")}) + "\n" for r in
+                            map(json.loads, pairs_file.read_text().splitlines())))
     (tmp_path / "rewards.py").write_text(REWARD)
     cfg = from_dict({"model_name_or_path": str(llava_dir), "dataset": str(data), "num_samples": 3,
                      "max_new_tokens": 6, "per_device_eval_batch_size": 1, "reward": f"{tmp_path / 'rewards.py'}:length",
@@ -112,7 +119,7 @@ def test_sample_with_images(llava_dir, demo_pairs, tmp_path, monkeypatch):
     assert [c["text"] for c in records[2]["completions"]] == generate(files)
 
     pairs = read_dataset(str(tmp_path / "out" / "pairs.jsonl"), "data")
-    originals = read_dataset(str(data), "data")
+    originals = read_dataset(str(pairs_file), "data")
     assert [p.images for p in pairs] == [p.images or [] for p in originals]  # the same pixels (ImageRef digests)
 
 
@@ -136,3 +143,14 @@ def test_eval_on_image_pairs_is_trainings_evaluation(llava_run, tmp_path):
     assert pairs["pairs"] == 2
     assert pairs["loss"] == pytest.approx(logged[-1]["eval_loss"], abs=1e-5)
     assert pairs["rewards/accuracies"] == logged[-1]["eval_rewards/accuracies"]
+
+
+def test_image_prompts_on_a_text_model_are_one_line(tiny_model_dir, demo_pairs, tmp_path):
+    from preftune.commands.sample import run
+    from preftune.errors import DataError
+
+    data = write_vision_pairs(tmp_path / "data", demo_pairs[:2])
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: a prompt with images, for a text-only model") as e:
+        run(from_dict({"model_name_or_path": str(tiny_model_dir), "dataset": str(data), "num_samples": 2,
+                       "output_dir": str(tmp_path / "out"), "infer_backend": "huggingface"}))
+    assert "\n" not in str(e.value)

@@ -21,7 +21,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from preftune.batching import collate, collate_chosen, epoch_batches
-from preftune.logps import get_batch_logps
+from preftune.logps import MEDIA_KEYS, get_batch_logps
 
 
 def accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -72,16 +72,20 @@ def training_row(running: dict[str, list[torch.Tensor]], tokens: int, train_seco
 
 @torch.no_grad()
 def pair_logps(scorer, pairs: list, pad_id: int, batch_size: int, ld_alpha: float | None = None, device=None,
-               autocast=contextlib.nullcontext, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               autocast=contextlib.nullcontext, desc: str | None = None,
+               collate_fn=collate) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (N, 2) float32, column 0 chosen, column 1 rejected, and the
     completion lengths (N, 2), of N tokenized pairs under `scorer` (a `logps.LogpsModule`, or what an
-    engine made of one; on `device`, inside `autocast()`; a progress bar titled `desc` when given)."""
+    engine made of one; on `device`, inside `autocast()`; a progress bar titled `desc` when given).
+    collate_fn: vision pairs' `vision.collate_vision` (with the processor), whose image tensors go along."""
     logps = torch.empty(len(pairs), 2)
     lengths = torch.empty(len(pairs), 2, dtype=torch.long)
-    batches = ordered_batches(pairs, batch_size, collate, pad_id, device)
+    batches = ordered_batches(pairs, batch_size, collate_fn, pad_id, device)
     for idx, batch in tqdm(batches, total=math.ceil(len(pairs) / batch_size), desc=desc, disable=desc is None):
+        media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
         with autocast():
-            out = scorer(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], ld_alpha=ld_alpha)
+            out = scorer(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], ld_alpha=ld_alpha,
+                         **({"media": media} if media else {}))
         logps[idx] = out.logps.float().cpu().view(2, len(idx)).T  # rows [chosen; rejected] -> (B, 2)
         lengths[idx] = out.lengths.cpu().view(2, len(idx)).T
     return logps, lengths

@@ -97,10 +97,15 @@ def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[list[int]], cfg, device, skip=frozenset()):
+def sample(model, tokenizer, prompts: list[list[int]], cfg, device, skip=frozenset(), images=None, processor=None):
     """Yields (position of the batch's first prompt, [[completion ids] * num_samples per prompt]) per
-    batch of cfg.eval_batch_size prompts; batches whose prompts are all in `skip` are not generated."""
+    batch of cfg.eval_batch_size prompts; batches whose prompts are all in `skip` are not generated.
+    A vision-language model: `images`, each prompt's images (data.images.ImageRef), go in through its
+    `processor`'s image processor (`vision.media`)."""
     gen = generation_config(cfg, tokenizer)
+    n = cfg.num_samples
+    if processor is not None:  # each prompt's rows are repeated here, with its images (below)
+        gen.num_return_sequences = 1
     stops = list(gen.eos_token_id)
     model.eval()
     for start in range(0, len(prompts), cfg.eval_batch_size):
@@ -113,11 +118,19 @@ def sample(model, tokenizer, prompts: list[list[int]], cfg, device, skip=frozens
         for row, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
+        extra = {}
+        if processor is not None:
+            from preftune.vision import media
+
+            # generate's own num_return_sequences repeats every image tensor row by row, which misplaces the
+            # images of a prompt that has several: the rows are repeated here, each with its prompt's images
+            input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+            rows = [ref for i in range(len(batch)) for _ in range(n) for ref in images[start + i]]
+            extra = {k: v.to(device) for k, v in media(processor, rows, input_ids).items()}
         torch.manual_seed(cfg.seed * 1_000_003 + start)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=gen)  # (len(batch) * num_samples, width + new), prompt-major
+                             generation_config=gen, **extra)  # (len(batch) * num_samples, width + new), prompt-major
         new = out[:, width:].tolist()
-        n = cfg.num_samples
         yield start, [[cut_at_stop(new[i * n + k], stops) for k in range(n)] for i in range(len(batch))]
 
 

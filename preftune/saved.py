@@ -38,16 +38,28 @@ def is_reward_model(folder: Path) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in architectures)
 
 
+def is_vision_folder(folder: Path) -> bool:
+    """A saved vision-language model (its config.json has a vision_config, as `adapters.is_vision_config`);
+    False for anything else, a hub id or an unreadable folder (loading it says what is wrong)."""
+    try:
+        return isinstance(json.loads((folder / "config.json").read_text()).get("vision_config"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_folder(folder: Path | str, dtype="auto", quantization_config=None, what: str = "",
                 classifier: bool | None = None):
     """A saved transformers model (a folder, or a hub id) in eval mode; a failure in one line naming it.
-    A causal LM, or a sequence classifier where `classifier` says so (None: where the folder is one,
-    `is_reward_model`; True on a causal LM checkpoint: one output, on a new head)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    A causal LM (a vision-language model through transformers' image-text-to-text auto class, `is_vision_folder`),
+    or a sequence classifier where `classifier` says so (None: where the folder is one, `is_reward_model`; True
+    on a causal LM checkpoint: one output, on a new head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     if classifier is None:
         classifier = Path(folder).expanduser().is_dir() and is_reward_model(Path(folder).expanduser())
     auto, extra = AutoModelForCausalLM, {}
+    if not classifier and is_vision_folder(Path(folder).expanduser()):
+        auto = AutoModelForImageTextToText
     if classifier:
         local = Path(folder).expanduser()
         auto = AutoModelForSequenceClassification

@@ -388,7 +388,13 @@ def encode_prompt(tokenizer, pair: PreferencePair, rendering: Rendering) -> list
 def encode_prompts(tokenizer, pairs: list[PreferencePair], template: str | None,
                    chat_kwargs: dict | None = None) -> list[list[int]]:
     """The prompts of `pairs` as generation gets them (sample, eval, generate_during_eval), rendered as
-    training renders them with the same `template` and chat template arguments."""
+    training renders them with the same `template` and chat template arguments. A prompt with images is
+    refused: only a vision-language model's processor renders it (`vision.encode_vision_prompts`)."""
+    with_images = next((p for p in pairs if p.images), None)
+    if with_images is not None:
+        raise DataError(f"{with_images.where}: a prompt with images, for a text-only model (or a command that does "
+                        "not sample images yet: preftune sample does, with a vision-language model; docs/vision.md); "
+                        "remove its images or use a vision-language model")
     rendering = setup_rendering(tokenizer, template, chat_kwargs)
     return [encode_prompt(tokenizer, p, rendering) for p in pairs]
 

@@ -70,7 +70,7 @@ def load_processor(cfg):
     that then does not build for want of a video processor (Qwen2-VL's) is its class without one
     (`images_only`). template: LLaMA-Factory's name for the model's family (qwen2_vl) is taken, another
     VISION_TEMPLATES name is refused, a text template's name is not used (a warning)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -83,20 +83,7 @@ def load_processor(cfg):
                               f"{config.model_type} model; use a text template (qwen, chatml, ...) or remove template")
         return None
     check_config(cfg)
-    try:
-        processor = AutoProcessor.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types (a missing torchvision among them)
-        processor = _images_only_processor(cfg.model_name_or_path, config)
-        if processor is None:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = "; it needs torchvision (pip install torchvision, built for your torch)" \
-                if "torchvision" in first.lower() or "VIDEO_PROCESSOR" in first or "_extra_content" in first else ""
-            raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': its processor does not load ({first})"
-                             f"{hint}") from None
-    if getattr(processor, "image_processor", None) is None or not getattr(processor, "image_token", None):
-        raise ModelError(f"model_name_or_path '{cfg.model_name_or_path}': a vision-language model whose processor "
-                         f"({type(processor).__name__}) has no image processor or image token; save the model's "
-                         "processor (processor_config.json) with it")
+    processor = saved_processor(cfg.model_name_or_path, config, cfg.trust_remote_code)
     if cfg.template in VISION_TEMPLATES and config.model_type not in VISION_TEMPLATES[cfg.template]:
         raise ConfigError(f"template: {cfg.template} is LLaMA-Factory's template for "
                           f"{', '.join(VISION_TEMPLATES[cfg.template])} models, and model_name_or_path is a "
@@ -107,6 +94,27 @@ def load_processor(cfg):
                     "template", cfg.template)
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def saved_processor(folder, config, trust_remote_code: bool = False, what: str = "model_name_or_path"):
+    """The processor saved with the vision-language model in `folder` (`config`: its config): AutoProcessor's,
+    else its class without a video processor (`images_only`); a failure in one line naming `what`."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types (a missing torchvision among them)
+        processor = _images_only_processor(folder, config)
+        if processor is None:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "; it needs torchvision (pip install torchvision, built for your torch)" \
+                if "torchvision" in first.lower() or "VIDEO_PROCESSOR" in first or "_extra_content" in first else ""
+            raise ModelError(f"{what} '{folder}': its processor does not load ({first}){hint}") from None
+    if getattr(processor, "image_processor", None) is None or not getattr(processor, "image_token", None):
+        raise ModelError(f"{what} '{folder}': a vision-language model whose processor "
+                         f"({type(processor).__name__}) has no image processor or image token; save the model's "
+                         "processor (processor_config.json) with it")
     return processor
 
 
@@ -241,12 +249,38 @@ def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] 
     tensors of the rows' images in row order ([chosen; rejected]: each pair's images twice), and the processor's
     mm_token_type_ids where it makes them (1 on image tokens); none for a batch without images."""
     batch = collate(pairs, pad_token_id, index, multiple)
-    images = [ref.load() for p in pairs for ref in p.images] * 2
-    if images:
-        batch.update(processor.image_processor(images=images, return_tensors="pt"))
-        if processor.return_mm_token_type_ids:  # Qwen2-VL: its M-RoPE finds the image tokens by these, (2B, T)
-            batch["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(batch["input_ids"]))
+    batch.update(media(processor, [ref for p in pairs for ref in p.images] * 2, batch["input_ids"]))
     return batch
+
+
+def media(processor, images: list, input_ids: torch.Tensor) -> dict:
+    """The image processor's tensors of `images` (data.images.ImageRef, in the order of the image tokens of the
+    rows of `input_ids`), and the processor's mm_token_type_ids where it makes them; {} without images."""
+    if not images:
+        return {}
+    out = dict(processor.image_processor(images=[ref.load() for ref in images], return_tensors="pt"))
+    if getattr(processor, "return_mm_token_type_ids", False):  # Qwen2-VL: its M-RoPE finds the image tokens by these
+        out["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(input_ids))  # (rows, T)
+    return out
+
+
+def encode_vision_prompts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[list[int]]:
+    """The prompts (pairs with or without images) as generation gets them: rendered by the processor's chat
+    template with the generation prompt, each image placeholder expanded into the model's image tokens (as
+    `encode_vision_pair` renders a pair's prompt)."""
+    out = []
+    for pair in prompts:
+        text = processor.apply_chat_template(_structured(prompt_messages(pair)), tokenize=False,
+                                             add_generation_prompt=True,
+                                             **{**(chat_kwargs or {}), **(pair.chat_template_kwargs or {})})
+        images = [ref.load() for ref in pair.images or []]
+        if text.count(processor.image_token) != len(images):
+            raise DataError(f"{pair.where}: the rendered prompt holds {text.count(processor.image_token)} image "
+                            f"token(s) '{processor.image_token}' for {len(images)} image(s); remove "
+                            f"'{processor.image_token}' from the text (images are given as {{\"type\": \"image\"}} "
+                            "parts), or use the model's own chat template")
+        out.append(_ids(processor, text, images))
+    return out
 
 
 def describe(processor) -> dict[str, str]:

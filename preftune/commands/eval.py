@@ -24,6 +24,7 @@ model (the reference at KL 0).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -96,8 +97,9 @@ def run_health(folder: Path, cfg) -> list[dict] | None:
     return None
 
 
-def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
-    """Training's evaluation statistics on cfg.dataset's pairs (eval_ prefix dropped)."""
+def eval_pairs(policy, reference, tokenizer, cfg, processor=None) -> dict:
+    """Training's evaluation statistics on cfg.dataset's pairs (eval_ prefix dropped); a vision-language
+    model's pairs, images included, through its `processor`, as training evaluates them."""
     import torch
     from accelerate import Accelerator
 
@@ -108,11 +110,15 @@ def eval_pairs(policy, reference, tokenizer, cfg) -> dict:
     from preftune.reference import Reference
     from preftune.step import LogpsModule, PreferenceStep
     from preftune.tokenization import tokenize_pairs
+    from preftune.vision import tokenize_vision_pairs
 
     pairs = load_pairs(cfg.__class__(**{**cfg.to_dict(), "eval_dataset": None, "val_size": 0.0}))[0]
-    items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template, chat_kwargs=cfg.chat_template_kwargs)
+    if processor is not None:
+        items = tokenize_vision_pairs(processor, pairs, cfg)
+    else:
+        items = tokenize_pairs(tokenizer, pairs, cfg.cutoff_len, cfg.template, chat_kwargs=cfg.chat_template_kwargs)
     # a mixture-of-experts policy: its load-balancing loss in the loss, as in training's eval_loss
-    stats = evaluate(PreferenceStep(cfg), LogpsModule(policy, cfg.logps_chunk_size,
+    stats = evaluate(PreferenceStep(cfg, processor=processor), LogpsModule(policy, cfg.logps_chunk_size,
                                                       router_aux_loss_coef=router_aux_coef(cfg, policy)),
                      Reference(reference, chunk_size=cfg.logps_chunk_size), items, cfg.eval_batch_size,
                      tokenizer.pad_token_id, OneProcess(cfg, Accelerator(cpu=not torch.cuda.is_available())))
@@ -252,8 +258,11 @@ def run(cfg) -> dict:
 def _evaluate(cfg, names: list[str], out: Path) -> dict:
     from preftune.saved import with_run_template
     from preftune.models import check_same_tokenizer, check_vocabulary, load_tokenizer
+    from preftune.vision import load_processor
 
     tokenizer = load_tokenizer(names[0], cfg.trust_remote_code)
+    # a vision-language model's processor renders its pairs, images included (vision.py); None for a text model
+    processor = load_processor(dataclasses.replace(cfg, model_name_or_path=names[0])) if cfg.dataset else None
     rows, references, models = [], {}, {}
     for name in names:
         if name != names[0]:  # scored on the first one's token ids
@@ -278,7 +287,7 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
                               "naming one); set ref_model")
         row = {"model": name, "reference": ref[0]}
         if cfg.dataset:
-            row["pairs"] = eval_pairs(model, ref[1], tokenizer, cfg)
+            row["pairs"] = eval_pairs(model, ref[1], tokenizer, cfg, processor)
         row["health"] = run_health(Path(name).expanduser(), cfg)
         rows.append(row)
         models[name] = model

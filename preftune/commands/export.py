@@ -11,6 +11,10 @@ bf16/fp16 cast every floating-point weight; int8 quantizes the weights of the li
 safetensors weights, the tokenizer and the generation config, and loads with plain
 `AutoModelForCausalLM.from_pretrained(out)` (+ torchao for int8). MODEL may be a LoRA adapter
 folder (a save_adapter_only or QLoRA run's output): it is merged into its base in float32 first.
+A vision-language model (config.json with a vision_config) is loaded through transformers'
+image-text-to-text auto class and exported with its processor (processor_config.json, the image
+processor's settings, its chat template and tokenizer): `AutoProcessor` + `AutoModelForImageTextToText`
+load the folder; its held-out pairs, images included, are rendered and measured through that processor.
 
 The export is written to a temporary folder beside OUT, loaded back from there and checked
 (dtypes, a forward pass), measured, and only then renamed into place, so OUT is either absent
@@ -26,6 +30,7 @@ share of pairs with r(chosen) > r(rejected) before and after, and how far the re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -35,8 +40,8 @@ from typing import TYPE_CHECKING
 from preftune.config import TrainConfig, load_config, parse_command_line
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.files import fresh_tmp_dir, replace_dir
-from preftune.saved import (adapter_base, is_adapter, is_reward_model, load_folder, load_full, merged_adapter,
-                            run_config, with_run_template)
+from preftune.saved import (adapter_base, is_adapter, is_reward_model, is_vision_folder, load_folder, load_full,
+                            merged_adapter, run_config, with_run_template)
 
 if TYPE_CHECKING:  # for the annotations only: torch is imported where a function needs it, after the config is read
     import torch
@@ -107,6 +112,19 @@ def check_export(model, dtype: str, vocab_id: int) -> dict:
                          + (" (weights beyond fp16's range of 65504: use --dtype bf16)" if dtype == "fp16" else ""))
     found["dtypes"] = sorted({str(p.dtype).removeprefix("torch.") for p in model.state_dict().values()})
     return found
+
+
+def _vision_processor(weights: Path, processor_dir: Path | str):
+    """A vision-language model's processor (saved in `processor_dir`, a run's output_dir or the base of its
+    adapter), written with the export so that AutoProcessor + AutoModelForImageTextToText load it; None for a
+    text-only model (`weights`: the folder whose config.json says which)."""
+    if not is_vision_folder(weights):
+        return None
+    from transformers import AutoConfig
+
+    from preftune.vision import saved_processor
+
+    return saved_processor(str(processor_dir), AutoConfig.from_pretrained(weights), what="MODEL")
 
 
 # --- quality on held-out pairs -----------------------------------------------------------
@@ -252,12 +270,14 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
     import torch
     from transformers import AutoTokenizer
 
+    from preftune.batching import collate
     from preftune.evaluate import pair_logps
     from preftune.final import add_legacy_rope_keys
     from preftune.logps import LogpsModule
     from preftune.models import check_same_tokenizer, check_vocabulary
     from preftune.reference import load_run_reference, run_reference
     from preftune.tokenization import tokenize_pairs
+    from preftune.vision import collate_vision, tokenize_vision_pairs
 
     if not cfg.model_name_or_path:
         raise ConfigError("preftune export: no MODEL given; pass the output_dir of a run (or any saved model folder)")
@@ -289,6 +309,7 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
                                   rendered.default_system)
     tokenizer_dir = merge[0] if merge and not (src / "tokenizer_config.json").is_file() else src
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # saved unchanged: nothing below may alter it first
+    processor = _vision_processor(Path(merge[0]) if merge else src, tokenizer_dir)  # a VLM's; else None
     if pairs and reference:  # the reference scores MODEL's token ids: before any weights are read
         check_same_tokenizer(tokenizer, reference[0], "--ref" if ref else "the run's reference",
                              "a reference must use the model's tokenizer (same model family)", against=f"MODEL '{src}'")
@@ -303,7 +324,7 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
         exported = load_folder(weights, getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else "auto", quant)
         exported.save_pretrained(tmp, safe_serialization=True)  # + generation_config.json
         add_legacy_rope_keys(tmp)  # serving stacks on transformers 4 read the rotary base too
-        tokenizer.save_pretrained(tmp)
+        (processor or tokenizer).save_pretrained(tmp)  # a VLM's processor holds its tokenizer: loads as a VLM
         del exported
         reloaded = load_folder(tmp)  # the folder exactly as a user loads it
         vocab_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -319,8 +340,14 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
             report["merged"] = {"base": merge[0], "adapters": [*merge[1], str(src)], "dtype": "float32"}
 
         if pairs:
-            tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len, rendered.template,
-                                       chat_kwargs=rendered.chat_template_kwargs)
+            collate_fn = collate
+            if processor is not None:  # rendered by its processor's chat template, images through its image processor
+                tokenized = tokenize_vision_pairs(processor, pairs, dataclasses.replace(
+                    rendered, cutoff_len=(run_cfg or cfg).cutoff_len))
+                collate_fn = functools.partial(collate_vision, processor=processor)
+            else:
+                tokenized = tokenize_pairs(tokenizer, pairs, (run_cfg or cfg).cutoff_len, rendered.template,
+                                           chat_kwargs=rendered.chat_template_kwargs)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab_id  # masked anyway
         if pairs and reward_model:
             report["heldout"] = {"data": source, "reference": None, **reward_quality(
@@ -328,14 +355,15 @@ def export(cfg: TrainConfig, dtype: str = "bf16", out: str | None = None, overwr
                 pair_rewards(reloaded, tokenized, pad_id, batch_size))}
         elif pairs:
             original, lengths = pair_logps(LogpsModule(load_folder(weights), cfg.logps_chunk_size), tokenized, pad_id,
-                                           batch_size)
-            after, _ = pair_logps(LogpsModule(reloaded, cfg.logps_chunk_size), tokenized, pad_id, batch_size)
+                                           batch_size, collate_fn=collate_fn)
+            after, _ = pair_logps(LogpsModule(reloaded, cfg.logps_chunk_size), tokenized, pad_id, batch_size,
+                                  collate_fn=collate_fn)
             reference_logps = None
             if reference:
                 ref_model = load_full(ref_dir, run_config(ref_dir)) if ref_dir else load_run_reference(run_cfg)
                 check_vocabulary(ref_model, tokenizer, "--ref" if ref_dir else "the run's reference")
                 reference_logps = pair_logps(LogpsModule(ref_model, cfg.logps_chunk_size), tokenized, pad_id,
-                                             batch_size)[0]  # (N, 2)
+                                             batch_size, collate_fn=collate_fn)[0]  # (N, 2)
             report["heldout"] = {"data": source, "reference": " + ".join(reference) if reference else None,
                                  **quality(original, after, lengths, reference_logps)}
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

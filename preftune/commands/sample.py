@@ -44,16 +44,32 @@ label (preftune label). Prompts per batch: per_device_eval_batch_size; the engin
 """
 
 
-def prompt_record(pair) -> dict:
+def prompt_record(pair, image_dir: Path | None = None) -> dict:
     """A prompt as the data files write it, in the form it came in (so the pairs are rendered as the prompt was
-    sampled): text, or the conversation as messages; and its system turn."""
+    sampled): text, or the conversation as messages; and its system turn. A prompt with images (TRL's vision
+    format: {"type": "image"} parts) also gets `images`, each as an absolute path: a file's own, or, for an
+    image that came as bytes (the datasets Image feature), a PNG written into `image_dir`, named by its digest."""
     if pair.messages is not None and not pair.from_text:
         prompt = pair.messages
     elif pair.conversational:
         prompt = [{"role": "user", "content": pair.prompt}]
     else:
         prompt = pair.prompt
-    return {"prompt": prompt, "system": pair.system}
+    if pair.images is None:  # a text record ([]: a text-only record of a vision dataset, its parts kept)
+        return {"prompt": prompt, "system": pair.system}
+    return {"prompt": prompt, "system": pair.system, "images": [_image_path(ref, image_dir) for ref in pair.images]}
+
+
+def _image_path(ref, image_dir: Path | None) -> str | None:
+    if isinstance(ref.source, str):
+        return str(Path(ref.source).resolve())
+    if image_dir is None:  # comparing a resumed run's prompts: the images are compared by the prompt's parts
+        return None
+    path = image_dir / f"{ref.digest[:32]}.png"
+    if not path.is_file():
+        image_dir.mkdir(exist_ok=True)
+        ref.load().save(path)
+    return str(path.resolve())
 
 
 def read_samples(path: Path, prompts: list) -> dict[int, dict]:
@@ -135,7 +151,8 @@ def make_pairs(records: list[dict], cfg) -> tuple[list[dict], dict[str, int]]:
         else:
             chosen, rejected = (a, b) if a["score"] > b["score"] else (b, a)
             pairs.append({"prompt": rec["prompt"], "chosen": chosen["text"], "rejected": rejected["text"],
-                          **({"system": rec["system"]} if rec["system"] else {})})
+                          **({"system": rec["system"]} if rec["system"] else {}),
+                          **({"images": rec["images"]} if "images" in rec else {})})
 
     for rec in records:
         completions = rec["completions"]
@@ -173,6 +190,7 @@ def _sample(cfg, out: Path) -> dict:
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
     from preftune.tokenization import describe_rendering, encode_prompts, rendering_text
+    from preftune.vision import describe, encode_vision_prompts, load_processor
 
     engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
     reward = load_reward(cfg.reward) if cfg.reward else None
@@ -183,19 +201,31 @@ def _sample(cfg, out: Path) -> dict:
     samples_path = out / "samples.jsonl"
     done = read_samples(samples_path, prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    processor = load_processor(cfg)  # a vision-language model's renders the prompts, images included; else None
+    if processor is not None and engine == "vllm":
+        if cfg.infer_backend == "vllm":
+            raise ConfigError("infer_backend: vllm does not sample a vision-language model here yet; set "
+                              "infer_backend: huggingface (docs/vision.md)")
+        engine = "huggingface"
     check_same_settings(out, cfg, done)  # with the template resolved, before a model loads
     context = model_context(AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code))
-    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs), context, cfg.max_new_tokens,
-                               tokenizer.bos_token_id)
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs) if processor is None \
+        else encode_vision_prompts(processor, prompts, cfg.chat_template_kwargs)
+    encoded, cut = fit_context(prompt_ids, context, cfg.max_new_tokens, tokenizer.bos_token_id)
+    cut_images = next((p.where for p, a, b in zip(prompts, prompt_ids, encoded) if p.images and a != b), None)
+    if cut_images:  # the image tokens would lose their place
+        raise DataError(f"{cut_images}: the prompt with its image tokens is longer than the model's context ({context}) "
+                        f"less max_new_tokens ({cfg.max_new_tokens}); lower max_new_tokens or shorten the prompt")
     log_cut(cut, len(prompts), context, cfg.max_new_tokens)
-    rendering = describe_rendering(tokenizer, cfg.template, prompts)
+    rendering = describe_rendering(tokenizer, cfg.template, prompts) if processor is None else describe(processor)
     log.info("rendering: %s", rendering_text(rendering))
     if engine == "vllm":
         batches = vllm_sample(cfg.model_name_or_path, tokenizer, encoded, cfg, skip=set(done))
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(cfg.model_name_or_path, cfg).to(device)
-        batches = sample(model, tokenizer, encoded, cfg, device, skip=set(done))
+        batches = sample(model, tokenizer, encoded, cfg, device, skip=set(done),
+                         images=[p.images or [] for p in prompts], processor=processor)
     log.info("sampling %d completions for each of %d prompts with %s (%d done before)", cfg.num_samples,
              len(prompts), engine, len(done))
     start_time, new = time.time(), 0
@@ -207,7 +237,7 @@ def _sample(cfg, out: Path) -> dict:
                     continue
                 texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
                 scores = reward([prompts[pos].prompt] * len(texts), texts) if reward else [None] * len(texts)
-                rec = {"id": str(pos), **prompt_record(prompts[pos]),
+                rec = {"id": str(pos), **prompt_record(prompts[pos], out / "images"),
                        "completions": [{"text": t, "score": s} for t, s in zip(texts, scores)]}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()

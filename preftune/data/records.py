@@ -546,11 +546,13 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
             if fmt is not None and not llamafactory:
                 raise DataError(f"{where}: has an images field, but its dataset_info.json entry names no images "
                                 "column; add \"images\": \"images\" to the entry's columns")
-            if sft or prompts or "label" in rec:
-                raise DataError(f"{where}: images are read in preference pairs only for now (TRL's prompt, chosen, "
-                                "rejected, images; LLaMA-Factory's ranking entries with an images column); not in "
-                                "SFT, KTO or prompt files")
-            if llamafactory:  # the record as text first, then its <image> placeholders (data/images.py)
+            if (sft and not prompts) or "label" in rec or (prompts and llamafactory):
+                raise DataError(f"{where}: images are read in preference pairs and TRL-format prompts only for now "
+                                "(TRL's prompt, chosen, rejected, images; LLaMA-Factory's ranking entries with an "
+                                "images column); not in SFT, KTO or LLaMA-Factory prompt files")
+            if prompts and not llamafactory:  # sampling's prompts (sample, eval): a prompt-only record has no answers
+                out.append(vision_pair({"chosen": "", "rejected": "", **rec}, where, base_dir, images))
+            elif llamafactory:  # the record as text first, then its <image> placeholders (data/images.py)
                 pair = _record({k: v for k, v in rec.items() if k != llamafactory}, where, fmt, False, False, state)
                 out.append(llamafactory_pair(pair, rec.get(llamafactory), where, llamafactory, images))
             else:

@@ -82,12 +82,18 @@ class FusedDPO(NamedTuple):
 # The image processors' outputs a batch with images carries (vision.collate_vision): what the multimodal backbone
 # takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw, mm_token_type_ids)
 MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
+# A batch without images under a lockstep engine (FSDP2, ZeRO-3) carries a blank image's tensors under this prefix
+# (vision.collate_vision): its features are computed and added times 0, so every process runs the vision part.
+IDLE = "idle_"
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
     """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row
     (and `media`, the image tensors of a batch with images)."""
     media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+    idle = {k[len(IDLE):]: v for k, v in batch.items() if k.startswith(IDLE)}
+    if idle:  # a batch without images under a lockstep engine: the vision part runs on a blank image (vision.py)
+        media = {"idle": idle}
     if media:  # vision.py: padded rows only
         return {**{k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}, "media": media}
     if "score_index" in batch:  # prefix sharing
@@ -201,10 +207,30 @@ def _backbone(model, router_aux: bool = False, media: dict | None = None, **inpu
     the `aux_loss` of the model's own forward is made from them, and its LM head is not run here), else None.
     media: a batch's image tensors, for a vision-language model's whole backbone."""
     # transformers models and peft models have a decoder; so does AdapterReference
+    idle, features = (media or {}).get("idle"), None
+    if idle is not None:
+        # no image in this process's rows, but a sharded vision tower gathers its weights (and reduces its
+        # gradients) only if every process runs it, in the same order (before the language model, as the
+        # backbone does): a blank image's features, times 0, join the hidden states (the same numbers; zero
+        # gradients for the vision part). pooler_output: the features the model places at its image tokens,
+        # projector included; the rest of the vision output (CLIP's pooled CLS) gets no gradient elsewhere either
+        media = None
+        features = multimodal_backbone(model).get_image_features(**idle, return_dict=True).pooler_output
     backbone = multimodal_backbone(model) if media else model.get_decoder()
     out = backbone(**inputs, **(media or {}), use_cache=False,
                    **({"output_router_logits": True} if router_aux else {}))
-    return out.last_hidden_state, out.router_logits if router_aux else None
+    hidden = out.last_hidden_state
+    if features is not None:
+        hidden = hidden + 0.0 * sum(t.float().sum() for t in _tensors(features)).to(hidden.dtype)
+    return hidden, out.router_logits if router_aux else None
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, a tuple or list of them, or a ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else []
+    return [t for v in values for t in _tensors(v)]
 
 
 def _completion_hidden(model, input_ids, attention_mask, completion_mask, position_ids=None, router_aux=False,

@@ -129,7 +129,8 @@ class PreferenceStep:
         self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
             if cfg.enable_liger_kernel else None
         if processor is not None:  # padded rows + image tensors (vision.check_config refuses the other layouts)
-            self.collate = functools.partial(collate_vision, processor=processor, multiple=cfg.pad_to_multiple_of)
+            self.collate = functools.partial(collate_vision, processor=processor, multiple=cfg.pad_to_multiple_of,
+                                             lockstep=bool(engine is not None and engine.lockstep))
         elif cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed
         elif cfg.prefix_sharing:  # one row per pair, the prompt run once: the same numbers, fewer tokens

@@ -20,7 +20,7 @@ What changes against text pairs, and what does not:
 Qwen2-VL / Qwen2.5-VL: without torchvision their processor is built without its video processor
 (`images_only`), and a batch with images carries the processor's mm_token_type_ids (its M-RoPE needs them).
 
-One process, padded batches and a live reference (a frozen copy, ref_model, or a LoRA policy's adapter
+One process or FSDP2, padded batches and a live reference (a frozen copy, ref_model, or a LoRA policy's adapter
 off); the rest is refused in one line (`check_config`).
 """
 
@@ -55,7 +55,7 @@ def check_config(cfg) -> None:
         (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
         (cfg.precompute_ref_log_probs, "precompute_ref_log_probs", "the precompute pass has no images"),
         (bool(cfg.generate_during_eval), "generate_during_eval", "sampling with images is not built yet"),
-        (bool(cfg.fsdp) or bool(cfg.deepspeed), "fsdp / deepspeed", "one process only for now"),
+        (bool(cfg.deepspeed), "deepspeed", "ZeRO-3 is not built for them yet; fsdp: full_shard shards them"),
         (cfg.finetuning_type == "freeze", "finetuning_type: freeze", "its layer numbers would count the vision "
                                           "tower's layers too; use full with the freeze_* keys, or lora"),
     ]
@@ -244,12 +244,22 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
 
 
 def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,
-                   processor, multiple: int | None = None) -> dict:
+                   processor, multiple: int | None = None, lockstep: bool = False) -> dict:
     """`batching.collate`'s rows (padded to a multiple of `multiple` where given), plus the image processor's
     tensors of the rows' images in row order ([chosen; rejected]: each pair's images twice), and the processor's
-    mm_token_type_ids where it makes them (1 on image tokens); none for a batch without images."""
+    mm_token_type_ids where it makes them (1 on image tokens); none for a batch without images, except under a
+    lockstep engine (FSDP2, ZeRO-3: `lockstep`), where such a batch carries a blank image's tensors as
+    idle_pixel_values etc. (logps.IDLE): the vision part runs on it, times 0, as it runs on the other processes."""
     batch = collate(pairs, pad_token_id, index, multiple)
-    batch.update(media(processor, [ref for p in pairs for ref in p.images] * 2, batch["input_ids"]))
+    images = [ref for p in pairs for ref in p.images] * 2
+    batch.update(media(processor, images, batch["input_ids"]))
+    if not images and lockstep:
+        from PIL import Image
+
+        from preftune.logps import IDLE
+
+        blank = Image.new("RGB", (56, 56))  # (a multiple of Qwen2-VL's 28-pixel merged patches)
+        batch.update({IDLE + k: v for k, v in processor.image_processor(images=[blank], return_tensors="pt").items()})
     return batch
 
 

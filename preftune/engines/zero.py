@@ -193,7 +193,7 @@ def reference_engine(root, accelerator):
     import deepspeed
 
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    fill_model_sizes(config, root.model.config.hidden_size)
+    fill_model_sizes(config, root.model.config.get_text_config().hidden_size)  # (a VLM: its language model's)
     config["zero_optimization"]["stage3_prefetch_bucket_size"] = 0  # as TRL: no prefetching for an eval-only engine
     for key in ("optimizer", "scheduler", "zero_force_ds_cpu_optimizer"):
         config.pop(key, None)
@@ -319,7 +319,8 @@ class ZeRO(OneProcess):
         # before the engine casts the weights (bf16)
         self.loaded_dtypes = {n: getattr(p, LOADED_DTYPE) for n, p in model.named_parameters() if hasattr(p, LOADED_DTYPE)}
         self.held_dtypes = {n: p.dtype for n, p in model.named_parameters()}
-        fill_model_sizes(self.accelerator.state.deepspeed_plugin.deepspeed_config, model.config.hidden_size)
+        fill_model_sizes(self.accelerator.state.deepspeed_plugin.deepspeed_config,
+                             model.config.get_text_config().hidden_size)
         # ZeRO-3 weights are whole only inside their module's call: the LM heads are called, never read (the
         # policy's, and the policy's own as a LoRA reference reads it)
         policy_logps.call_head = reference.call_head = self.settings["stage"] == 3

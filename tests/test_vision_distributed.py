@@ -1,0 +1,37 @@
+"""FSDP2 and ZeRO-3 with a vision-language model (docs/vision.md): 2 CPU processes (gloo) train the tiny LLaVA of
+test_vision.py on pairs with 0, 1 or 2 images each, as a one-process run with the global batch does: the same
+per-step metrics and final weights (1e-5). The vision tower and projector train too (not LLaMA-Factory's
+default), so their sharded gradients are compared; a process whose share of a batch has no image still runs
+the vision tower (`logps`: lockstep engines), else the other would wait for it. SGD: Adam's first steps turn the
+float noise of a gradient near 0 (a key bias) into a full-size update."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune import train as train_mod
+from preftune.config import from_dict
+from test_distributed import ROOT, same_histories, same_weights, torchrun
+from test_vision import build_llava, write_vision_pairs
+
+EXAMPLES = ROOT / "examples" / "deepspeed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [{"fsdp": "full_shard"}], ids=["fsdp2"])
+def test_two_sharded_processes_equal_one_process(engine, tiny_tokenizer, demo_pairs, tmp_path):
+    torch.set_num_threads(1)
+    model = build_llava(tiny_tokenizer, tmp_path / "llava")
+    data = write_vision_pairs(tmp_path / "data", demo_pairs[:8])  # pairs 0, 3, 6 text-only
+    raw = {"model_name_or_path": str(model), "dataset": str(data), "torch_dtype": "float32", "learning_rate": 0.5, "optim": "sgd",
+           "per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1, "progress_bar": False,
+           "plot_loss": False, "freeze_vision_tower": False, "freeze_multi_modal_projector": False}
+    train_mod.train(from_dict({**raw, "output_dir": str(tmp_path / "one")}))
+    result = torchrun(tmp_path, {**raw, "output_dir": str(tmp_path / "two"), "per_device_train_batch_size": 2,
+                                 **engine}, "two")
+    assert ("sharded over 2" if "fsdp" in engine else "partitioned over 2") in result.stderr
+    rows, _ = same_histories(tmp_path / "one", tmp_path / "two")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    weights = same_weights(tmp_path / "one", tmp_path / "two")
+    start = load_file(model / "model.safetensors")
+    assert any(not torch.equal(weights[n], start[n]) for n in weights if "vision_tower" in n)  # the tower trained

@@ -207,22 +207,24 @@ def _backbone(model, router_aux: bool = False, media: dict | None = None, **inpu
     the `aux_loss` of the model's own forward is made from them, and its LM head is not run here), else None.
     media: a batch's image tensors, for a vision-language model's whole backbone."""
     # transformers models and peft models have a decoder; so does AdapterReference
-    idle, features = (media or {}).get("idle"), None
+    idle = (media or {}).get("idle")
     if idle is not None:
         # no image in this process's rows, but a sharded vision tower gathers its weights (and reduces its
-        # gradients) only if every process runs it, in the same order (before the language model, as the
-        # backbone does): a blank image's features, times 0, join the hidden states (the same numbers; zero
-        # gradients for the vision part). pooler_output: the features the model places at its image tokens,
-        # projector included; the rest of the vision output (CLIP's pooled CLS) gets no gradient elsewhere either
+        # gradients) only if every process runs it, in the same order as the backbone does (the embeddings, the
+        # vision part, the language model: ZeRO-3 gathers in that order): a blank image's features,
+        # times 0, join the embeddings (the same numbers; zero gradients for the vision part). pooler_output:
+        # the features the model places at its image tokens, projector included; the rest of the vision output
+        # (CLIP's pooled CLS) gets no gradient on the other processes either
+        # (added to the embeddings, where the backbone places image features: the backward then reaches the
+        # vision part before the embeddings, as it does with images)
         media = None
+        embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
         features = multimodal_backbone(model).get_image_features(**idle, return_dict=True).pooler_output
+        inputs["inputs_embeds"] = embeds + 0.0 * sum(t.float().sum() for t in _tensors(features)).to(embeds.dtype)
     backbone = multimodal_backbone(model) if media else model.get_decoder()
     out = backbone(**inputs, **(media or {}), use_cache=False,
                    **({"output_router_logits": True} if router_aux else {}))
-    hidden = out.last_hidden_state
-    if features is not None:
-        hidden = hidden + 0.0 * sum(t.float().sum() for t in _tensors(features)).to(hidden.dtype)
-    return hidden, out.router_logits if router_aux else None
+    return out.last_hidden_state, out.router_logits if router_aux else None
 
 
 def _tensors(out) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ What changes against text pairs, and what does not:
 Qwen2-VL / Qwen2.5-VL: without torchvision their processor is built without its video processor
 (`images_only`), and a batch with images carries the processor's mm_token_type_ids (its M-RoPE needs them).
 
-One process or FSDP2, padded batches and a live reference (a frozen copy, ref_model, or a LoRA policy's adapter
+One process or FSDP2 (`fsdp: full_shard`), padded batches and a live reference (a frozen copy, ref_model, or a LoRA policy's adapter
 off); the rest is refused in one line (`check_config`).
 """
 
@@ -55,7 +55,8 @@ def check_config(cfg) -> None:
         (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
         (cfg.precompute_ref_log_probs, "precompute_ref_log_probs", "the precompute pass has no images"),
         (bool(cfg.generate_during_eval), "generate_during_eval", "sampling with images is not built yet"),
-        (bool(cfg.deepspeed), "deepspeed", "ZeRO-3 is not built for them yet; fsdp: full_shard shards them"),
+        (bool(cfg.deepspeed), "deepspeed", "ZeRO-3's backward gathers weights in another order on a process "
+                                           "whose batch has no image; fsdp: full_shard shards them"),
         (cfg.finetuning_type == "freeze", "finetuning_type: freeze", "its layer numbers would count the vision "
                                           "tower's layers too; use full with the freeze_* keys, or lora"),
     ]

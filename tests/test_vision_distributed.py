@@ -1,5 +1,5 @@
-"""FSDP2 and ZeRO-3 with a vision-language model (docs/vision.md): 2 CPU processes (gloo) train the tiny LLaVA of
-test_vision.py on pairs with 0, 1 or 2 images each, as a one-process run with the global batch does: the same
+"""FSDP2 with a vision-language model (docs/vision.md; ZeRO-3 is refused for now, the page says why): 2 CPU
+processes (gloo) train the tiny LLaVA of test_vision.py on pairs with 0, 1 or 2 images each, as a one-process run with the global batch does: the same
 per-step metrics and final weights (1e-5). The vision tower and projector train too (not LLaMA-Factory's
 default), so their sharded gradients are compared; a process whose share of a batch has no image still runs
 the vision tower (`logps`: lockstep engines), else the other would wait for it. SGD: Adam's first steps turn the
@@ -11,14 +11,12 @@ from safetensors.torch import load_file
 
 from preftune import train as train_mod
 from preftune.config import from_dict
-from test_distributed import ROOT, same_histories, same_weights, torchrun
+from test_distributed import same_histories, same_weights, torchrun
 from test_vision import build_llava, write_vision_pairs
-
-EXAMPLES = ROOT / "examples" / "deepspeed"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", [{"fsdp": "full_shard"}], ids=["fsdp2"])
+@pytest.mark.parametrize("engine", [{"fsdp": "full_shard"}], ids=["fsdp2"])  # (ZeRO-3: docs/vision.md)
 def test_two_sharded_processes_equal_one_process(engine, tiny_tokenizer, demo_pairs, tmp_path):
     torch.set_num_threads(1)
     model = build_llava(tiny_tokenizer, tmp_path / "llava")

@@ -13,13 +13,16 @@ from preftune import train as train_mod
 from preftune.config import from_dict
 from test_distributed import same_histories, same_weights, torchrun
 from test_vision import build_llava, write_vision_pairs
+from test_vision_qwen2vl import build_qwen2vl
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("engine", [{"fsdp": "full_shard"}], ids=["fsdp2"])  # (ZeRO-3: docs/vision.md)
-def test_two_sharded_processes_equal_one_process(engine, tiny_tokenizer, demo_pairs, tmp_path):
+def test_two_sharded_processes_equal_one_process(engine, family, tiny_tokenizer, demo_pairs, tmp_path):
     torch.set_num_threads(1)
-    model = build_llava(tiny_tokenizer, tmp_path / "llava")
+    build = build_llava if family == "llava" else build_qwen2vl
+    model = build(tiny_tokenizer, tmp_path / family)
     data = write_vision_pairs(tmp_path / "data", demo_pairs[:8])  # pairs 0, 3, 6 text-only
     raw = {"model_name_or_path": str(model), "dataset": str(data), "torch_dtype": "float32", "learning_rate": 0.5, "optim": "sgd",
            "per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1, "progress_bar": False,
@@ -32,4 +35,5 @@ def test_two_sharded_processes_equal_one_process(engine, tiny_tokenizer, demo_pa
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     weights = same_weights(tmp_path / "one", tmp_path / "two")
     start = load_file(model / "model.safetensors")
-    assert any(not torch.equal(weights[n], start[n]) for n in weights if "vision_tower" in n)  # the tower trained
+    vision = "vision_tower" if family == "llava" else "visual"
+    assert any(not torch.equal(weights[n], start[n]) for n in weights if vision in n)  # the tower trained

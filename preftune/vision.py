@@ -20,8 +20,8 @@ What changes against text pairs, and what does not:
 Qwen2-VL / Qwen2.5-VL: without torchvision their processor is built without its video processor
 (`images_only`), and a batch with images carries the processor's mm_token_type_ids (its M-RoPE needs them).
 
-One process or FSDP2 (`fsdp: full_shard`), padded batches and a live reference (a frozen copy, ref_model, or a LoRA policy's adapter
-off); the rest is refused in one line (`check_config`).
+One process or FSDP2 (`fsdp: full_shard`), padded batches and a live reference (a frozen copy, ref_model, or a
+LoRA policy's adapter off); the rest is refused in one line (`check_config`).
 """
 
 from __future__ import annotations

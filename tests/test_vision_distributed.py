@@ -1,9 +1,10 @@
 """FSDP2 with a vision-language model (docs/vision.md; ZeRO-3 is refused for now, the page says why): 2 CPU
-processes (gloo) train the tiny LLaVA of test_vision.py on pairs with 0, 1 or 2 images each, as a one-process run with the global batch does: the same
-per-step metrics and final weights (1e-5). The vision tower and projector train too (not LLaMA-Factory's
-default), so their sharded gradients are compared; a process whose share of a batch has no image still runs
-the vision tower (`logps`: lockstep engines), else the other would wait for it. SGD: Adam's first steps turn the
-float noise of a gradient near 0 (a key bias) into a full-size update."""
+processes (gloo) train the tiny LLaVA of test_vision.py (and the tiny Qwen2-VL of test_vision_qwen2vl.py) on
+pairs with 0, 1 or 2 images each, as a one-process run with the global batch does: the same per-step metrics
+and final weights (1e-5). The vision tower and projector train too (not LLaMA-Factory's default), so their
+sharded gradients are compared; a process whose share of a batch has no image still runs the vision tower
+(`logps`: lockstep engines), else the other would wait for it. SGD: Adam's first steps turn the float noise of
+a gradient near 0 (a key bias) into a full-size update."""
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ def test_two_sharded_processes_equal_one_process(engine, family, tiny_tokenizer,
     build = build_llava if family == "llava" else build_qwen2vl
     model = build(tiny_tokenizer, tmp_path / family)
     data = write_vision_pairs(tmp_path / "data", demo_pairs[:8])  # pairs 0, 3, 6 text-only
-    raw = {"model_name_or_path": str(model), "dataset": str(data), "torch_dtype": "float32", "learning_rate": 0.5, "optim": "sgd",
+    raw = {"model_name_or_path": str(model), "dataset": str(data), "torch_dtype": "float32",
+           "learning_rate": 0.5, "optim": "sgd",
            "per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1, "progress_bar": False,
            "plot_loss": False, "freeze_vision_tower": False, "freeze_multi_modal_projector": False}
     train_mod.train(from_dict({**raw, "output_dir": str(tmp_path / "one")}))

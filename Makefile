@@ -36,7 +36,7 @@ demo: $(VENV)/.base
 # two workers (pytest-xdist), the multi-process tests on one of them (tests/conftest.py); serially, one
 # worker: `.venv/bin/python -m pytest -q`
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
 
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"

@@ -163,7 +163,7 @@ def test_sample_and_eval_render_a_prompt_exactly_as_training_does(tmp_path, tiny
 
     seen = []
 
-    def fake_sample(model, tokenizer, prompts, cfg, device, skip=frozenset()):
+    def fake_sample(model, tokenizer, prompts, cfg, device, skip=frozenset(), images=None, processor=None):
         seen.append(prompts)
         yield 0, [[[tokenizer.eos_token_id]] * cfg.num_samples for _ in prompts]
 
@@ -255,7 +255,7 @@ def test_sample_and_eval_take_the_template_of_the_run_that_wrote_the_model(tmp_p
     data = write_pairs(tmp_path, demo_pairs[:2])
     seen = []
 
-    def fake_sample(model, tokenizer, prompts, cfg, device, skip=frozenset()):
+    def fake_sample(model, tokenizer, prompts, cfg, device, skip=frozenset(), images=None, processor=None):
         seen.append(prompts)
         yield 0, [[[tokenizer.eos_token_id]] * cfg.num_samples for _ in prompts]
 

@@ -98,12 +98,42 @@ def llava_dir(tmp_path_factory, tiny_tokenizer):
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm")
 
 
+def trl_vision_rows(model_dir, processor, data, tmp_path, common) -> list[dict]:
+    """TRL 1.16's DPOTrainer on the pairs of `data` (their images opened as PIL images, as TRL takes them) with the
+    settings `common` shares with the preftune run: its logged training rows."""
+    import datasets
+    import trl
+    from PIL import Image
+
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in records:
+        r["images"] = [Image.open(data.parent / name).copy() for name in r["images"]]
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type="sigmoid", weight_decay=0.0,
+                         report_to="none", max_length=None, use_cpu=True, save_strategy="no", seed=0, bf16=False,
+                         dataloader_num_workers=0, activation_checkpointing=False,
+                         model_init_kwargs={"dtype": torch.float32}, **common)
+    trainer = trl.DPOTrainer(model=str(model_dir), args=args, train_dataset=datasets.Dataset.from_list(records),
+                             processing_class=processor)
+    trainer.train()
+    return [r for r in trainer.state.log_history if "loss" in r and "rewards/chosen" in r]
+
+
+def assert_trl_rows(ours: list[dict], theirs: list[dict]) -> None:
+    """preftune's rows equal TRL's at steps 1-3 (STATS within 1e-4; accuracies past step 1), and the policy learned."""
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [1, 2, 3]
+    for mine, trl_row in zip(ours, theirs):
+        for key in STATS:
+            assert mine[key] == pytest.approx(trl_row[key], abs=1e-4, rel=1e-5), (mine["step"], key, mine[key],
+                                                                                   trl_row[key])
+        if mine["step"] > 1:  # at step 1 policy = reference: every pair a tie, 0.5 here, 0 in TRL (trl-differences.md)
+            assert mine["rewards/accuracies"] == trl_row["rewards/accuracies"]
+    assert ours[-1]["loss"] < ours[0]["loss"] - 0.05, "the policy learned nothing: the test would not see a difference"
+
+
 def test_steps_match_trl(llava_dir, demo_pairs, tmp_path):
     """3 steps of preftune train and of TRL 1.16's DPOTrainer on the same tiny LLaVA, pairs and images (8 pairs
     in one batch: 3 with no image, 3 with one, 2 with two; SGD at a constant rate, so float noise stays noise):
     the same loss, rewards, log-probs and gradient norm at every step, within 1e-4."""
-    import datasets
-    import trl
     from transformers import AutoProcessor
 
     from preftune import train as train_mod
@@ -119,28 +149,7 @@ def test_steps_match_trl(llava_dir, demo_pairs, tmp_path):
                                "freeze_vision_tower": False, "freeze_multi_modal_projector": False}))
     ours = [r for r in json.loads((tmp_path / "ours" / "dpo_metrics" / "log_history.json").read_text()) if "loss" in r]
 
-    from PIL import Image
-
-    records = [json.loads(line) for line in data.read_text().splitlines()]
-    for r in records:
-        r["images"] = [Image.open(tmp_path / "data" / name).copy() for name in r["images"]]
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type="sigmoid", weight_decay=0.0,
-                         report_to="none", max_length=None, use_cpu=True, save_strategy="no", seed=0, bf16=False,
-                         dataloader_num_workers=0, activation_checkpointing=False,
-                         model_init_kwargs={"dtype": torch.float32}, **common)
-    trainer = trl.DPOTrainer(model=str(llava_dir), args=args, train_dataset=datasets.Dataset.from_list(records),
-                             processing_class=AutoProcessor.from_pretrained(llava_dir))
-    trainer.train()
-    theirs = [r for r in trainer.state.log_history if "loss" in r and "rewards/chosen" in r]
-
-    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [1, 2, 3]
-    for mine, trl_row in zip(ours, theirs):
-        for key in STATS:
-            assert mine[key] == pytest.approx(trl_row[key], abs=1e-4, rel=1e-5), (mine["step"], key, mine[key],
-                                                                                   trl_row[key])
-        if mine["step"] > 1:  # at step 1 policy = reference: every pair a tie, 0.5 here, 0 in TRL (trl-differences.md)
-            assert mine["rewards/accuracies"] == trl_row["rewards/accuracies"]
-    assert ours[-1]["loss"] < ours[0]["loss"] - 0.05, "the policy learned nothing: the test would not see a difference"
+    assert_trl_rows(ours, trl_vision_rows(llava_dir, AutoProcessor.from_pretrained(llava_dir), data, tmp_path, common))
 
 
 def _vision_items(llava_dir, pairs, folder):

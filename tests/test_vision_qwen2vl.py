@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from preftune.config import from_dict
-from test_vision import STATS, square, write_vision_pairs
+from test_vision import assert_trl_rows, square, trl_vision_rows, write_vision_pairs
 
 # Qwen2-VL-Instruct's chat template, verbatim (its default system turn; an image part is
 # <|vision_start|><|image_pad|><|vision_end|>, which the processor expands to one <|image_pad|> per merged patch)
@@ -103,10 +103,6 @@ def test_steps_match_trl(qwen2vl_dir, demo_pairs, tmp_path):
     """3 steps of preftune train and of TRL 1.16's DPOTrainer on the same tiny Qwen2-VL, pairs and images (8 pairs
     in one batch, 0, 1 or 2 images each; SGD at a constant rate), TRL fed the same processor: the same loss,
     rewards, log-probs and gradient norm at every step, within 1e-4."""
-    import datasets
-    import trl
-    from PIL import Image
-
     from preftune import train as train_mod
     from preftune.vision import load_processor
 
@@ -124,26 +120,7 @@ def test_steps_match_trl(qwen2vl_dir, demo_pairs, tmp_path):
     assert type(load_processor(from_dict({"model_name_or_path": str(tmp_path / "ours")}))).__name__ == \
         "Qwen2VLProcessor" and (tmp_path / "ours" / "preprocessor_config.json").exists()
 
-    records = [json.loads(line) for line in data.read_text().splitlines()]
-    for r in records:
-        r["images"] = [Image.open(tmp_path / "data" / name).copy() for name in r["images"]]
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type="sigmoid", weight_decay=0.0,
-                         report_to="none", max_length=None, use_cpu=True, save_strategy="no", seed=0, bf16=False,
-                         dataloader_num_workers=0, activation_checkpointing=False,
-                         model_init_kwargs={"dtype": torch.float32}, **common)
-    trainer = trl.DPOTrainer(model=str(qwen2vl_dir), args=args, train_dataset=datasets.Dataset.from_list(records),
-                             processing_class=load_processor(cfg))
-    trainer.train()
-    theirs = [r for r in trainer.state.log_history if "loss" in r and "rewards/chosen" in r]
-
-    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [1, 2, 3]
-    for mine, trl_row in zip(ours, theirs):
-        for key in STATS:
-            assert mine[key] == pytest.approx(trl_row[key], abs=1e-4, rel=1e-5), (mine["step"], key, mine[key],
-                                                                                   trl_row[key])
-        if mine["step"] > 1:  # at step 1 policy = reference: a tie, 0.5 here, 0 in TRL (trl-differences.md)
-            assert mine["rewards/accuracies"] == trl_row["rewards/accuracies"]
-    assert ours[-1]["loss"] < ours[0]["loss"] - 0.05, "the policy learned nothing: the test would not see a difference"
+    assert_trl_rows(ours, trl_vision_rows(qwen2vl_dir, load_processor(cfg), data, tmp_path, common))
 
 
 def test_processor_without_video(family_dir, tmp_path, monkeypatch):

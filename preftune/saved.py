@@ -55,15 +55,15 @@ def load_folder(folder: Path | str, dtype="auto", quantization_config=None, what
     on a causal LM checkpoint: one output, on a new head)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
+    local = Path(folder).expanduser()
+    saved_classifier = local.is_dir() and is_reward_model(local)  # read once: its head, or a new one-output head
     if classifier is None:
-        classifier = Path(folder).expanduser().is_dir() and is_reward_model(Path(folder).expanduser())
+        classifier = saved_classifier
     auto, extra = AutoModelForCausalLM, {}
-    if not classifier and is_vision_folder(Path(folder).expanduser()):
-        auto = AutoModelForImageTextToText
     if classifier:
-        local = Path(folder).expanduser()
-        auto = AutoModelForSequenceClassification
-        extra = {} if local.is_dir() and is_reward_model(local) else {"num_labels": 1}
+        auto, extra = AutoModelForSequenceClassification, ({} if saved_classifier else {"num_labels": 1})
+    elif is_vision_folder(local):
+        auto = AutoModelForImageTextToText
     # quantization_config=None would override the one a quantized folder's config.json holds
     if quantization_config is not None:
         extra["quantization_config"] = quantization_config

@@ -72,13 +72,14 @@ def _reward_model(name: str, batch_size: int = 8):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(name).expanduser()
+    run_cfg = model_run_config(name)  # the run that wrote it, if preftune's: its base, its rendering
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         if is_adapter(folder):  # a LoRA reward model's adapter (save_adapter_only): merged into its base
             if not is_reward_model(folder):
                 raise ModelError(f"reward: '{name}' is the LoRA adapter of a causal LM, not of a reward model "
                                  "(peft task_type SEQ_CLS, as preftune rm writes); give a reward model")
-            model = merged_adapter(folder, *adapter_base(folder, model_run_config(name)))
+            model = merged_adapter(folder, *adapter_base(folder, run_cfg))
         else:
             model = AutoModelForSequenceClassification.from_pretrained(name).eval()
     except (OSError, ValueError) as e:
@@ -90,7 +91,6 @@ def _reward_model(name: str, batch_size: int = 8):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    run_cfg = model_run_config(name)
     if run_cfg is not None and run_cfg.stage == "rm":
         return _trained_reward_model(model, tokenizer, run_cfg, folder, batch_size)
 

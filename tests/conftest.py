@@ -13,11 +13,13 @@ from preftune.demo import build_model, build_tokenizer, make_pairs  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
-    """`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): the slow tests, most of
-    them runs of 2 to 4 processes, all go to one worker, one at a time, so at most one multi-process run
-    shares the cores with the other worker's single-process tests. Without xdist the mark does nothing."""
+    """`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): the slow tests that run
+    2 to 4 processes all go to one worker, one at a time, so at most one multi-process run shares the cores
+    with the other worker's single-process tests. A slow test marked `one_process` (one training process at
+    a time: the demo flow, a compiled run, a killed-and-resumed CLI run) is spread like any other test, so
+    the multi-process group stays the shorter share of the suite. Without xdist the marks do nothing."""
     for item in items:
-        if item.get_closest_marker("slow"):
+        if item.get_closest_marker("slow") and not item.get_closest_marker("one_process"):
             item.add_marker(pytest.mark.xdist_group("processes"))
 
 

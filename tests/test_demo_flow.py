@@ -84,6 +84,7 @@ def test_demo_refuses_bad_options_in_one_line(args, message, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_demo_flow_runs_end_to_end_and_dpo_beats_sft(tmp_path, capsys):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     assert main(["demo", "--output_dir", str(out), "--cache_dir", str(cache), *TINY]) == 0
@@ -123,6 +124,7 @@ def test_demo_flow_runs_end_to_end_and_dpo_beats_sft(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_demo_sweep_evaluates_every_beta_together(tmp_path):
     out = tmp_path / "sweep"
     assert main(["demo", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--sweep", "0.1,0.5",

@@ -15,6 +15,7 @@ def politeness(prompts, completions):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_sft_sample_reward_dpo_eval(tmp_path, tiny_model_dir, demo_pairs):
     (tmp_path / "rewards.py").write_text(REWARD)
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": p["prompt"], "completion": p["chosen"]}) + "\n"

@@ -465,6 +465,7 @@ def browser(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_label_by_keyboard_in_a_browser_survives_a_killed_server(browser, candidates, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.wait import WebDriverWait

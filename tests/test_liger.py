@@ -328,6 +328,7 @@ def test_the_cli_refuses_in_one_line(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_compiled_liger_chunks_equal_the_eager_ones(models_pair, batches):
     """On a GPU Liger's chunks are compiled (its default); the given reference log-probs must reach the
     compiled loss too. Checked here on the CPU (about 10 s of compilation), values and gradients."""

@@ -280,6 +280,7 @@ def run(tmp_path, model_dir, **over):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_lora_training_learns_and_saves_a_loadable_adapter(tmp_path, tiny_model_dir, sft_adapter):
     """Started from base + SFT adapter: step 0 is a tie everywhere (the reference is the SFT model,
     not the base), then the trained adapter pulls held-out accuracy up; the output is an adapter."""

@@ -36,6 +36,7 @@ def test_the_sources_parse_on_every_supported_python(python):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_pip_install_keeps_the_installed_torch_and_the_package_runs(tmp_path):
     """A fresh venv that sees this one's packages (torch among them) through a .pth file stands for a
     machine where the user installed torch first; `pip install .` of a copy of the tracked files must

@@ -201,6 +201,7 @@ def wait_for(path, proc, seconds: float = 1800) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_sigkilled_cli_run_resumes_exactly(tmp_path, tiny_model_dir):
     """A real kill: `python -m preftune train cfg.yaml` is SIGKILLed after checkpoint-3 is in place and
     before the run ends (it is held after step 4), then resumed with resume_from_checkpoint: true; its
@@ -287,6 +288,7 @@ def test_a_signal_stops_after_the_step_and_the_resume_is_exact(tmp_path, tiny_mo
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_sigterm_to_a_cli_run_checkpoints_exits_143_and_resumes_exactly(tmp_path, tiny_model_dir):
     """A real SIGTERM to `python -m preftune train cfg.yaml` (held after step 4) after checkpoint-3: the
     step in progress finishes, a checkpoint of it is written, exit status 143 with one line, the metric

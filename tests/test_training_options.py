@@ -95,6 +95,7 @@ def test_torch_compile_compiles_the_backbones_with_dynamic_shapes(tiny_model_dir
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_a_compiled_run_equals_the_eager_run(tmp_path, tiny_model_dir):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in make_pairs(24, 0)))

@@ -18,7 +18,8 @@ import pytest
 from preftune.cli import main
 from preftune.data import read_dataset
 from preftune.errors import DataError
-from preftune.labels import AlreadyJudged, LabelStore, NotJudged, export_pairs, labels_path
+from preftune.config.load import from_dict
+from preftune.labels import AlreadyJudged, LabelStore, NotJudged, dataset_folders, export_pairs, labels_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -323,6 +324,10 @@ def test_images_are_served_from_the_datasets_folder_only(tmp_path, caplog):
     # --media_dir serves its folder too, and relative paths are read from it
     store = LabelStore(path, media_dir=str(outside))
     assert store.images.read("secret.png")[0] == secret.read_bytes() and store.images.problem("../data/img/cat.png") is None
+    # iterate's page serves the folder of the prompts it sampled (their images are absolute paths there)
+    (outside / "prompts.jsonl").write_text("{}\n")
+    store = LabelStore(path, image_roots=dataset_folders(from_dict({"dataset": str(outside / "prompts.jsonl")})))
+    assert store.images.problem(str(secret)) is None and store.images.problem("/etc/passwd") is not None
 
 
 # --- bad input: one line naming file, line and field, exit 2 -----------------------------------

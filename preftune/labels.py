@@ -299,6 +299,9 @@ def _images(rec: dict, where: str, prompt: str | list[dict]) -> list[str] | None
     for v in images or []:
         _unicode(v, where, f"'{name}'")
     parts = _image_parts(prompt) if isinstance(prompt, list) else 0
+    if parts and _image_parts([m for m in prompt if m["role"] == "system"]):
+        raise DataError(f"{where}: field 'prompt': a system message holds an image part; put images in a user turn "
+                        "(as training requires)")
     if parts and parts != len(images or []):
         raise DataError(f"{where}: {parts} image placeholder(s) ({{\"type\": \"image\"}} parts) but "
                         f"{len(images or [])} image(s) in 'images'; give one image per placeholder, in order")

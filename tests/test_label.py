@@ -313,7 +313,8 @@ def test_images_are_served_from_the_datasets_folder_only(tmp_path, caplog):
     statuses = {n: client.get(f"/image/0/{n}") for n in range(4, len(images))}
     assert {n: r.status_code for n, r in statuses.items()} == {4: 403, 5: 403, 6: 403, 7: 415, 8: 404, 9: 403}
     assert all(r.headers["content-type"] == "application/json" and b"black" not in r.content for r in statuses.values())
-    for url in ("/image/1/0", "/image/2/0", "/image/0/99", "/image/x/0", "/image/0/..%2F..%2Fsecret.png",
+    for url in ("/image/1/0", "/image/2/0", "/image/0/99", "/image/x/0", "/image/-1/0", "/image/%C2%B2/0",
+                "/image/0/..%2F..%2Fsecret.png",
                 "/image/..%2Foutside%2Fsecret.png/0"):
         assert client.get(url).status_code == 404, url
     # the same page in a shared text-only flow: nothing changes
@@ -356,6 +357,8 @@ GOOD = {"id": "x", "prompt": "p", "completions": [{"text": "a", "score": None}, 
     (json.dumps({**GOOD, "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}],
                  "images": ["a.png", "b.png"]}), r":1: 1 image placeholder\(s\) .* but 2 image\(s\) in 'images'"),
     (json.dumps({**GOOD, "images": [{"bytes": None}]}), r":1: field 'images' must be a list of image file paths"),
+    (json.dumps({**GOOD, "prompt": [{"role": "system", "content": [{"type": "image"}]}, {"role": "user", "content": "q"}],
+                 "images": ["a.png"]}), r":1: field 'prompt': a system message holds an image part"),
     ("", r"no records"),
 ])
 def test_a_bad_candidates_file_is_one_line(tmp_path, capsys, text, message):
@@ -377,6 +380,7 @@ def test_a_bad_candidates_file_is_one_line(tmp_path, capsys, text, message):
     (["missing.jsonl"], "missing.jsonl: no such file"),
     (["{file}", "--export", "{file}"], "would overwrite the file it is made from"),
     (["{file}", "--export", "no/such/folder/pairs.jsonl"], "folder 'no/such/folder' does not exist"),
+    (["{file}", "--media_dir", "no/such/folder"], "--media_dir no/such/folder: no such folder"),
 ])
 def test_bad_options_are_one_line(candidates, capsys, args, message):
     assert main(["label", *[a.format(file=candidates) for a in args]]) == 2

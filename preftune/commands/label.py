@@ -4,10 +4,10 @@
     preftune label candidates.jsonl --export pairs.jsonl     # the judgements as training pairs
 
 FILE is what `preftune sample` writes (one prompt and its completions per line) or a plain pairs
-file. The page shows a prompt and two of its completions side by side, in a random order per
-comparison; keys A / B / T (tie) / S (skip) / U (undo). Every judgement is appended and fsynced
-to FILE.labels.jsonl before the page hears back (preftune/labels.py keeps that file; this module
-is only the thin HTTP layer over it), so a restarted server resumes where it stopped. Serving
+file. The page shows a prompt (its images above it) and two of its completions side by side, in a
+random order per comparison; keys A / B / T (tie) / S (skip) / U (undo). Every judgement is appended
+and fsynced to FILE.labels.jsonl before the page hears back (preftune/labels.py keeps that file; this
+module is only the thin HTTP layer over it), so a restarted server resumes where it stopped. Serving
 needs FastAPI and uvicorn (`pip install 'preftune[label]'`); --export does not.
 """
 
@@ -161,7 +161,8 @@ def warn_unshown_images(store: LabelStore) -> None:
 
 def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: list[str] | None = None,
                lock: threading.Lock | None = None):
-    """The FastAPI app over `store`: the page and three JSON endpoints, each one call into the store.
+    """The FastAPI app over `store`: the page, three JSON endpoints, each one call into the store, and the
+    prompts' images (/image/<record>/<n>, from the folders store.images serves only).
     allowed_hosts: the host names served besides IP addresses (own_names; None: any, for tests); a web
     page elsewhere that points its own domain at this address (DNS rebinding) is refused (Guard).
     lock: the one the handlers hold around the store (given by a caller that reads the store meanwhile)."""
@@ -223,8 +224,8 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
     def image(record: str, n: str) -> Response:
         """Image n of the record at that position: read, checked and typed by store.images (only from the
         folders it serves; 403, 404 or 415 with the reason otherwise). No lock: the records never change."""
-        try:
-            value = store.records[int(record)].images[int(n)] if record.isdigit() and n.isdigit() else None
+        try:  # positions only: "-1" or "²" is no image, not the last one or a 500
+            value = store.records[int(record)].images[int(n)] if record.isdecimal() and n.isdecimal() else None
         except (IndexError, TypeError):  # TypeError: a record without images
             value = None
         if value is None:

@@ -281,12 +281,13 @@ def test_images_are_served_from_the_datasets_folder_only(tmp_path, caplog):
     data, outside = tmp_path / "data", tmp_path / "outside"
     cat = write_image(data / "img" / "cat.png")
     write_image(data / "scan.tiff", "green", fmt="TIFF")  # no browser shows TIFF: sent as PNG
+    photo = write_image(data / "photo.jpg", "blue", fmt="JPEG")
     secret = write_image(outside / "secret.png", "black")
     (data / "notes.txt").write_text("not an image")
     (data / "escape.png").symlink_to(secret)
     (data / "img" / "alias.png").symlink_to(cat)  # a link that stays inside is served
     images = ["img/cat.png", str(cat), "scan.tiff", "img/alias.png", "../outside/secret.png", str(secret),
-              "escape.png", "notes.txt", "img/missing.png", "/etc/passwd"]
+              "escape.png", "notes.txt", "img/missing.png", "/etc/passwd", "photo.jpg"]
     path = write_jsonl(data / "candidates.jsonl", [
         {"id": "v", "prompt": "Look.", "images": images, "completions": [{"text": "a"}, {"text": "b"}]},
         {"id": "t", "prompt": "Text only.", "completions": [{"text": "a"}, {"text": "b"}]}])
@@ -300,7 +301,7 @@ def test_images_are_served_from_the_datasets_folder_only(tmp_path, caplog):
 
     shown = client.get("/api/next").json()["comparison"]
     assert [i["url"] for i in shown["images"]] == [f"/image/0/{n}" for n in range(len(images))]
-    assert [i["error"] is None for i in shown["images"]] == [True] * 4 + [False] * 6
+    assert [i["error"] is None for i in shown["images"]] == [True] * 4 + [False] * 6 + [True]
     assert "outside the folders images are served from" in shown["images"][4]["error"]
     assert "links to a file outside" in shown["images"][6]["error"]
 
@@ -310,7 +311,9 @@ def test_images_are_served_from_the_datasets_folder_only(tmp_path, caplog):
     assert client.get("/image/0/3").content == cat.read_bytes()
     r = client.get("/image/0/2")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
-    statuses = {n: client.get(f"/image/0/{n}") for n in range(4, len(images))}
+    r = client.get("/image/0/10")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content == photo.read_bytes()
+    statuses = {n: client.get(f"/image/0/{n}") for n in range(4, 10)}
     assert {n: r.status_code for n, r in statuses.items()} == {4: 403, 5: 403, 6: 403, 7: 415, 8: 404, 9: 403}
     assert all(r.headers["content-type"] == "application/json" and b"black" not in r.content for r in statuses.values())
     for url in ("/image/1/0", "/image/2/0", "/image/0/99", "/image/x/0", "/image/-1/0", "/image/%C2%B2/0",

@@ -272,6 +272,18 @@ def test_export_keeps_the_images_and_training_reads_them_as_image_pairs(tmp_path
     assert read[1].messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
     assert [(p.chosen, p.rejected) for p in read] == [("The cat.", "The dog.")] * 3
 
+    # a TRL vision pairs file (completions as text parts) is labelled again, its images kept
+    trl = write_jsonl(tmp_path / "data" / "trl.jsonl", [{
+        "prompt": written[1]["prompt"], "images": ["img/cat.png"],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}])
+    store = LabelStore(trl, writable=True)
+    (c,) = store.comparisons
+    store.judge(c.id, "A" if c.shown_as_a == 1 else "B", c.shown_as_a)  # prefers Blue.
+    export_pairs(store, out)
+    (pair,) = read_dataset(str(out), str(tmp_path))
+    assert (pair.chosen, pair.rejected, pair.images) == ("Blue.", "Red.", read[1].images)
+
 
 def test_images_are_served_from_the_datasets_folder_only(tmp_path, caplog):
     from fastapi.testclient import TestClient

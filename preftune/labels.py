@@ -9,10 +9,12 @@ them, kept in an append-only file beside it. Pure Python; `preftune label` serve
 
 Input: JSON Lines, one record per prompt, as `preftune sample` writes it:
   {"id": "...", "prompt": "..." or [{"role", "content"}, ...], "system": "optional",
-   "completions": [{"text": "...", "score": 0.3 or null}, ...]}       (at least 2 completions)
-Each record yields one comparison per pair of completions (i < j). A plain pairs file
-({"prompt", "chosen", "rejected"}, strings or TRL's one-assistant-message lists) is read too:
-each record is one comparison of its two completions, so existing data can be labelled again.
+   "images": ["optional", "paths"], "completions": [{"text": "...", "score": 0.3 or null}, ...]}
+Each record yields one comparison per pair of completions (i < j; at least 2 completions). A plain
+pairs file ({"prompt", "chosen", "rejected"}, strings or TRL's one-assistant-message lists) is read
+too: each record is one comparison of its two completions, so existing data can be labelled again.
+A prompt with images is TRL's vision format (`images` paths, `{"type": "image"}` content parts); the
+store serves those files only from the candidates' folder or `media_dir` (`image`).
 
 The labels file (`FILE.labels.jsonl`) is the only state. Every judgement is one JSON line,
 appended and fsynced before it is acknowledged; an undo is another line, so the file is never
@@ -25,6 +27,7 @@ that changed since.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -62,6 +65,7 @@ class Record:
     completions: list[str]
     system: str | None = None
     where: str = ""  # "file:line", for messages
+    images: list[str] | None = None  # the prompt's image paths as given (None: the record has no images field)
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,8 @@ class Comparison:
     def fingerprint(self) -> str:
         """A short hash of the texts judged: a labels line whose texts have since changed is refused."""
         r = self.record
-        blob = json.dumps([r.prompt, r.system, r.completions[self.first], r.completions[self.second]],
-                          ensure_ascii=False, sort_keys=True)
+        judged = [r.prompt, r.system, r.completions[self.first], r.completions[self.second]]
+        blob = json.dumps(judged + [r.images] if r.images else judged, ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -97,6 +101,94 @@ def labels_path(path: str | Path) -> Path:
     """Where the judgements on `path` are kept: FILE.labels.jsonl beside it."""
     path = Path(path)
     return path.with_name(path.name + ".labels.jsonl")
+
+
+# --- the prompts' images ----------------------------------------------------------------------
+
+BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "GIF": "image/gif",
+                   "WEBP": "image/webp", "BMP": "image/bmp"}  # PIL's format -> the type a browser shows as is
+
+
+class ImageRefused(Exception):
+    """An image the page is not sent; `status` is the HTTP status that says why: 403 outside the folders
+    served, 404 no such file, 415 not an image."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class ImageFolders:
+    """Where a candidates file's images are read from, and the only folders they are served from.
+
+    A relative path is read from media_dir where given, else from the file's folder (as training reads
+    TRL-format paths). Whatever the path, the file it names, once `..` and every symlink are resolved, must
+    lie inside the file's folder, media_dir or one of `roots`, and open as an image: a candidates file that
+    names ~/.ssh/id_rsa, or an image link pointing there, gets its line on the page, never the bytes."""
+
+    def __init__(self, candidates: Path, media_dir: str | None = None, roots: list[str] = ()):
+        self.base = Path(media_dir).expanduser() if media_dir else candidates.parent
+        folders = [candidates.parent] + ([self.base] if media_dir else []) + [Path(r).expanduser() for r in roots]
+        self.roots = list(dict.fromkeys(Path(os.path.realpath(f)) for f in folders))
+
+    def path(self, value: str) -> Path:
+        """The image's absolute path, symlinks kept (what export writes, so training reads the same file)."""
+        return Path(os.path.abspath(self.base / Path(value).expanduser()))  # an absolute value stays itself
+
+    def _file(self, value: str) -> Path:
+        """The real file behind `value`, checked to lie inside a served folder."""
+        try:
+            real = Path(os.path.realpath(self.path(value)))
+            inside = any(real.is_relative_to(root) for root in self.roots)
+            exists = inside and real.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            raise ImageRefused(404, f"{shown(value)} is not a usable file path") from None
+        if not inside:
+            verb = "links to a file" if self.path(value) != real else "is"  # a symlink, or a folder on the way
+            raise ImageRefused(403, f"{shown(value)} {verb} outside the folders images are served from "
+                                    f"({', '.join(map(str, self.roots))}); pass --media_dir with its folder")
+        if not exists:
+            raise ImageRefused(404, f"{shown(value)}: no such file")
+        return real
+
+    def read(self, value: str, pixels: bool = True) -> tuple[bytes, str]:
+        """The image's bytes and content type, as the browser gets them (a format browsers do not show,
+        TIFF say, as PNG); pixels=False checks only (the file's header) and returns no bytes."""
+        from PIL import Image, UnidentifiedImageError
+
+        real = self._file(value)
+        try:
+            with Image.open(real) as image:  # reads the header only
+                kind = BROWSER_FORMATS.get(image.format)
+                if not pixels:
+                    return b"", kind or "image/png"
+                if kind:
+                    return real.read_bytes(), kind
+                out = io.BytesIO()
+                image.save(out, "PNG")
+                return out.getvalue(), "image/png"
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ImageRefused(415, f"{shown(value)} is not an image ({reason[:80]})") from None
+
+    def problem(self, value: str) -> str | None:
+        """Why the page cannot show `value` (one line), or None."""
+        try:
+            self.read(value, pixels=False)
+        except ImageRefused as e:
+            return str(e)
+        return None
+
+
+def dataset_folders(cfg) -> list[str]:
+    """The folders a run's data reads images from (media_dir, dataset_dir and each local data file's folder):
+    where `preftune iterate` serves the images of the prompts it sampled from."""
+    folders = [cfg.media_dir] if cfg.media_dir else []
+    for name in (cfg.dataset or "").split(","):
+        path = Path(name.strip()).expanduser()
+        if path.is_file():
+            folders.append(str(path.parent))
+    return folders + [cfg.dataset_dir]
 
 
 # --- reading the candidates -------------------------------------------------------------------
@@ -151,6 +243,30 @@ def _string(rec: dict, name: str, where: str, required: bool = True) -> str | No
     return _unicode(value, where, f"'{name}'")
 
 
+def _content(content: Any, where: str, name: str) -> str | list[dict]:
+    """A message's content: a string, or TRL's list of {"type": "text", "text"} and {"type": "image"} parts
+    (the n-th image part stands for the record's n-th image)."""
+    if isinstance(content, str):
+        return _unicode(content, where, f"{name} 'content'")
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        raise DataError(f"{where}: field {name} must be an object with string 'role' and 'content' (a string, or a "
+                        'list of {"type": "text", "text": ...} / {"type": "image"} parts)')
+    parts = []
+    for part in content:
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": _unicode(part["text"], where, f"{name} 'content'")})
+        elif part.get("type") == "image":
+            parts.append({"type": "image"})  # the image itself is the record's `images` entry
+        else:
+            raise DataError(f"{where}: field {name}: a content part {shown(part)}; expected "
+                            '{"type": "text", "text": ...} or {"type": "image"}')
+    return parts
+
+
+def _image_parts(messages: list[dict]) -> int:
+    return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+
+
 def _prompt(rec: dict, where: str) -> str | list[dict]:
     """A prompt text, or messages that end on the turn the completions answer (as training reads them)."""
     prompt = rec.get("prompt")
@@ -158,17 +274,38 @@ def _prompt(rec: dict, where: str) -> str | list[dict]:
         return _string(rec, "prompt", where)
     if not prompt:
         raise DataError(f"{where}: field 'prompt' is an empty list; it needs at least one user message")
+    out = []
     for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise DataError(f"{where}: field 'prompt' message {i} must be an object with string 'role' and "
                             "'content'")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: field 'prompt' message {i}: role '{m['role']}' is not one of {', '.join(ROLES)}")
-        _unicode(m["content"], where, f"'prompt' message {i} 'content'")
+        out.append({"role": m["role"], "content": _content(m.get("content"), where, f"'prompt' message {i}")})
     if prompt[-1]["role"] in ("assistant", "system"):
         raise DataError(f"{where}: field 'prompt' ends on a message with role '{prompt[-1]['role']}'; it must end on "
                         "the user (or tool) turn that the completions answer")
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return out
+
+
+def _images(rec: dict, where: str, prompt: str | list[dict]) -> list[str] | None:
+    """The prompt's image paths (TRL's `images`, or `image` for one), checked against its image parts as
+    training checks them; None when the record has neither field."""
+    images = rec.get("images", [rec["image"]] if rec.get("image") is not None else None)
+    name = "images" if "images" in rec else "image"
+    if images is not None and (not isinstance(images, list) or not all(isinstance(v, str) for v in images)):
+        raise DataError(f"{where}: field '{name}' must be a list of image file paths (the page shows files; "
+                        "an image embedded as bytes cannot be labelled: write it to a file)")
+    for v in images or []:
+        _unicode(v, where, f"'{name}'")
+    parts = _image_parts(prompt) if isinstance(prompt, list) else 0
+    if parts and _image_parts([m for m in prompt if m["role"] == "system"]):
+        raise DataError(f"{where}: field 'prompt': a system message holds an image part; put images in a user turn "
+                        "(as training requires)")
+    if parts and parts != len(images or []):
+        raise DataError(f"{where}: {parts} image placeholder(s) ({{\"type\": \"image\"}} parts) but "
+                        f"{len(images or [])} image(s) in 'images'; give one image per placeholder, in order")
+    return images
 
 
 def _pair_completion(rec: dict, name: str, where: str) -> str:
@@ -176,8 +313,12 @@ def _pair_completion(rec: dict, name: str, where: str) -> str:
     value = rec.get(name)
     if isinstance(value, list):
         if len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant" \
-                and isinstance(value[0].get("content"), str):
-            return _unicode(value[0]["content"], where, f"'{name}' message 0 'content'")
+                and isinstance(value[0].get("content"), (str, list)):
+            content = _content(value[0]["content"], where, f"'{name}' message 0")
+            if isinstance(content, str):
+                return content
+            if not _image_parts([{"content": content}]):  # TRL's vision data: a list of text parts
+                return "".join(p["text"] for p in content)
         raise DataError(f"{where}: field '{name}' must be a string or one assistant message "
                         '[{"role": "assistant", "content": "..."}] (tool calls cannot be labelled)')
     return _string(rec, name, where)
@@ -202,8 +343,9 @@ def _candidates(rec: dict, where: str) -> Record:
             raise DataError(f"{where}: field 'completions' item {i}: 'score' is {type(score).__name__}, expected "
                             "a number or null")
         texts.append(_unicode(c["text"], where, f"'completions' item {i} 'text'"))
-    return Record(id=_string(rec, "id", where), prompt=_prompt(rec, where), completions=texts,
-                  system=_string(rec, "system", where, required=False), where=where)
+    prompt = _prompt(rec, where)
+    return Record(id=_string(rec, "id", where), prompt=prompt, completions=texts,
+                  system=_string(rec, "system", where, required=False), where=where, images=_images(rec, where, prompt))
 
 
 def _pair(rec: dict, where: str, seen: dict[str, int]) -> Record:
@@ -211,14 +353,15 @@ def _pair(rec: dict, where: str, seen: dict[str, int]) -> Record:
     texts, so labels stay with their pair when lines are added to or removed from the file."""
     prompt, system = _prompt(rec, where), _string(rec, "system", where, required=False)
     texts = [_pair_completion(rec, "chosen", where), _pair_completion(rec, "rejected", where)]
+    images = _images(rec, where, prompt)
     rid = _string(rec, "id", where, required=False)
     if rid is None:
-        blob = json.dumps([prompt, system, *texts], ensure_ascii=False, sort_keys=True)
+        blob = json.dumps([prompt, system, *texts] + ([images] if images else []), ensure_ascii=False, sort_keys=True)
         rid = "pair-" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
         seen[rid] = seen.get(rid, 0) + 1
         if seen[rid] > 1:  # the same pair twice: each copy is its own comparison
             rid += f"-{seen[rid]}"
-    return Record(id=rid, prompt=prompt, completions=texts, system=system, where=where)
+    return Record(id=rid, prompt=prompt, completions=texts, system=system, where=where, images=images)
 
 
 def read_candidates(path: str | Path) -> list[Record]:
@@ -282,9 +425,11 @@ class LabelStore:
     Not thread-safe: the server calls it under one lock.
     """
 
-    def __init__(self, path: str | Path, seed: int = 0, writable: bool = False):
+    def __init__(self, path: str | Path, seed: int = 0, writable: bool = False, media_dir: str | None = None,
+                 image_roots: list[str] = ()):
         self.path = Path(path)
         self.records = read_candidates(self.path)
+        self.images = ImageFolders(self.path, media_dir, image_roots)
         self.comparisons = comparisons(self.records, seed)
         self.by_id = {c.id: c for c in self.comparisons}
         self.labels_path = labels_path(self.path)
@@ -502,10 +647,19 @@ class LabelStore:
 
 # --- export ---------------------------------------------------------------------------------------
 
-def pair_record(record: Record, chosen: int, rejected: int) -> dict:
+def pair_record(record: Record, chosen: int, rejected: int, images: ImageFolders | None = None) -> dict:
     """A pair as preftune's data readers take it: standard (prompt text) or conversational (prompt
-    messages, each completion one assistant message), plus `system` when the record has one."""
+    messages, each completion one assistant message), plus `system` when the record has one. A record
+    with images is TRL's vision format: messages (the system turn the first of them, where the vision
+    reader takes it) and `images` as absolute paths, so the pairs file trains from any folder."""
     texts = record.completions
+    if record.images is not None:
+        prompt = record.prompt if isinstance(record.prompt, list) else [{"role": "user", "content": record.prompt}]
+        if record.system is not None:
+            prompt = [{"role": "system", "content": record.system}, *prompt]
+        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": texts[chosen]}],
+                "rejected": [{"role": "assistant", "content": texts[rejected]}],
+                "images": [str(images.path(v)) if images else v for v in record.images]}
     if isinstance(record.prompt, list):
         out = {"prompt": record.prompt, "chosen": [{"role": "assistant", "content": texts[chosen]}],
                "rejected": [{"role": "assistant", "content": texts[rejected]}]}
@@ -524,7 +678,7 @@ def export_pairs(store: LabelStore, dest: str | Path) -> dict:
         entry = store.current.get(c.id)
         if entry and entry["choice"] not in ("tie", "skip"):
             rejected = c.second if entry["choice"] == c.first else c.first
-            lines.append(json.dumps(pair_record(c.record, entry["choice"], rejected), ensure_ascii=False))
+            lines.append(json.dumps(pair_record(c.record, entry["choice"], rejected, store.images), ensure_ascii=False))
     dest = Path(dest)
     if dest.resolve() in (store.path.resolve(), store.labels_path.resolve()):
         raise DataError(f"--export '{dest}' would overwrite the file it is made from; choose another path")

@@ -18,7 +18,8 @@ import pytest
 from preftune.cli import main
 from preftune.data import read_dataset
 from preftune.errors import DataError
-from preftune.labels import AlreadyJudged, LabelStore, NotJudged, export_pairs, labels_path
+from preftune.config.load import from_dict
+from preftune.labels import AlreadyJudged, LabelStore, NotJudged, dataset_folders, export_pairs, labels_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,8 @@ RECORDS = [
      "completions": [{"text": "Fine, thanks.", "score": None}, {"text": "Go away.", "score": None}]},
     {"id": "r4", "prompt": "Capital of France?", "system": "You are a geography teacher.",
      "completions": [{"text": "Paris.", "score": None}, {"text": "Lyon.", "score": None}]},
-    {"id": "r5", "prompt": "2 + 2?", "completions": [{"text": "4", "score": None}, {"text": "5", "score": None}]},
+    {"id": "r5", "prompt": "How many squares?", "images": ["img/square.png"],  # beside the file: shown above the prompt
+     "completions": [{"text": "One.", "score": None}, {"text": "Five.", "score": None}]},
 ]
 # r1#0-1, r2#0-1, r2#0-2, r2#1-2, r3#0-1, r4#0-1, r5#0-1
 COMPARISONS = 7
@@ -44,8 +46,17 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def write_image(path: Path, colour: str = "red", size: tuple[int, int] = (24, 16), fmt: str | None = None) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, fmt)
+    return path
+
+
 @pytest.fixture
 def candidates(tmp_path) -> Path:
+    write_image(tmp_path / "img" / "square.png")
     return write_jsonl(tmp_path / "candidates.jsonl", RECORDS)
 
 
@@ -225,6 +236,116 @@ def test_a_pairs_file_can_be_labelled_again(tmp_path):
     assert LabelStore(pairs).progress()["labelled"] == 3
 
 
+def vision_candidates(tmp_path) -> Path:
+    """Records as `preftune sample` writes image prompts (TRL's vision format: messages with image parts,
+    `images` as absolute paths, system apart), a text prompt with a relative image, and a text-only record."""
+    data = tmp_path / "data"
+    cat, dog = write_image(data / "img" / "cat.png", "red"), write_image(data / "img" / "dog.jpg", "blue", fmt="JPEG")
+    two = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which is first?"},
+                                        {"type": "image"}]}]
+    pair = [{"text": "The cat.", "score": None}, {"text": "The dog.", "score": None}]
+    return write_jsonl(data / "samples.jsonl", [
+        {"id": "0", "prompt": two, "system": "Look closely.", "images": [str(cat), str(dog)], "completions": pair},
+        {"id": "1", "prompt": "What colour?", "system": None, "images": ["img/cat.png"], "completions": pair},
+        {"id": "2", "prompt": [{"role": "user", "content": "No image here."}], "system": None, "images": [],
+         "completions": pair}])
+
+
+def test_export_keeps_the_images_and_training_reads_them_as_image_pairs(tmp_path, capsys):
+    path = vision_candidates(tmp_path)
+    store = LabelStore(path, writable=True)
+    for c in store.comparisons:  # the first completion preferred each time
+        store.judge(c.id, "A" if c.shown_as_a == 0 else "B", c.shown_as_a)
+    store.close()
+    out = tmp_path / "pairs.jsonl"  # another folder than the candidates': the paths are absolute
+    assert main(["label", str(path), "--export", str(out)]) == 0
+    assert "wrote 3 pairs" in capsys.readouterr().out
+    written = lines(out)
+    img = tmp_path / "data" / "img"
+    assert [p["images"] for p in written] == [[str(img / "cat.png"), str(img / "dog.jpg")], [str(img / "cat.png")], []]
+    assert written[0]["prompt"][0] == {"role": "system", "content": "Look closely."}  # where the vision reader takes it
+
+    read = read_dataset(str(out), str(tmp_path))  # training's reader: image pairs, the same pixels
+    assert [len(p.images) for p in read] == [2, 1, 0] and read[0].images[0] == read[1].images[0]
+    assert [r.size for r in read[0].images] == [(24, 16), (24, 16)] and read[0].images[0] != read[0].images[1]
+    assert read[0].system == "Look closely." and read[0].messages == written[0]["prompt"][1:]
+    assert read[1].messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    assert [(p.chosen, p.rejected) for p in read] == [("The cat.", "The dog.")] * 3
+
+    # a TRL vision pairs file (completions as text parts) is labelled again, its images kept
+    trl = write_jsonl(tmp_path / "data" / "trl.jsonl", [{
+        "prompt": written[1]["prompt"], "images": ["img/cat.png"],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}])
+    store = LabelStore(trl, writable=True)
+    (c,) = store.comparisons
+    store.judge(c.id, "A" if c.shown_as_a == 1 else "B", c.shown_as_a)  # prefers Blue.
+    export_pairs(store, out)
+    (pair,) = read_dataset(str(out), str(tmp_path))
+    assert (pair.chosen, pair.rejected, pair.images) == ("Blue.", "Red.", read[1].images)
+
+
+def test_images_are_served_from_the_datasets_folder_only(tmp_path, caplog):
+    from fastapi.testclient import TestClient
+
+    from preftune.commands.label import create_app
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    cat = write_image(data / "img" / "cat.png")
+    write_image(data / "scan.tiff", "green", fmt="TIFF")  # no browser shows TIFF: sent as PNG
+    photo = write_image(data / "photo.jpg", "blue", fmt="JPEG")
+    secret = write_image(outside / "secret.png", "black")
+    (data / "notes.txt").write_text("not an image")
+    (data / "escape.png").symlink_to(secret)
+    (data / "img" / "alias.png").symlink_to(cat)  # a link that stays inside is served
+    images = ["img/cat.png", str(cat), "scan.tiff", "img/alias.png", "../outside/secret.png", str(secret),
+              "escape.png", "notes.txt", "img/missing.png", "/etc/passwd", "photo.jpg"]
+    path = write_jsonl(data / "candidates.jsonl", [
+        {"id": "v", "prompt": "Look.", "images": images, "completions": [{"text": "a"}, {"text": "b"}]},
+        {"id": "t", "prompt": "Text only.", "completions": [{"text": "a"}, {"text": "b"}]}])
+    store = LabelStore(path, writable=True)
+    client = TestClient(create_app(store))
+    assert "8 image(s) of" not in caplog.text and "6 image(s) of" in caplog.text  # one warning at start
+
+    r = client.get("/")  # the page's policy: images from this server only, nothing inline
+    img_src = re.search(r"img-src ([^;]*)", r.headers["content-security-policy"]).group(1)
+    assert img_src == "'self'" and "default-src 'none'" in r.headers["content-security-policy"]
+
+    shown = client.get("/api/next").json()["comparison"]
+    assert [i["url"] for i in shown["images"]] == [f"/image/0/{n}" for n in range(len(images))]
+    assert [i["error"] is None for i in shown["images"]] == [True] * 4 + [False] * 6 + [True]
+    assert "outside the folders images are served from" in shown["images"][4]["error"]
+    assert "links to a file outside" in shown["images"][6]["error"]
+
+    r = client.get("/image/0/0")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == cat.read_bytes()
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/image/0/3").content == cat.read_bytes()
+    r = client.get("/image/0/2")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+    r = client.get("/image/0/10")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content == photo.read_bytes()
+    statuses = {n: client.get(f"/image/0/{n}") for n in range(4, 10)}
+    assert {n: r.status_code for n, r in statuses.items()} == {4: 403, 5: 403, 6: 403, 7: 415, 8: 404, 9: 403}
+    assert all(r.headers["content-type"] == "application/json" and b"black" not in r.content for r in statuses.values())
+    for url in ("/image/1/0", "/image/2/0", "/image/0/99", "/image/x/0", "/image/-1/0", "/image/%C2%B2/0",
+                "/image/0/..%2F..%2Fsecret.png",
+                "/image/..%2Foutside%2Fsecret.png/0"):
+        assert client.get(url).status_code == 404, url
+    # the same page in a shared text-only flow: nothing changes
+    store.judge("v#0-1", "skip", store.comparison("v#0-1").shown_as_a)
+    assert client.get("/api/next").json()["comparison"]["images"] == []
+    store.close()
+
+    # --media_dir serves its folder too, and relative paths are read from it
+    store = LabelStore(path, media_dir=str(outside))
+    assert store.images.read("secret.png")[0] == secret.read_bytes() and store.images.problem("../data/img/cat.png") is None
+    # iterate's page serves the folder of the prompts it sampled (their images are absolute paths there)
+    (outside / "prompts.jsonl").write_text("{}\n")
+    store = LabelStore(path, image_roots=dataset_folders(from_dict({"dataset": str(outside / "prompts.jsonl")})))
+    assert store.images.problem(str(secret)) is None and store.images.problem("/etc/passwd") is not None
+
+
 # --- bad input: one line naming file, line and field, exit 2 -----------------------------------
 
 GOOD = {"id": "x", "prompt": "p", "completions": [{"text": "a", "score": None}, {"text": "b", "score": 0.1}]}
@@ -248,6 +369,11 @@ GOOD = {"id": "x", "prompt": "p", "completions": [{"text": "a", "score": None}, 
     (json.dumps(GOOD) + "\n" + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}),
      r":2: a pairs record in a candidates file"),
     (json.dumps({"prompt": "p", "chosen": "a"}), r":1: missing field 'rejected'"),
+    (json.dumps({**GOOD, "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}],
+                 "images": ["a.png", "b.png"]}), r":1: 1 image placeholder\(s\) .* but 2 image\(s\) in 'images'"),
+    (json.dumps({**GOOD, "images": [{"bytes": None}]}), r":1: field 'images' must be a list of image file paths"),
+    (json.dumps({**GOOD, "prompt": [{"role": "system", "content": [{"type": "image"}]}, {"role": "user", "content": "q"}],
+                 "images": ["a.png"]}), r":1: field 'prompt': a system message holds an image part"),
     ("", r"no records"),
 ])
 def test_a_bad_candidates_file_is_one_line(tmp_path, capsys, text, message):
@@ -269,6 +395,7 @@ def test_a_bad_candidates_file_is_one_line(tmp_path, capsys, text, message):
     (["missing.jsonl"], "missing.jsonl: no such file"),
     (["{file}", "--export", "{file}"], "would overwrite the file it is made from"),
     (["{file}", "--export", "no/such/folder/pairs.jsonl"], "folder 'no/such/folder' does not exist"),
+    (["{file}", "--media_dir", "no/such/folder"], "--media_dir no/such/folder: no such folder"),
 ])
 def test_bad_options_are_one_line(candidates, capsys, args, message):
     assert main(["label", *[a.format(file=candidates) for a in args]]) == 2
@@ -533,6 +660,14 @@ def test_label_by_keyboard_in_a_browser_survives_a_killed_server(browser, candid
         assert progress() == f"4 of {COMPARISONS} labelled"
         press("s", "r5#0-1")
         seen["r5#0-1"] = (index("a"), index("b"))
+        # its image, served by the server, is drawn above the prompt
+        WebDriverWait(browser, 120, poll_frequency=0.05).until(lambda _: browser.execute_script(
+            "const i = document.querySelector('#images img'); return i && i.complete && i.naturalWidth"),
+            "the prompt's image was not drawn")
+        assert browser.execute_script("const i = document.querySelector('#images img'); return [i.naturalWidth, "
+                                      "i.getBoundingClientRect().bottom <= "
+                                      "document.getElementById('prompt').getBoundingClientRect().top]"
+                                      ) == [24, True]
         press("a", "r3#0-1")  # nothing else left: the other tab's hold does not block the end
         roles = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#prompt .role")]
         assert roles == ["system", "user", "assistant", "user"]
@@ -555,4 +690,6 @@ def test_label_by_keyboard_in_a_browser_survives_a_killed_server(browser, candid
     texts = {r["id"]: [c["text"] for c in r["completions"]] for r in RECORDS}
     expected = {"r1#0-1": seen["r1#0-1"][0], "r2#0-1": seen["r2#0-1"][1], "r2#0-2": seen["r2#0-2"][0],
                 "r2#1-2": seen["r2#1-2"][1], "r5#0-1": seen["r5#0-1"][0]}
-    assert [p["chosen"] for p in pairs] == [texts[cid.split("#")[0]][i] for cid, i in expected.items()]
+    assert [p["chosen"] if isinstance(p["chosen"], str) else p["chosen"][0]["content"] for p in pairs] == \
+        [texts[cid.split("#")[0]][i] for cid, i in expected.items()]
+    assert pairs[-1]["images"] == [str(tmp_path / "img" / "square.png")]

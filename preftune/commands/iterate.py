@@ -267,9 +267,9 @@ def wait_for_labels(cfg, r: int, candidates: Path, pairs_file: Path) -> dict:
     import uvicorn
 
     from preftune.commands.label import LOOPBACK, create_app, listen, own_names
-    from preftune.labels import LabelStore, export_pairs
+    from preftune.labels import LabelStore, dataset_folders, export_pairs
 
-    store = LabelStore(candidates, cfg.seed, writable=True)
+    store = LabelStore(candidates, cfg.seed, writable=True, image_roots=dataset_folders(cfg))  # the prompts' images
     try:
         p = store.progress()
         need = p["total"] if cfg.label_min_pairs == 0 else cfg.label_min_pairs

@@ -4,10 +4,10 @@
     preftune label candidates.jsonl --export pairs.jsonl     # the judgements as training pairs
 
 FILE is what `preftune sample` writes (one prompt and its completions per line) or a plain pairs
-file. The page shows a prompt and two of its completions side by side, in a random order per
-comparison; keys A / B / T (tie) / S (skip) / U (undo). Every judgement is appended and fsynced
-to FILE.labels.jsonl before the page hears back (preftune/labels.py keeps that file; this module
-is only the thin HTTP layer over it), so a restarted server resumes where it stopped. Serving
+file. The page shows a prompt (its images above it) and two of its completions side by side, in a
+random order per comparison; keys A / B / T (tie) / S (skip) / U (undo). Every judgement is appended
+and fsynced to FILE.labels.jsonl before the page hears back (preftune/labels.py keeps that file; this
+module is only the thin HTTP layer over it), so a restarted server resumes where it stopped. Serving
 needs FastAPI and uvicorn (`pip install 'preftune[label]'`); --export does not.
 """
 
@@ -26,7 +26,7 @@ from importlib import resources
 
 from preftune.config import load_options, parse_command_line
 from preftune.errors import ConfigError
-from preftune.labels import AlreadyJudged, Comparison, LabelStore, NotJudged, export_pairs, shown
+from preftune.labels import AlreadyJudged, Comparison, ImageRefused, LabelStore, NotJudged, export_pairs, shown
 
 log = logging.getLogger("preftune")
 
@@ -135,19 +135,34 @@ def page_and_policy() -> tuple[str, str]:
     return page, policy
 
 
-def view(c: Comparison | None) -> dict | None:
-    """What the page shows of a comparison. Scores are left out: they would bias the judgement."""
+def view(c: Comparison | None, store: LabelStore, position: dict[str, int]) -> dict | None:
+    """What the page shows of a comparison. Scores are left out: they would bias the judgement. Each image
+    is a URL of this server (/image/<record position>/<n>: no path from the data reaches the URL), or why
+    it cannot be shown."""
     if c is None:
         return None
     r = c.record
-    return {"id": c.id, "record": r.id, "prompt": r.prompt, "system": r.system,
+    images = [{"url": f"/image/{position[r.id]}/{n}", "name": os.path.basename(v) or v,
+               "error": store.images.problem(v)} for n, v in enumerate(r.images or [])]
+    return {"id": c.id, "record": r.id, "prompt": r.prompt, "system": r.system, "images": images,
             "a": {"index": c.shown_as_a, "text": r.completions[c.shown_as_a]},
             "b": {"index": c.shown_as_b, "text": r.completions[c.shown_as_b]}}
 
 
+def warn_unshown_images(store: LabelStore) -> None:
+    """One warning at start for the images the page cannot show (each says why on the page too)."""
+    problems = [(r.where, n, p) for r in store.records for n, v in enumerate(r.images or [])
+                if (p := store.images.problem(v))]
+    if problems:
+        where, n, problem = problems[0]
+        log.warning("%d image(s) of %s cannot be shown on the page (the first: %s image %d: %s)", len(problems),
+                    store.path, where, n, problem)
+
+
 def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: list[str] | None = None,
                lock: threading.Lock | None = None):
-    """The FastAPI app over `store`: the page and three JSON endpoints, each one call into the store.
+    """The FastAPI app over `store`: the page, three JSON endpoints, each one call into the store, and the
+    prompts' images (/image/<record>/<n>, from the folders store.images serves only).
     allowed_hosts: the host names served besides IP addresses (own_names; None: any, for tests); a web
     page elsewhere that points its own domain at this address (DNS rebinding) is refused (Guard).
     lock: the one the handlers hold around the store (given by a caller that reads the store meanwhile)."""
@@ -159,6 +174,8 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
         raise ConfigError(LABEL_INSTALL) from None
 
     page, policy = page_and_policy()
+    position = {r.id: i for i, r in enumerate(store.records)}
+    warn_unshown_images(store)
     lock = lock or threading.Lock()  # FastAPI runs plain handlers on a thread pool; the store is not thread-safe
     app = FastAPI(title="preftune label", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, allowed_hosts=allowed_hosts)
@@ -172,7 +189,7 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
 
     def state(comparison: Comparison | None, **extra) -> dict:
         return {"file": store.path.name, "labels": str(store.labels_path), "annotator": annotator,
-                "progress": store.progress(), "comparison": view(comparison), **extra}
+                "progress": store.progress(), "comparison": view(comparison, store, position), **extra}
 
     def field(body: dict, name: str, kinds: tuple[type, ...], required: bool = True):
         value = body.get(name)
@@ -202,6 +219,22 @@ def create_app(store: LabelStore, annotator: str | None = None, allowed_hosts: l
     @app.get("/favicon.ico")
     def favicon() -> Response:
         return Response(status_code=204)  # none: but a 404 here would be an error in the browser's console
+
+    @app.get("/image/{record}/{n}")
+    def image(record: str, n: str) -> Response:
+        """Image n of the record at that position: read, checked and typed by store.images (only from the
+        folders it serves; 403, 404 or 415 with the reason otherwise). No lock: the records never change."""
+        try:  # positions only: "-1" or "²" is no image, not the last one or a 500
+            value = store.records[int(record)].images[int(n)] if record.isdecimal() and n.isdecimal() else None
+        except (IndexError, TypeError):  # TypeError: a record without images
+            value = None
+        if value is None:
+            return JSONResponse(status_code=404, content={"error": f"no image {shown(n, 20)} of record {shown(record, 20)}"})
+        try:
+            data, kind = store.images.read(value)
+        except ImageRefused as e:
+            return JSONResponse(status_code=e.status, content={"error": str(e)})
+        return Response(data, media_type=kind, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/next")
     def next_comparison(client: str = "default") -> dict:
@@ -298,13 +331,15 @@ Every judgement is saved at once to FILE.labels.jsonl; restarting resumes where 
   --port N          port (default 8765; 0 picks a free one)
   --annotator NAME  the name recorded with each judgement (else typed on the page)
   --seed N          seed of the A/B order (default 0)
+  --media_dir DIR   the folder relative image paths are read from, and served from besides FILE's folder
+                    (default: FILE's folder only; an image elsewhere is not shown)
   --export PAIRS    do not serve: write the judgements as pairs training reads ({"prompt", "chosen",
                     "rejected", "system"}) to PAIRS, report ties, skips and unlabelled comparisons
   --config FILE     these options from a YAML file (keys dataset (FILE), host, port, annotator, seed,
-                    export); the command line's win
+                    media_dir, export); the command line's win
 """
 
-FLAGS = {"host": "127.0.0.1", "port": "8765", "annotator": None, "export": None, "seed": "0"}
+FLAGS = {"host": "127.0.0.1", "port": "8765", "annotator": None, "export": None, "seed": "0", "media_dir": None}
 
 
 def _int(flag: str, value: str, low: int, high: int, what: str) -> int:
@@ -331,11 +366,13 @@ def main(args: list[str]) -> int:
     seed = _int("seed", flags["seed"], 0, 2**63, "a non-negative integer")
     if flags["export"] is not None and not flags["export"].strip():  # an unset shell variable: never serve instead
         raise ConfigError("--export is empty; give the file to write the pairs to, e.g. --export pairs.jsonl")
+    if flags["media_dir"] and not os.path.isdir(os.path.expanduser(flags["media_dir"])):
+        raise ConfigError(f"--media_dir {flags['media_dir']}: no such folder; give the folder holding the images")
     if flags["export"] is not None:
-        store = LabelStore(path, seed)
+        store = LabelStore(path, seed, media_dir=flags["media_dir"])
         print(format_export(export_pairs(store, os.path.expanduser(flags["export"])), str(store.labels_path)))
         return 0
-    store = LabelStore(path, seed, writable=True)
+    store = LabelStore(path, seed, writable=True, media_dir=flags["media_dir"])
     try:
         serve(store, flags["host"], port, flags["annotator"])
     finally:

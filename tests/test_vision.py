@@ -334,3 +334,24 @@ def test_what_is_not_built_yet_is_refused_in_one_line(over, key, llava_dir):
         load_processor(from_dict({"model_name_or_path": str(llava_dir), **over}))
     assert "\n" not in str(raised.value)
     assert load_processor(from_dict({"model_name_or_path": str(llava_dir)})) is not None
+
+
+def test_a_top_level_system_text_is_the_pairs_system_turn(tmp_path):
+    """`preftune sample` writes its image pairs with a top-level `system` (as text records have it): it is the
+    pair's system turn, never dropped; the same text also given as the prompt's first message is one system
+    turn, and two different ones are refused in one line."""
+    from preftune.data import read_dataset
+    from preftune.errors import DataError
+
+    folder = tmp_path / "data"
+    record = _bad_record(folder, "good")
+    rows = [{**record, "system": "Be brief."},
+            {**record, "system": "Be brief.", "prompt": [{"role": "system", "content": "Be brief."}] + record["prompt"]}]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = read_dataset(str(folder / "pairs.jsonl"), "data")
+    assert [e.system for e in examples] == ["Be brief.", "Be brief."]
+    assert [len(e.images) for e in examples] == [1, 1]
+    rows[1]["system"] = "Be long."
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: a system text in both field 'system' and the prompt's first"):
+        read_dataset(str(folder / "pairs.jsonl"), "data")

@@ -277,6 +277,15 @@ def vision_pair(rec: dict, where: str, base_dir: Path | None, options: ImageOpti
         if isinstance(messages[0]["content"], list) and _placeholders(messages[:1]):
             raise DataError(f"{where}: the system message holds an image part; put images in a user turn")
         system, messages = text_of(messages[0]["content"]), messages[1:]
+    if rec.get("system") is not None:
+        # a top-level system text (as `preftune sample` writes its pairs, and text records take it): the
+        # pair's system turn; given twice it is refused rather than one of them dropped
+        if not isinstance(rec["system"], str):
+            raise DataError(f"{where}: field 'system' is {type(rec['system']).__name__}, expected a string")
+        if system is not None and rec["system"] != system:
+            raise DataError(f"{where}: a system text in both field 'system' and the prompt's first message; "
+                            "keep one of them")
+        system = rec["system"] or system
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt must end on the user turn that chosen/rejected answer")
     return PreferencePair(prompt=text_of(messages[-1]["content"]), chosen=chosen, rejected=rejected, system=system,

@@ -53,7 +53,6 @@ def check_config(cfg) -> None:
         (cfg.prefix_sharing, "prefix_sharing", "the 4D mask of shared prompts is not passed to the vision "
                                                "backbone"),
         (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
-        (cfg.precompute_ref_log_probs, "precompute_ref_log_probs", "the precompute pass has no images"),
         (bool(cfg.generate_during_eval), "generate_during_eval", "sampling with images is not built yet"),
         (bool(cfg.deepspeed), "deepspeed", "ZeRO-3's backward gathers weights in another order on a process "
                                            "whose batch has no image; fsdp: full_shard shards them"),

@@ -12,10 +12,13 @@ What changes against text pairs, and what does not:
     text (a token merged across it is completion, and counted). Image tokens are prompt tokens: never
     in the completion mask, never in a log-prob.
   * batches: the same [chosen; rejected] rows as `batching.collate`, plus the image processor's tensors
-    (pixel_values, and image_sizes etc. where it gives them) of each row's images in row order: each
-    pair's images twice, once per row, as TRL's collator does. Images are read when a batch is built.
+    (pixel_values, and image_sizes etc. where it gives them) of the pairs' images in pair order, once: a
+    pair's rejected row holds its chosen row's images (TRL's collator gives them once per row). Images are
+    read when a batch is built.
   * the forward: `logps.get_batch_logps` runs the model's whole multimodal backbone (vision tower,
-    projector, language model) on a batch with images, its language model alone on one without.
+    projector, language model) on a batch with images, each image through the vision tower once and its
+    features placed in both rows of its pair (`logps._rows_media`); its language model alone on a batch
+    without.
 
 Qwen2-VL / Qwen2.5-VL: without torchvision their processor is built without its video processor
 (`images_only`), and a batch with images carries the processor's mm_token_type_ids (its M-RoPE needs them).
@@ -246,12 +249,13 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
 def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,
                    processor, multiple: int | None = None, lockstep: bool = False) -> dict:
     """`batching.collate`'s rows (padded to a multiple of `multiple` where given), plus the image processor's
-    tensors of the rows' images in row order ([chosen; rejected]: each pair's images twice), and the processor's
-    mm_token_type_ids where it makes them (1 on image tokens); none for a batch without images, except under a
+    tensors of the pairs' images in pair order, once (the rejected rows hold the chosen rows' images, in the same
+    order: `logps._rows_media` encodes them once for both), and the processor's mm_token_type_ids of the rows
+    where it makes them (1 on image tokens); none for a batch without images, except under a
     lockstep engine (FSDP2, ZeRO-3: `lockstep`), where such a batch carries a blank image's tensors as
     idle_pixel_values etc. (logps.IDLE): the vision part runs on it, times 0, as it runs on the other processes."""
     batch = collate(pairs, pad_token_id, index, multiple)
-    images = [ref for p in pairs for ref in p.images] * 2
+    images = [ref for p in pairs for ref in p.images]  # once: the rejected rows hold the chosen rows' images
     batch.update(media(processor, images, batch["input_ids"]))
     if not images and lockstep:
         from PIL import Image

@@ -53,8 +53,8 @@ def check_config(cfg) -> None:
     refused = [
         (cfg.objective != "dpo", f"stage/pref_loss {cfg.objective}", "preference pairs (dpo) only"),
         (cfg.padding_free, "padding_free", "image features are placed by the image tokens of padded rows"),
-        (cfg.prefix_sharing, "prefix_sharing", "the 4D mask of shared prompts is not passed to the vision "
-                                               "backbone"),
+        (cfg.prefix_sharing, "prefix_sharing", "the 4D mask of shared prompts is not passed to the multimodal "
+                                               "backbone; each pair's images are encoded once without it"),
         (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
         (bool(cfg.generate_during_eval), "generate_during_eval", "sampling with images is not built yet"),
         (bool(cfg.deepspeed), "deepspeed", "ZeRO-3's backward gathers weights in another order on a process "

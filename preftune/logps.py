@@ -96,16 +96,16 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
     idle = {k[len(IDLE):]: v for k, v in batch.items() if k.startswith(IDLE)}
     if idle:  # a batch without images under a lockstep engine: the vision part runs on a blank image (vision.py)
         media = {"idle": idle}
-    if media:  # vision.py: padded rows only
-        return {**{k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}, "media": media}
-    if "score_index" in batch:  # prefix sharing
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": None,
-                "position_ids": batch["position_ids"], "score_index": batch["score_index"],
-                "score_rows": batch["score_rows"]}
-    if "position_ids" not in batch:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
-    return {"input_ids": batch["input_ids"], "attention_mask": None, "completion_mask": batch["completion_mask"],
-            "position_ids": batch["position_ids"], "sequence_lengths": batch["sequence_lengths"]}
+    if "score_index" in batch:  # prefix sharing (not with images: vision.check_config)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": None,
+                  "position_ids": batch["position_ids"], "score_index": batch["score_index"],
+                  "score_rows": batch["score_rows"]}
+    elif "position_ids" not in batch:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": None, "completion_mask": batch["completion_mask"],
+                  "position_ids": batch["position_ids"], "sequence_lengths": batch["sequence_lengths"]}
+    return {**inputs, "media": media} if media else inputs
 
 
 class SequenceSplit(NamedTuple):

@@ -263,6 +263,11 @@ class _UnderContext(torch.nn.Module):
         with self.context():
             return self.module(*args, **kwargs)
 
+    def get_image_features(self, *args, **kwargs):
+        """A vision-language backbone's image features (logps encodes each pair's images once), in the context."""
+        with self.context():
+            return self.module.get_image_features(*args, **kwargs)
+
 
 class AdapterReference:
     """The reference model read from a LoRA policy's own weights, for `get_batch_logps` and

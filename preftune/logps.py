@@ -31,8 +31,9 @@ and the partial sums are added up over the group (differentiably), so every proc
 sequences' (2B,) log-probs and lengths. The split is set once per process, as the attention it goes with.
 
 Vision-language models (vision.py): a batch with images also holds the image processor's tensors
-(`MEDIA_KEYS`: pixel_values, ...), for the rows' images in row order; the pass then runs the model's whole
-multimodal backbone (`multimodal_backbone`), which puts the image features at the image tokens, all of
+(`MEDIA_KEYS`: pixel_values, ...), for its B pairs' images once, in pair order (a pair's chosen and rejected rows
+hold the same images); the pass encodes each image once and runs the model's whole multimodal backbone
+(`multimodal_backbone`) with those features placed at the image tokens of both rows (`_rows_media`), all of
 them prompt tokens and so never scored. A batch without images runs the language model alone, as for text.
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 from typing import Callable, NamedTuple
 
@@ -94,16 +96,16 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
     idle = {k[len(IDLE):]: v for k, v in batch.items() if k.startswith(IDLE)}
     if idle:  # a batch without images under a lockstep engine: the vision part runs on a blank image (vision.py)
         media = {"idle": idle}
-    if media:  # vision.py: padded rows only
-        return {**{k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}, "media": media}
-    if "score_index" in batch:  # prefix sharing
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": None,
-                "position_ids": batch["position_ids"], "score_index": batch["score_index"],
-                "score_rows": batch["score_rows"]}
-    if "position_ids" not in batch:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
-    return {"input_ids": batch["input_ids"], "attention_mask": None, "completion_mask": batch["completion_mask"],
-            "position_ids": batch["position_ids"], "sequence_lengths": batch["sequence_lengths"]}
+    if "score_index" in batch:  # prefix sharing (not with images: vision.check_config)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": None,
+                  "position_ids": batch["position_ids"], "score_index": batch["score_index"],
+                  "score_rows": batch["score_rows"]}
+    elif "position_ids" not in batch:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": None, "completion_mask": batch["completion_mask"],
+                  "position_ids": batch["position_ids"], "sequence_lengths": batch["sequence_lengths"]}
+    return {**inputs, "media": media} if media else inputs
 
 
 class SequenceSplit(NamedTuple):
@@ -222,9 +224,41 @@ def _backbone(model, router_aux: bool = False, media: dict | None = None, **inpu
         features = multimodal_backbone(model).get_image_features(**idle, return_dict=True).pooler_output
         inputs["inputs_embeds"] = embeds + 0.0 * sum(t.float().sum() for t in _tensors(features)).to(embeds.dtype)
     backbone = multimodal_backbone(model) if media else model.get_decoder()
-    out = backbone(**inputs, **(media or {}), use_cache=False,
+    out = backbone(**inputs, **(_rows_media(backbone, media) if media else {}), use_cache=False,
                    **({"output_router_logits": True} if router_aux else {}))
     return out.last_hidden_state, out.router_logits if router_aux else None
+
+
+def _rows_media(backbone, media: dict) -> dict:
+    """What the multimodal backbone takes for the images of a batch's 2B rows, given `media`, the image tensors of
+    its B pairs' images once (vision.collate_vision): the rejected rows hold the chosen rows' images, in the same
+    order, so each image is encoded once and its features placed in both rows, through the backbone's
+    `mm_encoder_outputs` (transformers 5's precomputed encoder outputs; a model computes them itself from
+    pixel_values otherwise). The same numbers as encoding each row's images (the features are the same
+    tensors; their gradient is the sum over both rows, as the two encodings' would add up), with half the
+    vision tower's work. A backbone without `mm_encoder_outputs` gets every row's images, each encoded twice.
+    Per-image tensors (image_grid_thw: Qwen2-VL's M-RoPE places each row's image tokens by it) are given for
+    every row's images."""
+    images = {k: v for k, v in media.items() if k != "mm_token_type_ids"}  # per image (mm_token_type_ids: per row)
+    rows = {**media, **{k: torch.cat((v, v)) for k, v in images.items()}}  # [chosen rows' images; rejected rows']
+    if not _takes_encoder_outputs(backbone):
+        return rows
+    features = backbone.get_image_features(**images, return_dict=True)
+    pooled = features.pooler_output  # per image: a tuple or list of (tokens, H), or one (images, tokens, H) tensor
+    features.pooler_output = torch.cat((pooled, pooled)) if isinstance(pooled, torch.Tensor) else [*pooled, *pooled]
+    del rows["pixel_values"]  # (a backbone takes pixel_values or mm_encoder_outputs, not both)
+    return {**rows, "mm_encoder_outputs": {"image": features}}
+
+
+@functools.cache
+def _forward_takes_encoder_outputs(cls) -> bool:
+    return "mm_encoder_outputs" in inspect.signature(cls.forward).parameters
+
+
+def _takes_encoder_outputs(backbone) -> bool:
+    """Whether a multimodal backbone takes precomputed image features (`mm_encoder_outputs`); an adapter
+    reference's backbone (adapters._UnderContext) is asked about the one it wraps."""
+    return _forward_takes_encoder_outputs(type(getattr(backbone, "module", backbone)))
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -323,7 +357,7 @@ def get_batch_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Sequence parallelism (`split_sequences`; padded rows only): this process runs its slice of the rows
     (`sequence_slice`), and the log-probs, lengths and WPO's sums are the slices' totals (module docstring);
     hidden and the token stats are of its slice's tokens.
-    media: a vision-language model's image tensors for the rows' images (module docstring), padded rows.
+    media: a vision-language model's image tensors for the pairs' images, once (module docstring), padded rows.
     Returns a `BatchLogps`; hidden, wpo_weights, the token stats and aux_loss are None unless asked for.
     """
     aux_loss = targets = None

@@ -32,7 +32,8 @@ everything that changes the numbers:
     for each adapter merged into it (`ref_model_adapters`, or a LoRA run's adapter_name_or_path),
     and its quantization.
   - the tokenized pairs: every token id and completion start, so data, template, cutoff_len and
-    tokenizer changes are all in it.
+    tokenizer changes are all in it; a vision-language model's pairs also their images, by their
+    pixels after any resize (data/images.py `ImageRef.digest`), and the image processor's settings.
   - the dtype the reference loads in, mixed precision, the attention implementation, the device
     type, the torch and transformers versions (kernels differ), and this file's CACHE_FORMAT.
 A file is written to a temporary name and renamed into place, so a killed run leaves no partial
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 from pathlib import Path
@@ -54,6 +56,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from preftune.adapters import REFERENCE_ADAPTER, AdapterReference, adapter_pairs, split_names
+from preftune.batching import collate
 from preftune.errors import ModelError
 from preftune.cache import data_fingerprint, key_of, model_fingerprint, read_ref_logps, ref_logps_dir, write_ref_logps
 from preftune.evaluate import pair_logps
@@ -61,6 +64,7 @@ from preftune.logps import BatchLogps, LogpsModule, get_batch_logps, model_input
 from preftune.models import (check_same_tokenizer, check_vocabulary, load_dtype, load_policy, load_reference,
                              reference_adapters, reference_name, weight_dtypes)
 from preftune.tokenization import TokenizedPair
+from preftune.vision import collate_vision
 
 log = logging.getLogger("preftune")
 
@@ -68,8 +72,13 @@ SYNCED_REFERENCE_FILE = "reference.safetensors"  # a checkpoint's moving referen
 CACHE_FORMAT = 2  # bump when what a cache file holds, or how it is computed, changes (2: cache.data_fingerprint)
 
 
-def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
+def cache_key(cfg, pairs: list[TokenizedPair], device_type: str, processor=None) -> str:
+    """The reference log-probs cache's key (the module docstring). A vision-language model's pairs carry their
+    images (`vision.VisionPair.images`), which `data_fingerprint` hashes by their pixels; `processor` adds how its
+    image processor turns pixels into pixel_values (size, crop, normalization), which the token ids do not show."""
+    image_processor = {"image_processor": processor.image_processor.to_json_string()} if processor is not None else {}
     return key_of({
+        **image_processor,
         "format": CACHE_FORMAT,
         "reference": model_fingerprint(cfg.ref_model or cfg.model_name_or_path),
         # the adapters merged into it (models.load_reference), in order
@@ -87,12 +96,15 @@ def cache_key(cfg, pairs: list[TokenizedPair], device_type: str) -> str:
 
 
 def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_id: int, engine,
-                               tokenizer=None) -> dict[str, torch.Tensor]:
+                               tokenizer=None, processor=None) -> dict[str, torch.Tensor]:
     """Every split's reference log-probs, (N, 2) float32 [chosen, rejected] in the split's order,
     from the cache or from one pass of the reference (batched as evaluation is, under the run's
     precision and engine), which is loaded only on a miss and freed before returning (and checked to
-    cover `tokenizer`'s vocabulary when given)."""
+    cover `tokenizer`'s vocabulary when given). processor: a vision-language model's (vision.py), whose
+    batches carry the pairs' image tensors, as training's do."""
     folder = ref_logps_dir(cfg)
+    # every process runs the same batches here, so none needs the lockstep engines' blank image
+    collate_fn = functools.partial(collate_vision, processor=processor) if processor is not None else collate
     scorer, tables = None, {}
     for split, pairs in splits.items():
         if not pairs:
@@ -100,7 +112,7 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
         # with several processes the main one computes and writes first; the others then read its file.
         # A sharded reference needs every process in every forward: all compute, the main one writes
         with contextlib.nullcontext() if engine.lockstep else engine.accelerator.main_process_first():
-            key = cache_key(cfg, pairs, engine.device.type)
+            key = cache_key(cfg, pairs, engine.device.type, processor)
             path = folder / f"{key}.safetensors"
             logps = read_ref_logps(path, key, len(pairs))
             if logps is None:
@@ -108,7 +120,7 @@ def precompute_reference_logps(cfg, splits: dict[str, list[TokenizedPair]], pad_
                     scorer = _live_reference(cfg, tokenizer, engine)
                 progress = "reference log-probs" if cfg.progress_bar and engine.is_main else None
                 logps, _ = pair_logps(scorer, pairs, pad_id, cfg.eval_batch_size, cfg.ld_alpha, engine.device,
-                                      engine.autocast, progress)
+                                      engine.autocast, progress, collate_fn)
                 if engine.is_main:
                     write_ref_logps(path, key, logps)
                 log.info("reference log-probs of %d %s pairs computed, cached in %s", len(pairs), split, path)
@@ -260,13 +272,14 @@ def describe_precision(policy, reference: Reference, cfg) -> dict[str, str | Non
             "policy_frozen": frozen, "compute": compute, "reference": ref}
 
 
-def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None = None):
+def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None = None, processor=None):
     """(the policy, its `Reference`), as the config says (module docstring). With precompute the
     reference's pass over `splits` runs, and its model is freed, before the policy loads. A given
     tokenizer is checked against every model's vocabulary, and ref_model's tokenizer against it
     (`models.check_same_tokenizer`); a given engine (engines/) decides which process reads the weights
     and prepares a separately loaded reference for evaluation (sharded as the policy is, never trained).
-    Without an engine the models stay as loaded."""
+    Without an engine the models stay as loaded. processor: a vision-language model's (vision.py), for the
+    precompute pass's batches."""
     chunk_size = cfg.logps_chunk_size
     if tokenizer is not None and cfg.ref_model and cfg.uses_reference:
         # before any model loads; a copy of the starting model has the policy's tokenizer by construction
@@ -274,7 +287,7 @@ def load_models(cfg, tokenizer=None, engine=None, splits: dict[str, list] | None
                              "(same model family)", cfg.trust_remote_code)
     read_policy = engine is None or engine.reads_weights_of(cfg.model_name_or_path, cfg, "model_name_or_path")
     if cfg.precompute_ref_log_probs:
-        tables = precompute_reference_logps(cfg, splits or {}, tokenizer.pad_token_id, engine, tokenizer)
+        tables = precompute_reference_logps(cfg, splits or {}, tokenizer.pad_token_id, engine, tokenizer, processor)
         return _checked_policy(cfg, tokenizer, read_weights=read_policy), Reference(
             None, tables, chunk_size, description="precomputed log-probs (no model in memory)")
     adapter_off = cfg.uses_reference and cfg.finetuning_type == "lora" and not cfg.ref_model

@@ -128,8 +128,9 @@ class PreferenceStep:
         # enable_liger_kernel: one of Liger's DPO losses (the config refuses the rest), fused with the LM head
         self.fused = FusedDPO(cfg.pref_losses[0], cfg.pref_beta, cfg.label_smoothing, cfg.discopop_tau) \
             if cfg.enable_liger_kernel else None
-        if processor is not None:  # padded rows + image tensors (vision.check_config refuses the other layouts)
+        if processor is not None:  # padded or packed rows + image tensors (vision.check_config refuses prefix sharing)
             self.collate = functools.partial(collate_vision, processor=processor, multiple=cfg.pad_to_multiple_of,
+                                             packed=cfg.padding_free,
                                              lockstep=bool(engine is not None and engine.lockstep))
         elif cfg.padding_free:  # the same sequences back to back in one row: the same numbers, no padding
             self.collate = collate_packed

@@ -112,7 +112,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     engine.check(cfg)  # what this engine does not do: refused before any model loads
     rank, world = engine.data_shard  # (sequence parallelism: a group of processes shares one share)
     global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
-    policy, reference = load_models(cfg, tokenizer, engine, {"train": train_items, **eval_items})
+    policy, reference = load_models(cfg, tokenizer, engine, {"train": train_items, **eval_items}, processor)
     metrics = MetricsLog(cfg, engine.accelerator)
     nonfinite = runtime.NonFiniteGuard(cfg, engine.accelerator, metrics)
     metrics.describe_setup(engine.accelerator, global_batch, unit, reference.description,

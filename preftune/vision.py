@@ -12,16 +12,20 @@ What changes against text pairs, and what does not:
     text (a token merged across it is completion, and counted). Image tokens are prompt tokens: never
     in the completion mask, never in a log-prob.
   * batches: the same [chosen; rejected] rows as `batching.collate`, plus the image processor's tensors
-    (pixel_values, and image_sizes etc. where it gives them) of each row's images in row order: each
-    pair's images twice, once per row, as TRL's collator does. Images are read when a batch is built.
+    (pixel_values, and image_sizes etc. where it gives them) of the pairs' images in pair order, once: a
+    pair's rejected row holds its chosen row's images (TRL's collator gives them once per row). Images are
+    read when a batch is built.
   * the forward: `logps.get_batch_logps` runs the model's whole multimodal backbone (vision tower,
-    projector, language model) on a batch with images, its language model alone on one without.
+    projector, language model) on a batch with images, each image through the vision tower once and its
+    features placed in both rows of its pair (`logps._rows_media`); its language model alone on a batch
+    without.
 
 Qwen2-VL / Qwen2.5-VL: without torchvision their processor is built without its video processor
 (`images_only`), and a batch with images carries the processor's mm_token_type_ids (its M-RoPE needs them).
 
-One process or FSDP2 (`fsdp: full_shard`), padded batches and a live reference (a frozen copy, ref_model, or a
-LoRA policy's adapter off); the rest is refused in one line (`check_config`).
+One process or FSDP2 (`fsdp: full_shard`), padded batches or padding_free (not with M-RoPE), and a live reference
+(a frozen copy, ref_model, or a LoRA policy's adapter off) or precomputed log-probs; the rest is refused in one
+line (`check_config`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 from preftune.adapters import is_vision_config
 from preftune.config.names import VISION_TEMPLATES
-from preftune.batching import collate
+from preftune.batching import collate, collate_packed
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.tokenization import TokenizedPair, TokenizeReport, prompt_messages, truncate_pair
 
@@ -49,11 +53,9 @@ def check_config(cfg) -> None:
     """What this slice of VLM training does not do yet, refused before any model loads (docs/vision.md)."""
     refused = [
         (cfg.objective != "dpo", f"stage/pref_loss {cfg.objective}", "preference pairs (dpo) only"),
-        (cfg.padding_free, "padding_free", "image features are placed by the image tokens of padded rows"),
-        (cfg.prefix_sharing, "prefix_sharing", "the 4D mask of shared prompts is not passed to the vision "
-                                               "backbone"),
+        (cfg.prefix_sharing, "prefix_sharing", "the 4D mask of shared prompts is not passed to the multimodal "
+                                               "backbone; each pair's images are encoded once without it"),
         (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
-        (cfg.precompute_ref_log_probs, "precompute_ref_log_probs", "the precompute pass has no images"),
         (bool(cfg.generate_during_eval), "generate_during_eval", "sampling with images is not built yet"),
         (bool(cfg.deepspeed), "deepspeed", "ZeRO-3's backward gathers weights in another order on a process "
                                            "whose batch has no image; fsdp: full_shard shards them"),
@@ -84,6 +86,9 @@ def load_processor(cfg):
                               f"{config.model_type} model; use a text template (qwen, chatml, ...) or remove template")
         return None
     check_config(cfg)
+    if cfg.padding_free and "mrope_section" in (getattr(config.get_text_config(), "rope_parameters", None) or {}):
+        raise ConfigError(f"padding_free: not with a {config.model_type} model yet (its M-RoPE positions are computed "
+                          "per padded row, not per sequence of a packed one); remove it (docs/vision.md)")
     processor = saved_processor(cfg.model_name_or_path, config, cfg.trust_remote_code)
     if cfg.template in VISION_TEMPLATES and config.model_type not in VISION_TEMPLATES[cfg.template]:
         raise ConfigError(f"template: {cfg.template} is LLaMA-Factory's template for "
@@ -245,14 +250,18 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
 
 
 def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,
-                   processor, multiple: int | None = None, lockstep: bool = False) -> dict:
-    """`batching.collate`'s rows (padded to a multiple of `multiple` where given), plus the image processor's
-    tensors of the rows' images in row order ([chosen; rejected]: each pair's images twice), and the processor's
-    mm_token_type_ids where it makes them (1 on image tokens); none for a batch without images, except under a
+                   processor, multiple: int | None = None, lockstep: bool = False, packed: bool = False) -> dict:
+    """`batching.collate`'s rows (padded to a multiple of `multiple` where given; `collate_packed`'s one row with
+    `packed`), plus the image processor's
+    tensors of the pairs' images in pair order, once (the rejected rows hold the chosen rows' images, in the same
+    order: `logps._rows_media` encodes them once for both), and the processor's mm_token_type_ids of the rows
+    where it makes them (1 on image tokens); none for a batch without images, except under a
     lockstep engine (FSDP2, ZeRO-3: `lockstep`), where such a batch carries a blank image's tensors as
     idle_pixel_values etc. (logps.IDLE): the vision part runs on it, times 0, as it runs on the other processes."""
-    batch = collate(pairs, pad_token_id, index, multiple)
-    images = [ref for p in pairs for ref in p.images] * 2
+    # padding_free (packed): the same 2B sequences in one row (`batching.collate_packed`), their image tokens in the
+    # same order
+    batch = collate_packed(pairs, pad_token_id, index) if packed else collate(pairs, pad_token_id, index, multiple)
+    images = [ref for p in pairs for ref in p.images]  # once: the rejected rows hold the chosen rows' images
     batch.update(media(processor, images, batch["input_ids"]))
     if not images and lockstep:
         from PIL import Image

@@ -91,7 +91,7 @@ def test_both_shapes_equal_trl_format(llava_dir, demo_pairs, tmp_path):
         items = tokenize_vision_pairs(processor, pairs, cfg)
         out[name] = (pairs, items, collate_vision(items, processor.tokenizer.pad_token_id, processor=processor))
     trl_pairs, trl_items, trl_batch = out["trl"]
-    assert trl_batch["pixel_values"].shape[0] == 2 * 6
+    assert trl_batch["pixel_values"].shape[0] == 6  # each pair's images, once
     for name in ("sharegpt", "alpaca", "sharegpt_file"):
         pairs, items, batch = out[name]
         assert [p.images for p in pairs] == [p.images for p in trl_pairs]  # ImageRefs compare by pixels

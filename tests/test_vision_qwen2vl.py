@@ -166,8 +166,8 @@ def test_processor_without_video(family_dir, tmp_path, monkeypatch):
 
 
 def test_image_and_prompt_tokens_are_never_scored(family_dir, demo_pairs, tmp_path):
-    """The rows, completion masks, pixel_values, image_grid_thw and mm_token_type_ids are TRL's collator's for
-    the same pairs and processor; no image token (nor any prompt token) is in a completion mask; the image
+    """The rows, completion masks, pixel_values, image_grid_thw (each pair's images once here, once per row in TRL)
+    and mm_token_type_ids are TRL's collator's for the same pairs and processor; no image token (nor any prompt token) is in a completion mask; the image
     reaches the completion's log-probs (another colour changes them), and a text-only pair's are those of the
     language model alone."""
     import trl.trainer.dpo_trainer as trl_dpo
@@ -187,8 +187,9 @@ def test_image_and_prompt_tokens_are_never_scored(family_dir, demo_pairs, tmp_pa
                  "chosen": [{"role": "assistant", "content": e.chosen}],
                  "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples]
     theirs = trl_dpo.DataCollatorForVisionPreference(processor)(trl_rows)
-    torch.testing.assert_close(batch["pixel_values"], theirs["pixel_values"], rtol=0, atol=0)
-    assert torch.equal(batch["image_grid_thw"], theirs["image_grid_thw"])
+    # TRL's collator gives each row's images (each pair's twice), preftune each pair's once (test_vision_encode_once.py)
+    torch.testing.assert_close(batch["pixel_values"].repeat(2, 1), theirs["pixel_values"], rtol=0, atol=0)
+    assert torch.equal(batch["image_grid_thw"].repeat(2, 1), theirs["image_grid_thw"])
     image_id = processor.image_token_id
     for row in range(12):
         ids, mask = batch["input_ids"][row], batch["completion_mask"][row].bool()
@@ -203,7 +204,7 @@ def test_image_and_prompt_tokens_are_never_scored(family_dir, demo_pairs, tmp_pa
     model = AutoModelForImageTextToText.from_pretrained(family_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logps = get_batch_logps(model, **model_inputs(batch)).logps
-        grey = [square((60, 60, 60), ref.size) for e in examples for ref in e.images] * 2
+        grey = [square((60, 60, 60), ref.size) for e in examples for ref in e.images]
         changed = get_batch_logps(model, **model_inputs(batch | processor.image_processor(images=grey,
                                                                                           return_tensors="pt"))).logps
         text_only = [i for i, e in enumerate(examples) if not e.images]

@@ -130,7 +130,11 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
             # reward model's folder it is read
             auto, labels = AutoModelForSequenceClassification, {"num_labels": 1}
         if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
-            return auto.from_pretrained(name, **kwargs, **labels, **(cfg.model_init_kwargs or {}))
+            # loading draws no random numbers: under ZeRO-3 transformers builds the model on real tensors (zero.Init),
+            # where a module's own draw in __init__ (CLIP's class_embedding: torch.randn) would move the RNG that a
+            # meta-device build leaves alone, and LoRA's initial weights would differ from a one-process run's
+            with torch.random.fork_rng(devices=[]):
+                return auto.from_pretrained(name, **kwargs, **labels, **(cfg.model_init_kwargs or {}))
         if labels:  # (from_config takes no num_labels: the config carries it)
             config.num_labels = 1
         return empty_model(config, kwargs, auto)

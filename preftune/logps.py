@@ -209,24 +209,45 @@ def _backbone(model, router_aux: bool = False, media: dict | None = None, **inpu
     the `aux_loss` of the model's own forward is made from them, and its LM head is not run here), else None.
     media: a batch's image tensors, for a vision-language model's whole backbone."""
     # transformers models and peft models have a decoder; so does AdapterReference
+    inputs.update(use_cache=False, **({"output_router_logits": True} if router_aux else {}))
     idle = (media or {}).get("idle")
     if idle is not None:
-        # no image in this process's rows, but a sharded vision tower gathers its weights (and reduces its
-        # gradients) only if every process runs it, in the same order as the backbone does (the embeddings, the
-        # vision part, the language model: ZeRO-3 gathers in that order): a blank image's features,
-        # times 0, join the embeddings (the same numbers; zero gradients for the vision part). pooler_output:
-        # the features the model places at its image tokens, projector included; the rest of the vision output
-        # (CLIP's pooled CLS) gets no gradient on the other processes either
-        # (added to the embeddings, where the backbone places image features: the backward then reaches the
-        # vision part before the embeddings, as it does with images)
-        media = None
-        embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
-        features = multimodal_backbone(model).get_image_features(**idle, return_dict=True).pooler_output
-        inputs["inputs_embeds"] = embeds + 0.0 * sum(t.float().sum() for t in _tensors(features)).to(embeds.dtype)
-    backbone = multimodal_backbone(model) if media else model.get_decoder()
-    out = backbone(**inputs, **(_rows_media(backbone, media) if media else {}), use_cache=False,
-                   **({"output_router_logits": True} if router_aux else {}))
+        out = _blank_image_call(multimodal_backbone(model), idle, inputs)
+    else:
+        backbone = multimodal_backbone(model) if media else model.get_decoder()
+        out = backbone(**inputs, **(_rows_media(backbone, media) if media else {}))
     return out.last_hidden_state, out.router_logits if router_aux else None
+
+
+def _blank_image_call(backbone, idle: dict, inputs: dict):
+    """The backbone's output for rows without images, under a lockstep engine (FSDP2, ZeRO-3) that needs the
+    vision part run on every process: a blank image's features (`idle`: its image processor's tensors), times 0,
+    join the token embeddings (the same numbers; zero gradients for the vision part from this process).
+    A sharded vision tower gathers its weights, and reduces their gradients, only if every process runs it in the
+    same order: ZeRO-3 records the order of module calls, forward and backward, and gathers (and prefetches) by
+    it, so this runs as the backbone's own forward does, inside the backbone's call (its hooks fire as with
+    images): the token embeddings, the vision tower and projector, the language model. The features join the
+    embeddings as the backbone's image features do, after them, so the backward also reaches the vision part
+    first and the token embeddings last. pooler_output: the features the model places at its image tokens,
+    projector included (the rest of the vision output, CLIP's pooled CLS, gets no gradient on the other processes
+    either)."""
+    inner = getattr(backbone, "module", backbone)  # (the adapter-off reference's backbone: adapters._UnderContext)
+    # where rows with images get their features before the backbone's call (_rows_media: a backbone that takes
+    # mm_encoder_outputs), the blank image's are made there too, so both orders of module calls stay the same
+    early = _takes_encoder_outputs(backbone)
+    early_features = backbone.get_image_features(**idle, return_dict=True).pooler_output if early else None
+
+    def forward(input_ids, **rest):
+        embeds = inner.get_input_embeddings()(input_ids)  # (R, T, H)
+        features = early_features if early else inner.get_image_features(**idle, return_dict=True).pooler_output
+        embeds = embeds + 0.0 * sum(t.float().sum() for t in _tensors(features)).to(embeds.dtype)
+        return inner.get_decoder()(inputs_embeds=embeds, **rest)
+
+    inner.forward = forward  # for this call only: the instance's attribute shadows the class's forward
+    try:
+        return backbone(**inputs)
+    finally:
+        del inner.forward
 
 
 def _rows_media(backbone, media: dict) -> dict:

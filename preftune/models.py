@@ -11,6 +11,7 @@ and the final save writes each weight back in its loaded dtype (`restore_loaded_
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                           AutoModelForSequenceClassification, AutoTokenizer)
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from preftune import adapters
 from preftune.adapters import (apply_freeze, apply_lora, freeze_vision_parts, is_vision_config, split_names,
@@ -130,7 +132,11 @@ def load_model(name: str, cfg, what: str = "model_name_or_path", read_weights: b
             # reward model's folder it is read
             auto, labels = AutoModelForSequenceClassification, {"num_labels": 1}
         if read_weights:  # model_init_kwargs: TRL's, for the policy and a reference loaded from a path alike
-            return auto.from_pretrained(name, **kwargs, **labels, **(cfg.model_init_kwargs or {}))
+            # under ZeRO-3 transformers builds the model on real tensors (zero.Init), where a module's own draw in
+            # __init__ (CLIP's class_embedding: torch.randn) moves the RNG that a one-process load (a meta-device
+            # build) leaves alone: LoRA's initial weights would differ from a one-process run's
+            with torch.random.fork_rng(devices=[]) if is_deepspeed_zero3_enabled() else contextlib.nullcontext():
+                return auto.from_pretrained(name, **kwargs, **labels, **(cfg.model_init_kwargs or {}))
         if labels:  # (from_config takes no num_labels: the config carries it)
             config.num_labels = 1
         return empty_model(config, kwargs, auto)

@@ -57,8 +57,8 @@ def check_config(cfg) -> None:
                                                "backbone; each pair's images are encoded once without it"),
         (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
         (bool(cfg.generate_during_eval), "generate_during_eval", "sampling with images is not built yet"),
-        (bool(cfg.deepspeed), "deepspeed", "ZeRO-3's backward gathers weights in another order on a process "
-                                           "whose batch has no image; fsdp: full_shard shards them"),
+        (cfg.sequence_parallel_size > 1, "sequence_parallel_size", "a process's slice of a row would need the "
+                                                                   "image features of the whole row"),
         (cfg.finetuning_type == "freeze", "finetuning_type: freeze", "its layer numbers would count the vision "
                                           "tower's layers too; use full with the freeze_* keys, or lora"),
     ]

@@ -1,10 +1,10 @@
-"""FSDP2 with a vision-language model (docs/vision.md; ZeRO-3 is refused for now, the page says why): 2 CPU
-processes (gloo) train the tiny LLaVA of test_vision.py (and the tiny Qwen2-VL of test_vision_qwen2vl.py) on
-pairs with 0, 1 or 2 images each, as a one-process run with the global batch does: the same per-step metrics
-and final weights (1e-5). The vision tower and projector train too (not LLaMA-Factory's default), so their
-sharded gradients are compared; a process whose share of a batch has no image still runs the vision tower
-(`logps`: lockstep engines), else the other would wait for it. SGD: Adam's first steps turn the float noise of
-a gradient near 0 (a key bias) into a full-size update."""
+"""FSDP2 and ZeRO-3 with a vision-language model (docs/vision.md): 2 CPU processes (gloo) train the tiny LLaVA of
+test_vision.py (and, under FSDP2, the tiny Qwen2-VL of test_vision_qwen2vl.py) on pairs with 0, 1 or 2 images each,
+as a one-process run with the global batch does: the same per-step metrics and final weights (1e-5). The vision
+tower and projector train too (not LLaMA-Factory's default), so their sharded gradients are compared; a process
+whose share of a batch has no image still runs the vision tower (`logps`: lockstep engines), else the other would
+wait for it (at step 2 here, one process's share has no image). SGD: Adam's first steps turn the float noise of a
+gradient near 0 (a key bias) into a full-size update."""
 
 import pytest
 import torch
@@ -12,14 +12,19 @@ from safetensors.torch import load_file
 
 from preftune import train as train_mod
 from preftune.config import from_dict
+from test_deepspeed import EXAMPLES
 from test_distributed import same_histories, same_weights, torchrun
 from test_vision import build_llava, write_vision_pairs
 from test_vision_qwen2vl import build_qwen2vl
 
 
+FSDP2 = {"fsdp": "full_shard"}
+ZERO3 = {"deepspeed": str(EXAMPLES / "ds_z3_config.json")}  # LLaMA-Factory's, prefetching and reuse on
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("engine", [{"fsdp": "full_shard"}], ids=["fsdp2"])  # (ZeRO-3: docs/vision.md)
+@pytest.mark.parametrize("engine, family", [(FSDP2, "llava"), (FSDP2, "qwen2_vl"), (ZERO3, "llava")],
+                         ids=["fsdp2-llava", "fsdp2-qwen2_vl", "zero3-llava"])  # (ZeRO-3 Qwen2-VL: docs/vision.md)
 def test_two_sharded_processes_equal_one_process(engine, family, tiny_tokenizer, demo_pairs, tmp_path):
     torch.set_num_threads(1)
     build = build_llava if family == "llava" else build_qwen2vl

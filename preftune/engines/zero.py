@@ -186,6 +186,18 @@ def fill_model_sizes(config: dict, hidden_size: int) -> dict:
     return config
 
 
+def keep_used_conversions(model) -> None:
+    """The checkpoint key renames a save reverts: those the load used, as from_pretrained keeps them. Loaded under
+    zero.Init, transformers 5.23 (integrations.deepspeed `_load_state_dict_into_zero3_model`) keeps every rename of
+    the model's mapping, so a save would also apply the reverse of renames the checkpoint never needed: a
+    LLaVA would be written as language_model.model.model.layers..., vision_tower.vision_model..., not the names it
+    was read with (and that a one-process run writes)."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    conversions = getattr(base, "_weight_conversions", None)
+    if conversions:
+        base._weight_conversions = [c for c in conversions if c.was_used()]
+
+
 def reference_engine(root, accelerator):
     """A frozen model (its `LogpsModule`) under ZeRO-3, partitioned over the processes as the
     policy is, in evaluation mode: the config of the run without optimizer (as TRL prepares its
@@ -321,6 +333,7 @@ class ZeRO(OneProcess):
         self.held_dtypes = {n: p.dtype for n, p in model.named_parameters()}
         fill_model_sizes(self.accelerator.state.deepspeed_plugin.deepspeed_config,
                              model.config.get_text_config().hidden_size)
+        keep_used_conversions(model)
         # ZeRO-3 weights are whole only inside their module's call: the LM heads are called, never read (the
         # policy's, and the policy's own as a LoRA reference reads it)
         policy_logps.call_head = reference.call_head = self.settings["stage"] == 3

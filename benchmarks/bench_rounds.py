@@ -145,6 +145,7 @@ def table(runs: list[dict]) -> str:
                          f"{mean_sd([r['rounds'][k]['kl_to_sft'] for r in runs])} | | |")
     # the spread between seeds (health.seed_outliers, as preftune eval reports it): a seed far above the others' KL
     if len(runs) >= 3:
+        lines.append("")
         groups = {f"offline DPO, beta {o['beta']:g}": [r["offline"][i] for r in runs]
                   for i, o in enumerate(runs[0]["offline"])}
         groups.update({f"round {k + 1}": [r["rounds"][k] for r in runs] for k in range(len(runs[0]["rounds"]))})
@@ -154,7 +155,7 @@ def table(runs: list[dict]) -> str:
                                             for r, f in zip(runs, figures)}, 2.0)
             fired = [f"{s['run']} ({s['value']:.2g}x)" for s in signals if s["fired"]]
             top = max(s["value"] for s in signals)
-            lines.append(f"\nseed spread, {name}: " + (", ".join(fired) + " above 2x the others' median KL" if fired
+            lines.append(f"seed spread, {name}: " + (", ".join(fired) + " above 2x the others' median KL" if fired
                                                         else f"no seed above 2x the others' median KL (at most {top:.2g}x)"))
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ SMALLER = {
     "eval": ["--max_samples", "3", "--num_samples", "1", "--max_new_tokens", "12"],
     "export": [],
     "rm": ["--max_steps", "2", "--val_size", "2", "--per_device_train_batch_size", "2"],
-    "iterate": ["--max_samples", "6", "--num_samples", "2", "--max_new_tokens", "8", "--max_steps", "1",
+    "iterate": ["--max_samples", "4", "--num_samples", "2", "--max_new_tokens", "6", "--max_steps", "1",
                 "--val_size", "0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"],
 }
 NOT_RUN = {

@@ -10,14 +10,17 @@ settings; the SFT model from the demo's cache, trained when missing):
              policy (4 completions, best vs worst), then DPO against the SFT model for the demo's
              num_train_epochs over that round's pairs (steps in proportion to the pairs it made)
 - offline    `preftune sample` of the SFT model on all --prompts prompts, then DPO on the first P of its pairs
-             for S steps, P and S the rounds' totals
+             for S steps, P and S the rounds' totals: at the demo's beta (0.1) and at each --offline_betas,
+             to place offline DPO's reward-vs-KL frontier (a finished one is read back from its
+             offline.json, so a rerun with more betas trains only those)
 
 Equal pairs and optimizer steps: the demo's reward saturates at +1, so as the policy improves more of a
 round's prompts get 4 equal scores and make no pair (a tie); the rounds then make fewer pairs than offline
 sampling of the SFT model does, and offline DPO is held to the rounds' pairs and steps. (The earlier version
 gave each round a fixed --steps_per_round: round 3 ran 16 steps on 18 to 32 pairs.)
 Both are evaluated by `preftune eval` on the demo's held-out prompts against the SFT model: mean reward
-(+- stderr), KL per completion to the SFT model (nats), and the share of well-formed completions.
+(+- stderr), KL per completion to the SFT model (nats), and the share of well-formed completions; the
+spread between seeds of each row is checked as `preftune eval` checks it (health.seed_outliers).
 Each seed runs in this process, one after another; --jobs N runs seeds in N processes at once.
 """
 
@@ -123,7 +126,7 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         lines.append(f"| {r['seed']} | SFT | | | {r['sft']['reward']:+.3f} +- {r['sft']['reward_stderr']:.3f} | 0 | | "
                      f"{r['sft']['mean_length']:.1f} |")
-        for o in r["offline"]:
+        for o in sorted(r["offline"], key=lambda o: o["beta"]):
             lines.append(f"| {r['seed']} | offline DPO, beta {o['beta']:g} | {o['pairs']} | {o['steps']} | "
                          f"{o['reward']:+.3f} +- {o['reward_stderr']:.3f} | {o['kl_to_sft']:.2f} +- "
                          f"{o['kl_to_sft_stderr']:.2f} | {o['well_formed']:.1%} | {o['mean_length']:.1f} |")
@@ -134,15 +137,15 @@ def table(runs: list[dict]) -> str:
                          f"{row['reward_stderr']:.3f} | {row['kl_to_sft']:.2f} +- {row['kl_to_sft_stderr']:.2f} | "
                          f"{row['well_formed']:.1%} | {row['mean_length']:.1f} |")
     if len(runs) > 1:
-        def mean_sd(values):
-            return f"{statistics.mean(values):+.3f} +- {statistics.stdev(values):.3f}"
-        for i, o in enumerate(runs[0]["offline"]):
+        def mean_sd(values, sign="+"):
+            return f"{statistics.mean(values):{sign}.3f} +- {statistics.stdev(values):.3f}"
+        for i, o in sorted(enumerate(runs[0]["offline"]), key=lambda io: io[1]["beta"]):
             lines.append(f"| mean +- sd | offline DPO, beta {o['beta']:g} | | | "
                          f"{mean_sd([r['offline'][i]['reward'] for r in runs])} | "
-                         f"{mean_sd([r['offline'][i]['kl_to_sft'] for r in runs])} | | |")
+                         f"{mean_sd([r['offline'][i]['kl_to_sft'] for r in runs], '')} | | |")
         for k in range(len(runs[0]["rounds"])):
             lines.append(f"| mean +- sd | round {k + 1} | | | {mean_sd([r['rounds'][k]['reward'] for r in runs])} | "
-                         f"{mean_sd([r['rounds'][k]['kl_to_sft'] for r in runs])} | | |")
+                         f"{mean_sd([r['rounds'][k]['kl_to_sft'] for r in runs], '')} | | |")
     # the spread between seeds (health.seed_outliers, as preftune eval reports it): a seed far above the others' KL
     if len(runs) >= 3:
         lines.append("")
@@ -165,7 +168,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prompts", type=int, default=300, help="prompts to sample pairs from (split in 3 for rounds)")
     parser.add_argument("--eval_prompts", type=int, default=100)
-    parser.add_argument("--offline_betas", type=float, nargs="*", default=[0.05, 0.025],
+    parser.add_argument("--offline_betas", type=float, nargs="*", default=[0.025, 0.05, 0.2, 0.4],
                         help="offline DPO also at these betas (same pairs and steps), to place its frontier")
     parser.add_argument("--cache_dir", default="", help="the SFT models' cache (default: preftune demo's own)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")

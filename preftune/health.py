@@ -214,3 +214,68 @@ def format_report(signals: list[dict]) -> list[str]:
     if unmeasured:
         lines.append(f"health: not measured in this run: {', '.join(unmeasured)}")
     return lines
+
+
+# --- the spread between seeds -----------------------------------------------------------------------
+# Keys a run's config may differ in between seeds of one configuration: the seed, and where and how a run
+# writes and is watched (what iterate lets a resumed run change, preftune.commands.iterate.FREE_ON_RESUME)
+SEED_FREE = frozenset({"seed", "output_dir", "run_name", "logging_dir", "overwrite_output_dir", "resume_from_checkpoint",
+                       "report_to", "progress_bar", "plot_loss", "hub_token", "preprocessing_num_workers",
+                       "dataloader_num_workers", "tokenized_cache_dir", "ref_logps_cache_dir", "overwrite_cache"})
+
+SEED_SPREAD_REMEDY = ("this seed drifted where the others did not, so the configuration is at the edge of stability: "
+                      "read this run's health report for the step it drifted at; lower the learning_rate or raise "
+                      "pref_beta and run the seeds again, and do not average this seed into the configuration's result")
+
+
+def seed_groups(configs: dict[str, dict]) -> list[list[str]]:
+    """The runs that are one configuration with different seeds: groups of at least 3 runs (name -> run config
+    as a dict) whose configs are equal but for SEED_FREE keys and whose seeds all differ; in the given order."""
+    groups: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        key = repr(sorted((k, repr(v)) for k, v in config.items() if k not in SEED_FREE))
+        groups.setdefault(key, []).append(name)
+    return [names for names in groups.values()
+            if len(names) >= 3 and len({configs[n].get("seed") for n in names}) == len(names)]
+
+
+def seed_outliers(runs: dict[str, dict], max_ratio: float) -> list[dict]:
+    """Seeds of one configuration, each run's figures on the same prompts (run -> {kl_per_sequence, reward,
+    mean_length}): one record per run, fired when its KL per completion to the reference is above `max_ratio`
+    times the median KL of the other runs. A ratio to the others' median, not a z-score: with 3 to 5 seeds the
+    spread of the others is too small an estimate to divide by, and one drifted seed must not move the bar it
+    is measured against (issue 22's seeds: 7.2 nats against 1.5 and 1.9 is 7.2 / 1.7 = 4.2x). Fewer than 3
+    runs: nothing to compare against (an empty list)."""
+    if len(runs) < 3:
+        return []
+    out = []
+    for name, figures in runs.items():
+        others = [f for n, f in runs.items() if n != name]
+        median = _median([f["kl_per_sequence"] for f in others])
+        ratio = figures["kl_per_sequence"] / median if median > 0 else math.inf
+        fired = ratio > max_ratio
+        out.append({"name": "seed_spread", "run": name, "value": ratio, "threshold": max_ratio,
+                    "unit": "times the median KL per completion of the other seeds",
+                    "kl_per_sequence": figures["kl_per_sequence"], "others_kl_per_sequence": median,
+                    # context for the reader: a drifted seed's reward often rises with its length
+                    **{f"{k}_vs_others": [figures.get(k), _median([f.get(k) for f in others])]
+                       for k in ("reward", "mean_length") if figures.get(k) is not None
+                       and all(f.get(k) is not None for f in others)},
+                    "fired": fired, "remedy": SEED_SPREAD_REMEDY if fired else None})
+    return out
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def describe_seed_outlier(signal: dict) -> str:
+    """'seed_spread: RUN's KL per completion 7.2 nats is 4.2x the median of the other seeds (1.7; threshold
+    2x); reward ..., mean length ...: <remedy>'."""
+    context = "".join(f", {k.replace('_', ' ')} {v[0]:.3g} against {v[1]:.3g}" for k, v in (
+        ("reward", signal.get("reward_vs_others")), ("mean_length", signal.get("mean_length_vs_others"))) if v)
+    return (f"seed_spread: {signal['run']}'s KL per completion {signal['kl_per_sequence']:.3g} nats is "
+            f"{signal['value']:.2g}x the median of the other seeds ({signal['others_kl_per_sequence']:.3g}; threshold "
+            f"{signal['threshold']:g}x){context}: {signal['remedy']}")

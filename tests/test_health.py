@@ -1,5 +1,6 @@
 """The health report: each signal fires on a metric history made to show it, stays quiet on a healthy
-one, says when it cannot be measured, and reaches summary.json, the log and the plot of a real run."""
+one, says when it cannot be measured, and reaches summary.json, the log and the plot of a real run; across
+seeds of one configuration, a seed whose KL is far above the others is named (and preftune eval says so)."""
 
 import csv
 import json
@@ -12,6 +13,7 @@ from preftune import train as train_mod
 from preftune.config import TrainConfig, from_dict
 
 THRESHOLDS = TrainConfig().health_thresholds
+THRESHOLDS_SEED = TrainConfig().health_max_seed_kl_ratio  # the seed spread: a ratio to the other seeds' median KL
 
 
 def run_history(eval_losses, train_losses=None, kl=0.1, accuracy=0.9, chosen=(-20.0,), rejected=(-22.0,),
@@ -203,3 +205,61 @@ def test_a_drifting_run_fires_at_the_step_it_drifts_and_a_healthy_one_does_not(t
     summary, _ = tiny_run(tmp_path, tiny_model_dir, demo_pairs, "healthy", 1e-4, 0.1, 20)
     assert [s["name"] for s in summary["health"] if s["fired"]] == []
     assert summary["kept_model"]["step"] == 20 and "health" not in summary["kept_model"]["why"]
+
+
+# --- the spread between seeds ------------------------------------------------------------------------
+
+def test_a_seed_whose_kl_is_twice_the_others_median_is_named_with_its_remedy():
+    """Issue 22's seeds: 1.5, 1.7 and 1.9 nats per completion healthy, one at 7.2 (4.2x the others' median 1.7);
+    the drifted one alone fires, with the figures that place it; fewer than 3 runs compare nothing."""
+    runs = {"s0": {"kl_per_sequence": 1.5, "reward": 0.80, "mean_length": 15.0},
+            "s1": {"kl_per_sequence": 1.9, "reward": 0.82, "mean_length": 16.0},
+            "s2": {"kl_per_sequence": 7.2, "reward": 0.95, "mean_length": 31.0},
+            "s3": {"kl_per_sequence": 1.7, "reward": 0.79, "mean_length": 15.0}}
+    signals = {s["run"]: s for s in health.seed_outliers(runs, THRESHOLDS_SEED)}
+    assert [n for n, s in signals.items() if s["fired"]] == ["s2"]
+    s2 = signals["s2"]
+    assert s2["value"] == pytest.approx(7.2 / 1.7) and s2["others_kl_per_sequence"] == 1.7  # median of 1.5, 1.9, 1.7
+    assert s2["reward_vs_others"] == [0.95, 0.80] and s2["mean_length_vs_others"] == [31.0, 15.0]
+    assert signals["s1"]["value"] == pytest.approx(1.9 / 1.7) and signals["s1"]["remedy"] is None
+    line = health.describe_seed_outlier(s2)
+    assert line.startswith("seed_spread: s2's KL per completion 7.2 nats is 4.2x the median of the other seeds "
+                           "(1.7; threshold 2x), reward 0.95 against 0.8, mean length 31 against 15: ")
+    assert "lower the learning_rate or raise pref_beta" in line
+    # healthy seeds, and too few to compare
+    healthy = {n: f for n, f in runs.items() if n != "s2"}
+    assert not any(s["fired"] for s in health.seed_outliers(healthy, THRESHOLDS_SEED))
+    assert health.seed_outliers({"s0": runs["s0"], "s2": runs["s2"]}, THRESHOLDS_SEED) == []
+
+
+def test_runs_are_seeds_of_one_configuration_when_only_seed_and_where_they_wrote_differ():
+    base = {"learning_rate": 2e-4, "pref_beta": 0.1, "seed": 0, "output_dir": "a"}
+    configs = {"a": base, "b": {**base, "seed": 1, "output_dir": "b", "run_name": "b"},
+               "c": {**base, "seed": 2, "output_dir": "c"}, "d": {**base, "seed": 3, "pref_beta": 0.5},
+               "e": {**base, "output_dir": "e"}}  # d: another beta; e: a's seed again
+    assert health.seed_groups(configs) == []  # a, b, c, e share a config, but e repeats a seed
+    del configs["e"]
+    assert health.seed_groups(configs) == [["a", "b", "c"]]
+
+
+def test_eval_reports_the_seed_spread_of_the_runs_it_evaluated(capsys, monkeypatch):
+    """preftune eval: runs of one configuration compared on the prompts' KL; the drifted one named in its output
+    (the evaluation itself stood in for by its report)."""
+    from preftune.cli import main
+    from preftune.commands import eval as eval_cmd
+
+    cfg = TrainConfig()
+    base = {"learning_rate": 2e-4, "seed": 0}
+    rows = [{"model": f"s{i}", "reference": "sft", "health": None,
+             "prompts": {"kl_per_sequence": kl, "reward": 0.8, "mean_length": 15.0}} for i, kl in enumerate((1.5, 7.2, 1.9))]
+    spread = eval_cmd.seed_spread(rows, {f"s{i}": {**base, "seed": i} for i in range(3)}, cfg)
+    assert [(g["runs"], g["source"]) for g in spread] == [(["s0", "s1", "s2"], "prompts")]
+    assert [s["run"] for s in spread[0]["signals"] if s["fired"]] == ["s1"]
+    for row in rows:
+        row["prompts"].update(reward_stderr=0.01, win_rate_vs_reference=0.6)
+    report = {"models": rows, "reference": None, "seed_spread": spread, "config": {"output_dir": "out"}}
+    monkeypatch.setattr(eval_cmd, "run", lambda cfg: report)
+    assert main(["eval", "--model_name_or_path", "s0,s1,s2"]) == 0
+    out = capsys.readouterr().out
+    assert "seeds    3 runs of one configuration, KL per completion (prompts) 1.5 to 7.2 nats" in out
+    assert "  health   seed_spread: s1's KL per completion 7.2 nats is 4.2x the median of the other seeds (1.7;" in out

@@ -1,9 +1,11 @@
 """`preftune iterate`: rounds of sample -> score -> pair -> DPO -> eval from the current policy, on the tiny
-model (2 rounds, 2 steps each): the round folders, summary.json and the frontier; the reference fixed at
-the SFT model unless round_reference says previous; a reward model folder as the reward; a run stopped
-after round 1's training resumes there, skips what was done and ends as the uninterrupted run; without a
-reward each round waits on the label page, labelled by a scripted client over HTTP, and resumes its
-labels after Ctrl+C; bad input in one line."""
+model, 3 rounds end to end with each way of scoring (a reward function: 2 steps a round; a reward model and
+people: 1): the round folders, summary.json and the frontier; the reference fixed at the SFT model unless
+round_reference says previous; a reward model folder as the reward; a run stopped after round 1's training,
+then killed in the middle of round 2's, resumes each time where it stopped (round 2 from its last complete
+checkpoint) and ends with the uninterrupted run's numbers and weights; without a reward each round waits on
+the label page, labelled by a scripted client over HTTP, and resumes its labels after Ctrl+C; bad input in
+one line."""
 
 import json
 import logging
@@ -34,18 +36,18 @@ def write_jsonl(path, records):
 def project(tmp_path_factory, demo_pairs):
     folder = tmp_path_factory.mktemp("iterate")
     (folder / "rewards.py").write_text(REWARD)
-    write_jsonl(folder / "prompts.jsonl", [{"prompt": p["prompt"]} for p in demo_pairs[:8]])
+    write_jsonl(folder / "prompts.jsonl", [{"prompt": p["prompt"]} for p in demo_pairs[:12]])
     write_jsonl(folder / "few_prompts.jsonl", [{"prompt": p["prompt"]} for p in demo_pairs[:3]])
     write_jsonl(folder / "eval_prompts.jsonl", [{"prompt": p["prompt"]} for p in demo_pairs[40:43]])
     return folder
 
 
-def args(project, model_dir, out, *extra, reward=None, dataset="prompts.jsonl"):
+def args(project, model_dir, out, *extra, reward=None, dataset="prompts.jsonl", steps=2):
     return ["iterate", "--model_name_or_path", str(model_dir), "--dataset", str(project / dataset),
             "--prompts", str(project / "eval_prompts.jsonl"),
-            "--reward", reward or f"{project / 'rewards.py'}:length", "--rounds", "2", "--num_samples", "3",
+            "--reward", reward or f"{project / 'rewards.py'}:length", "--rounds", "3", "--num_samples", "3",
             "--max_new_tokens", "8", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
-            "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--progress_bar", "false",
+            "--max_steps", str(steps), "--learning_rate", "1e-3", "--logging_steps", "1", "--progress_bar", "false",
             "--tokenized_cache_dir", str(project / "cache"), "--output_dir", str(project / out), *extra]
 
 
@@ -62,13 +64,13 @@ def whole(project, tiny_model_dir):
 
 def test_rounds_write_their_folders_summary_and_frontier(whole, tiny_model_dir):
     summary = json.loads((whole / "summary.json").read_text())
-    assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert (whole / "frontier.png").stat().st_size > 0
-    # 8 prompts, 2 rounds, 2 pairs per optimizer step: two disjoint parts of 4
-    assert summary["prompts"]["fresh"] is True and summary["prompts"]["per_round"] == [4, 4]
+    # 12 prompts, 3 rounds, 2 pairs per optimizer step: three disjoint parts of 4
+    assert summary["prompts"]["fresh"] is True and summary["prompts"]["per_round"] == [4, 4, 4]
     parts = [{json.loads(line)["prompt"] for line in (whole / f"round_{r}" / "prompts.jsonl").read_text().splitlines()}
-             for r in (1, 2)]
-    assert len(parts[0] | parts[1]) == 8 and not parts[0] & parts[1]
+             for r in (1, 2, 3)]
+    assert len(parts[0] | parts[1] | parts[2]) == 12
     sft = str(tiny_model_dir)
     for r, row in enumerate(summary["rounds"], 1):
         folder = whole / f"round_{r}"
@@ -82,17 +84,28 @@ def test_rounds_write_their_folders_summary_and_frontier(whole, tiny_model_dir):
         assert row["kl_to_sft"] != 0 and isinstance(row["health"], list)  # the policy moved from the SFT model
         # each round starts from the previous one's policy, the reference stays the SFT model
         started = run_config(folder / "model")["model_name_or_path"]
-        assert started == (sft if r == 1 else str(whole / "round_1" / "model"))
+        assert started == (sft if r == 1 else str(whole / f"round_{r - 1}" / "model"))
         assert row["reference"] == sft and run_config(folder / "model")["ref_model"] in (None if r == 1 else sft,)
         assert json.loads((folder / "eval" / "eval.json").read_text())["models"][0]["reference"] == sft
-    # round 2 sampled from round 1's policy
-    settings = json.loads((whole / "round_2" / "sample" / "sample_settings.json").read_text())
-    assert settings["model_name_or_path"] == str((whole / "round_1" / "model").resolve())
+    # round r sampled from round r - 1's policy
+    for r in (2, 3):
+        settings = json.loads((whole / f"round_{r}" / "sample" / "sample_settings.json").read_text())
+        assert settings["model_name_or_path"] == str((whole / f"round_{r - 1}" / "model").resolve())
 
 
-def test_a_stopped_run_resumes_after_round_1s_training(project, tiny_model_dir, whole, monkeypatch):
+class Killed(BaseException):
+    """A kill: nothing of preftune's catches it (it is no Exception), as nothing outlives a SIGKILL."""
+
+
+def test_a_run_stopped_then_killed_in_round_2s_training_resumes_and_ends_as_the_uninterrupted_run(
+        project, tiny_model_dir, whole, monkeypatch):
     """Stopped in round 1's evaluation (after its training): the rerun neither samples nor trains round 1
-    again, and ends with the uninterrupted run's figures; a third run finds every round done."""
+    again. Killed in round 2's training right after checkpoint-1 is written (save_steps 1; checkpoints do
+    not change the numbers): the next rerun trains round 2 on from checkpoint-1, not from the start, and the
+    three rounds end with the uninterrupted run's figures and weights; a last run finds every round done."""
+    from safetensors.torch import load_file
+
+    from preftune import checkpoints
     from preftune import train as train_module
     from preftune.commands import eval as eval_cmd
     from preftune.commands import sample as sample_cmd
@@ -107,26 +120,50 @@ def test_a_stopped_run_resumes_after_round_1s_training(project, tiny_model_dir, 
             return fn(cfg)
         return wrapper
 
-    real = {"sample": sample_cmd.run, "train": train_module.train, "eval": eval_cmd.run}
+    real = {"sample": sample_cmd.run, "train": train_module.train, "eval": eval_cmd.run,
+            "save": checkpoints.save_checkpoint}
+    argv = args(project, tiny_model_dir, "killed", "--save_steps", "1")
     monkeypatch.setattr(sample_cmd, "run", counted("sample", real["sample"]))
     monkeypatch.setattr(train_module, "train", counted("train", real["train"]))
     monkeypatch.setattr(eval_cmd, "run", counted("eval", real["eval"], fail=True))
-    assert main(args(project, tiny_model_dir, "killed")) == 130
+    assert main(argv) == 130
     out = project / "killed"
     assert [c[0] for c in calls] == ["sample", "train", "eval"] and not (out / "summary.json").exists()
 
+    def save_then_kill(*a):
+        real["save"](*a)
+        if a[6] == 1 and "round_2" in a[5].output_dir:  # (engine, ..., cfg, step, ...): round 2's checkpoint-1
+            raise Killed
+
     calls.clear()
     monkeypatch.setattr(eval_cmd, "run", counted("eval", real["eval"]))
-    assert main(args(project, tiny_model_dir, "killed")) == 0
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_kill)
+    with pytest.raises(Killed):
+        main(argv)
     assert calls == [("eval", str(out / "round_1" / "eval")), ("sample", str(out / "round_2" / "sample")),
-                     ("train", str(out / "round_2" / "model")), ("eval", str(out / "round_2" / "eval"))]
+                     ("train", str(out / "round_2" / "model"))]
+    model = out / "round_2" / "model"
+    assert (model / "checkpoint-1").is_dir() and not (model / "model.safetensors").exists()
+
+    calls.clear()
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real["save"])
+    assert main(argv) == 0
+    assert calls == [("train", str(model)), ("eval", str(out / "round_2" / "eval")),
+                     ("sample", str(out / "round_3" / "sample")), ("train", str(out / "round_3" / "model")),
+                     ("eval", str(out / "round_3" / "eval"))]
+    summary = json.loads((model / "dpo_metrics" / "summary.json").read_text())
+    assert summary["resumed_from"] == {"checkpoint": str(model / "checkpoint-1"), "step": 1}
     resumed, uninterrupted = (json.loads((folder / "summary.json").read_text()) for folder in (out, whole))
+    assert len(resumed["rounds"]) == len(uninterrupted["rounds"]) == 3
     for one, two in zip(resumed["rounds"], uninterrupted["rounds"]):
         for key in ("pairs", "steps", "reward", "kl_to_sft", "sample_reward_mean"):
             assert one[key] == pytest.approx(two[key], abs=1e-5), key
+    for r in (2, 3):
+        weights, expected = (load_file(folder / f"round_{r}" / "model" / "model.safetensors") for folder in (out, whole))
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), r
 
     calls.clear()
-    assert main(args(project, tiny_model_dir, "killed")) == 0
+    assert main(argv) == 0
     assert calls == []  # every round done: nothing sampled, trained or evaluated again
 
 
@@ -151,19 +188,24 @@ def test_a_reward_model_scores_and_previous_rounds_policy_is_the_reference(proje
     the policy it starts from); too few prompts to split: every round samples all of them, and says so."""
     out = project / "previous"
     assert main(args(project, tiny_model_dir, "previous", "--round_reference", "previous", reward=str(reward_model_dir),
-                     dataset="few_prompts.jsonl")) == 0
+                     dataset="few_prompts.jsonl", steps=1)) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["prompts"]["fresh"] is False and summary["prompts"]["per_round"] == [3, 3]
+    assert summary["status"] == "completed" and [r["steps"] for r in summary["rounds"]] == [1, 1, 1]
+    assert summary["prompts"]["fresh"] is False and summary["prompts"]["per_round"] == [3, 3, 3]
     assert "every round samples all of them" in summary["prompts"]["why"]
-    round_1 = str(out / "round_1" / "model")
-    assert [r["reference"] for r in summary["rounds"]] == [str(tiny_model_dir), round_1]
-    second = run_config(out / "round_2" / "model")
-    assert second["model_name_or_path"] == round_1 and second["ref_model"] is None
+    round_1, round_2 = (str(out / f"round_{r}" / "model") for r in (1, 2))
+    assert [r["reference"] for r in summary["rounds"]] == [str(tiny_model_dir), round_1, round_2]
+    for r, start in ((2, round_1), (3, round_2)):
+        config = run_config(out / f"round_{r}" / "model")
+        assert config["model_name_or_path"] == start and config["ref_model"] is None
     scores = [c["score"] for line in (out / "round_1" / "sample" / "samples.jsonl").read_text().splitlines()
               for c in json.loads(line)["completions"]]
     assert len(set(scores)) > 1 and all(isinstance(s, float) for s in scores)  # the reward model's, not lengths
     # the evaluation's KL is to the SFT model whatever the training's reference
-    assert json.loads((out / "round_2" / "eval" / "eval.json").read_text())["models"][0]["reference"] == str(tiny_model_dir)
+    for r in (1, 2, 3):
+        eval_json = json.loads((out / f"round_{r}" / "eval" / "eval.json").read_text())
+        assert eval_json["models"][0]["reference"] == str(tiny_model_dir)
+        assert summary["rounds"][r - 1]["reward"] == pytest.approx(eval_json["models"][0]["prompts"]["reward"])
 
 
 @pytest.mark.parametrize("drop,extra,message", [
@@ -229,11 +271,12 @@ def annotate(port: int, stop: threading.Event, judged: list, interrupt_after: in
 def test_rounds_scored_by_people_wait_on_the_label_page_and_resume(project, tiny_model_dir, caplog):
     """No reward: each round serves the label page on its candidates and waits; a scripted client labels
     over HTTP. Stopped (Ctrl+C) after 2 labels of round 1, the rerun keeps them, waits for the other 2 and
-    runs both rounds: the labelled pairs trained on, no evaluation."""
+    runs the 3 rounds: the labelled pairs trained on, each round from the previous one's policy, no
+    evaluation."""
     port, out = free_port(), project / "people"
     argv = ["iterate", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(project / "prompts.jsonl"),
-            "--rounds", "2", "--num_samples", "2", "--max_new_tokens", "8", "--per_device_train_batch_size", "2",
-            "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--progress_bar", "false",
+            "--rounds", "3", "--num_samples", "2", "--max_new_tokens", "8", "--per_device_train_batch_size", "2",
+            "--max_steps", "1", "--learning_rate", "1e-3", "--logging_steps", "1", "--progress_bar", "false",
             "--label_port", str(port), "--tokenized_cache_dir", str(project / "cache"), "--output_dir", str(out)]
     labels = out / "round_1" / "sample" / "samples.jsonl.labels.jsonl"
     caplog.set_level(logging.INFO, logger="preftune")
@@ -248,7 +291,7 @@ def test_rounds_scored_by_people_wait_on_the_label_page_and_resume(project, tiny
         client.join()
     assert len(labels.read_text().splitlines()) == 2 and not (out / "round_1" / "model").exists()
     # 4 prompts a round, 2 completions each: 4 comparisons
-    assert f"round 1/2: waiting for 4 labels (every comparison) at http://127.0.0.1:{port}/ (0 of 4" in caplog.text
+    assert f"round 1/3: waiting for 4 labels (every comparison) at http://127.0.0.1:{port}/ (0 of 4" in caplog.text
 
     caplog.clear()
     stop, judged = threading.Event(), []
@@ -259,8 +302,9 @@ def test_rounds_scored_by_people_wait_on_the_label_page_and_resume(project, tiny
     finally:
         stop.set()
         client.join()
-    assert "round 1/2: waiting for 4 labels (every comparison)" in caplog.text and "(2 of 4 comparisons" in caplog.text
-    assert "round 2/2: waiting for 4 labels" in caplog.text and len(judged) == 2 + 4  # the rest of round 1, round 2
+    assert "round 1/3: waiting for 4 labels (every comparison)" in caplog.text and "(2 of 4 comparisons" in caplog.text
+    assert "round 2/3: waiting for 4 labels" in caplog.text and "round 3/3: waiting for 4 labels" in caplog.text
+    assert len(judged) == 2 + 4 + 4  # the rest of round 1, rounds 2 and 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["sft"] is None and not (out / "frontier.png").exists()
     for r, row in enumerate(summary["rounds"], 1):
@@ -272,11 +316,14 @@ def test_rounds_scored_by_people_wait_on_the_label_page_and_resume(project, tiny
         assert len(judgements) == 4 and row["pairs"] == len(pairs) == len(preferred) > 0
         for pair in map(json.loads, pairs):  # the client's preference is what training got
             assert (len(pair["chosen"]), pair["chosen"]) > (len(pair["rejected"]), pair["rejected"])
-        assert row["scored_by"] == "people (label page)" and row["reward"] is None and row["steps"] == 2
+        assert row["scored_by"] == "people (label page)" and row["reward"] is None and row["steps"] == 1
         assert (folder / "model" / "config.json").is_file() and not (folder / "eval").exists()
         assert json.loads((folder / "round.json").read_text())["done"] is True
-    started = run_config(out / "round_2" / "model")["model_name_or_path"]
-    assert started == str(out / "round_1" / "model")  # round 2 sampled and trained from round 1's policy
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    for r in (2, 3):  # round r sampled and trained from round r - 1's policy
+        assert run_config(out / f"round_{r}" / "model")["model_name_or_path"] == str(out / f"round_{r - 1}" / "model")
+        settings = json.loads((out / f"round_{r}" / "sample" / "sample_settings.json").read_text())
+        assert settings["model_name_or_path"] == str((out / f"round_{r - 1}" / "model").resolve())
 
 
 def test_a_round_goes_on_when_all_are_labelled_or_label_min_pairs_are_preferred():

@@ -37,6 +37,9 @@ SMALLER = {
               "--gradient_accumulation_steps", "1"],
     "eval": ["--max_samples", "3", "--num_samples", "1", "--max_new_tokens", "12"],
     "export": [],
+    "rm": ["--max_steps", "2", "--val_size", "2", "--per_device_train_batch_size", "2"],
+    "iterate": ["--max_samples", "4", "--num_samples", "2", "--max_new_tokens", "6", "--max_steps", "1",
+                "--val_size", "0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"],
 }
 NOT_RUN = {
     "make demo": "tests/test_demo_flow.py runs `preftune demo`, scaled down",
@@ -179,3 +182,6 @@ def test_the_readme_flow_runs_as_written(tmp_path, tiny_model_dir, monkeypatch):
     assert json.loads((tmp_path / "saves/dpo/dpo_metrics/summary.json").read_text())["status"] == "completed"
     assert (tmp_path / "saves/eval/eval.json").is_file()
     assert json.loads((tmp_path / "saves/dpo-bf16/config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "saves/rm/config.json").is_file()
+    rounds = json.loads((tmp_path / "saves/rounds/summary.json").read_text())
+    assert rounds["status"] == "completed" and [r["round"] for r in rounds["rounds"]] == [1, 2, 3]

@@ -19,6 +19,9 @@ Writes output_dir/eval.json and eval.csv (a row per model), and with prompts sam
 per prompt: {"prompt", "reference": [{"text", "reward"}], "models": {model: [...]}}, to read what
 changed) and frontier.png: reward against KL per sequence, the DPO paper's Figure 2, one point per
 model (the reference at KL 0).
+Runs of one configuration with different seeds (3 or more whose preftune_config.yaml differ only in seed and
+where they wrote) are also compared with each other: a seed whose KL per completion is above
+health_max_seed_kl_ratio times the median of the others is named, with the remedy (eval.json's seed_spread).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import logging
 import math
 from pathlib import Path
 
-from preftune import guard
+from preftune import guard, health
 from preftune.config import load_config, parse_command_line
 from preftune.errors import ConfigError
 from preftune.files import write_atomic
@@ -88,8 +91,6 @@ def _reference(cfg, run_cfg, cache: dict, tokenizer):
 def run_health(folder: Path, cfg) -> list[dict] | None:
     """The health report of the run that wrote `folder` (from its metric history), with this command's
     thresholds; None for a model that no preftune run wrote."""
-    from preftune import health
-
     for metrics in ("dpo_metrics", "sft_metrics", "rm_metrics"):
         history = folder / metrics / "log_history.json"
         if history.is_file():
@@ -263,7 +264,7 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
     tokenizer = load_tokenizer(names[0], cfg.trust_remote_code)
     # a vision-language model's processor renders its pairs, images included (vision.py); None for a text model
     processor = load_processor(dataclasses.replace(cfg, model_name_or_path=names[0])) if cfg.dataset else None
-    rows, references, models = [], {}, {}
+    rows, references, models, configs = [], {}, {}, {}
     for name in names:
         if name != names[0]:  # scored on the first one's token ids
             check_same_tokenizer(tokenizer, name, "model_name_or_path", "evaluate models of other tokenizers in "
@@ -291,6 +292,8 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
         row["health"] = run_health(Path(name).expanduser(), cfg)
         rows.append(row)
         models[name] = model
+        if run_cfg is not None:
+            configs[name] = run_cfg.to_dict()
     reference_stats = None
     if cfg.prompts:
         if len({row["reference"] for row in rows}) > 1:
@@ -301,7 +304,8 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.prompts:
         write_atomic(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    report = {"models": rows, "reference": reference_stats, "config": cfg.to_dict()}
+    report = {"models": rows, "reference": reference_stats, "seed_spread": seed_spread(rows, configs, cfg),
+              "config": cfg.to_dict()}
     write_atomic(out / "eval.json", json.dumps(report, indent=1, default=str))
     flat = [{"model": r["model"], "reference": r["reference"],
              **{f"{part}/{k}": v for part in ("pairs", "prompts") for k, v in (r.get(part) or {}).items()}}
@@ -315,6 +319,17 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
     if reference_stats:
         plot_frontier(rows, reference_stats, out / "frontier.png")
     return report
+
+
+def seed_spread(rows: list[dict], configs: dict[str, dict], cfg) -> list[dict]:
+    """For each group of the evaluated runs that are one configuration with different seeds (health.seed_groups:
+    3 or more), {runs, source, signals}: each run's seed_spread record (health.seed_outliers) on its KL per
+    completion: on the prompts' samples where they were evaluated, else along the pairs' completions."""
+    source = "prompts" if any("prompts" in r for r in rows) else "pairs"
+    figures = {r["model"]: r[source] for r in rows if source in r and "kl_per_sequence" in r[source]}
+    return [{"runs": group, "source": source,
+             "signals": health.seed_outliers({n: figures[n] for n in group}, cfg.health_max_seed_kl_ratio)}
+            for group in health.seed_groups({n: c for n, c in configs.items() if n in figures})]
 
 
 def main(args: list[str]) -> int:
@@ -338,6 +353,15 @@ def main(args: list[str]) -> int:
                      f"{s['win_rate_vs_reference']:.1%}, KL {s['kl_per_sequence']:.3f} nats/sequence, mean length "
                      f"{s['mean_length']:.1f}")
         print(line)
+    for group in report["seed_spread"]:
+        kls = [s["kl_per_sequence"] for s in group["signals"]]
+        print(f"seeds    {len(group['runs'])} runs of one configuration, KL per completion ({group['source']}) "
+              f"{min(kls):.3g} to {max(kls):.3g} nats")
+        fired = [s for s in group["signals"] if s["fired"]]
+        for signal in fired:
+            print(f"  health   {health.describe_seed_outlier(signal)}")
+        if not fired:
+            print(f"  health   no seed above {group['signals'][0]['threshold']:g}x the median KL of the others")
     if report["reference"]:
         r = report["reference"]
         print(f"reference prompts reward {r['reward']:.3f} +- {r['reward_stderr']:.3f}, mean length {r['mean_length']:.1f}")

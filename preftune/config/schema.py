@@ -251,6 +251,9 @@ class TrainConfig:
     # on the validation set, up to 1.0 in training rows; ipo aims at 0.5, hinge at 1.
     health_max_margin: float = HEALTH(5.0, "Health report: flag reward margins (eval_rewards/margins; without evaluation rewards/margins) above this, in reward units (beta x nats): the margins explode.")
     health_max_length_growth: float = HEALTH(1.5, "Health report: flag completions growing longer than this many times their early length (length exploitation): sampled ones (generate_during_eval) against step 0, else the training batches' mean completion length (length/chosen, length/rejected), the last quarter of the logged rows against the first.")
+    # Seeds, 2x the median KL of the others: issue 22's healthy seeds spread 1.5-1.9 nats per completion (1.3x) and the
+    # demo's 3 seeds 1.24-1.81 offline, 2.60-3.48 after 3 rounds (at most 1.3x); its drifted seed was 7.2 (4.2x).
+    health_max_seed_kl_ratio: float = HEALTH(2.0, "Health report across seeds (preftune eval of 3 or more runs of one configuration with different seeds): flag a run whose KL per completion to the reference is above this many times the median KL of the other seeds.")
     health_max_train_val_gap: float = HEALTH(0.15, "Health report: flag validation loss above training loss by more than this share.")
     health_min_accuracy: float = HEALTH(0.5, "Health report: flag a final held-out preference accuracy below this.")
     health_max_val_loss_rise: float = HEALTH(0.05, "Health report: flag validation loss risen above its best by more than this share.")

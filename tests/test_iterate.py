@@ -230,6 +230,22 @@ def test_other_settings_on_resume_are_refused(project, tiny_model_dir, whole, ca
     assert "holds rounds run with other settings (learning_rate 0.001 -> 0.002)" in err and "\n" not in err
 
 
+def test_a_key_added_to_preftune_since_the_rounds_ran_does_not_block_their_resume(project, tiny_model_dir, whole,
+                                                                                capsys):
+    """Rounds begun with an earlier preftune, whose settings lack a key added since: at its default it changes
+    nothing and the run goes on; set to another value it is refused as any change is."""
+    import shutil
+
+    shutil.copytree(whole, project / "older")
+    path = project / "older" / "iterate_settings.json"
+    saved = json.loads(path.read_text())
+    saved.pop("health_max_seed_kl_ratio")
+    path.write_text(json.dumps(saved))
+    assert main(args(project, tiny_model_dir, "older", "--health_max_seed_kl_ratio", "3")) == 2
+    assert "(health_max_seed_kl_ratio 2.0 -> 3.0)" in capsys.readouterr().err
+    assert main(args(project, tiny_model_dir, "older")) == 0
+
+
 # --- scored by people: the label page inside the loop ---------------------------------------------
 
 def free_port() -> int:

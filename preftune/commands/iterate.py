@@ -101,10 +101,13 @@ def check_same_settings(out: Path, cfg) -> None:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             raise DataError(f"{path} is not the JSON preftune iterate writes; use another output_dir") from None
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        # a key the saved settings lack came with a later preftune: at its default it changes nothing; a saved
+        # key this preftune lacks can no longer be set
+        defaults = settings(type(cfg)())
+        changed = sorted(k for k in now if saved.get(k, defaults.get(k)) != now[k])
         if changed:
             raise ConfigError(f"output_dir: {out} holds rounds run with other settings ("
-                              + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+                              + ", ".join(f"{k} {saved.get(k, defaults.get(k))!r} -> {now[k]!r}" for k in changed[:4])
                               + (", ..." if len(changed) > 4 else "") + "); resume with the earlier values, or use "
                               "another output_dir")
     elif any(out.glob("round_*")):

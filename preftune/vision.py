@@ -284,23 +284,29 @@ def media(processor, images: list, input_ids: torch.Tensor) -> dict:
     return out
 
 
-def encode_vision_prompts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[list[int]]:
-    """The prompts (pairs with or without images) as generation gets them: rendered by the processor's chat
-    template with the generation prompt, each image placeholder expanded into the model's image tokens (as
-    `encode_vision_pair` renders a pair's prompt)."""
+def vision_prompt_texts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[str]:
+    """The prompts (pairs with or without images) rendered by the processor's chat template with the generation
+    prompt, one image placeholder per image (as `encode_vision_pair` renders a pair's prompt): what vLLM gets
+    with the images, and expands itself."""
     out = []
     for pair in prompts:
         text = processor.apply_chat_template(_structured(prompt_messages(pair)), tokenize=False,
                                              add_generation_prompt=True,
                                              **{**(chat_kwargs or {}), **(pair.chat_template_kwargs or {})})
-        images = [ref.load() for ref in pair.images or []]
-        if text.count(processor.image_token) != len(images):
+        if text.count(processor.image_token) != len(pair.images or []):
             raise DataError(f"{pair.where}: the rendered prompt holds {text.count(processor.image_token)} image "
-                            f"token(s) '{processor.image_token}' for {len(images)} image(s); remove "
+                            f"token(s) '{processor.image_token}' for {len(pair.images or [])} image(s); remove "
                             f"'{processor.image_token}' from the text (images are given as {{\"type\": \"image\"}} "
                             "parts), or use the model's own chat template")
-        out.append(_ids(processor, text, images))
+        out.append(text)
     return out
+
+
+def encode_vision_prompts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[list[int]]:
+    """The prompts as transformers' generate gets them: `vision_prompt_texts` with each image placeholder expanded
+    into the model's image tokens."""
+    return [_ids(processor, text, [ref.load() for ref in pair.images or []])
+            for pair, text in zip(prompts, vision_prompt_texts(processor, prompts, chat_kwargs))]
 
 
 def describe(processor) -> dict[str, str]:

@@ -82,8 +82,9 @@ class FusedDPO(NamedTuple):
 
 
 # The image processors' outputs a batch with images carries (vision.collate_vision): what the multimodal backbone
-# takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw, mm_token_type_ids)
-MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
+# takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw, mm_token_type_ids;
+# Gemma 3: token_type_ids)
+MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
 # A batch without images under a lockstep engine (FSDP2, ZeRO-3) carries a blank image's tensors under this prefix
 # (vision.collate_vision): its features are computed and added times 0, so every process runs the vision part.
 IDLE = "idle_"

@@ -22,6 +22,7 @@ What changes against text pairs, and what does not:
 
 Qwen2-VL / Qwen2.5-VL: without torchvision their processor is built without its video processor
 (`images_only`), and a batch with images carries the processor's mm_token_type_ids (its M-RoPE needs them).
+Gemma 3: its processor's token_type_ids (its image tokens attend to each other both ways).
 
 One process or FSDP2 (`fsdp: full_shard`), padded batches or padding_free (not with M-RoPE), and a live reference
 (a frozen copy, ref_model, or a LoRA policy's adapter off) or precomputed log-probs; the rest is refused in one
@@ -224,7 +225,7 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
     are; a cut that would drop image tokens is refused (the features would have no place), a pair with no
     completion token left is dropped and counted as text pairs are. In order."""
     report = report if report is not None else TokenizeReport()
-    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    image_ids = set(processor.image_token_ids)  # where the features go (Gemma 3: not its placeholder, image_token)
     chat_kwargs = dict(cfg.chat_template_kwargs or {})
     out = []
     for pair in pairs:
@@ -237,9 +238,10 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
         if cut is not t:
             report.truncated += 1
             for ids, full in ((cut.chosen_ids, t.chosen_ids), (cut.rejected_ids, t.rejected_ids)):
-                if ids.count(image_id) != full.count(image_id):
+                n_image = sum(i in image_ids for i in full)
+                if sum(i in image_ids for i in ids) != n_image:
                     raise DataError(f"{pair.where}: cutoff_len {cfg.cutoff_len} (or max_prompt_length) cuts into "
-                                    f"its {full.count(image_id)} image tokens; raise cutoff_len to at least "
+                                    f"its {n_image} image tokens; raise cutoff_len to at least "
                                     f"{max(len(t.chosen_ids), len(t.rejected_ids))}")
             cut = VisionPair(cut.chosen_ids, cut.chosen_start, cut.rejected_ids, cut.rejected_start, True, t.images)
         out.append(cut)
@@ -275,12 +277,18 @@ def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] 
 
 def media(processor, images: list, input_ids: torch.Tensor) -> dict:
     """The image processor's tensors of `images` (data.images.ImageRef, in the order of the image tokens of the
-    rows of `input_ids`), and the processor's mm_token_type_ids where it makes them; {} without images."""
+    rows of `input_ids`), and the processor's mm_token_type_ids (Gemma 3: token_type_ids) where it makes them; {}
+    without images."""
     if not images:
         return {}
     out = dict(processor.image_processor(images=[ref.load() for ref in images], return_tensors="pt"))
-    if getattr(processor, "return_mm_token_type_ids", False):  # Qwen2-VL: its M-RoPE finds the image tokens by these
-        out["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(input_ids))  # (rows, T)
+    for name in processor.unused_input_names:  # what the model does not take (Gemma 3's num_crops), as the processor
+        out.pop(name, None)
+    if getattr(processor, "return_mm_token_type_ids", False):
+        # Qwen2-VL's M-RoPE finds the image tokens by these; Gemma 3 attends both ways within an image by them, under
+        # the name its processor gives them (and its model takes): token_type_ids
+        key = "mm_token_type_ids" if "mm_token_type_ids" in processor.model_input_names else "token_type_ids"
+        out[key] = torch.tensor(processor.create_mm_token_type_ids(input_ids))  # (rows, T)
     return out
 
 

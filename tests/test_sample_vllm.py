@@ -53,7 +53,7 @@ class FakeVLLM:
     for the prompt and its images (as vLLM, unlike generate's num_return_sequences, keeps each sample's images)."""
 
     def __init__(self):
-        self.llm_kwargs, self.calls = [], []
+        self.llm_kwargs, self.calls, self.outputs = [], [], []
         module = types.ModuleType("vllm")
         module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
         module.SamplingParams = sampling_params
@@ -122,8 +122,10 @@ class FakeVLLM:
                     with torch.no_grad():
                         out = model.generate(**inputs, **settings)
                     width = inputs["input_ids"].shape[1]
-                    results.append(types.SimpleNamespace(outputs=[
+                    # a RequestOutput: the prompt's ids as the engine ran them (placeholders expanded), the samples
+                    results.append(types.SimpleNamespace(prompt_token_ids=inputs["input_ids"][0].tolist(), outputs=[
                         types.SimpleNamespace(token_ids=tuple(row[width:].tolist())) for row in out]))
+                fake.outputs.append(results)
                 return results
 
         return LLM()
@@ -252,16 +254,20 @@ def _image_prompts(folder, demo_pairs):
     return data
 
 
-def test_image_prompts_through_vllm_give_the_huggingface_records(llava_dir, demo_pairs, tmp_path, fake_vllm):
+def test_image_prompts_through_vllm_give_the_huggingface_records(demo_pairs, tiny_tokenizer, tmp_path, fake_vllm):
     """A VLM's prompts with 0, 1 and 2 images sampled with infer_backend vllm: a prompt with images is vLLM's
-    multimodal input (its chat-template text, one placeholder per image, and its PIL images; no special tokens
-    added), the text-only one its token ids; limit_mm_per_prompt allows the 2 images. With one prompt per batch
-    (the same seeds), samples.jsonl and pairs.jsonl are those of transformers' generate, images kept as paths."""
+    multimodal input (its chat-template text, one placeholder per image, and its PIL images), the text-only one
+    its token ids; limit_mm_per_prompt allows the 2 images. With one prompt per batch (the same seeds),
+    samples.jsonl and pairs.jsonl are those of transformers' generate, images kept as paths. On the tiny Gemma 3,
+    whose chat template writes a BOS (vLLM must not add one: add_special_tokens False) and whose placeholder
+    `<start_of_image>` is not the token its features go to."""
     from preftune.commands.sample import run
+    from test_vision_gemma3 import build_gemma3
 
+    model_dir = build_gemma3(tiny_tokenizer, tmp_path / "gemma3")
     data = _image_prompts(tmp_path / "data", demo_pairs)
     (tmp_path / "rewards.py").write_text(REWARD)
-    common = {"model_name_or_path": str(llava_dir), "dataset": str(data), "num_samples": 3, "max_new_tokens": 6,
+    common = {"model_name_or_path": str(model_dir), "dataset": str(data), "num_samples": 3, "max_new_tokens": 6,
               "per_device_eval_batch_size": 1, "reward": f"{tmp_path / 'rewards.py'}:length"}
     for engine in ("huggingface", "vllm"):
         assert run(from_dict({**common, "infer_backend": engine, "output_dir": str(tmp_path / engine)}))["backend"] \
@@ -271,8 +277,15 @@ def test_image_prompts_through_vllm_give_the_huggingface_records(llava_dir, demo
     (prompts, _), = fake_vllm.calls
     assert set(prompts[0]) == {"prompt_token_ids"}
     assert [len(p["multi_modal_data"]["image"]) for p in prompts[1:]] == [1, 2]
-    assert [p["prompt"].count("<image>") for p in prompts[1:]] == [1, 2]
-    assert prompts[2]["prompt"].startswith("<|im_start|>user\n<image><image>")
+    assert [p["prompt"].count("<start_of_image>") for p in prompts[1:]] == [1, 2]
+    assert prompts[2]["prompt"].startswith("<bos><start_of_turn>user\n<start_of_image><start_of_image>")
+    # the ids vLLM ran are those transformers' generate got: one BOS, each image's soft tokens in place
+    from preftune.data import read_prompts
+    from preftune.vision import encode_vision_prompts, load_processor
+
+    cfg = from_dict(common)
+    expected = encode_vision_prompts(load_processor(cfg), read_prompts(cfg.dataset, cfg.dataset_dir, None, None))
+    assert [out.prompt_token_ids for out in fake_vllm.outputs[0]] == expected
     for name in ("samples.jsonl", "pairs.jsonl"):
         assert lines(tmp_path / "vllm" / name) == lines(tmp_path / "huggingface" / name), name
     records = lines(tmp_path / "vllm" / "samples.jsonl")

@@ -271,7 +271,7 @@ def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] 
         from preftune.logps import IDLE
 
         blank = Image.new("RGB", (56, 56))  # (a multiple of Qwen2-VL's 28-pixel merged patches)
-        batch.update({IDLE + k: v for k, v in processor.image_processor(images=[blank], return_tensors="pt").items()})
+        batch.update({IDLE + k: v for k, v in _image_tensors(processor, [blank]).items()})
     return batch
 
 
@@ -281,15 +281,20 @@ def media(processor, images: list, input_ids: torch.Tensor) -> dict:
     without images."""
     if not images:
         return {}
-    out = dict(processor.image_processor(images=[ref.load() for ref in images], return_tensors="pt"))
-    for name in processor.unused_input_names:  # what the model does not take (Gemma 3's num_crops), as the processor
-        out.pop(name, None)
+    out = _image_tensors(processor, [ref.load() for ref in images])
     if getattr(processor, "return_mm_token_type_ids", False):
         # Qwen2-VL's M-RoPE finds the image tokens by these; Gemma 3 attends both ways within an image by them, under
         # the name its processor gives them (and its model takes): token_type_ids
         key = "mm_token_type_ids" if "mm_token_type_ids" in processor.model_input_names else "token_type_ids"
         out[key] = torch.tensor(processor.create_mm_token_type_ids(input_ids))  # (rows, T)
     return out
+
+
+def _image_tensors(processor, images: list) -> dict:
+    """The image processor's tensors of the PIL `images`, less what the model does not take (Gemma 3's num_crops),
+    as the processor's own call leaves it out."""
+    out = processor.image_processor(images=images, return_tensors="pt")
+    return {k: v for k, v in out.items() if k not in processor.unused_input_names}
 
 
 def vision_prompt_texts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[str]:

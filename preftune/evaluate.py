@@ -92,13 +92,20 @@ def pair_logps(scorer, pairs: list, pad_id: int, batch_size: int, ld_alpha: floa
 
 
 @torch.no_grad()
-def completion_logps(model, items: list, pad_id: int, batch_size: int, device=None) -> torch.Tensor:
+def completion_logps(model, items: list, pad_id: int, batch_size: int, device=None, processor=None) -> torch.Tensor:
     """Summed log-probs (N,) float32 of each item's chosen side (prompt + completion, the completion
-    scored): for sampled completions, whose log pi and log pi_ref give a sequence-level KL estimate."""
+    scored): for sampled completions, whose log pi and log pi_ref give a sequence-level KL estimate.
+    A vision-language model's items (vision.VisionPair) run with their images through its `processor`."""
     out = torch.empty(len(items))
     for idx, batch in ordered_batches(items, batch_size, collate_chosen, pad_id, device):
+        media = None
+        if processor is not None:
+            from preftune.vision import media as image_tensors
+
+            rows = image_tensors(processor, [ref for i in idx for ref in items[i].images], batch["input_ids"].cpu())
+            media = {k: v.to(batch["input_ids"].device) for k, v in rows.items()} or None
         out[idx] = get_batch_logps(model, batch["input_ids"], batch["attention_mask"],
-                                   batch["completion_mask"]).logps.float().cpu()
+                                   batch["completion_mask"], media=media).logps.float().cpu()
     return out
 
 

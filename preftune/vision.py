@@ -322,6 +322,15 @@ def encode_vision_prompts(processor, prompts: list, chat_kwargs: dict | None = N
             for pair, text in zip(prompts, vision_prompt_texts(processor, prompts, chat_kwargs))]
 
 
+def completion_banned_ids(processor) -> list[int]:
+    """The token ids a sampled completion must not hold: the model's image tokens and the processor's placeholder.
+    Scored with the prompt's images (eval's KL), a completion's image token would ask for an image's features that
+    are not there; a trained model all but never writes one, a random-init test model does."""
+    ids = {i for i in processor.image_token_ids if i is not None}
+    ids.add(processor.tokenizer.convert_tokens_to_ids(processor.image_token))
+    return sorted(ids)
+
+
 def describe(processor) -> dict[str, str]:
     """How pairs are rendered, for the log and summary.json (as tokenization.describe_rendering's)."""
     return {"used": f"the processor's chat template ({type(processor).__name__})",

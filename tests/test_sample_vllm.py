@@ -29,6 +29,8 @@ def sampling_params(*args, **kwargs):
     p = bind("vllm", "SamplingParams", *args, **kwargs)
     check_bounds("vllm", {key: p[key] for key in ("n", "temperature", "top_p", "top_k", "max_tokens")})
     assert all(isinstance(t, int) for t in p["stop_token_ids"] or []), p["stop_token_ids"]
+    assert all(isinstance(t, int) and isinstance(b, float) for t, b in (p["logit_bias"] or {}).items()), \
+        f"vllm SamplingParams: logit_bias {p['logit_bias']!r} is not a dict of token id -> float"
     return types.SimpleNamespace(**p)
 
 
@@ -111,6 +113,8 @@ class FakeVLLM:
                     settings = dict(do_sample=True, temperature=p.temperature, top_p=p.top_p,
                                     top_k=0 if p.top_k == -1 else p.top_k, max_new_tokens=p.max_tokens,
                                     eos_token_id=p.stop_token_ids, pad_token_id=p.stop_token_ids[0])
+                    if p.logit_bias:  # added to the logits, as vLLM's logit_bias processor adds it
+                        settings["sequence_bias"] = {(t,): b for t, b in p.logit_bias.items()}
                     if "prompt" in prompt:  # text: vLLM tokenizes it and expands its placeholders (its processor)
                         assert vision, "the stand-in answers text prompts for vision-language models only"
                         inputs = processor(text=[prompt["prompt"]] * p.n, images=[images] * p.n if images else None,
@@ -274,8 +278,10 @@ def test_image_prompts_through_vllm_give_the_huggingface_records(demo_pairs, tin
             == engine
     (kwargs,) = fake_vllm.llm_kwargs
     assert kwargs["limit_mm_per_prompt"] == {"image": 2}
-    (prompts, _), = fake_vllm.calls
+    (prompts, params), = fake_vllm.calls
     assert set(prompts[0]) == {"prompt_token_ids"}
+    tokenizer = load_tokenizer(str(model_dir))  # no image token sampled: <start_of_image>, <image_soft_token>
+    assert {p_.logit_bias.keys() == {tokenizer.boi_token_id, tokenizer.image_token_id} for p_ in params} == {True}
     assert [len(p["multi_modal_data"]["image"]) for p in prompts[1:]] == [1, 2]
     assert [p["prompt"].count("<start_of_image>") for p in prompts[1:]] == [1, 2]
     assert prompts[2]["prompt"].startswith("<bos><start_of_turn>user\n<start_of_image><start_of_image>")

@@ -190,7 +190,8 @@ def _sample(cfg, out: Path) -> dict:
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
     from preftune.tokenization import describe_rendering, encode_prompts, rendering_text
-    from preftune.vision import describe, encode_vision_prompts, load_processor, vision_prompt_texts
+    from preftune.vision import (completion_banned_ids, describe, encode_vision_prompts, load_processor,
+                                 vision_prompt_texts)
 
     engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
     reward = load_reward(cfg.reward) if cfg.reward else None
@@ -216,8 +217,9 @@ def _sample(cfg, out: Path) -> dict:
     rendering = describe_rendering(tokenizer, cfg.template, prompts) if processor is None else describe(processor)
     log.info("rendering: %s", rendering_text(rendering))
     if engine == "vllm":
-        batches = vllm_sample(cfg.model_name_or_path, tokenizer, encoded, cfg, skip=set(done), texts=texts,
-                              images=[p.images or [] for p in prompts] if processor is not None else None)
+        vision_kwargs = {} if processor is None else {"texts": texts, "images": [p.images or [] for p in prompts],
+                                                      "banned_ids": completion_banned_ids(processor)}
+        batches = vllm_sample(cfg.model_name_or_path, tokenizer, encoded, cfg, skip=set(done), **vision_kwargs)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(cfg.model_name_or_path, cfg).to(device)

@@ -91,6 +91,11 @@ def load_processor(cfg):
         raise ConfigError(f"padding_free: not with a {config.model_type} model yet (its M-RoPE positions are computed "
                           "per padded row, not per sequence of a packed one); remove it (docs/vision.md)")
     processor = saved_processor(cfg.model_name_or_path, config, cfg.trust_remote_code)
+    if cfg.padding_free and getattr(processor, "return_mm_token_type_ids", False) and \
+            "token_type_ids" in processor.model_input_names:
+        raise ConfigError(f"padding_free: not with a {config.model_type} model yet (its image tokens attend to each other "
+                          "both ways by token_type_ids, a mask not tested on packed sequences); remove it "
+                          "(docs/vision.md)")
     if cfg.template in VISION_TEMPLATES and config.model_type not in VISION_TEMPLATES[cfg.template]:
         raise ConfigError(f"template: {cfg.template} is LLaMA-Factory's template for "
                           f"{', '.join(VISION_TEMPLATES[cfg.template])} models, and model_name_or_path is a "

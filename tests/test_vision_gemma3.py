@@ -11,7 +11,8 @@ tests/test_vision.py's.
 * test_image_and_prompt_tokens_are_never_scored: the rows, completion masks, pixel_values and token_type_ids
   (1 on the soft tokens: Gemma 3's image tokens attend to each other both ways) are TRL's collator's; no
   image or prompt token is scored; the image reaches the completion's log-probs, and token_type_ids change them.
-* test_a_cut_into_the_soft_tokens_is_one_line: cutoff_len / max_prompt_length through an image's soft tokens.
+* test_a_cut_into_the_soft_tokens_is_one_line: cutoff_len / max_prompt_length through an image's soft tokens;
+  padding_free refused.
 * test_steps_match_trl: 3 steps of preftune train and of TRL 1.16's DPOTrainer: the same loss and statistics.
 """
 
@@ -74,8 +75,8 @@ def gemma3_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def test_image_and_prompt_tokens_are_never_scored(gemma3_dir, demo_pairs, tmp_path):
-    """The rows, completion masks, pixel_values and token_type_ids are TRL's collator's for the same pairs and
-    processor; each image is `\\n\\n<start_of_image>` + 4 soft tokens + `<end_of_image>\\n\\n` in the prompt, its soft
+    """The rows, completion masks, pixel_values (each pair's images once here, once per row in TRL) and
+    token_type_ids are TRL's collator's for the same pairs and processor; each image is `\\n\\n<start_of_image>` + 4 soft tokens + `<end_of_image>\\n\\n` in the prompt, its soft
     tokens (token_type_ids 1) never scored, nor any prompt token. The image reaches the completion's log-probs
     (another colour changes them); without token_type_ids (each image attended causally) they change too, so the
     batch must carry them; a text-only pair's are those of the language model alone."""
@@ -98,7 +99,8 @@ def test_image_and_prompt_tokens_are_never_scored(gemma3_dir, demo_pairs, tmp_pa
                  "chosen": [{"role": "assistant", "content": e.chosen}],
                  "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples]
     theirs = trl_dpo.DataCollatorForVisionPreference(processor)(trl_rows)
-    torch.testing.assert_close(batch["pixel_values"], theirs["pixel_values"], rtol=0, atol=0)
+    # each pair's images once here (for both its rows), once per row in TRL
+    torch.testing.assert_close(batch["pixel_values"].repeat(2, 1, 1, 1), theirs["pixel_values"], rtol=0, atol=0)
     assert "mm_token_type_ids" not in batch
     tok = processor.tokenizer
     soft, boi, eoi = tok.image_token_id, tok.boi_token_id, tok.eoi_token_id
@@ -119,9 +121,9 @@ def test_image_and_prompt_tokens_are_never_scored(gemma3_dir, demo_pairs, tmp_pa
     model = AutoModelForImageTextToText.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logps = get_batch_logps(model, **model_inputs(batch)).logps
-        grey = [square((60, 60, 60), ref.size) for e in examples for ref in e.images] * 2
-        changed = get_batch_logps(model, **model_inputs(batch | processor.image_processor(images=grey,
-                                                                                          return_tensors="pt"))).logps
+        grey = [square((60, 60, 60), ref.size) for e in examples for ref in e.images]
+        grey_pixels = processor.image_processor(images=grey, return_tensors="pt")["pixel_values"]
+        changed = get_batch_logps(model, **model_inputs(batch | {"pixel_values": grey_pixels})).logps
         causal = get_batch_logps(model, **model_inputs({k: v for k, v in batch.items() if k != "token_type_ids"}))
         text_only = [i for i, e in enumerate(examples) if not e.images]
         text_batch = {k: batch[k][text_only + [6 + i for i in text_only]] for k in ("input_ids", "attention_mask",
@@ -136,9 +138,10 @@ def test_image_and_prompt_tokens_are_never_scored(gemma3_dir, demo_pairs, tmp_pa
 
 def test_a_cut_into_the_soft_tokens_is_one_line(gemma3_dir, demo_pairs, tmp_path):
     """A prompt cut (max_prompt_length) that keeps an image's <start_of_image> but drops some of its soft tokens, where
-    the features go, is refused in one line (the model would fail on 4 features for 2 tokens)."""
+    the features go, is refused in one line (the model would fail on 4 features for 2 tokens); so is padding_free
+    (untested with Gemma 3's token_type_ids mask)."""
     from preftune.data import read_dataset
-    from preftune.errors import DataError
+    from preftune.errors import ConfigError, DataError
     from preftune.vision import load_processor, tokenize_vision_pairs
 
     cfg = from_dict({"model_name_or_path": str(gemma3_dir), "cutoff_len": 4096})
@@ -149,6 +152,9 @@ def test_a_cut_into_the_soft_tokens_is_one_line(gemma3_dir, demo_pairs, tmp_path
     with pytest.raises(DataError, match=r"pairs.jsonl:2: cutoff_len 4096 \(or max_prompt_length\) cuts into its 4 "
                                         r"image tokens") as raised:
         tokenize_vision_pairs(processor, pairs, from_dict({"cutoff_len": 4096, "max_prompt_length": keep}))
+    assert "\n" not in str(raised.value)
+    with pytest.raises(ConfigError, match="^padding_free: not with a gemma3 model yet") as raised:
+        load_processor(from_dict({"model_name_or_path": str(gemma3_dir), "padding_free": True}))
     assert "\n" not in str(raised.value)
 
 

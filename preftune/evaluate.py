@@ -14,6 +14,7 @@ run's (engines/): its processes, device and precision.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -92,13 +93,26 @@ def pair_logps(scorer, pairs: list, pad_id: int, batch_size: int, ld_alpha: floa
 
 
 @torch.no_grad()
-def completion_logps(model, items: list, pad_id: int, batch_size: int, device=None) -> torch.Tensor:
+def completion_logps(model, items: list, pad_id: int, batch_size: int, device=None, processor=None) -> torch.Tensor:
     """Summed log-probs (N,) float32 of each item's chosen side (prompt + completion, the completion
-    scored): for sampled completions, whose log pi and log pi_ref give a sequence-level KL estimate."""
+    scored): for sampled completions, whose log pi and log pi_ref give a sequence-level KL estimate.
+    A vision-language model's items (vision.VisionPair) run with their images through its `processor`, in the
+    [chosen; rejected] rows a VLM batch has (`vision.collate_vision`: each pair's images once, for both rows;
+    both rows are the item here, the chosen half is kept)."""
     out = torch.empty(len(items))
-    for idx, batch in ordered_batches(items, batch_size, collate_chosen, pad_id, device):
-        out[idx] = get_batch_logps(model, batch["input_ids"], batch["attention_mask"],
-                                   batch["completion_mask"]).logps.float().cpu()
+    if processor is None:
+        for idx, batch in ordered_batches(items, batch_size, collate_chosen, pad_id, device):
+            out[idx] = get_batch_logps(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["completion_mask"]).logps.float().cpu()
+        return out
+    from preftune.vision import collate_vision
+
+    collate_fn = functools.partial(collate_vision, processor=processor)
+    for idx, batch in ordered_batches(items, batch_size, collate_fn, pad_id, device):
+        media = {k: batch[k] for k in MEDIA_KEYS if k in batch} or None
+        logps = get_batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                media=media).logps  # (2B,): [chosen; rejected], the same rows
+        out[idx] = logps[:len(idx)].float().cpu()
     return out
 
 

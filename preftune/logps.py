@@ -82,8 +82,10 @@ class FusedDPO(NamedTuple):
 
 
 # The image processors' outputs a batch with images carries (vision.collate_vision): what the multimodal backbone
-# takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw, mm_token_type_ids)
-MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
+# takes beside input_ids (LLaVA: pixel_values; LLaVA-NeXT: image_sizes; Qwen2-VL: image_grid_thw, mm_token_type_ids;
+# Gemma 3: token_type_ids)
+MEDIA_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
+ROW_KEYS = ("mm_token_type_ids", "token_type_ids")  # of those, the ones given per row (R, T), not per image
 # A batch without images under a lockstep engine (FSDP2, ZeRO-3) carries a blank image's tensors under this prefix
 # (vision.collate_vision): its features are computed and added times 0, so every process runs the vision part.
 IDLE = "idle_"
@@ -260,7 +262,7 @@ def _rows_media(backbone, media: dict) -> dict:
     vision tower's work. A backbone without `mm_encoder_outputs` gets every row's images, each encoded twice.
     Per-image tensors (image_grid_thw: Qwen2-VL's M-RoPE places each row's image tokens by it) are given for
     every row's images."""
-    images = {k: v for k, v in media.items() if k != "mm_token_type_ids"}  # per image (mm_token_type_ids: per row)
+    images = {k: v for k, v in media.items() if k not in ROW_KEYS}  # per image
     rows = {**media, **{k: torch.cat((v, v)) for k, v in images.items()}}  # [chosen rows' images; rejected rows']
     if not _takes_encoder_outputs(backbone):
         return rows

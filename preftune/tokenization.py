@@ -393,7 +393,7 @@ def encode_prompts(tokenizer, pairs: list[PreferencePair], template: str | None,
     with_images = next((p for p in pairs if p.images), None)
     if with_images is not None:
         raise DataError(f"{with_images.where}: a prompt with images, for a text-only model (or a command that does "
-                        "not sample images yet: preftune sample does, with a vision-language model; docs/vision.md); "
+                        "not sample images: preftune sample and eval do, with a vision-language model; docs/vision.md); "
                         "remove its images or use a vision-language model")
     rendering = setup_rendering(tokenizer, template, chat_kwargs)
     return [encode_prompt(tokenizer, p, rendering) for p in pairs]

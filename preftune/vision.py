@@ -22,6 +22,7 @@ What changes against text pairs, and what does not:
 
 Qwen2-VL / Qwen2.5-VL: without torchvision their processor is built without its video processor
 (`images_only`), and a batch with images carries the processor's mm_token_type_ids (its M-RoPE needs them).
+Gemma 3: its processor's token_type_ids (its image tokens attend to each other both ways).
 
 One process or FSDP2 (`fsdp: full_shard`), padded batches or padding_free (not with M-RoPE), and a live reference
 (a frozen copy, ref_model, or a LoRA policy's adapter off) or precomputed log-probs; the rest is refused in one
@@ -90,6 +91,11 @@ def load_processor(cfg):
         raise ConfigError(f"padding_free: not with a {config.model_type} model yet (its M-RoPE positions are computed "
                           "per padded row, not per sequence of a packed one); remove it (docs/vision.md)")
     processor = saved_processor(cfg.model_name_or_path, config, cfg.trust_remote_code)
+    if cfg.padding_free and getattr(processor, "return_mm_token_type_ids", False) and \
+            "token_type_ids" in processor.model_input_names:
+        raise ConfigError(f"padding_free: not with a {config.model_type} model yet (its image tokens attend to each other "
+                          "both ways by token_type_ids, a mask not tested on packed sequences); remove it "
+                          "(docs/vision.md)")
     if cfg.template in VISION_TEMPLATES and config.model_type not in VISION_TEMPLATES[cfg.template]:
         raise ConfigError(f"template: {cfg.template} is LLaMA-Factory's template for "
                           f"{', '.join(VISION_TEMPLATES[cfg.template])} models, and model_name_or_path is a "
@@ -224,7 +230,7 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
     are; a cut that would drop image tokens is refused (the features would have no place), a pair with no
     completion token left is dropped and counted as text pairs are. In order."""
     report = report if report is not None else TokenizeReport()
-    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    image_ids = set(processor.image_token_ids)  # where the features go (Gemma 3: not its placeholder, image_token)
     chat_kwargs = dict(cfg.chat_template_kwargs or {})
     out = []
     for pair in pairs:
@@ -237,9 +243,10 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
         if cut is not t:
             report.truncated += 1
             for ids, full in ((cut.chosen_ids, t.chosen_ids), (cut.rejected_ids, t.rejected_ids)):
-                if ids.count(image_id) != full.count(image_id):
+                n_image = sum(i in image_ids for i in full)
+                if sum(i in image_ids for i in ids) != n_image:
                     raise DataError(f"{pair.where}: cutoff_len {cfg.cutoff_len} (or max_prompt_length) cuts into "
-                                    f"its {full.count(image_id)} image tokens; raise cutoff_len to at least "
+                                    f"its {n_image} image tokens; raise cutoff_len to at least "
                                     f"{max(len(t.chosen_ids), len(t.rejected_ids))}")
             cut = VisionPair(cut.chosen_ids, cut.chosen_start, cut.rejected_ids, cut.rejected_start, True, t.images)
         out.append(cut)
@@ -269,38 +276,64 @@ def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] 
         from preftune.logps import IDLE
 
         blank = Image.new("RGB", (56, 56))  # (a multiple of Qwen2-VL's 28-pixel merged patches)
-        batch.update({IDLE + k: v for k, v in processor.image_processor(images=[blank], return_tensors="pt").items()})
+        batch.update({IDLE + k: v for k, v in _image_tensors(processor, [blank]).items()})
     return batch
 
 
 def media(processor, images: list, input_ids: torch.Tensor) -> dict:
     """The image processor's tensors of `images` (data.images.ImageRef, in the order of the image tokens of the
-    rows of `input_ids`), and the processor's mm_token_type_ids where it makes them; {} without images."""
+    rows of `input_ids`), and the processor's mm_token_type_ids (Gemma 3: token_type_ids) where it makes them; {}
+    without images."""
     if not images:
         return {}
-    out = dict(processor.image_processor(images=[ref.load() for ref in images], return_tensors="pt"))
-    if getattr(processor, "return_mm_token_type_ids", False):  # Qwen2-VL: its M-RoPE finds the image tokens by these
-        out["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(input_ids))  # (rows, T)
+    out = _image_tensors(processor, [ref.load() for ref in images])
+    if getattr(processor, "return_mm_token_type_ids", False):
+        # Qwen2-VL's M-RoPE finds the image tokens by these; Gemma 3 attends both ways within an image by them, under
+        # the name its processor gives them (and its model takes): token_type_ids
+        key = "mm_token_type_ids" if "mm_token_type_ids" in processor.model_input_names else "token_type_ids"
+        out[key] = torch.tensor(processor.create_mm_token_type_ids(input_ids))  # (rows, T)
     return out
 
 
-def encode_vision_prompts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[list[int]]:
-    """The prompts (pairs with or without images) as generation gets them: rendered by the processor's chat
-    template with the generation prompt, each image placeholder expanded into the model's image tokens (as
-    `encode_vision_pair` renders a pair's prompt)."""
+def _image_tensors(processor, images: list) -> dict:
+    """The image processor's tensors of the PIL `images`, less what the model does not take (Gemma 3's num_crops),
+    as the processor's own call leaves it out."""
+    out = processor.image_processor(images=images, return_tensors="pt")
+    return {k: v for k, v in out.items() if k not in processor.unused_input_names}
+
+
+def vision_prompt_texts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[str]:
+    """The prompts (pairs with or without images) rendered by the processor's chat template with the generation
+    prompt, one image placeholder per image (as `encode_vision_pair` renders a pair's prompt): what vLLM gets
+    with the images, and expands itself."""
     out = []
     for pair in prompts:
         text = processor.apply_chat_template(_structured(prompt_messages(pair)), tokenize=False,
                                              add_generation_prompt=True,
                                              **{**(chat_kwargs or {}), **(pair.chat_template_kwargs or {})})
-        images = [ref.load() for ref in pair.images or []]
-        if text.count(processor.image_token) != len(images):
+        if text.count(processor.image_token) != len(pair.images or []):
             raise DataError(f"{pair.where}: the rendered prompt holds {text.count(processor.image_token)} image "
-                            f"token(s) '{processor.image_token}' for {len(images)} image(s); remove "
+                            f"token(s) '{processor.image_token}' for {len(pair.images or [])} image(s); remove "
                             f"'{processor.image_token}' from the text (images are given as {{\"type\": \"image\"}} "
                             "parts), or use the model's own chat template")
-        out.append(_ids(processor, text, images))
+        out.append(text)
     return out
+
+
+def encode_vision_prompts(processor, prompts: list, chat_kwargs: dict | None = None) -> list[list[int]]:
+    """The prompts as transformers' generate gets them: `vision_prompt_texts` with each image placeholder expanded
+    into the model's image tokens."""
+    return [_ids(processor, text, [ref.load() for ref in pair.images or []])
+            for pair, text in zip(prompts, vision_prompt_texts(processor, prompts, chat_kwargs))]
+
+
+def completion_banned_ids(processor) -> list[int]:
+    """The token ids a sampled completion must not hold: the model's image tokens and the processor's placeholder.
+    Scored with the prompt's images (eval's KL), a completion's image token would ask for an image's features that
+    are not there; a trained model all but never writes one, a random-init test model does."""
+    ids = {i for i in processor.image_token_ids if i is not None}
+    ids.add(processor.tokenizer.convert_tokens_to_ids(processor.image_token))
+    return sorted(ids)
 
 
 def describe(processor) -> dict[str, str]:

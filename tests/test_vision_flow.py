@@ -6,6 +6,7 @@
 * test_sample_with_images: prompt-only records with 0, 1, 2 images sampled through the processor with their
   pixel_values (transformers' generate's completions); samples and pairs keep the images, read back the same.
 * test_eval_on_image_pairs_is_trainings_evaluation: eval on the run's held-out pairs = its last evaluation.
+* test_eval_prompts_with_images: eval --prompts samples and scores prompts with their images.
 * test_image_prompts_on_a_text_model_are_one_line.
 """
 
@@ -143,6 +144,38 @@ def test_eval_on_image_pairs_is_trainings_evaluation(llava_run, tmp_path):
     assert pairs["pairs"] == 2
     assert pairs["loss"] == pytest.approx(logged[-1]["eval_loss"], abs=1e-5)
     assert pairs["rewards/accuracies"] == logged[-1]["eval_rewards/accuracies"]
+
+
+def test_eval_prompts_with_images(llava_run, demo_pairs, tmp_path, monkeypatch):
+    """preftune eval --prompts on prompts with 0, 1 and 2 images: the run and its reference sample them with their
+    images (as preftune sample does) and the KL's log-probs of each sample are taken with its prompt's images (the
+    pixel_values of every scoring batch); samples.jsonl keeps the images as paths."""
+    from preftune import evaluate
+    from preftune.commands.eval import run
+
+    images_per_batch = []
+    logps = evaluate.get_batch_logps
+
+    def spy(*args, media=None, **kwargs):
+        images_per_batch.append(0 if media is None else media["pixel_values"].shape[0])
+        return logps(*args, media=media, **kwargs)
+
+    monkeypatch.setattr(evaluate, "get_batch_logps", spy)
+    pairs_file = write_vision_pairs(tmp_path / "data", demo_pairs[:3])  # pair i has i images
+    data = tmp_path / "data" / "prompts.jsonl"
+    data.write_text("".join(json.dumps({k: r[k] for k in ("images", "prompt")}) + "\n" for r in
+                            map(json.loads, pairs_file.read_text().splitlines())))
+    (tmp_path / "rewards.py").write_text(REWARD)
+    report = run(from_dict({"model_name_or_path": str(llava_run), "prompts": str(data), "num_samples": 2,
+                            "max_new_tokens": 4, "per_device_eval_batch_size": 1, "output_dir": str(tmp_path / "eval"),
+                            "reward": f"{tmp_path / 'rewards.py'}:length"}))
+    stats = report["models"][0]["prompts"]
+    assert stats["samples"] == 6 and stats["kl_per_sequence"] != 0.0, stats
+    assert images_per_batch == [0, 0, 1, 1, 2, 2] * 2  # 3 prompts x 2 samples, one a batch: the policy's, the reference's
+    records = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [len(r.get("images", [])) for r in records] == [0, 1, 2]
+    assert records[2]["images"] == [str((tmp_path / "data" / f"img_2_{k}.png").resolve()) for k in range(2)]
+    assert all(len(r["reference"]) == 2 and len(r["models"][str(llava_run)]) == 2 for r in records)
 
 
 def test_image_prompts_on_a_text_model_are_one_line(tiny_model_dir, demo_pairs, tmp_path):

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from preftune import guard, health
 from preftune.config import load_config, parse_command_line
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, DataError
 from preftune.files import write_atomic
 
 log = logging.getLogger("preftune")
@@ -148,18 +148,22 @@ def eval_reward_pairs(model, run_cfg, tokenizer, cfg) -> dict:
     return {"pairs": len(items), **{k.removeprefix("eval_"): v for k, v in stats.items()}}
 
 
-def _samples(model, tokenizer, prompts, encoded, cfg, device) -> list[list[list[int]]]:
+def _samples(model, tokenizer, prompts, encoded, cfg, device, processor=None) -> list[list[list[int]]]:
     from preftune.generate import sample
 
     out = []
-    for _, batch in sample(model.to(device), tokenizer, encoded, cfg, device):
+    for _, batch in sample(model.to(device), tokenizer, encoded, cfg, device,
+                           images=[p.images or [] for p in prompts], processor=processor):
         out += batch
     return out  # (prompts, num_samples, completion ids)
 
 
-def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, list[dict]]:
+def eval_prompts(models: dict, reference, tokenizer, cfg, processor=None, image_dir: Path | None = None
+                 ) -> tuple[dict, dict, list[dict]]:
     """(per-model, reference) sampling statistics on cfg.prompts scored by cfg.reward, and the
-    completions themselves: a record per prompt with the reference's and each model's, scored."""
+    completions themselves: a record per prompt with the reference's and each model's, scored. A
+    vision-language model's prompts, images included, through its `processor`: rendered as `preftune sample`
+    renders them, sampled and scored (log-probs for the KL) with their images."""
     import torch
 
     from preftune.data import read_prompts
@@ -167,6 +171,8 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
     from preftune.generate import fit_context, log_cut, model_context
     from preftune.rewards import load_reward
     from preftune.tokenization import TokenizedPair, describe_rendering, encode_prompts, rendering_text
+    from preftune.commands.sample import _image_path
+    from preftune.vision import VisionPair, describe, encode_vision_prompts
 
     reward = load_reward(cfg.reward)
     prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns, key="prompts",
@@ -174,15 +180,23 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
     # every model and the reference sample and score the same prompt ids: cut to the smallest context
     contexts = [c for c in (model_context(m.config) for m in [*models.values(), reference]) if c is not None]
     context = min(contexts) if contexts else None
-    encoded, cut = fit_context(encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs), context, cfg.max_new_tokens,
-                               tokenizer.bos_token_id)
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs) if processor is None \
+        else encode_vision_prompts(processor, prompts, cfg.chat_template_kwargs)
+    encoded, cut = fit_context(prompt_ids, context, cfg.max_new_tokens, tokenizer.bos_token_id)
+    cut_images = next((p.where for p, a, b in zip(prompts, prompt_ids, encoded) if p.images and a != b), None)
+    if cut_images:  # the image tokens would lose their place
+        raise DataError(f"{cut_images}: the prompt with its image tokens is longer than the model's context ({context}) "
+                        f"less max_new_tokens ({cfg.max_new_tokens}); lower max_new_tokens or shorten the prompt")
     log_cut(cut, len(prompts), context, cfg.max_new_tokens)
-    log.info("rendering: %s", rendering_text(describe_rendering(tokenizer, cfg.template, prompts)))
+    rendering = describe_rendering(tokenizer, cfg.template, prompts) if processor is None else describe(processor)
+    log.info("rendering: %s", rendering_text(rendering))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    records = [{"prompt": p.prompt, "reference": [], "models": {}} for p in prompts]
+    # a prompt's images as `preftune sample` writes them: absolute paths (embedded ones as PNGs in image_dir)
+    records = [{"prompt": p.prompt, **({"images": [_image_path(ref, image_dir) for ref in p.images]} if p.images else {}),
+                "reference": [], "models": {}} for p in prompts]
 
     def scored(model, name=None):
-        samples = _samples(model, tokenizer, prompts, encoded, cfg, device)
+        samples = _samples(model, tokenizer, prompts, encoded, cfg, device, processor)
         texts = [[tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in samples]
         flat_prompts = [p.prompt for p, row in zip(prompts, texts) for _ in row]
         rewards = reward(flat_prompts, [t for row in texts for t in row])
@@ -200,10 +214,13 @@ def eval_prompts(models: dict, reference, tokenizer, cfg) -> tuple[dict, dict, l
     results = {}
     for name, model in models.items():
         samples, rewards = scored(model, name)
-        items = [TokenizedPair(ids + c, len(ids), ids + c, len(ids)) for ids, row in zip(encoded, samples) for c in row]
+        items = [TokenizedPair(ids + c, len(ids), ids + c, len(ids)) if processor is None else
+                 VisionPair(ids + c, len(ids), ids + c, len(ids), images=list(p.images or []))
+                 for p, ids, row in zip(prompts, encoded, samples) for c in row]
         # log pi(y|x) - log pi_ref(y|x) of each sample, summed over its tokens: nats per sequence
-        kl = completion_logps(model.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device) \
-            - completion_logps(reference.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device)
+        kl = completion_logps(model.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device, processor) \
+            - completion_logps(reference.to(device), items, tokenizer.pad_token_id, cfg.eval_batch_size, device,
+                               processor)
         wins = [1.0 if r > q else 0.5 if r == q else 0.0 for r, q in zip(rewards, ref_rewards)]
         results[name] = {**_reward_stats(rewards, [len(c) for row in samples for c in row]),
                          "win_rate_vs_reference": sum(wins) / len(wins), "kl_per_sequence": kl.mean().item(),
@@ -263,7 +280,8 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
 
     tokenizer = load_tokenizer(names[0], cfg.trust_remote_code)
     # a vision-language model's processor renders its pairs, images included (vision.py); None for a text model
-    processor = load_processor(dataclasses.replace(cfg, model_name_or_path=names[0])) if cfg.dataset else None
+    processor = load_processor(dataclasses.replace(cfg, model_name_or_path=names[0])) \
+        if cfg.dataset or cfg.prompts else None
     rows, references, models, configs = [], {}, {}, {}
     for name in names:
         if name != names[0]:  # scored on the first one's token ids
@@ -298,7 +316,8 @@ def _evaluate(cfg, names: list[str], out: Path) -> dict:
     if cfg.prompts:
         if len({row["reference"] for row in rows}) > 1:
             raise ConfigError("prompts: the models have different references; evaluate them separately (or set ref_model)")
-        per_model, reference_stats, records = eval_prompts(models, references[rows[0]["reference"]], tokenizer, cfg)
+        per_model, reference_stats, records = eval_prompts(models, references[rows[0]["reference"]], tokenizer, cfg,
+                                                           processor, out / "images")
         for row in rows:
             row["prompts"] = per_model[row["model"]]
     out.mkdir(parents=True, exist_ok=True)

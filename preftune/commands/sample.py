@@ -190,7 +190,8 @@ def _sample(cfg, out: Path) -> dict:
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
     from preftune.tokenization import describe_rendering, encode_prompts, rendering_text
-    from preftune.vision import describe, encode_vision_prompts, load_processor
+    from preftune.vision import (completion_banned_ids, describe, encode_vision_prompts, load_processor,
+                                 vision_prompt_texts)
 
     engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
     reward = load_reward(cfg.reward) if cfg.reward else None
@@ -202,13 +203,9 @@ def _sample(cfg, out: Path) -> dict:
     done = read_samples(samples_path, prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     processor = load_processor(cfg)  # a vision-language model's renders the prompts, images included; else None
-    if processor is not None and engine == "vllm":
-        if cfg.infer_backend == "vllm":
-            raise ConfigError("infer_backend: vllm does not sample a vision-language model here yet; set "
-                              "infer_backend: huggingface (docs/vision.md)")
-        engine = "huggingface"
     check_same_settings(out, cfg, done)  # with the template resolved, before a model loads
     context = model_context(AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code))
+    texts = vision_prompt_texts(processor, prompts, cfg.chat_template_kwargs) if processor is not None else None
     prompt_ids = encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs) if processor is None \
         else encode_vision_prompts(processor, prompts, cfg.chat_template_kwargs)
     encoded, cut = fit_context(prompt_ids, context, cfg.max_new_tokens, tokenizer.bos_token_id)
@@ -220,7 +217,9 @@ def _sample(cfg, out: Path) -> dict:
     rendering = describe_rendering(tokenizer, cfg.template, prompts) if processor is None else describe(processor)
     log.info("rendering: %s", rendering_text(rendering))
     if engine == "vllm":
-        batches = vllm_sample(cfg.model_name_or_path, tokenizer, encoded, cfg, skip=set(done))
+        vision_kwargs = {} if processor is None else {"texts": texts, "images": [p.images or [] for p in prompts],
+                                                      "banned_ids": completion_banned_ids(processor)}
+        batches = vllm_sample(cfg.model_name_or_path, tokenizer, encoded, cfg, skip=set(done), **vision_kwargs)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(cfg.model_name_or_path, cfg).to(device)

@@ -14,6 +14,7 @@ import PIL.Image
 import pytest
 
 from preftune.cli import main
+from preftune.commands import demo
 from preftune.demo_vision import COLOURS, QUESTIONS, SHAPES, write_data
 
 # A scaled-down demo: its settings, half the pairs, 2 epochs (30 steps). Held-out accuracy measured for seeds 0, 1,
@@ -50,7 +51,8 @@ def test_shapes_data_tell_nothing_without_the_image(tmp_path):
         (folder / "shapes_train.json").read_bytes()
 
 
-def test_vision_demo_runs_and_learns_from_the_image(tmp_path, capsys):
+def test_vision_demo_runs_and_learns_from_the_image(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(demo.VISION_DPO, "plot_loss", False)  # its training curves take seconds to draw here
     out = tmp_path / "demo"
     assert main(["demo", "--vision", "--output_dir", str(out), *SMALL]) == 0
     printed = capsys.readouterr().out

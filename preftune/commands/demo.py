@@ -372,9 +372,9 @@ def run_vision(settings: dict) -> dict:
 
 def print_vision_report(result: dict) -> None:
     (before, after), s, o = result["heldout_accuracy"], result["settings"], result["outputs"]
-    print(f"\nHeld-out preference accuracy on {s['eval_pairs']} pairs of images the model never saw (chance: 50%; "
-          f"the question and both answers alone cannot tell):\n  before DPO {before:.1%}  ->  after DPO {after:.1%}"
-          f"  (mean margin {result['heldout_margin'][1]:+.2f})")
+    print(f"\nHeld-out preference accuracy ({s['eval_pairs']} pairs, on images the model never saw; chance is 50%: "
+          "the question and\nthe two answers alone cannot tell which answer is right):\n"
+          f"  before DPO {before:.1%}  ->  after DPO {after:.1%}  (mean reward margin {result['heldout_margin'][1]:+.2f})")
     print(f"seconds: {result['seconds']:.0f}")
     print(f"written: {o['data']} (LLaMA-Factory's format: dataset_info.json, images/), {o['base_model']} (the tiny "
           f"Qwen2-VL), {o['dpo']} (the trained model)\nthe same run: preftune train {o['config']}")

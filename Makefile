@@ -1,12 +1,13 @@
 # Two commands on a fresh machine: `make demo` (set up .venv, run `preftune demo`: SFT, sampling, DPO
 # and evaluation of a small model, a few minutes on CPU) and `make test` (set up .venv with test
-# dependencies, run the suite). .ci/run calls `make test`. The quick DPO-only demo: `preftune train`.
+# dependencies, run the suite). .ci/run calls `make test`. The quick DPO-only demo: `preftune train`;
+# DPO on a tiny vision-language model: `make demo-vision` (preftune demo --vision, about a minute).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo demo-vision test test-fast bench clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ $(VENV)/.test: $(VENV)/.base
 
 demo: $(VENV)/.base
 	$(VENV)/bin/preftune demo
+
+demo-vision: $(VENV)/.base
+	$(VENV)/bin/preftune demo --vision
 
 # two workers (pytest-xdist), the multi-process tests on one of them (tests/conftest.py); serially, one
 # worker: `.venv/bin/python -m pytest -q`

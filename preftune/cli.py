@@ -3,6 +3,7 @@ turns every user-facing error into one line and a non-zero exit.
 
     preftune train [CONFIG.yaml] [--key value ...]       # align a model (no arguments: the quick embedded demo)
     preftune demo [--output_dir DIR] [--sweep B1,B2]     # the whole flow, sft -> sample -> dpo -> eval, on CPU
+    preftune demo --vision                               # DPO on a tiny vision-language model, images in the pairs
     preftune sft [CONFIG.yaml] [--key value ...]         # supervised fine-tuning on completions
     preftune rm [CONFIG.yaml] [--key value ...]          # a reward model trained on preference pairs
     preftune inspect DATA [--model M] [--json] [--plot PNG] [--key value ...]   # look at the data first
@@ -37,7 +38,8 @@ COMMANDS = {  # name -> what it does; the code is preftune/commands/<name>.py
     "export": "the model in bf16/fp16/int8 for deployment (preftune export --help)",
     "cache": "list or clear the tokenization and reference log-probs caches (preftune cache --help)",
     "label": "a local page to label preference pairs by hand (preftune label --help)",
-    "demo": "the whole flow (sft, sample, dpo, eval) on a small model, before and after (preftune demo --help)",
+    "demo": "the whole flow (sft, sample, dpo, eval) on a small model, before and after; --vision: DPO on a tiny "
+            "vision-language model (preftune demo --help)",
 }
 # The config groups (config.GROUPS) each command reads: its --help lists their keys. Every command
 # accepts every key (a train YAML loads for sample, eval, inspect), so this focuses the help only.

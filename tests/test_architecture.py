@@ -25,7 +25,7 @@ LAYERS = [
      "labels"},
     {"tokenization", "models", "saved", "checkpoints.folders", "report", "tracking"},
     {"checkpoints.weights", "checkpoints.save", "checkpoints.resume", "checkpoints", "best", "final", "cache",
-     "batching", "vision", "demo"},
+     "batching", "vision", "demo", "demo_vision"},
     {"engines.single", "engines.ddp", "engines.fsdp", "engines.zero", "engines", "evaluate", "generate", "rewards"},
     {"reference", "step", "runtime"},
     {"train"},

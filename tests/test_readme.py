@@ -2,10 +2,12 @@
 executed top to bottom in a scratch folder holding a copy of examples/, on a tiny local model.
 
 What the test changes, all listed here and nothing else:
-- MODEL_IDS: the hub ids the README names become the tiny local model (no network in tests);
+- MODEL_IDS: the hub ids the README names become the tiny local model (no network in tests), the
+  vision-language one the tiny Qwen2-VL that `preftune demo --vision` made just before;
 - SMALLER: options appended to each preftune command (a later --key wins), sizes only: fewer steps,
   prompts and tokens, never another behaviour;
-- NOT_RUN: commands that are not run, each with the reason (installing, the demo, a GPU server).
+- NOT_RUN: commands that are not run, each with the reason (installing, the demo, a GPU server);
+- `preftune demo --vision` draws no training curves (plot_loss: false; matplotlib takes seconds here).
 Any other command in a README block is run; a command the test cannot run fails the test, so a new
 block cannot silently escape it. `preftune label` (a local web server) runs as a subprocess and is
 driven through its page's API by a scripted annotator, as the page would: /api/next, /api/judge."""
@@ -23,11 +25,12 @@ import urllib.request
 from pathlib import Path
 
 from preftune.cli import main
+from preftune.commands import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
-MODEL_IDS = {"Qwen/Qwen2.5-0.5B": "{tiny_model}"}
+MODEL_IDS = {"Qwen/Qwen2.5-0.5B": "{tiny_model}", "Qwen/Qwen2-VL-2B-Instruct": "output/demo_vision/base_model"}
 SMALLER = {
     "sft": ["--max_steps", "2", "--per_device_train_batch_size", "8", "--val_size", "4"],
     "sample": ["--max_samples", "6", "--num_samples", "2", "--max_new_tokens", "12"],
@@ -40,6 +43,7 @@ SMALLER = {
     "rm": ["--max_steps", "2", "--val_size", "2", "--per_device_train_batch_size", "2"],
     "iterate": ["--max_samples", "4", "--num_samples", "2", "--max_new_tokens", "6", "--max_steps", "1",
                 "--val_size", "0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"],
+    "demo": ["--pairs", "16", "--eval_pairs", "4", "--epochs", "1"],  # --vision: tests/test_demo_vision.py learns
 }
 NOT_RUN = {
     "make demo": "tests/test_demo_flow.py runs `preftune demo`, scaled down",
@@ -100,9 +104,15 @@ def test_every_readme_block_is_run_or_excused():
     assert all(any(e.startswith(start) for e in excused) for start in NOT_RUN), "NOT_RUN lists a command the README lost"
 
 
+def section(text: str, title: str) -> str:
+    """The markdown section `## title`, up to the next `## ` heading."""
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def test_pipeline_doc_shows_the_readme_flow():
-    """docs/pipeline.md's sequence is the README's, command for command."""
-    readme = [argv for kind, argv in steps(README.read_text(encoding="utf-8")) if kind == "preftune"]
+    """docs/pipeline.md's sequence is the README's step by step flow, command for command."""
+    flow = section(README.read_text(encoding="utf-8"), "Your own model, step by step")
+    readme = [argv for kind, argv in steps(flow) if kind == "preftune"]
     doc = [argv[1:] for argv in commands(blocks((ROOT / "docs" / "pipeline.md").read_text(encoding="utf-8"))[0][1])]
     assert doc == [argv for argv in readme if argv[0] != "inspect"]
 
@@ -157,6 +167,7 @@ def test_the_readme_flow_runs_as_written(tmp_path, tiny_model_dir, monkeypatch):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # tokenized pairs: not the user's cache
+    monkeypatch.setitem(demo.VISION_DPO, "plot_loss", False)
     models = {k: v.format(tiny_model=tiny_model_dir) for k, v in MODEL_IDS.items()}
     substituted = set()
 
@@ -185,3 +196,8 @@ def test_the_readme_flow_runs_as_written(tmp_path, tiny_model_dir, monkeypatch):
     assert (tmp_path / "saves/rm/config.json").is_file()
     rounds = json.loads((tmp_path / "saves/rounds/summary.json").read_text())
     assert rounds["status"] == "completed" and [r["round"] for r in rounds["rounds"]] == [1, 2, 3]
+    # the vision section: the demo's LLaMA-Factory-format data, then a LoRA run of a Qwen2-VL on them
+    assert (tmp_path / "output/demo_vision/data/dataset_info.json").is_file()
+    assert json.loads((tmp_path / "saves/vlm-dpo/dpo_metrics/summary.json").read_text())["status"] == "completed"
+    assert (tmp_path / "saves/vlm-dpo/adapter_config.json").is_file() or \
+        (tmp_path / "saves/vlm-dpo/model.safetensors").is_file()

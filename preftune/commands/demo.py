@@ -20,6 +20,12 @@ minutes, and what alignment changed, before and after.
 
 Each step is the command's own code (`train.train`, `commands.sample.run`, `commands.eval.run`),
 configured as a user would configure it. The figures are printed and written to demo.json.
+
+`preftune demo --vision` is DPO on a vision-language model instead (`run_vision`; assets in
+preftune/demo_vision.py): images of coloured shapes, "What colour is the shape?", the right colour chosen
+and another rejected, balanced so that only the image tells them apart; written in LLaMA-Factory's format
+(dataset_info.json, `<image>` placeholders) and trained by `preftune train` on a tiny random-init Qwen2-VL.
+The held-out preference accuracy before (chance) and after is the proof that the image reaches the loss.
 """
 
 from __future__ import annotations
@@ -70,6 +76,36 @@ FLAGS = {  # name -> (default, help); every size of the flow is a flag, so that 
 }
 USAGE += "\n".join(f"  --{name} ({default!r})\n      {what}" for name, (default, what) in FLAGS.items())
 
+USAGE += """
+
+preftune demo --vision [--config FILE] [--output_dir DIR] [--seed N] [--beta B] [--pairs N] [--eval_pairs N]
+                       [--epochs N]
+
+DPO on a tiny vision-language model (Qwen2-VL architecture, random init, made locally) on CPU in about a
+minute: images of coloured shapes, "What colour is the shape?", the right colour chosen and another one
+rejected, in LLaMA-Factory's format (data/dataset_info.json). Prints the held-out preference accuracy before
+(chance: only the image tells the answers apart) and after.
+
+Options with --vision (default):
+"""
+
+VISION_FLAGS = {  # name -> (default, help), as FLAGS
+    "output_dir": ("output/demo_vision", "where it writes (data/, base_model/, dpo/, demo.json)"),
+    "seed": (0, "the images, the pairs, the model's initialisation and training"),
+    "beta": (0.5, "DPO's beta"),
+    "pairs": (480, "training pairs"),
+    "eval_pairs": (120, "held-out pairs, on images of their own"),
+    "epochs": (3.0, "DPO epochs"),
+}
+USAGE += "\n".join(f"  --{name} ({default!r})\n      {what}" for name, (default, what) in VISION_FLAGS.items())
+# The vision demo's DPO, as a LLaMA-Factory config would say it (template: qwen2_vl is its name for the model's
+# chat template). Full fine-tuning with LLaMA-Factory's freeze defaults: the vision tower and projector stay as
+# initialised (random), the language model learns to read their features. A high learning rate and beta for a
+# model trained from scratch in a minute: at beta 0.1 the accuracy rises more slowly and less surely.
+VISION_DPO = {"template": "qwen2_vl", "pref_loss": "sigmoid", "learning_rate": 3e-3, "per_device_train_batch_size": 16,
+              "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "logging_steps": 5, "eval_steps": 30,
+              "torch_dtype": "float32", "save_strategy": "no"}
+
 VOCAB_SIZE = 1024  # more than the corpus needs: every word becomes one token, so no misspelt words
 REWARD = "preftune.demo:sentiment"
 SHOW = 4  # prompts printed before and after
@@ -99,14 +135,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in data_lines(path.read_text(encoding="utf-8")) if line.strip()]
 
 
-def settings_from(found: dict) -> dict:
-    """The flags' values (strings from the command line) in their defaults' types, checked."""
+def typed(found: dict, flags: dict) -> dict:
+    """The flags' values (strings from the command line) in their defaults' types."""
     settings = {}
-    for name, (default, _) in FLAGS.items():
+    for name, (default, _) in flags.items():
         try:
             settings[name] = type(default)(found[name])
         except ValueError:
             raise ConfigError(f"--{name}: expected a {type(default).__name__}, got '{found[name]}'") from None
+    return settings
+
+
+def settings_from(found: dict) -> dict:
+    """The flags' values (strings from the command line) in their defaults' types, checked."""
+    settings = typed(found, FLAGS)
     try:
         betas = [float(b) for b in settings["sweep"].split(",") if b.strip()] or [settings["beta"]]
     except ValueError:
@@ -290,10 +332,68 @@ def print_report(result: dict) -> None:
           f"{result['outputs']['frontier']} (reward vs KL per sequence)")
 
 
+def vision_settings_from(found: dict) -> dict:
+    """--vision's flags in their defaults' types, checked."""
+    settings = typed(found, VISION_FLAGS)
+    if not (settings["beta"] > 0 and math.isfinite(settings["beta"])):
+        raise ConfigError(f"--beta must be a positive number; got {settings['beta']}")
+    for name in ("pairs", "eval_pairs"):
+        if settings[name] < 1:
+            raise ConfigError(f"--{name} must be at least 1; got {settings[name]}")
+    if not settings["epochs"] > 0:
+        raise ConfigError(f"--epochs must be positive; got {settings['epochs']}")
+    return settings
+
+
+def run_vision(settings: dict) -> dict:
+    """The vision demo into settings["output_dir"]: data/ (LLaMA-Factory's format), base_model/ (the tiny Qwen2-VL),
+    dpo/ (`preftune train`'s run); returns what demo.json holds."""
+    from preftune.demo_vision import DATASETS, build_model, write_data
+    from preftune.train import train
+
+    start = time.time()
+    out = Path(settings["output_dir"]).expanduser()
+    data = write_data(out / "data", settings["pairs"], settings["eval_pairs"], settings["seed"])
+    model = build_model(out / "base_model", settings["seed"])
+    summary = train(from_dict({**VISION_DPO, "model_name_or_path": str(model), "dataset_dir": str(data),
+                               "dataset": DATASETS["train"], "eval_dataset": DATASETS["val"],
+                               "pref_beta": settings["beta"], "num_train_epochs": settings["epochs"],
+                               "seed": settings["seed"], "output_dir": str(out / "dpo"), "overwrite_output_dir": True},
+                              "preftune demo --vision"))
+    result = {"settings": settings, "heldout_accuracy": [summary["baseline"]["eval_rewards/accuracies"],
+                                                         summary["final"]["eval_rewards/accuracies"]],
+              "heldout_margin": [summary["baseline"]["eval_rewards/margins"], summary["final"]["eval_rewards/margins"]],
+              "seconds": round(time.time() - start, 1),
+              "outputs": {"data": str(data), "base_model": str(model), "dpo": str(out / "dpo"),
+                          "config": str(out / "dpo" / "preftune_config.yaml")}}
+    write_atomic(out / "demo.json", json.dumps(result, indent=1))
+    return result
+
+
+def print_vision_report(result: dict) -> None:
+    (before, after), s, o = result["heldout_accuracy"], result["settings"], result["outputs"]
+    print(f"\nHeld-out preference accuracy ({s['eval_pairs']} pairs, on images the model never saw; chance is 50%: "
+          "the question and\nthe two answers alone cannot tell which answer is right):\n"
+          f"  before DPO {before:.1%}  ->  after DPO {after:.1%}  (mean reward margin {result['heldout_margin'][1]:+.2f})")
+    print(f"seconds: {result['seconds']:.0f}")
+    print(f"written: {o['data']} (LLaMA-Factory's format: dataset_info.json, images/), {o['base_model']} (the tiny "
+          f"Qwen2-VL), {o['dpo']} (the trained model)\nthe same run: preftune train {o['config']}")
+
+
 def main(args: list[str]) -> int:
     # --config FILE holds the demo's options only (it writes its steps' configs itself): any other key is a mistake
-    line = parse_command_line(args, flags=dict.fromkeys(FLAGS))
-    settings = settings_from(load_options("demo", line, {name: default for name, (default, _) in FLAGS.items()}))
+    vision = "--vision" in args
+    flags = VISION_FLAGS if vision else FLAGS
+    line = parse_command_line(args, flags={**dict.fromkeys(flags), "vision": False})
+    line.flags.pop("vision")
+    found = load_options("demo", line, {name: default for name, (default, _) in flags.items()})
+    if vision:
+        settings = vision_settings_from(found)
+        with guard.claim_output_dir(settings["output_dir"], []):
+            result = run_vision(settings)
+        print_vision_report(result)
+        return 0
+    settings = settings_from(found)
     with guard.claim_output_dir(settings["output_dir"], []):
         result = run(settings)
     print_report(result)

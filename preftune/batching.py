@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from preftune.tokenization import TokenizedExample, TokenizedPair
+from preftune.tokenization import TokenizedExample, TokenizedPair, prompt_key
 
 
 def collate(pairs: list[TokenizedPair], pad_token_id: int, index: list[int] | None = None,
@@ -137,7 +137,8 @@ def _pad(seqs: list[tuple[list[int], int]], pad_token_id: int, width: int | None
 
 
 def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
-                     index: list[int] | None = None, multiple: int | None = None) -> dict[str, torch.Tensor]:
+                     index: list[int] | None = None, multiple: int | None = None,
+                     cut_kl: bool = True) -> dict[str, torch.Tensor]:
     """B unpaired (KTO) examples -> input_ids, attention_mask, completion_mask (B, T), labels (B,) bool,
     and kl_input_ids, kl_attention_mask, kl_completion_mask (B, T): the mismatched pairs of KTO's KL
     baseline, example i's prompt with the completion of the nearest earlier example (cyclically) whose
@@ -147,12 +148,13 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
     not a mismatched pair. A batch with a single prompt (per_device_train_batch_size: 1, as LLaMA-Factory's
     KTO example; a trailing batch of one) takes each example's `kl_completion`, its neighbour's in the data
     (LLaMA-Factory's mismatched pairs), and only without one falls back to the rotation. KL rows are cut
-    to T tokens so they cost no more than the batch. `index` and `multiple` as for `collate`.
+    to T tokens so they cost no more than the batch, as TRL's text path; `cut_kl=False` keeps them whole (padded
+    to their own longest), as TRL's vision path. `index` and `multiple` as for `collate`.
     """
     longest = max(len(e.ids) for e in examples)
     width = round_up(longest, multiple)
     out = _pad([(e.ids, e.start) for e in examples], pad_token_id, width)
-    prompts = [e.ids[:e.start] for e in examples]
+    prompts = [prompt_key(e) for e in examples]  # (ids, images)
 
     def partner(i: int) -> list[int]:
         for back in range(1, len(examples)):
@@ -166,8 +168,10 @@ def collate_unpaired(examples: list[TokenizedExample], pad_token_id: int,
 
     mismatched = []
     for i, e in enumerate(examples):
-        mismatched.append(((prompts[i] + partner(i))[:longest], e.start))  # cut as without multiple
-    out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, width).items()})
+        ids = e.ids[:e.start] + partner(i)
+        mismatched.append((ids[:longest] if cut_kl else ids, e.start))  # cut as without multiple
+    kl_width = width if cut_kl else round_up(max(len(ids) for ids, _ in mismatched), multiple)
+    out.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_token_id, kl_width).items()})
     out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return _with_index(out, index)
 

@@ -89,12 +89,17 @@ ROW_KEYS = ("mm_token_type_ids", "token_type_ids")  # of those, the ones given p
 # A batch without images under a lockstep engine (FSDP2, ZeRO-3) carries a blank image's tensors under this prefix
 # (vision.collate_vision): its features are computed and added times 0, so every process runs the vision part.
 IDLE = "idle_"
+# a batch whose rows each hold their own images, in row order (kto's examples: vision.collate_vision_unpaired), not
+# a pair's images once for its two rows
+OWN_IMAGES = "own_images"
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
     """The tensors of a collated batch that `get_batch_logps` reads: padded rows, or one packed row
     (and `media`, the image tensors of a batch with images)."""
     media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+    if media and batch.get(OWN_IMAGES):
+        media[OWN_IMAGES] = True
     idle = {k[len(IDLE):]: v for k, v in batch.items() if k.startswith(IDLE)}
     if idle:  # a batch without images under a lockstep engine: the vision part runs on a blank image (vision.py)
         media = {"idle": idle}
@@ -262,6 +267,8 @@ def _rows_media(backbone, media: dict) -> dict:
     vision tower's work. A backbone without `mm_encoder_outputs` gets every row's images, each encoded twice.
     Per-image tensors (image_grid_thw: Qwen2-VL's M-RoPE places each row's image tokens by it) are given for
     every row's images."""
+    if media.get(OWN_IMAGES):  # each row its own images, in row order: as the backbone takes them
+        return {k: v for k, v in media.items() if k != OWN_IMAGES}
     images = {k: v for k, v in media.items() if k not in ROW_KEYS}  # per image
     rows = {**media, **{k: torch.cat((v, v)) for k, v in images.items()}}  # [chosen rows' images; rejected rows']
     if not _takes_encoder_outputs(backbone):

@@ -31,12 +31,13 @@ from preftune.batching import collate, collate_chosen, collate_packed, collate_s
 from preftune.cache import tokenize_cached
 from preftune.evaluate import accuracy
 from preftune.logps import (  # noqa: F401 (LogpsModule: imported from here)
-    FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
+    MEDIA_KEYS, OWN_IMAGES, ROW_KEYS, FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
 from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll, reward_model_loss
 from preftune.models import router_aux_coef
 from preftune.reward_model import RewardModule
 from preftune.tokenization import tokenize_examples
-from preftune.vision import collate_vision, is_processor, tokenize_vision_pairs
+from preftune.vision import (collate_vision, collate_vision_unpaired, is_processor, tokenize_vision_examples,
+                             tokenize_vision_pairs)
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
 
@@ -217,13 +218,18 @@ class UnpairedStep:
     collate = staticmethod(collate_unpaired)
     module = staticmethod(logps_module)
 
-    def __init__(self, cfg, engine=None, processor=None):  # (processor: refused for kto by vision.check_config)
+    def __init__(self, cfg, engine=None, processor=None):
         self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
-        if cfg.pad_to_multiple_of:
+        if processor is not None:  # + each row's image tensors (vision.py)
+            self.collate = functools.partial(collate_vision_unpaired, processor=processor,
+                                             multiple=cfg.pad_to_multiple_of)
+        elif cfg.pad_to_multiple_of:
             self.collate = functools.partial(collate_unpaired, multiple=cfg.pad_to_multiple_of)
 
     @staticmethod
     def tokenize(tokenizer, examples, cfg, report):  # pairs are split in two; not cached (the cache stores pairs)
+        if is_processor(tokenizer):  # a vision-language model's processor
+            return tokenize_vision_examples(tokenizer, examples, cfg, report)
         return tokenize_examples(tokenizer, examples, cfg.cutoff_len, cfg.template, report, cfg.truncation_mode,
                                  cfg.max_prompt_length, cfg.chat_template_kwargs)
 
@@ -232,13 +238,18 @@ class UnpairedStep:
         return len(example.ids)
 
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
-        examples, mismatched = {k: batch[k] for k in ROWS}, {k: batch[f"kl_{k}"] for k in ROWS}
+        # each example's images for its row and its KL row (the same prompt): vision.collate_vision_unpaired
+        media = {k: v for k, v in batch.items() if k in MEDIA_KEYS}
+        media = {**media, OWN_IMAGES: True} if media else {}
+        examples = {**{k: batch[k] for k in ROWS}, **media}
+        mismatched = {**{k: batch[f"kl_{k}"] for k in ROWS}, **media,
+                      **{k: batch[f"kl_{k}"] for k in ROW_KEYS if k in media}}
         labels = batch["labels"]  # (B,) bool, True = desirable
         logged, kl = kl, kl and reference.model is not None
-        policy_out = policy(**examples, return_hidden=kl, token_stats=logged)
+        policy_out = policy(**model_inputs(examples), return_hidden=kl, token_stats=logged)
         policy_logps, lengths = policy_out.logps, policy_out.lengths  # (B,), (B,)
         with torch.no_grad():
-            policy_kl_logps = policy(**mismatched).logps
+            policy_kl_logps = policy(**model_inputs(mismatched)).logps
         reference_out = reference.logps(examples, return_hidden=kl)
         reference_kl_logps = reference.logps(mismatched).logps
         losses, rewards, z_ref = self.loss(policy_logps, reference_out.logps, policy_kl_logps, reference_kl_logps,

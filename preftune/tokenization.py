@@ -555,7 +555,8 @@ def as_pair(example) -> PreferencePair:
         return example
     return PreferencePair(prompt=example.prompt, chosen=example.completion, rejected=example.completion,
                           system=example.system, where=example.where, messages=example.messages,
-                          conversational=example.conversational, chat_template_kwargs=example.chat_template_kwargs)
+                          conversational=example.conversational, chat_template_kwargs=example.chat_template_kwargs,
+                          images=example.images)
 
 
 def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str | None,
@@ -587,11 +588,17 @@ def tokenize_examples(tokenizer, examples: list, cutoff_len: int, template: str 
     return kl_neighbours(out)
 
 
+def prompt_key(example) -> tuple:
+    """What makes two examples' prompts the same: their ids, and their images (a VLM's image tokens are the same ids
+    for every image: vision.VisionExample), by their pixels' digests."""
+    return tuple(example.ids[:example.start]), tuple(ref.digest for ref in getattr(example, "images", None) or ())
+
+
 def kl_neighbours(examples: list[TokenizedExample]) -> list[TokenizedExample]:
     """Each example's `kl_completion`: the completion of the nearest earlier example (cyclically) whose prompt
     differs, in data order, as LLaMA-Factory forms KTO's mismatched pairs (processor/feedback.py: example i
     with the response of example i - 1). Used where a micro-batch cannot pair within itself (a batch of one)."""
-    prompts = [e.ids[:e.start] for e in examples]
+    prompts = [prompt_key(e) for e in examples]
     for i, e in enumerate(examples):
         back = next((b for b in range(1, len(examples)) if prompts[i - b] != prompts[i]), None)
         if back is not None:

@@ -38,9 +38,11 @@ import torch
 
 from preftune.adapters import is_vision_config
 from preftune.config.names import VISION_TEMPLATES
-from preftune.batching import collate, collate_packed
+from preftune.batching import collate, collate_packed, collate_unpaired
+from preftune.data.records import PreferencePair
 from preftune.errors import ConfigError, DataError, ModelError
-from preftune.tokenization import TokenizedPair, TokenizeReport, prompt_messages, truncate_pair
+from preftune.tokenization import (TokenizedExample, TokenizedPair, TokenizeReport, as_pair, kl_neighbours,
+                                   prompt_messages, truncate_pair)
 
 log = logging.getLogger("preftune")
 
@@ -53,7 +55,8 @@ def is_processor(obj) -> bool:
 def check_config(cfg) -> None:
     """What this slice of VLM training does not do yet, refused before any model loads (docs/vision.md)."""
     refused = [
-        (cfg.objective != "dpo", f"stage/pref_loss {cfg.objective}", "preference pairs (dpo) only"),
+        (cfg.objective not in ("dpo", "kto"), f"stage/pref_loss {cfg.objective}",
+         "preference pairs (dpo) and unpaired examples (kto) only"),
         (cfg.prefix_sharing, "prefix_sharing", "the 4D mask of shared prompts is not passed to the multimodal "
                                                "backbone; each pair's images are encoded once without it"),
         (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
@@ -225,10 +228,12 @@ def encode_vision_pair(processor, pair, chat_kwargs: dict, report: TokenizeRepor
     return VisionPair(chosen_ids, chosen_start, rejected_ids, rejected_start, images=list(pair.images or []))
 
 
-def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | None = None) -> list[VisionPair]:
+def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | None = None,
+                          keep_dropped: bool = False) -> list[VisionPair]:
     """Every pair (with images or text-only) through the processor, truncated to cutoff_len as text pairs
     are; a cut that would drop image tokens is refused (the features would have no place), a pair with no
-    completion token left is dropped and counted as text pairs are. In order."""
+    completion token left is dropped and counted as text pairs are (`keep_dropped`: None in its place, so the
+    output aligns with `pairs`). In order."""
     report = report if report is not None else TokenizeReport()
     image_ids = set(processor.image_token_ids)  # where the features go (Gemma 3: not its placeholder, image_token)
     chat_kwargs = dict(cfg.chat_template_kwargs or {})
@@ -239,6 +244,8 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
                             processor.tokenizer.bos_token_id)
         if cut is None:
             report.dropped += 1
+            if keep_dropped:
+                out.append(None)
             continue
         if cut is not t:
             report.truncated += 1
@@ -254,6 +261,44 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
         log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
                     "completion", report.boundary_merges, len(pairs))
     return out
+
+
+@dataclass
+class VisionExample(TokenizedExample):
+    """A tokenized unpaired (kto) example whose prompt holds images (data.images.ImageRef), in token order."""
+    images: list = field(default_factory=list)
+
+
+def tokenize_vision_examples(processor, examples: list, cfg, report: TokenizeReport | None = None) -> list:
+    """kto's examples through the processor, as `tokenize_vision_pairs` does pairs (an unpaired example as a pair
+    whose two completions are its one, `tokenization.as_pair`, as `tokenize_examples` does for text): an
+    `UnpairedExample` gives one, a pair two (chosen desirable, rejected undesirable), each with its prompt's images;
+    one that cannot fit is left out and counted. In order."""
+    out = []
+    for example, t in zip(examples, tokenize_vision_pairs(processor, [as_pair(e) for e in examples], cfg, report,
+                                                          keep_dropped=True)):
+        if t is None:
+            continue
+        if isinstance(example, PreferencePair):
+            out += [VisionExample(t.chosen_ids, t.chosen_start, True, images=t.images),
+                    VisionExample(t.rejected_ids, t.rejected_start, False, images=t.images)]
+        else:
+            out.append(VisionExample(t.chosen_ids, t.chosen_start, example.label, images=t.images))
+    return kl_neighbours(out)
+
+
+def collate_vision_unpaired(examples: list[VisionExample], pad_token_id: int, index: list[int] | None = None, *,
+                            processor, multiple: int | None = None) -> dict:
+    """`batching.collate_unpaired`'s rows, plus the image tensors of the examples' images in row order (each row its
+    own: logps.OWN_IMAGES) and the processor's mm_token_type_ids of the rows and of the KL rows (kl_*), where it makes
+    them. A KL row is its example's prompt (its images) with another completion, so the two passes take the same
+    image tensors. KL rows are not cut to the examples' width, as TRL's vision collator (its text path cuts them)."""
+    batch = collate_unpaired(examples, pad_token_id, index, multiple, cut_kl=False)
+    images = [ref for e in examples for ref in e.images]
+    kl = media(processor, images, batch["kl_input_ids"])
+    batch.update(media(processor, images, batch["input_ids"]))
+    batch.update({f"kl_{k}": v for k, v in kl.items() if k in ("mm_token_type_ids", "token_type_ids")})
+    return batch
 
 
 def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,

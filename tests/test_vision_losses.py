@@ -55,29 +55,48 @@ def _id(case):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_tokenizer, demo_pairs):
+def models(tmp_path_factory, tiny_tokenizer):
+    """The policy's folder and the reference's (two random inits of the tiny LLaVA, one processor)."""
+    root = tmp_path_factory.mktemp("vision_losses")
+    return build_llava(tiny_tokenizer, root / "policy"), build_llava(tiny_tokenizer, root / "ref", 1)
+
+
+def load(folder):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+
+
+def trl_records(data) -> list[dict]:
+    """The records of `data` with their images opened as PIL images, as TRL takes them."""
+    from PIL import Image
+
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in records:
+        r["images"] = [Image.open(data.parent / name).copy() for name in r["images"]]
+    return records
+
+
+@pytest.fixture(scope="module")
+def setup(models, tmp_path_factory, demo_pairs):
     """The two models, preftune's batch and TRL's (its DPOTrainer's collator on the same records)."""
     import datasets
     import trl
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     from preftune.data import read_dataset
     from preftune.vision import collate_vision, tokenize_vision_pairs
 
-    root = tmp_path_factory.mktemp("vision_losses")
-    policy_dir, reference_dir = build_llava(tiny_tokenizer, root / "policy"), build_llava(tiny_tokenizer, root / "ref", 1)
+    root = tmp_path_factory.mktemp("vision_pairs")
+    policy_dir, reference_dir = models
     data = write_vision_pairs(root / "data", demo_pairs[:8])
     processor = AutoProcessor.from_pretrained(policy_dir)
     items = tokenize_vision_pairs(processor, read_dataset(str(data), "data"), from_dict({"cutoff_len": 4096}))
     batch = collate_vision(items, processor.tokenizer.pad_token_id, processor=processor)
 
-    records = [json.loads(line) for line in data.read_text().splitlines()]
-    for r in records:
-        r["images"] = [Image.open(data.parent / name).copy() for name in r["images"]]
+    records = trl_records(data)
     args = trl.DPOConfig(output_dir=str(root / "trl"), report_to="none", max_length=None, use_cpu=True, bf16=False,
                          model_init_kwargs={"dtype": torch.float32}, per_device_train_batch_size=8)
-    load = lambda folder: AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)  # noqa: E731
     # TRL takes the reference as a model (not a path), and wraps it for its fused LM head: one of its own
     trainer = trl.DPOTrainer(model=str(policy_dir), ref_model=load(reference_dir), args=args, processing_class=processor,
                              train_dataset=datasets.Dataset.from_list(records))
@@ -194,3 +213,91 @@ def test_every_loss_on_vision_pairs_matches_trl(case, setup):
     if not set(names) & BATCH_WIDE and not keys.get("pref_bco_weight"):
         torch.testing.assert_close(losses[~setup.with_images], other[~setup.with_images], rtol=0, atol=1e-6)
 
+
+
+def write_unpaired(folder, pairs: list[dict]):
+    """TRL's unpaired vision format (KTO's): pair i's prompt and images (test_vision.vision_records), its chosen
+    answer as a desirable completion for odd i, its rejected one as an undesirable completion for even i."""
+    path = write_vision_pairs(folder, pairs)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    unpaired = [{"images": r["images"], "prompt": r["prompt"], "completion": r["chosen" if i % 2 else "rejected"],
+                 "label": bool(i % 2)} for i, r in enumerate(records)]
+    out = folder / "unpaired.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    return out
+
+
+def test_kto_on_vision_examples_matches_trl(models, demo_pairs, tmp_path):
+    """kto on 8 unpaired examples with 0, 1 or 2 images (half desirable), in one batch: preftune's step (its KL rows
+    each prompt, with its images, and the previous example's completion) against TRL 1.16's KTOTrainer.compute_loss
+    on its vision collator's batch of the same records in the same order (it rotates the completions by one too):
+    loss, rewards, log-probs, TRL's `kl` (preftune's z_ref) and the gradient norm within 1e-4. Other pixels give
+    another loss."""
+    import datasets
+    import trl
+    from transformers import AutoProcessor
+
+    from preftune.data import read_dataset
+    from preftune.logps import LogpsModule
+    from preftune.reference import Reference
+    from preftune.step import UnpairedStep
+
+    reference_dir, policy_dir = models  # this way round, z_ref > 0: not clamped away
+    data = write_unpaired(tmp_path / "data", demo_pairs[8:16])
+    processor = AutoProcessor.from_pretrained(policy_dir)
+    cfg = from_dict({"pref_loss": "kto", "pref_beta": 0.5, "kto_chosen_weight": 1.3, "cutoff_len": 4096})
+    step = UnpairedStep(cfg, processor=processor)
+    examples = read_dataset(str(data), "data", allow_unpaired=True)
+    assert [len(e.images) for e in examples] == [0, 1, 2, 0, 1, 2, 0, 1]
+    batch = step.collate(step.tokenize(processor, examples, cfg, None), processor.tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 7  # each example's images once, in row order
+    policy, reference = load(policy_dir), Reference(load(reference_dir).eval(), chunk_size=64)
+    out = step(LogpsModule(policy, 64), reference, batch)
+    out.losses.mean().backward()
+    norm = grad_norm(policy)
+    labels = batch["labels"]
+    ours = {"loss": out.losses.mean().item(), "kl": out.stats["z_ref"][0].item(),
+            **{k: out.stats[k].mean().item() for k in STATS if k != "rewards/margins"}}
+
+    records = trl_records(data)
+    args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), report_to="none", max_length=None, use_cpu=True, bf16=False,
+                         beta=0.5, desirable_weight=1.3, model_init_kwargs={"dtype": torch.float32})
+    trainer = trl.KTOTrainer(model=str(policy_dir), ref_model=load(reference_dir), args=args, processing_class=processor,
+                             train_dataset=datasets.Dataset.from_list(records))
+    trl_batch = trainer.data_collator(records)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, trl_batch)
+    loss.backward()
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    theirs = {"loss": loss.item(), **{k: logged[k] for k in ours if k != "loss"}}
+    for key in ours:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4, rel=1e-5), (key, ours[key], theirs[key])
+    assert norm == pytest.approx(grad_norm(trainer.model), abs=1e-4, rel=1e-4)
+    assert ours["kl"] > 0 and labels.any() and not labels.all()
+
+    grey = processor.image_processor(images=[square((60, 60, 60))] * 7, return_tensors="pt")
+    with torch.no_grad():
+        other = step(LogpsModule(policy, 64), reference, batch | grey)
+    assert abs(other.losses.mean().item() - ours["loss"]) > 1e-5
+
+
+def test_kto_trains_on_vision_examples_and_pairs(models, demo_pairs, tmp_path):
+    """preftune train with pref_loss kto on a VLM: TRL's unpaired vision records (prompt, completion, label,
+    images) and vision pairs (each split into a desirable and an undesirable example) in one run, evaluated on
+    held-out examples with images. At step 0 the policy is its reference (loss w / 2 = 0.5, z_ref 0); it trains."""
+    from preftune import train as train_mod
+
+    unpaired = write_unpaired(tmp_path / "unpaired", demo_pairs[16:24])
+    pairs = write_vision_pairs(tmp_path / "pairs", demo_pairs[24:28])
+    summary = train_mod.train(from_dict({
+        "model_name_or_path": str(models[0]), "dataset": f"{unpaired},{pairs}", "pref_loss": "kto", "max_steps": 2,
+        "per_device_train_batch_size": 4, "val_size": 4, "learning_rate": 1e-2, "freeze_vision_tower": False,
+        "progress_bar": False, "plot_loss": False, "save_strategy": "no", "output_dir": str(tmp_path / "out"),
+        "torch_dtype": "float32"}))
+    assert summary["data"]["train"] + summary["data"]["eval"] == 12
+    rows = json.loads((tmp_path / "out" / "dpo_metrics" / "log_history.json").read_text())
+    baseline = rows[0]
+    assert baseline["step"] == 0 and baseline["eval_loss"] == pytest.approx(0.5, abs=1e-6)
+    assert baseline["eval_z_ref"] == 0 and baseline["eval_kl_per_token"] == pytest.approx(0, abs=1e-6)
+    assert rows[-1]["step"] == 2 and abs(rows[-1]["eval_loss"] - baseline["eval_loss"]) > 1e-4
+    assert any("z_ref" in r and r["loss"] > 0 for r in rows if "loss" in r)

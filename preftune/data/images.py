@@ -243,6 +243,25 @@ def _completion(value: Any, where: str, field: str) -> str:
     return text_of(msgs[0]["content"])
 
 
+def vision_unpaired(rec: dict, where: str, base_dir: Path | None, options: ImageOptions | None = None):
+    """A TRL unpaired vision record (prompt, completion, label, images: KTO's) as an `UnpairedExample` with
+    `images`: read as `vision_pair` reads a pair whose chosen is the completion."""
+    from preftune.data.records import UnpairedExample
+
+    label = rec.get("label")
+    if not isinstance(label, bool):
+        raise DataError(f"{where}: field 'label' is {type(label).__name__ if label is not None else 'missing'}, "
+                        "expected true (desirable) or false (undesirable)")
+    if "chosen" in rec or "rejected" in rec:
+        raise DataError(f"{where}: a record with 'label' is one completion (KTO's unpaired format); it has "
+                        "chosen/rejected too: keep 'completion' and 'label', or the pair")
+    pair = vision_pair({**{k: v for k, v in rec.items() if k not in ("completion", "label")},
+                        "chosen": rec.get("completion"), "rejected": ""}, where, base_dir, options)
+    return UnpairedExample(prompt=pair.prompt, completion=pair.chosen, label=label, system=pair.system, where=where,
+                           messages=pair.messages, conversational=True, chat_template_kwargs=pair.chat_template_kwargs,
+                           completion_messages=pair.chosen_messages, images=pair.images)
+
+
 def vision_pair(rec: dict, where: str, base_dir: Path | None, options: ImageOptions | None = None):
     """A TRL vision record as a `PreferencePair` with `images` (the module docstring)."""
     from preftune.data.records import PreferencePair

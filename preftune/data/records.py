@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preftune.data.images import ImageOptions, llamafactory_pair, vision_pair
+from preftune.data.images import ImageOptions, llamafactory_pair, vision_pair, vision_unpaired
 from preftune.errors import DataError
 
 
@@ -84,6 +84,7 @@ class UnpairedExample:
     conversational: bool = False  # as PreferencePair's
     chat_template_kwargs: dict | None = None  # as PreferencePair's
     completion_messages: list[dict] | None = None  # as PreferencePair's chosen_messages
+    images: list | None = None  # as PreferencePair's (TRL's unpaired vision format)
 
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
@@ -546,11 +547,14 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
             if fmt is not None and not llamafactory:
                 raise DataError(f"{where}: has an images field, but its dataset_info.json entry names no images "
                                 "column; add \"images\": \"images\" to the entry's columns")
-            if (sft and not prompts) or "label" in rec or (prompts and llamafactory):
-                raise DataError(f"{where}: images are read in preference pairs and TRL-format prompts only for now "
-                                "(TRL's prompt, chosen, rejected, images; LLaMA-Factory's ranking entries with an "
-                                "images column); not in SFT, KTO or LLaMA-Factory prompt files")
-            if prompts and not llamafactory:  # sampling's prompts (sample, eval): a prompt-only record has no answers
+            if (sft and not prompts) or (prompts and llamafactory) or ("label" in rec and llamafactory):
+                raise DataError(f"{where}: images are read in preference pairs, TRL-format unpaired (KTO) records and "
+                                "prompts only for now (TRL's prompt, chosen, rejected or completion and label, images; "
+                                "LLaMA-Factory's ranking entries with an images column); not in SFT, LLaMA-Factory KTO "
+                                "or prompt files")
+            if "label" in rec:  # TRL's unpaired vision format: prompt, completion, label, images
+                out.append(vision_unpaired(rec, where, base_dir, images))
+            elif prompts and not llamafactory:  # sampling's prompts (sample, eval): a prompt-only record has no answers
                 out.append(vision_pair({"chosen": "", "rejected": "", **rec}, where, base_dir, images))
             elif llamafactory:  # the record as text first, then its <image> placeholders (data/images.py)
                 pair = _record({k: v for k, v in rec.items() if k != llamafactory}, where, fmt, False, False, state)

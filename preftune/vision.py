@@ -71,6 +71,16 @@ def check_config(cfg) -> None:
             raise ConfigError(f"{key}: not with a vision-language model yet ({why}); remove it (docs/vision.md)")
 
 
+def check_engine(cfg, processor, engine) -> None:
+    """kto with a VLM on an engine whose processes must run the same modules in lockstep (FSDP2, ZeRO-3): its
+    micro-batches without images do not run the vision part on a blank image as the pair step's do, so it is
+    refused (one line) before any model loads."""
+    if processor is not None and cfg.objective == "kto" and engine.lockstep:
+        raise ConfigError("pref_loss: kto: not with a vision-language model under fsdp or deepspeed ZeRO yet (a "
+                          "process's micro-batch without images would skip the vision tower the others run); run it "
+                          "on one process, or use a pair loss (docs/vision.md)")
+
+
 def load_processor(cfg):
     """The model's processor (AutoProcessor) when model_name_or_path is a vision-language model, else None.
     Its image processor is the PIL one where torchvision is missing (transformers chooses it); a processor

@@ -301,3 +301,33 @@ def test_kto_trains_on_vision_examples_and_pairs(models, demo_pairs, tmp_path):
     assert baseline["eval_z_ref"] == 0 and baseline["eval_kl_per_token"] == pytest.approx(0, abs=1e-6)
     assert rows[-1]["step"] == 2 and abs(rows[-1]["eval_loss"] - baseline["eval_loss"]) > 1e-4
     assert any("z_ref" in r and r["loss"] > 0 for r in rows if "loss" in r)
+
+
+def test_kto_with_a_vlm_under_a_lockstep_engine_is_refused_in_one_line():
+    from preftune.errors import ConfigError
+    from preftune.vision import check_engine
+
+    cfg = from_dict({"pref_loss": "kto"})
+    with pytest.raises(ConfigError, match=r"^pref_loss: kto: not with a vision-language model under fsdp") as raised:
+        check_engine(cfg, object(), SimpleNamespace(lockstep=True))
+    assert "\n" not in str(raised.value)
+    check_engine(cfg, object(), SimpleNamespace(lockstep=False))
+    check_engine(cfg, None, SimpleNamespace(lockstep=True))
+    check_engine(from_dict({}), object(), SimpleNamespace(lockstep=True))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"label": "yes"}, r"unpaired.jsonl:1: field 'label' is str, expected true \(desirable\) or false"),
+    ({"chosen": "A."}, r"unpaired.jsonl:1: a record with 'label' is one completion \(KTO's unpaired format\)"),
+    ({"images": []}, r"unpaired.jsonl:1: 1 image placeholder\(s\) .* but 0 image\(s\) in 'images'"),
+])
+def test_bad_unpaired_vision_records_are_one_line(change, message, demo_pairs, tmp_path):
+    from preftune.data import read_dataset
+    from preftune.errors import DataError
+
+    path = write_unpaired(tmp_path, demo_pairs[:2])
+    first, second = path.read_text().splitlines()
+    path.write_text(json.dumps({**json.loads(second), **change}) + "\n" + first + "\n")
+    with pytest.raises(DataError, match=message) as raised:
+        read_dataset(str(path), "data", allow_unpaired=True)
+    assert "\n" not in str(raised.value)

@@ -36,7 +36,7 @@ from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll, reward_mo
 from preftune.models import router_aux_coef
 from preftune.reward_model import RewardModule
 from preftune.tokenization import tokenize_examples
-from preftune.vision import (collate_vision, collate_vision_unpaired, is_processor, tokenize_vision_examples,
+from preftune.vision import (collate_vision, collate_vision_chosen, collate_vision_unpaired, is_processor, tokenize_vision_examples,
                              tokenize_vision_pairs)
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
@@ -288,15 +288,20 @@ class SFTStep:
     progress = {"ppl": "perplexity"}  # no rewards; MetricsLog.log adds a row's perplexity
     module = staticmethod(logps_module)
 
-    def __init__(self, cfg, engine=None, processor=None):  # (processor: refused for sft by vision.check_config)
+    def __init__(self, cfg, engine=None, processor=None):
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
         self.multiple = cfg.pad_to_multiple_of
+        self.processor = processor  # a VLM's: each row with its own images (vision.collate_vision_chosen)
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
+        if is_processor(tokenizer):  # a vision-language model's processor
+            return tokenize_vision_pairs(tokenizer, pairs, cfg, report)
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
     def collate(self, pairs, pad_token_id, index=None):
+        if self.processor is not None:
+            return collate_vision_chosen(pairs, pad_token_id, index, processor=self.processor, multiple=self.multiple)
         return collate_chosen(pairs, pad_token_id, index, self.padding_free, self.multiple)
 
     @staticmethod
@@ -304,7 +309,10 @@ class SFTStep:
         return len(pair.chosen_ids)
 
     def __call__(self, policy, reference, batch, kl=False, kl_max_tokens=None) -> StepOutput:
-        out = policy(**model_inputs(batch))
+        inputs = model_inputs(batch)
+        if "media" in inputs:  # each row its own images, not a pair's once for two rows
+            inputs["media"] = {**inputs["media"], OWN_IMAGES: True}
+        out = policy(**inputs)
         B = out.logps.size(0)
         losses = -out.logps * B / out.lengths.sum().clamp(min=1)  # (B,): mean over examples = mean NLL per token
         stats = {}

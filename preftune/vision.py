@@ -38,7 +38,7 @@ import torch
 
 from preftune.adapters import is_vision_config
 from preftune.config.names import VISION_TEMPLATES
-from preftune.batching import collate, collate_packed, collate_unpaired
+from preftune.batching import collate, collate_chosen, collate_packed, collate_unpaired
 from preftune.data.records import PreferencePair
 from preftune.errors import ConfigError, DataError, ModelError
 from preftune.tokenization import (TokenizedExample, TokenizedPair, TokenizeReport, as_pair, kl_neighbours,
@@ -55,8 +55,10 @@ def is_processor(obj) -> bool:
 def check_config(cfg) -> None:
     """What this slice of VLM training does not do yet, refused before any model loads (docs/vision.md)."""
     refused = [
-        (cfg.objective not in ("dpo", "kto"), f"stage/pref_loss {cfg.objective}",
-         "preference pairs (dpo) and unpaired examples (kto) only"),
+        (cfg.objective not in ("dpo", "kto", "sft"), f"stage/pref_loss {cfg.objective}",
+         "preference pairs (dpo), unpaired examples (kto) and sft only"),
+        (cfg.objective in ("kto", "sft") and cfg.padding_free, "padding_free",
+         f"not tested on packed rows of {cfg.objective} examples with images"),
         (cfg.prefix_sharing, "prefix_sharing", "the 4D mask of shared prompts is not passed to the multimodal "
                                                "backbone; each pair's images are encoded once without it"),
         (cfg.enable_liger_kernel, "enable_liger_kernel", "Liger's fused loss runs the language model alone"),
@@ -72,11 +74,12 @@ def check_config(cfg) -> None:
 
 
 def check_engine(cfg, processor, engine) -> None:
-    """kto with a VLM on an engine whose processes must run the same modules in lockstep (FSDP2, ZeRO-3): its
+    """kto or sft with a VLM on an engine whose processes must run the same modules in lockstep (FSDP2, ZeRO-3): its
     micro-batches without images do not run the vision part on a blank image as the pair step's do, so it is
     refused (one line) before any model loads."""
-    if processor is not None and cfg.objective == "kto" and engine.lockstep:
-        raise ConfigError("pref_loss: kto: not with a vision-language model under fsdp or deepspeed ZeRO yet (a "
+    if processor is not None and cfg.objective in ("kto", "sft") and engine.lockstep:
+        what = "pref_loss: kto" if cfg.objective == "kto" else "stage: sft"
+        raise ConfigError(f"{what}: not with a vision-language model under fsdp or deepspeed ZeRO yet (a "
                           "process's micro-batch without images would skip the vision tower the others run); run it "
                           "on one process, or use a pair loss (docs/vision.md)")
 
@@ -295,6 +298,15 @@ def tokenize_vision_examples(processor, examples: list, cfg, report: TokenizeRep
         else:
             out.append(VisionExample(t.chosen_ids, t.chosen_start, example.label, images=t.images))
     return kl_neighbours(out)
+
+
+def collate_vision_chosen(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,
+                          processor, multiple: int | None = None) -> dict:
+    """sft: `batching.collate_chosen`'s B rows (each pair's chosen), plus the image tensors of the pairs' images in
+    row order (each row its own: logps.OWN_IMAGES) and the processor's mm_token_type_ids where it makes them."""
+    batch = collate_chosen(pairs, pad_token_id, index, multiple=multiple)
+    batch.update(media(processor, [ref for p in pairs for ref in p.images], batch["input_ids"]))
+    return batch
 
 
 def collate_vision_unpaired(examples: list[VisionExample], pad_token_id: int, index: list[int] | None = None, *,

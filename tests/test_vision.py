@@ -322,7 +322,7 @@ def test_images_from_a_datasets_folder_are_the_files_images(llava_dir, demo_pair
 
 
 @pytest.mark.parametrize("over, key", [
-    ({"stage": "sft"}, "stage/pref_loss sft"), ({"stage": "rm"}, "stage/pref_loss rm"),
+    ({"stage": "rm"}, "stage/pref_loss rm"), ({"stage": "sft", "padding_free": True}, "padding_free"),
     ({"prefix_sharing": True}, "prefix_sharing"), ({"sequence_parallel_size": 2}, "sequence_parallel_size"),
     ({"finetuning_type": "freeze"}, "finetuning_type: freeze"),
     ({"generate_during_eval": 2, "val_size": 0.5}, "generate_during_eval"),

@@ -243,6 +243,27 @@ def _completion(value: Any, where: str, field: str) -> str:
     return text_of(msgs[0]["content"])
 
 
+def vision_sft(rec: dict, where: str, base_dir: Path | None, options: ImageOptions | None = None):
+    """A record of TRL's SFT vision formats as the pair SFT reads (it trains on chosen; the rejected completion is
+    the same text): `prompt` and `completion`, or `messages` whose last turn is the assistant's completion, with
+    `images`; a preference record trains on its chosen."""
+    if "chosen" in rec or "rejected" in rec:
+        return vision_pair(rec, where, base_dir, options)
+    rest = {k: v for k, v in rec.items() if k not in ("messages", "completion")}
+    if "messages" in rec:
+        messages = rec["messages"]
+        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) or \
+                messages[-1].get("role") != "assistant":
+            raise DataError(f"{where}: field 'messages' must be a list of messages ending on the assistant's turn "
+                            "(the completion SFT trains on)")
+        rest |= {"prompt": messages[:-1], "chosen": messages[-1:]}
+    else:
+        rest["chosen"] = rec.get("completion")
+    pair = vision_pair({**rest, "rejected": ""}, where, base_dir, options)
+    pair.rejected = pair.chosen  # (tokenized as a pair of two equal completions, as text SFT records are)
+    return pair
+
+
 def vision_unpaired(rec: dict, where: str, base_dir: Path | None, options: ImageOptions | None = None):
     """A TRL unpaired vision record (prompt, completion, label, images: KTO's) as an `UnpairedExample` with
     `images`: read as `vision_pair` reads a pair whose chosen is the completion."""

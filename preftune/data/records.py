@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preftune.data.images import ImageOptions, llamafactory_pair, vision_pair, vision_unpaired
+from preftune.data.images import ImageOptions, llamafactory_pair, vision_pair, vision_sft, vision_unpaired
 from preftune.errors import DataError
 
 
@@ -547,13 +547,14 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
             if fmt is not None and not llamafactory:
                 raise DataError(f"{where}: has an images field, but its dataset_info.json entry names no images "
                                 "column; add \"images\": \"images\" to the entry's columns")
-            if (sft and not prompts) or (prompts and llamafactory) or ("label" in rec and llamafactory):
-                raise DataError(f"{where}: images are read in preference pairs, TRL-format unpaired (KTO) records and "
-                                "prompts only for now (TRL's prompt, chosen, rejected or completion and label, images; "
-                                "LLaMA-Factory's ranking entries with an images column); not in SFT, LLaMA-Factory KTO "
-                                "or prompt files")
+            if llamafactory and (prompts or sft or "label" in rec):
+                raise DataError(f"{where}: images are read in TRL's formats (pairs, unpaired KTO records, SFT records, "
+                                "prompts) and in LLaMA-Factory's ranking entries with an images column; not in "
+                                "LLaMA-Factory SFT, KTO or prompt files yet")
             if "label" in rec:  # TRL's unpaired vision format: prompt, completion, label, images
                 out.append(vision_unpaired(rec, where, base_dir, images))
+            elif sft and not prompts:  # TRL's SFT vision formats: prompt/completion or messages, with images
+                out.append(vision_sft(rec, where, base_dir, images))
             elif prompts and not llamafactory:  # sampling's prompts (sample, eval): a prompt-only record has no answers
                 out.append(vision_pair({"chosen": "", "rejected": "", **rec}, where, base_dir, images))
             elif llamafactory:  # the record as text first, then its <image> placeholders (data/images.py)

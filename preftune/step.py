@@ -36,8 +36,8 @@ from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll, reward_mo
 from preftune.models import router_aux_coef
 from preftune.reward_model import RewardModule
 from preftune.tokenization import tokenize_examples
-from preftune.vision import (collate_vision, collate_vision_chosen, collate_vision_unpaired, is_processor, tokenize_vision_examples,
-                             tokenize_vision_pairs)
+from preftune.vision import (collate_vision, collate_vision_chosen, collate_vision_unpaired, is_processor,
+                             tokenize_vision_examples, tokenize_vision_pairs)
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
 

@@ -98,8 +98,8 @@ def setup(models, tmp_path_factory, demo_pairs):
     args = trl.DPOConfig(output_dir=str(root / "trl"), report_to="none", max_length=None, use_cpu=True, bf16=False,
                          model_init_kwargs={"dtype": torch.float32}, per_device_train_batch_size=8)
     # TRL takes the reference as a model (not a path), and wraps it for its fused LM head: one of its own
-    trainer = trl.DPOTrainer(model=str(policy_dir), ref_model=load(reference_dir), args=args, processing_class=processor,
-                             train_dataset=datasets.Dataset.from_list(records))
+    trainer = trl.DPOTrainer(model=str(policy_dir), ref_model=load(reference_dir), args=args,
+                             processing_class=processor, train_dataset=datasets.Dataset.from_list(records))
     trl_batch = trainer.data_collator(records)  # in record order (the trainer's loader would shuffle)
     policy, reference = load(policy_dir), load(reference_dir).eval()
     with_images = torch.tensor([bool(item.images) for item in items])
@@ -262,8 +262,8 @@ def test_kto_on_vision_examples_matches_trl(models, demo_pairs, tmp_path):
     records = trl_records(data)
     args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), report_to="none", max_length=None, use_cpu=True, bf16=False,
                          beta=0.5, desirable_weight=1.3, model_init_kwargs={"dtype": torch.float32})
-    trainer = trl.KTOTrainer(model=str(policy_dir), ref_model=load(reference_dir), args=args, processing_class=processor,
-                             train_dataset=datasets.Dataset.from_list(records))
+    trainer = trl.KTOTrainer(model=str(policy_dir), ref_model=load(reference_dir), args=args,
+                             processing_class=processor, train_dataset=datasets.Dataset.from_list(records))
     trl_batch = trainer.data_collator(records)
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, trl_batch)
@@ -368,7 +368,8 @@ def test_sft_on_vision_records_matches_trl(models, demo_pairs, tmp_path):
     step = SFTStep(cfg, processor=processor)
     examples = read_dataset(str(data), "data", sft=True)
     items = step.tokenize(processor, examples, cfg, None)
-    as_messages = read_dataset(str(write_sft(tmp_path / "messages", demo_pairs[28:36], messages=True)), "data", sft=True)
+    as_messages = read_dataset(str(write_sft(tmp_path / "messages", demo_pairs[28:36], messages=True)), "data",
+                               sft=True)
     assert [(t.chosen_ids, t.chosen_start) for t in step.tokenize(processor, as_messages, cfg, None)] == \
         [(t.chosen_ids, t.chosen_start) for t in items]
     batch = step.collate(items, processor.tokenizer.pad_token_id)
@@ -413,3 +414,45 @@ def test_sft_trains_on_vision_records(models, demo_pairs, tmp_path):
     rows = json.loads((tmp_path / "out" / "sft_metrics" / "log_history.json").read_text())
     assert rows[0]["step"] == 0 and rows[-1]["step"] == 2 and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert AutoProcessor.from_pretrained(tmp_path / "out").image_processor is not None
+
+
+def test_llamafactory_sft_and_kto_entries_with_images_equal_trl_format(models, demo_pairs, tmp_path):
+    """LLaMA-Factory's SFT entries (mllm_demo's shape: sharegpt with an images column) and KTO entries (a kto_tag
+    column) with `<image>` placeholders read into the examples TRL's SFT and unpaired vision records give: the same
+    images (by pixels), labels, token ids and completion starts."""
+    from transformers import AutoProcessor
+
+    from preftune.data import read_dataset
+    from preftune.data.images import image_options
+    from preftune.vision import tokenize_vision_examples, tokenize_vision_pairs
+
+    folder = tmp_path / "data"
+    sft_trl, unpaired_trl = write_sft(folder, demo_pairs[:6]), write_unpaired(folder, demo_pairs[:6])
+    sft, kto = [], []
+    for i, r in enumerate(json.loads(line) for line in unpaired_trl.read_text().splitlines()):
+        human = {"from": "human", "value": "<image>" * len(r["images"]) + r["prompt"][0]["content"][-1]["text"]}
+        chosen = demo_pairs[i]["chosen"]
+        sft.append({"conversations": [human, {"from": "gpt", "value": chosen}], "images": r["images"]})
+        kto.append({"conversations": [human, {"from": "gpt", "value": r["completion"][0]["content"][0]["text"]}],
+                    "kto_tag": r["label"], "images": r["images"]})
+    (folder / "sft.json").write_text(json.dumps(sft))
+    (folder / "kto.json").write_text(json.dumps(kto))
+    columns = {"messages": "conversations", "images": "images"}
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "lf_sft": {"file_name": "sft.json", "formatting": "sharegpt", "columns": columns},
+        "lf_kto": {"file_name": "kto.json", "formatting": "sharegpt", "columns": {**columns, "kto_tag": "kto_tag"}}}))
+    processor = AutoProcessor.from_pretrained(models[0])
+    # image_min_pixels: LLaMA-Factory's default (32 * 32) would enlarge these small squares in its format only
+    cfg = from_dict({"cutoff_len": 4096, "image_min_pixels": 1, "dataset_dir": str(folder)})
+    bounds = image_options(cfg)
+
+    ours = read_dataset("lf_sft", str(folder), sft=True, images=bounds)
+    theirs = read_dataset(str(sft_trl), "data", sft=True, images=bounds)
+    assert [p.images for p in ours] == [p.images for p in theirs] and [len(p.images) for p in ours] == [0, 1, 2] * 2
+    assert [(t.chosen_ids, t.chosen_start) for t in tokenize_vision_pairs(processor, ours, cfg)] == \
+        [(t.chosen_ids, t.chosen_start) for t in tokenize_vision_pairs(processor, theirs, cfg)]
+    ours = read_dataset("lf_kto", str(folder), allow_unpaired=True, images=bounds)
+    theirs = read_dataset(str(unpaired_trl), "data", allow_unpaired=True, images=bounds)
+    assert [(e.label, e.images) for e in ours] == [(e.label, e.images) for e in theirs]
+    assert [(e.ids, e.start, e.label) for e in tokenize_vision_examples(processor, ours, cfg)] == \
+        [(e.ids, e.start, e.label) for e in tokenize_vision_examples(processor, theirs, cfg)]

@@ -27,6 +27,7 @@ Every problem names the record (`where`), the field, what was expected and the f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -330,6 +331,24 @@ def _unpaired(rec: dict, where: str) -> UnpairedExample:
                            messages=msgs, conversational=conversational, completion_messages=completion_msgs)
 
 
+def _llamafactory_vision(rec: dict, where: str, fmt: dict | None, sft: bool, state: dict, column: str,
+                         images: ImageOptions | None):
+    """A LLaMA-Factory record with an images column: read as text (a ranking pair, an SFT record, a kto_tag
+    example), then each `<image>` placeholder takes the next image (`images.llamafactory_pair`)."""
+    text = {k: v for k, v in rec.items() if k != column}
+    if fmt is not None and fmt.get("kto_tag"):
+        example = _kto_tagged(text, where, fmt)
+        pair = llamafactory_pair(_sft_pair(text, where, fmt["formatting"], fmt["columns"], fmt["tags"]),
+                                 rec.get(column), where, column, images)
+        return dataclasses.replace(example, prompt=pair.prompt, messages=pair.messages, conversational=True,
+                                   images=pair.images)
+    if fmt is not None and not fmt["ranking"]:  # an SFT entry of dataset_info.json
+        pair = _sft_pair(text, where, fmt["formatting"], fmt["columns"], fmt["tags"])
+    else:
+        pair = _record(text, where, fmt, sft, False, state)
+    return llamafactory_pair(pair, rec.get(column), where, column, images)
+
+
 def _kto_tagged(rec: dict, where: str, fmt: dict) -> UnpairedExample:
     """A dataset_info.json entry with a `kto_tag` column (LLaMA-Factory's KTO data, e.g. kto_en_demo):
     an SFT-shaped record whose answer is desirable (tag true) or undesirable (false)."""
@@ -547,19 +566,17 @@ def to_examples(records: list[tuple[str, Any]], fmt: dict | None = None, columns
             if fmt is not None and not llamafactory:
                 raise DataError(f"{where}: has an images field, but its dataset_info.json entry names no images "
                                 "column; add \"images\": \"images\" to the entry's columns")
-            if llamafactory and (prompts or sft or "label" in rec):
-                raise DataError(f"{where}: images are read in TRL's formats (pairs, unpaired KTO records, SFT records, "
-                                "prompts) and in LLaMA-Factory's ranking entries with an images column; not in "
-                                "LLaMA-Factory SFT, KTO or prompt files yet")
-            if "label" in rec:  # TRL's unpaired vision format: prompt, completion, label, images
+            if llamafactory and prompts:
+                raise DataError(f"{where}: images are read in TRL's prompt records, not in LLaMA-Factory prompt files "
+                                "yet; write the prompts as TRL's vision format (docs/vision.md)")
+            if llamafactory:  # the record as text first, then its <image> placeholders (data/images.py)
+                out.append(_llamafactory_vision(rec, where, fmt, sft, state, llamafactory, images))
+            elif "label" in rec:  # TRL's unpaired vision format: prompt, completion, label, images
                 out.append(vision_unpaired(rec, where, base_dir, images))
             elif sft and not prompts:  # TRL's SFT vision formats: prompt/completion or messages, with images
                 out.append(vision_sft(rec, where, base_dir, images))
-            elif prompts and not llamafactory:  # sampling's prompts (sample, eval): a prompt-only record has no answers
+            elif prompts:  # sampling's prompts (sample, eval): a prompt-only record has no answers
                 out.append(vision_pair({"chosen": "", "rejected": "", **rec}, where, base_dir, images))
-            elif llamafactory:  # the record as text first, then its <image> placeholders (data/images.py)
-                pair = _record({k: v for k, v in rec.items() if k != llamafactory}, where, fmt, False, False, state)
-                out.append(llamafactory_pair(pair, rec.get(llamafactory), where, llamafactory, images))
             else:
                 out.append(vision_pair(rec, where, base_dir, images))
         elif fmt is not None and fmt.get("kto_tag"):  # KTO data of dataset_info.json

@@ -64,9 +64,6 @@ def entry_format(entry: dict, where: str, sft: bool = False) -> dict:
     images = given.get("images") or None
     if images is not None and not isinstance(images, str):
         raise DataError(f"{where}: column 'images' must name the field that holds the images, e.g. \"images\"")
-    if images is not None and not ranking:
-        raise DataError(f"{where}: column 'images': images are read in preference pairs (\"ranking\": true) only for "
-                        "now, not in SFT or KTO entries")
     tags = {**SHAREGPT_TAGS, **{k: v for k, v in (entry.get("tags") or {}).items()}}
     unknown_tags = set(tags) - set(SHAREGPT_TAGS)
     if unknown_tags:

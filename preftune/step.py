@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from preftune.batching import collate, collate_chosen, collate_packed, collate_shared, collate_unpaired
-from preftune.cache import tokenize_cached
+from preftune.cache import tokenize_cached, tokenize_vision_cached
 from preftune.evaluate import accuracy
 from preftune.logps import (  # noqa: F401 (LogpsModule: imported from here)
     FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
@@ -36,7 +36,7 @@ from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll, reward_mo
 from preftune.models import router_aux_coef
 from preftune.reward_model import RewardModule
 from preftune.tokenization import tokenize_examples
-from preftune.vision import collate_vision, is_processor, tokenize_vision_pairs
+from preftune.vision import collate_vision, is_processor
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
 
@@ -141,8 +141,8 @@ class PreferenceStep:
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
-        if is_processor(tokenizer):  # a vision-language model's processor (not cached yet)
-            return tokenize_vision_pairs(tokenizer, pairs, cfg, report)
+        if is_processor(tokenizer):  # a vision-language model's processor: its pairs and images cached too
+            return tokenize_vision_cached(tokenizer, pairs, cfg, report)
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
     @staticmethod

@@ -225,15 +225,17 @@ def encode_vision_pair(processor, pair, chat_kwargs: dict, report: TokenizeRepor
     return VisionPair(chosen_ids, chosen_start, rejected_ids, rejected_start, images=list(pair.images or []))
 
 
-def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | None = None) -> list[VisionPair]:
+def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | None = None,
+                          kept: list[int] | None = None) -> list[VisionPair]:
     """Every pair (with images or text-only) through the processor, truncated to cutoff_len as text pairs
     are; a cut that would drop image tokens is refused (the features would have no place), a pair with no
-    completion token left is dropped and counted as text pairs are. In order."""
+    completion token left is dropped and counted as text pairs are. In order; `kept` gets the index of each
+    pair returned (cache.py stores it). `cache.tokenize_vision_cached` is this through the tokenization cache."""
     report = report if report is not None else TokenizeReport()
     image_ids = set(processor.image_token_ids)  # where the features go (Gemma 3: not its placeholder, image_token)
     chat_kwargs = dict(cfg.chat_template_kwargs or {})
     out = []
-    for pair in pairs:
+    for index, pair in enumerate(pairs):
         t = encode_vision_pair(processor, pair, {**chat_kwargs, **(pair.chat_template_kwargs or {})}, report)
         cut = truncate_pair(t, cfg.cutoff_len, cfg.truncation_mode, cfg.max_prompt_length,
                             processor.tokenizer.bos_token_id)
@@ -250,6 +252,8 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
                                     f"{max(len(t.chosen_ids), len(t.rejected_ids))}")
             cut = VisionPair(cut.chosen_ids, cut.chosen_start, cut.rejected_ids, cut.rejected_start, True, t.images)
         out.append(cut)
+        if kept is not None:
+            kept.append(index)
     if report.boundary_merges:
         log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
                     "completion", report.boundary_merges, len(pairs))

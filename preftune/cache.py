@@ -17,7 +17,9 @@ loads its token ids instead of re-tokenizing. The key's parts:
   * the tokenizer: its tokenizer.json (vocabulary, merges, normalizer, added tokens, the
     post-processor that adds BOS), BOS/EOS ids and the chat template in use;
   * the settings: cutoff_len, template, truncation_mode, max_prompt_length.
-`overwrite_cache: true` rebuilds it.
+`overwrite_cache: true` rebuilds it. A vision-language model's pairs (`tokenize_vision_cached`): the
+processor's settings and the image bounds join the key (the data's images are in it by their pixels), and the
+file holds each image file's resized pixels too, read back by `data.images.StoredPixels` (docs/vision.md).
 
 Why safetensors files and a process pool (tokenization.py) rather than `datasets.map(num_proc,
 cache_file_name, new_fingerprint)`: pairs hold conversations of varying shape that Arrow would

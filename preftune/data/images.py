@@ -32,7 +32,8 @@ is scaled down, one of fewer than image_min_pixels scaled up, keeping its aspect
 times sqrt(bound / (width * height)), rounded down), then converted to RGB. LLaMA-Factory does this to
 every image with its defaults (768 * 768 and 32 * 32); here its format gets those defaults, TRL's
 format (which TRL does not resize) only the bounds a config sets. The size is decided, and the digest
-taken, once when the data is read; a file's pixels are decoded and resized again when a batch needs them.
+taken, once when the data is read; a file's pixels are decoded and resized again when a batch needs them,
+unless the tokenization cache holds them (cache.py: the ref's source is then `StoredPixels`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ tests/test_vision.py (8 pairs with 0, 1 and 2 images).
 
 * test_second_run_reads_pairs_and_images_from_the_cache: a second run makes no processor call and opens no image
   file (the ids and the resized pixels come from the cache file) and logs the same numbers; a recoloured image, or
-  another image_max_pixels, misses the cache.
+  another image_max_pixels, misses the cache; so does another processor setting (its key).
 * test_checkpoints_hold_the_processor_and_resume_exactly: checkpoint-<step>/ and best_model/ load with
   AutoProcessor as the model's processor; a run stopped after its checkpoint at step 1 and resumed equals the
   uninterrupted 2-step run (rows and weights).
@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from preftune import cache as cache_mod
 from preftune import checkpoints, vision
 from preftune import train as train_mod
 from preftune.config import from_dict
@@ -80,6 +81,15 @@ def test_second_run_reads_pairs_and_images_from_the_cache(llava_dir, demo_pairs,
     train_mod.train(run_cfg(llava_dir, data, tmp_path / "bounded", tokenized_cache_dir=str(cache), max_steps=1,
                             image_max_pixels=400, image_min_pixels=16))  # 20x24 images become 18x21: another key
     assert len(encoded) == 8 and len(list(cache.glob("*.safetensors"))) == 3
+
+    cfg = run_cfg(llava_dir, data, tmp_path / "unused")  # the processor's settings are in the key too
+    processor = vision.load_processor(cfg)
+    keys = {cache_mod.vision_cache_key(processor, [], cfg)}
+    processor.image_processor.image_mean = [0.5, 0.5, 0.5]  # pixel_values change, the token ids do not
+    keys.add(cache_mod.vision_cache_key(processor, [], cfg))
+    processor.chat_template += " "
+    keys.add(cache_mod.vision_cache_key(processor, [], cfg))
+    assert len(keys) == 3
 
 
 class Killed(Exception):

@@ -11,6 +11,7 @@ tests/test_vision.py (8 pairs with 0, 1 and 2 images).
 
 import json
 
+import numpy
 import PIL.Image
 import pytest
 import torch
@@ -20,6 +21,7 @@ from preftune import cache as cache_mod
 from preftune import checkpoints, vision
 from preftune import train as train_mod
 from preftune.config import from_dict
+from preftune.data.images import ImageRef, StoredPixels
 from test_vision import build_llava, square, write_vision_pairs
 
 TIMING = {"tokens_per_second"}
@@ -67,6 +69,16 @@ def test_second_run_reads_pairs_and_images_from_the_cache(llava_dir, demo_pairs,
     # each distinct image once (equal squares in several pairs are one), as the model gets it: (H, W, RGB) bytes
     assert 1 < len(stored) <= 8 and {(v.shape, v.dtype) for v in stored.values()} == \
         {((24, 20, 3), torch.uint8), ((24, 24, 3), torch.uint8)}
+
+    # a stored image as a batch reads it; where the cache file does not give it, the image file instead
+    name = next(iter(stored))
+    ref = ImageRef(StoredPixels(str(file), name, "RGB", "unused"), "d", tuple(stored[name].shape[1::-1]))
+    assert torch.equal(torch.from_numpy(numpy.asarray(ref.load())), stored[name])
+    png = tmp_path / "data" / "img_1_0.png"
+    for source in (StoredPixels(str(file), "image.absent", "RGB", str(png)),
+                   StoredPixels(str(tmp_path / "gone.safetensors"), name, "RGB", str(png))):
+        assert numpy.array_equal(numpy.asarray(ImageRef(source, "d", (20, 24)).load()),
+                                 numpy.asarray(real_open(png).convert("RGB")))
 
     encoded.clear(), opened.clear()
     train_mod.train(run_cfg(llava_dir, data, tmp_path / "second", tokenized_cache_dir=str(cache)))

@@ -116,7 +116,7 @@ class StoredPixels:
             return None
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _open_cache(path: str):
     """The cache file, opened once (its header, one entry per image, is parsed once; the pixels are memory-mapped)."""
     from safetensors import safe_open
@@ -139,7 +139,7 @@ class ImageRef:
         source = self.source
         if isinstance(source, StoredPixels):  # a cache hit: the resized pixels, neither decoded nor resized again
             image = source.read()
-            if image is not None:
+            if image is not None and image.size == self.size:  # (the cache's checksum covers the ids, not pixels)
                 return image
             source = source.file
         if not isinstance(source, str):

@@ -257,7 +257,7 @@ def vision_cache_key(processor, pairs: list[PreferencePair], cfg) -> str:
 
 
 VISION_CACHE_VERSION = "1"  # bump when what a VLM's cache file holds changes
-_STORED_MODES = ("RGB", "RGBA", "L")  # modes whose pixels numpy holds whole: Image.fromarray gives them back as they were
+_STORED_MODES = ("RGB", "RGBA", "L")  # modes numpy holds whole: Image.fromarray gives them back as they were
 
 
 def tokenize_vision_cached(processor, pairs: list[PreferencePair], cfg, report: TokenizeReport) -> list:

@@ -17,7 +17,9 @@ loads its token ids instead of re-tokenizing. The key's parts:
   * the tokenizer: its tokenizer.json (vocabulary, merges, normalizer, added tokens, the
     post-processor that adds BOS), BOS/EOS ids and the chat template in use;
   * the settings: cutoff_len, template, truncation_mode, max_prompt_length.
-`overwrite_cache: true` rebuilds it.
+`overwrite_cache: true` rebuilds it. A vision-language model's pairs (`tokenize_vision_cached`): the
+processor's settings and the image bounds join the key (the data's images are in it by their pixels), and the
+file holds each image file's resized pixels too, read back by `data.images.StoredPixels` (docs/vision.md).
 
 Why safetensors files and a process pool (tokenization.py) rather than `datasets.map(num_proc,
 cache_file_name, new_fingerprint)`: pairs hold conversations of varying shape that Arrow would
@@ -97,6 +99,7 @@ def data_fingerprint(train_items: list, eval_items: dict[str, list] | None = Non
 CACHE_VERSION = "2"  # bump when the ids produced for the same inputs change (2: plain strings are raw text)
 _ARRAYS = ("chosen_ids", "rejected_ids", "chosen_lengths", "rejected_lengths", "chosen_start", "rejected_start",
            "truncated")
+_OPTIONAL = ("margin", "pair_index")  # stage rm's margins; a VLM's kept pairs (the images are their own tensors)
 
 
 def cache_dir(cfg) -> Path:
@@ -121,12 +124,15 @@ def cache_key(tokenizer, pairs: list[PreferencePair], cfg) -> str:
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for name in _ARRAYS + (("margin",) if "margin" in arrays else ()):
+    for name in _ARRAYS + tuple(name for name in _OPTIONAL if name in arrays):
         h.update(np.ascontiguousarray(arrays[name]).tobytes())
     return h.hexdigest()
 
 
-def _save(path: Path, key: str, toks: list[TokenizedPair], report: TokenizeReport) -> None:
+def _save(path: Path, key: str, toks: list[TokenizedPair], report: TokenizeReport, extra: dict | None = None,
+          extra_metadata: dict | None = None) -> None:
+    """`toks` and `report` under `key`; `extra`: more arrays (a VLM's pair_index and images), `extra_metadata`
+    more strings."""
     from safetensors.numpy import save_file
 
     arrays = {
@@ -140,48 +146,61 @@ def _save(path: Path, key: str, toks: list[TokenizedPair], report: TokenizeRepor
     }
     if any(t.margin is not None for t in toks):  # stage: rm's margins; NaN: the pair has none
         arrays["margin"] = np.array([math.nan if t.margin is None else t.margin for t in toks], np.float64)
+    arrays.update(extra or {})
     metadata = {"key": key, "version": CACHE_VERSION, "checksum": _checksum(arrays),
-                "report": json.dumps(vars(report))}
+                "report": json.dumps(vars(report)), **(extra_metadata or {})}
     try:
         write_file_atomic(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
     except OSError as e:  # the cache only saves time; a read-only or full disk must not stop the run
         log.warning("tokenization cache: could not write %s (%s); the next run tokenizes again", path, e)
 
 
-def _load(path: Path, key: str) -> tuple[list[TokenizedPair], TokenizeReport] | None:
-    """The cached pairs and counts, or None when the file is missing or not to be trusted."""
+def _read(path: Path, key: str) -> tuple[dict, dict, set] | None:
+    """The file's checked arrays (`_ARRAYS` and those of `_OPTIONAL` it has), its metadata and the names of all its
+    tensors; None when the file is missing or not to be trusted."""
     if not path.is_file():
         return None
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
-            arrays = {name: f.get_tensor(name) for name in _ARRAYS + (("margin",) if "margin" in f.keys() else ())}
+            metadata, names = f.metadata() or {}, set(f.keys())
+            arrays = {name: f.get_tensor(name) for name in _ARRAYS + tuple(n for n in _OPTIONAL if n in names)}
         if metadata.get("key") != key or metadata.get("version") != CACHE_VERSION:
             raise ValueError("written for other inputs")
         if metadata.get("checksum") != _checksum(arrays):
             raise ValueError("checksum mismatch")
         n = len(arrays["chosen_lengths"])
-        if any(len(arrays[name]) != n for name in (*_ARRAYS[2:], *(("margin",) if "margin" in arrays else ()))) \
+        if any(len(arrays[name]) != n for name in (*_ARRAYS[2:], *(o for o in _OPTIONAL if o in arrays))) \
                 or arrays["chosen_lengths"].sum() != len(arrays["chosen_ids"]) \
                 or arrays["rejected_lengths"].sum() != len(arrays["rejected_ids"]):
             raise ValueError("inconsistent shapes")
-        report = TokenizeReport(**json.loads(metadata["report"]))
+        metadata["report"] = TokenizeReport(**json.loads(metadata["report"]))
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, it is rebuilt, never trusted
         log.warning("tokenization cache: ignoring %s (%s); tokenizing again", path, str(e).splitlines()[0] if str(e)
                     else type(e).__name__)
         return None
+    return arrays, metadata, names
+
+
+def _pairs(arrays: dict) -> list[TokenizedPair]:
+    """The tokenized pairs of a file's arrays."""
     chosen, rejected = arrays["chosen_ids"].tolist(), arrays["rejected_ids"].tolist()
     chosen_ends = np.cumsum(arrays["chosen_lengths"]).tolist()
     rejected_ends = np.cumsum(arrays["rejected_lengths"]).tolist()
-    margins = arrays["margin"].tolist() if "margin" in arrays else [math.nan] * n
+    margins = arrays["margin"].tolist() if "margin" in arrays else [math.nan] * len(chosen_ends)
     toks, c0, r0 = [], 0, 0
     for c1, r1, cs, rs, tr, m in zip(chosen_ends, rejected_ends, arrays["chosen_start"].tolist(),
                                      arrays["rejected_start"].tolist(), arrays["truncated"].tolist(), margins):
         toks.append(TokenizedPair(chosen[c0:c1], cs, rejected[r0:r1], rs, bool(tr), None if math.isnan(m) else m))
         c0, r0 = c1, r1
-    return toks, report
+    return toks
+
+
+def _load(path: Path, key: str) -> tuple[list[TokenizedPair], TokenizeReport] | None:
+    """The cached pairs and counts, or None when the file is missing or not to be trusted."""
+    read = _read(path, key)
+    return None if read is None else (_pairs(read[0]), read[1]["report"])
 
 
 def tokenize_cached(tokenizer, pairs: list[PreferencePair], cfg, report: TokenizeReport) -> list[TokenizedPair]:
@@ -210,6 +229,101 @@ def tokenize_cached(tokenizer, pairs: list[PreferencePair], cfg, report: Tokeniz
     for name, value in vars(part).items():
         totals[name] += value
     return toks
+
+
+# --- the tokenization cache of a vision-language model's pairs ------------------------------------------
+
+def vision_cache_key(processor, pairs: list[PreferencePair], cfg) -> str:
+    """The tokenization cache's key for `pairs` tokenized by a vision-language model's `processor` (vision.py):
+    the text key's parts, the processor's in place of the tokenizer's, and the image bounds."""
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return key_of({
+        "version": CACHE_VERSION, "vision": VISION_CACHE_VERSION,
+        "cutoff_len": cfg.cutoff_len, "template": cfg.template, "truncation_mode": cfg.truncation_mode,
+        "max_prompt_length": cfg.max_prompt_length,
+        **({"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs else {}),
+        "tokenizer": backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())),
+        "tokenizer_class": type(tokenizer).__name__, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        # the template that renders every pair; the processor's class and settings (its image processor's size,
+        # crop and normalization, its image token and how many an image expands into)
+        "chat_template": processor.chat_template, "processor": processor.to_json_string(),
+        "processor_class": type(processor).__name__,
+        # the images by their pixels after the resize (data_fingerprint); the bounds too, for plain clarity
+        "image_max_pixels": cfg.image_max_pixels, "image_min_pixels": cfg.image_min_pixels,
+        "data": data_fingerprint(pairs),
+    })
+
+
+VISION_CACHE_VERSION = "1"  # bump when what a VLM's cache file holds changes
+_STORED_MODES = ("RGB", "RGBA", "L")  # modes numpy holds whole: Image.fromarray gives them back as they were
+
+
+def tokenize_vision_cached(processor, pairs: list[PreferencePair], cfg, report: TokenizeReport) -> list:
+    """`vision.tokenize_vision_pairs` through the tokenization cache; adds the counts to `report`. The file holds,
+    beside the text arrays, which pairs were kept (pair_index) and each distinct image file's pixels after the
+    resize (image_max_pixels / image_min_pixels), uint8 (H, W, C), as `image.<digest>`: on a hit no processor
+    call runs and a batch's images are read from the (memory-mapped) file, neither decoded nor resized again."""
+    from preftune.vision import tokenize_vision_pairs
+
+    if not pairs:
+        return []
+    key = vision_cache_key(processor, pairs, cfg)
+    path = cache_dir(cfg) / f"{key}.safetensors"
+    loaded = None if cfg.overwrite_cache else _load_vision(path, key, pairs)
+    if loaded is not None:
+        toks, part = loaded
+        log.info("tokenization cache: loaded %d tokenized pairs with their images from %s", len(toks), path)
+        if part.boundary_merges:  # the warning the tokenizing run gave
+            log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
+                        "completion", part.boundary_merges, len(pairs))
+    else:
+        part, kept = TokenizeReport(), []
+        start = time.perf_counter()
+        toks = tokenize_vision_pairs(processor, pairs, cfg, part, kept)
+        stored: dict[str, np.ndarray] = {}
+        modes: dict[str, str] = {}
+        for t in toks:
+            for ref in t.images:
+                if isinstance(ref.source, str) and ref.digest not in modes:  # a file (embedded images are in memory)
+                    image = ref.load()
+                    if image.mode in _STORED_MODES:
+                        stored[f"image.{ref.digest}"], modes[ref.digest] = np.ascontiguousarray(np.asarray(image)), \
+                            image.mode
+        _save(path, key, toks, part, {"pair_index": np.array(kept, np.int64), **stored},
+              {"image_modes": json.dumps(modes)})
+        log.info("tokenization cache: tokenized %d pairs in %.1f s, saved to %s with %d images (%.1f MB)", len(pairs),
+                 time.perf_counter() - start, path, len(stored), sum(a.nbytes for a in stored.values()) / 1e6)
+    totals = vars(report)
+    for name, value in vars(part).items():
+        totals[name] += value
+    return toks
+
+
+def _load_vision(path: Path, key: str, pairs: list[PreferencePair]):
+    """The cached VLM pairs (their images read from the file where it holds them) and counts, or None."""
+    from preftune.data.images import StoredPixels
+    from preftune.vision import VisionPair
+
+    read = _read(path, key)
+    if read is None:
+        return None
+    arrays, metadata, names = read
+    index = arrays.get("pair_index")
+    if index is None or (len(index) and (index.min() < 0 or index.max() >= len(pairs))):
+        log.warning("tokenization cache: ignoring %s (no pair index for these pairs); tokenizing again", path)
+        return None
+    modes = json.loads(metadata.get("image_modes", "{}"))
+    toks = []
+    for i, t in zip(index.tolist(), _pairs(arrays)):
+        refs = [dataclasses.replace(ref, source=StoredPixels(str(path), f"image.{ref.digest}", modes[ref.digest],
+                                                             ref.source))
+                if isinstance(ref.source, str) and ref.digest in modes and f"image.{ref.digest}" in names else ref
+                for ref in pairs[i].images or []]
+        toks.append(VisionPair(t.chosen_ids, t.chosen_start, t.rejected_ids, t.rejected_start, t.truncated,
+                               images=refs))
+    return toks, metadata["report"]
 
 
 # --- the reference log-probs cache ----------------------------------------------------------------

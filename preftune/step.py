@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from preftune.batching import collate, collate_chosen, collate_packed, collate_shared, collate_unpaired
-from preftune.cache import tokenize_cached
+from preftune.cache import tokenize_cached, tokenize_vision_cached
 from preftune.evaluate import accuracy
 from preftune.logps import (  # noqa: F401 (LogpsModule: imported from here)
     MEDIA_KEYS, OWN_IMAGES, ROW_KEYS, FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
@@ -37,7 +37,7 @@ from preftune.models import router_aux_coef
 from preftune.reward_model import RewardModule
 from preftune.tokenization import tokenize_examples
 from preftune.vision import (collate_vision, collate_vision_chosen, collate_vision_unpaired, is_processor,
-                             tokenize_vision_examples, tokenize_vision_pairs)
+                             tokenize_vision_examples)
 
 ROWS = ("input_ids", "attention_mask", "completion_mask")  # what a forward pass reads of a padded batch
 
@@ -142,8 +142,8 @@ class PreferenceStep:
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
-        if is_processor(tokenizer):  # a vision-language model's processor (not cached yet)
-            return tokenize_vision_pairs(tokenizer, pairs, cfg, report)
+        if is_processor(tokenizer):  # a vision-language model's processor: its pairs and images cached too
+            return tokenize_vision_cached(tokenizer, pairs, cfg, report)
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
     @staticmethod
@@ -295,8 +295,8 @@ class SFTStep:
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
-        if is_processor(tokenizer):  # a vision-language model's processor
-            return tokenize_vision_pairs(tokenizer, pairs, cfg, report)
+        if is_processor(tokenizer):  # a vision-language model's processor: cached as pairs are
+            return tokenize_vision_cached(tokenizer, pairs, cfg, report)
         return tokenize_cached(tokenizer, pairs, cfg, report)
 
     def collate(self, pairs, pad_token_id, index=None):

@@ -191,8 +191,9 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
                       "tokens": tokens, "train_seconds": train_seconds, **best.state_dict(),
                       "loss_state": train_step.state_dict(), "log_history": metrics.history,
                       "nonfinite_steps_skipped": nonfinite.skipped, "data_fingerprint": fingerprint}
-        checkpoints.save_checkpoint(engine, policy_logps, optimizer, scheduler, tokenizer, cfg, step, loop_state,
-                                    running, moving_reference)
+        # a VLM's checkpoints hold its processor (which saves the tokenizer too), so AutoProcessor loads one
+        checkpoints.save_checkpoint(engine, policy_logps, optimizer, scheduler, processor or tokenizer, cfg, step,
+                                    loop_state, running, moving_reference)
     stop.armed = True
     # (activation_offloading: activations saved for the backward wait in CPU memory; docs/performance.md)
     offload = OffloadActivations(engine.unwrap(policy_logps)) if cfg.activation_offloading else contextlib.nullcontext()
@@ -251,7 +252,7 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
         if do_eval and (step % eval_every == 0 or step == total_steps):
             row = {"step": step, "epoch": round(epoch, 4), **evaluation(step)}
             metrics.log(row)
-            if best.update(row, step, engine, policy, tokenizer, metrics.drift()):  # early stopping
+            if best.update(row, step, engine, policy, processor or tokenizer, metrics.drift()):  # early stopping
                 stopped_early = True
                 break
 

@@ -242,23 +242,21 @@ def encode_vision_pair(processor, pair, chat_kwargs: dict, report: TokenizeRepor
 
 
 def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | None = None,
-                          keep_dropped: bool = False) -> list[VisionPair]:
+                          kept: list[int] | None = None) -> list[VisionPair]:
     """Every pair (with images or text-only) through the processor, truncated to cutoff_len as text pairs
     are; a cut that would drop image tokens is refused (the features would have no place), a pair with no
-    completion token left is dropped and counted as text pairs are (`keep_dropped`: None in its place, so the
-    output aligns with `pairs`). In order."""
+    completion token left is dropped and counted as text pairs are. In order; `kept` gets the index of each
+    pair returned (cache.py stores it). `cache.tokenize_vision_cached` is this through the tokenization cache."""
     report = report if report is not None else TokenizeReport()
     image_ids = set(processor.image_token_ids)  # where the features go (Gemma 3: not its placeholder, image_token)
     chat_kwargs = dict(cfg.chat_template_kwargs or {})
     out = []
-    for pair in pairs:
+    for index, pair in enumerate(pairs):
         t = encode_vision_pair(processor, pair, {**chat_kwargs, **(pair.chat_template_kwargs or {})}, report)
         cut = truncate_pair(t, cfg.cutoff_len, cfg.truncation_mode, cfg.max_prompt_length,
                             processor.tokenizer.bos_token_id)
         if cut is None:
             report.dropped += 1
-            if keep_dropped:
-                out.append(None)
             continue
         if cut is not t:
             report.truncated += 1
@@ -270,6 +268,8 @@ def tokenize_vision_pairs(processor, pairs: list, cfg, report: TokenizeReport | 
                                     f"{max(len(t.chosen_ids), len(t.rejected_ids))}")
             cut = VisionPair(cut.chosen_ids, cut.chosen_start, cut.rejected_ids, cut.rejected_start, True, t.images)
         out.append(cut)
+        if kept is not None:
+            kept.append(index)
     if report.boundary_merges:
         log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
                     "completion", report.boundary_merges, len(pairs))
@@ -287,11 +287,9 @@ def tokenize_vision_examples(processor, examples: list, cfg, report: TokenizeRep
     whose two completions are its one, `tokenization.as_pair`, as `tokenize_examples` does for text): an
     `UnpairedExample` gives one, a pair two (chosen desirable, rejected undesirable), each with its prompt's images;
     one that cannot fit is left out and counted. In order."""
-    out = []
-    for example, t in zip(examples, tokenize_vision_pairs(processor, [as_pair(e) for e in examples], cfg, report,
-                                                          keep_dropped=True)):
-        if t is None:
-            continue
+    out, kept = [], []
+    tokenized = tokenize_vision_pairs(processor, [as_pair(e) for e in examples], cfg, report, kept)
+    for t, example in zip(tokenized, (examples[i] for i in kept)):
         if isinstance(example, PreferencePair):
             out += [VisionExample(t.chosen_ids, t.chosen_start, True, images=t.images),
                     VisionExample(t.rejected_ids, t.rejected_start, False, images=t.images)]

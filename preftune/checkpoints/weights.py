@@ -73,11 +73,30 @@ def _adapter_file(model, folder: Path) -> Path:
     return adapter
 
 
-def _model_files(folder: Path) -> dict[str, torch.Tensor]:
+def _model_files(folder: Path, model=None) -> dict[str, torch.Tensor]:
     state = {}
     for shard in sorted(folder.glob("model*.safetensors")):  # not running_<process>.safetensors of a checkpoint
         state.update(load_file(shard))
-    return state
+    return state if model is None else _model_names(model, state)
+
+
+def _model_names(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state`, as save_pretrained wrote it, named as `model`'s weights. transformers saves some models under their
+    original checkpoint's names (a LLaVA loaded by from_pretrained: language_model.model.* for
+    model.language_model.*, `revert_weight_conversion`); its renaming of the model's own weights, each tensor passed
+    through unchanged, is the map back."""
+    own = model.state_dict()
+    if not set(state) - set(own):
+        return state
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = revert_weight_conversion(model, dict(own))
+    except Exception:  # noqa: BLE001 - no conversion known: the names are reported as they are
+        return state
+    name_of = {id(t): name for name, t in own.items()}
+    rename = {k: name_of[id(t)] for k, t in saved.items() if id(t) in name_of}
+    return {rename.get(k, k): v for k, v in state.items()}
 
 
 def load_weights_into(model, folder: Path) -> None:
@@ -90,7 +109,7 @@ def load_weights_into(model, folder: Path) -> None:
         if result.unexpected_keys:
             raise ModelError(f"adapter in {folder} does not match the policy: unexpected {result.unexpected_keys[:3]}")
         return
-    missing, unexpected = model.load_state_dict(_model_files(folder), strict=False)
+    missing, unexpected = model.load_state_dict(_model_files(folder, model), strict=False)
     # tied weights (lm_head = embeddings) are stored once, so they may be reported missing
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
@@ -102,7 +121,7 @@ def read_weights(model, folder: Path) -> dict[str, torch.Tensor]:
     """The whole weights `folder` holds, named as `model`'s parameters are (a peft model: its trained
     adapter's), for an engine that scatters them into shards itself."""
     if not is_peft_model(model):
-        return _model_files(folder)
+        return _model_files(folder, model)
     # peft saves the adapter's weights without the adapter's name: lora_A.weight for lora_A.default.weight
     state = {re.sub(r"\.(lora_[A-Za-z_]+)\.", rf".\1.{TRAINED_ADAPTER}.", k): v
              for k, v in load_file(_adapter_file(model, folder)).items()}

@@ -32,12 +32,14 @@ is scaled down, one of fewer than image_min_pixels scaled up, keeping its aspect
 times sqrt(bound / (width * height)), rounded down), then converted to RGB. LLaMA-Factory does this to
 every image with its defaults (768 * 768 and 32 * 32); here its format gets those defaults, TRL's
 format (which TRL does not resize) only the bounds a config sets. The size is decided, and the digest
-taken, once when the data is read; a file's pixels are decoded and resized again when a batch needs them.
+taken, once when the data is read; a file's pixels are decoded and resized again when a batch needs them,
+unless the tokenization cache holds them (cache.py: the ref's source is then `StoredPixels`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import math
@@ -92,11 +94,41 @@ def _scaled(image, pixels: int):
     return image.resize((int(image.width * factor), int(image.height * factor)))
 
 
+@dataclass(frozen=True)
+class StoredPixels:
+    """A file's image as the tokenization cache holds it (cache.py): its resized pixels, tensor `name` (H, W[, C])
+    uint8 of the safetensors file `cache`, in PIL mode `mode`; `file` is read instead where the cache file has
+    gone or fails to read (a `preftune cache clear` during the run)."""
+    cache: str
+    name: str
+    mode: str
+    file: str
+
+    def read(self):
+        """The PIL image, or None where the cache file does not give it."""
+        from PIL import Image
+
+        try:
+            image = Image.fromarray(_open_cache(self.cache).get_tensor(self.name))  # (H, W, 3): RGB; (H, W): L
+            return image if image.mode == self.mode else None
+        except Exception:  # noqa: BLE001 - whatever is wrong with the cache file, the image file is read instead
+            _open_cache.cache_clear()
+            return None
+
+
+@functools.lru_cache(maxsize=8)
+def _open_cache(path: str):
+    """The cache file, opened once (its header, one entry per image, is parsed once; the pixels are memory-mapped)."""
+    from safetensors import safe_open
+
+    return safe_open(path, framework="np")
+
+
 @dataclass(frozen=True, eq=False)
 class ImageRef:
     """One image of a pair: where its pixels come from (a file path, or the image itself), and a digest of
     its content that stands for it in fingerprints (its repr), so equal images hash alike wherever they live."""
-    source: Any  # str: a file path; else a PIL image (already resized)
+    source: Any  # str: a file path; StoredPixels: its pixels in the tokenization cache; else a PIL image (resized)
     digest: str
     size: tuple[int, int]  # (width, height), as the model gets it (after `resize`)
     bounds: tuple | None = None  # a file's (max, min) pixels for `resize`; None: not resized
@@ -104,11 +136,17 @@ class ImageRef:
     def load(self):
         """The PIL image, decoded and resized (a file is read again: images are not held in memory between
         batches)."""
-        if not isinstance(self.source, str):
-            return self.source
+        source = self.source
+        if isinstance(source, StoredPixels):  # a cache hit: the resized pixels, neither decoded nor resized again
+            image = source.read()
+            if image is not None and image.size == self.size:  # (the cache's checksum covers the ids, not pixels)
+                return image
+            source = source.file
+        if not isinstance(source, str):
+            return source
         from PIL import Image
 
-        with Image.open(self.source) as image:
+        with Image.open(source) as image:
             image.load()
         return resize(image, *self.bounds) if self.bounds else image
 

@@ -360,17 +360,19 @@ def test_sft_on_vision_records_matches_trl(models, demo_pairs, tmp_path):
     from preftune.logps import LogpsModule
     from preftune.reference import Reference
     from preftune.step import SFTStep
+    from preftune.tokenization import TokenizeReport
 
     policy_dir = models[0]
     data = write_sft(tmp_path / "data", demo_pairs[28:36])
     processor = AutoProcessor.from_pretrained(policy_dir)
-    cfg = from_dict({"stage": "sft", "cutoff_len": 4096})
+    cfg = from_dict({"stage": "sft", "cutoff_len": 4096, "tokenized_cache_dir": str(tmp_path / "cache")})
     step = SFTStep(cfg, processor=processor)
     examples = read_dataset(str(data), "data", sft=True)
-    items = step.tokenize(processor, examples, cfg, None)
+    items = step.tokenize(processor, examples, cfg, TokenizeReport())
     as_messages = read_dataset(str(write_sft(tmp_path / "messages", demo_pairs[28:36], messages=True)), "data",
                                sft=True)
-    assert [(t.chosen_ids, t.chosen_start) for t in step.tokenize(processor, as_messages, cfg, None)] == \
+    again = from_dict({**vars(cfg), "tokenized_cache_dir": str(tmp_path / "cache2")})  # (not a cache hit)
+    assert [(t.chosen_ids, t.chosen_start) for t in step.tokenize(processor, as_messages, again, TokenizeReport())] == \
         [(t.chosen_ids, t.chosen_start) for t in items]
     batch = step.collate(items, processor.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape[0] == 7 and batch["input_ids"].shape[0] == 8  # each row its own images

@@ -171,7 +171,7 @@ def eval_prompts(models: dict, reference, tokenizer, cfg, processor=None, image_
     from preftune.generate import fit_context, log_cut, model_context
     from preftune.rewards import load_reward
     from preftune.tokenization import TokenizedPair, describe_rendering, encode_prompts, rendering_text
-    from preftune.commands.sample import _image_path
+    from preftune.commands.sample import image_path
     from preftune.vision import VisionPair, describe, encode_vision_prompts
 
     reward = load_reward(cfg.reward)
@@ -192,7 +192,7 @@ def eval_prompts(models: dict, reference, tokenizer, cfg, processor=None, image_
     log.info("rendering: %s", rendering_text(rendering))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # a prompt's images as `preftune sample` writes them: absolute paths (embedded ones as PNGs in image_dir)
-    records = [{"prompt": p.prompt, **({"images": [_image_path(ref, image_dir) for ref in p.images]} if p.images else {}),
+    records = [{"prompt": p.prompt, **({"images": [image_path(ref, image_dir) for ref in p.images]} if p.images else {}),
                 "reference": [], "models": {}} for p in prompts]
 
     def scored(model, name=None):

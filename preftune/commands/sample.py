@@ -57,10 +57,10 @@ def prompt_record(pair, image_dir: Path | None = None) -> dict:
         prompt = pair.prompt
     if pair.images is None:  # a text record ([]: a text-only record of a vision dataset, its parts kept)
         return {"prompt": prompt, "system": pair.system}
-    return {"prompt": prompt, "system": pair.system, "images": [_image_path(ref, image_dir) for ref in pair.images]}
+    return {"prompt": prompt, "system": pair.system, "images": [image_path(ref, image_dir) for ref in pair.images]}
 
 
-def _image_path(ref, image_dir: Path | None) -> str | None:
+def image_path(ref, image_dir: Path | None) -> str | None:
     if isinstance(ref.source, str):
         return str(Path(ref.source).resolve())
     if image_dir is None:  # comparing a resumed run's prompts: the images are compared by the prompt's parts

@@ -52,6 +52,7 @@ BOUNDS: dict[str, str] = {
     **{f"health_{name}": "[0, inf)" for name in ("max_length_growth", "max_train_val_gap", "max_kl_per_sequence",
                                                  "max_kl_per_token", "max_margin", "min_accuracy",
                                                  "max_val_loss_rise", "max_chosen_drop", "max_rejected_drop")},
+    "health_max_seed_kl_ratio": "[1, inf)",  # a ratio to the other seeds' median: below 1 half the seeds would fire
     # logging, saving, the run
     "logging_steps": "[1, inf)", "eval_steps": "[1, inf)", "early_stopping_patience": "[1, inf)",
     "save_steps": "[1, inf)", "save_total_limit": "[1, inf)", "dataloader_num_workers": "[0, inf)",

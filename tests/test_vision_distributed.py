@@ -15,6 +15,7 @@ from preftune.config import from_dict
 from test_deepspeed import EXAMPLES
 from test_distributed import same_histories, same_weights, torchrun
 from test_vision import build_llava, write_vision_pairs
+from test_vision_gemma3 import build_gemma3
 from test_vision_qwen2vl import build_qwen2vl
 
 
@@ -23,11 +24,12 @@ ZERO3 = {"deepspeed": str(EXAMPLES / "ds_z3_config.json")}  # LLaMA-Factory's, p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, family", [(FSDP2, "llava"), (FSDP2, "qwen2_vl"), (ZERO3, "llava")],
-                         ids=["fsdp2-llava", "fsdp2-qwen2_vl", "zero3-llava"])  # (ZeRO-3 Qwen2-VL: docs/vision.md)
+@pytest.mark.parametrize("engine, family", [(FSDP2, "llava"), (FSDP2, "qwen2_vl"), (ZERO3, "llava"),
+                                            (ZERO3, "qwen2_vl"), (FSDP2, "gemma3")],
+                         ids=["fsdp2-llava", "fsdp2-qwen2_vl", "zero3-llava", "zero3-qwen2_vl", "fsdp2-gemma3"])
 def test_two_sharded_processes_equal_one_process(engine, family, tiny_tokenizer, demo_pairs, tmp_path):
     torch.set_num_threads(1)
-    build = build_llava if family == "llava" else build_qwen2vl
+    build = {"llava": build_llava, "qwen2_vl": build_qwen2vl, "gemma3": build_gemma3}[family]
     model = build(tiny_tokenizer, tmp_path / family)
     data = write_vision_pairs(tmp_path / "data", demo_pairs[:8])  # pairs 0, 3, 6 text-only
     raw = {"model_name_or_path": str(model), "dataset": str(data), "torch_dtype": "float32",
@@ -42,5 +44,5 @@ def test_two_sharded_processes_equal_one_process(engine, family, tiny_tokenizer,
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     weights = same_weights(tmp_path / "one", tmp_path / "two")
     start = load_file(model / "model.safetensors")
-    vision = "vision_tower" if family == "llava" else "visual"
+    vision = "visual" if family == "qwen2_vl" else "vision_tower"
     assert any(not torch.equal(weights[n], start[n]) for n in weights if vision in n)  # the tower trained

@@ -102,7 +102,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
         media[OWN_IMAGES] = True
     idle = {k[len(IDLE):]: v for k, v in batch.items() if k.startswith(IDLE)}
     if idle:  # a batch without images under a lockstep engine: the vision part runs on a blank image (vision.py)
-        media = {"idle": idle}
+        media = {"idle": idle, OWN_IMAGES: bool(batch.get(OWN_IMAGES))}
     if "score_index" in batch:  # prefix sharing (not with images: vision.check_config)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": None,
                   "position_ids": batch["position_ids"], "score_index": batch["score_index"],
@@ -219,14 +219,14 @@ def _backbone(model, router_aux: bool = False, media: dict | None = None, **inpu
     inputs.update(use_cache=False, **({"output_router_logits": True} if router_aux else {}))
     idle = (media or {}).get("idle")
     if idle is not None:
-        out = _blank_image_call(multimodal_backbone(model), idle, inputs)
+        out = _blank_image_call(multimodal_backbone(model), idle, inputs, bool(media.get(OWN_IMAGES)))
     else:
         backbone = multimodal_backbone(model) if media else model.get_decoder()
         out = backbone(**inputs, **(_rows_media(backbone, media) if media else {}))
     return out.last_hidden_state, out.router_logits if router_aux else None
 
 
-def _blank_image_call(backbone, idle: dict, inputs: dict):
+def _blank_image_call(backbone, idle: dict, inputs: dict, own_images: bool = False):
     """The backbone's output for rows without images, under a lockstep engine (FSDP2, ZeRO-3) that needs the
     vision part run on every process: a blank image's features (`idle`: its image processor's tensors), times 0,
     join the token embeddings (the same numbers; zero gradients for the vision part from this process).
@@ -239,9 +239,10 @@ def _blank_image_call(backbone, idle: dict, inputs: dict):
     projector included (the rest of the vision output, CLIP's pooled CLS, gets no gradient on the other processes
     either)."""
     inner = getattr(backbone, "module", backbone)  # (the adapter-off reference's backbone: adapters._UnderContext)
-    # where rows with images get their features before the backbone's call (_rows_media: a backbone that takes
-    # mm_encoder_outputs), the blank image's are made there too, so both orders of module calls stay the same
-    early = _takes_encoder_outputs(backbone)
+    # where rows with images get their features before the backbone's call (_rows_media: a pair batch, a backbone
+    # that takes mm_encoder_outputs), the blank image's are made there too, so both orders of module calls stay the
+    # same; rows with their own images (kto, sft) are encoded inside the call
+    early = not own_images and _takes_encoder_outputs(backbone)
     early_features = backbone.get_image_features(**idle, return_dict=True).pooler_output if early else None
 
     def forward(input_ids, **rest):

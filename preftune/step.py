@@ -31,7 +31,7 @@ from preftune.batching import collate, collate_chosen, collate_packed, collate_s
 from preftune.cache import tokenize_cached, tokenize_vision_cached
 from preftune.evaluate import accuracy
 from preftune.logps import (  # noqa: F401 (LogpsModule: imported from here)
-    MEDIA_KEYS, OWN_IMAGES, ROW_KEYS, FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
+    IDLE, MEDIA_KEYS, OWN_IMAGES, ROW_KEYS, FusedDPO, LogpsModule, completion_kl, kl_metrics, model_inputs)
 from preftune.losses import UNPAIRED_LOSSES, CombinedLoss, chosen_nll, reward_model_loss
 from preftune.models import router_aux_coef
 from preftune.reward_model import RewardModule
@@ -222,7 +222,8 @@ class UnpairedStep:
         self.loss, self.beta, self.engine = configured_loss(cfg), cfg.pref_beta, engine
         if processor is not None:  # + each row's image tensors (vision.py)
             self.collate = functools.partial(collate_vision_unpaired, processor=processor,
-                                             multiple=cfg.pad_to_multiple_of)
+                                             multiple=cfg.pad_to_multiple_of,
+                                             lockstep=bool(engine is not None and engine.lockstep))
         elif cfg.pad_to_multiple_of:
             self.collate = functools.partial(collate_unpaired, multiple=cfg.pad_to_multiple_of)
 
@@ -241,6 +242,8 @@ class UnpairedStep:
         # each example's images for its row and its KL row (the same prompt): vision.collate_vision_unpaired
         media = {k: v for k, v in batch.items() if k in MEDIA_KEYS}
         media = {**media, OWN_IMAGES: True} if media else {}
+        idle = {k: v for k, v in batch.items() if k.startswith(IDLE)}  # no image here, under a lockstep engine
+        media = {**idle, OWN_IMAGES: True} if idle else media
         examples = {**{k: batch[k] for k in ROWS}, **media}
         mismatched = {**{k: batch[f"kl_{k}"] for k in ROWS}, **media,
                       **{k: batch[f"kl_{k}"] for k in ROW_KEYS if k in media}}
@@ -292,6 +295,7 @@ class SFTStep:
         self.padding_free = cfg.padding_free  # (no reference, no KL: no engine needed)
         self.multiple = cfg.pad_to_multiple_of
         self.processor = processor  # a VLM's: each row with its own images (vision.collate_vision_chosen)
+        self.lockstep = bool(engine is not None and engine.lockstep)  # (a VLM's blank image: vision.py)
 
     @staticmethod
     def tokenize(tokenizer, pairs, cfg, report):
@@ -301,7 +305,8 @@ class SFTStep:
 
     def collate(self, pairs, pad_token_id, index=None):
         if self.processor is not None:
-            return collate_vision_chosen(pairs, pad_token_id, index, processor=self.processor, multiple=self.multiple)
+            return collate_vision_chosen(pairs, pad_token_id, index, processor=self.processor, multiple=self.multiple,
+                                         lockstep=self.lockstep)
         return collate_chosen(pairs, pad_token_id, index, self.padding_free, self.multiple)
 
     @staticmethod

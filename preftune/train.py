@@ -110,7 +110,6 @@ def run(cfg: TrainConfig, stop: runtime.StopSignals) -> dict:
     else:
         log.setLevel(logging.WARNING)  # one log: the main process's
     engine.check(cfg)  # what this engine does not do: refused before any model loads
-    vision.check_engine(cfg, processor, engine)  # and what it does not do with a VLM yet
     rank, world = engine.data_shard  # (sequence parallelism: a group of processes shares one share)
     global_batch = cfg.per_device_train_batch_size * world  # items of one micro-batch, over all processes
     policy, reference = load_models(cfg, tokenizer, engine, {"train": train_items, **eval_items}, processor)

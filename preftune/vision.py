@@ -73,17 +73,6 @@ def check_config(cfg) -> None:
             raise ConfigError(f"{key}: not with a vision-language model yet ({why}); remove it (docs/vision.md)")
 
 
-def check_engine(cfg, processor, engine) -> None:
-    """kto or sft with a VLM on an engine whose processes must run the same modules in lockstep (FSDP2, ZeRO-3): its
-    micro-batches without images do not run the vision part on a blank image as the pair step's do, so it is
-    refused (one line) before any model loads."""
-    if processor is not None and cfg.objective in ("kto", "sft") and engine.lockstep:
-        what = "pref_loss: kto" if cfg.objective == "kto" else "stage: sft"
-        raise ConfigError(f"{what}: not with a vision-language model under fsdp or deepspeed ZeRO yet (a "
-                          "process's micro-batch without images would skip the vision tower the others run); run it "
-                          "on one process, or use a pair loss (docs/vision.md)")
-
-
 def load_processor(cfg):
     """The model's processor (AutoProcessor) when model_name_or_path is a vision-language model, else None.
     Its image processor is the PIL one where torchvision is missing (transformers chooses it); a processor
@@ -299,16 +288,18 @@ def tokenize_vision_examples(processor, examples: list, cfg, report: TokenizeRep
 
 
 def collate_vision_chosen(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,
-                          processor, multiple: int | None = None) -> dict:
+                          processor, multiple: int | None = None, lockstep: bool = False) -> dict:
     """sft: `batching.collate_chosen`'s B rows (each pair's chosen), plus the image tensors of the pairs' images in
-    row order (each row its own: logps.OWN_IMAGES) and the processor's mm_token_type_ids where it makes them."""
+    row order (each row its own: logps.OWN_IMAGES) and the processor's mm_token_type_ids where it makes them; a
+    blank image's tensors for a batch without images under a lockstep engine (`collate_vision`)."""
     batch = collate_chosen(pairs, pad_token_id, index, multiple=multiple)
-    batch.update(media(processor, [ref for p in pairs for ref in p.images], batch["input_ids"]))
-    return batch
+    images = [ref for p in pairs for ref in p.images]
+    batch.update(media(processor, images, batch["input_ids"]))
+    return _with_blank_image(batch, processor) if not images and lockstep else batch
 
 
 def collate_vision_unpaired(examples: list[VisionExample], pad_token_id: int, index: list[int] | None = None, *,
-                            processor, multiple: int | None = None) -> dict:
+                            processor, multiple: int | None = None, lockstep: bool = False) -> dict:
     """`batching.collate_unpaired`'s rows, plus the image tensors of the examples' images in row order (each row its
     own: logps.OWN_IMAGES) and the processor's mm_token_type_ids of the rows and of the KL rows (kl_*), where it makes
     them. A KL row is its example's prompt (its images) with another completion, so the two passes take the same
@@ -318,7 +309,8 @@ def collate_vision_unpaired(examples: list[VisionExample], pad_token_id: int, in
     kl = media(processor, images, batch["kl_input_ids"])
     batch.update(media(processor, images, batch["input_ids"]))
     batch.update({f"kl_{k}": v for k, v in kl.items() if k in ("mm_token_type_ids", "token_type_ids")})
-    return batch
+    # without images under a lockstep engine: a blank image for both passes (the examples' and the KL rows')
+    return _with_blank_image(batch, processor) if not images and lockstep else batch
 
 
 def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] | None = None, *,
@@ -335,13 +327,18 @@ def collate_vision(pairs: list[VisionPair], pad_token_id: int, index: list[int] 
     batch = collate_packed(pairs, pad_token_id, index) if packed else collate(pairs, pad_token_id, index, multiple)
     images = [ref for p in pairs for ref in p.images]  # once: the rejected rows hold the chosen rows' images
     batch.update(media(processor, images, batch["input_ids"]))
-    if not images and lockstep:
-        from PIL import Image
+    return _with_blank_image(batch, processor) if not images and lockstep else batch
 
-        from preftune.logps import IDLE
 
-        blank = Image.new("RGB", (56, 56))  # (a multiple of Qwen2-VL's 28-pixel merged patches)
-        batch.update({IDLE + k: v for k, v in _image_tensors(processor, [blank]).items()})
+def _with_blank_image(batch: dict, processor) -> dict:
+    """`batch` (without images) plus a blank image's tensors as idle_pixel_values etc. (logps.IDLE): under a lockstep
+    engine the vision part runs on it, times 0, as it runs on the images of the other processes."""
+    from PIL import Image
+
+    from preftune.logps import IDLE
+
+    blank = Image.new("RGB", (56, 56))  # (a multiple of Qwen2-VL's 28-pixel merged patches)
+    batch.update({IDLE + k: v for k, v in _image_tensors(processor, [blank]).items()})
     return batch
 
 

@@ -303,19 +303,6 @@ def test_kto_trains_on_vision_examples_and_pairs(models, demo_pairs, tmp_path):
     assert any("z_ref" in r and r["loss"] > 0 for r in rows if "loss" in r)
 
 
-def test_kto_with_a_vlm_under_a_lockstep_engine_is_refused_in_one_line():
-    from preftune.errors import ConfigError
-    from preftune.vision import check_engine
-
-    cfg = from_dict({"pref_loss": "kto"})
-    with pytest.raises(ConfigError, match=r"^pref_loss: kto: not with a vision-language model under fsdp") as raised:
-        check_engine(cfg, object(), SimpleNamespace(lockstep=True))
-    assert "\n" not in str(raised.value)
-    check_engine(cfg, object(), SimpleNamespace(lockstep=False))
-    check_engine(cfg, None, SimpleNamespace(lockstep=True))
-    check_engine(from_dict({}), object(), SimpleNamespace(lockstep=True))
-
-
 @pytest.mark.parametrize("change, message", [
     ({"label": "yes"}, r"unpaired.jsonl:1: field 'label' is str, expected true \(desirable\) or false"),
     ({"chosen": "A."}, r"unpaired.jsonl:1: a record with 'label' is one completion \(KTO's unpaired format\)"),

@@ -27,22 +27,11 @@ import pytest
 import torch
 
 from preftune.config import from_dict
+from preftune.demo_vision import QWEN2VL_CHAT_TEMPLATE, QWEN2VL_VISION_TOKENS
 from test_vision import assert_trl_rows, square, trl_vision_rows, write_vision_pairs
 
-# Qwen2-VL-Instruct's chat template, verbatim (its default system turn; an image part is
-# <|vision_start|><|image_pad|><|vision_end|>, which the processor expands to one <|image_pad|> per merged patch)
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}")
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL-Instruct's chat template and vision tokens: the demo's copy (preftune/demo_vision.py)
+CHAT_TEMPLATE, VISION_TOKENS = QWEN2VL_CHAT_TEMPLATE, QWEN2VL_VISION_TOKENS
 
 
 PROCESSOR_CLASS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}

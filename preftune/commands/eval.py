@@ -36,7 +36,7 @@ from pathlib import Path
 
 from preftune import guard, health
 from preftune.config import load_config, parse_command_line
-from preftune.errors import ConfigError, DataError
+from preftune.errors import ConfigError
 from preftune.files import write_atomic
 
 log = logging.getLogger("preftune")
@@ -168,11 +168,11 @@ def eval_prompts(models: dict, reference, tokenizer, cfg, processor=None, image_
 
     from preftune.data import read_prompts
     from preftune.evaluate import completion_logps
-    from preftune.generate import fit_context, log_cut, model_context
+    from preftune.generate import model_context
     from preftune.rewards import load_reward
-    from preftune.tokenization import TokenizedPair, describe_rendering, encode_prompts, rendering_text
-    from preftune.commands.sample import image_path
-    from preftune.vision import VisionPair, describe, encode_vision_prompts
+    from preftune.tokenization import TokenizedPair
+    from preftune.commands.sample import encode_to_fit, image_path
+    from preftune.vision import VisionPair
 
     reward = load_reward(cfg.reward)
     prompts = read_prompts(cfg.prompts, cfg.dataset_dir, cfg.max_samples, cfg.columns, key="prompts",
@@ -180,16 +180,7 @@ def eval_prompts(models: dict, reference, tokenizer, cfg, processor=None, image_
     # every model and the reference sample and score the same prompt ids: cut to the smallest context
     contexts = [c for c in (model_context(m.config) for m in [*models.values(), reference]) if c is not None]
     context = min(contexts) if contexts else None
-    prompt_ids = encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs) if processor is None \
-        else encode_vision_prompts(processor, prompts, cfg.chat_template_kwargs)
-    encoded, cut = fit_context(prompt_ids, context, cfg.max_new_tokens, tokenizer.bos_token_id)
-    cut_images = next((p.where for p, a, b in zip(prompts, prompt_ids, encoded) if p.images and a != b), None)
-    if cut_images:  # the image tokens would lose their place
-        raise DataError(f"{cut_images}: the prompt with its image tokens is longer than the model's context ({context}) "
-                        f"less max_new_tokens ({cfg.max_new_tokens}); lower max_new_tokens or shorten the prompt")
-    log_cut(cut, len(prompts), context, cfg.max_new_tokens)
-    rendering = describe_rendering(tokenizer, cfg.template, prompts) if processor is None else describe(processor)
-    log.info("rendering: %s", rendering_text(rendering))
+    encoded, cut, rendering = encode_to_fit(tokenizer, processor, prompts, cfg, context)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # a prompt's images as `preftune sample` writes them: absolute paths (embedded ones as PNGs in image_dir)
     records = [{"prompt": p.prompt, **({"images": [image_path(ref, image_dir) for ref in p.images]} if p.images else {}),

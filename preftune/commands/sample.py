@@ -60,6 +60,27 @@ def prompt_record(pair, image_dir: Path | None = None) -> dict:
     return {"prompt": prompt, "system": pair.system, "images": [image_path(ref, image_dir) for ref in pair.images]}
 
 
+def encode_to_fit(tokenizer, processor, prompts: list, cfg, context: int | None) -> tuple[list[list[int]], int, dict]:
+    """The prompts' token ids, rendered as the run renders them (a VLM's processor, images included), cut from the
+    left to leave max_new_tokens of `context` (said once in the log; a cut through a prompt's image tokens is one
+    line), how many were cut, and the rendering, logged; what `sample` and `eval --prompts` both generate from."""
+    from preftune.generate import fit_context, log_cut
+    from preftune.tokenization import describe_rendering, encode_prompts, rendering_text
+    from preftune.vision import describe, encode_vision_prompts
+
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs) if processor is None \
+        else encode_vision_prompts(processor, prompts, cfg.chat_template_kwargs)
+    encoded, cut = fit_context(prompt_ids, context, cfg.max_new_tokens, tokenizer.bos_token_id)
+    cut_images = next((p.where for p, a, b in zip(prompts, prompt_ids, encoded) if p.images and a != b), None)
+    if cut_images:  # the image tokens would lose their place
+        raise DataError(f"{cut_images}: the prompt with its image tokens is longer than the model's context ({context}) "
+                        f"less max_new_tokens ({cfg.max_new_tokens}); lower max_new_tokens or shorten the prompt")
+    log_cut(cut, len(prompts), context, cfg.max_new_tokens)
+    rendering = describe_rendering(tokenizer, cfg.template, prompts) if processor is None else describe(processor)
+    log.info("rendering: %s", rendering_text(rendering))
+    return encoded, cut, rendering
+
+
 def image_path(ref, image_dir: Path | None) -> str | None:
     if isinstance(ref.source, str):
         return str(Path(ref.source).resolve())
@@ -186,12 +207,10 @@ def _sample(cfg, out: Path) -> dict:
     from preftune.data import read_prompts
     from transformers import AutoConfig
 
-    from preftune.generate import backend, fit_context, log_cut, model_context, sample, vllm_sample
+    from preftune.generate import backend, model_context, sample, vllm_sample
     from preftune.models import load_model, load_tokenizer
     from preftune.rewards import load_reward
-    from preftune.tokenization import describe_rendering, encode_prompts, rendering_text
-    from preftune.vision import (completion_banned_ids, describe, encode_vision_prompts, load_processor,
-                                 vision_prompt_texts)
+    from preftune.vision import completion_banned_ids, load_processor, vision_prompt_texts
 
     engine = backend(cfg)  # a missing engine, or a bad reward, fails before any sampling
     reward = load_reward(cfg.reward) if cfg.reward else None
@@ -206,16 +225,7 @@ def _sample(cfg, out: Path) -> dict:
     check_same_settings(out, cfg, done)  # with the template resolved, before a model loads
     context = model_context(AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code))
     texts = vision_prompt_texts(processor, prompts, cfg.chat_template_kwargs) if processor is not None else None
-    prompt_ids = encode_prompts(tokenizer, prompts, cfg.template, cfg.chat_template_kwargs) if processor is None \
-        else encode_vision_prompts(processor, prompts, cfg.chat_template_kwargs)
-    encoded, cut = fit_context(prompt_ids, context, cfg.max_new_tokens, tokenizer.bos_token_id)
-    cut_images = next((p.where for p, a, b in zip(prompts, prompt_ids, encoded) if p.images and a != b), None)
-    if cut_images:  # the image tokens would lose their place
-        raise DataError(f"{cut_images}: the prompt with its image tokens is longer than the model's context ({context}) "
-                        f"less max_new_tokens ({cfg.max_new_tokens}); lower max_new_tokens or shorten the prompt")
-    log_cut(cut, len(prompts), context, cfg.max_new_tokens)
-    rendering = describe_rendering(tokenizer, cfg.template, prompts) if processor is None else describe(processor)
-    log.info("rendering: %s", rendering_text(rendering))
+    encoded, cut, rendering = encode_to_fit(tokenizer, processor, prompts, cfg, context)
     if engine == "vllm":
         vision_kwargs = {} if processor is None else {"texts": texts, "images": [p.images or [] for p in prompts],
                                                       "banned_ids": completion_banned_ids(processor)}

@@ -152,6 +152,20 @@ def test_steps_match_trl(llava_dir, demo_pairs, tmp_path):
     assert_trl_rows(ours, trl_vision_rows(llava_dir, AutoProcessor.from_pretrained(llava_dir), data, tmp_path, common))
 
 
+def collated_with_trl(processor, examples, items) -> tuple[dict, dict]:
+    """preftune's batch of `items` and TRL's vision collator's batch of the same `examples` (rebuilt in TRL's format)."""
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    from preftune.vision import collate_vision
+
+    batch = collate_vision(items, processor.tokenizer.pad_token_id, processor=processor)
+    trl_rows = [{"images": [ref.load() for ref in e.images],
+                 "prompt": [{"role": "user", "content": e.messages[0]["content"]}],
+                 "chosen": [{"role": "assistant", "content": e.chosen}],
+                 "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples]
+    return batch, trl_dpo.DataCollatorForVisionPreference(processor)(trl_rows)
+
+
 def _vision_items(llava_dir, pairs, folder):
     from transformers import AutoProcessor
 
@@ -169,20 +183,13 @@ def test_image_and_prompt_tokens_are_never_scored(llava_dir, demo_pairs, tmp_pat
     TRL's prompt ids (image tokens expanded by the processor: 4 per image), and no image token is ever in
     it. The image reaches the completion's log-probs: another colour changes them, and a text-only pair's
     are those of the language model alone."""
-    import trl.trainer.dpo_trainer as trl_dpo
     from transformers import AutoModelForImageTextToText
 
     from preftune.logps import get_batch_logps, model_inputs
-    from preftune.vision import collate_vision
 
     processor, examples, items = _vision_items(llava_dir, demo_pairs[:6], tmp_path / "data")
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    batch = collate_vision(items, processor.tokenizer.pad_token_id, processor=processor)
-    trl_rows = [{"images": [ref.load() for ref in e.images],
-                 "prompt": [{"role": "user", "content": e.messages[0]["content"]}],
-                 "chosen": [{"role": "assistant", "content": e.chosen}],
-                 "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples]
-    theirs = trl_dpo.DataCollatorForVisionPreference(processor)(trl_rows)
+    batch, theirs = collated_with_trl(processor, examples, items)
     # TRL's collator gives each row's images, so each pair's twice; preftune gives them once (encoded once, placed in
     # both rows: tests/test_vision_encode_once.py)
     assert batch["pixel_values"].shape[0] == sum(len(e.images) for e in examples) == 6

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from preftune.config import from_dict
-from test_vision import assert_trl_rows, square, trl_vision_rows, write_vision_pairs
+from test_vision import assert_trl_rows, collated_with_trl, square, trl_vision_rows, write_vision_pairs
 
 MM_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 # Gemma 3's chat template, shortened (no system turn folding): BOS, <start_of_turn>user / model turns, an image
@@ -80,12 +80,11 @@ def test_image_and_prompt_tokens_are_never_scored(gemma3_dir, demo_pairs, tmp_pa
     tokens (token_type_ids 1) never scored, nor any prompt token. The image reaches the completion's log-probs
     (another colour changes them); without token_type_ids (each image attended causally) they change too, so the
     batch must carry them; a text-only pair's are those of the language model alone."""
-    import trl.trainer.dpo_trainer as trl_dpo
     from transformers import AutoModelForImageTextToText, Gemma3Processor
 
     from preftune.data import read_dataset
     from preftune.logps import get_batch_logps, model_inputs
-    from preftune.vision import collate_vision, load_processor, tokenize_vision_pairs
+    from preftune.vision import load_processor, tokenize_vision_pairs
 
     cfg = from_dict({"model_name_or_path": str(gemma3_dir), "cutoff_len": 4096})
     processor = load_processor(cfg)
@@ -93,12 +92,7 @@ def test_image_and_prompt_tokens_are_never_scored(gemma3_dir, demo_pairs, tmp_pa
         "Gemma3ImageProcessorPil"
     examples = read_dataset(str(write_vision_pairs(tmp_path / "data", demo_pairs[:6])), "data")
     items = tokenize_vision_pairs(processor, examples, cfg)
-    batch = collate_vision(items, processor.tokenizer.pad_token_id, processor=processor)
-    trl_rows = [{"images": [ref.load() for ref in e.images],
-                 "prompt": [{"role": "user", "content": e.messages[0]["content"]}],
-                 "chosen": [{"role": "assistant", "content": e.chosen}],
-                 "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples]
-    theirs = trl_dpo.DataCollatorForVisionPreference(processor)(trl_rows)
+    batch, theirs = collated_with_trl(processor, examples, items)
     # each pair's images once here (for both its rows), once per row in TRL
     torch.testing.assert_close(batch["pixel_values"].repeat(2, 1, 1, 1), theirs["pixel_values"], rtol=0, atol=0)
     assert "mm_token_type_ids" not in batch

@@ -28,7 +28,7 @@ import torch
 
 from preftune.config import from_dict
 from preftune.demo_vision import QWEN2VL_CHAT_TEMPLATE, QWEN2VL_VISION_TOKENS
-from test_vision import assert_trl_rows, square, trl_vision_rows, write_vision_pairs
+from test_vision import assert_trl_rows, collated_with_trl, square, trl_vision_rows, write_vision_pairs
 
 # Qwen2-VL-Instruct's chat template and vision tokens: the demo's copy (preftune/demo_vision.py)
 CHAT_TEMPLATE, VISION_TOKENS = QWEN2VL_CHAT_TEMPLATE, QWEN2VL_VISION_TOKENS
@@ -159,23 +159,17 @@ def test_image_and_prompt_tokens_are_never_scored(family_dir, demo_pairs, tmp_pa
     and mm_token_type_ids are TRL's collator's for the same pairs and processor; no image token (nor any prompt token) is in a completion mask; the image
     reaches the completion's log-probs (another colour changes them), and a text-only pair's are those of the
     language model alone."""
-    import trl.trainer.dpo_trainer as trl_dpo
     from transformers import AutoModelForImageTextToText
 
     from preftune.data import read_dataset
     from preftune.logps import get_batch_logps, model_inputs
-    from preftune.vision import collate_vision, load_processor, tokenize_vision_pairs
+    from preftune.vision import load_processor, tokenize_vision_pairs
 
     cfg = from_dict({"model_name_or_path": str(family_dir), "cutoff_len": 4096})
     processor = load_processor(cfg)
     examples = read_dataset(str(write_vision_pairs(tmp_path / "data", demo_pairs[:6])), "data")
     items = tokenize_vision_pairs(processor, examples, cfg)
-    batch = collate_vision(items, processor.tokenizer.pad_token_id, processor=processor)
-    trl_rows = [{"images": [ref.load() for ref in e.images],
-                 "prompt": [{"role": "user", "content": e.messages[0]["content"]}],
-                 "chosen": [{"role": "assistant", "content": e.chosen}],
-                 "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples]
-    theirs = trl_dpo.DataCollatorForVisionPreference(processor)(trl_rows)
+    batch, theirs = collated_with_trl(processor, examples, items)
     # TRL's collator gives each row's images (each pair's twice), preftune each pair's once (test_vision_encode_once.py)
     torch.testing.assert_close(batch["pixel_values"].repeat(2, 1), theirs["pixel_values"], rtol=0, atol=0)
     assert torch.equal(batch["image_grid_thw"].repeat(2, 1), theirs["image_grid_thw"])

@@ -203,6 +203,13 @@ def _load(path: Path, key: str) -> tuple[list[TokenizedPair], TokenizeReport] | 
     return None if read is None else (_pairs(read[0]), read[1]["report"])
 
 
+def _warn_boundary_merges(part: TokenizeReport, n_pairs: int) -> None:
+    """On a cache hit, the warning the tokenizing run gave."""
+    if part.boundary_merges:
+        log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
+                    "completion", part.boundary_merges, n_pairs)
+
+
 def tokenize_cached(tokenizer, pairs: list[PreferencePair], cfg, report: TokenizeReport) -> list[TokenizedPair]:
     """`tokenize_pairs` with the config's settings, through the cache; adds the counts to `report`."""
     if not pairs:
@@ -214,9 +221,7 @@ def tokenize_cached(tokenizer, pairs: list[PreferencePair], cfg, report: Tokeniz
     if loaded is not None:
         toks, part = loaded
         log.info("tokenization cache: loaded %d tokenized pairs from %s", len(toks), path)
-        if part.boundary_merges:  # the warning the tokenizing run gave
-            log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
-                        "completion", part.boundary_merges, len(pairs))
+        _warn_boundary_merges(part, len(pairs))
     else:
         part = TokenizeReport()
         start = time.perf_counter()
@@ -275,9 +280,7 @@ def tokenize_vision_cached(processor, pairs: list[PreferencePair], cfg, report: 
     if loaded is not None:
         toks, part = loaded
         log.info("tokenization cache: loaded %d tokenized pairs with their images from %s", len(toks), path)
-        if part.boundary_merges:  # the warning the tokenizing run gave
-            log.warning("%d of %d pairs have a token that spans the prompt/completion boundary; it is scored as "
-                        "completion", part.boundary_merges, len(pairs))
+        _warn_boundary_merges(part, len(pairs))
     else:
         part, kept = TokenizeReport(), []
         start = time.perf_counter()
